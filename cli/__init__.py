@@ -1,0 +1,1 @@
+"""hexgen.cli: the hexgen-node and hexgen-client command lines."""

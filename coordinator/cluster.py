@@ -1,0 +1,235 @@
+"""The cluster the planner places a model on: GPUs, hosts and the bandwidth between them."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from hexgen.coordinator.specs import GPU_TYPES, SpecError, gpu_type
+
+GBIT = 1 / 8  # GB/s per Gbit/s
+
+
+class ClusterError(ValueError):
+    """A cluster description the planner cannot use; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    id: int
+    host: str
+    type: str
+    memory_gb: float
+    tflops: float
+    hbm_gbps: float
+    price_per_hour: float
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    gpu: str
+    count: int
+    intra_host_gbps: float | None = None
+    memory_gb: float | None = None
+    tflops: float | None = None
+    hbm_gbps: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Cluster:
+    """GPUs plus a symmetric bandwidth matrix in GB/s (``bandwidth[i][j]`` between GPU ids i and j)."""
+
+    gpus: tuple[GPU, ...]
+    bandwidth: tuple[tuple[float, ...], ...]
+    name: str = "cluster"
+
+    def __post_init__(self) -> None:
+        n = len(self.gpus)
+        if any(g.id != i for i, g in enumerate(self.gpus)):
+            raise ClusterError("GPU ids must be 0..n-1 in order")
+        if len(self.bandwidth) != n or any(len(row) != n for row in self.bandwidth):
+            raise ClusterError(f"bandwidth matrix must be {n}x{n}")
+
+    def __len__(self) -> int:
+        return len(self.gpus)
+
+    @cached_property
+    def hosts(self) -> dict[str, tuple[int, ...]]:
+        by_host: dict[str, list[int]] = {}
+        for g in self.gpus:
+            by_host.setdefault(g.host, []).append(g.id)
+        return {h: tuple(ids) for h, ids in by_host.items()}
+
+    @cached_property
+    def host_bandwidth(self) -> dict[tuple[str, str], float]:
+        """Bandwidth between two hosts (the best GPU pair between them); intra-host for equal names."""
+        result: dict[tuple[str, str], float] = {}
+        for a, ids_a in self.hosts.items():
+            for b, ids_b in self.hosts.items():
+                pairs = [self.bandwidth[i][j] for i in ids_a for j in ids_b if i != j]
+                result[a, b] = max(pairs) if pairs else 0.0
+        return result
+
+    @property
+    def price_per_hour(self) -> float:
+        return sum(g.price_per_hour for g in self.gpus)
+
+    @property
+    def memory_gb(self) -> float:
+        return sum(g.memory_gb for g in self.gpus)
+
+    def without(self, gpu_ids: Iterable[int]) -> tuple[Cluster, dict[int, int]]:
+        """This cluster less some GPUs, renumbered; returns it and the map old id -> new id."""
+        gone = set(gpu_ids)
+        keep = [g for g in self.gpus if g.id not in gone]
+        return self.subset([g.id for g in keep])
+
+    def subset(self, gpu_ids: Iterable[int]) -> tuple[Cluster, dict[int, int]]:
+        """The cluster of just these GPUs, renumbered; returns it and the map old id -> new id."""
+        ids = sorted(set(gpu_ids))
+        remap = {old: new for new, old in enumerate(ids)}
+        gpus = tuple(
+            GPU(remap[g.id], g.host, g.type, g.memory_gb, g.tflops, g.hbm_gbps, g.price_per_hour)
+            for g in (self.gpus[i] for i in ids)
+        )
+        bw = tuple(tuple(self.bandwidth[i][j] for j in ids) for i in ids)
+        return Cluster(gpus, bw, self.name), remap
+
+    def describe(self) -> str:
+        counts: dict[str, int] = {}
+        for g in self.gpus:
+            counts[g.type] = counts.get(g.type, 0) + 1
+        parts = ", ".join(f"{n} x {t}" for t, n in counts.items())
+        return f"{self.name}: {parts} on {len(self.hosts)} hosts, ${self.price_per_hour:.2f}/h"
+
+
+def build_cluster(
+    hosts: Iterable[HostSpec],
+    network_gbit_s: float = 10.0,
+    links: Mapping[tuple[str, str], float] | None = None,
+    name: str = "cluster",
+) -> Cluster:
+    """A cluster from host descriptions.
+
+    Inside a host GPUs talk at the type's intra-host bandwidth (NVLink or PCIe) unless the host
+    overrides it; between hosts at ``network_gbit_s`` Gbit/s unless ``links`` (host pair -> Gbit/s)
+    says otherwise. Complexity O(n^2) in the number of GPUs.
+    """
+    gpus: list[GPU] = []
+    intra: dict[str, float] = {}
+    seen: set[str] = set()
+    for host in hosts:
+        if host.name in seen:
+            raise ClusterError(f"host {host.name!r} is listed twice")
+        seen.add(host.name)
+        if host.count < 1:
+            raise ClusterError(f"host {host.name!r}: count must be at least 1, got {host.count}")
+        try:
+            spec = gpu_type(host.gpu)
+        except SpecError as exc:
+            raise ClusterError(f"host {host.name!r}: {exc}") from None
+        intra[host.name] = host.intra_host_gbps if host.intra_host_gbps is not None else spec.intra_host_gbps
+        for _ in range(host.count):
+            gpus.append(
+                GPU(
+                    id=len(gpus),
+                    host=host.name,
+                    type=spec.name,
+                    memory_gb=host.memory_gb if host.memory_gb is not None else spec.memory_gb,
+                    tflops=host.tflops if host.tflops is not None else spec.tflops,
+                    hbm_gbps=host.hbm_gbps if host.hbm_gbps is not None else spec.hbm_gbps,
+                    price_per_hour=spec.price_per_hour,
+                )
+            )
+    if not gpus:
+        raise ClusterError("the cluster has no GPUs")
+    if network_gbit_s <= 0:
+        raise ClusterError(f"network bandwidth must be positive, got {network_gbit_s}")
+    link_gbs: dict[frozenset[str], float] = {}
+    for (a, b), gbit in (links or {}).items():
+        for h in (a, b):
+            if h not in seen:
+                raise ClusterError(f"link names unknown host {h!r}")
+        if gbit <= 0:
+            raise ClusterError(f"link {a}-{b}: bandwidth must be positive, got {gbit}")
+        link_gbs[frozenset((a, b))] = gbit * GBIT
+    default = network_gbit_s * GBIT
+    rows = []
+    for ga in gpus:
+        row = []
+        for gb in gpus:
+            if ga.id == gb.id:
+                row.append(0.0)
+            elif ga.host == gb.host:
+                row.append(intra[ga.host])
+            else:
+                row.append(link_gbs.get(frozenset((ga.host, gb.host)), default))
+        rows.append(tuple(row))
+    return Cluster(tuple(gpus), tuple(rows), name)
+
+
+def _number(table: Mapping[str, Any], key: str, where: str, default: float | None = None) -> float | None:
+    value = table.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ClusterError(f"{where}: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def parse_cluster(data: Mapping[str, Any], name: str = "cluster") -> Cluster:
+    """A cluster from the mapping of a cluster TOML file (see ``bench/clusters/*.toml``)."""
+    known = {"name", "network_gbit_s", "hosts", "links"}
+    unknown = set(data) - known
+    if unknown:
+        raise ClusterError(f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    raw_hosts = data.get("hosts")
+    if not isinstance(raw_hosts, list) or not raw_hosts:
+        raise ClusterError("the cluster needs a non-empty [[hosts]] list")
+    hosts = []
+    host_keys = {"name", "gpu", "count", "intra_host_gb_s", "memory_gb", "tflops", "hbm_gb_s"}
+    for i, h in enumerate(raw_hosts):
+        where = f"hosts[{i}]"
+        if not isinstance(h, dict):
+            raise ClusterError(f"{where} must be a table")
+        unknown = set(h) - host_keys
+        if unknown:
+            raise ClusterError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        gpu = h.get("gpu")
+        if not isinstance(gpu, str):
+            raise ClusterError(f"{where}: gpu must be a GPU type name ({', '.join(GPU_TYPES)})")
+        count = h.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ClusterError(f"{where}: count must be an integer, got {count!r}")
+        hosts.append(
+            HostSpec(
+                name=str(h.get("name", f"host{i}")),
+                gpu=gpu,
+                count=count,
+                intra_host_gbps=_number(h, "intra_host_gb_s", where),
+                memory_gb=_number(h, "memory_gb", where),
+                tflops=_number(h, "tflops", where),
+                hbm_gbps=_number(h, "hbm_gb_s", where),
+            )
+        )
+    links: dict[tuple[str, str], float] = {}
+    for i, link in enumerate(data.get("links", [])):
+        where = f"links[{i}]"
+        if not isinstance(link, dict) or not {"a", "b", "gbit_s"} <= set(link):
+            raise ClusterError(f"{where} needs a, b (host names) and gbit_s")
+        links[str(link["a"]), str(link["b"])] = _number(link, "gbit_s", where) or 0.0
+    network = _number(data, "network_gbit_s", "cluster", 10.0)
+    return build_cluster(hosts, network or 0.0, links, name=str(data.get("name", name)))
+
+
+def load_cluster_toml(text: str, name: str = "cluster") -> Cluster:
+    """Parse cluster TOML text; raises ClusterError with a one-line reason on any problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ClusterError(f"malformed TOML: {exc}") from None
+    return parse_cluster(data, name)

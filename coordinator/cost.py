@@ -1,0 +1,305 @@
+"""The HexGen-2 cost model: replica memory, prefill and decode stage times, TP/PP and KV-transfer costs.
+
+All times are seconds, sizes bytes, rates requests per second. Prefill is compute-bound (with the
+weights read once per batch of ``prefill_batch_tokens`` as a floor); decode is memory-bound (weights
+plus the KV read per step) with a compute floor. A TP stage runs at its slowest GPU and pays two ring
+all-reduces per layer over its slowest link; a pipeline boundary pays one activation send.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hexgen.coordinator.cluster import Cluster
+from hexgen.coordinator.plan import Stage
+from hexgen.coordinator.specs import ModelSpec
+from hexgen.coordinator.workload import Workload
+
+GB = 1e9
+TFLOP = 1e12
+
+
+@dataclass(frozen=True)
+class CostParams:
+    compute_efficiency: float = 0.55
+    memory_efficiency: float = 0.75
+    memory_utilization: float = 0.90
+    reserve_gb: float = 1.0
+    concurrent_requests: int = 32
+    max_decode_batch: int = 256
+    prefill_batch_tokens: int = 2048
+    intra_host_latency_s: float = 10e-6
+    inter_host_latency_s: float = 50e-6
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """The moments of the request lengths that the cost model needs."""
+
+    prompt: float
+    prompt_sq: float
+    output: float
+
+    @property
+    def context(self) -> float:
+        return self.prompt + self.output / 2
+
+    @property
+    def total(self) -> float:
+        return self.prompt + self.output
+
+    @staticmethod
+    def of(workload: Workload) -> LengthStats:
+        return LengthStats(workload.mean_prompt, workload.mean_prompt_sq, workload.mean_output)
+
+
+@dataclass(frozen=True)
+class StageHardware:
+    """What a stage of TP GPUs can do: its slowest member's figures and its slowest internal link."""
+
+    tp: int
+    tflops: float
+    hbm_gbps: float
+    memory_gb: float
+    link_gbps: float
+    spans_hosts: bool
+
+
+def stage_hardware(cluster: Cluster, gpus: Sequence[int]) -> StageHardware:
+    """The hardware summary of a TP stage over ``gpus``. O(t^2) for t GPUs."""
+    members = [cluster.gpus[i] for i in gpus]
+    link = min((cluster.bandwidth[a][b] for a in gpus for b in gpus if a != b), default=math.inf)
+    return StageHardware(
+        tp=len(members),
+        tflops=min(g.tflops for g in members),
+        hbm_gbps=min(g.hbm_gbps for g in members),
+        memory_gb=min(g.memory_gb for g in members),
+        link_gbps=link,
+        spans_hosts=len({g.host for g in members}) > 1,
+    )
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """A stage's linear cost: ``per_layer * layers + fixed`` seconds, at most ``max_layers`` layers."""
+
+    per_layer: float
+    fixed: float
+    max_layers: int
+
+
+class CostModel:
+    """Cost functions for one (cluster, model, workload) triple, with the tunable constants."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, stats: LengthStats, params: CostParams | None = None):
+        self.cluster = cluster
+        self.model = model
+        self.stats = stats
+        self.params = params or CostParams()
+
+    # memory
+    def replica_bytes(self) -> float:
+        """Parameters plus ``concurrent_requests`` requests' KV cache at the mean total length."""
+        return self.model.weight_bytes + self.params.concurrent_requests * self.kv_bytes_per_request()
+
+    def kv_bytes_per_request(self) -> float:
+        return self.model.kv_bytes_per_token * self.stats.total
+
+    def prompt_kv_bytes(self) -> float:
+        """What a prefill group ships to a decode group per request: the prompt's KV cache."""
+        return self.model.kv_bytes_per_token * self.stats.prompt
+
+    def usable_bytes(self, hw: StageHardware) -> float:
+        return hw.memory_gb * GB * self.params.memory_utilization - self.params.reserve_gb * GB
+
+    def _kv_shards(self, tp: int) -> int:
+        return min(tp, self.model.kv_heads)
+
+    def _extra_bytes(self, hw: StageHardware, first: bool, last: bool) -> float:
+        m = self.model
+        extra = 0.0
+        if first:
+            extra += m.embedding_params * m.bytes_per_param
+        if last and (not first or not m.tied_embeddings):
+            extra += (m.head_params or m.embedding_params) * m.bytes_per_param
+        return extra / hw.tp
+
+    def max_layers(self, hw: StageHardware, sequences: float, first: bool, last: bool) -> int:
+        """How many layers fit on each GPU of the stage with ``sequences`` requests' KV resident."""
+        m = self.model
+        per_layer = m.layer_bytes / hw.tp + sequences * self.stats.total * m.kv_bytes_per_token_layer / self._kv_shards(
+            hw.tp
+        )
+        room = self.usable_bytes(hw) - self._extra_bytes(hw, first, last)
+        return max(0, int(room // per_layer))
+
+    # communication
+    def allreduce_time(self, nbytes: float, hw: StageHardware) -> float:
+        if hw.tp == 1:
+            return 0.0
+        latency = self.params.inter_host_latency_s if hw.spans_hosts else self.params.intra_host_latency_s
+        steps = 2 * (hw.tp - 1)
+        return steps * latency + steps / hw.tp * nbytes / (hw.link_gbps * GB)
+
+    def send_time(self, nbytes: float, link_gbps: float, same_host: bool) -> float:
+        latency = self.params.intra_host_latency_s if same_host else self.params.inter_host_latency_s
+        return latency + nbytes / (link_gbps * GB)
+
+    # prefill
+    def prefill_stage(
+        self,
+        hw: StageHardware,
+        first: bool,
+        last: bool,
+        next_link: tuple[float, bool] | None,
+        batch: tuple[float, float, int] | None = None,
+    ) -> StageCost:
+        """Prefill cost of a stage, pipelined over batches.
+
+        ``batch`` is (prompt tokens, sum of squared prompt lengths, requests) of one batch; by default
+        one mean request, with the weight read amortized over ``prefill_batch_tokens``.
+        """
+        m, s, p = self.model, self.stats, self.params
+        tokens, tokens_sq, requests = batch if batch is not None else (s.prompt, s.prompt_sq, 1)
+        flops = 2 * m.layer_params * tokens + 2 * tokens_sq * m.hidden
+        compute = flops / hw.tp / (hw.tflops * TFLOP * p.compute_efficiency)
+        weights = m.layer_bytes / hw.tp / (hw.hbm_gbps * GB * p.memory_efficiency)
+        memory = weights if batch is not None else weights * min(1.0, s.prompt / p.prefill_batch_tokens)
+        activation = tokens * m.hidden * m.bytes_per_param
+        per_layer = max(compute, memory) + 2 * self.allreduce_time(activation, hw)
+        fixed = 0.0
+        if last:
+            fixed += 2 * m.vocab * m.hidden * requests / hw.tp / (hw.tflops * TFLOP * p.compute_efficiency)
+        if next_link is not None:
+            fixed += self.send_time(activation, *next_link)
+        rows = self.max_layers(hw, p.concurrent_requests, first, last)
+        return StageCost(per_layer, fixed, rows)
+
+    # decode
+    def decode_stage(
+        self,
+        hw: StageHardware,
+        batch: int,
+        micro: float,
+        first: bool,
+        last: bool,
+        next_link: tuple[float, bool] | None,
+        context: float | None = None,
+    ) -> StageCost:
+        """One decode step of a micro-batch of ``micro`` sequences on a stage holding ``batch`` sequences.
+
+        ``context`` is the mean KV length the micro-batch attends over (default: the workload's).
+        """
+        m, s, p = self.model, self.stats, self.params
+        context = s.context if context is None else context
+        kv_read = micro * context * m.kv_bytes_per_token_layer / self._kv_shards(hw.tp)
+        memory = (m.layer_bytes / hw.tp + kv_read) / (hw.hbm_gbps * GB * p.memory_efficiency)
+        flops = (2 * m.layer_params + 4 * context * m.hidden) * micro / hw.tp
+        compute = flops / (hw.tflops * TFLOP * p.compute_efficiency)
+        activation = micro * m.hidden * m.bytes_per_param
+        per_layer = max(memory, compute) + 2 * self.allreduce_time(activation, hw)
+        fixed = 0.0
+        if last:
+            head_bytes = m.vocab * m.hidden * m.bytes_per_param / hw.tp
+            head_flops = 2 * m.vocab * m.hidden * micro / hw.tp
+            fixed += max(
+                head_bytes / (hw.hbm_gbps * GB * p.memory_efficiency),
+                head_flops / (hw.tflops * TFLOP * p.compute_efficiency),
+            )
+        if next_link is not None:
+            fixed += self.send_time(activation, *next_link)
+        rows = self.max_layers(hw, batch, first, last)
+        return StageCost(per_layer, fixed, rows)
+
+    # whole layouts, for the simulator
+    def _stage_context(
+        self, stages: Sequence[Stage]
+    ) -> list[tuple[StageHardware, bool, bool, tuple[float, bool] | None]]:
+        c = self.cluster
+        out = []
+        for i, st in enumerate(stages):
+            hw = stage_hardware(c, st.gpus)
+            nxt = None
+            if i + 1 < len(stages):
+                a, b = c.gpus[st.gpus[0]].host, c.gpus[stages[i + 1].gpus[0]].host
+                nxt = (c.host_bandwidth[a, b], a == b)
+            out.append((hw, i == 0, i == len(stages) - 1, nxt))
+        return out
+
+    def prefill_stage_times(
+        self, stages: Sequence[Stage], tokens: float, tokens_sq: float, requests: int
+    ) -> list[float]:
+        """Seconds each stage spends on one prefill batch (pipelined: the batch visits them in order)."""
+        times = []
+        for (hw, first, last, nxt), st in zip(self._stage_context(stages), stages, strict=True):
+            c = self.prefill_stage(hw, first, last, nxt, (tokens, tokens_sq, requests))
+            times.append(c.fixed + c.per_layer * st.num_layers)
+        return times
+
+    def decode_stage_times(self, stages: Sequence[Stage], batch: int, micro: float, context: float) -> list[float]:
+        """Seconds each stage spends on one decode step of a micro-batch of ``micro`` sequences."""
+        times = []
+        for (hw, first, last, nxt), st in zip(self._stage_context(stages), stages, strict=True):
+            c = self.decode_stage(hw, batch, micro, first, last, nxt, context)
+            times.append(c.fixed + c.per_layer * st.num_layers)
+        return times
+
+    # KV transfer
+    def group_bandwidth(self, a: Sequence[int], b: Sequence[int]) -> float:
+        """GB/s between two GPU groups: host pairs transfer in parallel; inside a host, GPU pairs do.
+
+        Two GPU sets on one host use min(count) parallel intra-host links; sets on different hosts
+        share that host pair's one link. O(h^2) in the hosts touched.
+        """
+        c = self.cluster
+        hosts_a: dict[str, int] = {}
+        hosts_b: dict[str, int] = {}
+        for g in a:
+            hosts_a[c.gpus[g].host] = hosts_a.get(c.gpus[g].host, 0) + 1
+        for g in b:
+            hosts_b[c.gpus[g].host] = hosts_b.get(c.gpus[g].host, 0) + 1
+        total = 0.0
+        for ha, na in hosts_a.items():
+            for hb, nb in hosts_b.items():
+                bw = c.host_bandwidth[ha, hb]
+                total += bw * min(na, nb) if ha == hb else bw
+        return total
+
+    def kv_transfer_rate(self, prefill_gpus: Sequence[int], decode_gpus: Sequence[int]) -> float:
+        """Requests/s whose prompt KV can move from one group to the other."""
+        nbytes = self.prompt_kv_bytes()
+        if nbytes <= 0:
+            return math.inf
+        return self.group_bandwidth(prefill_gpus, decode_gpus) * GB / nbytes
+
+    def kv_transfer_time(self, prompt_tokens: int, prefill_gpus: Sequence[int], decode_gpus: Sequence[int]) -> float:
+        nbytes = self.model.kv_bytes_per_token * prompt_tokens
+        return self.params.inter_host_latency_s + nbytes / (self.group_bandwidth(prefill_gpus, decode_gpus) * GB)
+
+
+def split_layers(total: int, costs: Sequence[StageCost]) -> tuple[tuple[int, ...], float] | None:
+    """Assign ``total`` layers to stages minimizing the slowest stage's time.
+
+    Each stage gets at least one layer and at most its ``max_layers``; stage time is
+    ``per_layer * layers + fixed``. Greedy on a heap is exact for this min-max problem with linear
+    costs. Returns (layers per stage, bottleneck seconds), or None when they do not fit.
+    O(total log S) for S stages.
+    """
+    import heapq
+
+    if len(costs) > total or any(c.max_layers < 1 for c in costs):
+        return None
+    if sum(min(c.max_layers, total) for c in costs) < total:
+        return None
+    layers = [1] * len(costs)
+    heap = [(c.fixed + 2 * c.per_layer, i) for i, c in enumerate(costs) if c.max_layers > 1]
+    heapq.heapify(heap)
+    for _ in range(total - len(costs)):
+        _, i = heapq.heappop(heap)
+        layers[i] += 1
+        if layers[i] < costs[i].max_layers:
+            heapq.heappush(heap, (costs[i].fixed + (layers[i] + 1) * costs[i].per_layer, i))
+    bottleneck = max(c.fixed + n * c.per_layer for c, n in zip(costs, layers, strict=True))
+    return tuple(layers), bottleneck

@@ -1,0 +1,182 @@
+"""Per-group parallel plans: asymmetric tensor parallelism per stage and uneven layer splits.
+
+A group's GPUs are cut, host by host, into tensor-parallel blocks (TP never crosses a host); the
+blocks form the pipeline's stages in a fixed host order, and layers are split unevenly so the
+slowest stage is as fast as memory allows. Decode layouts also choose how many sequences to keep
+resident. Results are memoized on the group's hardware signature, so groups of identical hosts
+cost one search.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hexgen.coordinator.cost import CostModel, StageCost, StageHardware, split_layers, stage_hardware
+from hexgen.coordinator.plan import Role, Stage
+
+MAX_TP_COMBINATIONS = 256
+_BATCH_STEPS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A group's best layout for a role: stages, requests/s, resident decode batch."""
+
+    stages: tuple[Stage, ...]
+    rate: float
+    batch: int
+
+
+@dataclass(frozen=True)
+class _Template:
+    blocks: tuple[tuple[int, int], ...]  # (host index, tp) per stage, in pipeline order
+    layers: tuple[int, ...]
+    rate: float
+    batch: int
+
+
+def _powers_of_two(limit: int, heads: int) -> list[int]:
+    return [t for t in (1, 2, 4, 8, 16) if t <= limit and heads % t == 0]
+
+
+def _blocks(count: int, tp: int) -> list[int]:
+    """Cut ``count`` GPUs into blocks of ``tp``, the remainder into smaller powers of two."""
+    sizes = [tp] * (count // tp)
+    rest = count % tp
+    t = tp // 2
+    while rest:
+        if rest >= t:
+            sizes.append(t)
+            rest -= t
+        t //= 2
+    return sizes
+
+
+class LayoutSearch:
+    """Finds and memoizes the best layout of GPU groups for a role under one cost model."""
+
+    def __init__(self, cost: CostModel):
+        self.cost = cost
+        self._memo: dict[tuple, _Template | None] = {}
+        self.evaluations = 0
+
+    def best(self, gpus: Sequence[int], role: Role) -> Layout | None:
+        """The best layout of ``gpus`` for ``role``, or None if no layout holds a replica.
+
+        O(C * B * (S + L log S)) for C TP combinations (capped at MAX_TP_COMBINATIONS), B batch sizes,
+        S stages and L layers; memoized on the hardware signature.
+        """
+        cluster = self.cost.cluster
+        by_host: dict[str, list[int]] = {}
+        for g in sorted(gpus):
+            by_host.setdefault(cluster.gpus[g].host, []).append(g)
+        hosts = sorted(by_host, key=lambda h: (-cluster.gpus[by_host[h][0]].tflops, h))
+        signature = tuple(self._host_signature(by_host[h]) for h in hosts)
+        links = tuple(cluster.host_bandwidth[a, b] for a, b in itertools.pairwise(hosts))
+        key = (role, signature, links)
+        if key not in self._memo:
+            self._memo[key] = self._search([by_host[h] for h in hosts], role)
+        template = self._memo[key]
+        if template is None:
+            return None
+        stages = []
+        used = [0] * len(hosts)
+        start = 0
+        for (host, tp), n_layers in zip(template.blocks, template.layers, strict=True):
+            members = tuple(by_host[hosts[host]][used[host] : used[host] + tp])
+            used[host] += tp
+            stages.append(Stage(members, (start, start + n_layers)))
+            start += n_layers
+        return Layout(tuple(stages), template.rate, template.batch)
+
+    def _host_signature(self, gpus: list[int]) -> tuple:
+        g = self.cost.cluster.gpus[gpus[0]]
+        intra = self.cost.cluster.host_bandwidth[g.host, g.host]
+        return (g.type, len(gpus), g.memory_gb, g.tflops, g.hbm_gbps, intra)
+
+    def _tp_choices(self, host_gpus: list[list[int]]) -> list[tuple[int, ...]]:
+        heads = self.cost.model.heads
+        options = [_powers_of_two(len(h), heads) for h in host_gpus]
+        total = 1
+        for o in options:
+            total *= len(o)
+        if total <= MAX_TP_COMBINATIONS:
+            return list(itertools.product(*options))
+        uniform = sorted(set().union(*map(set, options)))
+        return [tuple(max(t for t in o if t <= u) for o in options) for u in uniform]
+
+    def _search(self, host_gpus: list[list[int]], role: Role) -> _Template | None:
+        best: _Template | None = None
+        for tps in self._tp_choices(host_gpus):
+            blocks: list[tuple[int, int]] = []
+            stage_hw: list[StageHardware] = []
+            for host, (members, tp) in enumerate(zip(host_gpus, tps, strict=True)):
+                offset = 0
+                for size in _blocks(len(members), tp):
+                    blocks.append((host, size))
+                    stage_hw.append(stage_hardware(self.cost.cluster, members[offset : offset + size]))
+                    offset += size
+            if len(blocks) > self.cost.model.layers:
+                continue
+            links = self._boundary_links(host_gpus, blocks)
+            found = self._evaluate(stage_hw, links, role)
+            self.evaluations += 1
+            if found is not None and (best is None or found[1] > best.rate):
+                best = _Template(tuple(blocks), found[0], found[1], found[2])
+        return best
+
+    def _boundary_links(self, host_gpus: list[list[int]], blocks: list[tuple[int, int]]) -> list[tuple[float, bool]]:
+        cluster = self.cost.cluster
+        links = []
+        for (ha, _), (hb, _) in itertools.pairwise(blocks):
+            a = cluster.gpus[host_gpus[ha][0]].host
+            b = cluster.gpus[host_gpus[hb][0]].host
+            links.append((cluster.host_bandwidth[a, b], ha == hb))
+        return links
+
+    def _evaluate(
+        self, hw: list[StageHardware], links: list[tuple[float, bool]], role: Role
+    ) -> tuple[tuple[int, ...], float, int] | None:
+        """(layers per stage, requests/s, batch) of the best split for these stages, or None."""
+        cost = self.cost
+        n = len(hw)
+        nexts: list[tuple[float, bool] | None] = [*links, None]
+        total_layers = cost.model.layers
+        if role == "prefill":
+            costs = [cost.prefill_stage(h, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
+            split = split_layers(total_layers, costs)
+            if split is None:
+                return None
+            return split[0], 1.0 / split[1], cost.params.concurrent_requests
+        best: tuple[tuple[int, ...], float, int] | None = None
+        for batch in _BATCH_STEPS:
+            if batch > max(cost.params.max_decode_batch, cost.params.concurrent_requests):
+                break
+            micro = batch / n
+            costs = [cost.decode_stage(h, batch, micro, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
+            split = split_layers(total_layers, costs)
+            if split is None:
+                break
+            layers, step = split
+            tokens_per_s = batch / (n * step)
+            rate = tokens_per_s / cost.stats.output
+            if role == "colocated":
+                rate = self._colocated_rate(hw, nexts, layers, rate)
+            if best is None or rate > best[1]:
+                best = (layers, rate, batch)
+        return best
+
+    def _colocated_rate(
+        self,
+        hw: list[StageHardware],
+        nexts: list[tuple[float, bool] | None],
+        layers: tuple[int, ...],
+        decode_rate: float,
+    ) -> float:
+        """Prefill and decode time-share the group: each request costs its prefill plus its decode share."""
+        n = len(hw)
+        costs: list[StageCost] = [self.cost.prefill_stage(h, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
+        prefill_time = max(c.fixed + c.per_layer * k for c, k in zip(costs, layers, strict=True))
+        return 1.0 / (prefill_time + 1.0 / decode_rate)

@@ -1,0 +1,175 @@
+"""Hardware and model specifications the planner reasons about: GPU types, model shapes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A GPU type, model name or model config the planner cannot use."""
+
+
+@dataclass(frozen=True)
+class GPUType:
+    name: str
+    tflops: float
+    hbm_gbps: float
+    memory_gb: float
+    price_per_hour: float
+    intra_host_gbps: float
+
+
+GPU_TYPES: dict[str, GPUType] = {
+    t.name: t
+    for t in (
+        GPUType("H100", tflops=989.0, hbm_gbps=3350.0, memory_gb=80.0, price_per_hour=3.69, intra_host_gbps=450.0),
+        GPUType("A100", tflops=312.0, hbm_gbps=2039.0, memory_gb=80.0, price_per_hour=1.99, intra_host_gbps=300.0),
+        GPUType("L40", tflops=181.0, hbm_gbps=864.0, memory_gb=48.0, price_per_hour=1.29, intra_host_gbps=25.0),
+        GPUType("A6000", tflops=155.0, hbm_gbps=768.0, memory_gb=48.0, price_per_hour=0.79, intra_host_gbps=25.0),
+    )
+}
+
+
+def gpu_type(name: str) -> GPUType:
+    """Look up a GPU type by name, case-insensitively."""
+    for known in GPU_TYPES.values():
+        if known.name.lower() == name.strip().lower():
+            return known
+    raise SpecError(f"unknown GPU type {name!r} (known: {', '.join(GPU_TYPES)})")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer, enough to cost it."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    bytes_per_param: int = 2
+    gated_mlp: bool = True
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def layer_params(self) -> int:
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return attention + mlp
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embedding_params + self.head_params
+
+    @property
+    def layer_bytes(self) -> float:
+        return self.layer_params * self.bytes_per_param
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.bytes_per_param
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        return 2 * self.kv_heads * self.head_dim * self.bytes_per_param
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes for one token across all layers: 2 * layers * kv_heads * head_dim * bytes."""
+        return self.layers * self.kv_bytes_per_token_layer
+
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        ModelSpec(
+            "opt-30b",
+            layers=48,
+            hidden=7168,
+            heads=56,
+            kv_heads=56,
+            intermediate=28672,
+            vocab=50272,
+            gated_mlp=False,
+            tied_embeddings=True,
+        ),
+        ModelSpec("llama-2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
+        ModelSpec("llama-2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
+        ModelSpec("llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=32000),
+    )
+}
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelSpec:
+    """Build a ModelSpec from a Hugging Face ``config.json`` mapping (Llama family or OPT)."""
+    kind = str(config.get("model_type", "")).lower()
+    try:
+        if kind == "opt":
+            hidden = int(config["hidden_size"])
+            return ModelSpec(
+                name=name,
+                layers=int(config["num_hidden_layers"]),
+                hidden=hidden,
+                heads=int(config["num_attention_heads"]),
+                kv_heads=int(config["num_attention_heads"]),
+                intermediate=int(config.get("ffn_dim", 4 * hidden)),
+                vocab=int(config["vocab_size"]),
+                bytes_per_param=_DTYPE_BYTES.get(str(config.get("torch_dtype", "float16")), 2),
+                gated_mlp=False,
+                tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+            )
+        if kind in ("llama", "mistral", "qwen2"):
+            heads = int(config["num_attention_heads"])
+            return ModelSpec(
+                name=name,
+                layers=int(config["num_hidden_layers"]),
+                hidden=int(config["hidden_size"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                intermediate=int(config["intermediate_size"]),
+                vocab=int(config["vocab_size"]),
+                bytes_per_param=_DTYPE_BYTES.get(str(config.get("torch_dtype", "float16")), 2),
+                gated_mlp=True,
+                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"model config is missing or has a bad field: {exc}") from None
+    raise SpecError(f"unsupported model_type {kind!r} (supported: llama, mistral, qwen2, opt)")
+
+
+def resolve_model(name_or_path: str) -> ModelSpec:
+    """A model by preset name (``llama-2-70b``), or a checkpoint directory / ``config.json`` path."""
+    preset = MODELS.get(name_or_path.strip().lower())
+    if preset is not None:
+        return preset
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SpecError(f"unknown model {name_or_path!r}: not a preset ({', '.join(MODELS)}) nor a config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"cannot read model config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"model config {path} is not a JSON object")
+    return model_from_hf_config(config, name=path.parent.name or "custom")

@@ -1,0 +1,1 @@
+"""hexgen.engine: torch execution (models, paged KV cache, continuous batching, KV transfer)."""
