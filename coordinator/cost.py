@@ -114,6 +114,10 @@ class CostModel:
     def usable_bytes(self, hw: StageHardware) -> float:
         return hw.memory_gb * GB * self.params.memory_utilization - self.params.reserve_gb * GB
 
+    def usable_bytes_of(self, gpu_id: int) -> float:
+        g = self.cluster.gpus[gpu_id]
+        return g.memory_gb * GB * self.params.memory_utilization - self.params.reserve_gb * GB
+
     def _kv_shards(self, tp: int) -> int:
         return min(tp, self.model.kv_heads)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from hexgen.coordinator.cost import CostModel, StageCost, StageHardware, split_layers, stage_hardware
 from hexgen.coordinator.plan import Role, Stage
 
-MAX_TP_COMBINATIONS = 256
+MAX_TP_COMBINATIONS = 64
 _BATCH_STEPS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -60,6 +60,7 @@ class LayoutSearch:
     def __init__(self, cost: CostModel):
         self.cost = cost
         self._memo: dict[tuple, _Template | None] = {}
+        self._layouts: dict[tuple[tuple[int, ...], Role], Layout | None] = {}
         self.evaluations = 0
 
     def best(self, gpus: Sequence[int], role: Role) -> Layout | None:
@@ -68,9 +69,15 @@ class LayoutSearch:
         O(C * B * (S + L log S)) for C TP combinations (capped at MAX_TP_COMBINATIONS), B batch sizes,
         S stages and L layers; memoized on the hardware signature.
         """
+        key = (tuple(sorted(gpus)), role)
+        if key not in self._layouts:
+            self._layouts[key] = self._best(key[0], role)
+        return self._layouts[key]
+
+    def _best(self, gpus: tuple[int, ...], role: Role) -> Layout | None:
         cluster = self.cost.cluster
         by_host: dict[str, list[int]] = {}
-        for g in sorted(gpus):
+        for g in gpus:
             by_host.setdefault(cluster.gpus[g].host, []).append(g)
         hosts = sorted(by_host, key=lambda h: (-cluster.gpus[by_host[h][0]].tflops, h))
         signature = tuple(self._host_signature(by_host[h]) for h in hosts)
@@ -90,6 +97,37 @@ class LayoutSearch:
             stages.append(Stage(members, (start, start + n_layers)))
             start += n_layers
         return Layout(tuple(stages), template.rate, template.batch)
+
+    def uniform(self, gpus: Sequence[int], role: Role, tp: int) -> Layout | None:
+        """A homogeneity-assuming layout: stages of ``tp`` consecutive GPUs, layers split evenly.
+
+        This is the layout space of DistServe-style planners; used by the baselines. O(B * S).
+        """
+        ordered = sorted(gpus, key=lambda g: (self.cost.cluster.gpus[g].host, g))
+        if tp < 1 or len(ordered) % tp or self.cost.model.heads % tp:
+            return None
+        chunks = [ordered[i : i + tp] for i in range(0, len(ordered), tp)]
+        n = len(chunks)
+        total = self.cost.model.layers
+        if n > total:
+            return None
+        layers = tuple(total // n + (1 if i < total % n else 0) for i in range(n))
+        cluster = self.cost.cluster
+        hw = [stage_hardware(cluster, c) for c in chunks]
+        links = []
+        for a, b in itertools.pairwise(chunks):
+            ha, hb = cluster.gpus[a[0]].host, cluster.gpus[b[0]].host
+            links.append((cluster.host_bandwidth[ha, hb], ha == hb))
+        found = self._evaluate(hw, links, role, layers)
+        self.evaluations += 1
+        if found is None:
+            return None
+        stages = []
+        start = 0
+        for chunk, k in zip(chunks, layers, strict=True):
+            stages.append(Stage(tuple(chunk), (start, start + k)))
+            start += k
+        return Layout(tuple(stages), found[1], found[2])
 
     def _host_signature(self, gpus: list[int]) -> tuple:
         g = self.cost.cluster.gpus[gpus[0]]
@@ -137,35 +175,47 @@ class LayoutSearch:
         return links
 
     def _evaluate(
-        self, hw: list[StageHardware], links: list[tuple[float, bool]], role: Role
+        self,
+        hw: list[StageHardware],
+        links: list[tuple[float, bool]],
+        role: Role,
+        fixed_layers: tuple[int, ...] | None = None,
     ) -> tuple[tuple[int, ...], float, int] | None:
-        """(layers per stage, requests/s, batch) of the best split for these stages, or None."""
+        """(layers per stage, requests/s, batch) of the best split for these stages, or None.
+
+        With ``fixed_layers`` the split is given and only checked for memory.
+        """
         cost = self.cost
         n = len(hw)
         nexts: list[tuple[float, bool] | None] = [*links, None]
         total_layers = cost.model.layers
         if role == "prefill":
             costs = [cost.prefill_stage(h, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
-            split = split_layers(total_layers, costs)
+            split = split_layers(total_layers, costs) if fixed_layers is None else _apply(fixed_layers, costs)
             if split is None:
                 return None
             return split[0], 1.0 / split[1], cost.params.concurrent_requests
         best: tuple[tuple[int, ...], float, int] | None = None
-        for batch in _BATCH_STEPS:
-            if batch > max(cost.params.max_decode_batch, cost.params.concurrent_requests):
-                break
+        cap = max(cost.params.max_decode_batch, cost.params.concurrent_requests)
+        # throughput grows with the resident batch until memory runs out: scan down from the largest
+        # batch that fits and stop once a smaller batch stops paying off
+        for batch in sorted((b for b in _BATCH_STEPS if b <= cap), reverse=True):
+            room = sum(cost.max_layers(h, batch, i == 0, i == n - 1) for i, h in enumerate(hw))
+            if room < total_layers:
+                continue
             micro = batch / n
             costs = [cost.decode_stage(h, batch, micro, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
-            split = split_layers(total_layers, costs)
+            split = split_layers(total_layers, costs) if fixed_layers is None else _apply(fixed_layers, costs)
             if split is None:
-                break
+                continue
             layers, step = split
             tokens_per_s = batch / (n * step)
             rate = tokens_per_s / cost.stats.output
             if role == "colocated":
                 rate = self._colocated_rate(hw, nexts, layers, rate)
-            if best is None or rate > best[1]:
-                best = (layers, rate, batch)
+            if best is not None and rate <= best[1]:
+                break
+            best = (layers, rate, batch)
         return best
 
     def _colocated_rate(
@@ -180,3 +230,9 @@ class LayoutSearch:
         costs: list[StageCost] = [self.cost.prefill_stage(h, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
         prefill_time = max(c.fixed + c.per_layer * k for c, k in zip(costs, layers, strict=True))
         return 1.0 / (prefill_time + 1.0 / decode_rate)
+
+
+def _apply(layers: tuple[int, ...], costs: list[StageCost]) -> tuple[tuple[int, ...], float] | None:
+    if any(k > c.max_layers for k, c in zip(layers, costs, strict=True)):
+        return None
+    return layers, max(c.fixed + c.per_layer * k for c, k in zip(costs, layers, strict=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,41 +57,41 @@ class ModelSpec:
     gated_mlp: bool = True
     tied_embeddings: bool = False
 
-    @property
+    @cached_property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    @property
+    @cached_property
     def layer_params(self) -> int:
         attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
         mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
         return attention + mlp
 
-    @property
+    @cached_property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
-    @property
+    @cached_property
     def head_params(self) -> int:
         return 0 if self.tied_embeddings else self.vocab * self.hidden
 
-    @property
+    @cached_property
     def params(self) -> int:
         return self.layers * self.layer_params + self.embedding_params + self.head_params
 
-    @property
+    @cached_property
     def layer_bytes(self) -> float:
         return self.layer_params * self.bytes_per_param
 
-    @property
+    @cached_property
     def weight_bytes(self) -> float:
         return self.params * self.bytes_per_param
 
-    @property
+    @cached_property
     def kv_bytes_per_token_layer(self) -> int:
         return 2 * self.kv_heads * self.head_dim * self.bytes_per_param
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes for one token across all layers: 2 * layers * kv_heads * head_dim * bytes."""
         return self.layers * self.kv_bytes_per_token_layer

@@ -1,0 +1,163 @@
+"""Scoring an assignment of GPUs to groups and roles: layouts per group, then max-flow across them.
+
+An assignment is the planner's search state; the planner, its refinement and the baselines all score
+assignments here, so every plan is judged by one cost model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hexgen.coordinator.cluster import Cluster
+from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
+from hexgen.coordinator.flow import FlowNode, FlowResult, max_flow
+from hexgen.coordinator.parallel import Layout, LayoutSearch
+from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role
+from hexgen.coordinator.specs import ModelSpec
+from hexgen.coordinator.workload import Workload
+
+
+class PlanError(ValueError):
+    """The cluster cannot serve the model (no replica fits), or the planner's input is unusable."""
+
+
+@dataclass(frozen=True, order=True)
+class GroupSpec:
+    """A group in an assignment: its GPUs, its role, and a fixed uniform TP degree (0: searched)."""
+
+    gpus: tuple[int, ...]
+    role: Role
+    uniform_tp: int = 0
+
+
+Assignment = tuple[GroupSpec, ...]
+
+
+def canonical(groups: Iterable[GroupSpec]) -> Assignment:
+    return tuple(sorted(GroupSpec(tuple(sorted(g.gpus)), g.role, g.uniform_tp) for g in groups if g.gpus))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    assignment: Assignment
+    layouts: tuple[Layout | None, ...]
+    flow: FlowResult
+
+    @property
+    def value(self) -> float:
+        return self.flow.value
+
+    @property
+    def used_gpus(self) -> int:
+        return sum(len(g.gpus) for g, lay in zip(self.assignment, self.layouts, strict=True) if lay is not None)
+
+    def key(self) -> tuple[float, int]:
+        """Higher is better: throughput first (to 1e-9 relative), then fewer GPUs used."""
+        return (round(self.value, 9), -self.used_gpus)
+
+
+class Evaluator:
+    """Scores assignments for one (cluster, model, workload); memoizes layouts, links and scores."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, params: CostParams | None = None):
+        self.cluster = cluster
+        self.model = model
+        self.workload = workload
+        self.cost = CostModel(cluster, model, LengthStats.of(workload), params)
+        self.layouts = LayoutSearch(self.cost)
+        self._links: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+        self._scores: dict[Assignment, Evaluation] = {}
+        self.usable = [self.cost.usable_bytes_of(g.id) for g in cluster.gpus]
+
+    @property
+    def evaluations(self) -> int:
+        return len(self._scores)
+
+    def replica_bytes(self) -> float:
+        return self.cost.replica_bytes()
+
+    def max_replicas(self) -> int:
+        return int(sum(self.usable) // self.replica_bytes())
+
+    def check_fits(self) -> None:
+        if self.max_replicas() < 1:
+            need = self.replica_bytes() / 1e9
+            have = sum(self.usable) / 1e9
+            raise PlanError(
+                f"the cluster cannot hold one replica of {self.model.name}: it needs {need:.1f} GB "
+                f"(weights plus {self.cost.params.concurrent_requests} requests' KV cache), "
+                f"the GPUs offer {have:.1f} GB usable"
+            )
+
+    def layout(self, group: GroupSpec) -> Layout | None:
+        if group.uniform_tp:
+            return self.layouts.uniform(group.gpus, group.role, group.uniform_tp)
+        return self.layouts.best(group.gpus, group.role)
+
+    def link_rate(self, a: tuple[int, ...], b: tuple[int, ...]) -> float:
+        key = (a, b)
+        if key not in self._links:
+            self._links[key] = self.cost.kv_transfer_rate(a, b)
+        return self._links[key]
+
+    def upper_bound(self, groups: Iterable[GroupSpec]) -> float:
+        """A cheap bound on the flow value: min(total source-side capacity, total sink-side capacity)."""
+        supply = demand = 0.0
+        for g in groups:
+            if not g.gpus:
+                continue
+            lay = self.layout(g)
+            if lay is None:
+                continue
+            if g.role != "decode":
+                supply += lay.rate
+            if g.role != "prefill":
+                demand += lay.rate
+        return min(supply, demand)
+
+    def evaluate(self, groups: Iterable[GroupSpec]) -> Evaluation:
+        """Layouts for every group, then max-flow. Memoized on the canonical assignment."""
+        assignment = canonical(groups)
+        cached = self._scores.get(assignment)
+        if cached is not None:
+            return cached
+        layouts = tuple(self.layout(g) for g in assignment)
+        nodes = [
+            FlowNode(i, g.role, lay.rate)
+            for i, (g, lay) in enumerate(zip(assignment, layouts, strict=True))
+            if lay is not None
+        ]
+        flow = max_flow(nodes, lambda p, d: self.link_rate(assignment[p].gpus, assignment[d].gpus))
+        result = Evaluation(assignment, layouts, flow)
+        self._scores[assignment] = result
+        return result
+
+    def to_plan(self, evaluation: Evaluation, **meta: object) -> Plan:
+        """The Plan of an evaluation: feasible groups renumbered 0..n-1, flows mapped to them."""
+        renumber: dict[int, int] = {}
+        groups: list[Group] = []
+        for i, (spec, lay) in enumerate(zip(evaluation.assignment, evaluation.layouts, strict=True)):
+            if lay is None:
+                continue
+            renumber[i] = len(groups)
+            groups.append(Group(len(groups), spec.role, lay.stages, lay.rate, lay.batch))
+        used = {g for group in groups for g in group.gpus}
+
+        def node(x: int | str) -> int | str:
+            return x if x in (SOURCE, SINK) else renumber[int(x)]
+
+        flows = tuple(Flow(node(f.src), node(f.dst), f.rate) for f in evaluation.flow.flows)
+        info = {
+            "unused_gpus": [g.id for g in self.cluster.gpus if g.id not in used],
+            "tokens_per_s": evaluation.value * self.workload.mean_output,
+            "model": self.model.name,
+            "cluster": self.cluster.name,
+            "workload": self.workload.name,
+            **meta,
+        }
+        return Plan(tuple(groups), flows, evaluation.value, evaluation.flow.bottleneck, info)
+
+
+def groups_of(assignment: Sequence[GroupSpec], role: Role | None = None) -> list[GroupSpec]:
+    return [g for g in assignment if role is None or g.role == role]

@@ -1,0 +1,334 @@
+"""The HexGen-2 planner: partition GPUs into replicas, label them prefill or decode, refine by the min cut.
+
+``plan`` is a pure function of (cluster, model, workload, params, seed). It searches the number of
+replicas K, partitions the bandwidth graph into K memory-balanced groups (spectral bisection plus
+Kernighan-Lin), labels each group prefill, decode or colocated by a sweep over the groups' prefill to
+decode strength, then improves the assignment by local moves guided by the max-flow's min cut: flip
+a group's role, move or swap GPUs between the groups on either side of the bottleneck, split or
+merge groups. The baselines' plans are seeds too, so the search space contains theirs. ``replan``
+starts from a previous plan after GPUs join or leave and moves few GPUs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hexgen.coordinator import baselines
+from hexgen.coordinator.cluster import Cluster
+from hexgen.coordinator.cost import CostParams
+from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError, canonical
+from hexgen.coordinator.partition import partition
+from hexgen.coordinator.plan import ROLES, Plan, Role
+from hexgen.coordinator.specs import ModelSpec
+from hexgen.coordinator.workload import Workload
+
+__all__ = ["PlanError", "SearchBudget", "label_roles", "plan", "refine", "replan"]
+
+
+@dataclass(frozen=True)
+class SearchBudget:
+    """Bounds on the search, in evaluations so the result does not depend on the machine's speed."""
+
+    refine_steps: int = 60
+    candidates_per_step: int = 160
+    seeds_refined: int = 3
+    k_values: int = 10
+
+
+def _k_candidates(k_max: int, count: int) -> list[int]:
+    if k_max <= count:
+        return list(range(1, k_max + 1))
+    picks = {1, k_max, k_max - 1}
+    step = k_max ** (1 / (count - 2))
+    value = 1.0
+    while len(picks) < count and value < k_max:
+        value *= step
+        picks.add(max(1, min(k_max, round(value))))
+    return sorted(picks)
+
+
+def label_roles(evaluator: Evaluator, groups: Sequence[Sequence[int]]) -> Evaluation:
+    """The best role labeling of fixed groups over a sweep of prefill-strength orderings.
+
+    Groups are sorted by prefill rate over decode rate; the first j become prefill and the rest
+    decode, for every j, and all-colocated is tried too. O(K) max-flows.
+    """
+    feasible = []
+    for gpus in groups:
+        key = tuple(sorted(gpus))
+        p = evaluator.layout(GroupSpec(key, "prefill"))
+        d = evaluator.layout(GroupSpec(key, "decode"))
+        if p is not None and d is not None:
+            feasible.append((p.rate / d.rate, key))
+    rest = [
+        GroupSpec(tuple(sorted(g)), "colocated") for g in groups if tuple(sorted(g)) not in {k for _, k in feasible}
+    ]
+    feasible.sort(key=lambda x: (-x[0], x[1]))
+    options = [[GroupSpec(k, "colocated") for _, k in feasible]]
+    for j in range(1, len(feasible)):
+        options.append([GroupSpec(k, "prefill" if i < j else "decode") for i, (_, k) in enumerate(feasible)])
+    best = None
+    for option in options:
+        ev = evaluator.evaluate(option + rest)
+        if best is None or ev.key() > best.key():
+            best = ev
+    assert best is not None
+    return best
+
+
+class _Moves:
+    """Candidate neighbours of an assignment, guided by the bottleneck of its max-flow."""
+
+    def __init__(self, evaluator: Evaluator, rng: random.Random, limit: int, roles: tuple[Role, ...] = ROLES):
+        self.ev = evaluator
+        self.rng = rng
+        self.limit = limit
+        self.roles = roles
+
+    def neighbours(self, current: Evaluation) -> list[list[GroupSpec]]:
+        groups = list(current.assignment)
+        cluster = self.ev.cluster
+        used = {g for spec in groups for g in spec.gpus}
+        pool = tuple(g.id for g in cluster.gpus if g.id not in used)
+        saturated = {i for i in current.flow.saturated}
+        infeasible = {i for i, lay in enumerate(current.layouts) if lay is None}
+        receivers = sorted(saturated | infeasible) or list(range(len(groups)))
+        donors = [i for i in range(len(groups)) if i not in saturated]
+        out: list[list[GroupSpec]] = []
+        for i, spec in enumerate(groups):
+            for role in self.roles:
+                if role != spec.role:
+                    out.append(self._replace(groups, {i: GroupSpec(spec.gpus, role)}))
+        moves: list[list[GroupSpec]] = []
+        for r in receivers:
+            for d in [*donors, -1]:
+                if d == r:
+                    continue
+                source = pool if d == -1 else groups[d].gpus
+                for unit in self._units(source):
+                    moves.append(self._move(groups, d, r, unit))
+                if d != -1:
+                    for a in self._units(groups[r].gpus, singles_only=True):
+                        for b in self._units(groups[d].gpus, singles_only=True):
+                            if cluster.gpus[a[0]].type != cluster.gpus[b[0]].type:
+                                moves.append(self._swap(groups, r, d, a[0], b[0]))
+        for i in sorted(infeasible | saturated):
+            for j in range(len(groups)):
+                if j != i:
+                    merged = tuple(sorted(groups[i].gpus + groups[j].gpus))
+                    for role in self.roles:
+                        moves.append(self._replace(groups, {i: GroupSpec(merged, role), j: GroupSpec((), role)}))
+        for i, spec in enumerate(groups):
+            for left, right in self._splits(spec.gpus):
+                for ra, rb in (("prefill", "decode"), ("decode", "prefill"), (spec.role, spec.role)):
+                    moves.append(self._replace(groups, {i: GroupSpec(left, ra)}, extra=[GroupSpec(right, rb)]))
+        if pool:
+            moves.extend([*groups, GroupSpec(pool, role)] for role in self.roles)
+        moves = [m for m in moves if all(g.role in self.roles for g in m if g.gpus)]
+        if len(moves) > self.limit - len(out):
+            moves = self.rng.sample(moves, max(0, self.limit - len(out)))
+        return out + moves
+
+    def _units(self, gpus: Sequence[int], singles_only: bool = False) -> list[tuple[int, ...]]:
+        """One GPU per host (GPUs of a host in a group are interchangeable) and each host's slice."""
+        by_host: dict[str, list[int]] = {}
+        for g in gpus:
+            by_host.setdefault(self.ev.cluster.gpus[g].host, []).append(g)
+        units = []
+        for members in by_host.values():
+            units.append((members[-1],))
+            if not singles_only and len(members) > 1:
+                units.append(tuple(members))
+                if len(members) >= 4:
+                    units.append(tuple(members[len(members) // 2 :]))
+        return units
+
+    def _splits(self, gpus: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        by_host: dict[str, list[int]] = {}
+        for g in gpus:
+            by_host.setdefault(self.ev.cluster.gpus[g].host, []).append(g)
+        hosts = sorted(by_host)
+        if len(hosts) > 1:
+            left = tuple(g for h in hosts[: len(hosts) // 2] for g in by_host[h])
+            return [(left, tuple(g for g in gpus if g not in left))]
+        if len(gpus) >= 2:
+            half = len(gpus) // 2
+            return [(tuple(gpus[:half]), tuple(gpus[half:]))]
+        return []
+
+    @staticmethod
+    def _replace(
+        groups: list[GroupSpec], changes: dict[int, GroupSpec], extra: Sequence[GroupSpec] = ()
+    ) -> list[GroupSpec]:
+        return [changes.get(i, g) for i, g in enumerate(groups)] + list(extra)
+
+    def _move(self, groups: list[GroupSpec], donor: int, receiver: int, unit: tuple[int, ...]) -> list[GroupSpec]:
+        out = list(groups)
+        if donor >= 0:
+            d = out[donor]
+            out[donor] = GroupSpec(tuple(g for g in d.gpus if g not in unit), d.role)
+        r = out[receiver]
+        out[receiver] = GroupSpec(tuple(sorted(r.gpus + unit)), r.role)
+        return out
+
+    @staticmethod
+    def _swap(groups: list[GroupSpec], i: int, j: int, a: int, b: int) -> list[GroupSpec]:
+        out = list(groups)
+        gi, gj = out[i], out[j]
+        out[i] = GroupSpec(tuple(sorted([g for g in gi.gpus if g != a] + [b])), gi.role)
+        out[j] = GroupSpec(tuple(sorted([g for g in gj.gpus if g != b] + [a])), gj.role)
+        return out
+
+
+def refine(
+    evaluator: Evaluator,
+    start: Evaluation,
+    budget: SearchBudget,
+    rng: random.Random,
+    roles: tuple[Role, ...] = ROLES,
+) -> Evaluation:
+    """Best-improvement local search from ``start``; stops when no candidate improves or the budget ends.
+
+    Only ``roles`` are used for groups. Each step scores at most ``candidates_per_step`` neighbours
+    (O(c) layout look-ups and max-flows).
+    """
+    moves = _Moves(evaluator, rng, budget.candidates_per_step, roles)
+    current = evaluator.evaluate(_as_searched(start.assignment))
+    if start.key() > current.key():
+        current = start
+    for _ in range(budget.refine_steps):
+        best = current
+        for candidate in moves.neighbours(current):
+            if evaluator.upper_bound(candidate) <= best.value * (1 + 1e-9):
+                continue
+            ev = evaluator.evaluate(candidate)
+            if ev.key() > best.key():
+                best = ev
+        if best is current:
+            break
+        current = best
+    return current
+
+
+def _as_searched(assignment: Sequence[GroupSpec]) -> list[GroupSpec]:
+    """The same groups with their layouts searched instead of fixed (a superset of fixed layouts)."""
+    return [GroupSpec(g.gpus, g.role) for g in assignment]
+
+
+def _seeds(evaluator: Evaluator, budget: SearchBudget) -> list[Evaluation]:
+    all_gpus = [g.id for g in evaluator.cluster.gpus]
+    seeds = []
+    for k in _k_candidates(evaluator.max_replicas(), budget.k_values):
+        groups = partition(evaluator.cluster, all_gpus, k, evaluator.replica_bytes(), evaluator.usable)
+        seeds.append(label_roles(evaluator, groups))
+    return seeds
+
+
+def plan(
+    cluster: Cluster,
+    model: ModelSpec,
+    workload: Workload,
+    *,
+    params: CostParams | None = None,
+    seed: int = 0,
+    budget: SearchBudget | None = None,
+) -> Plan:
+    """The HexGen-2 plan for serving ``model`` on ``cluster`` under ``workload``.
+
+    Raises PlanError when no replica fits. Deterministic for a given seed.
+    """
+    budget = budget or SearchBudget()
+    started = time.perf_counter()
+    evaluator = Evaluator(cluster, model, workload, params)
+    evaluator.check_fits()
+    rng = random.Random(seed)
+    seeds = _seeds(evaluator, budget)
+    seeds.sort(key=lambda e: e.key(), reverse=True)
+    starts = seeds[: budget.seeds_refined]
+    for baseline in (baselines.distserve_search, baselines.hexgen_search, baselines.naive_search):
+        found = baseline(evaluator)
+        if found is not None:
+            starts.append(found)
+    best = None
+    for start in starts:
+        ev = refine(evaluator, start, budget, rng)
+        if best is None or ev.key() > best.key():
+            best = ev
+    if best is None or best.value <= 0:
+        raise PlanError(f"no group of the cluster can serve {model.name}")
+    return evaluator.to_plan(
+        best, planner="hexgen2", evaluations=evaluator.evaluations, seconds=time.perf_counter() - started
+    )
+
+
+def replan(
+    previous: Plan,
+    previous_cluster: Cluster,
+    cluster: Cluster,
+    model: ModelSpec,
+    workload: Workload,
+    *,
+    params: CostParams | None = None,
+    seed: int = 0,
+    budget: SearchBudget | None = None,
+) -> Plan:
+    """Re-plan after GPUs joined or left, starting from ``previous``; moves few GPUs.
+
+    GPUs are matched between the clusters by (host, position on the host). Groups that lost a GPU
+    keep the rest; new GPUs start unassigned; then a short refinement runs. ``meta["moved_gpus"]``
+    counts surviving GPUs whose group or role changed.
+    """
+    budget = budget or SearchBudget(refine_steps=20, candidates_per_step=120)
+    started = time.perf_counter()
+    evaluator = Evaluator(cluster, model, workload, params)
+    evaluator.check_fits()
+    old_to_new = _match_gpus(previous_cluster, cluster)
+    groups = []
+    for group in previous.groups:
+        kept = tuple(old_to_new[g] for g in group.gpus if g in old_to_new)
+        if kept:
+            groups.append(GroupSpec(kept, group.role))
+    start = evaluator.evaluate(groups)
+    rng = random.Random(seed)
+    best = refine(evaluator, start, budget, rng)
+    if best.value <= 0:
+        return plan(cluster, model, workload, params=params, seed=seed)
+    survivors = set(old_to_new.values())
+    moved = _moved(canonical(groups), best.assignment, survivors)
+    return evaluator.to_plan(
+        best,
+        planner="hexgen2-replan",
+        moved_gpus=moved,
+        evaluations=evaluator.evaluations,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _moved(before: Sequence[GroupSpec], after: Sequence[GroupSpec], survivors: set[int]) -> int:
+    """Surviving GPUs whose role, or whose surviving group-mates, changed."""
+
+    def places(assignment: Sequence[GroupSpec]) -> dict[int, tuple[Role, frozenset[int]]]:
+        return {
+            g: (spec.role, frozenset(spec.gpus) & survivors) for spec in assignment for g in spec.gpus if g in survivors
+        }
+
+    old, new = places(before), places(after)
+    return sum(1 for g in survivors if old.get(g) != new.get(g))
+
+
+def _match_gpus(old: Cluster, new: Cluster) -> dict[int, int]:
+    def keys(cluster: Cluster) -> dict[tuple[str, int], int]:
+        return {(host, i): gid for host, ids in cluster.hosts.items() for i, gid in enumerate(ids)}
+
+    old_keys, new_keys = keys(old), keys(new)
+    return {old_keys[k]: new_keys[k] for k in old_keys if k in new_keys}
+
+
+def roles_of(plan_: Plan) -> dict[Role, int]:
+    counts: dict[Role, int] = {}
+    for g in plan_.groups:
+        counts[g.role] = counts.get(g.role, 0) + 1
+    return counts
