@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
-from hexgen.coordinator.plan import SINK, SOURCE, Flow, Role
 from networkx.algorithms.flow import preflow_push
+
+from hexgen.coordinator.plan import SINK, SOURCE, Flow, Role
 
 SCALE = 1e6  # capacities become integers in micro-requests/s: exact integer max-flow
 
@@ -61,7 +62,7 @@ def max_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float]) 
     residual = preflow_push(graph, SOURCE, SINK)
     value = residual.graph["flow_value"] / SCALE
     flows = []
-    for u, v, data in graph.edges(data=True):
+    for u, v in graph.edges():
         f = residual[u][v]["flow"]
         if f > 0:
             flows.append(Flow(u, v, f / SCALE))

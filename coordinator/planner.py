@@ -36,6 +36,7 @@ class SearchBudget:
     candidates_per_step: int = 160
     seeds_refined: int = 3
     k_values: int = 10
+    min_gain: float = 0.0  # relative throughput gain a step must bring; a re-plan asks for more, to move less
 
 
 def _k_candidates(k_max: int, count: int) -> list[int]:
@@ -207,7 +208,7 @@ def refine(
             ev = evaluator.evaluate(candidate)
             if ev.key() > best.key():
                 best = ev
-        if best is current:
+        if best is current or best.value < current.value * (1 + budget.min_gain):
             break
         current = best
     return current
@@ -281,7 +282,7 @@ def replan(
     keep the rest; new GPUs start unassigned; then a short refinement runs. ``meta["moved_gpus"]``
     counts surviving GPUs whose group or role changed.
     """
-    budget = budget or SearchBudget(refine_steps=20, candidates_per_step=120)
+    budget = budget or SearchBudget(refine_steps=10, candidates_per_step=120, min_gain=0.02)
     started = time.perf_counter()
     evaluator = Evaluator(cluster, model, workload, params)
     evaluator.check_fits()

@@ -26,7 +26,7 @@ from hexgen.coordinator.workload import Workload
 # picks its next batch sees every request that arrived at that same instant (an offline burst).
 _CHANGE, _DECIDE = 0, 1
 # Event kinds.
-_ARRIVE, _KV_ARRIVE, _STAGE0_FREE, _PREFILL_DONE, _COLOC_PREFILL_DONE, _ITER_END, _WAKE = range(7)
+_ARRIVE, _KV_ARRIVE, _STAGE0_FREE, _PREFILL_DONE, _COLOC_PREFILL_DONE, _COLOC_FREE, _ITER_END, _WAKE = range(8)
 
 _ALLOWED = {
     SOURCE: ("prefill", "colocated"),
@@ -58,8 +58,8 @@ class SimResult:
     latency_p99_s: float
     group_requests: dict[int, int] = field(default_factory=dict)
     decode_iterations: int = 0
-    first_token_s: tuple[float, ...] = ()
-    finish_s: tuple[float, ...] = ()
+    first_token_s: tuple[float, ...] = field(default=(), repr=False)
+    finish_s: tuple[float, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as plain JSON-able values (per-request times left out)."""
@@ -122,6 +122,8 @@ class _GroupState:
     context_sum: int = 0
     finishing: list[tuple[int, int]] = field(default_factory=list)
     iteration: int = 0
+    # colocated: slots held by prefill batches still in the pipeline
+    pending: int = 0
 
 
 def _check_plan(plan: Plan) -> dict[int, Group]:
@@ -191,7 +193,6 @@ class _Simulation:
     """One run's event loop. Not reusable: construct, call ``run`` once."""
 
     def __init__(self, plan: Plan, cost: CostModel, workload: Workload, seed: int):
-        self.plan = plan
         self.cost = cost
         self.groups = _check_plan(plan)
         rng = random.Random(seed)
@@ -236,6 +237,7 @@ class _Simulation:
             _STAGE0_FREE: self.on_stage0_free,
             _PREFILL_DONE: self.on_prefill_done,
             _COLOC_PREFILL_DONE: self.on_coloc_prefill_done,
+            _COLOC_FREE: self.on_coloc_free,
             _ITER_END: self.on_iter_end,
             _WAKE: self.on_wake,
         }
@@ -270,7 +272,7 @@ class _Simulation:
             free = min(st.group.batch - st.resident, len(st.queue))
             self.admit(st, [st.queue.popleft() for _ in range(free)])
             self.start_iteration(st, t)
-        elif st.queue and st.resident < st.group.batch:
+        elif st.queue and st.resident + st.pending < st.group.batch:
             self.start_coloc_prefill(st, t)
         else:
             self.start_iteration(st, t)
@@ -355,14 +357,24 @@ class _Simulation:
         self.wake(st, t)
 
     def start_coloc_prefill(self, st: _GroupState, t: float) -> None:
-        batch = self.take_batch(st.queue, st.group.batch - st.resident)
-        # time-sharing: the resident decode batch stalls for the whole prefill, stage after stage
-        dt = sum(self.prefill_times(st.group, batch))
+        batch = self.take_batch(st.queue, st.group.batch - st.resident - st.pending)
+        times = self.prefill_times(st.group, batch)
+        # time-sharing: decode stalls while the prefill batch occupies the pipeline, which costs the group
+        # its slowest stage's time (batches interleave across stages); the batch's own first token comes
+        # after it has passed every stage
         st.busy = True
-        self.push(t + dt, _CHANGE, _COLOC_PREFILL_DONE, st.group.id, batch)
+        st.pending += len(batch)
+        self.push(t + max(times), _CHANGE, _COLOC_FREE, st.group.id)
+        self.push(t + sum(times), _CHANGE, _COLOC_PREFILL_DONE, st.group.id, batch)
+
+    def on_coloc_free(self, t: float, gid: int, _payload: None) -> None:
+        st = self.states[gid]
+        st.busy = False
+        self.wake(st, t)
 
     def on_coloc_prefill_done(self, t: float, gid: int, batch: list[int]) -> None:
         st = self.states[gid]
+        st.pending -= len(batch)
         decoding = []
         for r in batch:
             self.first_token[r] = t
@@ -371,7 +383,6 @@ class _Simulation:
             else:
                 decoding.append(r)
         self.admit(st, decoding)
-        st.busy = False
         self.wake(st, t)
 
     def result(self) -> SimResult:
