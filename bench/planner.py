@@ -78,7 +78,7 @@ def steady_tokens_per_s(first_token: tuple[float, ...], finish: tuple[float, ...
 def bench_row(setting: str, model_name: str, kind: str, trace: tuple[Request, ...], count: int) -> dict:
     cluster = load_setting(setting)
     model = MODELS[model_name]
-    sample = workload_from_trace(trace, kind, count, seed=1)
+    sample = workload_from_trace(trace, kind, count, seed=1, max_context=model.max_context)
     plans, seconds = plans_for(cluster, model_name, sample.offline() if kind == "online" else sample)
     replay = sample
     if kind == "online":
@@ -125,8 +125,8 @@ def mixed_cluster(n: int, seed: int) -> Cluster:
 
 
 def bench_scaling(sizes: list[int], trace: tuple[Request, ...]) -> tuple[list[dict], float]:
-    workload = workload_from_trace(trace, "online", 1000, seed=1)
     model = MODELS["llama-2-70b"]
+    workload = workload_from_trace(trace, "online", 1000, seed=1, max_context=model.max_context)
     rows = []
     replan_seconds = float("nan")
     for n in sizes:
@@ -159,7 +159,7 @@ def bench_optimality(instances: int, trace: tuple[Request, ...]) -> dict:
             left -= count
         cluster = build_cluster(hosts)
         model = MODELS[rng.choice(["llama-2-7b", "llama-2-13b", "opt-30b"])]
-        workload = workload_from_trace(trace, rng.choice(WORKLOAD_KINDS), 300, seed=seed)
+        workload = workload_from_trace(trace, rng.choice(WORKLOAD_KINDS), 300, seed=seed, max_context=model.max_context)
         best = exhaustive_best(Evaluator(cluster, model, workload))
         if best is None or best.value <= 0:
             continue

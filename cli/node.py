@@ -61,11 +61,11 @@ def workload_kind(name: str) -> str:
     raise CLIError(f"unknown workload {name!r} (known: {', '.join(WORKLOAD_KINDS)})")
 
 
-def load_workload(kind: str, trace: Path, seed: int) -> Workload:
-    """``WORKLOAD_REQUESTS`` requests of ``kind`` sampled from the trace CSV at ``trace``."""
+def load_workload(kind: str, trace: Path, seed: int, max_context: int) -> Workload:
+    """``WORKLOAD_REQUESTS`` requests of ``kind`` sampled from the trace CSV, clipped to the model's context."""
     if not trace.is_file():
         raise CLIError(f"no trace file at {trace} (pass --trace PATH to the Azure LLM inference trace CSV)")
-    return workload_from_trace(load_trace(trace), kind, count=WORKLOAD_REQUESTS, seed=seed)
+    return workload_from_trace(load_trace(trace), kind, count=WORKLOAD_REQUESTS, seed=seed, max_context=max_context)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -73,7 +73,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cluster = load_cluster_file(args.cluster)
     model = resolve_model(args.model)
     kind = workload_kind(args.workload)
-    workload = load_workload(kind, Path(args.trace), args.seed)
+    workload = load_workload(kind, Path(args.trace), args.seed, model.max_context)
 
     from hexgen.coordinator import baselines, planner
 

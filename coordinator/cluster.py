@@ -104,7 +104,8 @@ class Cluster:
         for g in self.gpus:
             counts[g.type] = counts.get(g.type, 0) + 1
         parts = ", ".join(f"{n} x {t}" for t, n in counts.items())
-        return f"{self.name}: {parts} on {len(self.hosts)} hosts, ${self.price_per_hour:.2f}/h"
+        hosts = len(self.hosts)
+        return f"{self.name}: {parts} on {hosts} host{'s' if hosts != 1 else ''}, ${self.price_per_hour:.2f}/h"
 
 
 def build_cluster(
@@ -176,8 +177,8 @@ def _number(table: Mapping[str, Any], key: str, where: str, default: float | Non
     value = table.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ClusterError(f"{where}: {key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+        raise ClusterError(f"{where}: {key} must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -217,10 +218,15 @@ def parse_cluster(data: Mapping[str, Any], name: str = "cluster") -> Cluster:
             )
         )
     links: dict[tuple[str, str], float] = {}
-    for i, link in enumerate(data.get("links", [])):
+    raw_links = data.get("links", [])
+    if not isinstance(raw_links, list):
+        raise ClusterError("links must be a [[links]] list of tables")
+    for i, link in enumerate(raw_links):
         where = f"links[{i}]"
-        if not isinstance(link, dict) or not {"a", "b", "gbit_s"} <= set(link):
-            raise ClusterError(f"{where} needs a, b (host names) and gbit_s")
+        if not isinstance(link, dict) or set(link) != {"a", "b", "gbit_s"}:
+            raise ClusterError(f"{where} needs a, b (host names) and gbit_s, and nothing else")
+        if link["a"] == link["b"]:
+            raise ClusterError(f"{where} links host {link['a']!r} to itself (use intra_host_gb_s)")
         links[str(link["a"]), str(link["b"])] = _number(link, "gbit_s", where) or 0.0
     network = _number(data, "network_gbit_s", "cluster", 10.0)
     return build_cluster(hosts, network or 0.0, links, name=str(data.get("name", name)))

@@ -251,36 +251,53 @@ class CostModel:
         return times
 
     # KV transfer
-    def group_bandwidth(self, a: Sequence[int], b: Sequence[int]) -> float:
-        """GB/s between two GPU groups: host pairs transfer in parallel; inside a host, GPU pairs do.
+    def kv_routes(self, prefill: Sequence[Stage], decode: Sequence[Stage]) -> list[tuple[float, float, bool]]:
+        """(GB/s, share of a request's KV, same host) for each host pair that carries part of the KV.
 
-        Two GPU sets on one host use min(count) parallel intra-host links; sets on different hosts
-        share that host pair's one link. O(h^2) in the hosts touched.
+        A prefill host sends the KV of the layers it holds to the decode hosts that hold those layers,
+        so a host pair carries the share of layers both ends hold; host pairs move in parallel, and
+        inside one host min(sending GPUs, receiving GPUs) links do. Group pairs that share a host pair
+        are not charged for each other (a known simplification). O(S_p * S_d).
         """
-        c = self.cluster
-        hosts_a: dict[str, int] = {}
-        hosts_b: dict[str, int] = {}
-        for g in a:
-            hosts_a[c.gpus[g].host] = hosts_a.get(c.gpus[g].host, 0) + 1
-        for g in b:
-            hosts_b[c.gpus[g].host] = hosts_b.get(c.gpus[g].host, 0) + 1
-        total = 0.0
-        for ha, na in hosts_a.items():
-            for hb, nb in hosts_b.items():
-                bw = c.host_bandwidth[ha, hb]
-                total += bw * min(na, nb) if ha == hb else bw
-        return total
+        cluster = self.cluster
 
-    def kv_transfer_rate(self, prefill_gpus: Sequence[int], decode_gpus: Sequence[int]) -> float:
-        """Requests/s whose prompt KV can move from one group to the other."""
+        def by_host(stages: Sequence[Stage]) -> dict[str, tuple[list[tuple[int, int]], int]]:
+            out: dict[str, tuple[list[tuple[int, int]], int]] = {}
+            for st in stages:
+                host = cluster.gpus[st.gpus[0]].host
+                ranges, gpus = out.get(host, ([], 0))
+                out[host] = ([*ranges, st.layers], gpus + st.tp)
+            return out
+
+        routes = []
+        senders, receivers = by_host(prefill), by_host(decode)
+        for ha, (ranges_a, gpus_a) in senders.items():
+            for hb, (ranges_b, gpus_b) in receivers.items():
+                shared = sum(max(0, min(a[1], b[1]) - max(a[0], b[0])) for a in ranges_a for b in ranges_b)
+                if shared:
+                    bw = cluster.host_bandwidth[ha, hb] * (min(gpus_a, gpus_b) if ha == hb else 1)
+                    routes.append((bw, shared / self.model.layers, ha == hb))
+        return routes
+
+    def kv_transfer_rate(self, prefill: Sequence[Stage], decode: Sequence[Stage]) -> float:
+        """Requests/s whose prompt KV can move from a prefill layout to a decode layout (busiest host pair)."""
         nbytes = self.prompt_kv_bytes()
-        if nbytes <= 0:
+        routes = self.kv_routes(prefill, decode)
+        if nbytes <= 0 or not routes:
             return math.inf
-        return self.group_bandwidth(prefill_gpus, decode_gpus) * GB / nbytes
+        return min(bw * GB / (share * nbytes) for bw, share, _ in routes)
 
-    def kv_transfer_time(self, prompt_tokens: int, prefill_gpus: Sequence[int], decode_gpus: Sequence[int]) -> float:
+    def kv_transfer_time(self, prompt_tokens: int, prefill: Sequence[Stage], decode: Sequence[Stage]) -> float:
+        """Seconds to move one prompt's KV: host pairs in parallel, the slowest one decides."""
         nbytes = self.model.kv_bytes_per_token * prompt_tokens
-        return self.params.inter_host_latency_s + nbytes / (self.group_bandwidth(prefill_gpus, decode_gpus) * GB)
+        return max(
+            (
+                (self.params.intra_host_latency_s if same else self.params.inter_host_latency_s)
+                + share * nbytes / (bw * GB)
+                for bw, share, same in self.kv_routes(prefill, decode)
+            ),
+            default=0.0,
+        )
 
 
 def split_layers(total: int, costs: Sequence[StageCost]) -> tuple[tuple[int, ...], float] | None:

@@ -13,7 +13,7 @@ from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
 from hexgen.coordinator.flow import FlowNode, FlowResult, max_flow
 from hexgen.coordinator.parallel import Layout, LayoutSearch
-from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role
+from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role, Stage
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
@@ -66,7 +66,7 @@ class Evaluator:
         self.workload = workload
         self.cost = CostModel(cluster, model, LengthStats.of(workload), params)
         self.layouts = LayoutSearch(self.cost)
-        self._links: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+        self._links: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], float] = {}
         self._scores: dict[Assignment, Evaluation] = {}
         self.usable = [self.cost.usable_bytes_of(g.id) for g in cluster.gpus]
 
@@ -95,10 +95,10 @@ class Evaluator:
             return self.layouts.uniform(group.gpus, group.role, group.uniform_tp)
         return self.layouts.best(group.gpus, group.role)
 
-    def link_rate(self, a: tuple[int, ...], b: tuple[int, ...]) -> float:
-        key = (a, b)
+    def link_rate(self, prefill: Layout, decode: Layout) -> float:
+        key = (prefill.stages, decode.stages)
         if key not in self._links:
-            self._links[key] = self.cost.kv_transfer_rate(a, b)
+            self._links[key] = self.cost.kv_transfer_rate(prefill.stages, decode.stages)
         return self._links[key]
 
     def upper_bound(self, groups: Iterable[GroupSpec]) -> float:
@@ -128,7 +128,7 @@ class Evaluator:
             for i, (g, lay) in enumerate(zip(assignment, layouts, strict=True))
             if lay is not None
         ]
-        flow = max_flow(nodes, lambda p, d: self.link_rate(assignment[p].gpus, assignment[d].gpus))
+        flow = max_flow(nodes, lambda p, d: self.link_rate(layouts[p], layouts[d]))  # type: ignore[arg-type]
         result = Evaluation(assignment, layouts, flow)
         self._scores[assignment] = result
         return result

@@ -323,7 +323,7 @@ class _Simulation:
             self.served[dst] += 1
             channel = (gid, dst)
             start = max(t, self.channel_free.get(channel, 0.0))
-            done = start + self.cost.kv_transfer_time(self.prompt[r], st.group.gpus, self.groups[dst].gpus)
+            done = start + self.cost.kv_transfer_time(self.prompt[r], st.group.stages, self.groups[dst].stages)
             self.channel_free[channel] = done
             self.push(done, _CHANGE, _KV_ARRIVE, dst, r)
 

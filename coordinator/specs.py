@@ -56,6 +56,14 @@ class ModelSpec:
     bytes_per_param: int = 2
     gated_mlp: bool = True
     tied_embeddings: bool = False
+    max_context: int = 4096
+
+    def __post_init__(self) -> None:
+        for field_name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "bytes_per_param"):
+            if getattr(self, field_name) < 1:
+                raise SpecError(f"model {self.name}: {field_name} must be positive")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise SpecError(f"model {self.name}: heads must divide hidden and kv_heads must divide heads")
 
     @cached_property
     def head_dim(self) -> int:
@@ -110,6 +118,7 @@ MODELS: dict[str, ModelSpec] = {
             vocab=50272,
             gated_mlp=False,
             tied_embeddings=True,
+            max_context=2048,
         ),
         ModelSpec("llama-2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
         ModelSpec("llama-2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
@@ -118,6 +127,13 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _dtype_bytes(config: dict[str, Any]) -> int:
+    dtype = str(config.get("torch_dtype", "float16"))
+    if dtype not in _DTYPE_BYTES:
+        raise SpecError(f"unsupported torch_dtype {dtype!r} (supported: {', '.join(_DTYPE_BYTES)})")
+    return _DTYPE_BYTES[dtype]
 
 
 def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelSpec:
@@ -134,8 +150,9 @@ def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelS
                 kv_heads=int(config["num_attention_heads"]),
                 intermediate=int(config.get("ffn_dim", 4 * hidden)),
                 vocab=int(config["vocab_size"]),
-                bytes_per_param=_DTYPE_BYTES.get(str(config.get("torch_dtype", "float16")), 2),
+                bytes_per_param=_dtype_bytes(config),
                 gated_mlp=False,
+                max_context=int(config.get("max_position_embeddings", 2048)),
                 tied_embeddings=bool(config.get("tie_word_embeddings", True)),
             )
         if kind in ("llama", "mistral", "qwen2"):
@@ -148,8 +165,9 @@ def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelS
                 kv_heads=int(config.get("num_key_value_heads") or heads),
                 intermediate=int(config["intermediate_size"]),
                 vocab=int(config["vocab_size"]),
-                bytes_per_param=_DTYPE_BYTES.get(str(config.get("torch_dtype", "float16")), 2),
+                bytes_per_param=_dtype_bytes(config),
                 gated_mlp=True,
+                max_context=int(config.get("max_position_embeddings", 4096)),
                 tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             )
     except (KeyError, TypeError, ValueError) as exc:

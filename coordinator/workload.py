@@ -109,6 +109,8 @@ def load_trace(path: str | Path) -> tuple[Request, ...]:
                     raise WorkloadError(f"{path}:{line}: bad row: {exc}") from None
     except OSError as exc:
         raise WorkloadError(f"cannot read trace {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise WorkloadError(f"{path} is not a CSV trace: {exc}") from None
     if not rows:
         raise WorkloadError(f"{path}: no requests")
     rows.sort(key=lambda r: r[0])
@@ -138,7 +140,7 @@ def workload_from_trace(
         raise WorkloadError(f"unknown workload {kind!r} (known: {', '.join(WORKLOAD_KINDS)})")
     rng = random.Random(seed)
     if kind == "online":
-        start = rng.randrange(max(1, len(trace) - count))
+        start = rng.randrange(max(1, len(trace) - count + 1))
         chosen = list(trace[start : start + count])
         t0 = chosen[0].arrival_s
         chosen = [Request(r.arrival_s - t0, r.prompt_tokens, r.output_tokens) for r in chosen]

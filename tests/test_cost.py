@@ -95,25 +95,30 @@ def test_allreduce_time_intra_and_cross_host() -> None:
     assert cost.send_time(1e6, 12.5, same_host=False) == pytest.approx(1.3e-4, rel=1e-12)
 
 
-def test_group_bandwidth_same_host_cross_host_and_mixed() -> None:
+def test_kv_routes_carry_the_layers_both_ends_hold() -> None:
     cost = CostModel(_mixed(), LLAMA_7B, STATS)
-    # same host: min(2, 2) NVLink pairs in parallel
-    assert cost.group_bandwidth([0, 1], [2, 3]) == 900.0
-    assert cost.group_bandwidth([0], [1, 2, 3]) == 450.0
-    # different hosts share their one link: 100 Gbit/s, or the 10 Gbit/s network
-    assert cost.group_bandwidth([0, 1], [4, 5]) == 12.5
-    assert cost.group_bandwidth([4, 5], [6, 7]) == 1.25
-    # {a, b} to {a, c}: a-a 450 + a-c 1.25 + b-a 12.5 + b-c 1.25
-    assert cost.group_bandwidth([0, 4], [1, 6]) == 465.0
+    # same host: min(2, 2) NVLink pairs in parallel carry all 32 layers
+    assert cost.kv_routes([Stage((0, 1), (0, 32))], [Stage((2, 3), (0, 32))]) == [(900.0, 1.0, True)]
+    # a prefill on host a, a decode pipeline over b (layers 0-15) and c (16-31): each pair carries half
+    routes = cost.kv_routes([Stage((0,), (0, 32))], [Stage((4,), (0, 16)), Stage((6,), (16, 32))])
+    assert sorted(routes) == [(1.25, 0.5, False), (12.5, 0.5, False)]
+    # a host pair that shares no layers carries nothing
+    split = cost.kv_routes([Stage((0,), (0, 16)), Stage((4,), (16, 32))], [Stage((6,), (0, 16)), Stage((7,), (16, 32))])
+    assert sorted(split) == [(1.25, 0.5, False), (1.25, 0.5, False)]
 
 
-def test_kv_transfer_rate_and_time() -> None:
+def test_kv_transfer_rate_is_set_by_the_busiest_host_pair() -> None:
     cost = CostModel(_mixed(), LLAMA_7B, STATS)
     # a 1000-token prompt's KV: 524,288 B/token * 1000 = 524,288,000 B
-    assert cost.kv_transfer_rate([0, 1], [2, 3]) == pytest.approx(900e9 / 524_288_000)
-    assert cost.kv_transfer_rate([0, 1], [4, 5]) == pytest.approx(23.84185791)
+    same_host = cost.kv_transfer_rate([Stage((0, 1), (0, 32))], [Stage((2, 3), (0, 32))])
+    assert same_host == pytest.approx(900e9 / 524_288_000)
+    # half the KV over the 10 Gbit/s a-c link limits it, though a-b runs at 100 Gbit/s
+    fan_out = cost.kv_transfer_rate([Stage((0,), (0, 32))], [Stage((4,), (0, 16)), Stage((6,), (16, 32))])
+    assert fan_out == pytest.approx(1.25e9 / (0.5 * 524_288_000))
     # 50 us + 524,288,000 B / 1.25e9 B/s
-    assert cost.kv_transfer_time(1000, [4, 5], [6, 7]) == pytest.approx(0.4194804, rel=1e-9)
+    assert cost.kv_transfer_time(1000, [Stage((4,), (0, 32))], [Stage((6,), (0, 32))]) == pytest.approx(
+        0.4194804, rel=1e-9
+    )
 
 
 def test_max_layers_shards_kv_by_at_most_kv_heads() -> None:

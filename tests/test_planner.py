@@ -72,7 +72,7 @@ def assert_valid(plan: Plan, cluster: Cluster, model: ModelSpec, workload: Workl
         else:
             p, d = ids[f.src], ids[f.dst]
             assert (p.role, d.role) == ("prefill", "decode")
-            assert f.rate <= cost.kv_transfer_rate(p.gpus, d.gpus) + tol
+            assert f.rate <= cost.kv_transfer_rate(p.stages, d.stages) + tol
             outflow[f.src] += f.rate
             inflow[f.dst] += f.rate
     for g in ids:

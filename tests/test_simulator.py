@@ -95,7 +95,7 @@ def test_disaggregated_latency_includes_kv_transfer() -> None:
     cost = cost_for(cluster)
     result = simulate(plan, cost, workload([(1500, 30)]))
     prefill = prefill_time(cost, pre.stages, [1500])
-    kv = cost.kv_transfer_time(1500, pre.gpus, dec.gpus)
+    kv = cost.kv_transfer_time(1500, pre.stages, dec.stages)
     decode = solo_decode(cost, dec, 1500, 30)
     assert kv > 0.1 * decode  # a 10 Gbit/s link makes the transfer visible
     assert result.ttft_mean_s == pytest.approx(prefill, rel=EXACT)
@@ -118,7 +118,7 @@ def test_kv_channel_serializes_transfers() -> None:
     cost = cost_for(cluster)
     result = simulate(plan, cost, workload([(1000, 8), (1000, 8)]))
     prefill = prefill_time(cost, pre.stages, [1000, 1000])  # one batch: both fit the token budget
-    kv = cost.kv_transfer_time(1000, pre.gpus, dec.gpus)
+    kv = cost.kv_transfer_time(1000, pre.stages, dec.stages)
     decode = solo_decode(cost, dec, 1000, 8)
     assert decode < kv  # so the first sequence is done before the second one's KV lands
     assert result.first_token_s == pytest.approx((prefill, prefill), rel=EXACT)
@@ -161,7 +161,7 @@ def test_decode_batch_cap_queues_arrivals() -> None:
     pre, dec = group(0, "prefill", whole(0)), group(1, "decode", whole(1), batch=1)
     plan = plan_of([pre, dec], [Flow(SOURCE, 0, 1.0), Flow(0, 1, 1.0), Flow(1, SINK, 1.0)])
     result = simulate(plan, cost, workload([(300, 25)] * 3))
-    landed = prefill_time(cost, pre.stages, [300] * 3) + cost.kv_transfer_time(300, pre.gpus, dec.gpus)
+    landed = prefill_time(cost, pre.stages, [300] * 3) + cost.kv_transfer_time(300, pre.stages, dec.stages)
     solo = solo_decode(cost, dec, 300, 25)
     # one resident sequence at a time: each starts when the previous one finishes
     assert result.finish_s == pytest.approx((landed + solo, landed + 2 * solo, landed + 3 * solo), rel=EXACT)
