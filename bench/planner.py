@@ -113,12 +113,12 @@ def bench_row(setting: str, model_name: str, kind: str, trace: tuple[Request, ..
     return row
 
 
-def mixed_cluster(n: int, seed: int) -> Cluster:
-    rng = random.Random(seed)
+def mixed_cluster(n: int, rng: random.Random, host_sizes: tuple[int, ...] = (2, 4, 8)) -> Cluster:
+    """``n`` GPUs on hosts of random sizes, each host of one random GPU type."""
     hosts: list[HostSpec] = []
     left = n
     while left:
-        count = min(left, rng.choice([2, 4, 8]))
+        count = min(left, rng.choice(host_sizes))
         hosts.append(HostSpec(f"h{len(hosts)}", rng.choice(["H100", "A100", "L40", "A6000"]), count))
         left -= count
     return build_cluster(hosts, name=f"mixed-{n}")
@@ -130,7 +130,7 @@ def bench_scaling(sizes: list[int], trace: tuple[Request, ...]) -> tuple[list[di
     rows = []
     replan_seconds = float("nan")
     for n in sizes:
-        cluster = mixed_cluster(n, seed=n)
+        cluster = mixed_cluster(n, random.Random(n))
         started = time.perf_counter()
         plan = planner.plan(cluster, model, workload)
         rows.append({"gpus": n, "seconds": time.perf_counter() - started, "groups": len(plan.groups)})
@@ -150,14 +150,7 @@ def bench_optimality(instances: int, trace: tuple[Request, ...]) -> dict:
     while len(gaps) < instances:
         rng = random.Random(seed)
         seed += 1
-        n = rng.randint(4, 8)
-        hosts: list[HostSpec] = []
-        left = n
-        while left:
-            count = min(left, rng.choice([1, 2, 4]))
-            hosts.append(HostSpec(f"h{len(hosts)}", rng.choice(["H100", "A100", "L40", "A6000"]), count))
-            left -= count
-        cluster = build_cluster(hosts)
+        cluster = mixed_cluster(rng.randint(4, 8), rng, host_sizes=(1, 2, 4))
         model = MODELS[rng.choice(["llama-2-7b", "llama-2-13b", "opt-30b"])]
         workload = workload_from_trace(trace, rng.choice(WORKLOAD_KINDS), 300, seed=seed, max_context=model.max_context)
         best = exhaustive_best(Evaluator(cluster, model, workload))

@@ -11,6 +11,7 @@ starts from a previous plan after GPUs join or leave and moves few GPUs.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Sequence
@@ -148,13 +149,22 @@ class _Moves:
         return units
 
     def _splits(self, gpus: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Two-way splits of a group: every split of its hosts (up to 4 hosts), else halves."""
         by_host: dict[str, list[int]] = {}
         for g in gpus:
             by_host.setdefault(self.ev.cluster.gpus[g].host, []).append(g)
         hosts = sorted(by_host)
         if len(hosts) > 1:
-            left = tuple(g for h in hosts[: len(hosts) // 2] for g in by_host[h])
-            return [(left, tuple(g for g in gpus if g not in left))]
+            if len(hosts) > 4:
+                sides = [hosts[: len(hosts) // 2]]
+            else:
+                rest = hosts[1:]
+                sides = [[hosts[0], *c] for k in range(len(rest)) for c in itertools.combinations(rest, k)]
+            out = []
+            for side in sides:
+                left = tuple(g for h in side for g in by_host[h])
+                out.append((left, tuple(g for g in gpus if g not in left)))
+            return out
         if len(gpus) >= 2:
             half = len(gpus) // 2
             return [(tuple(gpus[:half]), tuple(gpus[half:]))]
