@@ -184,21 +184,17 @@ def summarize(rows: list[dict]) -> dict:
             best = max(r[s] for s in SYSTEMS[1:])
             if best > 0:
                 ratios.append(r["hexgen2"] / best)
-    het5 = {}
-    for r in rows:
-        if r["setting"] == "het-5":
-            ref = next(
-                (x for x in rows if x["setting"] == "homogeneous" and x["model"] == r["model"])
-                if r["workload"] == "online"
-                else (
-                    x
-                    for x in rows
-                    if x["setting"] == "homogeneous" and x["model"] == r["model"] and x["workload"] == r["workload"]
-                ),
-                None,
-            )
-            if ref is not None and ref["distserve"] > 0 and ref["workload"] == r["workload"]:
-                het5[f"{r['model']}/{r['workload']}"] = r["hexgen2"] / ref["distserve"]
+    # offline rows only: an online row runs at 75 % of its own setting's peak, so it does not compare across settings
+    reference = {
+        (r["model"], r["workload"]): r["distserve"]
+        for r in rows
+        if r["setting"] == "homogeneous" and r["workload"] != "online"
+    }
+    het5 = {
+        f"{r['model']}/{r['workload']}": r["hexgen2"] / reference[r["model"], r["workload"]]
+        for r in rows
+        if r["setting"] == "het-5" and reference.get((r["model"], r["workload"]), 0) > 0
+    }
     below = [
         f"{r['setting']}/{r['model']}/{r['workload']}/{s}"
         for r in rows
