@@ -336,10 +336,3 @@ def _match_gpus(old: Cluster, new: Cluster) -> dict[int, int]:
 
     old_keys, new_keys = keys(old), keys(new)
     return {old_keys[k]: new_keys[k] for k in old_keys if k in new_keys}
-
-
-def roles_of(plan_: Plan) -> dict[Role, int]:
-    counts: dict[Role, int] = {}
-    for g in plan_.groups:
-        counts[g.role] = counts.get(g.role, 0) + 1
-    return counts
