@@ -1,0 +1,133 @@
+"""Paged attention: writes each step's K/V into the block cache and attends with flash-attn or torch SDPA.
+
+The cache of one layer is a pair of [num_blocks, block_size, kv_heads, head_dim] tensors. flash-attn
+(CUDA, when installed) reads it directly through the block table; the SDPA path gathers each sequence's
+slots into a dense tensor once per step per layer, using indices the runner computed once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional: only on CUDA machines with the gpu extra
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = flash_attn_with_kvcache = None
+
+
+def flash_available(device: torch.device) -> bool:
+    return device.type == "cuda" and flash_attn_varlen_func is not None
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, built once per step and shared by all layers.
+
+    Prefill: ``query_lens`` new tokens per sequence, ``context_lens`` total tokens per sequence (cached
+    prefix + new); ``cu_q``/``cu_k`` their prefix sums. Decode: one query token per sequence.
+    ``gather`` ([B, max_context] slot indices) and ``mask`` ([B, 1, 1, max_context], None when every
+    sequence has the same length) serve the SDPA path whenever keys come from the cache.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    has_prefix: bool = False
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+    context_lens_tensor: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    gather: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    use_flash: bool = False
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.gqa = num_heads != num_kv_heads
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [N, heads, dim], k and v [N, kv_heads, dim] for the step's N tokens; returns [N, heads * dim]."""
+        if self.k_cache.numel():
+            flat = (-1, self.num_kv_heads, self.head_dim)
+            self.k_cache.view(flat).index_copy_(0, meta.slot_mapping, k)
+            self.v_cache.view(flat).index_copy_(0, meta.slot_mapping, v)
+        if meta.use_flash:
+            out = self._flash(q, k, v, meta)
+        elif meta.is_prefill:
+            out = self._sdpa_prefill(q, k, v, meta)
+        else:
+            out = self._sdpa_decode(q.unsqueeze(2), meta).squeeze(2)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=self.gqa, **kwargs)
+
+    def _sdpa_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [B, heads, 1, dim] against each sequence's keys gathered from the cache."""
+        k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.gather].transpose(1, 2)
+        v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.gather].transpose(1, 2)
+        return self._sdpa(q, k, v, attn_mask=meta.mask)
+
+    def _sdpa_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.has_prefix:
+            return self._sdpa_prefix(q, meta)
+        outs = []
+        start = 0
+        for n in meta.query_lens:
+            end = start + n
+            qi, ki, vi = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            outs.append(self._sdpa(qi, ki, vi, is_causal=n > 1).squeeze(0).transpose(0, 1))
+            start = end
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _sdpa_prefix(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        outs = []
+        start = 0
+        for i, (n, total) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
+            idx = meta.gather[i, :total]
+            k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[idx].transpose(0, 1).unsqueeze(0)
+            v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[idx].transpose(0, 1).unsqueeze(0)
+            causal = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+            qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
+            outs.append(self._sdpa(qi, k, v, attn_mask=causal).squeeze(0).transpose(0, 1))
+            start += n
+        return torch.cat(outs)
+
+    def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if not meta.is_prefill:
+            return flash_attn_with_kvcache(
+                q.unsqueeze(1),
+                self.k_cache,
+                self.v_cache,
+                cache_seqlens=meta.context_lens_tensor,
+                block_table=meta.block_tables,
+                softmax_scale=self.scale,
+                causal=True,
+            ).squeeze(1)
+        if meta.has_prefix:
+            k, v = self.k_cache, self.v_cache
+        return flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu_seqlens_q=meta.cu_q,
+            cu_seqlens_k=meta.cu_k,
+            max_seqlen_q=max(meta.query_lens),
+            max_seqlen_k=max(meta.context_lens),
+            softmax_scale=self.scale,
+            causal=True,
+            block_table=meta.block_tables if meta.has_prefix else None,
+        )

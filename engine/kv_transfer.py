@@ -1,0 +1,341 @@
+"""Moving a sequence's KV cache from a prefill replica to a decode replica sharded differently, over torch.distributed.
+
+A worker's cache is one tensor of shape ``[2, num_local_layers, num_blocks, block_size, num_local_kv_heads,
+head_dim]`` (index 0 holds K, 1 holds V). :func:`plan_kv_transfer` decides, from the two layouts alone, which
+prefill rank sends which (layers, KV heads) to which decode rank; :func:`send_kv` and :func:`recv_kv` then move
+the sequence's blocks with point-to-point operations, each side using its own block ids.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from hexgen.engine.layout import (
+    GroupLayout,
+    check_kv_heads_shardable,
+    check_stages,
+    kv_head_range,
+    rank_position,
+    world_size,
+)
+
+# Two chunks in flight let the next chunk's gather overlap the previous chunk's transfer without holding the
+# whole sequence's KV in staging buffers.
+_CHUNKS_IN_FLIGHT = 2
+
+
+class KVTransferError(RuntimeError):
+    """A KV send or receive failed or timed out in the communication layer (the peer died, hung or disagreed)."""
+
+
+@dataclass(frozen=True)
+class KVSlice:
+    """One message stream: prefill rank ``src`` sends decode rank ``dst`` the global ``layers`` x ``kv_heads``."""
+
+    src: int
+    dst: int
+    layers: tuple[int, int]
+    kv_heads: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class KVShard:
+    """The part of the model's KV cache that one worker holds: its rank in a layout, and the model's KV heads."""
+
+    layout: GroupLayout
+    rank: int
+    num_kv_heads: int
+
+    def __post_init__(self) -> None:
+        stage_index, _ = rank_position(self.layout, self.rank)
+        check_kv_heads_shardable(self.num_kv_heads, self.layout[stage_index].tp)
+
+    @property
+    def stage_index(self) -> int:
+        return rank_position(self.layout, self.rank)[0]
+
+    @property
+    def tp_rank(self) -> int:
+        return rank_position(self.layout, self.rank)[1]
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        """Global layers ``[start, end)`` this worker holds."""
+        stage = self.layout[self.stage_index]
+        return stage.start_layer, stage.end_layer
+
+    @property
+    def kv_heads(self) -> tuple[int, int]:
+        """Global KV heads ``[start, end)`` this worker holds."""
+        return kv_head_range(self.num_kv_heads, self.layout[self.stage_index].tp, self.tp_rank)
+
+
+def plan_kv_transfer(src: GroupLayout, dst: GroupLayout, num_kv_heads: int) -> list[KVSlice]:
+    """Which prefill rank sends which part of the KV cache to which decode rank.
+
+    Parameters
+    ----------
+    src, dst : the prefill and decode layouts; both must cover the same layers.
+    num_kv_heads : the model's KV heads, shardable over every stage's tp.
+
+    Returns
+    -------
+    Slices sorted by ``(src, dst, layers)``. Every (layer, KV head) that a decode rank holds is covered by
+    exactly one slice whose source rank holds it, and each (src, dst) pair appears at most once (a source rank
+    lies in one stage and holds one contiguous run of heads, so the overlap is a single rectangle). When a
+    prefill stage replicates a head (tp > num_kv_heads), the decode ranks reading that head from that stage take
+    its replicas round-robin in decode rank order, so the replicas' slice counts differ by at most one.
+
+    Raises ValueError when a layout is malformed, the layouts cover different numbers of layers, or the KV heads
+    cannot be sharded over some stage.
+
+    Complexity: O(W_dst * (S_src + H) + n log n) for W_dst decode ranks, S_src prefill stages, H KV heads and
+    n returned slices (n <= W_dst * min(W_src, S_src * H)).
+    """
+    if not src or not dst:
+        raise ValueError("both layouts need at least one stage")
+    num_layers = src[-1].end_layer
+    check_stages(src, num_layers)
+    if dst[-1].end_layer != num_layers:
+        raise ValueError(f"the prefill layout covers {num_layers} layers but the decode layout {dst[-1].end_layer}")
+    check_stages(dst, num_layers)
+    for stage in (*src, *dst):
+        check_kv_heads_shardable(num_kv_heads, stage.tp)
+
+    src_first_rank = [0]
+    for stage in src:
+        src_first_rank.append(src_first_rank[-1] + stage.tp)
+
+    readers: collections.Counter[tuple[int, int]] = collections.Counter()
+    slices: list[KVSlice] = []
+    for dst_rank in range(world_size(dst)):
+        dst_stage_index, dst_tp_rank = rank_position(dst, dst_rank)
+        dst_stage = dst[dst_stage_index]
+        head_start, head_end = kv_head_range(num_kv_heads, dst_stage.tp, dst_tp_rank)
+        for src_stage_index, src_stage in enumerate(src):
+            layer_start = max(dst_stage.start_layer, src_stage.start_layer)
+            layer_end = min(dst_stage.end_layer, src_stage.end_layer)
+            if layer_start >= layer_end:
+                continue
+            first = src_first_rank[src_stage_index]
+            if src_stage.tp <= num_kv_heads:
+                per_rank = num_kv_heads // src_stage.tp
+                for src_tp_rank in range(head_start // per_rank, -(-head_end // per_rank)):
+                    heads = (max(head_start, src_tp_rank * per_rank), min(head_end, (src_tp_rank + 1) * per_rank))
+                    slices.append(KVSlice(first + src_tp_rank, dst_rank, (layer_start, layer_end), heads))
+            else:
+                replicas = src_stage.tp // num_kv_heads
+                for head in range(head_start, head_end):
+                    replica = readers[src_stage_index, head] % replicas
+                    readers[src_stage_index, head] += 1
+                    src_rank = first + head * replicas + replica
+                    slices.append(KVSlice(src_rank, dst_rank, (layer_start, layer_end), (head, head + 1)))
+    slices.sort(key=lambda s: (s.src, s.dst, s.layers, s.kv_heads))
+    return slices
+
+
+@dataclass(frozen=True)
+class _Move:
+    """One slice as seen by one side: the peer's process-group rank and the local layer/head ranges."""
+
+    peer: int
+    layers: slice
+    kv_heads: slice
+
+
+def _check_cache(kv_cache: torch.Tensor, shard: KVShard) -> None:
+    """Raise ValueError unless ``kv_cache`` has the cache layout and holds exactly ``shard``'s layers and heads."""
+    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 6 or kv_cache.shape[0] != 2:
+        shape = tuple(kv_cache.shape) if isinstance(kv_cache, torch.Tensor) else type(kv_cache).__name__
+        raise ValueError(
+            "kv_cache must have shape [2, layers, blocks, block_size, kv_heads, head_dim], got " + str(shape)
+        )
+    layer_start, layer_end = shard.layers
+    head_start, head_end = shard.kv_heads
+    if kv_cache.shape[1] != layer_end - layer_start or kv_cache.shape[4] != head_end - head_start:
+        raise ValueError(
+            f"kv_cache holds {kv_cache.shape[1]} layers and {kv_cache.shape[4]} KV heads but rank {shard.rank} of the "
+            f"layout holds layers [{layer_start}, {layer_end}) and KV heads [{head_start}, {head_end})"
+        )
+
+
+def _local_moves(shard: KVShard, slices: Sequence[KVSlice], sending: bool, peer: Callable[[int], int]) -> list[_Move]:
+    """The slices this side takes part in, checked against ``shard`` and turned into local index ranges."""
+    layer_start, layer_end = shard.layers
+    head_start, head_end = shard.kv_heads
+    role = "src" if sending else "dst"
+    moves = []
+    for kv_slice in slices:
+        if (kv_slice.src if sending else kv_slice.dst) != shard.rank:
+            continue
+        (a, b), (h0, h1) = kv_slice.layers, kv_slice.kv_heads
+        if not (layer_start <= a < b <= layer_end and head_start <= h0 < h1 <= head_end):
+            raise ValueError(
+                f"{kv_slice} names rank {shard.rank} as {role} but that rank holds layers "
+                f"[{layer_start}, {layer_end}) and KV heads [{head_start}, {head_end})"
+            )
+        other = kv_slice.dst if sending else kv_slice.src
+        peer_rank = peer(other)
+        if not isinstance(peer_rank, int) or peer_rank < 0:
+            raise ValueError(f"peer({other}) returned {peer_rank!r}, not a process-group rank")
+        moves.append(_Move(peer_rank, slice(a - layer_start, b - layer_start), slice(h0 - head_start, h1 - head_start)))
+    return moves
+
+
+def _used_blocks(kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens: int) -> list[int]:
+    """The block ids holding the first ``num_tokens`` tokens, checked against the table and the cache."""
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    block_size, num_blocks = kv_cache.shape[3], kv_cache.shape[2]
+    needed = -(-num_tokens // block_size)
+    if needed > len(block_table):
+        raise ValueError(
+            f"{num_tokens} tokens need {needed} blocks of {block_size} but the block table has {len(block_table)}"
+        )
+    used = [int(block) for block in block_table[:needed]]
+    bad = [block for block in used if not 0 <= block < num_blocks]
+    if bad:
+        raise ValueError(f"block ids {bad[:8]} are outside the cache's {num_blocks} blocks")
+    if len(set(used)) != len(used):
+        raise ValueError("the block table repeats a block id")
+    return used
+
+
+def _transfer(
+    kv_cache: torch.Tensor,
+    moves: list[_Move],
+    block_ids: list[int],
+    sending: bool,
+    group: dist.ProcessGroup | None,
+    blocks_per_chunk: int,
+    timeout: timedelta | None,
+) -> None:
+    """Post every move chunk by chunk, keeping at most ``_CHUNKS_IN_FLIGHT`` chunks outstanding.
+
+    Both sides walk (chunk, slice) in the same order, so each pair's messages match in order and a backend
+    that serialises point-to-point operations (NCCL) cannot deadlock.
+    """
+    pending: collections.deque[tuple[list[dist.Work], list[tuple[_Move, torch.Tensor, torch.Tensor]]]]
+    pending = collections.deque()
+
+    def finish() -> None:
+        # A backend that coalesces the batch (NCCL) returns one work for all of it, so works and moves need not
+        # pair up; name every peer of the chunk on failure.
+        works, buffers = pending.popleft()
+        try:
+            for work in works:
+                if timeout is None:
+                    work.wait()
+                else:
+                    work.wait(timeout)
+        except RuntimeError as error:
+            peers = sorted({move.peer for move, _, _ in buffers})
+            verb = "sending KV to" if sending else "receiving KV from"
+            raise KVTransferError(f"{verb} process-group ranks {peers} failed: {error}") from error
+        if not sending:
+            for move, index, buffer in buffers:
+                kv_cache[:, move.layers, :, :, move.kv_heads].index_copy_(2, index, buffer)
+
+    for chunk_start in range(0, len(block_ids), blocks_per_chunk):
+        index = torch.tensor(
+            block_ids[chunk_start : chunk_start + blocks_per_chunk], dtype=torch.long, device=kv_cache.device
+        )
+        ops = []
+        buffers = []
+        for move in moves:
+            view = kv_cache[:, move.layers, :, :, move.kv_heads]
+            if sending:
+                buffer = view.index_select(2, index)
+            else:
+                shape = (*view.shape[:2], len(index), *view.shape[3:])
+                buffer = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
+            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buffer, move.peer, group))
+            buffers.append((move, index, buffer))
+        pending.append((dist.batch_isend_irecv(ops), buffers))
+        if len(pending) >= _CHUNKS_IN_FLIGHT:
+            finish()
+    while pending:
+        finish()
+
+
+def _check_call(blocks_per_chunk: int, timeout: timedelta | None) -> None:
+    if not isinstance(blocks_per_chunk, int) or blocks_per_chunk < 1:
+        raise ValueError(f"blocks_per_chunk must be a positive integer, got {blocks_per_chunk!r}")
+    if timeout is not None and timeout <= timedelta(0):
+        raise ValueError(f"timeout must be positive, got {timeout}")
+
+
+def send_kv(
+    kv_cache: torch.Tensor,
+    shard: KVShard,
+    slices: Sequence[KVSlice],
+    block_table: Sequence[int],
+    num_tokens: int,
+    peer: Callable[[int], int],
+    *,
+    group: dist.ProcessGroup | None = None,
+    blocks_per_chunk: int = 64,
+    timeout: timedelta | None = None,
+) -> None:
+    """Send this prefill worker's share of a sequence's KV to the decode ranks, and return once it is sent.
+
+    Parameters
+    ----------
+    kv_cache : this worker's cache, ``[2, local layers, blocks, block_size, local KV heads, head_dim]``.
+    shard : this worker's place in the prefill layout.
+    slices : the plan from :func:`plan_kv_transfer`; only slices whose ``src`` is ``shard.rank`` are used.
+    block_table : the sequence's block ids in this cache; its first ``ceil(num_tokens / block_size)`` are sent.
+    num_tokens : how many tokens' KV to move.
+    peer : maps a decode layout rank to the rank torch.distributed addresses it by (the global rank).
+    group : the process group, default the world.
+    blocks_per_chunk : blocks per message; bounds the staging memory to two chunks per slice.
+    timeout : how long to wait for each message; None uses the process group's timeout.
+
+    Raises ValueError before any communication when the cache, slices or block table do not fit ``shard``
+    and ``num_tokens``; KVTransferError when the communication fails. The blocks stay allocated: the caller
+    frees the sequence afterwards. Gathers and sends O(tokens x local layers x local heads x head_dim) elements
+    in ``ceil(blocks / blocks_per_chunk)`` messages per slice.
+    """
+    _check_call(blocks_per_chunk, timeout)
+    _check_cache(kv_cache, shard)
+    block_ids = _used_blocks(kv_cache, block_table, num_tokens)
+    moves = _local_moves(shard, slices, True, peer)
+    if moves and block_ids:
+        _transfer(kv_cache, moves, block_ids, True, group, blocks_per_chunk, timeout)
+
+
+def recv_kv(
+    kv_cache: torch.Tensor,
+    shard: KVShard,
+    slices: Sequence[KVSlice],
+    block_table: Sequence[int],
+    num_tokens: int,
+    peer: Callable[[int], int],
+    *,
+    group: dist.ProcessGroup | None = None,
+    blocks_per_chunk: int = 64,
+    timeout: timedelta | None = None,
+) -> None:
+    """Receive this decode worker's share of a sequence's KV into its own blocks, and return once it is written.
+
+    Parameters mirror :func:`send_kv`: ``shard`` is this worker's place in the decode layout, only slices whose
+    ``dst`` is ``shard.rank`` are used, ``block_table`` holds the blocks this side allocated for the sequence
+    (it may be longer than needed), ``peer`` maps a prefill layout rank to its torch.distributed rank, and
+    ``blocks_per_chunk`` must equal the sender's. Blocks outside the first ``ceil(num_tokens / block_size)``
+    table entries are left untouched. Both sides must agree on block_size, head_dim and dtype.
+
+    Raises ValueError before any communication on a mismatch with ``shard`` or ``num_tokens``;
+    KVTransferError when the communication fails.
+    """
+    _check_call(blocks_per_chunk, timeout)
+    _check_cache(kv_cache, shard)
+    block_ids = _used_blocks(kv_cache, block_table, num_tokens)
+    moves = _local_moves(shard, slices, False, peer)
+    if moves and block_ids:
+        _transfer(kv_cache, moves, block_ids, False, group, blocks_per_chunk, timeout)

@@ -1,0 +1,211 @@
+"""Building blocks shared by the model families: the shard a worker owns, tensor-parallel linears, norms, RoPE."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of a replica one worker runs: layers [start_layer, end_layer) and one tensor-parallel rank.
+
+    ``tp_group`` is the process group of this stage's TP ranks (None when tp_size is 1); ``tp_ranks`` are
+    their global ranks in that group's world, tp rank 0 first.
+    """
+
+    start_layer: int
+    end_layer: int
+    num_layers: int
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    tp_ranks: tuple[int, ...] = ()
+
+    @property
+    def is_first(self) -> bool:
+        return self.start_layer == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end_layer == self.num_layers
+
+    @property
+    def layers(self) -> range:
+        return range(self.start_layer, self.end_layer)
+
+    def part(self, size: int, what: str) -> tuple[int, int]:
+        """This rank's contiguous range of an evenly split dimension of ``size``."""
+        if size % self.tp_size:
+            raise ValueError(f"{what} ({size}) does not split evenly over tensor parallelism {self.tp_size}")
+        step = size // self.tp_size
+        return self.tp_rank * step, (self.tp_rank + 1) * step
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows or columns [start, end) of a checkpoint tensor along ``dim`` (dim None: the whole tensor).
+
+    ``pad_to`` zero-pads the slice to that many entries along ``dim`` (a vocabulary that does not split
+    evenly over TP ranks).
+    """
+
+    name: str
+    dim: int | None = None
+    start: int = 0
+    end: int = 0
+    pad_to: int = 0
+
+
+def rows(name: str, span: tuple[int, int]) -> Piece:
+    return Piece(name, 0, span[0], span[1])
+
+
+def cols(name: str, span: tuple[int, int]) -> Piece:
+    return Piece(name, 1, span[0], span[1])
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). ``reduce`` makes it row-parallel: partial sums are all-reduced before the bias."""
+
+    def __init__(self, shard: Shard, in_features: int, out_features: int, bias: bool, reduce: bool = False) -> None:
+        super().__init__()
+        self.shard = shard
+        self.reduce = reduce and shard.tp_size > 1
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce:
+            return F.linear(x, self.weight, self.bias)
+        y = self.shard.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding split over TP ranks by vocabulary rows; out-of-range ids contribute zeros."""
+
+    def __init__(self, shard: Shard, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.shard = shard
+        self.vocab_size = vocab_size
+        self.per_rank = math.ceil(vocab_size / shard.tp_size)
+        self.start = shard.tp_rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim), requires_grad=False)
+
+    def piece(self, name: str) -> Piece:
+        return Piece(name, 0, self.start, min(self.start + self.per_rank, self.vocab_size), self.per_rank)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.shard.all_reduce(out)
+
+
+class VocabHead(nn.Module):
+    """Output projection split by vocabulary rows; TP rank 0 gathers the full logits (others get None)."""
+
+    def __init__(self, shard: Shard, vocab_size: int, dim: int, tied: VocabEmbedding | None = None) -> None:
+        super().__init__()
+        self.shard = shard
+        self.vocab_size = vocab_size
+        self.per_rank = math.ceil(vocab_size / shard.tp_size)
+        self.start = shard.tp_rank * self.per_rank
+        self.tied = tied
+        self.weight = None if tied else nn.Parameter(torch.empty(self.per_rank, dim), requires_grad=False)
+
+    def piece(self, name: str) -> Piece:
+        return Piece(name, 0, self.start, min(self.start + self.per_rank, self.vocab_size), self.per_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        weight = self.tied.weight if self.tied is not None else self.weight
+        logits = F.linear(x, weight)
+        if self.shard.tp_size == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.shard.tp_size)] if self.shard.tp_rank == 0 else None
+        dist.gather(logits.contiguous(), parts, dst=self.shard.tp_ranks[0], group=self.shard.tp_group)
+        if parts is None:
+            return None
+        return torch.cat(parts, dim=-1)[..., : self.vocab_size]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse RoPE frequencies, with the linear and Llama 3 scalings of Hugging Face configs."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables indexed by position, grown on demand; applied in the rotate-half convention."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.cos = torch.empty(0)
+        self.sin = torch.empty(0)
+
+    def tables(self, positions: torch.Tensor, max_position: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        if max_position >= self.cos.shape[0] or self.cos.dtype != dtype or self.cos.device != positions.device:
+            length = max(2 * max_position, 256)
+            t = torch.arange(length, device=self.inv_freq.device).float()
+            freqs = torch.outer(t, self.inv_freq.float())
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = emb.cos().to(positions.device, dtype), emb.sin().to(positions.device, dtype)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,122 @@
+"""LLM: a whole replica in one process (no parallelism): the API tests, benchmarks and single-node mode use."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hexgen.engine.block_manager import BlockManager
+from hexgen.engine.config import ModelConfig, load_config
+from hexgen.engine.layers import Shard
+from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
+from hexgen.engine.sampler import sample
+from hexgen.engine.scheduler import Scheduler, SchedulerConfig
+from hexgen.engine.sequence import SamplingParams, Sequence
+from hexgen.engine.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Completion:
+    seq_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    mode: str = "colocated"
+
+
+class LLM:
+    """Loads ``model_dir`` whole and generates with continuous batching.
+
+    ``generate`` runs a list of prompts to completion; ``add_request`` and ``step`` expose the loop for
+    callers that feed requests over time.
+    """
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **overrides: object) -> None:
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
+        self.config = config
+        self.model_config: ModelConfig = load_config(model_dir)
+        mc = self.model_config
+        device = torch.device(config.device)
+        self.runner = ModelRunner(
+            model_dir,
+            mc,
+            Shard(0, mc.num_layers, mc.num_layers),
+            resolve_dtype(config.dtype, mc, device),
+            device,
+            config.cache,
+        )
+        self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.tokenizer = Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids
+        scheduler_config = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.mode)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, eos)
+
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json; pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def add_request(self, prompt: str | Seq[int], sampling: SamplingParams | None = None) -> Sequence:
+        """Queue one request; raises ValueError for a prompt that cannot be served."""
+        ids = self.encode(prompt)
+        sampling = sampling or SamplingParams()
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room within max_model_len {self.max_model_len}")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.model_config.vocab_size})")
+        room = self.max_model_len - len(ids)
+        if sampling.max_tokens > room:
+            sampling = dataclasses.replace(sampling, max_tokens=room)
+        seq = Sequence(ids, sampling)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """Run one scheduled batch; returns the sequences that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.run(batch.seqs, batch.is_prefill)
+        return self.scheduler.postprocess(batch, sample(logits, batch.seqs))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def generate(
+        self, prompts: Iterable[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[Completion]:
+        prompts = list(prompts)
+        params = sampling if isinstance(sampling, list | tuple) else [sampling or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        seqs = [self.add_request(p, s) for p, s in zip(prompts, params, strict=True)]
+        while self.has_unfinished():
+            self.step()
+        return [self.completion(seq) for seq in seqs]
+
+    def completion(self, seq: Sequence) -> Completion:
+        ids = seq.completion_token_ids
+        text = self.tokenizer.decode(ids) if self.tokenizer else ""
+        return Completion(seq.seq_id, seq.prompt_token_ids, ids, text, seq.finish_reason or "length")

@@ -1,0 +1,139 @@
+"""Loads one stage and one TP shard of a Hugging Face safetensors checkpoint, reading only its tensors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from hexgen.engine.layers import Piece
+from hexgen.engine.models import StageModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded: missing files or tensors, wrong shapes."""
+
+
+ProgressFn = Callable[[int, int], None]
+_PROGRESS_MIN_BYTES = 512 << 20
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those named by ``model.safetensors.index.json`` or every
+    ``*.safetensors`` file in the directory."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: malformed index ({exc})") from None
+        files = sorted({root / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{root}: shard files named in the index are missing: {', '.join(missing)}")
+        return files
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in root.glob("*.bin"))
+        hint = f" (found {', '.join(pickles)}: convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{root}: no *.safetensors weights{hint}")
+    return files
+
+
+def load_weights(
+    model: StageModel,
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+) -> None:
+    """Fill every parameter of ``model`` from the checkpoint pieces its ``weight_plan`` names.
+
+    Only the named tensors are read, and of those only the slices this shard keeps. Raises
+    CheckpointError for a missing tensor, a slice outside a tensor, or a shape that does not match.
+    """
+    plan = model.weight_plan()
+    params = dict(model.named_parameters())
+    unplanned = sorted(set(params) - set(plan))
+    if unplanned:
+        raise AssertionError(f"weight plan misses parameters {unplanned}")
+    with ExitStack() as stack:
+        files = checkpoint_files(model_dir)
+        handles = [stack.enter_context(_open(f)) for f in files]
+        where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 - safe_open is not a mapping
+        total = len(plan)
+        report = progress or _default_progress(sum(f.stat().st_size for f in files))
+        for done, (param_name, pieces) in enumerate(plan.items(), 1):
+            tensor = (
+                torch.cat([_read(where, piece) for piece in pieces]) if len(pieces) > 1 else _read(where, pieces[0])
+            )
+            param = params[param_name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                names = ", ".join(p.name for p in pieces)
+                raise CheckpointError(
+                    f"{model_dir}: tensor {names} has shape {list(tensor.shape)} where the config implies "
+                    f"{list(param.shape)} for this shard"
+                )
+            param.data = tensor.to(device=device, dtype=dtype)
+            if report is not None:
+                report(done, total)
+
+
+def _open(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _resolve(where: dict[str, Any], name: str) -> tuple[Any, str]:
+    for candidate in (name, name.removeprefix("model."), f"model.{name}"):
+        if candidate in where:
+            return where[candidate], candidate
+    raise CheckpointError(f"checkpoint lacks tensor {name!r}")
+
+
+def _read(where: dict[str, Any], piece: Piece) -> torch.Tensor:
+    handle, name = _resolve(where, piece.name)
+    if piece.dim is None:
+        return handle.get_tensor(name)
+    view = handle.get_slice(name)
+    shape = view.get_shape()
+    if piece.dim >= len(shape) or piece.end > shape[piece.dim]:
+        raise CheckpointError(
+            f"tensor {name!r} has shape {list(shape)}; this shard needs [{piece.start}:{piece.end}] along dim {piece.dim}"
+        )
+    tensor = view[piece.start : piece.end] if piece.dim == 0 else view[:, piece.start : piece.end]
+    if piece.pad_to > tensor.shape[piece.dim]:
+        pad_shape = list(tensor.shape)
+        pad_shape[piece.dim] = piece.pad_to - tensor.shape[piece.dim]
+        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=piece.dim)
+    return tensor
+
+
+def _default_progress(size: int) -> ProgressFn | None:
+    """A one-line stderr progress bar, only for loads big enough to keep someone waiting."""
+    if size < _PROGRESS_MIN_BYTES:
+        return None
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total
+        elapsed = time.monotonic() - start
+        sys.stderr.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:.0f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return report

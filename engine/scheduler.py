@@ -1,0 +1,236 @@
+"""Continuous-batching scheduler: waiting and running queues, a token budget, a sequence cap, preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from hexgen.engine.block_manager import BlockManager
+from hexgen.engine.sequence import Sequence, Status
+
+MODES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``mode``: "prefill" hands every sequence off after its prefill, "decode" takes prefilled sequences
+    through ``Scheduler.add_prefilled``, "colocated" does both on one worker."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    mode: str = "colocated"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
+
+
+@dataclass
+class Batch:
+    """One model step. Prefill: each sequence computes positions ``[seq.num_cached_tokens, len(seq))``.
+    Decode: each sequence computes one token, position ``len(seq) - 1``."""
+
+    seqs: list[Sequence]
+    is_prefill: bool
+
+
+class Scheduler:
+    """Decides which sequences run each step and tracks them until they finish or leave.
+
+    Sequences never grow past ``max_model_len`` tokens (they finish with reason "length" there): beyond
+    it a sequence could neither get the KV blocks for its next decode step nor be re-prefilled within the
+    token budget after a preemption, and would stall forever.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: Iterable[int] = ()) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids: frozenset[int] = frozenset(int(t) for t in eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+        self._prefill_only = config.mode == "prefill"
+        self._decode_only = config.mode == "decode"
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence this scheduler can hold: its KV must fit the cache and its prefill the budget."""
+        bm = self.block_manager
+        return min(bm.num_blocks * bm.block_size, self.config.max_num_batched_tokens)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _check_fits(self, seq: Sequence) -> None:
+        bm = self.block_manager
+        num_blocks = seq.num_blocks(bm.block_size)
+        if num_blocks > bm.num_blocks:
+            raise ValueError(
+                f"sequence {seq.seq_id} has {len(seq)} tokens needing {num_blocks} KV blocks, "
+                f"but the whole cache has only {bm.num_blocks} blocks of {bm.block_size} tokens"
+            )
+        if len(seq) > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"sequence {seq.seq_id} has {len(seq)} tokens, more than max_num_batched_tokens "
+                f"({self.config.max_num_batched_tokens}), so it could never be prefilled in one step"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request for prefill."""
+        if self._decode_only:
+            raise RuntimeError("a decode-mode scheduler takes prefilled sequences through add_prefilled, not add")
+        self._check_fits(seq)
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def add_prefilled(self, seq: Sequence) -> None:
+        """Take a sequence whose first ``len(seq) - 1`` tokens' KV is already in its blocks; it decodes next."""
+        if self._prefill_only:
+            raise RuntimeError("a prefill-mode scheduler does not decode; add_prefilled needs mode decode or colocated")
+        self._check_fits(seq)
+        num_cached = len(seq) - 1
+        if seq.num_cached_tokens != num_cached:
+            raise ValueError(
+                f"sequence {seq.seq_id} of length {len(seq)} must have num_cached_tokens == {num_cached}, "
+                f"got {seq.num_cached_tokens}"
+            )
+        if len(seq.block_table) < seq.num_blocks(self.block_manager.block_size, num_cached):
+            raise ValueError(f"sequence {seq.seq_id} has too few blocks for its {num_cached} cached tokens")
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def schedule(self) -> Batch | None:
+        """The next batch: a prefill of waiting sequences if any can be admitted, else a decode step.
+
+        ``None`` means nothing can run now: both queues are empty, or (when blocks are held outside this
+        scheduler, e.g. by handed-off or importing sequences) the cache is too full to make progress.
+        """
+        batch = self._schedule_prefill()
+        if batch is not None or self._prefill_only:
+            return batch
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> Batch | None:
+        waiting = self.waiting
+        if not waiting:
+            return None
+        bm = self.block_manager
+        block_size = bm.block_size
+        seq_room = self.config.max_num_seqs - len(self.running)
+        token_room = self.config.max_num_batched_tokens
+        scheduled: list[Sequence] = []
+        while waiting and len(scheduled) < seq_room:
+            seq = waiting[0]
+            num_new_tokens = len(seq) - seq.num_cached_tokens
+            if num_new_tokens > token_room:
+                break
+            if not bm.can_allocate(seq.num_blocks(block_size) - len(seq.block_table)):
+                break
+            bm.allocate(seq)
+            token_room -= num_new_tokens
+            waiting.popleft()
+            seq.status = Status.RUNNING
+            scheduled.append(seq)
+        if not scheduled:
+            return None
+        self.running.extend(scheduled)
+        return Batch(scheduled, is_prefill=True)
+
+    def _schedule_decode(self) -> Batch | None:
+        running = self.running
+        bm = self.block_manager
+        max_batch = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        scheduled: list[Sequence] = []
+        # Walk from the oldest admission; victims come off the other end, so the index stays valid.
+        index = 0
+        while index < len(running) and len(scheduled) < max_batch:
+            seq = running[index]
+            while not bm.can_append(seq):
+                victim = running.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.append_slot(seq)
+                scheduled.append(seq)
+                index += 1
+        if not scheduled:
+            return None
+        return Batch(scheduled, is_prefill=False)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self.block_manager.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, batch: Batch, token_ids: list[int]) -> list[Sequence]:
+        """Record one sampled token per sequence of ``batch``; returns the sequences that left this step."""
+        seqs = batch.seqs
+        if len(token_ids) != len(seqs):
+            raise ValueError(f"got {len(token_ids)} tokens for a batch of {len(seqs)} sequences")
+        eos_token_ids = self.eos_token_ids
+        hand_off = self._prefill_only and batch.is_prefill
+        max_model_len = self.max_model_len
+        left: list[Sequence] = []
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            if seq.status is not Status.RUNNING:
+                continue  # aborted between schedule and postprocess
+            seq.append(token_id)
+            seq.num_cached_tokens = len(seq) - 1
+            sampling = seq.sampling
+            if (token_id in eos_token_ids and not sampling.ignore_eos) or token_id in sampling.stop_token_ids:
+                finish_reason = "stop"
+            elif seq.num_completion_tokens >= sampling.max_tokens or (not hand_off and len(seq) > max_model_len):
+                finish_reason = "length"
+            elif hand_off:
+                left.append(seq)  # keeps its blocks until the caller has exported its KV and calls release
+                continue
+            else:
+                continue
+            seq.finish_reason = finish_reason
+            seq.status = Status.FINISHED
+            self.block_manager.free(seq)
+            left.append(seq)
+        if left:
+            self._remove_from_running(left)
+        return left
+
+    def _remove_from_running(self, seqs: list[Sequence]) -> None:
+        running = self.running
+        if len(seqs) == 1:
+            running.remove(seqs[0])
+            return
+        gone = {id(seq) for seq in seqs}
+        kept = [seq for seq in running if id(seq) not in gone]
+        running.clear()
+        running.extend(kept)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence handed off by a prefill-mode step once its KV has been exported."""
+        self.block_manager.free(seq)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Drop a waiting or running sequence; ``None`` if no such sequence is queued here."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.seq_id == seq_id:
+                    queue.remove(seq)
+                    self.block_manager.free(seq)
+                    seq.status = Status.FINISHED
+                    seq.finish_reason = "abort"
+                    return seq
+        return None

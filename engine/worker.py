@@ -1,0 +1,261 @@
+"""A replica spread over processes: TP ranks per stage, stages in a pipeline, one driver that samples.
+
+Every rank of a replica runs the same scheduler on the same inputs, so they agree on every batch without
+shipping batch metadata: per step the driver (tensor rank 0 of the last stage) broadcasts a small header
+(and, when there are any, the new requests), the stages pass hidden states down the pipeline, and the
+driver broadcasts the sampled tokens so every rank's scheduler advances identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hexgen.engine.block_manager import BlockManager
+from hexgen.engine.config import ModelConfig, load_config
+from hexgen.engine.kv_transfer import KVShard, plan_kv_transfer, recv_kv, send_kv
+from hexgen.engine.layers import Shard
+from hexgen.engine.layout import GroupLayout, rank_position, stage_ranks, validate_layout, world_size
+from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
+from hexgen.engine.sampler import sample
+from hexgen.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from hexgen.engine.sequence import SamplingParams, Sequence
+
+TRANSFER_TIMEOUT = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What one replica runs: the checkpoint, its layout and where its ranks sit in the world."""
+
+    model_dir: str
+    layout: GroupLayout
+    first_rank: int = 0
+    mode: str = "colocated"
+    dtype: str = "auto"
+    device: str = "cpu"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(self.first_rank, self.first_rank + world_size(self.layout)))
+
+    def global_rank(self, layout_rank: int) -> int:
+        return self.first_rank + layout_rank
+
+
+@dataclass(frozen=True)
+class Request:
+    seq_id: int
+    token_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass
+class StepResult:
+    """What one step changed: sequences that finished, and (prefill mode) ones handed off with their KV."""
+
+    finished: list[Sequence] = field(default_factory=list)
+    handed_off: list[Sequence] = field(default_factory=list)
+    ran: bool = False
+
+
+def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
+    """Create, in the same order on every rank of the world, each replica's group and each stage's TP
+    group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs."""
+    groups: dict[tuple[int, ...], object] = {}
+    for spec in specs:
+        for ranks in [spec.ranks] + [
+            [spec.global_rank(r) for r in stage_ranks(spec.layout, s)] for s in range(len(spec.layout))
+        ]:
+            key = tuple(ranks)
+            if key not in groups:
+                groups[key] = dist.new_group(list(key)) if len(key) > 1 else None
+    return groups
+
+
+class ReplicaWorker:
+    """The part of a replica living in this process. Every rank of the replica calls ``step`` in lockstep;
+    only the driver passes requests in, and every rank gets the same StepResult back."""
+
+    HEADER = 3  # new requests' payload size in bytes, aborts' payload size, stop flag
+
+    def __init__(self, spec: ReplicaSpec, rank: int, groups: dict[tuple[int, ...], object]) -> None:
+        self.spec = spec
+        self.config: ModelConfig = load_config(spec.model_dir)
+        validate_layout(spec.layout, self.config.num_layers, self.config.num_heads, self.config.num_kv_heads)
+        self.layout_rank = rank - spec.first_rank
+        self.stage, tp_rank = rank_position(spec.layout, self.layout_rank)
+        stage = spec.layout[self.stage]
+        self.stage_ranks = [spec.global_rank(r) for r in stage_ranks(spec.layout, self.stage)]
+        shard = Shard(
+            stage.start_layer,
+            stage.end_layer,
+            self.config.num_layers,
+            stage.tp,
+            tp_rank,
+            groups.get(tuple(self.stage_ranks)),
+            tuple(self.stage_ranks),
+        )
+        self.device = torch.device(spec.device)
+        self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        dtype = resolve_dtype(spec.dtype, self.config, self.device)
+        self.dtype = dtype
+        self.runner = ModelRunner(spec.model_dir, self.config, shard, dtype, self.device, spec.cache)
+        self.group = groups.get(tuple(spec.ranks))
+        num_blocks = self._agree_on_blocks(self.runner.num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.runner.block_size)
+        scheduler_config = SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, spec.mode)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, self.config.eos_token_ids)
+        last = len(spec.layout) - 1
+        self.driver_rank = driver_rank(spec)
+        self.is_driver = rank == self.driver_rank
+        self.rank = rank
+        self.next_stage = (
+            [spec.global_rank(r) for r in stage_ranks(spec.layout, self.stage + 1)]
+            if self.stage < last and tp_rank == 0
+            else []
+        )
+        self.prev_stage_leader = spec.global_rank(stage_ranks(spec.layout, self.stage - 1)[0]) if self.stage else None
+        self.seqs: dict[int, Sequence] = {}
+        self.kv_shard = KVShard(spec.layout, self.layout_rank, self.config.num_kv_heads)
+
+    def _agree_on_blocks(self, local: int) -> int:
+        if self.group is None and len(self.spec.ranks) == 1:
+            return local
+        count = torch.tensor([local], dtype=torch.long, device=self.comm_device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group)
+        return int(count.item())
+
+    def _broadcast_bytes(self, payload: bytes | None, size: int) -> bytes:
+        buf = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
+        if self.is_driver:
+            buf.copy_(torch.frombuffer(bytearray(payload or b""), dtype=torch.uint8))
+        dist.broadcast(buf, src=self.driver_rank, group=self.group)
+        return bytes(buf.cpu().numpy()) if not self.is_driver else payload or b""
+
+    def step(
+        self, requests: list[Request] | None = None, aborts: list[int] | None = None, stop: bool = False
+    ) -> StepResult | None:
+        """One replica step; returns None once the driver said stop."""
+        new_payload = pickle.dumps(requests) if self.is_driver and requests else b""
+        abort_payload = pickle.dumps(aborts) if self.is_driver and aborts else b""
+        header = torch.tensor(
+            [len(new_payload), len(abort_payload), int(stop)], dtype=torch.long, device=self.comm_device
+        )
+        dist.broadcast(header, src=self.driver_rank, group=self.group)
+        new_size, abort_size, stopped = (int(x) for x in header.tolist())
+        if stopped:
+            return None
+        if new_size:
+            for req in pickle.loads(self._broadcast_bytes(new_payload, new_size)):
+                self.add(req)
+        if abort_size:
+            for seq_id in pickle.loads(self._broadcast_bytes(abort_payload, abort_size)):
+                self.scheduler.abort(seq_id)
+                self.seqs.pop(seq_id, None)
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return StepResult()
+        tokens = self._forward(batch)
+        left = self.scheduler.postprocess(batch, tokens)
+        result = StepResult(ran=True)
+        for seq in left:
+            (result.finished if seq.finished else result.handed_off).append(seq)
+            if seq.finished:
+                self.seqs.pop(seq.seq_id, None)
+        return result
+
+    def add(self, req: Request) -> Sequence:
+        seq = Sequence(list(req.token_ids), req.sampling, seq_id=req.seq_id)
+        self.scheduler.add(seq)
+        self.seqs[seq.seq_id] = seq
+        return seq
+
+    def _forward(self, batch: Batch) -> list[int]:
+        hidden = None
+        if self.prev_stage_leader is not None:
+            tokens = sum(len(s) - s.num_cached_tokens for s in batch.seqs) if batch.is_prefill else len(batch.seqs)
+            hidden = torch.empty(tokens, self.config.hidden_size, dtype=self.dtype, device=self.comm_device)
+            dist.recv(hidden, src=self.prev_stage_leader)
+            hidden = hidden.to(self.device)
+        out = self.runner.run(batch.seqs, batch.is_prefill, hidden)
+        if self.next_stage:
+            out = out.to(self.comm_device).contiguous()
+            works = [dist.isend(out, dst=r) for r in self.next_stage]
+            for work in works:
+                work.wait()
+        sampled = torch.empty(len(batch.seqs), dtype=torch.long, device=self.comm_device)
+        if self.is_driver:
+            sampled.copy_(torch.tensor(sample(out, batch.seqs)))
+        dist.broadcast(sampled, src=self.driver_rank, group=self.group)
+        return sampled.tolist()
+
+    def export_kv(self, seqs: list[Sequence], dst: ReplicaSpec) -> None:
+        """Send the KV of handed-off ``seqs`` to replica ``dst`` (which calls ``import_kv`` with the same
+        list in the same order), then release their blocks."""
+        slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
+        for seq in seqs:
+            send_kv(
+                self.runner.kv_cache,
+                self.kv_shard,
+                slices,
+                seq.block_table,
+                len(seq) - 1,
+                dst.global_rank,
+                timeout=TRANSFER_TIMEOUT,
+            )
+            self.scheduler.release(seq)
+            self.seqs.pop(seq.seq_id, None)
+
+    def import_kv(self, requests: list[Request], src: ReplicaSpec) -> list[Sequence]:
+        """Receive prefilled sequences (prompt + first token in ``token_ids``) from replica ``src`` and
+        queue them for decoding."""
+        slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
+        seqs = []
+        for req in requests:
+            seq = Sequence(
+                list(req.token_ids), req.sampling, seq_id=req.seq_id, num_prompt_tokens=len(req.token_ids) - 1
+            )
+            self.block_manager.allocate(seq, len(seq) - 1)
+            recv_kv(
+                self.runner.kv_cache,
+                self.kv_shard,
+                slices,
+                seq.block_table,
+                len(seq) - 1,
+                src.global_rank,
+                timeout=TRANSFER_TIMEOUT,
+            )
+            seq.num_cached_tokens = len(seq) - 1
+            self.scheduler.add_prefilled(seq)
+            self.seqs[seq.seq_id] = seq
+            seqs.append(seq)
+        return seqs
+
+
+def driver_rank(spec: ReplicaSpec) -> int:
+    """The global rank that samples and speaks for a replica: tensor rank 0 of its last stage."""
+    return spec.global_rank(stage_ranks(spec.layout, len(spec.layout) - 1)[0])
+
+
+def init_world(rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
+    )
+
+
+def request_from(seq: Sequence) -> Request:
+    return Request(seq.seq_id, list(seq.token_ids), seq.sampling)
+
+
+def spec_for(model_dir: str | Path, layout: GroupLayout, **kwargs: object) -> ReplicaSpec:
+    return dataclasses.replace(ReplicaSpec(str(model_dir), tuple(layout)), **kwargs)
