@@ -31,7 +31,11 @@ _CHUNKS_IN_FLIGHT = 2
 
 
 class KVTransferError(RuntimeError):
-    """A KV send or receive failed or timed out in the communication layer (the peer died, hung or disagreed)."""
+    """A KV send or receive failed or timed out in the communication layer (the peer died, hung or disagreed).
+
+    With gloo a timed-out wait also closes the connection to that peer, so later operations between the two
+    ranks fail too: treat the process group as broken and rebuild it.
+    """
 
 
 @dataclass(frozen=True)
@@ -190,8 +194,8 @@ def _local_moves(shard: KVShard, slices: Sequence[KVSlice], sending: bool, peer:
 
 def _used_blocks(kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens: int) -> list[int]:
     """The block ids holding the first ``num_tokens`` tokens, checked against the table and the cache."""
-    if num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    if not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
     block_size, num_blocks = kv_cache.shape[3], kv_cache.shape[2]
     needed = -(-num_tokens // block_size)
     if needed > len(block_table):

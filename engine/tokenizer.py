@@ -8,6 +8,7 @@ as in transformers); ``generation_config.json`` and ``config.json`` supply token
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -286,12 +287,20 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of token ``ids``; raises TokenizerError for an id outside the vocabulary. O(len(ids))."""
-        ids = list(ids)
+        return self.backend.decode(self.checked_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def checked_ids(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` as a list of Python ints (numpy and torch integers accepted); raises TokenizerError for
+        non-integers or ids outside the vocabulary. O(len(ids))."""
+        try:
+            checked = [operator.index(i) for i in ids]
+        except TypeError as error:
+            raise TokenizerError(f"token ids must be integers: {error}") from None
         vocab_size = self.vocab_size
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab_size]
+        bad = [i for i in checked if not 0 <= i < vocab_size]
         if bad:
             raise TokenizerError(f"token ids {bad[:8]} are outside the vocabulary of {vocab_size}")
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return checked
 
     @cached_property
     def _compiled_chat_template(self) -> jinja2.Template | None:
@@ -364,8 +373,7 @@ class IncrementalDecoder:
 
     def _append(self, token_id: int) -> bool:
         """Record ``token_id``; False when it contributes no text (a skipped special token)."""
-        if not isinstance(token_id, int) or not 0 <= token_id < self.tokenizer.vocab_size:
-            raise TokenizerError(f"token id {token_id!r} is outside the vocabulary of {self.tokenizer.vocab_size}")
+        (token_id,) = self.tokenizer.checked_ids([token_id])
         # tokenizers drops skipped special tokens before its decoders run, so dropping them here keeps
         # byte runs and leading-space stripping exactly as in a full decode.
         if self.skip_special_tokens and token_id in self.tokenizer.special_token_ids:

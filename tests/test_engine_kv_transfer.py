@@ -15,6 +15,7 @@ from multiprocessing.synchronize import Event as EventType
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -205,7 +206,7 @@ def _unused_peer(rank: int) -> int:
     ("change", "message"),
     [
         ({"num_tokens": 13}, "need 4 blocks of 4 but the block table has 3"),
-        ({"num_tokens": -1}, "num_tokens must be >= 0"),
+        ({"num_tokens": -1}, "num_tokens must be an integer >= 0"),
         ({"block_table": [0, 9, 1]}, "outside the cache's 6 blocks"),
         ({"block_table": [0, 1, 1]}, "repeats a block id"),
         ({"kv_cache": torch.zeros(2, 4, 6, 4, 4, 8)}, "holds 4 layers and 4 KV heads but rank 1"),
@@ -337,8 +338,6 @@ def _expect_timeout() -> None:
 
 
 def _worker(rank: int, world: int, port: int, results: multiprocessing.Queue, timed_out: EventType) -> None:
-    import torch.distributed as dist
-
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
@@ -385,15 +384,15 @@ def test_gloo_transfers_between_differently_sharded_replicas(monkeypatch: pytest
         for process in processes:
             process.start()
         deadline = time.monotonic() + 60
-        failures: dict[int, str | None] = {}
-        while len(failures) < world:
+        outcomes: dict[int, str | None] = {}
+        while len(outcomes) < world:
             try:
                 rank, error = results.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                missing = sorted(set(range(world)) - set(failures))
+                missing = sorted(set(range(world)) - set(outcomes))
                 pytest.fail(f"ranks {missing} did not finish in time (exit codes {[p.exitcode for p in processes]})")
-            failures[rank] = error
-        errors = {rank: error for rank, error in failures.items() if error}
+            outcomes[rank] = error
+        errors = {rank: error for rank, error in outcomes.items() if error}
         assert not errors, "\n".join(f"rank {rank}:\n{error}" for rank, error in sorted(errors.items()))
     finally:
         for process in processes:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from hexgen.engine.tokenizer import Tokenizer, TokenizerError, fallback_chat_prompt
 
@@ -104,9 +105,12 @@ def test_decode_matches_transformers_and_round_trips(tokenizer: Tokenizer, refer
         assert tokenizer.decode(ids) == text
 
 
-def test_decode_rejects_ids_outside_the_vocabulary(tokenizer: Tokenizer) -> None:
+def test_decode_checks_ids(tokenizer: Tokenizer) -> None:
     with pytest.raises(TokenizerError, match=r"\[512, -1\] are outside the vocabulary of 512"):
         tokenizer.decode([5, 512, -1])
+    with pytest.raises(TokenizerError, match="token ids must be integers"):
+        tokenizer.decode([5, 1.5])  # type: ignore[list-item]
+    assert tokenizer.decode(torch.tensor([1, 403, 407])) == "Once upon"
 
 
 def test_encode_rejects_non_text(tokenizer: Tokenizer) -> None:

@@ -1,0 +1,105 @@
+"""Election and peer-table rules: pure state, no network."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hexgen.daemon.election import Election, Lease, LeaseRejected, candidate
+from hexgen.daemon.membership import PeerTable
+
+ADVERT = {"addrs": ["/ip4/127.0.0.1/tcp/1"], "hardware": {}, "host": "h"}
+
+
+def test_candidate_is_smallest_id():
+    assert candidate(["c", "a", "b"]) == "a"
+
+
+def test_claim_when_alone_and_renew_keeps_term():
+    e = Election("a")
+    assert e.should_claim(["a"], now=0.0)
+    lease = e.claim(0.0, ttl_s=3.0)
+    assert lease.term == 1 and e.is_coordinator(1.0)
+    assert e.claim(1.0, ttl_s=3.0).term == 1
+    assert not e.should_claim(["a"], now=2.0)
+
+
+def test_non_candidate_waits_while_holder_lives():
+    e = Election("b")
+    assert not e.should_claim(["a", "b"], now=0.0)
+    e.accept(Lease("c", 4, 10.0), ["a", "b", "c"], now=0.0)
+    assert not e.should_claim(["a", "b", "c"], now=1.0)
+
+
+def test_failover_claims_next_term():
+    e = Election("b")
+    e.accept(Lease("a", 3, 10.0), ["a", "b"], now=0.0)
+    e.forget_holder("a")
+    assert e.should_claim(["b", "c"], now=1.0)
+    assert e.claim(1.0, 3.0).term == 4
+
+
+def test_stale_term_refused():
+    e = Election("b")
+    e.accept(Lease("a", 5, 10.0), ["a", "b"], now=0.0)
+    with pytest.raises(LeaseRejected) as info:
+        e.accept(Lease("c", 4, 10.0), ["a", "b", "c"], now=0.0)
+    assert info.value.reason == "stale-term"
+    assert e.coordinator == "a" and e.term == 5
+
+
+def test_expired_and_non_member_leases_refused():
+    e = Election("b")
+    with pytest.raises(LeaseRejected, match="expired") as info:
+        e.accept(Lease("a", 1, 5.0), ["a", "b"], now=6.0)
+    assert info.value.reason == "expired"
+    with pytest.raises(LeaseRejected) as info:
+        e.accept(Lease("z", 1, 10.0), ["a", "b"], now=0.0)
+    assert info.value.reason == "not-member"
+    assert e.lease is None
+
+
+def test_same_term_conflict_resolves_to_smaller_id_everywhere():
+    first = Election("x")
+    first.accept(Lease("b", 1, 10.0), ["a", "b", "x"], now=0.0)
+    first.accept(Lease("a", 1, 10.0), ["a", "b", "x"], now=0.0)
+    second = Election("y")
+    second.accept(Lease("a", 1, 10.0), ["a", "b", "y"], now=0.0)
+    with pytest.raises(LeaseRejected):
+        second.accept(Lease("b", 1, 10.0), ["a", "b", "y"], now=0.0)
+    assert first.coordinator == second.coordinator == "a"
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcde"), st.integers(1, 6)), max_size=30))
+def test_terms_never_decrease(claims):
+    e = Election("z")
+    live = list("abcdez")
+    seen = 0
+    for holder, term in claims:
+        try:
+            e.accept(Lease(holder, term, 100.0), live, now=0.0)
+        except LeaseRejected:
+            pass
+        assert e.term >= seen
+        seen = e.term
+
+
+def test_peer_table_join_drop_and_late_adverts():
+    t = PeerTable("self", timeout_s=5.0)
+    assert t.apply_advert("p", ADVERT, issued=1.0, now=1.0)
+    assert not t.apply_advert("p", ADVERT, issued=2.0, now=2.0)
+    assert t.live_ids() == ["p", "self"]
+    version = t.version
+    assert t.drop("p", at=3.0)
+    assert t.version == version + 1
+    assert not t.apply_advert("p", ADVERT, issued=2.5, now=3.1), "an advert issued before the leave must not revive"
+    assert t.apply_advert("p", ADVERT, issued=4.0, now=4.0)
+
+
+def test_peer_table_expiry():
+    t = PeerTable("self", timeout_s=5.0)
+    t.apply_advert("p", ADVERT, issued=0.0, now=0.0)
+    t.apply_advert("q", ADVERT, issued=0.0, now=4.0)
+    assert t.expire(now=6.0) == ["p"]
+    assert t.live_ids() == ["q", "self"]
