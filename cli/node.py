@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hexgen.cli.format import BaselineResult, PlanReport, report_json, report_text
+from hexgen.cli.join import JoinError, add_join_command
 from hexgen.coordinator.cluster import Cluster, ClusterError, load_cluster_toml
 from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import SpecError, resolve_model
@@ -100,6 +102,155 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- keys and private swarms: keygen, swarm-key, admit -------------------------------------------------
+# The handlers import hexgen.daemon.identity when they run: it loads libp2p (about half a second), which
+# the other subcommands should not pay for.
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+DEFAULT_CERT_VALIDITY = "365d"
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``text`` ("3600", "90m", "12h", "30d", "2w"), or None for "never"; CLIError otherwise."""
+    cleaned = text.strip().lower()
+    if cleaned == "never":
+        return None
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in DURATION_UNITS else (cleaned, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise CLIError(f"bad duration {text!r}: use a positive number with s, m, h, d or w (e.g. 30d), or never")
+    return seconds
+
+
+def _user_path(text: str | None, default: Callable[[], Path]) -> Path:
+    """The path the user named (with ~ expanded), or ``default()`` when they named none."""
+    return Path(text).expanduser() if text else default()
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create the node key file (mode 0600) and print the node's peer id."""
+    from hexgen.daemon import identity
+
+    path = _user_path(args.key_file, identity.default_key_file)
+    try:
+        key_pair = identity.create_key_file(path, force=args.force)
+    except identity.KeyFileExists:
+        try:
+            current = f" (peer id {identity.peer_id_of(identity.load_key(path))})"
+        except identity.IdentityError:
+            current = ""
+        raise CLIError(
+            f"key file {path} already exists{current}; pass --force to replace it (the peer id will change)"
+        ) from None
+    except identity.IdentityError as exc:
+        raise CLIError(str(exc)) from None
+    print(identity.peer_id_of(key_pair))
+    print(f"{PROG}: wrote a new node key to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_swarm_key(args: argparse.Namespace) -> int:
+    """Create a private swarm's key file (mode 0600) and print the swarm id."""
+    from hexgen.daemon import identity
+
+    path = _user_path(args.file, identity.default_swarm_key_file)
+    try:
+        swarm_key = identity.create_swarm_key(path, force=args.force)
+    except identity.KeyFileExists:
+        raise CLIError(
+            f"swarm key file {path} already exists; pass --force to replace it "
+            "(certificates issued with the old key stop working)"
+        ) from None
+    except identity.IdentityError as exc:
+        raise CLIError(str(exc)) from None
+    print(identity.swarm_id(identity.swarm_public_key(swarm_key)))
+    print(f"{PROG}: wrote a new swarm key to {path}; keep it secret: whoever holds it can admit nodes", file=sys.stderr)
+    return 0
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    """Issue a membership certificate for a peer: to ``--out`` if given, else to stdout."""
+    from hexgen.daemon import identity
+
+    valid_s = parse_duration(args.valid_for)
+    key_path = _user_path(args.swarm_key, identity.default_swarm_key_file)
+    try:
+        swarm_key = identity.load_swarm_key(key_path)
+        cert_bytes = identity.issue_certificate(swarm_key, args.peer_id, valid_s)
+        if args.out:
+            identity.write_certificate(Path(args.out).expanduser(), cert_bytes, force=args.force)
+    except identity.KeyFileExists as exc:
+        raise CLIError(f"certificate file {exc.path} already exists; pass --force to replace it") from None
+    except (identity.IdentityError, identity.CertificateError) as exc:
+        raise CLIError(str(exc)) from None
+    cert = identity.Certificate.from_bytes(cert_bytes)
+    if not args.out:
+        print(identity.certificate_text(cert_bytes), end="")
+    if cert.expires is None:
+        until = "with no expiry"
+    else:
+        until = "until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cert.expires))
+    where = f"; certificate written to {args.out}" if args.out else ""
+    print(f"{PROG}: admitted {cert.peer_id} to swarm {cert.swarm_id} {until}{where}", file=sys.stderr)
+    return 0
+
+
+def add_key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``keygen``, ``swarm-key`` and ``admit`` on the subcommand parser."""
+    keygen = sub.add_parser(
+        "keygen",
+        help="create this node's key file and print its peer id",
+        description="Create the node's Ed25519 key file (mode 0600) and print the peer id it gives the node.",
+    )
+    keygen.add_argument(
+        "--key-file",
+        metavar="PATH",
+        help="where to write the key (default: $XDG_DATA_HOME/hexgen/node.key, or ~/.local/share/hexgen/node.key)",
+    )
+    keygen.add_argument("--force", action="store_true", help="replace an existing key file (the peer id changes)")
+    keygen.set_defaults(func=cmd_keygen)
+
+    swarm_key = sub.add_parser(
+        "swarm-key",
+        help="create a private swarm's key and print the swarm id",
+        description="Create the Ed25519 key of a private swarm (mode 0600). Whoever holds it admits nodes "
+        "with 'hexgen-node admit'.",
+    )
+    swarm_key.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="where to write the key (default: $XDG_DATA_HOME/hexgen/swarm.key, or ~/.local/share/hexgen/swarm.key)",
+    )
+    swarm_key.add_argument("--force", action="store_true", help="replace an existing swarm key file")
+    swarm_key.set_defaults(func=cmd_swarm_key)
+
+    admit = sub.add_parser(
+        "admit",
+        help="issue a membership certificate for a peer of a private swarm",
+        description="Sign a membership certificate for PEER_ID with the swarm key. The node presents it with "
+        "'hexgen-node join --swarm-cert FILE'. The certificate goes to stdout unless --out names a file.",
+    )
+    admit.add_argument("peer_id", metavar="PEER_ID", help="the peer id that 'hexgen-node keygen' printed on that node")
+    admit.add_argument(
+        "--swarm-key",
+        metavar="FILE",
+        help="the swarm key (default: $XDG_DATA_HOME/hexgen/swarm.key, or ~/.local/share/hexgen/swarm.key)",
+    )
+    admit.add_argument(
+        "--valid-for",
+        default=DEFAULT_CERT_VALIDITY,
+        metavar="DURATION",
+        help=f"lifetime such as 12h, 30d or never (default: {DEFAULT_CERT_VALIDITY})",
+    )
+    admit.add_argument("-o", "--out", metavar="FILE", help="write the certificate to FILE instead of stdout")
+    admit.add_argument("--force", action="store_true", help="replace an existing --out file")
+    admit.set_defaults(func=cmd_admit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subparser per subcommand, each naming its handler in ``func``."""
     parser = argparse.ArgumentParser(prog=PROG, description="hexgen: LLM serving on heterogeneous GPUs (HexGen-2).")
@@ -123,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", type=int, default=0, metavar="N", help="seed for sampling and planning (default 0)")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     plan.set_defaults(func=cmd_plan)
+    add_key_commands(sub)
+    add_join_command(sub)
     return parser
 
 
@@ -136,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ClusterError, SpecError, WorkloadError) as exc:
+    except (CLIError, JoinError, ClusterError, SpecError, WorkloadError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -1,0 +1,87 @@
+"""``hexgen-node join``: flags, their validation, and the hand-off to the daemon process entry."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hexgen.coordinator.specs import resolve_model
+
+
+class JoinError(Exception):
+    """A join flag that cannot work; the message is the one-line reason."""
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise JoinError(f"--listen {value!r}: expected HOST:PORT, for example 0.0.0.0:4001 or 127.0.0.1:0")
+    return host, int(port)
+
+
+def _bootstrap(addr: str) -> str:
+    import multiaddr
+
+    try:
+        parsed = multiaddr.Multiaddr(addr)
+        parsed.value_for_protocol("p2p")
+    except Exception:
+        raise JoinError(f"--bootstrap {addr!r}: expected a multiaddr ending in /p2p/PEER_ID") from None
+    return addr
+
+
+def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    join = sub.add_parser(
+        "join",
+        help="run this host's daemon and join the swarm",
+        description="Start the hexgen daemon: advertise this host's GPUs, find peers, take part in the "
+        "coordinator election and follow the swarm's plan. Stops cleanly on SIGINT or SIGTERM.",
+    )
+    join.add_argument("--bootstrap", action="append", default=[], metavar="ADDR", help="a peer's multiaddr (repeat)")
+    join.add_argument(
+        "--listen", default="0.0.0.0:4001", metavar="HOST:PORT", help="listen address (default 0.0.0.0:4001)"
+    )
+    join.add_argument(
+        "--model", default="llama-2-7b", metavar="NAME|PATH", help="model to plan for (default llama-2-7b)"
+    )
+    join.add_argument("--key-file", metavar="PATH", help="node key (default: $XDG_DATA_HOME/hexgen/node.key)")
+    join.add_argument("--swarm-cert", metavar="FILE", help="membership certificate of a private swarm")
+    join.add_argument("--simulate-gpu", metavar="TYPE[xN]", help="advertise simulated GPUs, e.g. H100x2")
+    join.add_argument("--host-name", default="", metavar="NAME", help="name shown to peers (default: hostname)")
+    join.add_argument("--peer-timeout", type=float, default=6.0, metavar="S", help="drop silent peers after S seconds")
+    join.add_argument("--no-calibrate", action="store_true", help="skip the GPU calibration at start-up")
+    join.set_defaults(func=cmd_join)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from hexgen.daemon.hardware import HardwareError, parse_simulate_gpu
+    from hexgen.daemon.host import HostConfig
+    from hexgen.daemon.identity import CertificateError, IdentityError, default_key_file
+    from hexgen.daemon.node import NodeConfig
+    from hexgen.daemon.run import JoinOptions, join
+
+    try:
+        host, port = _listen(args.listen)
+        bootstrap = tuple(_bootstrap(a) for a in args.bootstrap)
+        resolve_model(args.model)
+        if args.simulate_gpu:
+            parse_simulate_gpu(args.simulate_gpu)
+        if not args.peer_timeout > 0:
+            raise JoinError("--peer-timeout must be positive")
+        node = NodeConfig(
+            model=args.model,
+            host=HostConfig(listen_host=host, port=port),
+            bootstrap=bootstrap,
+            host_name=args.host_name,
+            peer_timeout_s=args.peer_timeout,
+        )
+        options = JoinOptions(
+            key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),
+            node=node,
+            simulate_gpu=args.simulate_gpu,
+            swarm_cert=Path(args.swarm_cert).expanduser() if args.swarm_cert else None,
+            calibrate=not args.no_calibrate,
+        )
+        return join(options)
+    except (HardwareError, IdentityError, CertificateError) as exc:
+        raise JoinError(str(exc)) from None

@@ -1,0 +1,156 @@
+"""The libp2p host of a daemon: Noise-only security, yamux, one connection per peer, GossipSub.
+
+Works around the py-libp2p 0.8.1 pitfalls measured in ../shared/notes/libp2p.md: pubsub services start
+before any dial (start-up hang), ``max_connections_per_peer=1`` (250 ms dial delay), Noise only
+(plaintext is otherwise accepted), a 1 s gossip heartbeat with spam protection off (silent drops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+GOSSIP_PROTOCOL = TProtocol("/meshsub/1.1.0")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    health_check_s: float = 1.0
+
+
+class _ConnectionEvents(INotifee):
+    """Forwards connect/disconnect notifications into trio channels (never blocks the swarm)."""
+
+    def __init__(self, on_connect: trio.MemorySendChannel, on_disconnect: trio.MemorySendChannel) -> None:
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self.on_connect.send_nowait(str(conn.muxed_conn.peer_id))
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self.on_disconnect.send_nowait(str(conn.muxed_conn.peer_id))
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+
+@dataclass
+class Host:
+    """A running libp2p host with its pubsub; ``connects``/``disconnects`` stream peer ids."""
+
+    libp2p: IHost
+    pubsub: Pubsub
+    connects: trio.MemoryReceiveChannel
+    disconnects: trio.MemoryReceiveChannel
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.libp2p.get_id())
+
+    @property
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self.libp2p.get_addrs()]
+
+    def connected_peers(self) -> set[str]:
+        return {str(p) for p in self.libp2p.get_network().connections}
+
+    async def connect(self, addr: str) -> str:
+        """Dial a ``/ip4/.../tcp/.../p2p/ID`` multiaddr; returns the peer id."""
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        await self.libp2p.connect(info)
+        return str(info.peer_id)
+
+    async def connect_peer(self, peer_id: str, addrs: list[str]) -> None:
+        info = PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in addrs])
+        await self.libp2p.connect(info)
+
+    async def open_stream(self, peer_id: str, protocol: TProtocol) -> INetStream:
+        return await self.libp2p.new_stream(ID.from_base58(peer_id), [protocol])
+
+    def handle(self, protocol: TProtocol, handler: Callable[[INetStream], Awaitable[None]]) -> None:
+        self.libp2p.set_stream_handler(protocol, handler)
+
+    async def disconnect(self, peer_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.libp2p.disconnect(ID.from_base58(peer_id))
+
+
+def new_identity() -> KeyPair:
+    return create_ed25519_pair()
+
+
+@contextlib.asynccontextmanager
+async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
+    """Start a host listening on ``config``'s address with pubsub ready; stops it on exit."""
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_pair().private_key)
+    connection_config = ConnectionConfig(
+        max_connections_per_peer=1,
+        enable_health_monitoring=True,
+        health_initial_delay=config.health_check_s,
+        health_check_interval=config.health_check_s,
+        ping_timeout=config.health_check_s,
+    )
+    listen = [multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")]
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        listen_addrs=listen,
+        connection_config=connection_config,
+    )
+    gossipsub = GossipSub(
+        protocols=[GOSSIP_PROTOCOL],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=1,
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    send_connect, recv_connect = trio.open_memory_channel[str](1024)
+    send_disconnect, recv_disconnect = trio.open_memory_channel[str](1024)
+    host.get_network().register_notifee(_ConnectionEvents(send_connect, send_disconnect))
+    async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(gossipsub):
+        await pubsub.wait_until_ready()
+        yield Host(host, pubsub, recv_connect, recv_disconnect)
+
+
+def noise_only(host: Host) -> Any:
+    return host.libp2p.get_network()

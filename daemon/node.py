@@ -1,0 +1,482 @@
+"""The daemon: one trio process per host that joins the swarm, keeps the peer table, takes part in the
+election and, while it holds the lease, plans for the swarm and publishes signed plans.
+
+Tasks (all in one nursery): the gossip reader, the advert announcer, the connector that keeps a link to
+every known peer, the disconnect watcher, the election ticker, the planner (coordinator only) and the
+``/hexgen/status/1`` handler. Control messages travel as msgpack lists of signed envelopes on one
+GossipSub topic; every message is re-sent periodically because gossip may drop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from hexgen.coordinator import planner
+from hexgen.coordinator.evaluate import PlanError
+from hexgen.coordinator.plan import Plan
+from hexgen.coordinator.specs import ModelSpec, resolve_model
+from hexgen.coordinator.workload import synthetic
+from hexgen.daemon.cluster_view import PeerHardware, build_cluster_from_peers
+from hexgen.daemon.election import Election, Lease, LeaseRejected
+from hexgen.daemon.envelope import Envelope, EnvelopeRejected, ReplayGuard, from_wire, seal, to_wire, verify
+from hexgen.daemon.hardware import HardwareError, HardwareProfile
+from hexgen.daemon.host import Host, HostConfig, open_host
+from hexgen.daemon.identity import Certificate, CertificateError, verify_certificate
+from hexgen.daemon.membership import PeerTable
+from hexgen.daemon.wire import FrameError, FrameReader, write_frame
+
+log = logging.getLogger("hexgen.daemon")
+
+STATUS_PROTOCOL = TProtocol("/hexgen/status/1")
+CONTROL_TOPIC = "hexgen/control/1"
+MAX_GOSSIP_BYTES = 256 << 10
+RPC_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model: str = "llama-2-7b"
+    host: HostConfig = field(default_factory=HostConfig)
+    bootstrap: tuple[str, ...] = ()
+    host_name: str = ""
+    advert_interval_s: float = 1.0
+    peer_timeout_s: float = 6.0
+    lease_ttl_s: float = 3.0
+    plan_debounce_s: float = 0.3
+    tick_s: float = 0.2
+    # A node that dialled bootstrap peers listens this long for a live lease before claiming one itself.
+    startup_grace_s: float = 2.0
+
+
+@dataclass
+class AdoptedPlan:
+    term: int
+    epoch: int
+    coordinator: str
+    members: list[str]
+    body: dict[str, Any]
+
+
+class Node:
+    """The swarm-facing state of one daemon; ``run`` drives it until cancelled or ``leave`` is called."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        key_pair: Any,
+        hardware: HardwareProfile,
+        certificate: Certificate | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.key_pair = key_pair
+        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self.hardware = hardware
+        self.certificate = certificate
+        self.clock = clock
+        self.model: ModelSpec = resolve_model(config.model)
+        self.host_name = config.host_name or f"{socket.gethostname()}-{self.peer_id[-6:]}"
+        self.table = PeerTable(self.peer_id, config.peer_timeout_s)
+        self.election = Election(self.peer_id)
+        self.replay = ReplayGuard(window_s=60.0, max_entries=100_000)
+        self.rejections: Counter[str] = Counter()
+        self.plan: AdoptedPlan | None = None
+        self.topic = CONTROL_TOPIC + (f"/{certificate.swarm_id}" if certificate else "")
+        self.host: Host | None = None
+        self._changed = trio.Event()
+        self._published: tuple[Envelope, Envelope] | None = None
+        self._planned_for: tuple[int, int] = (-1, -1)
+        self._previous: tuple[Plan, Any] | None = None
+        self._leaving = False
+        self._claim_after = float("inf")
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_host(self.key_pair, self.config.host) as host:
+            self.host = host
+            self._claim_after = self.clock() + (self.config.startup_grace_s if self.config.bootstrap else 0.0)
+            host.handle(STATUS_PROTOCOL, self._serve_status)
+            subscription = await host.pubsub.subscribe(self.topic)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_gossip, subscription)
+                nursery.start_soon(self._watch_disconnects)
+                for addr in self.config.bootstrap:
+                    nursery.start_soon(self._dial, addr)
+                nursery.start_soon(self._announce)
+                nursery.start_soon(self._keep_connected)
+                nursery.start_soon(self._tick)
+                nursery.start_soon(self._coordinate)
+                task_status.started(self)
+
+    async def leave(self) -> None:
+        """Tell the swarm this node is leaving, then drop every connection (peers see it at once)."""
+        self._leaving = True
+        if self.host is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._publish([seal("leave", {}, self.key_pair, 10.0)])
+        with trio.move_on_after(0.3):
+            await trio.sleep(0.2)  # let the gossip frame leave the socket before closing it
+        for peer in list(self.host.connected_peers()):
+            await self.host.disconnect(peer)
+
+    def _poke(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._changed.wait()
+
+    async def _dial(self, addr: str) -> None:
+        assert self.host is not None
+        for delay in (0.0, 0.2, 0.5, 1.0, 2.0):
+            await trio.sleep(delay)
+            try:
+                await self.host.connect(addr)
+                return
+            except Exception as exc:
+                last = exc
+        log.warning("bootstrap %s unreachable: %s", addr, last)
+
+    async def _publish(self, envelopes: list[Envelope]) -> None:
+        assert self.host is not None
+        data = msgpack.packb([to_wire(e) for e in envelopes], use_bin_type=True)
+        await self.host.pubsub.publish(self.topic, data)
+
+    # ----------------------------------------------------------------- gossip
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.rejections[reason] += 1
+        log.warning("rejected: %s (%s)", message, reason)
+
+    async def _read_gossip(self, subscription: Any) -> None:
+        while True:
+            msg = await subscription.get()
+            sender = ID(msg.from_id).to_base58()
+            if sender == self.peer_id:
+                continue
+            self.handle_gossip(sender, msg.data)
+
+    def handle_gossip(self, sender: str, data: bytes) -> None:
+        """Verify and apply one gossip message (a list of envelopes); bad parts are rejected and counted."""
+        if len(data) > MAX_GOSSIP_BYTES:
+            self._reject("oversized", f"gossip from {sender} of {len(data)} bytes")
+            return
+        try:
+            items = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception:
+            self._reject("malformed", f"gossip from {sender} is not msgpack")
+            return
+        if not isinstance(items, list) or len(items) > 8:
+            self._reject("malformed", f"gossip from {sender} is not a short list of envelopes")
+            return
+        now = self.clock()
+        for item in items:
+            try:
+                env = verify(
+                    from_wire(item),
+                    kind={"advert", "lease", "plan", "leave"},
+                    now=now,
+                    sender=sender,
+                    replay=self.replay,
+                )
+                self._apply(env, now)
+            except EnvelopeRejected as exc:
+                self._reject(exc.reason, f"{exc} (from {sender})")
+            except LeaseRejected as exc:
+                self._reject(exc.reason, f"{exc} (from {sender})")
+            except (KeyError, TypeError, ValueError, HardwareError, CertificateError) as exc:
+                self._reject("malformed", f"{type(exc).__name__}: {exc} (from {sender})")
+
+    def _is_member(self, peer_id: str) -> bool:
+        return peer_id == self.peer_id or peer_id in self.table.peers
+
+    def _apply(self, env: Envelope, now: float) -> None:
+        if env.kind == "advert":
+            self._apply_advert(env, now)
+        elif not self._is_member(env.signer):
+            self._reject("not-member", f"{env.kind} from {env.signer}, which is not a live member")
+        elif env.kind == "leave":
+            if self.table.drop(env.signer, now):
+                log.info("peer %s left", env.signer)
+                self._peer_gone(env.signer)
+        elif env.kind == "lease":
+            self._apply_lease(env, now)
+        elif env.kind == "plan":
+            self._apply_plan(env)
+
+    def _apply_advert(self, env: Envelope, now: float) -> None:
+        body = env.body
+        if not isinstance(body, dict) or not isinstance(body.get("addrs"), list) or len(body["addrs"]) > 16:
+            raise ValueError("advert body needs a short list of addrs")
+        HardwareProfile.from_dict(body["hardware"])
+        if self.certificate is not None:
+            cert = body.get("cert")
+            if not isinstance(cert, bytes):
+                self._reject("not-member", f"advert of {env.signer} carries no swarm certificate")
+                return
+            try:
+                verify_certificate(cert, self.certificate.swarm_public_key, env.signer, now)
+            except CertificateError as exc:
+                self._reject("not-member", f"advert of {env.signer}: {exc}")
+                return
+        if self.table.apply_advert(env.signer, body, env.issued, now):
+            log.info("peer %s joined (%s)", env.signer, body.get("host"))
+            self._poke()
+
+    def _apply_lease(self, env: Envelope, now: float) -> None:
+        body = env.body
+        if not isinstance(body, dict) or body.get("holder") != env.signer or not isinstance(body.get("term"), int):
+            raise ValueError("lease body must name its signer as holder and carry an integer term")
+        lease = Lease(env.signer, body["term"], env.expires)
+        was_coordinator = self.election.coordinator == self.peer_id
+        if self.election.accept(lease, self.table.live_ids(), now):
+            log.info("coordinator is %s (term %d)", lease.holder, lease.term)
+            if was_coordinator:
+                self._published = None
+            self._poke()
+
+    def _apply_plan(self, env: Envelope) -> None:
+        body = env.body
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("term"), int)
+            or not isinstance(body.get("epoch"), int)
+        ):
+            raise ValueError("plan body needs integer term and epoch")
+        if env.signer != self.election.coordinator:
+            self._reject(
+                "not-coordinator", f"plan from {env.signer}, but the coordinator is {self.election.coordinator}"
+            )
+            return
+        if body["term"] != self.election.term:
+            self._reject("stale-term", f"plan for term {body['term']} while the term is {self.election.term}")
+            return
+        if self.plan is not None and body["epoch"] <= self.plan.epoch:
+            return  # a re-announcement of a plan we have
+        members = body.get("members")
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ValueError("plan members must be a list of peer ids")
+        self.plan = AdoptedPlan(body["term"], body["epoch"], env.signer, members, body)
+        log.info("adopted plan epoch %d of term %d (%d members)", body["epoch"], body["term"], len(members))
+        self._poke()
+
+    # ----------------------------------------------------------------- membership
+
+    def advert_body(self) -> dict[str, Any]:
+        assert self.host is not None
+        body: dict[str, Any] = {
+            "addrs": self.host.addrs,
+            "hardware": self.hardware.to_dict(),
+            "host": self.host_name,
+            "model": self.config.model,
+            "load": {},
+        }
+        if self.certificate is not None:
+            body["cert"] = self.certificate.to_bytes()
+        return body
+
+    async def _announce(self) -> None:
+        while not self._leaving:
+            advert = seal("advert", self.advert_body(), self.key_pair, self.config.peer_timeout_s)
+            outgoing = [advert]
+            if self._published is not None and self.election.is_coordinator(self.clock()):
+                plan_body = self._published[1].body
+                lease = seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s)
+                outgoing += [lease, seal("plan", plan_body, self.key_pair, 3600.0)]
+            with contextlib.suppress(Exception):
+                await self._publish(outgoing)
+            await trio.sleep(self.config.advert_interval_s)
+
+    async def _keep_connected(self) -> None:
+        assert self.host is not None
+        while True:
+            connected = self.host.connected_peers()
+            for record in list(self.table.peers.values()):
+                if record.peer_id not in connected and not self._leaving:
+                    with contextlib.suppress(Exception), trio.move_on_after(2.0):
+                        await self.host.connect_peer(record.peer_id, record.addrs)
+            await self._wait_change(1.0)
+
+    async def _watch_disconnects(self) -> None:
+        assert self.host is not None
+        async for peer_id in self.host.disconnects:
+            if peer_id in self.host.connected_peers():
+                continue
+            if self.table.drop(peer_id, self.clock()):
+                log.info("peer %s disconnected", peer_id)
+                self._peer_gone(peer_id)
+
+    def _peer_gone(self, peer_id: str) -> None:
+        self.election.forget_holder(peer_id)
+        self._poke()
+
+    # ----------------------------------------------------------------- election and planning
+
+    async def _tick(self) -> None:
+        while True:
+            now = self.clock()
+            for peer_id in self.table.expire(now):
+                log.info("peer %s timed out", peer_id)
+                self._peer_gone(peer_id)
+            live = self.table.live_ids()
+            if not self._leaving and now >= self._claim_after and self.election.should_claim(live, now):
+                lease = self.election.claim(now, self.config.lease_ttl_s)
+                log.info("claiming coordinator lease for term %d", lease.term)
+                self._poke()
+            elif self.election.is_coordinator(now):
+                self.election.claim(now, self.config.lease_ttl_s)
+            await self._wait_change(self.config.tick_s)
+
+    async def _coordinate(self) -> None:
+        while True:
+            now = self.clock()
+            if self.election.is_coordinator(now) and not self._leaving:
+                key = (self.election.term, self.table.version)
+                if key != self._planned_for:
+                    await trio.sleep(self.config.plan_debounce_s)
+                    key = (self.election.term, self.table.version)
+                    await self._plan_and_publish()
+                    self._planned_for = key
+            await self._wait_change(self.config.tick_s)
+
+    def _peer_hardware(self) -> list[PeerHardware]:
+        peers = [PeerHardware(self.peer_id, self.host_name, self.hardware)]
+        for record in self.table.peers.values():
+            peers.append(PeerHardware(record.peer_id, record.host_name, HardwareProfile.from_dict(record.hardware)))
+        return peers
+
+    async def _plan_and_publish(self) -> None:
+        members = self.table.live_ids()
+        peers = self._peer_hardware()
+        previous = self._previous
+        body = await trio.to_thread.run_sync(self._compute_plan, peers, previous)
+        epoch = (self.plan.epoch if self.plan else 0) + 1
+        body |= {"term": self.election.term, "epoch": epoch, "members": members}
+        lease = seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s)
+        plan = seal("plan", body, self.key_pair, 3600.0)
+        self._published = (lease, plan)
+        self.plan = AdoptedPlan(self.election.term, epoch, self.peer_id, members, body)
+        log.info("published plan epoch %d of term %d (%d members)", epoch, self.election.term, len(members))
+        with contextlib.suppress(Exception):
+            await self._publish([lease, plan])
+        self._poke()
+
+    def _compute_plan(self, peers: list[PeerHardware], previous: tuple[Plan, Any] | None) -> dict[str, Any]:
+        """The planner's result as a plan body; runs in a worker thread."""
+        workload = synthetic("default", min(512, self.model.max_context // 2), 128, count=64)
+        try:
+            cluster, gpu_map = build_cluster_from_peers(peers, [])
+        except Exception as exc:
+            return {"plan": None, "error": f"cannot build the cluster: {exc}", "gpus": {}}
+        try:
+            if previous is not None:
+                result = planner.replan(previous[0], previous[1], cluster, self.model, workload)
+            else:
+                result = planner.plan(cluster, self.model, workload)
+        except (PlanError, ValueError) as exc:
+            self._previous = None
+            return {"plan": None, "error": str(exc), "gpus": {str(k): list(v) for k, v in gpu_map.items()}}
+        self._previous = (result, cluster)
+        return {
+            "plan": result.to_dict(),
+            "error": None,
+            "throughput": result.throughput if math.isfinite(result.throughput) else 0.0,
+            "gpus": {str(k): list(v) for k, v in gpu_map.items()},
+        }
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "peer_id": self.peer_id,
+            "addrs": self.host.addrs if self.host else [],
+            "host": self.host_name,
+            "hardware": self.hardware.to_dict(),
+            "swarm": self.certificate.swarm_id if self.certificate else "open",
+            "coordinator": self.election.coordinator,
+            "term": self.election.term,
+            "is_coordinator": self.election.is_coordinator(now),
+            "members": self.table.live_ids(),
+            "peers": [
+                {
+                    "peer_id": r.peer_id,
+                    "host": r.host_name,
+                    "addrs": r.addrs,
+                    "hardware": r.hardware,
+                    "last_seen_s": round(now - r.last_seen, 3),
+                }
+                for r in sorted(self.table.peers.values(), key=lambda r: r.peer_id)
+            ],
+            "plan": None
+            if self.plan is None
+            else {
+                "term": self.plan.term,
+                "epoch": self.plan.epoch,
+                "coordinator": self.plan.coordinator,
+                "members": self.plan.members,
+                "body": self.plan.body,
+            },
+            "rejections": dict(self.rejections),
+        }
+
+    async def _serve_status(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        reader = FrameReader(stream)
+        try:
+            with trio.fail_after(RPC_TIMEOUT_S):
+                request = await reader.read()
+                if not isinstance(request, dict):
+                    await write_frame(stream, {"error": "a status request is a map"})
+                elif self.certificate is not None and not self._is_member(peer) and not request.get("cert_ok"):
+                    self._reject("not-member", f"status request from non-member {peer}")
+                    await write_frame(stream, {"error": "not a member of this swarm"})
+                else:
+                    await write_frame(stream, self.status())
+        except FrameError as exc:
+            self._reject("malformed", f"status request from {peer}: {exc}")
+            with contextlib.suppress(Exception):
+                await write_frame(stream, {"error": str(exc)})
+        except (trio.TooSlowError, Exception) as exc:
+            log.debug("status stream from %s ended: %s", peer, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+
+async def query_status(host: Host, peer_id: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ask a daemon (already connected or dialable) for its status."""
+    stream = await host.open_stream(peer_id, STATUS_PROTOCOL)
+    try:
+        await write_frame(stream, request or {})
+        reply = await FrameReader(stream).read()
+    finally:
+        with contextlib.suppress(Exception):
+            await stream.close()
+    if not isinstance(reply, dict):
+        raise FrameError("status reply is not a map")
+    return reply
+
+
+def default_key_file() -> Path:
+    from hexgen.daemon.identity import default_data_dir
+
+    return default_data_dir() / "node.key"
