@@ -3,6 +3,10 @@
 Pure state; the daemon feeds it verified lease envelopes and the live member list. A node claims the
 next term when it is the candidate (the smallest live peer id) and no live holder has an unexpired lease.
 A holder keeps its lease while it lives, even if a smaller id joins later: stability beats churn.
+A higher term is accepted from the candidate, from an id smaller than the current holder's, or once
+the current holder is gone, so a live member cannot take over by inventing a term. A holder that sees
+such a refused rival claims a term above it, which also settles two holders meeting after a partition
+(the smaller id ends up with the highest term).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def candidate(live_ids: list[str]) -> str:
 class Election:
     self_id: str
     lease: Lease | None = None
+    rival_term: int = 0
 
     @property
     def term(self) -> int:
@@ -62,6 +67,18 @@ class Election:
             same_term_rival = lease.term == current.term and lease.holder != current.holder
             if same_term_rival and lease.holder > current.holder and current.expires >= now:
                 raise LeaseRejected("conflicting-holder", f"term {lease.term} is already held by {current.holder}")
+            if lease.term > current.term and lease.holder != current.holder:
+                legitimate = (
+                    lease.holder == candidate(live_ids)
+                    or lease.holder < current.holder
+                    or self.holder_gone(live_ids, now)
+                )
+                if not legitimate:
+                    self.rival_term = max(self.rival_term, lease.term)
+                    raise LeaseRejected(
+                        "not-candidate",
+                        f"{lease.holder} claims term {lease.term} while {current.holder} holds term {current.term}",
+                    )
         changed = current is None or current.holder != lease.holder or current.term != lease.term
         self.lease = lease
         return changed
@@ -70,14 +87,21 @@ class Election:
         return self.lease is None or self.lease.expires < now or self.lease.holder not in live_ids
 
     def should_claim(self, live_ids: list[str], now: float) -> bool:
+        if self.is_coordinator(now) and self.rival_term >= self.term:
+            return True
         return candidate(live_ids) == self.self_id and self.holder_gone(live_ids, now)
 
     def claim(self, now: float, ttl_s: float) -> Lease:
         """This node's lease for the next term (or a renewal of its current one)."""
-        if self.lease is not None and self.lease.holder == self.self_id and self.lease.expires >= now:
-            term = self.lease.term
-        else:
-            term = self.term + 1
+        term = self.term
+        if (
+            self.lease is None
+            or self.lease.holder != self.self_id
+            or self.lease.expires < now
+            or self.rival_term >= term
+        ):
+            term = max(self.term, self.rival_term) + 1
+        self.rival_term = 0
         self.lease = Lease(self.self_id, term, now + ttl_s)
         return self.lease
 

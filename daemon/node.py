@@ -261,13 +261,12 @@ class Node:
             or not isinstance(body.get("epoch"), int)
         ):
             raise ValueError("plan body needs integer term and epoch")
-        if env.signer != self.election.coordinator:
-            self._reject(
-                "not-coordinator", f"plan from {env.signer}, but the coordinator is {self.election.coordinator}"
-            )
-            return
-        if body["term"] != self.election.term:
+        if body["term"] < self.election.term:
             self._reject("stale-term", f"plan for term {body['term']} while the term is {self.election.term}")
+            return
+        if env.signer != self.election.coordinator or body["term"] != self.election.term:
+            coordinator = self.election.coordinator
+            self._reject("not-coordinator", f"plan from {env.signer}, but the coordinator is {coordinator}")
             return
         if self.plan is not None and body["epoch"] <= self.plan.epoch:
             return  # a re-announcement of a plan we have
@@ -438,6 +437,18 @@ class Node:
             "rejections": dict(self.rejections),
         }
 
+    def _may_ask(self, peer: str, cert: Any) -> bool:
+        """In a private swarm only members (or a client presenting its own certificate) get answers."""
+        if self.certificate is None or self._is_member(peer):
+            return True
+        if isinstance(cert, bytes):
+            try:
+                verify_certificate(cert, self.certificate.swarm_public_key, peer, self.clock())
+                return True
+            except CertificateError:
+                pass
+        return False
+
     async def _serve_status(self, stream: INetStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
         reader = FrameReader(stream)
@@ -446,7 +457,7 @@ class Node:
                 request = await reader.read()
                 if not isinstance(request, dict):
                     await write_frame(stream, {"error": "a status request is a map"})
-                elif self.certificate is not None and not self._is_member(peer) and not request.get("cert_ok"):
+                elif not self._may_ask(peer, request.get("cert")):
                     self._reject("not-member", f"status request from non-member {peer}")
                     await write_frame(stream, {"error": "not a member of this swarm"})
                 else:

@@ -110,7 +110,9 @@ def _read_ready(proc: subprocess.Popen, timeout: float) -> dict[str, Any] | None
     return event if event.get("event") == "ready" else None
 
 
-async def statuses(client: Host, daemons: list[Daemon]) -> dict[str, dict[str, Any] | None]:
+async def statuses(
+    client: Host, daemons: list[Daemon], request: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any] | None]:
     """Each daemon's status (None where it did not answer), asked in parallel."""
     out: dict[str, dict[str, Any] | None] = {}
 
@@ -119,7 +121,7 @@ async def statuses(client: Host, daemons: list[Daemon]) -> dict[str, dict[str, A
             with trio.fail_after(3.0):
                 if d.peer_id not in client.connected_peers():
                     await client.connect(d.addr)
-                out[d.peer_id] = await query_status(client, d.peer_id)
+                out[d.peer_id] = await query_status(client, d.peer_id, request)
         except Exception:
             out[d.peer_id] = None
 
@@ -135,13 +137,14 @@ async def wait_until(
     condition: Callable[[dict[str, dict[str, Any] | None]], bool],
     timeout: float,
     what: str,
+    request: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any] | None], float]:
     """Poll every daemon's status until ``condition`` holds; returns the statuses and the seconds it took."""
     start = time.monotonic()
     last: dict[str, dict[str, Any] | None] = {}
     with trio.move_on_after(timeout):
         while True:
-            last = await statuses(client, daemons)
+            last = await statuses(client, daemons, request)
             if condition(last):
                 return last, time.monotonic() - start
             await trio.sleep(0.1)
@@ -162,8 +165,8 @@ def _brief(status: dict[str, Any] | None) -> Any:
     }
 
 
-def open_client() -> Any:
-    return open_host(new_identity())
+def open_client(key_pair: Any = None) -> Any:
+    return open_host(key_pair or new_identity())
 
 
 Check = Callable[[dict[str, dict[str, Any] | None]], bool]

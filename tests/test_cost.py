@@ -73,10 +73,31 @@ def test_decode_step_one_gpu_by_hand() -> None:
 
 def test_prefill_tp2_pays_two_allreduces_per_layer() -> None:
     cost = CostModel(build_cluster([HostSpec("h", "H100", 2)]), LLAMA_7B, STATS)
-    c = cost.prefill_stage(stage_hardware(cost.cluster, [0, 1]), True, True, None)
+    hw = stage_hardware(cost.cluster, [0, 1])
+    c = cost.prefill_stage(hw, True, True, None, per_request=1.0)
     # compute halves: 7.591550e-4 / 2 = 3.795775e-4; the activation 1000*4096*2 = 8,192,000 B is
     # all-reduced twice: 2 * (2*1*10e-6 + 2/2 * 8,192,000 / 450e9) = 2 * 3.820444e-5.
     assert c.per_layer == pytest.approx(4.559864e-4, rel=1e-6)
+    # By default a request's share of a 2048-token batch (2.048 mean requests): the all-reduce
+    # latency 2 * 2e-5 is paid once a batch, the bytes and the compute once a request.
+    assert cost.prefill_batch_requests() == pytest.approx(2.048)
+    shared = cost.prefill_stage(hw, True, True, None)
+    assert shared.per_layer == pytest.approx(3.795775e-4 + 2 * (2e-5 / 2.048 + 1.820444e-5), rel=1e-6)
+
+
+def test_length_stats_count_decode_iterations_and_the_context_they_attend() -> None:
+    from hexgen.coordinator.workload import Request, Workload
+
+    workload = Workload("w", (Request(0.0, 100, 1), Request(0.0, 200, 11), Request(0.0, 50, 3)))
+    stats = LengthStats.of(workload)
+    # prefill makes the first token: 0 + 10 + 2 decode iterations over 3 requests
+    assert stats.decode_steps == pytest.approx(4.0)
+    # iteration k of a request attends over p + k tokens: (10*200 + 55) + (2*50 + 3) over 12 iterations,
+    # above the p + o/2 = 116.7 + 2.5 of the means, because the long output holds its slot longest
+    assert stats.context == pytest.approx(2158 / 12)
+    # given only the means, the stats are those of identical requests
+    assert LengthStats(100.0, 1e4, 11.0).decode_steps == 10.0
+    assert LengthStats(100.0, 1e4, 11.0).context == 105.5
 
 
 def test_allreduce_time_intra_and_cross_host() -> None:

@@ -103,3 +103,46 @@ def test_peer_table_expiry():
     t.apply_advert("q", ADVERT, issued=0.0, now=4.0)
     assert t.expire(now=6.0) == ["p"]
     assert t.live_ids() == ["q", "self"]
+
+
+def test_live_member_cannot_take_over_with_a_higher_term():
+    e = Election("c")
+    e.accept(Lease("b", 2, 10.0), ["b", "c", "z"], now=0.0)
+    with pytest.raises(LeaseRejected) as info:
+        e.accept(Lease("z", 9, 10.0), ["b", "c", "z"], now=0.0)
+    assert info.value.reason == "not-candidate"
+    assert e.coordinator == "b" and e.term == 2
+
+
+def test_smaller_id_or_candidate_may_raise_the_term():
+    e = Election("c")
+    e.accept(Lease("b", 2, 10.0), ["a", "b", "c"], now=0.0)
+    assert e.accept(Lease("a", 3, 10.0), ["a", "b", "c"], now=0.0)
+    assert e.coordinator == "a"
+
+
+def test_holder_answers_a_refused_rival_by_raising_its_term():
+    holder = Election("b")
+    holder.lease = Lease("b", 2, 10.0)
+    live = ["a", "b", "z"]
+    with pytest.raises(LeaseRejected):
+        holder.accept(Lease("z", 7, 10.0), live, now=1.0)
+    assert holder.should_claim(live, now=1.0)
+    assert holder.claim(1.0, 3.0) == Lease("b", 8, 4.0)
+    assert not holder.should_claim(live, now=1.5)
+
+
+def test_partition_merge_settles_on_the_smaller_holder():
+    # Two holders meet: "b" at term 3 and "m" at term 5, neither the candidate "a".
+    b, m, follower = Election("b"), Election("m"), Election("x")
+    b.lease, m.lease = Lease("b", 3, 10.0), Lease("m", 5, 10.0)
+    follower.accept(Lease("m", 5, 10.0), ["a", "b", "m", "x"], now=0.0)
+    live = ["a", "b", "m", "x"]
+    with pytest.raises(LeaseRejected):
+        follower.accept(Lease("b", 3, 10.0), live, now=1.0)
+    with pytest.raises(LeaseRejected):
+        b.accept(Lease("m", 5, 10.0), live, now=1.0)
+    raised = b.claim(1.0, 3.0)
+    assert raised.term == 6
+    assert m.accept(raised, live, now=1.0) and follower.accept(raised, live, now=1.0)
+    assert b.coordinator == m.coordinator == follower.coordinator == "b"

@@ -1,0 +1,239 @@
+"""Hostile input against real daemons: forged and stale envelopes, non-members of a private swarm, and
+malformed bytes on every protocol. Each is rejected with a reason and leaves the swarm as it was."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import msgpack
+import pytest
+import trio
+from daemon_harness import Swarm, open_client, statuses, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_daemon_swarm import converged
+
+from hexgen.daemon.envelope import seal, to_wire
+from hexgen.daemon.hardware import HardwareProfile
+from hexgen.daemon.host import new_identity, open_host
+from hexgen.daemon.identity import peer_id_of
+from hexgen.daemon.node import CONTROL_TOPIC, STATUS_PROTOCOL, query_status
+from hexgen.daemon.wire import encode_frame
+
+pytestmark = pytest.mark.trio
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    s = Swarm(tmp_path)
+    yield s
+    s.close()
+
+
+def _identity_above(peer_ids: list[str]):
+    """A key whose peer id sorts after every daemon's, so it never wins the election legitimately."""
+    while True:
+        key = new_identity()
+        if peer_id_of(key) > max(peer_ids):
+            return key
+
+
+def _state(statuses) -> set[tuple]:
+    return {
+        (s["coordinator"], s["term"], s["plan"]["epoch"], tuple(sorted(s["plan"]["members"])))
+        for s in statuses.values()
+    }
+
+
+async def _publish_until_rejected(
+    host, client, daemons, make_envelopes, reason: str, timeout: float = 15.0, topic: str = CONTROL_TOPIC, request=None
+) -> None:
+    """Publish freshly sealed envelopes until every daemon counted one more rejection for ``reason``."""
+    first = await statuses(client, daemons, request)
+    before = {pid: (s or {}).get("rejections", {}).get(reason, 0) for pid, s in first.items()}
+    with trio.fail_after(timeout):
+        while True:
+            data = msgpack.packb([to_wire(e) for e in make_envelopes()], use_bin_type=True)
+            await host.pubsub.publish(topic, data)
+            await trio.sleep(0.3)
+            now = await statuses(client, daemons, request)
+            if all(s and s["rejections"].get(reason, 0) > before[pid] for pid, s in now.items()):
+                return
+
+
+async def test_forged_and_stale_messages_are_rejected(swarm):
+    daemons = swarm.start_many(3, gpus=["A100", "A100", "H100"])
+    key = _identity_above([d.peer_id for d in daemons])
+    attacker_id = peer_id_of(key)
+    ids = {d.peer_id for d in daemons} | {attacker_id}
+    no_gpus = HardwareProfile(gpus=(), cpu_count=1, memory_gb=1.0).to_dict()
+    async with open_client() as client, open_host(key) as attacker, trio.open_nursery() as nursery:
+        subscription = await attacker.pubsub.subscribe(CONTROL_TOPIC)
+        for d in daemons:
+            await attacker.connect(d.addr)
+
+        async def announce() -> None:
+            while True:
+                advert = seal("advert", {"addrs": attacker.addrs, "hardware": no_gpus, "host": "attacker"}, key, 6.0)
+                await attacker.pubsub.publish(CONTROL_TOPIC, msgpack.packb([to_wire(advert)], use_bin_type=True))
+                await trio.sleep(0.5)
+
+        async def drain() -> None:
+            while True:
+                await subscription.get()
+
+        nursery.start_soon(announce)
+        nursery.start_soon(drain)
+        settled, _ = await wait_until(client, daemons, converged(ids), timeout=30, what="converged with the member")
+        before = _state(settled)
+        status = next(iter(settled.values()))
+        term, epoch = status["term"], status["plan"]["epoch"]
+        other = new_identity()
+
+        cases = {
+            "signer-mismatch": lambda: [seal("advert", {"addrs": [], "hardware": no_gpus, "host": "x"}, other, 6.0)],
+            "expired": lambda: [
+                seal("lease", {"holder": attacker_id, "term": term + 1}, key, 1.0, now=time.time() - 30)
+            ],
+            "stale-term": lambda: [
+                seal("plan", {"term": term - 1, "epoch": epoch + 50, "members": [attacker_id]}, key, 60.0)
+            ],
+            "not-coordinator": lambda: [
+                seal("plan", {"term": term, "epoch": epoch + 50, "members": [attacker_id]}, key, 60.0)
+            ],
+        }
+        for reason, make in cases.items():
+            await _publish_until_rejected(attacker, client, daemons, make, reason)
+        after = await statuses(client, daemons)
+        assert _state(after) == before, "rejected messages must not change the coordinator, term or plan"
+        assert peer_id_of(other) not in next(iter(after.values()))["members"]
+
+        # A live member claiming a higher term is refused; the holder answers by raising its own term
+        # (the same move that settles two holders after a partition), so coordinator and members stay.
+        hijack = [seal("lease", {"holder": attacker_id, "term": term + 5}, key, 3.0)]
+        await _publish_until_rejected(attacker, client, daemons, lambda: hijack, "not-candidate")
+        cases["not-candidate"] = hijack
+        final, _ = await wait_until(client, daemons, converged(ids), timeout=15, what="settled after the hijack")
+        assert {(s["coordinator"], tuple(sorted(s["plan"]["members"]))) for s in final.values()} == {
+            (status["coordinator"], tuple(sorted(ids)))
+        }
+        logs = "".join(d.log() for d in daemons)
+        for reason in cases:
+            assert f"({reason})" in logs, f"no logged rejection for {reason}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_private_swarm_ignores_non_members(swarm, tmp_path):
+    from hexgen.daemon import identity
+
+    swarm_key = tmp_path / "swarm.key"
+    identity.create_swarm_key(swarm_key)
+    other_swarm_key = tmp_path / "other.key"
+    identity.create_swarm_key(other_swarm_key)
+
+    def certificate(key_path, peer: str) -> bytes:
+        return identity.issue_certificate(identity.load_swarm_key(key_path), peer, 3600.0)
+
+    def admitted(name: str, key_path) -> list[str]:
+        peer = identity.peer_id_of(identity.load_or_create_key(tmp_path / f"{name}.key"))
+        path = tmp_path / f"{name}.cert"
+        identity.write_certificate(path, certificate(key_path, peer))
+        return ["--swarm-cert", str(path)]
+
+    first = swarm.start("p0", gpu="A100", extra=admitted("p0", swarm_key))
+    members = [first] + [
+        swarm.start(f"p{i}", bootstrap=[first.addr], extra=admitted(f"p{i}", swarm_key)) for i in (1, 2)
+    ]
+    outsider = swarm.start("o1", bootstrap=[first.addr], gpu="H100")
+    impostor = swarm.start("o2", bootstrap=[first.addr], gpu="H100", extra=admitted("o2", other_swarm_key))
+    ids = {d.peer_id for d in members}
+    topic = f"{CONTROL_TOPIC}/{identity.load_certificate(tmp_path / 'p0.cert').swarm_id}"
+    client_key = new_identity()
+    ask = {"cert": certificate(swarm_key, peer_id_of(client_key))}
+    attacker_key = new_identity()
+    attacker_id = peer_id_of(attacker_key)
+    no_gpus = HardwareProfile(gpus=(), cpu_count=1, memory_gb=1.0).to_dict()
+
+    def advert(cert: bytes | None):
+        body = {"addrs": [], "hardware": no_gpus, "host": "attacker"}
+        return lambda: [seal("advert", body if cert is None else {**body, "cert": cert}, attacker_key, 6.0)]
+
+    async with open_client(client_key) as client, open_host(attacker_key) as attacker:
+        await wait_until(client, members, converged(ids), timeout=30, what="converged without outsiders", request=ask)
+        before = _state(await statuses(client, members, ask))
+        await attacker.pubsub.subscribe(topic)
+        for d in members:
+            await attacker.connect(d.addr)
+        stolen = identity.load_certificate(tmp_path / "p1.cert").to_bytes()
+        for cert in (None, certificate(other_swarm_key, attacker_id), stolen):
+            await _publish_until_rejected(
+                attacker, client, members, advert(cert), "not-member", topic=topic, request=ask
+            )
+        after = await statuses(client, members, ask)
+        assert _state(after) == before
+        assert all(attacker_id not in s["members"] for s in after.values())
+    async with open_client() as stranger:
+        await stranger.connect(first.addr)
+        assert (await query_status(stranger, first.peer_id)).get("error") == "not a member of this swarm"
+        await stranger.connect(outsider.addr)
+        assert (await query_status(stranger, outsider.peer_id))["members"] == [outsider.peer_id]
+    assert impostor.alive() and outsider.alive()
+    log = first.log()
+    for reason in ("carries no swarm certificate", "other swarm", "other-peer"):
+        assert reason in log or reason.replace(" ", "-") in log, f"no logged rejection mentioning {reason!r}"
+
+
+async def test_malformed_input_on_every_protocol(swarm):
+    daemons = swarm.start_many(2, gpus=["A100", "H100"])
+    ids = {d.peer_id for d in daemons}
+    target = daemons[0]
+    async with open_client() as client:
+        await wait_until(client, daemons, converged(ids), timeout=30, what="converged")
+        await client.pubsub.subscribe(CONTROL_TOPIC)
+        raw_inputs = [
+            os.urandom(64),
+            struct.pack(">I", 50) + b"\x81\xa1",  # truncated frame
+            struct.pack(">I", 1 << 30),  # oversized declared length
+            encode_frame([1, 2, 3]),  # wrong type
+            encode_frame({"cert_ok": "yes", "x": [None] * 10}),
+            b"",
+        ]
+        for payload in raw_inputs:
+            stream = await client.open_stream(target.peer_id, STATUS_PROTOCOL)
+            with trio.fail_after(10):
+                if payload:
+                    await stream.write(payload)
+                await stream.close()
+        gossip_inputs = [os.urandom(200), msgpack.packb({"a": 1}), msgpack.packb([{"kind": "advert"}] * 3), b"\xc1"]
+        for data in gossip_inputs:
+            await client.pubsub.publish(CONTROL_TOPIC, data)
+        await _hypothesis_gossip(client)
+        after, _ = await wait_until(client, daemons, converged(ids), timeout=15, what="still converged")
+        assert all(s["rejections"].get("malformed", 0) > 0 for s in after.values())
+    assert all(d.alive() for d in daemons)
+
+
+async def _hypothesis_gossip(client) -> None:
+    """Publish hypothesis-generated msgpack values; the daemons must shrug them off."""
+    values = st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text(max_size=20)
+        | st.binary(max_size=40),
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+        max_leaves=20,
+    )
+    samples: list[bytes] = []
+
+    @settings(max_examples=40, suppress_health_check=list(HealthCheck), database=None)
+    @given(values)
+    def collect(value) -> None:
+        samples.append(msgpack.packb(value, use_bin_type=True))
+
+    collect()
+    for data in samples:
+        await client.pubsub.publish(CONTROL_TOPIC, data)
