@@ -50,6 +50,9 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     join.add_argument("--host-name", default="", metavar="NAME", help="name shown to peers (default: hostname)")
     join.add_argument("--peer-timeout", type=float, default=6.0, metavar="S", help="drop silent peers after S seconds")
     join.add_argument("--no-calibrate", action="store_true", help="skip the GPU calibration at start-up")
+    join.add_argument(
+        "--probe-interval", type=float, default=10.0, metavar="S", help="seconds between link probe rounds"
+    )
     join.set_defaults(func=cmd_join)
 
 
@@ -68,12 +71,15 @@ def cmd_join(args: argparse.Namespace) -> int:
             parse_simulate_gpu(args.simulate_gpu)
         if not args.peer_timeout > 0:
             raise JoinError("--peer-timeout must be positive")
+        if not args.probe_interval > 0:
+            raise JoinError("--probe-interval must be positive")
         node = NodeConfig(
             model=args.model,
             host=HostConfig(listen_host=host, port=port),
             bootstrap=bootstrap,
             host_name=args.host_name,
             peer_timeout_s=args.peer_timeout,
+            probe_interval_s=args.probe_interval,
         )
         options = JoinOptions(
             key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),

@@ -16,6 +16,7 @@ class PeerRecord:
     load: dict[str, Any]
     advert_issued: float
     last_seen: float
+    links: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class PeerTable:
             load=dict(body.get("load", {})),
             advert_issued=issued,
             last_seen=now,
+            links=list(body.get("links", []))[:64],
         )
         if known is None:
             self.version += 1

@@ -31,13 +31,14 @@ from hexgen.coordinator.evaluate import PlanError
 from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.coordinator.workload import synthetic
-from hexgen.daemon.cluster_view import PeerHardware, build_cluster_from_peers
+from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_cluster_from_peers, probe_plan
 from hexgen.daemon.election import Election, Lease, LeaseRejected
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, ReplayGuard, from_wire, seal, to_wire, verify
 from hexgen.daemon.hardware import HardwareError, HardwareProfile
 from hexgen.daemon.host import Host, HostConfig, open_host
 from hexgen.daemon.identity import Certificate, CertificateError, verify_certificate
 from hexgen.daemon.membership import PeerTable
+from hexgen.daemon.probe import PROBE_PROTOCOL, probe, serve_probe
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 
 log = logging.getLogger("hexgen.daemon")
@@ -46,6 +47,7 @@ STATUS_PROTOCOL = TProtocol("/hexgen/status/1")
 CONTROL_TOPIC = "hexgen/control/1"
 MAX_GOSSIP_BYTES = 256 << 10
 RPC_TIMEOUT_S = 5.0
+MAX_ADVERTISED_LINKS = 32
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class NodeConfig:
     tick_s: float = 0.2
     # A node that dialled bootstrap peers listens this long for a live lease before claiming one itself.
     startup_grace_s: float = 2.0
+    probe_interval_s: float = 10.0
+    probes_per_round: int = 2
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Node:
         self._previous: tuple[Plan, Any] | None = None
         self._leaving = False
         self._claim_after = float("inf")
+        self.links: dict[str, LinkMeasurement] = {}
 
     # ----------------------------------------------------------------- running
 
@@ -112,6 +117,7 @@ class Node:
             self.host = host
             self._claim_after = self.clock() + (self.config.startup_grace_s if self.config.bootstrap else 0.0)
             host.handle(STATUS_PROTOCOL, self._serve_status)
+            host.handle(PROBE_PROTOCOL, self._serve_probe)
             subscription = await host.pubsub.subscribe(self.topic)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_gossip, subscription)
@@ -122,6 +128,7 @@ class Node:
                 nursery.start_soon(self._keep_connected)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._coordinate)
+                nursery.start_soon(self._probe_links)
                 task_status.started(self)
 
     async def leave(self) -> None:
@@ -287,6 +294,7 @@ class Node:
             "host": self.host_name,
             "model": self.config.model,
             "load": {},
+            "links": [m.to_dict() for m in list(self.links.values())[-MAX_ADVERTISED_LINKS:]],
         }
         if self.certificate is not None:
             body["cert"] = self.certificate.to_bytes()
@@ -327,6 +335,44 @@ class Node:
         self.election.forget_holder(peer_id)
         self._poke()
 
+    async def _probe_links(self) -> None:
+        """Each round, probe this node's share of a bounded, rotating set of peer pairs."""
+        assert self.host is not None
+        host = self.host
+        round_index = 0
+        while True:
+            await trio.sleep(self.config.probe_interval_s)
+            pairs = probe_plan(self.table.live_ids(), self.config.probes_per_round, round_index=round_index)
+            round_index += 1
+            for a, b in pairs:
+                peer = b if a == self.peer_id else a if b == self.peer_id else None
+                if peer is None or peer not in self.table.peers:
+                    continue
+                try:
+                    measured = await probe(lambda p=peer: host.open_stream(p, PROBE_PROTOCOL), self.peer_id, peer)
+                except Exception as exc:  # a failed probe leaves the declared bandwidth in place
+                    log.debug("probe of %s failed: %s", peer, exc)
+                    continue
+                self.links.pop(peer, None)
+                self.links[peer] = measured
+
+    async def _serve_probe(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        if not self._may_ask(peer, None):
+            self._reject("not-member", f"probe from non-member {peer}")
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        await serve_probe(stream)
+
+    def _links(self) -> list[LinkMeasurement]:
+        links = list(self.links.values())
+        for record in self.table.peers.values():
+            for raw in record.links:
+                with contextlib.suppress(HardwareError):
+                    links.append(LinkMeasurement.from_dict(raw))
+        return links
+
     # ----------------------------------------------------------------- election and planning
 
     async def _tick(self) -> None:
@@ -366,7 +412,7 @@ class Node:
         members = self.table.live_ids()
         peers = self._peer_hardware()
         previous = self._previous
-        body = await trio.to_thread.run_sync(self._compute_plan, peers, previous)
+        body = await trio.to_thread.run_sync(self._compute_plan, peers, self._links(), previous)
         epoch = (self.plan.epoch if self.plan else 0) + 1
         body |= {"term": self.election.term, "epoch": epoch, "members": members}
         lease = seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s)
@@ -378,11 +424,13 @@ class Node:
             await self._publish([lease, plan])
         self._poke()
 
-    def _compute_plan(self, peers: list[PeerHardware], previous: tuple[Plan, Any] | None) -> dict[str, Any]:
+    def _compute_plan(
+        self, peers: list[PeerHardware], links: list[LinkMeasurement], previous: tuple[Plan, Any] | None
+    ) -> dict[str, Any]:
         """The planner's result as a plan body; runs in a worker thread."""
         workload = synthetic("default", min(512, self.model.max_context // 2), 128, count=64)
         try:
-            cluster, gpu_map = build_cluster_from_peers(peers, [])
+            cluster, gpu_map = build_cluster_from_peers(peers, links)
         except Exception as exc:
             return {"plan": None, "error": f"cannot build the cluster: {exc}", "gpus": {}}
         try:
@@ -435,6 +483,7 @@ class Node:
                 "body": self.plan.body,
             },
             "rejections": dict(self.rejections),
+            "links": [m.to_dict() for m in self._links()],
         }
 
     def _may_ask(self, peer: str, cert: Any) -> bool:

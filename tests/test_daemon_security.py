@@ -20,6 +20,7 @@ from hexgen.daemon.hardware import HardwareProfile
 from hexgen.daemon.host import new_identity, open_host
 from hexgen.daemon.identity import peer_id_of
 from hexgen.daemon.node import CONTROL_TOPIC, STATUS_PROTOCOL, query_status
+from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.wire import encode_frame
 
 pytestmark = pytest.mark.trio
@@ -200,12 +201,13 @@ async def test_malformed_input_on_every_protocol(swarm):
             encode_frame({"cert_ok": "yes", "x": [None] * 10}),
             b"",
         ]
-        for payload in raw_inputs:
-            stream = await client.open_stream(target.peer_id, STATUS_PROTOCOL)
-            with trio.fail_after(10):
-                if payload:
-                    await stream.write(payload)
-                await stream.close()
+        for protocol in (STATUS_PROTOCOL, PROBE_PROTOCOL):
+            for payload in raw_inputs:
+                stream = await client.open_stream(target.peer_id, protocol)
+                with trio.fail_after(10):
+                    if payload:
+                        await stream.write(payload)
+                    await stream.close()
         gossip_inputs = [os.urandom(200), msgpack.packb({"a": 1}), msgpack.packb([{"kind": "advert"}] * 3), b"\xc1"]
         for data in gossip_inputs:
             await client.pubsub.publish(CONTROL_TOPIC, data)

@@ -87,3 +87,21 @@ async def test_failover_join_and_clean_leave(swarm):
         ids.discard(leaver.peer_id)
         _, leave_s = await wait_until(client, daemons, converged(ids), timeout=10, what="replanned without the leaver")
         assert leave_s < 5.0, "a clean leave must not wait for the 60 s peer timeout"
+
+
+async def test_links_are_probed_and_reach_the_coordinator(swarm):
+    extra = ["--probe-interval", "0.5"]
+    first = swarm.start("n0", gpu="A100", extra=extra)
+    daemons = [first] + [swarm.start(f"n{i}", bootstrap=[first.addr], gpu="L40", extra=extra) for i in (1, 2)]
+    ids = {d.peer_id for d in daemons}
+
+    def every_pair_measured(statuses) -> bool:
+        if not converged(ids)(statuses):
+            return False
+        coordinator = next(iter(statuses.values()))["coordinator"]
+        links = statuses[coordinator]["links"]
+        pairs = {frozenset((m["a"], m["b"])) for m in links if m["gb_s"] > 0 and m["rtt_ms"] > 0}
+        return len(pairs) == 3
+
+    async with open_client() as client:
+        await wait_until(client, daemons, every_pair_measured, timeout=30, what="probed every link")
