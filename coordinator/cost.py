@@ -1,9 +1,14 @@
 """The HexGen-2 cost model: replica memory, prefill and decode stage times, TP/PP and KV-transfer costs.
 
 All times are seconds, sizes bytes, rates requests per second. Prefill is compute-bound (with the
-weights read once per batch of ``prefill_batch_tokens`` as a floor); decode is memory-bound (weights
-plus the KV read per step) with a compute floor. A TP stage runs at its slowest GPU and pays two ring
-all-reduces per layer over its slowest link; a pipeline boundary pays one activation send.
+weights read once per batch as a floor); decode is memory-bound (weights plus the KV read per step)
+with a compute floor. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
+its slowest link; a pipeline boundary pays one activation send.
+
+The model counts what the simulator (and an engine) runs: a request's per-batch prefill costs (weight
+read, all-reduce and send latencies) are shared by the requests of its batch; prefill makes its first
+token, so decode runs o - 1 iterations of it; and a resident decode batch attends over the context
+averaged over those iterations, which long outputs pull above p + o/2 (see ``LengthStats``).
 """
 
 from __future__ import annotations
@@ -36,15 +41,30 @@ class CostParams:
 
 @dataclass(frozen=True)
 class LengthStats:
-    """The moments of the request lengths that the cost model needs."""
+    """The moments of the request lengths that the cost model needs.
+
+    ``steps`` and ``decode_context`` describe decode as it runs: a request of output length o takes
+    o - 1 decode iterations (prefill makes its first token), attending over p + 1, ..., p + o - 1
+    tokens. Averaged over the iterations of all requests (what a resident batch sees), the context is
+    E[(o - 1) p + o (o - 1) / 2] / E[o - 1], which long outputs pull above p + o / 2 when lengths vary.
+    Left out (None), they take the values of identical requests: o - 1 and p + o / 2.
+    """
 
     prompt: float
     prompt_sq: float
     output: float
+    steps: float | None = None
+    decode_context: float | None = None
+
+    @property
+    def decode_steps(self) -> float:
+        """Mean decode iterations per request, E[o - 1]."""
+        return max(0.0, self.output - 1) if self.steps is None else self.steps
 
     @property
     def context(self) -> float:
-        return self.prompt + self.output / 2
+        """Mean KV length of a resident sequence over the decode iterations of all requests."""
+        return self.prompt + self.output / 2 if self.decode_context is None else self.decode_context
 
     @property
     def total(self) -> float:
@@ -52,7 +72,15 @@ class LengthStats:
 
     @staticmethod
     def of(workload: Workload) -> LengthStats:
-        return LengthStats(workload.mean_prompt, workload.mean_prompt_sq, workload.mean_output)
+        """The workload's moments. O(R) for R requests."""
+        steps = attended = 0.0
+        for r in workload.requests:
+            o = max(1, r.output_tokens)
+            steps += o - 1
+            attended += (o - 1) * r.prompt_tokens + o * (o - 1) / 2
+        n = len(workload.requests)
+        context = attended / steps if steps > 0 else None
+        return LengthStats(workload.mean_prompt, workload.mean_prompt_sq, workload.mean_output, steps / n, context)
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,8 @@ class CostModel:
         self.model = model
         self.stats = stats
         self.params = params or CostParams()
+        self._contexts: dict[tuple[Stage, ...], list[tuple[StageHardware, bool, tuple[float, bool] | None, int]]] = {}
+        self._routes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], list[tuple[float, float, bool]]] = {}
 
     # memory
     def replica_bytes(self) -> float:
@@ -152,25 +182,49 @@ class CostModel:
         return latency + nbytes / (link_gbps * GB)
 
     # prefill
+    def prefill_batch_requests(self) -> float:
+        """Mean requests in a prefill batch of a busy prefill group: ``prefill_batch_tokens`` of prompts."""
+        return max(1.0, self.params.prefill_batch_tokens / self.stats.prompt) if self.stats.prompt > 0 else 1.0
+
     def prefill_stage(
         self,
         hw: StageHardware,
         first: bool,
         last: bool,
         next_link: tuple[float, bool] | None,
-        batch: tuple[float, float, int] | None = None,
+        batch: tuple[float, float, float] | None = None,
+        per_request: float | None = None,
     ) -> StageCost:
         """Prefill cost of a stage, pipelined over batches.
 
-        ``batch`` is (prompt tokens, sum of squared prompt lengths, requests) of one batch; by default
-        one mean request, with the weight read amortized over ``prefill_batch_tokens``.
+        ``batch`` is (prompt tokens, sum of squared prompt lengths, requests) of one batch. Without it the
+        cost is one mean request's share of a batch of ``per_request`` mean requests (default
+        ``prefill_batch_requests``): the weight read, the all-reduce and send latencies are paid once a
+        batch, as the simulator and an engine pay them.
         """
-        m, s, p = self.model, self.stats, self.params
-        tokens, tokens_sq, requests = batch if batch is not None else (s.prompt, s.prompt_sq, 1)
+        s = self.stats
+        share = 1.0
+        if batch is None:
+            share = per_request if per_request is not None else self.prefill_batch_requests()
+            batch = (s.prompt * share, s.prompt_sq * share, share)
+        per_layer, fixed = self._prefill_terms(hw, last, next_link, *batch)
+        rows = self.max_layers(hw, self.params.concurrent_requests, first, last)
+        return StageCost(per_layer / share, fixed / share, rows)
+
+    def _prefill_terms(
+        self,
+        hw: StageHardware,
+        last: bool,
+        next_link: tuple[float, bool] | None,
+        tokens: float,
+        tokens_sq: float,
+        requests: float,
+    ) -> tuple[float, float]:
+        """(seconds per layer, fixed seconds) of one prefill batch on a stage."""
+        m, p = self.model, self.params
         flops = 2 * m.layer_params * tokens + 2 * tokens_sq * m.hidden
         compute = flops / hw.tp / (hw.tflops * TFLOP * p.compute_efficiency)
-        weights = m.layer_bytes / hw.tp / (hw.hbm_gbps * GB * p.memory_efficiency)
-        memory = weights if batch is not None else weights * min(1.0, s.prompt / p.prefill_batch_tokens)
+        memory = m.layer_bytes / hw.tp / (hw.hbm_gbps * GB * p.memory_efficiency)
         activation = tokens * m.hidden * m.bytes_per_param
         per_layer = max(compute, memory) + 2 * self.allreduce_time(activation, hw)
         fixed = 0.0
@@ -178,8 +232,7 @@ class CostModel:
             fixed += 2 * m.vocab * m.hidden * requests / hw.tp / (hw.tflops * TFLOP * p.compute_efficiency)
         if next_link is not None:
             fixed += self.send_time(activation, *next_link)
-        rows = self.max_layers(hw, p.concurrent_requests, first, last)
-        return StageCost(per_layer, fixed, rows)
+        return per_layer, fixed
 
     # decode
     def decode_stage(
@@ -196,8 +249,15 @@ class CostModel:
 
         ``context`` is the mean KV length the micro-batch attends over (default: the workload's).
         """
-        m, s, p = self.model, self.stats, self.params
-        context = s.context if context is None else context
+        context = self.stats.context if context is None else context
+        per_layer, fixed = self._decode_terms(hw, micro, last, next_link, context)
+        return StageCost(per_layer, fixed, self.max_layers(hw, batch, first, last))
+
+    def _decode_terms(
+        self, hw: StageHardware, micro: float, last: bool, next_link: tuple[float, bool] | None, context: float
+    ) -> tuple[float, float]:
+        """(seconds per layer, fixed seconds) of one decode step of a micro-batch on a stage."""
+        m, p = self.model, self.params
         kv_read = micro * context * m.kv_bytes_per_token_layer / self._kv_shards(hw.tp)
         memory = (m.layer_bytes / hw.tp + kv_read) / (hw.hbm_gbps * GB * p.memory_efficiency)
         flops = (2 * m.layer_params + 4 * context * m.hidden) * micro / hw.tp
@@ -214,13 +274,17 @@ class CostModel:
             )
         if next_link is not None:
             fixed += self.send_time(activation, *next_link)
-        rows = self.max_layers(hw, batch, first, last)
-        return StageCost(per_layer, fixed, rows)
+        return per_layer, fixed
 
     # whole layouts, for the simulator
     def _stage_context(
         self, stages: Sequence[Stage]
-    ) -> list[tuple[StageHardware, bool, bool, tuple[float, bool] | None]]:
+    ) -> list[tuple[StageHardware, bool, tuple[float, bool] | None, int]]:
+        """(hardware, last, next link, layers) per stage; memoized, the simulator asks once per step."""
+        key = tuple(stages)
+        found = self._contexts.get(key)
+        if found is not None:
+            return found
         c = self.cluster
         out = []
         for i, st in enumerate(stages):
@@ -229,7 +293,8 @@ class CostModel:
             if i + 1 < len(stages):
                 a, b = c.gpus[st.gpus[0]].host, c.gpus[stages[i + 1].gpus[0]].host
                 nxt = (c.host_bandwidth[a, b], a == b)
-            out.append((hw, i == 0, i == len(stages) - 1, nxt))
+            out.append((hw, i == len(stages) - 1, nxt, st.num_layers))
+        self._contexts[key] = out
         return out
 
     def prefill_stage_times(
@@ -237,17 +302,20 @@ class CostModel:
     ) -> list[float]:
         """Seconds each stage spends on one prefill batch (pipelined: the batch visits them in order)."""
         times = []
-        for (hw, first, last, nxt), st in zip(self._stage_context(stages), stages, strict=True):
-            c = self.prefill_stage(hw, first, last, nxt, (tokens, tokens_sq, requests))
-            times.append(c.fixed + c.per_layer * st.num_layers)
+        for hw, last, nxt, layers in self._stage_context(stages):
+            per_layer, fixed = self._prefill_terms(hw, last, nxt, tokens, tokens_sq, requests)
+            times.append(fixed + per_layer * layers)
         return times
 
     def decode_stage_times(self, stages: Sequence[Stage], batch: int, micro: float, context: float) -> list[float]:
-        """Seconds each stage spends on one decode step of a micro-batch of ``micro`` sequences."""
+        """Seconds each stage spends on one decode step of a micro-batch of ``micro`` sequences.
+
+        ``batch`` (the resident cap) only bounds memory, which the layout search has checked.
+        """
         times = []
-        for (hw, first, last, nxt), st in zip(self._stage_context(stages), stages, strict=True):
-            c = self.decode_stage(hw, batch, micro, first, last, nxt, context)
-            times.append(c.fixed + c.per_layer * st.num_layers)
+        for hw, last, nxt, layers in self._stage_context(stages):
+            per_layer, fixed = self._decode_terms(hw, micro, last, nxt, context)
+            times.append(fixed + per_layer * layers)
         return times
 
     # KV transfer
@@ -290,11 +358,15 @@ class CostModel:
     def kv_transfer_time(self, prompt_tokens: int, prefill: Sequence[Stage], decode: Sequence[Stage]) -> float:
         """Seconds to move one prompt's KV: host pairs in parallel, the slowest one decides."""
         nbytes = self.model.kv_bytes_per_token * prompt_tokens
+        key = (tuple(prefill), tuple(decode))
+        routes = self._routes.get(key)
+        if routes is None:
+            routes = self._routes[key] = self.kv_routes(prefill, decode)
         return max(
             (
                 (self.params.intra_host_latency_s if same else self.params.inter_host_latency_s)
                 + share * nbytes / (bw * GB)
-                for bw, share, same in self.kv_routes(prefill, decode)
+                for bw, share, same in routes
             ),
             default=0.0,
         )

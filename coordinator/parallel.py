@@ -10,6 +10,7 @@ cost one search.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from hexgen.coordinator.plan import Role, Stage
 
 MAX_TP_COMBINATIONS = 64
 _BATCH_STEPS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# decode iterations per request below which decode capacity stops mattering (outputs of one token)
+_MIN_DECODE_STEPS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,10 @@ class LayoutSearch:
                 continue
             layers, step = split
             tokens_per_s = batch / (n * step)
-            rate = tokens_per_s / cost.stats.output
+            # prefill makes a request's first token, so decode runs o - 1 iterations of it
+            rate = tokens_per_s / max(cost.stats.decode_steps, _MIN_DECODE_STEPS)
             if role == "colocated":
-                rate = self._colocated_rate(hw, nexts, layers, rate)
+                rate = self._colocated_rate(hw, nexts, layers, rate, batch)
             if best is not None and rate <= best[1]:
                 break
             best = (layers, rate, batch)
@@ -224,10 +228,23 @@ class LayoutSearch:
         nexts: list[tuple[float, bool] | None],
         layers: tuple[int, ...],
         decode_rate: float,
+        batch: int,
     ) -> float:
-        """Prefill and decode time-share the group: each request costs its prefill plus its decode share."""
+        """Prefill and decode time-share the group: each request costs its prefill plus its decode share.
+
+        A prefill batch stalls decoding for its slowest stage's time. A full colocated group can only
+        admit the sequences that the last decode iteration finished, about lambda = batch / (o - 1) of
+        them, so its prefill batches hold E[N | N >= 1] = lambda / (1 - exp(-lambda)) requests (N
+        Poisson), at most a token budget's worth; the per-batch costs are shared by that many.
+        """
         n = len(hw)
-        costs: list[StageCost] = [self.cost.prefill_stage(h, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
+        cost = self.cost
+        lam = batch / max(cost.stats.decode_steps, _MIN_DECODE_STEPS)
+        per_batch = lam / -math.expm1(-lam)
+        share = max(1.0, min(per_batch, cost.prefill_batch_requests()))
+        costs: list[StageCost] = [
+            cost.prefill_stage(h, i == 0, i == n - 1, nexts[i], per_request=share) for i, h in enumerate(hw)
+        ]
         prefill_time = max(c.fixed + c.per_layer * k for c, k in zip(costs, layers, strict=True))
         return 1.0 / (prefill_time + 1.0 / decode_rate)
 

@@ -5,8 +5,12 @@ replicas K, partitions the bandwidth graph into K memory-balanced groups (spectr
 Kernighan-Lin), labels each group prefill, decode or colocated by a sweep over the groups' prefill to
 decode strength, then improves the assignment by local moves guided by the max-flow's min cut: flip
 a group's role, move or swap GPUs between the groups on either side of the bottleneck, split or
-merge groups. The baselines' plans are seeds too, so the search space contains theirs. ``replan``
-starts from a previous plan after GPUs join or leave and moves few GPUs.
+merge groups. The baselines' plans are seeds too, so the search space contains theirs. For an offline
+batch (every request arriving at once), finalists within ``SearchBudget.tie_band`` of the best
+predicted throughput are tied, and the tie goes to the one the simulator finishes the batch soonest
+with: the max-flow value is a steady-state rate and cannot see ramp-up and drain (see
+``_offline_tie_break``). ``replan`` starts from a previous plan after GPUs join or leave and moves few
+GPUs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from hexgen.coordinator.cost import CostParams
 from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError, canonical
 from hexgen.coordinator.partition import partition
 from hexgen.coordinator.plan import ROLES, Plan, Role
+from hexgen.coordinator.simulator import simulate
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
@@ -38,6 +43,10 @@ class SearchBudget:
     seeds_refined: int = 3
     k_values: int = 10
     min_gain: float = 0.0  # relative throughput gain a step must bring; a re-plan asks for more, to move less
+    # offline batches: finalists within this share of the best predicted throughput count as tied and are
+    # compared by replaying the batch (at most ``tie_requests`` of it) in the simulator; 0 turns it off
+    tie_band: float = 0.05
+    tie_requests: int = 20000
 
 
 def _k_candidates(k_max: int, count: int) -> list[int]:
@@ -259,20 +268,73 @@ def plan(
     seeds = _seeds(evaluator, budget)
     seeds.sort(key=lambda e: e.key(), reverse=True)
     starts = seeds[: budget.seeds_refined]
+    found_by_baselines = []
     for baseline in (baselines.distserve_search, baselines.hexgen_search, baselines.naive_search):
         found = baseline(evaluator)
         if found is not None:
             starts.append(found)
-    best = None
-    for start in starts:
-        ev = refine(evaluator, start, budget, rng)
-        if best is None or ev.key() > best.key():
-            best = ev
+            found_by_baselines.append(found)
+    finalists = [refine(evaluator, start, budget, rng) for start in starts]
+    best = max(finalists, key=lambda e: e.key(), default=None)
     if best is None or best.value <= 0:
         raise PlanError(f"no group of the cluster can serve {model.name}")
+    meta: dict[str, object] = {}
+    if budget.tie_band > 0 and _is_offline_batch(workload):
+        best, meta = _offline_tie_break(evaluator, [*finalists, *found_by_baselines], budget, seed)
     return evaluator.to_plan(
-        best, planner="hexgen2", evaluations=evaluator.evaluations, seconds=time.perf_counter() - started
+        best, planner="hexgen2", evaluations=evaluator.evaluations, seconds=time.perf_counter() - started, **meta
     )
+
+
+def _is_offline_batch(workload: Workload) -> bool:
+    """True when every request arrives at once: the batch is done when its last request is."""
+    first = workload.requests[0].arrival_s
+    return all(r.arrival_s == first for r in workload.requests)
+
+
+def _offline_tie_break(
+    evaluator: Evaluator, candidates: Sequence[Evaluation], budget: SearchBudget, seed: int
+) -> tuple[Evaluation, dict[str, object]]:
+    """Among finalists of nearly equal predicted throughput, the one that finishes an offline batch soonest.
+
+    The max-flow value is a steady-state rate, and the simulator runs a plan at that rate once its
+    groups are busy. An offline batch also pays a ramp-up (decode groups wait for their first KV cache
+    and fill at the prefill rate), a drain (the requests a prefill group finishes last still need their
+    whole decode, and the longest outputs left in a group finish at single-sequence speed) and the
+    imbalance of a static split. These depend on the particular requests, not on their moments: on the
+    Azure samples they move a plan's batch throughput by several per cent either way. So finalists
+    within ``tie_band`` of the best predicted throughput are taken as tied, and the tie goes to the one
+    that finishes the batch soonest in the simulator (the whole batch up to ``tie_requests`` requests,
+    else an even stride of it), then to the higher predicted throughput. The finalists are every
+    refined start and the baselines' own plans, so no baseline within the band finishes the batch
+    sooner. Deterministic for a seed; one simulation per tied finalist, O(R log R + I * S) each.
+    """
+    unique: dict[tuple[GroupSpec, ...], Evaluation] = {}
+    for ev in sorted(candidates, key=lambda e: e.key(), reverse=True):
+        unique.setdefault(ev.assignment, ev)
+    ordered = list(unique.values())
+    top = ordered[0]
+    tied = [ev for ev in ordered if ev.value >= top.value * (1 - budget.tie_band)]
+    if len(tied) < 2:
+        return top, {}
+    workload = evaluator.workload
+    if len(workload.requests) > budget.tie_requests:
+        stride = len(workload.requests) / budget.tie_requests
+        sample = tuple(workload.requests[int(i * stride)] for i in range(budget.tie_requests))
+        workload = Workload(workload.name, sample)
+    chosen, chosen_tokens = top, -1.0
+    for ev in tied:
+        tokens = simulate(evaluator.to_plan(ev), evaluator.cost, workload, seed=seed).tokens_per_s
+        if tokens > chosen_tokens:
+            chosen, chosen_tokens = ev, tokens
+    meta: dict[str, object] = {
+        "tie_break": {
+            "tied": len(tied),
+            "simulated_tokens_per_s": chosen_tokens,
+            "best_predicted_tokens_per_s": top.value * evaluator.workload.mean_output,
+        }
+    }
+    return chosen, meta
 
 
 def replan(
