@@ -109,6 +109,7 @@ class Node:
         self._leaving = False
         self._claim_after = float("inf")
         self.links: dict[str, LinkMeasurement] = {}
+        self._advert_freshness = 3 * config.advert_interval_s + 1.0
 
     # ----------------------------------------------------------------- running
 
@@ -230,6 +231,10 @@ class Node:
             self._apply_plan(env)
 
     def _apply_advert(self, env: Envelope, now: float) -> None:
+        if now - env.issued > self._advert_freshness:
+            # Gossip replays cached messages to newcomers: an old advert says nothing about liveness.
+            log.debug("ignored an advert of %s issued %.1f s ago", env.signer, now - env.issued)
+            return
         body = env.body
         if not isinstance(body, dict) or not isinstance(body.get("addrs"), list) or len(body["addrs"]) > 16:
             raise ValueError("advert body needs a short list of addrs")
@@ -302,7 +307,7 @@ class Node:
 
     async def _announce(self) -> None:
         while not self._leaving:
-            advert = seal("advert", self.advert_body(), self.key_pair, self.config.peer_timeout_s)
+            advert = seal("advert", self.advert_body(), self.key_pair, self._advert_freshness)
             outgoing = [advert]
             if self._published is not None and self.election.is_coordinator(self.clock()):
                 plan_body = self._published[1].body
@@ -317,9 +322,18 @@ class Node:
         while True:
             connected = self.host.connected_peers()
             for record in list(self.table.peers.values()):
-                if record.peer_id not in connected and not self._leaving:
-                    with contextlib.suppress(Exception), trio.move_on_after(2.0):
-                        await self.host.connect_peer(record.peer_id, record.addrs)
+                if record.peer_id in connected or self._leaving:
+                    continue
+                with contextlib.suppress(Exception), trio.move_on_after(2.0):
+                    await self.host.connect_peer(record.peer_id, record.addrs)
+                silent = self.clock() - record.last_seen > self._advert_freshness
+                if (
+                    record.peer_id not in self.host.connected_peers()
+                    and silent
+                    and self.table.drop(record.peer_id, self.clock())
+                ):
+                    log.info("peer %s is unreachable and silent", record.peer_id)
+                    self._peer_gone(record.peer_id)
             await self._wait_change(1.0)
 
     async def _watch_disconnects(self) -> None:
