@@ -29,8 +29,9 @@ class AttentionMetadata:
 
     Prefill: ``query_lens`` new tokens per sequence, ``context_lens`` total tokens per sequence (cached
     prefix + new); ``cu_q``/``cu_k`` their prefix sums. Decode: one query token per sequence.
-    ``gather`` ([B, max_context] slot indices) and ``mask`` ([B, 1, 1, max_context], None when every
-    sequence has the same length) serve the SDPA path whenever keys come from the cache.
+    ``gather`` (the block tables flattened to [B * blocks]), ``gather_len`` (the longest context) and
+    ``mask`` ([B, 1, 1, gather_len], None when every sequence has the same length) serve the SDPA path
+    whenever keys come from the cache: whole blocks are copied, which is far cheaper than single slots.
     """
 
     is_prefill: bool
@@ -43,6 +44,7 @@ class AttentionMetadata:
     context_lens_tensor: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     gather: torch.Tensor | None = None
+    gather_len: int = 0
     mask: torch.Tensor | None = None
     use_flash: bool = False
 
@@ -77,9 +79,13 @@ class Attention(nn.Module):
 
     def _sdpa_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [B, heads, 1, dim] against each sequence's keys gathered from the cache."""
-        k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.gather].transpose(1, 2)
-        v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.gather].transpose(1, 2)
+        k = self._blocks(self.k_cache, meta.gather, q.shape[0])[:, : meta.gather_len].transpose(1, 2)
+        v = self._blocks(self.v_cache, meta.gather, q.shape[0])[:, : meta.gather_len].transpose(1, 2)
         return self._sdpa(q, k, v, attn_mask=meta.mask)
+
+    def _blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """The cache blocks ``block_ids`` as [batch, blocks * block_size, kv_heads, dim]."""
+        return cache.index_select(0, block_ids).view(batch, -1, self.num_kv_heads, self.head_dim)
 
     def _sdpa_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.has_prefix:
@@ -97,9 +103,9 @@ class Attention(nn.Module):
         outs = []
         start = 0
         for i, (n, total) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
-            idx = meta.gather[i, :total]
-            k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[idx].transpose(0, 1).unsqueeze(0)
-            v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[idx].transpose(0, 1).unsqueeze(0)
+            blocks = meta.block_tables[i].long()
+            k = self._blocks(self.k_cache, blocks, 1)[:, :total].transpose(1, 2)
+            v = self._blocks(self.v_cache, blocks, 1)[:, :total].transpose(1, 2)
             causal = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
             qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
             outs.append(self._sdpa(qi, k, v, attn_mask=causal).squeeze(0).transpose(0, 1))

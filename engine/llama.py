@@ -46,10 +46,11 @@ class LlamaLayer(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         n, d = x.shape[0], self.attn.head_dim
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split(self.split, dim=-1)
-        q = apply_rotary(q.view(n, -1, d), *rope)
-        k = apply_rotary(k.view(n, -1, d), *rope)
-        x = x + self.o_proj(self.attn(q, k, v.view(n, -1, d), meta))
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        q_and_k = apply_rotary(qkv[:, : self.split[0] + self.split[1]].view(n, -1, d), *rope)
+        q, k = q_and_k.split([self.attn.num_heads, self.attn.num_kv_heads], dim=1)
+        v = qkv[:, self.split[0] + self.split[1] :].view(n, -1, d)
+        x = x + self.o_proj(self.attn(q, k, v, meta))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 

@@ -86,7 +86,6 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.attn.k_cache = self.kv_cache[0, i]
             layer.attn.v_cache = self.kv_cache[1, i]
-        self._offsets = torch.arange(self.block_size, device=device)
 
     @property
     def block_bytes(self) -> int:
@@ -154,7 +153,6 @@ class ModelRunner:
             meta.cu_k = torch.tensor([0, *context_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
         if has_prefix:
             meta.block_tables = self._block_tables(seqs)
-            meta.gather = self._gather(meta.block_tables, max(context_lens))
         last = (cu_q[1:] - 1).to(dev, torch.long)
         return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, last
 
@@ -175,7 +173,8 @@ class ModelRunner:
             meta.context_lens_tensor = torch.tensor(lens, dtype=torch.int32, device=dev)
         else:
             longest = max(lens)
-            meta.gather = self._gather(meta.block_tables, longest)
+            meta.gather = meta.block_tables.long().view(-1)
+            meta.gather_len = longest
             if min(lens) != longest:
                 span = torch.arange(longest, device=dev)
                 meta.mask = (span < torch.tensor(lens, device=dev).unsqueeze(1)).view(len(seqs), 1, 1, longest)
@@ -187,8 +186,3 @@ class ModelRunner:
         width = max(len(seq.block_table) for seq in seqs)
         padded = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
         return torch.tensor(padded, dtype=torch.int32, device=self.device)
-
-    def _gather(self, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-        """Cache slot of every position < length of every sequence, [B, length]."""
-        slots = block_tables.long().unsqueeze(-1) * self.block_size + self._offsets
-        return slots.view(block_tables.shape[0], -1)[:, :length]

@@ -9,7 +9,7 @@ from checkpoints import random_prompts
 
 from hexgen.engine.llm import LLM
 from hexgen.engine.model_runner import CacheConfig
-from hexgen.engine.sequence import SamplingParams
+from hexgen.engine.sequence import SamplingParams, Sequence
 
 VOCAB = 251
 
@@ -67,3 +67,26 @@ def test_seeded_sampling_survives_preemption(tiny_models):
     squeezed = tight.generate(prompts, params)
     assert tight.scheduler.num_preemptions > 0
     assert [o.token_ids for o in squeezed] == [o.token_ids for o in roomy]
+
+
+def test_shared_prefix_blocks_give_the_same_tokens(tiny_models):
+    """A sequence that reuses another's full KV blocks prefills only its suffix, attending to the shared prefix."""
+    model_dir = tiny_models["llama-gqa"]
+    prefix = random_prompts(1, VOCAB, seed=9, low=32, high=33)[0]
+    prompt = prefix + [7, 8, 9, 10, 11]
+    expected = LLM(model_dir).generate([prompt], SamplingParams(max_tokens=20))[0].token_ids
+    llm = LLM(model_dir, cache=CacheConfig(block_size=16, num_blocks=64))
+    owner = llm.add_request(prefix, SamplingParams(max_tokens=1))
+    llm.step()
+    assert owner.finished
+    owner_blocks = Sequence(prefix)
+    llm.block_manager.allocate(owner_blocks)
+    # Fill the owner's blocks again with the prefix's KV, then hand the full blocks to the new sequence.
+    llm.runner.run([owner_blocks], is_prefill=True)
+    sharer = Sequence(list(prompt), SamplingParams(max_tokens=20))
+    llm.block_manager.share(owner_blocks, sharer, 32)
+    llm.scheduler.add(sharer)
+    while llm.has_unfinished():
+        llm.step()
+    assert sharer.num_prompt_tokens == len(prompt)
+    assert sharer.completion_token_ids == expected
