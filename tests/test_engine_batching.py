@@ -73,7 +73,7 @@ def test_shared_prefix_blocks_give_the_same_tokens(tiny_models):
     """A sequence that reuses another's full KV blocks prefills only its suffix, attending to the shared prefix."""
     model_dir = tiny_models["llama-gqa"]
     prefix = random_prompts(1, VOCAB, seed=9, low=32, high=33)[0]
-    prompt = prefix + [7, 8, 9, 10, 11]
+    prompt = [*prefix, 7, 8, 9, 10, 11]
     expected = LLM(model_dir).generate([prompt], SamplingParams(max_tokens=20))[0].token_ids
     llm = LLM(model_dir, cache=CacheConfig(block_size=16, num_blocks=64))
     owner = llm.add_request(prefix, SamplingParams(max_tokens=1))
