@@ -38,7 +38,8 @@ GOSSIP_PROTOCOL = TProtocol("/meshsub/1.1.0")
 class HostConfig:
     listen_host: str = "127.0.0.1"
     port: int = 0
-    health_check_s: float = 1.0
+    # A killed peer shows as a TCP close within ~0.2 s; the ping only catches hung peers, so it can be slow.
+    health_check_s: float = 5.0
 
 
 class _ConnectionEvents(INotifee):
@@ -135,9 +136,9 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
     )
     gossipsub = GossipSub(
         protocols=[GOSSIP_PROTOCOL],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
+        degree=3,
+        degree_low=2,
+        degree_high=6,
         heartbeat_initial_delay=0.1,
         heartbeat_interval=1,
         spam_protection_enabled=False,

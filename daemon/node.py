@@ -48,6 +48,7 @@ CONTROL_TOPIC = "hexgen/control/1"
 MAX_GOSSIP_BYTES = 256 << 10
 RPC_TIMEOUT_S = 5.0
 MAX_ADVERTISED_LINKS = 32
+PLAN_EVERY = 2
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,14 @@ class NodeConfig:
     host: HostConfig = field(default_factory=HostConfig)
     bootstrap: tuple[str, ...] = ()
     host_name: str = ""
-    advert_interval_s: float = 1.0
-    peer_timeout_s: float = 6.0
-    lease_ttl_s: float = 3.0
+    advert_interval_s: float = 2.0
+    peer_timeout_s: float = 10.0
+    lease_ttl_s: float = 8.0
     plan_debounce_s: float = 0.3
     tick_s: float = 0.2
     # A node that dialled bootstrap peers listens this long for a live lease before claiming one itself.
     startup_grace_s: float = 2.0
-    probe_interval_s: float = 10.0
+    probe_interval_s: float = 30.0
     probes_per_round: int = 2
 
 
@@ -110,6 +111,8 @@ class Node:
         self._claim_after = float("inf")
         self.links: dict[str, LinkMeasurement] = {}
         self._advert_freshness = 3 * config.advert_interval_s + 1.0
+        self._ever_connected: set[str] = set()
+        self._announce_now = trio.Event()
 
     # ----------------------------------------------------------------- running
 
@@ -123,6 +126,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_gossip, subscription)
                 nursery.start_soon(self._watch_disconnects)
+                nursery.start_soon(self._watch_connects)
                 for addr in self.config.bootstrap:
                     nursery.start_soon(self._dial, addr)
                 nursery.start_soon(self._announce)
@@ -306,16 +310,24 @@ class Node:
         return body
 
     async def _announce(self) -> None:
+        """Re-announce periodically, and at once (at most every 0.3 s) when a new connection appears, so a
+        newcomer is seen in one gossip hop without a fast periodic rate. The plan rides along every
+        ``PLAN_EVERY`` announcements; the lease every time."""
+        rounds = 0
         while not self._leaving:
             advert = seal("advert", self.advert_body(), self.key_pair, self._advert_freshness)
             outgoing = [advert]
             if self._published is not None and self.election.is_coordinator(self.clock()):
-                plan_body = self._published[1].body
-                lease = seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s)
-                outgoing += [lease, seal("plan", plan_body, self.key_pair, 3600.0)]
+                outgoing.append(seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s))
+                if rounds % PLAN_EVERY == 0 or self._announce_now.is_set():
+                    outgoing.append(seal("plan", self._published[1].body, self.key_pair, 3600.0))
+            rounds += 1
             with contextlib.suppress(Exception):
                 await self._publish(outgoing)
-            await trio.sleep(self.config.advert_interval_s)
+            self._announce_now = trio.Event()
+            await trio.sleep(0.3)
+            with trio.move_on_after(max(0.0, self.config.advert_interval_s - 0.3)):
+                await self._announce_now.wait()
 
     async def _keep_connected(self) -> None:
         assert self.host is not None
@@ -335,6 +347,12 @@ class Node:
                     log.info("peer %s is unreachable and silent", record.peer_id)
                     self._peer_gone(record.peer_id)
             await self._wait_change(1.0)
+
+    async def _watch_connects(self) -> None:
+        assert self.host is not None
+        async for peer_id in self.host.connects:
+            self._ever_connected.add(peer_id)
+            self._announce_now.set()
 
     async def _watch_disconnects(self) -> None:
         assert self.host is not None
@@ -428,7 +446,13 @@ class Node:
         previous = self._previous
         body = await trio.to_thread.run_sync(self._compute_plan, peers, self._links(), previous)
         epoch = (self.plan.epoch if self.plan else 0) + 1
-        body |= {"term": self.election.term, "epoch": epoch, "members": members}
+        body |= {
+            "term": self.election.term,
+            "epoch": epoch,
+            "members": members,
+            # What the plan was made from, so a successor coordinator can re-plan incrementally from it.
+            "peers": [{"peer_id": p.peer_id, "host": p.host_name, "hardware": p.profile.to_dict()} for p in peers],
+        }
         lease = seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s)
         plan = seal("plan", body, self.key_pair, 3600.0)
         self._published = (lease, plan)
@@ -443,6 +467,8 @@ class Node:
     ) -> dict[str, Any]:
         """The planner's result as a plan body; runs in a worker thread."""
         workload = synthetic("default", min(512, self.model.max_context // 2), 128, count=64)
+        if previous is None:
+            previous = self._inherited_plan(links)
         try:
             cluster, gpu_map = build_cluster_from_peers(peers, links)
         except Exception as exc:
@@ -462,6 +488,21 @@ class Node:
             "throughput": result.throughput if math.isfinite(result.throughput) else 0.0,
             "gpus": {str(k): list(v) for k, v in gpu_map.items()},
         }
+
+    def _inherited_plan(self, links: list[LinkMeasurement]) -> tuple[Plan, Any] | None:
+        """The adopted plan of a previous coordinator and the cluster it was made for, if it says so."""
+        body = self.plan.body if self.plan else None
+        if not body or not body.get("plan") or not isinstance(body.get("peers"), list):
+            return None
+        try:
+            peers = [
+                PeerHardware(p["peer_id"], p["host"], HardwareProfile.from_dict(p["hardware"])) for p in body["peers"]
+            ]
+            cluster, _ = build_cluster_from_peers(peers, links)
+            return Plan.from_dict(body["plan"]), cluster
+        except Exception as exc:  # an unusable inheritance only costs a full plan
+            log.info("planning from scratch: the adopted plan cannot be reused (%s)", exc)
+            return None
 
     # ----------------------------------------------------------------- status
 
