@@ -284,8 +284,10 @@ class Node:
             coordinator = self.election.coordinator
             self._reject("not-coordinator", f"plan from {env.signer}, but the coordinator is {coordinator}")
             return
-        if self.plan is not None and body["epoch"] <= self.plan.epoch:
+        same_author = self.plan is not None and self.plan.coordinator == env.signer and self.plan.term == body["term"]
+        if same_author and body["epoch"] <= self.plan.epoch:
             return  # a re-announcement of a plan we have
+        # Otherwise the holder changed (two claims for one term were settled): its plan wins whatever its epoch.
         members = body.get("members")
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ValueError("plan members must be a list of peer ids")

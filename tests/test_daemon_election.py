@@ -146,3 +146,21 @@ def test_partition_merge_settles_on_the_smaller_holder():
     assert raised.term == 6
     assert m.accept(raised, live, now=1.0) and follower.accept(raised, live, now=1.0)
     assert b.coordinator == m.coordinator == follower.coordinator == "b"
+
+
+def test_plan_of_a_new_holder_in_the_same_term_replaces_an_equal_epoch():
+    """Two claims for one term each published epoch N; the settled holder's plan must still be adopted."""
+    from hexgen.daemon.envelope import seal
+    from hexgen.daemon.hardware import simulated_profile
+    from hexgen.daemon.host import new_identity
+    from hexgen.daemon.identity import peer_id_of
+    from hexgen.daemon.node import Node, NodeConfig
+
+    node = Node(NodeConfig(), new_identity(), simulated_profile("A100"))
+    loser, winner = new_identity(), new_identity()
+    for key in (loser, winner):
+        node.election.lease = Lease(peer_id_of(key), 3, 1e18)
+        node._apply_plan(seal("plan", {"term": 3, "epoch": 19, "members": [peer_id_of(key)]}, key, 60.0))
+        assert node.plan.coordinator == peer_id_of(key)
+    node._apply_plan(seal("plan", {"term": 3, "epoch": 19, "members": ["x"]}, winner, 60.0))
+    assert node.plan.members == [peer_id_of(winner)], "a re-announcement by the same holder changes nothing"
