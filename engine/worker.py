@@ -66,6 +66,7 @@ class StepResult:
     finished: list[Sequence] = field(default_factory=list)
     handed_off: list[Sequence] = field(default_factory=list)
     ran: bool = False
+    sampled: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, token) in batch order
 
 
 def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
@@ -167,7 +168,7 @@ class ReplicaWorker:
             return StepResult()
         tokens = self._forward(batch)
         left = self.scheduler.postprocess(batch, tokens)
-        result = StepResult(ran=True)
+        result = StepResult(ran=True, sampled=[(seq.seq_id, t) for seq, t in zip(batch.seqs, tokens, strict=True)])
         for seq in left:
             (result.finished if seq.finished else result.handed_off).append(seq)
             if seq.finished:

@@ -1,0 +1,164 @@
+"""The engine worker process: hosts one rank of a replica and talks to its daemon over a unix socket.
+
+Run as ``python -m hexgen.daemon.worker --ipc PATH``. The daemon listens on PATH and sends length-prefixed
+msgpack frames (``daemon.wire``): ``configure`` (the rank's replica, the world to join), then, to the
+replica's driver only, ``generate`` and ``abort``; ``shutdown`` ends the worker. The worker answers
+``ready`` or ``failed`` once, then streams ``token`` frames (and ``finished``). torch stays in this process:
+the daemon's trio loop never waits on a GPU step (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
+
+IDLE_POLL_S = 0.05
+KEEPALIVE_S = 10.0
+
+
+class Channel:
+    """Blocking frames over a connected unix socket, with a non-blocking poll for the step loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def send(self, obj: Any) -> None:
+        self.sock.sendall(encode_frame(obj))
+
+    def _frame(self) -> Any | None:
+        if len(self.buffer) < 4:
+            return None
+        size = int.from_bytes(self.buffer[:4], "big")
+        if size > MAX_FRAME:
+            raise MalformedFrame(f"frame of {size} bytes from the daemon")
+        if len(self.buffer) < 4 + size:
+            return None
+        payload, self.buffer = self.buffer[4 : 4 + size], self.buffer[4 + size :]
+        return decode_payload(payload)
+
+    def poll(self, timeout: float) -> list[Any]:
+        """Every complete frame that arrives within ``timeout`` seconds (none: an empty list)."""
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if ready:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError("the daemon closed the worker channel")
+            self.buffer += chunk
+        frames = []
+        while (frame := self._frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def receive(self) -> Any:
+        while True:
+            frames = self.poll(None)
+            if frames:
+                self.buffer = b"".join(encode_frame(f) for f in frames[1:]) + self.buffer
+                return frames[0]
+
+
+def spec_from(raw: dict[str, Any]) -> Any:
+    from hexgen.engine.layout import StageLayout
+    from hexgen.engine.model_runner import CacheConfig
+    from hexgen.engine.worker import ReplicaSpec
+
+    layout = tuple(StageLayout(int(a), int(b), int(tp)) for a, b, tp in raw["layout"])
+    cache = CacheConfig(**raw.get("cache", {}))
+    return ReplicaSpec(
+        str(raw["model_dir"]),
+        layout,
+        first_rank=int(raw.get("first_rank", 0)),
+        mode=str(raw.get("mode", "colocated")),
+        dtype=str(raw.get("dtype", "auto")),
+        device=str(raw.get("device", "cpu")),
+        cache=cache,
+    )
+
+
+def serve(channel: Channel) -> None:
+    import torch
+
+    from hexgen.engine.sequence import SamplingParams
+    from hexgen.engine.worker import ReplicaWorker, Request, init_world, replica_groups
+
+    config = channel.receive()
+    if not isinstance(config, dict) or config.get("op") != "configure":
+        channel.send({"op": "failed", "error": "the first frame must be configure"})
+        return
+    try:
+        torch.set_num_threads(int(config.get("threads", 1)))
+        specs = [spec_from(r) for r in config["replicas"]]
+        rank = int(config["rank"])
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        init_world(rank, int(config["world_size"]), int(config["port"]), str(config.get("backend", "gloo")))
+        groups = replica_groups(specs)
+        mine = next(s for s in specs if rank in s.ranks)
+        worker = ReplicaWorker(mine, rank, groups)
+    except Exception as exc:
+        channel.send({"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        return
+    channel.send({"op": "ready", "rank": rank, "driver": worker.is_driver, "blocks": worker.block_manager.num_blocks})
+    pending: list[Any] = []
+    aborts: list[int] = []
+    stop = False
+    idle_since = time.monotonic()
+    while True:
+        if worker.is_driver:
+            idle = not pending and not worker.scheduler.has_unfinished()
+            for frame in channel.poll(IDLE_POLL_S if idle else 0.0):
+                op = frame.get("op") if isinstance(frame, dict) else None
+                if op == "generate":
+                    sampling = SamplingParams(**frame.get("sampling", {}))
+                    pending.append(Request(int(frame["id"]), [int(t) for t in frame["tokens"]], sampling))
+                elif op == "abort":
+                    aborts.append(int(frame["id"]))
+                elif op == "shutdown":
+                    stop = True
+            # Followers wait inside a collective; an empty step now and then keeps it from timing out.
+            if idle and not pending and not aborts and not stop and time.monotonic() - idle_since < KEEPALIVE_S:
+                continue
+            idle_since = time.monotonic()
+        result = worker.step(pending, aborts, stop=stop)
+        pending, aborts = [], []
+        if result is None:
+            return
+        if worker.is_driver:
+            finished = {s.seq_id: s.finish_reason for s in result.finished}
+            for seq_id, token in result.sampled:
+                channel.send({"op": "token", "id": seq_id, "token": token, "finished": finished.get(seq_id)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hexgen-worker", description="hexgen engine worker (started by the daemon)")
+    parser.add_argument("--ipc", required=True, metavar="PATH", help="the daemon's unix socket for this worker")
+    args = parser.parse_args(argv)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(args.ipc)
+    except OSError as exc:
+        print(f"hexgen-worker: error: cannot reach the daemon at {args.ipc}: {exc}", file=sys.stderr)
+        return 2
+    channel = Channel(sock)
+    try:
+        serve(channel)
+    except EOFError:
+        return 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

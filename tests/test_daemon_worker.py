@@ -1,0 +1,83 @@
+"""The engine worker process as the daemon drives it: configure over a unix socket, join the world,
+generate, stream tokens, shut down. Two real worker processes form a TP=2 replica over gloo."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from checkpoints import TINY_CONFIGS, random_prompts
+
+from hexgen.daemon.worker import Channel
+from hexgen.engine.launcher import free_port
+from hexgen.engine.llm import LLM
+from hexgen.engine.sequence import SamplingParams
+
+
+def _listen(path) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(60)
+    return server
+
+
+def _spawn(path):
+    return subprocess.Popen([sys.executable, "-m", "hexgen.daemon.worker", "--ipc", str(path)])
+
+
+@pytest.fixture
+def workers():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+
+
+def test_tp2_replica_served_through_worker_processes(tiny_models, tmp_path, workers):
+    model_dir = tiny_models["llama-gqa"]
+    replica = {"model_dir": str(model_dir), "layout": [[0, 4, 2]], "first_rank": 0}
+    port = free_port()
+    channels = []
+    for rank in range(2):
+        server = _listen(tmp_path / f"w{rank}.sock")
+        workers.append(_spawn(tmp_path / f"w{rank}.sock"))
+        conn, _ = server.accept()
+        conn.settimeout(None)
+        channel = Channel(conn)
+        channel.send({"op": "configure", "rank": rank, "world_size": 2, "port": port, "replicas": [replica]})
+        channels.append(channel)
+    replies = [c.receive() for c in channels]
+    assert [r["op"] for r in replies] == ["ready", "ready"], replies
+    driver = channels[next(i for i, r in enumerate(replies) if r["driver"])]
+
+    prompts = random_prompts(4, TINY_CONFIGS["llama-gqa"]["vocab_size"], seed=11)
+    for i, prompt in enumerate(prompts):
+        driver.send({"op": "generate", "id": i, "tokens": prompt, "sampling": {"max_tokens": 12}})
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    done: dict[int, str] = {}
+    while len(done) < len(prompts):
+        for frame in driver.poll(30):
+            streamed[frame["id"]].append(frame["token"])
+            if frame["finished"]:
+                done[frame["id"]] = frame["finished"]
+    expected = [o.token_ids for o in LLM(model_dir).generate(prompts, SamplingParams(max_tokens=12))]
+    assert [streamed[i] for i in range(len(prompts))] == expected
+    assert set(done.values()) == {"length"}
+    driver.send({"op": "shutdown"})
+    assert [p.wait(timeout=60) for p in workers] == [0, 0]
+
+
+def test_worker_refuses_a_bad_first_frame(tmp_path, workers):
+    server = _listen(tmp_path / "w.sock")
+    workers.append(_spawn(tmp_path / "w.sock"))
+    conn, _ = server.accept()
+    conn.settimeout(None)
+    channel = Channel(conn)
+    channel.send({"op": "generate"})
+    assert channel.receive()["op"] == "failed"
+    assert workers[0].wait(timeout=60) == 0
