@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import multiaddr
 import trio
@@ -118,6 +117,7 @@ def new_identity() -> KeyPair:
 @contextlib.asynccontextmanager
 async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
     """Start a host listening on ``config``'s address with pubsub ready; stops it on exit."""
+    config = config or HostConfig()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_pair().private_key)
     connection_config = ConnectionConfig(
         max_connections_per_peer=1,
@@ -151,7 +151,3 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
     async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(gossipsub):
         await pubsub.wait_until_ready()
         yield Host(host, pubsub, recv_connect, recv_disconnect)
-
-
-def noise_only(host: Host) -> Any:
-    return host.libp2p.get_network()

@@ -12,7 +12,6 @@ from pathlib import Path
 import trio
 
 from hexgen.daemon.hardware import HardwareProfile, detect, simulated_profile
-from hexgen.daemon.host import HostConfig
 from hexgen.daemon.identity import Certificate, load_certificate, load_or_create_key
 from hexgen.daemon.node import Node, NodeConfig
 
@@ -58,6 +57,3 @@ def join(options: JoinOptions) -> int:
     hardware = hardware_for(options)
     trio.run(serve, options, hardware, certificate)
     return 0
-
-
-__all__ = ["HostConfig", "JoinOptions", "join"]
