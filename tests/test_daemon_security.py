@@ -12,7 +12,7 @@ import pytest
 import trio
 from daemon_harness import Swarm, open_client, statuses, wait_until
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from test_daemon_envelope import json_like
 from test_daemon_swarm import converged
 
 from hexgen.daemon.envelope import seal, to_wire
@@ -219,20 +219,10 @@ async def test_malformed_input_on_every_protocol(swarm):
 
 async def _hypothesis_gossip(client) -> None:
     """Publish hypothesis-generated msgpack values; the daemons must shrug them off."""
-    values = st.recursive(
-        st.none()
-        | st.booleans()
-        | st.integers(-(2**63), 2**64 - 1)
-        | st.floats()
-        | st.text(max_size=20)
-        | st.binary(max_size=40),
-        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
-        max_leaves=20,
-    )
     samples: list[bytes] = []
 
     @settings(max_examples=40, suppress_health_check=list(HealthCheck), database=None)
-    @given(values)
+    @given(json_like)
     def collect(value) -> None:
         samples.append(msgpack.packb(value, use_bin_type=True))
 
