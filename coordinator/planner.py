@@ -5,12 +5,12 @@ replicas K, partitions the bandwidth graph into K memory-balanced groups (spectr
 Kernighan-Lin), labels each group prefill, decode or colocated by a sweep over the groups' prefill to
 decode strength, then improves the assignment by local moves guided by the max-flow's min cut: flip
 a group's role, move or swap GPUs between the groups on either side of the bottleneck, split or
-merge groups. The baselines' plans are seeds too, so the search space contains theirs. For an offline
-batch (every request arriving at once), finalists within ``SearchBudget.tie_band`` of the best
-predicted throughput are tied, and the tie goes to the one the simulator finishes the batch soonest
-with: the max-flow value is a steady-state rate and cannot see ramp-up and drain (see
-``_offline_tie_break``). ``replan`` starts from a previous plan after GPUs join or leave and moves few
-GPUs.
+merge groups. The baselines' plans are seeds too, so the search space contains theirs. The max-flow
+value is a steady-state rate and cannot see ramp-up, drain or queueing, so the finalists are compared
+in the simulator on the workload itself (see ``_tie_break``): for an offline batch those within
+``SearchBudget.tie_band`` of the best predicted throughput, for an online trace every finalist that
+sustains its arrival rate. ``replan`` starts from a previous plan after GPUs join or leave and moves
+few GPUs.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ class SearchBudget:
     seeds_refined: int = 3
     k_values: int = 10
     min_gain: float = 0.0  # relative throughput gain a step must bring; a re-plan asks for more, to move less
-    # offline batches: finalists within this share of the best predicted throughput count as tied and are
-    # compared by replaying the batch (at most ``tie_requests`` of it) in the simulator; 0 turns it off
+    # finalists within this share of the best predicted throughput (or, online, sustaining the arrival rate)
+    # count as tied and are compared by replaying the workload (at most ``tie_requests`` of it) in the
+    # simulator; 0 turns it off
     tie_band: float = 0.05
     tie_requests: int = 20000
 
@@ -279,8 +280,8 @@ def plan(
     if best is None or best.value <= 0:
         raise PlanError(f"no group of the cluster can serve {model.name}")
     meta: dict[str, object] = {}
-    if budget.tie_band > 0 and _is_offline_batch(workload):
-        best, meta = _offline_tie_break(evaluator, [*finalists, *found_by_baselines], budget, seed)
+    if budget.tie_band > 0:
+        best, meta = _tie_break(evaluator, [*finalists, *found_by_baselines], budget, seed)
     return evaluator.to_plan(
         best, planner="hexgen2", evaluations=evaluator.evaluations, seconds=time.perf_counter() - started, **meta
     )
@@ -292,45 +293,52 @@ def _is_offline_batch(workload: Workload) -> bool:
     return all(r.arrival_s == first for r in workload.requests)
 
 
-def _offline_tie_break(
+def _tie_break(
     evaluator: Evaluator, candidates: Sequence[Evaluation], budget: SearchBudget, seed: int
 ) -> tuple[Evaluation, dict[str, object]]:
-    """Among finalists of nearly equal predicted throughput, the one that finishes an offline batch soonest.
+    """Among finalists the predicted rate cannot tell apart, the one the simulator serves the workload best with.
 
     The max-flow value is a steady-state rate, and the simulator runs a plan at that rate once its
     groups are busy. An offline batch also pays a ramp-up (decode groups wait for their first KV cache
     and fill at the prefill rate), a drain (the requests a prefill group finishes last still need their
     whole decode, and the longest outputs left in a group finish at single-sequence speed) and the
     imbalance of a static split. These depend on the particular requests, not on their moments: on the
-    Azure samples they move a plan's batch throughput by several per cent either way. So finalists
-    within ``tie_band`` of the best predicted throughput are taken as tied, and the tie goes to the one
-    that finishes the batch soonest in the simulator (the whole batch up to ``tie_requests`` requests,
-    else an even stride of it), then to the higher predicted throughput. The finalists are every
-    refined start and the baselines' own plans, so no baseline within the band finishes the batch
-    sooner. Deterministic for a seed; one simulation per tied finalist, O(R log R + I * S) each.
+    Azure samples they move a plan's batch throughput by several per cent either way. So for a batch
+    the finalists within ``tie_band`` of the best predicted throughput are taken as tied. For an online
+    trace every plan whose predicted rate sustains the arrival rate serves the same requests at the
+    same pace; what differs is queueing and the drain after the last arrival, so every finalist whose
+    rate reaches the offered rate is tied as well. The tie goes to the one that finishes the workload
+    soonest in the simulator (the whole workload up to ``tie_requests`` requests, else an even stride
+    of it), then to the lower mean latency, then to the higher predicted throughput. The finalists are
+    every refined start and the baselines' own plans, so no tied baseline serves the workload better.
+    Deterministic for a seed; one simulation per tied finalist, O(R log R + I * S) each.
     """
     unique: dict[tuple[GroupSpec, ...], Evaluation] = {}
     for ev in sorted(candidates, key=lambda e: e.key(), reverse=True):
         unique.setdefault(ev.assignment, ev)
     ordered = list(unique.values())
     top = ordered[0]
-    tied = [ev for ev in ordered if ev.value >= top.value * (1 - budget.tie_band)]
+    workload = evaluator.workload
+    floor = top.value * (1 - budget.tie_band)
+    if not _is_offline_batch(workload) and workload.duration_s > 0:
+        floor = min(floor, (len(workload.requests) - 1) / workload.duration_s)
+    tied = [ev for ev in ordered if ev.value >= floor]
     if len(tied) < 2:
         return top, {}
-    workload = evaluator.workload
     if len(workload.requests) > budget.tie_requests:
         stride = len(workload.requests) / budget.tie_requests
         sample = tuple(workload.requests[int(i * stride)] for i in range(budget.tie_requests))
         workload = Workload(workload.name, sample)
-    chosen, chosen_tokens = top, -1.0
+    chosen, chosen_score = top, (-1.0, 0.0)
     for ev in tied:
-        tokens = simulate(evaluator.to_plan(ev), evaluator.cost, workload, seed=seed).tokens_per_s
-        if tokens > chosen_tokens:
-            chosen, chosen_tokens = ev, tokens
+        result = simulate(evaluator.to_plan(ev), evaluator.cost, workload, seed=seed)
+        score = (result.tokens_per_s, -result.latency_mean_s)
+        if score > chosen_score:
+            chosen, chosen_score = ev, score
     meta: dict[str, object] = {
         "tie_break": {
             "tied": len(tied),
-            "simulated_tokens_per_s": chosen_tokens,
+            "simulated_tokens_per_s": chosen_score[0],
             "best_predicted_tokens_per_s": top.value * evaluator.workload.mean_output,
         }
     }

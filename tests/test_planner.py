@@ -163,11 +163,28 @@ def test_offline_batch_goes_to_the_tied_finalist_that_finishes_it_soonest() -> N
     assert mine > simulate(by_rate, cost, batch).tokens_per_s  # the case this guards: the best rate loses
     for baseline in (baselines.distserve, baselines.hexgen, baselines.naive):
         assert mine >= simulate(baseline(cluster, model, batch), cost, batch).tokens_per_s * (1 - 1e-9)
-    # an online workload (arrivals spread out) is planned by rate alone
+
+
+def test_online_trace_goes_to_the_finalist_that_serves_it_best() -> None:
+    """Online, every finalist that sustains the arrival rate is tied: the planner's plan serves the trace
+    (75 % of its best predicted rate) at least as well as every baseline's plan."""
+    cluster = build_cluster([HostSpec("h0", "A100", 2), HostSpec("h1", "L40", 2), HostSpec("h2", "A6000", 4)], 10.0)
+    model = MODELS["llama-2-7b"]
+    rng = random.Random(7)
+    batch = Workload("batch", tuple(Request(0.0, rng.randint(50, 1500), rng.randint(20, 400)) for _ in range(300)))
+    peak = planner.plan(cluster, model, batch, budget=planner.SearchBudget(tie_band=0))
     online = Workload(
-        "online", tuple(Request(i * 0.5, r.prompt_tokens, r.output_tokens) for i, r in enumerate(batch.requests))
-    )
-    assert "tie_break" not in planner.plan(cluster, model, online).meta
+        "online", tuple(Request(i * 0.37, r.prompt_tokens, r.output_tokens) for i, r in enumerate(batch.requests))
+    ).at_rate(0.75 * peak.throughput)
+    cost = CostModel(cluster, model, LengthStats.of(online))
+    plan = planner.plan(cluster, model, online)
+    assert_valid(plan, cluster, model, online)
+    assert plan.meta["tie_break"]["tied"] >= 2
+    mine = simulate(plan, cost, online)
+    assert mine.tokens_per_s == pytest.approx(plan.meta["tie_break"]["simulated_tokens_per_s"])
+    for baseline in (baselines.distserve, baselines.hexgen, baselines.naive):
+        theirs = simulate(baseline(cluster, model, online), cost, online)
+        assert mine.tokens_per_s >= theirs.tokens_per_s * (1 - 1e-9)
 
 
 def test_plan_is_deterministic_for_a_seed() -> None:
