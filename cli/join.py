@@ -48,7 +48,13 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     join.add_argument("--swarm-cert", metavar="FILE", help="membership certificate of a private swarm")
     join.add_argument("--simulate-gpu", metavar="TYPE[xN]", help="advertise simulated GPUs, e.g. H100x2")
     join.add_argument("--host-name", default="", metavar="NAME", help="name shown to peers (default: hostname)")
-    join.add_argument("--peer-timeout", type=float, default=10.0, metavar="S", help="drop silent peers after S seconds")
+    join.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=45.0,
+        metavar="S",
+        help="drop a peer without a direct connection after S seconds without an advert",
+    )
     join.add_argument("--no-calibrate", action="store_true", help="skip the GPU calibration at start-up")
     join.add_argument(
         "--probe-interval", type=float, default=30.0, metavar="S", help="seconds between link probe rounds"

@@ -2,7 +2,7 @@
 
 Works around the py-libp2p 0.8.1 pitfalls measured in ../shared/notes/libp2p.md: pubsub services start
 before any dial (start-up hang), ``max_connections_per_peer=1`` (250 ms dial delay), Noise only
-(plaintext is otherwise accepted), a 1 s gossip heartbeat with spam protection off (silent drops).
+(plaintext is otherwise accepted), a 2 s gossip heartbeat with spam protection off (silent drops).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class HostConfig:
     listen_host: str = "127.0.0.1"
     port: int = 0
     # A killed peer shows as a TCP close within ~0.2 s; the ping only catches hung peers, so it can be slow.
-    health_check_s: float = 5.0
+    health_check_s: float = 10.0
 
 
 class _ConnectionEvents(INotifee):
@@ -140,7 +140,7 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
         degree_low=2,
         degree_high=6,
         heartbeat_initial_delay=0.1,
-        heartbeat_interval=1,
+        heartbeat_interval=2,
         spam_protection_enabled=False,
         eclipse_protection_enabled=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +70,10 @@ class PeerTable:
         self.version += 1
         return True
 
-    def expire(self, now: float) -> list[str]:
-        """Drop every peer silent for longer than ``timeout_s``; returns their ids."""
-        stale = [p for p, r in self.peers.items() if now - r.last_seen > self.timeout_s]
+    def expire(self, now: float, keep: Collection[str] = ()) -> list[str]:
+        """Drop every peer silent for longer than ``timeout_s``, except those in ``keep`` (peers whose
+        connection is known healthy); returns their ids."""
+        stale = [p for p, r in self.peers.items() if now - r.last_seen > self.timeout_s and p not in keep]
         for peer_id in stale:
             self.drop(peer_id, now)
         return stale

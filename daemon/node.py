@@ -2,9 +2,13 @@
 election and, while it holds the lease, plans for the swarm and publishes signed plans.
 
 Tasks (all in one nursery): the gossip reader, the advert announcer, the connector that keeps a link to
-every known peer, the disconnect watcher, the election ticker, the planner (coordinator only) and the
-``/hexgen/status/1`` handler. Control messages travel as msgpack lists of signed envelopes on one
-GossipSub topic; every message is re-sent periodically because gossip may drop it.
+every known peer, the disconnect watcher, the election ticker, the planner (coordinator only), the plan
+fetcher and the ``/hexgen/status/1`` and ``/hexgen/plan/1`` handlers. Control messages travel as msgpack
+lists of signed envelopes on one GossipSub topic. Gossip may drop a message, so adverts are re-sent
+slowly and the lease often; a plan goes out once, and a node whose adopted epoch is behind the one the
+lease names fetches the signed plan from the coordinator directly. A directly connected peer stays a
+member while its connection is healthy (libp2p's health monitor pings it), so the slow adverts are
+needed only for liveness of peers reached through gossip alone.
 """
 
 from __future__ import annotations
@@ -44,11 +48,14 @@ from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 log = logging.getLogger("hexgen.daemon")
 
 STATUS_PROTOCOL = TProtocol("/hexgen/status/1")
+PLAN_PROTOCOL = TProtocol("/hexgen/plan/1")
+SYNC_PROTOCOL = TProtocol("/hexgen/sync/1")
 CONTROL_TOPIC = "hexgen/control/1"
 MAX_GOSSIP_BYTES = 256 << 10
 RPC_TIMEOUT_S = 5.0
 MAX_ADVERTISED_LINKS = 32
-PLAN_EVERY = 2
+PLAN_FETCH_GAP_S = 0.5
+MAX_SYNC_ADVERTS = 1024
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,12 @@ class NodeConfig:
     host: HostConfig = field(default_factory=HostConfig)
     bootstrap: tuple[str, ...] = ()
     host_name: str = ""
-    advert_interval_s: float = 2.0
-    peer_timeout_s: float = 10.0
-    lease_ttl_s: float = 8.0
+    advert_interval_s: float = 15.0
+    # for peers with no direct connection; a connected peer is watched by the connection's health pings
+    peer_timeout_s: float = 45.0
+    lease_ttl_s: float = 12.0
     plan_debounce_s: float = 0.3
-    tick_s: float = 0.2
+    tick_s: float = 0.5
     # A node that dialled bootstrap peers listens this long for a live lease before claiming one itself.
     startup_grace_s: float = 2.0
     probe_interval_s: float = 30.0
@@ -111,8 +119,9 @@ class Node:
         self._claim_after = float("inf")
         self.links: dict[str, LinkMeasurement] = {}
         self._advert_freshness = 3 * config.advert_interval_s + 1.0
-        self._ever_connected: set[str] = set()
         self._announce_now = trio.Event()
+        self._want_plan = trio.Event()
+        self._adverts: dict[str, Envelope] = {}  # the latest advert of each member, handed to newcomers
 
     # ----------------------------------------------------------------- running
 
@@ -121,6 +130,8 @@ class Node:
             self.host = host
             self._claim_after = self.clock() + (self.config.startup_grace_s if self.config.bootstrap else 0.0)
             host.handle(STATUS_PROTOCOL, self._serve_status)
+            host.handle(PLAN_PROTOCOL, self._serve_plan)
+            host.handle(SYNC_PROTOCOL, self._serve_sync)
             host.handle(PROBE_PROTOCOL, self._serve_probe)
             subscription = await host.pubsub.subscribe(self.topic)
             async with trio.open_nursery() as nursery:
@@ -134,6 +145,7 @@ class Node:
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._coordinate)
                 nursery.start_soon(self._probe_links)
+                nursery.start_soon(self._fetch_plans)
                 task_status.started(self)
 
     async def leave(self) -> None:
@@ -161,10 +173,12 @@ class Node:
         for delay in (0.0, 0.2, 0.5, 1.0, 2.0):
             await trio.sleep(delay)
             try:
-                await self.host.connect(addr)
-                return
+                peer_id = await self.host.connect(addr)
             except Exception as exc:
                 last = exc
+                continue
+            await self._sync_from(peer_id)
+            return
         log.warning("bootstrap %s unreachable: %s", addr, last)
 
     async def _publish(self, envelopes: list[Envelope]) -> None:
@@ -256,6 +270,8 @@ class Node:
         if self.table.apply_advert(env.signer, body, env.issued, now):
             log.info("peer %s joined (%s)", env.signer, body.get("host"))
             self._poke()
+        if self.table.peers.get(env.signer) is not None and self.table.peers[env.signer].advert_issued == env.issued:
+            self._adverts[env.signer] = env
 
     def _apply_lease(self, env: Envelope, now: float) -> None:
         body = env.body
@@ -268,6 +284,16 @@ class Node:
             if was_coordinator:
                 self._published = None
             self._poke()
+        epoch = body.get("epoch")
+        if isinstance(epoch, int) and self._plan_behind(env.signer, lease.term, epoch):
+            self._want_plan.set()
+
+    def _plan_behind(self, coordinator: str, term: int, epoch: int) -> bool:
+        """True when the current coordinator's lease names a plan this node has not adopted."""
+        if coordinator != self.election.coordinator or term != self.election.term or epoch <= 0:
+            return False
+        plan = self.plan
+        return plan is None or plan.coordinator != coordinator or plan.term != term or plan.epoch < epoch
 
     def _apply_plan(self, env: Envelope) -> None:
         body = env.body
@@ -311,25 +337,57 @@ class Node:
             body["cert"] = self.certificate.to_bytes()
         return body
 
+    def _lease_envelope(self) -> Envelope:
+        assert self.election.lease is not None and self._published is not None
+        body = self.election.lease.to_body() | {"epoch": self._published[1].body["epoch"]}
+        return seal("lease", body, self.key_pair, self.config.lease_ttl_s)
+
     async def _announce(self) -> None:
-        """Re-announce periodically, and at once (at most every 0.3 s) when a new connection appears, so a
-        newcomer is seen in one gossip hop without a fast periodic rate. The plan rides along every
-        ``PLAN_EVERY`` announcements; the lease every time."""
-        rounds = 0
+        """Adverts every ``advert_interval_s``, and at once (at most every 0.3 s) when a new connection
+        appears, so a newcomer is seen in one gossip hop; while coordinator, the lease every third of its
+        lifetime, naming the plan's epoch."""
+        last_advert = -math.inf
+        lease_every = self.config.lease_ttl_s / 3
         while not self._leaving:
-            advert = seal("advert", self.advert_body(), self.key_pair, self._advert_freshness)
-            outgoing = [advert]
+            outgoing = []
+            if self._announce_now.is_set() or trio.current_time() - last_advert >= self.config.advert_interval_s:
+                outgoing.append(seal("advert", self.advert_body(), self.key_pair, self._advert_freshness))
+                last_advert = trio.current_time()
             if self._published is not None and self.election.is_coordinator(self.clock()):
-                outgoing.append(seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s))
-                if rounds % PLAN_EVERY == 0 or self._announce_now.is_set():
-                    outgoing.append(seal("plan", self._published[1].body, self.key_pair, 3600.0))
-            rounds += 1
-            with contextlib.suppress(Exception):
-                await self._publish(outgoing)
+                outgoing.append(self._lease_envelope())
             self._announce_now = trio.Event()
+            if outgoing:
+                with contextlib.suppress(Exception):
+                    await self._publish(outgoing)
             await trio.sleep(0.3)
-            with trio.move_on_after(max(0.0, self.config.advert_interval_s - 0.3)):
+            wait = min(lease_every, last_advert + self.config.advert_interval_s - trio.current_time())
+            with trio.move_on_after(max(0.0, wait - 0.3)):
                 await self._announce_now.wait()
+
+    async def _fetch_plans(self) -> None:
+        """Fetch the signed plan from the coordinator whenever its lease names an epoch not adopted here."""
+        assert self.host is not None
+        while True:
+            await self._want_plan.wait()
+            self._want_plan = trio.Event()
+            coordinator = self.election.coordinator
+            if coordinator is None or coordinator == self.peer_id:
+                continue
+            request = {"cert": self.certificate.to_bytes()} if self.certificate else {}
+            try:
+                with trio.fail_after(RPC_TIMEOUT_S):
+                    reply = await call(self.host, coordinator, PLAN_PROTOCOL, request)
+                if reply.get("error"):
+                    raise ValueError(reply["error"])
+                env = verify(from_wire(reply.get("plan")), kind="plan", now=self.clock(), sender=coordinator)
+                self._apply_plan(env)
+            except EnvelopeRejected as exc:
+                self._reject(exc.reason, f"fetched plan: {exc} (from {coordinator})")
+            except (KeyError, TypeError, ValueError) as exc:
+                self._reject("malformed", f"fetched plan: {exc} (from {coordinator})")
+            except Exception as exc:  # unreachable or slow: the next lease asks again
+                log.debug("fetching the plan from %s failed: %s", coordinator, exc)
+            await trio.sleep(PLAN_FETCH_GAP_S)
 
     async def _keep_connected(self) -> None:
         assert self.host is not None
@@ -340,20 +398,17 @@ class Node:
                     continue
                 with contextlib.suppress(Exception), trio.move_on_after(2.0):
                     await self.host.connect_peer(record.peer_id, record.addrs)
-                silent = self.clock() - record.last_seen > self._advert_freshness
-                if (
-                    record.peer_id not in self.host.connected_peers()
-                    and silent
-                    and self.table.drop(record.peer_id, self.clock())
-                ):
-                    log.info("peer %s is unreachable and silent", record.peer_id)
+                # A peer that cannot be dialled is dropped at once (gossip replays recent adverts of dead
+                # nodes, and a missed disconnect event must not keep a dead peer, or its lease, alive); if
+                # it lives, its next advert brings it back.
+                if record.peer_id not in self.host.connected_peers() and self.table.drop(record.peer_id, self.clock()):
+                    log.info("peer %s is unreachable", record.peer_id)
                     self._peer_gone(record.peer_id)
             await self._wait_change(1.0)
 
     async def _watch_connects(self) -> None:
         assert self.host is not None
-        async for peer_id in self.host.connects:
-            self._ever_connected.add(peer_id)
+        async for _peer_id in self.host.connects:
             self._announce_now.set()
 
     async def _watch_disconnects(self) -> None:
@@ -412,7 +467,8 @@ class Node:
     async def _tick(self) -> None:
         while True:
             now = self.clock()
-            for peer_id in self.table.expire(now):
+            assert self.host is not None
+            for peer_id in self.table.expire(now, keep=self.host.connected_peers()):
                 log.info("peer %s timed out", peer_id)
                 self._peer_gone(peer_id)
             live = self.table.live_ids()
@@ -556,41 +612,93 @@ class Node:
         return False
 
     async def _serve_status(self, stream: INetStream) -> None:
+        await self._serve_rpc(stream, "status", lambda request: self.status())
+
+    async def _serve_sync(self, stream: INetStream) -> None:
+        def answer(request: dict[str, Any]) -> dict[str, Any]:
+            own = seal("advert", self.advert_body(), self.key_pair, self._advert_freshness)
+            live = [env for peer, env in self._adverts.items() if peer in self.table.peers]
+            return {"adverts": [to_wire(env) for env in [own, *live][:MAX_SYNC_ADVERTS]]}
+
+        await self._serve_rpc(stream, "sync", answer)
+
+    async def _sync_from(self, peer_id: str) -> None:
+        """Learn the members a bootstrap peer knows from their own signed adverts, in one round trip,
+        instead of waiting for each to re-announce."""
+        assert self.host is not None
+        request = {"cert": self.certificate.to_bytes()} if self.certificate else {}
+        try:
+            with trio.fail_after(RPC_TIMEOUT_S):
+                reply = await call(self.host, peer_id, SYNC_PROTOCOL, request)
+            adverts = reply.get("adverts")
+            if not isinstance(adverts, list):
+                raise ValueError(reply.get("error") or "a sync reply lists adverts")
+        except Exception as exc:  # the periodic adverts still bring every member, only later
+            log.debug("sync from %s failed: %s", peer_id, exc)
+            return
+        now = self.clock()
+        for item in adverts[:MAX_SYNC_ADVERTS]:
+            try:
+                env = verify(from_wire(item), kind="advert", now=now)
+                if env.signer != self.peer_id:
+                    self._apply_advert(env, now)
+            except EnvelopeRejected as exc:
+                self._reject(exc.reason, f"synced advert: {exc} (from {peer_id})")
+            except (KeyError, TypeError, ValueError, HardwareError, CertificateError) as exc:
+                self._reject("malformed", f"synced advert: {exc} (from {peer_id})")
+
+    async def _serve_plan(self, stream: INetStream) -> None:
+        def answer(request: dict[str, Any]) -> dict[str, Any]:
+            if self._published is None or not self.election.is_coordinator(self.clock()):
+                return {"error": "this node is not the coordinator"}
+            return {"plan": to_wire(self._published[1])}
+
+        await self._serve_rpc(stream, "plan", answer)
+
+    async def _serve_rpc(
+        self, stream: INetStream, name: str, answer: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        """One request frame in, one reply frame out; members only in a private swarm; bad frames answered."""
         peer = str(stream.muxed_conn.peer_id)
         reader = FrameReader(stream)
         try:
             with trio.fail_after(RPC_TIMEOUT_S):
                 request = await reader.read()
                 if not isinstance(request, dict):
-                    await write_frame(stream, {"error": "a status request is a map"})
+                    await write_frame(stream, {"error": f"a {name} request is a map"})
                 elif not self._may_ask(peer, request.get("cert")):
-                    self._reject("not-member", f"status request from non-member {peer}")
+                    self._reject("not-member", f"{name} request from non-member {peer}")
                     await write_frame(stream, {"error": "not a member of this swarm"})
                 else:
-                    await write_frame(stream, self.status())
+                    await write_frame(stream, answer(request))
         except FrameError as exc:
-            self._reject("malformed", f"status request from {peer}: {exc}")
+            self._reject("malformed", f"{name} request from {peer}: {exc}")
             with contextlib.suppress(Exception):
                 await write_frame(stream, {"error": str(exc)})
         except (trio.TooSlowError, Exception) as exc:
-            log.debug("status stream from %s ended: %s", peer, exc)
+            log.debug("%s stream from %s ended: %s", name, peer, exc)
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()
 
 
-async def query_status(host: Host, peer_id: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Ask a daemon (already connected or dialable) for its status."""
-    stream = await host.open_stream(peer_id, STATUS_PROTOCOL)
+async def call(host: Host, peer_id: str, protocol: TProtocol, request: dict[str, Any]) -> dict[str, Any]:
+    """One request/reply exchange with a daemon (already connected or dialable) over ``protocol``."""
+    stream = await host.open_stream(peer_id, protocol)
     try:
-        await write_frame(stream, request or {})
+        await write_frame(stream, request)
         reply = await FrameReader(stream).read()
     finally:
         with contextlib.suppress(Exception):
             await stream.close()
     if not isinstance(reply, dict):
-        raise FrameError("status reply is not a map")
+        raise FrameError("the reply is not a map")
     return reply
+
+
+async def query_status(host: Host, peer_id: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ask a daemon (already connected or dialable) for its status."""
+    return await call(host, peer_id, STATUS_PROTOCOL, request or {})
 
 
 def default_key_file() -> Path:

@@ -105,6 +105,15 @@ def test_peer_table_expiry():
     assert t.live_ids() == ["q", "self"]
 
 
+def test_peer_table_keeps_silent_peers_with_a_healthy_connection():
+    t = PeerTable("self", timeout_s=5.0)
+    t.apply_advert("p", ADVERT, issued=0.0, now=0.0)
+    t.apply_advert("q", ADVERT, issued=0.0, now=0.0)
+    assert t.expire(now=60.0, keep={"q"}) == ["p"]
+    assert t.live_ids() == ["q", "self"]
+    assert t.expire(now=61.0) == ["q"]
+
+
 def test_live_member_cannot_take_over_with_a_higher_term():
     e = Election("c")
     e.accept(Lease("b", 2, 10.0), ["b", "c", "z"], now=0.0)

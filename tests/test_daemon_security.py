@@ -19,7 +19,7 @@ from hexgen.daemon.envelope import seal, to_wire
 from hexgen.daemon.hardware import HardwareProfile
 from hexgen.daemon.host import new_identity, open_host
 from hexgen.daemon.identity import peer_id_of
-from hexgen.daemon.node import CONTROL_TOPIC, STATUS_PROTOCOL, query_status
+from hexgen.daemon.node import CONTROL_TOPIC, PLAN_PROTOCOL, STATUS_PROTOCOL, SYNC_PROTOCOL, query_status
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.wire import encode_frame
 
@@ -201,7 +201,7 @@ async def test_malformed_input_on_every_protocol(swarm):
             encode_frame({"cert_ok": "yes", "x": [None] * 10}),
             b"",
         ]
-        for protocol in (STATUS_PROTOCOL, PROBE_PROTOCOL):
+        for protocol in (STATUS_PROTOCOL, PLAN_PROTOCOL, SYNC_PROTOCOL, PROBE_PROTOCOL):
             for payload in raw_inputs:
                 stream = await client.open_stream(target.peer_id, protocol)
                 with trio.fail_after(10):
