@@ -36,14 +36,19 @@ from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.coordinator.workload import synthetic
 from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_cluster_from_peers, probe_plan
+from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
 from hexgen.daemon.election import Election, Lease, LeaseRejected
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, ReplayGuard, from_wire, seal, to_wire, verify
 from hexgen.daemon.hardware import HardwareError, HardwareProfile
 from hexgen.daemon.host import Host, HostConfig, open_host
 from hexgen.daemon.identity import Certificate, CertificateError, verify_certificate
 from hexgen.daemon.membership import PeerTable
+from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.probe import PROBE_PROTOCOL, probe, serve_probe
+from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, Router
+from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
+from hexgen.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("hexgen.daemon")
 
@@ -74,6 +79,8 @@ class NodeConfig:
     startup_grace_s: float = 2.0
     probe_interval_s: float = 30.0
     probes_per_round: int = 2
+    worker_device: str = "cpu"
+    worker_threads: int = 1
 
 
 @dataclass
@@ -122,6 +129,15 @@ class Node:
         self._announce_now = trio.Event()
         self._want_plan = trio.Event()
         self._adverts: dict[str, Envelope] = {}  # the latest advert of each member, handed to newcomers
+        self.model_hash: str | None = None
+        self.supervisor: Supervisor | None = None
+        self.router: Router | None = None
+        self.rendezvous: tuple[str, int] | None = None
+        if is_checkpoint_dir(config.model):
+            self.model_hash = model_fingerprint(config.model)
+            self.supervisor = Supervisor(
+                self.peer_id, config.model, device=config.worker_device, threads=config.worker_threads
+            )
 
     # ----------------------------------------------------------------- running
 
@@ -134,7 +150,23 @@ class Node:
             host.handle(SYNC_PROTOCOL, self._serve_sync)
             host.handle(PROBE_PROTOCOL, self._serve_probe)
             subscription = await host.pubsub.subscribe(self.topic)
+            if self.supervisor is not None:
+                self.rendezvous = (self.config.host.listen_host, _free_port(self.config.host.listen_host))
+                self.supervisor.store_address = self.rendezvous
+                self.router = Router(
+                    host,
+                    self.peer_id,
+                    self.supervisor,
+                    Tokenizer.from_dir(self.config.model),
+                    self.model.max_context,
+                    self._may_ask,
+                )
+                host.handle(GENERATE_PROTOCOL, self.router.serve_generate)
+                host.handle(REPLICA_PROTOCOL, self.router.serve_replica)
             async with trio.open_nursery() as nursery:
+                if self.supervisor is not None:
+                    nursery.start_soon(self.supervisor.run)
+                    nursery.start_soon(self._deploy)
                 nursery.start_soon(self._read_gossip, subscription)
                 nursery.start_soon(self._watch_disconnects)
                 nursery.start_soon(self._watch_connects)
@@ -267,6 +299,9 @@ class Node:
             except CertificateError as exc:
                 self._reject("not-member", f"advert of {env.signer}: {exc}")
                 return
+        if body.get("model_hash") != self.model_hash:
+            self._reject("model-mismatch", f"advert of {env.signer} serves another model ({body.get('model')})")
+            return
         if self.table.apply_advert(env.signer, body, env.issued, now):
             log.info("peer %s joined (%s)", env.signer, body.get("host"))
             self._poke()
@@ -335,6 +370,9 @@ class Node:
         }
         if self.certificate is not None:
             body["cert"] = self.certificate.to_bytes()
+        if self.model_hash is not None and self.rendezvous is not None:
+            body["model_hash"] = self.model_hash
+            body["rendezvous"] = list(self.rendezvous)
         return body
 
     def _lease_envelope(self) -> Envelope:
@@ -562,6 +600,32 @@ class Node:
             log.info("planning from scratch: the adopted plan cannot be reused (%s)", exc)
             return None
 
+    # ----------------------------------------------------------------- serving
+
+    async def _deploy(self) -> None:
+        """Keep the supervisor on the adopted plan's world (the rendezvous comes from the members' adverts)."""
+        assert self.supervisor is not None
+        failed_for: tuple[int, int] | None = None
+        while True:
+            plan = self.plan
+            if plan is not None:
+                rendezvous = {
+                    peer: (str(env.body["rendezvous"][0]), int(env.body["rendezvous"][1]))
+                    for peer, env in self._adverts.items()
+                    if isinstance(env.body.get("rendezvous"), list) and len(env.body["rendezvous"]) == 2
+                }
+                if self.rendezvous is not None:
+                    rendezvous[self.peer_id] = self.rendezvous
+                try:
+                    self.supervisor.want(deployment_from_plan(plan.body, rendezvous))
+                    failed_for = None
+                except DeploymentError as exc:
+                    if failed_for != (plan.term, plan.epoch):
+                        log.warning("cannot deploy plan epoch %d: %s", plan.epoch, exc)
+                        failed_for = (plan.term, plan.epoch)
+                    self.supervisor.want(None)
+            await self._wait_change(1.0)
+
     # ----------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
@@ -597,6 +661,7 @@ class Node:
             },
             "rejections": dict(self.rejections),
             "links": [m.to_dict() for m in self._links()],
+            "serving": None if self.supervisor is None else self.supervisor.status(),
         }
 
     def _may_ask(self, peer: str, cert: Any) -> bool:
@@ -699,6 +764,13 @@ async def call(host: Host, peer_id: str, protocol: TProtocol, request: dict[str,
 async def query_status(host: Host, peer_id: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ask a daemon (already connected or dialable) for its status."""
     return await call(host, peer_id, STATUS_PROTOCOL, request or {})
+
+
+def _free_port(host: str) -> int:
+    """A port free now on ``host``, for the store of worlds whose rank 0 runs here."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def default_key_file() -> Path:

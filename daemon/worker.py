@@ -1,9 +1,12 @@
 """The engine worker process: hosts one rank of a replica and talks to its daemon over a unix socket.
 
 Run as ``python -m hexgen.daemon.worker --ipc PATH``. The daemon listens on PATH and sends length-prefixed
-msgpack frames (``daemon.wire``): ``configure`` (the rank's replica, the world to join), then, to the
-replica's driver only, ``generate`` and ``abort``; ``shutdown`` ends the worker. The worker answers
-``ready`` or ``failed`` once, then streams ``token`` frames (and ``finished``). torch stays in this process:
+msgpack frames (``daemon.wire``): ``configure`` (every replica of the world, the world's store), then, to
+a replica's driver only, ``generate`` (a new request; ``dst`` names the decode replica a prefill replica
+hands it to), ``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and
+``abort``; ``shutdown`` ends the worker. The worker answers ``ready`` or ``failed`` once, then streams
+``token`` frames (with ``finished``) and, from a prefill replica, ``handoff`` frames (prompt and first
+token) just before the KV goes out. torch stays in this process:
 the daemon's trio loop never waits on a GPU step (DESIGN.md section 2).
 """
 
@@ -84,57 +87,83 @@ def spec_from(raw: dict[str, Any]) -> Any:
     )
 
 
-def serve(channel: Channel) -> None:
+def _join(config: dict[str, Any]) -> Any:
     import torch
 
+    from hexgen.engine.worker import ReplicaWorker, init_world, init_world_store, replica_groups
+
+    torch.set_num_threads(int(config.get("threads", 1)))
+    specs = [spec_from(r) for r in config["replicas"]]
+    rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if "store" in config:
+        host, port = config["store"]
+        init_world_store(rank, size, str(host), int(port), str(config.get("prefix", "")), backend)
+    else:
+        init_world(rank, size, int(config["port"]), backend)
+    groups = replica_groups(specs)
+    mine = next(s for s in specs if rank in s.ranks)
+    worker = ReplicaWorker(mine, rank, groups)
+    worker.peers = specs
+    return worker
+
+
+def serve(channel: Channel) -> None:
     from hexgen.engine.sequence import SamplingParams
-    from hexgen.engine.worker import ReplicaWorker, Request, init_world, replica_groups
+    from hexgen.engine.worker import Request
 
     config = channel.receive()
     if not isinstance(config, dict) or config.get("op") != "configure":
         channel.send({"op": "failed", "error": "the first frame must be configure"})
         return
     try:
-        torch.set_num_threads(int(config.get("threads", 1)))
-        specs = [spec_from(r) for r in config["replicas"]]
-        rank = int(config["rank"])
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        init_world(rank, int(config["world_size"]), int(config["port"]), str(config.get("backend", "gloo")))
-        groups = replica_groups(specs)
-        mine = next(s for s in specs if rank in s.ranks)
-        worker = ReplicaWorker(mine, rank, groups)
+        worker = _join(config)
     except Exception as exc:
         channel.send({"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return
-    channel.send({"op": "ready", "rank": rank, "driver": worker.is_driver, "blocks": worker.block_manager.num_blocks})
+    channel.send(
+        {"op": "ready", "rank": worker.rank, "driver": worker.is_driver, "blocks": worker.block_manager.num_blocks}
+    )
     pending: list[Any] = []
+    imports: list[Any] = []
     aborts: list[int] = []
     stop = False
     idle_since = time.monotonic()
     while True:
         if worker.is_driver:
-            idle = not pending and not worker.scheduler.has_unfinished()
+            idle = not pending and not imports and not worker.scheduler.has_unfinished()
             for frame in channel.poll(IDLE_POLL_S if idle else 0.0):
                 op = frame.get("op") if isinstance(frame, dict) else None
-                if op == "generate":
-                    sampling = SamplingParams(**frame.get("sampling", {}))
-                    pending.append(Request(int(frame["id"]), [int(t) for t in frame["tokens"]], sampling))
+                if op in ("generate", "import"):
+                    fields = dict(frame.get("sampling", {}))
+                    fields["stop_token_ids"] = tuple(fields.get("stop_token_ids", ()))
+                    sampling = SamplingParams(**fields)
+                    tokens = [int(t) for t in frame["tokens"]]
+                    if op == "generate":
+                        pending.append(Request(int(frame["id"]), tokens, sampling, dst=int(frame.get("dst", -1))))
+                    else:
+                        imports.append(Request(int(frame["id"]), tokens, sampling, src=int(frame["src"])))
                 elif op == "abort":
                     aborts.append(int(frame["id"]))
                 elif op == "shutdown":
                     stop = True
             # Followers wait inside a collective; an empty step now and then keeps it from timing out.
-            if idle and not pending and not aborts and not stop and time.monotonic() - idle_since < KEEPALIVE_S:
+            busy = pending or imports or aborts or stop
+            if idle and not busy and time.monotonic() - idle_since < KEEPALIVE_S:
                 continue
             idle_since = time.monotonic()
-        result = worker.step(pending, aborts, stop=stop)
-        pending, aborts = [], []
+        result = worker.step(pending, aborts, stop=stop, imports=imports)
+        pending, imports, aborts = [], [], []
         if result is None:
             return
         if worker.is_driver:
             finished = {s.seq_id: s.finish_reason for s in result.finished}
             for seq_id, token in result.sampled:
                 channel.send({"op": "token", "id": seq_id, "token": token, "finished": finished.get(seq_id)})
+            for seq in result.handed_off:
+                channel.send({"op": "handoff", "id": seq.seq_id, "tokens": list(seq.token_ids)})
+        if result.handed_off:
+            worker.export_routed(result.handed_off)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,6 +211,51 @@ def _used_blocks(kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens:
     return used
 
 
+_Pending = tuple[list[dist.Work], list[tuple[_Move, torch.Tensor, torch.Tensor]]]
+
+
+def _post_chunk(
+    kv_cache: torch.Tensor,
+    moves: list[_Move],
+    block_ids: list[int],
+    sending: bool,
+    group: dist.ProcessGroup | None,
+    tag: int,
+) -> _Pending:
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    ops = []
+    buffers = []
+    for move in moves:
+        view = kv_cache[:, move.layers, :, :, move.kv_heads]
+        if sending:
+            buffer = view.index_select(2, index)
+        else:
+            shape = (*view.shape[:2], len(index), *view.shape[3:])
+            buffer = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
+        ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buffer, move.peer, group, tag))
+        buffers.append((move, index, buffer))
+    return dist.batch_isend_irecv(ops), buffers
+
+
+def _finish_chunk(kv_cache: torch.Tensor, pending: _Pending, sending: bool, timeout: timedelta | None) -> None:
+    # A backend that coalesces the batch (NCCL) returns one work for all of it, so works and moves need not
+    # pair up; name every peer of the chunk on failure.
+    works, buffers = pending
+    try:
+        for work in works:
+            if timeout is None:
+                work.wait()
+            else:
+                work.wait(timeout)
+    except RuntimeError as error:
+        peers = sorted({move.peer for move, _, _ in buffers})
+        verb = "sending KV to" if sending else "receiving KV from"
+        raise KVTransferError(f"{verb} process-group ranks {peers} failed: {error}") from error
+    if not sending:
+        for move, index, buffer in buffers:
+            kv_cache[:, move.layers, :, :, move.kv_heads].index_copy_(2, index, buffer)
+
+
 def _transfer(
     kv_cache: torch.Tensor,
     moves: list[_Move],
@@ -219,53 +264,22 @@ def _transfer(
     group: dist.ProcessGroup | None,
     blocks_per_chunk: int,
     timeout: timedelta | None,
+    tag: int = 0,
 ) -> None:
     """Post every move chunk by chunk, keeping at most ``_CHUNKS_IN_FLIGHT`` chunks outstanding.
 
     Both sides walk (chunk, slice) in the same order, so each pair's messages match in order and a backend
-    that serialises point-to-point operations (NCCL) cannot deadlock.
+    that serialises point-to-point operations (NCCL) cannot deadlock. ``tag`` tells one sequence's messages
+    from another's between the same pair of ranks (gloo matches by tag; NCCL ignores it).
     """
-    pending: collections.deque[tuple[list[dist.Work], list[tuple[_Move, torch.Tensor, torch.Tensor]]]]
-    pending = collections.deque()
-
-    def finish() -> None:
-        # A backend that coalesces the batch (NCCL) returns one work for all of it, so works and moves need not
-        # pair up; name every peer of the chunk on failure.
-        works, buffers = pending.popleft()
-        try:
-            for work in works:
-                if timeout is None:
-                    work.wait()
-                else:
-                    work.wait(timeout)
-        except RuntimeError as error:
-            peers = sorted({move.peer for move, _, _ in buffers})
-            verb = "sending KV to" if sending else "receiving KV from"
-            raise KVTransferError(f"{verb} process-group ranks {peers} failed: {error}") from error
-        if not sending:
-            for move, index, buffer in buffers:
-                kv_cache[:, move.layers, :, :, move.kv_heads].index_copy_(2, index, buffer)
-
+    pending: collections.deque[_Pending] = collections.deque()
     for chunk_start in range(0, len(block_ids), blocks_per_chunk):
-        index = torch.tensor(
-            block_ids[chunk_start : chunk_start + blocks_per_chunk], dtype=torch.long, device=kv_cache.device
-        )
-        ops = []
-        buffers = []
-        for move in moves:
-            view = kv_cache[:, move.layers, :, :, move.kv_heads]
-            if sending:
-                buffer = view.index_select(2, index)
-            else:
-                shape = (*view.shape[:2], len(index), *view.shape[3:])
-                buffer = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
-            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buffer, move.peer, group))
-            buffers.append((move, index, buffer))
-        pending.append((dist.batch_isend_irecv(ops), buffers))
+        chunk = block_ids[chunk_start : chunk_start + blocks_per_chunk]
+        pending.append(_post_chunk(kv_cache, moves, chunk, sending, group, tag))
         if len(pending) >= _CHUNKS_IN_FLIGHT:
-            finish()
+            _finish_chunk(kv_cache, pending.popleft(), sending, timeout)
     while pending:
-        finish()
+        _finish_chunk(kv_cache, pending.popleft(), sending, timeout)
 
 
 def _check_call(blocks_per_chunk: int, timeout: timedelta | None) -> None:
@@ -286,6 +300,7 @@ def send_kv(
     group: dist.ProcessGroup | None = None,
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
+    tag: int = 0,
 ) -> None:
     """Send this prefill worker's share of a sequence's KV to the decode ranks, and return once it is sent.
 
@@ -300,6 +315,7 @@ def send_kv(
     group : the process group, default the world.
     blocks_per_chunk : blocks per message; bounds the staging memory to two chunks per slice.
     timeout : how long to wait for each message; None uses the process group's timeout.
+    tag : tells this sequence's messages from others' between the same ranks; the receiver passes the same.
 
     Raises ValueError before any communication when the cache, slices or block table do not fit ``shard``
     and ``num_tokens``; KVTransferError when the communication fails. The blocks stay allocated: the caller
@@ -311,7 +327,49 @@ def send_kv(
     block_ids = _used_blocks(kv_cache, block_table, num_tokens)
     moves = _local_moves(shard, slices, True, peer)
     if moves and block_ids:
-        _transfer(kv_cache, moves, block_ids, True, group, blocks_per_chunk, timeout)
+        _transfer(kv_cache, moves, block_ids, True, group, blocks_per_chunk, timeout, tag)
+
+
+@dataclass(frozen=True)
+class KVSend:
+    """One sequence of :func:`send_kv_all`: the arguments of :func:`send_kv` that differ between sequences."""
+
+    slices: Sequence[KVSlice]
+    block_table: Sequence[int]
+    num_tokens: int
+    peer: Callable[[int], int]
+    tag: int
+
+
+def send_kv_all(
+    kv_cache: torch.Tensor,
+    shard: KVShard,
+    sends: Sequence[KVSend],
+    *,
+    group: dist.ProcessGroup | None = None,
+    blocks_per_chunk: int = 64,
+    timeout: timedelta | None = None,
+) -> None:
+    """Post every message of every sequence in ``sends`` before waiting for any, then wait for them all.
+
+    A prefill replica handing sequences to several decode replicas in one step must not wait on one of them
+    while that one waits on another prefill replica that waits on it: with every send posted, and told
+    apart by its tag, each receiver takes its sequences in whatever order it learns of them. Stages the
+    whole batch's KV at once. Raises like :func:`send_kv`.
+    """
+    _check_call(blocks_per_chunk, timeout)
+    _check_cache(kv_cache, shard)
+    pending: list[_Pending] = []
+    for send in sends:
+        block_ids = _used_blocks(kv_cache, send.block_table, send.num_tokens)
+        moves = _local_moves(shard, send.slices, True, send.peer)
+        if not (moves and block_ids):
+            continue
+        for chunk_start in range(0, len(block_ids), blocks_per_chunk):
+            chunk = block_ids[chunk_start : chunk_start + blocks_per_chunk]
+            pending.append(_post_chunk(kv_cache, moves, chunk, True, group, send.tag))
+    for item in pending:
+        _finish_chunk(kv_cache, item, True, timeout)
 
 
 def recv_kv(
@@ -325,6 +383,7 @@ def recv_kv(
     group: dist.ProcessGroup | None = None,
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
+    tag: int = 0,
 ) -> None:
     """Receive this decode worker's share of a sequence's KV into its own blocks, and return once it is written.
 
@@ -342,4 +401,4 @@ def recv_kv(
     block_ids = _used_blocks(kv_cache, block_table, num_tokens)
     moves = _local_moves(shard, slices, False, peer)
     if moves and block_ids:
-        _transfer(kv_cache, moves, block_ids, False, group, blocks_per_chunk, timeout)
+        _transfer(kv_cache, moves, block_ids, False, group, blocks_per_chunk, timeout, tag)

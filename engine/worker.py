@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
-from hexgen.engine.kv_transfer import KVShard, plan_kv_transfer, recv_kv, send_kv
+from hexgen.engine.kv_transfer import KVSend, KVShard, plan_kv_transfer, recv_kv, send_kv, send_kv_all
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import GroupLayout, rank_position, stage_ranks, validate_layout, world_size
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
@@ -54,9 +54,14 @@ class ReplicaSpec:
 
 @dataclass(frozen=True)
 class Request:
+    """A sequence entering a replica: new (``src`` -1), or prefilled elsewhere with its KV arriving from
+    replica ``src``; a prefill replica hands it off to replica ``dst``."""
+
     seq_id: int
     token_ids: list[int]
     sampling: SamplingParams
+    src: int = -1
+    dst: int = -1
 
 
 @dataclass
@@ -87,7 +92,7 @@ class ReplicaWorker:
     """The part of a replica living in this process. Every rank of the replica calls ``step`` in lockstep;
     only the driver passes requests in, and every rank gets the same StepResult back."""
 
-    HEADER = 3  # new requests' payload size in bytes, aborts' payload size, stop flag
+    HEADER = 4  # new requests' payload size in bytes, aborts' payload size, imports' payload size, stop flag
 
     def __init__(self, spec: ReplicaSpec, rank: int, groups: dict[tuple[int, ...], object]) -> None:
         self.spec = spec
@@ -112,6 +117,7 @@ class ReplicaWorker:
         self.dtype = dtype
         self.runner = ModelRunner(spec.model_dir, self.config, shard, dtype, self.device, spec.cache)
         self.group = groups.get(tuple(spec.ranks))
+        self.solo = len(spec.ranks) == 1  # no collectives: the world may hold other replicas
         num_blocks = self._agree_on_blocks(self.runner.num_blocks)
         self.block_manager = BlockManager(num_blocks, self.runner.block_size)
         scheduler_config = SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, spec.mode)
@@ -128,9 +134,11 @@ class ReplicaWorker:
         self.prev_stage_leader = spec.global_rank(stage_ranks(spec.layout, self.stage - 1)[0]) if self.stage else None
         self.seqs: dict[int, Sequence] = {}
         self.kv_shard = KVShard(spec.layout, self.layout_rank, self.config.num_kv_heads)
+        self.peers: list[ReplicaSpec] = []  # every replica of the world, indexed like Request.src and .dst
+        self.routes: dict[int, int] = {}
 
     def _agree_on_blocks(self, local: int) -> int:
-        if self.group is None and len(self.spec.ranks) == 1:
+        if self.solo:
             return local
         count = torch.tensor([local], dtype=torch.long, device=self.comm_device)
         dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group)
@@ -140,20 +148,27 @@ class ReplicaWorker:
         buf = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
         if self.is_driver:
             buf.copy_(torch.frombuffer(bytearray(payload or b""), dtype=torch.uint8))
-        dist.broadcast(buf, src=self.driver_rank, group=self.group)
+        if not self.solo:
+            dist.broadcast(buf, src=self.driver_rank, group=self.group)
         return bytes(buf.cpu().numpy()) if not self.is_driver else payload or b""
 
     def step(
-        self, requests: list[Request] | None = None, aborts: list[int] | None = None, stop: bool = False
+        self,
+        requests: list[Request] | None = None,
+        aborts: list[int] | None = None,
+        stop: bool = False,
+        imports: list[Request] | None = None,
     ) -> StepResult | None:
-        """One replica step; returns None once the driver said stop."""
+        """One replica step; returns None once the driver said stop. ``imports`` are prefilled sequences
+        whose KV every rank receives from replica ``Request.src`` of ``peers`` before the step."""
         new_payload = pickle.dumps(requests) if self.is_driver and requests else b""
         abort_payload = pickle.dumps(aborts) if self.is_driver and aborts else b""
-        header = torch.tensor(
-            [len(new_payload), len(abort_payload), int(stop)], dtype=torch.long, device=self.comm_device
-        )
-        dist.broadcast(header, src=self.driver_rank, group=self.group)
-        new_size, abort_size, stopped = (int(x) for x in header.tolist())
+        import_payload = pickle.dumps(imports) if self.is_driver and imports else b""
+        sizes = [len(new_payload), len(abort_payload), len(import_payload), int(stop)]
+        header = torch.tensor(sizes, dtype=torch.long, device=self.comm_device)
+        if not self.solo:
+            dist.broadcast(header, src=self.driver_rank, group=self.group)
+        new_size, abort_size, import_size, stopped = (int(x) for x in header.tolist())
         if stopped:
             return None
         if new_size:
@@ -163,6 +178,10 @@ class ReplicaWorker:
             for seq_id in pickle.loads(self._broadcast_bytes(abort_payload, abort_size)):
                 self.scheduler.abort(seq_id)
                 self.seqs.pop(seq_id, None)
+                self.routes.pop(seq_id, None)
+        if import_size:
+            for req in pickle.loads(self._broadcast_bytes(import_payload, import_size)):
+                self.import_kv([req], self.peers[req.src])
         batch = self.scheduler.schedule()
         if batch is None:
             return StepResult()
@@ -179,7 +198,22 @@ class ReplicaWorker:
         seq = Sequence(list(req.token_ids), req.sampling, seq_id=req.seq_id)
         self.scheduler.add(seq)
         self.seqs[seq.seq_id] = seq
+        if req.dst >= 0:
+            self.routes[seq.seq_id] = req.dst
         return seq
+
+    def export_routed(self, seqs: list[Sequence]) -> None:
+        """Ship handed-off ``seqs`` to the replicas their requests named (``Request.dst``), every send posted
+        before any is waited for (``send_kv_all``), then release their blocks."""
+        sends = []
+        for seq in seqs:
+            dst = self.peers[self.routes.pop(seq.seq_id)]
+            slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
+            sends.append(KVSend(slices, seq.block_table, len(seq) - 1, dst.global_rank, kv_tag(seq.seq_id)))
+        send_kv_all(self.runner.kv_cache, self.kv_shard, sends, timeout=TRANSFER_TIMEOUT)
+        for seq in seqs:
+            self.scheduler.release(seq)
+            self.seqs.pop(seq.seq_id, None)
 
     def _forward(self, batch: Batch) -> list[int]:
         hidden = None
@@ -197,7 +231,8 @@ class ReplicaWorker:
         sampled = torch.empty(len(batch.seqs), dtype=torch.long, device=self.comm_device)
         if self.is_driver:
             sampled.copy_(torch.tensor(sample(out, batch.seqs)))
-        dist.broadcast(sampled, src=self.driver_rank, group=self.group)
+        if not self.solo:
+            dist.broadcast(sampled, src=self.driver_rank, group=self.group)
         return sampled.tolist()
 
     def export_kv(self, seqs: list[Sequence], dst: ReplicaSpec) -> None:
@@ -213,6 +248,7 @@ class ReplicaWorker:
                 len(seq) - 1,
                 dst.global_rank,
                 timeout=TRANSFER_TIMEOUT,
+                tag=kv_tag(seq.seq_id),
             )
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
@@ -235,6 +271,7 @@ class ReplicaWorker:
                 len(seq) - 1,
                 src.global_rank,
                 timeout=TRANSFER_TIMEOUT,
+                tag=kv_tag(seq.seq_id),
             )
             seq.num_cached_tokens = len(seq) - 1
             self.scheduler.add_prefilled(seq)
@@ -243,9 +280,25 @@ class ReplicaWorker:
         return seqs
 
 
+def kv_tag(seq_id: int) -> int:
+    """The point-to-point tag of a sequence's KV messages (gloo wants a non-negative 31-bit int)."""
+    return seq_id & 0x7FFFFFFF
+
+
 def driver_rank(spec: ReplicaSpec) -> int:
     """The global rank that samples and speaks for a replica: tensor rank 0 of its last stage."""
     return spec.global_rank(stage_ranks(spec.layout, len(spec.layout) - 1)[0])
+
+
+def init_world_store(
+    rank: int, size: int, host: str, port: int, prefix: str, backend: str = "gloo", timeout_s: float = 120.0
+) -> None:
+    """Join a world through the store served at ``host:port`` (by another process: hexgen.daemon.store);
+    keys live under ``prefix`` (one per plan epoch), so a late worker of an older epoch can never
+    rendezvous with a newer world."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=size, timeout=timeout)
 
 
 def init_world(rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:

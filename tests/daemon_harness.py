@@ -171,3 +171,25 @@ def open_client(key_pair: Any = None) -> Any:
 
 Check = Callable[[dict[str, dict[str, Any] | None]], bool]
 Wait = Callable[..., Awaitable[Any]]
+
+
+def converged(ids: set[str]):
+    """Every daemon sees exactly ``ids``, agrees on one coordinator, and adopted one plan for ``ids``."""
+
+    def check(statuses) -> bool:
+        if any(s is None for s in statuses.values()):
+            return False
+        views = list(statuses.values())
+        coordinators = {s["coordinator"] for s in views}
+        plans = {(s["plan"]["term"], s["plan"]["epoch"]) if s["plan"] else None for s in views}
+        return (
+            all(set(s["members"]) == ids for s in views)
+            and len(coordinators) == 1
+            and None not in coordinators
+            and len(plans) == 1
+            and None not in plans
+            and all(set(s["plan"]["members"]) == ids for s in views)
+            and sum(s["is_coordinator"] for s in views) == (1 if coordinators <= ids else 0)
+        )
+
+    return check

@@ -10,10 +10,10 @@ import time
 import msgpack
 import pytest
 import trio
-from daemon_harness import Swarm, open_client, statuses, wait_until
+from daemon_harness import Swarm, converged, open_client, statuses, wait_until
 from hypothesis import HealthCheck, given, settings
 from test_daemon_envelope import json_like
-from test_daemon_swarm import converged
+
 
 from hexgen.daemon.envelope import seal, to_wire
 from hexgen.daemon.hardware import HardwareProfile

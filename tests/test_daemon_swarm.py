@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from daemon_harness import Swarm, open_client, wait_until
+from daemon_harness import Swarm, converged, open_client, wait_until
 
 pytestmark = pytest.mark.trio
 
@@ -14,28 +14,6 @@ def swarm(tmp_path):
     s = Swarm(tmp_path)
     yield s
     s.close()
-
-
-def converged(ids: set[str]):
-    """Every daemon sees exactly ``ids``, agrees on one coordinator, and adopted one plan for ``ids``."""
-
-    def check(statuses) -> bool:
-        if any(s is None for s in statuses.values()):
-            return False
-        views = list(statuses.values())
-        coordinators = {s["coordinator"] for s in views}
-        plans = {(s["plan"]["term"], s["plan"]["epoch"]) if s["plan"] else None for s in views}
-        return (
-            all(set(s["members"]) == ids for s in views)
-            and len(coordinators) == 1
-            and None not in coordinators
-            and len(plans) == 1
-            and None not in plans
-            and all(set(s["plan"]["members"]) == ids for s in views)
-            and sum(s["is_coordinator"] for s in views) == (1 if coordinators <= ids else 0)
-        )
-
-    return check
 
 
 async def test_five_daemons_agree_on_one_coordinator_and_one_plan(swarm):

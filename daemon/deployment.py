@@ -1,0 +1,152 @@
+"""Where an adopted plan puts engine ranks: one torch.distributed world per plan epoch, one replica per group.
+
+Pure functions over the plan body the coordinator signed (no I/O). Ranks are numbered group by group in
+the plan's order, stage-major inside a group (the engine's layout order), so every daemon derives the
+same world from the same plan. Rank 0 serves the world's store at the address its daemon advertised.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+class DeploymentError(ValueError):
+    """The plan body cannot be deployed (malformed, or naming GPUs nobody advertised)."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    index: int
+    group_id: int
+    role: str
+    layout: tuple[tuple[int, int, int], ...]  # (first layer, end layer, tp) per stage
+    first_rank: int
+    placement: tuple[tuple[str, int], ...]  # (peer id, local GPU) of each layout rank
+
+    @property
+    def size(self) -> int:
+        return len(self.placement)
+
+    @property
+    def driver_layout_rank(self) -> int:
+        """Tensor rank 0 of the last stage: the rank that samples and speaks for the replica."""
+        return sum(tp for _, _, tp in self.layout[:-1])
+
+    @property
+    def driver_peer(self) -> str:
+        return self.placement[self.driver_layout_rank][0]
+
+    def peers(self) -> set[str]:
+        return {peer for peer, _ in self.placement}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    term: int
+    epoch: int
+    replicas: tuple[Replica, ...]
+    entry_weights: tuple[tuple[int, float], ...]  # (replica, flow from the source) for prefill/colocated
+    hand_off_weights: Mapping[int, tuple[tuple[int, float], ...]]  # prefill replica -> (decode replica, flow)
+    rendezvous: tuple[str, int]
+
+    @property
+    def world_size(self) -> int:
+        return sum(r.size for r in self.replicas)
+
+    @property
+    def store_prefix(self) -> str:
+        return f"hexgen/{self.term}/{self.epoch}/"
+
+    def local_ranks(self, peer_id: str) -> list[tuple[int, Replica]]:
+        """``(global rank, replica)`` of every rank this peer hosts, in rank order."""
+        return [
+            (r.first_rank + i, r) for r in self.replicas for i, (peer, _) in enumerate(r.placement) if peer == peer_id
+        ]
+
+    def pick_entry(self, rng: random.Random, usable: Sequence[int] | None = None) -> int | None:
+        """A prefill or colocated replica, with probability proportional to its flow from the source."""
+        return _weighted(rng, self.entry_weights, usable)
+
+    def pick_decode(self, prefill: int, rng: random.Random, usable: Sequence[int] | None = None) -> int | None:
+        """A decode replica for a request prefilled on ``prefill``, in proportion to the flows between them."""
+        return _weighted(rng, self.hand_off_weights.get(prefill, ()), usable)
+
+
+def _weighted(rng: random.Random, weights: Sequence[tuple[int, float]], usable: Sequence[int] | None) -> int | None:
+    choices = [(i, w) for i, w in weights if w > 0 and (usable is None or i in usable)]
+    if not choices:
+        return None
+    point = rng.random() * sum(w for _, w in choices)
+    for index, weight in choices:
+        point -= weight
+        if point < 0:
+            return index
+    return choices[-1][0]
+
+
+def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple[str, int]]) -> Deployment:
+    """The world of an adopted plan body (``{"plan", "gpus", "term", "epoch", ...}``).
+
+    ``rendezvous`` maps a peer id to the (host, port) its daemon advertised for worlds it hosts rank 0 of.
+    Raises DeploymentError when the plan is missing, malformed or names an unknown GPU or peer.
+    O(GPUs + flows).
+    """
+    plan, gpus = body.get("plan"), body.get("gpus")
+    if not isinstance(plan, dict) or not isinstance(gpus, dict):
+        raise DeploymentError(str(body.get("error") or "the adopted plan has no groups to deploy"))
+    try:
+        replicas: list[Replica] = []
+        index_of_group: dict[int, int] = {}
+        first_rank = 0
+        for group in plan["groups"]:
+            role = str(group["role"])
+            if role not in ROLES:
+                raise DeploymentError(f"group {group['id']} has unknown role {role!r}")
+            layout, placement = [], []
+            for stage in group["stages"]:
+                start, end = (int(x) for x in stage["layers"])
+                layout.append((start, end, len(stage["gpus"])))
+                for gpu in stage["gpus"]:
+                    peer, local = gpus[str(gpu)]
+                    placement.append((str(peer), int(local)))
+            if not placement:
+                raise DeploymentError(f"group {group['id']} has no GPUs")
+            index_of_group[int(group["id"])] = len(replicas)
+            replicas.append(Replica(len(replicas), int(group["id"]), role, tuple(layout), first_rank, tuple(placement)))
+            first_rank += len(placement)
+        entry: list[tuple[int, float]] = []
+        hand_off: dict[int, list[tuple[int, float]]] = {}
+        for flow in plan["flows"]:
+            src, dst, rate = flow["src"], flow["dst"], float(flow["rate"])
+            if src == "source" and dst != "sink":
+                entry.append((index_of_group[int(dst)], rate))
+            elif src != "source" and dst != "sink":
+                hand_off.setdefault(index_of_group[int(src)], []).append((index_of_group[int(dst)], rate))
+    except DeploymentError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DeploymentError(f"malformed plan: {type(exc).__name__}: {exc}") from None
+    for replica in replicas:
+        if replica.role == "prefill" and not hand_off.get(replica.index):
+            # a prefill group with no flow onward still needs somewhere to send: every decode replica
+            hand_off[replica.index] = [(r.index, 1.0) for r in replicas if r.role == "decode"]
+        if replica.role != "decode" and replica.index not in {i for i, _ in entry}:
+            entry.append((replica.index, 0.0))
+    if not replicas:
+        raise DeploymentError("the plan has no groups")
+    head = replicas[0].placement[0][0]
+    if head not in rendezvous:
+        raise DeploymentError(f"peer {head} hosts rank 0 but advertised no rendezvous address")
+    return Deployment(
+        term=int(body.get("term", 0)),
+        epoch=int(body.get("epoch", 0)),
+        replicas=tuple(replicas),
+        entry_weights=tuple(entry),
+        hand_off_weights={k: tuple(v) for k, v in hand_off.items()},
+        rendezvous=rendezvous[head],
+    )

@@ -1,0 +1,370 @@
+"""The router: a request entering any daemon is prefilled on one replica, decoded on another, streamed back.
+
+``/hexgen/generate/1`` (clients -> entry daemon): one request frame, then one frame per token and a final
+``done`` or ``error`` frame. The entry picks a prefill (or colocated) replica in proportion to the plan's
+flows from the source, and a decode replica in proportion to the flows out of that prefill replica, and
+asks the prefill replica's driver daemon over ``/hexgen/replica/1``. That daemon feeds its worker; on the
+hand-off it asks the decode replica's driver daemon to import the sequence (the KV goes worker to worker
+over torch.distributed) and relays the decode tokens upstream. If a hop fails, or the plan changes under a
+request, the entry re-submits prompt plus the tokens streamed so far, so the client sees every token
+exactly once. Per-request buffers hold at most ``max_tokens`` events, so a slow client stalls only itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from hexgen.daemon.deployment import Deployment
+from hexgen.daemon.host import Host
+from hexgen.daemon.supervisor import ReplicaUnavailable, Supervisor
+from hexgen.daemon.wire import FrameError, FrameReader, write_frame
+from hexgen.engine.sequence import SamplingParams
+from hexgen.engine.tokenizer import Tokenizer
+
+log = logging.getLogger("hexgen.router")
+
+GENERATE_PROTOCOL = TProtocol("/hexgen/generate/1")
+REPLICA_PROTOCOL = TProtocol("/hexgen/replica/1")
+MAX_TOKENS_LIMIT = 4096
+READY_TIMEOUT_S = 120.0
+REQUEST_DEADLINE_S = 600.0
+RESUBMIT_LIMIT = 8
+RESUBMIT_BACKOFF_S = 0.5
+FIRST_FRAME_TIMEOUT_S = 10.0
+SAMPLING_FIELDS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"}
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RequestError(ValueError):
+    """A client request that cannot be served as asked; the message says why."""
+
+
+class HopFailed(Exception):
+    """A replica hop failed; the entry may re-submit."""
+
+
+def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple[list[int], dict[str, Any]]:
+    """Validate a generate request; returns (prompt token ids, sampling fields). Raises RequestError."""
+    if not isinstance(request, dict):
+        raise RequestError("a generate request is a map")
+    prompt, tokens = request.get("prompt"), request.get("tokens")
+    if (prompt is None) == (tokens is None):
+        raise RequestError("give exactly one of 'prompt' (text) and 'tokens' (ids)")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise RequestError("'prompt' must be a string")
+        tokens = tokenizer.encode(prompt)
+    if (
+        not isinstance(tokens, list)
+        or not tokens
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
+    ):
+        raise RequestError("'tokens' must be a non-empty list of token ids")
+    if any(t < 0 or t >= tokenizer.vocab_size for t in tokens):
+        raise RequestError(f"token ids must lie in [0, {tokenizer.vocab_size})")
+    sampling = {k: v for k, v in request.items() if k in SAMPLING_FIELDS}
+    unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "cert"}
+    if unknown:
+        raise RequestError(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    if "stop_token_ids" in sampling:
+        sampling["stop_token_ids"] = tuple(sampling["stop_token_ids"] or ())
+    sampling.setdefault("max_tokens", 16)
+    try:
+        SamplingParams(**sampling)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(str(exc)) from None
+    if sampling["max_tokens"] > MAX_TOKENS_LIMIT:
+        raise RequestError(f"max_tokens is limited to {MAX_TOKENS_LIMIT}")
+    if len(tokens) + sampling["max_tokens"] > max_context:
+        raise RequestError(
+            f"prompt ({len(tokens)} tokens) plus max_tokens ({sampling['max_tokens']}) exceeds the model's "
+            f"context of {max_context}"
+        )
+    sampling["stop_token_ids"] = list(sampling.get("stop_token_ids", ()))
+    return tokens, sampling
+
+
+@dataclass
+class Router:
+    host: Host
+    peer_id: str
+    supervisor: Supervisor
+    tokenizer: Tokenizer
+    max_context: int
+    may_ask: Callable[[str, Any], bool]
+    rng: random.Random = field(default_factory=random.Random)
+    served: int = 0
+
+    # ------------------------------------------------------------------ entry
+
+    async def serve_generate(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            with trio.fail_after(FIRST_FRAME_TIMEOUT_S):
+                request = await FrameReader(stream).read()
+            if isinstance(request, dict) and not self.may_ask(peer, request.get("cert")):
+                raise RequestError("not a member of this swarm")
+            tokens, sampling = parse_request(request, self.tokenizer, self.max_context)
+        except (RequestError, FrameError, trio.TooSlowError) as exc:
+            with contextlib.suppress(Exception):
+                await write_frame(stream, {"error": str(exc) or "no request within the time limit"})
+                await stream.close()
+            return
+        except Exception as exc:  # the stream broke before a request arrived
+            log.debug("generate stream from %s ended: %s", peer, exc)
+            return
+        decoder = self.tokenizer.incremental_decoder()
+
+        async def emit(token: int) -> None:
+            await write_frame(stream, {"token": token, "text": decoder.push(token)})
+
+        try:
+            reason, produced = await self.generate(tokens, sampling, emit)
+            await write_frame(
+                stream,
+                {
+                    "done": True,
+                    "finish_reason": reason,
+                    "text": decoder.flush(),
+                    "prompt_tokens": len(tokens),
+                    "completion_tokens": produced,
+                },
+            )
+        except HopFailed as exc:
+            with contextlib.suppress(Exception):
+                await write_frame(stream, {"error": str(exc)})
+        except Exception as exc:  # the client went away: the cancelled hops free the work
+            log.debug("generate stream from %s ended: %s", peer, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def generate(
+        self, tokens: list[int], sampling: dict[str, Any], emit: Callable[[int], Awaitable[None]]
+    ) -> tuple[str, int]:
+        """Run one request to its end, re-submitting after failed hops; returns (finish reason, tokens made)."""
+        produced: list[int] = []
+        failures: list[str] = []
+        with trio.fail_after(REQUEST_DEADLINE_S):
+            while True:
+                deployment = await self._deployment()
+                entry = deployment.pick_entry(self.rng)
+                if entry is None:
+                    raise HopFailed("the plan has no replica that takes new requests")
+                replica = deployment.replicas[entry]
+                dst = deployment.pick_decode(entry, self.rng) if replica.role == "prefill" else None
+                if replica.role == "prefill" and dst is None:
+                    raise HopFailed("the plan has no decode replica for this prefill replica")
+                left = sampling["max_tokens"] - len(produced)
+                request = {
+                    "id": self.rng.getrandbits(31),
+                    "epoch": deployment.epoch,
+                    "replica": entry,
+                    "dst": -1 if dst is None else dst,
+                    "tokens": tokens + produced,
+                    "sampling": sampling | {"max_tokens": left},
+                }
+                try:
+                    async with self.open_replica(replica.driver_peer, request) as events:
+                        async for event in events:
+                            if "error" in event:
+                                raise HopFailed(str(event["error"]))
+                            produced.append(int(event["token"]))
+                            await emit(int(event["token"]))
+                            if event.get("finished"):
+                                self.served += 1
+                                return str(event["finished"]), len(produced)
+                    raise HopFailed("the replica stream ended early")
+                except HopFailed as exc:
+                    failures.append(str(exc))
+                    log.info("request re-submitted after %d tokens: %s", len(produced), exc)
+                    if len(failures) > RESUBMIT_LIMIT:
+                        raise HopFailed(f"gave up after {len(failures)} failed attempts; last: {exc}") from None
+                    with trio.move_on_after(RESUBMIT_BACKOFF_S):
+                        await self.supervisor.changed.wait()
+
+    async def _deployment(self) -> Deployment:
+        with trio.fail_after(READY_TIMEOUT_S):
+            while self.supervisor.deployment is None:
+                await self.supervisor.changed.wait()
+        assert self.supervisor.deployment is not None
+        return self.supervisor.deployment
+
+    @contextlib.asynccontextmanager
+    async def open_replica(
+        self, peer: str, request: dict[str, Any]
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
+        """The events of ``request`` on the replica whose driver lives on ``peer`` (this daemon or another)."""
+        send, receive = trio.open_memory_channel[dict[str, Any]](request["sampling"]["max_tokens"] + 4)
+        async with trio.open_nursery() as nursery:
+            if peer == self.peer_id:
+                nursery.start_soon(self._local, request, send)
+            else:
+                nursery.start_soon(self._remote, peer, request, send)
+            try:
+                yield receive
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _local(self, request: dict[str, Any], send: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        async with send:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.handle_replica(request, send.send)
+
+    async def _remote(self, peer: str, request: dict[str, Any], send: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        async with send:
+            try:
+                stream = await self.host.open_stream(peer, REPLICA_PROTOCOL)
+            except Exception as exc:
+                await send.send({"error": f"cannot reach {peer}: {exc}"})
+                return
+            try:
+                await write_frame(stream, request)
+                reader = FrameReader(stream)
+                while True:
+                    event = await reader.read()
+                    if event is None:
+                        await send.send({"error": f"{peer} closed the stream"})
+                        return
+                    if not isinstance(event, dict):
+                        await send.send({"error": f"{peer} sent a malformed event"})
+                        return
+                    await send.send(event)
+                    if "error" in event or event.get("finished"):
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception as exc:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await send.send({"error": f"the stream to {peer} failed: {exc}"})
+            finally:
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await stream.reset()
+
+    # ------------------------------------------------------------------ replicas
+
+    async def serve_replica(self, stream: INetStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            with trio.fail_after(FIRST_FRAME_TIMEOUT_S):
+                request = await FrameReader(stream).read()
+            if not self.may_ask(peer, None) or peer == self.peer_id:
+                raise RequestError("replica requests are for members only")
+            _check_replica_request(request)
+        except (RequestError, FrameError, trio.TooSlowError) as exc:
+            with contextlib.suppress(Exception):
+                await write_frame(stream, {"error": str(exc) or "no request within the time limit"})
+                await stream.close()
+            return
+        except Exception:
+            return
+
+        async def emit(event: dict[str, Any]) -> None:
+            await write_frame(stream, event)
+
+        try:
+            await self.handle_replica(request, emit)
+        except Exception as exc:
+            log.debug("replica stream from %s ended: %s", peer, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def handle_replica(self, request: dict[str, Any], emit: Emit) -> None:
+        """Run ``request`` on the local replica driver; relay its tokens (and, after a hand-off, the decode
+        replica's) to ``emit``. Errors become an ``error`` event; the work is aborted if ``emit`` fails."""
+        seq_id = request["id"]
+        frame = {"id": seq_id, "tokens": request["tokens"], "sampling": request["sampling"]}
+        if request.get("src", -1) >= 0:
+            frame |= {"op": "import", "src": request["src"]}
+        else:
+            frame |= {"op": "generate", "dst": request.get("dst", -1)}
+        try:
+            worker = await self.supervisor.wait_ready(request["replica"], request["epoch"], READY_TIMEOUT_S)
+            events = await self.supervisor.submit(worker, frame, request["sampling"]["max_tokens"] + 4)
+        except (ReplicaUnavailable, trio.TooSlowError) as exc:
+            await emit({"error": str(exc) or "the replica did not become ready in time"})
+            return
+        done = False
+        try:
+            async for event in events:
+                if "handoff" in event:
+                    done = True  # the prefill side is finished with it; the decode side continues
+                    await self._hand_off(request, event["handoff"], emit)
+                    return
+                await emit(event)
+                if "error" in event or event.get("finished"):
+                    done = True
+                    return
+        finally:
+            if not done:
+                with trio.CancelScope(shield=True):
+                    await self.supervisor.abort(seq_id)
+
+    async def _hand_off(self, request: dict[str, Any], tokens: list[int], emit: Emit) -> None:
+        deployment = self.supervisor.deployment
+        if deployment is None or deployment.epoch != request["epoch"]:
+            await emit({"error": "the plan changed during the hand-off"})
+            return
+        decode = deployment.replicas[request["dst"]]
+        follow = {
+            "id": request["id"],
+            "epoch": request["epoch"],
+            "replica": decode.index,
+            "src": request["replica"],
+            "tokens": tokens,
+            "sampling": request["sampling"],
+        }
+        async with self.open_replica(decode.driver_peer, follow) as events:
+            async for event in events:
+                await emit(event)
+                if "error" in event or event.get("finished"):
+                    return
+
+
+def _check_replica_request(request: Any) -> None:
+    if not isinstance(request, dict):
+        raise RequestError("a replica request is a map")
+    for key in ("id", "epoch", "replica"):
+        if not isinstance(request.get(key), int) or isinstance(request.get(key), bool):
+            raise RequestError(f"replica request needs an integer {key!r}")
+    tokens, sampling = request.get("tokens"), request.get("sampling")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+        raise RequestError("replica request needs a non-empty list of token ids")
+    if not isinstance(sampling, dict) or set(sampling) - SAMPLING_FIELDS:
+        raise RequestError("replica request needs a sampling map")
+    try:
+        SamplingParams(**(sampling | {"stop_token_ids": tuple(sampling.get("stop_token_ids", ()))}))
+    except (TypeError, ValueError) as exc:
+        raise RequestError(str(exc)) from None
+    for key in ("src", "dst"):
+        if key in request and (not isinstance(request[key], int) or isinstance(request[key], bool)):
+            raise RequestError(f"{key!r} must be an integer")
+
+
+async def generate(host: Host, peer_id: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """A client's side of ``/hexgen/generate/1``: yields every frame the entry daemon sends back."""
+    stream = await host.open_stream(peer_id, GENERATE_PROTOCOL)
+    try:
+        await write_frame(stream, request)
+        reader = FrameReader(stream)
+        while True:
+            frame = await reader.read()
+            if frame is None:
+                return
+            yield frame
+            if not isinstance(frame, dict) or "error" in frame or frame.get("done"):
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await stream.close()

@@ -1,0 +1,326 @@
+"""The supervisor: one engine worker process per local rank of the adopted plan's world, rebuilt per epoch.
+
+For each deployment (daemon.deployment) it stops the previous epoch's workers, starts a
+``python -m hexgen.daemon.worker`` per local rank, configures it over its own unix socket with every replica
+of the world and the world's store, and routes what the replica drivers stream back (tokens, hand-offs)
+to per-request channels. Requests of a replica whose workers fail or are replaced get an error event, so
+their entry re-submits them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hexgen.daemon.deployment import Deployment, Replica
+from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
+
+log = logging.getLogger("hexgen.supervisor")
+
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 5.0
+
+
+class ReplicaUnavailable(Exception):
+    """The replica is not served here (not local, not ready, or failed); the request may be re-submitted."""
+
+
+class _SocketStream:
+    """trio's SocketStream with the ``read``/``write`` the frame helpers expect."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    async def read(self, n: int) -> bytes:
+        return await self.stream.receive_some(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+
+@dataclass
+class LocalWorker:
+    rank: int
+    replica: Replica
+    process: trio.Process | None = None
+    channel: _SocketStream | None = None
+    ready: trio.Event = field(default_factory=trio.Event)
+    error: str | None = None
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == self.replica.first_rank + self.replica.driver_layout_rank
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        if self.channel is None:
+            raise ReplicaUnavailable(f"worker of rank {self.rank} has no channel")
+        async with self.send_lock:
+            await self.channel.write(encode_frame(frame))
+
+
+@dataclass
+class Supervisor:
+    peer_id: str
+    model_dir: str
+    device: str = "cpu"
+    threads: int = 1
+    backend: str = "gloo"
+    store_address: tuple[str, int] | None = None
+    deployment: Deployment | None = None
+    workers: dict[int, LocalWorker] = field(default_factory=dict)
+    listeners: dict[int, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
+    changed: trio.Event = field(default_factory=trio.Event)
+    owners: dict[int, LocalWorker] = field(default_factory=dict)
+    _wanted: Deployment | None = None
+    _wanted_changed: trio.Event = field(default_factory=trio.Event)
+
+    def want(self, deployment: Deployment | None) -> None:
+        """Ask for ``deployment`` (None: no workers); the run loop converges on the latest (term, epoch)."""
+        if (None if deployment is None else (deployment.term, deployment.epoch)) == self._key():
+            return
+        self._wanted = deployment
+        self._wanted_changed.set()
+
+    def _key(self) -> tuple[int, int] | None:
+        return None if self._wanted is None else (self._wanted.term, self._wanted.epoch)
+
+    async def run(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="hexgen-workers-") as tmp:
+            store = None
+            try:
+                if self.store_address is not None:
+                    host, port = self.store_address
+                    command = [sys.executable, "-m", "hexgen.daemon.store", "--host", host, "--port", str(port)]
+                    store = await trio.lowlevel.open_process(
+                        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+                    )
+                while True:
+                    target = self._wanted
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._serve_epoch, target, Path(tmp))
+                        while self._wanted is target:
+                            await self._wanted_changed.wait()
+                            self._wanted_changed = trio.Event()
+                        nursery.cancel_scope.cancel()
+            finally:
+                self._fail_all("the daemon is stopping")
+                if store is not None:
+                    store.kill()
+                    with trio.CancelScope(shield=True):
+                        await store.wait()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _fail_all(self, reason: str) -> None:
+        for channel in list(self.listeners.values()):
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                channel.send_nowait({"error": reason, "retry": True})
+        self.listeners.clear()
+        self.owners.clear()
+
+    async def _serve_epoch(self, deployment: Deployment | None, tmp: Path) -> None:
+        self.deployment = deployment
+        self.workers = {}
+        self._fail_all("the plan changed")
+        self._notify()
+        if deployment is None:
+            await trio.sleep_forever()
+        local = deployment.local_ranks(self.peer_id)
+        if not local:
+            log.info("epoch %d: no local ranks", deployment.epoch)
+            await trio.sleep_forever()
+        log.info("epoch %d: starting %d worker(s) for ranks %s", deployment.epoch, len(local), [r for r, _ in local])
+        try:
+            async with trio.open_nursery() as nursery:
+                for rank, replica in local:
+                    worker = LocalWorker(rank, replica)
+                    self.workers[rank] = worker
+                    nursery.start_soon(self._run_worker, deployment, worker, tmp)
+        finally:
+            self.workers = {}
+            self._fail_all("the local workers stopped")
+            self._notify()
+
+    async def _run_worker(self, deployment: Deployment, worker: LocalWorker, tmp: Path) -> None:
+        path = tmp / f"e{deployment.epoch}-r{worker.rank}.sock"
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        command = [sys.executable, "-m", "hexgen.daemon.worker", "--ipc", str(path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
+        try:
+            await listener.bind(str(path))
+            listener.listen(1)
+            worker.process = await trio.lowlevel.open_process(command, env=env, stdin=subprocess.DEVNULL)
+            with trio.fail_after(START_TIMEOUT_S):
+                sock, _ = await listener.accept()
+            listener.close()
+            worker.channel = _SocketStream(trio.SocketStream(sock))
+            await worker.send(self._configure_frame(deployment, worker))
+            reader = FrameReader(worker.channel)
+            with trio.fail_after(START_TIMEOUT_S):
+                reply = await reader.read()
+            if not isinstance(reply, dict) or reply.get("op") != "ready":
+                error = reply.get("error") if isinstance(reply, dict) else reply
+                raise RuntimeError(f"worker of rank {worker.rank} failed to start: {error}")
+            worker.ready.set()
+            self._notify()
+            log.info("epoch %d: rank %d ready", deployment.epoch, worker.rank)
+            await self._read_events(worker, reader)
+            raise RuntimeError(f"worker of rank {worker.rank} exited")
+        except (Exception, trio.TooSlowError) as exc:
+            worker.error = str(exc) or type(exc).__name__
+            log.warning("epoch %d: %s", deployment.epoch, worker.error)
+            self._fail_replica(worker.replica, worker.error)
+            self._notify()
+            await trio.sleep_forever()  # stays failed until the next epoch
+        finally:
+            listener.close()
+            if worker.process is not None:
+                with trio.CancelScope(shield=True):
+                    await self._stop(worker, worker.process)
+
+    async def _stop(self, worker: LocalWorker, process: trio.Process) -> None:
+        if process.returncode is None and worker.channel is not None and worker.is_driver:
+            with contextlib.suppress(Exception):
+                await worker.send({"op": "shutdown"})
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    def _configure_frame(self, deployment: Deployment, worker: LocalWorker) -> dict[str, Any]:
+        return {
+            "op": "configure",
+            "rank": worker.rank,
+            "world_size": deployment.world_size,
+            "store": list(deployment.rendezvous),
+            "prefix": deployment.store_prefix,
+            "replicas": [
+                {
+                    "model_dir": self.model_dir,
+                    "layout": [list(stage) for stage in r.layout],
+                    "first_rank": r.first_rank,
+                    "mode": r.role,
+                    "device": self.device,
+                }
+                for r in deployment.replicas
+            ],
+            "threads": self.threads,
+            "backend": self.backend,
+        }
+
+    async def _read_events(self, worker: LocalWorker, reader: FrameReader) -> None:
+        while True:
+            try:
+                frame = await reader.read()
+            except FrameError as exc:
+                raise RuntimeError(f"worker of rank {worker.rank} sent a bad frame: {exc}") from None
+            if frame is None:
+                return
+            if not isinstance(frame, dict) or not isinstance(frame.get("id"), int):
+                continue
+            channel = self.listeners.get(frame["id"])
+            if channel is None:
+                continue
+            if frame.get("op") == "token":
+                event = {"token": frame["token"], "finished": frame.get("finished")}
+            elif frame.get("op") == "handoff":
+                event = {"handoff": frame["tokens"]}
+            else:
+                continue
+            try:
+                channel.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # the consumer is gone or hopelessly behind: free the work instead of stalling the batch
+                self.listeners.pop(frame["id"], None)
+                with contextlib.suppress(Exception):
+                    await worker.send({"op": "abort", "id": frame["id"]})
+            if event.get("finished") is not None or "handoff" in event:
+                self.forget(frame["id"])
+
+    def _fail_replica(self, replica: Replica, reason: str) -> None:
+        for seq_id in [i for i, w in self.owners.items() if w.replica.index == replica.index]:
+            channel = self.listeners.pop(seq_id, None)
+            self.owners.pop(seq_id, None)
+            if channel is not None:
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    channel.send_nowait({"error": reason, "retry": True})
+
+    def status(self) -> dict[str, Any]:
+        deployment = self.deployment
+        return {
+            "model": self.model_dir,
+            "epoch": None if deployment is None else deployment.epoch,
+            "workers": {
+                str(rank): {
+                    "replica": w.replica.index,
+                    "role": w.replica.role,
+                    "state": "failed" if w.error else "ready" if w.ready.is_set() else "starting",
+                    "error": w.error,
+                }
+                for rank, w in sorted(self.workers.items())
+            },
+            "in_flight": len(self.listeners),
+        }
+
+    # ------------------------------------------------------------------ requests
+
+    def driver_of(self, replica: int, epoch: int) -> LocalWorker:
+        deployment = self.deployment
+        if deployment is None or deployment.epoch != epoch:
+            raise ReplicaUnavailable(f"epoch {epoch} is not served here")
+        for worker in self.workers.values():
+            if worker.replica.index == replica and worker.is_driver:
+                if worker.error is not None:
+                    raise ReplicaUnavailable(worker.error)
+                return worker
+        raise ReplicaUnavailable(f"replica {replica} has no driver here")
+
+    async def wait_ready(self, replica: int, epoch: int, timeout: float) -> LocalWorker:
+        """The local driver of ``replica`` once every local worker of the epoch is ready."""
+        with trio.fail_after(timeout):
+            while True:
+                worker = self.driver_of(replica, epoch)
+                if all(w.ready.is_set() for w in self.workers.values()):
+                    return worker
+                failed = [w.error for w in self.workers.values() if w.error]
+                if failed:
+                    raise ReplicaUnavailable(failed[0])
+                await self.changed.wait()
+
+    async def submit(
+        self, worker: LocalWorker, frame: dict[str, Any], capacity: int
+    ) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """Send ``frame`` (generate or import) to ``worker`` and return the channel its events arrive on."""
+        send, receive = trio.open_memory_channel[dict[str, Any]](capacity)
+        self.listeners[frame["id"]] = send
+        self.owners[frame["id"]] = worker
+        try:
+            await worker.send(frame)
+        except Exception as exc:
+            self.forget(frame["id"])
+            raise ReplicaUnavailable(f"cannot reach the worker: {exc}") from None
+        return receive
+
+    async def abort(self, seq_id: int) -> None:
+        self.listeners.pop(seq_id, None)
+        owner = self.owners.pop(seq_id, None)
+        if owner is not None:
+            with contextlib.suppress(Exception):
+                await owner.send({"op": "abort", "id": seq_id})
+
+    def forget(self, seq_id: int) -> None:
+        self.listeners.pop(seq_id, None)
+        self.owners.pop(seq_id, None)

@@ -1,0 +1,78 @@
+"""Serving across the swarm: real daemons, real worker processes (gloo), stories260K against transformers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from checkpoints import random_prompts, reference_greedy
+from daemon_harness import Swarm, converged, open_client, wait_until
+
+from hexgen.daemon.router import generate
+
+pytestmark = pytest.mark.trio
+
+GPUS = ["H100", "A100", "L40", "A6000"]
+MAX_TOKENS = 24
+
+
+@pytest.fixture
+def swarm(tmp_path, stories_dir):
+    s = Swarm(tmp_path, model=str(stories_dir))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def prompts_and_reference(stories_dir) -> tuple[list[list[int]], list[list[int]]]:
+    prompts = [[1, 403, 407, 261, 378], *random_prompts(49, 512, seed=11, low=3, high=30)]
+    return prompts, reference_greedy(stories_dir, prompts, MAX_TOKENS)
+
+
+def serving(ids: set[str]):
+    """Converged, and every worker of the adopted epoch is ready."""
+    agreed = converged(ids)
+
+    def check(statuses) -> bool:
+        if not agreed(statuses):
+            return False
+        epochs = {s["plan"]["epoch"] for s in statuses.values()}
+        return all(
+            s["serving"]["epoch"] in epochs and all(w["state"] == "ready" for w in s["serving"]["workers"].values())
+            for s in statuses.values()
+        )
+
+    return check
+
+
+async def complete(client: Any, peer_id: str, tokens: list[int]) -> list[int]:
+    out: list[int] = []
+    with trio.fail_after(120):
+        async for frame in generate(client, peer_id, {"tokens": tokens, "max_tokens": MAX_TOKENS}):
+            assert "error" not in frame, frame
+            if "token" in frame:
+                out.append(frame["token"])
+            elif frame.get("done"):
+                assert frame["completion_tokens"] == len(out)
+    return out
+
+
+async def test_four_heterogeneous_daemons_serve_reference_tokens(swarm, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    daemons = swarm.start_many(4, gpus=GPUS)
+    ids = {d.peer_id for d in daemons}
+    async with open_client() as client:
+        await wait_until(client, daemons, serving(ids), timeout=120, what="serving")
+        for i, prompt in enumerate(prompts[:20]):
+            entry = daemons[i % len(daemons)]
+            assert await complete(client, entry.peer_id, prompt) == reference[i], f"prompt {i} via {entry.name}"
+        results: dict[int, list[int]] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await complete(client, daemons[i % len(daemons)].peer_id, prompts[i])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(one, i)
+        assert [results[i] for i in range(len(prompts))] == reference
