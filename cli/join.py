@@ -42,7 +42,13 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--listen", default="0.0.0.0:4001", metavar="HOST:PORT", help="listen address (default 0.0.0.0:4001)"
     )
     join.add_argument(
-        "--model", default="llama-2-7b", metavar="NAME|PATH", help="model to plan for (default llama-2-7b)"
+        "--model",
+        default="llama-2-7b",
+        metavar="NAME|PATH",
+        help="a Hugging Face checkpoint directory to serve, or a model name to plan for only (default llama-2-7b)",
+    )
+    join.add_argument(
+        "--pin-plan", metavar="FILE", help="serve this TOML layout instead of the planner's while its hosts are present"
     )
     join.add_argument("--key-file", metavar="PATH", help="node key (default: $XDG_DATA_HOME/hexgen/node.key)")
     join.add_argument("--swarm-cert", metavar="FILE", help="membership certificate of a private swarm")
@@ -63,16 +69,27 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned
     from hexgen.daemon.hardware import HardwareError, parse_simulate_gpu
     from hexgen.daemon.host import HostConfig
     from hexgen.daemon.identity import CertificateError, IdentityError, default_key_file
+    from hexgen.daemon.model_files import ModelFilesError, is_checkpoint_dir, model_fingerprint
     from hexgen.daemon.node import NodeConfig
     from hexgen.daemon.run import JoinOptions, join
 
     try:
         host, port = _listen(args.listen)
         bootstrap = tuple(_bootstrap(a) for a in args.bootstrap)
-        resolve_model(args.model)
+        spec = resolve_model(args.model)
+        if is_checkpoint_dir(args.model):
+            model_fingerprint(args.model)
+        pinned = None
+        if args.pin_plan:
+            try:
+                text = Path(args.pin_plan).read_text()
+            except OSError as exc:
+                raise JoinError(f"--pin-plan {args.pin_plan}: {exc.strerror or exc}") from None
+            pinned = parse_pinned(text, spec.layers)
         if args.simulate_gpu:
             parse_simulate_gpu(args.simulate_gpu)
         if not args.peer_timeout > 0:
@@ -86,6 +103,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             host_name=args.host_name,
             peer_timeout_s=args.peer_timeout,
             probe_interval_s=args.probe_interval,
+            pinned=pinned,
         )
         options = JoinOptions(
             key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),
@@ -95,5 +113,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             calibrate=not args.no_calibrate,
         )
         return join(options)
-    except (HardwareError, IdentityError, CertificateError) as exc:
+    except PinnedPlanError as exc:
+        raise JoinError(f"--pin-plan {args.pin_plan}: {exc}") from None
+    except (HardwareError, IdentityError, CertificateError, ModelFilesError) as exc:
         raise JoinError(str(exc)) from None

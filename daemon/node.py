@@ -32,6 +32,7 @@ from libp2p.peer.id import ID
 
 from hexgen.coordinator import planner
 from hexgen.coordinator.evaluate import PlanError
+from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, pinned_plan
 from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.coordinator.workload import synthetic
@@ -81,6 +82,7 @@ class NodeConfig:
     probes_per_round: int = 2
     worker_device: str = "cpu"
     worker_threads: int = 1
+    pinned: tuple[PinnedGroup, ...] | None = None
 
 
 @dataclass
@@ -570,9 +572,10 @@ class Node:
         except Exception as exc:
             return {"plan": None, "error": f"cannot build the cluster: {exc}", "gpus": {}}
         try:
-            if previous is not None:
+            result = self._pinned_plan(peers, gpu_map)
+            if result is None and previous is not None:
                 result = planner.replan(previous[0], previous[1], cluster, self.model, workload)
-            else:
+            elif result is None:
                 result = planner.plan(cluster, self.model, workload)
         except (PlanError, ValueError) as exc:
             self._previous = None
@@ -584,6 +587,18 @@ class Node:
             "throughput": result.throughput if math.isfinite(result.throughput) else 0.0,
             "gpus": {str(k): list(v) for k, v in gpu_map.items()},
         }
+
+    def _pinned_plan(self, peers: list[PeerHardware], gpu_map: dict[int, tuple[str, int]]) -> Plan | None:
+        """The operator's pinned layout, when every GPU it names is in the swarm."""
+        if self.config.pinned is None:
+            return None
+        host_of = {p.peer_id: p.host_name for p in peers}
+        index = {(host_of[peer], local): i for i, (peer, local) in gpu_map.items()}
+        try:
+            return pinned_plan(self.config.pinned, index)
+        except PinnedPlanError as exc:
+            log.info("not serving the pinned plan yet: %s", exc)
+            return None
 
     def _inherited_plan(self, links: list[LinkMeasurement]) -> tuple[Plan, Any] | None:
         """The adopted plan of a previous coordinator and the cluster it was made for, if it says so."""

@@ -70,10 +70,14 @@ class Swarm:
         daemon.peer_id, daemon.addrs = ready["peer_id"], ready["addrs"]
         return daemon
 
-    def start_many(self, count: int, gpus: list[str] | None = None, prefix: str = "n") -> list[Daemon]:
-        first = self.start(f"{prefix}0", gpu=(gpus or ["A100"])[0])
+    def start_many(
+        self, count: int, gpus: list[str] | None = None, prefix: str = "n", extra: list[str] | None = None
+    ) -> list[Daemon]:
+        first = self.start(f"{prefix}0", gpu=(gpus or ["A100"])[0], extra=extra)
         rest = [
-            self.start(f"{prefix}{i}", bootstrap=[first.addr], gpu=(gpus or ["A100"])[i % len(gpus or ["A100"])])
+            self.start(
+                f"{prefix}{i}", bootstrap=[first.addr], gpu=(gpus or ["A100"])[i % len(gpus or ["A100"])], extra=extra
+            )
             for i in range(1, count)
         ]
         return [first, *rest]

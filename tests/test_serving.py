@@ -76,3 +76,41 @@ async def test_four_heterogeneous_daemons_serve_reference_tokens(swarm, prompts_
             for i in range(len(prompts)):
                 nursery.start_soon(one, i)
         assert [results[i] for i in range(len(prompts))] == reference
+
+
+PINNED = """
+[[groups]]
+role = "prefill"
+stages = [{ gpus = ["n0", "n1"], layers = [0, 5] }]
+
+[[groups]]
+role = "decode"
+stages = [{ gpus = ["n2"], layers = [0, 3] }, { gpus = ["n3"], layers = [3, 5] }]
+"""
+
+
+async def test_prefill_and_decode_sharded_differently(swarm, prompts_and_reference, tmp_path):
+    """TP=2 prefill hands every sequence's KV to a PP=2 decode group on other daemons."""
+    prompts, reference = prompts_and_reference
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(PINNED)
+    daemons = swarm.start_many(4, gpus=GPUS, extra=["--pin-plan", str(pinned)])
+    ids = {d.peer_id for d in daemons}
+    async with open_client() as client:
+        statuses, _ = await wait_until(client, daemons, serving(ids), timeout=120, what="serving")
+        plan = next(iter(statuses.values()))["plan"]["body"]["plan"]
+        assert [(g["role"], [len(s["gpus"]) for s in g["stages"]]) for g in plan["groups"]] == [
+            ("prefill", [2]),
+            ("decode", [1, 1]),
+        ]
+        results: dict[int, list[int]] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await complete(client, daemons[i % len(daemons)].peer_id, prompts[i])
+
+        for i in range(4):
+            await one(i)
+        async with trio.open_nursery() as nursery:
+            for i in range(4, 20):
+                nursery.start_soon(one, i)
+        assert [results[i] for i in range(20)] == reference[:20]
