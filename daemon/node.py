@@ -61,6 +61,7 @@ MAX_GOSSIP_BYTES = 256 << 10
 RPC_TIMEOUT_S = 5.0
 MAX_ADVERTISED_LINKS = 32
 PLAN_FETCH_GAP_S = 0.5
+MAX_FAILURE_REPLANS = 3
 MAX_SYNC_ADVERTS = 1024
 
 
@@ -122,7 +123,9 @@ class Node:
         self.host: Host | None = None
         self._changed = trio.Event()
         self._published: tuple[Envelope, Envelope] | None = None
-        self._planned_for: tuple[int, int] = (-1, -1)
+        self._planned_for: tuple[int, int, int] = (-1, -1, -1)
+        self._failures_seen: dict[int, int] = {}  # table version -> failure re-plans made for it
+        self._failure_replans = 0
         self._previous: tuple[Plan, Any] | None = None
         self._leaving = False
         self._claim_after = float("inf")
@@ -155,6 +158,7 @@ class Node:
             if self.supervisor is not None:
                 self.rendezvous = (self.config.host.listen_host, _free_port(self.config.host.listen_host))
                 self.supervisor.store_address = self.rendezvous
+                self.supervisor.on_failure = self._report_failure
                 self.router = Router(
                     host,
                     self.peer_id,
@@ -252,7 +256,7 @@ class Node:
             try:
                 env = verify(
                     from_wire(item),
-                    kind={"advert", "lease", "plan", "leave"},
+                    kind={"advert", "lease", "plan", "leave", "failure"},
                     now=now,
                     sender=sender,
                     replay=self.replay,
@@ -281,6 +285,40 @@ class Node:
             self._apply_lease(env, now)
         elif env.kind == "plan":
             self._apply_plan(env)
+        elif env.kind == "failure":
+            self._apply_failure(env.signer, env.body)
+
+    def _apply_failure(self, reporter: str, body: Any) -> None:
+        """A member's worker failed: the coordinator rebuilds the world in a new epoch (a few times per
+        membership at most, so a worker that can never start does not make the swarm churn)."""
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("epoch"), int)
+            or not isinstance(body.get("term"), int)
+        ):
+            raise ValueError("a failure report needs integer term and epoch")
+        log.warning("peer %s reports a failed worker in epoch %d: %s", reporter, body["epoch"], body.get("error"))
+        plan = self.plan
+        if not self.election.is_coordinator(self.clock()) or plan is None:
+            return
+        if (body["term"], body["epoch"]) != (plan.term, plan.epoch):
+            return
+        made = self._failures_seen.get(self.table.version, 0)
+        if made >= MAX_FAILURE_REPLANS:
+            log.warning("not rebuilding the world again: %d failure re-plans for this membership", made)
+            return
+        self._failures_seen[self.table.version] = made + 1
+        self._failure_replans += 1
+        self._poke()
+
+    async def _report_failure(self, epoch: int, rank: int, error: str) -> None:
+        plan = self.plan
+        if plan is None or plan.epoch != epoch:
+            return
+        body = {"term": plan.term, "epoch": epoch, "rank": rank, "error": error[:500]}
+        self._apply_failure(self.peer_id, body)
+        with contextlib.suppress(Exception):
+            await self._publish([seal("failure", body, self.key_pair, 60.0)])
 
     def _apply_advert(self, env: Envelope, now: float) -> None:
         if now - env.issued > self._advert_freshness:
@@ -524,10 +562,10 @@ class Node:
         while True:
             now = self.clock()
             if self.election.is_coordinator(now) and not self._leaving:
-                key = (self.election.term, self.table.version)
+                key = (self.election.term, self.table.version, self._failure_replans)
                 if key != self._planned_for:
                     await trio.sleep(self.config.plan_debounce_s)
-                    key = (self.election.term, self.table.version)
+                    key = (self.election.term, self.table.version, self._failure_replans)
                     await self._plan_and_publish()
                     self._planned_for = key
             await self._wait_change(self.config.tick_s)

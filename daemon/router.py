@@ -152,19 +152,35 @@ class Router:
     async def generate(
         self, tokens: list[int], sampling: dict[str, Any], emit: Callable[[int], Awaitable[None]]
     ) -> tuple[str, int]:
-        """Run one request to its end, re-submitting after failed hops; returns (finish reason, tokens made)."""
+        """Run one request to its end, re-submitting after failed hops; returns (finish reason, tokens made).
+
+        Raises HopFailed when it cannot finish: too many failed attempts, no serving plan in time, or past
+        the request deadline."""
+        try:
+            return await self._generate(tokens, sampling, emit)
+        except trio.TooSlowError:
+            raise HopFailed("no serving plan took the request in time") from None
+
+    async def _generate(
+        self, tokens: list[int], sampling: dict[str, Any], emit: Callable[[int], Awaitable[None]]
+    ) -> tuple[str, int]:
         produced: list[int] = []
         failures: list[str] = []
+        failed: set[tuple[int, int]] = set()  # (epoch, replica) that failed this request
         with trio.fail_after(REQUEST_DEADLINE_S):
             while True:
                 deployment = await self._deployment()
-                entry = deployment.pick_entry(self.rng)
-                if entry is None:
-                    raise HopFailed("the plan has no replica that takes new requests")
-                replica = deployment.replicas[entry]
-                dst = deployment.pick_decode(entry, self.rng) if replica.role == "prefill" else None
-                if replica.role == "prefill" and dst is None:
-                    raise HopFailed("the plan has no decode replica for this prefill replica")
+                usable = [r.index for r in deployment.replicas if (deployment.epoch, r.index) not in failed]
+                entry = deployment.pick_entry(self.rng, usable)
+                replica = None if entry is None else deployment.replicas[entry]
+                dst = None
+                if replica is not None and replica.role == "prefill":
+                    dst = deployment.pick_decode(replica.index, self.rng, usable)
+                if replica is None or (replica.role == "prefill" and dst is None):
+                    if not failed:
+                        raise HopFailed("the plan has no replica that takes new requests")
+                    await self._next_epoch(deployment.epoch)  # every usable path failed: wait for a new world
+                    continue
                 left = sampling["max_tokens"] - len(produced)
                 request = {
                     "id": self.rng.getrandbits(31),
@@ -190,8 +206,15 @@ class Router:
                     log.info("request re-submitted after %d tokens: %s", len(produced), exc)
                     if len(failures) > RESUBMIT_LIMIT:
                         raise HopFailed(f"gave up after {len(failures)} failed attempts; last: {exc}") from None
-                    with trio.move_on_after(RESUBMIT_BACKOFF_S):
-                        await self.supervisor.changed.wait()
+                    failed.add((deployment.epoch, entry))
+                    if dst is not None:
+                        failed.add((deployment.epoch, dst))
+                    await trio.sleep(RESUBMIT_BACKOFF_S)
+
+    async def _next_epoch(self, epoch: int) -> None:
+        with trio.fail_after(READY_TIMEOUT_S):
+            while self.supervisor.deployment is None or self.supervisor.deployment.epoch == epoch:
+                await self.supervisor.changed.wait()
 
     async def _deployment(self) -> Deployment:
         with trio.fail_after(READY_TIMEOUT_S):
@@ -206,6 +229,7 @@ class Router:
     ) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
         """The events of ``request`` on the replica whose driver lives on ``peer`` (this daemon or another)."""
         send, receive = trio.open_memory_channel[dict[str, Any]](request["sampling"]["max_tokens"] + 4)
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             if peer == self.peer_id:
                 nursery.start_soon(self._local, request, send)
@@ -213,8 +237,12 @@ class Router:
                 nursery.start_soon(self._remote, peer, request, send)
             try:
                 yield receive
+            except Exception as exc:  # re-raised below, not wrapped in the nursery's exception group
+                failure = exc
             finally:
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _local(self, request: dict[str, Any], send: trio.MemorySendChannel[dict[str, Any]]) -> None:
         async with send:

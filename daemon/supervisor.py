@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class Supervisor:
     threads: int = 1
     backend: str = "gloo"
     store_address: tuple[str, int] | None = None
+    on_failure: Callable[[int, int, str], Awaitable[None]] | None = None
     deployment: Deployment | None = None
     workers: dict[int, LocalWorker] = field(default_factory=dict)
     listeners: dict[int, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
@@ -183,6 +185,8 @@ class Supervisor:
             log.warning("epoch %d: %s", deployment.epoch, worker.error)
             self._fail_replica(worker.replica, worker.error)
             self._notify()
+            if self.on_failure is not None:
+                await self.on_failure(deployment.epoch, worker.rank, worker.error)
             await trio.sleep_forever()  # stays failed until the next epoch
         finally:
             listener.close()
@@ -191,11 +195,14 @@ class Supervisor:
                     await self._stop(worker, worker.process)
 
     async def _stop(self, worker: LocalWorker, process: trio.Process) -> None:
-        if process.returncode is None and worker.channel is not None and worker.is_driver:
-            with contextlib.suppress(Exception):
-                await worker.send({"op": "shutdown"})
-        with trio.move_on_after(STOP_TIMEOUT_S):
-            await process.wait()
+        """A ready driver is asked to stop its replica in step; anything else (a worker still forming its
+        world, or a follower whose driver is gone) is killed at once."""
+        if process.returncode is None and worker.ready.is_set() and worker.error is None:
+            if worker.is_driver:
+                with contextlib.suppress(Exception):
+                    await worker.send({"op": "shutdown"})
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                await process.wait()
         if process.returncode is None:
             process.kill()
             await process.wait()
@@ -269,6 +276,7 @@ class Supervisor:
                     "role": w.replica.role,
                     "state": "failed" if w.error else "ready" if w.ready.is_set() else "starting",
                     "error": w.error,
+                    "pid": None if w.process is None else w.process.pid,
                 }
                 for rank, w in sorted(self.workers.items())
             },

@@ -14,7 +14,6 @@ from daemon_harness import Swarm, converged, open_client, statuses, wait_until
 from hypothesis import HealthCheck, given, settings
 from test_daemon_envelope import json_like
 
-
 from hexgen.daemon.envelope import seal, to_wire
 from hexgen.daemon.hardware import HardwareProfile
 from hexgen.daemon.host import new_identity, open_host

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -114,3 +116,31 @@ async def test_prefill_and_decode_sharded_differently(swarm, prompts_and_referen
             for i in range(4, 20):
                 nursery.start_soon(one, i)
         assert [results[i] for i in range(20)] == reference[:20]
+
+
+async def test_worker_killed_mid_request_still_gives_reference_tokens(swarm, stories_dir, tmp_path):
+    """The decode group's driver is SIGKILLed while it streams; the entry re-submits prompt plus the tokens
+    so far, the coordinator rebuilds the world in a new epoch, and the client's stream completes exactly."""
+    long = 200
+    prompt = [1, 403, 407, 261, 378]
+    (expected,) = reference_greedy(stories_dir, [prompt], long)
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(PINNED)
+    daemons = swarm.start_many(4, gpus=GPUS, extra=["--pin-plan", str(pinned)])
+    ids = {d.peer_id for d in daemons}
+    async with open_client() as client:
+        statuses, _ = await wait_until(client, daemons, serving(ids), timeout=120, what="serving")
+        epoch = next(iter(statuses.values()))["plan"]["epoch"]
+        victim = statuses[daemons[3].peer_id]["serving"]["workers"]
+        (pid,) = [w["pid"] for w in victim.values()]
+        out: list[int] = []
+        with trio.fail_after(180):
+            async for frame in generate(client, daemons[0].peer_id, {"tokens": prompt, "max_tokens": long}):
+                assert "error" not in frame, frame
+                if "token" in frame:
+                    out.append(frame["token"])
+                    if len(out) == 3:
+                        os.kill(pid, signal.SIGKILL)
+        assert out == expected
+        after, _ = await wait_until(client, daemons, serving(ids), timeout=60, what="serving again")
+        assert next(iter(after.values()))["plan"]["epoch"] > epoch, "the failure should have rebuilt the world"
