@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import struct
 from typing import Any
 
 import pytest
@@ -11,7 +13,8 @@ import trio
 from checkpoints import random_prompts, reference_greedy
 from daemon_harness import Swarm, converged, open_client, wait_until
 
-from hexgen.daemon.router import generate
+from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, generate
+from hexgen.daemon.wire import FrameReader, encode_frame
 
 pytestmark = pytest.mark.trio
 
@@ -60,9 +63,19 @@ async def complete(client: Any, peer_id: str, tokens: list[int]) -> list[int]:
     return out
 
 
-async def test_four_heterogeneous_daemons_serve_reference_tokens(swarm, prompts_and_reference):
+@pytest.fixture(scope="module")
+def four(tmp_path_factory, stories_dir):
+    """Four daemons with simulated H100, A100, L40 and A6000 serving stories260K as the planner decides."""
+    s = Swarm(tmp_path_factory.mktemp("four"), model=str(stories_dir))
+    try:
+        yield s.start_many(4, gpus=GPUS)
+    finally:
+        s.close()
+
+
+async def test_four_heterogeneous_daemons_serve_reference_tokens(four, prompts_and_reference):
     prompts, reference = prompts_and_reference
-    daemons = swarm.start_many(4, gpus=GPUS)
+    daemons = four
     ids = {d.peer_id for d in daemons}
     async with open_client() as client:
         await wait_until(client, daemons, serving(ids), timeout=120, what="serving")
@@ -78,6 +91,48 @@ async def test_four_heterogeneous_daemons_serve_reference_tokens(swarm, prompts_
             for i in range(len(prompts)):
                 nursery.start_soon(one, i)
         assert [results[i] for i in range(len(prompts))] == reference
+
+
+async def test_bad_requests_and_cancellation_harm_no_other_work(four, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    daemons = four
+    ids = {d.peer_id for d in daemons}
+    target = daemons[1]
+    async with open_client() as client:
+        await wait_until(client, daemons, serving(ids), timeout=120, what="serving")
+        bad_requests = [
+            {"tokens": []},
+            {"tokens": [1, 2], "max_tokens": -3},
+            {"prompt": 17},
+            {"tokens": [1] * 600, "max_tokens": 4},
+            {"tokens": [1, 2], "unknown": 1},
+        ]
+        for request in bad_requests:
+            frames = [f async for f in generate(client, target.peer_id, request)]
+            assert len(frames) == 1 and "error" in frames[0], (request, frames)
+        raw = [os.urandom(64), struct.pack(">I", 1 << 30), encode_frame([1, 2]), b""]
+        for protocol in (GENERATE_PROTOCOL, REPLICA_PROTOCOL):
+            for payload in [*raw, encode_frame({"id": 1, "epoch": 1, "replica": 99, "tokens": [1], "sampling": {}})]:
+                stream = await client.open_stream(target.peer_id, protocol)
+                with trio.fail_after(15):
+                    if payload:
+                        await stream.write(payload)
+                    await stream.close()
+                    with contextlib.suppress(Exception):
+                        await FrameReader(stream).read()
+        # a client that walks away mid-stream: its work is freed everywhere
+        with trio.fail_after(60):
+            async for frame in generate(client, target.peer_id, {"tokens": prompts[0], "max_tokens": 400}):
+                if "token" in frame:
+                    break
+        await wait_until(
+            client,
+            daemons,
+            lambda view: all(s is not None and s["serving"]["in_flight"] == 0 for s in view.values()),
+            timeout=30,
+            what="every request freed",
+        )
+        assert await complete(client, target.peer_id, prompts[1]) == reference[1]
 
 
 PINNED = """

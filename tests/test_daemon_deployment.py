@@ -1,0 +1,138 @@
+"""Pure parts of serving: where a plan puts ranks, pinned plans, and request validation at the entry."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned, pinned_plan
+from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
+from hexgen.daemon.model_files import ModelFilesError, model_fingerprint
+from hexgen.daemon.router import MAX_TOKENS_LIMIT, RequestError, parse_request
+from hexgen.engine.tokenizer import Tokenizer
+
+PINNED = """
+[[groups]]
+role = "prefill"
+stages = [{ gpus = ["a", "b"], layers = [0, 5] }]
+
+[[groups]]
+role = "decode"
+stages = [{ gpus = ["c"], layers = [0, 3] }, { gpus = ["d:1"], layers = [3, 5] }]
+
+[[groups]]
+role = "decode"
+stages = [{ gpus = ["d"], layers = [0, 5] }]
+"""
+GPU_INDEX = {("a", 0): 0, ("b", 0): 1, ("c", 0): 2, ("d", 0): 3, ("d", 1): 4}
+GPUS = {"0": ["pa", 0], "1": ["pb", 0], "2": ["pc", 0], "3": ["pd", 0], "4": ["pd", 1]}
+RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pd": ("127.0.0.1", 5001)}
+
+
+def body(plan_dict: dict, epoch: int = 7) -> dict:
+    return {"plan": plan_dict, "gpus": GPUS, "term": 2, "epoch": epoch}
+
+
+def test_pinned_plan_becomes_a_world_with_ranks_in_group_and_stage_order():
+    plan = pinned_plan(parse_pinned(PINNED, num_layers=5), GPU_INDEX)
+    deployment = deployment_from_plan(body(plan.to_dict()), RENDEZVOUS)
+    assert deployment.world_size == 5 and deployment.rendezvous == ("127.0.0.1", 5000)
+    assert deployment.store_prefix == "hexgen/2/7/"
+    prefill, split, whole = deployment.replicas
+    assert (prefill.role, prefill.layout, prefill.first_rank) == ("prefill", ((0, 5, 2),), 0)
+    assert (split.layout, split.first_rank, split.placement) == (((0, 3, 1), (3, 5, 1)), 2, (("pc", 0), ("pd", 1)))
+    assert split.driver_peer == "pd" and split.driver_layout_rank == 1
+    assert whole.first_rank == 4 and prefill.driver_peer == "pa"
+    assert deployment.local_ranks("pd") == [(3, split), (4, whole)]
+    assert [i for i, _ in deployment.entry_weights] == [0]
+    assert {i for i, _ in deployment.hand_off_weights[0]} == {1, 2}
+
+
+def test_requests_follow_the_flows():
+    plan = pinned_plan(parse_pinned(PINNED), GPU_INDEX).to_dict()
+    plan["flows"] = [f | {"rate": 3.0} if f["dst"] == 1 else f for f in plan["flows"]]
+    deployment = deployment_from_plan(body(plan), RENDEZVOUS)
+    rng = random.Random(0)
+    picks = Counter(deployment.pick_decode(0, rng) for _ in range(4000))
+    assert 0.70 < picks[1] / 4000 < 0.80  # flow 3 against flow 1
+    assert deployment.pick_decode(0, rng, usable=[0, 2]) == 2
+    assert deployment.pick_entry(rng, usable=[1, 2]) is None
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b | {"plan": None, "error": "no group fits"}, "no group fits"),
+        (lambda b: b | {"gpus": {}}, "malformed plan"),
+        (lambda b: {**b, "plan": {**b["plan"], "groups": [{"id": 0, "role": "boss", "stages": []}]}}, "unknown role"),
+    ],
+)
+def test_undeployable_plans_are_refused_with_a_reason(mutate, message):
+    plan = pinned_plan(parse_pinned(PINNED), GPU_INDEX).to_dict()
+    with pytest.raises(DeploymentError, match=message):
+        deployment_from_plan(mutate(body(plan)), RENDEZVOUS)
+    with pytest.raises(DeploymentError, match="rendezvous"):
+        deployment_from_plan(body(plan), {"pd": ("127.0.0.1", 1)})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("groups = 3", "at least one"),
+        ('[[groups]]\nrole = "boss"\nstages = []', "role must be"),
+        ('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["a"], layers = [1, 5] }]', "continuing from 0"),
+        ('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["a", "a"], layers = [0, 5] }]', "used twice"),
+        ('[[groups]]\nrole = "colocated"\nstages = [{ gpus = [3], layers = [0, 5] }]', "HOST or HOST:INDEX"),
+        ('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["a"], layers = [0, 4] }]', "the model has 5"),
+        ('[[groups]]\nrole = "prefill"\nstages = [{ gpus = ["a"], layers = [0, 5] }]', "decode group"),
+        ("[[groups]\n", "not valid TOML"),
+    ],
+)
+def test_bad_pinned_plans_name_the_problem(text, message):
+    with pytest.raises(PinnedPlanError, match=message):
+        parse_pinned(text, num_layers=5)
+
+
+def test_pinned_plan_needs_every_named_gpu():
+    with pytest.raises(PinnedPlanError, match="no GPU d:1"):
+        pinned_plan(parse_pinned(PINNED), {k: v for k, v in GPU_INDEX.items() if k != ("d", 1)})
+
+
+def test_generate_requests_are_validated(stories_dir):
+    tokenizer = Tokenizer.from_dir(stories_dir)
+    tokens, sampling = parse_request({"prompt": "Once upon a time", "max_tokens": 8}, tokenizer, 512)
+    assert tokens == [1, 403, 407, 261, 378] and sampling["max_tokens"] == 8
+    bad = [
+        ([1, 2], "is a map"),
+        ({}, "exactly one"),
+        ({"prompt": "x", "tokens": [1]}, "exactly one"),
+        ({"tokens": []}, "non-empty"),
+        ({"tokens": [1, 99999]}, "must lie in"),
+        ({"tokens": [1, True]}, "non-empty list"),
+        ({"tokens": [1], "max_tokens": 0}, "max_tokens"),
+        ({"tokens": [1], "max_tokens": MAX_TOKENS_LIMIT + 1}, "limited"),
+        ({"tokens": [1] * 500, "max_tokens": 20}, "exceeds the model's context"),
+        ({"tokens": [1], "temperature": -1}, "temperature"),
+        ({"tokens": [1], "colour": "red"}, "unknown fields: colour"),
+    ]
+    for request, message in bad:
+        with pytest.raises(RequestError, match=message):
+            parse_request(request, tokenizer, 512)
+
+
+def test_model_fingerprint_tells_checkpoints_apart(tmp_path: Path, stories_dir):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).write_bytes((stories_dir / name).read_bytes())
+    assert model_fingerprint(copy) == model_fingerprint(stories_dir)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert model_fingerprint(copy) != model_fingerprint(stories_dir)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(ModelFilesError, match="safetensors"):
+        model_fingerprint(copy)
