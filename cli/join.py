@@ -76,6 +76,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from hexgen.daemon.model_files import ModelFilesError, is_checkpoint_dir, model_fingerprint
     from hexgen.daemon.node import NodeConfig
     from hexgen.daemon.run import JoinOptions, join
+    from hexgen.engine.tokenizer import Tokenizer, TokenizerError
 
     try:
         host, port = _listen(args.listen)
@@ -83,6 +84,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         spec = resolve_model(args.model)
         if is_checkpoint_dir(args.model):
             model_fingerprint(args.model)
+            Tokenizer.from_dir(args.model)
         pinned = None
         if args.pin_plan:
             try:
@@ -115,5 +117,5 @@ def cmd_join(args: argparse.Namespace) -> int:
         return join(options)
     except PinnedPlanError as exc:
         raise JoinError(f"--pin-plan {args.pin_plan}: {exc}") from None
-    except (HardwareError, IdentityError, CertificateError, ModelFilesError) as exc:
+    except (HardwareError, IdentityError, CertificateError, ModelFilesError, TokenizerError) as exc:
         raise JoinError(str(exc)) from None

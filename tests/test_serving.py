@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import struct
 from typing import Any
@@ -199,3 +201,21 @@ async def test_worker_killed_mid_request_still_gives_reference_tokens(swarm, sto
         assert out == expected
         after, _ = await wait_until(client, daemons, serving(ids), timeout=60, what="serving again")
         assert next(iter(after.values()))["plan"]["epoch"] > epoch, "the failure should have rebuilt the world"
+
+
+async def test_nodes_serving_another_model_are_not_members(swarm, stories_dir, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(stories_dir, changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps(config | {"rope_theta": 20000.0}))
+    first = swarm.start("n0", gpu="A100")
+    other = swarm.start("n1", gpu="L40", bootstrap=[first.addr], extra=["--model", str(changed)])
+    async with open_client() as client:
+
+        def apart(view) -> bool:
+            return all(
+                s is not None and s["members"] == [pid] and s["rejections"].get("model-mismatch", 0) > 0
+                for pid, s in view.items()
+            )
+
+        await wait_until(client, [first, other], apart, timeout=30, what="refusing each other's model")

@@ -1,0 +1,44 @@
+"""``hexgen-node join`` flags that cannot work fail at once with one line and exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli_plan import node
+
+
+@pytest.fixture
+def pinned(tmp_path):
+    def write(text: str):
+        path = tmp_path / "pinned.toml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def join(*args, tmp_path) -> tuple[int, str]:
+    result = node("join", "--listen", "127.0.0.1:0", "--simulate-gpu", "A100", "--key-file", tmp_path / "k", *args)
+    return result.returncode, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("groups = 1", "at least one [[groups]]"),
+        ('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["a"], layers = [0, 3] }]', "the model has 5"),
+    ],
+)
+def test_bad_pinned_plan(stories_dir, pinned, tmp_path, text, message):
+    status, err = join("--model", stories_dir, "--pin-plan", pinned(text), tmp_path=tmp_path)
+    assert status == 2 and message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_missing_pinned_plan_and_unservable_model_directory(stories_dir, tmp_path):
+    status, err = join("--model", stories_dir, "--pin-plan", tmp_path / "absent.toml", tmp_path=tmp_path)
+    assert status == 2 and "absent.toml" in err and "Traceback" not in err
+    empty = tmp_path / "model"
+    empty.mkdir()
+    (empty / "config.json").write_text((stories_dir / "config.json").read_text())
+    status, err = join("--model", empty, tmp_path=tmp_path)
+    assert status == 2 and "safetensors" in err and "Traceback" not in err
