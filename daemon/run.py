@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -55,5 +56,7 @@ def join(options: JoinOptions) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     certificate = load_certificate(options.swarm_cert) if options.swarm_cert else None
     hardware = hardware_for(options)
+    if options.simulate_gpu is None and hardware.gpus:
+        options = dataclasses.replace(options, node=dataclasses.replace(options.node, worker_device="cuda"))
     trio.run(serve, options, hardware, certificate)
     return 0

@@ -59,6 +59,10 @@ class LocalWorker:
     send_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
+    def local_gpu(self) -> int:
+        return self.replica.placement[self.rank - self.replica.first_rank][1]
+
+    @property
     def is_driver(self) -> bool:
         return self.rank == self.replica.first_rank + self.replica.driver_layout_rank
 
@@ -224,8 +228,9 @@ class Supervisor:
                 }
                 for r in deployment.replicas
             ],
+            "device": self.device if self.device == "cpu" else f"{self.device}:{worker.local_gpu}",
             "threads": self.threads,
-            "backend": self.backend,
+            "backend": "nccl" if self.device.startswith("cuda") else self.backend,
         }
 
     async def _read_events(self, worker: LocalWorker, reader: FrameReader) -> None:

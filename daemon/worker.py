@@ -13,6 +13,7 @@ the daemon's trio loop never waits on a GPU step (DESIGN.md section 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import select
 import socket
@@ -103,6 +104,7 @@ def _join(config: dict[str, Any]) -> Any:
         init_world(rank, size, int(config["port"]), backend)
     groups = replica_groups(specs)
     mine = next(s for s in specs if rank in s.ranks)
+    mine = dataclasses.replace(mine, device=str(config.get("device", mine.device)))  # this rank's own GPU
     worker = ReplicaWorker(mine, rank, groups)
     worker.peers = specs
     return worker
