@@ -36,12 +36,11 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,14 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import daemon_harness  # noqa: E402
-from daemon_harness import Daemon, Swarm, open_client, statuses  # noqa: E402
+from daemon_harness import (  # noqa: E402
+    Daemon,
+    Swarm,
+    interrupted,
+    open_client,
+    sigterm_as_interrupt,
+    statuses,
+)
 
 OUT_DIR = ROOT / "bench" / "out"
 MODEL = "llama-2-7b"
@@ -545,22 +551,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     return args, settings
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the ``finally`` that kills the daemons runs."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            raise KeyboardInterrupt
-        signal.raise_signal(signal.SIGINT)  # inside trio.run, trio's own handler unwinds it cleanly
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_args(argv)
     for noisy in ("libp2p", "multiaddr", "async_service"):  # the client's own ping and stream failures
@@ -581,12 +571,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"rows": rows, "meta": meta}, indent=1))
     print(f"wrote {out} ({meta['wall_seconds']:.1f} s)")
     return 1 if any("error" in r for r in rows) else 0
-
-
-def interrupted(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(KeyboardInterrupt) is not None
-    return isinstance(exc, KeyboardInterrupt)
 
 
 if __name__ == "__main__":

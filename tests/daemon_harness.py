@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,43 @@ def converged(ids: set[str]):
         )
 
     return check
+
+
+def serving(ids: set[str]) -> Check:
+    """Converged, and every daemon runs the adopted epoch's workers, all ready."""
+    agreed = converged(ids)
+
+    def check(view: dict[str, dict[str, Any] | None]) -> bool:
+        if not agreed(view):
+            return False
+        states = [s for s in view.values() if s is not None]
+        epoch = states[0]["plan"]["epoch"]
+        return all(
+            s["serving"]["epoch"] == epoch and all(w["state"] == "ready" for w in s["serving"]["workers"].values())
+            for s in states
+        )
+
+    return check
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` that kills the daemons runs (benchmarks use it)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)  # inside trio.run, trio's own handler unwinds it cleanly
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(exc: BaseException) -> bool:
+    """True when ``exc`` is, or groups, a KeyboardInterrupt."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)

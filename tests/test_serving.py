@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 from checkpoints import random_prompts, reference_greedy
-from daemon_harness import Swarm, converged, open_client, wait_until
+from daemon_harness import Swarm, open_client, serving, wait_until
 
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, generate
 from hexgen.daemon.wire import FrameReader, encode_frame
@@ -35,22 +35,6 @@ def swarm(tmp_path, stories_dir):
 def prompts_and_reference(stories_dir) -> tuple[list[list[int]], list[list[int]]]:
     prompts = [[1, 403, 407, 261, 378], *random_prompts(49, 512, seed=11, low=3, high=30)]
     return prompts, reference_greedy(stories_dir, prompts, MAX_TOKENS)
-
-
-def serving(ids: set[str]):
-    """Converged, and every worker of the adopted epoch is ready."""
-    agreed = converged(ids)
-
-    def check(statuses) -> bool:
-        if not agreed(statuses):
-            return False
-        epochs = {s["plan"]["epoch"] for s in statuses.values()}
-        return all(
-            s["serving"]["epoch"] in epochs and all(w["state"] == "ready" for w in s["serving"]["workers"].values())
-            for s in statuses.values()
-        )
-
-    return check
 
 
 async def complete(client: Any, peer_id: str, tokens: list[int]) -> list[int]:
