@@ -1,12 +1,15 @@
-"""Where an adopted plan puts engine ranks: one torch.distributed world per plan epoch, one replica per group.
+"""Where an adopted plan puts engine ranks: a torch.distributed world per replica, an exchange group per epoch.
 
-Pure functions over the plan body the coordinator signed (no I/O). Ranks are numbered group by group in
-the plan's order, stage-major inside a group (the engine's layout order), so every daemon derives the
-same world from the same plan. Rank 0 serves the world's store at the address its daemon advertised.
+Pure functions over the plan body the coordinator signed (no I/O). Each group of the plan is a replica
+with a world of its own (its store: the daemon of its first GPU), so a replica that is the same in the
+next epoch (same role, layout and GPUs) keeps running. KV moves between replicas over the epoch's
+exchange group, in which ranks are numbered group by group in the plan's order, stage-major inside a
+group (the engine's layout order), so every daemon derives the same numbering from the same plan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +36,15 @@ class Replica:
         return len(self.placement)
 
     @property
+    def key(self) -> tuple[str, tuple[tuple[int, int, int], ...], tuple[tuple[str, int], ...]]:
+        """What makes a replica the same across epochs: its role, layout and GPUs (not its index or ranks)."""
+        return (self.role, self.layout, self.placement)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(repr(self.key).encode()).hexdigest()[:16]
+
+    @property
     def driver_layout_rank(self) -> int:
         """Tensor rank 0 of the last stage: the rank that samples and speaks for the replica."""
         return sum(tp for _, _, tp in self.layout[:-1])
@@ -52,15 +64,22 @@ class Deployment:
     replicas: tuple[Replica, ...]
     entry_weights: tuple[tuple[int, float], ...]  # (replica, flow from the source) for prefill/colocated
     hand_off_weights: Mapping[int, tuple[tuple[int, float], ...]]  # prefill replica -> (decode replica, flow)
-    rendezvous: tuple[str, int]
+    rendezvous: tuple[str, int]  # the store of the epoch's exchange group (rank 0's daemon)
+    replica_rendezvous: tuple[tuple[str, int], ...]  # the store of each replica's own world (its first GPU's)
+    restart: bool = False  # rebuild every replica, even unchanged ones (after a worker failed)
+
+    @property
+    def needs_exchange(self) -> bool:
+        """True when KV moves between replicas (some replica prefills for others)."""
+        return any(r.role == "prefill" for r in self.replicas)
 
     @property
     def world_size(self) -> int:
         return sum(r.size for r in self.replicas)
 
     @property
-    def store_prefix(self) -> str:
-        return f"hexgen/{self.term}/{self.epoch}/"
+    def exchange_prefix(self) -> str:
+        return f"hexgen/{self.term}/{self.epoch}/exchange/"
 
     def local_ranks(self, peer_id: str) -> list[tuple[int, Replica]]:
         """``(global rank, replica)`` of every rank this peer hosts, in rank order."""
@@ -139,14 +158,17 @@ def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple
             entry.append((replica.index, 0.0))
     if not replicas:
         raise DeploymentError("the plan has no groups")
-    head = replicas[0].placement[0][0]
-    if head not in rendezvous:
-        raise DeploymentError(f"peer {head} hosts rank 0 but advertised no rendezvous address")
+    heads = [r.placement[0][0] for r in replicas]
+    missing = [peer for peer in heads if peer not in rendezvous]
+    if missing:
+        raise DeploymentError(f"peer {missing[0]} hosts a first rank but advertised no rendezvous address")
     return Deployment(
         term=int(body.get("term", 0)),
         epoch=int(body.get("epoch", 0)),
         replicas=tuple(replicas),
         entry_weights=tuple(entry),
         hand_off_weights={k: tuple(v) for k, v in hand_off.items()},
-        rendezvous=rendezvous[head],
+        rendezvous=rendezvous[heads[0]],
+        replica_rendezvous=tuple(rendezvous[peer] for peer in heads),
+        restart=bool(body.get("restart")),
     )

@@ -126,6 +126,7 @@ class Node:
         self._planned_for: tuple[int, int, int] = (-1, -1, -1)
         self._failures_seen: dict[int, int] = {}  # table version -> failure re-plans made for it
         self._failure_replans = 0
+        self._failure_replans_published = 0
         self._previous: tuple[Plan, Any] | None = None
         self._leaving = False
         self._claim_after = float("inf")
@@ -588,7 +589,10 @@ class Node:
             "members": members,
             # What the plan was made from, so a successor coordinator can re-plan incrementally from it.
             "peers": [{"peer_id": p.peer_id, "host": p.host_name, "hardware": p.profile.to_dict()} for p in peers],
+            # a worker failed: rebuild every replica, unchanged ones too (their worlds may be broken)
+            "restart": self._failure_replans != self._failure_replans_published,
         }
+        self._failure_replans_published = self._failure_replans
         lease = seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s)
         plan = seal("plan", body, self.key_pair, 3600.0)
         self._published = (lease, plan)

@@ -1,10 +1,11 @@
-"""The supervisor: one engine worker process per local rank of the adopted plan's world, rebuilt per epoch.
+"""The supervisor: one engine worker process per local GPU of the adopted plan, kept across epochs.
 
-For each deployment (daemon.deployment) it stops the previous epoch's workers, starts a
-``python -m hexgen.daemon.worker`` per local rank, configures it over its own unix socket with every replica
-of the world and the world's store, and routes what the replica drivers stream back (tokens, hand-offs)
-to per-request channels. Requests of a replica whose workers fail or are replaced get an error event, so
-their entry re-submits them.
+For each deployment (daemon.deployment) it keeps the workers of replicas that did not change (same role,
+layout and GPUs) and moves them to the new epoch's exchange group, stops the others, and starts a
+``python -m hexgen.daemon.worker`` per new local rank, configured over its own unix socket with its
+replica, the replica's world and the exchange group. It routes what the replica drivers stream back
+(tokens, hand-offs) to per-request channels. Requests on a replica whose worker fails or is replaced,
+and hand-offs routed under an older epoch, get an error event, so their entry re-submits them.
 """
 
 from __future__ import annotations
@@ -50,21 +51,33 @@ class _SocketStream:
 
 @dataclass
 class LocalWorker:
-    rank: int
     replica: Replica
+    layout_rank: int
+    formed: int  # the epoch whose plan first placed this replica here: its world's store prefix
     process: trio.Process | None = None
     channel: _SocketStream | None = None
     ready: trio.Event = field(default_factory=trio.Event)
+    stopped: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     error: str | None = None
     send_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
+    def rank(self) -> int:
+        """This worker's rank in the current epoch's exchange numbering."""
+        return self.replica.first_rank + self.layout_rank
+
+    @property
+    def slot(self) -> tuple[Any, int]:
+        return self.replica.key, self.layout_rank
+
+    @property
     def local_gpu(self) -> int:
-        return self.replica.placement[self.rank - self.replica.first_rank][1]
+        return self.replica.placement[self.layout_rank][1]
 
     @property
     def is_driver(self) -> bool:
-        return self.rank == self.replica.first_rank + self.replica.driver_layout_rank
+        return self.layout_rank == self.replica.driver_layout_rank
 
     async def send(self, frame: dict[str, Any]) -> None:
         if self.channel is None:
@@ -83,7 +96,7 @@ class Supervisor:
     store_address: tuple[str, int] | None = None
     on_failure: Callable[[int, int, str], Awaitable[None]] | None = None
     deployment: Deployment | None = None
-    workers: dict[int, LocalWorker] = field(default_factory=dict)
+    workers: dict[tuple[Any, int], LocalWorker] = field(default_factory=dict)
     listeners: dict[int, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
     owners: dict[int, LocalWorker] = field(default_factory=dict)
@@ -104,20 +117,17 @@ class Supervisor:
         with tempfile.TemporaryDirectory(prefix="hexgen-workers-") as tmp:
             store = None
             try:
-                if self.store_address is not None:
-                    host, port = self.store_address
-                    command = [sys.executable, "-m", "hexgen.daemon.store", "--host", host, "--port", str(port)]
-                    store = await trio.lowlevel.open_process(
-                        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-                    )
-                while True:
-                    target = self._wanted
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._serve_epoch, target, Path(tmp))
-                        while self._wanted is target:
-                            await self._wanted_changed.wait()
-                            self._wanted_changed = trio.Event()
-                        nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    if self.store_address is not None:
+                        host, port = self.store_address
+                        command = [sys.executable, "-m", "hexgen.daemon.store", "--host", host, "--port", str(port)]
+                        store = await trio.lowlevel.open_process(
+                            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+                        )
+                    while True:
+                        await self._wanted_changed.wait()
+                        self._wanted_changed = trio.Event()
+                        await self._reconcile(nursery, self._wanted, Path(tmp))
             finally:
                 self._fail_all("the daemon is stopping")
                 if store is not None:
@@ -130,73 +140,97 @@ class Supervisor:
         self.changed = trio.Event()
 
     def _fail_all(self, reason: str) -> None:
-        for channel in list(self.listeners.values()):
+        for seq_id in list(self.listeners):
+            self._fail(seq_id, reason)
+
+    def _fail(self, seq_id: int, reason: str) -> None:
+        channel = self.listeners.pop(seq_id, None)
+        self.owners.pop(seq_id, None)
+        if channel is not None:
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 channel.send_nowait({"error": reason, "retry": True})
-        self.listeners.clear()
-        self.owners.clear()
 
-    async def _serve_epoch(self, deployment: Deployment | None, tmp: Path) -> None:
+    def _fail_worker_requests(self, worker: LocalWorker, reason: str) -> None:
+        for seq_id in [i for i, w in self.owners.items() if w is worker]:
+            self._fail(seq_id, reason)
+
+    async def _reconcile(self, nursery: trio.Nursery, deployment: Deployment | None, tmp: Path) -> None:
+        """Move the local workers to ``deployment``: keep ready workers of unchanged replicas, stop the rest,
+        start what is missing."""
+        wanted: dict[tuple[Any, int], Replica] = {}
+        if deployment is not None:
+            for rank, replica in deployment.local_ranks(self.peer_id):
+                wanted[(replica.key, rank - replica.first_rank)] = replica
+        restart = deployment is None or deployment.restart
+        stopping = []
+        for slot, worker in list(self.workers.items()):
+            if restart or slot not in wanted or worker.error is not None or not worker.ready.is_set():
+                del self.workers[slot]
+                self._fail_worker_requests(worker, "the plan changed")
+                worker.scope.cancel()
+                stopping.append(worker)
+        for worker in stopping:
+            await worker.stopped.wait()
         self.deployment = deployment
-        self.workers = {}
-        self._fail_all("the plan changed")
-        self._notify()
-        if deployment is None:
-            await trio.sleep_forever()
-        local = deployment.local_ranks(self.peer_id)
-        if not local:
-            log.info("epoch %d: no local ranks", deployment.epoch)
-            await trio.sleep_forever()
-        log.info("epoch %d: starting %d worker(s) for ranks %s", deployment.epoch, len(local), [r for r, _ in local])
-        try:
-            async with trio.open_nursery() as nursery:
-                for rank, replica in local:
-                    worker = LocalWorker(rank, replica)
-                    self.workers[rank] = worker
+        if deployment is not None:
+            for slot, worker in self.workers.items():
+                worker.replica = wanted[slot]
+                if worker.replica.role == "prefill":  # their hand-offs were routed in the old numbering
+                    self._fail_worker_requests(worker, "the plan changed")
+                if worker.is_driver and deployment.needs_exchange:
+                    with contextlib.suppress(Exception):
+                        await worker.send({"op": "exchange", "exchange": self._exchange(deployment, worker)})
+            for slot, replica in wanted.items():
+                if slot not in self.workers:
+                    worker = LocalWorker(replica, slot[1], deployment.epoch)
+                    self.workers[slot] = worker
                     nursery.start_soon(self._run_worker, deployment, worker, tmp)
-        finally:
-            self.workers = {}
-            self._fail_all("the local workers stopped")
-            self._notify()
+            kept = len(self.workers) - len([w for w in self.workers.values() if w.formed == deployment.epoch])
+            log.info("epoch %d: %d local worker(s), %d kept from earlier epochs", deployment.epoch, len(wanted), kept)
+        self._notify()
 
     async def _run_worker(self, deployment: Deployment, worker: LocalWorker, tmp: Path) -> None:
-        path = tmp / f"e{deployment.epoch}-r{worker.rank}.sock"
+        path = tmp / f"e{deployment.epoch}-{worker.replica.digest}-{worker.layout_rank}.sock"
         listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         command = [sys.executable, "-m", "hexgen.daemon.worker", "--ipc", str(path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         try:
-            await listener.bind(str(path))
-            listener.listen(1)
-            worker.process = await trio.lowlevel.open_process(command, env=env, stdin=subprocess.DEVNULL)
-            with trio.fail_after(START_TIMEOUT_S):
-                sock, _ = await listener.accept()
-            listener.close()
-            worker.channel = _SocketStream(trio.SocketStream(sock))
-            await worker.send(self._configure_frame(deployment, worker))
-            reader = FrameReader(worker.channel)
-            with trio.fail_after(START_TIMEOUT_S):
-                reply = await reader.read()
-            if not isinstance(reply, dict) or reply.get("op") != "ready":
-                error = reply.get("error") if isinstance(reply, dict) else reply
-                raise RuntimeError(f"worker of rank {worker.rank} failed to start: {error}")
-            worker.ready.set()
-            self._notify()
-            log.info("epoch %d: rank %d ready", deployment.epoch, worker.rank)
-            await self._read_events(worker, reader)
-            raise RuntimeError(f"worker of rank {worker.rank} exited")
-        except (Exception, trio.TooSlowError) as exc:
-            worker.error = str(exc) or type(exc).__name__
-            log.warning("epoch %d: %s", deployment.epoch, worker.error)
-            self._fail_replica(worker.replica, worker.error)
-            self._notify()
-            if self.on_failure is not None:
-                await self.on_failure(deployment.epoch, worker.rank, worker.error)
-            await trio.sleep_forever()  # stays failed until the next epoch
+            with worker.scope:
+                try:
+                    await listener.bind(str(path))
+                    listener.listen(1)
+                    worker.process = await trio.lowlevel.open_process(command, env=env, stdin=subprocess.DEVNULL)
+                    with trio.fail_after(START_TIMEOUT_S):
+                        sock, _ = await listener.accept()
+                    listener.close()
+                    worker.channel = _SocketStream(trio.SocketStream(sock))
+                    await worker.send(self._configure_frame(deployment, worker))
+                    reader = FrameReader(worker.channel)
+                    with trio.fail_after(START_TIMEOUT_S):
+                        reply = await reader.read()
+                    if not isinstance(reply, dict) or reply.get("op") != "ready":
+                        error = reply.get("error") if isinstance(reply, dict) else reply
+                        raise RuntimeError(f"worker of rank {worker.rank} failed to start: {error}")
+                    worker.ready.set()
+                    self._notify()
+                    log.info("epoch %d: rank %d ready", deployment.epoch, worker.rank)
+                    await self._read_events(worker, reader)
+                    raise RuntimeError(f"worker of rank {worker.rank} exited")
+                except (Exception, trio.TooSlowError) as exc:
+                    worker.error = str(exc) or type(exc).__name__
+                    epoch = self.deployment.epoch if self.deployment is not None else deployment.epoch
+                    log.warning("epoch %d: %s", epoch, worker.error)
+                    self._fail_worker_requests(worker, worker.error)
+                    self._notify()
+                    if self.on_failure is not None:
+                        await self.on_failure(epoch, worker.rank, worker.error)
+                    await trio.sleep_forever()  # stays failed until the next epoch replaces it
         finally:
             listener.close()
             if worker.process is not None:
                 with trio.CancelScope(shield=True):
                     await self._stop(worker, worker.process)
+            worker.stopped.set()
 
     async def _stop(self, worker: LocalWorker, process: trio.Process) -> None:
         """A ready driver is asked to stop its replica in step; anything else (a worker still forming its
@@ -211,23 +245,34 @@ class Supervisor:
             process.kill()
             await process.wait()
 
+    def _spec(self, replica: Replica) -> dict[str, Any]:
+        return {
+            "model_dir": self.model_dir,
+            "layout": [list(stage) for stage in replica.layout],
+            "first_rank": replica.first_rank,
+            "mode": replica.role,
+            "device": self.device,
+        }
+
+    def _exchange(self, deployment: Deployment, worker: LocalWorker) -> dict[str, Any]:
+        return {
+            "store": list(deployment.rendezvous),
+            "prefix": deployment.exchange_prefix,
+            "first_rank": worker.replica.first_rank,
+            "size": deployment.world_size,
+            "replicas": [self._spec(r) for r in deployment.replicas],
+        }
+
     def _configure_frame(self, deployment: Deployment, worker: LocalWorker) -> dict[str, Any]:
+        replica = worker.replica
         return {
             "op": "configure",
-            "rank": worker.rank,
-            "world_size": deployment.world_size,
-            "store": list(deployment.rendezvous),
-            "prefix": deployment.store_prefix,
-            "replicas": [
-                {
-                    "model_dir": self.model_dir,
-                    "layout": [list(stage) for stage in r.layout],
-                    "first_rank": r.first_rank,
-                    "mode": r.role,
-                    "device": self.device,
-                }
-                for r in deployment.replicas
-            ],
+            "rank": worker.layout_rank,
+            "world_size": replica.size,
+            "store": list(deployment.replica_rendezvous[replica.index]),
+            "prefix": f"hexgen/{deployment.term}/{worker.formed}/{replica.digest}/",
+            "replica": self._spec(replica) | {"first_rank": 0},
+            "exchange": self._exchange(deployment, worker) if deployment.needs_exchange else None,
             "device": self.device if self.device == "cpu" else f"{self.device}:{worker.local_gpu}",
             "threads": self.threads,
             "backend": "nccl" if self.device.startswith("cuda") else self.backend,
@@ -262,14 +307,6 @@ class Supervisor:
             if event.get("finished") is not None or "handoff" in event:
                 self.forget(frame["id"])
 
-    def _fail_replica(self, replica: Replica, reason: str) -> None:
-        for seq_id in [i for i, w in self.owners.items() if w.replica.index == replica.index]:
-            channel = self.listeners.pop(seq_id, None)
-            self.owners.pop(seq_id, None)
-            if channel is not None:
-                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                    channel.send_nowait({"error": reason, "retry": True})
-
     def status(self) -> dict[str, Any]:
         deployment = self.deployment
         return {
@@ -279,11 +316,12 @@ class Supervisor:
                 str(rank): {
                     "replica": w.replica.index,
                     "role": w.replica.role,
+                    "formed": w.formed,
                     "state": "failed" if w.error else "ready" if w.ready.is_set() else "starting",
                     "error": w.error,
                     "pid": None if w.process is None else w.process.pid,
                 }
-                for rank, w in sorted(self.workers.items())
+                for rank, w in sorted((w.rank, w) for w in self.workers.values())
             },
             "in_flight": len(self.listeners),
         }

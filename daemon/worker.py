@@ -1,13 +1,15 @@
 """The engine worker process: hosts one rank of a replica and talks to its daemon over a unix socket.
 
 Run as ``python -m hexgen.daemon.worker --ipc PATH``. The daemon listens on PATH and sends length-prefixed
-msgpack frames (``daemon.wire``): ``configure`` (every replica of the world, the world's store), then, to
-a replica's driver only, ``generate`` (a new request; ``dst`` names the decode replica a prefill replica
-hands it to), ``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and
-``abort``; ``shutdown`` ends the worker. The worker answers ``ready`` or ``failed`` once, then streams
-``token`` frames (with ``finished``) and, from a prefill replica, ``handoff`` frames (prompt and first
-token) just before the KV goes out. torch stays in this process:
-the daemon's trio loop never waits on a GPU step (DESIGN.md section 2).
+msgpack frames (``daemon.wire``): ``configure`` (this rank's replica, the store of the replica's own world,
+and the epoch's exchange group over which KV moves between replicas, when there is one); then, to a
+replica's driver only: ``exchange`` (a later epoch's exchange group, for a replica that carries on across
+epochs), ``generate`` (a new request; ``dst`` names the decode replica a prefill replica hands it to),
+``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and ``abort``;
+``shutdown`` ends the worker. The worker answers ``ready`` or ``failed`` once, then streams ``token``
+frames (with ``finished``) and, from a prefill replica, ``handoff`` frames (prompt and first token) just
+before the KV goes out. torch stays in this process: the daemon's trio loop never waits on a GPU step
+(DESIGN.md section 2).
 """
 
 from __future__ import annotations
@@ -88,13 +90,22 @@ def spec_from(raw: dict[str, Any]) -> Any:
     )
 
 
+def exchange_from(raw: dict[str, Any]) -> Any:
+    from hexgen.engine.worker import ExchangeConfig
+
+    host, port = raw["store"]
+    peers = tuple(spec_from(r) for r in raw["replicas"])
+    return ExchangeConfig(str(host), int(port), str(raw["prefix"]), int(raw["first_rank"]), int(raw["size"]), peers)
+
+
 def _join(config: dict[str, Any]) -> Any:
     import torch
 
     from hexgen.engine.worker import ReplicaWorker, init_world, init_world_store, replica_groups
 
     torch.set_num_threads(int(config.get("threads", 1)))
-    specs = [spec_from(r) for r in config["replicas"]]
+    spec = spec_from(config["replica"])
+    spec = dataclasses.replace(spec, first_rank=0, device=str(config.get("device", spec.device)))
     rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if "store" in config:
@@ -102,11 +113,9 @@ def _join(config: dict[str, Any]) -> Any:
         init_world_store(rank, size, str(host), int(port), str(config.get("prefix", "")), backend)
     else:
         init_world(rank, size, int(config["port"]), backend)
-    groups = replica_groups(specs)
-    mine = next(s for s in specs if rank in s.ranks)
-    mine = dataclasses.replace(mine, device=str(config.get("device", mine.device)))  # this rank's own GPU
-    worker = ReplicaWorker(mine, rank, groups)
-    worker.peers = specs
+    worker = ReplicaWorker(spec, rank, replica_groups([spec]))
+    if config.get("exchange"):
+        worker.begin_exchange(exchange_from(config["exchange"]))
     return worker
 
 
@@ -129,6 +138,7 @@ def serve(channel: Channel) -> None:
     pending: list[Any] = []
     imports: list[Any] = []
     aborts: list[int] = []
+    exchange = None
     stop = False
     idle_since = time.monotonic()
     while True:
@@ -147,15 +157,18 @@ def serve(channel: Channel) -> None:
                         imports.append(Request(int(frame["id"]), tokens, sampling, src=int(frame["src"])))
                 elif op == "abort":
                     aborts.append(int(frame["id"]))
+                elif op == "exchange":
+                    imports.clear()  # routed under the old epoch: their entries re-submit them
+                    exchange = exchange_from(frame["exchange"])
                 elif op == "shutdown":
                     stop = True
             # Followers wait inside a collective; an empty step now and then keeps it from timing out.
-            busy = pending or imports or aborts or stop
+            busy = pending or imports or aborts or exchange or stop
             if idle and not busy and time.monotonic() - idle_since < KEEPALIVE_S:
                 continue
             idle_since = time.monotonic()
-        result = worker.step(pending, aborts, stop=stop, imports=imports)
-        pending, imports, aborts = [], [], []
+        result = worker.step(pending, aborts, stop=stop, imports=imports, exchange=exchange)
+        pending, imports, aborts, exchange = [], [], [], None
         if result is None:
             return
         if worker.is_driver:

@@ -12,6 +12,7 @@ import collections
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -214,12 +215,27 @@ def _used_blocks(kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens:
 _Pending = tuple[list[dist.Work], list[tuple[_Move, torch.Tensor, torch.Tensor]]]
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """A process group built apart from the default world (``dist.ProcessGroupGloo`` on its own store), as
+    the daemon's workers do per plan epoch: KV moves over it with the group's own send and recv, and peer
+    ranks are numbered within it."""
+
+    group: Any
+
+    def post(self, buffer: torch.Tensor, peer: int, tag: int, sending: bool) -> dist.Work:
+        return self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)
+
+
+Group = dist.ProcessGroup | Exchange | None
+
+
 def _post_chunk(
     kv_cache: torch.Tensor,
     moves: list[_Move],
     block_ids: list[int],
     sending: bool,
-    group: dist.ProcessGroup | None,
+    group: Group,
     tag: int,
 ) -> _Pending:
     index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
@@ -232,8 +248,11 @@ def _post_chunk(
         else:
             shape = (*view.shape[:2], len(index), *view.shape[3:])
             buffer = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
-        ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buffer, move.peer, group, tag))
+        if not isinstance(group, Exchange):
+            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buffer, move.peer, group, tag))
         buffers.append((move, index, buffer))
+    if isinstance(group, Exchange):
+        return [group.post(buffer, move.peer, tag, sending) for move, _, buffer in buffers], buffers
     return dist.batch_isend_irecv(ops), buffers
 
 
@@ -261,7 +280,7 @@ def _transfer(
     moves: list[_Move],
     block_ids: list[int],
     sending: bool,
-    group: dist.ProcessGroup | None,
+    group: Group,
     blocks_per_chunk: int,
     timeout: timedelta | None,
     tag: int = 0,
@@ -297,7 +316,7 @@ def send_kv(
     num_tokens: int,
     peer: Callable[[int], int],
     *,
-    group: dist.ProcessGroup | None = None,
+    group: Group = None,
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
     tag: int = 0,
@@ -346,7 +365,7 @@ def send_kv_all(
     shard: KVShard,
     sends: Sequence[KVSend],
     *,
-    group: dist.ProcessGroup | None = None,
+    group: Group = None,
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
 ) -> None:
@@ -380,7 +399,7 @@ def recv_kv(
     num_tokens: int,
     peer: Callable[[int], int],
     *,
-    group: dist.ProcessGroup | None = None,
+    group: Group = None,
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
     tag: int = 0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,16 @@ import torch.distributed as dist
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
-from hexgen.engine.kv_transfer import KVSend, KVShard, plan_kv_transfer, recv_kv, send_kv, send_kv_all
+from hexgen.engine.kv_transfer import (
+    Exchange,
+    KVSend,
+    KVShard,
+    KVTransferError,
+    plan_kv_transfer,
+    recv_kv,
+    send_kv,
+    send_kv_all,
+)
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import GroupLayout, rank_position, stage_ranks, validate_layout, world_size
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
@@ -92,7 +102,8 @@ class ReplicaWorker:
     """The part of a replica living in this process. Every rank of the replica calls ``step`` in lockstep;
     only the driver passes requests in, and every rank gets the same StepResult back."""
 
-    HEADER = 4  # new requests' payload size in bytes, aborts' payload size, imports' payload size, stop flag
+    # payload sizes in bytes of the new requests, aborts, imports and a new exchange; the stop flag
+    HEADER = 5
 
     def __init__(self, spec: ReplicaSpec, rank: int, groups: dict[tuple[int, ...], object]) -> None:
         self.spec = spec
@@ -136,6 +147,9 @@ class ReplicaWorker:
         self.kv_shard = KVShard(spec.layout, self.layout_rank, self.config.num_kv_heads)
         self.peers: list[ReplicaSpec] = []  # every replica of the world, indexed like Request.src and .dst
         self.routes: dict[int, int] = {}
+        self.exchange: Exchange | None = None  # the group KV moves over, when it is not this default world
+        self._next_exchange: threading.Thread | None = None
+        self._joined: list[tuple[Exchange, list[ReplicaSpec]] | BaseException] = []
 
     def _agree_on_blocks(self, local: int) -> int:
         if self.solo:
@@ -158,19 +172,25 @@ class ReplicaWorker:
         aborts: list[int] | None = None,
         stop: bool = False,
         imports: list[Request] | None = None,
+        exchange: ExchangeConfig | None = None,
     ) -> StepResult | None:
         """One replica step; returns None once the driver said stop. ``imports`` are prefilled sequences
-        whose KV every rank receives from replica ``Request.src`` of ``peers`` before the step."""
+        whose KV every rank receives from replica ``Request.src`` of ``peers`` before the step. ``exchange``
+        moves the replica to a new exchange group (a new plan epoch): sequences still waiting to be handed
+        off under the old one are dropped, and every rank starts joining the new group in the background."""
         new_payload = pickle.dumps(requests) if self.is_driver and requests else b""
         abort_payload = pickle.dumps(aborts) if self.is_driver and aborts else b""
         import_payload = pickle.dumps(imports) if self.is_driver and imports else b""
-        sizes = [len(new_payload), len(abort_payload), len(import_payload), int(stop)]
+        exchange_payload = pickle.dumps(exchange) if self.is_driver and exchange else b""
+        sizes = [len(new_payload), len(abort_payload), len(import_payload), len(exchange_payload), int(stop)]
         header = torch.tensor(sizes, dtype=torch.long, device=self.comm_device)
         if not self.solo:
             dist.broadcast(header, src=self.driver_rank, group=self.group)
-        new_size, abort_size, import_size, stopped = (int(x) for x in header.tolist())
+        new_size, abort_size, import_size, exchange_size, stopped = (int(x) for x in header.tolist())
         if stopped:
             return None
+        if exchange_size:
+            self.begin_exchange(pickle.loads(self._broadcast_bytes(exchange_payload, exchange_size)))
         if new_size:
             for req in pickle.loads(self._broadcast_bytes(new_payload, new_size)):
                 self.add(req)
@@ -180,7 +200,9 @@ class ReplicaWorker:
                 self.seqs.pop(seq_id, None)
                 self.routes.pop(seq_id, None)
         if import_size:
-            for req in pickle.loads(self._broadcast_bytes(import_payload, import_size)):
+            reqs = pickle.loads(self._broadcast_bytes(import_payload, import_size))
+            self.await_exchange()
+            for req in reqs:
                 self.import_kv([req], self.peers[req.src])
         batch = self.scheduler.schedule()
         if batch is None:
@@ -205,12 +227,13 @@ class ReplicaWorker:
     def export_routed(self, seqs: list[Sequence]) -> None:
         """Ship handed-off ``seqs`` to the replicas their requests named (``Request.dst``), every send posted
         before any is waited for (``send_kv_all``), then release their blocks."""
+        self.await_exchange()
         sends = []
         for seq in seqs:
             dst = self.peers[self.routes.pop(seq.seq_id)]
             slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
             sends.append(KVSend(slices, seq.block_table, len(seq) - 1, dst.global_rank, kv_tag(seq.seq_id)))
-        send_kv_all(self.runner.kv_cache, self.kv_shard, sends, timeout=TRANSFER_TIMEOUT)
+        send_kv_all(self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT)
         for seq in seqs:
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
@@ -247,6 +270,7 @@ class ReplicaWorker:
                 seq.block_table,
                 len(seq) - 1,
                 dst.global_rank,
+                group=self.exchange,
                 timeout=TRANSFER_TIMEOUT,
                 tag=kv_tag(seq.seq_id),
             )
@@ -270,6 +294,7 @@ class ReplicaWorker:
                 seq.block_table,
                 len(seq) - 1,
                 src.global_rank,
+                group=self.exchange,
                 timeout=TRANSFER_TIMEOUT,
                 tag=kv_tag(seq.seq_id),
             )
@@ -278,6 +303,52 @@ class ReplicaWorker:
             self.seqs[seq.seq_id] = seq
             seqs.append(seq)
         return seqs
+
+    def begin_exchange(self, config: ExchangeConfig) -> None:
+        """Start joining the exchange group of ``config`` in a thread (every rank of every replica of the
+        epoch joins it, some only after they start); sequences routed under the old one are dropped."""
+        for seq_id in list(self.routes):
+            self.scheduler.abort(seq_id)
+            self.seqs.pop(seq_id, None)
+        self.routes.clear()
+        self._joined = []
+        self._next_exchange = threading.Thread(target=self._join_exchange, args=(config,), daemon=True)
+        self._next_exchange.start()
+
+    def _join_exchange(self, config: ExchangeConfig) -> None:
+        try:
+            timeout = timedelta(seconds=config.timeout_s)
+            store = dist.TCPStore(config.host, config.port, None, is_master=False, timeout=timeout)
+            rank = config.first_rank + self.layout_rank
+            group = dist.ProcessGroupGloo(dist.PrefixStore(config.prefix, store), rank, config.size, timeout)
+            self._joined.append((Exchange(group), list(config.peers)))
+        except BaseException as exc:  # handed to the step thread by await_exchange
+            self._joined.append(exc)
+
+    def await_exchange(self) -> None:
+        """Switch to the exchange being joined, waiting for it; raises KVTransferError if joining failed."""
+        if self._next_exchange is None:
+            return
+        self._next_exchange.join()
+        self._next_exchange = None
+        outcome = self._joined.pop()
+        if isinstance(outcome, BaseException):
+            raise KVTransferError(f"joining the exchange group failed: {outcome}") from outcome
+        self.exchange, self.peers = outcome
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    """Where to join an epoch's exchange group, this replica's first rank in it, and every replica in its
+    numbering."""
+
+    host: str
+    port: int
+    prefix: str
+    first_rank: int
+    size: int
+    peers: tuple[ReplicaSpec, ...]
+    timeout_s: float = 120.0
 
 
 def kv_tag(seq_id: int) -> int:

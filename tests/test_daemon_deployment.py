@@ -29,7 +29,7 @@ stages = [{ gpus = ["d"], layers = [0, 5] }]
 """
 GPU_INDEX = {("a", 0): 0, ("b", 0): 1, ("c", 0): 2, ("d", 0): 3, ("d", 1): 4}
 GPUS = {"0": ["pa", 0], "1": ["pb", 0], "2": ["pc", 0], "3": ["pd", 0], "4": ["pd", 1]}
-RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pd": ("127.0.0.1", 5001)}
+RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pc": ("127.0.0.1", 5002), "pd": ("127.0.0.1", 5001)}
 
 
 def body(plan_dict: dict, epoch: int = 7) -> dict:
@@ -40,13 +40,16 @@ def test_pinned_plan_becomes_a_world_with_ranks_in_group_and_stage_order():
     plan = pinned_plan(parse_pinned(PINNED, num_layers=5), GPU_INDEX)
     deployment = deployment_from_plan(body(plan.to_dict()), RENDEZVOUS)
     assert deployment.world_size == 5 and deployment.rendezvous == ("127.0.0.1", 5000)
-    assert deployment.store_prefix == "hexgen/2/7/"
+    assert deployment.exchange_prefix == "hexgen/2/7/exchange/" and deployment.needs_exchange
+    assert deployment.replica_rendezvous == (("127.0.0.1", 5000), ("127.0.0.1", 5002), ("127.0.0.1", 5001))
     prefill, split, whole = deployment.replicas
     assert (prefill.role, prefill.layout, prefill.first_rank) == ("prefill", ((0, 5, 2),), 0)
     assert (split.layout, split.first_rank, split.placement) == (((0, 3, 1), (3, 5, 1)), 2, (("pc", 0), ("pd", 1)))
     assert split.driver_peer == "pd" and split.driver_layout_rank == 1
     assert whole.first_rank == 4 and prefill.driver_peer == "pa"
     assert deployment.local_ranks("pd") == [(3, split), (4, whole)]
+    moved = deployment_from_plan(body(plan.to_dict(), epoch=8) | {"restart": True}, RENDEZVOUS)
+    assert [r.key for r in moved.replicas] == [r.key for r in deployment.replicas] and moved.restart
     assert [i for i, _ in deployment.entry_weights] == [0]
     assert {i for i, _ in deployment.hand_off_weights[0]} == {1, 2}
 

@@ -49,7 +49,7 @@ def test_tp2_replica_served_through_worker_processes(tiny_models, tmp_path, work
         conn, _ = server.accept()
         conn.settimeout(None)
         channel = Channel(conn)
-        channel.send({"op": "configure", "rank": rank, "world_size": 2, "port": port, "replicas": [replica]})
+        channel.send({"op": "configure", "rank": rank, "world_size": 2, "port": port, "replica": replica})
         channels.append(channel)
     replies = [c.receive() for c in channels]
     assert [r["op"] for r in replies] == ["ready", "ready"], replies

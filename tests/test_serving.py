@@ -203,3 +203,49 @@ async def test_nodes_serving_another_model_are_not_members(swarm, stories_dir, t
             )
 
         await wait_until(client, [first, other], apart, timeout=30, what="refusing each other's model")
+
+
+PINNED_THREE = """
+[[groups]]
+role = "prefill"
+stages = [{ gpus = ["n0", "n1"], layers = [0, 5] }]
+
+[[groups]]
+role = "decode"
+stages = [{ gpus = ["n2"], layers = [0, 5] }]
+"""
+
+
+async def test_unchanged_groups_keep_serving_across_a_new_epoch(swarm, stories_dir, tmp_path):
+    """A node joins (it is not in the pinned layout): the plan's epoch moves on, every worker carries on in
+    the new epoch's exchange group, and a request decoding meanwhile finishes without a re-submission."""
+    long = 200
+    prompt = [1, 403, 407, 261, 378]
+    (expected,) = reference_greedy(stories_dir, [prompt], long)
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(PINNED_THREE)
+    daemons = swarm.start_many(3, gpus=GPUS, extra=["--pin-plan", str(pinned)])
+    async with open_client() as client:
+        before, _ = await wait_until(client, daemons, serving({d.peer_id for d in daemons}), 120, "serving")
+        epoch = next(iter(before.values()))["plan"]["epoch"]
+        formed = {pid: [w["formed"] for w in s["serving"]["workers"].values()] for pid, s in before.items()}
+        out: list[int] = []
+        with trio.fail_after(180):
+            async for frame in generate(client, daemons[0].peer_id, {"tokens": prompt, "max_tokens": long}):
+                assert "error" not in frame, frame
+                if "token" in frame:
+                    out.append(frame["token"])
+                    if len(out) == 3:
+                        daemons.append(
+                            swarm.start(
+                                "n3", gpu="A6000", bootstrap=[daemons[0].addr], extra=["--pin-plan", str(pinned)]
+                            )
+                        )
+        assert out == expected
+        after, _ = await wait_until(client, daemons, serving({d.peer_id for d in daemons}), 60, "serving with n3")
+        assert next(iter(after.values()))["plan"]["epoch"] > epoch
+        assert {pid: [w["formed"] for w in after[pid]["serving"]["workers"].values()] for pid in formed} == formed
+        assert "re-submitted" not in daemons[0].log()
+        prompts = random_prompts(6, 512, seed=5)
+        for p, ref in zip(prompts, reference_greedy(stories_dir, prompts, MAX_TOKENS), strict=True):
+            assert await complete(client, daemons[3].peer_id, p) == ref
