@@ -121,15 +121,15 @@ async def test_bad_requests_and_cancellation_harm_no_other_work(four, prompts_an
         assert await complete(client, target.peer_id, prompts[1]) == reference[1]
 
 
-PINNED = """
-[[groups]]
-role = "prefill"
-stages = [{ gpus = ["n0", "n1"], layers = [0, 5] }]
+def prefill_on_n0_n1(decode_stages: str) -> str:
+    """A pinned layout: TP=2 prefill on n0 and n1, and one decode group of the given stages."""
+    return (
+        '[[groups]]\nrole = "prefill"\nstages = [{ gpus = ["n0", "n1"], layers = [0, 5] }]\n\n'
+        f'[[groups]]\nrole = "decode"\nstages = [{decode_stages}]\n'
+    )
 
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["n2"], layers = [0, 3] }, { gpus = ["n3"], layers = [3, 5] }]
-"""
+
+PINNED = prefill_on_n0_n1('{ gpus = ["n2"], layers = [0, 3] }, { gpus = ["n3"], layers = [3, 5] }')
 
 
 async def test_prefill_and_decode_sharded_differently(swarm, prompts_and_reference, tmp_path):
@@ -205,15 +205,7 @@ async def test_nodes_serving_another_model_are_not_members(swarm, stories_dir, t
         await wait_until(client, [first, other], apart, timeout=30, what="refusing each other's model")
 
 
-PINNED_THREE = """
-[[groups]]
-role = "prefill"
-stages = [{ gpus = ["n0", "n1"], layers = [0, 5] }]
-
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["n2"], layers = [0, 5] }]
-"""
+PINNED_THREE = prefill_on_n0_n1('{ gpus = ["n2"], layers = [0, 5] }')
 
 
 async def test_unchanged_groups_keep_serving_across_a_new_epoch(swarm, stories_dir, tmp_path):
