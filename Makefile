@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test lint format install sysdeps bench clean
 
 demo: $(STAMP)
-	$(BIN)/hexgen-node plan bench/clusters/het-4.toml --model llama-2-70b
+	$(BIN)/hexgen-node demo
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

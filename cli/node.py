@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hexgen.cli.demo import DemoError, add_demo_command
 from hexgen.cli.format import BaselineResult, PlanReport, report_json, report_text
 from hexgen.cli.join import JoinError, add_join_command
 from hexgen.coordinator.cluster import Cluster, ClusterError, load_cluster_toml
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
     add_key_commands(sub)
     add_join_command(sub)
+    add_demo_command(sub)
     return parser
 
 
@@ -289,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, JoinError, ClusterError, SpecError, WorkloadError) as exc:
+    except (CLIError, JoinError, DemoError, ClusterError, SpecError, WorkloadError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -1,7 +1,7 @@
 """The rendezvous store of a daemon: one torch TCPStore process that outlives every epoch's workers.
 
 Run as ``python -m hexgen.daemon.store --host HOST --port PORT``; prints ``ready`` once it listens and serves
-until killed. Workers of every world whose rank 0 sits on this daemon meet here, each world under its own
+until its standard input closes (the daemon holds the pipe, so the store never outlives it, even a SIGKILL). Workers of every world whose rank 0 sits on this daemon meet here, each world under its own
 key prefix (term and epoch), so replacing the workers never takes the store away from a world forming.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from datetime import timedelta
 
 
@@ -28,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexgen-store: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     print("ready", flush=True)
-    while store is not None:  # serve until killed
-        time.sleep(3600)
+    sys.stdin.buffer.read()  # the daemon holds the other end: serve until it closes it or dies
+    del store
     return 0
 
 

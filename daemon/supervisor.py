@@ -122,7 +122,7 @@ class Supervisor:
                         host, port = self.store_address
                         command = [sys.executable, "-m", "hexgen.daemon.store", "--host", host, "--port", str(port)]
                         store = await trio.lowlevel.open_process(
-                            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+                            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
                         )
                     while True:
                         await self._wanted_changed.wait()

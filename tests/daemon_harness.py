@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from hexgen.daemon import swarm_view
 from hexgen.daemon.host import Host, new_identity, open_host
 from hexgen.daemon.node import query_status
 
@@ -178,43 +179,14 @@ Check = Callable[[dict[str, dict[str, Any] | None]], bool]
 Wait = Callable[..., Awaitable[Any]]
 
 
-def converged(ids: set[str]):
+def converged(ids: set[str]) -> Check:
     """Every daemon sees exactly ``ids``, agrees on one coordinator, and adopted one plan for ``ids``."""
-
-    def check(statuses) -> bool:
-        if any(s is None for s in statuses.values()):
-            return False
-        views = list(statuses.values())
-        coordinators = {s["coordinator"] for s in views}
-        plans = {(s["plan"]["term"], s["plan"]["epoch"]) if s["plan"] else None for s in views}
-        return (
-            all(set(s["members"]) == ids for s in views)
-            and len(coordinators) == 1
-            and None not in coordinators
-            and len(plans) == 1
-            and None not in plans
-            and all(set(s["plan"]["members"]) == ids for s in views)
-            and sum(s["is_coordinator"] for s in views) == (1 if coordinators <= ids else 0)
-        )
-
-    return check
+    return lambda view: swarm_view.converged(view, ids)
 
 
 def serving(ids: set[str]) -> Check:
     """Converged, and every daemon runs the adopted epoch's workers, all ready."""
-    agreed = converged(ids)
-
-    def check(view: dict[str, dict[str, Any] | None]) -> bool:
-        if not agreed(view):
-            return False
-        states = [s for s in view.values() if s is not None]
-        epoch = states[0]["plan"]["epoch"]
-        return all(
-            s["serving"]["epoch"] == epoch and all(w["state"] == "ready" for w in s["serving"]["workers"].values())
-            for s in states
-        )
-
-    return check
+    return lambda view: swarm_view.serving(view, ids)
 
 
 @contextlib.contextmanager
@@ -238,3 +210,24 @@ def interrupted(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(KeyboardInterrupt) is not None
     return isinstance(exc, KeyboardInterrupt)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc's children lists)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = {int(c) for c in (task / "children").read_text().split()}
+                todo.extend(children - found)
+                found |= children
+    return found
+
+
+def zombie(pid: int) -> bool:
+    """True for a process that has exited but was not reaped (or is gone)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return True

@@ -8,12 +8,13 @@ import os
 import shutil
 import signal
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from checkpoints import random_prompts, reference_greedy
-from daemon_harness import Swarm, open_client, serving, wait_until
+from daemon_harness import Swarm, descendants, open_client, serving, wait_until, zombie
 
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, generate
 from hexgen.daemon.wire import FrameReader, encode_frame
@@ -241,3 +242,18 @@ async def test_unchanged_groups_keep_serving_across_a_new_epoch(swarm, stories_d
         prompts = random_prompts(6, 512, seed=5)
         for p, ref in zip(prompts, reference_greedy(stories_dir, prompts, MAX_TOKENS), strict=True):
             assert await complete(client, daemons[3].peer_id, p) == ref
+
+
+async def test_no_process_outlives_a_killed_daemon(swarm):
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("this kernel does not list /proc/PID/task/TID/children")
+    daemon = swarm.start("n0", gpu="A100")
+    async with open_client() as client:
+        await wait_until(client, [daemon], serving({daemon.peer_id}), timeout=120, what="serving")
+    below = descendants(daemon.proc.pid)
+    assert len(below) >= 2, "a serving daemon runs at least a worker and a store"
+    swarm.kill(daemon)
+    with trio.fail_after(30):
+        while left := {pid for pid in below if Path(f"/proc/{pid}").exists() and not zombie(pid)}:
+            await trio.sleep(0.1)
+    assert not left
