@@ -25,6 +25,7 @@ import trio
 
 from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
+from hexgen.daemon.worker import PARENT_ENV
 
 log = logging.getLogger("hexgen.supervisor")
 
@@ -194,6 +195,7 @@ class Supervisor:
         listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         command = [sys.executable, "-m", "hexgen.daemon.worker", "--ipc", str(path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
+        env[PARENT_ENV] = str(os.getpid())
         try:
             with worker.scope:
                 try:

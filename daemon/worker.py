@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
 
 IDLE_POLL_S = 0.05
+PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
 KEEPALIVE_S = 10.0
 
 
@@ -181,10 +183,24 @@ def serve(channel: Channel) -> None:
             worker.export_routed(result.handed_off)
 
 
+def exit_with_parent(interval_s: float = 0.5) -> None:
+    """End this process when the daemon that started it is gone, even while torch blocks the main thread
+    (forming a world can wait minutes for peers that will never come)."""
+    parent = int(os.environ.get(PARENT_ENV, os.getppid()))
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hexgen-worker", description="hexgen engine worker (started by the daemon)")
     parser.add_argument("--ipc", required=True, metavar="PATH", help="the daemon's unix socket for this worker")
     args = parser.parse_args(argv)
+    exit_with_parent()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(args.ipc)

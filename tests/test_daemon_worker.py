@@ -6,9 +6,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from checkpoints import TINY_CONFIGS, random_prompts
+from daemon_harness import zombie
 
 from hexgen.daemon.worker import Channel
 from hexgen.engine.launcher import free_port
@@ -81,3 +84,43 @@ def test_worker_refuses_a_bad_first_frame(tmp_path, workers):
     channel.send({"op": "generate"})
     assert channel.receive()["op"] == "failed"
     assert workers[0].wait(timeout=60) == 0
+
+
+PARENT = """
+import socket, subprocess, sys, time
+from hexgen.daemon.wire import encode_frame
+path, port = sys.argv[1], int(sys.argv[2])
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen(1)
+worker = subprocess.Popen([sys.executable, "-m", "hexgen.daemon.worker", "--ipc", path])
+conn, _ = server.accept()
+replica = {"model_dir": "unused", "layout": [[0, 2, 2]]}
+conn.sendall(encode_frame({"op": "configure", "rank": 1, "world_size": 2, "store": ["127.0.0.1", port],
+                           "prefix": "x/", "replica": replica}))
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_forming_its_world_dies_with_its_daemon(tmp_path):
+    """Rank 1 waits for a store that never answers (it would for minutes); killing the process that started
+    it must end it too, or a SIGKILLed daemon would leave workers behind."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path / "w.sock"), str(free_port())], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        worker_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while len(list(Path(f"/proc/{worker_pid}/task").glob("*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the worker runs its watcher thread beside the blocked main thread
+        assert Path(f"/proc/{worker_pid}").exists()
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker_pid}").exists() and not zombie(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{worker_pid}").exists() or zombie(worker_pid), "the worker outlived its daemon"
+    finally:
+        parent.kill()
+        parent.stdout.close()
