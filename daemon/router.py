@@ -41,6 +41,8 @@ RESUBMIT_LIMIT = 8
 RESUBMIT_BACKOFF_S = 0.5
 FIRST_FRAME_TIMEOUT_S = 10.0
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"}
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -51,6 +53,47 @@ class RequestError(ValueError):
 
 class HopFailed(Exception):
     """A replica hop failed; the entry may re-submit."""
+
+
+class StopReached(Exception):
+    """The text reached one of the request's stop strings; raised through the hops to cancel them."""
+
+
+class StopFilter:
+    """Cuts streamed text at the first stop string, holding back just enough text to see one straddle pieces."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """The text that may go out now, and whether a stop string was reached (nothing after it goes out)."""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        cut = max(0, len(self.pending) - self.hold)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def parse_stops(request: dict[str, Any]) -> list[str]:
+    """The request's stop strings (``stop``: a string or a list of at most 4); raises RequestError."""
+    stops = request.get("stop") or []
+    stops = [stops] if isinstance(stops, str) else stops
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        raise RequestError(f"'stop' is a string or a list of at most {MAX_STOPS} non-empty strings of {MAX_STOP_CHARS}")
+    return stops
 
 
 def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple[list[int], dict[str, Any]]:
@@ -73,7 +116,7 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     if any(t < 0 or t >= tokenizer.vocab_size for t in tokens):
         raise RequestError(f"token ids must lie in [0, {tokenizer.vocab_size})")
     sampling = {k: v for k, v in request.items() if k in SAMPLING_FIELDS}
-    unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "cert"}
+    unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "cert", "stop"}
     if unknown:
         raise RequestError(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
     if "stop_token_ids" in sampling:
@@ -115,6 +158,7 @@ class Router:
             if isinstance(request, dict) and not self.may_ask(peer, request.get("cert")):
                 raise RequestError("not a member of this swarm")
             tokens, sampling = parse_request(request, self.tokenizer, self.max_context)
+            stops = StopFilter(parse_stops(request))
         except (RequestError, FrameError, trio.TooSlowError) as exc:
             with contextlib.suppress(Exception):
                 await write_frame(stream, {"error": str(exc) or "no request within the time limit"})
@@ -124,20 +168,33 @@ class Router:
             log.debug("generate stream from %s ended: %s", peer, exc)
             return
         decoder = self.tokenizer.incremental_decoder()
+        produced = 0
+        served_by: list[dict[str, Any]] = []
 
         async def emit(token: int) -> None:
-            await write_frame(stream, {"token": token, "text": decoder.push(token)})
+            nonlocal produced
+            produced += 1
+            text, stopped = stops.push(decoder.push(token))
+            await write_frame(stream, {"token": token, "text": text})
+            if stopped:
+                raise StopReached
 
         try:
-            reason, produced = await self.generate(tokens, sampling, emit)
+            try:
+                reason, _ = await self.generate(tokens, sampling, emit, served_by)
+                tail, stopped = stops.push(decoder.flush())
+                reason, tail = ("stop", tail) if stopped else (reason, tail + stops.flush())
+            except StopReached:
+                reason, tail = "stop", ""
             await write_frame(
                 stream,
                 {
                     "done": True,
                     "finish_reason": reason,
-                    "text": decoder.flush(),
+                    "text": tail,
                     "prompt_tokens": len(tokens),
                     "completion_tokens": produced,
+                    "served_by": served_by,
                 },
             )
         except HopFailed as exc:
@@ -150,19 +207,27 @@ class Router:
                 await stream.close()
 
     async def generate(
-        self, tokens: list[int], sampling: dict[str, Any], emit: Callable[[int], Awaitable[None]]
+        self,
+        tokens: list[int],
+        sampling: dict[str, Any],
+        emit: Callable[[int], Awaitable[None]],
+        served_by: list[dict[str, Any]] | None = None,
     ) -> tuple[str, int]:
         """Run one request to its end, re-submitting after failed hops; returns (finish reason, tokens made).
 
         Raises HopFailed when it cannot finish: too many failed attempts, no serving plan in time, or past
         the request deadline."""
         try:
-            return await self._generate(tokens, sampling, emit)
+            return await self._generate(tokens, sampling, emit, served_by if served_by is not None else [])
         except trio.TooSlowError:
             raise HopFailed("no serving plan took the request in time") from None
 
     async def _generate(
-        self, tokens: list[int], sampling: dict[str, Any], emit: Callable[[int], Awaitable[None]]
+        self,
+        tokens: list[int],
+        sampling: dict[str, Any],
+        emit: Callable[[int], Awaitable[None]],
+        served_by: list[dict[str, Any]],
     ) -> tuple[str, int]:
         produced: list[int] = []
         failures: list[str] = []
@@ -190,6 +255,9 @@ class Router:
                     "tokens": tokens + produced,
                     "sampling": sampling | {"max_tokens": left},
                 }
+                served_by.append({"epoch": deployment.epoch, "replica": entry, "role": replica.role})
+                if dst is not None:
+                    served_by.append({"epoch": deployment.epoch, "replica": dst, "role": "decode"})
                 try:
                     async with self.open_replica(replica.driver_peer, request) as events:
                         async for event in events:

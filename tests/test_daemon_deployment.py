@@ -11,7 +11,7 @@ import pytest
 from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned, pinned_plan
 from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
 from hexgen.daemon.model_files import ModelFilesError, model_fingerprint
-from hexgen.daemon.router import MAX_TOKENS_LIMIT, RequestError, parse_request
+from hexgen.daemon.router import MAX_TOKENS_LIMIT, RequestError, StopFilter, parse_request, parse_stops
 from hexgen.engine.tokenizer import Tokenizer
 
 PINNED = """
@@ -139,3 +139,32 @@ def test_model_fingerprint_tells_checkpoints_apart(tmp_path: Path, stories_dir):
     (copy / "model.safetensors").unlink()
     with pytest.raises(ModelFilesError, match="safetensors"):
         model_fingerprint(copy)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "expected"),
+    [
+        (["Once", " upon", " a", " time"], [" a "], ("Once upon", True)),
+        (["ab", "cd", "ef"], ["de"], ("abc", True)),
+        (["ab", "cd"], ["x"], ("abcd", False)),
+        (["ab", "cd"], [], ("abcd", False)),
+    ],
+)
+def test_stop_strings_cut_the_stream_even_across_pieces(pieces, stops, expected):
+    filt = StopFilter(stops)
+    out, stopped = "", False
+    for piece in pieces:
+        text, stopped = filt.push(piece)
+        out += text
+        if stopped:
+            break
+    if not stopped:
+        out += filt.flush()
+    assert (out, stopped) == expected
+
+
+def test_bad_stop_strings_are_refused():
+    for stop in ([""], ["x"] * 5, [3], "y" * 65):
+        with pytest.raises(RequestError, match="stop"):
+            parse_stops({"stop": stop})
+    assert parse_stops({"stop": "\n"}) == ["\n"] and parse_stops({}) == []

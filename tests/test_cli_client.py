@@ -1,0 +1,75 @@
+"""``hexgen-client generate`` as a subprocess against a real daemon serving stories260K."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import trio
+from checkpoints import reference_greedy
+from daemon_harness import Swarm, open_client, serving, wait_until
+
+PROMPT = "Once upon a time"
+PROMPT_IDS = [1, 403, 407, 261, 378]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, stories_dir):
+    swarm = Swarm(tmp_path_factory.mktemp("client"), model=str(stories_dir))
+    try:
+        d = swarm.start("n0", gpu="A100")
+
+        async def ready() -> None:
+            async with open_client() as client:
+                await wait_until(client, [d], serving({d.peer_id}), timeout=120, what="serving")
+
+        trio.run(ready)
+        yield d
+    finally:
+        swarm.close()
+
+
+def client(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hexgen.cli.client", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_generate_streams_the_reference_text(daemon, stories_dir):
+    (expected,) = reference_greedy(stories_dir, [PROMPT_IDS], 30)
+    as_json = client("generate", PROMPT, "--max-tokens", "30", "--peer", daemon.addr, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert result["tokens"] == expected and result["completion_tokens"] == 30
+    assert result["prompt_tokens"] == len(PROMPT_IDS) and result["ttft_ms"] > 0
+    assert result["served_by"] and result["served_by"][0]["role"] == "colocated"
+    plain = client("generate", PROMPT, "--max-tokens", "30", env={"HEXGEN_PEER": daemon.addr})
+    assert plain.returncode == 0 and plain.stdout == result["text"] + "\n"
+    assert "there was a little girl" in plain.stdout
+
+
+def test_stop_strings_end_the_text_before_them(daemon):
+    full = json.loads(client("generate", PROMPT, "--max-tokens", "30", "--peer", daemon.addr, "--json").stdout)
+    stop = "little"
+    assert stop in full["text"]
+    cut = json.loads(client("generate", PROMPT, "--peer", daemon.addr, "--stop", stop, "--json").stdout)
+    assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][: full["text"].index(stop)]
+
+
+def test_clear_errors(daemon):
+    for args, message in (
+        (["generate", "x"], "no swarm to ask"),
+        (["generate", "x", "--peer", "/ip4/127.0.0.1/tcp/1/p2p/" + daemon.peer_id], "cannot reach"),
+        (["generate", "x", "--peer", "not-a-multiaddr"], "cannot reach"),
+        (["generate", "x", "--peer", daemon.addr, "--max-tokens", "0"], "max_tokens"),
+        (["generate", "x", "--peer", daemon.addr, "--top-p", "7"], "top_p"),
+    ):
+        result = client(*args, env={"HEXGEN_PEER": ""})
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result
