@@ -23,7 +23,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from hexgen.daemon.deployment import Deployment
+from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.host import Host
 from hexgen.daemon.supervisor import ReplicaUnavailable, Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
@@ -387,8 +387,9 @@ class Router:
             frame |= {"op": "generate", "dst": request.get("dst", -1)}
         try:
             worker = await self.supervisor.wait_ready(request["replica"], request["epoch"], READY_TIMEOUT_S)
+            _check_route(worker.replica, frame, self.supervisor.deployment)
             events = await self.supervisor.submit(worker, frame, request["sampling"]["max_tokens"] + 4)
-        except (ReplicaUnavailable, trio.TooSlowError) as exc:
+        except (ReplicaUnavailable, RequestError, trio.TooSlowError) as exc:
             await emit({"error": str(exc) or "the replica did not become ready in time"})
             return
         done = False
@@ -426,6 +427,22 @@ class Router:
                 await emit(event)
                 if "error" in event or event.get("finished"):
                     return
+
+
+def _check_route(replica: Replica, frame: dict[str, Any], deployment: Deployment | None) -> None:
+    """A new request goes to a prefill replica (naming a decode replica) or a colocated one; an import goes
+    to a decode replica from a prefill one. Anything else would wedge or crash the workers."""
+    roles = {r.index: r.role for r in deployment.replicas} if deployment is not None else {}
+    if frame["op"] == "import":
+        if replica.role != "decode" or roles.get(frame["src"]) != "prefill":
+            raise RequestError("an import goes to a decode replica from a prefill replica of the plan")
+    elif replica.role == "prefill":
+        if roles.get(frame["dst"]) != "decode":
+            raise RequestError("a request for a prefill replica must name a decode replica of the plan")
+    elif replica.role == "colocated":
+        frame["dst"] = -1
+    else:
+        raise RequestError("a decode replica takes only imports")
 
 
 def _check_replica_request(request: Any) -> None:

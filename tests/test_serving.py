@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,21 @@ def four(tmp_path_factory, stories_dir):
         s.close()
 
 
+async def stream(
+    client: Any, peer_id: str, tokens: list[int], max_tokens: int, at_third: Callable[[], object]
+) -> list[int]:
+    """The tokens of one streamed request; ``at_third`` runs once the third token has arrived (mid-request)."""
+    out: list[int] = []
+    with trio.fail_after(180):
+        async for frame in generate(client, peer_id, {"tokens": tokens, "max_tokens": max_tokens}):
+            assert "error" not in frame, frame
+            if "token" in frame:
+                out.append(frame["token"])
+                if len(out) == 3:
+                    at_third()
+    return out
+
+
 async def test_four_heterogeneous_daemons_serve_reference_tokens(four, prompts_and_reference):
     prompts, reference = prompts_and_reference
     daemons = four
@@ -107,6 +123,15 @@ async def test_bad_requests_and_cancellation_harm_no_other_work(four, prompts_an
                     await stream.close()
                     with contextlib.suppress(Exception):
                         await FrameReader(stream).read()
+        # well-formed hops that do not fit the plan are refused before they reach a worker
+        view, _ = await wait_until(client, daemons, serving(ids), timeout=30, what="serving")
+        epoch = view[target.peer_id]["plan"]["epoch"]
+        local = next(iter(view[target.peer_id]["serving"]["workers"].values()))["replica"]
+        hop = {"id": 5, "epoch": epoch, "replica": local, "tokens": [1, 2], "sampling": {"max_tokens": 2}}
+        stream = await client.open_stream(target.peer_id, REPLICA_PROTOCOL)
+        with trio.fail_after(15):
+            await stream.write(encode_frame(hop | {"src": local}))
+            assert "import goes to a decode replica" in (await FrameReader(stream).read())["error"]
         # a client that walks away mid-stream: its work is freed everywhere
         with trio.fail_after(60):
             async for frame in generate(client, target.peer_id, {"tokens": prompts[0], "max_tokens": 400}):
@@ -175,14 +200,7 @@ async def test_worker_killed_mid_request_still_gives_reference_tokens(swarm, sto
         epoch = next(iter(statuses.values()))["plan"]["epoch"]
         victim = statuses[daemons[3].peer_id]["serving"]["workers"]
         (pid,) = [w["pid"] for w in victim.values()]
-        out: list[int] = []
-        with trio.fail_after(180):
-            async for frame in generate(client, daemons[0].peer_id, {"tokens": prompt, "max_tokens": long}):
-                assert "error" not in frame, frame
-                if "token" in frame:
-                    out.append(frame["token"])
-                    if len(out) == 3:
-                        os.kill(pid, signal.SIGKILL)
+        out = await stream(client, daemons[0].peer_id, prompt, long, at_third=lambda: os.kill(pid, signal.SIGKILL))
         assert out == expected
         after, _ = await wait_until(client, daemons, serving(ids), timeout=60, what="serving again")
         assert next(iter(after.values()))["plan"]["epoch"] > epoch, "the failure should have rebuilt the world"
@@ -222,18 +240,14 @@ async def test_unchanged_groups_keep_serving_across_a_new_epoch(swarm, stories_d
         before, _ = await wait_until(client, daemons, serving({d.peer_id for d in daemons}), 120, "serving")
         epoch = next(iter(before.values()))["plan"]["epoch"]
         formed = {pid: [w["formed"] for w in s["serving"]["workers"].values()] for pid, s in before.items()}
-        out: list[int] = []
-        with trio.fail_after(180):
-            async for frame in generate(client, daemons[0].peer_id, {"tokens": prompt, "max_tokens": long}):
-                assert "error" not in frame, frame
-                if "token" in frame:
-                    out.append(frame["token"])
-                    if len(out) == 3:
-                        daemons.append(
-                            swarm.start(
-                                "n3", gpu="A6000", bootstrap=[daemons[0].addr], extra=["--pin-plan", str(pinned)]
-                            )
-                        )
+        extra = ["--pin-plan", str(pinned)]
+        out = await stream(
+            client,
+            daemons[0].peer_id,
+            prompt,
+            long,
+            at_third=lambda: daemons.append(swarm.start("n3", gpu="A6000", bootstrap=[daemons[0].addr], extra=extra)),
+        )
         assert out == expected
         after, _ = await wait_until(client, daemons, serving({d.peer_id for d in daemons}), 60, "serving with n3")
         assert next(iter(after.values()))["plan"]["epoch"] > epoch
