@@ -61,6 +61,16 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="S",
         help="drop a peer without a direct connection after S seconds without an advert",
     )
+    join.add_argument(
+        "--http",
+        type=int,
+        metavar="PORT",
+        help="serve the OpenAI-compatible API, /status and /metrics on this port (0: any free port)",
+    )
+    join.add_argument(
+        "--http-host", default="127.0.0.1", metavar="HOST", help="address of the HTTP port (default 127.0.0.1)"
+    )
+    join.add_argument("--api-key", metavar="KEY", help="require this bearer token on the OpenAI API")
     join.add_argument("--no-calibrate", action="store_true", help="skip the GPU calibration at start-up")
     join.add_argument(
         "--probe-interval", type=float, default=30.0, metavar="S", help="seconds between link probe rounds"
@@ -98,6 +108,10 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise JoinError("--peer-timeout must be positive")
         if not args.probe_interval > 0:
             raise JoinError("--probe-interval must be positive")
+        if args.http is not None and not 0 <= args.http <= 65535:
+            raise JoinError(f"--http {args.http}: a port is 0-65535")
+        if args.api_key is not None and not args.api_key.strip():
+            raise JoinError("--api-key must not be empty")
         node = NodeConfig(
             model=args.model,
             host=HostConfig(listen_host=host, port=port),
@@ -106,6 +120,9 @@ def cmd_join(args: argparse.Namespace) -> int:
             peer_timeout_s=args.peer_timeout,
             probe_interval_s=args.probe_interval,
             pinned=pinned,
+            http_host=args.http_host,
+            http_port=args.http,
+            api_key=args.api_key,
         )
         options = JoinOptions(
             key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),

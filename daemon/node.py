@@ -18,7 +18,7 @@ import logging
 import math
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +63,7 @@ MAX_ADVERTISED_LINKS = 32
 PLAN_FETCH_GAP_S = 0.5
 MAX_FAILURE_REPLANS = 3
 MAX_SYNC_ADVERTS = 1024
+MAX_EVENTS = 200
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class NodeConfig:
     worker_device: str = "cpu"
     worker_threads: int = 1
     pinned: tuple[PinnedGroup, ...] | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None  # the OpenAI-compatible gateway, /status and /metrics; None: no HTTP
+    api_key: str | None = None  # required as a bearer token on /v1/* when set
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Node:
         self.election = Election(self.peer_id)
         self.replay = ReplayGuard(window_s=60.0, max_entries=100_000)
         self.rejections: Counter[str] = Counter()
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.plan: AdoptedPlan | None = None
         self.topic = CONTROL_TOPIC + (f"/{certificate.swarm_id}" if certificate else "")
         self.host: Host | None = None
@@ -227,6 +232,11 @@ class Node:
 
     # ----------------------------------------------------------------- gossip
 
+    def _event(self, kind: str, text: str, **fields: Any) -> None:
+        """Log a swarm event and keep it for the status view (joins, leaves, elections, plans, failures)."""
+        self.events.append({"t": round(self.clock(), 3), "kind": kind, "text": text, **fields})
+        log.log(logging.WARNING if kind == "failure" else logging.INFO, text, extra={"event": kind, **fields})
+
     def _reject(self, reason: str, message: str) -> None:
         self.rejections[reason] += 1
         log.warning("rejected: %s (%s)", message, reason)
@@ -280,7 +290,7 @@ class Node:
             self._reject("not-member", f"{env.kind} from {env.signer}, which is not a live member")
         elif env.kind == "leave":
             if self.table.drop(env.signer, now):
-                log.info("peer %s left", env.signer)
+                self._event("leave", f"peer {env.signer} left", peer=env.signer)
                 self._peer_gone(env.signer)
         elif env.kind == "lease":
             self._apply_lease(env, now)
@@ -298,7 +308,12 @@ class Node:
             or not isinstance(body.get("term"), int)
         ):
             raise ValueError("a failure report needs integer term and epoch")
-        log.warning("peer %s reports a failed worker in epoch %d: %s", reporter, body["epoch"], body.get("error"))
+        self._event(
+            "failure",
+            f"peer {reporter} reports a failed worker in epoch {body['epoch']}: {body.get('error')}",
+            peer=reporter,
+            epoch=body["epoch"],
+        )
         plan = self.plan
         if not self.election.is_coordinator(self.clock()) or plan is None:
             return
@@ -344,7 +359,7 @@ class Node:
             self._reject("model-mismatch", f"advert of {env.signer} serves another model ({body.get('model')})")
             return
         if self.table.apply_advert(env.signer, body, env.issued, now):
-            log.info("peer %s joined (%s)", env.signer, body.get("host"))
+            self._event("join", f"peer {env.signer} joined ({body.get('host')})", peer=env.signer)
             self._poke()
         if self.table.peers.get(env.signer) is not None and self.table.peers[env.signer].advert_issued == env.issued:
             self._adverts[env.signer] = env
@@ -356,7 +371,9 @@ class Node:
         lease = Lease(env.signer, body["term"], env.expires)
         was_coordinator = self.election.coordinator == self.peer_id
         if self.election.accept(lease, self.table.live_ids(), now):
-            log.info("coordinator is %s (term %d)", lease.holder, lease.term)
+            self._event(
+                "coordinator", f"coordinator is {lease.holder} (term {lease.term})", peer=lease.holder, term=lease.term
+            )
             if was_coordinator:
                 self._published = None
             self._poke()
@@ -394,7 +411,12 @@ class Node:
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ValueError("plan members must be a list of peer ids")
         self.plan = AdoptedPlan(body["term"], body["epoch"], env.signer, members, body)
-        log.info("adopted plan epoch %d of term %d (%d members)", body["epoch"], body["term"], len(members))
+        self._event(
+            "plan",
+            f"adopted plan epoch {body['epoch']} of term {body['term']} ({len(members)} members){self._role_text(body)}",
+            epoch=body["epoch"],
+            term=body["term"],
+        )
         self._poke()
 
     # ----------------------------------------------------------------- membership
@@ -406,7 +428,7 @@ class Node:
             "hardware": self.hardware.to_dict(),
             "host": self.host_name,
             "model": self.config.model,
-            "load": {},
+            "load": self.load(),
             "links": [m.to_dict() for m in list(self.links.values())[-MAX_ADVERTISED_LINKS:]],
         }
         if self.certificate is not None:
@@ -481,7 +503,7 @@ class Node:
                 # nodes, and a missed disconnect event must not keep a dead peer, or its lease, alive); if
                 # it lives, its next advert brings it back.
                 if record.peer_id not in self.host.connected_peers() and self.table.drop(record.peer_id, self.clock()):
-                    log.info("peer %s is unreachable", record.peer_id)
+                    self._event("leave", f"peer {record.peer_id} is unreachable", peer=record.peer_id)
                     self._peer_gone(record.peer_id)
             await self._wait_change(1.0)
 
@@ -496,7 +518,7 @@ class Node:
             if peer_id in self.host.connected_peers():
                 continue
             if self.table.drop(peer_id, self.clock()):
-                log.info("peer %s disconnected", peer_id)
+                self._event("leave", f"peer {peer_id} disconnected", peer=peer_id)
                 self._peer_gone(peer_id)
 
     def _peer_gone(self, peer_id: str) -> None:
@@ -548,12 +570,12 @@ class Node:
             now = self.clock()
             assert self.host is not None
             for peer_id in self.table.expire(now, keep=self.host.connected_peers()):
-                log.info("peer %s timed out", peer_id)
+                self._event("leave", f"peer {peer_id} timed out", peer=peer_id)
                 self._peer_gone(peer_id)
             live = self.table.live_ids()
             if not self._leaving and now >= self._claim_after and self.election.should_claim(live, now):
                 lease = self.election.claim(now, self.config.lease_ttl_s)
-                log.info("claiming coordinator lease for term %d", lease.term)
+                self._event("election", f"claiming the coordinator lease for term {lease.term}", term=lease.term)
                 self._poke()
             elif self.election.is_coordinator(now):
                 self.election.claim(now, self.config.lease_ttl_s)
@@ -597,7 +619,12 @@ class Node:
         plan = seal("plan", body, self.key_pair, 3600.0)
         self._published = (lease, plan)
         self.plan = AdoptedPlan(self.election.term, epoch, self.peer_id, members, body)
-        log.info("published plan epoch %d of term %d (%d members)", epoch, self.election.term, len(members))
+        self._event(
+            "plan",
+            f"published plan epoch {epoch} of term {self.election.term} ({len(members)} members){self._role_text(body)}",
+            epoch=epoch,
+            term=self.election.term,
+        )
         with contextlib.suppress(Exception):
             await self._publish([lease, plan])
         self._poke()
@@ -685,6 +712,27 @@ class Node:
 
     # ----------------------------------------------------------------- status
 
+    def roles(self, body: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """This node's GPUs in a plan body (the adopted one by default): group, role and stage of each."""
+        body = body if body is not None else (self.plan.body if self.plan else None)
+        return assignments(body).get(self.peer_id, [])
+
+    def _role_text(self, body: dict[str, Any]) -> str:
+        roles = self.roles(body)
+        if not roles:
+            return ": no GPU of this node serves in it"
+        return ": " + ", ".join(f"GPU {r['gpu']} {r['role']} in group {r['group']} stage {r['stage']}" for r in roles)
+
+    def load(self) -> dict[str, Any]:
+        """This node's serving load: requests in flight on its workers, tokens/s they produced lately."""
+        if self.router is None or self.supervisor is None:
+            return {}
+        return {
+            "in_flight": len(self.supervisor.listeners),
+            "tokens_per_s": round(self.router.meter.rate(trio.current_time()), 2),
+            "requests": self.router.served,
+        }
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         return {
@@ -692,6 +740,9 @@ class Node:
             "addrs": self.host.addrs if self.host else [],
             "host": self.host_name,
             "hardware": self.hardware.to_dict(),
+            "model": self.config.model,
+            "load": self.load(),
+            "roles": self.roles(),
             "swarm": self.certificate.swarm_id if self.certificate else "open",
             "coordinator": self.election.coordinator,
             "term": self.election.term,
@@ -703,6 +754,7 @@ class Node:
                     "host": r.host_name,
                     "addrs": r.addrs,
                     "hardware": r.hardware,
+                    "load": r.load,
                     "last_seen_s": round(now - r.last_seen, 3),
                 }
                 for r in sorted(self.table.peers.values(), key=lambda r: r.peer_id)
@@ -719,6 +771,7 @@ class Node:
             "rejections": dict(self.rejections),
             "links": [m.to_dict() for m in self._links()],
             "serving": None if self.supervisor is None else self.supervisor.status(),
+            "events": list(self.events),
         }
 
     def _may_ask(self, peer: str, cert: Any) -> bool:
@@ -834,3 +887,29 @@ def default_key_file() -> Path:
     from hexgen.daemon.identity import default_data_dir
 
     return default_data_dir() / "node.key"
+
+
+def assignments(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+    """Peer id -> the GPUs it serves in a plan body: ``{"gpu", "group", "role", "stage", "tp", "layers"}``.
+
+    Tolerates a malformed or empty body (no assignments); O(GPUs in the plan)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    try:
+        gpus = body["gpus"]
+        for group in body["plan"]["groups"]:
+            for stage_index, stage in enumerate(group["stages"]):
+                for gpu in stage["gpus"]:
+                    peer, local = gpus[str(gpu)]
+                    out.setdefault(str(peer), []).append(
+                        {
+                            "gpu": int(local),
+                            "group": int(group["id"]),
+                            "role": str(group["role"]),
+                            "stage": stage_index,
+                            "tp": len(stage["gpus"]),
+                            "layers": list(stage["layers"]),
+                        }
+                    )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,31 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
 
 
 @dataclass
+class RateMeter:
+    """Events per second over a sliding window (tokens produced by the replicas this daemon drives)."""
+
+    window_s: float = 10.0
+    marks: deque[tuple[float, int]] = field(default_factory=deque)
+    total: int = 0
+
+    def add(self, now: float, count: int = 1) -> None:
+        self.total += count
+        if self.marks and self.marks[-1][0] == now:
+            self.marks[-1] = (now, self.marks[-1][1] + count)
+        else:
+            self.marks.append((now, count))
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return sum(n for _, n in self.marks) / self.window_s
+
+    def _trim(self, now: float) -> None:
+        while self.marks and self.marks[0][0] <= now - self.window_s:
+            self.marks.popleft()
+
+
+@dataclass
 class Router:
     host: Host
     peer_id: str
@@ -147,6 +173,7 @@ class Router:
     may_ask: Callable[[str, Any], bool]
     rng: random.Random = field(default_factory=random.Random)
     served: int = 0
+    meter: RateMeter = field(default_factory=RateMeter)
 
     # ------------------------------------------------------------------ entry
 
@@ -399,6 +426,8 @@ class Router:
                     done = True  # the prefill side is finished with it; the decode side continues
                     await self._hand_off(request, event["handoff"], emit)
                     return
+                if "token" in event:
+                    self.meter.add(trio.current_time())
                 await emit(event)
                 if "error" in event or event.get("finished"):
                     done = True
