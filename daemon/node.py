@@ -123,6 +123,8 @@ class Node:
         self.replay = ReplayGuard(window_s=60.0, max_entries=100_000)
         self.rejections: Counter[str] = Counter()
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.on_plan: Callable[[AdoptedPlan, list[dict[str, Any]]], None] | None = None  # (plan, this node's roles)
+        self.http_url: str | None = None
         self.plan: AdoptedPlan | None = None
         self.topic = CONTROL_TOPIC + (f"/{certificate.swarm_id}" if certificate else "")
         self.host: Host | None = None
@@ -381,6 +383,11 @@ class Node:
         if isinstance(epoch, int) and self._plan_behind(env.signer, lease.term, epoch):
             self._want_plan.set()
 
+    def _adopt(self, plan: AdoptedPlan) -> None:
+        self.plan = plan
+        if self.on_plan is not None:
+            self.on_plan(plan, self.roles(plan.body))
+
     def _plan_behind(self, coordinator: str, term: int, epoch: int) -> bool:
         """True when the current coordinator's lease names a plan this node has not adopted."""
         if coordinator != self.election.coordinator or term != self.election.term or epoch <= 0:
@@ -410,7 +417,7 @@ class Node:
         members = body.get("members")
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ValueError("plan members must be a list of peer ids")
-        self.plan = AdoptedPlan(body["term"], body["epoch"], env.signer, members, body)
+        self._adopt(AdoptedPlan(body["term"], body["epoch"], env.signer, members, body))
         self._event(
             "plan",
             f"adopted plan epoch {body['epoch']} of term {body['term']} ({len(members)} members){self._role_text(body)}",
@@ -618,7 +625,7 @@ class Node:
         lease = seal("lease", self.election.lease.to_body(), self.key_pair, self.config.lease_ttl_s)
         plan = seal("plan", body, self.key_pair, 3600.0)
         self._published = (lease, plan)
-        self.plan = AdoptedPlan(self.election.term, epoch, self.peer_id, members, body)
+        self._adopt(AdoptedPlan(self.election.term, epoch, self.peer_id, members, body))
         self._event(
             "plan",
             f"published plan epoch {epoch} of term {self.election.term} ({len(members)} members){self._role_text(body)}",
