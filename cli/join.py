@@ -1,11 +1,15 @@
-"""``hexgen-node join``: flags, their validation, and the hand-off to the daemon process entry."""
+"""``hexgen-node join``: flags (over ``HEXGEN_*`` variables over a ``--config`` TOML file), their validation,
+and the hand-off to the daemon process entry."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from hexgen.cli.settings import SettingsError, load_config_file, make_layered, resolve
 from hexgen.coordinator.specs import resolve_model
+from hexgen.daemon.logs import LEVELS
 
 
 class JoinError(Exception):
@@ -35,8 +39,12 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "join",
         help="run this host's daemon and join the swarm",
         description="Start the hexgen daemon: advertise this host's GPUs, find peers, take part in the "
-        "coordinator election and follow the swarm's plan. Stops cleanly on SIGINT or SIGTERM.",
+        "coordinator election and follow the swarm's plan. Stops cleanly on SIGINT or SIGTERM. Every option "
+        "can also come from a HEXGEN_<OPTION> environment variable (HEXGEN_MODEL, HEXGEN_BOOTSTRAP='A,B', "
+        "HEXGEN_NO_CALIBRATE=1, ...) or a key of the --config TOML file (model = '...', bootstrap = [...]); "
+        "flags win over the environment, which wins over the file.",
     )
+    join.add_argument("--config", metavar="FILE", help="TOML file of join options (or HEXGEN_CONFIG)")
     join.add_argument("--bootstrap", action="append", default=[], metavar="ADDR", help="a peer's multiaddr (repeat)")
     join.add_argument(
         "--listen", default="0.0.0.0:4001", metavar="HOST:PORT", help="listen address (default 0.0.0.0:4001)"
@@ -75,7 +83,19 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     join.add_argument(
         "--probe-interval", type=float, default=30.0, metavar="S", help="seconds between link probe rounds"
     )
+    join.add_argument("--log-level", choices=LEVELS, default="info", help="log verbosity (default info)")
     join.set_defaults(func=cmd_join)
+    make_layered(join)
+
+
+def layered_args(args: argparse.Namespace) -> None:
+    """Fill the options not given as flags from HEXGEN_* variables and the config file."""
+    path = args.config or os.environ.get("HEXGEN_CONFIG")
+    try:
+        config = load_config_file(path) if path else {}
+        resolve(args, os.environ, config, f"config file {path}")
+    except SettingsError as exc:
+        raise JoinError(str(exc)) from None
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -88,6 +108,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from hexgen.daemon.run import JoinOptions, join
     from hexgen.engine.tokenizer import Tokenizer, TokenizerError
 
+    layered_args(args)
     try:
         host, port = _listen(args.listen)
         bootstrap = tuple(_bootstrap(a) for a in args.bootstrap)
@@ -130,6 +151,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             simulate_gpu=args.simulate_gpu,
             swarm_cert=Path(args.swarm_cert).expanduser() if args.swarm_cert else None,
             calibrate=not args.no_calibrate,
+            log_level=args.log_level,
         )
         return join(options)
     except PinnedPlanError as exc:
