@@ -1,7 +1,11 @@
-"""``hexgen-client``: send a prompt to a swarm and stream the text back as it arrives.
+"""``hexgen-client``: send a prompt to a swarm and stream the text back as it arrives, or chat with it.
 
     hexgen-client generate PROMPT --peer MULTIADDR [--max-tokens N] [--temperature T] [--top-p P] [--seed S]
                                   [--stop TEXT]... [--json] [--timeout S]
+    hexgen-client chat --peer MULTIADDR [--system TEXT] [sampling flags]
+
+``chat`` reads one user message per line from stdin (``/reset`` forgets the conversation, ``/exit`` or end of
+input quits) and streams each reply; the entry daemon renders the conversation with the model's chat template.
 
 ``--peer`` defaults to ``$HEXGEN_PEER``: the multiaddr of any daemon of the swarm (the one it prints at start).
 """
@@ -9,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -33,40 +38,54 @@ class ClientError(Exception):
     """The request could not be served; the message is the one-line reason."""
 
 
+class Refused(ClientError):
+    """The swarm answered this request with an error (the connection itself is fine)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Talk to a hexgen swarm.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text", description=__doc__)
     gen.add_argument("prompt")
-    gen.add_argument("--peer", default=os.environ.get("HEXGEN_PEER"), metavar="MULTIADDR", help="a daemon to ask")
-    gen.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy (the default)")
-    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
-    gen.add_argument("--seed", type=int, metavar="S", help="sampling seed (same seed, same text)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeat)")
+    _add_request_flags(gen, max_tokens=64)
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, timings, groups")
-    gen.add_argument("--timeout", type=float, default=120.0, metavar="S", help="give up after S seconds")
     gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="an interactive conversation (one message per line)", description=__doc__)
+    chat.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation")
+    _add_request_flags(chat, max_tokens=256)
+    chat.set_defaults(func=cmd_chat)
     return parser
+
+
+def _add_request_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--peer", default=os.environ.get("HEXGEN_PEER"), metavar="MULTIADDR", help="a daemon to ask")
+    parser.add_argument(
+        "--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens per reply (default {max_tokens})"
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy (the default)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, metavar="S", help="sampling seed (same seed, same text)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeat)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S", help="give up on a reply after S seconds")
+
+
+def _base_request(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.peer:
+        raise ClientError("no swarm to ask: give --peer MULTIADDR or set HEXGEN_PEER")
+    if args.timeout <= 0:
+        raise ClientError("--timeout must be positive")
+    request: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.seed is not None:
+        request["seed"] = args.seed
+    if args.stop:
+        request["stop"] = args.stop
+    return request
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import trio
 
-    if not args.peer:
-        raise ClientError("no swarm to ask: give --peer MULTIADDR or set HEXGEN_PEER")
-    if args.timeout <= 0:
-        raise ClientError("--timeout must be positive")
-    request: dict[str, Any] = {
-        "prompt": args.prompt,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-    }
-    if args.seed is not None:
-        request["seed"] = args.seed
-    if args.stop:
-        request["stop"] = args.stop
+    request = _base_request(args) | {"prompt": args.prompt}
     result = trio.run(_generate, args.peer, request, args.timeout, None if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result))
@@ -83,7 +102,8 @@ async def _generate(peer: str, request: dict[str, Any], timeout: float, out: Any
     failure: ClientError | None = None  # raised outside the host's nurseries, not inside their exception groups
     async with open_host(new_identity(), HostConfig(listen_host="127.0.0.1", port=0)) as host:
         try:
-            await _stream(host, peer, request, timeout, out, reply)
+            peer_id = await _connect(host, peer, timeout)
+            await _stream(host, peer_id, peer, request, timeout, out, reply)
         except ClientError as exc:
             failure = exc
     if failure is not None:
@@ -104,8 +124,21 @@ async def _generate(peer: str, request: dict[str, Any], timeout: float, out: Any
     }
 
 
+async def _connect(host: Any, peer: str, timeout: float) -> str:
+    import trio
+
+    try:
+        with trio.fail_after(min(timeout, 15.0)):
+            return str(await host.connect(peer))
+    except trio.TooSlowError:
+        raise ClientError(f"no answer from {peer}") from None
+    except Exception as exc:
+        raise ClientError(f"cannot reach {peer}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+
+
 async def _stream(
     host: Any,
+    peer_id: str,
     peer: str,
     request: dict[str, Any],
     timeout: float,
@@ -117,17 +150,10 @@ async def _stream(
     from hexgen.daemon.router import generate
 
     try:
-        with trio.fail_after(min(timeout, 15.0)):
-            peer_id = await host.connect(peer)
-    except trio.TooSlowError:
-        raise ClientError(f"no answer from {peer}") from None
-    except Exception as exc:
-        raise ClientError(f"cannot reach {peer}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
-    try:
         with trio.fail_after(timeout):
             async for frame in generate(host, peer_id, request):
                 if "error" in frame:
-                    raise ClientError(str(frame["error"]))
+                    raise Refused(str(frame["error"]))
                 if "token" in frame:
                     reply.tokens.append(frame["token"])
                     reply.first = reply.first or time.perf_counter()
@@ -144,6 +170,73 @@ async def _stream(
         raise
     except Exception as exc:
         raise ClientError(f"the stream from {peer} broke: {' '.join(str(exc).split())}") from None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import trio
+
+    request = _base_request(args)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    trio.run(_chat, args.peer, request, opening, args.timeout, sys.stdin.isatty())
+    return 0
+
+
+async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]], timeout: float, tty: bool) -> None:
+    """The conversation loop: a line in, a streamed reply out, both kept in the history sent each turn."""
+    import trio
+
+    from hexgen.daemon.host import HostConfig, new_identity, open_host
+
+    failure: ClientError | None = None
+    async with (
+        contextlib.aclosing(_lines(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))) as lines,
+        open_host(new_identity(), HostConfig(listen_host="127.0.0.1", port=0)) as host,
+    ):
+        try:
+            peer_id = await _connect(host, peer, timeout)
+            messages = list(opening)
+            while True:
+                if tty:
+                    print("you> ", end="", flush=True)
+                line = await anext(lines, None)
+                if line is None or line.strip() in ("/exit", "/quit"):
+                    break
+                if line.strip() == "/reset":
+                    messages = list(opening)
+                    print("(the conversation starts over)", flush=True)
+                    continue
+                if not line.strip():
+                    continue
+                messages.append({"role": "user", "content": line.strip()})
+                reply = Reply()
+                try:
+                    await _stream(host, peer_id, peer, request | {"messages": messages}, timeout, sys.stdout, reply)
+                except Refused as exc:
+                    messages.pop()
+                    print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+                    continue
+                print(flush=True)
+                messages.append({"role": "assistant", "content": "".join(reply.text)})
+        except ClientError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+
+
+async def _lines(stream: Any) -> Any:
+    """The text lines of a byte stream (the last one may lack its newline), as an async iterator."""
+    pending = b""
+    async with stream:
+        while True:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line.decode(errors="replace")
+    if pending:
+        yield pending.decode(errors="replace")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

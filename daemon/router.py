@@ -29,7 +29,7 @@ from hexgen.daemon.host import Host
 from hexgen.daemon.supervisor import ReplicaUnavailable, Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 from hexgen.engine.sequence import SamplingParams
-from hexgen.engine.tokenizer import Tokenizer
+from hexgen.engine.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("hexgen.router")
 
@@ -44,6 +44,8 @@ FIRST_FRAME_TIMEOUT_S = 10.0
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"}
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
+MAX_MESSAGES = 256
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -97,14 +99,38 @@ def parse_stops(request: dict[str, Any]) -> list[str]:
     return stops
 
 
+def chat_tokens(messages: Any, tokenizer: Tokenizer) -> list[int]:
+    """The prompt ids of a conversation under the model's chat template (a plain role-prefixed prompt for a
+    model without one). Raises RequestError for a malformed conversation. O(conversation length)."""
+    if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES:
+        raise RequestError(f"'messages' must be a list of 1 to {MAX_MESSAGES} messages")
+    for index, message in enumerate(messages):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in CHAT_ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise RequestError(f"message {index} needs a role ({', '.join(CHAT_ROLES)}) and string content")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except TokenizerError as exc:
+        raise RequestError(str(exc)) from None
+    # A template that writes the BOS itself must not get a second one from the encoder.
+    writes_bos = bool(tokenizer.bos_token) and text.startswith(str(tokenizer.bos_token))
+    return tokenizer.encode(text, add_special_tokens=not writes_bos)
+
+
 def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple[list[int], dict[str, Any]]:
-    """Validate a generate request; returns (prompt token ids, sampling fields). Raises RequestError."""
+    """Validate a generate request (exactly one of ``prompt`` text, ``tokens`` ids or chat ``messages``);
+    returns (prompt token ids, sampling fields). Raises RequestError."""
     if not isinstance(request, dict):
         raise RequestError("a generate request is a map")
-    prompt, tokens = request.get("prompt"), request.get("tokens")
-    if (prompt is None) == (tokens is None):
-        raise RequestError("give exactly one of 'prompt' (text) and 'tokens' (ids)")
-    if prompt is not None:
+    prompt, tokens, messages = request.get("prompt"), request.get("tokens"), request.get("messages")
+    if sum(x is not None for x in (prompt, tokens, messages)) != 1:
+        raise RequestError("give exactly one of 'prompt' (text), 'tokens' (ids) and 'messages' (a chat)")
+    if messages is not None:
+        tokens = chat_tokens(messages, tokenizer)
+    elif prompt is not None:
         if not isinstance(prompt, str):
             raise RequestError("'prompt' must be a string")
         tokens = tokenizer.encode(prompt)
@@ -117,7 +143,7 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     if any(t < 0 or t >= tokenizer.vocab_size for t in tokens):
         raise RequestError(f"token ids must lie in [0, {tokenizer.vocab_size})")
     sampling = {k: v for k, v in request.items() if k in SAMPLING_FIELDS}
-    unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "cert", "stop"}
+    unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "messages", "cert", "stop"}
     if unknown:
         raise RequestError(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
     if "stop_token_ids" in sampling:

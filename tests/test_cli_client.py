@@ -73,3 +73,37 @@ def test_clear_errors(daemon):
     ):
         result = client(*args, env={"HEXGEN_PEER": ""})
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result
+
+
+def chat(*args: str, lines: str, daemon) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hexgen.cli.client", "chat", "--peer", daemon.addr, *args],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_chat_keeps_the_conversation_and_equals_the_reference(daemon, stories_dir):
+    from hexgen.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(stories_dir)
+    conversation = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "A cat"}]
+    first_ids = tokenizer.encode(tokenizer.apply_chat_template(conversation))
+    (first,) = reference_greedy(stories_dir, [first_ids], 12)
+    first_text = tokenizer.decode(first)
+    conversation += [{"role": "assistant", "content": first_text}, {"role": "user", "content": "and a dog"}]
+    (second,) = reference_greedy(stories_dir, [tokenizer.encode(tokenizer.apply_chat_template(conversation))], 12)
+    result = chat("--system", "Tell a story.", "--max-tokens", "12", lines="A cat\n\nand a dog\n", daemon=daemon)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{first_text}\n{tokenizer.decode(second)}\n"
+
+
+def test_chat_survives_a_refused_message_and_resets(daemon):
+    too_long = "word " * 600  # beyond stories260K's context of 512
+    result = chat("--max-tokens", "4", lines=f"{too_long}\n/reset\nhello\n/exit\nnot sent\n", daemon=daemon)
+    assert result.returncode == 0, result.stderr
+    assert "exceeds the model's context" in result.stderr and "Traceback" not in result.stderr
+    out = result.stdout.splitlines()
+    assert out[0] == "(the conversation starts over)" and len(out) == 2
