@@ -50,6 +50,12 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--listen", default="0.0.0.0:4001", metavar="HOST:PORT", help="listen address (default 0.0.0.0:4001)"
     )
     join.add_argument(
+        "--advertise",
+        default="",
+        metavar="HOST",
+        help="the IP or DNS name other hosts reach this one at, when --listen's is not it (NAT, several interfaces)",
+    )
+    join.add_argument(
         "--model",
         default="llama-2-7b",
         metavar="NAME|PATH",
@@ -135,7 +141,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise JoinError("--api-key must not be empty")
         node = NodeConfig(
             model=args.model,
-            host=HostConfig(listen_host=host, port=port),
+            host=HostConfig(listen_host=host, port=port, advertise_host=args.advertise),
             bootstrap=bootstrap,
             host_name=args.host_name,
             peer_timeout_s=args.peer_timeout,

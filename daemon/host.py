@@ -8,6 +8,7 @@ before any dial (start-up hang), ``max_connections_per_peer=1`` (250 ms dial del
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 GOSSIP_PROTOCOL = TProtocol("/meshsub/1.1.0")
+UNSPECIFIED = ("0.0.0.0", "::")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,39 @@ class HostConfig:
     port: int = 0
     # A killed peer shows as a TCP close within ~0.2 s; the ping only catches hung peers, so it can be slow.
     health_check_s: float = 10.0
+    # The address other hosts reach this one at (an IP or DNS name), when it differs from listen_host:
+    # behind NAT with a forwarded port, or to pick one interface of several.
+    advertise_host: str = ""
+
+
+def interface_ips() -> list[str]:
+    """This machine's non-loopback IPv4 addresses, sorted (psutil's view of the interfaces)."""
+    import psutil
+
+    found = {
+        a.address
+        for addresses in psutil.net_if_addrs().values()
+        for a in addresses
+        if a.family.name == "AF_INET" and not ipaddress.ip_address(a.address).is_loopback
+    }
+    return sorted(found)
+
+
+def reachable_hosts(config: HostConfig) -> list[str]:
+    """The hosts peers should dial: the advertised one, else the listen address, else (listening on every
+    interface) each interface's address, loopback last."""
+    if config.advertise_host:
+        return [config.advertise_host]
+    if config.listen_host not in UNSPECIFIED:
+        return [config.listen_host]
+    return [*interface_ips(), "127.0.0.1"]
+
+
+def _host_part(host: str) -> str:
+    try:
+        return f"/ip{ipaddress.ip_address(host).version}/{host}"
+    except ValueError:
+        return f"/dns/{host}"
 
 
 class _ConnectionEvents(INotifee):
@@ -77,6 +112,7 @@ class Host:
     pubsub: Pubsub
     connects: trio.MemoryReceiveChannel
     disconnects: trio.MemoryReceiveChannel
+    hosts: tuple[str, ...] = ("127.0.0.1",)  # what peers dial (see reachable_hosts)
 
     @property
     def peer_id(self) -> str:
@@ -84,7 +120,18 @@ class Host:
 
     @property
     def addrs(self) -> list[str]:
-        return [str(a) for a in self.libp2p.get_addrs()]
+        """The multiaddrs peers dial: the listen addresses, with an unspecified or overridden host replaced
+        by each reachable one."""
+        out = []
+        for addr in self.libp2p.get_addrs():
+            text = str(addr)
+            listen_ip = addr.value_for_protocol("ip4") if "/ip4/" in text else None
+            if listen_ip is not None and [listen_ip] != list(self.hosts):
+                tail = text.split("/", 3)[3]  # "tcp/PORT/p2p/ID"
+                out.extend(f"{_host_part(h)}/{tail}" for h in self.hosts)
+            else:
+                out.append(text)
+        return out
 
     def connected_peers(self) -> set[str]:
         return {str(p) for p in self.libp2p.get_network().connections}
@@ -150,4 +197,4 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
     host.get_network().register_notifee(_ConnectionEvents(send_connect, send_disconnect))
     async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(gossipsub):
         await pubsub.wait_until_ready()
-        yield Host(host, pubsub, recv_connect, recv_disconnect)
+        yield Host(host, pubsub, recv_connect, recv_disconnect, tuple(reachable_hosts(config)))
