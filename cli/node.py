@@ -19,6 +19,7 @@ from pathlib import Path
 from hexgen.cli.demo import DemoError, add_demo_command
 from hexgen.cli.format import BaselineResult, PlanReport, report_json, report_text
 from hexgen.cli.join import JoinError, add_join_command
+from hexgen.cli.status import StatusError, add_status_command
 from hexgen.coordinator.cluster import Cluster, ClusterError, load_cluster_toml
 from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import SpecError, resolve_model
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_commands(sub)
     add_join_command(sub)
     add_demo_command(sub)
+    add_status_command(sub)
     return parser
 
 
@@ -291,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, JoinError, DemoError, ClusterError, SpecError, WorkloadError) as exc:
+    except (CLIError, JoinError, DemoError, StatusError, ClusterError, SpecError, WorkloadError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:

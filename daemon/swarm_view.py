@@ -42,3 +42,29 @@ def serving(view: View, ids: set[str]) -> bool:
         and all(w["state"] == "ready" for w in s["serving"]["workers"].values())
         for s in states
     )
+
+
+def assignments(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
+    """Peer id -> the GPUs it serves in a plan body: ``{"gpu", "group", "role", "stage", "tp", "layers"}``.
+
+    Tolerates a malformed or empty body (no assignments); O(GPUs in the plan)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    try:
+        gpus = body["gpus"]
+        for group in body["plan"]["groups"]:
+            for stage_index, stage in enumerate(group["stages"]):
+                for gpu in stage["gpus"]:
+                    peer, local = gpus[str(gpu)]
+                    out.setdefault(str(peer), []).append(
+                        {
+                            "gpu": int(local),
+                            "group": int(group["id"]),
+                            "role": str(group["role"]),
+                            "stage": stage_index,
+                            "tp": len(stage["gpus"]),
+                            "layers": list(stage["layers"]),
+                        }
+                    )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
+    return out

@@ -1,0 +1,629 @@
+"""``hexgen-node status``: a daemon's live view of the swarm (a Textual TUI), or one snapshot as text or JSON.
+
+The daemon serves ``Node.status()`` as JSON at ``GET /status`` on its HTTP port (``hexgen-node join --http
+PORT``, on 127.0.0.1). Textual runs on asyncio and the daemon on trio, so the view is a plain HTTP client
+of that endpoint (httpx), reading the same JSON that scripts and ``--once --json`` read.
+
+Three layers: pure view-model functions over the status dict (each tolerates a partial or malformed status
+and shows ``-`` for what is missing), the fetch with its one-line errors, and the presentations: plain
+text for ``--once`` and the Textual app. Textual and httpx are imported only when used, so registering the
+subcommand costs every other ``hexgen-node`` command nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
+
+from hexgen.cli.format import table
+from hexgen.daemon.swarm_view import assignments
+
+if TYPE_CHECKING:
+    import httpx
+    from textual.app import App
+
+MISSING = "-"
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
+DEFAULT_INTERVAL_S = 1.0
+FETCH_TIMEOUT_S = 3.0
+TEXT_EVENTS = 15  # the newest events shown by ``--once``; the TUI shows all the daemon keeps
+ENDPOINTS = ("source", "sink")  # the planner's flow-graph terminals (hexgen.coordinator.plan SOURCE, SINK)
+# An error number inside a message that joins several errors ("Multiple exceptions: [Errno 111] ...").
+ERRNO_PATTERN = re.compile(r"\[Errno (\d+)\]")
+# Full base58 peer ids in event texts are shortened like the tables' peer column.
+PEER_ID_PATTERN = re.compile(r"\b(?:12D3KooW|Qm)[1-9A-HJ-NP-Za-km-z]{38,}\b")
+
+PEER_COLUMNS = ("peer", "host", "GPUs", "roles", "groups", "in flight", "tokens/s", "last seen", "note")
+GROUP_COLUMNS = ("group", "role", "GPUs", "layout", "layers", "capacity", "batch")
+EVENT_COLUMNS = ("time", "kind", "event")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a stable key (to update a live table in place) and its cells, all text."""
+
+    key: str
+    cells: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------- view model (pure)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, or None for anything else (bools, strings, NaN, missing)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _key(value: Any) -> str:
+    """A value usable as a peer-id key: the string itself, or "" for anything else (lists do not hash)."""
+    return value if isinstance(value, str) else ""
+
+
+def _text(value: Any) -> str:
+    """A string or number as one line of text (peers' texts may hold newlines), or ``-`` for anything else."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return MISSING
+    return " ".join(str(value).split()) or MISSING
+
+
+def short_id(peer_id: Any) -> str:
+    """A peer id's last six characters after an ellipsis (the default host names end the same way)."""
+    return f"…{peer_id[-6:]}" if isinstance(peer_id, str) and len(peer_id) > 6 else _text(peer_id)
+
+
+def host_names(status: Mapping[str, Any]) -> dict[str, str]:
+    """Peer id -> host name, from this node, its peer table and the peers the plan was made from."""
+    names: dict[str, str] = {}
+    records = [*_list(_dict(_dict(status.get("plan")).get("body")).get("peers")), *_list(status.get("peers"))]
+    for record in [*records, {"peer_id": status.get("peer_id"), "host": status.get("host")}]:
+        record = _dict(record)
+        if isinstance(record.get("peer_id"), str) and isinstance(record.get("host"), str) and record["host"]:
+            names[record["peer_id"]] = record["host"]
+    return names
+
+
+def peer_name(peer_id: Any, names: Mapping[str, str]) -> str:
+    """``host (…abc123)`` when the host is known, else the short id."""
+    host = names.get(peer_id) if isinstance(peer_id, str) else None
+    return f"{host} ({short_id(peer_id)})" if host else short_id(peer_id)
+
+
+def gpu_text(hardware: Any) -> str:
+    """A node's GPUs by type and memory in advert order, e.g. ``H100x2 80GB`` or ``A100x1 40GB, L40x1 48GB``."""
+    gpus = _dict(hardware).get("gpus")
+    if not isinstance(gpus, list):
+        return MISSING
+    if not gpus:
+        return "none"
+    counts: dict[tuple[str, str], int] = {}
+    for gpu in gpus:
+        gpu = _dict(gpu)
+        memory = _number(gpu.get("memory_gb"))
+        kind = (_text(gpu.get("type")), f"{memory:.0f}GB" if memory is not None else "?GB")
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind}x{count} {memory}" for (kind, memory), count in counts.items())
+
+
+def _unique(values: Iterable[str]) -> str:
+    return ", ".join(dict.fromkeys(values)) or MISSING
+
+
+def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[dict[str, Any]], is_self: bool) -> Row:
+    """A peer table row for one peer record (or this node's own top-level fields) and its GPUs' roles."""
+    peer_id = record.get("peer_id")
+    load = _dict(record.get("load"))
+    in_flight, tokens = _number(load.get("in_flight")), _number(load.get("tokens_per_s"))
+    last_seen = _number(record.get("last_seen_s"))
+    has_plan = bool(_dict(_dict(status.get("plan")).get("body")).get("plan"))
+    if roles:
+        role_cell = _unique(_text(r.get("role")) for r in roles)
+        group_cell = _unique(_text(r.get("group")) for r in roles)
+    else:  # a planned swarm that leaves this peer's GPUs out says so; no plan at all is just missing
+        role_cell = group_cell = "unused" if has_plan else MISSING
+    note = [
+        label for label, yes in (("this node", is_self), ("coordinator", peer_id == status.get("coordinator"))) if yes
+    ]
+    return Row(
+        _text(peer_id),
+        (
+            short_id(peer_id),
+            _text(record.get("host")),
+            gpu_text(record.get("hardware")),
+            role_cell,
+            group_cell,
+            f"{in_flight:.0f}" if in_flight is not None else MISSING,
+            f"{tokens:.1f}" if tokens is not None else MISSING,
+            f"{last_seen:.1f} s ago" if last_seen is not None else MISSING,
+            ", ".join(note) or MISSING,
+        ),
+    )
+
+
+def peer_rows(status: Mapping[str, Any]) -> list[Row]:
+    """This node first, then its peers by host name: id, host, GPUs, roles and groups in the adopted plan,
+    load (requests in flight), tokens/s and seconds since the last advert. O(peers + GPUs in the plan)."""
+    by_peer = assignments(_dict(_dict(status.get("plan")).get("body")))
+    records = [_dict(r) for r in _list(status.get("peers")) if _dict(r).get("peer_id") != status.get("peer_id")]
+    records.sort(key=lambda r: (str(r.get("host")), str(r.get("peer_id"))))
+    rows = [_peer_row(status, r, [_dict(a) for a in by_peer.get(_key(r.get("peer_id")), [])], False) for r in records]
+    if "peer_id" in status:
+        own_roles = [_dict(a) for a in _list(status.get("roles"))] or by_peer.get(_key(status["peer_id"]), [])
+        rows.insert(0, _peer_row(status, status, own_roles, True))
+    return rows
+
+
+def _plan(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The planner's output in the adopted plan (``body["plan"]``), or {}."""
+    return _dict(_dict(_dict(status.get("plan")).get("body")).get("plan"))
+
+
+def _gpu_place(index: Any, body: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    """A plan's global GPU index as ``host:local_gpu`` (the short peer id when the host is unknown)."""
+    place = _dict(body.get("gpus")).get(str(index))
+    if not isinstance(place, list) or len(place) != 2:
+        return f"#{_text(index)}"
+    peer, local = place
+    return f"{names.get(_key(peer)) or short_id(peer)}:{_text(local)}"
+
+
+def _layer_range(layers: Any) -> str:
+    """A stage's half-open ``[start, end)`` layer range as inclusive ``start-last``."""
+    if isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
+        return f"{layers[0]}-{layers[1] - 1}"
+    return MISSING
+
+
+def group_rows(status: Mapping[str, Any]) -> list[Row]:
+    """One row per serving group of the adopted plan: id, role, GPUs as ``host:gpu`` (``+`` joins tensor
+    ranks, ``|`` separates pipeline stages), layout such as ``PP2 [TP2,TP1]``, layer ranges, capacity
+    (requests/s) and batch. Empty without a plan. O(GPUs in the plan)."""
+    body = _dict(_dict(status.get("plan")).get("body"))
+    names = host_names(status)
+    rows = []
+    for group in _list(_plan(status).get("groups")):
+        group = _dict(group)
+        stages = [_dict(s) for s in _list(group.get("stages"))]
+        places = " | ".join("+".join(_gpu_place(g, body, names) for g in _list(s.get("gpus"))) for s in stages)
+        widths = ",".join(f"TP{len(_list(s.get('gpus')))}" for s in stages)
+        capacity, batch = _number(group.get("capacity_rps")), _number(group.get("batch"))
+        rows.append(
+            Row(
+                _text(group.get("id")),
+                (
+                    _text(group.get("id")),
+                    _text(group.get("role")),
+                    places or MISSING,
+                    f"PP{len(stages)} [{widths}]" if stages else MISSING,
+                    " | ".join(_layer_range(s.get("layers")) for s in stages) or MISSING,
+                    f"{capacity:.3f} req/s" if capacity is not None else MISSING,
+                    f"{batch:.0f}" if batch is not None else MISSING,
+                ),
+            )
+        )
+    return rows
+
+
+def _flow_end(end: Any, roles: Mapping[str, str]) -> str:
+    if end in ENDPOINTS:
+        return str(end)
+    role = roles.get(_text(end))
+    return f"group {_text(end)} ({role})" if role else f"group {_text(end)}"
+
+
+def _flow_order(flow: Mapping[str, Any]) -> tuple[int, str, str]:
+    """Edges from the source first, then group to group, then edges into the sink; by group id within each."""
+    src, dst = flow.get("src"), flow.get("dst")
+    stage = 0 if src == "source" else 2 if dst == "sink" else 1
+    return (stage, _text(src).zfill(9), _text(dst).zfill(9))  # zero-padded: group 10 after group 9
+
+
+def flow_lines(status: Mapping[str, Any]) -> list[str]:
+    """The plan's request flows with a positive rate, ``src -> dst: rate req/s``, source edges first."""
+    plan = _plan(status)
+    roles = {_text(_dict(g).get("id")): _text(_dict(g).get("role")) for g in _list(plan.get("groups"))}
+    flows = [_dict(f) for f in _list(plan.get("flows"))]
+    lines = []
+    for flow in sorted(flows, key=_flow_order):
+        rate = _number(flow.get("rate"))
+        if rate is not None and rate <= 0:
+            continue
+        shown = f"{rate:.3f} req/s" if rate is not None else MISSING
+        lines.append(f"{_flow_end(flow.get('src'), roles)} -> {_flow_end(flow.get('dst'), roles)}: {shown}")
+    return lines
+
+
+def plan_summary(status: Mapping[str, Any]) -> str:
+    """One line on the adopted plan: predicted throughput, bottleneck, planner and unused GPUs, or why
+    there is no plan."""
+    adopted = _dict(status.get("plan"))
+    body = _dict(adopted.get("body"))
+    plan = _plan(status)
+    if not adopted:
+        return "no plan adopted yet"
+    if not plan:
+        error = _text(body.get("error"))
+        return f"the coordinator could not plan: {error}" if error != MISSING else "the adopted plan has no layout"
+    throughput, tokens = _number(plan.get("throughput_rps")), _number(_dict(plan.get("meta")).get("tokens_per_s"))
+    parts = [
+        f"predicted {throughput:.3f} req/s" if throughput is not None else f"predicted {MISSING} req/s",
+        f"{tokens:,.0f} tokens/s" if tokens is not None else None,
+        f"bottleneck: {_text(plan.get('bottleneck'))}",
+        f"planner: {_text(_dict(plan.get('meta')).get('planner'))}",
+    ]
+    unused = _list(_dict(plan.get("meta")).get("unused_gpus"))
+    if unused:
+        names = host_names(status)
+        parts.append("unused GPUs: " + ", ".join(_gpu_place(i, body, names) for i in unused))
+    return ", ".join(p for p in parts if p)
+
+
+def serving_summary(status: Mapping[str, Any]) -> str:
+    """This node's workers: the epoch they serve and how many are ready, starting or failed."""
+    serving = status.get("serving")
+    if not isinstance(serving, dict):
+        return "this node serves nothing (no checkpoint, or no serving status)"
+    workers = [_dict(w) for w in _dict(serving.get("workers")).values()]
+    if not workers:
+        return f"this node runs no workers (epoch {_text(serving.get('epoch'))})"
+    states: dict[str, int] = {}
+    for worker in workers:
+        states[_text(worker.get("state"))] = states.get(_text(worker.get("state")), 0) + 1
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    errors = _unique(_text(w.get("error")) for w in workers if w.get("error"))
+    tail = f"; error: {errors}" if errors != MISSING else ""
+    return f"this node serves epoch {_text(serving.get('epoch'))} with {len(workers)} workers ({counts}){tail}"
+
+
+def header_text(status: Mapping[str, Any]) -> str:
+    """The header line: this node, swarm, model, coordinator, term, plan epoch and member count."""
+    names = host_names(status)
+    members = status.get("members")
+    model = _text(status.get("model"))
+    coordinator = status.get("coordinator")
+    if not isinstance(coordinator, str) or not coordinator:
+        coordinator_text = MISSING
+    elif coordinator == status.get("peer_id"):
+        coordinator_text = "this node"
+    else:  # the peers table pairs host names with ids, so the name alone keeps the line short
+        coordinator_text = names.get(coordinator) or short_id(coordinator)
+    parts = [
+        peer_name(status.get("peer_id"), names),
+        f"swarm {_text(status.get('swarm'))}",
+        f"model {model.rstrip('/').rsplit('/', 1)[-1]}",
+        f"coordinator {coordinator_text}",
+        f"term {_text(status.get('term'))}",
+        f"epoch {_text(_dict(status.get('plan')).get('epoch'))}",
+        f"{len(members) if isinstance(members, list) else MISSING} members",
+    ]
+    return " │ ".join(parts)
+
+
+def event_rows(status: Mapping[str, Any]) -> list[Row]:
+    """The daemon's recent events, oldest first: local time, kind and text (peer ids shortened)."""
+    rows = []
+    for index, event in enumerate(_list(status.get("events"))):
+        event = _dict(event)
+        when = _number(event.get("t"))
+        try:
+            shown = time.strftime("%H:%M:%S", time.localtime(when)) if when is not None else MISSING
+        except (OverflowError, OSError, ValueError):  # a time beyond the platform's calendar
+            shown = MISSING
+        text = PEER_ID_PATTERN.sub(lambda m: short_id(m.group(0)), _text(event.get("text")))
+        rows.append(Row(f"{index}:{when}", (shown, _text(event.get("kind")), text)))
+    return rows
+
+
+def render_text(status: Mapping[str, Any]) -> str:
+    """The whole view as plain text, for ``--once``: header, peers, plan with flows, newest events."""
+    lines = [header_text(status), "", "peers"]
+    lines += table(PEER_COLUMNS, [r.cells for r in peer_rows(status)], right=(5, 6, 7))
+    lines += ["", f"plan: {plan_summary(status)}", f"      {serving_summary(status)}"]
+    groups = group_rows(status)
+    if groups:
+        lines += table(GROUP_COLUMNS, [r.cells for r in groups], right=(0, 5, 6))
+    flows = flow_lines(status)
+    if flows:
+        lines += ["", "flows", *(f"  {line}" for line in flows)]
+    events = event_rows(status)[-TEXT_EVENTS:]
+    lines += ["", f"events (newest {len(events)})" if events else "events: none"]
+    lines += table(EVENT_COLUMNS, [r.cells for r in events]) if events else []
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+class StatusError(Exception):
+    """The daemon's status cannot be had (or a flag cannot work); the message is the one-line reason."""
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection failed, in a few words: the operating system's text for the innermost error number
+    (asyncio words a refused connection as "Connect call failed", and joins the errors of several
+    addresses, as for localhost, into one message)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        number = seen.errno if isinstance(seen, OSError) else None
+        found = ERRNO_PATTERN.search(str(seen)) if number is None else None
+        if found is not None:
+            return os.strerror(int(found.group(1))).lower()
+        if number is not None:  # resolver errors have negative numbers and their own text
+            return (os.strerror(number) if number > 0 else str(getattr(seen, "strerror", "") or seen)).lower()
+        seen = seen.__cause__ or seen.__context__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def unreachable(url: str, reason: str) -> str:
+    """The line shown when the daemon does not answer, with the command that would make it answer."""
+    port = urlsplit(url).port or DEFAULT_HTTP_PORT
+    return f"cannot reach {url}: {reason} — is `hexgen-node join --http {port}` running?"
+
+
+async def fetch_status(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    """``GET {url}/status`` as a dict; StatusError with a one-line reason on any failure."""
+    import httpx
+
+    try:
+        response = await client.get(f"{url}/status")
+    except httpx.TimeoutException:
+        raise StatusError(unreachable(url, f"no answer within {FETCH_TIMEOUT_S:g} s")) from None
+    except (httpx.HTTPError, OSError) as exc:
+        raise StatusError(unreachable(url, _reason(exc))) from None
+    if response.status_code != 200:
+        # HTTP/2 and some servers send no reason phrase; the standard one names the code all the same
+        phrase = response.reason_phrase or httpx.codes.get_reason_phrase(response.status_code)
+        raise StatusError(
+            f"{url}/status answered HTTP {response.status_code} {phrase}".rstrip()
+            + ": is this the HTTP port of a hexgen daemon?"
+        )
+    try:
+        status = response.json()
+    except ValueError:
+        raise StatusError(f"{url}/status did not answer JSON: is this the HTTP port of a hexgen daemon?") from None
+    if not isinstance(status, dict):
+        raise StatusError(f"{url}/status answered JSON that is not an object")
+    return status
+
+
+async def fetch_once(url: str) -> dict[str, Any]:
+    """One status snapshot through a client of its own."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S) as client:
+        return await fetch_status(client, url)
+
+
+# ----------------------------------------------------------------------------- the Textual app
+
+
+def status_app(url: str, interval: float = DEFAULT_INTERVAL_S) -> App[None]:
+    """The live TUI polling ``{url}/status`` every ``interval`` seconds (``run()`` it, or ``run_test()``)."""
+    return _status_app_class()(url, interval)
+
+
+@functools.cache
+def _status_app_class() -> type[App[None]]:
+    """The app class, built on first use so that importing this module does not load Textual."""
+    import httpx
+    from rich.text import Text
+    from textual.app import App, ComposeResult
+    from textual.binding import Binding, BindingType
+    from textual.containers import VerticalScroll
+    from textual.coordinate import Coordinate
+    from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+
+    def fill(widget: DataTable[Text], rows: list[Row]) -> None:
+        """Show ``rows``; cells change in place when the keys are the same, so the cursor and scroll stay.
+
+        Cells go in as ``Text``: DataTable reads a plain string as markup, and host names and event texts
+        come from peers (a host named "[/]" would otherwise stop the app)."""
+        if [key.value for key in widget.rows] == [row.key for row in rows]:
+            for y, row in enumerate(rows):
+                for x, cell in enumerate(row.cells):
+                    if str(widget.get_cell_at(Coordinate(y, x))) != cell:
+                        widget.update_cell_at(Coordinate(y, x), Text(cell), update_width=True)
+            return
+        cursor = widget.cursor_row
+        widget.clear()
+        for row in rows:
+            widget.add_row(*map(Text, row.cells), key=row.key)
+        if rows:
+            widget.move_cursor(row=min(cursor, len(rows) - 1))
+
+    class StatusApp(App[None]):
+        """Peers, plan and events of one daemon, refreshed every ``interval`` seconds."""
+
+        TITLE = "hexgen-node status"
+        CSS = """
+        #header { height: auto; padding: 0 1; background: $primary-background; text-style: bold; }
+        #plan-summary { height: auto; padding: 0 1; background: $primary-background; }
+        #connection { height: auto; padding: 0 1; color: $text-muted; }
+        #connection.error { color: $text-error; background: $error-muted; text-style: bold; }
+        #views, #views ContentSwitcher, #views TabPane { height: 1fr; }
+        #serving, #flows { height: auto; padding: 0 1; }
+        #flows-title { height: auto; padding: 1 1 0 1; text-style: bold; }
+        #groups { height: auto; }
+        """
+        BINDINGS: ClassVar[list[BindingType]] = [
+            Binding("q", "quit", "Quit"),
+            Binding("tab", "switch_view(1)", "Next view", priority=True),
+            Binding("shift+tab", "switch_view(-1)", "Previous view", priority=True),
+        ]
+        VIEWS = ("peers-view", "plan-view", "events-view")
+
+        def __init__(self, url: str, interval: float) -> None:
+            super().__init__()
+            self.url = url
+            self.interval = interval
+            self.polls = 0  # completed polls, successful or not
+            self.status: dict[str, Any] | None = None  # the latest status received
+            self.error: str | None = None  # why the latest poll failed, None after a success
+            self._polled = asyncio.Condition()
+
+        def compose(self) -> ComposeResult:
+            yield Static(f"hexgen-node status: connecting to {self.url} …", id="header", markup=False)
+            yield Static("", id="plan-summary", markup=False)
+            yield Static("", id="connection", markup=False)
+            with TabbedContent(id="views", initial=self.VIEWS[0]):
+                with TabPane("Peers", id="peers-view"):
+                    yield DataTable(id="peers", zebra_stripes=True, cursor_type="row")
+                with TabPane("Plan", id="plan-view"), VerticalScroll():
+                    yield Static("", id="serving", markup=False)
+                    yield DataTable(id="groups", zebra_stripes=True, cursor_type="row")
+                    yield Static("flows", id="flows-title")
+                    yield Static(MISSING, id="flows", markup=False)
+                with TabPane("Events", id="events-view"):
+                    yield DataTable(id="events", zebra_stripes=True, cursor_type="row")
+            yield Footer()
+
+        def on_mount(self) -> None:
+            for table_id, columns in (("#peers", PEER_COLUMNS), ("#groups", GROUP_COLUMNS), ("#events", EVENT_COLUMNS)):
+                self.query_one(table_id, DataTable).add_columns(*columns)
+            self.run_worker(self._poll_forever(), name="poll", exclusive=True)
+
+        async def _poll_forever(self) -> None:
+            async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S) as client:
+                while True:
+                    try:
+                        status: dict[str, Any] | str = await fetch_status(client, self.url)
+                    except StatusError as exc:
+                        status = str(exc)
+                    if not self.is_running:  # quitting: the app's workers outlive its screen by a moment
+                        return
+                    if isinstance(status, dict):
+                        self.show_status(status)
+                    else:
+                        self.show_error(status)
+                    async with self._polled:
+                        self.polls += 1
+                        self._polled.notify_all()
+                    await asyncio.sleep(self.interval)
+
+        async def polled(self, count: int) -> None:
+            """Return once ``count`` polls have completed (for tests and scripts driving the app)."""
+            async with self._polled:
+                await self._polled.wait_for(lambda: self.polls >= count)
+
+        def show_status(self, status: dict[str, Any]) -> None:
+            """Render a fresh status into the header, the summary, the connection line and every view."""
+            self.status, self.error = status, None
+            self.query_one("#header", Static).update(header_text(status))
+            line = self.query_one("#connection", Static)
+            line.remove_class("error")
+            line.update(
+                f"{self.url}/status at {time.strftime('%H:%M:%S')}, refreshed every {self.interval:g} s"
+                " · tab: next view · q: quit"
+            )
+            fill(self.query_one("#peers", DataTable), peer_rows(status))
+            self.query_one("#plan-summary", Static).update(plan_summary(status))
+            self.query_one("#serving", Static).update(serving_summary(status))
+            fill(self.query_one("#groups", DataTable), group_rows(status))
+            self.query_one("#flows", Static).update("\n".join(flow_lines(status)) or MISSING)
+            # newest first, so the latest events are on screen without scrolling
+            fill(self.query_one("#events", DataTable), event_rows(status)[::-1])
+
+        def show_error(self, message: str) -> None:
+            """Say why the latest poll failed; the views keep the last status received, if any."""
+            self.error = message
+            stale = "; the tables show the last status received" if self.status is not None else ""
+            line = self.query_one("#connection", Static)
+            line.add_class("error")
+            line.update(f"{message} (retrying every {self.interval:g} s{stale})")
+
+        def action_switch_view(self, step: int) -> None:
+            """Show the next (``step`` 1) or previous (-1) view, wrapping around."""
+            views = self.query_one("#views", TabbedContent)
+            current = self.VIEWS.index(views.active) if views.active in self.VIEWS else 0
+            views.active = self.VIEWS[(current + step) % len(self.VIEWS)]
+
+    return StatusApp
+
+
+# ----------------------------------------------------------------------------- the subcommand
+
+
+def status_url(url: str | None, port: int | None) -> str:
+    """The daemon's base URL from ``--url`` or ``--http``; StatusError for one that cannot work."""
+    if port is not None:
+        if not 1 <= port <= 65535:
+            raise StatusError(f"--http {port}: expected a port from 1 to 65535")
+        return f"http://127.0.0.1:{port}"
+    if url is None:
+        return DEFAULT_URL
+    cleaned = url.strip().rstrip("/")
+    cleaned = cleaned.removesuffix("/status")  # a pasted endpoint URL names the same daemon
+    try:
+        parts = urlsplit(cleaned)
+        parts.port  # noqa: B018 - parsing the port is what validates it
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StatusError(f"--url {url!r}: expected an HTTP address such as {DEFAULT_URL}")
+    return cleaned
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the daemon's status: the live TUI, or one snapshot as text (``--once``) or JSON (``--json``)."""
+    url = status_url(args.url, args.http)
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        raise StatusError(f"--interval {args.interval:g}: expected a positive number of seconds")
+    if args.once or args.json:
+        status = asyncio.run(fetch_once(url))
+        print(json.dumps(status, indent=2) if args.json else render_text(status))
+        return 0
+    if not sys.stdout.isatty():
+        raise StatusError("the live view needs a terminal; pass --once for text or --json for the status JSON")
+    status_app(url, args.interval).run()
+    return 0
+
+
+def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``status`` on the subcommand parser."""
+    status = sub.add_parser(
+        "status",
+        help="show a daemon's live view: peers, GPUs, roles, plan, flows, load, events",
+        description="Poll a daemon's JSON status (GET /status on the HTTP port of 'hexgen-node join --http "
+        "PORT') and show it live: peers with their GPUs, roles and load; the plan's groups, flows, "
+        "bottleneck and predicted throughput; the swarm's recent events. Keys: tab switches views, q quits.",
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--url", metavar="URL", help=f"the daemon's HTTP address (default {DEFAULT_URL})")
+    where.add_argument(
+        "--http",
+        type=int,
+        metavar="PORT",
+        help=f"the daemon's --http port on 127.0.0.1 (default {DEFAULT_HTTP_PORT}, "
+        f"as in 'hexgen-node join --http {DEFAULT_HTTP_PORT}')",
+    )
+    status.add_argument("--once", action="store_true", help="print one snapshot as plain text and exit")
+    status.add_argument("--json", action="store_true", help="print the status JSON as served and exit (implies --once)")
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        metavar="S",
+        help=f"seconds between refreshes of the live view (default {DEFAULT_INTERVAL_S:g})",
+    )
+    status.set_defaults(func=cmd_status)
