@@ -171,9 +171,11 @@ async def run_demo(model: str, built_in: bool, gpus: list[str], prompt: str, max
         say(f"model: {model}")
     with tempfile.TemporaryDirectory(prefix="hexgen-demo-") as tmp:
         try:
-            async with local_swarm(Path(tmp), model, gpus) as daemons:
+            async with local_swarm(Path(tmp), model, gpus, first_extra=["--http", "0"]) as daemons:
                 for d in daemons:
                     say(f"  {d.name:<6} {d.peer_id}  {d.addr}")
+                if daemons[0].http:
+                    say(f"OpenAI API: {daemons[0].http}/v1 (on {daemons[0].name}, with /status and /metrics)")
                 config = HostConfig(listen_host="127.0.0.1", port=0)
                 async with open_host(new_identity(), config) as client:
                     for d in daemons:

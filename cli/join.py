@@ -108,6 +108,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned
     from hexgen.daemon.hardware import HardwareError, parse_simulate_gpu
     from hexgen.daemon.host import HostConfig
+    from hexgen.daemon.http_api import GatewayError
     from hexgen.daemon.identity import CertificateError, IdentityError, default_key_file
     from hexgen.daemon.model_files import ModelFilesError, is_checkpoint_dir, model_fingerprint
     from hexgen.daemon.node import NodeConfig
@@ -139,6 +140,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise JoinError(f"--http {args.http}: a port is 0-65535")
         if args.api_key is not None and not args.api_key.strip():
             raise JoinError("--api-key must not be empty")
+        if args.api_key is not None and args.http is None:
+            raise JoinError("--api-key guards the HTTP API: give --http PORT too")
         node = NodeConfig(
             model=args.model,
             host=HostConfig(listen_host=host, port=port, advertise_host=args.advertise),
@@ -159,7 +162,13 @@ def cmd_join(args: argparse.Namespace) -> int:
             calibrate=not args.no_calibrate,
             log_level=args.log_level,
         )
-        return join(options)
+        try:
+            return join(options)
+        except* GatewayError as group:  # the HTTP port cannot be served (in use, not permitted)
+            first: BaseException = group
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise JoinError(str(first)) from None
     except PinnedPlanError as exc:
         raise JoinError(f"--pin-plan {args.pin_plan}: {exc}") from None
     except (HardwareError, IdentityError, CertificateError, ModelFilesError, TokenizerError) as exc:

@@ -32,6 +32,7 @@ class LocalDaemon:
     log_path: Path
     peer_id: str = ""
     addrs: list[str] = field(default_factory=list)
+    http: str | None = None  # the gateway's URL when started with --http
 
     @property
     def addr(self) -> str:
@@ -43,15 +44,22 @@ class LocalDaemon:
 
 @contextlib.asynccontextmanager
 async def local_swarm(
-    root: Path, model: str, gpus: Sequence[str], *, extra: Sequence[str] = (), ready_timeout: float = 120.0
+    root: Path,
+    model: str,
+    gpus: Sequence[str],
+    *,
+    extra: Sequence[str] = (),
+    first_extra: Sequence[str] = (),
+    ready_timeout: float = 120.0,
 ) -> AsyncIterator[list[LocalDaemon]]:
     """Start one daemon per entry of ``gpus`` (a ``--simulate-gpu`` value), the first as everyone's bootstrap
-    peer; yields them once each printed its ready line, and stops them all on exit, however it exits."""
+    peer; yields them once each printed its ready line, and stops them all on exit, however it exits.
+    ``extra`` flags go to every daemon, ``first_extra`` to the first only (e.g. ``--http 0``)."""
     daemons: list[LocalDaemon] = []
     try:
         for i, gpu in enumerate(gpus):
-            bootstrap = ["--bootstrap", daemons[0].addr] if daemons else []
-            await _start(daemons, root, f"node{i}", model, gpu, [*bootstrap, *extra], ready_timeout)
+            flags = ["--bootstrap", daemons[0].addr] if daemons else list(first_extra)
+            await _start(daemons, root, f"node{i}", model, gpu, [*flags, *extra], ready_timeout)
         yield daemons
     finally:
         with trio.CancelScope(shield=True):
@@ -81,6 +89,7 @@ async def _start(
     try:
         event = json.loads(line)
         daemon.peer_id, daemon.addrs = str(event["peer_id"]), list(event["addrs"])
+        daemon.http = event.get("http")
     except (ValueError, KeyError, TypeError):
         tail = daemon.log().strip().splitlines()[-1:] or ["(no output)"]
         raise LocalSwarmError(f"daemon {name} did not start: {tail[0]}") from None

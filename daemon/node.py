@@ -44,10 +44,12 @@ from hexgen.daemon.hardware import HardwareError, HardwareProfile
 from hexgen.daemon.host import Host, HostConfig, open_host
 from hexgen.daemon.identity import Certificate, CertificateError, verify_certificate
 from hexgen.daemon.membership import PeerTable
+from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.probe import PROBE_PROTOCOL, probe, serve_probe
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, Router
 from hexgen.daemon.supervisor import Supervisor
+from hexgen.daemon.swarm_view import assignments
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 from hexgen.engine.tokenizer import Tokenizer
 
@@ -125,6 +127,7 @@ class Node:
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.on_plan: Callable[[AdoptedPlan, list[dict[str, Any]]], None] | None = None  # (plan, this node's roles)
         self.http_url: str | None = None
+        self._nursery: trio.Nursery | None = None
         self.plan: AdoptedPlan | None = None
         self.topic = CONTROL_TOPIC + (f"/{certificate.swarm_id}" if certificate else "")
         self.host: Host | None = None
@@ -163,8 +166,10 @@ class Node:
             host.handle(SYNC_PROTOCOL, self._serve_sync)
             host.handle(PROBE_PROTOCOL, self._serve_probe)
             subscription = await host.pubsub.subscribe(self.topic)
+            metrics = Metrics(self)
             if self.supervisor is not None:
-                self.rendezvous = (self.config.host.listen_host, _free_port(self.config.host.listen_host))
+                # the store binds where libp2p listens; peers reach it where they reach this host
+                self.rendezvous = (host.hosts[0], _free_port(self.config.host.listen_host))
                 self.supervisor.store_address = self.rendezvous
                 self.supervisor.on_failure = self._report_failure
                 self.router = Router(
@@ -174,10 +179,16 @@ class Node:
                     Tokenizer.from_dir(self.config.model),
                     self.model.max_context,
                     self._may_ask,
+                    metrics=metrics,
                 )
                 host.handle(GENERATE_PROTOCOL, self.router.serve_generate)
                 host.handle(REPLICA_PROTOCOL, self.router.serve_replica)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.config.http_port is not None:  # first: a port that cannot be served stops the start
+                    from hexgen.daemon.http_api import serve_http  # starlette and hypercorn load only when asked for
+
+                    self.http_url = await nursery.start(serve_http, self, metrics)
                 if self.supervisor is not None:
                     nursery.start_soon(self.supervisor.run)
                     nursery.start_soon(self._deploy)
@@ -634,6 +645,8 @@ class Node:
         )
         with contextlib.suppress(Exception):
             await self._publish([lease, plan])
+        if self._nursery is not None:
+            self._nursery.start_soon(self._push_plan, lease, plan)
         self._poke()
 
     def _compute_plan(
@@ -830,12 +843,58 @@ class Node:
                 self._reject("malformed", f"synced advert: {exc} (from {peer_id})")
 
     async def _serve_plan(self, stream: INetStream) -> None:
+        """Answers a fetch with the published plan, and takes a plan the coordinator pushes (``push``: its
+        lease and plan envelopes), verified exactly as if they came by gossip."""
+        sender = str(stream.muxed_conn.peer_id)
+
         def answer(request: dict[str, Any]) -> dict[str, Any]:
+            if "push" in request:
+                return self._take_push(sender, request["push"])
             if self._published is None or not self.election.is_coordinator(self.clock()):
                 return {"error": "this node is not the coordinator"}
             return {"plan": to_wire(self._published[1])}
 
         await self._serve_rpc(stream, "plan", answer)
+
+    def _take_push(self, sender: str, items: Any) -> dict[str, Any]:
+        if not isinstance(items, list) or len(items) != 2:
+            self._reject("malformed", f"plan push from {sender} is not [lease, plan]")
+            return {"error": "a push is [lease, plan]"}
+        now = self.clock()
+        try:
+            for item, kind in zip(items, ("lease", "plan"), strict=True):
+                env = verify(from_wire(item), kind=kind, now=now, sender=sender)
+                if not self._is_member(env.signer):
+                    raise EnvelopeRejected("not-member", f"{sender} is not a live member")
+                if kind == "lease":
+                    self._apply_lease(env, now)
+                else:
+                    self._apply_plan(env)
+        except EnvelopeRejected as exc:
+            self._reject(exc.reason, f"plan push: {exc} (from {sender})")
+            return {"error": str(exc)}
+        except (KeyError, TypeError, ValueError) as exc:
+            self._reject("malformed", f"plan push: {exc} (from {sender})")
+            return {"error": str(exc)}
+        return {"ok": True}
+
+    async def _push_plan(self, lease: Envelope, plan: Envelope) -> None:
+        """Hand a new plan to every connected member directly. Gossip reaches a member outside the
+        publisher's mesh only through the next heartbeat's IHAVE, seconds later on a busy swarm."""
+        assert self.host is not None
+        request: dict[str, Any] = {"push": [to_wire(lease), to_wire(plan)]}
+        if self.certificate is not None:
+            request["cert"] = self.certificate.to_bytes()
+        connected = self.host.connected_peers()
+
+        async def push(peer: str) -> None:
+            with trio.move_on_after(RPC_TIMEOUT_S), contextlib.suppress(Exception):
+                await call(self.host, peer, PLAN_PROTOCOL, request)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.table.peers:
+                if peer in connected:
+                    nursery.start_soon(push, peer)
 
     async def _serve_rpc(
         self, stream: INetStream, name: str, answer: Callable[[dict[str, Any]], dict[str, Any]]
@@ -894,29 +953,3 @@ def default_key_file() -> Path:
     from hexgen.daemon.identity import default_data_dir
 
     return default_data_dir() / "node.key"
-
-
-def assignments(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
-    """Peer id -> the GPUs it serves in a plan body: ``{"gpu", "group", "role", "stage", "tp", "layers"}``.
-
-    Tolerates a malformed or empty body (no assignments); O(GPUs in the plan)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    try:
-        gpus = body["gpus"]
-        for group in body["plan"]["groups"]:
-            for stage_index, stage in enumerate(group["stages"]):
-                for gpu in stage["gpus"]:
-                    peer, local = gpus[str(gpu)]
-                    out.setdefault(str(peer), []).append(
-                        {
-                            "gpu": int(local),
-                            "group": int(group["id"]),
-                            "role": str(group["role"]),
-                            "stage": stage_index,
-                            "tp": len(stage["gpus"]),
-                            "layers": list(stage["layers"]),
-                        }
-                    )
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return {}
-    return out

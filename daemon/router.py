@@ -8,6 +8,9 @@ hand-off it asks the decode replica's driver daemon to import the sequence (the 
 over torch.distributed) and relays the decode tokens upstream. If a hop fails, or the plan changes under a
 request, the entry re-submits prompt plus the tokens streamed so far, so the client sees every token
 exactly once. Per-request buffers hold at most ``max_tokens`` events, so a slow client stalls only itself.
+
+``Router.complete`` turns a validated request into text (stop strings, incremental decoding, metrics) for
+every entry: the libp2p one here and the HTTP gateway (``hexgen.daemon.http_api``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from libp2p.custom_types import TProtocol
 
 from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.host import Host
+from hexgen.daemon.metrics import CLIENT_GONE, Metrics
 from hexgen.daemon.supervisor import ReplicaUnavailable, Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 from hexgen.engine.sequence import SamplingParams
@@ -48,6 +52,7 @@ MAX_MESSAGES = 256
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
+OnToken = Callable[[int, str], Awaitable[None]]
 
 
 class RequestError(ValueError):
@@ -164,6 +169,17 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     return tokens, sampling
 
 
+@dataclass(frozen=True)
+class Completion:
+    """How a generation ended: why, the text held back until the end, token counts and the replicas used."""
+
+    finish_reason: str
+    tail: str
+    prompt_tokens: int
+    completion_tokens: int
+    served_by: list[dict[str, Any]]
+
+
 @dataclass
 class RateMeter:
     """Events per second over a sliding window (tokens produced by the replicas this daemon drives)."""
@@ -200,6 +216,7 @@ class Router:
     rng: random.Random = field(default_factory=random.Random)
     served: int = 0
     meter: RateMeter = field(default_factory=RateMeter)
+    metrics: Metrics = field(default_factory=Metrics)
 
     # ------------------------------------------------------------------ entry
 
@@ -211,8 +228,9 @@ class Router:
             if isinstance(request, dict) and not self.may_ask(peer, request.get("cert")):
                 raise RequestError("not a member of this swarm")
             tokens, sampling = parse_request(request, self.tokenizer, self.max_context)
-            stops = StopFilter(parse_stops(request))
+            stops = parse_stops(request)
         except (RequestError, FrameError, trio.TooSlowError) as exc:
+            self.metrics.count_request(GENERATE_PROTOCOL, 400, "invalid_request_error")
             with contextlib.suppress(Exception):
                 await write_frame(stream, {"error": str(exc) or "no request within the time limit"})
                 await stream.close()
@@ -220,44 +238,63 @@ class Router:
         except Exception as exc:  # the stream broke before a request arrived
             log.debug("generate stream from %s ended: %s", peer, exc)
             return
-        decoder = self.tokenizer.incremental_decoder()
-        produced = 0
-        served_by: list[dict[str, Any]] = []
 
-        async def emit(token: int) -> None:
-            nonlocal produced
-            produced += 1
-            text, stopped = stops.push(decoder.push(token))
+        async def on_token(token: int, text: str) -> None:
             await write_frame(stream, {"token": token, "text": text})
-            if stopped:
-                raise StopReached
 
+        status, error_type = CLIENT_GONE, None  # unless it ends otherwise
         try:
-            try:
-                reason, _ = await self.generate(tokens, sampling, emit, served_by)
-                tail, stopped = stops.push(decoder.flush())
-                reason, tail = ("stop", tail) if stopped else (reason, tail + stops.flush())
-            except StopReached:
-                reason, tail = "stop", ""
+            done = await self.complete(tokens, sampling, stops, on_token)
             await write_frame(
                 stream,
                 {
                     "done": True,
-                    "finish_reason": reason,
-                    "text": tail,
-                    "prompt_tokens": len(tokens),
-                    "completion_tokens": produced,
-                    "served_by": served_by,
+                    "finish_reason": done.finish_reason,
+                    "text": done.tail,
+                    "prompt_tokens": done.prompt_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "served_by": done.served_by,
                 },
             )
+            status = 200
         except HopFailed as exc:
+            status, error_type = 503, "service_unavailable_error"
             with contextlib.suppress(Exception):
                 await write_frame(stream, {"error": str(exc)})
         except Exception as exc:  # the client went away: the cancelled hops free the work
             log.debug("generate stream from %s ended: %s", peer, exc)
         finally:
+            self.metrics.count_request(GENERATE_PROTOCOL, status, error_type)
             with contextlib.suppress(Exception):
                 await stream.close()
+
+    async def complete(
+        self, tokens: list[int], sampling: dict[str, Any], stops: list[str], on_token: OnToken
+    ) -> Completion:
+        """Generate a validated request (see ``parse_request``) as text, for any entry: ``on_token`` gets
+        every token with the new text it completes ("" while a multi-byte character or a possible stop string
+        is held back); the result holds the text still held back at the end. Stops at the first stop string
+        (its work is cancelled). Cancelling the caller cancels the hops, which frees the work on the workers.
+        Raises HopFailed as ``generate`` does."""
+        stop_filter = StopFilter(stops)
+        decoder = self.tokenizer.incremental_decoder()
+        served_by: list[dict[str, Any]] = []
+        with self.metrics.generation(len(tokens)) as timer:
+
+            async def emit(token: int) -> None:
+                timer.token()
+                text, stopped = stop_filter.push(decoder.push(token))
+                await on_token(token, text)
+                if stopped:
+                    raise StopReached
+
+            try:
+                reason, _ = await self.generate(tokens, sampling, emit, served_by)
+                tail, stopped = stop_filter.push(decoder.flush())
+                reason, tail = ("stop", tail) if stopped else (reason, tail + stop_filter.flush())
+            except StopReached:
+                reason, tail = "stop", ""
+        return Completion(reason, tail, len(tokens), timer.tokens, served_by)
 
     async def generate(
         self,

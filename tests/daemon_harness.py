@@ -31,6 +31,7 @@ class Daemon:
     log_path: Path
     peer_id: str = ""
     addrs: list[str] = field(default_factory=list)
+    http: str | None = None  # the gateway's URL when started with --http
 
     @property
     def addr(self) -> str:
@@ -69,7 +70,7 @@ class Swarm:
         ready = _read_ready(proc, READY_TIMEOUT_S)
         if ready is None:
             raise RuntimeError(f"daemon {name} did not start:\n{daemon.log()[-3000:]}")
-        daemon.peer_id, daemon.addrs = ready["peer_id"], ready["addrs"]
+        daemon.peer_id, daemon.addrs, daemon.http = ready["peer_id"], ready["addrs"], ready.get("http")
         return daemon
 
     def start_many(

@@ -10,9 +10,7 @@ from hexgen.daemon.host import HostConfig, interface_ips, new_identity, open_hos
 
 def test_reachable_hosts():
     assert reachable_hosts(HostConfig(listen_host="127.0.0.1")) == ["127.0.0.1"]
-    assert reachable_hosts(HostConfig(listen_host="0.0.0.0", advertise_host="gpu1.example.org")) == [
-        "gpu1.example.org"
-    ]
+    assert reachable_hosts(HostConfig(listen_host="0.0.0.0", advertise_host="gpu1.example.org")) == ["gpu1.example.org"]
     every = reachable_hosts(HostConfig(listen_host="0.0.0.0"))
     assert every == [*interface_ips(), "127.0.0.1"] and "0.0.0.0" not in every
 
