@@ -75,7 +75,7 @@ FAILOVER_TARGET_S = 5.0
 IDLE_CPU_TARGET_PCT = 2.0
 TARGET_NODES = 16
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+LOG_TIME = re.compile(r"ts=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z ")
 
 Statuses = dict[str, dict[str, Any] | None]
 Check = Callable[[Statuses], bool]
@@ -220,7 +220,8 @@ def log_time(line: str) -> float | None:
     match = LOG_TIME.match(line)
     if match is None:
         return None
-    return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%f")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
 
 
 def adopted_at(daemon: Daemon, term: int, epoch: int) -> float | None:

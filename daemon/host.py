@@ -2,15 +2,22 @@
 
 Works around the py-libp2p 0.8.1 pitfalls measured in ../shared/notes/libp2p.md: pubsub services start
 before any dial (start-up hang), ``max_connections_per_peer=1`` (250 ms dial delay), Noise only
-(plaintext is otherwise accepted), a 2 s gossip heartbeat with spam protection off (silent drops).
+(plaintext is otherwise accepted), a 2 s gossip heartbeat with spam protection off (silent drops). Two more
+found here: concurrent pubsub writes on one stream can interleave (yamux splits a write that exceeds the
+send window into frames taken under separate locks), and the reader's protobuf DecodeError on such a
+garbled RPC escapes the stream handler and stops the whole host. Writes are serialized per stream, and a
+stream that still fails to parse is reset alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
@@ -32,6 +39,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 GOSSIP_PROTOCOL = TProtocol("/meshsub/1.1.0")
+log = logging.getLogger("hexgen.host")
 UNSPECIFIED = ("0.0.0.0", "::")
 
 
@@ -102,6 +110,30 @@ class _ConnectionEvents(INotifee):
 
     async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
         pass
+
+
+class SerialPubsub(Pubsub):
+    """Pubsub whose RPC writes on one stream never interleave."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_locks: weakref.WeakKeyDictionary[INetStream, trio.Lock] = weakref.WeakKeyDictionary()
+
+    async def write_msg(self, stream: INetStream, rpc_msg: Any) -> bool:
+        lock = self._write_locks.setdefault(stream, trio.Lock())
+        async with lock:
+            return await super().write_msg(stream, rpc_msg)
+
+    async def guarded_stream_handler(self, stream: INetStream) -> None:
+        """The pubsub reader, but a garbled RPC costs this stream only, never the host."""
+        try:
+            await self.stream_handler(stream)
+        except Exception as exc:
+            peer_id = stream.muxed_conn.peer_id
+            log.warning("reset the gossip stream of %s: %s: %s", peer_id, type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            self._handle_dead_peer(peer_id)
 
 
 @dataclass
@@ -191,7 +223,8 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
         spam_protection_enabled=False,
         eclipse_protection_enabled=False,
     )
-    pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    pubsub = SerialPubsub(host, gossipsub, strict_signing=True)
+    host.set_stream_handler(GOSSIP_PROTOCOL, pubsub.guarded_stream_handler)
     send_connect, recv_connect = trio.open_memory_channel[str](1024)
     send_disconnect, recv_disconnect = trio.open_memory_channel[str](1024)
     host.get_network().register_notifee(_ConnectionEvents(send_connect, send_disconnect))

@@ -3,6 +3,7 @@ malformed bytes on every protocol. Each is rejected with a reason and leaves the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import time
@@ -16,7 +17,7 @@ from test_daemon_envelope import json_like
 
 from hexgen.daemon.envelope import seal, to_wire
 from hexgen.daemon.hardware import HardwareProfile
-from hexgen.daemon.host import new_identity, open_host
+from hexgen.daemon.host import GOSSIP_PROTOCOL, new_identity, open_host
 from hexgen.daemon.identity import peer_id_of
 from hexgen.daemon.node import CONTROL_TOPIC, PLAN_PROTOCOL, STATUS_PROTOCOL, SYNC_PROTOCOL, query_status
 from hexgen.daemon.probe import PROBE_PROTOCOL
@@ -198,6 +199,8 @@ async def test_malformed_input_on_every_protocol(swarm):
             struct.pack(">I", 1 << 30),  # oversized declared length
             encode_frame([1, 2, 3]),  # wrong type
             encode_frame({"cert_ok": "yes", "x": [None] * 10}),
+            encode_frame({"push": [b"not an envelope", {"kind": "plan"}]}),
+            encode_frame({"push": "lease and plan"}),
             b"",
         ]
         for protocol in (STATUS_PROTOCOL, PLAN_PROTOCOL, SYNC_PROTOCOL, PROBE_PROTOCOL):
@@ -207,6 +210,13 @@ async def test_malformed_input_on_every_protocol(swarm):
                     if payload:
                         await stream.write(payload)
                     await stream.close()
+        # A pubsub RPC that is not protobuf (py-libp2p's reader lets DecodeError stop the whole host).
+        garbled = b"\x0a\xff\xff\xff\xff\x0f"
+        stream = await client.open_stream(target.peer_id, GOSSIP_PROTOCOL)
+        with trio.fail_after(10):
+            await stream.write(bytes([len(garbled)]) + garbled)
+            with contextlib.suppress(Exception):
+                await stream.read(1)  # the daemon resets the stream
         gossip_inputs = [os.urandom(200), msgpack.packb({"a": 1}), msgpack.packb([{"kind": "advert"}] * 3), b"\xc1"]
         for data in gossip_inputs:
             await client.pubsub.publish(CONTROL_TOPIC, data)
