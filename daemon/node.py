@@ -58,6 +58,7 @@ log = logging.getLogger("hexgen.daemon")
 STATUS_PROTOCOL = TProtocol("/hexgen/status/1")
 PLAN_PROTOCOL = TProtocol("/hexgen/plan/1")
 SYNC_PROTOCOL = TProtocol("/hexgen/sync/1")
+HEARTBEAT_PROTOCOL = TProtocol("/hexgen/heartbeat/1")
 CONTROL_TOPIC = "hexgen/control/1"
 MAX_GOSSIP_BYTES = 256 << 10
 RPC_TIMEOUT_S = 5.0
@@ -84,6 +85,10 @@ class NodeConfig:
     startup_grace_s: float = 2.0
     probe_interval_s: float = 30.0
     probes_per_round: int = 2
+    # The coordinator pings each member over a long-lived stream; a peer silent for hung_after_s is dropped
+    # (a stopped process keeps its TCP connections open, so only silence shows it).
+    heartbeat_interval_s: float = 1.0
+    hung_after_s: float = 1.5
     worker_device: str = "cpu"
     worker_threads: int = 1
     pinned: tuple[PinnedGroup, ...] | None = None
@@ -128,6 +133,7 @@ class Node:
         self.on_plan: Callable[[AdoptedPlan, list[dict[str, Any]]], None] | None = None  # (plan, this node's roles)
         self.http_url: str | None = None
         self._nursery: trio.Nursery | None = None
+        self._silent: set[str] = set()  # members dropped for missed heartbeats, still watched for a resume
         self.plan: AdoptedPlan | None = None
         self.topic = CONTROL_TOPIC + (f"/{certificate.swarm_id}" if certificate else "")
         self.host: Host | None = None
@@ -165,6 +171,7 @@ class Node:
             host.handle(PLAN_PROTOCOL, self._serve_plan)
             host.handle(SYNC_PROTOCOL, self._serve_sync)
             host.handle(PROBE_PROTOCOL, self._serve_probe)
+            host.handle(HEARTBEAT_PROTOCOL, self._serve_heartbeat)
             subscription = await host.pubsub.subscribe(self.topic)
             metrics = Metrics(self)
             if self.supervisor is not None:
@@ -203,6 +210,7 @@ class Node:
                 nursery.start_soon(self._coordinate)
                 nursery.start_soon(self._probe_links)
                 nursery.start_soon(self._fetch_plans)
+                nursery.start_soon(self._watch_members)
                 task_status.started(self)
 
     async def leave(self) -> None:
@@ -538,6 +546,84 @@ class Node:
             if self.table.drop(peer_id, self.clock()):
                 self._event("leave", f"peer {peer_id} disconnected", peer=peer_id)
                 self._peer_gone(peer_id)
+
+    async def _watch_members(self) -> None:
+        """While coordinator, keep one heartbeat stream to each connected member."""
+        assert self.host is not None
+        watching: dict[str, trio.CancelScope] = {}
+        async with trio.open_nursery() as nursery:
+            while True:
+                wanted: set[str] = set()
+                if self.election.is_coordinator(self.clock()) and not self._leaving:
+                    wanted = (set(self.table.peers) | self._silent) & self.host.connected_peers()
+                for peer in wanted - watching.keys():
+                    watching[peer] = trio.CancelScope()
+                    nursery.start_soon(self._heartbeat, peer, watching)
+                for peer in watching.keys() - wanted:
+                    watching.pop(peer).cancel()
+                await self._wait_change(self.config.tick_s)
+
+    async def _heartbeat(self, peer: str, watching: dict[str, trio.CancelScope]) -> None:
+        """Ping ``peer`` every heartbeat interval; drop it when an echo is late. If it answers again later
+        (a process that was stopped and resumed), ask it for a fresh advert so it rejoins at once."""
+        assert self.host is not None
+        scope = watching[peer]
+        with scope:
+            try:
+                stream = await self.host.open_stream(peer, HEARTBEAT_PROTOCOL)
+            except Exception:  # unreachable: the connector drops it
+                watching.pop(peer, None)
+                return
+            try:
+                while True:
+                    await stream.write(b"\x01")
+                    echo = await _read_within(stream, self.config.hung_after_s)
+                    if echo is None:
+                        if self._drop_silent(peer, f"peer {peer} stopped answering heartbeats"):
+                            self._silent.add(peer)
+                        echo = await _read_within(stream, self.config.peer_timeout_s)  # it may resume
+                        if echo and peer in self._silent:
+                            self._silent.discard(peer)
+                            await self._sync_from(peer)  # its fresh advert brings it back at once
+                    if not echo:
+                        break
+                    await trio.sleep(self.config.heartbeat_interval_s)
+            except Exception as exc:
+                log.debug("heartbeat stream to %s ended: %s", peer, exc)
+            finally:
+                self._silent.discard(peer)
+                if watching.get(peer) is scope:
+                    del watching[peer]
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await stream.reset()
+
+    async def _serve_heartbeat(self, stream: INetStream) -> None:
+        """Echo the coordinator's pings; when they stop, the coordinator is hung: drop it (an election follows)."""
+        peer = str(stream.muxed_conn.peer_id)
+        try:
+            if not self._is_member(peer):
+                return
+            while True:
+                ping = await _read_within(stream, self.config.hung_after_s + self.config.heartbeat_interval_s)
+                if ping is None:
+                    if peer == self.election.coordinator:
+                        self._drop_silent(peer, f"coordinator {peer} stopped its heartbeats")
+                    return
+                if not ping:
+                    return
+                await stream.write(ping)
+        except Exception as exc:
+            log.debug("heartbeat stream from %s ended: %s", peer, exc)
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await stream.reset()
+
+    def _drop_silent(self, peer: str, text: str) -> bool:
+        if not self.table.drop(peer, self.clock()):
+            return False
+        self._event("leave", f"{text} (hung?)", peer=peer)
+        self._peer_gone(peer)
+        return True
 
     def _peer_gone(self, peer_id: str) -> None:
         self.election.forget_holder(peer_id)
@@ -940,6 +1026,15 @@ async def call(host: Host, peer_id: str, protocol: TProtocol, request: dict[str,
 async def query_status(host: Host, peer_id: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ask a daemon (already connected or dialable) for its status."""
     return await call(host, peer_id, STATUS_PROTOCOL, request or {})
+
+
+async def _read_within(stream: INetStream, seconds: float) -> bytes | None:
+    """One byte from ``stream`` (b"" at its end), or None when none came within ``seconds``. A deadline seen
+    late, by a process that was itself stopped, gets a short grace read: the byte may be waiting already."""
+    for limit in (seconds, 0.1):
+        with trio.move_on_after(limit):
+            return bytes(await stream.read(1))
+    return None
 
 
 def _free_port(host: str) -> int:
