@@ -45,6 +45,8 @@ def parse_pinned(text: str, num_layers: int | None = None) -> tuple[PinnedGroup,
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PinnedPlanError(f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise PinnedPlanError("not valid TOML: values nested too deeply") from None
     raw_groups = data.get("groups")
     if not isinstance(raw_groups, list) or not raw_groups:
         raise PinnedPlanError("a pinned plan needs at least one [[groups]] table")
@@ -98,7 +100,7 @@ def _gpu(entry: Any, where: str) -> tuple[str, int]:
     if not isinstance(entry, str) or not entry:
         raise PinnedPlanError(f"{where}: each GPU is a string HOST or HOST:INDEX, got {entry!r}")
     host, _, index = entry.partition(":")
-    if not host or (index and not index.isdigit()):
+    if not host or (index and not (index.isascii() and index.isdigit() and len(index) <= 6)):  # not "²", not huge
         raise PinnedPlanError(f"{where}: each GPU is a string HOST or HOST:INDEX, got {entry!r}")
     return host, int(index or 0)
 

@@ -33,14 +33,15 @@ GBIT_PER_GB = 8.0
 
 def _peer_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_PEER_ID or not value.isprintable():
-        raise HardwareError(f"{what} must be a peer id of 1..{MAX_PEER_ID} printable characters, got {value!r:.60}")
+        shown = repr(value[:60]) if isinstance(value, str) else f"a {type(value).__name__}"  # repr may recurse deep
+        raise HardwareError(f"{what} must be a peer id of 1..{MAX_PEER_ID} printable characters, got {shown}")
     return value
 
 
 def _positive(value: Any, what: str, high: float, *, zero_ok: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise HardwareError(f"{what} must be a number, got {type(value).__name__}")
-    number = float(value)
+    number = float(value) if abs(value) < 1e308 else math.inf  # float() overflows on huge ints
     if not math.isfinite(number) or not (number >= 0 if zero_ok else number > 0) or number > high:
         raise HardwareError(
             f"{what} must be a finite {'non-negative' if zero_ok else 'positive'} number <= {high:g}, got {value!r}"

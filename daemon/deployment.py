@@ -117,7 +117,9 @@ def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple
     """
     plan, gpus = body.get("plan"), body.get("gpus")
     if not isinstance(plan, dict) or not isinstance(gpus, dict):
-        raise DeploymentError(str(body.get("error") or "the adopted plan has no groups to deploy"))
+        error = body.get("error")
+        reason = error if isinstance(error, str) and error.strip() else "the adopted plan has no groups to deploy"
+        raise DeploymentError(" ".join(reason.split()))  # the coordinator's words, on one line
     try:
         replicas: list[Replica] = []
         index_of_group: dict[int, int] = {}
@@ -125,7 +127,7 @@ def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple
         for group in plan["groups"]:
             role = str(group["role"])
             if role not in ROLES:
-                raise DeploymentError(f"group {group['id']} has unknown role {role!r}")
+                raise DeploymentError(f"group {group['id']!r} has unknown role {role!r}")
             layout, placement = [], []
             for stage in group["stages"]:
                 start, end = (int(x) for x in stage["layers"])
@@ -134,7 +136,7 @@ def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple
                     peer, local = gpus[str(gpu)]
                     placement.append((str(peer), int(local)))
             if not placement:
-                raise DeploymentError(f"group {group['id']} has no GPUs")
+                raise DeploymentError(f"group {group['id']!r} has no GPUs")
             index_of_group[int(group["id"])] = len(replicas)
             replicas.append(Replica(len(replicas), int(group["id"]), role, tuple(layout), first_rank, tuple(placement)))
             first_rank += len(placement)
@@ -148,7 +150,7 @@ def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple
                 hand_off.setdefault(index_of_group[int(src)], []).append((index_of_group[int(dst)], rate))
     except DeploymentError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RecursionError) as exc:  # int(inf), str(deep)
         raise DeploymentError(f"malformed plan: {type(exc).__name__}: {exc}") from None
     for replica in replicas:
         if replica.role == "prefill" and not hand_off.get(replica.index):
@@ -161,10 +163,13 @@ def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple
     heads = [r.placement[0][0] for r in replicas]
     missing = [peer for peer in heads if peer not in rendezvous]
     if missing:
-        raise DeploymentError(f"peer {missing[0]} hosts a first rank but advertised no rendezvous address")
+        raise DeploymentError(f"peer {missing[0]!r} hosts a first rank but advertised no rendezvous address")
+    term, epoch = body.get("term", 0), body.get("epoch", 0)
+    if type(term) is not int or type(epoch) is not int:
+        raise DeploymentError("the plan's term and epoch must be integers")
     return Deployment(
-        term=int(body.get("term", 0)),
-        epoch=int(body.get("epoch", 0)),
+        term=term,
+        epoch=epoch,
         replicas=tuple(replicas),
         entry_weights=tuple(entry),
         hand_off_weights={k: tuple(v) for k, v in hand_off.items()},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+import sys
 import time
 from collections.abc import Set
 from dataclasses import dataclass, field
@@ -99,8 +100,10 @@ def canonical_bytes(kind: str, body: Any, signer: str, issued: float, expires: f
 
 
 def _is_finite_number(value: Any) -> bool:
-    """True for an int or float (not a bool) that is finite."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """True for an int or float (not a bool) that is finite as a float (an int beyond 1.8e308 is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max
 
 
 def _check_fields(env: Envelope) -> None:

@@ -61,7 +61,7 @@ def _text(value: Any, what: str, limit: int = MAX_NAME) -> str:
 def _number(value: Any, what: str, high: float, *, zero_ok: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise HardwareError(f"{what} must be a number, got {type(value).__name__}")
-    number = float(value)
+    number = float(value) if abs(value) < 1e308 else math.inf  # float() overflows on huge ints
     low_ok = number >= 0 if zero_ok else number > 0
     if not math.isfinite(number) or not low_ok or number > high:
         bound = "[0" if zero_ok else "(0"

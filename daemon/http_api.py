@@ -360,12 +360,15 @@ def _plain_messages(body: dict[str, Any]) -> Any:
     messages = body.get("messages")
     if not isinstance(messages, list):
         return messages
-    return [
-        m | {"content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
-        if isinstance(m, dict) and isinstance(m.get("content"), list)
-        else m
-        for m in messages
-    ]
+    plain = []
+    for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            texts = [part.get("text", "") for part in message["content"] if isinstance(part, dict)]
+            if not all(isinstance(text, str) for text in texts):
+                raise ApiError(400, "the 'text' of a content part must be a string", param="messages")
+            message = message | {"content": "".join(texts)}
+        plain.append(message)
+    return plain
 
 
 # ----------------------------------------------------------------------------- responses

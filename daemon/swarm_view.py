@@ -65,6 +65,6 @@ def assignments(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
                             "layers": list(stage["layers"]),
                         }
                     )
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError):  # int(inf), str(deep)
         return {}
     return out

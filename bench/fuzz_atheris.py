@@ -1,0 +1,153 @@
+"""Coverage-guided fuzzing of the network-facing parsers with atheris (libFuzzer), beside tests/test_fuzz.py.
+
+The hypothesis suite draws 10,000 inputs per parser from strategies; this script lets libFuzzer mutate bytes
+for as long as asked, guided by the line coverage of the ``hexgen`` package, and checks the same properties
+(the ``check``/``test`` functions of tests/test_fuzz.py): a parser returns a valid result or raises its
+documented error with a one-line message. A target other than frames, pinned and http reads the bytes as one
+msgpack value (bytes that are not msgpack are skipped; the corpus starts from the suite's valid examples), so
+libFuzzer explores values the wire can carry. A property that fails stops the run with the input saved as
+``crash-*`` in the working directory (replay it: ``python bench/fuzz_atheris.py TARGET -- crash-...``). The corpus
+of each target lives in the system's temporary folder (``hexgen-fuzz-TARGET``), so a run goes on from the last.
+
+atheris is not a dependency of hexgen (it ships wheels for some Python versions only): ``pip install atheris``.
+Needs ../shared/models/stories260K for the generate and http targets.
+
+    python bench/fuzz_atheris.py all --seconds 60       # every target for 60 s, one process each
+    python bench/fuzz_atheris.py envelopes --seconds 300
+    python bench/fuzz_atheris.py plans -- -max_len=4096  # anything after -- goes to libFuzzer
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import atheris
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+with atheris.instrument_imports(include=["hexgen"]):
+    import msgpack
+    import test_fuzz as suite
+
+    from hexgen.daemon.wire import FrameError, decode_payload
+    from hexgen.engine.tokenizer import Tokenizer
+
+TARGETS = ("frames", "envelopes", "adverts", "plans", "pinned", "gossip", "generate", "replica", "http")
+
+
+def _msgpack_value(data: bytes) -> tuple[bool, Any]:
+    """(True, the value) when ``data`` is one acceptable msgpack value, else (False, None)."""
+    try:
+        return True, decode_payload(data)
+    except FrameError:
+        return False, None
+
+
+def _on_value(check: Callable[[Any], None]) -> Callable[[bytes], None]:
+    def run(data: bytes) -> None:
+        ok, value = _msgpack_value(data)
+        if ok:
+            check(value)
+
+    return run
+
+
+def _target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
+    """The function libFuzzer calls for ``name``, and the seed corpus (the suite's valid examples)."""
+
+    def packed(*values: Any) -> list[bytes]:
+        return [msgpack.packb(v, use_bin_type=True) for v in values]
+
+    if name == "frames":
+        return (
+            lambda data: suite.test_frames.hypothesis.inner_test(
+                suite.FrameCase(data, (1 + data[:1][0] % 7,) if data else (1,))
+            ),
+            [suite.encode_frame(suite.ADVERT), suite.encode_frame(suite.GENERATE_REQUESTS[1])],
+        )
+    if name == "envelopes":
+        return suite.test_envelopes.hypothesis.inner_test, packed(suite.SEALED_ADVERT)
+    if name == "adverts":
+        return _on_value(suite.test_adverts.hypothesis.inner_test), packed(suite.ADVERT)
+    if name == "plans":
+        return _on_value(suite.test_plans.hypothesis.inner_test), packed(suite.PLAN_BODY)
+    if name == "gossip":
+        kinds = ("advert", "lease", "plan", "leave", "failure")
+
+        def gossip(data: bytes) -> None:
+            ok, value = _msgpack_value(data[1:])
+            if ok and data:
+                suite.test_gossip_through_a_node.hypothesis.inner_test((kinds[data[0] % len(kinds)], value))
+
+        return gossip, [b"\x00" + p for p in packed(suite.ADVERT | {"host": "bob"})]
+    if name == "pinned":
+        return (
+            lambda data: suite.test_pinned_plans.hypothesis.inner_test((data.decode("utf-8", "replace"), None)),
+            [suite.PINNED.encode()],
+        )
+    if name == "replica":
+        return _on_value(suite.test_replica_requests.hypothesis.inner_test), packed(*suite.REPLICA_REQUESTS)
+    tokenizer = Tokenizer.from_dir(suite.STORIES)
+    if name == "generate":
+        return (
+            _on_value(lambda request: suite.test_generate_requests.hypothesis.inner_test(tokenizer, request)),
+            packed(*suite.GENERATE_REQUESTS),
+        )
+    if name == "http":
+        gateway = suite.stub_gateway(tokenizer, serving=False)
+        return (
+            lambda data: suite.check_http_body(gateway, bool(data[:1]) and data[0] % 2 == 1, data[1:], None),
+            [b"\x00" + suite.json_body(suite.COMPLETION_BODY), b"\x01" + suite.json_body(suite.CHAT_BODY)],
+        )
+    raise SystemExit(f"unknown target {name!r}; one of {', '.join(TARGETS)} or all")
+
+
+def fuzz(name: str, seconds: int, libfuzzer_args: list[str]) -> None:
+    """Run one target under libFuzzer for ``seconds`` (or replay the crash files given among its args)."""
+    test_one_input, seeds = _target(name)
+    corpus = Path(tempfile.gettempdir()) / f"hexgen-fuzz-{name}"  # kept: the next run starts from what this found
+    corpus.mkdir(exist_ok=True)
+    for index, seed in enumerate(seeds):
+        (corpus / f"seed-{index}").write_bytes(seed)
+    replay = [a for a in libfuzzer_args if not a.startswith("-")]
+    args = (
+        [sys.argv[0], *libfuzzer_args]
+        if replay
+        else [sys.argv[0], f"-max_total_time={seconds}", *libfuzzer_args, str(corpus)]
+    )
+    atheris.Setup(args, test_one_input)
+    atheris.Fuzz()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("target", choices=[*TARGETS, "all"])
+    parser.add_argument("--seconds", type=int, default=60, help="how long to fuzz each target (default 60)")
+    parser.add_argument("libfuzzer", nargs="*", help="after --: libFuzzer flags, or crash files to replay")
+    options = parser.parse_args()
+    if options.target != "all":
+        fuzz(options.target, options.seconds, options.libfuzzer)
+        return 0
+    failed = []
+    for name in TARGETS:
+        print(f"== {name}: {options.seconds} s", flush=True)
+        command = [sys.executable, __file__, name, "--seconds", str(options.seconds)]
+        command += ["--", *options.libfuzzer] if options.libfuzzer else []
+        if subprocess.run(command, check=False).returncode != 0:
+            failed.append(name)
+    print(
+        f"== done: {len(TARGETS) - len(failed)} of {len(TARGETS)} targets held"
+        + (f"; failed: {failed}" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
