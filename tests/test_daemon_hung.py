@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-import trio
 from daemon_harness import Daemon, Swarm, converged, open_client, wait_until
 
 pytestmark = pytest.mark.trio
