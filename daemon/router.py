@@ -118,8 +118,11 @@ def chat_tokens(messages: Any, tokenizer: Tokenizer) -> list[int]:
             raise RequestError(f"message {index} needs a role ({', '.join(CHAT_ROLES)}) and string content")
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text.encode("utf-8")  # JSON can carry lone surrogates; the tokenizer takes text only
     except TokenizerError as exc:
-        raise RequestError(str(exc)) from None
+        raise RequestError(" ".join(str(exc).split())) from None  # a template's words, on one line
+    except UnicodeEncodeError:
+        raise RequestError("the messages hold a lone surrogate, which is not text") from None
     # A template that writes the BOS itself must not get a second one from the encoder.
     writes_bos = bool(tokenizer.bos_token) and text.startswith(str(tokenizer.bos_token))
     return tokenizer.encode(text, add_special_tokens=not writes_bos)
@@ -138,6 +141,10 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     elif prompt is not None:
         if not isinstance(prompt, str):
             raise RequestError("'prompt' must be a string")
+        try:
+            prompt.encode("utf-8")  # JSON can carry lone surrogates; the tokenizer takes text only
+        except UnicodeEncodeError:
+            raise RequestError("'prompt' holds a lone surrogate, which is not text") from None
         tokens = tokenizer.encode(prompt)
     if (
         not isinstance(tokens, list)
@@ -150,22 +157,18 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     sampling = {k: v for k, v in request.items() if k in SAMPLING_FIELDS}
     unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "messages", "cert", "stop"}
     if unknown:
-        raise RequestError(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
-    if "stop_token_ids" in sampling:
-        sampling["stop_token_ids"] = tuple(sampling["stop_token_ids"] or ())
+        names = sorted(k[:40] if isinstance(k, str) and k.isprintable() else repr(k)[:40] for k in unknown)
+        raise RequestError(f"unknown fields: {', '.join(names)}")
     sampling.setdefault("max_tokens", 16)
-    try:
-        SamplingParams(**sampling)
-    except (TypeError, ValueError) as exc:
-        raise RequestError(str(exc)) from None
-    if sampling["max_tokens"] > MAX_TOKENS_LIMIT:
-        raise RequestError(f"max_tokens is limited to {MAX_TOKENS_LIMIT}")
+    sampling["stop_token_ids"] = sampling.get("stop_token_ids") or []  # nil (or empty) means none
+    # the checks every replica makes (types a worker can use, max_tokens within the limit)
+    _check_replica_request({"id": 0, "epoch": 0, "replica": 0, "tokens": tokens, "sampling": sampling})
     if len(tokens) + sampling["max_tokens"] > max_context:
         raise RequestError(
             f"prompt ({len(tokens)} tokens) plus max_tokens ({sampling['max_tokens']}) exceeds the model's "
             f"context of {max_context}"
         )
-    sampling["stop_token_ids"] = list(sampling.get("stop_token_ids", ()))
+    sampling["stop_token_ids"] = list(sampling["stop_token_ids"])
     return tokens, sampling
 
 
@@ -320,7 +323,7 @@ class Router:
         served_by: list[dict[str, Any]],
     ) -> tuple[str, int]:
         produced: list[int] = []
-        failures: list[str] = []
+        failures: list[str] = []  # hops whose work failed; refusals (see below) are not counted
         failed: set[tuple[int, int]] = set()  # (epoch, replica) that failed this request
         with trio.fail_after(REQUEST_DEADLINE_S):
             while True:
@@ -348,10 +351,15 @@ class Router:
                 served_by.append({"epoch": deployment.epoch, "replica": entry, "role": replica.role})
                 if dst is not None:
                     served_by.append({"epoch": deployment.epoch, "replica": dst, "role": "decode"})
+                # A refused hop (a daemon not on this epoch yet or past it, a replica still starting, withdrawn
+                # by a new plan, a peer gone) says nothing against the request: under churn a request meets
+                # many, so only failed work counts toward RESUBMIT_LIMIT (REQUEST_DEADLINE_S bounds the rest).
+                refused = False
                 try:
                     async with self.open_replica(replica.driver_peer, request) as events:
                         async for event in events:
                             if "error" in event:
+                                refused = bool(event.get("refused"))
                                 raise HopFailed(str(event["error"]))
                             produced.append(int(event["token"]))
                             await emit(int(event["token"]))
@@ -360,7 +368,8 @@ class Router:
                                 return str(event["finished"]), len(produced)
                     raise HopFailed("the replica stream ended early")
                 except HopFailed as exc:
-                    failures.append(str(exc))
+                    if not refused:
+                        failures.append(str(exc))
                     log.info("request re-submitted after %d tokens: %s", len(produced), exc)
                     if len(failures) > RESUBMIT_LIMIT:
                         raise HopFailed(f"gave up after {len(failures)} failed attempts; last: {exc}") from None
@@ -412,7 +421,7 @@ class Router:
             try:
                 stream = await self.host.open_stream(peer, REPLICA_PROTOCOL)
             except Exception as exc:
-                await send.send({"error": f"cannot reach {peer}: {exc}"})
+                await send.send({"error": f"cannot reach {peer}: {exc}", "refused": True})
                 return
             try:
                 await write_frame(stream, request)
@@ -446,7 +455,7 @@ class Router:
                 request = await FrameReader(stream).read()
             if not self.may_ask(peer, None) or peer == self.peer_id:
                 raise RequestError("replica requests are for members only")
-            _check_replica_request(request)
+            _check_replica_request(request, self.tokenizer.vocab_size)
         except (RequestError, FrameError, trio.TooSlowError) as exc:
             with contextlib.suppress(Exception):
                 await write_frame(stream, {"error": str(exc) or "no request within the time limit"})
@@ -480,7 +489,7 @@ class Router:
             _check_route(worker.replica, frame, self.supervisor.deployment)
             events = await self.supervisor.submit(worker, frame, request["sampling"]["max_tokens"] + 4)
         except (ReplicaUnavailable, RequestError, trio.TooSlowError) as exc:
-            await emit({"error": str(exc) or "the replica did not become ready in time"})
+            await emit({"error": str(exc) or "the replica did not become ready in time", "refused": True})
             return
         done = False
         try:
@@ -503,7 +512,7 @@ class Router:
     async def _hand_off(self, request: dict[str, Any], tokens: list[int], emit: Emit) -> None:
         deployment = self.supervisor.deployment
         if deployment is None or deployment.epoch != request["epoch"]:
-            await emit({"error": "the plan changed during the hand-off"})
+            await emit({"error": "the plan changed during the hand-off", "refused": True})
             return
         decode = deployment.replicas[request["dst"]]
         follow = {
@@ -537,20 +546,43 @@ def _check_route(replica: Replica, frame: dict[str, Any], deployment: Deployment
         raise RequestError("a decode replica takes only imports")
 
 
-def _check_replica_request(request: Any) -> None:
+def _check_replica_request(request: Any, vocab_size: int = 1 << 63) -> None:
+    """Raise RequestError unless ``request`` is a hop a worker can run: an id, epoch and replica, token ids in
+    [0, vocab_size) (an id beyond the model's vocabulary kills the worker: pass the tokenizer's), and sampling
+    fields of the types the worker takes, max_tokens within MAX_TOKENS_LIMIT."""
     if not isinstance(request, dict):
         raise RequestError("a replica request is a map")
     for key in ("id", "epoch", "replica"):
         if not isinstance(request.get(key), int) or isinstance(request.get(key), bool):
             raise RequestError(f"replica request needs an integer {key!r}")
     tokens, sampling = request.get("tokens"), request.get("sampling")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
-        raise RequestError("replica request needs a non-empty list of token ids")
+    if not isinstance(tokens, list) or not tokens or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
+        raise RequestError(f"replica request needs a non-empty list of token ids in [0, {vocab_size})")
     if not isinstance(sampling, dict) or set(sampling) - SAMPLING_FIELDS:
         raise RequestError("replica request needs a sampling map")
+    # Types first: the worker takes these fields as they are (a str seed would kill it when it samples).
+    kinds = {"max_tokens": int, "top_k": int, "seed": int, "temperature": float, "top_p": float, "ignore_eos": bool}
+    for name, kind in kinds.items():
+        value = sampling.get(name)
+        if name not in sampling or (name == "seed" and value is None):
+            continue
+        if kind is bool and not isinstance(value, bool):
+            raise RequestError(f"{name!r} must be true or false")
+        in_range = type(value) is int and -(1 << 63) <= value < 1 << 64  # the integers msgpack carries
+        if kind is int and not in_range:
+            raise RequestError(f"{name!r} must be a 64-bit integer")
+        if kind is float and not (in_range or type(value) is float):
+            raise RequestError(f"{name!r} must be a number")
+    stop_ids = sampling.get("stop_token_ids", [])  # the worker takes no nil here
+    if not isinstance(stop_ids, list | tuple) or not all(type(t) is int and 0 <= t < 1 << 63 for t in stop_ids):
+        raise RequestError("'stop_token_ids' must be a list of token ids")
+    if "max_tokens" not in sampling:
+        raise RequestError("a replica request needs 'max_tokens'")
+    if sampling["max_tokens"] > MAX_TOKENS_LIMIT:
+        raise RequestError(f"max_tokens is limited to {MAX_TOKENS_LIMIT}")
     try:
-        SamplingParams(**(sampling | {"stop_token_ids": tuple(sampling.get("stop_token_ids", ()))}))
-    except (TypeError, ValueError) as exc:
+        SamplingParams(**(sampling | {"stop_token_ids": tuple(stop_ids)}))
+    except (ValueError, OverflowError) as exc:  # OverflowError: an int too large for a float
         raise RequestError(str(exc)) from None
     for key in ("src", "dst"):
         if key in request and (not isinstance(request[key], int) or isinstance(request[key], bool)):

@@ -5,7 +5,8 @@ layout and GPUs) and moves them to the new epoch's exchange group, stops the oth
 ``python -m hexgen.daemon.worker`` per new local rank, configured over its own unix socket with its
 replica, the replica's world and the exchange group. It routes what the replica drivers stream back
 (tokens, hand-offs) to per-request channels. Requests on a replica whose worker fails or is replaced,
-and hand-offs routed under an older epoch, get an error event, so their entry re-submits them.
+and hand-offs routed under an older epoch, get an error event (marked ``refused`` when the plan, not the
+work, ended them), so their entry re-submits them. A hop for an epoch not deployed here yet waits for it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ log = logging.getLogger("hexgen.supervisor")
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
+# How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
+# apart, and a new epoch is deployed only once the workers it replaces have stopped.
+EPOCH_WAIT_S = 15.0
 
 
 class ReplicaUnavailable(Exception):
@@ -103,6 +107,7 @@ class Supervisor:
     owners: dict[int, LocalWorker] = field(default_factory=dict)
     _wanted: Deployment | None = None
     _wanted_changed: trio.Event = field(default_factory=trio.Event)
+    _exchanging: bool = False  # kept drivers are being told the new epoch's exchange group
 
     def want(self, deployment: Deployment | None) -> None:
         """Ask for ``deployment`` (None: no workers); the run loop converges on the latest (term, epoch)."""
@@ -142,18 +147,21 @@ class Supervisor:
 
     def _fail_all(self, reason: str) -> None:
         for seq_id in list(self.listeners):
-            self._fail(seq_id, reason)
+            self._fail(seq_id, reason, refused=True)  # the daemon is stopping: nothing against the request
 
-    def _fail(self, seq_id: int, reason: str) -> None:
+    def _fail(self, seq_id: int, reason: str, refused: bool = False) -> None:
+        """End a request with an error event; ``refused``: withdrawn for the plan's sake, not because the
+        work failed (the entry does not count it against the request's re-submission limit)."""
         channel = self.listeners.pop(seq_id, None)
         self.owners.pop(seq_id, None)
         if channel is not None:
+            event: dict[str, Any] = {"error": reason, "retry": True} | ({"refused": True} if refused else {})
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                channel.send_nowait({"error": reason, "retry": True})
+                channel.send_nowait(event)
 
-    def _fail_worker_requests(self, worker: LocalWorker, reason: str) -> None:
+    def _fail_worker_requests(self, worker: LocalWorker, reason: str, refused: bool = False) -> None:
         for seq_id in [i for i, w in self.owners.items() if w is worker]:
-            self._fail(seq_id, reason)
+            self._fail(seq_id, reason, refused)
 
     async def _reconcile(self, nursery: trio.Nursery, deployment: Deployment | None, tmp: Path) -> None:
         """Move the local workers to ``deployment``: keep ready workers of unchanged replicas, stop the rest,
@@ -167,28 +175,41 @@ class Supervisor:
         for slot, worker in list(self.workers.items()):
             if restart or slot not in wanted or worker.error is not None or not worker.ready.is_set():
                 del self.workers[slot]
-                self._fail_worker_requests(worker, "the plan changed")
+                self._fail_worker_requests(worker, "the plan changed", refused=worker.error is None)
                 worker.scope.cancel()
                 stopping.append(worker)
         for worker in stopping:
             await worker.stopped.wait()
+        # From here to the exchange frames, no await: a hop never sees the new epoch half deployed (a kept
+        # worker renumbered but a new replica's worker not yet listed, which read as "no driver here").
         self.deployment = deployment
-        if deployment is not None:
-            for slot, worker in self.workers.items():
-                worker.replica = wanted[slot]
-                if worker.replica.role == "prefill":  # their hand-offs were routed in the old numbering
-                    self._fail_worker_requests(worker, "the plan changed")
-                if worker.is_driver and deployment.needs_exchange:
-                    with contextlib.suppress(Exception):
-                        await worker.send({"op": "exchange", "exchange": self._exchange(deployment, worker)})
-            for slot, replica in wanted.items():
-                if slot not in self.workers:
-                    worker = LocalWorker(replica, slot[1], deployment.epoch)
-                    self.workers[slot] = worker
-                    nursery.start_soon(self._run_worker, deployment, worker, tmp)
-            kept = len(self.workers) - len([w for w in self.workers.values() if w.formed == deployment.epoch])
-            log.info("epoch %d: %d local worker(s), %d kept from earlier epochs", deployment.epoch, len(wanted), kept)
-        self._notify()
+        if deployment is None:
+            self._notify()
+            return
+        kept_drivers = []
+        for slot, worker in self.workers.items():
+            worker.replica = wanted[slot]
+            if worker.replica.role == "prefill":  # their hand-offs were routed in the old numbering
+                self._fail_worker_requests(worker, "the plan changed", refused=True)
+            if worker.is_driver and deployment.needs_exchange:
+                kept_drivers.append(worker)
+        for slot, replica in wanted.items():
+            if slot not in self.workers:
+                worker = LocalWorker(replica, slot[1], deployment.epoch)
+                self.workers[slot] = worker
+                nursery.start_soon(self._run_worker, deployment, worker, tmp)
+        kept = len(self.workers) - len([w for w in self.workers.values() if w.formed == deployment.epoch])
+        log.info("epoch %d: %d local worker(s), %d kept from earlier epochs", deployment.epoch, len(wanted), kept)
+        # A kept driver must have the new exchange group before its first request of the new epoch: hops for
+        # the epoch wait (``wait_ready``) until these frames are out.
+        self._exchanging = True
+        try:
+            for worker in kept_drivers:
+                with contextlib.suppress(Exception):
+                    await worker.send({"op": "exchange", "exchange": self._exchange(deployment, worker)})
+        finally:
+            self._exchanging = False
+            self._notify()
 
     async def _run_worker(self, deployment: Deployment, worker: LocalWorker, tmp: Path) -> None:
         path = tmp / f"e{deployment.epoch}-{worker.replica.digest}-{worker.layout_rank}.sock"
@@ -342,8 +363,13 @@ class Supervisor:
         raise ReplicaUnavailable(f"replica {replica} has no driver here")
 
     async def wait_ready(self, replica: int, epoch: int, timeout: float) -> LocalWorker:
-        """The local driver of ``replica`` once every local worker of the epoch is ready."""
+        """The local driver of ``replica`` once every local worker of the epoch is ready. A hop for an epoch
+        this daemon has not deployed yet waits for it (at most ``EPOCH_WAIT_S``); one for an older epoch, or
+        for a replica that failed or is not here, raises ReplicaUnavailable at once."""
         with trio.fail_after(timeout):
+            with trio.move_on_after(EPOCH_WAIT_S):
+                while self.deployment is None or self.deployment.epoch < epoch or self._exchanging:
+                    await self.changed.wait()
             while True:
                 worker = self.driver_of(replica, epoch)
                 if all(w.ready.is_set() for w in self.workers.values()):
