@@ -71,7 +71,7 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     join.add_argument(
         "--peer-timeout",
         type=float,
-        default=45.0,
+        default=100.0,
         metavar="S",
         help="drop a peer without a direct connection after S seconds without an advert",
     )
@@ -148,6 +148,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             bootstrap=bootstrap,
             host_name=args.host_name,
             peer_timeout_s=args.peer_timeout,
+            # an unchanged advert is re-sent at least twice per peer timeout
+            advert_refresh_s=min(NodeConfig.advert_refresh_s, args.peer_timeout / 2),
             probe_interval_s=args.probe_interval,
             pinned=pinned,
             http_host=args.http_host,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import multiaddr
@@ -41,6 +42,8 @@ from libp2p.tools.anyio_service import background_trio_service
 GOSSIP_PROTOCOL = TProtocol("/meshsub/1.1.0")
 log = logging.getLogger("hexgen.host")
 UNSPECIFIED = ("0.0.0.0", "::")
+# Far above what a daemon entry multiplexes to one replica peer; bounds what a flooding peer can hold open.
+MAX_STREAMS_PER_PEER = 1024
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ class Host:
     connects: trio.MemoryReceiveChannel
     disconnects: trio.MemoryReceiveChannel
     hosts: tuple[str, ...] = ("127.0.0.1",)  # what peers dial (see reachable_hosts)
+    _streams: dict[str, int] = field(default_factory=dict)  # open handled streams per peer
 
     @property
     def peer_id(self) -> str:
@@ -181,8 +185,31 @@ class Host:
     async def open_stream(self, peer_id: str, protocol: TProtocol) -> INetStream:
         return await self.libp2p.new_stream(ID.from_base58(peer_id), [protocol])
 
-    def handle(self, protocol: TProtocol, handler: Callable[[INetStream], Awaitable[None]]) -> None:
-        self.libp2p.set_stream_handler(protocol, handler)
+    def handle(
+        self, protocol: TProtocol, handler: Callable[[INetStream], Awaitable[None]], per_peer: int | None = None
+    ) -> None:
+        """Serve ``protocol``; a peer gets at most MAX_STREAMS_PER_PEER streams open at once over every
+        handled protocol, and ``per_peer`` on this one: a stream past either limit is reset unread."""
+        open_here: dict[str, int] = {}
+
+        async def limited(stream: INetStream) -> None:
+            peer = str(stream.muxed_conn.peer_id)
+            if self._streams.get(peer, 0) >= MAX_STREAMS_PER_PEER or open_here.get(peer, 0) >= (per_peer or 1 << 62):
+                log.warning("reset a %s stream of %s: too many streams open", protocol, peer)
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+                return
+            for counts in (self._streams, open_here):
+                counts[peer] = counts.get(peer, 0) + 1
+            try:
+                await handler(stream)
+            finally:
+                for counts in (self._streams, open_here):
+                    counts[peer] -= 1
+                    if not counts[peer]:
+                        del counts[peer]
+
+        self.libp2p.set_stream_handler(protocol, limited)
 
     async def disconnect(self, peer_id: str) -> None:
         with contextlib.suppress(Exception):
@@ -197,6 +224,10 @@ def new_identity() -> KeyPair:
 async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
     """Start a host listening on ``config``'s address with pubsub ready; stops it on exit."""
     config = config or HostConfig()
+    # py-libp2p's yamux credits the sender after every read by default: one extra encrypted frame for each
+    # small message, a third of an idle daemon's CPU at 16 peers. Go-yamux semantics (credit once half the
+    # window is consumed) keep the same flow control; the library reads this knob at every read.
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_pair().private_key)
     connection_config = ConnectionConfig(
         max_connections_per_peer=1,

@@ -120,6 +120,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 GRACEFUL_SHUTDOWN_S = 1.0
+READ_TIMEOUT_S = 30.0
 
 
 class ApiError(Exception):
@@ -161,6 +162,7 @@ async def serve_http(
     config.accesslog = None  # stdout carries the daemon's ready line only
     config.errorlog = log
     config.graceful_timeout = GRACEFUL_SHUTDOWN_S
+    config.read_timeout = READ_TIMEOUT_S  # a client that stops sending its request loses the connection
     app = Gatekeeper(build_app(Gateway(node, metrics)), node.config.api_key, metrics)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(hypercorn_serve, app, config, mode="asgi"))  # it logs the URL

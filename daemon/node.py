@@ -14,6 +14,7 @@ needed only for liveness of peers reached through gossip alone.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import socket
@@ -67,6 +68,8 @@ PLAN_FETCH_GAP_S = 0.5
 MAX_FAILURE_REPLANS = 3
 MAX_SYNC_ADVERTS = 1024
 MAX_EVENTS = 200
+HEARTBEAT_WARMUP_PINGS = 3
+MAX_REQUESTS_PER_PEER = 128  # generate streams one client peer may have open at once (yamux caps 256)
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,10 @@ class NodeConfig:
     host: HostConfig = field(default_factory=HostConfig)
     bootstrap: tuple[str, ...] = ()
     host_name: str = ""
-    advert_interval_s: float = 15.0
+    advert_interval_s: float = 15.0  # while the advert's content changes
+    advert_refresh_s: float = 45.0  # while it does not
     # for peers with no direct connection; a connected peer is watched by the connection's health pings
-    peer_timeout_s: float = 45.0
+    peer_timeout_s: float = 100.0
     lease_ttl_s: float = 12.0
     plan_debounce_s: float = 0.3
     tick_s: float = 0.5
@@ -87,8 +91,9 @@ class NodeConfig:
     probes_per_round: int = 2
     # The coordinator pings each member over a long-lived stream; a peer silent for hung_after_s is dropped
     # (a stopped process keeps its TCP connections open, so only silence shows it).
-    heartbeat_interval_s: float = 1.0
-    hung_after_s: float = 1.5
+    heartbeat_interval_s: float = 0.6
+    hung_after_s: float = 1.9
+    heartbeat_warmup_s: float = 5.0
     worker_device: str = "cpu"
     worker_threads: int = 1
     pinned: tuple[PinnedGroup, ...] | None = None
@@ -133,7 +138,9 @@ class Node:
         self.on_plan: Callable[[AdoptedPlan, list[dict[str, Any]]], None] | None = None  # (plan, this node's roles)
         self.http_url: str | None = None
         self._nursery: trio.Nursery | None = None
-        self._silent: set[str] = set()  # members dropped for missed heartbeats, still watched for a resume
+        # members dropped for missed heartbeats (and when), still watched for a resume while connected
+        self._silent: dict[str, float] = {}
+        self._synced_at: dict[str, float] = {}
         self.plan: AdoptedPlan | None = None
         self.topic = CONTROL_TOPIC + (f"/{certificate.swarm_id}" if certificate else "")
         self.host: Host | None = None
@@ -147,7 +154,7 @@ class Node:
         self._leaving = False
         self._claim_after = float("inf")
         self.links: dict[str, LinkMeasurement] = {}
-        self._advert_freshness = 3 * config.advert_interval_s + 1.0
+        self._advert_freshness = config.advert_refresh_s + config.advert_interval_s + 1.0
         self._announce_now = trio.Event()
         self._want_plan = trio.Event()
         self._adverts: dict[str, Envelope] = {}  # the latest advert of each member, handed to newcomers
@@ -188,7 +195,7 @@ class Node:
                     self._may_ask,
                     metrics=metrics,
                 )
-                host.handle(GENERATE_PROTOCOL, self.router.serve_generate)
+                host.handle(GENERATE_PROTOCOL, self.router.serve_generate, per_peer=MAX_REQUESTS_PER_PEER)
                 host.handle(REPLICA_PROTOCOL, self.router.serve_replica)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -470,16 +477,24 @@ class Node:
         return seal("lease", body, self.key_pair, self.config.lease_ttl_s)
 
     async def _announce(self) -> None:
-        """Adverts every ``advert_interval_s``, and at once (at most every 0.3 s) when a new connection
-        appears, so a newcomer is seen in one gossip hop; while coordinator, the lease every third of its
-        lifetime, naming the plan's epoch."""
-        last_advert = -math.inf
+        """An advert at once (at most every 0.3 s) when a new connection appears, so a newcomer is seen in
+        one gossip hop; every ``advert_interval_s`` when its content (load, links) changed, else every
+        ``advert_refresh_s``; while coordinator, the lease every third of its lifetime, naming the plan's
+        epoch. Unchanged adverts are rare because directly connected peers are watched by the connection
+        itself: an idle swarm's gossip is mostly these re-announcements."""
+        last_advert = last_check = -math.inf
+        last_body: dict[str, Any] | None = None
         lease_every = self.config.lease_ttl_s / 3
         while not self._leaving:
             outgoing = []
-            if self._announce_now.is_set() or trio.current_time() - last_advert >= self.config.advert_interval_s:
-                outgoing.append(seal("advert", self.advert_body(), self.key_pair, self._advert_freshness))
-                last_advert = trio.current_time()
+            now = trio.current_time()
+            if self._announce_now.is_set() or now - last_check >= self.config.advert_interval_s:
+                last_check = now
+                body = self.advert_body()
+                stale = now - last_advert >= self.config.advert_refresh_s
+                if self._announce_now.is_set() or body != last_body or stale:
+                    outgoing.append(seal("advert", body, self.key_pair, self._advert_freshness))
+                    last_advert, last_body = now, body
             if self._published is not None and self.election.is_coordinator(self.clock()):
                 outgoing.append(self._lease_envelope())
             self._announce_now = trio.Event()
@@ -487,7 +502,7 @@ class Node:
                 with contextlib.suppress(Exception):
                     await self._publish(outgoing)
             await trio.sleep(0.3)
-            wait = min(lease_every, last_advert + self.config.advert_interval_s - trio.current_time())
+            wait = min(lease_every, last_check + self.config.advert_interval_s - trio.current_time())
             with trio.move_on_after(max(0.0, wait - 0.3)):
                 await self._announce_now.wait()
 
@@ -555,7 +570,8 @@ class Node:
             while True:
                 wanted: set[str] = set()
                 if self.election.is_coordinator(self.clock()) and not self._leaving:
-                    wanted = (set(self.table.peers) | self._silent) & self.host.connected_peers()
+                    self._forget_silent()
+                    wanted = (set(self.table.peers) | set(self._silent)) & self.host.connected_peers()
                 for peer in wanted - watching.keys():
                     watching[peer] = trio.CancelScope()
                     nursery.start_soon(self._heartbeat, peer, watching)
@@ -565,7 +581,11 @@ class Node:
 
     async def _heartbeat(self, peer: str, watching: dict[str, trio.CancelScope]) -> None:
         """Ping ``peer`` every heartbeat interval; drop it when an echo is late. If it answers again later
-        (a process that was stopped and resumed), ask it for a fresh advert so it rejoins at once."""
+        (a process that was stopped and resumed), ask it for a fresh advert so it rejoins at once.
+
+        The first echoes on a stream get ``heartbeat_warmup_s``: a peer that has just started or just
+        got a new coordinator is busy dialling and syncing with everyone, and is slow without being hung.
+        """
         assert self.host is not None
         scope = watching[peer]
         with scope:
@@ -575,23 +595,23 @@ class Node:
                 watching.pop(peer, None)
                 return
             try:
-                while True:
+                for answered in itertools.count():
                     await stream.write(b"\x01")
-                    echo = await _read_within(stream, self.config.hung_after_s)
+                    warm = answered >= HEARTBEAT_WARMUP_PINGS
+                    limit = self.config.hung_after_s if warm else self.config.heartbeat_warmup_s
+                    echo = await _read_within(stream, limit)
                     if echo is None:
                         if self._drop_silent(peer, f"peer {peer} stopped answering heartbeats"):
-                            self._silent.add(peer)
+                            self._silent[peer] = self.clock()
                         echo = await _read_within(stream, self.config.peer_timeout_s)  # it may resume
-                        if echo and peer in self._silent:
-                            self._silent.discard(peer)
-                            await self._sync_from(peer)  # its fresh advert brings it back at once
                     if not echo:
                         break
+                    if self._silent.pop(peer, None) is not None:
+                        await self._sync_from(peer)  # its fresh advert brings it back at once
                     await trio.sleep(self.config.heartbeat_interval_s)
             except Exception as exc:
                 log.debug("heartbeat stream to %s ended: %s", peer, exc)
             finally:
-                self._silent.discard(peer)
                 if watching.get(peer) is scope:
                     del watching[peer]
                 with trio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -602,9 +622,15 @@ class Node:
         peer = str(stream.muxed_conn.peer_id)
         try:
             if not self._is_member(peer):
+                # A coordinator this node dropped as silent (or has not learnt of yet) is pinging: its
+                # fresh advert brings it back now rather than at its next announcement.
+                await self._sync_once_in_a_while(peer)
                 return
-            while True:
-                ping = await _read_within(stream, self.config.hung_after_s + self.config.heartbeat_interval_s)
+            for pings in itertools.count():
+                limit = self.config.hung_after_s + self.config.heartbeat_interval_s
+                ping = await _read_within(
+                    stream, limit if pings >= HEARTBEAT_WARMUP_PINGS else self.config.heartbeat_warmup_s
+                )
                 if ping is None:
                     if peer == self.election.coordinator:
                         self._drop_silent(peer, f"coordinator {peer} stopped its heartbeats")
@@ -617,6 +643,22 @@ class Node:
         finally:
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await stream.reset()
+
+    async def _sync_once_in_a_while(self, peer: str) -> None:
+        """``_sync_from(peer)``, at most once per heartbeat warm-up per peer (the peer chose to call)."""
+        now = self.clock()
+        if now - self._synced_at.get(peer, -math.inf) < self.config.heartbeat_warmup_s:
+            return
+        if len(self._synced_at) >= MAX_SYNC_ADVERTS:
+            self._synced_at.clear()
+        self._synced_at[peer] = now
+        await self._sync_from(peer)
+
+    def _forget_silent(self) -> None:
+        """Stop watching silent peers that stayed silent for the peer timeout."""
+        cutoff = self.clock() - self.config.peer_timeout_s
+        for peer in [p for p, since in self._silent.items() if since < cutoff]:
+            del self._silent[peer]
 
     def _drop_silent(self, peer: str, text: str) -> bool:
         if not self.table.drop(peer, self.clock()):
@@ -1030,10 +1072,14 @@ async def query_status(host: Host, peer_id: str, request: dict[str, Any] | None 
 
 async def _read_within(stream: INetStream, seconds: float) -> bytes | None:
     """One byte from ``stream`` (b"" at its end), or None when none came within ``seconds``. A deadline seen
-    late, by a process that was itself stopped, gets a short grace read: the byte may be waiting already."""
-    for limit in (seconds, 0.1):
-        with trio.move_on_after(limit):
-            return bytes(await stream.read(1))
+    late, by a process that was itself stopped or starved of CPU, gets a grace read twice as long as it was
+    late (at least 0.1 s): the byte may be waiting already, behind the frames that piled up meanwhile."""
+    started = trio.current_time()
+    with trio.move_on_after(seconds):
+        return bytes(await stream.read(1))
+    late = trio.current_time() - started - seconds
+    with trio.move_on_after(min(seconds, max(0.1, 2 * late))):
+        return bytes(await stream.read(1))
     return None
 
 

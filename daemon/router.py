@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,8 @@ REQUEST_DEADLINE_S = 600.0
 RESUBMIT_LIMIT = 8
 RESUBMIT_BACKOFF_S = 0.5
 FIRST_FRAME_TIMEOUT_S = 10.0
+# Text longer than this per context token cannot fit; refused before the tokenizer spends time on it.
+MAX_CHARS_PER_TOKEN = 64
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"}
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
@@ -137,6 +139,12 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     if sum(x is not None for x in (prompt, tokens, messages)) != 1:
         raise RequestError("give exactly one of 'prompt' (text), 'tokens' (ids) and 'messages' (a chat)")
     if messages is not None:
+        listed = messages if isinstance(messages, list) else []
+        chars = sum(len(m["content"]) for m in listed if isinstance(m, dict) and isinstance(m.get("content"), str))
+        if chars > max_context * MAX_CHARS_PER_TOKEN:
+            raise RequestError(
+                f"the messages hold {chars} characters, more than a context of {max_context} tokens can hold"
+            )
         tokens = chat_tokens(messages, tokenizer)
     elif prompt is not None:
         if not isinstance(prompt, str):
@@ -145,6 +153,10 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
             prompt.encode("utf-8")  # JSON can carry lone surrogates; the tokenizer takes text only
         except UnicodeEncodeError:
             raise RequestError("'prompt' holds a lone surrogate, which is not text") from None
+        if len(prompt) > max_context * MAX_CHARS_PER_TOKEN:
+            raise RequestError(
+                f"'prompt' has {len(prompt)} characters, more than a context of {max_context} tokens can hold"
+            )
         tokens = tokenizer.encode(prompt)
     if (
         not isinstance(tokens, list)
@@ -355,8 +367,9 @@ class Router:
                 # by a new plan, a peer gone) says nothing against the request: under churn a request meets
                 # many, so only failed work counts toward RESUBMIT_LIMIT (REQUEST_DEADLINE_S bounds the rest).
                 refused = False
+                involved = replica.peers() | (set() if dst is None else deployment.replicas[dst].peers())
                 try:
-                    async with self.open_replica(replica.driver_peer, request) as events:
+                    async with self.open_replica(replica.driver_peer, request, involved) as events:
                         async for event in events:
                             if "error" in event:
                                 refused = bool(event.get("refused"))
@@ -392,12 +405,16 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def open_replica(
-        self, peer: str, request: dict[str, Any]
+        self, peer: str, request: dict[str, Any], involved: Collection[str] = ()
     ) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
-        """The events of ``request`` on the replica whose driver lives on ``peer`` (this daemon or another)."""
+        """The events of ``request`` on the replica whose driver lives on ``peer`` (this daemon or another);
+        ends with a refusal as soon as a plan drops one of the ``involved`` peers (a hung peer keeps its
+        streams open, so only the plan tells that its part of the work will never come)."""
         send, receive = trio.open_memory_channel[dict[str, Any]](request["sampling"]["max_tokens"] + 4)
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
+            if involved:
+                nursery.start_soon(self._watch_plan, involved, send.clone())
             if peer == self.peer_id:
                 nursery.start_soon(self._local, request, send)
             else:
@@ -410,6 +427,20 @@ class Router:
                 nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
+
+    async def _watch_plan(self, involved: Collection[str], send: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        async with send:
+            while True:
+                await self.supervisor.changed.wait()
+                deployment = self.supervisor.deployment
+                if deployment is None:
+                    continue
+                gone = set(involved) - set().union(*(r.peers() for r in deployment.replicas))
+                if gone:
+                    error = {"error": f"{', '.join(sorted(gone))} left the plan", "refused": True}
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await send.send(error)
+                    return
 
     async def _local(self, request: dict[str, Any], send: trio.MemorySendChannel[dict[str, Any]]) -> None:
         async with send:

@@ -8,7 +8,12 @@ import signal
 import time
 
 import pytest
-from daemon_harness import Daemon, Swarm, converged, open_client, wait_until
+import trio
+from checkpoints import random_prompts, reference_greedy
+from daemon_harness import Daemon, Swarm, converged, open_client, serving, wait_until
+
+from hexgen.daemon.host import HostConfig
+from hexgen.daemon.router import generate
 
 pytestmark = pytest.mark.trio
 
@@ -81,3 +86,51 @@ async def test_stopped_member_and_coordinator_are_detected_and_rejoin(swarm):
         leader = next(d for d in daemons if d.peer_id == next(iter(view.values()))["coordinator"])
         assert await stop_and_resume(client, daemons, leader) < DETECT_WITHIN_S
     assert all(d.alive() for d in daemons)
+
+
+async def test_requests_held_by_a_stopped_peer_move_to_the_others(tmp_path, stories_dir):
+    """A stopped daemon keeps its streams open, so a request routed to it would wait for the connection's
+    health check (HostConfig.health_check_s twice over) to give up. Once the plan drops the peer, the entry
+    takes the hop back and re-submits it elsewhere: every request ends with the reference tokens long before."""
+    max_tokens, count = 24, 12
+    prompts = random_prompts(count, 512, seed=5, low=3, high=20)
+    reference = reference_greedy(stories_dir, prompts, max_tokens)
+    swarm = Swarm(tmp_path, model=str(stories_dir))
+    try:
+        daemons = swarm.start_many(3, gpus=["H100", "A100", "A100"])
+        entry, ids = daemons[0], {d.peer_id for d in daemons}
+        async with open_client() as client:
+            view, _ = await wait_until(client, daemons, serving(ids), timeout=120, what="serving")
+            victim = next(d for d in daemons[1:] if view[d.peer_id]["roles"])
+            outputs: dict[int, list[int]] = {}
+            resubmitted: list[int] = []
+
+            async def one(i: int) -> None:
+                out: list[int] = []
+                async for frame in generate(client, entry.peer_id, {"tokens": prompts[i], "max_tokens": max_tokens}):
+                    assert "error" not in frame, frame
+                    if "token" in frame:
+                        out.append(frame["token"])
+                    elif frame.get("done") and len({hop["epoch"] for hop in frame["served_by"]}) > 1:
+                        resubmitted.append(i)
+                outputs[i] = out
+
+            stopped = time.time()
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(2 * HostConfig.health_check_s):
+                    async with trio.open_nursery() as nursery:
+                        for i in range(count):
+                            nursery.start_soon(one, i)
+                took = time.time() - stopped
+            finally:
+                os.kill(victim.proc.pid, signal.SIGCONT)
+            print(f"{count} requests done {took:.2f} s after the stop; re-submitted: {sorted(resubmitted)}")
+            assert [outputs[i] for i in range(count)] == reference
+            assert resubmitted, "no request was routed to the stopped peer's replica: the test proved nothing"
+            await wait_until(client, daemons, converged(ids), timeout=30, what="rejoined")
+    finally:
+        for d in swarm.daemons:
+            if d.alive():
+                os.kill(d.proc.pid, signal.SIGCONT)
+        swarm.close()

@@ -1244,3 +1244,51 @@ def test_live_daemon_survives_malformed_frames(live_daemon: Any, stories_dir: Pa
     print(f"\nlive fuzz: {len(samples)} streams in {elapsed:.1f} s, {total}; by protocol {outcomes}")
     assert sum(total.values()) == len(samples) >= 300
     assert total["error"] > len(samples) // 2, outcomes
+
+
+@pytest.mark.timeout(180)
+def test_live_daemon_limits_streams_per_peer_and_prompt_length(live_daemon: Any) -> None:
+    """One peer holding MAX_REQUESTS_PER_PEER generate streams gets every further one reset at once, while
+    another peer is served meanwhile; a prompt longer than the context could hold is refused before tokenizing."""
+    from daemon_harness import open_client, serving, wait_until
+
+    from hexgen.daemon.node import MAX_REQUESTS_PER_PEER
+    from hexgen.daemon.router import MAX_CHARS_PER_TOKEN, generate
+    from hexgen.daemon.wire import encode_frame
+
+    daemon, extra = live_daemon, 6
+
+    async def attack() -> None:
+        async with open_client() as flooder, open_client() as other:
+            await wait_until(other, [daemon], serving({daemon.peer_id}), timeout=120, what="serving")
+            await flooder.connect(daemon.addr)
+            held = [
+                await flooder.open_stream(daemon.peer_id, "/hexgen/generate/1") for _ in range(MAX_REQUESTS_PER_PEER)
+            ]
+            refused = 0
+            for _ in range(extra):
+                with trio.fail_after(10), contextlib.suppress(Exception):
+                    stream = await flooder.open_stream(daemon.peer_id, "/hexgen/generate/1")
+                    await stream.write(encode_frame({"tokens": [1, 2], "max_tokens": 2}))
+                    refused += await FrameReader(stream).read() is None
+                    continue
+                refused += 1  # opening, writing or reading raised: the daemon reset the stream
+            assert refused == extra
+            tokens = []
+            with trio.fail_after(60):
+                async for frame in generate(other, daemon.peer_id, {"tokens": [1, 403, 407], "max_tokens": 4}):
+                    assert "error" not in frame, frame
+                    tokens += [frame["token"]] if "token" in frame else []
+            assert len(tokens) == 4
+            for stream in held:
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+            prompt = "once upon a time " * (MAX_CONTEXT * MAX_CHARS_PER_TOKEN // 17 + 1)
+            started = time.monotonic()
+            with trio.fail_after(30):
+                frames = [f async for f in generate(other, daemon.peer_id, {"prompt": prompt, "max_tokens": 4})]
+            assert "characters" in frames[-1].get("error", ""), frames[-1]
+            print(f"\n{len(prompt)} characters refused in {time.monotonic() - started:.3f} s")
+
+    trio.run(attack)
+    assert daemon.alive()
