@@ -78,6 +78,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOG_TIME = re.compile(r"ts=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z ")
 
 Statuses = dict[str, dict[str, Any] | None]
+BRIEF = {"brief": True}  # membership, coordinator and adopted plan only: polling 16 daemons stays light
 Check = Callable[[Statuses], bool]
 
 
@@ -169,7 +170,7 @@ async def wait_for(client: Any, daemons: list[Daemon], checks: dict[str, Check],
     view: Statuses = {}
     while time.time() < deadline:
         began = time.time()
-        view = await statuses(client, daemons)
+        view = await statuses(client, daemons, BRIEF)
         ended = time.time()
         for name, check in checks.items():
             if name not in found and check(view):
@@ -376,7 +377,7 @@ async def failover_phase(client: Any, swarm: Swarm, daemons: list[Daemon], row: 
 
 async def join_phase(client: Any, swarm: Swarm, daemons: list[Daemon], row: dict[str, Any]) -> None:
     """Start one more daemon, bootstrapped on a non-coordinator, and wait for a plan that includes it."""
-    coordinator = (await statuses(client, daemons[:1]))[daemons[0].peer_id] or {}
+    coordinator = (await statuses(client, daemons[:1], BRIEF))[daemons[0].peer_id] or {}
     anchor = next((d for d in daemons if d.peer_id != coordinator.get("coordinator")), daemons[0])
     gpu = GPUS[len(daemons) % len(GPUS)]
     joiner, ready = await trio.to_thread.run_sync(start_one, swarm, f"j{len(daemons)}", gpu, anchor.addr)
@@ -504,7 +505,7 @@ def run_meta(settings: Settings) -> dict[str, Any]:
         "idle_window_s": settings.idle_window_s,
         "settle_before_idle_s": SETTLE_S,
         "poll_interval_s": POLL_S,
-        "status_client": "one in-process libp2p host, closed during the idle window",
+        "status_client": "one in-process libp2p host asking brief statuses, closed during the idle window",
         "start": f"first daemon, then the rest bootstrapped on it, {START_CONCURRENCY} starting at a time",
         "join": "one new daemon bootstrapped on a non-coordinator survivor after the failover",
         "targets": {

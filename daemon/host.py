@@ -179,7 +179,14 @@ class Host:
         return str(info.peer_id)
 
     async def connect_peer(self, peer_id: str, addrs: list[str]) -> None:
-        info = PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in addrs])
+        """Dial ``peer_id`` at exactly ``addrs`` (its latest advert's): a restarted peer listens on a new
+        port, and libp2p would otherwise dial the old address it remembers and then refuse to dial the peer
+        at all for a minute (its negative cache)."""
+        peer = ID.from_base58(peer_id)
+        info = PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs])
+        if peer_id not in self.connected_peers():
+            self.libp2p.get_peerstore().clear_addrs(peer)
+            self.libp2p.get_network().unblock_peer(peer)
         await self.libp2p.connect(info)
 
     async def open_stream(self, peer_id: str, protocol: TProtocol) -> INetStream:

@@ -83,7 +83,7 @@ class NodeConfig:
     # for peers with no direct connection; a connected peer is watched by the connection's health pings
     peer_timeout_s: float = 100.0
     lease_ttl_s: float = 12.0
-    plan_debounce_s: float = 0.3
+    plan_debounce_s: float = 0.15
     tick_s: float = 0.5
     # A node that dialled bootstrap peers listens this long for a live lease before claiming one itself.
     startup_grace_s: float = 2.0
@@ -881,7 +881,12 @@ class Node:
             "requests": self.router.served,
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self, brief: bool = False) -> dict[str, Any]:
+        """This node's view; ``brief`` keeps only who is in the swarm, who coordinates and which plan is
+        adopted (no plan body, peer records, links, serving state or events): what a watcher polling many
+        daemons needs, at a small fraction of the bytes."""
+        if brief:
+            return self._brief_status()
         now = self.clock()
         return {
             "peer_id": self.peer_id,
@@ -934,8 +939,21 @@ class Node:
                 pass
         return False
 
+    def _brief_status(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "peer_id": self.peer_id,
+            "coordinator": self.election.coordinator,
+            "term": self.election.term,
+            "is_coordinator": self.election.is_coordinator(self.clock()),
+            "members": self.table.live_ids(),
+            "plan": None
+            if plan is None
+            else {"term": plan.term, "epoch": plan.epoch, "coordinator": plan.coordinator, "members": plan.members},
+        }
+
     async def _serve_status(self, stream: INetStream) -> None:
-        await self._serve_rpc(stream, "status", lambda request: self.status())
+        await self._serve_rpc(stream, "status", lambda request: self.status(brief=request.get("brief") is True))
 
     async def _serve_sync(self, stream: INetStream) -> None:
         def answer(request: dict[str, Any]) -> dict[str, Any]:

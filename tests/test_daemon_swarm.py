@@ -6,6 +6,8 @@ import pytest
 import trio
 from daemon_harness import Swarm, converged, open_client, wait_until
 
+from hexgen.daemon.node import query_status
+
 pytestmark = pytest.mark.trio
 
 
@@ -21,8 +23,13 @@ async def test_five_daemons_agree_on_one_coordinator_and_one_plan(swarm):
     ids = {d.peer_id for d in daemons}
     async with open_client() as client:
         statuses, _ = await wait_until(client, daemons, converged(ids), timeout=30, what="converged")
+        brief = await query_status(client, daemons[0].peer_id, {"brief": True})
     view = next(iter(statuses.values()))
     assert view["coordinator"] in ids
+    full = statuses[daemons[0].peer_id]
+    assert brief == {k: full[k] for k in brief} | {"plan": {k: full["plan"][k] for k in brief["plan"]}}
+    assert set(brief) == {"peer_id", "coordinator", "term", "is_coordinator", "members", "plan"}
+    assert set(brief["plan"]) == {"term", "epoch", "coordinator", "members"}
     body = view["plan"]["body"]
     assert body["error"] is None and body["plan"]["groups"], "the plan should place the 7B model on these GPUs"
     placed = {
