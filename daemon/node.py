@@ -65,6 +65,8 @@ MAX_GOSSIP_BYTES = 256 << 10
 RPC_TIMEOUT_S = 5.0
 MAX_ADVERTISED_LINKS = 32
 PLAN_FETCH_GAP_S = 0.5
+NEWCOMER_S = 3.0  # a node announces itself on every new connection for this long after it starts
+UNKNOWN_PEER_SYNC_AFTER_S = 1.0
 MAX_FAILURE_REPLANS = 3
 MAX_SYNC_ADVERTS = 1024
 MAX_EVENTS = 200
@@ -549,9 +551,25 @@ class Node:
             await self._wait_change(1.0)
 
     async def _watch_connects(self) -> None:
+        """A joining node announces itself on its first connections, so every member sees it in one gossip
+        hop. Members do not answer each newcomer with adverts of their own (that was a storm of N adverts,
+        each verified by N nodes, on every join: the newcomer has them all from its bootstrap sync); they pull
+        from an unknown peer only if its advert has not come by gossip soon after (a peer back from a
+        partition, or one whose announcement was lost)."""
         assert self.host is not None
-        async for _peer_id in self.host.connects:
-            self._announce_now.set()
+        joined = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            async for peer_id in self.host.connects:
+                if trio.current_time() - joined < NEWCOMER_S:
+                    self._announce_now.set()
+                elif peer_id not in self.table.peers:
+                    nursery.start_soon(self._learn_unknown, peer_id)
+
+    async def _learn_unknown(self, peer_id: str) -> None:
+        await trio.sleep(UNKNOWN_PEER_SYNC_AFTER_S)
+        assert self.host is not None
+        if peer_id not in self.table.peers and peer_id in self.host.connected_peers():
+            await self._sync_once_in_a_while(peer_id)
 
     async def _watch_disconnects(self) -> None:
         assert self.host is not None
