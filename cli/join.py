@@ -89,6 +89,15 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     join.add_argument(
         "--probe-interval", type=float, default=30.0, metavar="S", help="seconds between link probe rounds"
     )
+    join.add_argument(
+        "--verify-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="re-run this fraction of the requests entering here on other replicas and compare the tokens; "
+        "a peer outvoted two to one is flagged and planned without (default 0)",
+    )
+    join.add_argument("--tamper-tokens", action="store_true", help=argparse.SUPPRESS)  # tests: a lying peer
     join.add_argument("--log-level", choices=LEVELS, default="info", help="log verbosity (default info)")
     join.set_defaults(func=cmd_join)
     make_layered(join)
@@ -136,6 +145,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise JoinError("--peer-timeout must be positive")
         if not args.probe_interval > 0:
             raise JoinError("--probe-interval must be positive")
+        if not 0.0 <= args.verify_fraction <= 1.0:
+            raise JoinError(f"--verify-fraction {args.verify_fraction}: a fraction is 0 to 1")
         if args.http is not None and not 0 <= args.http <= 65535:
             raise JoinError(f"--http {args.http}: a port is 0-65535")
         if args.api_key is not None and not args.api_key.strip():
@@ -151,6 +162,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             # an unchanged advert is re-sent at least twice per peer timeout
             advert_refresh_s=min(NodeConfig.advert_refresh_s, args.peer_timeout / 2),
             probe_interval_s=args.probe_interval,
+            verify_fraction=args.verify_fraction,
+            tamper_tokens=args.tamper_tokens,
             pinned=pinned,
             http_host=args.http_host,
             http_port=args.http,

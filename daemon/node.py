@@ -49,6 +49,7 @@ from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.probe import PROBE_PROTOCOL, probe, serve_probe
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, Router
+from hexgen.daemon.spot_check import Verdict
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.swarm_view import assignments
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
@@ -70,6 +71,7 @@ UNKNOWN_PEER_SYNC_AFTER_S = 1.0
 MAX_FAILURE_REPLANS = 3
 MAX_SYNC_ADVERTS = 1024
 MAX_EVENTS = 200
+MAX_ACCUSED = 64
 HEARTBEAT_WARMUP_PINGS = 3
 MAX_REQUESTS_PER_PEER = 128  # generate streams one client peer may have open at once (yamux caps 256)
 
@@ -98,6 +100,8 @@ class NodeConfig:
     heartbeat_warmup_s: float = 5.0
     worker_device: str = "cpu"
     worker_threads: int = 1
+    verify_fraction: float = 0.0  # of this entry's finished requests, spot-checked on other replicas
+    tamper_tokens: bool = False  # tests only: answer replica hops with wrong tokens
     pinned: tuple[PinnedGroup, ...] | None = None
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # the OpenAI-compatible gateway, /status and /metrics; None: no HTTP
@@ -143,12 +147,13 @@ class Node:
         # members dropped for missed heartbeats (and when), still watched for a resume while connected
         self._silent: dict[str, float] = {}
         self._synced_at: dict[str, float] = {}
+        self.flagged: dict[str, dict[str, Any]] = {}  # peers caught by spot-checks: who flagged them and why
         self.plan: AdoptedPlan | None = None
         self.topic = CONTROL_TOPIC + (f"/{certificate.swarm_id}" if certificate else "")
         self.host: Host | None = None
         self._changed = trio.Event()
         self._published: tuple[Envelope, Envelope] | None = None
-        self._planned_for: tuple[int, int, int] = (-1, -1, -1)
+        self._planned_for: tuple[int, int, int, int] = (-1, -1, -1, -1)
         self._failures_seen: dict[int, int] = {}  # table version -> failure re-plans made for it
         self._failure_replans = 0
         self._failure_replans_published = 0
@@ -196,6 +201,9 @@ class Node:
                     self.model.max_context,
                     self._may_ask,
                     metrics=metrics,
+                    verify_fraction=self.config.verify_fraction,
+                    tamper_tokens=self.config.tamper_tokens,
+                    on_verdict=self._report_verdict,
                 )
                 host.handle(GENERATE_PROTOCOL, self.router.serve_generate, per_peer=MAX_REQUESTS_PER_PEER)
                 host.handle(REPLICA_PROTOCOL, self.router.serve_replica)
@@ -205,6 +213,8 @@ class Node:
                     from hexgen.daemon.http_api import serve_http  # starlette and hypercorn load only when asked for
 
                     self.http_url = await nursery.start(serve_http, self, metrics)
+                if self.router is not None:
+                    self.router.background = nursery
                 if self.supervisor is not None:
                     nursery.start_soon(self.supervisor.run)
                     nursery.start_soon(self._deploy)
@@ -297,7 +307,7 @@ class Node:
             try:
                 env = verify(
                     from_wire(item),
-                    kind={"advert", "lease", "plan", "leave", "failure"},
+                    kind={"advert", "lease", "plan", "leave", "failure", "suspect"},
                     now=now,
                     sender=sender,
                     replay=self.replay,
@@ -328,6 +338,34 @@ class Node:
             self._apply_plan(env)
         elif env.kind == "failure":
             self._apply_failure(env.signer, env.body)
+        elif env.kind == "suspect":
+            self._apply_suspect(env.signer, env.body)
+
+    def _apply_suspect(self, reporter: str, body: Any) -> None:
+        """A member's spot-check caught ``peers`` returning tokens two other routes disagree with: flag them
+        (status shows them) and, as coordinator, plan without their GPUs from now on."""
+        peers, reason = (body.get("peers"), body.get("reason")) if isinstance(body, dict) else (None, None)
+        if (
+            not isinstance(peers, list)
+            or not 0 < len(peers) <= MAX_ACCUSED
+            or not all(isinstance(p, str) and len(p) <= 128 for p in peers)
+            or not isinstance(reason, str)
+        ):
+            raise ValueError("a suspect report names 1 to 64 peers and a reason")
+        for peer in peers:
+            if peer in self.flagged:
+                continue
+            self.flagged[peer] = {"by": reporter, "reason": reason[:300], "t": round(self.clock(), 3)}
+            self._event("suspect", f"peer {peer} flagged by {reporter}'s spot-check: {reason[:300]}", peer=peer)
+        self._poke()
+
+    async def _report_verdict(self, verdict: Verdict) -> None:
+        if verdict.outcome != "accused":
+            return
+        body = {"peers": sorted(verdict.accused), "reason": verdict.detail}
+        self._apply_suspect(self.peer_id, body)
+        with contextlib.suppress(Exception):
+            await self._publish([seal("suspect", body, self.key_pair, 60.0)])
 
     def _apply_failure(self, reporter: str, body: Any) -> None:
         """A member's worker failed: the coordinator rebuilds the world in a new epoch (a few times per
@@ -749,17 +787,20 @@ class Node:
         while True:
             now = self.clock()
             if self.election.is_coordinator(now) and not self._leaving:
-                key = (self.election.term, self.table.version, self._failure_replans)
+                key = (self.election.term, self.table.version, self._failure_replans, len(self.flagged))
                 if key != self._planned_for:
                     await trio.sleep(self.config.plan_debounce_s)
-                    key = (self.election.term, self.table.version, self._failure_replans)
+                    key = (self.election.term, self.table.version, self._failure_replans, len(self.flagged))
                     await self._plan_and_publish()
                     self._planned_for = key
             await self._wait_change(self.config.tick_s)
 
     def _peer_hardware(self) -> list[PeerHardware]:
-        peers = [PeerHardware(self.peer_id, self.host_name, self.hardware)]
+        """The hardware the plan may use: every live member's, except peers flagged by spot-checks."""
+        peers = [] if self.peer_id in self.flagged else [PeerHardware(self.peer_id, self.host_name, self.hardware)]
         for record in self.table.peers.values():
+            if record.peer_id in self.flagged:
+                continue
             peers.append(PeerHardware(record.peer_id, record.host_name, HardwareProfile.from_dict(record.hardware)))
         return peers
 
@@ -940,6 +981,8 @@ class Node:
                 "body": self.plan.body,
             },
             "rejections": dict(self.rejections),
+            "flagged": dict(self.flagged),
+            "spot_checks": {} if self.router is None else dict(self.router.checks),
             "links": [m.to_dict() for m in self._links()],
             "serving": None if self.supervisor is None else self.supervisor.status(),
             "events": list(self.events),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
+from hexgen.daemon import spot_check
 from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.host import Host
 from hexgen.daemon.metrics import CLIENT_GONE, Metrics
@@ -45,6 +46,7 @@ REQUEST_DEADLINE_S = 600.0
 RESUBMIT_LIMIT = 8
 RESUBMIT_BACKOFF_S = 0.5
 FIRST_FRAME_TIMEOUT_S = 10.0
+SPOT_CHECK_TIMEOUT_S = 120.0
 # Text longer than this per context token cannot fit; refused before the tokenizer spends time on it.
 MAX_CHARS_PER_TOKEN = 64
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"}
@@ -232,6 +234,11 @@ class Router:
     served: int = 0
     meter: RateMeter = field(default_factory=RateMeter)
     metrics: Metrics = field(default_factory=Metrics)
+    verify_fraction: float = 0.0  # of finished requests, re-run elsewhere and compared (see spot_check)
+    tamper_tokens: bool = False  # tests only: a lying peer, whose replica hops return every token plus one
+    on_verdict: Callable[[spot_check.Verdict], Awaitable[None]] | None = None
+    background: trio.Nursery | None = None  # where spot-checks run, after their request has been answered
+    checks: Counter[str] = field(default_factory=Counter)
 
     # ------------------------------------------------------------------ entry
 
@@ -352,6 +359,7 @@ class Router:
                     await self._next_epoch(deployment.epoch)  # every usable path failed: wait for a new world
                     continue
                 left = sampling["max_tokens"] - len(produced)
+                whole = not produced  # this attempt makes every token: a spot-check can judge its route alone
                 request = {
                     "id": self.rng.getrandbits(31),
                     "epoch": deployment.epoch,
@@ -378,6 +386,9 @@ class Router:
                             await emit(int(event["token"]))
                             if event.get("finished"):
                                 self.served += 1
+                                if whole:
+                                    answer = (tuple(tokens), dict(sampling), tuple(produced))
+                                    self._maybe_check(spot_check.Answered(deployment, frozenset(involved), *answer))
                                 return str(event["finished"]), len(produced)
                     raise HopFailed("the replica stream ended early")
                 except HopFailed as exc:
@@ -390,6 +401,46 @@ class Router:
                     if dst is not None:
                         failed.add((deployment.epoch, dst))
                     await trio.sleep(RESUBMIT_BACKOFF_S)
+
+    def _maybe_check(self, answered: spot_check.Answered) -> None:
+        if self.background is None or not spot_check.checkable(answered.sampling) or not answered.produced:
+            return
+        if self.rng.random() < self.verify_fraction:
+            self.background.start_soon(self._spot_check, answered)
+
+    async def _spot_check(self, answered: spot_check.Answered) -> None:
+        deployment, sampling = answered.deployment, answered.sampling
+        prompt, produced = list(answered.prompt), list(answered.produced)
+
+        async def run(route: spot_check.Route) -> list[int]:
+            request = {
+                "id": self.rng.getrandbits(31),
+                "epoch": deployment.epoch,
+                "replica": route.entry,
+                "dst": -1 if route.dst is None else route.dst,
+                "tokens": prompt,
+                "sampling": sampling | {"max_tokens": len(produced)},
+            }
+            out: list[int] = []
+            async with self.open_replica(deployment.replicas[route.entry].driver_peer, request, route.peers) as events:
+                async for event in events:
+                    if "error" in event:
+                        raise HopFailed(str(event["error"]))
+                    out.append(int(event["token"]))
+                    if event.get("finished"):
+                        return out
+            raise HopFailed("the replica stream ended early")
+
+        try:
+            with trio.fail_after(SPOT_CHECK_TIMEOUT_S):
+                verdict = await spot_check.check(deployment, answered.served, produced, run)
+        except (HopFailed, trio.TooSlowError) as exc:
+            verdict = spot_check.Verdict("unchecked", detail=str(exc) or "the check timed out")
+        self.checks[verdict.outcome] += 1
+        level = logging.WARNING if verdict.outcome == "accused" else logging.INFO
+        log.log(level, "spot-check %s: %s %s", verdict.outcome, sorted(verdict.accused), verdict.detail)
+        if self.on_verdict is not None:
+            await self.on_verdict(verdict)
 
     async def _next_epoch(self, epoch: int) -> None:
         with trio.fail_after(READY_TIMEOUT_S):
@@ -496,6 +547,8 @@ class Router:
             return
 
         async def emit(event: dict[str, Any]) -> None:
+            if self.tamper_tokens and "token" in event:
+                event = event | {"token": (int(event["token"]) + 1) % self.tokenizer.vocab_size}
             await write_frame(stream, event)
 
         try:

@@ -42,3 +42,9 @@ def test_missing_pinned_plan_and_unservable_model_directory(stories_dir, tmp_pat
     (empty / "config.json").write_text((stories_dir / "config.json").read_text())
     status, err = join("--model", empty, tmp_path=tmp_path)
     assert status == 2 and "safetensors" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fraction", ["1.5", "-0.1", "nan"])
+def test_verify_fraction_is_a_fraction(tmp_path, fraction):
+    status, err = join("--verify-fraction", fraction, tmp_path=tmp_path)
+    assert status == 2 and "--verify-fraction" in err and "0 to 1" in err and "Traceback" not in err

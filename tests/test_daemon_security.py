@@ -11,7 +11,7 @@ import time
 import msgpack
 import pytest
 import trio
-from daemon_harness import Swarm, converged, open_client, statuses, wait_until
+from daemon_harness import Swarm, converged, open_client, serving, statuses, wait_until
 from hypothesis import HealthCheck, given, settings
 from test_daemon_envelope import json_like
 
@@ -238,3 +238,48 @@ async def _hypothesis_gossip(client) -> None:
     collect()
     for data in samples:
         await client.pubsub.publish(CONTROL_TOPIC, data)
+
+
+async def test_private_swarm_serves_member_clients_only(tmp_path, stories_dir):
+    """A private swarm requires member clients: a stranger's generate request, or one presenting a certificate
+    of another swarm or of another peer, is refused with a reason; a client with its own certificate gets the
+    reference tokens."""
+    from checkpoints import reference_greedy
+
+    from hexgen.daemon import identity
+    from hexgen.daemon.router import generate
+
+    swarm_key, other_key = tmp_path / "swarm.key", tmp_path / "other.key"
+    identity.create_swarm_key(swarm_key)
+    identity.create_swarm_key(other_key)
+
+    def certificate(key_path, peer: str) -> bytes:
+        return identity.issue_certificate(identity.load_swarm_key(key_path), peer, 3600.0)
+
+    node_key = identity.load_or_create_key(tmp_path / "p0.key")
+    identity.write_certificate(tmp_path / "p0.cert", certificate(swarm_key, identity.peer_id_of(node_key)))
+    swarm = Swarm(tmp_path, model=str(stories_dir))
+    try:
+        daemon = swarm.start("p0", gpu="A100", extra=["--swarm-cert", str(tmp_path / "p0.cert")])
+        prompt = [1, 403, 407, 261, 378]
+        (reference,) = reference_greedy(stories_dir, [prompt], 8)
+        member_key, stranger_key = new_identity(), new_identity()
+        own = certificate(swarm_key, peer_id_of(member_key))
+
+        async def frames(key, cert: bytes | None) -> list[dict]:
+            request = {"tokens": prompt, "max_tokens": 8} | ({} if cert is None else {"cert": cert})
+            async with open_client(key) as client:
+                await client.connect(daemon.addr)
+                with trio.fail_after(60):
+                    return [f async for f in generate(client, daemon.peer_id, request)]
+
+        async with open_client(member_key) as client:
+            ask = {"cert": own}
+            await wait_until(client, [daemon], serving({daemon.peer_id}), timeout=120, what="serving", request=ask)
+        for cert in (None, certificate(other_key, peer_id_of(stranger_key)), own):
+            (answer,) = await frames(stranger_key, cert)
+            assert answer == {"error": "not a member of this swarm"}, answer
+        tokens = [f["token"] for f in await frames(member_key, own) if "token" in f]
+        assert tokens == reference
+    finally:
+        swarm.close()
