@@ -142,9 +142,9 @@ def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[
         group_cell = _unique(_text(r.get("group")) for r in roles)
     else:  # a planned swarm that leaves this peer's GPUs out says so; no plan at all is just missing
         role_cell = group_cell = "unused" if has_plan else MISSING
-    note = [
-        label for label, yes in (("this node", is_self), ("coordinator", peer_id == status.get("coordinator"))) if yes
-    ]
+    flagged = isinstance(peer_id, str) and peer_id in _dict(status.get("flagged"))
+    labels = (("this node", is_self), ("coordinator", peer_id == status.get("coordinator")), ("FLAGGED", flagged))
+    note = [label for label, yes in labels if yes]
     return Row(
         _text(peer_id),
         (

@@ -212,6 +212,13 @@ def test_peer_rows_put_this_node_first_with_its_roles_load_and_gpus() -> None:
     ]
 
 
+def test_peers_flagged_by_spot_checks_are_marked() -> None:
+    status = four_peer_status() | {"flagged": {D: {"by": A, "reason": "outvoted", "t": 1.0}}}
+    notes = {r.key: r.cells[-1] for r in peer_rows(status)}
+    assert notes == {A: "this node", B: MISSING, C: "coordinator", D: "FLAGGED"}
+    assert peer_rows(four_peer_status() | {"flagged": ["not", "a", "map"]})[3].cells[-1] == MISSING
+
+
 def test_group_rows_name_gpus_by_host_and_show_the_parallel_layout() -> None:
     rows = group_rows(four_peer_status())
     assert [r.cells for r in rows] == [
