@@ -484,6 +484,11 @@ class Node:
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ValueError("plan members must be a list of peer ids")
         self._adopt(AdoptedPlan(body["term"], body["epoch"], env.signer, members, body))
+        if self._nursery is not None:
+            # The coordinator knows members this node does not (dropped while cut off from them, and back
+            # through the coordinator): ask each for its advert, fresh, rather than wait for its next one.
+            for member in sorted(set(members) - set(self.table.live_ids())):
+                self._nursery.start_soon(self._sync_once_in_a_while, member)
         self._event(
             "plan",
             f"adopted plan epoch {body['epoch']} of term {body['term']} ({len(members)} members){self._role_text(body)}",
@@ -645,10 +650,21 @@ class Node:
         assert self.host is not None
         scope = watching[peer]
         with scope:
-            try:
-                stream = await self.host.open_stream(peer, HEARTBEAT_PROTOCOL)
-            except Exception:  # unreachable: the connector drops it
-                watching.pop(peer, None)
+            stream = None
+            with trio.move_on_after(self.config.heartbeat_warmup_s):
+                try:
+                    stream = await self.host.open_stream(peer, HEARTBEAT_PROTOCOL)
+                except Exception:  # unreachable: the connector drops it
+                    watching.pop(peer, None)
+                    return
+            if stream is None:
+                # The connection stays up but carries nothing (a partition keeps TCP open for minutes, and the
+                # connector never drops a connected peer): as silent as a late echo. Still watched while
+                # silent, so the first stream that opens after the partition heals brings it back.
+                if self._drop_silent(peer, f"peer {peer} opens no heartbeat stream"):
+                    self._silent[peer] = self.clock()
+                if watching.get(peer) is scope:
+                    del watching[peer]
                 return
             try:
                 for answered in itertools.count():
@@ -662,8 +678,12 @@ class Node:
                         echo = await _read_within(stream, self.config.peer_timeout_s)  # it may resume
                     if not echo:
                         break
-                    if self._silent.pop(peer, None) is not None:
-                        await self._sync_from(peer)  # its fresh advert brings it back at once
+                    if peer in self._silent:
+                        await self._sync_once_in_a_while(peer)  # its fresh advert brings it back at once
+                        if self._is_member(peer):
+                            # Only now: a peer neither silent nor a member is no longer watched, and
+                            # _watch_members would cancel this task, the sync with it, at the next change.
+                            del self._silent[peer]
                     await trio.sleep(self.config.heartbeat_interval_s)
             except Exception as exc:
                 log.debug("heartbeat stream to %s ended: %s", peer, exc)
@@ -720,12 +740,54 @@ class Node:
         if not self.table.drop(peer, self.clock()):
             return False
         self._event("leave", f"{text} (hung?)", peer=peer)
-        self._peer_gone(peer)
+        self._peer_gone(peer, silent=True)
         return True
 
-    def _peer_gone(self, peer_id: str) -> None:
+    def _peer_gone(self, peer_id: str, silent: bool = False) -> None:
+        """Forget ``peer_id`` as lease holder. A coordinator that went silent (hung, or cut off by a partition)
+        may have taken part of the swarm with it, unlike one whose connection closed or that said it leaves."""
+        lost_coordinator = peer_id == self.election.coordinator and peer_id != self.peer_id
         self.election.forget_holder(peer_id)
+        if silent and lost_coordinator and self._nursery is not None and not self._leaving:
+            # Only the coordinator watches members, so a peer cut off together with it (a partition) stays in
+            # this table, and may be the candidate every node here would wait for. Ask each peer once, and
+            # elect only among those that answer.
+            self._claim_after = max(self._claim_after, self.clock() + self.config.hung_after_s + self.config.tick_s)
+            self._nursery.start_soon(self._sweep)
         self._poke()
+
+    async def _sweep(self) -> None:
+        """Drop every peer that does not echo one heartbeat ping within ``hung_after_s``."""
+
+        async def ask(peer: str) -> None:
+            answered = await self._answers(peer, self.config.hung_after_s)
+            if not answered and self._drop_silent(peer, f"peer {peer} did not answer once the coordinator was gone"):
+                self._silent[peer] = self.clock()
+
+        async with trio.open_nursery() as nursery:
+            for peer in list(self.table.peers):
+                nursery.start_soon(ask, peer)
+        self._poke()
+
+    async def _answers(self, peer: str, seconds: float) -> bool:
+        """False only when ``peer`` neither echoes a ping nor closes the stream within ``seconds`` (a peer
+        that is not connected is the connector's business)."""
+        assert self.host is not None
+        with trio.move_on_after(seconds):
+            try:
+                stream = await self.host.open_stream(peer, HEARTBEAT_PROTOCOL)
+            except Exception:
+                return True
+            try:
+                await stream.write(b"\x01")
+                await stream.read(1)
+            except Exception:
+                pass
+            finally:
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await stream.reset()
+            return True
+        return False
 
     async def _probe_links(self) -> None:
         """Each round, probe this node's share of a bounded, rotating set of peer pairs."""
@@ -808,7 +870,13 @@ class Node:
         members = self.table.live_ids()
         peers = self._peer_hardware()
         previous = self._previous
+        term = self.election.term
         body = await trio.to_thread.run_sync(self._compute_plan, peers, self._links(), previous)
+        if not self.election.is_coordinator(self.clock()) or self.election.term != term:
+            # Another holder's lease was accepted while the planner ran: publishing now would sign a plan
+            # under its term (a second plan for a (term, epoch) it may have published already).
+            log.info("dropped a plan made for term %d: no longer the coordinator", term)
+            return
         epoch = (self.plan.epoch if self.plan else 0) + 1
         body |= {
             "term": self.election.term,

@@ -143,7 +143,7 @@ class ScriptedRouter(Router):
         self.hops = 0
 
     @contextlib.asynccontextmanager
-    async def open_replica(self, peer: str, request: dict[str, Any]) -> AsyncIterator[Any]:
+    async def open_replica(self, peer: str, request: dict[str, Any], involved: Any = ()) -> AsyncIterator[Any]:
         events = self.script[min(self.hops, len(self.script) - 1)]
         self.hops += 1
         move_to(self.supervisor, request["epoch"] + 1)
