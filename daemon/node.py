@@ -67,7 +67,7 @@ RPC_TIMEOUT_S = 5.0
 MAX_ADVERTISED_LINKS = 32
 PLAN_FETCH_GAP_S = 0.5
 NEWCOMER_S = 3.0  # a node announces itself on every new connection for this long after it starts
-UNKNOWN_PEER_SYNC_AFTER_S = 1.0
+UNKNOWN_PEER_SYNC_AFTER_S = 0.2  # its own advert, by gossip, usually comes first
 MAX_FAILURE_REPLANS = 3
 MAX_SYNC_ADVERTS = 1024
 MAX_EVENTS = 200
@@ -596,9 +596,9 @@ class Node:
     async def _watch_connects(self) -> None:
         """A joining node announces itself on its first connections, so every member sees it in one gossip
         hop. Members do not answer each newcomer with adverts of their own (that was a storm of N adverts,
-        each verified by N nodes, on every join: the newcomer has them all from its bootstrap sync); they pull
-        from an unknown peer only if its advert has not come by gossip soon after (a peer back from a
-        partition, or one whose announcement was lost)."""
+        each verified by N nodes, on every join: the newcomer has them all from its bootstrap sync); they ask an
+        unknown peer for its own advert alone if it has not come by gossip soon after (gossip reaches a member
+        outside the newcomer's mesh only at a later heartbeat; a peer back from a partition announces nothing)."""
         assert self.host is not None
         joined = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -612,7 +612,7 @@ class Node:
         await trio.sleep(UNKNOWN_PEER_SYNC_AFTER_S)
         assert self.host is not None
         if peer_id not in self.table.peers and peer_id in self.host.connected_peers():
-            await self._sync_once_in_a_while(peer_id)
+            await self._sync_once_in_a_while(peer_id, only_self=True)
 
     async def _watch_disconnects(self) -> None:
         assert self.host is not None
@@ -720,7 +720,7 @@ class Node:
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await stream.reset()
 
-    async def _sync_once_in_a_while(self, peer: str) -> None:
+    async def _sync_once_in_a_while(self, peer: str, only_self: bool = False) -> None:
         """``_sync_from(peer)``, at most once per heartbeat warm-up per peer (the peer chose to call)."""
         now = self.clock()
         if now - self._synced_at.get(peer, -math.inf) < self.config.heartbeat_warmup_s:
@@ -728,7 +728,7 @@ class Node:
         if len(self._synced_at) >= MAX_SYNC_ADVERTS:
             self._synced_at.clear()
         self._synced_at[peer] = now
-        await self._sync_from(peer)
+        await self._sync_from(peer, only_self)
 
     def _forget_silent(self) -> None:
         """Stop watching silent peers that stayed silent for the peer timeout."""
@@ -1087,16 +1087,20 @@ class Node:
     async def _serve_sync(self, stream: INetStream) -> None:
         def answer(request: dict[str, Any]) -> dict[str, Any]:
             own = seal("advert", self.advert_body(), self.key_pair, self._advert_freshness)
+            if request.get("self") is True:  # a peer that only wants to know this node
+                return {"adverts": [to_wire(own)]}
             live = [env for peer, env in self._adverts.items() if peer in self.table.peers]
             return {"adverts": [to_wire(env) for env in [own, *live][:MAX_SYNC_ADVERTS]]}
 
         await self._serve_rpc(stream, "sync", answer)
 
-    async def _sync_from(self, peer_id: str) -> None:
+    async def _sync_from(self, peer_id: str, only_self: bool = False) -> None:
         """Learn the members a bootstrap peer knows from their own signed adverts, in one round trip,
-        instead of waiting for each to re-announce."""
+        instead of waiting for each to re-announce (``only_self``: the peer's own advert alone)."""
         assert self.host is not None
-        request = {"cert": self.certificate.to_bytes()} if self.certificate else {}
+        request: dict[str, Any] = {"cert": self.certificate.to_bytes()} if self.certificate else {}
+        if only_self:
+            request["self"] = True
         try:
             with trio.fail_after(RPC_TIMEOUT_S):
                 reply = await call(self.host, peer_id, SYNC_PROTOCOL, request)
