@@ -661,8 +661,7 @@ class Node:
                 # The connection stays up but carries nothing (a partition keeps TCP open for minutes, and the
                 # connector never drops a connected peer): as silent as a late echo. Still watched while
                 # silent, so the first stream that opens after the partition heals brings it back.
-                if self._drop_silent(peer, f"peer {peer} opens no heartbeat stream"):
-                    self._silent[peer] = self.clock()
+                self._drop_silent(peer, f"peer {peer} opens no heartbeat stream")
                 if watching.get(peer) is scope:
                     del watching[peer]
                 return
@@ -673,8 +672,7 @@ class Node:
                     limit = self.config.hung_after_s if warm else self.config.heartbeat_warmup_s
                     echo = await _read_within(stream, limit)
                     if echo is None:
-                        if self._drop_silent(peer, f"peer {peer} stopped answering heartbeats"):
-                            self._silent[peer] = self.clock()
+                        self._drop_silent(peer, f"peer {peer} stopped answering heartbeats")
                         echo = await _read_within(stream, self.config.peer_timeout_s)  # it may resume
                     if not echo:
                         break
@@ -737,8 +735,10 @@ class Node:
             del self._silent[peer]
 
     def _drop_silent(self, peer: str, text: str) -> bool:
+        """Drop a member that went silent, and keep watching it (``_silent``) so it is back as soon as it answers."""
         if not self.table.drop(peer, self.clock()):
             return False
+        self._silent[peer] = self.clock()
         self._event("leave", f"{text} (hung?)", peer=peer)
         self._peer_gone(peer, silent=True)
         return True
@@ -761,8 +761,8 @@ class Node:
 
         async def ask(peer: str) -> None:
             answered = await self._answers(peer, self.config.hung_after_s)
-            if not answered and self._drop_silent(peer, f"peer {peer} did not answer once the coordinator was gone"):
-                self._silent[peer] = self.clock()
+            if not answered:
+                self._drop_silent(peer, f"peer {peer} did not answer once the coordinator was gone")
 
         async with trio.open_nursery() as nursery:
             for peer in list(self.table.peers):
