@@ -56,6 +56,16 @@ class Replica:
     def peers(self) -> set[str]:
         return {peer for peer, _ in self.placement}
 
+    @property
+    def head(self) -> str:
+        """The peer of layout rank 0, whose daemon's store hosts the replica's world."""
+        return self.placement[0][0]
+
+
+def replica_prefix(term: int, formed: int, replica: Replica) -> str:
+    """The store keys of a replica's world: its term, the epoch it formed in, and what it is."""
+    return f"hexgen/{term}/{formed}/{replica.digest}/"
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -80,6 +90,26 @@ class Deployment:
     @property
     def exchange_prefix(self) -> str:
         return f"hexgen/{self.term}/{self.epoch}/exchange/"
+
+    @property
+    def exchange_head(self) -> str:
+        return self.replicas[0].head
+
+    def world(self, prefix: str) -> tuple[str, frozenset[str]] | None:
+        """``(head, peers)`` of the world keyed under ``prefix`` in this deployment: the exchange group, or a
+        replica formed at this epoch or an earlier one of the term; None when no world of it has that prefix.
+        O(replicas)."""
+        if prefix == self.exchange_prefix:
+            return self.exchange_head, frozenset(peer for r in self.replicas for peer in r.peers())
+        parts = prefix.split("/")
+        if len(parts) != 5 or parts[:2] != ["hexgen", str(self.term)] or parts[4] or not parts[2].isdecimal():
+            return None
+        if int(parts[2]) > self.epoch:
+            return None
+        for replica in self.replicas:
+            if replica.digest == parts[3]:
+                return replica.head, frozenset(replica.peers())
+        return None
 
     def local_ranks(self, peer_id: str) -> list[tuple[int, Replica]]:
         """``(global rank, replica)`` of every rank this peer hosts, in rank order."""

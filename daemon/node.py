@@ -14,13 +14,14 @@ needed only for liveness of peers reached through gossip alone.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.probe import PROBE_PROTOCOL, probe, serve_probe
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, Router
 from hexgen.daemon.spot_check import Verdict
-from hexgen.daemon.supervisor import Supervisor
+from hexgen.daemon.supervisor import SECRET_BYTES, Supervisor
 from hexgen.daemon.swarm_view import assignments
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 from hexgen.engine.tokenizer import Tokenizer
@@ -60,10 +61,15 @@ log = logging.getLogger("hexgen.daemon")
 STATUS_PROTOCOL = TProtocol("/hexgen/status/1")
 PLAN_PROTOCOL = TProtocol("/hexgen/plan/1")
 SYNC_PROTOCOL = TProtocol("/hexgen/sync/1")
+RENDEZVOUS_PROTOCOL = TProtocol("/hexgen/rendezvous/1")
 HEARTBEAT_PROTOCOL = TProtocol("/hexgen/heartbeat/1")
 CONTROL_TOPIC = "hexgen/control/1"
 MAX_GOSSIP_BYTES = 256 << 10
 RPC_TIMEOUT_S = 5.0
+# How long a store's daemon waits for the plan that puts an asker in one of its worlds (plans reach daemons
+# a moment apart); the asker asks again until its world's start times out.
+GRANT_WAIT_S = 3.0
+MAX_PREFIX_CHARS = 256
 MAX_ADVERTISED_LINKS = 32
 PLAN_FETCH_GAP_S = 0.5
 NEWCOMER_S = 3.0  # a node announces itself on every new connection for this long after it starts
@@ -186,6 +192,7 @@ class Node:
             host.handle(SYNC_PROTOCOL, self._serve_sync)
             host.handle(PROBE_PROTOCOL, self._serve_probe)
             host.handle(HEARTBEAT_PROTOCOL, self._serve_heartbeat)
+            host.handle(RENDEZVOUS_PROTOCOL, self._serve_rendezvous)
             subscription = await host.pubsub.subscribe(self.topic)
             metrics = Metrics(self)
             if self.supervisor is not None:
@@ -193,6 +200,7 @@ class Node:
                 self.rendezvous = (host.hosts[0], _free_port(self.config.host.listen_host))
                 self.supervisor.store_address = self.rendezvous
                 self.supervisor.on_failure = self._report_failure
+                self.supervisor.fetch_secret = self._fetch_secret
                 self.router = Router(
                     host,
                     self.peer_id,
@@ -560,7 +568,7 @@ class Node:
             coordinator = self.election.coordinator
             if coordinator is None or coordinator == self.peer_id:
                 continue
-            request = {"cert": self.certificate.to_bytes()} if self.certificate else {}
+            request = self._credentials()
             try:
                 with trio.fail_after(RPC_TIMEOUT_S):
                     reply = await call(self.host, coordinator, PLAN_PROTOCOL, request)
@@ -1056,6 +1064,10 @@ class Node:
             "events": list(self.events),
         }
 
+    def _credentials(self) -> dict[str, Any]:
+        """What a request to another daemon carries to show this node is a member of a private swarm."""
+        return {"cert": self.certificate.to_bytes()} if self.certificate is not None else {}
+
     def _may_ask(self, peer: str, cert: Any) -> bool:
         """In a private swarm only members (or a client presenting its own certificate) get answers."""
         if self.certificate is None or self._is_member(peer):
@@ -1098,7 +1110,7 @@ class Node:
         """Learn the members a bootstrap peer knows from their own signed adverts, in one round trip,
         instead of waiting for each to re-announce (``only_self``: the peer's own advert alone)."""
         assert self.host is not None
-        request: dict[str, Any] = {"cert": self.certificate.to_bytes()} if self.certificate else {}
+        request = self._credentials()
         if only_self:
             request["self"] = True
         try:
@@ -1161,9 +1173,7 @@ class Node:
         """Hand a new plan to every connected member directly. Gossip reaches a member outside the
         publisher's mesh only through the next heartbeat's IHAVE, seconds later on a busy swarm."""
         assert self.host is not None
-        request: dict[str, Any] = {"push": [to_wire(lease), to_wire(plan)]}
-        if self.certificate is not None:
-            request["cert"] = self.certificate.to_bytes()
+        request = self._credentials() | {"push": [to_wire(lease), to_wire(plan)]}
         connected = self.host.connected_peers()
 
         async def push(peer: str) -> None:
@@ -1175,8 +1185,39 @@ class Node:
                 if peer in connected:
                     nursery.start_soon(push, peer)
 
+    async def _serve_rendezvous(self, stream: INetStream) -> None:
+        """Hands the store secret of a world this daemon hosts to a peer of that world, and to nobody else."""
+        asker = str(stream.muxed_conn.peer_id)
+
+        async def answer(request: dict[str, Any]) -> dict[str, Any]:
+            prefix = request.get("prefix")
+            if not isinstance(prefix, str) or not 0 < len(prefix) <= MAX_PREFIX_CHARS:
+                return {"error": f"a rendezvous request names a world prefix of 1 to {MAX_PREFIX_CHARS} characters"}
+            if self.supervisor is None:
+                return {"error": "this daemon hosts no worlds"}
+            try:
+                return {"secret": await self.supervisor.grant(asker, prefix, GRANT_WAIT_S)}
+            except PermissionError as exc:
+                self._reject("not-in-world", f"rendezvous request: {exc}")
+                return {"error": str(exc)}
+
+        await self._serve_rpc(stream, "rendezvous", answer)
+
+    async def _fetch_secret(self, head: str, prefix: str) -> bytes:
+        """Ask the daemon of ``head`` for the store secret of the world under ``prefix``."""
+        assert self.host is not None
+        with trio.fail_after(RPC_TIMEOUT_S):
+            reply = await call(self.host, head, RENDEZVOUS_PROTOCOL, self._credentials() | {"prefix": prefix})
+        secret = reply.get("secret")
+        if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
+            raise ValueError(reply.get("error") or "the rendezvous reply holds no secret")
+        return secret
+
     async def _serve_rpc(
-        self, stream: INetStream, name: str, answer: Callable[[dict[str, Any]], dict[str, Any]]
+        self,
+        stream: INetStream,
+        name: str,
+        answer: Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]],
     ) -> None:
         """One request frame in, one reply frame out; members only in a private swarm; bad frames answered."""
         peer = str(stream.muxed_conn.peer_id)
@@ -1190,7 +1231,8 @@ class Node:
                     self._reject("not-member", f"{name} request from non-member {peer}")
                     await write_frame(stream, {"error": "not a member of this swarm"})
                 else:
-                    await write_frame(stream, answer(request))
+                    reply = answer(request)
+                    await write_frame(stream, await reply if inspect.isawaitable(reply) else reply)
         except FrameError as exc:
             self._reject("malformed", f"{name} request from {peer}: {exc}")
             with contextlib.suppress(Exception):

@@ -12,6 +12,8 @@ work, ended them), so their entry re-submits them. A hop for an epoch not deploy
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import subprocess
@@ -24,7 +26,7 @@ from typing import Any
 
 import trio
 
-from hexgen.daemon.deployment import Deployment, Replica
+from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
 from hexgen.daemon.worker import PARENT_ENV
 
@@ -35,6 +37,10 @@ STOP_TIMEOUT_S = 5.0
 # How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
 # apart, and a new epoch is deployed only once the workers it replaces have stopped.
 EPOCH_WAIT_S = 15.0
+# How often a worker's world asks its head's daemon again for the store secret while that daemon has not
+# adopted the plan yet.
+SECRET_RETRY_S = 0.3
+SECRET_BYTES = 32  # an AES-256 key (engine.sealed_store): an HMAC-SHA256 of the world's prefix
 
 
 class ReplicaUnavailable(Exception):
@@ -100,6 +106,9 @@ class Supervisor:
     backend: str = "gloo"
     store_address: tuple[str, int] | None = None
     on_failure: Callable[[int, int, str], Awaitable[None]] | None = None
+    # asks a world's head daemon for its store secret (the world's prefix); daemon.node fills it in
+    fetch_secret: Callable[[str, str], Awaitable[bytes]] | None = None
+    store_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     deployment: Deployment | None = None
     workers: dict[tuple[Any, int], LocalWorker] = field(default_factory=dict)
     listeners: dict[int, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
@@ -108,6 +117,8 @@ class Supervisor:
     _wanted: Deployment | None = None
     _wanted_changed: trio.Event = field(default_factory=trio.Event)
     _exchanging: bool = False  # kept drivers are being told the new epoch's exchange group
+    _planned: trio.Event = field(default_factory=trio.Event)
+    _secrets: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def want(self, deployment: Deployment | None) -> None:
         """Ask for ``deployment`` (None: no workers); the run loop converges on the latest (term, epoch)."""
@@ -115,6 +126,8 @@ class Supervisor:
             return
         self._wanted = deployment
         self._wanted_changed.set()
+        self._planned.set()
+        self._planned = trio.Event()
 
     def _key(self) -> tuple[int, int] | None:
         return None if self._wanted is None else (self._wanted.term, self._wanted.epoch)
@@ -140,6 +153,41 @@ class Supervisor:
                     store.kill()
                     with trio.CancelScope(shield=True):
                         await store.wait()
+
+    async def grant(self, peer: str, prefix: str, wait_s: float) -> bytes:
+        """The store secret of the world under ``prefix`` for ``peer``: only when this daemon's store hosts
+        that world and ``peer`` is one of its members in a deployment wanted here. A plan may reach the asker
+        first, so this waits up to ``wait_s`` for one; raises PermissionError otherwise."""
+        with trio.move_on_after(wait_s):
+            while self.store_address is not None:
+                for deployment in (self._wanted, self.deployment):
+                    world = None if deployment is None else deployment.world(prefix)
+                    if world is not None and world[0] == self.peer_id and peer in world[1]:
+                        return self._own_secret(prefix)
+                await self._planned.wait()
+        raise PermissionError(f"no world under {prefix!r} hosted here has {peer} as a member")
+
+    def _own_secret(self, prefix: str) -> bytes:
+        return hmac.digest(self.store_key, prefix.encode(), hashlib.sha256)
+
+    async def _world_secret(self, head: str, prefix: str) -> bytes:
+        """The store secret of a world: this daemon's own, or asked of the head's daemon (cached)."""
+        if head == self.peer_id:
+            return self._own_secret(prefix)
+        if prefix in self._secrets:
+            return self._secrets[prefix]
+        if self.fetch_secret is None:
+            raise RuntimeError(f"no way to ask {head} for the store secret of {prefix}")
+        error = "no answer"
+        with trio.move_on_after(EPOCH_WAIT_S):
+            while True:
+                try:
+                    self._secrets[prefix] = await self.fetch_secret(head, prefix)
+                    return self._secrets[prefix]
+                except Exception as exc:
+                    error = str(exc) or type(exc).__name__
+                await trio.sleep(SECRET_RETRY_S)
+        raise RuntimeError(f"{head} gave no store secret for {prefix}: {error}")
 
     def _notify(self) -> None:
         self.changed.set()
@@ -186,6 +234,7 @@ class Supervisor:
         if deployment is None:
             self._notify()
             return
+        self._secrets = {prefix: s for prefix, s in self._secrets.items() if deployment.world(prefix) is not None}
         kept_drivers = []
         for slot, worker in self.workers.items():
             worker.replica = wanted[slot]
@@ -204,9 +253,16 @@ class Supervisor:
         # the epoch wait (``wait_ready``) until these frames are out.
         self._exchanging = True
         try:
+            if kept_drivers:
+                try:
+                    secret = await self._world_secret(deployment.exchange_head, deployment.exchange_prefix)
+                except RuntimeError as exc:
+                    for worker in kept_drivers:
+                        await self._failed(worker, deployment.epoch, str(exc))
+                    kept_drivers = []
             for worker in kept_drivers:
                 with contextlib.suppress(Exception):
-                    await worker.send({"op": "exchange", "exchange": self._exchange(deployment, worker)})
+                    await worker.send({"op": "exchange", "exchange": self._exchange(deployment, worker, secret)})
         finally:
             self._exchanging = False
             self._notify()
@@ -223,11 +279,12 @@ class Supervisor:
                     await listener.bind(str(path))
                     listener.listen(1)
                     worker.process = await trio.lowlevel.open_process(command, env=env, stdin=subprocess.DEVNULL)
+                    secrets = await self._secrets_of(deployment, worker)  # while the process imports torch
                     with trio.fail_after(START_TIMEOUT_S):
                         sock, _ = await listener.accept()
                     listener.close()
                     worker.channel = _SocketStream(trio.SocketStream(sock))
-                    await worker.send(self._configure_frame(deployment, worker))
+                    await worker.send(self._configure_frame(deployment, worker, *secrets))
                     reader = FrameReader(worker.channel)
                     with trio.fail_after(START_TIMEOUT_S):
                         reply = await reader.read()
@@ -240,13 +297,8 @@ class Supervisor:
                     await self._read_events(worker, reader)
                     raise RuntimeError(f"worker of rank {worker.rank} exited")
                 except (Exception, trio.TooSlowError) as exc:
-                    worker.error = str(exc) or type(exc).__name__
                     epoch = self.deployment.epoch if self.deployment is not None else deployment.epoch
-                    log.warning("epoch %d: %s", epoch, worker.error)
-                    self._fail_worker_requests(worker, worker.error)
-                    self._notify()
-                    if self.on_failure is not None:
-                        await self.on_failure(epoch, worker.rank, worker.error)
+                    await self._failed(worker, epoch, str(exc) or type(exc).__name__)
                     await trio.sleep_forever()  # stays failed until the next epoch replaces it
         finally:
             listener.close()
@@ -254,6 +306,22 @@ class Supervisor:
                 with trio.CancelScope(shield=True):
                     await self._stop(worker, worker.process)
             worker.stopped.set()
+
+    async def _failed(self, worker: LocalWorker, epoch: int, error: str) -> None:
+        worker.error = error
+        log.warning("epoch %d: %s", epoch, error)
+        self._fail_worker_requests(worker, error)
+        self._notify()
+        if self.on_failure is not None:
+            await self.on_failure(epoch, worker.rank, error)
+
+    async def _secrets_of(self, deployment: Deployment, worker: LocalWorker) -> tuple[bytes, bytes | None]:
+        """The store secrets of the worker's replica world and, when there is one, the exchange group."""
+        replica = worker.replica
+        own = await self._world_secret(replica.head, replica_prefix(deployment.term, worker.formed, replica))
+        if not deployment.needs_exchange:
+            return own, None
+        return own, await self._world_secret(deployment.exchange_head, deployment.exchange_prefix)
 
     async def _stop(self, worker: LocalWorker, process: trio.Process) -> None:
         """A ready driver is asked to stop its replica in step; anything else (a worker still forming its
@@ -277,25 +345,29 @@ class Supervisor:
             "device": self.device,
         }
 
-    def _exchange(self, deployment: Deployment, worker: LocalWorker) -> dict[str, Any]:
+    def _exchange(self, deployment: Deployment, worker: LocalWorker, secret: bytes) -> dict[str, Any]:
         return {
             "store": list(deployment.rendezvous),
             "prefix": deployment.exchange_prefix,
+            "secret": secret.hex(),
             "first_rank": worker.replica.first_rank,
             "size": deployment.world_size,
             "replicas": [self._spec(r) for r in deployment.replicas],
         }
 
-    def _configure_frame(self, deployment: Deployment, worker: LocalWorker) -> dict[str, Any]:
+    def _configure_frame(
+        self, deployment: Deployment, worker: LocalWorker, secret: bytes, exchange_secret: bytes | None
+    ) -> dict[str, Any]:
         replica = worker.replica
         return {
             "op": "configure",
             "rank": worker.layout_rank,
             "world_size": replica.size,
             "store": list(deployment.replica_rendezvous[replica.index]),
-            "prefix": f"hexgen/{deployment.term}/{worker.formed}/{replica.digest}/",
+            "prefix": replica_prefix(deployment.term, worker.formed, replica),
+            "secret": secret.hex(),
             "replica": self._spec(replica) | {"first_rank": 0},
-            "exchange": self._exchange(deployment, worker) if deployment.needs_exchange else None,
+            "exchange": None if exchange_secret is None else self._exchange(deployment, worker, exchange_secret),
             "device": self.device if self.device == "cpu" else f"{self.device}:{worker.local_gpu}",
             "threads": self.threads,
             "backend": "nccl" if self.device.startswith("cuda") else self.backend,

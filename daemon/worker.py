@@ -97,10 +97,17 @@ def exchange_from(raw: dict[str, Any]) -> Any:
 
     host, port = raw["store"]
     peers = tuple(spec_from(r) for r in raw["replicas"])
-    return ExchangeConfig(str(host), int(port), str(raw["prefix"]), int(raw["first_rank"]), int(raw["size"]), peers)
+    prefix, first_rank, size = str(raw["prefix"]), int(raw["first_rank"]), int(raw["size"])
+    return ExchangeConfig(str(host), int(port), prefix, first_rank, size, peers, secret=_secret(raw))
 
 
-def _join(config: dict[str, Any]) -> Any:
+def _secret(raw: dict[str, Any]) -> bytes | None:
+    """The world's store secret (hex in the frame); only worlds started without a daemon have none."""
+    return bytes.fromhex(raw["secret"]) if raw.get("secret") is not None else None
+
+
+def _join(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The replica worker of ``config`` in its world, and the world's store (None for a tcp:// world)."""
     import torch
 
     from hexgen.engine.worker import ReplicaWorker, init_world, init_world_store, replica_groups
@@ -110,15 +117,17 @@ def _join(config: dict[str, Any]) -> Any:
     spec = dataclasses.replace(spec, first_rank=0, device=str(config.get("device", spec.device)))
     rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = None
     if "store" in config:
         host, port = config["store"]
-        init_world_store(rank, size, str(host), int(port), str(config.get("prefix", "")), backend)
+        prefix = str(config.get("prefix", ""))
+        store = init_world_store(rank, size, str(host), int(port), prefix, backend, secret=_secret(config))
     else:
         init_world(rank, size, int(config["port"]), backend)
     worker = ReplicaWorker(spec, rank, replica_groups([spec]))
     if config.get("exchange"):
         worker.begin_exchange(exchange_from(config["exchange"]))
-    return worker
+    return worker, store
 
 
 def serve(channel: Channel) -> None:
@@ -130,7 +139,7 @@ def serve(channel: Channel) -> None:
         channel.send({"op": "failed", "error": "the first frame must be configure"})
         return
     try:
-        worker = _join(config)
+        worker, _world_store = _join(config)  # the store outlives the world while serve runs
     except Exception as exc:
         channel.send({"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return

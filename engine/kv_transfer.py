@@ -222,6 +222,7 @@ class Exchange:
     ranks are numbered within it."""
 
     group: Any
+    store: Any = None  # what the group formed on: a store written in Python must outlive its group
 
     def post(self, buffer: torch.Tensor, peer: int, tag: int, sending: bool) -> dist.Work:
         return self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)

@@ -35,6 +35,7 @@ from hexgen.engine.layout import GroupLayout, rank_position, stage_ranks, valida
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from hexgen.engine.sealed_store import open_store
 from hexgen.engine.sequence import SamplingParams, Sequence
 
 TRANSFER_TIMEOUT = timedelta(seconds=60)
@@ -318,10 +319,10 @@ class ReplicaWorker:
     def _join_exchange(self, config: ExchangeConfig) -> None:
         try:
             timeout = timedelta(seconds=config.timeout_s)
-            store = dist.TCPStore(config.host, config.port, None, is_master=False, timeout=timeout)
+            store = open_store(config.host, config.port, timeout, config.secret)
             rank = config.first_rank + self.layout_rank
             group = dist.ProcessGroupGloo(dist.PrefixStore(config.prefix, store), rank, config.size, timeout)
-            self._joined.append((Exchange(group), list(config.peers)))
+            self._joined.append((Exchange(group, store), list(config.peers)))
         except BaseException as exc:  # handed to the step thread by await_exchange
             self._joined.append(exc)
 
@@ -349,6 +350,7 @@ class ExchangeConfig:
     size: int
     peers: tuple[ReplicaSpec, ...]
     timeout_s: float = 120.0
+    secret: bytes | None = None  # seals the store's values (engine.sealed_store)
 
 
 def kv_tag(seq_id: int) -> int:
@@ -362,14 +364,24 @@ def driver_rank(spec: ReplicaSpec) -> int:
 
 
 def init_world_store(
-    rank: int, size: int, host: str, port: int, prefix: str, backend: str = "gloo", timeout_s: float = 120.0
-) -> None:
+    rank: int,
+    size: int,
+    host: str,
+    port: int,
+    prefix: str,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    secret: bytes | None = None,
+) -> dist.Store:
     """Join a world through the store served at ``host:port`` (by another process: hexgen.daemon.store);
     keys live under ``prefix`` (one per plan epoch), so a late worker of an older epoch can never
-    rendezvous with a newer world."""
+    rendezvous with a newer world, and values are sealed with ``secret``, so an outsider cannot join it.
+    Returns the store, which the caller keeps as long as the world: a Python store whose object is gone
+    fails every later call the world makes into it (new groups, barriers)."""
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
+    store = open_store(host, port, timeout, secret, world_size=size)
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=size, timeout=timeout)
+    return store
 
 
 def init_world(rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:

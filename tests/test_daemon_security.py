@@ -240,6 +240,21 @@ async def _hypothesis_gossip(client) -> None:
         await client.pubsub.publish(CONTROL_TOPIC, data)
 
 
+def certificate(swarm_key, peer: str) -> bytes:
+    from hexgen.daemon import identity
+
+    return identity.issue_certificate(identity.load_swarm_key(swarm_key), peer, 3600.0)
+
+
+def admitted(tmp_path, name: str, swarm_key) -> list[str]:
+    """The join flags of daemon ``name`` (its key in the harness's place) with a certificate of the swarm."""
+    from hexgen.daemon import identity
+
+    node_key = identity.load_or_create_key(tmp_path / f"{name}.key")
+    identity.write_certificate(tmp_path / f"{name}.cert", certificate(swarm_key, identity.peer_id_of(node_key)))
+    return ["--swarm-cert", str(tmp_path / f"{name}.cert")]
+
+
 async def test_private_swarm_serves_member_clients_only(tmp_path, stories_dir):
     """A private swarm requires member clients: a stranger's generate request, or one presenting a certificate
     of another swarm or of another peer, is refused with a reason; a client with its own certificate gets the
@@ -252,15 +267,9 @@ async def test_private_swarm_serves_member_clients_only(tmp_path, stories_dir):
     swarm_key, other_key = tmp_path / "swarm.key", tmp_path / "other.key"
     identity.create_swarm_key(swarm_key)
     identity.create_swarm_key(other_key)
-
-    def certificate(key_path, peer: str) -> bytes:
-        return identity.issue_certificate(identity.load_swarm_key(key_path), peer, 3600.0)
-
-    node_key = identity.load_or_create_key(tmp_path / "p0.key")
-    identity.write_certificate(tmp_path / "p0.cert", certificate(swarm_key, identity.peer_id_of(node_key)))
     swarm = Swarm(tmp_path, model=str(stories_dir))
     try:
-        daemon = swarm.start("p0", gpu="A100", extra=["--swarm-cert", str(tmp_path / "p0.cert")])
+        daemon = swarm.start("p0", gpu="A100", extra=admitted(tmp_path, "p0", swarm_key))
         prompt = [1, 403, 407, 261, 378]
         (reference,) = reference_greedy(stories_dir, [prompt], 8)
         member_key, stranger_key = new_identity(), new_identity()
@@ -281,5 +290,56 @@ async def test_private_swarm_serves_member_clients_only(tmp_path, stories_dir):
             assert answer == {"error": "not a member of this swarm"}, answer
         tokens = [f["token"] for f in await frames(member_key, own) if "token" in f]
         assert tokens == reference
+    finally:
+        swarm.close()
+
+
+async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories_dir):
+    """Two daemons of a private swarm serve one TP=2 replica: p1's worker got the secret of p0's store (the
+    reference tokens come back). p0 refuses that secret to a stranger (not a member of the swarm) and to a
+    member client that is not in the world, counting each refusal."""
+    from checkpoints import reference_greedy
+
+    from hexgen.daemon import identity
+    from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
+    from hexgen.daemon.node import RENDEZVOUS_PROTOCOL, call
+    from hexgen.daemon.router import generate
+
+    swarm_key = tmp_path / "swarm.key"
+    identity.create_swarm_key(swarm_key)
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["p0", "p1"], layers = [0, 5] }]\n')
+    swarm = Swarm(tmp_path, model=str(stories_dir))
+    try:
+        pin = ["--pin-plan", str(pinned)]
+        head = swarm.start("p0", gpu="A100", extra=admitted(tmp_path, "p0", swarm_key) + pin)
+        other = swarm.start("p1", bootstrap=[head.addr], extra=admitted(tmp_path, "p1", swarm_key) + pin)
+        member_key, stranger_key = new_identity(), new_identity()
+        ask = {"cert": certificate(swarm_key, peer_id_of(member_key))}
+        prompt = [1, 403, 407, 261, 378]
+        (reference,) = reference_greedy(stories_dir, [prompt], 8)
+        async with open_client(member_key) as client:
+            ids = {head.peer_id, other.peer_id}
+            view, _ = await wait_until(client, [head, other], serving(ids), timeout=120, what="serving", request=ask)
+            state = view[head.peer_id]
+            with trio.fail_after(60):
+                request = {"tokens": prompt, "max_tokens": 8} | ask
+                tokens = [f["token"] async for f in generate(client, other.peer_id, request) if "token" in f]
+            assert tokens == reference
+            (replica,) = deployment_from_plan(state["plan"]["body"], {p: ("x", 1) for p in ids}).replicas
+            assert replica.head == head.peer_id
+            formed = {w["formed"] for w in state["serving"]["workers"].values()}
+            prefix = replica_prefix(state["plan"]["term"], formed.pop(), replica)
+            with trio.fail_after(20):
+                refused = await call(client, head.peer_id, RENDEZVOUS_PROTOCOL, ask | {"prefix": prefix})
+            assert "secret" not in refused and "as a member" in refused["error"], refused
+        async with open_client(stranger_key) as stranger:
+            await stranger.connect(head.addr)
+            with trio.fail_after(20):
+                refused = await call(stranger, head.peer_id, RENDEZVOUS_PROTOCOL, {"prefix": prefix})
+            assert refused == {"error": "not a member of this swarm"}
+        async with open_client(member_key) as client:
+            state = (await statuses(client, [head], ask))[head.peer_id]
+        assert state["rejections"].get("not-in-world") == 1 and state["rejections"].get("not-member", 0) >= 1
     finally:
         swarm.close()

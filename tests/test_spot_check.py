@@ -88,8 +88,9 @@ def test_only_deterministic_requests_are_checked():
 @pytest.mark.timeout(300)
 async def test_a_peer_that_flips_tokens_is_flagged_and_planned_without(tmp_path, stories_dir):
     """Four daemons serve stories260K, each GPU its own replica; n3 answers replica hops with every token plus
-    one. The entry n0 spot-checks every request: the first that n3 served is outvoted two to one, n3 is flagged
-    in every daemon's status, and the next plan gives it no GPU; requests then get the reference tokens."""
+    one. The entry n0 spot-checks every request: the first check n3 takes part in, as the route that served or
+    as the one re-running it, outvotes n3 two to one; n3 is flagged in every daemon's status, and the next plan
+    gives it no GPU; requests then get the reference tokens."""
     max_tokens = 12
     prompts = random_prompts(60, 512, seed=11, low=3, high=20)
     reference = reference_greedy(stories_dir, prompts, max_tokens)
@@ -110,14 +111,12 @@ async def test_a_peer_that_flips_tokens_is_flagged_and_planned_without(tmp_path,
                 with trio.fail_after(60):
                     return [f["token"] async for f in generate(client, first.peer_id, request) if "token" in f]
 
-            wrong = 0
             for i in range(len(prompts)):
-                wrong += await ask(i) != reference[i]
+                await ask(i)
                 entry = (await statuses(client, [first]))[first.peer_id] or {}
                 if liar.peer_id in entry.get("flagged", {}):
                     break
-            assert wrong >= 1, "no request reached the liar's replica"
-            assert liar.peer_id in entry["flagged"], entry.get("spot_checks")
+            assert liar.peer_id in entry.get("flagged", {}), entry.get("spot_checks")
             assert entry["spot_checks"].get("accused", 0) >= 1
 
             def without_liar(view) -> bool:

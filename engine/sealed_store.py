@@ -1,0 +1,82 @@
+"""A torch.distributed store whose values are sealed (AES-GCM) with a world's secret.
+
+The rendezvous store is a plain TCP key-value server: anyone who reaches its port can list, read and write
+every key. Sealing each value with a key only the world's members hold, bound to the key it is stored
+under, means an outsider learns neither the workers' addresses nor an NCCL unique id, and a value it writes
+(or copies from another key) makes the worker that reads it refuse the rendezvous instead of connecting to
+the outsider. Counters (``add``) stay in the clear; tampering with them can stall a world, not join it.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+NONCE_BYTES = 12
+SECRET_BYTES = 32
+
+
+class RendezvousRefused(RuntimeError):
+    """A value in the store is not sealed with this world's secret: someone outside the world wrote it."""
+
+
+class SealedStore(dist.Store):
+    """Wraps ``inner``; ``set`` seals, ``get`` opens and refuses what does not open."""
+
+    def __init__(self, inner: dist.Store, secret: bytes) -> None:
+        if len(secret) != SECRET_BYTES:
+            raise ValueError(f"a world secret is {SECRET_BYTES} bytes, not {len(secret)}")
+        super().__init__()
+        self.inner = inner
+        self.aead = AESGCM(secret)
+
+    def set(self, key: str, value: bytes | str) -> None:
+        plain = value.encode() if isinstance(value, str) else bytes(value)
+        nonce = os.urandom(NONCE_BYTES)
+        self.inner.set(key, nonce + self.aead.encrypt(nonce, plain, key.encode()))
+
+    def get(self, key: str) -> bytes:
+        sealed = self.inner.get(key)
+        try:
+            return self.aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], key.encode())
+        except (InvalidTag, ValueError):
+            raise RendezvousRefused(
+                f"the rendezvous value under {key!r} is not sealed with this world's secret"
+            ) from None
+
+    def add(self, key: str, amount: int) -> int:
+        return self.inner.add(key, amount)
+
+    def check(self, keys: list[str]) -> bool:
+        return self.inner.check(keys)
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        if timeout is None:
+            self.inner.wait(keys)
+        else:
+            self.inner.wait(keys, timeout)
+
+    def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
+        raise RendezvousRefused("compare_set cannot be sealed; no hexgen world uses it")
+
+    def delete_key(self, key: str) -> bool:
+        return self.inner.delete_key(key)
+
+    def num_keys(self) -> int:
+        return self.inner.num_keys()
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        self.inner.set_timeout(timeout)
+
+
+def open_store(
+    host: str, port: int, timeout: timedelta, secret: bytes | None, world_size: int | None = None
+) -> dist.Store:
+    """A client of the TCPStore at ``host:port``, sealed with ``secret`` (None: in the clear, for worlds
+    that never leave one trusted machine, as in tests)."""
+    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    return store if secret is None else SealedStore(store, secret)

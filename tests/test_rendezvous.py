@@ -1,0 +1,183 @@
+"""Who may rendezvous: sealed store values (an outsider at the store's port can neither read a world's
+addresses nor plant its own), which prefixes name which world, and which peers a store's daemon hands a
+world's secret to."""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import trio
+import trio.testing
+
+from hexgen.coordinator.pinned import parse_pinned, pinned_plan
+from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
+from hexgen.daemon.supervisor import Supervisor
+from hexgen.engine.sealed_store import RendezvousRefused, SealedStore
+
+PREFIX = "hexgen/1/3/abc/"
+GLOO_KEY = PREFIX + "/0/{rank}"  # where gloo's first context puts each rank's address (PrefixStore adds "/")
+PINNED = """
+[[groups]]
+role = "prefill"
+stages = [{ gpus = ["a", "b"], layers = [0, 5] }]
+
+[[groups]]
+role = "decode"
+stages = [{ gpus = ["c"], layers = [0, 5] }]
+"""
+GPUS = {"0": ["pa", 0], "1": ["pb", 0], "2": ["pc", 0]}
+RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pc": ("127.0.0.1", 5001)}
+
+
+@pytest.fixture
+def store_port():
+    server = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+    yield server.port
+    del server
+
+
+def outsider(port: int) -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", port, None, is_master=False, timeout=timedelta(seconds=10))
+
+
+def form(port: int, ranks: list[int], secrets: list[bytes], size: int = 2) -> dict[int, object]:
+    """Each of ``ranks`` joins a gloo world under PREFIX with its secret, in its own thread, and all-reduces
+    its rank + 1; returns each rank's sum, or the exception it raised."""
+    outcomes: dict[int, object] = {}
+
+    def join(rank: int, secret: bytes) -> None:
+        try:
+            store = SealedStore(outsider(port), secret)
+            group = dist.ProcessGroupGloo(dist.PrefixStore(PREFIX, store), rank, size, timedelta(seconds=10))
+            value = torch.tensor([rank + 1.0])
+            group.allreduce([value]).wait()
+            outcomes[rank] = value.item()
+        except Exception as exc:
+            outcomes[rank] = exc
+
+    threads = [threading.Thread(target=join, args=(r, s)) for r, s in zip(ranks, secrets, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
+def test_members_with_the_secret_form_a_world_whose_values_an_outsider_cannot_read(store_port):
+    secret = os.urandom(32)
+    assert form(store_port, [0, 1], [secret, secret]) == {0: 3.0, 1: 3.0}
+    spy = outsider(store_port)
+    keys = [key for key in spy.list_keys() if key.startswith(PREFIX)]
+    assert len(keys) == 2
+    for key in keys:
+        sealed = spy.get(key)
+        assert SealedStore(spy, secret).get(key) != sealed
+        with pytest.raises(RendezvousRefused, match="not sealed with this world's secret"):
+            SealedStore(spy, os.urandom(32)).get(key)
+
+
+def test_a_worker_refuses_an_address_an_outsider_planted(store_port):
+    """The outsider writes rank 1's key before rank 1 arrives (as it would to have rank 0 connect to it):
+    rank 0 refuses the rendezvous instead of connecting."""
+    secret = os.urandom(32)
+    rank0 = SealedStore(outsider(store_port), secret)
+    planted = outsider(store_port)
+    outcomes: dict[int, object] = {}
+
+    def join() -> None:
+        try:
+            dist.ProcessGroupGloo(dist.PrefixStore(PREFIX, rank0), 0, 2, timedelta(seconds=10))
+            outcomes[0] = "joined"
+        except Exception as exc:
+            outcomes[0] = exc
+
+    thread = threading.Thread(target=join)
+    thread.start()
+    planted.wait([GLOO_KEY.format(rank=0)])
+    planted.set(GLOO_KEY.format(rank=1), b"the outsider's own address")
+    thread.join(30)
+    assert isinstance(outcomes.get(0), Exception) and "not sealed with this world's secret" in str(outcomes[0])
+
+
+def test_a_value_copied_from_another_key_is_refused(store_port):
+    """Sealing binds a value to its key: rank 0's own sealed address, copied under rank 1's key, is refused."""
+    secret = os.urandom(32)
+    sealed = SealedStore(outsider(store_port), secret)
+    sealed.set(PREFIX + "0", b"address of rank 0")
+    spy = outsider(store_port)
+    spy.set(PREFIX + "1", spy.get(PREFIX + "0"))
+    assert sealed.get(PREFIX + "0") == b"address of rank 0"
+    with pytest.raises(RendezvousRefused):
+        sealed.get(PREFIX + "1")
+
+
+def test_a_world_needs_one_secret(store_port):
+    """Two ranks with different secrets never form a world: each refuses the other's address."""
+    outcomes = form(store_port, [0, 1], [os.urandom(32), os.urandom(32)])
+    assert all(isinstance(o, Exception) for o in outcomes.values()), outcomes
+
+
+def deployment(epoch: int = 7):
+    plan = pinned_plan(parse_pinned(PINNED), {("a", 0): 0, ("b", 0): 1, ("c", 0): 2}).to_dict()
+    return deployment_from_plan({"plan": plan, "gpus": GPUS, "term": 2, "epoch": epoch}, RENDEZVOUS)
+
+
+def test_prefixes_name_the_exchange_group_and_replicas_formed_up_to_the_epoch():
+    world = deployment()
+    prefill, decode = world.replicas
+    assert world.world(world.exchange_prefix) == ("pa", frozenset({"pa", "pb", "pc"}))
+    assert world.world(replica_prefix(2, 7, prefill)) == ("pa", frozenset({"pa", "pb"}))
+    assert world.world(replica_prefix(2, 3, decode)) == ("pc", frozenset({"pc"}))
+    for prefix in (
+        replica_prefix(2, 8, prefill),  # formed after this epoch
+        replica_prefix(1, 7, prefill),  # another term
+        "hexgen/2/7/0123456789abcdef/",  # no such replica
+        "hexgen/2/x/exchange/",
+        "hexgen/2/7/" + prefill.digest,
+        "",
+    ):
+        assert world.world(prefix) is None, prefix
+
+
+@pytest.mark.trio
+async def test_a_store_daemon_grants_secrets_to_a_world_s_members_only():
+    head = Supervisor("pa", "model", store_address=("127.0.0.1", 5000))
+    world = deployment()
+    head.want(world)
+    prefill_prefix = replica_prefix(2, 7, world.replicas[0])
+    secret = await head.grant("pb", prefill_prefix, wait_s=1)
+    assert len(secret) == 32 and secret == await head.grant("pa", prefill_prefix, wait_s=1)
+    assert secret != await head.grant("pc", world.exchange_prefix, wait_s=1)
+    for peer, prefix in (("pc", prefill_prefix), ("stranger", world.exchange_prefix)):
+        with pytest.raises(PermissionError):
+            await head.grant(peer, prefix, wait_s=0.2)
+    not_head = Supervisor("pc", "model", store_address=("127.0.0.1", 5001))
+    not_head.want(world)
+    with pytest.raises(PermissionError):  # pc is a member, but pa's store hosts that world
+        await not_head.grant("pb", prefill_prefix, wait_s=0.2)
+    restarted = Supervisor("pa", "model", store_address=("127.0.0.1", 5000))  # a new store key
+    restarted.want(world)
+    assert await restarted.grant("pb", prefill_prefix, wait_s=1) != secret
+
+
+@pytest.mark.trio
+async def test_a_grant_waits_for_the_plan_that_reaches_the_asker_first():
+    head = Supervisor("pa", "model", store_address=("127.0.0.1", 5000))
+    head.want(deployment(epoch=6))
+    later = deployment(epoch=7)
+    granted: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+
+        async def ask() -> None:
+            granted.append(await head.grant("pc", later.exchange_prefix, wait_s=5))
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not granted
+        head.want(later)
+    assert len(granted) == 1
