@@ -140,13 +140,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for noisy in ("libp2p", "multiaddr", "async_service"):  # the client host's own teardown chatter
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
-        trio.run(run_demo, str(model), built_in, gpus, args.prompt, args.max_tokens, sys.stdout)
+        trio.run(_until_ctrl_c, run_demo, str(model), built_in, gpus, args.prompt, args.max_tokens, sys.stdout)
     except BaseException as exc:
         if not _interrupted(exc):
             raise
         print("\ninterrupted: the swarm was stopped, no process is left", file=sys.stderr)
         return 130
     return 0
+
+
+async def _until_ctrl_c(main: Any, *args: Any) -> None:
+    """Run ``main``; a Ctrl-C cancels it and raises KeyboardInterrupt here. trio would otherwise raise it in
+    whichever task it interrupts, and a libp2p service task may swallow it (the demo then ran on)."""
+    import signal
+
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+
+            async def run_main() -> None:
+                await main(*args)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run_main)
+            async for _ in signals:
+                raise KeyboardInterrupt
 
 
 def _interrupted(exc: BaseException) -> bool:
