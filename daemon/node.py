@@ -112,6 +112,22 @@ class NodeConfig:
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # the OpenAI-compatible gateway, /status and /metrics; None: no HTTP
     api_key: str | None = None  # required as a bearer token on /v1/* when set
+    # Members lost without a goodbye are dialled again, first after redial_first_s, the gap doubling up to
+    # redial_max_gap_s, for redial_for_s: a partition that outlasts TCP's retransmissions closes its
+    # connections, and only a dial brings the sides back together.
+    redial_first_s: float = 1.0
+    redial_max_gap_s: float = 20.0
+    redial_for_s: float = 1800.0
+
+
+@dataclass
+class LostPeer:
+    """A member (or, keyed by address, a bootstrap peer) this node dials again until it answers."""
+
+    since: float
+    gap: float
+    next_try: float
+    dialling: bool = False
 
 
 @dataclass
@@ -233,6 +249,7 @@ class Node:
                     nursery.start_soon(self._dial, addr)
                 nursery.start_soon(self._announce)
                 nursery.start_soon(self._keep_connected)
+                nursery.start_soon(self._redial)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._coordinate)
                 nursery.start_soon(self._probe_links)
@@ -337,6 +354,7 @@ class Node:
         elif not self._is_member(env.signer):
             self._reject("not-member", f"{env.kind} from {env.signer}, which is not a live member")
         elif env.kind == "leave":
+            self._adverts.pop(env.signer, None)  # gone for good: not dialled again
             if self.table.drop(env.signer, now):
                 self._event("leave", f"peer {env.signer} left", peer=env.signer)
                 self._peer_gone(env.signer)
@@ -600,6 +618,56 @@ class Node:
                     self._event("leave", f"peer {record.peer_id} is unreachable", peer=record.peer_id)
                     self._peer_gone(record.peer_id)
             await self._wait_change(1.0)
+
+    async def _redial(self) -> None:
+        """Dial again, with backoff, every member whose advert this node holds but that is neither in the peer
+        table nor connected (it vanished without leaving: a crash, or a partition whose connections timed
+        out); and the bootstrap peers whenever this node is connected to nobody. A member given up on after
+        ``redial_for_s`` is forgotten. One pass a second; dials run side by side."""
+        assert self.host is not None
+        config = self.config
+        lost: dict[str, LostPeer] = {}
+        async with trio.open_nursery() as nursery:
+            while not self._leaving:
+                now, connected = self.clock(), self.host.connected_peers()
+                targets: dict[str, list[str] | None] = {
+                    peer: list(env.body["addrs"])
+                    for peer, env in self._adverts.items()
+                    if peer != self.peer_id and peer not in self.table.peers and peer not in connected
+                }
+                if not connected:
+                    targets.update(dict.fromkeys(config.bootstrap))
+                for key in [k for k in lost if k not in targets]:
+                    del lost[key]
+                for key, addrs in targets.items():
+                    entry = lost.setdefault(key, LostPeer(now, config.redial_first_s, now + config.redial_first_s))
+                    if addrs is not None and now - entry.since > config.redial_for_s:
+                        del lost[key], self._adverts[key]
+                    elif now >= entry.next_try and not entry.dialling:
+                        entry.gap = min(2 * entry.gap, config.redial_max_gap_s)
+                        entry.next_try = now + entry.gap
+                        entry.dialling = True
+                        nursery.start_soon(self._redial_one, key, addrs, entry)
+                await trio.sleep(1.0)
+
+    async def _redial_one(self, key: str, addrs: list[str] | None, entry: LostPeer) -> None:
+        """One dial of a lost member (``addrs``) or a bootstrap address (``key`` when ``addrs`` is None); on
+        success a sync brings its view, and the members it knows, at once."""
+        assert self.host is not None
+        peer: str | None = key if addrs is not None else None
+        try:
+            with trio.move_on_after(RPC_TIMEOUT_S):
+                if addrs is None:
+                    peer = await self.host.connect(key)
+                else:
+                    await self.host.connect_peer(key, addrs)
+        except Exception as exc:
+            log.debug("dialling %s again failed: %s", key, exc)
+        finally:
+            entry.dialling = False
+        if peer is not None and peer in self.host.connected_peers():
+            log.info("reconnected to %s", peer)
+            await self._sync_from(peer)
 
     async def _watch_connects(self) -> None:
         """A joining node announces itself on its first connections, so every member sees it in one gossip

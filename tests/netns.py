@@ -197,6 +197,20 @@ class Lab:
         for end in self.cable():
             _ip("link", "set", end, "down")
 
+    def drop_connections(self) -> int:
+        """Abort every TCP connection between the sides, at both ends, as retransmissions giving up during a
+        long partition would (``ss -K``: the kernel needs CONFIG_INET_DIAG_DESTROY); returns how many are
+        still established afterwards (0 where it worked)."""
+        left = 0
+        for ns in self.namespaces:
+            for other in self.namespaces:
+                if other.side == ns.side:
+                    continue
+                ss = ["ip", "netns", "exec", ns.name, "ss", "-H", "-t", "state", "established", "dst", other.ip]
+                subprocess.run([*ss[:5], "-K", *ss[5:]], capture_output=True, text=True, timeout=30)
+                left += len(subprocess.run(ss, capture_output=True, text=True, timeout=30).stdout.splitlines())
+        return left
+
     def heal(self) -> None:
         for end in self.cable():
             _ip("link", "set", end, "up")

@@ -185,6 +185,19 @@ def check_one_plan_wins(view: dict[str, Any], healed_at: float) -> int:
     return len(late)
 
 
+def apart(sides: dict[str, list[Daemon]]) -> Any:
+    """Every daemon's peer table holds exactly its own side."""
+
+    def check(view: dict[str, Any]) -> bool:
+        return all(
+            view[d.peer_id] is not None and set(view[d.peer_id]["members"]) == {e.peer_id for e in ds}
+            for ds in sides.values()
+            for d in ds
+        )
+
+    return check
+
+
 def first_leave(view: dict[str, Any], since: float, sides: dict[str, list[Daemon]]) -> float:
     """When the first daemon dropped a peer of the other side (daemon clock)."""
     side_of = {d.peer_id: side for side, ds in sides.items() for d in ds}
@@ -198,9 +211,14 @@ def first_leave(view: dict[str, Any], since: float, sides: dict[str, list[Daemon
     return min(times)
 
 
-async def test_partition_splits_and_heals_to_one_plan(lab: Lab, daemons: list[Daemon], tmp_path: Path) -> None:
+@pytest.mark.parametrize("lasting", [False, True], ids=["brief", "lasting"])
+async def test_partition_splits_and_heals_to_one_plan(
+    lab: Lab, daemons: list[Daemon], tmp_path: Path, lasting: bool
+) -> None:
     """Converge; cut the cable; each side plans for itself (the side without the coordinator elects one in a
     higher term); heal; all six converge on one plan, and no two plans conflict (``check_one_plan_wins``).
+    A ``lasting`` partition also loses every connection between the sides before the heal, as one that
+    outlasts TCP's retransmissions does, so only dialling lost members again brings the sides together.
     Prints when the split was first detected, when each side held its own plan, and when the heal converged,
     each in seconds after the cut or the heal."""
     sides = start_swarm(lab, tmp_path, daemons)
@@ -224,6 +242,11 @@ async def test_partition_splits_and_heals_to_one_plan(lab: Lab, daemons: list[Da
         assert split[new_side]["term"] > before["term"], "the side without the coordinator kept its term"
         for side, status in split.items():  # each side keeps serving what it can: a real plan of its own GPUs
             assert status["plan"]["body"]["plan"] is not None, (side, status["plan"]["body"].get("error"))
+        if lasting:
+            if lab.drop_connections():
+                pytest.skip("this kernel cannot abort TCP connections (ss -K needs CONFIG_INET_DIAG_DESTROY)")
+            _, took = await wait_until(client, daemons, apart(sides), timeout=SPLIT_S, what="apart")
+            print(f"connections between the sides dropped; every daemon knows only its side after {took:.2f} s")
 
         healed_at = time.time()
         lab.heal()
