@@ -79,6 +79,11 @@ class Deployment:
     restart: bool = False  # rebuild every replica, even unchanged ones (after a worker failed)
 
     @property
+    def version(self) -> tuple[int, int]:
+        """(term, epoch): epochs restart their count under each coordinator, so only both name a plan."""
+        return self.term, self.epoch
+
+    @property
     def needs_exchange(self) -> bool:
         """True when KV moves between replicas (some replica prefills for others)."""
         return any(r.role == "prefill" for r in self.replicas)

@@ -176,7 +176,7 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     sampling.setdefault("max_tokens", 16)
     sampling["stop_token_ids"] = sampling.get("stop_token_ids") or []  # nil (or empty) means none
     # the checks every replica makes (types a worker can use, max_tokens within the limit)
-    _check_replica_request({"id": 0, "epoch": 0, "replica": 0, "tokens": tokens, "sampling": sampling})
+    _check_replica_request({"id": 0, "term": 0, "epoch": 0, "replica": 0, "tokens": tokens, "sampling": sampling})
     if len(tokens) + sampling["max_tokens"] > max_context:
         raise RequestError(
             f"prompt ({len(tokens)} tokens) plus max_tokens ({sampling['max_tokens']}) exceeds the model's "
@@ -343,11 +343,11 @@ class Router:
     ) -> tuple[str, int]:
         produced: list[int] = []
         failures: list[str] = []  # hops whose work failed; refusals (see below) are not counted
-        failed: set[tuple[int, int]] = set()  # (epoch, replica) that failed this request
+        failed: set[tuple[tuple[int, int], int]] = set()  # (plan version, replica) that failed this request
         with trio.fail_after(REQUEST_DEADLINE_S):
             while True:
                 deployment = await self._deployment()
-                usable = [r.index for r in deployment.replicas if (deployment.epoch, r.index) not in failed]
+                usable = [r.index for r in deployment.replicas if (deployment.version, r.index) not in failed]
                 entry = deployment.pick_entry(self.rng, usable)
                 replica = None if entry is None else deployment.replicas[entry]
                 dst = None
@@ -356,12 +356,13 @@ class Router:
                 if replica is None or (replica.role == "prefill" and dst is None):
                     if not failed:
                         raise HopFailed("the plan has no replica that takes new requests")
-                    await self._next_epoch(deployment.epoch)  # every usable path failed: wait for a new world
+                    await self._next_plan(deployment.version)  # every usable path failed: wait for a new world
                     continue
                 left = sampling["max_tokens"] - len(produced)
                 whole = not produced  # this attempt makes every token: a spot-check can judge its route alone
                 request = {
                     "id": self.rng.getrandbits(31),
+                    "term": deployment.term,
                     "epoch": deployment.epoch,
                     "replica": entry,
                     "dst": -1 if dst is None else dst,
@@ -397,9 +398,9 @@ class Router:
                     log.info("request re-submitted after %d tokens: %s", len(produced), exc)
                     if len(failures) > RESUBMIT_LIMIT:
                         raise HopFailed(f"gave up after {len(failures)} failed attempts; last: {exc}") from None
-                    failed.add((deployment.epoch, entry))
+                    failed.add((deployment.version, entry))
                     if dst is not None:
-                        failed.add((deployment.epoch, dst))
+                        failed.add((deployment.version, dst))
                     await trio.sleep(RESUBMIT_BACKOFF_S)
 
     def _maybe_check(self, answered: spot_check.Answered) -> None:
@@ -415,6 +416,7 @@ class Router:
         async def run(route: spot_check.Route) -> list[int]:
             request = {
                 "id": self.rng.getrandbits(31),
+                "term": deployment.term,
                 "epoch": deployment.epoch,
                 "replica": route.entry,
                 "dst": -1 if route.dst is None else route.dst,
@@ -442,9 +444,9 @@ class Router:
         if self.on_verdict is not None:
             await self.on_verdict(verdict)
 
-    async def _next_epoch(self, epoch: int) -> None:
+    async def _next_plan(self, version: tuple[int, int]) -> None:
         with trio.fail_after(READY_TIMEOUT_S):
-            while self.supervisor.deployment is None or self.supervisor.deployment.epoch == epoch:
+            while self.supervisor.deployment is None or self.supervisor.deployment.version == version:
                 await self.supervisor.changed.wait()
 
     async def _deployment(self) -> Deployment:
@@ -569,7 +571,8 @@ class Router:
         else:
             frame |= {"op": "generate", "dst": request.get("dst", -1)}
         try:
-            worker = await self.supervisor.wait_ready(request["replica"], request["epoch"], READY_TIMEOUT_S)
+            version = (request["term"], request["epoch"])
+            worker = await self.supervisor.wait_ready(request["replica"], version, READY_TIMEOUT_S)
             _check_route(worker.replica, frame, self.supervisor.deployment)
             events = await self.supervisor.submit(worker, frame, request["sampling"]["max_tokens"] + 4)
         except (ReplicaUnavailable, RequestError, trio.TooSlowError) as exc:
@@ -595,12 +598,13 @@ class Router:
 
     async def _hand_off(self, request: dict[str, Any], tokens: list[int], emit: Emit) -> None:
         deployment = self.supervisor.deployment
-        if deployment is None or deployment.epoch != request["epoch"]:
+        if deployment is None or deployment.version != (request["term"], request["epoch"]):
             await emit({"error": "the plan changed during the hand-off", "refused": True})
             return
         decode = deployment.replicas[request["dst"]]
         follow = {
             "id": request["id"],
+            "term": request["term"],
             "epoch": request["epoch"],
             "replica": decode.index,
             "src": request["replica"],
@@ -631,12 +635,12 @@ def _check_route(replica: Replica, frame: dict[str, Any], deployment: Deployment
 
 
 def _check_replica_request(request: Any, vocab_size: int = 1 << 63) -> None:
-    """Raise RequestError unless ``request`` is a hop a worker can run: an id, epoch and replica, token ids in
+    """Raise RequestError unless ``request`` is a hop a worker can run: an id, term, epoch and replica, token ids in
     [0, vocab_size) (an id beyond the model's vocabulary kills the worker: pass the tokenizer's), and sampling
     fields of the types the worker takes, max_tokens within MAX_TOKENS_LIMIT."""
     if not isinstance(request, dict):
         raise RequestError("a replica request is a map")
-    for key in ("id", "epoch", "replica"):
+    for key in ("id", "term", "epoch", "replica"):
         if not isinstance(request.get(key), int) or isinstance(request.get(key), bool):
             raise RequestError(f"replica request needs an integer {key!r}")
     tokens, sampling = request.get("tokens"), request.get("sampling")

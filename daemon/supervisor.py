@@ -423,10 +423,10 @@ class Supervisor:
 
     # ------------------------------------------------------------------ requests
 
-    def driver_of(self, replica: int, epoch: int) -> LocalWorker:
+    def driver_of(self, replica: int, version: tuple[int, int]) -> LocalWorker:
         deployment = self.deployment
-        if deployment is None or deployment.epoch != epoch:
-            raise ReplicaUnavailable(f"epoch {epoch} is not served here")
+        if deployment is None or deployment.version != version:
+            raise ReplicaUnavailable(f"epoch {version[1]} of term {version[0]} is not served here")
         for worker in self.workers.values():
             if worker.replica.index == replica and worker.is_driver:
                 if worker.error is not None:
@@ -434,16 +434,16 @@ class Supervisor:
                 return worker
         raise ReplicaUnavailable(f"replica {replica} has no driver here")
 
-    async def wait_ready(self, replica: int, epoch: int, timeout: float) -> LocalWorker:
-        """The local driver of ``replica`` once every local worker of the epoch is ready. A hop for an epoch
-        this daemon has not deployed yet waits for it (at most ``EPOCH_WAIT_S``); one for an older epoch, or
-        for a replica that failed or is not here, raises ReplicaUnavailable at once."""
+    async def wait_ready(self, replica: int, version: tuple[int, int], timeout: float) -> LocalWorker:
+        """The local driver of ``replica`` once every local worker of plan ``version`` (term, epoch) is ready.
+        A hop for a later plan than this daemon deployed waits for it (at most ``EPOCH_WAIT_S``); one for an
+        earlier or another plan, or for a replica that failed or is not here, raises ReplicaUnavailable."""
         with trio.fail_after(timeout):
             with trio.move_on_after(EPOCH_WAIT_S):
-                while self.deployment is None or self.deployment.epoch < epoch or self._exchanging:
+                while self.deployment is None or self.deployment.version < version or self._exchanging:
                     await self.changed.wait()
             while True:
-                worker = self.driver_of(replica, epoch)
+                worker = self.driver_of(replica, version)
                 if all(w.ready.is_set() for w in self.workers.values()):
                     return worker
                 failed = [w.error for w in self.workers.values() if w.error]

@@ -46,4 +46,4 @@ async def test_a_consumer_that_falls_behind_is_cut_off_and_its_work_aborted():
 async def test_requests_for_epochs_or_replicas_not_served_here_are_refused():
     supervisor, _, _ = worker_pair()
     with pytest.raises(ReplicaUnavailable, match="epoch 3"):
-        supervisor.driver_of(0, 3)
+        supervisor.driver_of(0, (1, 3))

@@ -813,7 +813,7 @@ def check_generate_request(request: Any, tokenizer: Tokenizer) -> None:
     assert 1 <= sampling["max_tokens"] <= MAX_TOKENS_LIMIT and len(tokens) + sampling["max_tokens"] <= MAX_CONTEXT
     assert all(isinstance(s, str) and s for s in stops)
     check_sampling_reaches_a_worker(tokens, sampling)
-    hop = {"id": 1, "epoch": 1, "replica": 0, "dst": -1, "tokens": tokens, "sampling": sampling}
+    hop = {"id": 1, "term": 1, "epoch": 1, "replica": 0, "dst": -1, "tokens": tokens, "sampling": sampling}
     _check_replica_request(hop)  # the entry's own hop passes the replica's checks
     encode_frame(hop)
 
@@ -846,9 +846,10 @@ def test_generate_requests(tokenizer: Tokenizer, request: Any) -> None:
 
 
 REPLICA_REQUESTS = [
-    {"id": 5, "epoch": 3, "replica": 0, "dst": -1, "tokens": [1, 2], "sampling": {"max_tokens": 2}},
+    {"id": 5, "term": 1, "epoch": 3, "replica": 0, "dst": -1, "tokens": [1, 2], "sampling": {"max_tokens": 2}},
     {
         "id": 6,
+        "term": 1,
         "epoch": 3,
         "replica": 1,
         "src": 0,
@@ -865,7 +866,7 @@ def check_replica_request(request: Any) -> None:
     assert all(t < VOCAB_SIZE for t in request["tokens"])  # an id beyond the vocabulary kills the worker
     check_sampling_reaches_a_worker(request["tokens"], request["sampling"])
     assert request["sampling"]["max_tokens"] <= MAX_TOKENS_LIMIT
-    assert all(type(request.get(key, 0)) is int for key in ("id", "epoch", "replica", "dst", "src"))
+    assert all(type(request.get(key, 0)) is int for key in ("id", "term", "epoch", "replica", "dst", "src"))
 
 
 @FUZZ

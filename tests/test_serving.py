@@ -115,7 +115,10 @@ async def test_bad_requests_and_cancellation_harm_no_other_work(four, prompts_an
             assert len(frames) == 1 and "error" in frames[0], (request, frames)
         raw = [os.urandom(64), struct.pack(">I", 1 << 30), encode_frame([1, 2]), b""]
         for protocol in (GENERATE_PROTOCOL, REPLICA_PROTOCOL):
-            for payload in [*raw, encode_frame({"id": 1, "epoch": 1, "replica": 99, "tokens": [1], "sampling": {}})]:
+            for payload in [
+                *raw,
+                encode_frame({"id": 1, "term": 1, "epoch": 1, "replica": 99, "tokens": [1], "sampling": {}}),
+            ]:
                 stream = await client.open_stream(target.peer_id, protocol)
                 with trio.fail_after(15):
                     if payload:
@@ -125,9 +128,10 @@ async def test_bad_requests_and_cancellation_harm_no_other_work(four, prompts_an
                         await FrameReader(stream).read()
         # well-formed hops that do not fit the plan are refused before they reach a worker
         view, _ = await wait_until(client, daemons, serving(ids), timeout=30, what="serving")
-        epoch = view[target.peer_id]["plan"]["epoch"]
+        plan = view[target.peer_id]["plan"]
         local = next(iter(view[target.peer_id]["serving"]["workers"].values()))["replica"]
-        hop = {"id": 5, "epoch": epoch, "replica": local, "tokens": [1, 2], "sampling": {"max_tokens": 2}}
+        hop = {"id": 5, "term": plan["term"], "epoch": plan["epoch"], "replica": local, "tokens": [1, 2]}
+        hop["sampling"] = {"max_tokens": 2}
         stream = await client.open_stream(target.peer_id, REPLICA_PROTOCOL)
         with trio.fail_after(15):
             await stream.write(encode_frame(hop | {"src": local}))
