@@ -454,7 +454,11 @@ class Supervisor:
     async def submit(
         self, worker: LocalWorker, frame: dict[str, Any], capacity: int
     ) -> trio.MemoryReceiveChannel[dict[str, Any]]:
-        """Send ``frame`` (generate or import) to ``worker`` and return the channel its events arrive on."""
+        """Send ``frame`` (generate or import) to ``worker`` and return the channel its events arrive on. An id
+        already in flight here is refused: the entry picks ids, and a second hop under one would take over the
+        first one's events."""
+        if frame["id"] in self.listeners:
+            raise ReplicaUnavailable(f"request id {frame['id']} is already in flight here")
         send, receive = trio.open_memory_channel[dict[str, Any]](capacity)
         self.listeners[frame["id"]] = send
         self.owners[frame["id"]] = worker

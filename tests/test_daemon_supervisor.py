@@ -43,6 +43,23 @@ async def test_a_consumer_that_falls_behind_is_cut_off_and_its_work_aborted():
     assert 7 not in supervisor.listeners and 8 not in supervisor.listeners
 
 
+async def test_a_second_hop_under_an_id_in_flight_is_refused_and_takes_nothing_from_the_first():
+    supervisor, worker, fake = worker_pair()
+    first = await supervisor.submit(worker, {"op": "generate", "id": 7, "tokens": [1]}, capacity=4)
+    with pytest.raises(ReplicaUnavailable, match="already in flight"):
+        await supervisor.submit(worker, {"op": "generate", "id": 7, "tokens": [9]}, capacity=4)
+    with trio.fail_after(10):
+        await fake.send_all(encode_frame({"op": "token", "id": 7, "token": 3, "finished": "length"}))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor._read_events, worker, FrameReader(worker.channel))
+            assert await first.receive() == {"token": 3, "finished": "length"}
+            nursery.cancel_scope.cancel()
+    await supervisor.submit(worker, {"op": "generate", "id": 8, "tokens": [2]}, capacity=4)
+    reader = FrameReader(_SocketStream(fake))
+    with trio.fail_after(10):  # the worker saw the first hop and then the next one, never the refused one
+        assert [(await reader.read())["tokens"] for _ in range(2)] == [[1], [2]]
+
+
 async def test_requests_for_epochs_or_replicas_not_served_here_are_refused():
     supervisor, _, _ = worker_pair()
     with pytest.raises(ReplicaUnavailable, match="epoch 3"):
