@@ -4,6 +4,7 @@ and the hand-off to the daemon process entry."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="re-run this fraction of the requests entering here on other replicas and compare the tokens; "
         "a peer outvoted two to one is flagged and planned without (default 0)",
     )
+    join.add_argument(
+        "--max-request-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="generate requests per second that one client peer may send over libp2p, with bursts of 5 s' worth; "
+        "more are refused with the seconds to wait (default 0: no limit)",
+    )
     join.add_argument("--tamper-tokens", action="store_true", help=argparse.SUPPRESS)  # tests: a lying peer
     join.add_argument("--log-level", choices=LEVELS, default="info", help="log verbosity (default info)")
     join.set_defaults(func=cmd_join)
@@ -147,6 +156,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise JoinError("--probe-interval must be positive")
         if not 0.0 <= args.verify_fraction <= 1.0:
             raise JoinError(f"--verify-fraction {args.verify_fraction}: a fraction is 0 to 1")
+        if not 0.0 <= args.max_request_rate < math.inf:
+            raise JoinError(f"--max-request-rate {args.max_request_rate}: give requests per second, 0 for no limit")
         if args.http is not None and not 0 <= args.http <= 65535:
             raise JoinError(f"--http {args.http}: a port is 0-65535")
         if args.api_key is not None and not args.api_key.strip():
@@ -163,6 +174,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             advert_refresh_s=min(NodeConfig.advert_refresh_s, args.peer_timeout / 2),
             probe_interval_s=args.probe_interval,
             verify_fraction=args.verify_fraction,
+            max_request_rate=args.max_request_rate,
             tamper_tokens=args.tamper_tokens,
             pinned=pinned,
             http_host=args.http_host,

@@ -49,6 +49,7 @@ from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.probe import PROBE_PROTOCOL, probe, serve_probe
+from hexgen.daemon.rate_limit import RateLimiter
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, Router
 from hexgen.daemon.spot_check import Verdict
 from hexgen.daemon.supervisor import SECRET_BYTES, Supervisor
@@ -80,6 +81,7 @@ MAX_EVENTS = 200
 MAX_ACCUSED = 64
 HEARTBEAT_WARMUP_PINGS = 3
 MAX_REQUESTS_PER_PEER = 128  # generate streams one client peer may have open at once (yamux caps 256)
+RATE_BURST_S = 5.0  # a rate-limited peer may send this many seconds' worth of requests at once
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class NodeConfig:
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # the OpenAI-compatible gateway, /status and /metrics; None: no HTTP
     api_key: str | None = None  # required as a bearer token on /v1/* when set
+    max_request_rate: float = 0.0  # generate requests per second one client peer may send (0: no limit)
     # Members lost without a goodbye are dialled again, first after redial_first_s, the gap doubling up to
     # redial_max_gap_s, for redial_for_s: a partition that outlasts TCP's retransmissions closes its
     # connections, and only a dial brings the sides back together.
@@ -228,6 +231,7 @@ class Node:
                     verify_fraction=self.config.verify_fraction,
                     tamper_tokens=self.config.tamper_tokens,
                     on_verdict=self._report_verdict,
+                    limiter=RateLimiter(self.config.max_request_rate, RATE_BURST_S * self.config.max_request_rate),
                 )
                 host.handle(GENERATE_PROTOCOL, self.router.serve_generate, per_peer=MAX_REQUESTS_PER_PEER)
                 host.handle(REPLICA_PROTOCOL, self.router.serve_replica)

@@ -31,6 +31,7 @@ from hexgen.daemon import spot_check
 from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.host import Host
 from hexgen.daemon.metrics import CLIENT_GONE, Metrics
+from hexgen.daemon.rate_limit import RateLimiter
 from hexgen.daemon.supervisor import ReplicaUnavailable, Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 from hexgen.engine.sequence import SamplingParams
@@ -239,6 +240,7 @@ class Router:
     on_verdict: Callable[[spot_check.Verdict], Awaitable[None]] | None = None
     background: trio.Nursery | None = None  # where spot-checks run, after their request has been answered
     checks: Counter[str] = field(default_factory=Counter)
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0.0))  # generate requests per peer
 
     # ------------------------------------------------------------------ entry
 
@@ -249,6 +251,15 @@ class Router:
                 request = await FrameReader(stream).read()
             if isinstance(request, dict) and not self.may_ask(peer, request.get("cert")):
                 raise RequestError("not a member of this swarm")
+            if wait := self.limiter.admit(peer):
+                self.metrics.count_request(GENERATE_PROTOCOL, 429, "rate_limit_error")
+                with contextlib.suppress(Exception):
+                    message = (
+                        f"rate limited: over {self.limiter.rate:g} requests/s from this peer; retry in {wait:.2f} s"
+                    )
+                    await write_frame(stream, {"error": message, "retry_after_s": round(wait, 3)})
+                    await stream.close()
+                return
             tokens, sampling = parse_request(request, self.tokenizer, self.max_context)
             stops = parse_stops(request)
         except (RequestError, FrameError, trio.TooSlowError) as exc:

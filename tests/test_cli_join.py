@@ -48,3 +48,9 @@ def test_missing_pinned_plan_and_unservable_model_directory(stories_dir, tmp_pat
 def test_verify_fraction_is_a_fraction(tmp_path, fraction):
     status, err = join("--verify-fraction", fraction, tmp_path=tmp_path)
     assert status == 2 and "--verify-fraction" in err and "0 to 1" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("rate", ["-1", "nan", "inf"])
+def test_max_request_rate_is_a_rate(tmp_path, rate):
+    status, err = join("--max-request-rate", rate, tmp_path=tmp_path)
+    assert status == 2 and "--max-request-rate" in err and "requests per second" in err and "Traceback" not in err

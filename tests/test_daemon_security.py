@@ -343,3 +343,44 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
         assert state["rejections"].get("not-in-world") == 1 and state["rejections"].get("not-member", 0) >= 1
     finally:
         swarm.close()
+
+
+async def test_a_peer_over_its_request_rate_is_refused_with_the_wait_and_others_are_served(tmp_path, stories_dir):
+    """``--max-request-rate 1`` (bursts of 5): eight requests at once from one peer get at least five answers,
+    all the reference, and refusals that name the seconds to wait; another peer is served meanwhile."""
+    from checkpoints import reference_greedy
+
+    from hexgen.daemon.router import generate
+
+    prompt = [1, 403, 407, 261, 378]
+    (reference,) = reference_greedy(stories_dir, [prompt], 6)
+    swarm = Swarm(tmp_path, model=str(stories_dir))
+    try:
+        daemon = swarm.start("r0", extra=["--max-request-rate", "1"])
+        async with open_client() as flooder, open_client() as other:
+            await wait_until(flooder, [daemon], serving({daemon.peer_id}), timeout=120, what="serving")
+            await other.connect(daemon.addr)
+            outcomes: list[dict] = []
+
+            async def ask(client) -> dict:
+                tokens: list[int] = []
+                with trio.fail_after(60):
+                    async for frame in generate(client, daemon.peer_id, {"tokens": prompt, "max_tokens": 6}):
+                        if "error" in frame:
+                            return frame
+                        tokens += [frame["token"]] if "token" in frame else []
+                return {"tokens": tokens}
+
+            async def flood() -> None:
+                outcomes.append(await ask(flooder))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(flood)
+            answered = [o["tokens"] for o in outcomes if "tokens" in o]
+            refused = [o for o in outcomes if "error" in o]
+            assert len(answered) >= 5 and all(t == reference for t in answered), outcomes
+            assert refused and all("rate limited" in o["error"] and o["retry_after_s"] > 0 for o in refused)
+            assert await ask(other) == {"tokens": reference}
+    finally:
+        swarm.close()
