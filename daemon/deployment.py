@@ -107,7 +107,8 @@ class Deployment:
         if prefix == self.exchange_prefix:
             return self.exchange_head, frozenset(peer for r in self.replicas for peer in r.peers())
         parts = prefix.split("/")
-        if len(parts) != 5 or parts[:2] != ["hexgen", str(self.term)] or parts[4] or not parts[2].isdecimal():
+        formed = parts[2] if len(parts) == 5 else ""
+        if parts[:2] != ["hexgen", str(self.term)] or parts[4:] != [""] or not (formed.isascii() and formed.isdigit()):
             return None
         if int(parts[2]) > self.epoch:
             return None

@@ -38,7 +38,7 @@ from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, parse_pinned
 from hexgen.coordinator.plan import Plan, PlanFormatError
 from hexgen.coordinator.specs import resolve_model
 from hexgen.daemon.cluster_view import LinkMeasurement
-from hexgen.daemon.deployment import Deployment, DeploymentError, deployment_from_plan
+from hexgen.daemon.deployment import Deployment, DeploymentError, deployment_from_plan, replica_prefix
 from hexgen.daemon.envelope import (
     EnvelopeRejected,
     MalformedEnvelope,
@@ -601,6 +601,36 @@ def check_deployment(body: Any) -> None:
     assert isinstance(deployment.term, int) and isinstance(deployment.epoch, int)
 
 
+WORLD = deployment_from_plan(PLAN_BODY, RENDEZVOUS)
+WORLD_PREFIXES = [WORLD.exchange_prefix, *(replica_prefix(WORLD.term, WORLD.epoch, r) for r in WORLD.replicas)]
+
+
+def edited(text: str, at: int, new: str, cut: int) -> str:
+    return text[:at] + new + text[at + cut :]
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.builds(edited, st.sampled_from(WORLD_PREFIXES), st.integers(0, 40), st.text(max_size=3), st.integers(0, 3)),
+    )
+)
+@example("hexgen/2/7/exchange/")
+@example("hexgen/2/٣/exchange/")
+@example("hexgen/2/99999999999999999999999/x/")
+def test_rendezvous_prefixes(prefix: str) -> None:
+    """A world prefix as ``/hexgen/rendezvous/1`` takes it: the world it names (its head and members, from
+    the plan), or None; never an error. Only the prefixes the plan's worlds use name one."""
+    show(prefix)
+    world = WORLD.world(prefix)
+    peers = {peer for r in WORLD.replicas for peer in r.peers()}
+    assert world is None or (world[0] in peers and world[1] and world[1] <= peers)
+    if prefix in WORLD_PREFIXES:
+        assert world is not None
+    assert world is None or prefix.isascii()  # "٣" is a decimal digit to Python, not to a prefix
+
+
 def check_plan(data: Any) -> None:
     show(data)
     plan = outcome(lambda: Plan.from_dict(data), PlanFormatError)
@@ -1095,7 +1125,14 @@ def test_values_nested_1000_deep(tokenizer: Tokenizer, validating_gateway: Gatew
 
 
 LIVE_CONCURRENCY = 16  # streams open at once, all from one client peer
-LIVE_PROTOCOLS = ("/hexgen/generate/1", "/hexgen/replica/1", "/hexgen/status/1", "/hexgen/plan/1", "/hexgen/sync/1")
+LIVE_PROTOCOLS = (
+    "/hexgen/generate/1",
+    "/hexgen/replica/1",
+    "/hexgen/status/1",
+    "/hexgen/plan/1",
+    "/hexgen/sync/1",
+    "/hexgen/rendezvous/1",
+)
 
 
 LIVE_REQUESTS = {
@@ -1104,6 +1141,7 @@ LIVE_REQUESTS = {
     "/hexgen/status/1": [{}, {"cert": b"\x00" * 8}],
     "/hexgen/plan/1": [{"push": [SEALED_ADVERT, SEALED_ADVERT]}, {}],
     "/hexgen/sync/1": [{}, {"cert": None}],
+    "/hexgen/rendezvous/1": [{"prefix": "hexgen/1/1/exchange/"}, {"prefix": WORLD_PREFIXES[1], "cert": None}],
 }
 
 
