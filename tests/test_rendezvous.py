@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import trio
 import trio.testing
+from test_daemon_deployment import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
 
 from hexgen.coordinator.pinned import parse_pinned, pinned_plan
 from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
@@ -21,17 +22,6 @@ from hexgen.engine.sealed_store import RendezvousRefused, SealedStore
 
 PREFIX = "hexgen/1/3/abc/"
 GLOO_KEY = PREFIX + "/0/{rank}"  # where gloo's first context puts each rank's address (PrefixStore adds "/")
-PINNED = """
-[[groups]]
-role = "prefill"
-stages = [{ gpus = ["a", "b"], layers = [0, 5] }]
-
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["c"], layers = [0, 5] }]
-"""
-GPUS = {"0": ["pa", 0], "1": ["pb", 0], "2": ["pc", 0]}
-RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pc": ("127.0.0.1", 5001)}
 
 
 @pytest.fixture
@@ -123,16 +113,17 @@ def test_a_world_needs_one_secret(store_port):
 
 
 def deployment(epoch: int = 7):
-    plan = pinned_plan(parse_pinned(PINNED), {("a", 0): 0, ("b", 0): 1, ("c", 0): 2}).to_dict()
+    """test_daemon_deployment's plan: prefill on pa+pb, decode on pc then pd, decode on pd."""
+    plan = pinned_plan(parse_pinned(PINNED), GPU_INDEX).to_dict()
     return deployment_from_plan({"plan": plan, "gpus": GPUS, "term": 2, "epoch": epoch}, RENDEZVOUS)
 
 
 def test_prefixes_name_the_exchange_group_and_replicas_formed_up_to_the_epoch():
     world = deployment()
-    prefill, decode = world.replicas
-    assert world.world(world.exchange_prefix) == ("pa", frozenset({"pa", "pb", "pc"}))
+    prefill, split, _ = world.replicas
+    assert world.world(world.exchange_prefix) == ("pa", frozenset({"pa", "pb", "pc", "pd"}))
     assert world.world(replica_prefix(2, 7, prefill)) == ("pa", frozenset({"pa", "pb"}))
-    assert world.world(replica_prefix(2, 3, decode)) == ("pc", frozenset({"pc"}))
+    assert world.world(replica_prefix(2, 3, split)) == ("pc", frozenset({"pc", "pd"}))
     for prefix in (
         replica_prefix(2, 8, prefill),  # formed after this epoch
         replica_prefix(1, 7, prefill),  # another term
@@ -156,7 +147,7 @@ async def test_a_store_daemon_grants_secrets_to_a_world_s_members_only():
     for peer, prefix in (("pc", prefill_prefix), ("stranger", world.exchange_prefix)):
         with pytest.raises(PermissionError):
             await head.grant(peer, prefix, wait_s=0.2)
-    not_head = Supervisor("pc", "model", store_address=("127.0.0.1", 5001))
+    not_head = Supervisor("pc", "model", store_address=("127.0.0.1", 5002))
     not_head.want(world)
     with pytest.raises(PermissionError):  # pc is a member, but pa's store hosts that world
         await not_head.grant("pb", prefill_prefix, wait_s=0.2)
