@@ -110,7 +110,7 @@ class Deployment:
         formed = parts[2] if len(parts) == 5 else ""
         if parts[:2] != ["hexgen", str(self.term)] or parts[4:] != [""] or not (formed.isascii() and formed.isdigit()):
             return None
-        if int(parts[2]) > self.epoch:
+        if int(formed) > self.epoch:
             return None
         for replica in self.replicas:
             if replica.digest == parts[3]:

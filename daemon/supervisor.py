@@ -122,7 +122,7 @@ class Supervisor:
 
     def want(self, deployment: Deployment | None) -> None:
         """Ask for ``deployment`` (None: no workers); the run loop converges on the latest (term, epoch)."""
-        if (None if deployment is None else (deployment.term, deployment.epoch)) == self._key():
+        if (None if deployment is None else deployment.version) == self._key():
             return
         self._wanted = deployment
         self._wanted_changed.set()
@@ -130,7 +130,7 @@ class Supervisor:
         self._planned = trio.Event()
 
     def _key(self) -> tuple[int, int] | None:
-        return None if self._wanted is None else (self._wanted.term, self._wanted.epoch)
+        return None if self._wanted is None else self._wanted.version
 
     async def run(self) -> None:
         with tempfile.TemporaryDirectory(prefix="hexgen-workers-") as tmp:
