@@ -40,17 +40,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# libp2p builds fastecdsa from source, which needs the GMP headers.
+# libp2p builds fastecdsa from source, which needs the GMP headers; the multi-host tests need `ip` (iproute2)
+# and `iptables` to build network namespaces and firewall one of them.
 sysdeps:
-	@if [ -f /usr/include/gmp.h ] || [ -f /usr/include/x86_64-linux-gnu/gmp.h ] || \
-		[ -f /usr/include/aarch64-linux-gnu/gmp.h ]; then exit 0; fi; \
-	echo "libgmp-dev is missing (needed to build libp2p's fastecdsa); installing it"; \
+	@missing=""; \
+	if ! [ -f /usr/include/gmp.h ] && ! [ -f /usr/include/x86_64-linux-gnu/gmp.h ] && \
+		! [ -f /usr/include/aarch64-linux-gnu/gmp.h ]; then missing="$$missing libgmp-dev"; fi; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing="$$missing iptables"; \
+	[ -n "$$missing" ] || exit 0; \
+	echo "installing system packages:$$missing"; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -q && apt-get install -y -q libgmp-dev; \
+		apt-get update -q && apt-get install -y -q $$missing; \
 	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
-		sudo apt-get update -q && sudo apt-get install -y -q libgmp-dev; \
+		sudo apt-get update -q && sudo apt-get install -y -q $$missing; \
 	else \
-		echo "cannot install libgmp-dev here: install the GMP development headers (libgmp-dev / gmp-devel) and rerun"; exit 1; \
+		echo "cannot install$$missing here: install them (GMP headers, iproute2, iptables) and rerun"; exit 1; \
 	fi
 
 bench: $(STAMP)

@@ -2,7 +2,7 @@
 
 For each deployment (daemon.deployment) it keeps the workers of replicas that did not change (same role,
 layout and GPUs) and moves them to the new epoch's exchange group, stops the others, and starts a
-``python -m hexgen.daemon.worker`` per new local rank, configured over its own unix socket with its
+``python -m hexgen.daemon.worker`` per new local rank, configured over its own socket pair with its
 replica, the replica's world and the exchange group. It routes what the replica drivers stream back
 (tokens, hand-offs) to per-request channels. Requests on a replica whose worker fails or is replaced,
 and hand-offs routed under an older epoch, get an error event (marked ``refused`` when the plan, not the
@@ -16,12 +16,11 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -133,26 +132,23 @@ class Supervisor:
         return None if self._wanted is None else self._wanted.version
 
     async def run(self) -> None:
-        with tempfile.TemporaryDirectory(prefix="hexgen-workers-") as tmp:
-            store = None
-            try:
-                async with trio.open_nursery() as nursery:
-                    if self.store_address is not None:
-                        host, port = self.store_address
-                        command = [sys.executable, "-m", "hexgen.daemon.store", "--host", host, "--port", str(port)]
-                        store = await trio.lowlevel.open_process(
-                            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
-                        )
-                    while True:
-                        await self._wanted_changed.wait()
-                        self._wanted_changed = trio.Event()
-                        await self._reconcile(nursery, self._wanted, Path(tmp))
-            finally:
-                self._fail_all("the daemon is stopping")
-                if store is not None:
-                    store.kill()
-                    with trio.CancelScope(shield=True):
-                        await store.wait()
+        store = None
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.store_address is not None:
+                    host, port = self.store_address
+                    command = [sys.executable, "-m", "hexgen.daemon.store", "--host", host, "--port", str(port)]
+                    store = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                while True:
+                    await self._wanted_changed.wait()
+                    self._wanted_changed = trio.Event()
+                    await self._reconcile(nursery, self._wanted)
+        finally:
+            self._fail_all("the daemon is stopping")
+            if store is not None:
+                store.kill()
+                with trio.CancelScope(shield=True):
+                    await store.wait()
 
     async def grant(self, peer: str, prefix: str, wait_s: float) -> bytes:
         """The store secret of the world under ``prefix`` for ``peer``: only when this daemon's store hosts
@@ -211,7 +207,7 @@ class Supervisor:
         for seq_id in [i for i, w in self.owners.items() if w is worker]:
             self._fail(seq_id, reason, refused)
 
-    async def _reconcile(self, nursery: trio.Nursery, deployment: Deployment | None, tmp: Path) -> None:
+    async def _reconcile(self, nursery: trio.Nursery, deployment: Deployment | None) -> None:
         """Move the local workers to ``deployment``: keep ready workers of unchanged replicas, stop the rest,
         start what is missing."""
         wanted: dict[tuple[Any, int], Replica] = {}
@@ -246,7 +242,7 @@ class Supervisor:
             if slot not in self.workers:
                 worker = LocalWorker(replica, slot[1], deployment.epoch)
                 self.workers[slot] = worker
-                nursery.start_soon(self._run_worker, deployment, worker, tmp)
+                nursery.start_soon(self._run_worker, deployment, worker)
         kept = len(self.workers) - len([w for w in self.workers.values() if w.formed == deployment.epoch])
         log.info("epoch %d: %d local worker(s), %d kept from earlier epochs", deployment.epoch, len(wanted), kept)
         # A kept driver must have the new exchange group before its first request of the new epoch: hops for
@@ -267,23 +263,22 @@ class Supervisor:
             self._exchanging = False
             self._notify()
 
-    async def _run_worker(self, deployment: Deployment, worker: LocalWorker, tmp: Path) -> None:
-        path = tmp / f"e{deployment.epoch}-{worker.replica.digest}-{worker.layout_rank}.sock"
-        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        command = [sys.executable, "-m", "hexgen.daemon.worker", "--ipc", str(path)]
+    async def _run_worker(self, deployment: Deployment, worker: LocalWorker) -> None:
+        # A socket pair, not a listening path: nothing on the filesystem to collide or to outlive a crash,
+        # and a worker that dies before it answers is an end of file at once.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = [sys.executable, "-m", "hexgen.daemon.worker", "--ipc-fd", str(theirs.fileno())]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         env[PARENT_ENV] = str(os.getpid())
         try:
             with worker.scope:
                 try:
-                    await listener.bind(str(path))
-                    listener.listen(1)
-                    worker.process = await trio.lowlevel.open_process(command, env=env, stdin=subprocess.DEVNULL)
+                    worker.process = await trio.lowlevel.open_process(
+                        command, env=env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),)
+                    )
+                    theirs.close()
+                    worker.channel = _SocketStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
                     secrets = await self._secrets_of(deployment, worker)  # while the process imports torch
-                    with trio.fail_after(START_TIMEOUT_S):
-                        sock, _ = await listener.accept()
-                    listener.close()
-                    worker.channel = _SocketStream(trio.SocketStream(sock))
                     await worker.send(self._configure_frame(deployment, worker, *secrets))
                     reader = FrameReader(worker.channel)
                     with trio.fail_after(START_TIMEOUT_S):
@@ -301,10 +296,14 @@ class Supervisor:
                     await self._failed(worker, epoch, str(exc) or type(exc).__name__)
                     await trio.sleep_forever()  # stays failed until the next epoch replaces it
         finally:
-            listener.close()
-            if worker.process is not None:
-                with trio.CancelScope(shield=True):
+            theirs.close()
+            with trio.CancelScope(shield=True):
+                if worker.process is not None:
                     await self._stop(worker, worker.process)
+                if worker.channel is not None:
+                    await worker.channel.stream.aclose()
+                else:
+                    ours.close()
             worker.stopped.set()
 
     async def _failed(self, worker: LocalWorker, epoch: int, error: str) -> None:
@@ -364,6 +363,8 @@ class Supervisor:
             "rank": worker.layout_rank,
             "world_size": replica.size,
             "store": list(deployment.replica_rendezvous[replica.index]),
+            # gloo and NCCL bind to the interface that carries this address (daemon.interfaces)
+            "advertised": None if self.store_address is None else self.store_address[0],
             "prefix": replica_prefix(deployment.term, worker.formed, replica),
             "secret": secret.hex(),
             "replica": self._spec(replica) | {"first_rank": 0},

@@ -1,8 +1,9 @@
 """The engine worker process: hosts one rank of a replica and talks to its daemon over a unix socket.
 
-Run as ``python -m hexgen.daemon.worker --ipc PATH``. The daemon listens on PATH and sends length-prefixed
-msgpack frames (``daemon.wire``): ``configure`` (this rank's replica, the store of the replica's own world,
-and the epoch's exchange group over which KV moves between replicas, when there is one); then, to a
+Run as ``python -m hexgen.daemon.worker --ipc-fd FD`` (the worker's end of a socket pair the daemon made)
+or ``--ipc PATH`` (a unix socket the daemon listens on). The daemon sends length-prefixed msgpack frames
+(``daemon.wire``): ``configure`` (this rank's replica, the store of the replica's own world, the address its
+daemon advertises, whose interface gloo and NCCL bind to, and the epoch's exchange group over which KV moves between replicas, when there is one); then, to a
 replica's driver only: ``exchange`` (a later epoch's exchange group, for a replica that carries on across
 epochs), ``generate`` (a new request; ``dst`` names the decode replica a prefill replica hands it to),
 ``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and ``abort``;
@@ -25,6 +26,7 @@ import time
 import traceback
 from typing import Any
 
+from hexgen.daemon.interfaces import pin_interfaces
 from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
 
 IDLE_POLL_S = 0.05
@@ -116,13 +118,14 @@ def _join(config: dict[str, Any]) -> tuple[Any, Any]:
     spec = spec_from(config["replica"])
     spec = dataclasses.replace(spec, first_rank=0, device=str(config.get("device", spec.device)))
     rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = None
     if "store" in config:
         host, port = config["store"]
+        pin_interfaces(str(config.get("advertised") or host), str(host))
         prefix = str(config.get("prefix", ""))
         store = init_world_store(rank, size, str(host), int(port), prefix, backend, secret=_secret(config))
     else:
+        pin_interfaces("127.0.0.1", None)
         init_world(rank, size, int(config["port"]), backend)
     worker = ReplicaWorker(spec, rank, replica_groups([spec]))
     if config.get("exchange"):
@@ -207,14 +210,19 @@ def exit_with_parent(interval_s: float = 0.5) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hexgen-worker", description="hexgen engine worker (started by the daemon)")
-    parser.add_argument("--ipc", required=True, metavar="PATH", help="the daemon's unix socket for this worker")
+    ipc = parser.add_mutually_exclusive_group(required=True)
+    ipc.add_argument("--ipc", metavar="PATH", help="the daemon's unix socket for this worker")
+    ipc.add_argument("--ipc-fd", type=int, metavar="FD", help="this worker's end of a socket pair with the daemon")
     args = parser.parse_args(argv)
     exit_with_parent()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(args.ipc)
+        if args.ipc_fd is not None:
+            sock = socket.socket(fileno=args.ipc_fd)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(args.ipc)
     except OSError as exc:
-        print(f"hexgen-worker: error: cannot reach the daemon at {args.ipc}: {exc}", file=sys.stderr)
+        print(f"hexgen-worker: error: cannot reach the daemon at {args.ipc or args.ipc_fd}: {exc}", file=sys.stderr)
         return 2
     channel = Channel(sock)
     try:

@@ -1,5 +1,6 @@
-"""Network namespaces for partition tests: daemons in two bridged groups of one /24, a cable between the
-groups that a test cuts and reconnects, and a management link from the root namespace to each namespace.
+"""Network namespaces as hosts: one daemon per namespace, each with its own address on a bridge, ``lo`` up and
+no route out; for partition tests, two bridged groups of one /24 with a cable between them that a test cuts
+and reconnects; and a management link from the root namespace to each namespace.
 
 Layout (every name starts with ``hxp`` and a tag, the creating process id in base 36)::
 
@@ -13,6 +14,11 @@ still reaches itself. The test's libp2p client runs in the root namespace and re
 that namespace's own point-to-point management veth (``mgmt0``, a /30, and a /32 route in the root
 namespace to the data address), so it watches both sides while they are cut off. Those links never join the
 sides: a namespace routes only its management /30 over ``mgmt0``, everything in the /24 goes over ``data0``.
+
+A lab of one side (``Lab(per_side=4, sides=("A",))``) is four hosts on one bridge, for serving across hosts.
+Each host has its own hostname (a UTS namespace per daemon) that resolves to 127.0.0.1 in its own
+``/etc/hosts`` (``/etc/netns/NAME/hosts``, which ``ip netns exec`` mounts over it), as on many Linux
+machines: nothing that works in the lab depends on the hostname resolving to a routable address.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -31,6 +38,8 @@ from daemon_harness import READY_TIMEOUT_S, Daemon, _read_ready
 
 PREFIX = "hxp"
 SIDES = ("A", "B")
+# what an operator may set to name the data plane's interface; the lab's daemons must do without
+INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
 
 
 class NetnsUnavailable(Exception):
@@ -101,6 +110,7 @@ def _delete_namespace(name: str) -> None:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
     _ip("netns", "del", name, check=False)
+    shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 
 
 def remove_leftovers(tag: str) -> None:
@@ -135,6 +145,10 @@ class Namespace:
     ip: str  # the data-plane address daemons listen on
     index: int  # 1-based, across both sides
 
+    @property
+    def hostname(self) -> str:
+        return f"host{self.index}"
+
 
 @dataclass
 class Lab:
@@ -142,6 +156,7 @@ class Lab:
     it, and is safe after a failed ``open`` and twice."""
 
     per_side: int = 3
+    sides: tuple[str, ...] = SIDES
     tag: str = field(default_factory=lambda: _base36(os.getpid()))
     subnet: int = -1
     namespaces: list[Namespace] = field(default_factory=list)
@@ -160,21 +175,25 @@ class Lab:
     def open(self) -> Lab:
         remove_leftovers(self.tag)
         self.subnet = _free_subnet(os.getpid())
-        for side in SIDES:
+        for side in self.sides:
             _ip("link", "add", self.name("B", side), "type", "bridge")
             _ip("link", "set", self.name("B", side), "up")
-        a, b = self.cable()
-        _ip("link", "add", a, "type", "veth", "peer", "name", b)
-        for end, side in zip((a, b), SIDES, strict=True):
-            _ip("link", "set", end, "master", self.name("B", side), "up")
-        for i in range(2 * self.per_side):
-            self._add_namespace(i + 1, SIDES[i // self.per_side])
+        if len(self.sides) == 2:
+            a, b = self.cable()
+            _ip("link", "add", a, "type", "veth", "peer", "name", b)
+            for end, side in zip((a, b), self.sides, strict=True):
+                _ip("link", "set", end, "master", self.name("B", side), "up")
+        for i in range(len(self.sides) * self.per_side):
+            self._add_namespace(i + 1, self.sides[i // self.per_side])
         return self
 
     def _add_namespace(self, k: int, side: str) -> None:
         ns = Namespace(f"{PREFIX}{self.tag}-{k}", side, f"10.77.{self.subnet}.{10 + k}", k)
         _ip("netns", "add", ns.name)
         self.namespaces.append(ns)
+        etc = Path("/etc/netns") / ns.name
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.0.1 {ns.hostname}\n")
         data, mgmt = self.name("D", k), self.name("M", k)
         root_ip, ns_ip = f"10.78.{self.subnet}.{4 * k + 1}", f"10.78.{self.subnet}.{4 * k + 2}"
         _ip("link", "add", data, "type", "veth", "peer", "name", "data0", "netns", ns.name)
@@ -215,24 +234,46 @@ class Lab:
         for end in self.cable():
             _ip("link", "set", end, "up")
 
+    def firewall(self, ns: Namespace, open_port: int) -> None:
+        """Drop every new TCP connection into or out of ``ns`` over its data link except to ``open_port`` (the
+        lab's daemons' libp2p port): the control plane still works, but no world or KV hand-off can connect
+        to or from this host, and a dropped SYN is silence, not a refusal."""
+        if shutil.which("iptables") is None:
+            raise NetnsUnavailable("no `iptables` on PATH (the Makefile's sysdeps install it)")
+        for chain, way in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            rule = ["-A", chain, way, "data0", "-p", "tcp", "--syn", "!", "--dport", str(open_port), "-j", "DROP"]
+            subprocess.run(["ip", "netns", "exec", ns.name, "iptables", *rule], check=True, timeout=30)
+
     def close(self) -> None:
         remove_leftovers(self.tag)
         self.namespaces.clear()
 
 
 def start_daemon(
-    ns: Namespace, root: Path, name: str, *, bootstrap: list[str] | None = None, gpu: str = "A100"
+    ns: Namespace,
+    root: Path,
+    name: str,
+    *,
+    bootstrap: list[str] | None = None,
+    gpu: str = "A100",
+    model: str = "llama-2-7b",
+    port: int = 0,
+    extra: list[str] | None = None,
 ) -> Daemon:
-    """A control-plane daemon (model llama-2-7b, simulated GPU) inside ``ns``, listening on its data address.
-    ``ip netns exec`` enters the namespace and execs the command, so ``Daemon.proc`` is the python process
-    itself (checked): killing it kills the daemon."""
+    """A daemon (``model``: a checkpoint directory serves it, a spec name plans only; simulated GPU) inside
+    ``ns``, listening on its data address, with the namespace's hostname in a UTS namespace of its own and no
+    interface named for gloo or NCCL. ``ip netns exec``, ``unshare`` and the shell each exec the next command
+    in place, so ``Daemon.proc`` is the python process itself (checked): killing it kills the daemon."""
     key = root / f"{name}.key"
-    args = ["ip", "netns", "exec", ns.name, sys.executable, "-m", "hexgen.cli.node", "join", "--key-file", str(key)]
-    args += ["--model", "llama-2-7b", "--listen", f"{ns.ip}:0", "--simulate-gpu", gpu, "--host-name", name]
+    command = [sys.executable, "-m", "hexgen.cli.node", "join", "--key-file", str(key), "--model", model]
+    command += ["--listen", f"{ns.ip}:{port}", "--simulate-gpu", gpu, "--host-name", name]
     for addr in bootstrap or []:
-        args += ["--bootstrap", addr]
+        command += ["--bootstrap", addr]
+    command += extra or []
+    script = f"hostname {shlex.quote(ns.hostname)} && exec {shlex.join(command)}"
+    args = ["ip", "netns", "exec", ns.name, "unshare", "--uts", "sh", "-c", script]
     log_path = root / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in INTERFACE_VARIABLES} | {"PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=env)
     daemon = Daemon(name, proc, log_path)
@@ -240,10 +281,10 @@ def start_daemon(
     if ready is None:
         stop_daemons([daemon])
         raise RuntimeError(f"daemon {name} did not start in {ns.name}:\n{daemon.log()[-3000:]}")
-    daemon.peer_id, daemon.addrs = ready["peer_id"], ready["addrs"]
+    daemon.peer_id, daemon.addrs, daemon.http = ready["peer_id"], ready["addrs"], ready.get("http")
     if b"hexgen.cli.node" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
         stop_daemons([daemon])
-        raise RuntimeError("`ip netns exec` did not exec the daemon in place: its pid is a wrapper's")
+        raise RuntimeError("the namespace wrappers did not exec the daemon in place: its pid is a wrapper's")
     return daemon
 
 
