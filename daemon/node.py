@@ -218,6 +218,7 @@ class Node:
                 # the store binds where libp2p listens; peers reach it where they reach this host
                 self.rendezvous = (host.hosts[0], _free_port(self.config.host.listen_host))
                 self.supervisor.store_address = self.rendezvous
+                self.supervisor.store_listen = self.config.host.listen_host
                 self.supervisor.on_failure = self._report_failure
                 self.supervisor.fetch_secret = self._fetch_secret
                 self.router = Router(

@@ -103,7 +103,8 @@ class Supervisor:
     device: str = "cpu"
     threads: int = 1
     backend: str = "gloo"
-    store_address: tuple[str, int] | None = None
+    store_address: tuple[str, int] | None = None  # where peers dial this daemon's store
+    store_listen: str | None = None  # where the store binds, when not the dialled address (0.0.0.0, NAT)
     on_failure: Callable[[int, int, str], Awaitable[None]] | None = None
     # asks a world's head daemon for its store secret (the world's prefix); daemon.node fills it in
     fetch_secret: Callable[[str, str], Awaitable[bytes]] | None = None
@@ -137,7 +138,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 if self.store_address is not None:
                     host, port = self.store_address
-                    command = [sys.executable, "-m", "hexgen.daemon.store", "--host", host, "--port", str(port)]
+                    bind = self.store_listen or host
+                    command = [sys.executable, "-m", "hexgen.daemon.store", "--host", bind, "--port", str(port)]
                     store = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
                 while True:
                     await self._wanted_changed.wait()

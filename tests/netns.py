@@ -249,6 +249,12 @@ class Lab:
         self.namespaces.clear()
 
 
+def on_host(ns: Namespace, command: list[str]) -> list[str]:
+    """``command`` as run on the lab host ``ns``: in its network namespace, under its own hostname."""
+    script = f"hostname {shlex.quote(ns.hostname)} && exec {shlex.join(command)}"
+    return ["ip", "netns", "exec", ns.name, "unshare", "--uts", "sh", "-c", script]
+
+
 def start_daemon(
     ns: Namespace,
     root: Path,
@@ -270,8 +276,7 @@ def start_daemon(
     for addr in bootstrap or []:
         command += ["--bootstrap", addr]
     command += extra or []
-    script = f"hostname {shlex.quote(ns.hostname)} && exec {shlex.join(command)}"
-    args = ["ip", "netns", "exec", ns.name, "unshare", "--uts", "sh", "-c", script]
+    args = on_host(ns, command)
     log_path = root / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if k not in INTERFACE_VARIABLES} | {"PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ import pytest
 import trio
 from checkpoints import random_prompts, reference_greedy
 from daemon_harness import Daemon, open_client, serving, wait_until
-from netns import Lab, Namespace, NetnsUnavailable, check_available, start_daemon, stop_daemons
+from netns import Lab, Namespace, NetnsUnavailable, check_available, on_host, start_daemon, stop_daemons
 
 from hexgen.daemon.router import generate
 
@@ -209,7 +211,16 @@ async def test_a_host_killed_mid_stream(lab, daemons, tmp_path, stories_dir):
 
 
 async def test_daemons_see_each_other_at_their_lab_addresses(lab, daemons, tmp_path, stories_dir):
-    """The lab is what it claims: each daemon listens on its own namespace's address, and not on loopback."""
+    """The lab is what it claims: each daemon listens on its own namespace's address, not on loopback, and its
+    host's name resolves to 127.0.0.1 (what broke worlds across hosts)."""
+    resolve = [
+        sys.executable,
+        "-c",
+        "import socket; print(socket.gethostname(), socket.gethostbyname(socket.gethostname()))",
+    ]
+    for ns in lab.namespaces:
+        out = subprocess.run(on_host(ns, resolve), capture_output=True, text=True, timeout=30, check=True).stdout
+        assert out.split() == [ns.hostname, "127.0.0.1"]
     start_hosts(lab, tmp_path, daemons, stories_dir)
     async with open_client() as client:
         view, _ = await wait_until(client, daemons, lambda v: None not in v.values(), timeout=30, what="answering")
