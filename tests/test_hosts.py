@@ -227,3 +227,47 @@ async def test_daemons_see_each_other_at_their_lab_addresses(lab, daemons, tmp_p
     for ns, daemon in zip(lab.namespaces, daemons, strict=True):
         assert all(f"/ip4/{ns.ip}/" in addr for addr in daemon.addrs), daemon.addrs
         assert view[daemon.peer_id]["host"] == daemon.name
+
+
+LIBP2P_PORT = 4001  # every lab host has its own port space, so all daemons can take the same port
+
+
+async def test_a_world_that_cannot_connect_is_replaced_by_a_served_fallback(
+    lab, daemons, tmp_path, stories_dir, prompts_and_reference
+):
+    """h2's firewall lets only libp2p through, silently (a dropped SYN, no refusal): the pinned TP=2 world of h1
+    and h2 cannot connect. The swarm serves a fallback plan whose error names the blocked pair and an address,
+    a request sent meanwhile ends (tokens or a clear error) instead of waiting, and the fallback gives the
+    reference tokens."""
+    prompts, reference = prompts_and_reference
+    lab.firewall(lab.namespaces[1], LIBP2P_PORT)
+    start_hosts(lab, tmp_path, daemons, stories_dir, pinned=LAYOUTS["tp2"], port=LIBP2P_PORT)
+    started = time.monotonic()
+    ids = {d.peer_id for d in daemons}
+
+    def fallen_back(view: dict[str, Any]) -> bool:
+        if not serving(ids)(view):
+            return False
+        error = next(iter(view.values()))["plan"]["body"].get("error") or ""
+        return "cannot form a world" in error
+
+    async with open_client() as client:
+        early: list[dict[str, Any]] = []
+
+        async def ask_early() -> None:
+            with trio.fail_after(FORM_S):
+                async for frame in generate(client, daemons[3].peer_id, {"tokens": prompts[0], "max_tokens": 4}):
+                    early.append(frame)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_early)
+            view, _ = await wait_until(client, daemons, fallen_back, timeout=FORM_S, what="serving a fallback")
+        fallback_s = time.monotonic() - started
+        error = next(iter(view.values()))["plan"]["body"]["error"]
+        assert "h1 (" in error and "h2 (" in error, error
+        assert lab.namespaces[0].ip in error or lab.namespaces[1].ip in error, error
+        assert early and ("error" in early[-1] or early[-1].get("done")), early
+        assert plan_shape(view) != SHAPES["tp2"]
+        for i, prompt in enumerate(prompts[:4]):
+            assert await complete(client, daemons[i], prompt) == reference[i]
+    print(f"\ncase=blocked fallback_served_after_s={fallback_s:.2f} error={error!r}")
