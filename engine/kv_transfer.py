@@ -223,6 +223,8 @@ class Exchange:
 
     group: Any
     store: Any = None  # what the group formed on: a store written in Python must outlive its group
+    prefix: str = ""  # the epoch's key prefix in ``store`` (KV formats are published under it)
+    first_rank: int = 0  # this replica's first rank in the group's numbering
 
     def post(self, buffer: torch.Tensor, peer: int, tag: int, sending: bool) -> dist.Work:
         return self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)

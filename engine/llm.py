@@ -60,7 +60,10 @@ class LLM:
             resolve_dtype(config.dtype, mc, device),
             device,
             config.cache,
+            allocate=False,
         )
+        # sized after the weights are in, from a profiled max-batch forward on CUDA (engine.memory)
+        self.runner.allocate_cache(self.runner.blocks_that_fit(config.max_num_batched_tokens, config.max_num_seqs))
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position)
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.tokenizer = Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None

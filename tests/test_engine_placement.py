@@ -1,0 +1,72 @@
+"""Pure decisions about where and how a worker runs: the attention path and its block size, and the KV
+cache's share of device memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hexgen.engine.attention import choose_attention
+from hexgen.engine.memory import MemoryProfile, fixed_budget_blocks, kv_cache_blocks
+
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("args", "backend", "block", "why"),
+    [
+        (("cuda", (9, 0), True, BF16, 0), "flash-attn", 256, "flash-attn"),
+        (("cuda", (8, 0), True, torch.float16, 512), "flash-attn", 512, "flash-attn"),
+        (("cuda", (7, 5), True, BF16, 0), "sdpa", 16, "capability 7.5 is below 8.0"),
+        (("cuda", None, True, BF16, 0), "sdpa", 16, "capability unknown"),
+        (("cuda", (9, 0), False, BF16, 0), "sdpa", 16, "not installed"),
+        (("cuda", (9, 0), True, torch.float32, 0), "sdpa", 16, "needs fp16 or bf16"),
+        (("cuda", (9, 0), True, BF16, 16), "sdpa", 16, "block size 16 is not a multiple of 256"),
+        (("cuda", (8, 6), True, BF16, 128), "sdpa", 128, "not a multiple of 256"),
+        (("cpu", None, True, BF16, 0), "sdpa", 16, "the device is cpu"),
+        (("cpu", None, False, torch.float32, 256), "sdpa", 256, "the device is cpu"),
+    ],
+)
+def test_choose_attention(args: tuple, backend: str, block: int, why: str) -> None:
+    choice = choose_attention(*args)
+    assert (choice.backend, choice.block_size) == (backend, block)
+    assert why in choice.reason
+
+
+def test_choose_attention_rejects_a_negative_block_size() -> None:
+    with pytest.raises(ValueError, match="block size"):
+        choose_attention("cuda", (9, 0), True, BF16, -1)
+
+
+GB = 1 << 30
+
+
+def test_kv_cache_gets_what_is_left_of_the_fraction() -> None:
+    # a 24 GB card: 90% is 21.6 GB; 14 GB of weights + 3 GB peak activations, 1 GB CUDA context and NCCL
+    profile = MemoryProfile(total=24 * GB, peak_allocated=17 * GB, non_torch=1 * GB)
+    blocks = kv_cache_blocks(profile, 0.9, 2 << 20)
+    assert blocks == (int(24 * GB * 0.9) - 18 * GB) // (2 << 20)
+    assert blocks * (2 << 20) + 18 * GB <= 0.9 * 24 * GB  # the headroom holds
+
+
+def test_kv_cache_gets_nothing_when_the_peak_exceeds_the_fraction() -> None:
+    assert kv_cache_blocks(MemoryProfile(24 * GB, 23 * GB, 0), 0.9, 1 << 20) == 0
+
+
+@pytest.mark.parametrize(
+    ("profile", "utilization", "block"),
+    [
+        (MemoryProfile(GB, 0, 0), 0.0, 1),
+        (MemoryProfile(GB, 0, 0), 1.5, 1),
+        (MemoryProfile(GB, 0, 0), 0.9, 0),
+        (MemoryProfile(GB, -1, 0), 0.9, 1),
+    ],
+)
+def test_kv_cache_sizing_rejects_nonsense(profile: MemoryProfile, utilization: float, block: int) -> None:
+    with pytest.raises(ValueError):
+        kv_cache_blocks(profile, utilization, block)
+
+
+def test_cpu_keeps_the_fixed_budget() -> None:
+    assert fixed_budget_blocks(256 << 20, 1 << 20) == 256
+    assert fixed_budget_blocks(0, 1 << 20) == 0
