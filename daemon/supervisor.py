@@ -27,12 +27,14 @@ from typing import Any
 import trio
 
 from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
+from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
 from hexgen.daemon.worker import PARENT_ENV
 
 log = logging.getLogger("hexgen.supervisor")
 
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 120.0  # without a sign of progress (StartDeadline): loading reports progress and moves it
+START_CAP_S = 3 * 3600.0  # however much progress: a start that takes longer has something wrong with it
 STOP_TIMEOUT_S = 5.0
 # How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
 # apart, and a new epoch is deployed only once the workers it replaces have stopped.
@@ -286,8 +288,7 @@ class Supervisor:
                     worker.channel = _SocketStream(trio.SocketStream(sock))
                     await worker.send(self._configure_frame(deployment, worker, *secrets))
                     reader = FrameReader(worker.channel)
-                    with trio.fail_after(START_TIMEOUT_S):
-                        reply = await reader.read()
+                    reply = await self._await_ready(worker, reader)
                     if not isinstance(reply, dict) or reply.get("op") != "ready":
                         error = reply.get("error") if isinstance(reply, dict) else reply
                         raise RuntimeError(f"worker of rank {worker.rank} failed to start: {error}")
@@ -306,6 +307,22 @@ class Supervisor:
                 with trio.CancelScope(shield=True):
                     await self._stop(worker, worker.process)
             worker.stopped.set()
+
+    async def _await_ready(self, worker: LocalWorker, reader: FrameReader) -> Any:
+        """The worker's first frame other than ``progress``; each progress report (more weights loaded)
+        moves the deadline, so a big model loading slowly is not killed while a silent worker is."""
+        deadline = StartDeadline(trio.current_time(), START_TIMEOUT_S, START_CAP_S)
+        while True:
+            with trio.move_on_at(deadline.deadline):
+                reply = await reader.read()
+                if not (isinstance(reply, dict) and reply.get("op") == "progress"):
+                    return reply
+                deadline.progress(trio.current_time(), reply.get("done"), reply.get("total"))
+                continue
+            loaded = f" after {deadline.done} bytes of weights" if deadline.done >= 0 else ""
+            raise trio.TooSlowError(
+                f"worker of rank {worker.rank} made no progress for {START_TIMEOUT_S:.0f} s{loaded}"
+            )
 
     async def _failed(self, worker: LocalWorker, epoch: int, error: str) -> None:
         worker.error = error
@@ -371,6 +388,7 @@ class Supervisor:
             "device": self.device if self.device == "cpu" else f"{self.device}:{worker.local_gpu}",
             "threads": self.threads,
             "backend": "nccl" if self.device.startswith("cuda") else self.backend,
+            "progress": True,  # load progress frames move the start deadline (_await_ready)
         }
 
     async def _read_events(self, worker: LocalWorker, reader: FrameReader) -> None:
@@ -390,6 +408,9 @@ class Supervisor:
                 event = {"token": frame["token"], "finished": frame.get("finished")}
             elif frame.get("op") == "handoff":
                 event = {"handoff": frame["tokens"]}
+            elif frame.get("op") == "error":  # the worker refused the request (a KV format mismatch)
+                self._fail(frame["id"], str(frame.get("error"))[:500])
+                continue
             else:
                 continue
             try:

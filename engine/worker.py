@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
-from hexgen.engine.device import wait_for_ranks
+from hexgen.engine.device import nccl_device_id, wait_for_ranks
 from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key, mismatch, replica_format
 from hexgen.engine.kv_transfer import (
     Exchange,
@@ -94,9 +94,10 @@ class StepResult:
     failed: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why): imports refused here
 
 
-def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
+def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> dict[tuple[int, ...], object]:
     """Create, in the same order on every rank of the world, each replica's group and each stage's TP
-    group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs."""
+    group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs.
+    ``timeout``: each collective's (None: torch's default for the backend, 30 minutes for gloo)."""
     groups: dict[tuple[int, ...], object] = {}
     for spec in specs:
         for ranks in [spec.ranks] + [
@@ -104,7 +105,7 @@ def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
         ]:
             key = tuple(ranks)
             if key not in groups:
-                groups[key] = dist.new_group(list(key)) if len(key) > 1 else None
+                groups[key] = dist.new_group(list(key), timeout=timeout) if len(key) > 1 else None
     return groups
 
 
@@ -466,21 +467,37 @@ def init_world_store(
     backend: str = "gloo",
     timeout_s: float = 120.0,
     secret: bytes | None = None,
+    device: str = "cpu",
 ) -> dist.Store:
     """Join a world through the store served at ``host:port`` (by another process: hexgen.daemon.store);
     keys live under ``prefix`` (one per plan epoch), so a late worker of an older epoch can never
     rendezvous with a newer world, and values are sealed with ``secret``, so an outsider cannot join it.
     Returns the store, which the caller keeps as long as the world: a Python store whose object is gone
-    fails every later call the world makes into it (new groups, barriers)."""
+    fails every later call the world makes into it (new groups, barriers). ``device``: this rank's pinned
+    GPU, handed to NCCL as its device_id."""
     timeout = timedelta(seconds=timeout_s)
     store = open_store(host, port, timeout, secret, world_size=size)
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=size, timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(prefix, store),
+        rank=rank,
+        world_size=size,
+        timeout=timeout,
+        device_id=nccl_device_id(device, backend),
+    )
     return store
 
 
-def init_world(rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:
+def init_world(
+    rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0, device: str = "cpu"
+) -> None:
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=nccl_device_id(device, backend),
     )
 
 
