@@ -7,12 +7,15 @@ to load, while later collectives keep their short timeout (a dead peer must stil
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
+
+log = logging.getLogger("hexgen.engine.device")
 
 
 def pin_device(device: str | torch.device) -> torch.device:
@@ -43,14 +46,26 @@ def wait_for_ranks(group: Any, load_timeout: timedelta, op_timeout: timedelta | 
     if backend == "gloo":
         dist.monitored_barrier(group=group, timeout=load_timeout, wait_all_ranks=True)
         return
-    pg = group if group is not None else distributed_c10d._get_default_group()
-    set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)
-    if set_timeout is not None:  # private in torch 2.x: without it the barrier keeps the group's timeout
-        set_timeout(load_timeout, pg)
+    lifted = _set_timeout(load_timeout, group)
     try:
         dist.barrier(group=group)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # an NCCL barrier returns at once; the wait is on the stream
     finally:
-        if set_timeout is not None and op_timeout is not None:
-            set_timeout(op_timeout, pg)
+        if lifted and op_timeout is not None:
+            _set_timeout(op_timeout, group)
+
+
+def _set_timeout(timeout: timedelta, group: Any) -> bool:
+    """Set ``group``'s collective timeout where torch allows it (a private call in torch 2.x); False when
+    it does not, and the barrier then keeps the group's own timeout."""
+    set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is None:
+        log.warning("this torch cannot change a group's timeout: the first collective keeps the group's own")
+        return False
+    try:
+        set_timeout(timeout, group)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        log.warning("cannot change the group's timeout (%s): the first collective keeps the group's own", exc)
+        return False
+    return True

@@ -38,7 +38,6 @@ from hexgen.engine.loader import ProgressFn
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Batch, Scheduler, SchedulerConfig
-from hexgen.engine.sealed_store import open_store
 from hexgen.engine.sequence import SamplingParams, Sequence
 
 TRANSFER_TIMEOUT = timedelta(seconds=60)
@@ -293,6 +292,7 @@ class ReplicaWorker:
     def refusals(self, seqs: list[Sequence]) -> dict[int, str]:
         """Of handed-off ``seqs``, those whose decode replica's KV format differs from this one's, with why.
         Every rank of the replica gets the same answer (call before ``export_routed`` to tell the daemon)."""
+        self.await_exchange()  # routes of a new epoch name replicas in its numbering
         own = self._own_exchange_spec()
         out = {}
         for seq in seqs:
@@ -411,6 +411,8 @@ class ReplicaWorker:
     def _join_exchange(self, config: ExchangeConfig) -> None:
         try:
             timeout = timedelta(seconds=config.timeout_s)
+            from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
+
             store = open_store(config.host, config.port, timeout, config.secret)
             rank = config.first_rank + self.layout_rank
             group = dist.ProcessGroupGloo(dist.PrefixStore(config.prefix, store), rank, config.size, timeout)
@@ -476,6 +478,8 @@ def init_world_store(
     fails every later call the world makes into it (new groups, barriers). ``device``: this rank's pinned
     GPU, handed to NCCL as its device_id."""
     timeout = timedelta(seconds=timeout_s)
+    from hexgen.engine.sealed_store import open_store
+
     store = open_store(host, port, timeout, secret, world_size=size)
     dist.init_process_group(
         backend,
