@@ -217,3 +217,55 @@ def test_the_daemon_detects_hardware_without_touching_cuda() -> None:
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------- the supervisor's wait for ready
+
+
+class _Frames:
+    """A FrameReader stand-in: each frame after its delay (trio's clock)."""
+
+    def __init__(self, frames: list[tuple[float, dict]]) -> None:
+        self.frames = list(frames)
+
+    async def read(self) -> dict:
+        import trio
+
+        delay, frame = self.frames.pop(0)
+        await trio.sleep(delay)
+        return frame
+
+
+def _supervisor_and_worker():
+    from types import SimpleNamespace
+
+    from hexgen.daemon.supervisor import Supervisor
+
+    return Supervisor(peer_id="p", model_dir="m"), SimpleNamespace(rank=0)
+
+
+@pytest.mark.trio
+async def test_a_worker_loading_for_ten_minutes_with_progress_starts(autojump_clock) -> None:
+    from hexgen.daemon.supervisor import START_TIMEOUT_S
+
+    supervisor, worker = _supervisor_and_worker()
+    total = 35_000_000_000
+    frames = [(60.0, {"op": "progress", "done": (i + 1) * total // 10, "total": total}) for i in range(10)]
+    frames.append((START_TIMEOUT_S - 1, {"op": "ready", "rank": 0}))
+    reply = await supervisor._await_ready(worker, _Frames(frames))
+    assert reply["op"] == "ready"
+
+
+@pytest.mark.trio
+async def test_a_silent_or_repeating_worker_is_given_up(autojump_clock) -> None:
+    import trio
+
+    from hexgen.daemon.supervisor import START_TIMEOUT_S
+
+    supervisor, worker = _supervisor_and_worker()
+    same = {"op": "progress", "done": 5, "total": 10}
+    frames = [(1.0, same)] + [(30.0, same)] * 20 + [(0.0, {"op": "ready"})]
+    started = trio.current_time()
+    with pytest.raises(trio.TooSlowError, match="no progress"):
+        await supervisor._await_ready(worker, _Frames(frames))
+    assert trio.current_time() - started == pytest.approx(1.0 + START_TIMEOUT_S)
