@@ -258,7 +258,10 @@ def run_checks(args: argparse.Namespace, report: Report, out: Path, budget: Budg
                     cache=CacheConfig(num_blocks=256),
                 )
                 check.ok, check.detail = compare(model, prompts, got, expected, args.tolerance, device)
-                check.detail["transport"] = "gloo, staged through host memory" if device != "cpu" else "gloo"
+                from hexgen.engine.kv_transfer import needs_staging
+
+                staged = needs_staging(torch.device(device), "gloo")
+                check.detail["transport"] = "gloo, staged through host memory" if staged else "gloo"
             except Exception:
                 check.ok, check.error = False, traceback.format_exc()[-3000:]
             check.seconds = round(time.monotonic() - started, 1)

@@ -36,6 +36,7 @@ log = logging.getLogger("hexgen.supervisor")
 START_TIMEOUT_S = 120.0  # without a sign of progress (StartDeadline): loading reports progress and moves it
 START_CAP_S = 3 * 3600.0  # however much progress: a start that takes longer has something wrong with it
 STOP_TIMEOUT_S = 5.0
+GPU_KV_BLOCK_SIZE = 256  # what flash-attn's paged KV needs; the SDPA path takes any size (engine.kv_format)
 # How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
 # apart, and a new epoch is deployed only once the workers it replaces have stopped.
 EPOCH_WAIT_S = 15.0
@@ -354,13 +355,17 @@ class Supervisor:
             await process.wait()
 
     def _spec(self, replica: Replica) -> dict[str, Any]:
-        return {
+        spec = {
             "model_dir": self.model_dir,
             "layout": [list(stage) for stage in replica.layout],
             "first_rank": replica.first_rank,
             "mode": replica.role,
             "device": self.device,
         }
+        if self.device.startswith("cuda"):
+            # one KV block size on every GPU host, flash-attn or not, so their replicas can hand KV over
+            spec["cache"] = {"block_size": GPU_KV_BLOCK_SIZE}
+        return spec
 
     def _exchange(self, deployment: Deployment, worker: LocalWorker, secret: bytes) -> dict[str, Any]:
         return {
