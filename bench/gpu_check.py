@@ -225,6 +225,8 @@ def run_checks(args: argparse.Namespace, report: Report, out: Path, budget: Budg
             check.ok, check.detail = compare(model, prompts, got, expected, args.tolerance, device)
             check.detail["kv_blocks"] = llm.runner.num_blocks
             check.detail["block_size"] = llm.runner.block_size
+            if llm.runner.memory_profile is not None:
+                check.detail["memory_profile"] = asdict(llm.runner.memory_profile)
             attention = Check("attention", ok=True, detail=asdict(llm.runner.attention))
             report.checks.append(attention)
             del llm

@@ -79,6 +79,7 @@ class ModelRunner:
         self.num_kv_heads = kv[1] - kv[0]
         self.num_blocks = 0
         self.kv_cache = torch.empty(0, dtype=dtype, device=device)
+        self.memory_profile: MemoryProfile | None = None  # set by profile_memory (CUDA)
         if allocate:
             self.allocate_cache(self.blocks_that_fit())
 
@@ -125,12 +126,29 @@ class ModelRunner:
         """Peak memory of a forward pass over the largest batch the scheduler may form (no KV cache yet, so
         attention writes nothing), and the device memory outside torch's allocator. CUDA only."""
         dev = self.device
-        tokens = max(1, max_num_batched_tokens)
-        seqs = max(1, min(max_num_seqs, tokens))
-        lens = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+        self.profile_forward(max_num_batched_tokens, max_num_seqs)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        non_torch = max(0, (total - free) - torch.cuda.memory_reserved(dev))
+        self.memory_profile = MemoryProfile(total=total, peak_allocated=peak, non_torch=non_torch)
+        return self.memory_profile
+
+    @torch.inference_mode()
+    def profile_forward(self, max_num_batched_tokens: int, max_num_seqs: int) -> torch.Tensor | None:
+        """A forward pass over ``max_num_batched_tokens`` tokens split into ``max_num_seqs`` sequences (as a
+        prefill step, the largest activations a step can have), before the KV cache exists; returns the
+        logits on the last stage (the hidden states elsewhere). Every TP rank of the stage runs it together."""
+        if self.kv_cache.numel():
+            raise RuntimeError("profile before the KV cache is allocated: the pass would write into it")
+        dev = self.device
+        tokens = max(1, max_num_batched_tokens)
+        seqs = max(1, min(max_num_seqs, tokens))
+        lens = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
         meta = AttentionMetadata(
             is_prefill=True,
@@ -146,17 +164,10 @@ class ModelRunner:
         else:
             inputs = torch.zeros(tokens, self.config.hidden_size, dtype=self.dtype, device=dev)
         out = self.model(inputs, positions, meta)
-        if self.shard.is_last:
-            logits = self.model.logits(out[(cu[1:] - 1).long()])
-            if logits is not None:
-                logits.float()
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        del out, inputs
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(dev)
-        non_torch = max(0, (total - free) - torch.cuda.memory_reserved(dev))
-        return MemoryProfile(total=total, peak_allocated=peak, non_torch=non_torch)
+        if not self.shard.is_last:
+            return out
+        logits = self.model.logits(out[(cu[1:] - 1).long()])
+        return None if logits is None else logits.float()
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, hidden: torch.Tensor | None = None) -> torch.Tensor | None:

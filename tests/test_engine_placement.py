@@ -70,3 +70,33 @@ def test_kv_cache_sizing_rejects_nonsense(profile: MemoryProfile, utilization: f
 def test_cpu_keeps_the_fixed_budget() -> None:
     assert fixed_budget_blocks(256 << 20, 1 << 20) == 256
     assert fixed_budget_blocks(0, 1 << 20) == 0
+
+
+# ------------------------------------------------------------------- the profiling pass, run on CPU
+
+
+@pytest.mark.parametrize(("first", "last"), [(True, True), (True, False), (False, True)])
+def test_profile_forward_runs_the_largest_batch_without_a_cache(tiny_models: dict, first: bool, last: bool) -> None:
+    from checkpoints import LLAMA_GQA
+
+    from hexgen.engine.config import load_config
+    from hexgen.engine.layers import Shard
+    from hexgen.engine.model_runner import CacheConfig, ModelRunner
+
+    model_dir = tiny_models["llama-gqa"]
+    config = load_config(model_dir)
+    layers = LLAMA_GQA["num_hidden_layers"]
+    start, end = (0 if first else 2), (layers if last else 2)
+    runner = ModelRunner(
+        model_dir, config, Shard(start, end, layers), torch.float32, torch.device("cpu"), CacheConfig(), allocate=False
+    )
+    out = runner.profile_forward(100, 8)  # 100 tokens in 8 sequences of 12 or 13
+    if last:
+        assert out is not None and out.shape == (8, config.vocab_size) and torch.isfinite(out).all()
+    else:
+        assert out is not None and out.shape == (100, config.hidden_size)
+    assert runner.kv_cache.numel() == 0
+    runner.allocate_cache(runner.blocks_that_fit(100, 8))
+    assert runner.num_blocks == CacheConfig().memory_bytes // runner.block_bytes  # CPU keeps the fixed budget
+    with pytest.raises(RuntimeError, match="before the KV cache"):
+        runner.profile_forward(10, 2)

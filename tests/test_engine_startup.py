@@ -269,3 +269,22 @@ async def test_a_silent_or_repeating_worker_is_given_up(autojump_clock) -> None:
     with pytest.raises(trio.TooSlowError, match="no progress"):
         await supervisor._await_ready(worker, _Frames(frames))
     assert trio.current_time() - started == pytest.approx(1.0 + START_TIMEOUT_S)
+
+
+def test_group_timeouts_can_be_lifted_for_the_load_barrier(tmp_path) -> None:
+    """The NCCL branch of wait_for_ranks lifts the group's timeout around its barrier; the call it relies on
+    (private in torch) is checked here on gloo, where it exists too."""
+    code = textwrap.dedent(f"""
+        from datetime import timedelta
+        import torch.distributed as dist
+        from hexgen.engine.device import _set_timeout, wait_for_ranks
+        dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+        assert _set_timeout(timedelta(minutes=30), None)
+        group = dist.new_group([0])
+        assert _set_timeout(timedelta(seconds=5), group)
+        wait_for_ranks(group, timedelta(minutes=30), timedelta(seconds=5))
+        print("ok")
+    """)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
