@@ -59,14 +59,24 @@ def test_a_replica_whose_ranks_disagree_is_refused() -> None:
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 
 
-def _rank(rank: int, port: int, model_dir: str, decode: dict, results: multiprocessing.Queue) -> None:
+def _rank(
+    rank: int, port: int, model_dir: str, decode: dict, exchange_port: int | None, results: multiprocessing.Queue
+) -> None:
     try:
         import torch
+        import torch.distributed as dist
 
         from hexgen.engine.layout import uniform_layout
         from hexgen.engine.model_runner import CacheConfig
         from hexgen.engine.sequence import SamplingParams
-        from hexgen.engine.worker import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups
+        from hexgen.engine.worker import (
+            ExchangeConfig,
+            ReplicaSpec,
+            ReplicaWorker,
+            Request,
+            init_world,
+            replica_groups,
+        )
 
         torch.set_num_threads(1)
         init_world(rank, 2, port)
@@ -81,7 +91,14 @@ def _rank(rank: int, port: int, model_dir: str, decode: dict, results: multiproc
             dtype=decode.get("dtype", "auto"),
         )
         worker = ReplicaWorker(prefill if rank == 0 else decode, rank, replica_groups([prefill, decode]))
-        worker.peers = [prefill, decode]
+        if exchange_port is None:  # the default world carries the KV and the formats
+            worker.peers = [prefill, decode]
+        else:  # an exchange group of its own, as the daemon's workers join one per plan epoch
+            own = prefill if rank == 0 else decode
+            worker.begin_exchange(
+                ExchangeConfig("127.0.0.1", exchange_port, "epoch-1", own.first_rank, 2, (prefill, decode))
+            )
+            worker.await_exchange()
         sampling = SamplingParams(max_tokens=4)
         if rank == 0:
             result = worker.step([Request(1, PROMPT, sampling, dst=1)])
@@ -89,6 +106,7 @@ def _rank(rank: int, port: int, model_dir: str, decode: dict, results: multiproc
             refused = worker.refusals(result.handed_off)
             worker.export_routed(result.handed_off)  # sends nothing for the refused sequence, frees its blocks
             assert worker.block_manager.num_free_blocks == worker.block_manager.num_blocks
+            dist.barrier()  # rank 0 hosts the world's store: it stays until rank 1 has read the formats
             results.put((rank, refused.get(1)))
         else:
             free = worker.block_manager.num_free_blocks
@@ -96,6 +114,7 @@ def _rank(rank: int, port: int, model_dir: str, decode: dict, results: multiproc
             assert [seq_id for seq_id, _ in result.failed] == [1], result
             assert worker.block_manager.num_free_blocks == free and not worker.scheduler.has_unfinished()
             assert worker.step() is not None  # the worker carries on
+            dist.barrier()
             results.put((rank, result.failed[0][1]))
     except BaseException:
         results.put((rank, "ERROR " + traceback.format_exc()))
@@ -105,14 +124,15 @@ def _rank(rank: int, port: int, model_dir: str, decode: dict, results: multiproc
 
 
 @pytest.mark.parametrize(
-    ("decode", "differ", "named"),
+    ("decode", "differ", "named", "exchange"),
     [
-        ({"block_size": 32}, "(block size)", "blocks of 32 tokens, float32"),
-        ({"dtype": "bfloat16"}, "(dtype)", "blocks of 16 tokens, bfloat16"),
+        ({"block_size": 32}, "(block size)", "blocks of 32 tokens, float32", False),
+        ({"dtype": "bfloat16"}, "(dtype)", "blocks of 16 tokens, bfloat16", False),
+        ({"block_size": 32}, "(block size)", "blocks of 32 tokens, float32", True),
     ],
 )
 def test_mismatched_replicas_refuse_the_hand_off(
-    tiny_models: dict, monkeypatch: pytest.MonkeyPatch, decode: dict, differ: str, named: str
+    tiny_models: dict, monkeypatch: pytest.MonkeyPatch, decode: dict, differ: str, named: str, exchange: bool
 ) -> None:
     from hexgen.engine.launcher import free_port
 
@@ -120,7 +140,14 @@ def test_mismatched_replicas_refuse_the_hand_off(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    args = (free_port(), str(tiny_models["llama-gqa"]), decode, results)
+    store = None
+    exchange_port = None
+    if exchange:
+        import torch.distributed as dist
+
+        exchange_port = free_port()
+        store = dist.TCPStore("127.0.0.1", exchange_port, is_master=True, wait_for_workers=False)
+    args = (free_port(), str(tiny_models["llama-gqa"]), decode, exchange_port, results)
     processes = [context.Process(target=_rank, args=(r, *args), daemon=True) for r in range(2)]
     try:
         for process in processes:
@@ -138,6 +165,7 @@ def test_mismatched_replicas_refuse_the_hand_off(
             if process.is_alive():
                 process.kill()
                 process.join()
+    del store
     errors = [m for m in outcomes.values() if m is None or m.startswith("ERROR")]
     assert not errors, "\n".join(str(m) for m in errors)
     for rank in (0, 1):  # both sides refuse, with the same message naming both formats
