@@ -29,6 +29,7 @@ __all__ = [
     "HardwareProfile",
     "calibrate_cpu",
     "detect",
+    "detect_isolated",
     "known_gpu_type",
     "parse_simulate_gpu",
     "simulated_profile",
@@ -490,3 +491,35 @@ def detect(calibrate: bool = True, seconds: float = 2.0) -> HardwareProfile:
         return HardwareProfile(gpus=(), cpu_count=cpus, memory_gb=memory)
     gpus, intra = _cuda_gpus(torch, calibrate, seconds)  # pragma: no cover
     return HardwareProfile(gpus=gpus, cpu_count=cpus, memory_gb=memory, intra_host_gb_s=intra)  # pragma: no cover
+
+
+DETECT_TIMEOUT_S = 300.0
+
+
+def detect_isolated(
+    calibrate: bool = True, seconds: float = 2.0, timeout_s: float = DETECT_TIMEOUT_S
+) -> HardwareProfile:
+    """``detect`` in a child process: querying device properties and calibrating create a CUDA context, and
+    the daemon must hold none (it would take memory on every GPU and tie the daemon to the driver). The
+    child prints the profile as JSON; raises HardwareError when it fails or prints something else."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from hexgen.daemon.hardware import detect; "
+        f"print(json.dumps(detect(calibrate={bool(calibrate)!r}, seconds={float(seconds)!r}).to_dict()))"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        raise HardwareError(f"hardware detection took over {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        raise HardwareError(f"hardware detection failed (exit {done.returncode}): {tail}")
+    try:
+        return HardwareProfile.from_dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        raise HardwareError("hardware detection printed no profile") from None

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from hexgen.daemon.hardware import HardwareProfile, detect, simulated_profile
+from hexgen.daemon.hardware import HardwareProfile, detect_isolated, simulated_profile
 from hexgen.daemon.identity import Certificate, load_certificate, load_or_create_key
 from hexgen.daemon.logs import configure_logging
 from hexgen.daemon.node import AdoptedPlan, Node, NodeConfig
@@ -54,7 +54,7 @@ def banner(node: Node) -> list[str]:
 def hardware_for(options: JoinOptions) -> HardwareProfile:
     if options.simulate_gpu:
         return simulated_profile(options.simulate_gpu)
-    return detect(calibrate=options.calibrate)
+    return detect_isolated(calibrate=options.calibrate)  # in a child: the daemon holds no CUDA context
 
 
 async def serve(options: JoinOptions, hardware: HardwareProfile, certificate: Certificate | None) -> None:

@@ -26,13 +26,16 @@ from typing import Any
 import trio
 
 from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
+from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
 from hexgen.daemon.worker import PARENT_ENV
 
 log = logging.getLogger("hexgen.supervisor")
 
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 120.0  # without a sign of progress (StartDeadline): loading reports progress and moves it
+START_CAP_S = 3 * 3600.0  # however much progress: a start that takes longer has something wrong with it
 STOP_TIMEOUT_S = 5.0
+GPU_KV_BLOCK_SIZE = 256  # what flash-attn's paged KV needs; the SDPA path takes any size (engine.kv_format)
 # How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
 # apart, and a new epoch is deployed only once the workers it replaces have stopped.
 EPOCH_WAIT_S = 15.0
@@ -283,8 +286,7 @@ class Supervisor:
                     secrets = await self._secrets_of(deployment, worker)  # while the process imports torch
                     await worker.send(self._configure_frame(deployment, worker, *secrets))
                     reader = FrameReader(worker.channel)
-                    with trio.fail_after(START_TIMEOUT_S):
-                        reply = await reader.read()
+                    reply = await self._await_ready(worker, reader)
                     if not isinstance(reply, dict) or reply.get("op") != "ready":
                         error = reply.get("error") if isinstance(reply, dict) else reply
                         raise RuntimeError(f"worker of rank {worker.rank} failed to start: {error}")
@@ -307,6 +309,22 @@ class Supervisor:
                 else:
                     ours.close()
             worker.stopped.set()
+
+    async def _await_ready(self, worker: LocalWorker, reader: FrameReader) -> Any:
+        """The worker's first frame other than ``progress``; each progress report (more weights loaded)
+        moves the deadline, so a big model loading slowly is not killed while a silent worker is."""
+        deadline = StartDeadline(trio.current_time(), START_TIMEOUT_S, START_CAP_S)
+        while True:
+            with trio.move_on_at(deadline.deadline):
+                reply = await reader.read()
+                if not (isinstance(reply, dict) and reply.get("op") == "progress"):
+                    return reply
+                deadline.progress(trio.current_time(), reply.get("done"), reply.get("total"))
+                continue
+            loaded = f" after {deadline.done} bytes of weights" if deadline.done >= 0 else ""
+            raise trio.TooSlowError(
+                f"worker of rank {worker.rank} made no progress for {START_TIMEOUT_S:.0f} s{loaded}"
+            )
 
     async def _failed(self, worker: LocalWorker, epoch: int, error: str) -> None:
         worker.error = error
@@ -338,13 +356,17 @@ class Supervisor:
             await process.wait()
 
     def _spec(self, replica: Replica) -> dict[str, Any]:
-        return {
+        spec = {
             "model_dir": self.model_dir,
             "layout": [list(stage) for stage in replica.layout],
             "first_rank": replica.first_rank,
             "mode": replica.role,
             "device": self.device,
         }
+        if self.device.startswith("cuda"):
+            # one KV block size on every GPU host, flash-attn or not, so their replicas can hand KV over
+            spec["cache"] = {"block_size": GPU_KV_BLOCK_SIZE}
+        return spec
 
     def _exchange(self, deployment: Deployment, worker: LocalWorker, secret: bytes) -> dict[str, Any]:
         return {
@@ -374,6 +396,7 @@ class Supervisor:
             "device": self.device if self.device == "cpu" else f"{self.device}:{worker.local_gpu}",
             "threads": self.threads,
             "backend": "nccl" if self.device.startswith("cuda") else self.backend,
+            "progress": True,  # load progress frames move the start deadline (_await_ready)
         }
 
     async def _read_events(self, worker: LocalWorker, reader: FrameReader) -> None:
@@ -393,6 +416,9 @@ class Supervisor:
                 event = {"token": frame["token"], "finished": frame.get("finished")}
             elif frame.get("op") == "handoff":
                 event = {"handoff": frame["tokens"]}
+            elif frame.get("op") == "error":  # the worker refused the request (a KV format mismatch)
+                self._fail(frame["id"], str(frame.get("error"))[:500])
+                continue
             else:
                 continue
             try:

@@ -7,10 +7,12 @@ daemon advertises, whose interface gloo and NCCL bind to, and the epoch's exchan
 replica's driver only: ``exchange`` (a later epoch's exchange group, for a replica that carries on across
 epochs), ``generate`` (a new request; ``dst`` names the decode replica a prefill replica hands it to),
 ``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and ``abort``;
-``shutdown`` ends the worker. The worker answers ``ready`` or ``failed`` once, then streams ``token``
-frames (with ``finished``) and, from a prefill replica, ``handoff`` frames (prompt and first token) just
-before the KV goes out. torch stays in this process: the daemon's trio loop never waits on a GPU step
-(DESIGN.md section 2).
+``shutdown`` ends the worker. While it loads, a worker configured with ``progress`` sends ``progress``
+frames (bytes of weights loaded of the total). The worker answers ``ready`` or ``failed`` once, then
+streams ``token`` frames (with ``finished``) and, from a prefill replica, ``handoff`` frames (prompt and
+first token) just before the KV goes out, or ``error`` frames for a request it refuses (a KV format
+mismatch). torch stays in this process: the daemon's trio loop never waits on a GPU step (DESIGN.md
+section 2).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode
 IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
 KEEPALIVE_S = 10.0
+PROGRESS_EVERY_S = 1.0
 
 
 class Channel:
@@ -108,29 +111,49 @@ def _secret(raw: dict[str, Any]) -> bytes | None:
     return bytes.fromhex(raw["secret"]) if raw.get("secret") is not None else None
 
 
-def _join(config: dict[str, Any]) -> tuple[Any, Any]:
-    """The replica worker of ``config`` in its world, and the world's store (None for a tcp:// world)."""
+def _join(config: dict[str, Any], progress: Any = None) -> tuple[Any, Any]:
+    """The replica worker of ``config`` in its world, and the world's store (None for a tcp:// world).
+    ``progress(done, total)`` hears the bytes of weights loaded."""
     import torch
 
+    from hexgen.engine.device import pin_device
     from hexgen.engine.worker import ReplicaWorker, init_world, init_world_store, replica_groups
 
     torch.set_num_threads(int(config.get("threads", 1)))
     spec = spec_from(config["replica"])
     spec = dataclasses.replace(spec, first_rank=0, device=str(config.get("device", spec.device)))
+    pin_device(spec.device)  # before any CUDA work or NCCL group: ranks must not pile onto cuda:0
     rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
     store = None
     if "store" in config:
         host, port = config["store"]
         pin_interfaces(str(config.get("advertised") or host), str(host))
         prefix = str(config.get("prefix", ""))
-        store = init_world_store(rank, size, str(host), int(port), prefix, backend, secret=_secret(config))
+        store = init_world_store(
+            rank, size, str(host), int(port), prefix, backend, secret=_secret(config), device=spec.device
+        )
     else:
         pin_interfaces("127.0.0.1", None)
-        init_world(rank, size, int(config["port"]), backend)
-    worker = ReplicaWorker(spec, rank, replica_groups([spec]))
+        init_world(rank, size, int(config["port"]), backend, device=spec.device)
+    worker = ReplicaWorker(spec, rank, replica_groups([spec]), progress=progress)
     if config.get("exchange"):
         worker.begin_exchange(exchange_from(config["exchange"]))
     return worker, store
+
+
+def progress_reporter(channel: Channel, every_s: float | None = None) -> Any:
+    """A loader callback sending ``progress`` frames (bytes loaded of the total) at most every ``every_s``,
+    and always the last one: the daemon moves this worker's start deadline while they arrive."""
+    every = PROGRESS_EVERY_S if every_s is None else every_s
+    last = [-float("inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= every:
+            last[0] = now
+            channel.send({"op": "progress", "done": int(done), "total": int(total)})
+
+    return report
 
 
 def serve(channel: Channel) -> None:
@@ -142,7 +165,8 @@ def serve(channel: Channel) -> None:
         channel.send({"op": "failed", "error": "the first frame must be configure"})
         return
     try:
-        worker, _world_store = _join(config)  # the store outlives the world while serve runs
+        report = progress_reporter(channel) if config.get("progress") else None  # the daemon asks for them
+        worker, _world_store = _join(config, report)  # the store outlives the world while serve runs
     except Exception as exc:
         channel.send({"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return
@@ -189,8 +213,14 @@ def serve(channel: Channel) -> None:
             finished = {s.seq_id: s.finish_reason for s in result.finished}
             for seq_id, token in result.sampled:
                 channel.send({"op": "token", "id": seq_id, "token": token, "finished": finished.get(seq_id)})
+            for seq_id, why in result.failed:  # imports refused here (a KV format mismatch): the request fails
+                channel.send({"op": "error", "id": seq_id, "error": why})
+            refused = worker.refusals(result.handed_off)
             for seq in result.handed_off:
-                channel.send({"op": "handoff", "id": seq.seq_id, "tokens": list(seq.token_ids)})
+                if seq.seq_id in refused:
+                    channel.send({"op": "error", "id": seq.seq_id, "error": refused[seq.seq_id]})
+                else:
+                    channel.send({"op": "handoff", "id": seq.seq_id, "tokens": list(seq.token_ids)})
         if result.handed_off:
             worker.export_routed(result.handed_off)
 

@@ -7,6 +7,7 @@ slots into a dense tensor once per step per layer, using indices the runner comp
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,65 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = flash_attn_with_kvcache = None
 
 
+FLASH_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere and newer only
+FLASH_BLOCK_MULTIPLE = 256  # its paged KV (block_table) wants pages of a multiple of 256 tokens
+SDPA_BLOCK_SIZE = 16  # small pages waste less of the cache on short sequences
+
+log = logging.getLogger("hexgen.engine.attention")
+_said: set[str] = set()
+
+
 def flash_available(device: torch.device) -> bool:
+    """Whether flash-attn is installed and the device is CUDA (the capability is checked by choose_attention)."""
     return device.type == "cuda" and flash_attn_varlen_func is not None
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The attention path of a worker and the KV block size that goes with it; ``reason`` says why."""
+
+    backend: str  # "flash-attn" or "sdpa"
+    block_size: int
+    reason: str
+
+
+def choose_attention(
+    device_type: str,
+    capability: tuple[int, int] | None,
+    flash_installed: bool,
+    dtype: torch.dtype,
+    block_size: int = 0,
+) -> AttentionChoice:
+    """flash-attn where it runs (CUDA, compute capability >= 8.0, fp16/bf16, a block size that is a multiple
+    of 256 or unset), the SDPA path otherwise. ``block_size`` 0 picks the path's default."""
+    if block_size < 0:
+        raise ValueError(f"block size must be positive (or 0 for the default), got {block_size}")
+    why_not = None
+    if device_type != "cuda":
+        why_not = f"the device is {device_type}, not CUDA"
+    elif not flash_installed:
+        why_not = "flash-attn is not installed"
+    elif capability is None or tuple(capability) < FLASH_MIN_CAPABILITY:
+        shown = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        why_not = f"compute capability {shown} is below 8.0"
+    elif dtype not in (torch.float16, torch.bfloat16):
+        why_not = f"flash-attn needs fp16 or bf16, the model runs in {str(dtype).removeprefix('torch.')}"
+    elif block_size % FLASH_BLOCK_MULTIPLE:
+        why_not = f"block size {block_size} is not a multiple of {FLASH_BLOCK_MULTIPLE}"
+    if why_not is not None:
+        return AttentionChoice("sdpa", block_size or SDPA_BLOCK_SIZE, f"torch SDPA attention: {why_not}")
+    size = block_size or FLASH_BLOCK_MULTIPLE
+    return AttentionChoice("flash-attn", size, f"flash-attn attention, KV blocks of {size} tokens")
+
+
+def attention_for(device: torch.device, dtype: torch.dtype, block_size: int = 0) -> AttentionChoice:
+    """choose_attention for this process's device, logged once per distinct outcome."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    choice = choose_attention(device.type, capability, flash_attn_varlen_func is not None, dtype, block_size)
+    if choice.reason not in _said:
+        _said.add(choice.reason)
+        log.info("%s", choice.reason)
+    return choice
 
 
 @dataclass

@@ -223,12 +223,33 @@ class Exchange:
 
     group: Any
     store: Any = None  # what the group formed on: a store written in Python must outlive its group
+    prefix: str = ""  # the epoch's key prefix in ``store`` (KV formats are published under it)
+    first_rank: int = 0  # this replica's first rank in the group's numbering
 
     def post(self, buffer: torch.Tensor, peer: int, tag: int, sending: bool) -> dist.Work:
         return self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)
 
 
 Group = dist.ProcessGroup | Exchange | None
+
+
+def group_backend(group: Group) -> str:
+    """The backend a KV message goes over: an Exchange is always gloo (daemon workers build it so)."""
+    if isinstance(group, Exchange):
+        return "gloo"
+    return str(dist.get_backend(group))
+
+
+def needs_staging(cache_device: torch.device, backend: str) -> bool:
+    """Whether KV must pass through host memory: gloo sends and receives CPU tensors only, so a CUDA cache
+    (or any non-CPU one) shipped over gloo is copied to a host buffer first; NCCL takes device tensors."""
+    return cache_device.type != "cpu" and backend != "nccl"
+
+
+def _host_buffer(like: torch.Tensor) -> torch.Tensor:
+    """A host tensor shaped like ``like``; pinned when CUDA is up, so device copies can run asynchronously."""
+    pin = like.device.type == "cuda"
+    return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
 
 
 def _post_chunk(
@@ -238,7 +259,11 @@ def _post_chunk(
     sending: bool,
     group: Group,
     tag: int,
+    stage: bool = False,
 ) -> _Pending:
+    """Post one chunk's messages. ``stage``: the wire tensors are host copies (gloo with a CUDA cache);
+    sends copy device -> host and synchronise the stream before posting, receives copy back in
+    ``_finish_chunk``."""
     index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
     ops = []
     buffers = []
@@ -246,12 +271,22 @@ def _post_chunk(
         view = kv_cache[:, move.layers, :, :, move.kv_heads]
         if sending:
             buffer = view.index_select(2, index)
+            if stage:
+                host = _host_buffer(buffer)
+                host.copy_(buffer, non_blocking=True)
+                buffer = host
         else:
             shape = (*view.shape[:2], len(index), *view.shape[3:])
-            buffer = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
+            if stage:
+                buffer = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=kv_cache.device.type == "cuda")
+            else:
+                buffer = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
         if not isinstance(group, Exchange):
             ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buffer, move.peer, group, tag))
         buffers.append((move, index, buffer))
+    if sending and stage and kv_cache.device.type == "cuda":
+        # the non-blocking device -> host copies must have landed before gloo reads the host buffers
+        torch.cuda.current_stream(kv_cache.device).synchronize()
     if isinstance(group, Exchange):
         return [group.post(buffer, move.peer, tag, sending) for move, _, buffer in buffers], buffers
     return dist.batch_isend_irecv(ops), buffers
@@ -273,7 +308,8 @@ def _finish_chunk(kv_cache: torch.Tensor, pending: _Pending, sending: bool, time
         raise KVTransferError(f"{verb} process-group ranks {peers} failed: {error}") from error
     if not sending:
         for move, index, buffer in buffers:
-            kv_cache[:, move.layers, :, :, move.kv_heads].index_copy_(2, index, buffer)
+            # a staged buffer is on the host: copy it to the cache's device first (a no-op otherwise)
+            kv_cache[:, move.layers, :, :, move.kv_heads].index_copy_(2, index, buffer.to(kv_cache.device))
 
 
 def _transfer(
@@ -285,6 +321,7 @@ def _transfer(
     blocks_per_chunk: int,
     timeout: timedelta | None,
     tag: int = 0,
+    stage: bool = False,
 ) -> None:
     """Post every move chunk by chunk, keeping at most ``_CHUNKS_IN_FLIGHT`` chunks outstanding.
 
@@ -295,7 +332,7 @@ def _transfer(
     pending: collections.deque[_Pending] = collections.deque()
     for chunk_start in range(0, len(block_ids), blocks_per_chunk):
         chunk = block_ids[chunk_start : chunk_start + blocks_per_chunk]
-        pending.append(_post_chunk(kv_cache, moves, chunk, sending, group, tag))
+        pending.append(_post_chunk(kv_cache, moves, chunk, sending, group, tag, stage))
         if len(pending) >= _CHUNKS_IN_FLIGHT:
             _finish_chunk(kv_cache, pending.popleft(), sending, timeout)
     while pending:
@@ -321,6 +358,7 @@ def send_kv(
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
     tag: int = 0,
+    stage: bool | None = None,
 ) -> None:
     """Send this prefill worker's share of a sequence's KV to the decode ranks, and return once it is sent.
 
@@ -336,6 +374,8 @@ def send_kv(
     blocks_per_chunk : blocks per message; bounds the staging memory to two chunks per slice.
     timeout : how long to wait for each message; None uses the process group's timeout.
     tag : tells this sequence's messages from others' between the same ranks; the receiver passes the same.
+    stage : pass the KV through host buffers; None decides with :func:`needs_staging` (a CUDA cache over
+        gloo stages). The receiver's choice is independent: the wire carries the same bytes either way.
 
     Raises ValueError before any communication when the cache, slices or block table do not fit ``shard``
     and ``num_tokens``; KVTransferError when the communication fails. The blocks stay allocated: the caller
@@ -347,7 +387,8 @@ def send_kv(
     block_ids = _used_blocks(kv_cache, block_table, num_tokens)
     moves = _local_moves(shard, slices, True, peer)
     if moves and block_ids:
-        _transfer(kv_cache, moves, block_ids, True, group, blocks_per_chunk, timeout, tag)
+        stage = needs_staging(kv_cache.device, group_backend(group)) if stage is None else stage
+        _transfer(kv_cache, moves, block_ids, True, group, blocks_per_chunk, timeout, tag, stage)
 
 
 @dataclass(frozen=True)
@@ -369,6 +410,7 @@ def send_kv_all(
     group: Group = None,
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
+    stage: bool | None = None,
 ) -> None:
     """Post every message of every sequence in ``sends`` before waiting for any, then wait for them all.
 
@@ -385,9 +427,11 @@ def send_kv_all(
         moves = _local_moves(shard, send.slices, True, send.peer)
         if not (moves and block_ids):
             continue
+        if stage is None:
+            stage = needs_staging(kv_cache.device, group_backend(group))
         for chunk_start in range(0, len(block_ids), blocks_per_chunk):
             chunk = block_ids[chunk_start : chunk_start + blocks_per_chunk]
-            pending.append(_post_chunk(kv_cache, moves, chunk, True, group, send.tag))
+            pending.append(_post_chunk(kv_cache, moves, chunk, True, group, send.tag, stage))
     for item in pending:
         _finish_chunk(kv_cache, item, True, timeout)
 
@@ -404,6 +448,7 @@ def recv_kv(
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
     tag: int = 0,
+    stage: bool | None = None,
 ) -> None:
     """Receive this decode worker's share of a sequence's KV into its own blocks, and return once it is written.
 
@@ -421,4 +466,5 @@ def recv_kv(
     block_ids = _used_blocks(kv_cache, block_table, num_tokens)
     moves = _local_moves(shard, slices, False, peer)
     if moves and block_ids:
-        _transfer(kv_cache, moves, block_ids, False, group, blocks_per_chunk, timeout, tag)
+        stage = needs_staging(kv_cache.device, group_backend(group)) if stage is None else stage
+        _transfer(kv_cache, moves, block_ids, False, group, blocks_per_chunk, timeout, tag, stage)

@@ -17,7 +17,6 @@ from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.engine.sequence import SamplingParams, Sequence
-from hexgen.engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,17 @@ class LLM:
             resolve_dtype(config.dtype, mc, device),
             device,
             config.cache,
+            allocate=False,
         )
+        # sized after the weights are in, from a profiled max-batch forward on CUDA (engine.memory)
+        self.runner.allocate_cache(self.runner.blocks_that_fit(config.max_num_batched_tokens, config.max_num_seqs))
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position)
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
-        self.tokenizer = Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").exists() else None
+        self.tokenizer = None
+        if (Path(model_dir) / "tokenizer.json").exists():
+            from hexgen.engine.tokenizer import Tokenizer  # jinja2 and tokenizers only where there is one
+
+            self.tokenizer = Tokenizer.from_dir(model_dir)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids
         scheduler_config = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.mode)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, eos)

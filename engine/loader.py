@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -59,7 +60,8 @@ def load_weights(
 ) -> None:
     """Fill every parameter of ``model`` from the checkpoint pieces its ``weight_plan`` names.
 
-    Only the named tensors are read, and of those only the slices this shard keeps. Raises
+    Only the named tensors are read, and of those only the slices this shard keeps. ``progress(done,
+    total)`` hears the checkpoint bytes this shard has read of those it reads, after each parameter. Raises
     CheckpointError for a missing tensor, a slice outside a tensor, or a shape that does not match.
     """
     plan = model.weight_plan()
@@ -71,9 +73,11 @@ def load_weights(
         files = checkpoint_files(model_dir)
         handles = [stack.enter_context(_open(f)) for f in files]
         where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 - safe_open is not a mapping
-        total = len(plan)
+        sizes = {name: sum(_piece_bytes(where, piece) for piece in pieces) for name, pieces in plan.items()}
+        total = sum(sizes.values())
+        done = 0
         report = progress or _default_progress(sum(f.stat().st_size for f in files))
-        for done, (param_name, pieces) in enumerate(plan.items(), 1):
+        for param_name, pieces in plan.items():
             tensor = (
                 torch.cat([_read(where, piece) for piece in pieces]) if len(pieces) > 1 else _read(where, pieces[0])
             )
@@ -85,6 +89,7 @@ def load_weights(
                     f"{list(param.shape)} for this shard"
                 )
             param.data = tensor.to(device=device, dtype=dtype)
+            done += sizes[param_name]
             if report is not None:
                 report(done, total)
 
@@ -101,6 +106,23 @@ def _resolve(where: dict[str, Any], name: str) -> tuple[Any, str]:
         if candidate in where:
             return where[candidate], candidate
     raise CheckpointError(f"checkpoint lacks tensor {name!r}")
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
+def _piece_bytes(where: dict[str, Any], piece: Piece) -> int:
+    """Checkpoint bytes a piece reads (its slice of the tensor), from the header alone; 0 when the tensor
+    is missing (``_read`` reports that)."""
+    try:
+        handle, name = _resolve(where, piece.name)
+    except CheckpointError:
+        return 0
+    view = handle.get_slice(name)
+    shape = list(view.get_shape())
+    if piece.dim is not None and piece.dim < len(shape):
+        shape[piece.dim] = max(0, min(piece.end, shape[piece.dim]) - piece.start)
+    return math.prod(shape) * _DTYPE_BYTES.get(view.get_dtype(), 1)
 
 
 def _read(where: dict[str, Any], piece: Piece) -> torch.Tensor:

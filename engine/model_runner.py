@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from hexgen.engine.attention import AttentionMetadata, flash_available
+from hexgen.engine.attention import AttentionChoice, AttentionMetadata, attention_for
 from hexgen.engine.config import ModelConfig
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import kv_head_range
-from hexgen.engine.loader import load_weights
+from hexgen.engine.loader import ProgressFn, load_weights
+from hexgen.engine.memory import MemoryProfile, fixed_budget_blocks, kv_cache_blocks
 from hexgen.engine.models import StageModel, build_model
 from hexgen.engine.sequence import Sequence
 
@@ -41,9 +42,9 @@ class CacheConfig:
     memory_bytes: int = 256 << 20
     gpu_memory_utilization: float = 0.9
 
-    def resolved_block_size(self, device: torch.device) -> int:
-        # flash-attn's paged decode wants pages of a multiple of 256 tokens.
-        return self.block_size or (256 if flash_available(device) else 16)
+    def resolved_block_size(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+        """The block size the attention path chosen for ``device`` and ``dtype`` uses (attention.py)."""
+        return attention_for(device, dtype, self.block_size).block_size
 
 
 class ModelRunner:
@@ -57,31 +58,47 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         cache: CacheConfig,
+        *,
+        allocate: bool = True,
+        progress: ProgressFn | None = None,
     ) -> None:
+        """Loads the shard. ``allocate`` False leaves the KV cache to ``allocate_cache``: a replica sizes it
+        only once its process groups exist and every rank agreed (NCCL's buffers take device memory too)."""
         self.config = config
         self.shard = shard
         self.dtype = dtype
         self.device = device
-        self.use_flash = flash_available(device) and dtype in (torch.float16, torch.bfloat16)
+        self.cache_config = cache
+        self.attention: AttentionChoice = attention_for(device, dtype, cache.block_size)
+        self.use_flash = self.attention.backend == "flash-attn"
+        self.block_size = self.attention.block_size
         self.model: StageModel = build_model(config, shard)
-        load_weights(self.model, model_dir, dtype, device)
+        load_weights(self.model, model_dir, dtype, device, progress)
         self.model.to(device)
-        self.block_size = cache.resolved_block_size(device)
         kv = kv_head_range(config.num_kv_heads, shard.tp_size, shard.tp_rank)
         self.num_kv_heads = kv[1] - kv[0]
-        self.num_blocks = cache.num_blocks or self._blocks_that_fit(cache)
-        if self.num_blocks < 1:
-            raise ValueError("the KV cache budget does not hold a single block; give it more memory")
-        num_layers = shard.end_layer - shard.start_layer
+        self.num_blocks = 0
+        self.kv_cache = torch.empty(0, dtype=dtype, device=device)
+        self.memory_profile: MemoryProfile | None = None  # set by profile_memory (CUDA)
+        if allocate:
+            self.allocate_cache(self.blocks_that_fit())
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV cache budget does not hold a single block of {self.block_bytes} bytes; give it more memory"
+            )
+        self.num_blocks = num_blocks
+        num_layers = self.shard.end_layer - self.shard.start_layer
         self.kv_cache = torch.zeros(
             2,
             num_layers,
-            self.num_blocks,
+            num_blocks,
             self.block_size,
             self.num_kv_heads,
-            config.head_dim,
-            dtype=dtype,
-            device=device,
+            self.config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
         for i, layer in enumerate(self.model.layers):
             layer.attn.k_cache = self.kv_cache[0, i]
@@ -92,13 +109,65 @@ class ModelRunner:
         layers = self.shard.end_layer - self.shard.start_layer
         return 2 * layers * self.block_size * self.num_kv_heads * self.config.head_dim * self.dtype.itemsize
 
-    def _blocks_that_fit(self, cache: CacheConfig) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - cache.gpu_memory_utilization) * total
+    def blocks_that_fit(self, max_num_batched_tokens: int = 4096, max_num_seqs: int = 64) -> int:
+        """The configured count, else on CUDA what a profiled max-batch forward leaves of
+        ``gpu_memory_utilization`` of the device, else (CPU) the fixed ``memory_bytes`` budget. On CUDA every
+        TP rank of the stage must call this together (the profiling pass all-reduces)."""
+        cache = self.cache_config
+        if cache.num_blocks:
+            return cache.num_blocks
+        if self.device.type != "cuda":
+            return fixed_budget_blocks(cache.memory_bytes, self.block_bytes)
+        profile = self.profile_memory(max_num_batched_tokens, max_num_seqs)
+        return kv_cache_blocks(profile, cache.gpu_memory_utilization, self.block_bytes)
+
+    @torch.inference_mode()
+    def profile_memory(self, max_num_batched_tokens: int, max_num_seqs: int) -> MemoryProfile:  # pragma: no cover
+        """Peak memory of a forward pass over the largest batch the scheduler may form (no KV cache yet, so
+        attention writes nothing), and the device memory outside torch's allocator. CUDA only."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.profile_forward(max_num_batched_tokens, max_num_seqs)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        non_torch = max(0, (total - free) - torch.cuda.memory_reserved(dev))
+        self.memory_profile = MemoryProfile(total=total, peak_allocated=peak, non_torch=non_torch)
+        return self.memory_profile
+
+    @torch.inference_mode()
+    def profile_forward(self, max_num_batched_tokens: int, max_num_seqs: int) -> torch.Tensor | None:
+        """A forward pass over ``max_num_batched_tokens`` tokens split into ``max_num_seqs`` sequences (as a
+        prefill step, the largest activations a step can have), before the KV cache exists; returns the
+        logits on the last stage (the hidden states elsewhere). Every TP rank of the stage runs it together."""
+        if self.kv_cache.numel():
+            raise RuntimeError("profile before the KV cache is allocated: the pass would write into it")
+        dev = self.device
+        tokens = max(1, max_num_batched_tokens)
+        seqs = max(1, min(max_num_seqs, tokens))
+        lens = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=torch.empty(0, dtype=torch.long, device=dev),
+            query_lens=lens,
+            context_lens=lens,
+            use_flash=self.use_flash,
+        )
+        cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        meta.cu_q = meta.cu_k = cu
+        if self.shard.is_first:
+            inputs = torch.zeros(tokens, dtype=torch.long, device=dev)
         else:
-            budget = cache.memory_bytes
-        return int(budget // self.block_bytes)
+            inputs = torch.zeros(tokens, self.config.hidden_size, dtype=self.dtype, device=dev)
+        out = self.model(inputs, positions, meta)
+        if not self.shard.is_last:
+            return out
+        logits = self.model.logits(out[(cu[1:] - 1).long()])
+        return None if logits is None else logits.float()
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, hidden: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
+from hexgen.engine.device import nccl_device_id, wait_for_ranks
+from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key, mismatch, replica_format
 from hexgen.engine.kv_transfer import (
     Exchange,
     KVSend,
@@ -32,13 +34,18 @@ from hexgen.engine.kv_transfer import (
 )
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import GroupLayout, rank_position, stage_ranks, validate_layout, world_size
+from hexgen.engine.loader import ProgressFn
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Batch, Scheduler, SchedulerConfig
-from hexgen.engine.sealed_store import open_store
 from hexgen.engine.sequence import SamplingParams, Sequence
 
 TRANSFER_TIMEOUT = timedelta(seconds=60)
+# How long a rank that has loaded waits in the world's first collective for the slowest rank to load: a
+# 35 GB stage at 300 MB/s takes two minutes, a slow disk or a cold network share many more.
+LOAD_TIMEOUT = timedelta(minutes=30)
+OP_TIMEOUT = timedelta(seconds=120)  # what the worlds are created with (init_world_store) and restored to
+FORMAT_TIMEOUT = timedelta(seconds=30)  # a peer publishes its KV format as it joins the exchange
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,13 @@ class StepResult:
     handed_off: list[Sequence] = field(default_factory=list)
     ran: bool = False
     sampled: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, token) in batch order
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why): imports refused here
 
 
-def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
+def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> dict[tuple[int, ...], object]:
     """Create, in the same order on every rank of the world, each replica's group and each stage's TP
-    group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs."""
+    group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs.
+    ``timeout``: each collective's (None: torch's default for the backend, 30 minutes for gloo)."""
     groups: dict[tuple[int, ...], object] = {}
     for spec in specs:
         for ranks in [spec.ranks] + [
@@ -95,7 +104,7 @@ def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
         ]:
             key = tuple(ranks)
             if key not in groups:
-                groups[key] = dist.new_group(list(key)) if len(key) > 1 else None
+                groups[key] = dist.new_group(list(key), timeout=timeout) if len(key) > 1 else None
     return groups
 
 
@@ -106,7 +115,16 @@ class ReplicaWorker:
     # payload sizes in bytes of the new requests, aborts, imports and a new exchange; the stop flag
     HEADER = 5
 
-    def __init__(self, spec: ReplicaSpec, rank: int, groups: dict[tuple[int, ...], object]) -> None:
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        rank: int,
+        groups: dict[tuple[int, ...], object],
+        progress: ProgressFn | None = None,
+        load_timeout: timedelta = LOAD_TIMEOUT,
+    ) -> None:
+        """Load this rank's shard (``progress`` hears bytes loaded of the total), wait for every rank of the
+        replica to have loaded (up to ``load_timeout``), then size the KV cache they all agree on."""
         self.spec = spec
         self.config: ModelConfig = load_config(spec.model_dir)
         validate_layout(spec.layout, self.config.num_layers, self.config.num_heads, self.config.num_kv_heads)
@@ -127,10 +145,18 @@ class ReplicaWorker:
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         dtype = resolve_dtype(spec.dtype, self.config, self.device)
         self.dtype = dtype
-        self.runner = ModelRunner(spec.model_dir, self.config, shard, dtype, self.device, spec.cache)
+        self.runner = ModelRunner(
+            spec.model_dir, self.config, shard, dtype, self.device, spec.cache, allocate=False, progress=progress
+        )
         self.group = groups.get(tuple(spec.ranks))
         self.solo = len(spec.ranks) == 1  # no collectives: the world may hold other replicas
-        num_blocks = self._agree_on_blocks(self.runner.num_blocks)
+        if not self.solo:
+            # the first collective after loading: a rank done early must not time out on a slower one
+            wait_for_ranks(self.group, load_timeout, OP_TIMEOUT)
+        # sized now that the groups exist (NCCL's buffers are allocated) and every rank has loaded
+        local = self.runner.blocks_that_fit(spec.max_num_batched_tokens, spec.max_num_seqs)
+        num_blocks = self._agree_on_blocks(local)
+        self.runner.allocate_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.runner.block_size)
         scheduler_config = SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, spec.mode)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.config.eos_token_ids)
@@ -151,6 +177,18 @@ class ReplicaWorker:
         self.exchange: Exchange | None = None  # the group KV moves over, when it is not this default world
         self._next_exchange: threading.Thread | None = None
         self._joined: list[tuple[Exchange, list[ReplicaSpec]] | BaseException] = []
+        self.kv_format = KVFormat(
+            self.runner.block_size,
+            str(dtype).removeprefix("torch."),
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+        )
+        self.exchange_first_rank = spec.first_rank  # this replica's first rank in the exchange numbering
+        self._formats: dict[int, KVFormat | str] = {}  # exchange rank -> its format, or why it is unreadable
+        if dist.is_initialized():  # the default world doubles as the exchange until one is joined
+            store = dist.distributed_c10d._get_default_store()
+            store.set(format_key("", rank), self.kv_format.to_bytes())
 
     def _agree_on_blocks(self, local: int) -> int:
         if self.solo:
@@ -188,6 +226,7 @@ class ReplicaWorker:
         if not self.solo:
             dist.broadcast(header, src=self.driver_rank, group=self.group)
         new_size, abort_size, import_size, exchange_size, stopped = (int(x) for x in header.tolist())
+        failed: list[tuple[int, str]] = []
         if stopped:
             return None
         if exchange_size:
@@ -204,13 +243,18 @@ class ReplicaWorker:
             reqs = pickle.loads(self._broadcast_bytes(import_payload, import_size))
             self.await_exchange()
             for req in reqs:
-                self.import_kv([req], self.peers[req.src])
+                why = self.kv_refusal(self.peers[req.src], self._own_exchange_spec())
+                if why is None:
+                    self.import_kv([req], self.peers[req.src])
+                else:  # refused on both sides alike: the prefill rank sent nothing
+                    failed.append((req.seq_id, why))
         batch = self.scheduler.schedule()
         if batch is None:
-            return StepResult()
+            return StepResult(failed=failed)
         tokens = self._forward(batch)
         left = self.scheduler.postprocess(batch, tokens)
-        result = StepResult(ran=True, sampled=[(seq.seq_id, t) for seq, t in zip(batch.seqs, tokens, strict=True)])
+        sampled = [(seq.seq_id, t) for seq, t in zip(batch.seqs, tokens, strict=True)]
+        result = StepResult(ran=True, sampled=sampled, failed=failed)
         for seq in left:
             (result.finished if seq.finished else result.handed_off).append(seq)
             if seq.finished:
@@ -229,15 +273,63 @@ class ReplicaWorker:
         """Ship handed-off ``seqs`` to the replicas their requests named (``Request.dst``), every send posted
         before any is waited for (``send_kv_all``), then release their blocks."""
         self.await_exchange()
+        refused = self.refusals(seqs)
         sends = []
         for seq in seqs:
             dst = self.peers[self.routes.pop(seq.seq_id)]
+            if seq.seq_id in refused:
+                continue  # the decode side refuses it alike and posts no receive
             slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
             sends.append(KVSend(slices, seq.block_table, len(seq) - 1, dst.global_rank, kv_tag(seq.seq_id)))
         send_kv_all(self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT)
         for seq in seqs:
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
+
+    def _own_exchange_spec(self) -> ReplicaSpec:
+        return dataclasses.replace(self.spec, first_rank=self.exchange_first_rank)
+
+    def refusals(self, seqs: list[Sequence]) -> dict[int, str]:
+        """Of handed-off ``seqs``, those whose decode replica's KV format differs from this one's, with why.
+        Every rank of the replica gets the same answer (call before ``export_routed`` to tell the daemon)."""
+        self.await_exchange()  # routes of a new epoch name replicas in its numbering
+        own = self._own_exchange_spec()
+        out = {}
+        for seq in seqs:
+            route = self.routes.get(seq.seq_id)
+            if route is not None and (why := self.kv_refusal(own, self.peers[route])) is not None:
+                out[seq.seq_id] = why
+        return out
+
+    def kv_refusal(self, src: ReplicaSpec, dst: ReplicaSpec) -> str | None:
+        """Why KV cannot move from replica ``src`` to replica ``dst`` (exchange numbering), or None. Reads the
+        formats every rank of both published, so all ranks of both replicas decide alike."""
+        try:
+            formats = [
+                replica_format([self._format_of(s.global_rank(r)) for r in range(len(s.ranks))], f"replica {what}")
+                for s, what in ((src, f"at rank {src.first_rank}"), (dst, f"at rank {dst.first_rank}"))
+            ]
+        except KVFormatError as exc:
+            return str(exc)
+        return mismatch(*formats)
+
+    def _format_of(self, rank: int) -> KVFormat:
+        if rank not in self._formats:
+            try:
+                if self.exchange is not None:
+                    store, prefix = self.exchange.store, self.exchange.prefix
+                else:
+                    store, prefix = dist.distributed_c10d._get_default_store(), ""
+                store.wait([format_key(prefix, rank)], FORMAT_TIMEOUT)
+                self._formats[rank] = KVFormat.from_bytes(store.get(format_key(prefix, rank)))
+            except KVFormatError as exc:
+                self._formats[rank] = str(exc)
+            except Exception as exc:  # the store is gone or the peer never published: refuse, do not crash
+                raise KVFormatError(f"the KV format of exchange rank {rank} is unavailable: {exc}") from None
+        found = self._formats[rank]
+        if isinstance(found, str):
+            raise KVFormatError(found)
+        return found
 
     def _forward(self, batch: Batch) -> list[int]:
         hidden = None
@@ -319,10 +411,13 @@ class ReplicaWorker:
     def _join_exchange(self, config: ExchangeConfig) -> None:
         try:
             timeout = timedelta(seconds=config.timeout_s)
+            from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
+
             store = open_store(config.host, config.port, timeout, config.secret)
             rank = config.first_rank + self.layout_rank
             group = dist.ProcessGroupGloo(dist.PrefixStore(config.prefix, store), rank, config.size, timeout)
-            self._joined.append((Exchange(group, store), list(config.peers)))
+            store.set(format_key(config.prefix, rank), self.kv_format.to_bytes())
+            self._joined.append((Exchange(group, store, config.prefix, config.first_rank), list(config.peers)))
         except BaseException as exc:  # handed to the step thread by await_exchange
             self._joined.append(exc)
 
@@ -336,6 +431,8 @@ class ReplicaWorker:
         if isinstance(outcome, BaseException):
             raise KVTransferError(f"joining the exchange group failed: {outcome}") from outcome
         self.exchange, self.peers = outcome
+        self.exchange_first_rank = self.exchange.first_rank
+        self._formats = {}  # a new numbering
 
 
 @dataclass(frozen=True)
@@ -372,21 +469,39 @@ def init_world_store(
     backend: str = "gloo",
     timeout_s: float = 120.0,
     secret: bytes | None = None,
+    device: str = "cpu",
 ) -> dist.Store:
     """Join a world through the store served at ``host:port`` (by another process: hexgen.daemon.store);
     keys live under ``prefix`` (one per plan epoch), so a late worker of an older epoch can never
     rendezvous with a newer world, and values are sealed with ``secret``, so an outsider cannot join it.
     Returns the store, which the caller keeps as long as the world: a Python store whose object is gone
-    fails every later call the world makes into it (new groups, barriers)."""
+    fails every later call the world makes into it (new groups, barriers). ``device``: this rank's pinned
+    GPU, handed to NCCL as its device_id."""
     timeout = timedelta(seconds=timeout_s)
+    from hexgen.engine.sealed_store import open_store
+
     store = open_store(host, port, timeout, secret, world_size=size)
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=size, timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(prefix, store),
+        rank=rank,
+        world_size=size,
+        timeout=timeout,
+        device_id=nccl_device_id(device, backend),
+    )
     return store
 
 
-def init_world(rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:
+def init_world(
+    rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0, device: str = "cpu"
+) -> None:
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=nccl_device_id(device, backend),
     )
 
 
