@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -223,6 +224,25 @@ class Host:
             await self.libp2p.disconnect(ID.from_base58(peer_id))
 
 
+class ListenError(RuntimeError):
+    """The listen address cannot be served; the message is the one-line reason."""
+
+
+def check_listen_port(host: str, port: int) -> None:
+    """Raise ListenError when another socket listens on ``host:port``. py-libp2p 0.8 binds with SO_REUSEPORT,
+    so its own bind would succeed there and the kernel would split that daemon's connections between both;
+    a probe bind without SO_REUSEPORT fails instead. SO_REUSEADDR keeps a closed daemon's TIME_WAIT
+    connections from counting as a listener."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def new_identity() -> KeyPair:
     return create_ed25519_pair()
 
@@ -231,6 +251,7 @@ def new_identity() -> KeyPair:
 async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
     """Start a host listening on ``config``'s address with pubsub ready; stops it on exit."""
     config = config or HostConfig()
+    check_listen_port(config.listen_host, config.port)
     # py-libp2p's yamux credits the sender after every read by default: one extra encrypted frame for each
     # small message, a third of an idle daemon's CPU at 16 peers. Go-yamux semantics (credit once half the
     # window is consumed) keep the same flow control; the library reads this knob at every read.

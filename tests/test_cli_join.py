@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from daemon_harness import Swarm
 from test_cli_plan import node
 
 
@@ -54,3 +55,19 @@ def test_verify_fraction_is_a_fraction(tmp_path, fraction):
 def test_max_request_rate_is_a_rate(tmp_path, rate):
     status, err = join("--max-request-rate", rate, tmp_path=tmp_path)
     assert status == 2 and "--max-request-rate" in err and "requests per second" in err and "Traceback" not in err
+
+
+def test_a_libp2p_port_another_daemon_holds_is_a_one_line_error(tmp_path):
+    """py-libp2p listens with SO_REUSEPORT: without the check, the second daemon would start and take a share
+    of the first one's incoming connections."""
+    swarm = Swarm(tmp_path)
+    try:
+        first = swarm.start("first")
+        port = first.addr.split("/tcp/")[1].split("/")[0]
+        second = swarm.start_process("second", ["--listen", f"127.0.0.1:{port}"])
+        status, err = second.wait_exit(30.0)
+        assert status == 2 and f"127.0.0.1:{port}" in err and "Address already in use" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert first.alive()
+    finally:
+        swarm.close()
