@@ -84,6 +84,10 @@ MAX_REQUESTS_PER_PEER = 128  # generate streams one client peer may have open at
 RATE_BURST_S = 5.0  # a rate-limited peer may send this many seconds' worth of requests at once
 
 
+class DuplicateKeyError(RuntimeError):
+    """Another running daemon holds this node's key: two processes with one peer id split the swarm."""
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     model: str = "llama-2-7b"
@@ -283,6 +287,9 @@ class Node:
 
     async def _dial(self, addr: str) -> None:
         assert self.host is not None
+        if addr in self.host.addrs:  # one bootstrap list for every host names this one too
+            log.info("not dialling %s: it is this node", addr)
+            return
         for delay in (0.0, 0.2, 0.5, 1.0, 2.0):
             await trio.sleep(delay)
             try:
@@ -315,8 +322,36 @@ class Node:
             msg = await subscription.get()
             sender = ID(msg.from_id).to_base58()
             if sender == self.peer_id:
+                self._check_own_gossip(msg.data)
                 continue
             self.handle_gossip(sender, msg.data)
+
+    def _check_own_gossip(self, data: bytes) -> None:
+        """Gossip signed with this node's key comes back to it; an advert in it with other addresses than
+        this node's was sent by another process holding the same key, now or before (gossip replays)."""
+        with contextlib.suppress(Exception):  # this node's own gossip parses; anything else is not an advert
+            for item in msgpack.unpackb(data, raw=False, strict_map_key=False)[:8]:
+                env = from_wire(item)
+                if env.kind == "advert" and env.signer == self.peer_id:
+                    self._own_advert(list(env.body["addrs"]))
+
+    def _own_advert(self, addrs: list[str]) -> None:
+        assert self.host is not None
+        if addrs != self.host.addrs and self._nursery is not None:
+            self._nursery.start_soon(self._dial_own_id, addrs)
+
+    async def _dial_own_id(self, addrs: list[str]) -> None:
+        """A peer holds an advert of this node's id at other addresses: a daemon that used this key before
+        (gone: the dial fails) or one that uses it now (the dial connects, and _watch_connects stops this one)."""
+        assert self.host is not None
+        with contextlib.suppress(Exception), trio.move_on_after(RPC_TIMEOUT_S):
+            await self.host.connect_peer(self.peer_id, addrs)
+
+    def _duplicate_key(self, seen: str) -> DuplicateKeyError:
+        return DuplicateKeyError(
+            f"another daemon runs with this node's key (peer id {self.peer_id}; seen: {seen}): "
+            "give each daemon its own --key-file"
+        )
 
     def handle_gossip(self, sender: str, data: bytes) -> None:
         """Verify and apply one gossip message (a list of envelopes); bad parts are rejected and counted."""
@@ -683,6 +718,8 @@ class Node:
         joined = trio.current_time()
         async with trio.open_nursery() as nursery:
             async for peer_id in self.host.connects:
+                if peer_id == self.peer_id:  # no dial of this node goes to its own addresses
+                    raise self._duplicate_key("a connection with a peer of this id")
                 if trio.current_time() - joined < NEWCOMER_S:
                     self._announce_now.set()
                 elif peer_id not in self.table.peers:
@@ -1200,6 +1237,8 @@ class Node:
                 env = verify(from_wire(item), kind="advert", now=now)
                 if env.signer != self.peer_id:
                     self._apply_advert(env, now)
+                else:
+                    self._own_advert(list(env.body["addrs"]))
             except EnvelopeRejected as exc:
                 self._reject(exc.reason, f"synced advert: {exc} (from {peer_id})")
             except (KeyError, TypeError, ValueError, HardwareError, CertificateError) as exc:

@@ -71,3 +71,34 @@ def test_a_libp2p_port_another_daemon_holds_is_a_one_line_error(tmp_path):
         assert first.alive()
     finally:
         swarm.close()
+
+
+def test_two_daemons_with_one_key_file_stop_with_a_clear_error(tmp_path):
+    """One key, one peer id: without the check the two daemons would each run a swarm of one."""
+    swarm = Swarm(tmp_path)
+    try:
+        key = tmp_path / "shared.key"
+        first = swarm.start("first", key=key)
+        second = swarm.start_process("second", bootstrap=[first.addr], key=key)
+        for daemon in (second, first):
+            status, log = daemon.wait_exit(30.0)
+            assert status == 2, log
+            errors = [line for line in log.splitlines() if line.startswith("hexgen-node: error:")]
+            assert len(errors) == 1 and first.peer_id in errors[0] and "--key-file" in errors[0], log
+            assert "Traceback" not in log
+    finally:
+        swarm.close()
+
+
+def test_one_key_met_through_a_third_daemon_stops_them_too(tmp_path):
+    swarm = Swarm(tmp_path)
+    try:
+        key = tmp_path / "shared.key"
+        hub = swarm.start("hub")
+        first = swarm.start("first", key=key, bootstrap=[hub.addr])
+        second = swarm.start_process("second", bootstrap=[hub.addr], key=key)
+        status, log = second.wait_exit(30.0)
+        assert status == 2 and first.peer_id in log and "--key-file" in log and "Traceback" not in log, log
+        assert hub.alive()
+    finally:
+        swarm.close()
