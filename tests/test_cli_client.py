@@ -103,7 +103,18 @@ def test_chat_keeps_the_conversation_and_equals_the_reference(daemon, stories_di
 def test_chat_survives_a_refused_message_and_resets(daemon):
     too_long = "word " * 600  # beyond stories260K's context of 512
     result = chat("--max-tokens", "4", lines=f"{too_long}\n/reset\nhello\n/exit\nnot sent\n", daemon=daemon)
-    assert result.returncode == 0, result.stderr
-    assert "exceeds the model's context" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1, result.stderr  # the conversation goes on, but a message went unanswered
+    assert "does not fit the model's context, even alone" in result.stderr and "Traceback" not in result.stderr
     out = result.stdout.splitlines()
     assert out[0] == "(the conversation starts over)" and len(out) == 2
+
+
+def test_chat_with_default_flags_fits_every_turn_into_a_small_context(daemon):
+    """stories260K has a context of 512 tokens, and its greedy stories run on for hundreds: the first reply is
+    capped by the context, and later turns drop the oldest exchange to make room."""
+    result = chat(lines="A cat\nand a dog\nand a bird\n", daemon=daemon)
+    assert result.returncode == 0, result.stderr
+    assert "fills the model's context of 512" in result.stderr
+    assert "dropped the oldest 2 messages" in result.stderr
+    assert "hexgen-client:" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.count("\n") >= 3
