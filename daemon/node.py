@@ -35,7 +35,7 @@ from libp2p.peer.id import ID
 from hexgen.coordinator import planner
 from hexgen.coordinator.evaluate import PlanError
 from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, pinned_plan
-from hexgen.coordinator.plan import Plan
+from hexgen.coordinator.plan import Plan, layer_range
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.coordinator.workload import synthetic
 from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_cluster_from_peers, probe_plan
@@ -1113,7 +1113,10 @@ class Node:
         roles = self.roles(body)
         if not roles:
             return ": no GPU of this node serves in it"
-        return ": " + ", ".join(f"GPU {r['gpu']} {r['role']} in group {r['group']} stage {r['stage']}" for r in roles)
+        return ": " + ", ".join(
+            f"GPU {r['gpu']} {r['role']} in group {r['group']} stage {r['stage']} (layers {layer_range(*r['layers'])})"
+            for r in roles
+        )
 
     def load(self) -> dict[str, Any]:
         """This node's serving load: requests in flight on its workers, tokens/s they produced lately."""
