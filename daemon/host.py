@@ -190,6 +190,15 @@ class Host:
             self.libp2p.get_network().unblock_peer(peer)
         await self.libp2p.connect(info)
 
+    def speaks(self, peer_id: str, protocol: str) -> bool | None:
+        """Whether ``peer_id`` serves ``protocol``, as identify (run on every new connection) told; None
+        before identify answered."""
+        try:
+            known = self.libp2p.get_peerstore().get_protocols(ID.from_base58(peer_id))
+        except Exception:
+            return None
+        return protocol in known if known else None
+
     async def open_stream(self, peer_id: str, protocol: TProtocol) -> INetStream:
         return await self.libp2p.new_stream(ID.from_base58(peer_id), [protocol])
 
@@ -247,6 +256,17 @@ def new_identity() -> KeyPair:
     return create_ed25519_pair()
 
 
+def _no_auto_connect(host: IHost) -> None:
+    """libp2p's auto-connector dials every peer it ever learned an address of, clients that left included,
+    for as long as the process runs. A daemon dials the members it lost itself (Node._redial), so its
+    dial rounds (periodic, and on every disconnect) do nothing; set before the swarm starts them."""
+
+    async def nothing() -> None:
+        return None
+
+    host.get_network().auto_connector.maybe_connect = nothing  # type: ignore[attr-defined,method-assign]
+
+
 @contextlib.asynccontextmanager
 async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
     """Start a host listening on ``config``'s address with pubsub ready; stops it on exit."""
@@ -287,6 +307,7 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
     send_connect, recv_connect = trio.open_memory_channel[str](1024)
     send_disconnect, recv_disconnect = trio.open_memory_channel[str](1024)
     host.get_network().register_notifee(_ConnectionEvents(send_connect, send_disconnect))
+    _no_auto_connect(host)
     async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(gossipsub):
         await pubsub.wait_until_ready()
         yield Host(host, pubsub, recv_connect, recv_disconnect, tuple(reachable_hosts(config)))

@@ -728,6 +728,8 @@ class Node:
     async def _learn_unknown(self, peer_id: str) -> None:
         await trio.sleep(UNKNOWN_PEER_SYNC_AFTER_S)
         assert self.host is not None
+        if self.host.speaks(peer_id, SYNC_PROTOCOL) is False:
+            return  # a client (hexgen-client, a watcher): it has no advert, and asking logs a libp2p error
         if peer_id not in self.table.peers and peer_id in self.host.connected_peers():
             await self._sync_once_in_a_while(peer_id, only_self=True)
 
