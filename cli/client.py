@@ -41,6 +41,10 @@ class ClientError(Exception):
 class Refused(ClientError):
     """The swarm answered this request with an error (the connection itself is fine)."""
 
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # the daemon's kind of refusal: "context_full" when the prompt leaves no room
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Talk to a hexgen swarm.")
@@ -52,16 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="an interactive conversation (one message per line)", description=__doc__)
     chat.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation")
-    _add_request_flags(chat, max_tokens=256)
+    _add_request_flags(chat, max_tokens=None)
     chat.set_defaults(func=cmd_chat)
     return parser
 
 
-def _add_request_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+def _add_request_flags(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
     parser.add_argument("--peer", default=os.environ.get("HEXGEN_PEER"), metavar="MULTIADDR", help="a daemon to ask")
-    parser.add_argument(
-        "--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens per reply (default {max_tokens})"
-    )
+    default = f"default {max_tokens}" if max_tokens else "default: what the model's context leaves"
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens per reply ({default})")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy (the default)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
     parser.add_argument("--seed", type=int, metavar="S", help="sampling seed (same seed, same text)")
@@ -74,7 +77,9 @@ def _base_request(args: argparse.Namespace) -> dict[str, Any]:
         raise ClientError("no swarm to ask: give --peer MULTIADDR or set HEXGEN_PEER")
     if args.timeout <= 0:
         raise ClientError("--timeout must be positive")
-    request: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    request: dict[str, Any] = {"temperature": args.temperature, "top_p": args.top_p}
+    if args.max_tokens is not None:
+        request["max_tokens"] = args.max_tokens
     if args.seed is not None:
         request["seed"] = args.seed
     if args.stop:
@@ -153,7 +158,7 @@ async def _stream(
         with trio.fail_after(timeout):
             async for frame in generate(host, peer_id, request):
                 if "error" in frame:
-                    raise Refused(str(frame["error"]))
+                    raise Refused(str(frame["error"]), frame.get("code"))
                 if "token" in frame:
                     reply.tokens.append(frame["token"])
                     reply.first = reply.first or time.perf_counter()
@@ -173,21 +178,30 @@ async def _stream(
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """Exit status 0 when every message got its reply, 1 when the swarm refused some, 2 on a broken link."""
     import trio
 
-    request = _base_request(args)
+    # "fit": the daemon caps each reply by the context the conversation leaves (the history grows each turn)
+    request = _base_request(args) | {"fit": True}
     opening = [{"role": "system", "content": args.system}] if args.system else []
-    trio.run(_chat, args.peer, request, opening, args.timeout, sys.stdin.isatty())
-    return 0
+    refused = trio.run(_chat, args.peer, request, opening, args.timeout, sys.stdin.isatty())
+    return 1 if refused else 0
 
 
-async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]], timeout: float, tty: bool) -> None:
-    """The conversation loop: a line in, a streamed reply out, both kept in the history sent each turn."""
+def _note(text: str) -> None:
+    """What the client did on its own (dropped history, a capped reply): stderr, so stdout is the replies."""
+    print(f"({text})", file=sys.stderr, flush=True)
+
+
+async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]], timeout: float, tty: bool) -> int:
+    """The conversation loop: a line in, a streamed reply out, both kept in the history sent each turn.
+    Returns how many messages the swarm refused."""
     import trio
 
     from hexgen.daemon.host import HostConfig, new_identity, open_host
 
     failure: ClientError | None = None
+    refused = 0
     async with (
         contextlib.aclosing(_lines(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))) as lines,
         open_host(new_identity(), HostConfig(listen_host="127.0.0.1", port=0)) as host,
@@ -208,19 +222,62 @@ async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]
                 if not line.strip():
                     continue
                 messages.append({"role": "user", "content": line.strip()})
-                reply = Reply()
                 try:
-                    await _stream(host, peer_id, peer, request | {"messages": messages}, timeout, sys.stdout, reply)
+                    reply = await _reply(host, peer_id, peer, request, messages, len(opening), timeout)
                 except Refused as exc:
                     messages.pop()
-                    print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+                    refused += 1
+                    print(f"{PROG}: {_refusal_text(exc)}", file=sys.stderr, flush=True)
                     continue
                 print(flush=True)
+                _say_if_capped(reply.done, request.get("max_tokens"))
                 messages.append({"role": "assistant", "content": "".join(reply.text)})
         except ClientError as exc:
             failure = exc
     if failure is not None:
         raise failure
+    return refused
+
+
+async def _reply(
+    host: Any,
+    peer_id: str,
+    peer: str,
+    request: dict[str, Any],
+    messages: list[dict[str, str]],
+    keep: int,
+    timeout: float,
+) -> Reply:
+    """Stream the reply to ``messages``; while the conversation leaves the model no room for one, drop its
+    oldest exchange (the first ``keep`` messages, the system's, stay) and ask again."""
+    while True:
+        reply = Reply()
+        try:
+            await _stream(host, peer_id, peer, request | {"messages": messages}, timeout, sys.stdout, reply)
+            return reply
+        except Refused as exc:
+            if exc.code != "context_full" or len(messages) <= keep + 1:
+                raise
+        dropped = 2 if len(messages) > keep + 2 and messages[keep + 1]["role"] == "assistant" else 1
+        del messages[keep : keep + dropped]
+        _note(
+            f"dropped the oldest {dropped} message{'s' * (dropped > 1)}: the conversation outgrew the model's context"
+        )
+
+
+def _refusal_text(exc: Refused) -> str:
+    if exc.code == "context_full":
+        return f"this message does not fit the model's context, even alone: {exc}"
+    return str(exc)
+
+
+def _say_if_capped(done: dict[str, Any], asked: int | None) -> None:
+    """Tell the user when the context, not the reply or --max-tokens, ended the reply."""
+    granted, context = done.get("max_tokens"), done.get("context")
+    if done.get("finish_reason") != "length" or not isinstance(granted, int):
+        return
+    if asked is None or granted < asked:
+        _note(f"the reply stopped at {granted} tokens: the conversation fills the model's context of {context}")
 
 
 async def _lines(stream: Any) -> Any:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from hexgen.coordinator.plan import layer_range
+
 DEFAULT_GPUS = ("H100", "A100", "L40", "A6000")
 DEFAULT_PROMPT = "Once upon a time"
 TINY_CONFIG = {
@@ -243,7 +245,7 @@ def _show_plan(say: Any, view: dict[str, Any], daemons: list[Any]) -> None:
             "+".join(f"{names.get(gpus[str(g)][0], '?')}:{gpus[str(g)][1]}" for g in stage["gpus"])
             for stage in group["stages"]
         )
-        layout = " | ".join(f"TP{len(s['gpus'])} L{s['layers'][0]}-{s['layers'][1] - 1}" for s in group["stages"])
+        layout = " | ".join(f"TP{len(s['gpus'])} {layer_range(*s['layers'])}" for s in group["stages"])
         say(f"  group {group['id']}  {group['role']:<9}  PP{len(group['stages'])}  {layout:<24}  on {where}")
     flows = ", ".join(
         f"{f['src'] if f['src'] in ('source', 'sink') else 'g' + str(f['src'])}->"

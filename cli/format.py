@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hexgen.coordinator.cluster import Cluster
-from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Plan
+from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Plan, layer_range
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
@@ -118,8 +118,7 @@ def report_text(r: PlanReport) -> str:
     for g in p.groups:
         for i, stage in enumerate(g.stages):
             head = [str(g.id), g.role, f"{_rps(g.capacity)} req/s"] if i == 0 else ["", "", ""]
-            layers = f"{stage.layers[0]}-{stage.layers[1] - 1}"
-            rows.append([*head, str(i), gpu_summary(c, stage.gpus), str(stage.tp), layers])
+            rows.append([*head, str(i), gpu_summary(c, stage.gpus), str(stage.tp), layer_range(*stage.layers)])
     lines += table(["id", "role", "capacity", "stage", "GPUs", "TP", "layers"], rows, right=(0, 2, 3, 5, 6))
     unused = sorted(set(range(len(c))) - set(p.gpus))
     lines.append(f"  unused GPUs: {gpu_summary(c, unused) if unused else 'none'}")

@@ -125,11 +125,11 @@ def layered_args(args: argparse.Namespace) -> None:
 def cmd_join(args: argparse.Namespace) -> int:
     from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned
     from hexgen.daemon.hardware import HardwareError, parse_simulate_gpu
-    from hexgen.daemon.host import HostConfig
+    from hexgen.daemon.host import HostConfig, ListenError
     from hexgen.daemon.http_api import GatewayError
     from hexgen.daemon.identity import CertificateError, IdentityError, default_key_file
     from hexgen.daemon.model_files import ModelFilesError, is_checkpoint_dir, model_fingerprint
-    from hexgen.daemon.node import NodeConfig
+    from hexgen.daemon.node import DuplicateKeyError, NodeConfig
     from hexgen.daemon.run import JoinOptions, join
     from hexgen.engine.tokenizer import Tokenizer, TokenizerError
 
@@ -191,7 +191,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         )
         try:
             return join(options)
-        except* GatewayError as group:  # the HTTP port cannot be served (in use, not permitted)
+        # a port cannot be served (in use, not permitted), or another daemon has this one's key
+        except* (GatewayError, ListenError, DuplicateKeyError) as group:
             first: BaseException = group
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from hexgen.cli.format import table
+from hexgen.coordinator.plan import layer_range
 from hexgen.daemon.swarm_view import assignments
 
 if TYPE_CHECKING:
@@ -189,9 +190,9 @@ def _gpu_place(index: Any, body: Mapping[str, Any], names: Mapping[str, str]) ->
 
 
 def _layer_range(layers: Any) -> str:
-    """A stage's half-open ``[start, end)`` layer range as inclusive ``start-last``."""
+    """A stage's layer range, if the status holds a well-formed one."""
     if isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
-        return f"{layers[0]}-{layers[1] - 1}"
+        return layer_range(*layers)
     return MISSING
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Group, Plan, Stage
+from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Group, Plan, Stage, layer_range
 
 
 class PinnedPlanError(ValueError):
@@ -86,7 +86,9 @@ def parse_pinned(text: str, num_layers: int | None = None) -> tuple[PinnedGroup,
                 seen.add(place)
             parsed.append(PinnedStage(places, (layers[0], layers[1])))
         if num_layers is not None and expected_start != num_layers:
-            raise PinnedPlanError(f"{where}: stages cover layers 0-{expected_start}, the model has {num_layers}")
+            raise PinnedPlanError(
+                f"{where}: stages cover layers {layer_range(0, expected_start)}, the model has {num_layers}"
+            )
         groups.append(PinnedGroup(raw["role"], tuple(parsed)))
     roles = {g.role for g in groups}
     if "prefill" in roles and "decode" not in roles:

@@ -15,6 +15,11 @@ class PlanFormatError(ValueError):
     """A plan map (``Plan.to_dict`` output, from a peer) that ``Plan.from_dict`` cannot read; the message says why."""
 
 
+def layer_range(start: int, end: int) -> str:
+    """How every output writes a stage's layers: half-open, ``[0, 5)`` is layers 0 to 4 (README, "Layer ranges")."""
+    return f"[{start}, {end})"
+
+
 @dataclass(frozen=True)
 class Stage:
     """A pipeline stage: its tensor-parallel GPUs (in rank order) and its layer range [start, end)."""
@@ -50,7 +55,7 @@ class Group:
         return len(self.stages)
 
     def layout(self) -> str:
-        return " | ".join(f"TP{s.tp} L{s.layers[0]}-{s.layers[1] - 1}" for s in self.stages)
+        return " | ".join(f"TP{s.tp} {layer_range(*s.layers)}" for s in self.stages)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -189,6 +190,15 @@ class Host:
             self.libp2p.get_network().unblock_peer(peer)
         await self.libp2p.connect(info)
 
+    def speaks(self, peer_id: str, protocol: str) -> bool | None:
+        """Whether ``peer_id`` serves ``protocol``, as identify (run on every new connection) told; None
+        before identify answered."""
+        try:
+            known = self.libp2p.get_peerstore().get_protocols(ID.from_base58(peer_id))
+        except Exception:
+            return None
+        return protocol in known if known else None
+
     async def open_stream(self, peer_id: str, protocol: TProtocol) -> INetStream:
         return await self.libp2p.new_stream(ID.from_base58(peer_id), [protocol])
 
@@ -223,14 +233,45 @@ class Host:
             await self.libp2p.disconnect(ID.from_base58(peer_id))
 
 
+class ListenError(RuntimeError):
+    """The listen address cannot be served; the message is the one-line reason."""
+
+
+def check_listen_port(host: str, port: int) -> None:
+    """Raise ListenError when another socket listens on ``host:port``. py-libp2p 0.8 binds with SO_REUSEPORT,
+    so its own bind would succeed there and the kernel would split that daemon's connections between both;
+    a probe bind without SO_REUSEPORT fails instead. SO_REUSEADDR keeps a closed daemon's TIME_WAIT
+    connections from counting as a listener."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def new_identity() -> KeyPair:
     return create_ed25519_pair()
+
+
+def _no_auto_connect(host: IHost) -> None:
+    """libp2p's auto-connector dials every peer it ever learned an address of, clients that left included,
+    for as long as the process runs. A daemon dials the members it lost itself (Node._redial), so its
+    dial rounds (periodic, and on every disconnect) do nothing; set before the swarm starts them."""
+
+    async def nothing() -> None:
+        return None
+
+    host.get_network().auto_connector.maybe_connect = nothing  # type: ignore[attr-defined,method-assign]
 
 
 @contextlib.asynccontextmanager
 async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
     """Start a host listening on ``config``'s address with pubsub ready; stops it on exit."""
     config = config or HostConfig()
+    check_listen_port(config.listen_host, config.port)
     # py-libp2p's yamux credits the sender after every read by default: one extra encrypted frame for each
     # small message, a third of an idle daemon's CPU at 16 peers. Go-yamux semantics (credit once half the
     # window is consumed) keep the same flow control; the library reads this knob at every read.
@@ -266,6 +307,7 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
     send_connect, recv_connect = trio.open_memory_channel[str](1024)
     send_disconnect, recv_disconnect = trio.open_memory_channel[str](1024)
     host.get_network().register_notifee(_ConnectionEvents(send_connect, send_disconnect))
+    _no_auto_connect(host)
     async with host.run(listen_addrs=listen), background_trio_service(pubsub), background_trio_service(gossipsub):
         await pubsub.wait_until_ready()
         yield Host(host, pubsub, recv_connect, recv_disconnect, tuple(reachable_hosts(config)))

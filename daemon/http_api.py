@@ -477,6 +477,7 @@ class EventStream(Response):
         sink = EventSink(send)
         shape = self.gateway.shape(self.job)
         first = True
+        answered = trio.Event()  # [DONE] went out: the client has the whole answer
 
         async def on_token(token: int, text: str) -> None:
             nonlocal first
@@ -492,11 +493,14 @@ class EventStream(Response):
             if self.job.include_usage:
                 await sink.event(shape.usage_chunk(done))
             await sink.event("[DONE]")
+            answered.set()
             await sink.close()
             return done
 
         try:
-            if await until_disconnected(receive, work) is None:
+            # A client may close the connection as soon as it reads [DONE], and the server reports a finished
+            # response as a disconnect too: either may cancel ``work`` in its last send. Neither hung up.
+            if await until_disconnected(receive, work) is None and not answered.is_set():
                 self.gateway.metrics.count_disconnect(self.job.endpoint)
         except ApiError as exc:
             if not sink.started:

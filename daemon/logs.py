@@ -22,8 +22,27 @@ def quote(value: Any) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def fold(text: str) -> str:
+    """A multi-line message (py-libp2p writes several lines per failed stream) as one line."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's text; a library's format string that does not match its arguments still logs."""
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):
+        return f"{record.msg} {record.args}"
+
+
 class KeyValueFormatter(logging.Formatter):
-    """``ts=... level=info logger=hexgen.daemon msg="..." event=join peer=...`` (UTC, millisecond times)."""
+    """``ts=... level=info logger=hexgen.daemon msg="..." event=join peer=...`` (UTC, millisecond times).
+    Every record is one line. A library's traceback is cut to its last line unless ``full_tracebacks``
+    (debug level): the library's failures are expected ones (a client that left) far more often than not."""
+
+    def __init__(self, full_tracebacks: bool = True) -> None:
+        super().__init__()
+        self.full_tracebacks = full_tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
@@ -31,11 +50,14 @@ class KeyValueFormatter(logging.Formatter):
             "ts": stamp,
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": fold(_message(record)),
         }
         fields |= {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            if self.full_tracebacks or record.name.startswith("hexgen"):
+                fields["exc"] = self.formatException(record.exc_info)
+            else:
+                fields["exc"] = fold(f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}")
         return " ".join(f"{key}={quote(value)}" for key, value in fields.items())
 
 
@@ -45,9 +67,21 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r} (known: {', '.join(LEVELS)})")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
+    handler.setFormatter(KeyValueFormatter(full_tracebacks=level == "debug"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    _own_libp2p_logs()
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.ERROR)
+
+
+def _own_libp2p_logs() -> None:
+    """py-libp2p's import cuts its loggers off from the root (no handler, no propagation), so its records
+    reached stderr raw through logging's last-resort handler, several lines each. Imported first (its
+    import would undo this), it then logs through the root's handler like everything else."""
+    import libp2p  # noqa: F401
+
+    logger = logging.getLogger("libp2p")
+    logger.handlers.clear()
+    logger.propagate = True

@@ -35,7 +35,7 @@ from libp2p.peer.id import ID
 from hexgen.coordinator import planner
 from hexgen.coordinator.evaluate import PlanError
 from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, pinned_plan
-from hexgen.coordinator.plan import Plan
+from hexgen.coordinator.plan import Plan, layer_range
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.coordinator.workload import synthetic
 from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_cluster_from_peers, probe_plan
@@ -82,6 +82,10 @@ MAX_ACCUSED = 64
 HEARTBEAT_WARMUP_PINGS = 3
 MAX_REQUESTS_PER_PEER = 128  # generate streams one client peer may have open at once (yamux caps 256)
 RATE_BURST_S = 5.0  # a rate-limited peer may send this many seconds' worth of requests at once
+
+
+class DuplicateKeyError(RuntimeError):
+    """Another running daemon holds this node's key: two processes with one peer id split the swarm."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,9 @@ class Node:
 
     async def _dial(self, addr: str) -> None:
         assert self.host is not None
+        if addr in self.host.addrs:  # one bootstrap list for every host names this one too
+            log.info("not dialling %s: it is this node", addr)
+            return
         for delay in (0.0, 0.2, 0.5, 1.0, 2.0):
             await trio.sleep(delay)
             try:
@@ -316,8 +323,36 @@ class Node:
             msg = await subscription.get()
             sender = ID(msg.from_id).to_base58()
             if sender == self.peer_id:
+                self._check_own_gossip(msg.data)
                 continue
             self.handle_gossip(sender, msg.data)
+
+    def _check_own_gossip(self, data: bytes) -> None:
+        """Gossip signed with this node's key comes back to it; an advert in it with other addresses than
+        this node's was sent by another process holding the same key, now or before (gossip replays)."""
+        with contextlib.suppress(Exception):  # this node's own gossip parses; anything else is not an advert
+            for item in msgpack.unpackb(data, raw=False, strict_map_key=False)[:8]:
+                env = from_wire(item)
+                if env.kind == "advert" and env.signer == self.peer_id:
+                    self._own_advert(list(env.body["addrs"]))
+
+    def _own_advert(self, addrs: list[str]) -> None:
+        assert self.host is not None
+        if addrs != self.host.addrs and self._nursery is not None:
+            self._nursery.start_soon(self._dial_own_id, addrs)
+
+    async def _dial_own_id(self, addrs: list[str]) -> None:
+        """A peer holds an advert of this node's id at other addresses: a daemon that used this key before
+        (gone: the dial fails) or one that uses it now (the dial connects, and _watch_connects stops this one)."""
+        assert self.host is not None
+        with contextlib.suppress(Exception), trio.move_on_after(RPC_TIMEOUT_S):
+            await self.host.connect_peer(self.peer_id, addrs)
+
+    def _duplicate_key(self, seen: str) -> DuplicateKeyError:
+        return DuplicateKeyError(
+            f"another daemon runs with this node's key (peer id {self.peer_id}; seen: {seen}): "
+            "give each daemon its own --key-file"
+        )
 
     def handle_gossip(self, sender: str, data: bytes) -> None:
         """Verify and apply one gossip message (a list of envelopes); bad parts are rejected and counted."""
@@ -684,6 +719,8 @@ class Node:
         joined = trio.current_time()
         async with trio.open_nursery() as nursery:
             async for peer_id in self.host.connects:
+                if peer_id == self.peer_id:  # no dial of this node goes to its own addresses
+                    raise self._duplicate_key("a connection with a peer of this id")
                 if trio.current_time() - joined < NEWCOMER_S:
                     self._announce_now.set()
                 elif peer_id not in self.table.peers:
@@ -692,6 +729,8 @@ class Node:
     async def _learn_unknown(self, peer_id: str) -> None:
         await trio.sleep(UNKNOWN_PEER_SYNC_AFTER_S)
         assert self.host is not None
+        if self.host.speaks(peer_id, SYNC_PROTOCOL) is False:
+            return  # a client (hexgen-client, a watcher): it has no advert, and asking logs a libp2p error
         if peer_id not in self.table.peers and peer_id in self.host.connected_peers():
             await self._sync_once_in_a_while(peer_id, only_self=True)
 
@@ -1077,7 +1116,10 @@ class Node:
         roles = self.roles(body)
         if not roles:
             return ": no GPU of this node serves in it"
-        return ": " + ", ".join(f"GPU {r['gpu']} {r['role']} in group {r['group']} stage {r['stage']}" for r in roles)
+        return ": " + ", ".join(
+            f"GPU {r['gpu']} {r['role']} in group {r['group']} stage {r['stage']} (layers {layer_range(*r['layers'])})"
+            for r in roles
+        )
 
     def load(self) -> dict[str, Any]:
         """This node's serving load: requests in flight on its workers, tokens/s they produced lately."""
@@ -1201,6 +1243,8 @@ class Node:
                 env = verify(from_wire(item), kind="advert", now=now)
                 if env.signer != self.peer_id:
                     self._apply_advert(env, now)
+                else:
+                    self._own_advert(list(env.body["addrs"]))
             except EnvelopeRejected as exc:
                 self._reject(exc.reason, f"synced advert: {exc} (from {peer_id})")
             except (KeyError, TypeError, ValueError, HardwareError, CertificateError) as exc:

@@ -50,6 +50,7 @@ FIRST_FRAME_TIMEOUT_S = 10.0
 SPOT_CHECK_TIMEOUT_S = 120.0
 # Text longer than this per context token cannot fit; refused before the tokenizer spends time on it.
 MAX_CHARS_PER_TOKEN = 64
+MIN_FIT_TOKENS = 16  # a request with ``fit`` is refused when its prompt leaves less than this for the reply
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"}
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
@@ -61,7 +62,12 @@ OnToken = Callable[[int, str], Awaitable[None]]
 
 
 class RequestError(ValueError):
-    """A client request that cannot be served as asked; the message says why."""
+    """A client request that cannot be served as asked; the message says why, ``code`` what kind (clients
+    act on some: a chat drops its oldest messages on ``context_full``)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class HopFailed(Exception):
@@ -146,7 +152,8 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
         chars = sum(len(m["content"]) for m in listed if isinstance(m, dict) and isinstance(m.get("content"), str))
         if chars > max_context * MAX_CHARS_PER_TOKEN:
             raise RequestError(
-                f"the messages hold {chars} characters, more than a context of {max_context} tokens can hold"
+                f"the messages hold {chars} characters, more than a context of {max_context} tokens can hold",
+                code="context_full",
             )
         tokens = chat_tokens(messages, tokenizer)
     elif prompt is not None:
@@ -170,10 +177,15 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     if any(t < 0 or t >= tokenizer.vocab_size for t in tokens):
         raise RequestError(f"token ids must lie in [0, {tokenizer.vocab_size})")
     sampling = {k: v for k, v in request.items() if k in SAMPLING_FIELDS}
-    unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "messages", "cert", "stop"}
+    unknown = set(request) - SAMPLING_FIELDS - {"prompt", "tokens", "messages", "cert", "stop", "fit"}
     if unknown:
         names = sorted(k[:40] if isinstance(k, str) and k.isprintable() else repr(k)[:40] for k in unknown)
         raise RequestError(f"unknown fields: {', '.join(names)}")
+    fit = request.get("fit", False)
+    if not isinstance(fit, bool):
+        raise RequestError("'fit' must be true or false")
+    if fit:
+        sampling["max_tokens"] = _fitted_max_tokens(len(tokens), sampling.get("max_tokens"), max_context)
     sampling.setdefault("max_tokens", 16)
     sampling["stop_token_ids"] = sampling.get("stop_token_ids") or []  # nil (or empty) means none
     # the checks every replica makes (types a worker can use, max_tokens within the limit)
@@ -181,10 +193,27 @@ def parse_request(request: Any, tokenizer: Tokenizer, max_context: int) -> tuple
     if len(tokens) + sampling["max_tokens"] > max_context:
         raise RequestError(
             f"prompt ({len(tokens)} tokens) plus max_tokens ({sampling['max_tokens']}) exceeds the model's "
-            f"context of {max_context}"
+            f"context of {max_context}",
+            code="context_full",
         )
     sampling["stop_token_ids"] = list(sampling["stop_token_ids"])
     return tokens, sampling
+
+
+def _fitted_max_tokens(prompt_tokens: int, asked: Any, max_context: int) -> Any:
+    """With ``fit``: the asked max_tokens (all that fits when absent) capped by the context the prompt leaves,
+    refused (``context_full``) when fewer than MIN_FIT_TOKENS (or the asked count) remain."""
+    if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
+        return asked  # refused by the usual checks, with their message
+    wanted = MAX_TOKENS_LIMIT if asked is None else asked
+    left = max_context - prompt_tokens
+    if left < min(MIN_FIT_TOKENS, wanted):
+        raise RequestError(
+            f"the prompt ({prompt_tokens} tokens) leaves {max(left, 0)} of the model's context of {max_context} "
+            "tokens for a reply",
+            code="context_full",
+        )
+    return min(wanted, left)
 
 
 @dataclass(frozen=True)
@@ -264,8 +293,11 @@ class Router:
             stops = parse_stops(request)
         except (RequestError, FrameError, trio.TooSlowError) as exc:
             self.metrics.count_request(GENERATE_PROTOCOL, 400, "invalid_request_error")
+            refusal = {"error": str(exc) or "no request within the time limit"}
+            if getattr(exc, "code", None):
+                refusal["code"] = exc.code  # type: ignore[union-attr]
             with contextlib.suppress(Exception):
-                await write_frame(stream, {"error": str(exc) or "no request within the time limit"})
+                await write_frame(stream, refusal)
                 await stream.close()
             return
         except Exception as exc:  # the stream broke before a request arrived
@@ -286,6 +318,8 @@ class Router:
                     "text": done.tail,
                     "prompt_tokens": done.prompt_tokens,
                     "completion_tokens": done.completion_tokens,
+                    "max_tokens": sampling["max_tokens"],
+                    "context": self.max_context,
                     "served_by": done.served_by,
                 },
             )

@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from hexgen.coordinator.plan import layer_range
 from hexgen.daemon.hardware import HardwareProfile, detect_isolated, simulated_profile
 from hexgen.daemon.identity import Certificate, load_certificate, load_or_create_key
 from hexgen.daemon.logs import configure_logging
@@ -37,7 +38,7 @@ def describe_roles(plan: AdoptedPlan, roles: list[dict[str, Any]]) -> str:
     if not roles:
         return f"{head} no GPU of this node serves in it"
     return f"{head} " + "; ".join(
-        f"GPU {r['gpu']} {r['role']} group {r['group']} stage {r['stage']} (TP {r['tp']}, layers {r['layers'][0]}-{r['layers'][1]})"
+        f"GPU {r['gpu']} {r['role']} group {r['group']} stage {r['stage']} (TP {r['tp']}, layers {layer_range(*r['layers'])})"
         for r in roles
     )
 

@@ -43,6 +43,16 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def wait_exit(self, timeout: float) -> tuple[int | None, str]:
+        """The exit status (None if it still ran after ``timeout`` s: then it is killed) and the log."""
+        try:
+            status: int | None = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            status = None
+        return status, self.log()
+
 
 class Swarm:
     """Starts daemons under ``root`` and kills every one of them on ``close`` (tests call it in teardown)."""
@@ -53,9 +63,34 @@ class Swarm:
         self.daemons: list[Daemon] = []
 
     def start(
-        self, name: str, *, bootstrap: list[str] | None = None, gpu: str = "A100", extra: list[str] | None = None
+        self,
+        name: str,
+        *,
+        bootstrap: list[str] | None = None,
+        gpu: str = "A100",
+        extra: list[str] | None = None,
+        key: Path | None = None,
     ) -> Daemon:
-        key = self.root / f"{name}.key"
+        daemon = self.start_process(name, extra, bootstrap=bootstrap, gpu=gpu, key=key)
+        proc = daemon.proc
+        ready = _read_ready(proc, READY_TIMEOUT_S)
+        if ready is None:
+            raise RuntimeError(f"daemon {name} did not start:\n{daemon.log()[-3000:]}")
+        daemon.peer_id, daemon.addrs, daemon.http = ready["peer_id"], ready["addrs"], ready.get("http")
+        return daemon
+
+    def start_process(
+        self,
+        name: str,
+        extra: list[str] | None = None,
+        *,
+        bootstrap: list[str] | None = None,
+        gpu: str = "A100",
+        key: Path | None = None,
+    ) -> Daemon:
+        """Start a daemon without waiting for its ready line (for daemons expected to fail); ``key`` is its key
+        file, by default one of its own."""
+        key = key or self.root / f"{name}.key"
         args = [sys.executable, "-m", "hexgen.cli.node", "join", "--key-file", str(key), "--model", self.model]
         args += ["--listen", "127.0.0.1:0", "--simulate-gpu", gpu, "--host-name", name]
         for addr in bootstrap or []:
@@ -67,10 +102,6 @@ class Swarm:
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=env)
         daemon = Daemon(name, proc, log_path)
         self.daemons.append(daemon)
-        ready = _read_ready(proc, READY_TIMEOUT_S)
-        if ready is None:
-            raise RuntimeError(f"daemon {name} did not start:\n{daemon.log()[-3000:]}")
-        daemon.peer_id, daemon.addrs, daemon.http = ready["peer_id"], ready["addrs"], ready.get("http")
         return daemon
 
     def start_many(

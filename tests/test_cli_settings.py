@@ -91,6 +91,25 @@ def test_key_value_lines_quote_what_needs_it():
     assert 'level=info logger=hexgen.daemon msg="peer x joined" event=join' in line and line.startswith("ts=")
 
 
+def test_library_records_are_one_line_each():
+    import logging
+    import sys
+
+    block = logging.makeLogRecord(
+        {"name": "libp2p.host.basic_host", "levelname": "ERROR", "msg": "Failed to open stream:\n  Error: x\n"}
+    )
+    assert 'msg="Failed to open stream:; Error: x"' in KeyValueFormatter(full_tracebacks=False).format(block)
+    mismatched = logging.makeLogRecord({"name": "libp2p.pubsub", "msg": "health %.2f", "args": ("a", 1)})
+    assert "health %.2f" in KeyValueFormatter().format(mismatched)
+    try:
+        raise ValueError("gone\naway")
+    except ValueError:
+        failed = logging.makeLogRecord({"name": "libp2p.swarm", "msg": "dial failed", "exc_info": sys.exc_info()})
+    folded = KeyValueFormatter(full_tracebacks=False).format(failed)
+    assert folded.endswith('exc="ValueError: gone; away"') and "\n" not in folded
+    assert "Traceback" in KeyValueFormatter(full_tracebacks=True).format(failed)
+
+
 @pytest.mark.trio
 async def test_a_daemon_started_from_a_config_file_and_the_environment(tmp_path):
     config = tmp_path / "join.toml"

@@ -222,9 +222,9 @@ def test_peers_flagged_by_spot_checks_are_marked() -> None:
 def test_group_rows_name_gpus_by_host_and_show_the_parallel_layout() -> None:
     rows = group_rows(four_peer_status())
     assert [r.cells for r in rows] == [
-        ("0", "prefill", "gpu-a:0+gpu-a:1", "PP1 [TP2]", "0-31", "11.903 req/s", "32"),
-        ("1", "decode", "gpu-b:0+gpu-b:1 | gpu-c:0", "PP2 [TP2,TP1]", "0-19 | 20-31", "4.871 req/s", "128"),
-        ("2", "decode", "gpu-c:1 | gpu-d:0", "PP2 [TP1,TP1]", "0-15 | 16-31", "2.541 req/s", "96"),
+        ("0", "prefill", "gpu-a:0+gpu-a:1", "PP1 [TP2]", "[0, 32)", "11.903 req/s", "32"),
+        ("1", "decode", "gpu-b:0+gpu-b:1 | gpu-c:0", "PP2 [TP2,TP1]", "[0, 20) | [20, 32)", "4.871 req/s", "128"),
+        ("2", "decode", "gpu-c:1 | gpu-d:0", "PP2 [TP1,TP1]", "[0, 16) | [16, 32)", "2.541 req/s", "96"),
     ]
 
 

@@ -120,7 +120,7 @@ def test_kv_routes_carry_the_layers_both_ends_hold() -> None:
     cost = CostModel(_mixed(), LLAMA_7B, STATS)
     # same host: min(2, 2) NVLink pairs in parallel carry all 32 layers
     assert cost.kv_routes([Stage((0, 1), (0, 32))], [Stage((2, 3), (0, 32))]) == [(900.0, 1.0, True)]
-    # a prefill on host a, a decode pipeline over b (layers 0-15) and c (16-31): each pair carries half
+    # a prefill on host a, a decode pipeline over b (layers [0, 16)) and c ([16, 32)): each pair carries half
     routes = cost.kv_routes([Stage((0,), (0, 32))], [Stage((4,), (0, 16)), Stage((6,), (16, 32))])
     assert sorted(routes) == [(1.25, 0.5, False), (12.5, 0.5, False)]
     # a host pair that shares no layers carries nothing

@@ -126,6 +126,26 @@ def test_generate_requests_are_validated(stories_dir):
             parse_request(request, tokenizer, 512)
 
 
+def test_fit_caps_max_tokens_by_the_context_left(stories_dir):
+    tokenizer = Tokenizer.from_dir(stories_dir)
+    fitted = {
+        (490, None): 22,  # absent: all that is left
+        (490, 256): 22,
+        (100, 256): 256,
+        (10, None): min(MAX_TOKENS_LIMIT, 502),
+        (500, 4): 4,  # fewer than MIN_FIT_TOKENS left is fine for a request that asks for fewer
+    }
+    for (prompt, asked), expected in fitted.items():
+        request = {"tokens": [1] * prompt, "fit": True} | ({} if asked is None else {"max_tokens": asked})
+        assert parse_request(request, tokenizer, 512)[1]["max_tokens"] == expected, (prompt, asked)
+    for prompt in (500, 512, 600):
+        with pytest.raises(RequestError, match="for a reply") as caught:
+            parse_request({"tokens": [1] * prompt, "fit": True, "max_tokens": 64}, tokenizer, 512)
+        assert caught.value.code == "context_full"
+    with pytest.raises(RequestError, match="'fit'"):
+        parse_request({"tokens": [1], "fit": 1}, tokenizer, 512)
+
+
 def test_model_fingerprint_tells_checkpoints_apart(tmp_path: Path, stories_dir):
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -245,6 +246,38 @@ async def test_libp2p_entry_is_counted_too(swarm):
     assert growth(before, after, "hexgen_completion_tokens_total") == 3
 
 
+@contextlib.contextmanager
+def hang_up_later(daemon: Daemon, path: str, body: dict[str, Any]) -> Iterator[None]:
+    """Send one POST over a raw socket and close the socket, unread, when the block ends."""
+    assert daemon.http is not None
+    host, port = daemon.http.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in AUTH.items()) + f"Content-Length: {len(data)}\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT_S) as sock:
+        sock.sendall(head.encode() + data)
+        yield
+
+
+def test_finished_streams_are_not_disconnects(swarm):
+    daemon = swarm[0]
+    before = metrics_of(daemon)
+    client = client_of(daemon)
+    for _ in range(3):
+        list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, stream=True))
+    list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0, stream=True))
+    chat = "/v1/chat/completions"
+
+    def unwound(m: Samples) -> bool:  # a request is counted once its handler has returned
+        done = growth(before, m, "hexgen_requests_total", endpoint="/v1/completions", status="200")
+        return done == 3 and growth(before, m, "hexgen_requests_total", endpoint=chat, status="200") == 1
+
+    after = metrics_when(daemon, unwound)
+    assert unwound(after)
+    assert growth(before, after, **DISCONNECTS) == 0
+    assert growth(before, after, "hexgen_client_disconnects_total", endpoint=chat) == 0
+
+
 def test_clients_leaving_mid_request_free_the_work_everywhere(swarm):
     """One client closes a stream after its first chunk, another gives up waiting for a whole completion:
     each time the generation stops early, and no daemon keeps a request in flight."""
@@ -260,13 +293,15 @@ def test_clients_leaving_mid_request_free_the_work_everywhere(swarm):
             assert next(line for line in reply.iter_lines() if line.startswith("data: {"))
         # leaving the block closed the connection mid-stream
 
-    def give_up_waiting() -> None:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=body, headers=AUTH, timeout=httpx.Timeout(HTTP_TIMEOUT_S, read=0.05))
+    def give_up_waiting(before: Samples) -> None:
+        # a whole completion shows nothing until it ends: hang up once the entry has counted a token of it
+        with hang_up_later(entry, "/v1/completions", body):
+            metrics = metrics_when(entry, lambda m: growth(before, m, "hexgen_completion_tokens_total") > 0)
+            assert growth(before, metrics, "hexgen_completion_tokens_total") > 0
 
-    for leave, status in ((leave_stream, "200"), (give_up_waiting, "499")):
+    for leave, status in ((lambda before: leave_stream(), "200"), (give_up_waiting, "499")):
         before = metrics_of(entry)
-        leave()
+        leave(before)
         trio.run(
             watch,
             swarm,
