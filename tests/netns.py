@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,6 +254,36 @@ def on_host(ns: Namespace, command: list[str]) -> list[str]:
     """``command`` as run on the lab host ``ns``: in its network namespace, under its own hostname."""
     script = f"hostname {shlex.quote(ns.hostname)} && exec {shlex.join(command)}"
     return ["ip", "netns", "exec", ns.name, "unshare", "--uts", "sh", "-c", script]
+
+
+@contextlib.contextmanager
+def open_lab(per_side: int, sides: tuple[str, ...] = SIDES) -> Iterator[Lab]:
+    """A lab for a test, removed afterwards whatever happens; skips the test where namespaces cannot be made."""
+    import pytest
+
+    try:
+        check_available()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"no network namespaces: {exc}")
+    lab = Lab(per_side=per_side, sides=sides)
+    try:
+        try:
+            lab.open()
+        except NetnsUnavailable as exc:
+            pytest.skip(f"no network namespaces: {exc}")
+        yield lab
+    finally:
+        lab.close()
+
+
+@contextlib.contextmanager
+def started_daemons() -> Iterator[list[Daemon]]:
+    """A list the test fills with the daemons it starts; each is killed afterwards."""
+    started: list[Daemon] = []
+    try:
+        yield started
+    finally:
+        stop_daemons(started)
 
 
 def start_daemon(

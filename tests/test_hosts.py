@@ -18,7 +18,7 @@ import pytest
 import trio
 from checkpoints import random_prompts, reference_greedy
 from daemon_harness import Daemon, open_client, serving, wait_until
-from netns import Lab, Namespace, NetnsUnavailable, check_available, on_host, start_daemon, stop_daemons
+from netns import Lab, Namespace, on_host, open_lab, start_daemon, started_daemons
 
 from hexgen.daemon.router import generate
 
@@ -31,29 +31,15 @@ FORM_S = 90.0  # a generous bound on a loaded 2-core machine; the closing figure
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    try:
-        check_available()
-    except NetnsUnavailable as exc:
-        pytest.skip(f"no network namespaces: {exc}")
-    lab = Lab(per_side=4, sides=("A",))
-    try:
-        try:
-            lab.open()
-        except NetnsUnavailable as exc:
-            pytest.skip(f"no network namespaces: {exc}")
+    with open_lab(per_side=4, sides=("A",)) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture
 def daemons() -> Iterator[list[Daemon]]:
-    """The started daemons, killed at teardown (before the module's lab removes their namespaces)."""
-    started: list[Daemon] = []
-    try:
+    """The started daemons, killed at teardown (before ``lab`` removes their namespaces)."""
+    with started_daemons() as started:
         yield started
-    finally:
-        stop_daemons(started)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 from daemon_harness import Daemon, converged, open_client, statuses, wait_until
-from netns import Lab, Namespace, NetnsUnavailable, check_available, start_daemon, stop_daemons
+from netns import Lab, Namespace, open_lab, start_daemon, started_daemons
 
 pytestmark = pytest.mark.trio
 
@@ -28,29 +28,15 @@ PLAN_TEXT = re.compile(r"(published|adopted) plan epoch \d+ of term \d+ \((\d+) 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    try:
-        check_available()
-    except NetnsUnavailable as exc:
-        pytest.skip(f"no network namespaces: {exc}")
-    lab = Lab(per_side=3)
-    try:
-        try:
-            lab.open()
-        except NetnsUnavailable as exc:
-            pytest.skip(f"no network namespaces: {exc}")
+    with open_lab(per_side=3) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture
 def daemons() -> Iterator[list[Daemon]]:
     """The started daemons, killed at teardown (before ``lab`` removes their namespaces)."""
-    started: list[Daemon] = []
-    try:
+    with started_daemons() as started:
         yield started
-    finally:
-        stop_daemons(started)
 
 
 def start_swarm(lab: Lab, root: Path, started: list[Daemon]) -> dict[str, list[Daemon]]:
