@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check import LLAMA_1B as RANDOM_1B  # the device check's model: bench/ is on sys.path as the script's folder
 
 from hexgen.coordinator.workload import Request, WorkloadError, load_trace
 from hexgen.engine.attention import flash_available
@@ -54,15 +55,6 @@ RANDOM_SMALL = {
     "num_hidden_layers": 4,
     "num_attention_heads": 8,
     "num_key_value_heads": 4,
-    "vocab_size": 32000,
-    "max_position_embeddings": 2048,
-}
-RANDOM_1B = {
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
     "vocab_size": 32000,
     "max_position_embeddings": 2048,
 }

@@ -17,6 +17,13 @@ def pinned(tmp_path):
     return write
 
 
+@pytest.fixture
+def swarm(tmp_path):
+    s = Swarm(tmp_path)
+    yield s
+    s.close()
+
+
 def join(*args, tmp_path) -> tuple[int, str]:
     result = node("join", "--listen", "127.0.0.1:0", "--simulate-gpu", "A100", "--key-file", tmp_path / "k", *args)
     return result.returncode, result.stderr
@@ -57,48 +64,36 @@ def test_max_request_rate_is_a_rate(tmp_path, rate):
     assert status == 2 and "--max-request-rate" in err and "requests per second" in err and "Traceback" not in err
 
 
-def test_a_libp2p_port_another_daemon_holds_is_a_one_line_error(tmp_path):
+def test_a_libp2p_port_another_daemon_holds_is_a_one_line_error(swarm):
     """py-libp2p listens with SO_REUSEPORT: without the check, the second daemon would start and take a share
     of the first one's incoming connections."""
-    swarm = Swarm(tmp_path)
-    try:
-        first = swarm.start("first")
-        port = first.addr.split("/tcp/")[1].split("/")[0]
-        second = swarm.start_process("second", ["--listen", f"127.0.0.1:{port}"])
-        status, err = second.wait_exit(30.0)
-        assert status == 2 and f"127.0.0.1:{port}" in err and "Address already in use" in err, err
-        assert err.count("\n") == 1 and "Traceback" not in err
-        assert first.alive()
-    finally:
-        swarm.close()
+    first = swarm.start("first")
+    port = first.addr.split("/tcp/")[1].split("/")[0]
+    second = swarm.start_process("second", ["--listen", f"127.0.0.1:{port}"])
+    status, err = second.wait_exit(30.0)
+    assert status == 2 and f"127.0.0.1:{port}" in err and "Address already in use" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert first.alive()
 
 
-def test_two_daemons_with_one_key_file_stop_with_a_clear_error(tmp_path):
+def test_two_daemons_with_one_key_file_stop_with_a_clear_error(swarm, tmp_path):
     """One key, one peer id: without the check the two daemons would each run a swarm of one."""
-    swarm = Swarm(tmp_path)
-    try:
-        key = tmp_path / "shared.key"
-        first = swarm.start("first", key=key)
-        second = swarm.start_process("second", bootstrap=[first.addr], key=key)
-        for daemon in (second, first):
-            status, log = daemon.wait_exit(30.0)
-            assert status == 2, log
-            errors = [line for line in log.splitlines() if line.startswith("hexgen-node: error:")]
-            assert len(errors) == 1 and first.peer_id in errors[0] and "--key-file" in errors[0], log
-            assert "Traceback" not in log
-    finally:
-        swarm.close()
+    key = tmp_path / "shared.key"
+    first = swarm.start("first", key=key)
+    second = swarm.start_process("second", bootstrap=[first.addr], key=key)
+    for daemon in (second, first):
+        status, log = daemon.wait_exit(30.0)
+        assert status == 2, log
+        errors = [line for line in log.splitlines() if line.startswith("hexgen-node: error:")]
+        assert len(errors) == 1 and first.peer_id in errors[0] and "--key-file" in errors[0], log
+        assert "Traceback" not in log
 
 
-def test_one_key_met_through_a_third_daemon_stops_them_too(tmp_path):
-    swarm = Swarm(tmp_path)
-    try:
-        key = tmp_path / "shared.key"
-        hub = swarm.start("hub")
-        first = swarm.start("first", key=key, bootstrap=[hub.addr])
-        second = swarm.start_process("second", bootstrap=[hub.addr], key=key)
-        status, log = second.wait_exit(30.0)
-        assert status == 2 and first.peer_id in log and "--key-file" in log and "Traceback" not in log, log
-        assert hub.alive()
-    finally:
-        swarm.close()
+def test_one_key_met_through_a_third_daemon_stops_them_too(swarm, tmp_path):
+    key = tmp_path / "shared.key"
+    hub = swarm.start("hub")
+    first = swarm.start("first", key=key, bootstrap=[hub.addr])
+    second = swarm.start_process("second", bootstrap=[hub.addr], key=key)
+    status, log = second.wait_exit(30.0)
+    assert status == 2 and first.peer_id in log and "--key-file" in log and "Traceback" not in log, log
+    assert hub.alive()

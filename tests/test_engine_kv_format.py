@@ -3,13 +3,11 @@ hand-off on both sides, with a message naming both formats, and the decode worke
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import queue
 import traceback
 
 import pytest
 from checkpoints import LLAMA_GQA
+from ranks import free_port, run_ranks
 
 from hexgen.engine.kv_format import KVFormat, KVFormatError, mismatch, replica_format
 
@@ -59,9 +57,7 @@ def test_a_replica_whose_ranks_disagree_is_refused() -> None:
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 
 
-def _rank(
-    rank: int, port: int, model_dir: str, decode: dict, exchange_port: int | None, results: multiprocessing.Queue
-) -> None:
+def _rank(rank: int, port: int, model_dir: str, decode: dict, exchange_port: int | None) -> str | None:
     try:
         import torch
         import torch.distributed as dist
@@ -107,7 +103,7 @@ def _rank(
             worker.export_routed(result.handed_off)  # sends nothing for the refused sequence, frees its blocks
             assert worker.block_manager.num_free_blocks == worker.block_manager.num_blocks
             dist.barrier()  # rank 0 hosts the world's store: it stays until rank 1 has read the formats
-            results.put((rank, refused.get(1)))
+            return refused.get(1)
         else:
             free = worker.block_manager.num_free_blocks
             result = worker.step(imports=[Request(1, [*PROMPT, 3], sampling, src=0)])
@@ -115,12 +111,9 @@ def _rank(
             assert worker.block_manager.num_free_blocks == free and not worker.scheduler.has_unfinished()
             assert worker.step() is not None  # the worker carries on
             dist.barrier()
-            results.put((rank, result.failed[0][1]))
+            return result.failed[0][1]
     except BaseException:
-        results.put((rank, "ERROR " + traceback.format_exc()))
-    results.close()
-    results.join_thread()
-    os._exit(0)
+        return "ERROR " + traceback.format_exc()
 
 
 @pytest.mark.parametrize(
@@ -134,12 +127,8 @@ def _rank(
 def test_mismatched_replicas_refuse_the_hand_off(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch, decode: dict, differ: str, named: str, exchange: bool
 ) -> None:
-    from hexgen.engine.launcher import free_port
-
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
     store = None
     exchange_port = None
     if exchange:
@@ -147,24 +136,7 @@ def test_mismatched_replicas_refuse_the_hand_off(
 
         exchange_port = free_port()
         store = dist.TCPStore("127.0.0.1", exchange_port, is_master=True, wait_for_workers=False)
-    args = (free_port(), str(tiny_models["llama-gqa"]), decode, exchange_port, results)
-    processes = [context.Process(target=_rank, args=(r, *args), daemon=True) for r in range(2)]
-    try:
-        for process in processes:
-            process.start()
-        outcomes = {}
-        for _ in processes:
-            try:
-                rank, message = results.get(timeout=90)
-            except queue.Empty:
-                pytest.fail("a rank did not finish within 90 s")
-            outcomes[rank] = message
-    finally:
-        for process in processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    outcomes = run_ranks(_rank, 2, (free_port(), str(tiny_models["llama-gqa"]), decode, exchange_port), 90)
     del store
     errors = [m for m in outcomes.values() if m is None or m.startswith("ERROR")]
     assert not errors, "\n".join(str(m) for m in errors)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import queue
-import socket
-import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from ranks import free_port, run_ranks
 
 from hexgen.engine import kv_transfer
 from hexgen.engine.kv_transfer import KVShard, needs_staging, plan_kv_transfer, recv_kv, send_kv
@@ -36,63 +32,35 @@ def _cache(dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(SHAPE, generator=generator).to(dtype)
 
 
-def _rank(rank: int, port: int, results: multiprocessing.Queue) -> None:
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
-        )
-        staged = []
-        real = kv_transfer._host_buffer
-        kv_transfer._host_buffer = lambda like: staged.append(like.shape) or real(like)
-        slices = plan_kv_transfer(LAYOUT, LAYOUT, 2)
-        shard = KVShard(LAYOUT, 0, 2)
-        options = {"timeout": timedelta(seconds=20), "blocks_per_chunk": 3, "stage": True}
-        for dtype in (torch.float32, torch.bfloat16):
-            if rank == 0:
-                send_kv(_cache(dtype), shard, slices, [5, 0, 3, 1], TOKENS, lambda _: 1, **options)
-            else:
-                cache = torch.zeros(SHAPE, dtype=dtype)
-                recv_kv(cache, shard, slices, [2, 4, 0, 3, 1], TOKENS, lambda _: 0, **options)
-                sent = _cache(dtype)
-                for src, dst in zip([5, 0, 3, 1], [2, 4, 0, 3], strict=True):
-                    # equal bytes, not merely close values: the staging copies must not convert anything
-                    assert torch.equal(cache[:, :, dst].view(torch.uint8), sent[:, :, src].view(torch.uint8))
-                assert not cache[:, :, [1, 5]].any(), "blocks outside the table were written"
+def _rank(rank: int, port: int) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
+    staged = []
+    real = kv_transfer._host_buffer
+    kv_transfer._host_buffer = lambda like: staged.append(like.shape) or real(like)
+    slices = plan_kv_transfer(LAYOUT, LAYOUT, 2)
+    shard = KVShard(LAYOUT, 0, 2)
+    options = {"timeout": timedelta(seconds=20), "blocks_per_chunk": 3, "stage": True}
+    for dtype in (torch.float32, torch.bfloat16):
         if rank == 0:
-            assert len(staged) == 4, f"expected every sent chunk staged, saw {staged}"
-        dist.barrier()
-        results.put((rank, None))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-    results.close()
-    results.join_thread()
-    os._exit(0)
+            send_kv(_cache(dtype), shard, slices, [5, 0, 3, 1], TOKENS, lambda _: 1, **options)
+        else:
+            cache = torch.zeros(SHAPE, dtype=dtype)
+            recv_kv(cache, shard, slices, [2, 4, 0, 3, 1], TOKENS, lambda _: 0, **options)
+            sent = _cache(dtype)
+            for src, dst in zip([5, 0, 3, 1], [2, 4, 0, 3], strict=True):
+                # equal bytes, not merely close values: the staging copies must not convert anything
+                assert torch.equal(cache[:, :, dst].view(torch.uint8), sent[:, :, src].view(torch.uint8))
+            assert not cache[:, :, [1, 5]].any(), "blocks outside the table were written"
+    if rank == 0:
+        assert len(staged) == 4, f"expected every sent chunk staged, saw {staged}"
+    dist.barrier()
 
 
 def test_staged_kv_arrives_byte_equal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = [context.Process(target=_rank, args=(r, port, results), daemon=True) for r in range(2)]
-    try:
-        for process in processes:
-            process.start()
-        outcomes = {}
-        for _ in processes:
-            try:
-                rank, error = results.get(timeout=60)
-            except queue.Empty:
-                pytest.fail("a rank did not finish within 60 s")
-            outcomes[rank] = error
-        errors = {rank: error for rank, error in outcomes.items() if error}
-        assert not errors, "\n".join(f"rank {rank}:\n{error}" for rank, error in sorted(errors.items()))
-    finally:
-        for process in processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    outcomes = run_ranks(_rank, 2, (free_port(),), 60)
+    errors = {rank: error for rank, error in outcomes.items() if error}
+    assert not errors, "\n".join(f"rank {rank}:\n{error}" for rank, error in sorted(errors.items()))

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import queue
-import socket
 import time
-import traceback
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +13,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranks import context, free_port, run_ranks
 
 from hexgen.engine.kv_transfer import KVShard, KVSlice, KVTransferError, plan_kv_transfer, recv_kv, send_kv
 from hexgen.engine.layout import (
@@ -337,66 +333,28 @@ def _expect_timeout() -> None:
     assert time.monotonic() - started < 5
 
 
-def _worker(rank: int, world: int, port: int, results: multiprocessing.Queue, timed_out: EventType) -> None:
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-        )
-        for scenario in SCENARIOS:
-            _run_scenario(scenario, rank)
-        dist.barrier()
-        # Rank 0 stays connected until rank 2's receive has timed out, or rank 2 would see a closed pair instead.
-        if rank == 2:
-            try:
-                _expect_timeout()
-            finally:
-                timed_out.set()
-        elif not timed_out.wait(timeout=30):
-            raise TimeoutError("rank 2 never finished its timeout check")
-        dist.destroy_process_group()
-        results.put((rank, None))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-    # Skipping interpreter teardown (seconds with torch loaded) once the result is flushed keeps the test fast.
-    results.close()
-    results.join_thread()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, port: int, timed_out: EventType) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    for scenario in SCENARIOS:
+        _run_scenario(scenario, rank)
+    dist.barrier()
+    # Rank 0 stays connected until rank 2's receive has timed out, or rank 2 would see a closed pair instead.
+    if rank == 2:
+        try:
+            _expect_timeout()
+        finally:
+            timed_out.set()
+    elif not timed_out.wait(timeout=30):
+        raise TimeoutError("rank 2 never finished its timeout check")
+    dist.destroy_process_group()
 
 
 def test_gloo_transfers_between_differently_sharded_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     world = 4
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    timed_out = context.Event()
-    port = _free_port()
-    processes = [
-        context.Process(target=_worker, args=(r, world, port, results, timed_out), daemon=True) for r in range(world)
-    ]
-    try:
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + 60
-        outcomes: dict[int, str | None] = {}
-        while len(outcomes) < world:
-            try:
-                rank, error = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                missing = sorted(set(range(world)) - set(outcomes))
-                pytest.fail(f"ranks {missing} did not finish in time (exit codes {[p.exitcode for p in processes]})")
-            outcomes[rank] = error
-        errors = {rank: error for rank, error in outcomes.items() if error}
-        assert not errors, "\n".join(f"rank {rank}:\n{error}" for rank, error in sorted(errors.items()))
-    finally:
-        for process in processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    outcomes = run_ranks(_worker, world, (world, free_port(), context.Event()), 60)
+    errors = {rank: error for rank, error in outcomes.items() if error}
+    assert not errors, "\n".join(f"rank {rank}:\n{error}" for rank, error in sorted(errors.items()))

@@ -4,25 +4,22 @@ and the daemon never touches CUDA."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 from checkpoints import LLAMA_GQA
+from ranks import free_port, run_ranks
 
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.worker import Channel, progress_reporter
 from hexgen.engine.device import nccl_device_id, pin_device
-from hexgen.engine.launcher import free_port
 
 # ------------------------------------------------------------------------------------- the deadline rule
 
@@ -80,58 +77,33 @@ SLOW_S = 0.15  # per parameter: the tiny model's ~40 parameters take about 6 s o
 WORLD_TIMEOUT_S = 2.0  # every collective's timeout, far shorter than the slow rank's load
 
 
-def _rank(rank: int, port: int, model_dir: str, results: multiprocessing.Queue) -> None:
-    try:
-        from hexgen.engine import loader
-        from hexgen.engine.layout import uniform_layout
-        from hexgen.engine.sequence import SamplingParams
-        from hexgen.engine.worker import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups
+def _rank(rank: int, port: int, model_dir: str) -> float:
+    from hexgen.engine import loader
+    from hexgen.engine.layout import uniform_layout
+    from hexgen.engine.sequence import SamplingParams
+    from hexgen.engine.worker import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups
 
-        torch.set_num_threads(1)
-        if rank == 1:
-            read = loader._read
-            loader._read = lambda where, piece: time.sleep(SLOW_S) or read(where, piece)
-        init_world(rank, 2, port, timeout_s=WORLD_TIMEOUT_S)
-        spec = ReplicaSpec(model_dir, uniform_layout(LLAMA_GQA["num_hidden_layers"], 1, 2))
-        started = time.monotonic()
-        seen: list[tuple[int, int]] = []
-        groups = replica_groups([spec], timeout=timedelta(seconds=WORLD_TIMEOUT_S))
-        worker = ReplicaWorker(spec, rank, groups, progress=lambda d, t: seen.append((d, t)))
-        waited = time.monotonic() - started
-        assert seen and seen[-1][0] == seen[-1][1] > 0 and [d for d, _ in seen] == sorted(d for d, _ in seen)
-        result = worker.step([Request(0, [3, 14, 15, 92], SamplingParams(max_tokens=2))] if worker.is_driver else None)
-        assert result is not None and result.ran
-        results.put((rank, waited))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-    results.close()
-    results.join_thread()
-    os._exit(0)
+    torch.set_num_threads(1)
+    if rank == 1:
+        read = loader._read
+        loader._read = lambda where, piece: time.sleep(SLOW_S) or read(where, piece)
+    init_world(rank, 2, port, timeout_s=WORLD_TIMEOUT_S)
+    spec = ReplicaSpec(model_dir, uniform_layout(LLAMA_GQA["num_hidden_layers"], 1, 2))
+    started = time.monotonic()
+    seen: list[tuple[int, int]] = []
+    groups = replica_groups([spec], timeout=timedelta(seconds=WORLD_TIMEOUT_S))
+    worker = ReplicaWorker(spec, rank, groups, progress=lambda d, t: seen.append((d, t)))
+    waited = time.monotonic() - started
+    assert seen and seen[-1][0] == seen[-1][1] > 0 and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    result = worker.step([Request(0, [3, 14, 15, 92], SamplingParams(max_tokens=2))] if worker.is_driver else None)
+    assert result is not None and result.ran
+    return waited
 
 
 def test_first_collective_waits_for_a_slow_loading_rank(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    args = (free_port(), str(tiny_models["llama-gqa"]), results)
-    processes = [context.Process(target=_rank, args=(r, *args), daemon=True) for r in range(2)]
-    try:
-        for process in processes:
-            process.start()
-        outcomes = {}
-        for _ in processes:
-            try:
-                rank, outcome = results.get(timeout=90)
-            except queue.Empty:
-                pytest.fail("a rank did not finish within 90 s")
-            outcomes[rank] = outcome
-    finally:
-        for process in processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+    outcomes = run_ranks(_rank, 2, (free_port(), str(tiny_models["llama-gqa"])), 90)
     errors = [o for o in outcomes.values() if isinstance(o, str)]
     assert not errors, "\n".join(errors)
     # the fast rank waited in the barrier for longer than any collective may take: the rule held
