@@ -6,15 +6,19 @@ and the epoch's exchange group over which KV moves between replicas, when there 
 replica's driver only: ``exchange`` (a later epoch's exchange group, for a replica that carries on across
 epochs), ``generate`` (a new request; ``dst`` names the decode replica a prefill replica hands it to),
 ``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and ``abort``;
-``shutdown`` ends the worker. The worker answers ``ready`` or ``failed`` once, then streams ``token``
-frames (with ``finished``) and, from a prefill replica, ``handoff`` frames (prompt and first token) just
-before the KV goes out. torch stays in this process: the daemon's trio loop never waits on a GPU step
+``shutdown`` ends the worker. The worker answers ``ready`` or ``failed`` once: ``ready`` only once its
+world and the epoch's exchange group formed (so it can hand KV to every replica the plan links it with),
+``failed`` with the cause when either could not (``daemon.failure.WorldFailure``: which world, and the
+address that could not be reached). Then it streams ``token`` frames (with ``finished``), from a prefill
+replica ``handoff`` frames (prompt and first token) just before the KV goes out, and, every rank of a
+replica moved to a later epoch's exchange group, one ``exchange`` frame saying whether that group formed. torch stays in this process: the daemon's trio loop never waits on a GPU step
 (DESIGN.md section 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import select
@@ -23,13 +27,17 @@ import sys
 import threading
 import time
 import traceback
+from datetime import timedelta
 from typing import Any
 
+from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
 
 IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
 KEEPALIVE_S = 10.0
+CONNECT_TIMEOUT_S = 5.0  # for a world's ranks to connect once all of them arrived (engine.formation)
+OPERATION_TIMEOUT_S = 120.0
 
 
 class Channel:
@@ -38,9 +46,11 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
+        self.lock = threading.Lock()  # the exchange-joining thread reports on this channel too
 
     def send(self, obj: Any) -> None:
-        self.sock.sendall(encode_frame(obj))
+        with self.lock:
+            self.sock.sendall(encode_frame(obj))
 
     def _frame(self) -> Any | None:
         if len(self.buffer) < 4:
@@ -98,7 +108,10 @@ def exchange_from(raw: dict[str, Any]) -> Any:
     host, port = raw["store"]
     peers = tuple(spec_from(r) for r in raw["replicas"])
     prefix, first_rank, size = str(raw["prefix"]), int(raw["first_rank"]), int(raw["size"])
-    return ExchangeConfig(str(host), int(port), prefix, first_rank, size, peers, secret=_secret(raw))
+    connect = float(raw.get("connect_timeout_s", CONNECT_TIMEOUT_S))
+    return ExchangeConfig(
+        str(host), int(port), prefix, first_rank, size, peers, secret=_secret(raw), connect_timeout_s=connect
+    )
 
 
 def _secret(raw: dict[str, Any]) -> bytes | None:
@@ -110,24 +123,51 @@ def _join(config: dict[str, Any]) -> tuple[Any, Any]:
     """The replica worker of ``config`` in its world, and the world's store (None for a tcp:// world)."""
     import torch
 
-    from hexgen.engine.worker import ReplicaWorker, init_world, init_world_store, replica_groups
+    from hexgen.engine.formation import connecting
+    from hexgen.engine.worker import (
+        ReplicaWorker,
+        init_world,
+        init_world_store,
+        replica_groups,
+        settle_world,
+    )
 
     torch.set_num_threads(int(config.get("threads", 1)))
     spec = spec_from(config["replica"])
     spec = dataclasses.replace(spec, first_rank=0, device=str(config.get("device", spec.device)))
     rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    connect_s = float(config.get("connect_timeout_s", CONNECT_TIMEOUT_S))
     store = None
     if "store" in config:
         host, port = config["store"]
         prefix = str(config.get("prefix", ""))
-        store = init_world_store(rank, size, str(host), int(port), prefix, backend, secret=_secret(config))
+        store = init_world_store(
+            rank, size, str(host), int(port), prefix, backend, secret=_secret(config), connect_timeout_s=connect_s
+        )
+        with connecting("replica world"):
+            groups = replica_groups([spec], timedelta(seconds=connect_s))
+        settle_world(groups, OPERATION_TIMEOUT_S)
     else:
         init_world(rank, size, int(config["port"]), backend)
-    worker = ReplicaWorker(spec, rank, replica_groups([spec]))
+        groups = replica_groups([spec])
+    worker = ReplicaWorker(spec, rank, groups)
     if config.get("exchange"):
+        # ready means able to hand KV on: every rank of every replica of the epoch joins this group now
         worker.begin_exchange(exchange_from(config["exchange"]))
+        worker.await_exchange()
     return worker, store
+
+
+def failure_frame(exc: BaseException) -> dict[str, Any]:
+    """The ``failed`` frame for ``exc``, with the cause when a world could not form."""
+    from hexgen.engine.formation import WorldFormationError
+
+    frame: dict[str, Any] = {"op": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    if isinstance(exc, WorldFormationError):
+        frame["cause"] = WorldFailure(exc.world, exc.stage, exc.remote).to_dict()
+        frame["error"] = str(exc)
+    return frame
 
 
 def serve(channel: Channel) -> None:
@@ -141,11 +181,18 @@ def serve(channel: Channel) -> None:
     try:
         worker, _world_store = _join(config)  # the store outlives the world while serve runs
     except Exception as exc:
-        channel.send({"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        channel.send(failure_frame(exc))
         return
     channel.send(
         {"op": "ready", "rank": worker.rank, "driver": worker.is_driver, "blocks": worker.block_manager.num_blocks}
     )
+
+    def exchanged(outcome: BaseException | None) -> None:
+        frame = {"op": "exchange", "formed": True} if outcome is None else failure_frame(outcome) | {"op": "exchange"}
+        with contextlib.suppress(OSError):
+            channel.send(frame)
+
+    worker.on_exchange = exchanged
     pending: list[Any] = []
     imports: list[Any] = []
     aborts: list[int] = []

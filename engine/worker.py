@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
+from hexgen.engine.formation import Timeouts, WorldFormationError, arrive, connecting, form_gloo, prove
 from hexgen.engine.kv_transfer import (
     Exchange,
     KVSend,
@@ -85,9 +87,10 @@ class StepResult:
     sampled: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, token) in batch order
 
 
-def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
+def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> dict[tuple[int, ...], object]:
     """Create, in the same order on every rank of the world, each replica's group and each stage's TP
-    group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs."""
+    group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs.
+    ``timeout`` bounds connecting each group (and then its operations, until the caller sets another)."""
     groups: dict[tuple[int, ...], object] = {}
     for spec in specs:
         for ranks in [spec.ranks] + [
@@ -95,7 +98,7 @@ def replica_groups(specs: list[ReplicaSpec]) -> dict[tuple[int, ...], object]:
         ]:
             key = tuple(ranks)
             if key not in groups:
-                groups[key] = dist.new_group(list(key)) if len(key) > 1 else None
+                groups[key] = dist.new_group(list(key), timeout=timeout) if len(key) > 1 else None
     return groups
 
 
@@ -151,6 +154,8 @@ class ReplicaWorker:
         self.exchange: Exchange | None = None  # the group KV moves over, when it is not this default world
         self._next_exchange: threading.Thread | None = None
         self._joined: list[tuple[Exchange, list[ReplicaSpec]] | BaseException] = []
+        # told, from the joining thread, how joining a later epoch's exchange ended (None: formed)
+        self.on_exchange: Callable[[BaseException | None], None] | None = None
 
     def _agree_on_blocks(self, local: int) -> int:
         if self.solo:
@@ -317,22 +322,29 @@ class ReplicaWorker:
         self._next_exchange.start()
 
     def _join_exchange(self, config: ExchangeConfig) -> None:
+        outcome: BaseException | None = None
         try:
-            timeout = timedelta(seconds=config.timeout_s)
-            store = open_store(config.host, config.port, timeout, config.secret)
+            timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
+            store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
             rank = config.first_rank + self.layout_rank
-            group = dist.ProcessGroupGloo(dist.PrefixStore(config.prefix, store), rank, config.size, timeout)
+            group = form_gloo(store, config.prefix, rank, config.size, timeouts, "exchange group")
             self._joined.append((Exchange(group, store), list(config.peers)))
         except BaseException as exc:  # handed to the step thread by await_exchange
             self._joined.append(exc)
+            outcome = exc
+        if self.on_exchange is not None:
+            self.on_exchange(outcome)
 
     def await_exchange(self) -> None:
-        """Switch to the exchange being joined, waiting for it; raises KVTransferError if joining failed."""
+        """Switch to the exchange being joined, waiting for it; raises the WorldFormationError of a group that
+        could not form, or KVTransferError for any other failure to join."""
         if self._next_exchange is None:
             return
         self._next_exchange.join()
         self._next_exchange = None
         outcome = self._joined.pop()
+        if isinstance(outcome, WorldFormationError):
+            raise outcome
         if isinstance(outcome, BaseException):
             raise KVTransferError(f"joining the exchange group failed: {outcome}") from outcome
         self.exchange, self.peers = outcome
@@ -351,6 +363,7 @@ class ExchangeConfig:
     peers: tuple[ReplicaSpec, ...]
     timeout_s: float = 120.0
     secret: bytes | None = None  # seals the store's values (engine.sealed_store)
+    connect_timeout_s: float = 5.0  # for the ranks to connect once all arrived (engine.formation)
 
 
 def kv_tag(seq_id: int) -> int:
@@ -372,16 +385,42 @@ def init_world_store(
     backend: str = "gloo",
     timeout_s: float = 120.0,
     secret: bytes | None = None,
+    connect_timeout_s: float | None = None,
 ) -> dist.Store:
     """Join a world through the store served at ``host:port`` (by another process: hexgen.daemon.store);
     keys live under ``prefix`` (one per plan epoch), so a late worker of an older epoch can never
     rendezvous with a newer world, and values are sealed with ``secret``, so an outsider cannot join it.
     Returns the store, which the caller keeps as long as the world: a Python store whose object is gone
-    fails every later call the world makes into it (new groups, barriers)."""
+    fails every later call the world makes into it (new groups, barriers). With ``connect_timeout_s``
+    the world forms as ``engine.formation`` says (ranks arrive, then connect within it; a gloo world is
+    proven by an all-reduce) and keeps that timeout until the caller sets ``timeout_s`` (``settle_world``),
+    once its subgroups are made; raises WorldFormationError."""
     timeout = timedelta(seconds=timeout_s)
     store = open_store(host, port, timeout, secret, world_size=size)
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=size, timeout=timeout)
+    if connect_timeout_s is None:
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=size, timeout=timeout
+        )
+        return store
+    arrive(store, prefix, rank, size, timeout_s, "replica world")
+    with connecting("replica world"):
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(prefix, store),
+            rank=rank,
+            world_size=size,
+            timeout=timedelta(seconds=connect_timeout_s),
+        )
+        if backend == "gloo" and size > 1:
+            prove(None, connect_timeout_s)
     return store
+
+
+def settle_world(groups: dict[tuple[int, ...], object], timeout_s: float) -> None:
+    """Give the default world and ``groups`` their long per-operation timeout, once all are formed."""
+    timeout = timedelta(seconds=timeout_s)
+    for group in [None, *(g for g in groups.values() if g is not None)]:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)  # type: ignore[arg-type]
 
 
 def init_world(rank: int, size: int, port: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:
