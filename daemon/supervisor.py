@@ -27,12 +27,17 @@ from typing import Any
 import trio
 
 from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
+from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
 from hexgen.daemon.worker import PARENT_ENV
 
 log = logging.getLogger("hexgen.supervisor")
 
 START_TIMEOUT_S = 120.0
+# A worker answers once its worlds formed: ranks arriving (the worker's own bound is START_TIMEOUT_S), then
+# connecting within CONNECT_TIMEOUT_S; this much longer, its silence is the daemon's to call.
+READY_GRACE_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 5.0
 # How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
 # apart, and a new epoch is deployed only once the workers it replaces have stopped.
@@ -45,6 +50,25 @@ SECRET_BYTES = 32  # an AES-256 key (engine.sealed_store): an HMAC-SHA256 of the
 
 class ReplicaUnavailable(Exception):
     """The replica is not served here (not local, not ready, or failed); the request may be re-submitted."""
+
+
+class WorkerFailed(RuntimeError):
+    """A worker failed; ``cause`` says which world could not form, when that was why."""
+
+    def __init__(self, message: str, cause: WorldFailure | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _cause(frame: dict[str, Any]) -> WorldFailure | None:
+    try:
+        return None if frame.get("cause") is None else WorldFailure.from_dict(frame["cause"])
+    except ValueError:
+        return None
+
+
+# (epoch, rank, error, cause, peers of the world that failed)
+OnFailure = Callable[[int, int, str, WorldFailure | None, list[str]], Awaitable[None]]
 
 
 class _SocketStream:
@@ -72,6 +96,8 @@ class LocalWorker:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     error: str | None = None
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    # a kept worker moving to a new epoch's exchange group, until it says the group formed
+    joining: bool = False
 
     @property
     def rank(self) -> int:
@@ -105,7 +131,8 @@ class Supervisor:
     threads: int = 1
     backend: str = "gloo"
     store_address: tuple[str, int] | None = None
-    on_failure: Callable[[int, int, str], Awaitable[None]] | None = None
+    on_failure: OnFailure | None = None
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
     # asks a world's head daemon for its store secret (the world's prefix); daemon.node fills it in
     fetch_secret: Callable[[str, str], Awaitable[bytes]] | None = None
     store_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
@@ -240,8 +267,10 @@ class Supervisor:
             worker.replica = wanted[slot]
             if worker.replica.role == "prefill":  # their hand-offs were routed in the old numbering
                 self._fail_worker_requests(worker, "the plan changed", refused=True)
-            if worker.is_driver and deployment.needs_exchange:
-                kept_drivers.append(worker)
+            if deployment.needs_exchange:
+                worker.joining = True  # every rank of the replica joins; each says when its group formed
+                if worker.is_driver:
+                    kept_drivers.append(worker)
         for slot, replica in wanted.items():
             if slot not in self.workers:
                 worker = LocalWorker(replica, slot[1], deployment.epoch)
@@ -286,11 +315,12 @@ class Supervisor:
                     worker.channel = _SocketStream(trio.SocketStream(sock))
                     await worker.send(self._configure_frame(deployment, worker, *secrets))
                     reader = FrameReader(worker.channel)
-                    with trio.fail_after(START_TIMEOUT_S):
+                    with trio.fail_after(START_TIMEOUT_S + READY_GRACE_S):
                         reply = await reader.read()
                     if not isinstance(reply, dict) or reply.get("op") != "ready":
                         error = reply.get("error") if isinstance(reply, dict) else reply
-                        raise RuntimeError(f"worker of rank {worker.rank} failed to start: {error}")
+                        cause = _cause(reply) if isinstance(reply, dict) else None
+                        raise WorkerFailed(f"worker of rank {worker.rank} failed to start: {error}", cause)
                     worker.ready.set()
                     self._notify()
                     log.info("epoch %d: rank %d ready", deployment.epoch, worker.rank)
@@ -298,7 +328,8 @@ class Supervisor:
                     raise RuntimeError(f"worker of rank {worker.rank} exited")
                 except (Exception, trio.TooSlowError) as exc:
                     epoch = self.deployment.epoch if self.deployment is not None else deployment.epoch
-                    await self._failed(worker, epoch, str(exc) or type(exc).__name__)
+                    cause = exc.cause if isinstance(exc, WorkerFailed) else None
+                    await self._failed(worker, epoch, str(exc) or type(exc).__name__, cause)
                     await trio.sleep_forever()  # stays failed until the next epoch replaces it
         finally:
             listener.close()
@@ -307,13 +338,16 @@ class Supervisor:
                     await self._stop(worker, worker.process)
             worker.stopped.set()
 
-    async def _failed(self, worker: LocalWorker, epoch: int, error: str) -> None:
+    async def _failed(self, worker: LocalWorker, epoch: int, error: str, cause: WorldFailure | None = None) -> None:
         worker.error = error
         log.warning("epoch %d: %s", epoch, error)
         self._fail_worker_requests(worker, error)
         self._notify()
         if self.on_failure is not None:
-            await self.on_failure(epoch, worker.rank, error)
+            peers = worker.replica.peers()
+            if cause is not None and cause.world == "exchange group" and self.deployment is not None:
+                peers = {peer for r in self.deployment.replicas for peer in r.peers()}
+            await self.on_failure(epoch, worker.rank, error, cause, sorted(peers))
 
     async def _secrets_of(self, deployment: Deployment, worker: LocalWorker) -> tuple[bytes, bytes | None]:
         """The store secrets of the worker's replica world and, when there is one, the exchange group."""
@@ -353,6 +387,7 @@ class Supervisor:
             "first_rank": worker.replica.first_rank,
             "size": deployment.world_size,
             "replicas": [self._spec(r) for r in deployment.replicas],
+            "connect_timeout_s": self.connect_timeout_s,
         }
 
     def _configure_frame(
@@ -371,6 +406,7 @@ class Supervisor:
             "device": self.device if self.device == "cpu" else f"{self.device}:{worker.local_gpu}",
             "threads": self.threads,
             "backend": "nccl" if self.device.startswith("cuda") else self.backend,
+            "connect_timeout_s": self.connect_timeout_s,
         }
 
     async def _read_events(self, worker: LocalWorker, reader: FrameReader) -> None:
@@ -381,6 +417,13 @@ class Supervisor:
                 raise RuntimeError(f"worker of rank {worker.rank} sent a bad frame: {exc}") from None
             if frame is None:
                 return
+            if isinstance(frame, dict) and frame.get("op") == "exchange":
+                if frame.get("formed") is not True:
+                    error = f"worker of rank {worker.rank} could not join the exchange group: {frame.get('error')}"
+                    raise WorkerFailed(error, _cause(frame))
+                worker.joining = False
+                self._notify()
+                continue
             if not isinstance(frame, dict) or not isinstance(frame.get("id"), int):
                 continue
             channel = self.listeners.get(frame["id"])
@@ -412,7 +455,13 @@ class Supervisor:
                     "replica": w.replica.index,
                     "role": w.replica.role,
                     "formed": w.formed,
-                    "state": "failed" if w.error else "ready" if w.ready.is_set() else "starting",
+                    "state": "failed"
+                    if w.error
+                    else "joining"
+                    if w.joining
+                    else "ready"
+                    if w.ready.is_set()
+                    else "starting",
                     "error": w.error,
                     "pid": None if w.process is None else w.process.pid,
                 }
@@ -444,7 +493,7 @@ class Supervisor:
                     await self.changed.wait()
             while True:
                 worker = self.driver_of(replica, version)
-                if all(w.ready.is_set() for w in self.workers.values()):
+                if all(w.ready.is_set() and not w.joining for w in self.workers.values()):
                     return worker
                 failed = [w.error for w in self.workers.values() if w.error]
                 if failed:

@@ -125,3 +125,18 @@ def test_needs_pair_sees_groups_and_exchanges_that_span_a_blocked_pair():
     assert needs_pair(split, peer, [("a", "b")]) == ("a", "b"), "the exchange group spans a and b"
     assert needs_pair(split, peer, [("a", "c")]) is None
     assert needs_pair(plan(("prefill", (0,)), ("decode", (2,)), ("colocated", (1,))), peer, [("b", "c")])
+
+
+def test_request_patience_counts_from_the_latest_token_and_says_why():
+    from hexgen.daemon.router import Patience
+
+    patience = Patience(30.0, since=100.0)
+    assert patience.deadline == 130.0 and patience.hop_silence_s == 15.0
+    patience.progress(112.0)
+    assert patience.deadline == 142.0
+    assert patience.message(None, None) == "no replica took the request within 30 s"
+    text = patience.message("no word from replica 1 for 15 s", "peers a and b cannot form a world")
+    assert text == (
+        "no replica took the request within 30 s (last attempt: no word from replica 1 for 15 s); "
+        "the coordinator says: peers a and b cannot form a world"
+    )
