@@ -126,11 +126,12 @@ class BlockedLinks:
     links: dict[tuple[str, str], BlockedLink] = field(default_factory=dict)
 
     def block(self, pair: tuple[str, str], reason: str, addresses: Mapping[str, Iterable[str]]) -> bool:
-        """Remember ``pair``; True when it was not blocked before."""
+        """Remember ``pair`` (the first reason stays: plans already quote it); True when it is new."""
         pair = _pair(*pair)
-        known = pair in self.links
+        if pair in self.links:
+            return False
         self.links[pair] = BlockedLink(pair, reason, tuple(tuple(sorted(addresses.get(p, ()))) for p in pair))  # type: ignore[arg-type]
-        return not known
+        return True
 
     def refresh(self, addresses: Mapping[str, Iterable[str]]) -> list[tuple[str, str]]:
         """Forget every pair one of whose peers now advertises other addresses (it moved, or a fixed

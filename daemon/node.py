@@ -1051,10 +1051,12 @@ class Node:
         pairs = {link.pair: link.reason for link in blocked}
         failures = self._failures_seen.get(self.table.version, 0)
         why = f"{failures} worker failures in this membership" if failures >= MAX_FAILURE_REPLANS else None
+        note = None  # why the plan is not the one asked for, when a blocked pair is why
         try:
             result = None if why else self._pinned_plan(peers, gpu_map)
             if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
-                log.info("not serving the pinned plan: %s", pairs[pair])
+                note = f"not serving the pinned plan: {pairs[pair]}"
+                log.info("%s", note)
                 result = None
             if result is None and why is None and previous is not None:
                 result = planner.replan(previous[0], previous[1], cluster, self.model, workload)
@@ -1062,7 +1064,7 @@ class Node:
                 result = planner.plan(cluster, self.model, workload)
             if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
                 why = pairs[pair]
-            error = None
+            error = note
             if why is not None:
                 # never a plan that cannot serve: one replica per host, and the reason for all to see
                 result = colocated_plan(cluster, self.model, workload)
@@ -1078,6 +1080,7 @@ class Node:
             "error": error,
             "throughput": result.throughput if math.isfinite(result.throughput) else 0.0,
             "gpus": gpus,
+            "blocked": [{"peers": list(link.pair), "reason": link.reason} for link in blocked],
         }
 
     def _pinned_plan(self, peers: list[PeerHardware], gpu_map: dict[int, tuple[str, int]]) -> Plan | None:

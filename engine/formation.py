@@ -12,6 +12,7 @@ gloo could not reach (its ``remote=[ADDR]:PORT``), so the daemon can say which p
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ import torch.distributed as dist
 
 CONNECT_TIMEOUT_S = 5.0
 ARRIVAL_TIMEOUT_S = 120.0
-# gloo writes the peer it could not reach as remote=[ADDR]:PORT (the port is not always printed sanely)
-_REMOTE = re.compile(r"remote=\[([^\]\s]{1,64})\]")
+# gloo writes the peer it could not reach as remote=[ADDR]:PORT (the port is not always printed sanely),
+# and one that dropped the connection as "Read error [ADDR]:PORT"
+_REMOTE = re.compile(r"(?:remote=|error )\[([^\]\s]{1,64})\]")
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,11 @@ class WorldFormationError(RuntimeError):
 
 
 def remote_address(text: str) -> str | None:
-    """The address in gloo's ``remote=[ADDR]:PORT``, or None. O(len(text))."""
-    found = _REMOTE.search(text)
-    return found.group(1) if found else None
+    """The IP address in gloo's ``remote=[ADDR]:PORT`` (or ``error [ADDR]:PORT``), or None. O(len(text))."""
+    for found in _REMOTE.finditer(text):
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(found.group(1)))
+    return None
 
 
 def arrive(store: dist.Store, prefix: str, rank: int, size: int, timeout_s: float, world: str) -> None:

@@ -53,7 +53,13 @@ class Swarm:
         self.daemons: list[Daemon] = []
 
     def start(
-        self, name: str, *, bootstrap: list[str] | None = None, gpu: str = "A100", extra: list[str] | None = None
+        self,
+        name: str,
+        *,
+        bootstrap: list[str] | None = None,
+        gpu: str = "A100",
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
         key = self.root / f"{name}.key"
         args = [sys.executable, "-m", "hexgen.cli.node", "join", "--key-file", str(key), "--model", self.model]
@@ -62,9 +68,10 @@ class Swarm:
             args += ["--bootstrap", addr]
         args += extra or []
         log_path = self.root / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=env)
+            proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+            )
         daemon = Daemon(name, proc, log_path)
         self.daemons.append(daemon)
         ready = _read_ready(proc, READY_TIMEOUT_S)

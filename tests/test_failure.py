@@ -30,6 +30,7 @@ def test_gloo_error_names_the_unreachable_address():
     assert remote_address(GLOO_REFUSED) == "10.0.0.2"
     assert remote_address("remote=[fe80::1]:4000") == "fe80::1"
     assert remote_address("Connect timeout [none]") is None
+    assert remote_address("remote=[none]:1 then Read error [10.0.0.3]:10118: Connection reset by peer") == "10.0.0.3"
     error = WorldFormationError("replica world", "connect", GLOO_REFUSED)
     assert error.remote == "10.0.0.2" and "cannot reach 10.0.0.2" in str(error)
 
