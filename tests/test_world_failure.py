@@ -85,3 +85,26 @@ async def test_a_world_that_cannot_connect_gives_a_served_fallback_within_30_s(s
         epoch = status["plan"]["epoch"]
         after = await statuses(client, daemons)
         assert all(s is not None and s["plan"]["epoch"] == epoch for s in after.values())
+
+
+async def test_a_request_no_replica_takes_gets_an_error_within_the_request_timeout(swarm, stories_dir):
+    """Asked before its worker is up (a worker imports torch for seconds), a daemon with --request-timeout 1
+    answers with an error saying so within about a second, and serves once the worker is ready."""
+    daemon = swarm.start("n0", extra=["--request-timeout", "1"])
+    async with open_client() as client:
+        await client.connect(daemon.addr)
+        started = time.monotonic()
+        with trio.fail_after(10):
+            frames = [f async for f in generate(client, daemon.peer_id, {"tokens": [1, 403, 407], "max_tokens": 4})]
+        took = time.monotonic() - started
+        view = (await statuses(client, [daemon]))[daemon.peer_id]
+        if view is not None and all(w["state"] == "ready" for w in view["serving"]["workers"].values()) and not (
+            "error" in frames[-1]
+        ):
+            pytest.skip("the worker was up before the request timed out")
+        assert "no replica took the request within 1 s" in frames[-1]["error"], frames
+        assert took < 4, f"the error took {took:.1f} s"
+        await wait_until(client, [daemon], serving({daemon.peer_id}), timeout=60, what="serving")
+        (reference,) = reference_greedy(stories_dir, [[1, 403, 407]], 4)
+        frames = [f async for f in generate(client, daemon.peer_id, {"tokens": [1, 403, 407], "max_tokens": 4})]
+        assert [f["token"] for f in frames if "token" in f] == reference
