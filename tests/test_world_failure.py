@@ -19,6 +19,11 @@ pytestmark = pytest.mark.trio
 
 MAX_TOKENS = 16
 TP2_ACROSS = '[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["n0", "n1"], layers = [0, 5] }]\n'
+# each replica alone on its host: only the epoch's exchange group (joined before the workers are ready) spans both
+PREFILL_DECODE_ACROSS = (
+    '[[groups]]\nrole = "prefill"\nstages = [{ gpus = ["n0"], layers = [0, 5] }]\n\n'
+    '[[groups]]\nrole = "decode"\nstages = [{ gpus = ["n1"], layers = [0, 5] }]\n'
+)
 
 
 @pytest.fixture
@@ -48,9 +53,10 @@ def served_without_the_pair(ids: set[str]):
     return check
 
 
-async def test_a_world_that_cannot_connect_gives_a_served_fallback_within_30_s(swarm, stories_dir, tmp_path):
+@pytest.mark.parametrize("layout", [TP2_ACROSS, PREFILL_DECODE_ACROSS], ids=["tp2-world", "exchange"])
+async def test_a_world_that_cannot_connect_gives_a_served_plan_without_the_pair(swarm, stories_dir, tmp_path, layout):
     pinned = tmp_path / "pinned.toml"
-    pinned.write_text(TP2_ACROSS)
+    pinned.write_text(layout)
     extra = ["--pin-plan", str(pinned)]
     first = swarm.start("n0", extra=extra)
     async with open_client() as client:
