@@ -141,3 +141,34 @@ def test_request_patience_counts_from_the_latest_token_and_says_why():
         "no replica took the request within 30 s (last attempt: no word from replica 1 for 15 s); "
         "the coordinator says: peers a and b cannot form a world"
     )
+
+
+def test_the_coordinator_plans_around_a_blocked_pair_and_falls_back_after_repeated_failures():
+    from hexgen.coordinator.pinned import parse_pinned
+    from hexgen.daemon.cluster_view import PeerHardware
+    from hexgen.daemon.hardware import simulated_profile
+    from hexgen.daemon.host import new_identity
+    from hexgen.daemon.node import MAX_FAILURE_REPLANS, Node, NodeConfig
+
+    pinned = parse_pinned('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["a", "b"], layers = [0, 32] }]\n')
+    node = Node(NodeConfig(pinned=pinned), new_identity(), simulated_profile("A100x1"))
+    a, b = sorted([node.peer_id, "12D3KooWPeerB"])
+    peers = [
+        PeerHardware(node.peer_id, "a" if node.peer_id == a else "b", simulated_profile("A100x1")),
+        PeerHardware("12D3KooWPeerB", "b" if node.peer_id == a else "a", simulated_profile("A100x1")),
+    ]
+    body = node._compute_plan(peers, [], None)
+    assert body["error"] is None and len(body["plan"]["groups"]) == 1, "the pinned TP=2 group spans both"
+    node.blocked.block((a, b), "peers a and b cannot form a world: refused at 10.0.0.2", {})
+    body = node._compute_plan(peers, [], None)
+    assert body["error"] == "not serving the pinned plan: peers a and b cannot form a world: refused at 10.0.0.2"
+    assert body["blocked"] == [{"peers": [a, b], "reason": "peers a and b cannot form a world: refused at 10.0.0.2"}]
+    for group in body["plan"]["groups"]:
+        assert len({body["gpus"][str(g)][0] for s in group["stages"] for g in s["gpus"]}) == 1
+    if any(g["role"] == "prefill" for g in body["plan"]["groups"]):
+        raise AssertionError("an exchange group would span the blocked pair")
+    node.blocked = type(node.blocked)()
+    node._failures_seen[node.table.version] = MAX_FAILURE_REPLANS
+    body = node._compute_plan(peers, [], None)
+    assert body["plan"]["meta"]["planner"] == "colocated-fallback"
+    assert body["error"].startswith(f"{MAX_FAILURE_REPLANS} worker failures in this membership; serving colocated")
