@@ -418,6 +418,9 @@ class Supervisor:
             if frame is None:
                 return
             if isinstance(frame, dict) and frame.get("op") == "exchange":
+                current = self.deployment is not None and frame.get("prefix") == self.deployment.exchange_prefix
+                if not current:
+                    continue  # an older epoch's group: the replica has moved on since
                 if frame.get("formed") is not True:
                     error = f"worker of rank {worker.rank} could not join the exchange group: {frame.get('error')}"
                     raise WorkerFailed(error, _cause(frame))

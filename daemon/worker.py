@@ -11,7 +11,8 @@ world and the epoch's exchange group formed (so it can hand KV to every replica 
 ``failed`` with the cause when either could not (``daemon.failure.WorldFailure``: which world, and the
 address that could not be reached). Then it streams ``token`` frames (with ``finished``), from a prefill
 replica ``handoff`` frames (prompt and first token) just before the KV goes out, and, every rank of a
-replica moved to a later epoch's exchange group, one ``exchange`` frame saying whether that group formed. torch stays in this process: the daemon's trio loop never waits on a GPU step
+replica moved to a later epoch's exchange group, one ``exchange`` frame saying whether that group (its
+``prefix``) formed. torch stays in this process: the daemon's trio loop never waits on a GPU step
 (DESIGN.md section 2).
 """
 
@@ -187,8 +188,9 @@ def serve(channel: Channel) -> None:
         {"op": "ready", "rank": worker.rank, "driver": worker.is_driver, "blocks": worker.block_manager.num_blocks}
     )
 
-    def exchanged(outcome: BaseException | None) -> None:
+    def exchanged(prefix: str, outcome: BaseException | None) -> None:
         frame = {"op": "exchange", "formed": True} if outcome is None else failure_frame(outcome) | {"op": "exchange"}
+        frame["prefix"] = prefix
         with contextlib.suppress(OSError):
             channel.send(frame)
 

@@ -154,8 +154,8 @@ class ReplicaWorker:
         self.exchange: Exchange | None = None  # the group KV moves over, when it is not this default world
         self._next_exchange: threading.Thread | None = None
         self._joined: list[tuple[Exchange, list[ReplicaSpec]] | BaseException] = []
-        # told, from the joining thread, how joining a later epoch's exchange ended (None: formed)
-        self.on_exchange: Callable[[BaseException | None], None] | None = None
+        # told, from the joining thread, how joining an exchange group (its prefix) ended (None: formed)
+        self.on_exchange: Callable[[str, BaseException | None], None] | None = None
 
     def _agree_on_blocks(self, local: int) -> int:
         if self.solo:
@@ -317,23 +317,25 @@ class ReplicaWorker:
             self.scheduler.abort(seq_id)
             self.seqs.pop(seq_id, None)
         self.routes.clear()
-        self._joined = []
-        self._next_exchange = threading.Thread(target=self._join_exchange, args=(config,), daemon=True)
+        self._joined = []  # a thread still joining an older group appends to the list it was given
+        self._next_exchange = threading.Thread(target=self._join_exchange, args=(config, self._joined), daemon=True)
         self._next_exchange.start()
 
-    def _join_exchange(self, config: ExchangeConfig) -> None:
+    def _join_exchange(
+        self, config: ExchangeConfig, joined: list[tuple[Exchange, list[ReplicaSpec]] | BaseException]
+    ) -> None:
         outcome: BaseException | None = None
         try:
             timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
             store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
             rank = config.first_rank + self.layout_rank
             group = form_gloo(store, config.prefix, rank, config.size, timeouts, "exchange group")
-            self._joined.append((Exchange(group, store), list(config.peers)))
+            joined.append((Exchange(group, store), list(config.peers)))
         except BaseException as exc:  # handed to the step thread by await_exchange
-            self._joined.append(exc)
+            joined.append(exc)
             outcome = exc
         if self.on_exchange is not None:
-            self.on_exchange(outcome)
+            self.on_exchange(config.prefix, outcome)
 
     def await_exchange(self) -> None:
         """Switch to the exchange being joined, waiting for it; raises the WorldFormationError of a group that
