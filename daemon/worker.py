@@ -124,7 +124,7 @@ def _join(config: dict[str, Any]) -> tuple[Any, Any]:
     """The replica worker of ``config`` in its world, and the world's store (None for a tcp:// world)."""
     import torch
 
-    from hexgen.engine.formation import connecting
+    from hexgen.engine.formation import CONNECT_GRACE_S, bounded, connecting
     from hexgen.engine.worker import (
         ReplicaWorker,
         init_world,
@@ -147,7 +147,11 @@ def _join(config: dict[str, Any]) -> tuple[Any, Any]:
             rank, size, str(host), int(port), prefix, backend, secret=_secret(config), connect_timeout_s=connect_s
         )
         with connecting("replica world"):
-            groups = replica_groups([spec], timedelta(seconds=connect_s))
+            groups = bounded(
+                lambda: replica_groups([spec], timedelta(seconds=connect_s)),
+                connect_s + CONNECT_GRACE_S,
+                "replica world",
+            )
         settle_world(groups, OPERATION_TIMEOUT_S)
     else:
         init_world(rank, size, int(config["port"]), backend)

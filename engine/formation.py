@@ -4,7 +4,8 @@ A world forms in two steps with two clocks. First every rank marks its arrival i
 the others (``arrival_s``, long: ranks start seconds apart, importing torch and loading weights). Only
 then do the ranks connect to each other, under ``connect_s`` (short: peers that are all present connect
 in milliseconds, and an address that cannot be reached would otherwise hold the world for gloo's whole
-timeout). A one-element all-reduce proves every pair carries data before the world is called formed; the
+timeout; gloo even retries a connection that gets no answer, a firewall dropping its packets, for several
+times the timeout it was given, so the connect step runs in a thread that this one stops waiting for). A one-element all-reduce proves every pair carries data before the world is called formed; the
 long per-operation timeout is set afterwards. A failure becomes a WorldFormationError naming the address
 gloo could not reach (its ``remote=[ADDR]:PORT``), so the daemon can say which peer it was.
 """
@@ -14,14 +15,19 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
+
 CONNECT_TIMEOUT_S = 5.0
+CONNECT_GRACE_S = 1.0  # beyond the connect timeout, before the connecting thread is given up on
 ARRIVAL_TIMEOUT_S = 120.0
 # gloo writes the peer it could not reach as remote=[ADDR]:PORT (the port is not always printed sanely),
 # and one that dropped the connection as "Read error [ADDR]:PORT"
@@ -79,6 +85,28 @@ def connecting(world: str) -> Iterator[None]:
         raise WorldFormationError(world, "connect", str(exc) or type(exc).__name__) from None
 
 
+def bounded(make: Callable[[], T], seconds: float, world: str) -> T:
+    """``make()`` (forming a group), given at most ``seconds``: past them a WorldFormationError, and the
+    thread, blocked in gloo, is left behind (a worker whose world failed exits). gloo releases the GIL."""
+    box: list[tuple[bool, object]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, make()))
+        except BaseException as exc:
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"forming the {world}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        raise WorldFormationError(world, "connect", f"no connection within {seconds:g} s")
+    ok, value = box[0]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
 def prove(group: object | None, connect_s: float) -> None:
     """One all-reduce over ``group`` (a bare backend or a registered group; None: the default world) within
     ``connect_s``: gloo can call a group formed on one side of a pair whose other side failed to connect."""
@@ -95,9 +123,12 @@ def form_gloo(
 ) -> dist.ProcessGroup:
     """A gloo group of its own under ``prefix`` (no default world needed), formed as the module says."""
     arrive(store, prefix, rank, size, timeouts.arrival_s, world)
+    connect = timedelta(seconds=timeouts.connect_s)
     with connecting(world):
-        group = dist.ProcessGroupGloo(
-            dist.PrefixStore(prefix, store), rank, size, timedelta(seconds=timeouts.connect_s)
+        group = bounded(
+            lambda: dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, connect),
+            timeouts.connect_s + CONNECT_GRACE_S,
+            world,
         )
         prove(group, timeouts.connect_s)
     group._set_default_timeout(timedelta(seconds=timeouts.operation_s))

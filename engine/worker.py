@@ -21,7 +21,16 @@ import torch.distributed as dist
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
-from hexgen.engine.formation import Timeouts, WorldFormationError, arrive, connecting, form_gloo, prove
+from hexgen.engine.formation import (
+    CONNECT_GRACE_S,
+    Timeouts,
+    WorldFormationError,
+    arrive,
+    bounded,
+    connecting,
+    form_gloo,
+    prove,
+)
 from hexgen.engine.kv_transfer import (
     Exchange,
     KVSend,
@@ -406,12 +415,16 @@ def init_world_store(
         return store
     arrive(store, prefix, rank, size, timeout_s, "replica world")
     with connecting("replica world"):
-        dist.init_process_group(
-            backend,
-            store=dist.PrefixStore(prefix, store),
-            rank=rank,
-            world_size=size,
-            timeout=timedelta(seconds=connect_timeout_s),
+        bounded(
+            lambda: dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(prefix, store),
+                rank=rank,
+                world_size=size,
+                timeout=timedelta(seconds=connect_timeout_s),
+            ),
+            connect_timeout_s + CONNECT_GRACE_S,
+            "replica world",
         )
         if backend == "gloo" and size > 1:
             prove(None, connect_timeout_s)

@@ -4,6 +4,7 @@ cannot connect fail within the connect timeout and name the address."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -11,7 +12,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from hexgen.engine.formation import Timeouts, WorldFormationError, form_gloo
+from hexgen.engine.formation import CONNECT_GRACE_S, Timeouts, WorldFormationError, form_gloo
 from hexgen.engine.sealed_store import SealedStore, UnreachableStore
 
 SECRET = os.urandom(32)
@@ -26,7 +27,11 @@ def store_port():
 
 
 def run_ranks(
-    port: int, delays: list[float | None], timeouts: Timeouts, unreachable: int | None = None
+    port: int,
+    delays: list[float | None],
+    timeouts: Timeouts,
+    unreachable: int | None = None,
+    store_class=UnreachableStore,
 ) -> dict[int, object]:
     """Each rank forms the group in a thread after its delay (None: it never comes); returns each rank's
     (seconds, group or error)."""
@@ -77,3 +82,18 @@ def test_a_rank_that_cannot_be_reached_fails_fast_with_its_address(store_port):
         assert seconds < 25
     assert any(error.remote == "127.0.0.1" for _, error in failed.values())
     assert min(seconds for seconds, _ in failed.values()) < 4, "the connecting side fails within the connect timeout"
+
+
+def test_a_rank_that_never_answers_fails_within_the_connect_timeout(store_port):
+    """A socket that takes connections and never answers at the port UnreachableStore publishes (1, so the
+    peer is the side that connects): as through a firewall that drops packets. gloo alone would retry it for
+    several times its timeout; the connect step is bounded."""
+    try:
+        silent = socket.create_server(("127.0.0.1", 1), backlog=8)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on port 1 here: {exc}")
+    with silent:
+        outcomes = run_ranks(store_port, [0.0, 0.0], Timeouts(arrival_s=30, connect_s=2.0), unreachable=1)
+    for seconds, error in outcomes.values():
+        assert isinstance(error, WorldFormationError) and error.stage == "connect", error
+        assert seconds < 2.0 + CONNECT_GRACE_S + 2.0, f"failed after {seconds:.1f} s"
