@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -85,6 +86,28 @@ class Channel:
                 return frames[0]
 
 
+class Background:
+    """``fn(*args)`` in a daemon thread: a worker that fails meanwhile exits without waiting for it."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.outcome: list[tuple[bool, Any]] = []
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self.outcome.append((True, fn(*args)))
+        except BaseException as exc:
+            self.outcome.append((False, exc))
+
+    def result(self) -> Any:
+        self.thread.join()
+        ok, value = self.outcome[0]
+        if not ok:
+            raise value
+        return value
+
+
 def spec_from(raw: dict[str, Any]) -> Any:
     from hexgen.engine.layout import StageLayout
     from hexgen.engine.model_runner import CacheConfig
@@ -129,6 +152,7 @@ def _join(config: dict[str, Any]) -> tuple[Any, Any]:
         ReplicaWorker,
         init_world,
         init_world_store,
+        join_exchange,
         replica_groups,
         settle_world,
     )
@@ -139,6 +163,10 @@ def _join(config: dict[str, Any]) -> tuple[Any, Any]:
     rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     connect_s = float(config.get("connect_timeout_s", CONNECT_TIMEOUT_S))
+    # Ready means able to hand KV on: every rank of every replica of the epoch joins this group, in a thread
+    # from the start, so ranks meet there as soon as they run (not after loading weights, which can take
+    # minutes) and a group that cannot connect is known while the model loads.
+    exchange = Background(join_exchange, exchange_from(config["exchange"]), rank) if config.get("exchange") else None
     store = None
     if "store" in config:
         host, port = config["store"]
@@ -157,10 +185,8 @@ def _join(config: dict[str, Any]) -> tuple[Any, Any]:
         init_world(rank, size, int(config["port"]), backend)
         groups = replica_groups([spec])
     worker = ReplicaWorker(spec, rank, groups)
-    if config.get("exchange"):
-        # ready means able to hand KV on: every rank of every replica of the epoch joins this group now
-        worker.begin_exchange(exchange_from(config["exchange"]))
-        worker.await_exchange()
+    if exchange is not None:
+        worker.adopt_exchange(exchange.result())  # raises the group's WorldFormationError
     return worker, store
 
 

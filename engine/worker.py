@@ -335,16 +335,16 @@ class ReplicaWorker:
     ) -> None:
         outcome: BaseException | None = None
         try:
-            timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
-            store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
-            rank = config.first_rank + self.layout_rank
-            group = form_gloo(store, config.prefix, rank, config.size, timeouts, "exchange group")
-            joined.append((Exchange(group, store), list(config.peers)))
+            joined.append(join_exchange(config, self.layout_rank))
         except BaseException as exc:  # handed to the step thread by await_exchange
             joined.append(exc)
             outcome = exc
         if self.on_exchange is not None:
             self.on_exchange(config.prefix, outcome)
+
+    def adopt_exchange(self, joined: tuple[Exchange, list[ReplicaSpec]]) -> None:
+        """Use an exchange group joined before this worker was built (``join_exchange``)."""
+        self.exchange, self.peers = joined
 
     def await_exchange(self) -> None:
         """Switch to the exchange being joined, waiting for it; raises the WorldFormationError of a group that
@@ -375,6 +375,15 @@ class ExchangeConfig:
     timeout_s: float = 120.0
     secret: bytes | None = None  # seals the store's values (engine.sealed_store)
     connect_timeout_s: float = 5.0  # for the ranks to connect once all arrived (engine.formation)
+
+
+def join_exchange(config: ExchangeConfig, layout_rank: int) -> tuple[Exchange, list[ReplicaSpec]]:
+    """Join the exchange group of ``config`` as layout rank ``layout_rank`` of its replica (forming it as
+    ``engine.formation`` says); raises WorldFormationError. Needs no model: a new worker joins while it loads."""
+    timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
+    store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
+    group = form_gloo(store, config.prefix, config.first_rank + layout_rank, config.size, timeouts, "exchange group")
+    return Exchange(group, store), list(config.peers)
 
 
 def kv_tag(seq_id: int) -> int:
