@@ -106,6 +106,14 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="generate requests per second that one client peer may send over libp2p, with bursts of 5 s' worth; "
         "more are refused with the seconds to wait (default 0: no limit)",
     )
+    join.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a request that no replica takes for this many seconds (no token yet, or none since the last) gets an "
+        "error saying why (default 30)",
+    )
     join.add_argument("--tamper-tokens", action="store_true", help=argparse.SUPPRESS)  # tests: a lying peer
     join.add_argument("--log-level", choices=LEVELS, default="info", help="log verbosity (default info)")
     join.set_defaults(func=cmd_join)
@@ -158,6 +166,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise JoinError(f"--verify-fraction {args.verify_fraction}: a fraction is 0 to 1")
         if not 0.0 <= args.max_request_rate < math.inf:
             raise JoinError(f"--max-request-rate {args.max_request_rate}: give requests per second, 0 for no limit")
+        if not 0.0 < args.request_timeout < math.inf:
+            raise JoinError(f"--request-timeout {args.request_timeout}: give a positive number of seconds")
         if args.http is not None and not 0 <= args.http <= 65535:
             raise JoinError(f"--http {args.http}: a port is 0-65535")
         if args.api_key is not None and not args.api_key.strip():
@@ -175,6 +185,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             probe_interval_s=args.probe_interval,
             verify_fraction=args.verify_fraction,
             max_request_rate=args.max_request_rate,
+            request_timeout_s=args.request_timeout,
             tamper_tokens=args.tamper_tokens,
             pinned=pinned,
             http_host=args.http_host,

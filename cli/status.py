@@ -256,8 +256,8 @@ def flow_lines(status: Mapping[str, Any]) -> list[str]:
 
 
 def plan_summary(status: Mapping[str, Any]) -> str:
-    """One line on the adopted plan: predicted throughput, bottleneck, planner and unused GPUs, or why
-    there is no plan."""
+    """One line on the adopted plan: predicted throughput, bottleneck, planner and unused GPUs, and the
+    coordinator's error when it serves a fallback plan; or why there is no plan."""
     adopted = _dict(status.get("plan"))
     body = _dict(adopted.get("body"))
     plan = _plan(status)
@@ -277,7 +277,8 @@ def plan_summary(status: Mapping[str, Any]) -> str:
     if unused:
         names = host_names(status)
         parts.append("unused GPUs: " + ", ".join(_gpu_place(i, body, names) for i in unused))
-    return ", ".join(p for p in parts if p)
+    error = _text(body.get("error"))  # a fallback plan says why the swarm serves less than it could
+    return ", ".join(p for p in parts if p) + (f"; degraded: {error}" if error != MISSING else "")
 
 
 def serving_summary(status: Mapping[str, Any]) -> str:

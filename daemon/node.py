@@ -34,6 +34,7 @@ from libp2p.peer.id import ID
 
 from hexgen.coordinator import planner
 from hexgen.coordinator.evaluate import PlanError
+from hexgen.coordinator.fallback import colocated_plan, needs_pair
 from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, pinned_plan
 from hexgen.coordinator.plan import Plan, layer_range
 from hexgen.coordinator.specs import ModelSpec, resolve_model
@@ -42,6 +43,7 @@ from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_clus
 from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
 from hexgen.daemon.election import Election, Lease, LeaseRejected
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, ReplayGuard, from_wire, seal, to_wire, verify
+from hexgen.daemon.failure import BlockedLinks, FailureReport, WorldFailure, advert_ips, blocked_pair
 from hexgen.daemon.hardware import HardwareError, HardwareProfile
 from hexgen.daemon.host import Host, HostConfig, open_host
 from hexgen.daemon.identity import Certificate, CertificateError, verify_certificate
@@ -75,7 +77,9 @@ MAX_ADVERTISED_LINKS = 32
 PLAN_FETCH_GAP_S = 0.5
 NEWCOMER_S = 3.0  # a node announces itself on every new connection for this long after it starts
 UNKNOWN_PEER_SYNC_AFTER_S = 0.2  # its own advert, by gossip, usually comes first
+# Worker failures a membership gets re-plans for; after them the swarm serves the colocated fallback plan.
 MAX_FAILURE_REPLANS = 3
+BLOCKED_LINK_GB_S = 1e-6  # what the planner is told a link that cannot carry a world moves
 MAX_SYNC_ADVERTS = 1024
 MAX_EVENTS = 200
 MAX_ACCUSED = 64
@@ -119,6 +123,8 @@ class NodeConfig:
     http_port: int | None = None  # the OpenAI-compatible gateway, /status and /metrics; None: no HTTP
     api_key: str | None = None  # required as a bearer token on /v1/* when set
     max_request_rate: float = 0.0  # generate requests per second one client peer may send (0: no limit)
+    request_timeout_s: float = 30.0  # a request no replica takes (no token) for this long gets an error
+    connect_timeout_s: float = 5.0  # for a world's ranks to connect once all of them started
     # Members lost without a goodbye are dialled again, first after redial_first_s, the gap doubling up to
     # redial_max_gap_s, for redial_for_s: a partition that outlasts TCP's retransmissions closes its
     # connections, and only a dial brings the sides back together.
@@ -182,10 +188,11 @@ class Node:
         self.host: Host | None = None
         self._changed = trio.Event()
         self._published: tuple[Envelope, Envelope] | None = None
-        self._planned_for: tuple[int, int, int, int] = (-1, -1, -1, -1)
+        self._planned_for: tuple[Any, ...] = ()
         self._failures_seen: dict[int, int] = {}  # table version -> failure re-plans made for it
         self._failure_replans = 0
         self._failure_replans_published = 0
+        self.blocked = BlockedLinks()  # peer pairs whose link cannot carry a world (every node keeps them)
         self._previous: tuple[Plan, Any] | None = None
         self._leaving = False
         self._claim_after = float("inf")
@@ -201,7 +208,11 @@ class Node:
         if is_checkpoint_dir(config.model):
             self.model_hash = model_fingerprint(config.model)
             self.supervisor = Supervisor(
-                self.peer_id, config.model, device=config.worker_device, threads=config.worker_threads
+                self.peer_id,
+                config.model,
+                device=config.worker_device,
+                threads=config.worker_threads,
+                connect_timeout_s=config.connect_timeout_s,
             )
 
     # ----------------------------------------------------------------- running
@@ -237,6 +248,8 @@ class Node:
                     tamper_tokens=self.config.tamper_tokens,
                     on_verdict=self._report_verdict,
                     limiter=RateLimiter(self.config.max_request_rate, RATE_BURST_S * self.config.max_request_rate),
+                    request_timeout_s=self.config.request_timeout_s,
+                    plan_error=self._plan_error,
                 )
                 host.handle(GENERATE_PROTOCOL, self.router.serve_generate, per_peer=MAX_REQUESTS_PER_PEER)
                 host.handle(REPLICA_PROTOCOL, self.router.serve_replica)
@@ -434,38 +447,65 @@ class Node:
             await self._publish([seal("suspect", body, self.key_pair, 60.0)])
 
     def _apply_failure(self, reporter: str, body: Any) -> None:
-        """A member's worker failed: the coordinator rebuilds the world in a new epoch (a few times per
-        membership at most, so a worker that can never start does not make the swarm churn)."""
-        if (
-            not isinstance(body, dict)
-            or not isinstance(body.get("epoch"), int)
-            or not isinstance(body.get("term"), int)
-        ):
-            raise ValueError("a failure report needs integer term and epoch")
+        """A member's worker failed: a world that could not connect blocks the pair of peers it names (on
+        every node, whatever the epoch: a late report still says the link is bad), and the coordinator
+        rebuilds the world in a new epoch, a few times per membership; after that it serves the colocated
+        fallback plan (``_compute_plan``), so the swarm never stays on a plan that cannot serve."""
+        report = FailureReport.from_body(body)
         self._event(
             "failure",
-            f"peer {reporter} reports a failed worker in epoch {body['epoch']}: {body.get('error')}",
+            f"peer {reporter} reports a failed worker in epoch {report.epoch}: {report.error}",
             peer=reporter,
-            epoch=body["epoch"],
+            epoch=report.epoch,
         )
+        addresses = self._peer_addresses()
+        pair = blocked_pair(reporter, report, addresses)
+        if pair is not None and report.cause is not None:
+            reason = self._blocked_reason(pair, reporter, report.cause)
+            if self.blocked.block(pair, reason, addresses):
+                self._event("blocked", reason, peer=pair[0], other=pair[1])
+                self._poke()
         plan = self.plan
         if not self.election.is_coordinator(self.clock()) or plan is None:
             return
-        if (body["term"], body["epoch"]) != (plan.term, plan.epoch):
+        if (report.term, report.epoch) != (plan.term, plan.epoch):
             return
         made = self._failures_seen.get(self.table.version, 0)
-        if made >= MAX_FAILURE_REPLANS:
+        if made > MAX_FAILURE_REPLANS:
             log.warning("not rebuilding the world again: %d failure re-plans for this membership", made)
             return
         self._failures_seen[self.table.version] = made + 1
         self._failure_replans += 1
         self._poke()
 
-    async def _report_failure(self, epoch: int, rank: int, error: str) -> None:
+    def _blocked_reason(self, pair: tuple[str, str], reporter: str, cause: WorldFailure) -> str:
+        other = pair[1] if pair[0] == reporter else pair[0]
+        where = f" at {cause.remote}" if cause.remote else ""
+        return (
+            f"peers {self._peer_name(pair[0])} and {self._peer_name(pair[1])} cannot form a world: "
+            f"the {cause.world} of {self._peer_name(reporter)} could not connect to "
+            f"{self._peer_name(other)}{where}"
+        )
+
+    def _peer_name(self, peer: str) -> str:
+        record = self.table.peers.get(peer)
+        host = self.host_name if peer == self.peer_id else record.host_name if record is not None else "?"
+        return f"{host} ({peer[-8:]})"
+
+    def _peer_addresses(self) -> dict[str, list[str]]:
+        """Each known peer's IP addresses, from its advert (this node's from its host)."""
+        addresses = {peer: advert_ips(record.addrs) for peer, record in self.table.peers.items()}
+        if self.host is not None:
+            addresses[self.peer_id] = advert_ips(self.host.addrs)
+        return addresses
+
+    async def _report_failure(
+        self, epoch: int, rank: int, error: str, cause: WorldFailure | None = None, peers: list[str] | None = None
+    ) -> None:
         plan = self.plan
         if plan is None or plan.epoch != epoch:
             return
-        body = {"term": plan.term, "epoch": epoch, "rank": rank, "error": error[:500]}
+        body = FailureReport(plan.term, epoch, rank, error[:500], tuple(peers or ()), cause).to_body()
         self._apply_failure(self.peer_id, body)
         with contextlib.suppress(Exception):
             await self._publish([seal("failure", body, self.key_pair, 60.0)])
@@ -494,6 +534,9 @@ class Node:
             return
         if self.table.apply_advert(env.signer, body, env.issued, now):
             self._event("join", f"peer {env.signer} joined ({body.get('host')})", peer=env.signer)
+            self._poke()
+        for pair in self.blocked.refresh(self._peer_addresses()):
+            self._event("unblocked", f"peers {pair[0]} and {pair[1]} may form worlds again (new addresses)")
             self._poke()
         if self.table.peers.get(env.signer) is not None and self.table.peers[env.signer].advert_issued == env.issued:
             self._adverts[env.signer] = env
@@ -969,13 +1012,18 @@ class Node:
         while True:
             now = self.clock()
             if self.election.is_coordinator(now) and not self._leaving:
-                key = (self.election.term, self.table.version, self._failure_replans, len(self.flagged))
+                key = self._planning_key()
                 if key != self._planned_for:
                     await trio.sleep(self.config.plan_debounce_s)
-                    key = (self.election.term, self.table.version, self._failure_replans, len(self.flagged))
+                    key = self._planning_key()
                     await self._plan_and_publish()
                     self._planned_for = key
             await self._wait_change(self.config.tick_s)
+
+    def _planning_key(self) -> tuple[Any, ...]:
+        """What a plan depends on besides the clock: a change of any of it makes the coordinator re-plan."""
+        blocked = tuple(link.pair for link in self.blocked.links.values())
+        return (self.election.term, self.table.version, self._failure_replans, len(self.flagged), blocked)
 
     def _peer_hardware(self) -> list[PeerHardware]:
         """The hardware the plan may use: every live member's, except peers flagged by spot-checks."""
@@ -1031,25 +1079,48 @@ class Node:
         workload = synthetic("default", min(512, self.model.max_context // 2), 128, count=64)
         if previous is None:
             previous = self._inherited_plan(links)
+        blocked = self.blocked.among(p.peer_id for p in peers)
+        # the planner is told a blocked pair's link carries (almost) nothing, so it plans around it
+        links = links + [LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in blocked]
         try:
             cluster, gpu_map = build_cluster_from_peers(peers, links)
         except Exception as exc:
             return {"plan": None, "error": f"cannot build the cluster: {exc}", "gpus": {}}
+        gpus = {str(k): list(v) for k, v in gpu_map.items()}
+        gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
+        pairs = {link.pair: link.reason for link in blocked}
+        failures = self._failures_seen.get(self.table.version, 0)
+        why = f"{failures} worker failures in this membership" if failures >= MAX_FAILURE_REPLANS else None
+        note = None  # why the plan is not the one asked for, when a blocked pair is why
         try:
-            result = self._pinned_plan(peers, gpu_map)
-            if result is None and previous is not None:
+            result = None if why else self._pinned_plan(peers, gpu_map)
+            if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
+                note = f"not serving the pinned plan: {pairs[pair]}"
+                log.info("%s", note)
+                result = None
+            if result is None and why is None and previous is not None:
                 result = planner.replan(previous[0], previous[1], cluster, self.model, workload)
-            elif result is None:
+            elif result is None and why is None:
                 result = planner.plan(cluster, self.model, workload)
+            if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
+                why = pairs[pair]
+            error = note
+            if why is not None:
+                # never a plan that cannot serve: one replica per host, and the reason for all to see
+                result = colocated_plan(cluster, self.model, workload)
+                error = f"{why}; serving colocated replicas that each fit on one host"
         except (PlanError, ValueError) as exc:
             self._previous = None
-            return {"plan": None, "error": str(exc), "gpus": {str(k): list(v) for k, v in gpu_map.items()}}
-        self._previous = (result, cluster)
+            error = str(exc) if why is None else f"{why}; and no host can serve alone: {exc}"
+            return {"plan": None, "error": error, "gpus": gpus}
+        assert result is not None
+        self._previous = None if why is not None else (result, cluster)
         return {
             "plan": result.to_dict(),
-            "error": None,
+            "error": error,
             "throughput": result.throughput if math.isfinite(result.throughput) else 0.0,
-            "gpus": {str(k): list(v) for k, v in gpu_map.items()},
+            "gpus": gpus,
+            "blocked": [{"peers": list(link.pair), "reason": link.reason} for link in blocked],
         }
 
     def _pinned_plan(self, peers: list[PeerHardware], gpu_map: dict[int, tuple[str, int]]) -> Plan | None:
@@ -1121,6 +1192,11 @@ class Node:
             for r in roles
         )
 
+    def _plan_error(self) -> str | None:
+        """Why the adopted plan is not the swarm's best (or why there is none), in the coordinator's words."""
+        error = self.plan.body.get("error") if self.plan is not None else None
+        return error if isinstance(error, str) and error else None
+
     def load(self) -> dict[str, Any]:
         """This node's serving load: requests in flight on its workers, tokens/s they produced lately."""
         if self.router is None or self.supervisor is None:
@@ -1173,6 +1249,7 @@ class Node:
             },
             "rejections": dict(self.rejections),
             "flagged": dict(self.flagged),
+            "blocked": [{"peers": list(link.pair), "reason": link.reason} for link in self.blocked.links.values()],
             "spot_checks": {} if self.router is None else dict(self.router.checks),
             "links": [m.to_dict() for m in self._links()],
             "serving": None if self.supervisor is None else self.supervisor.status(),

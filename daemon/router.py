@@ -48,6 +48,7 @@ RESUBMIT_LIMIT = 8
 RESUBMIT_BACKOFF_S = 0.5
 FIRST_FRAME_TIMEOUT_S = 10.0
 SPOT_CHECK_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 30.0
 # Text longer than this per context token cannot fit; refused before the tokenizer spends time on it.
 MAX_CHARS_PER_TOKEN = 64
 MIN_FIT_TOKENS = 16  # a request with ``fit`` is refused when its prompt leaves less than this for the reply
@@ -228,6 +229,36 @@ class Completion:
 
 
 @dataclass
+class Patience:
+    """How long a request waits for the swarm: ``timeout_s`` without a token (from its start, then from its
+    latest token) ends it with an error; an attempt silent for half of that is given up and re-submitted,
+    so a hop stuck on work that will never come (a KV transfer whose sender failed) is failed over in time."""
+
+    timeout_s: float
+    since: float
+
+    @property
+    def deadline(self) -> float:
+        return self.since + self.timeout_s
+
+    @property
+    def hop_silence_s(self) -> float:
+        return self.timeout_s / 2
+
+    def progress(self, now: float) -> None:
+        self.since = now
+
+    def message(self, last_failure: str | None, plan_error: str | None) -> str:
+        """What the client hears when the request ran out of patience: why, as far as this entry knows."""
+        text = f"no replica took the request within {self.timeout_s:g} s"
+        if last_failure:
+            text += f" (last attempt: {last_failure})"
+        if plan_error:
+            text += f"; the coordinator says: {plan_error}"
+        return text
+
+
+@dataclass
 class RateMeter:
     """Events per second over a sliding window (tokens produced by the replicas this daemon drives)."""
 
@@ -270,6 +301,8 @@ class Router:
     background: trio.Nursery | None = None  # where spot-checks run, after their request has been answered
     checks: Counter[str] = field(default_factory=Counter)
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0.0))  # generate requests per peer
+    request_timeout_s: float = REQUEST_TIMEOUT_S  # see Patience
+    plan_error: Callable[[], str | None] = lambda: None  # the adopted plan's error, for the client's message
 
     # ------------------------------------------------------------------ entry
 
@@ -372,12 +405,19 @@ class Router:
     ) -> tuple[str, int]:
         """Run one request to its end, re-submitting after failed hops; returns (finish reason, tokens made).
 
-        Raises HopFailed when it cannot finish: too many failed attempts, no serving plan in time, or past
-        the request deadline."""
-        try:
-            return await self._generate(tokens, sampling, emit, served_by if served_by is not None else [])
-        except trio.TooSlowError:
-            raise HopFailed("no serving plan took the request in time") from None
+        Raises HopFailed when it cannot finish: too many failed attempts, no replica took it for
+        ``request_timeout_s`` (``Patience``), or past the request deadline."""
+        patience = Patience(self.request_timeout_s, trio.current_time())
+        failures: list[str] = []
+        with trio.CancelScope() as waiting:
+            waiting.deadline = patience.deadline
+            try:
+                return await self._generate(
+                    tokens, sampling, emit, served_by if served_by is not None else [], patience, waiting, failures
+                )
+            except trio.TooSlowError:
+                raise HopFailed("no serving plan took the request in time") from None
+        raise HopFailed(patience.message(failures[-1] if failures else None, self.plan_error()))
 
     async def _generate(
         self,
@@ -385,6 +425,9 @@ class Router:
         sampling: dict[str, Any],
         emit: Callable[[int], Awaitable[None]],
         served_by: list[dict[str, Any]],
+        patience: Patience,
+        waiting: trio.CancelScope,
+        tried: list[str],
     ) -> tuple[str, int]:
         produced: list[int] = []
         failures: list[str] = []  # hops whose work failed; refusals (see below) are not counted
@@ -424,11 +467,20 @@ class Router:
                 involved = replica.peers() | (set() if dst is None else deployment.replicas[dst].peers())
                 try:
                     async with self.open_replica(replica.driver_peer, request, involved) as events:
-                        async for event in events:
+                        while True:
+                            with trio.move_on_after(patience.hop_silence_s) as silent:
+                                try:
+                                    event = await events.receive()
+                                except trio.EndOfChannel:
+                                    raise HopFailed("the replica stream ended early") from None
+                            if silent.cancelled_caught:
+                                raise HopFailed(f"no word from replica {entry} for {patience.hop_silence_s:g} s")
                             if "error" in event:
                                 refused = bool(event.get("refused"))
                                 raise HopFailed(str(event["error"]))
                             produced.append(int(event["token"]))
+                            patience.progress(trio.current_time())
+                            waiting.deadline = patience.deadline
                             await emit(int(event["token"]))
                             if event.get("finished"):
                                 self.served += 1
@@ -436,8 +488,8 @@ class Router:
                                     answer = (tuple(tokens), dict(sampling), tuple(produced))
                                     self._maybe_check(spot_check.Answered(deployment, frozenset(involved), *answer))
                                 return str(event["finished"]), len(produced)
-                    raise HopFailed("the replica stream ended early")
                 except HopFailed as exc:
+                    tried.append(str(exc))
                     if not refused:
                         failures.append(str(exc))
                     log.info("request re-submitted after %d tokens: %s", len(produced), exc)

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
+from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
 from hexgen.daemon.worker import PARENT_ENV
@@ -34,6 +35,10 @@ log = logging.getLogger("hexgen.supervisor")
 
 START_TIMEOUT_S = 120.0  # without a sign of progress (StartDeadline): loading reports progress and moves it
 START_CAP_S = 3 * 3600.0  # however much progress: a start that takes longer has something wrong with it
+# A worker answers once its worlds formed: ranks arriving (the worker's own bound is START_TIMEOUT_S), then
+# connecting within CONNECT_TIMEOUT_S; this much longer, its silence is the daemon's to call.
+READY_GRACE_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 5.0
 GPU_KV_BLOCK_SIZE = 256  # what flash-attn's paged KV needs; the SDPA path takes any size (engine.kv_format)
 # How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
@@ -47,6 +52,25 @@ SECRET_BYTES = 32  # an AES-256 key (engine.sealed_store): an HMAC-SHA256 of the
 
 class ReplicaUnavailable(Exception):
     """The replica is not served here (not local, not ready, or failed); the request may be re-submitted."""
+
+
+class WorkerFailed(RuntimeError):
+    """A worker failed; ``cause`` says which world could not form, when that was why."""
+
+    def __init__(self, message: str, cause: WorldFailure | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _cause(frame: dict[str, Any]) -> WorldFailure | None:
+    try:
+        return None if frame.get("cause") is None else WorldFailure.from_dict(frame["cause"])
+    except ValueError:
+        return None
+
+
+# (epoch, rank, error, cause, peers of the world that failed)
+OnFailure = Callable[[int, int, str, WorldFailure | None, list[str]], Awaitable[None]]
 
 
 class _SocketStream:
@@ -74,6 +98,8 @@ class LocalWorker:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     error: str | None = None
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    # a kept worker moving to a new epoch's exchange group, until it says the group formed
+    joining: bool = False
 
     @property
     def rank(self) -> int:
@@ -108,7 +134,8 @@ class Supervisor:
     backend: str = "gloo"
     store_address: tuple[str, int] | None = None  # where peers dial this daemon's store
     store_listen: str | None = None  # where the store binds, when not the dialled address (0.0.0.0, NAT)
-    on_failure: Callable[[int, int, str], Awaitable[None]] | None = None
+    on_failure: OnFailure | None = None
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
     # asks a world's head daemon for its store secret (the world's prefix); daemon.node fills it in
     fetch_secret: Callable[[str, str], Awaitable[bytes]] | None = None
     store_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
@@ -241,8 +268,10 @@ class Supervisor:
             worker.replica = wanted[slot]
             if worker.replica.role == "prefill":  # their hand-offs were routed in the old numbering
                 self._fail_worker_requests(worker, "the plan changed", refused=True)
-            if worker.is_driver and deployment.needs_exchange:
-                kept_drivers.append(worker)
+            if deployment.needs_exchange:
+                worker.joining = True  # every rank of the replica joins; each says when its group formed
+                if worker.is_driver:
+                    kept_drivers.append(worker)
         for slot, replica in wanted.items():
             if slot not in self.workers:
                 worker = LocalWorker(replica, slot[1], deployment.epoch)
@@ -289,7 +318,8 @@ class Supervisor:
                     reply = await self._await_ready(worker, reader)
                     if not isinstance(reply, dict) or reply.get("op") != "ready":
                         error = reply.get("error") if isinstance(reply, dict) else reply
-                        raise RuntimeError(f"worker of rank {worker.rank} failed to start: {error}")
+                        cause = _cause(reply) if isinstance(reply, dict) else None
+                        raise WorkerFailed(f"worker of rank {worker.rank} failed to start: {error}", cause)
                     worker.ready.set()
                     self._notify()
                     log.info("epoch %d: rank %d ready", deployment.epoch, worker.rank)
@@ -297,7 +327,8 @@ class Supervisor:
                     raise RuntimeError(f"worker of rank {worker.rank} exited")
                 except (Exception, trio.TooSlowError) as exc:
                     epoch = self.deployment.epoch if self.deployment is not None else deployment.epoch
-                    await self._failed(worker, epoch, str(exc) or type(exc).__name__)
+                    cause = exc.cause if isinstance(exc, WorkerFailed) else None
+                    await self._failed(worker, epoch, str(exc) or type(exc).__name__, cause)
                     await trio.sleep_forever()  # stays failed until the next epoch replaces it
         finally:
             theirs.close()
@@ -313,7 +344,7 @@ class Supervisor:
     async def _await_ready(self, worker: LocalWorker, reader: FrameReader) -> Any:
         """The worker's first frame other than ``progress``; each progress report (more weights loaded)
         moves the deadline, so a big model loading slowly is not killed while a silent worker is."""
-        deadline = StartDeadline(trio.current_time(), START_TIMEOUT_S, START_CAP_S)
+        deadline = StartDeadline(trio.current_time(), START_TIMEOUT_S + READY_GRACE_S, START_CAP_S)
         while True:
             with trio.move_on_at(deadline.deadline):
                 reply = await reader.read()
@@ -323,16 +354,19 @@ class Supervisor:
                 continue
             loaded = f" after {deadline.done} bytes of weights" if deadline.done >= 0 else ""
             raise trio.TooSlowError(
-                f"worker of rank {worker.rank} made no progress for {START_TIMEOUT_S:.0f} s{loaded}"
+                f"worker of rank {worker.rank} made no progress for {START_TIMEOUT_S + READY_GRACE_S:.0f} s{loaded}"
             )
 
-    async def _failed(self, worker: LocalWorker, epoch: int, error: str) -> None:
+    async def _failed(self, worker: LocalWorker, epoch: int, error: str, cause: WorldFailure | None = None) -> None:
         worker.error = error
         log.warning("epoch %d: %s", epoch, error)
         self._fail_worker_requests(worker, error)
         self._notify()
         if self.on_failure is not None:
-            await self.on_failure(epoch, worker.rank, error)
+            peers = worker.replica.peers()
+            if cause is not None and cause.world == "exchange group" and self.deployment is not None:
+                peers = {peer for r in self.deployment.replicas for peer in r.peers()}
+            await self.on_failure(epoch, worker.rank, error, cause, sorted(peers))
 
     async def _secrets_of(self, deployment: Deployment, worker: LocalWorker) -> tuple[bytes, bytes | None]:
         """The store secrets of the worker's replica world and, when there is one, the exchange group."""
@@ -376,6 +410,7 @@ class Supervisor:
             "first_rank": worker.replica.first_rank,
             "size": deployment.world_size,
             "replicas": [self._spec(r) for r in deployment.replicas],
+            "connect_timeout_s": self.connect_timeout_s,
         }
 
     def _configure_frame(
@@ -397,6 +432,7 @@ class Supervisor:
             "threads": self.threads,
             "backend": "nccl" if self.device.startswith("cuda") else self.backend,
             "progress": True,  # load progress frames move the start deadline (_await_ready)
+            "connect_timeout_s": self.connect_timeout_s,
         }
 
     async def _read_events(self, worker: LocalWorker, reader: FrameReader) -> None:
@@ -407,6 +443,16 @@ class Supervisor:
                 raise RuntimeError(f"worker of rank {worker.rank} sent a bad frame: {exc}") from None
             if frame is None:
                 return
+            if isinstance(frame, dict) and frame.get("op") == "exchange":
+                current = self.deployment is not None and frame.get("prefix") == self.deployment.exchange_prefix
+                if not current:
+                    continue  # an older epoch's group: the replica has moved on since
+                if frame.get("formed") is not True:
+                    error = f"worker of rank {worker.rank} could not join the exchange group: {frame.get('error')}"
+                    raise WorkerFailed(error, _cause(frame))
+                worker.joining = False
+                self._notify()
+                continue
             if not isinstance(frame, dict) or not isinstance(frame.get("id"), int):
                 continue
             channel = self.listeners.get(frame["id"])
@@ -441,7 +487,13 @@ class Supervisor:
                     "replica": w.replica.index,
                     "role": w.replica.role,
                     "formed": w.formed,
-                    "state": "failed" if w.error else "ready" if w.ready.is_set() else "starting",
+                    "state": "failed"
+                    if w.error
+                    else "joining"
+                    if w.joining
+                    else "ready"
+                    if w.ready.is_set()
+                    else "starting",
                     "error": w.error,
                     "pid": None if w.process is None else w.process.pid,
                 }
@@ -473,7 +525,7 @@ class Supervisor:
                     await self.changed.wait()
             while True:
                 worker = self.driver_of(replica, version)
-                if all(w.ready.is_set() for w in self.workers.values()):
+                if all(w.ready.is_set() and not w.joining for w in self.workers.values()):
                     return worker
                 failed = [w.error for w in self.workers.values() if w.error]
                 if failed:

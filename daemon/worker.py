@@ -8,16 +8,20 @@ replica's driver only: ``exchange`` (a later epoch's exchange group, for a repli
 epochs), ``generate`` (a new request; ``dst`` names the decode replica a prefill replica hands it to),
 ``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and ``abort``;
 ``shutdown`` ends the worker. While it loads, a worker configured with ``progress`` sends ``progress``
-frames (bytes of weights loaded of the total). The worker answers ``ready`` or ``failed`` once, then
-streams ``token`` frames (with ``finished``) and, from a prefill replica, ``handoff`` frames (prompt and
-first token) just before the KV goes out, or ``error`` frames for a request it refuses (a KV format
-mismatch). torch stays in this process: the daemon's trio loop never waits on a GPU step (DESIGN.md
-section 2).
+frames (bytes of weights loaded of the total). The worker answers ``ready`` or ``failed`` once: ``ready``
+only once its world and the epoch's exchange group formed (so it can hand KV to every replica the plan links
+it with), ``failed`` with the cause when either could not (``daemon.failure.WorldFailure``: which world, and
+the address that could not be reached). Then it streams ``token`` frames (with ``finished``), from a prefill
+replica ``handoff`` frames (prompt and first token) just before the KV goes out, ``error`` frames for a
+request it refuses (a KV format mismatch), and, every rank of a replica moved to a later epoch's exchange
+group, one ``exchange`` frame saying whether that group (its ``prefix``) formed. torch stays in this
+process: the daemon's trio loop never waits on a GPU step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import select
@@ -26,8 +30,11 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.interfaces import pin_interfaces
 from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
 
@@ -35,6 +42,8 @@ IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
 KEEPALIVE_S = 10.0
 PROGRESS_EVERY_S = 1.0
+CONNECT_TIMEOUT_S = 5.0  # for a world's ranks to connect once all of them arrived (engine.formation)
+OPERATION_TIMEOUT_S = 120.0
 
 
 class Channel:
@@ -43,9 +52,11 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
+        self.lock = threading.Lock()  # the exchange-joining thread reports on this channel too
 
     def send(self, obj: Any) -> None:
-        self.sock.sendall(encode_frame(obj))
+        with self.lock:
+            self.sock.sendall(encode_frame(obj))
 
     def _frame(self) -> Any | None:
         if len(self.buffer) < 4:
@@ -79,6 +90,28 @@ class Channel:
                 return frames[0]
 
 
+class Background:
+    """``fn(*args)`` in a daemon thread: a worker that fails meanwhile exits without waiting for it."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.outcome: list[tuple[bool, Any]] = []
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self.outcome.append((True, fn(*args)))
+        except BaseException as exc:
+            self.outcome.append((False, exc))
+
+    def result(self) -> Any:
+        self.thread.join()
+        ok, value = self.outcome[0]
+        if not ok:
+            raise value
+        return value
+
+
 def spec_from(raw: dict[str, Any]) -> Any:
     from hexgen.engine.layout import StageLayout
     from hexgen.engine.model_runner import CacheConfig
@@ -103,7 +136,10 @@ def exchange_from(raw: dict[str, Any]) -> Any:
     host, port = raw["store"]
     peers = tuple(spec_from(r) for r in raw["replicas"])
     prefix, first_rank, size = str(raw["prefix"]), int(raw["first_rank"]), int(raw["size"])
-    return ExchangeConfig(str(host), int(port), prefix, first_rank, size, peers, secret=_secret(raw))
+    connect = float(raw.get("connect_timeout_s", CONNECT_TIMEOUT_S))
+    return ExchangeConfig(
+        str(host), int(port), prefix, first_rank, size, peers, secret=_secret(raw), connect_timeout_s=connect
+    )
 
 
 def _secret(raw: dict[str, Any]) -> bytes | None:
@@ -117,27 +153,56 @@ def _join(config: dict[str, Any], progress: Any = None) -> tuple[Any, Any]:
     import torch
 
     from hexgen.engine.device import pin_device
-    from hexgen.engine.worker import ReplicaWorker, init_world, init_world_store, replica_groups
+    from hexgen.engine.formation import CONNECT_GRACE_S, bounded, connecting
+    from hexgen.engine.worker import (
+        ReplicaWorker,
+        init_world,
+        init_world_store,
+        join_exchange,
+        replica_groups,
+        settle_world,
+    )
 
     torch.set_num_threads(int(config.get("threads", 1)))
     spec = spec_from(config["replica"])
     spec = dataclasses.replace(spec, first_rank=0, device=str(config.get("device", spec.device)))
     pin_device(spec.device)  # before any CUDA work or NCCL group: ranks must not pile onto cuda:0
     rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
+    store_host = str(config["store"][0]) if "store" in config else "127.0.0.1"
+    pin_interfaces(str(config.get("advertised") or store_host), store_host)  # before any group forms
+    connect_s = float(config.get("connect_timeout_s", CONNECT_TIMEOUT_S))
+    # Ready means able to hand KV on: every rank of every replica of the epoch joins this group, in a thread
+    # from the start, so ranks meet there as soon as they run (not after loading weights, which can take
+    # minutes) and a group that cannot connect is known while the model loads.
+    exchange = Background(join_exchange, exchange_from(config["exchange"]), rank) if config.get("exchange") else None
     store = None
     if "store" in config:
         host, port = config["store"]
-        pin_interfaces(str(config.get("advertised") or host), str(host))
         prefix = str(config.get("prefix", ""))
         store = init_world_store(
-            rank, size, str(host), int(port), prefix, backend, secret=_secret(config), device=spec.device
+            rank,
+            size,
+            str(host),
+            int(port),
+            prefix,
+            backend,
+            secret=_secret(config),
+            connect_timeout_s=connect_s,
+            device=spec.device,
         )
+        with connecting("replica world"):
+            groups = bounded(
+                lambda: replica_groups([spec], timedelta(seconds=connect_s)),
+                connect_s + CONNECT_GRACE_S,
+                "replica world",
+            )
+        settle_world(groups, OPERATION_TIMEOUT_S)
     else:
-        pin_interfaces("127.0.0.1", None)
         init_world(rank, size, int(config["port"]), backend, device=spec.device)
-    worker = ReplicaWorker(spec, rank, replica_groups([spec]), progress=progress)
-    if config.get("exchange"):
-        worker.begin_exchange(exchange_from(config["exchange"]))
+        groups = replica_groups([spec])
+    worker = ReplicaWorker(spec, rank, groups, progress=progress)
+    if exchange is not None:
+        worker.adopt_exchange(exchange.result())  # raises the group's WorldFormationError
     return worker, store
 
 
@@ -156,6 +221,17 @@ def progress_reporter(channel: Channel, every_s: float | None = None) -> Any:
     return report
 
 
+def failure_frame(exc: BaseException) -> dict[str, Any]:
+    """The ``failed`` frame for ``exc``, with the cause when a world could not form."""
+    from hexgen.engine.formation import WorldFormationError
+
+    frame: dict[str, Any] = {"op": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    if isinstance(exc, WorldFormationError):
+        frame["cause"] = WorldFailure(exc.world, exc.stage, exc.remote).to_dict()
+        frame["error"] = str(exc)
+    return frame
+
+
 def serve(channel: Channel) -> None:
     from hexgen.engine.sequence import SamplingParams
     from hexgen.engine.worker import Request
@@ -168,11 +244,19 @@ def serve(channel: Channel) -> None:
         report = progress_reporter(channel) if config.get("progress") else None  # the daemon asks for them
         worker, _world_store = _join(config, report)  # the store outlives the world while serve runs
     except Exception as exc:
-        channel.send({"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        channel.send(failure_frame(exc))
         return
     channel.send(
         {"op": "ready", "rank": worker.rank, "driver": worker.is_driver, "blocks": worker.block_manager.num_blocks}
     )
+
+    def exchanged(prefix: str, outcome: BaseException | None) -> None:
+        frame = {"op": "exchange", "formed": True} if outcome is None else failure_frame(outcome) | {"op": "exchange"}
+        frame["prefix"] = prefix
+        with contextlib.suppress(OSError):
+            channel.send(frame)
+
+    worker.on_exchange = exchanged
     pending: list[Any] = []
     imports: list[Any] = []
     aborts: list[int] = []

@@ -79,4 +79,22 @@ def open_store(
     """A client of the TCPStore at ``host:port``, sealed with ``secret`` (None: in the clear, for worlds
     that never leave one trusted machine, as in tests)."""
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
-    return store if secret is None else SealedStore(store, secret)
+    if secret is None:
+        return store
+    return UnreachableStore(store, secret) if os.environ.get(UNREACHABLE_ENV) == "1" else SealedStore(store, secret)
+
+
+UNREACHABLE_ENV = "HEXGEN_TEST_UNREACHABLE"  # tests only: this process's gloo addresses cannot be reached
+
+
+class UnreachableStore(SealedStore):
+    """Tests only: publishes every gloo address of this process with port 1 (nothing listens there), so
+    its peers' connections are refused as if a firewall stood between them (a real connect failure,
+    which the failure path cannot tell from any other)."""
+
+    def set(self, key: str, value: bytes | str) -> None:
+        raw = value.encode() if isinstance(value, str) else bytes(value)
+        # gloo's address record: a sockaddr at byte 18 (AF_INET is 2, little-endian), its port at 20
+        if key.rsplit("/", 2)[-1].isdigit() and len(raw) >= 26 and raw[18:20] == b"\x02\x00":
+            raw = raw[:20] + (1).to_bytes(2, "big") + raw[22:]
+        super().set(key, raw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,16 @@ import torch.distributed as dist
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
 from hexgen.engine.device import nccl_device_id, wait_for_ranks
+from hexgen.engine.formation import (
+    CONNECT_GRACE_S,
+    Timeouts,
+    WorldFormationError,
+    arrive,
+    bounded,
+    connecting,
+    form_gloo,
+    prove,
+)
 from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key, mismatch, replica_format
 from hexgen.engine.kv_transfer import (
     Exchange,
@@ -96,7 +107,8 @@ class StepResult:
 def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> dict[tuple[int, ...], object]:
     """Create, in the same order on every rank of the world, each replica's group and each stage's TP
     group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs.
-    ``timeout``: each collective's (None: torch's default for the backend, 30 minutes for gloo)."""
+    ``timeout`` bounds connecting each group and then its operations, until the caller sets another (None:
+    torch's default for the backend, 30 minutes for gloo)."""
     groups: dict[tuple[int, ...], object] = {}
     for spec in specs:
         for ranks in [spec.ranks] + [
@@ -189,6 +201,8 @@ class ReplicaWorker:
         if dist.is_initialized():  # the default world doubles as the exchange until one is joined
             store = dist.distributed_c10d._get_default_store()
             store.set(format_key("", rank), self.kv_format.to_bytes())
+        # told, from the joining thread, how joining an exchange group (its prefix) ended (None: formed)
+        self.on_exchange: Callable[[str, BaseException | None], None] | None = None
 
     def _agree_on_blocks(self, local: int) -> int:
         if self.solo:
@@ -404,30 +418,46 @@ class ReplicaWorker:
             self.scheduler.abort(seq_id)
             self.seqs.pop(seq_id, None)
         self.routes.clear()
-        self._joined = []
-        self._next_exchange = threading.Thread(target=self._join_exchange, args=(config,), daemon=True)
+        self._joined = []  # a thread still joining an older group appends to the list it was given
+        self._next_exchange = threading.Thread(target=self._join_exchange, args=(config, self._joined), daemon=True)
         self._next_exchange.start()
 
-    def _join_exchange(self, config: ExchangeConfig) -> None:
+    def _join_exchange(
+        self, config: ExchangeConfig, joined: list[tuple[Exchange, list[ReplicaSpec]] | BaseException]
+    ) -> None:
+        outcome: BaseException | None = None
         try:
-            timeout = timedelta(seconds=config.timeout_s)
-            from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
-
-            store = open_store(config.host, config.port, timeout, config.secret)
-            rank = config.first_rank + self.layout_rank
-            group = dist.ProcessGroupGloo(dist.PrefixStore(config.prefix, store), rank, config.size, timeout)
-            store.set(format_key(config.prefix, rank), self.kv_format.to_bytes())
-            self._joined.append((Exchange(group, store, config.prefix, config.first_rank), list(config.peers)))
+            joined.append(self._publish_format(join_exchange(config, self.layout_rank)))
         except BaseException as exc:  # handed to the step thread by await_exchange
-            self._joined.append(exc)
+            joined.append(exc)
+            outcome = exc
+        if self.on_exchange is not None:
+            self.on_exchange(config.prefix, outcome)
+
+    def adopt_exchange(self, joined: tuple[Exchange, list[ReplicaSpec]]) -> None:
+        """Use an exchange group joined before this worker was built (``join_exchange``)."""
+        self.exchange, self.peers = self._publish_format(joined)
+        self.exchange_first_rank = self.exchange.first_rank
+        self._formats = {}
+
+    def _publish_format(self, joined: tuple[Exchange, list[ReplicaSpec]]) -> tuple[Exchange, list[ReplicaSpec]]:
+        """Publish this rank's KV format in a joined exchange group's store (engine.kv_format)."""
+        exchange = joined[0]
+        exchange.store.set(
+            format_key(exchange.prefix, exchange.first_rank + self.layout_rank), self.kv_format.to_bytes()
+        )
+        return joined
 
     def await_exchange(self) -> None:
-        """Switch to the exchange being joined, waiting for it; raises KVTransferError if joining failed."""
+        """Switch to the exchange being joined, waiting for it; raises the WorldFormationError of a group that
+        could not form, or KVTransferError for any other failure to join."""
         if self._next_exchange is None:
             return
         self._next_exchange.join()
         self._next_exchange = None
         outcome = self._joined.pop()
+        if isinstance(outcome, WorldFormationError):
+            raise outcome
         if isinstance(outcome, BaseException):
             raise KVTransferError(f"joining the exchange group failed: {outcome}") from outcome
         self.exchange, self.peers = outcome
@@ -448,6 +478,18 @@ class ExchangeConfig:
     peers: tuple[ReplicaSpec, ...]
     timeout_s: float = 120.0
     secret: bytes | None = None  # seals the store's values (engine.sealed_store)
+    connect_timeout_s: float = 5.0  # for the ranks to connect once all arrived (engine.formation)
+
+
+def join_exchange(config: ExchangeConfig, layout_rank: int) -> tuple[Exchange, list[ReplicaSpec]]:
+    """Join the exchange group of ``config`` as layout rank ``layout_rank`` of its replica (forming it as
+    ``engine.formation`` says); raises WorldFormationError. Needs no model: a new worker joins while it loads."""
+    from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
+
+    timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
+    store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
+    group = form_gloo(store, config.prefix, config.first_rank + layout_rank, config.size, timeouts, "exchange group")
+    return Exchange(group, store, config.prefix, config.first_rank), list(config.peers)
 
 
 def kv_tag(seq_id: int) -> int:
@@ -470,26 +512,55 @@ def init_world_store(
     timeout_s: float = 120.0,
     secret: bytes | None = None,
     device: str = "cpu",
+    connect_timeout_s: float | None = None,
 ) -> dist.Store:
     """Join a world through the store served at ``host:port`` (by another process: hexgen.daemon.store);
     keys live under ``prefix`` (one per plan epoch), so a late worker of an older epoch can never
     rendezvous with a newer world, and values are sealed with ``secret``, so an outsider cannot join it.
     Returns the store, which the caller keeps as long as the world: a Python store whose object is gone
     fails every later call the world makes into it (new groups, barriers). ``device``: this rank's pinned
-    GPU, handed to NCCL as its device_id."""
+    GPU, handed to NCCL as its device_id. With ``connect_timeout_s`` the world forms as ``engine.formation``
+    says (ranks arrive, then connect within it; a gloo world is proven by an all-reduce) and keeps that
+    timeout until the caller sets ``timeout_s`` (``settle_world``), once its subgroups are made; raises
+    WorldFormationError."""
     timeout = timedelta(seconds=timeout_s)
     from hexgen.engine.sealed_store import open_store
 
     store = open_store(host, port, timeout, secret, world_size=size)
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(prefix, store),
-        rank=rank,
-        world_size=size,
-        timeout=timeout,
-        device_id=nccl_device_id(device, backend),
-    )
+    if connect_timeout_s is None:
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(prefix, store),
+            rank=rank,
+            world_size=size,
+            timeout=timeout,
+            device_id=nccl_device_id(device, backend),
+        )
+        return store
+    arrive(store, prefix, rank, size, timeout_s, "replica world")
+    with connecting("replica world"):
+        bounded(
+            lambda: dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(prefix, store),
+                rank=rank,
+                world_size=size,
+                timeout=timedelta(seconds=connect_timeout_s),
+                device_id=nccl_device_id(device, backend),
+            ),
+            connect_timeout_s + CONNECT_GRACE_S,
+            "replica world",
+        )
+        if backend == "gloo" and size > 1:
+            prove(None, connect_timeout_s)
     return store
+
+
+def settle_world(groups: dict[tuple[int, ...], object], timeout_s: float) -> None:
+    """Give the default world and ``groups`` their long per-operation timeout, once all are formed."""
+    timeout = timedelta(seconds=timeout_s)
+    for group in [None, *(g for g in groups.values() if g is not None)]:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)  # type: ignore[arg-type]
 
 
 def init_world(

@@ -70,8 +70,9 @@ class Swarm:
         gpu: str = "A100",
         extra: list[str] | None = None,
         key: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
-        daemon = self.start_process(name, extra, bootstrap=bootstrap, gpu=gpu, key=key)
+        daemon = self.start_process(name, extra, bootstrap=bootstrap, gpu=gpu, key=key, env=env)
         proc = daemon.proc
         ready = _read_ready(proc, READY_TIMEOUT_S)
         if ready is None:
@@ -87,6 +88,7 @@ class Swarm:
         bootstrap: list[str] | None = None,
         gpu: str = "A100",
         key: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
         """Start a daemon without waiting for its ready line (for daemons expected to fail); ``key`` is its key
         file, by default one of its own."""
@@ -97,9 +99,10 @@ class Swarm:
             args += ["--bootstrap", addr]
         args += extra or []
         log_path = self.root / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=env)
+            proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+            )
         daemon = Daemon(name, proc, log_path)
         self.daemons.append(daemon)
         return daemon

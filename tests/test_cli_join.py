@@ -58,6 +58,12 @@ def test_verify_fraction_is_a_fraction(tmp_path, fraction):
     assert status == 2 and "--verify-fraction" in err and "0 to 1" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_request_timeout_is_positive_seconds(tmp_path, seconds):
+    status, err = join("--request-timeout", seconds, tmp_path=tmp_path)
+    assert status == 2 and "--request-timeout" in err and "positive number of seconds" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("rate", ["-1", "nan", "inf"])
 def test_max_request_rate_is_a_rate(tmp_path, rate):
     status, err = join("--max-request-rate", rate, tmp_path=tmp_path)

@@ -574,3 +574,11 @@ def test_a_server_that_is_not_a_daemon_is_named(server: StatusServer, capsys: py
 
 def test_the_live_view_needs_a_terminal(server: StatusServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert_one_line_error(*run_main(capsys, "status", "--url", server.url), "needs a terminal")
+
+
+def test_a_fallback_plan_shows_why_the_swarm_serves_less() -> None:
+    status = four_peer_status()
+    status["plan"]["body"]["error"] = "peers a and b cannot form a world; serving colocated replicas"
+    assert plan_summary(status).endswith("; degraded: peers a and b cannot form a world; serving colocated replicas")
+    status["plan"]["body"]["error"] = None
+    assert "degraded" not in plan_summary(status)

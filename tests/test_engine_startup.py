@@ -232,15 +232,15 @@ async def test_a_worker_loading_for_ten_minutes_with_progress_starts(autojump_cl
 async def test_a_silent_or_repeating_worker_is_given_up(autojump_clock) -> None:
     import trio
 
-    from hexgen.daemon.supervisor import START_TIMEOUT_S
+    from hexgen.daemon.supervisor import READY_GRACE_S, START_TIMEOUT_S
 
     supervisor, worker = _supervisor_and_worker()
     same = {"op": "progress", "done": 5, "total": 10}
-    frames = [(1.0, same)] + [(30.0, same)] * 20 + [(0.0, {"op": "ready"})]
+    frames = [(1.0, same)] + [(40.0, same)] * 20 + [(0.0, {"op": "ready"})]
     started = trio.current_time()
     with pytest.raises(trio.TooSlowError, match="no progress"):
         await supervisor._await_ready(worker, _Frames(frames))
-    assert trio.current_time() - started == pytest.approx(1.0 + START_TIMEOUT_S)
+    assert trio.current_time() - started == pytest.approx(1.0 + START_TIMEOUT_S + READY_GRACE_S)
 
 
 def test_group_timeouts_can_be_lifted_for_the_load_barrier(tmp_path) -> None:

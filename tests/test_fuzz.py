@@ -766,7 +766,12 @@ def gossip_input(seed: int) -> tuple[str, Any]:
         "lease": {"holder": BOB_ID, "term": 3, "epoch": 2},
         "plan": {"plan": PLAN, "gpus": GPUS, "term": 3, "epoch": 2, "members": [ALICE_ID, BOB_ID], "error": None},
         "leave": {},
-        "failure": {"term": 3, "epoch": 2, "rank": 0, "error": "boom"},
+        "failure": {"term": 3, "epoch": 2, "rank": 0, "error": "boom"}
+        | (
+            {"peers": [ALICE_ID, BOB_ID], "cause": {"world": "replica world", "stage": "connect", "remote": "10.0.0.2"}}
+            if rng.random() < 0.5
+            else {}
+        ),
     }[kind]
     return kind, random_value(rng) if rng.random() < 0.25 else mutate(valid, rng)
 
