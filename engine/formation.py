@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,18 @@ def remote_address(text: str) -> str | None:
         with contextlib.suppress(ValueError):
             return str(ipaddress.ip_address(found.group(1)))
     return None
+
+
+def reach_store(host: str, port: int, seconds: float, world: str) -> None:
+    """Raise WorldFormationError unless the world's store at ``host:port`` takes a TCP connection within
+    ``seconds``. A store lives as long as its daemon, so silence there is a link that cannot carry this world
+    (a firewall, a wrong address), not a rank still starting: waiting out the arrival timeout would hide it.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=seconds):
+            pass
+    except OSError as exc:
+        raise WorldFormationError(world, "connect", f"its store did not answer: error [{host}]:{port}: {exc}") from None
 
 
 def arrive(store: dist.Store, prefix: str, rank: int, size: int, timeout_s: float, world: str) -> None:

@@ -31,6 +31,7 @@ from hexgen.engine.formation import (
     connecting,
     form_gloo,
     prove,
+    reach_store,
 )
 from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key, mismatch, replica_format
 from hexgen.engine.kv_transfer import (
@@ -487,6 +488,7 @@ def join_exchange(config: ExchangeConfig, layout_rank: int) -> tuple[Exchange, l
     from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
 
     timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
+    reach_store(config.host, config.port, config.connect_timeout_s, "exchange group")
     store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
     group = form_gloo(store, config.prefix, config.first_rank + layout_rank, config.size, timeouts, "exchange group")
     return Exchange(group, store, config.prefix, config.first_rank), list(config.peers)
@@ -526,6 +528,8 @@ def init_world_store(
     timeout = timedelta(seconds=timeout_s)
     from hexgen.engine.sealed_store import open_store
 
+    if connect_timeout_s is not None:
+        reach_store(host, port, connect_timeout_s, "replica world")
     store = open_store(host, port, timeout, secret, world_size=size)
     if connect_timeout_s is None:
         dist.init_process_group(

@@ -97,3 +97,18 @@ def test_a_rank_that_never_answers_fails_within_the_connect_timeout(store_port):
     for seconds, error in outcomes.values():
         assert isinstance(error, WorldFormationError) and error.stage == "connect", error
         assert seconds < 2.0 + CONNECT_GRACE_S + 2.0, f"failed after {seconds:.1f} s"
+
+
+def test_a_store_nobody_answers_at_is_a_formation_error_naming_its_address():
+    from hexgen.engine.formation import WorldFormationError, reach_store
+
+    with socket.socket() as probe:  # a port just freed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(WorldFormationError) as caught:
+        reach_store("127.0.0.1", port, 2.0, "replica world")
+    assert caught.value.remote == "127.0.0.1" and caught.value.world == "replica world"
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        reach_store("127.0.0.1", listening.getsockname()[1], 2.0, "replica world")
