@@ -230,9 +230,11 @@ class Completion:
 
 @dataclass
 class Patience:
-    """How long a request waits for the swarm: ``timeout_s`` without a token (from its start, then from its
-    latest token) ends it with an error; an attempt silent for half of that is given up and re-submitted,
-    so a hop stuck on work that will never come (a KV transfer whose sender failed) is failed over in time."""
+    """How long a request waits for the swarm: ``timeout_s`` with neither a token nor word that a replica
+    holding it still steps (``alive``, once a second from a busy driver; none while a step blocks) ends it
+    with an error; an attempt silent for half of that is given up and re-submitted, so a hop stuck on work
+    that will never come (a KV transfer whose sender failed) is failed over in time, while a request that
+    merely waits in a busy replica's queue keeps its place."""
 
     timeout_s: float
     since: float
@@ -478,6 +480,10 @@ class Router:
                             if "error" in event:
                                 refused = bool(event.get("refused"))
                                 raise HopFailed(str(event["error"]))
+                            if event.get("alive"):  # taken and stepping: queued work is not a stuck hop
+                                patience.progress(trio.current_time())
+                                waiting.deadline = patience.deadline
+                                continue
                             produced.append(int(event["token"]))
                             patience.progress(trio.current_time())
                             waiting.deadline = patience.deadline
@@ -525,6 +531,8 @@ class Router:
                 async for event in events:
                     if "error" in event:
                         raise HopFailed(str(event["error"]))
+                    if event.get("alive"):
+                        continue
                     out.append(int(event["token"]))
                     if event.get("finished"):
                         return out

@@ -453,6 +453,9 @@ class Supervisor:
                 worker.joining = False
                 self._notify()
                 continue
+            if isinstance(frame, dict) and frame.get("op") == "alive":
+                self._alive(worker)
+                continue
             if not isinstance(frame, dict) or not isinstance(frame.get("id"), int):
                 continue
             channel = self.listeners.get(frame["id"])
@@ -476,6 +479,14 @@ class Supervisor:
                     await worker.send({"op": "abort", "id": frame["id"]})
             if event.get("finished") is not None or "handoff" in event:
                 self.forget(frame["id"])
+
+    def _alive(self, worker: LocalWorker) -> None:
+        """Tell each request on ``worker`` that it still steps; a listener with events unread needs no word."""
+        for seq_id in [i for i, w in self.owners.items() if w is worker]:
+            channel = self.listeners.get(seq_id)
+            if channel is not None and channel.statistics().current_buffer_used == 0:
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    channel.send_nowait({"alive": True})
 
     def status(self) -> dict[str, Any]:
         deployment = self.deployment

@@ -41,6 +41,7 @@ from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode
 IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
 KEEPALIVE_S = 10.0
+ALIVE_EVERY_S = 1.0  # how often a driver with unfinished work says it still steps (none while a step blocks)
 PROGRESS_EVERY_S = 1.0
 CONNECT_TIMEOUT_S = 5.0  # for a world's ranks to connect once all of them arrived (engine.formation)
 OPERATION_TIMEOUT_S = 120.0
@@ -262,10 +263,14 @@ def serve(channel: Channel) -> None:
     aborts: list[int] = []
     exchange = None
     stop = False
-    idle_since = time.monotonic()
+    idle_since = alive_at = time.monotonic()
     while True:
         if worker.is_driver:
             idle = not pending and not imports and not worker.scheduler.has_unfinished()
+            if not idle and time.monotonic() - alive_at >= ALIVE_EVERY_S:
+                # stepping with work in hand: a request waiting in the queue is taken, not stuck
+                channel.send({"op": "alive"})
+                alive_at = time.monotonic()
             for frame in channel.poll(IDLE_POLL_S if idle else 0.0):
                 op = frame.get("op") if isinstance(frame, dict) else None
                 if op in ("generate", "import"):

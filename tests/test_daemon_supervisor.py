@@ -64,3 +64,23 @@ async def test_requests_for_epochs_or_replicas_not_served_here_are_refused():
     supervisor, _, _ = worker_pair()
     with pytest.raises(ReplicaUnavailable, match="epoch 3"):
         supervisor.driver_of(0, (1, 3))
+
+
+async def test_a_stepping_worker_s_word_reaches_only_its_drained_requests():
+    """``alive`` from a worker goes to its requests whose listeners have nothing unread (a token queued says
+    as much), never to another worker's, and a full or closed listener is skipped, not failed."""
+    supervisor = Supervisor("me", "unused")
+    busy, other = object(), object()
+    channels = {i: trio.open_memory_channel[dict](2) for i in range(4)}
+    for seq_id, (send, _) in channels.items():
+        supervisor.listeners[seq_id] = send
+        supervisor.owners[seq_id] = busy if seq_id < 3 else other  # type: ignore[assignment]
+    channels[1][0].send_nowait({"token": 7, "finished": None})
+    channels[2][1].close()
+    supervisor._alive(busy)  # type: ignore[arg-type]
+    assert channels[0][1].receive_nowait() == {"alive": True}
+    assert channels[1][1].receive_nowait() == {"token": 7, "finished": None}
+    for seq_id in (0, 1, 3):
+        with pytest.raises(trio.WouldBlock):
+            channels[seq_id][1].receive_nowait()
+    assert set(supervisor.listeners) == {0, 1, 2, 3}
