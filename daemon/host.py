@@ -59,8 +59,12 @@ class HostConfig:
 
 
 def interface_ips() -> list[str]:
-    """This machine's non-loopback IPv4 addresses, sorted (psutil's view of the interfaces)."""
+    """This machine's non-loopback IPv4 addresses (psutil's view of the interfaces): the one the default route
+    leaves from first (peers dial the first address, and workers bind to its interface), then the rest sorted,
+    so a bridge such as docker0 never comes first by the order of its digits."""
     import psutil
+
+    from hexgen.daemon.interfaces import default_route_source
 
     found = {
         a.address
@@ -68,7 +72,8 @@ def interface_ips() -> list[str]:
         for a in addresses
         if a.family.name == "AF_INET" and not ipaddress.ip_address(a.address).is_loopback
     }
-    return sorted(found)
+    first = default_route_source()
+    return sorted(found, key=lambda ip: (ip != first, ip))
 
 
 def reachable_hosts(config: HostConfig) -> list[str]:

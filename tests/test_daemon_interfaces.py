@@ -6,8 +6,17 @@ import socket
 from types import SimpleNamespace
 
 import psutil
+import pytest
 
-from hexgen.daemon.interfaces import VARIABLES, data_interface, interface_of, pin_interfaces, route_source
+from hexgen.daemon.host import interface_ips
+from hexgen.daemon.interfaces import (
+    VARIABLES,
+    data_interface,
+    default_route_source,
+    interface_of,
+    pin_interfaces,
+    route_source,
+)
 
 
 def loopback_name() -> str:
@@ -51,3 +60,23 @@ def test_an_interface_the_operator_named_wins():
     assert set(empty) == set(VARIABLES)
     nothing: dict[str, str] = {}
     assert pin_interfaces("192.0.2.7", None, nothing) is None and nothing == {}
+
+
+def test_the_route_to_the_world_s_store_beats_the_advertised_address():
+    """A worker binds where its data to the world leaves by: with a routable store host, the interface of the
+    route to it, whatever address the daemon put first in its advert (a bridge such as docker0)."""
+    source = default_route_source()
+    if source is None:
+        pytest.skip("this machine has no default route")
+    routed = interface_of(source)
+    assert data_interface("127.0.0.1", peer=source) == routed
+    assert data_interface("127.0.0.1", peer=None) == loopback_name()
+
+
+def test_peers_are_told_the_default_route_s_address_first():
+    source = default_route_source()
+    addresses = interface_ips()
+    if source is None or source not in addresses:
+        pytest.skip("this machine has no default route from an interface address")
+    assert addresses[0] == source
+    assert addresses[1:] == sorted(addresses[1:])
