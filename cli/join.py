@@ -114,6 +114,14 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="a request that no replica takes for this many seconds (no token yet, or none since the last) gets an "
         "error saying why (default 30)",
     )
+    join.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a world's ranks have to connect once all arrived (default 5 on CPU, 60 with NCCL, whose "
+        "communicator set-up across hosts takes longer)",
+    )
     join.add_argument("--tamper-tokens", action="store_true", help=argparse.SUPPRESS)  # tests: a lying peer
     join.add_argument("--log-level", choices=LEVELS, default="info", help="log verbosity (default info)")
     join.set_defaults(func=cmd_join)
@@ -168,6 +176,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise JoinError(f"--max-request-rate {args.max_request_rate}: give requests per second, 0 for no limit")
         if not 0.0 < args.request_timeout < math.inf:
             raise JoinError(f"--request-timeout {args.request_timeout}: give a positive number of seconds")
+        if args.connect_timeout is not None and not 0.0 < args.connect_timeout < math.inf:
+            raise JoinError(f"--connect-timeout {args.connect_timeout}: give a positive number of seconds")
         if args.http is not None and not 0 <= args.http <= 65535:
             raise JoinError(f"--http {args.http}: a port is 0-65535")
         if args.api_key is not None and not args.api_key.strip():
@@ -186,6 +196,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             verify_fraction=args.verify_fraction,
             max_request_rate=args.max_request_rate,
             request_timeout_s=args.request_timeout,
+            connect_timeout_s=args.connect_timeout,
             tamper_tokens=args.tamper_tokens,
             pinned=pinned,
             http_host=args.http_host,

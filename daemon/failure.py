@@ -4,7 +4,9 @@ memory of peer pairs whose link cannot carry a world.
 A worker whose replica world or exchange group cannot connect says which world and which address it
 could not reach (``WorldFailure``). Its daemon gossips a ``FailureReport`` naming the world's peers; every
 node maps the address back to a peer of that world (``blocked_pair``) and remembers the pair
-(``BlockedLinks``) until either peer's advert changes its addresses, and the coordinator plans without it.
+(``BlockedLinks``) until either peer's advert changes its addresses or ``BLOCK_TTL_S`` passes, and the
+coordinator plans without it. Only a failure naming the address it could not reach blocks a pair: a bare
+timeout (a peer that crashed or was slow) says nothing about the link.
 Bad input never raises anything but ValueError from the parsers.
 """
 
@@ -19,6 +21,9 @@ WORLDS = ("replica world", "exchange group")
 STAGES = ("arrive", "connect")
 MAX_ERROR_CHARS = 500
 MAX_PEERS = 1024
+# A blocked pair may be tried again after this long: a host that restarts with the same addresses, or a
+# network fixed in place, would otherwise stay blocked on every node for good.
+BLOCK_TTL_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -92,17 +97,17 @@ def blocked_pair(
     reporter: str, report: FailureReport, addresses: Mapping[str, Iterable[str]]
 ) -> tuple[str, str] | None:
     """The pair of peers whose link could not carry ``report``'s world, or None when the report does not
-    say (not a connect failure, or the address fits no single peer). ``addresses``: each peer's IPs from
-    its advert. The peer at the unreachable address is the other end; on one machine (every peer at the
-    same address) a world of two peers still names the other one. O(peers x addresses)."""
+    say (not a connect failure, no address named, or the address fits no single peer). ``addresses``:
+    each peer's IPs from its advert. The peer at the unreachable address is the other end; in a world of two
+    peers (on one machine, or behind NAT) an address that fits no single peer still names the other one.
+    O(peers x addresses)."""
     cause = report.cause
-    if cause is None or cause.stage != "connect":
+    if cause is None or cause.stage != "connect" or cause.remote is None:
         return None
     others = sorted(set(report.peers) - {reporter})
-    if cause.remote is not None:
-        at = [p for p in others if cause.remote in set(addresses.get(p, ()))]
-        if len(at) == 1:
-            return _pair(reporter, at[0])
+    at = [p for p in others if cause.remote in set(addresses.get(p, ()))]
+    if len(at) == 1:
+        return _pair(reporter, at[0])
     return _pair(reporter, others[0]) if len(others) == 1 else None
 
 
@@ -117,28 +122,36 @@ class BlockedLink:
     pair: tuple[str, str]
     reason: str
     addresses: tuple[tuple[str, ...], tuple[str, ...]]
+    until: float = float("inf")  # when it may be tried again
 
 
 @dataclass
 class BlockedLinks:
-    """Peer pairs that cannot carry a world, each until either peer advertises other addresses."""
+    """Peer pairs that cannot carry a world, each until either peer advertises other addresses or
+    ``ttl_s`` passes."""
 
     links: dict[tuple[str, str], BlockedLink] = field(default_factory=dict)
+    ttl_s: float = BLOCK_TTL_S
 
-    def block(self, pair: tuple[str, str], reason: str, addresses: Mapping[str, Iterable[str]]) -> bool:
+    def block(self, pair: tuple[str, str], reason: str, addresses: Mapping[str, Iterable[str]], now: float) -> bool:
         """Remember ``pair`` (the first reason stays: plans already quote it); True when it is new."""
         pair = _pair(*pair)
-        if pair in self.links:
+        if pair in self.links and self.links[pair].until > now:
             return False
-        self.links[pair] = BlockedLink(pair, reason, tuple(tuple(sorted(addresses.get(p, ()))) for p in pair))  # type: ignore[arg-type]
+        ips = tuple(tuple(sorted(addresses.get(p, ()))) for p in pair)
+        self.links[pair] = BlockedLink(pair, reason, ips, now + self.ttl_s)  # type: ignore[arg-type]
         return True
 
-    def refresh(self, addresses: Mapping[str, Iterable[str]]) -> list[tuple[str, str]]:
-        """Forget every pair one of whose peers now advertises other addresses (it moved, or a fixed
-        network came back under a new address); returns the pairs forgotten. A peer absent from
-        ``addresses`` (gone for now) keeps its pairs."""
+    def refresh(self, addresses: Mapping[str, Iterable[str]], now: float) -> list[tuple[str, str]]:
+        """Forget every pair whose block expired or one of whose peers now advertises other addresses (it
+        moved, or a fixed network came back under a new address); returns the pairs forgotten. A peer
+        absent from ``addresses`` (gone for now) keeps its pairs until they expire."""
         forgotten = []
         for pair, link in list(self.links.items()):
+            if link.until <= now:
+                forgotten.append(pair)
+                del self.links[pair]
+                continue
             for peer, then in zip(pair, link.addresses, strict=True):
                 if peer in addresses and tuple(sorted(addresses[peer])) != then:
                     forgotten.append(pair)

@@ -92,6 +92,47 @@ class DuplicateKeyError(RuntimeError):
     """Another running daemon holds this node's key: two processes with one peer id split the swarm."""
 
 
+def _transport(addr: str) -> tuple[str, str] | None:
+    """(IP or name, TCP port) of ``/ip4|ip6|dns*/HOST/tcp/PORT[/p2p/ID]``; None for anything else."""
+    parts = addr.split("/")
+    if len(parts) < 5 or parts[3] != "tcp":
+        return None
+    return parts[2], parts[4]
+
+
+def _is_loopback_or_any(host: str) -> bool:
+    return host in ("localhost", "0.0.0.0", "::") or host.startswith("127.") or host == "::1"
+
+
+def foreign_addresses(addrs: list[str], own: list[str], *, any_on_own_port: bool = False) -> list[str]:
+    """``addrs`` less any that reach this node itself: its own listen addresses, and loopback ones on its
+    port (another host's advert naming 127.0.0.1 would reach this node, not that host); with
+    ``any_on_own_port``, every address on its port (this host may be known by names it does not list: a NAT
+    or DNS address). Dialling this node's id at one of them connects to itself, which reads as a second
+    daemon with this key."""
+    mine = {_transport(a) for a in own} - {None}
+    ports = {t[1] for t in mine if t is not None}
+    out = []
+    for addr in addrs:
+        at = _transport(addr)
+        if at is None or at in mine or (at[1] in ports and (any_on_own_port or _is_loopback_or_any(at[0]))):
+            continue
+        out.append(addr)
+    return out
+
+
+def is_own_address(addr: str, peer_id: str, own: list[str]) -> bool:
+    """A bootstrap address that is this node: one of its own, or one naming its id on its port (this host
+    under another name: a NAT or DNS address). One naming its id on another port cannot be this node (it
+    listens on none): that dial is kept, and connecting proves another daemon runs with this key."""
+    if addr in own:
+        return True
+    if not addr.rstrip("/").endswith(f"/p2p/{peer_id}"):
+        return False
+    at = _transport(addr)
+    return at is None or at[1] in {t[1] for t in map(_transport, own) if t is not None}
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     model: str = "llama-2-7b"
@@ -124,7 +165,8 @@ class NodeConfig:
     api_key: str | None = None  # required as a bearer token on /v1/* when set
     max_request_rate: float = 0.0  # generate requests per second one client peer may send (0: no limit)
     request_timeout_s: float = 30.0  # a request no replica takes (no token) for this long gets an error
-    connect_timeout_s: float = 5.0  # for a world's ranks to connect once all of them started
+    # for a world's ranks to connect once all of them started; None: the backend's (engine.bounds)
+    connect_timeout_s: float | None = None
     # Members lost without a goodbye are dialled again, first after redial_first_s, the gap doubling up to
     # redial_max_gap_s, for redial_for_s: a partition that outlasts TCP's retransmissions closes its
     # connections, and only a dial brings the sides back together.
@@ -169,6 +211,7 @@ class Node:
         self.hardware = hardware
         self.certificate = certificate
         self.clock = clock
+        self._started_at = clock()  # adverts of this id issued earlier are a previous run's (_own_advert)
         self.model: ModelSpec = resolve_model(config.model)
         self.host_name = config.host_name or f"{socket.gethostname()}-{self.peer_id[-6:]}"
         self.table = PeerTable(self.peer_id, config.peer_timeout_s)
@@ -301,7 +344,7 @@ class Node:
 
     async def _dial(self, addr: str) -> None:
         assert self.host is not None
-        if addr in self.host.addrs:  # one bootstrap list for every host names this one too
+        if is_own_address(addr, self.peer_id, self.host.addrs):  # one bootstrap list for every host names this one too
             log.info("not dialling %s: it is this node", addr)
             return
         for delay in (0.0, 0.2, 0.5, 1.0, 2.0):
@@ -347,17 +390,29 @@ class Node:
             for item in msgpack.unpackb(data, raw=False, strict_map_key=False)[:8]:
                 env = from_wire(item)
                 if env.kind == "advert" and env.signer == self.peer_id:
-                    self._own_advert(list(env.body["addrs"]))
+                    self._own_advert(env)
 
-    def _own_advert(self, addrs: list[str]) -> None:
+    def _own_advert(self, env: Envelope) -> None:
+        """An advert of this node's id at other addresses. One issued before this process started may be a
+        previous run's (a restart with the same key, perhaps under a name of this host it no longer lists):
+        dialled only where this node cannot be, off its own port. It may also be a daemon with this key
+        that started first, which only such an advert (synced from a peer) shows."""
         assert self.host is not None
-        if addrs != self.host.addrs and self._nursery is not None:
+        if self._nursery is None:
+            return
+        earlier = env.issued < self._started_at
+        addrs = foreign_addresses(list(env.body["addrs"]), self.host.addrs, any_on_own_port=earlier)
+        if addrs:
             self._nursery.start_soon(self._dial_own_id, addrs)
 
     async def _dial_own_id(self, addrs: list[str]) -> None:
-        """A peer holds an advert of this node's id at other addresses: a daemon that used this key before
-        (gone: the dial fails) or one that uses it now (the dial connects, and _watch_connects stops this one)."""
+        """A peer holds a fresh advert of this node's id at other addresses: a daemon that uses this key now
+        (the dial connects, and _watch_connects stops this one) or one that just stopped (the dial fails).
+        ``addrs`` never includes this node's own (foreign_addresses): a dial of itself would look the same."""
         assert self.host is not None
+        addrs = foreign_addresses(addrs, self.host.addrs)
+        if not addrs:
+            return
         with contextlib.suppress(Exception), trio.move_on_after(RPC_TIMEOUT_S):
             await self.host.connect_peer(self.peer_id, addrs)
 
@@ -462,7 +517,7 @@ class Node:
         pair = blocked_pair(reporter, report, addresses)
         if pair is not None and report.cause is not None:
             reason = self._blocked_reason(pair, reporter, report.cause)
-            if self.blocked.block(pair, reason, addresses):
+            if self.blocked.block(pair, reason, addresses, self.clock()):
                 self._event("blocked", reason, peer=pair[0], other=pair[1])
                 self._poke()
         plan = self.plan
@@ -535,8 +590,8 @@ class Node:
         if self.table.apply_advert(env.signer, body, env.issued, now):
             self._event("join", f"peer {env.signer} joined ({body.get('host')})", peer=env.signer)
             self._poke()
-        for pair in self.blocked.refresh(self._peer_addresses()):
-            self._event("unblocked", f"peers {pair[0]} and {pair[1]} may form worlds again (new addresses)")
+        for pair in self.blocked.refresh(self._peer_addresses(), self.clock()):
+            self._event("unblocked", f"peers {pair[0]} and {pair[1]} may form worlds again (new addresses or expired)")
             self._poke()
         if self.table.peers.get(env.signer) is not None and self.table.peers[env.signer].advert_issued == env.issued:
             self._adverts[env.signer] = env
@@ -1321,7 +1376,7 @@ class Node:
                 if env.signer != self.peer_id:
                     self._apply_advert(env, now)
                 else:
-                    self._own_advert(list(env.body["addrs"]))
+                    self._own_advert(env)
             except EnvelopeRejected as exc:
                 self._reject(exc.reason, f"synced advert: {exc} (from {peer_id})")
             except (KeyError, TypeError, ValueError, HardwareError, CertificateError) as exc:

@@ -30,15 +30,18 @@ from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
 from hexgen.daemon.worker import PARENT_ENV
+from hexgen.engine.bounds import LOAD_TIMEOUT_S, connect_timeout_for
 
 log = logging.getLogger("hexgen.supervisor")
 
 START_TIMEOUT_S = 120.0  # without a sign of progress (StartDeadline): loading reports progress and moves it
 START_CAP_S = 3 * 3600.0  # however much progress: a start that takes longer has something wrong with it
 # A worker answers once its worlds formed: ranks arriving (the worker's own bound is START_TIMEOUT_S), then
-# connecting within CONNECT_TIMEOUT_S; this much longer, its silence is the daemon's to call.
+# connecting within connect_timeout_s; this much longer, its silence is the daemon's to call.
 READY_GRACE_S = 30.0
-CONNECT_TIMEOUT_S = 5.0
+# Once a worker loaded all its weights it is silent at the load barrier for up to LOAD_TIMEOUT_S (waiting on
+# slower ranks), then profiles and forms the exchange group (whose ranks arrive within START_TIMEOUT_S).
+LOADED_QUIET_S = LOAD_TIMEOUT_S + START_TIMEOUT_S + READY_GRACE_S
 STOP_TIMEOUT_S = 5.0
 GPU_KV_BLOCK_SIZE = 256  # what flash-attn's paged KV needs; the SDPA path takes any size (engine.kv_format)
 # How long a hop for an epoch this daemon has not deployed yet waits for it: plans reach daemons a moment
@@ -135,7 +138,7 @@ class Supervisor:
     store_address: tuple[str, int] | None = None  # where peers dial this daemon's store
     store_listen: str | None = None  # where the store binds, when not the dialled address (0.0.0.0, NAT)
     on_failure: OnFailure | None = None
-    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    connect_timeout_s: float | None = None  # None: the backend's own (engine.bounds: NCCL needs longer)
     # asks a world's head daemon for its store secret (the world's prefix); daemon.node fills it in
     fetch_secret: Callable[[str, str], Awaitable[bytes]] | None = None
     store_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
@@ -284,18 +287,27 @@ class Supervisor:
         self._exchanging = True
         try:
             if kept_drivers:
-                try:
-                    secret = await self._world_secret(deployment.exchange_head, deployment.exchange_prefix)
-                except RuntimeError as exc:
-                    for worker in kept_drivers:
-                        await self._failed(worker, deployment.epoch, str(exc))
-                    kept_drivers = []
-            for worker in kept_drivers:
-                with contextlib.suppress(Exception):
-                    await worker.send({"op": "exchange", "exchange": self._exchange(deployment, worker, secret)})
+                await self._tell_exchange(deployment, kept_drivers)
         finally:
             self._exchanging = False
             self._notify()
+
+    async def _tell_exchange(self, deployment: Deployment, kept_drivers: list[LocalWorker]) -> None:
+        """Send each kept driver the new epoch's exchange group; one that cannot be told has failed (else
+        its replica's workers would stay ``joining`` and every hop here be refused until the next epoch)."""
+        try:
+            secret = await self._world_secret(deployment.exchange_head, deployment.exchange_prefix)
+        except RuntimeError as exc:
+            for worker in kept_drivers:
+                await self._failed(worker, deployment.epoch, str(exc))
+            return
+        for worker in kept_drivers:
+            frame = {"op": "exchange", "exchange": self._exchange(deployment, worker, secret)}
+            try:
+                await worker.send(frame)
+            except Exception as exc:  # whatever broke the channel, the driver never heard of the group
+                error = f"worker of rank {worker.rank} could not be told the exchange group: {exc}"
+                await self._failed(worker, deployment.epoch, error)
 
     async def _run_worker(self, deployment: Deployment, worker: LocalWorker) -> None:
         # A socket pair, not a listening path: nothing on the filesystem to collide or to outlive a crash,
@@ -344,7 +356,8 @@ class Supervisor:
     async def _await_ready(self, worker: LocalWorker, reader: FrameReader) -> Any:
         """The worker's first frame other than ``progress``; each progress report (more weights loaded)
         moves the deadline, so a big model loading slowly is not killed while a silent worker is."""
-        deadline = StartDeadline(trio.current_time(), START_TIMEOUT_S + READY_GRACE_S, START_CAP_S)
+        quiet = START_TIMEOUT_S + READY_GRACE_S
+        deadline = StartDeadline(trio.current_time(), quiet, START_CAP_S, loaded_s=LOADED_QUIET_S)
         while True:
             with trio.move_on_at(deadline.deadline):
                 reply = await reader.read()
@@ -353,9 +366,13 @@ class Supervisor:
                 deadline.progress(trio.current_time(), reply.get("done"), reply.get("total"))
                 continue
             loaded = f" after {deadline.done} bytes of weights" if deadline.done >= 0 else ""
-            raise trio.TooSlowError(
-                f"worker of rank {worker.rank} made no progress for {START_TIMEOUT_S + READY_GRACE_S:.0f} s{loaded}"
-            )
+            if deadline.capped():
+                why = f"was not ready within the {START_CAP_S / 3600:g} h cap on a start"
+            elif deadline.loaded:
+                why = f"loaded its weights but was not ready {LOADED_QUIET_S:.0f} s later"
+            else:
+                why = f"made no progress for {quiet:.0f} s"
+            raise trio.TooSlowError(f"worker of rank {worker.rank} {why}{loaded}")
 
     async def _failed(self, worker: LocalWorker, epoch: int, error: str, cause: WorldFailure | None = None) -> None:
         worker.error = error
@@ -410,8 +427,14 @@ class Supervisor:
             "first_rank": worker.replica.first_rank,
             "size": deployment.world_size,
             "replicas": [self._spec(r) for r in deployment.replicas],
-            "connect_timeout_s": self.connect_timeout_s,
+            "connect_timeout_s": self._connect_timeout(),
         }
+
+    def _backend(self) -> str:
+        return "nccl" if self.device.startswith("cuda") else self.backend
+
+    def _connect_timeout(self) -> float:
+        return self.connect_timeout_s if self.connect_timeout_s is not None else connect_timeout_for(self._backend())
 
     def _configure_frame(
         self, deployment: Deployment, worker: LocalWorker, secret: bytes, exchange_secret: bytes | None
@@ -430,9 +453,9 @@ class Supervisor:
             "exchange": None if exchange_secret is None else self._exchange(deployment, worker, exchange_secret),
             "device": self.device if self.device == "cpu" else f"{self.device}:{worker.local_gpu}",
             "threads": self.threads,
-            "backend": "nccl" if self.device.startswith("cuda") else self.backend,
+            "backend": self._backend(),
             "progress": True,  # load progress frames move the start deadline (_await_ready)
-            "connect_timeout_s": self.connect_timeout_s,
+            "connect_timeout_s": self._connect_timeout(),
         }
 
     async def _read_events(self, worker: LocalWorker, reader: FrameReader) -> None:

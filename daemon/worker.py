@@ -37,13 +37,13 @@ from typing import Any
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.interfaces import pin_interfaces
 from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
+from hexgen.engine.bounds import CONNECT_TIMEOUT_S
 
 IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
 KEEPALIVE_S = 10.0
-ALIVE_EVERY_S = 1.0  # how often a driver with unfinished work says it still steps (none while a step blocks)
+ALIVE_EVERY_S = 1.0  # how often a driver with work in hand says it still steps (engine steps can be long)
 PROGRESS_EVERY_S = 1.0
-CONNECT_TIMEOUT_S = 5.0  # for a world's ranks to connect once all of them arrived (engine.formation)
 OPERATION_TIMEOUT_S = 120.0
 
 
@@ -161,6 +161,7 @@ def _join(config: dict[str, Any], progress: Any = None) -> tuple[Any, Any]:
         init_world_store,
         join_exchange,
         replica_groups,
+        replica_kv_format,
         settle_world,
     )
 
@@ -175,7 +176,10 @@ def _join(config: dict[str, Any], progress: Any = None) -> tuple[Any, Any]:
     # Ready means able to hand KV on: every rank of every replica of the epoch joins this group, in a thread
     # from the start, so ranks meet there as soon as they run (not after loading weights, which can take
     # minutes) and a group that cannot connect is known while the model loads.
-    exchange = Background(join_exchange, exchange_from(config["exchange"]), rank) if config.get("exchange") else None
+    exchange = None
+    if config.get("exchange"):
+        # the KV format goes out as the group forms: a peer ready before this rank loads reads it at once
+        exchange = Background(join_exchange, exchange_from(config["exchange"]), rank, replica_kv_format(spec))
     store = None
     if "store" in config:
         host, port = config["store"]
@@ -201,10 +205,54 @@ def _join(config: dict[str, Any], progress: Any = None) -> tuple[Any, Any]:
     else:
         init_world(rank, size, int(config["port"]), backend, device=spec.device)
         groups = replica_groups([spec])
-    worker = ReplicaWorker(spec, rank, groups, progress=progress)
+    worker = ReplicaWorker(spec, rank, groups, progress=abort_on_failure(exchange, progress))
     if exchange is not None:
         worker.adopt_exchange(exchange.result())  # raises the group's WorldFormationError
     return worker, store
+
+
+def abort_on_failure(exchange: Background | None, progress: Any = None) -> Any:
+    """A loader callback that raises the exchange thread's error as soon as it is known: a group that
+    could not form is reported (``failed`` with its cause) within seconds, not after a long model load."""
+
+    def report(done: int, total: int) -> None:
+        if exchange is not None and exchange.outcome and not exchange.outcome[0][0]:
+            raise exchange.outcome[0][1]
+        if progress is not None:
+            progress(done, total)
+
+    return report
+
+
+class Liveness:
+    """Sends ``alive`` every ``every_s`` from a thread while ``busy`` (the driver has work in hand), so a
+    single long step (a long prefill, a big KV transfer) does not look stuck to the entry; silent while
+    ``quiet()`` (the replica waits for an imported KV: one that never comes must look stuck, so the entry
+    fails over)."""
+
+    def __init__(self, channel: Channel, quiet: Callable[[], bool], every_s: float = ALIVE_EVERY_S) -> None:
+        self.channel, self.quiet, self.every_s = channel, quiet, every_s
+        self.busy = False  # set by the step loop
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="alive", daemon=True)
+
+    def start(self) -> Liveness:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def tick(self) -> None:
+        if self.busy and not self.quiet():
+            self.channel.send({"op": "alive"})
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                self.tick()
+            except OSError:  # the daemon is gone: the step loop finds out too
+                return
 
 
 def progress_reporter(channel: Channel, every_s: float | None = None) -> Any:
@@ -263,14 +311,12 @@ def serve(channel: Channel) -> None:
     aborts: list[int] = []
     exchange = None
     stop = False
-    idle_since = alive_at = time.monotonic()
+    idle_since = time.monotonic()
+    # a daemon thread: it ends with the process, and a send on the closed channel ends it sooner
+    liveness = Liveness(channel, lambda: worker.receiving_kv).start() if worker.is_driver else None
     while True:
         if worker.is_driver:
             idle = not pending and not imports and not worker.scheduler.has_unfinished()
-            if not idle and time.monotonic() - alive_at >= ALIVE_EVERY_S:
-                # stepping with work in hand: a request waiting in the queue is taken, not stuck
-                channel.send({"op": "alive"})
-                alive_at = time.monotonic()
             for frame in channel.poll(IDLE_POLL_S if idle else 0.0):
                 op = frame.get("op") if isinstance(frame, dict) else None
                 if op in ("generate", "import"):
@@ -289,6 +335,8 @@ def serve(channel: Channel) -> None:
                     exchange = exchange_from(frame["exchange"])
                 elif op == "shutdown":
                     stop = True
+            if liveness is not None:  # a request waiting in the queue is taken, not stuck
+                liveness.busy = bool(pending or imports or worker.scheduler.has_unfinished())
             # Followers wait inside a collective; an empty step now and then keeps it from timing out.
             busy = pending or imports or aborts or exchange or stop
             if idle and not busy and time.monotonic() - idle_since < KEEPALIVE_S:
@@ -327,6 +375,15 @@ def exit_with_parent(interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _expected(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the worlds the worker runs in, reported in one line."""
+    from hexgen.engine.formation import WorldFormationError
+    from hexgen.engine.kv_format import KVFormatError
+    from hexgen.engine.kv_transfer import KVTransferError
+
+    return isinstance(exc, WorldFormationError | KVTransferError | KVFormatError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hexgen-worker", description="hexgen engine worker (started by the daemon)")
     ipc = parser.add_mutually_exclusive_group(required=True)
@@ -348,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         serve(channel)
     except EOFError:
         return 0
-    except Exception:
-        traceback.print_exc()
+    except Exception as exc:
+        if not _expected(exc):
+            traceback.print_exc()
+            return 1
+        # a world or exchange that broke, a KV that did not arrive: the cause, not a traceback
+        print(f"hexgen-worker: error: {exc}", file=sys.stderr)
         return 1
     finally:
         sock.close()

@@ -25,9 +25,10 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from hexgen.engine.bounds import CONNECT_TIMEOUT_S
+
 T = TypeVar("T")
 
-CONNECT_TIMEOUT_S = 5.0
 CONNECT_GRACE_S = 1.0  # beyond the connect timeout, before the connecting thread is given up on
 ARRIVAL_TIMEOUT_S = 120.0
 # gloo writes the peer it could not reach as remote=[ADDR]:PORT (the port is not always printed sanely),

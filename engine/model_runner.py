@@ -9,6 +9,7 @@ import torch
 
 from hexgen.engine.attention import AttentionChoice, AttentionMetadata, attention_for
 from hexgen.engine.config import ModelConfig
+from hexgen.engine.kv_format import KVFormat
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import kv_head_range
 from hexgen.engine.loader import ProgressFn, load_weights
@@ -47,6 +48,14 @@ class CacheConfig:
         return attention_for(device, dtype, self.block_size).block_size
 
 
+def kv_format_for(config: ModelConfig, dtype: torch.dtype, device: torch.device, cache: CacheConfig) -> KVFormat:
+    """The KV format a ModelRunner of these settings pages its cache in, known before any weight loads (a
+    joining worker publishes it while it loads): the same attention choice the runner makes."""
+    block_size = attention_for(device, dtype, cache.block_size).block_size
+    name = str(dtype).removeprefix("torch.")
+    return KVFormat(block_size, name, config.num_layers, config.num_kv_heads, config.head_dim)
+
+
 class ModelRunner:
     """One worker's model shard and KV cache. ``run`` executes a prefill or decode step."""
 
@@ -69,7 +78,7 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         self.cache_config = cache
-        self.attention: AttentionChoice = attention_for(device, dtype, cache.block_size)
+        self.attention: AttentionChoice = attention_for(device, dtype, cache.block_size)  # as kv_format_for
         self.use_flash = self.attention.backend == "flash-attn"
         self.block_size = self.attention.block_size
         self.model: StageModel = build_model(config, shard)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hexgen.engine.block_manager import BlockManager
+from hexgen.engine.bounds import CONNECT_TIMEOUT_S, LOAD_TIMEOUT_S
 from hexgen.engine.config import ModelConfig, load_config
 from hexgen.engine.device import nccl_device_id, wait_for_ranks
 from hexgen.engine.formation import (
@@ -47,7 +48,7 @@ from hexgen.engine.kv_transfer import (
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import GroupLayout, rank_position, stage_ranks, validate_layout, world_size
 from hexgen.engine.loader import ProgressFn
-from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
+from hexgen.engine.model_runner import CacheConfig, ModelRunner, kv_format_for, resolve_dtype
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from hexgen.engine.sequence import SamplingParams, Sequence
@@ -55,7 +56,7 @@ from hexgen.engine.sequence import SamplingParams, Sequence
 TRANSFER_TIMEOUT = timedelta(seconds=60)
 # How long a rank that has loaded waits in the world's first collective for the slowest rank to load: a
 # 35 GB stage at 300 MB/s takes two minutes, a slow disk or a cold network share many more.
-LOAD_TIMEOUT = timedelta(minutes=30)
+LOAD_TIMEOUT = timedelta(seconds=LOAD_TIMEOUT_S)
 OP_TIMEOUT = timedelta(seconds=120)  # what the worlds are created with (init_world_store) and restored to
 FORMAT_TIMEOUT = timedelta(seconds=30)  # a peer publishes its KV format as it joins the exchange
 
@@ -158,6 +159,11 @@ class ReplicaWorker:
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         dtype = resolve_dtype(spec.dtype, self.config, self.device)
         self.dtype = dtype
+        self.kv_format = kv_format_for(self.config, dtype, self.device, spec.cache)  # what replica_kv_format says
+        if dist.is_initialized():  # the default world doubles as the exchange until one is joined
+            store = dist.distributed_c10d._get_default_store()
+            store.set(format_key("", rank), self.kv_format.to_bytes())
+        self.receiving_kv = False  # set while import_kv waits for a KV: the driver's liveness goes quiet then
         self.runner = ModelRunner(
             spec.model_dir, self.config, shard, dtype, self.device, spec.cache, allocate=False, progress=progress
         )
@@ -190,18 +196,10 @@ class ReplicaWorker:
         self.exchange: Exchange | None = None  # the group KV moves over, when it is not this default world
         self._next_exchange: threading.Thread | None = None
         self._joined: list[tuple[Exchange, list[ReplicaSpec]] | BaseException] = []
-        self.kv_format = KVFormat(
-            self.runner.block_size,
-            str(dtype).removeprefix("torch."),
-            self.config.num_layers,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-        )
+        if self.runner.block_size != self.kv_format.block_size:  # published before loading: must not drift
+            raise RuntimeError(f"the KV cache pages {self.runner.block_size} tokens, not {self.kv_format}")
         self.exchange_first_rank = spec.first_rank  # this replica's first rank in the exchange numbering
         self._formats: dict[int, KVFormat | str] = {}  # exchange rank -> its format, or why it is unreadable
-        if dist.is_initialized():  # the default world doubles as the exchange until one is joined
-            store = dist.distributed_c10d._get_default_store()
-            store.set(format_key("", rank), self.kv_format.to_bytes())
         # told, from the joining thread, how joining an exchange group (its prefix) ended (None: formed)
         self.on_exchange: Callable[[str, BaseException | None], None] | None = None
 
@@ -340,7 +338,8 @@ class ReplicaWorker:
             except KVFormatError as exc:
                 self._formats[rank] = str(exc)
             except Exception as exc:  # the store is gone or the peer never published: refuse, do not crash
-                raise KVFormatError(f"the KV format of exchange rank {rank} is unavailable: {exc}") from None
+                # kept for the epoch (reset with the numbering): a missing peer costs one wait, not one a step
+                self._formats[rank] = f"the KV format of exchange rank {rank} is unavailable: {exc}"
         found = self._formats[rank]
         if isinstance(found, str):
             raise KVFormatError(found)
@@ -395,17 +394,21 @@ class ReplicaWorker:
                 list(req.token_ids), req.sampling, seq_id=req.seq_id, num_prompt_tokens=len(req.token_ids) - 1
             )
             self.block_manager.allocate(seq, len(seq) - 1)
-            recv_kv(
-                self.runner.kv_cache,
-                self.kv_shard,
-                slices,
-                seq.block_table,
-                len(seq) - 1,
-                src.global_rank,
-                group=self.exchange,
-                timeout=TRANSFER_TIMEOUT,
-                tag=kv_tag(seq.seq_id),
-            )
+            self.receiving_kv = True  # a KV that never comes must look stuck to the entry, which fails over
+            try:
+                recv_kv(
+                    self.runner.kv_cache,
+                    self.kv_shard,
+                    slices,
+                    seq.block_table,
+                    len(seq) - 1,
+                    src.global_rank,
+                    group=self.exchange,
+                    timeout=TRANSFER_TIMEOUT,
+                    tag=kv_tag(seq.seq_id),
+                )
+            finally:
+                self.receiving_kv = False
             seq.num_cached_tokens = len(seq) - 1
             self.scheduler.add_prefilled(seq)
             self.seqs[seq.seq_id] = seq
@@ -428,7 +431,7 @@ class ReplicaWorker:
     ) -> None:
         outcome: BaseException | None = None
         try:
-            joined.append(self._publish_format(join_exchange(config, self.layout_rank)))
+            joined.append(join_exchange(config, self.layout_rank, self.kv_format))
         except BaseException as exc:  # handed to the step thread by await_exchange
             joined.append(exc)
             outcome = exc
@@ -436,18 +439,11 @@ class ReplicaWorker:
             self.on_exchange(config.prefix, outcome)
 
     def adopt_exchange(self, joined: tuple[Exchange, list[ReplicaSpec]]) -> None:
-        """Use an exchange group joined before this worker was built (``join_exchange``)."""
-        self.exchange, self.peers = self._publish_format(joined)
+        """Use an exchange group joined before this worker was built (``join_exchange``, which published this
+        rank's KV format as the group formed)."""
+        self.exchange, self.peers = joined
         self.exchange_first_rank = self.exchange.first_rank
         self._formats = {}
-
-    def _publish_format(self, joined: tuple[Exchange, list[ReplicaSpec]]) -> tuple[Exchange, list[ReplicaSpec]]:
-        """Publish this rank's KV format in a joined exchange group's store (engine.kv_format)."""
-        exchange = joined[0]
-        exchange.store.set(
-            format_key(exchange.prefix, exchange.first_rank + self.layout_rank), self.kv_format.to_bytes()
-        )
-        return joined
 
     def await_exchange(self) -> None:
         """Switch to the exchange being joined, waiting for it; raises the WorldFormationError of a group that
@@ -479,19 +475,32 @@ class ExchangeConfig:
     peers: tuple[ReplicaSpec, ...]
     timeout_s: float = 120.0
     secret: bytes | None = None  # seals the store's values (engine.sealed_store)
-    connect_timeout_s: float = 5.0  # for the ranks to connect once all arrived (engine.formation)
+    connect_timeout_s: float = CONNECT_TIMEOUT_S  # for the ranks to connect once all arrived (engine.formation)
 
 
-def join_exchange(config: ExchangeConfig, layout_rank: int) -> tuple[Exchange, list[ReplicaSpec]]:
+def join_exchange(
+    config: ExchangeConfig, layout_rank: int, kv_format: KVFormat | None = None
+) -> tuple[Exchange, list[ReplicaSpec]]:
     """Join the exchange group of ``config`` as layout rank ``layout_rank`` of its replica (forming it as
-    ``engine.formation`` says); raises WorldFormationError. Needs no model: a new worker joins while it loads."""
+    ``engine.formation`` says) and publish ``kv_format`` there; raises WorldFormationError. Needs no model:
+    a new worker joins while it loads, and a peer ready before it reads its format without waiting."""
     from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
 
     timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
     reach_store(config.host, config.port, config.connect_timeout_s, "exchange group")
     store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
-    group = form_gloo(store, config.prefix, config.first_rank + layout_rank, config.size, timeouts, "exchange group")
+    rank = config.first_rank + layout_rank
+    group = form_gloo(store, config.prefix, rank, config.size, timeouts, "exchange group")
+    if kv_format is not None:
+        store.set(format_key(config.prefix, rank), kv_format.to_bytes())
     return Exchange(group, store, config.prefix, config.first_rank), list(config.peers)
+
+
+def replica_kv_format(spec: ReplicaSpec) -> KVFormat:
+    """The KV format ``spec``'s ranks will have, from its config alone (before loading any weight)."""
+    config = load_config(spec.model_dir)
+    device = torch.device(spec.device)
+    return kv_format_for(config, resolve_dtype(spec.dtype, config, device), device, spec.cache)
 
 
 def kv_tag(seq_id: int) -> int:
@@ -561,9 +570,12 @@ def init_world_store(
 
 
 def settle_world(groups: dict[tuple[int, ...], object], timeout_s: float) -> None:
-    """Give the default world and ``groups`` their long per-operation timeout, once all are formed."""
+    """Give the default world and those of ``groups`` this rank is in their long per-operation timeout, once
+    all are formed. ``replica_groups`` makes every stage's group on every rank; outside one a rank holds
+    NON_GROUP_MEMBER, which torch refuses to time (a PP>=2, TP>=2 replica has such groups)."""
     timeout = timedelta(seconds=timeout_s)
-    for group in [None, *(g for g in groups.values() if g is not None)]:
+    member = [g for g in groups.values() if g is not None and g is not dist.GroupMember.NON_GROUP_MEMBER]
+    for group in [None, *member]:
         dist.distributed_c10d._set_pg_timeout(timeout, group)  # type: ignore[arg-type]
 
 

@@ -103,3 +103,65 @@ def test_one_key_met_through_a_third_daemon_stops_them_too(swarm, tmp_path):
     status, log = second.wait_exit(30.0)
     assert status == 2 and first.peer_id in log and "--key-file" in log and "Traceback" not in log, log
     assert hub.alive()
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_connect_timeout_is_positive_seconds(tmp_path, seconds):
+    status, err = join("--connect-timeout", seconds, tmp_path=tmp_path)
+    assert status == 2 and "--connect-timeout" in err and "positive number of seconds" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------- no false duplicate-key alarms
+
+ME = "12D3KooWMe"
+OWN = [f"/ip4/10.0.0.1/tcp/4001/p2p/{ME}", f"/ip4/127.0.0.1/tcp/4001/p2p/{ME}"]
+
+
+def test_a_bootstrap_address_of_this_node_under_another_name_is_not_dialled():
+    from hexgen.daemon.node import is_own_address
+
+    assert is_own_address(OWN[0], ME, OWN)
+    # this host through a NAT or DNS name: its id on its own port
+    assert is_own_address(f"/ip4/203.0.113.7/tcp/4001/p2p/{ME}", ME, OWN)
+    assert is_own_address(f"/dns4/gpu-1.example/tcp/4001/p2p/{ME}", ME, OWN)
+    # its id on another port cannot be this node: dialled, so a second daemon with the key is found
+    assert not is_own_address(f"/ip4/127.0.0.1/tcp/4002/p2p/{ME}", ME, OWN)
+    assert not is_own_address("/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWOther", ME, OWN)
+
+
+def test_an_advert_of_this_id_is_never_dialled_at_this_nodes_own_addresses():
+    from hexgen.daemon.node import foreign_addresses
+
+    assert foreign_addresses(list(reversed(OWN)), OWN) == []  # the same addresses in another order
+    assert foreign_addresses([f"/ip4/127.0.0.1/tcp/4001/p2p/{ME}", f"/ip4/0.0.0.0/tcp/4001/p2p/{ME}"], OWN) == []
+    other = [f"/ip4/10.0.0.2/tcp/4001/p2p/{ME}", f"/ip4/127.0.0.1/tcp/4005/p2p/{ME}"]
+    assert foreign_addresses(other + OWN, OWN) == other
+
+
+def test_adverts_of_this_id_from_before_this_process_are_dialled_only_off_its_own_port():
+    from types import SimpleNamespace
+
+    from hexgen.daemon.envelope import seal
+    from hexgen.daemon.hardware import simulated_profile
+    from hexgen.daemon.host import new_identity
+    from hexgen.daemon.node import Node, NodeConfig
+
+    now = [1000.0]
+    node = Node(NodeConfig(), new_identity(), simulated_profile("A100x1"), clock=lambda: now[0])
+    dialled: list[list[str]] = []
+    node.host = SimpleNamespace(addrs=OWN)  # type: ignore[assignment]
+    node._nursery = SimpleNamespace(start_soon=lambda fn, addrs: dialled.append(addrs))  # type: ignore[assignment]
+    elsewhere = [f"/ip4/10.0.0.9/tcp/4001/p2p/{node.peer_id}"]
+    # a previous run's advert on this node's port: perhaps this host under a name it no longer lists
+    node._own_advert(seal("advert", {"addrs": elsewhere}, node.key_pair, 60.0, now=999.0))
+    assert dialled == []
+    node._own_advert(seal("advert", {"addrs": OWN}, node.key_pair, 60.0, now=1001.0))  # this process's own
+    assert dialled == []
+    # issued since this process started: another daemon with the key, wherever it listens
+    node._own_advert(seal("advert", {"addrs": elsewhere}, node.key_pair, 60.0, now=1001.0))
+    assert dialled == [elsewhere]
+    # from before, on another port: cannot be this node (a daemon with the key that started first)
+    other_port = [f"/ip4/10.0.0.9/tcp/4002/p2p/{node.peer_id}"]
+    node._own_advert(seal("advert", {"addrs": other_port}, node.key_pair, 60.0, now=999.0))
+    assert dialled == [elsewhere, other_port]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from checkpoints import TINY_CONFIGS, random_prompts
 from daemon_harness import zombie
 
-from hexgen.daemon.worker import Channel
+from hexgen.daemon.worker import Background, Channel, Liveness, abort_on_failure
 from hexgen.engine.launcher import free_port
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams
@@ -124,3 +125,79 @@ def test_a_worker_forming_its_world_dies_with_its_daemon(tmp_path):
     finally:
         parent.kill()
         parent.stdout.close()
+
+
+class FakeChannel:
+    """Records frames; ``sent`` is set on each one."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+        self.sent = threading.Event()
+
+    def send(self, obj: dict) -> None:
+        self.frames.append(obj)
+        self.sent.set()
+
+
+def test_liveness_speaks_while_busy_except_while_a_kv_is_awaited():
+    channel, receiving = FakeChannel(), [False]
+    liveness = Liveness(channel, lambda: receiving[0])
+    liveness.tick()
+    assert channel.frames == []  # idle: nothing to vouch for
+    liveness.busy = True
+    liveness.tick()
+    assert channel.frames == [{"op": "alive"}]  # a long step in progress is not a stuck hop
+    receiving[0] = True
+    liveness.tick()
+    assert channel.frames == [{"op": "alive"}]  # a KV that never comes must let the entry fail over
+
+
+def test_liveness_thread_sends_during_a_step():
+    channel = FakeChannel()
+    liveness = Liveness(channel, lambda: False, every_s=0.01).start()
+    liveness.busy = True
+    try:
+        assert channel.sent.wait(10)
+    finally:
+        liveness.stop()
+    liveness.thread.join(10)
+    assert not liveness.thread.is_alive()
+    assert {"op": "alive"} in channel.frames
+
+
+def test_a_failed_exchange_aborts_the_load():
+    """The loader's callback raises the exchange thread's error once known, instead of loading on."""
+    from hexgen.engine.formation import WorldFormationError
+
+    error = WorldFormationError("exchange group", "connect", "error [10.0.0.9]:1: refused")
+
+    def fail() -> None:
+        raise error
+
+    heard: list[tuple[int, int]] = []
+    failed = Background(fail)
+    failed.thread.join(10)
+    with pytest.raises(WorldFormationError) as caught:
+        abort_on_failure(failed, lambda d, t: heard.append((d, t)))(1, 10)
+    assert caught.value is error and heard == []
+    formed = Background(lambda: "joined")
+    formed.thread.join(10)
+    abort_on_failure(formed, lambda d, t: heard.append((d, t)))(2, 10)
+    abort_on_failure(None, lambda d, t: heard.append((d, t)))(3, 10)
+    assert heard == [(2, 10), (3, 10)]
+
+
+def test_a_broken_world_ends_the_worker_with_one_line(monkeypatch, capsys):
+    from hexgen.daemon import worker as worker_module
+    from hexgen.engine.formation import WorldFormationError
+
+    def broken(channel: Channel) -> None:
+        raise WorldFormationError("exchange group", "connect", "error [10.0.0.9]:1: refused")
+
+    monkeypatch.setattr(worker_module, "serve", broken)
+    ours, theirs = socket.socketpair()
+    with ours:
+        assert worker_module.main(["--ipc-fd", str(theirs.detach())]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hexgen-worker: error: the exchange group could not connect (cannot reach 10.0.0.9)")
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -58,6 +58,19 @@ def test_bad_windows_are_refused() -> None:
         StartDeadline(0.0, 20.0, 10.0)
 
 
+def test_once_all_weights_loaded_the_deadline_is_the_load_barrier_s() -> None:
+    deadline = StartDeadline(started=0.0, quiet_s=150.0, cap_s=10_000.0, loaded_s=2000.0)
+    assert deadline.progress(10.0, 50, 100) and deadline.deadline == 160.0 and not deadline.loaded
+    assert deadline.progress(20.0, 100, 100) and deadline.loaded and deadline.deadline == 2020.0
+    assert not deadline.capped()
+    # an empty model (total 0) is not "all loaded": nothing to wait on slower ranks for
+    empty = StartDeadline(started=0.0, quiet_s=150.0, cap_s=10_000.0, loaded_s=2000.0)
+    assert empty.progress(1.0, 0, 0) and not empty.loaded and empty.deadline == 151.0
+    # still within the cap
+    capped = StartDeadline(started=0.0, quiet_s=150.0, cap_s=1000.0, loaded_s=2000.0)
+    assert capped.progress(900.0, 100, 100) and capped.deadline == 1000.0 and capped.capped()
+
+
 def test_progress_reporter_throttles_but_sends_the_last() -> None:
     sent = []
 
@@ -260,3 +273,74 @@ def test_group_timeouts_can_be_lifted_for_the_load_barrier(tmp_path) -> None:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.trio
+async def test_a_loaded_worker_waiting_for_a_slower_rank_is_not_given_up(autojump_clock) -> None:
+    """After its last progress frame a worker waits silently at the load barrier for the slowest rank of its
+    world: up to the barrier's own bound, far longer than the quiet window before loading finished."""
+    import trio
+
+    from hexgen.daemon.supervisor import LOADED_QUIET_S, READY_GRACE_S, START_TIMEOUT_S
+    from hexgen.engine.bounds import LOAD_TIMEOUT_S
+
+    assert LOADED_QUIET_S > LOAD_TIMEOUT_S
+    supervisor, worker = _supervisor_and_worker()
+    frames = [(1.0, {"op": "progress", "done": 10, "total": 10}), (LOAD_TIMEOUT_S, {"op": "ready", "rank": 0})]
+    reply = await supervisor._await_ready(worker, _Frames(frames))
+    assert reply["op"] == "ready"
+    # silent past that bound too: given up, with a message saying so
+    frames = [(1.0, {"op": "progress", "done": 10, "total": 10}), (LOADED_QUIET_S + 5, {"op": "ready"})]
+    started = trio.current_time()
+    with pytest.raises(trio.TooSlowError, match="loaded its weights but was not ready"):
+        await supervisor._await_ready(worker, _Frames(frames))
+    assert trio.current_time() - started == pytest.approx(1.0 + LOADED_QUIET_S)
+    assert START_TIMEOUT_S + READY_GRACE_S < LOADED_QUIET_S
+
+
+@pytest.mark.trio
+async def test_the_start_cap_names_itself_when_it_fired(autojump_clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trio
+
+    from hexgen.daemon import supervisor as module
+
+    monkeypatch.setattr(module, "START_CAP_S", 3600.0)
+    supervisor, worker = _supervisor_and_worker()
+    # progress every minute, forever: only the cap stops it
+    frames = [(60.0, {"op": "progress", "done": i + 1, "total": 10_000}) for i in range(200)]
+    started = trio.current_time()
+    with pytest.raises(trio.TooSlowError, match="within the 1 h cap"):
+        await supervisor._await_ready(worker, _Frames(frames))
+    assert trio.current_time() - started == pytest.approx(3600.0)
+
+
+@pytest.mark.trio
+async def test_a_kept_driver_that_cannot_be_told_the_exchange_group_fails() -> None:
+    """Its workers would stay joining, and every hop on this daemon be refused, if the failed send were
+    swallowed."""
+    from types import SimpleNamespace
+
+    from hexgen.daemon.supervisor import Supervisor
+
+    failures: list[tuple[int, str]] = []
+
+    async def on_failure(epoch, rank, error, cause, peers) -> None:
+        failures.append((rank, error))
+
+    supervisor = Supervisor(peer_id="p", model_dir="m", on_failure=on_failure)
+
+    async def broken_send(frame: dict) -> None:
+        raise OSError("the pipe is gone")
+
+    async def secret(head: str, prefix: str) -> bytes:
+        return b"s" * 32
+
+    supervisor._world_secret = secret  # type: ignore[method-assign]
+    supervisor._exchange = lambda deployment, worker, secret: {}  # type: ignore[method-assign]
+    worker = SimpleNamespace(
+        rank=3, send=broken_send, error=None, replica=SimpleNamespace(peers=lambda: {"p"}, first_rank=0)
+    )
+    deployment = SimpleNamespace(epoch=7, exchange_head="p", exchange_prefix="x")
+    await supervisor._tell_exchange(deployment, [worker])  # type: ignore[arg-type]
+    assert worker.error is not None and "exchange group" in worker.error and "pipe is gone" in worker.error
+    assert failures == [(3, worker.error)]

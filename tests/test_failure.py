@@ -12,6 +12,7 @@ from hexgen.coordinator.plan import SINK, SOURCE, Group, Plan, Stage
 from hexgen.coordinator.specs import MODELS
 from hexgen.coordinator.workload import synthetic
 from hexgen.daemon.failure import (
+    BLOCK_TTL_S,
     BlockedLinks,
     FailureReport,
     WorldFailure,
@@ -68,7 +69,11 @@ def test_blocked_pair_maps_the_address_to_a_peer_of_the_world():
     same = {"a": ["127.0.0.1"], "b": ["127.0.0.1"], "c": ["127.0.0.1"]}
     assert blocked_pair("b", connect_failure(("a", "b"), "127.0.0.1"), same) == ("a", "b")
     assert blocked_pair("b", connect_failure(("a", "b", "c"), "127.0.0.1"), same) is None
-    assert blocked_pair("b", connect_failure(("a", "b"), None), same) == ("a", "b")
+    # a world of two whose address fits nobody (NAT) still names the other peer
+    assert blocked_pair("a", connect_failure(("a", "b"), "10.9.9.9"), addresses) == ("a", "b")
+    # no address: a bare timeout (a peer crashed or was slow while forming) says nothing about the link
+    assert blocked_pair("b", connect_failure(("a", "b"), None), same) is None
+    assert blocked_pair("a", connect_failure(("a", "b", "c"), None), addresses) is None
     # not a connect failure: a worker that crashed, or ranks that never arrived, blocks no link
     assert blocked_pair("a", FailureReport(1, 2, 0, "oom", ("a", "b")), addresses) is None
     late = FailureReport(1, 2, 0, "x", ("a", "b"), WorldFailure("replica world", "arrive"))
@@ -78,14 +83,28 @@ def test_blocked_pair_maps_the_address_to_a_peer_of_the_world():
 def test_blocked_links_last_until_an_advert_changes_its_addresses():
     links = BlockedLinks()
     addresses = {"a": ["10.0.0.1"], "b": ["10.0.0.2"], "c": ["10.0.0.3"]}
-    assert links.block(("b", "a"), "refused", addresses)
-    assert not links.block(("a", "b"), "refused again", addresses)
+    assert links.block(("b", "a"), "refused", addresses, now=0.0)
+    assert not links.block(("a", "b"), "refused again", addresses, now=1.0)
     assert [link.pair for link in links.among(["a", "b", "c"])] == [("a", "b")]
     assert links.among(["a", "c"]) == []
-    assert links.refresh(addresses) == []
-    assert links.refresh({"a": ["10.0.0.1"]}) == []  # b is away for now: the pair stays blocked
-    assert links.refresh({"a": ["10.0.0.1"], "b": ["10.0.0.2", "10.1.0.2"]}) == [("a", "b")]
+    assert links.refresh(addresses, now=2.0) == []
+    assert links.refresh({"a": ["10.0.0.1"]}, now=3.0) == []  # b is away for now: the pair stays blocked
+    assert links.refresh({"a": ["10.0.0.1"], "b": ["10.0.0.2", "10.1.0.2"]}, now=4.0) == [("a", "b")]
     assert links.among(["a", "b"]) == []
+
+
+def test_blocked_links_expire_so_a_host_back_on_the_same_addresses_is_tried_again():
+    links = BlockedLinks()
+    addresses = {"a": ["10.0.0.1"], "b": ["10.0.0.2"]}
+    assert links.block(("a", "b"), "refused", addresses, now=100.0)
+    assert links.refresh(addresses, now=100.0 + BLOCK_TTL_S - 1) == []  # unchanged addresses, not yet expired
+    assert links.refresh({}, now=100.0 + BLOCK_TTL_S) == [("a", "b")]  # expired, even with a peer away
+    assert links.among(["a", "b"]) == []
+    # blocked again after the expiry: a new block, with a new reason
+    assert links.block(("a", "b"), "refused once more", addresses, now=800.0)
+    assert links.links[("a", "b")].reason == "refused once more"
+    # an expired pair not yet swept may be blocked again at once
+    assert links.block(("a", "b"), "later", addresses, now=800.0 + BLOCK_TTL_S)
 
 
 def test_advert_ips():
@@ -159,7 +178,7 @@ def test_the_coordinator_plans_around_a_blocked_pair_and_falls_back_after_repeat
     ]
     body = node._compute_plan(peers, [], None)
     assert body["error"] is None and len(body["plan"]["groups"]) == 1, "the pinned TP=2 group spans both"
-    node.blocked.block((a, b), "peers a and b cannot form a world: refused at 10.0.0.2", {})
+    node.blocked.block((a, b), "peers a and b cannot form a world: refused at 10.0.0.2", {}, node.clock())
     body = node._compute_plan(peers, [], None)
     assert body["error"] == "not serving the pinned plan: peers a and b cannot form a world: refused at 10.0.0.2"
     assert body["blocked"] == [{"peers": [a, b], "reason": "peers a and b cannot form a world: refused at 10.0.0.2"}]
