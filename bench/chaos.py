@@ -49,10 +49,8 @@ from typing import Any
 
 import trio
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import daemon_harness  # noqa: E402
-from chaos import (  # noqa: E402
+from hexgen.testing import daemon_harness
+from hexgen.testing.chaos import (
     DISAGGREGATED,
     ChurnConfig,
     ChurnResult,
@@ -62,8 +60,10 @@ from chaos import (  # noqa: E402
     run_churn,
     run_load,
 )
-from checkpoints import random_prompts, reference_greedy  # noqa: E402
-from daemon_harness import interrupted, sigterm_as_interrupt  # noqa: E402
+from hexgen.testing.checkpoints import random_prompts, reference_greedy
+from hexgen.testing.daemon_harness import interrupted, sigterm_as_interrupt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_DIR = ROOT.parent / "shared" / "models" / "stories260K"
 OUT_DIR = ROOT / "bench" / "out"

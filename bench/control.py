@@ -47,10 +47,8 @@ from typing import Any
 
 import trio
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import daemon_harness  # noqa: E402
-from daemon_harness import (  # noqa: E402
+from hexgen.testing import daemon_harness
+from hexgen.testing.daemon_harness import (
     Daemon,
     Swarm,
     interrupted,
@@ -58,6 +56,8 @@ from daemon_harness import (  # noqa: E402
     sigterm_as_interrupt,
     statuses,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT_DIR = ROOT / "bench" / "out"
 MODEL = "llama-2-7b"

@@ -56,11 +56,8 @@ from hexgen.coordinator.workload import Request, WorkloadError, load_trace
 from hexgen.daemon.router import generate
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams, Sequence
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import daemon_harness  # noqa: E402
-from daemon_harness import (  # noqa: E402
+from hexgen.testing import daemon_harness
+from hexgen.testing.daemon_harness import (
     Daemon,
     Swarm,
     interrupted,
@@ -69,6 +66,8 @@ from daemon_harness import (  # noqa: E402
     sigterm_as_interrupt,
     wait_until,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared"
 MODEL_DIR = SHARED / "models" / "stories260K"

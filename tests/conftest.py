@@ -20,7 +20,7 @@ def stories_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Random-weight checkpoints saved by transformers: name -> directory."""
-    from checkpoints import TINY_CONFIGS, save_random_checkpoint
+    from hexgen.testing.checkpoints import TINY_CONFIGS, save_random_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: save_random_checkpoint(name, root / name) for name in TINY_CONFIGS}

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 import trio
-from chaos import DISAGGREGATED, ChurnConfig, ChurnResult, run_churn
-from checkpoints import random_prompts, reference_greedy
 
 from hexgen.daemon import router as router_module
 from hexgen.daemon import supervisor as supervisor_module
 from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.router import HopFailed, Router
 from hexgen.daemon.supervisor import LocalWorker, ReplicaUnavailable, Supervisor
+from hexgen.testing.chaos import DISAGGREGATED, ChurnConfig, ChurnResult, run_churn
+from hexgen.testing.checkpoints import random_prompts, reference_greedy
 
 pytestmark = pytest.mark.trio
 

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import trio
-from checkpoints import reference_greedy
-from daemon_harness import Swarm, open_client, serving, wait_until
 
 from hexgen.daemon.host import new_identity, open_host
 from hexgen.daemon.node import UNKNOWN_PEER_SYNC_AFTER_S
 from hexgen.daemon.router import generate
+from hexgen.testing.checkpoints import reference_greedy
+from hexgen.testing.daemon_harness import Swarm, open_client, serving, wait_until
 
 PROMPT = "Once upon a time"
 PROMPT_IDS = [1, 403, 407, 261, 378]

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_harness import descendants, zombie
+
+from hexgen.testing.daemon_harness import descendants, zombie
 
 HEXGEN_NODE = Path(sys.executable).parent / "hexgen-node"
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from daemon_harness import Swarm
 from test_cli_plan import node
+
+from hexgen.testing.daemon_harness import Swarm
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import trio
-from daemon_harness import open_client
 from test_cli_plan import node
 
 from hexgen.cli.join import JoinError, layered_args
@@ -17,6 +16,7 @@ from hexgen.cli.node import build_parser
 from hexgen.cli.settings import SettingsError, resolve
 from hexgen.daemon.logs import KeyValueFormatter, quote
 from hexgen.daemon.node import query_status
+from hexgen.testing.daemon_harness import open_client
 
 
 def parsed(*argv: str, env: dict[str, str] | None = None, config: dict | None = None):

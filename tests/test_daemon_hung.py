@@ -9,11 +9,11 @@ import time
 
 import pytest
 import trio
-from checkpoints import random_prompts, reference_greedy
-from daemon_harness import Daemon, Swarm, converged, open_client, serving, wait_until
 
 from hexgen.daemon.host import HostConfig
 from hexgen.daemon.router import generate
+from hexgen.testing.checkpoints import random_prompts, reference_greedy
+from hexgen.testing.daemon_harness import Daemon, Swarm, converged, open_client, serving, wait_until
 
 pytestmark = pytest.mark.trio
 

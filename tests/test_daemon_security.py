@@ -11,7 +11,6 @@ import time
 import msgpack
 import pytest
 import trio
-from daemon_harness import Swarm, converged, open_client, serving, statuses, wait_until
 from hypothesis import HealthCheck, given, settings
 from test_daemon_envelope import json_like
 
@@ -22,6 +21,7 @@ from hexgen.daemon.identity import peer_id_of
 from hexgen.daemon.node import CONTROL_TOPIC, PLAN_PROTOCOL, STATUS_PROTOCOL, SYNC_PROTOCOL, query_status
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.wire import encode_frame
+from hexgen.testing.daemon_harness import Swarm, converged, open_client, serving, statuses, wait_until
 
 pytestmark = pytest.mark.trio
 
@@ -259,10 +259,9 @@ async def test_private_swarm_serves_member_clients_only(tmp_path, stories_dir):
     """A private swarm requires member clients: a stranger's generate request, or one presenting a certificate
     of another swarm or of another peer, is refused with a reason; a client with its own certificate gets the
     reference tokens."""
-    from checkpoints import reference_greedy
-
     from hexgen.daemon import identity
     from hexgen.daemon.router import generate
+    from hexgen.testing.checkpoints import reference_greedy
 
     swarm_key, other_key = tmp_path / "swarm.key", tmp_path / "other.key"
     identity.create_swarm_key(swarm_key)
@@ -298,12 +297,11 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
     """Two daemons of a private swarm serve one TP=2 replica: p1's worker got the secret of p0's store (the
     reference tokens come back). p0 refuses that secret to a stranger (not a member of the swarm) and to a
     member client that is not in the world, counting each refusal."""
-    from checkpoints import reference_greedy
-
     from hexgen.daemon import identity
     from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
     from hexgen.daemon.node import RENDEZVOUS_PROTOCOL, call
     from hexgen.daemon.router import generate
+    from hexgen.testing.checkpoints import reference_greedy
 
     swarm_key = tmp_path / "swarm.key"
     identity.create_swarm_key(swarm_key)
@@ -348,9 +346,8 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
 async def test_a_peer_over_its_request_rate_is_refused_with_the_wait_and_others_are_served(tmp_path, stories_dir):
     """``--max-request-rate 1`` (bursts of 5): eight requests at once from one peer get at least five answers,
     all the reference, and refusals that name the seconds to wait; another peer is served meanwhile."""
-    from checkpoints import reference_greedy
-
     from hexgen.daemon.router import generate
+    from hexgen.testing.checkpoints import reference_greedy
 
     prompt = [1, 403, 407, 261, 378]
     (reference,) = reference_greedy(stories_dir, [prompt], 6)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import trio
-from daemon_harness import Swarm, converged, open_client, wait_until
 
 from hexgen.daemon.node import query_status
+from hexgen.testing.daemon_harness import Swarm, converged, open_client, wait_until
 
 pytestmark = pytest.mark.trio
 

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from checkpoints import TINY_CONFIGS, random_prompts
-from daemon_harness import zombie
 
 from hexgen.daemon.worker import Background, Channel, Liveness, abort_on_failure
 from hexgen.engine.launcher import free_port
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams
+from hexgen.testing.checkpoints import TINY_CONFIGS, random_prompts
+from hexgen.testing.daemon_harness import zombie
 
 
 def _listen(path) -> socket.socket:

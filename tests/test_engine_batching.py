@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import random
 
-from checkpoints import random_prompts
-
 from hexgen.engine.llm import LLM
 from hexgen.engine.model_runner import CacheConfig
 from hexgen.engine.sequence import SamplingParams, Sequence
+from hexgen.testing.checkpoints import random_prompts
 
 VOCAB = 251
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import traceback
 
 import pytest
-from checkpoints import LLAMA_GQA
-from ranks import free_port, run_ranks
 
 from hexgen.engine.kv_format import KVFormat, KVFormatError, mismatch, replica_format
+from hexgen.testing.checkpoints import LLAMA_GQA
+from hexgen.testing.ranks import free_port, run_ranks
 
 F16 = KVFormat(16, "float32", 4, 4, 8)
 

@@ -7,11 +7,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import free_port, run_ranks
 
 from hexgen.engine import kv_transfer
 from hexgen.engine.kv_transfer import KVShard, needs_staging, plan_kv_transfer, recv_kv, send_kv
 from hexgen.engine.layout import StageLayout
+from hexgen.testing.ranks import free_port, run_ranks
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ranks import context, free_port, run_ranks
 
 from hexgen.engine.kv_transfer import KVShard, KVSlice, KVTransferError, plan_kv_transfer, recv_kv, send_kv
 from hexgen.engine.layout import (
@@ -27,6 +26,7 @@ from hexgen.engine.layout import (
     validate_layout,
     world_size,
 )
+from hexgen.testing.ranks import context, free_port, run_ranks
 
 # ---------------------------------------------------------------------------------------------- layout
 

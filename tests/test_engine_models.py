@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from checkpoints import TINY_CONFIGS, random_prompts, reference_greedy
 
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams
+from hexgen.testing.checkpoints import TINY_CONFIGS, random_prompts, reference_greedy
 
 STORIES_PROMPTS = ["Once upon a time", "Lily and Tom went to the park.", "The little dog", "One day, a big"]
 

@@ -4,12 +4,12 @@ transformers' greedy tokens."""
 from __future__ import annotations
 
 import pytest
-from checkpoints import TINY_CONFIGS, random_prompts, reference_greedy
 
 from hexgen.engine.launcher import generate, generate_disaggregated
 from hexgen.engine.layout import uniform_layout
 from hexgen.engine.sequence import SamplingParams
 from hexgen.engine.tokenizer import Tokenizer
+from hexgen.testing.checkpoints import TINY_CONFIGS, random_prompts, reference_greedy
 
 LAYOUTS = {"tp2": (1, 2), "pp2": (2, 1), "tp2xpp2": (2, 2)}
 STORIES_PROMPTS = ["Once upon a time", "The little dog", "One day, a big"]

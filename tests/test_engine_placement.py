@@ -77,11 +77,10 @@ def test_cpu_keeps_the_fixed_budget() -> None:
 
 @pytest.mark.parametrize(("first", "last"), [(True, True), (True, False), (False, True)])
 def test_profile_forward_runs_the_largest_batch_without_a_cache(tiny_models: dict, first: bool, last: bool) -> None:
-    from checkpoints import LLAMA_GQA
-
     from hexgen.engine.config import load_config
     from hexgen.engine.layers import Shard
     from hexgen.engine.model_runner import CacheConfig, ModelRunner
+    from hexgen.testing.checkpoints import LLAMA_GQA
 
     model_dir = tiny_models["llama-gqa"]
     config = load_config(model_dir)

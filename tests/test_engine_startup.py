@@ -14,12 +14,12 @@ from datetime import timedelta
 
 import pytest
 import torch
-from checkpoints import LLAMA_GQA
-from ranks import free_port, run_ranks
 
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.worker import Channel, progress_reporter
 from hexgen.engine.device import nccl_device_id, pin_device
+from hexgen.testing.checkpoints import LLAMA_GQA
+from hexgen.testing.ranks import free_port, run_ranks
 
 # ------------------------------------------------------------------------------------- the deadline rule
 

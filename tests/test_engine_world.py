@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import run_ranks
 
 from hexgen.engine.config import load_config
 from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key
@@ -28,6 +27,7 @@ from hexgen.engine.worker import (
     replica_kv_format,
     settle_world,
 )
+from hexgen.testing.ranks import run_ranks
 
 
 def _form(rank: int, port: int) -> list[int]:

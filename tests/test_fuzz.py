@@ -1204,7 +1204,7 @@ async def _exchange(client: Any, peer_id: str, protocol: str, payload: bytes) ->
 
 @pytest.fixture
 def live_daemon(tmp_path: Path, stories_dir: Path) -> Iterator[Any]:
-    from daemon_harness import Swarm
+    from hexgen.testing.daemon_harness import Swarm
 
     swarm = Swarm(tmp_path, model=str(stories_dir))
     try:
@@ -1230,11 +1230,10 @@ def test_live_daemon_survives_malformed_frames(live_daemon: Any, stories_dir: Pa
     """400 hypothesis-drawn streams of broken frames and near-valid requests on every protocol of a daemon
     serving stories260K: each ends in an error frame, an answer or a closed stream, the daemon's workers never
     fail (the plan's epoch stays), and afterwards it answers status and generates the reference tokens."""
-    from checkpoints import reference_greedy
-    from daemon_harness import open_client, serving, wait_until
-
     from hexgen.daemon.node import query_status
     from hexgen.daemon.router import generate
+    from hexgen.testing.checkpoints import reference_greedy
+    from hexgen.testing.daemon_harness import open_client, serving, wait_until
 
     assert resolve_model(str(stories_dir)).max_context == MAX_CONTEXT
     daemon = live_daemon
@@ -1294,11 +1293,10 @@ def test_live_daemon_survives_malformed_frames(live_daemon: Any, stories_dir: Pa
 def test_live_daemon_limits_streams_per_peer_and_prompt_length(live_daemon: Any) -> None:
     """One peer holding MAX_REQUESTS_PER_PEER generate streams gets every further one reset at once, while
     another peer is served meanwhile; a prompt longer than the context could hold is refused before tokenizing."""
-    from daemon_harness import open_client, serving, wait_until
-
     from hexgen.daemon.node import MAX_REQUESTS_PER_PEER
     from hexgen.daemon.router import MAX_CHARS_PER_TOKEN, generate
     from hexgen.daemon.wire import encode_frame
+    from hexgen.testing.daemon_harness import open_client, serving, wait_until
 
     daemon, extra = live_daemon, 6
 

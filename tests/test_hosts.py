@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import trio
-from checkpoints import random_prompts, reference_greedy
-from daemon_harness import Daemon, open_client, serving, wait_until
-from netns import Lab, Namespace, on_host, open_lab, start_daemon, started_daemons
 
 from hexgen.daemon.router import generate
+from hexgen.testing.checkpoints import random_prompts, reference_greedy
+from hexgen.testing.daemon_harness import Daemon, open_client, serving, wait_until
+from hexgen.testing.netns import Lab, Namespace, on_host, open_lab, start_daemon, started_daemons
 
 pytestmark = pytest.mark.trio
 

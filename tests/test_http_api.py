@@ -14,13 +14,13 @@ import httpx
 import openai
 import pytest
 import trio
-from checkpoints import reference_greedy
-from daemon_harness import Daemon, Swarm, open_client, serving, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli_join import join
 
 from hexgen.daemon.router import GENERATE_PROTOCOL, generate
 from hexgen.engine.tokenizer import Tokenizer
+from hexgen.testing.checkpoints import reference_greedy
+from hexgen.testing.daemon_harness import Daemon, Swarm, open_client, serving, wait_until
 
 API_KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -9,12 +9,12 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from chaos import ChurnConfig, ChurnSwarm, run_load
-from checkpoints import random_prompts, reference_greedy
-from daemon_harness import open_client, serving, wait_until
 
 from hexgen.daemon.router import GENERATE_PROTOCOL
 from hexgen.daemon.wire import encode_frame
+from hexgen.testing.chaos import ChurnConfig, ChurnSwarm, run_load
+from hexgen.testing.checkpoints import random_prompts, reference_greedy
+from hexgen.testing.daemon_harness import open_client, serving, wait_until
 
 pytestmark = pytest.mark.trio
 

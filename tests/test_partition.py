@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import trio
-from daemon_harness import Daemon, converged, open_client, statuses, wait_until
-from netns import Lab, Namespace, open_lab, start_daemon, started_daemons
+
+from hexgen.testing.daemon_harness import Daemon, converged, open_client, statuses, wait_until
+from hexgen.testing.netns import Lab, Namespace, open_lab, start_daemon, started_daemons
 
 pytestmark = pytest.mark.trio
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import trio
-from checkpoints import random_prompts, reference_greedy
-from daemon_harness import Swarm, descendants, open_client, serving, wait_until, zombie
 
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, generate
 from hexgen.daemon.wire import FrameReader, encode_frame
+from hexgen.testing.checkpoints import random_prompts, reference_greedy
+from hexgen.testing.daemon_harness import Swarm, descendants, open_client, serving, wait_until, zombie
 
 pytestmark = pytest.mark.trio
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import trio
-from checkpoints import random_prompts, reference_greedy
-from daemon_harness import Swarm, open_client, serving, statuses, wait_until
 
 from hexgen.daemon import spot_check
 from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.router import generate
 from hexgen.daemon.swarm_view import assignments
+from hexgen.testing.checkpoints import random_prompts, reference_greedy
+from hexgen.testing.daemon_harness import Swarm, open_client, serving, statuses, wait_until
 
 TRUTH, LIE = [5, 6, 7], [6, 7, 8]
 

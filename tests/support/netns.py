@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon_harness import READY_TIMEOUT_S, Daemon, _read_ready
+from hexgen.testing.daemon_harness import READY_TIMEOUT_S, Daemon, _read_ready
 
 PREFIX = "hxp"
 SIDES = ("A", "B")

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from daemon_harness import Daemon, Swarm, descendants, open_client, serving, statuses, wait_until, zombie
 from libp2p.peer.id import ID
 
 from hexgen.daemon.identity import create_key_file, peer_id_of
 from hexgen.daemon.node import query_status
 from hexgen.daemon.router import generate
 from hexgen.daemon.swarm_view import assignments
+from hexgen.testing.daemon_harness import Daemon, Swarm, descendants, open_client, serving, statuses, wait_until, zombie
 
 ENTRY = "n0"
 GPUS = ("H100", "A100", "L40", "A6000")
