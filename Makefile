@@ -18,6 +18,8 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@mkdir -p .lint/hexgen && for p in daemon coordinator engine cli; do ln -sfn ../../$$p .lint/hexgen/$$p; done
+	cd .lint && ../$(BIN)/mypy --config-file ../pyproject.toml -p hexgen.daemon -p hexgen.coordinator -p hexgen.engine
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -62,4 +64,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/planner.py --quick --json bench/out/planner.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .lint

@@ -340,7 +340,7 @@ def children_of(parents: set[int]) -> dict[int, str]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        found[int(entry.name)] = "workers" if "hexgen.daemon.worker" in command else "stores and other"
+        found[int(entry.name)] = "workers" if "hexgen.daemon.worker_process" in command else "stores and other"
     return found
 
 

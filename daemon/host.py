@@ -41,6 +41,25 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 GOSSIP_PROTOCOL = TProtocol("/meshsub/1.1.0")
+
+# The rest of the daemon speaks libp2p through these names only.
+Stream = INetStream
+ProtocolId = TProtocol
+
+
+def stream_peer(stream: Stream) -> str:
+    """The base58 peer id at the other end of ``stream``."""
+    return str(stream.muxed_conn.peer_id)
+
+
+def peer_id_of(public_key: Any) -> str:
+    """The base58 peer id of a libp2p public key."""
+    return str(ID.from_pubkey(public_key).to_base58())
+
+
+def peer_id_from_bytes(raw: bytes) -> str:
+    """The base58 form of a peer id in its binary form (a gossip message's ``from_id``)."""
+    return str(ID(raw).to_base58())
 log = logging.getLogger("hexgen.host")
 UNSPECIFIED = ("0.0.0.0", "::")
 # Far above what a daemon entry multiplexes to one replica peer; bounds what a flooding peer can hold open.

@@ -2,7 +2,7 @@
 
 For each deployment (daemon.deployment) it keeps the workers of replicas that did not change (same role,
 layout and GPUs) and moves them to the new epoch's exchange group, stops the others, and starts a
-``python -m hexgen.daemon.worker`` per new local rank, configured over its own socket pair with its
+``python -m hexgen.daemon.worker_process`` per new local rank, configured over its own socket pair with its
 replica, the replica's world and the exchange group. It routes what the replica drivers stream back
 (tokens, hand-offs) to per-request channels. Requests on a replica whose worker fails or is replaced,
 and hand-offs routed under an older epoch, get an error event (marked ``refused`` when the plan, not the
@@ -29,7 +29,7 @@ from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.wire import FrameError, FrameReader, encode_frame
-from hexgen.daemon.worker import PARENT_ENV
+from hexgen.daemon.worker_process import PARENT_ENV
 from hexgen.engine.bounds import LOAD_TIMEOUT_S, connect_timeout_for
 
 log = logging.getLogger("hexgen.supervisor")
@@ -313,7 +313,7 @@ class Supervisor:
         # A socket pair, not a listening path: nothing on the filesystem to collide or to outlive a crash,
         # and a worker that dies before it answers is an end of file at once.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, "-m", "hexgen.daemon.worker", "--ipc-fd", str(theirs.fileno())]
+        command = [sys.executable, "-m", "hexgen.daemon.worker_process", "--ipc-fd", str(theirs.fileno())]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         env[PARENT_ENV] = str(os.getpid())
         try:

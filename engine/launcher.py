@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hexgen.engine.layout import GroupLayout, world_size
-from hexgen.engine.sequence import SamplingParams
-from hexgen.engine.worker import (
+from hexgen.engine.replica import (
     ReplicaSpec,
     ReplicaWorker,
     Request,
@@ -31,6 +30,7 @@ from hexgen.engine.worker import (
     replica_groups,
     request_from,
 )
+from hexgen.engine.sequence import SamplingParams
 
 
 class LaunchError(RuntimeError):

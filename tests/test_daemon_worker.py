@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hexgen.daemon.worker import Background, Channel, Liveness, abort_on_failure
+from hexgen.daemon.worker_process import Background, Channel, Liveness, abort_on_failure
 from hexgen.engine.launcher import free_port
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams
@@ -29,7 +29,7 @@ def _listen(path) -> socket.socket:
 
 
 def _spawn(path):
-    return subprocess.Popen([sys.executable, "-m", "hexgen.daemon.worker", "--ipc", str(path)])
+    return subprocess.Popen([sys.executable, "-m", "hexgen.daemon.worker_process", "--ipc", str(path)])
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ path, port = sys.argv[1], int(sys.argv[2])
 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 server.bind(path)
 server.listen(1)
-worker = subprocess.Popen([sys.executable, "-m", "hexgen.daemon.worker", "--ipc", path])
+worker = subprocess.Popen([sys.executable, "-m", "hexgen.daemon.worker_process", "--ipc", path])
 conn, _ = server.accept()
 replica = {"model_dir": "unused", "layout": [[0, 2, 2]]}
 conn.sendall(encode_frame({"op": "configure", "rank": 1, "world_size": 2, "store": ["127.0.0.1", port],
@@ -188,7 +188,7 @@ def test_a_failed_exchange_aborts_the_load():
 
 
 def test_a_broken_world_ends_the_worker_with_one_line(monkeypatch, capsys):
-    from hexgen.daemon import worker as worker_module
+    from hexgen.daemon import worker_process as worker_module
     from hexgen.engine.formation import WorldFormationError
 
     def broken(channel: Channel) -> None:

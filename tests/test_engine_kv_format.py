@@ -64,8 +64,7 @@ def _rank(rank: int, port: int, model_dir: str, decode: dict, exchange_port: int
 
         from hexgen.engine.layout import uniform_layout
         from hexgen.engine.model_runner import CacheConfig
-        from hexgen.engine.sequence import SamplingParams
-        from hexgen.engine.worker import (
+        from hexgen.engine.replica import (
             ExchangeConfig,
             ReplicaSpec,
             ReplicaWorker,
@@ -73,6 +72,7 @@ def _rank(rank: int, port: int, model_dir: str, decode: dict, exchange_port: int
             init_world,
             replica_groups,
         )
+        from hexgen.engine.sequence import SamplingParams
 
         torch.set_num_threads(1)
         init_world(rank, 2, port)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hexgen.daemon.start_deadline import StartDeadline
-from hexgen.daemon.worker import Channel, progress_reporter
+from hexgen.daemon.worker_process import Channel, progress_reporter
 from hexgen.engine.device import nccl_device_id, pin_device
 from hexgen.testing.checkpoints import LLAMA_GQA
 from hexgen.testing.ranks import free_port, run_ranks
@@ -93,8 +93,8 @@ WORLD_TIMEOUT_S = 2.0  # every collective's timeout, far shorter than the slow r
 def _rank(rank: int, port: int, model_dir: str) -> float:
     from hexgen.engine import loader
     from hexgen.engine.layout import uniform_layout
+    from hexgen.engine.replica import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups
     from hexgen.engine.sequence import SamplingParams
-    from hexgen.engine.worker import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups
 
     torch.set_num_threads(1)
     if rank == 1:
@@ -132,7 +132,7 @@ def test_a_daemon_worker_reports_load_progress_before_ready(tiny_models: dict, t
     # throttled so that more than one frame goes out (they are sent at most every PROGRESS_EVERY_S)
     code = textwrap.dedent(f"""
         import sys, time
-        from hexgen.daemon import worker
+        from hexgen.daemon import worker_process as worker
         from hexgen.engine import loader
         worker.PROGRESS_EVERY_S = 0.1
         read = loader._read

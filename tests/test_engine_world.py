@@ -17,7 +17,7 @@ from hexgen.engine.config import load_config
 from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key
 from hexgen.engine.layout import StageLayout
 from hexgen.engine.model_runner import CacheConfig, resolve_dtype
-from hexgen.engine.worker import (
+from hexgen.engine.replica import (
     ExchangeConfig,
     ReplicaSpec,
     ReplicaWorker,

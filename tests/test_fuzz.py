@@ -827,7 +827,7 @@ GENERATE_REQUESTS = [
 
 
 def check_sampling_reaches_a_worker(tokens: list[int], sampling: dict[str, Any]) -> None:
-    """What a worker does with an accepted request's fields must not fail (daemon/worker.py's frame handling)."""
+    """What a worker does with an accepted request's fields must not fail (daemon/worker_process.py's frame handling)."""
     fields = dict(sampling)
     fields["stop_token_ids"] = tuple(fields.get("stop_token_ids", ()))
     params = SamplingParams(**fields)

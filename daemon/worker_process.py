@@ -1,6 +1,6 @@
 """The engine worker process: hosts one rank of a replica and talks to its daemon over a unix socket.
 
-Run as ``python -m hexgen.daemon.worker --ipc-fd FD`` (the worker's end of a socket pair the daemon made)
+Run as ``python -m hexgen.daemon.worker_process --ipc-fd FD`` (the worker's end of a socket pair the daemon made)
 or ``--ipc PATH`` (a unix socket the daemon listens on). The daemon sends length-prefixed msgpack frames
 (``daemon.wire``): ``configure`` (this rank's replica, the store of the replica's own world, the address its
 daemon advertises, whose interface gloo and NCCL bind to, and the epoch's exchange group over which KV moves between replicas, when there is one); then, to a
@@ -116,7 +116,7 @@ class Background:
 def spec_from(raw: dict[str, Any]) -> Any:
     from hexgen.engine.layout import StageLayout
     from hexgen.engine.model_runner import CacheConfig
-    from hexgen.engine.worker import ReplicaSpec
+    from hexgen.engine.replica import ReplicaSpec
 
     layout = tuple(StageLayout(int(a), int(b), int(tp)) for a, b, tp in raw["layout"])
     cache = CacheConfig(**raw.get("cache", {}))
@@ -132,7 +132,7 @@ def spec_from(raw: dict[str, Any]) -> Any:
 
 
 def exchange_from(raw: dict[str, Any]) -> Any:
-    from hexgen.engine.worker import ExchangeConfig
+    from hexgen.engine.replica import ExchangeConfig
 
     host, port = raw["store"]
     peers = tuple(spec_from(r) for r in raw["replicas"])
@@ -155,7 +155,7 @@ def _join(config: dict[str, Any], progress: Any = None) -> tuple[Any, Any]:
 
     from hexgen.engine.device import pin_device
     from hexgen.engine.formation import CONNECT_GRACE_S, bounded, connecting
-    from hexgen.engine.worker import (
+    from hexgen.engine.replica import (
         ReplicaWorker,
         init_world,
         init_world_store,
@@ -282,8 +282,8 @@ def failure_frame(exc: BaseException) -> dict[str, Any]:
 
 
 def serve(channel: Channel) -> None:
+    from hexgen.engine.replica import Request
     from hexgen.engine.sequence import SamplingParams
-    from hexgen.engine.worker import Request
 
     config = channel.receive()
     if not isinstance(config, dict) or config.get("op") != "configure":
