@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from hexgen.cli.format import table
-from hexgen.coordinator.plan import layer_range
+from hexgen.coordinator.plan import SINK, SOURCE, Flow, layer_range
+from hexgen.daemon.messages import MessageError, PlanBody
 from hexgen.daemon.swarm_view import assignments
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
 DEFAULT_INTERVAL_S = 1.0
 FETCH_TIMEOUT_S = 3.0
 TEXT_EVENTS = 15  # the newest events shown by ``--once``; the TUI shows all the daemon keeps
-ENDPOINTS = ("source", "sink")  # the planner's flow-graph terminals (hexgen.coordinator.plan SOURCE, SINK)
+ENDPOINTS = (SOURCE, SINK)  # the planner's flow-graph terminals
 # An error number inside a message that joins several errors ("Multiple exceptions: [Errno 111] ...").
 ERRNO_PATTERN = re.compile(r"\[Errno (\d+)\]")
 # Full base58 peer ids in event texts are shortened like the tables' peer column.
@@ -165,7 +166,7 @@ def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[
 def peer_rows(status: Mapping[str, Any]) -> list[Row]:
     """This node first, then its peers by host name: id, host, GPUs, roles and groups in the adopted plan,
     load (requests in flight), tokens/s and seconds since the last advert. O(peers + GPUs in the plan)."""
-    by_peer = assignments(_dict(_dict(status.get("plan")).get("body")))
+    by_peer = assignments(_body(status))
     records = [_dict(r) for r in _list(status.get("peers")) if _dict(r).get("peer_id") != status.get("peer_id")]
     records.sort(key=lambda r: (str(r.get("host")), str(r.get("peer_id"))))
     rows = [_peer_row(status, r, [_dict(a) for a in by_peer.get(_key(r.get("peer_id")), [])], False) for r in records]
@@ -175,109 +176,103 @@ def peer_rows(status: Mapping[str, Any]) -> list[Row]:
     return rows
 
 
-def _plan(status: Mapping[str, Any]) -> dict[str, Any]:
-    """The planner's output in the adopted plan (``body["plan"]``), or {}."""
-    return _dict(_dict(_dict(status.get("plan")).get("body")).get("plan"))
+def _body(status: Mapping[str, Any]) -> PlanBody | None:
+    """The adopted plan's body, through its one parser; None when there is none or it does not parse."""
+    raw = _dict(status.get("plan")).get("body")
+    try:
+        return None if raw is None else PlanBody.from_wire(raw)
+    except MessageError:
+        return None
 
 
-def _gpu_place(index: Any, body: Mapping[str, Any], names: Mapping[str, str]) -> str:
+def _gpu_place(index: int, body: PlanBody, names: Mapping[str, str]) -> str:
     """A plan's global GPU index as ``host:local_gpu`` (the short peer id when the host is unknown)."""
-    place = _dict(body.get("gpus")).get(str(index))
-    if not isinstance(place, list) or len(place) != 2:
-        return f"#{_text(index)}"
+    place = body.gpus.get(index)
+    if place is None:
+        return f"#{index}"
     peer, local = place
-    return f"{names.get(_key(peer)) or short_id(peer)}:{_text(local)}"
-
-
-def _layer_range(layers: Any) -> str:
-    """A stage's layer range, if the status holds a well-formed one."""
-    if isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
-        return layer_range(*layers)
-    return MISSING
+    return f"{names.get(peer) or short_id(peer)}:{local}"
 
 
 def group_rows(status: Mapping[str, Any]) -> list[Row]:
     """One row per serving group of the adopted plan: id, role, GPUs as ``host:gpu`` (``+`` joins tensor
     ranks, ``|`` separates pipeline stages), layout such as ``PP2 [TP2,TP1]``, layer ranges, capacity
     (requests/s) and batch. Empty without a plan. O(GPUs in the plan)."""
-    body = _dict(_dict(status.get("plan")).get("body"))
+    body = _body(status)
+    if body is None or body.plan is None:
+        return []
     names = host_names(status)
     rows = []
-    for group in _list(_plan(status).get("groups")):
-        group = _dict(group)
-        stages = [_dict(s) for s in _list(group.get("stages"))]
-        places = " | ".join("+".join(_gpu_place(g, body, names) for g in _list(s.get("gpus"))) for s in stages)
-        widths = ",".join(f"TP{len(_list(s.get('gpus')))}" for s in stages)
-        capacity, batch = _number(group.get("capacity_rps")), _number(group.get("batch"))
+    for group in body.plan.groups:
+        places = " | ".join("+".join(_gpu_place(g, body, names) for g in s.gpus) for s in group.stages)
+        widths = ",".join(f"TP{s.tp}" for s in group.stages)
         rows.append(
             Row(
-                _text(group.get("id")),
+                str(group.id),
                 (
-                    _text(group.get("id")),
-                    _text(group.get("role")),
+                    str(group.id),
+                    group.role,
                     places or MISSING,
-                    f"PP{len(stages)} [{widths}]" if stages else MISSING,
-                    " | ".join(_layer_range(s.get("layers")) for s in stages) or MISSING,
-                    f"{capacity:.3f} req/s" if capacity is not None else MISSING,
-                    f"{batch:.0f}" if batch is not None else MISSING,
+                    f"PP{group.pp} [{widths}]" if group.stages else MISSING,
+                    " | ".join(layer_range(*s.layers) for s in group.stages) or MISSING,
+                    f"{group.capacity:.3f} req/s",
+                    f"{group.batch:.0f}",
                 ),
             )
         )
     return rows
 
 
-def _flow_end(end: Any, roles: Mapping[str, str]) -> str:
+def _flow_end(end: int | str, roles: Mapping[int | str, str]) -> str:
     if end in ENDPOINTS:
         return str(end)
-    role = roles.get(_text(end))
-    return f"group {_text(end)} ({role})" if role else f"group {_text(end)}"
+    role = roles.get(end)
+    return f"group {end} ({role})" if role else f"group {end}"
 
 
-def _flow_order(flow: Mapping[str, Any]) -> tuple[int, str, str]:
+def _flow_order(flow: Flow) -> tuple[int, str, str]:
     """Edges from the source first, then group to group, then edges into the sink; by group id within each."""
-    src, dst = flow.get("src"), flow.get("dst")
-    stage = 0 if src == "source" else 2 if dst == "sink" else 1
-    return (stage, _text(src).zfill(9), _text(dst).zfill(9))  # zero-padded: group 10 after group 9
+    stage = 0 if flow.src == SOURCE else 2 if flow.dst == SINK else 1
+    return (stage, str(flow.src).zfill(9), str(flow.dst).zfill(9))  # zero-padded: group 10 after group 9
 
 
 def flow_lines(status: Mapping[str, Any]) -> list[str]:
     """The plan's request flows with a positive rate, ``src -> dst: rate req/s``, source edges first."""
-    plan = _plan(status)
-    roles = {_text(_dict(g).get("id")): _text(_dict(g).get("role")) for g in _list(plan.get("groups"))}
-    flows = [_dict(f) for f in _list(plan.get("flows"))]
-    lines = []
-    for flow in sorted(flows, key=_flow_order):
-        rate = _number(flow.get("rate"))
-        if rate is not None and rate <= 0:
-            continue
-        shown = f"{rate:.3f} req/s" if rate is not None else MISSING
-        lines.append(f"{_flow_end(flow.get('src'), roles)} -> {_flow_end(flow.get('dst'), roles)}: {shown}")
-    return lines
+    body = _body(status)
+    if body is None or body.plan is None:
+        return []
+    roles: dict[int | str, str] = {g.id: g.role for g in body.plan.groups}
+    return [
+        f"{_flow_end(flow.src, roles)} -> {_flow_end(flow.dst, roles)}: {flow.rate:.3f} req/s"
+        for flow in sorted(body.plan.flows, key=_flow_order)
+        if not flow.rate <= 0
+    ]
 
 
 def plan_summary(status: Mapping[str, Any]) -> str:
     """One line on the adopted plan: predicted throughput, bottleneck, planner and unused GPUs, and the
     coordinator's error when it serves a fallback plan; or why there is no plan."""
-    adopted = _dict(status.get("plan"))
-    body = _dict(adopted.get("body"))
-    plan = _plan(status)
-    if not adopted:
+    if not _dict(status.get("plan")):
         return "no plan adopted yet"
-    if not plan:
-        error = _text(body.get("error"))
+    body = _body(status)
+    if body is None:
+        return "the adopted plan has no layout"
+    error = body.error or MISSING
+    plan = body.plan
+    if plan is None:
         return f"the coordinator could not plan: {error}" if error != MISSING else "the adopted plan has no layout"
-    throughput, tokens = _number(plan.get("throughput_rps")), _number(_dict(plan.get("meta")).get("tokens_per_s"))
+    tokens = _number(plan.meta.get("tokens_per_s"))
     parts = [
-        f"predicted {throughput:.3f} req/s" if throughput is not None else f"predicted {MISSING} req/s",
+        f"predicted {plan.throughput:.3f} req/s",
         f"{tokens:,.0f} tokens/s" if tokens is not None else None,
-        f"bottleneck: {_text(plan.get('bottleneck'))}",
-        f"planner: {_text(_dict(plan.get('meta')).get('planner'))}",
+        f"bottleneck: {plan.bottleneck}",
+        f"planner: {_text(plan.meta.get('planner'))}",
     ]
-    unused = _list(_dict(plan.get("meta")).get("unused_gpus"))
+    unused = [i for i in _list(plan.meta.get("unused_gpus")) if type(i) is int]
     if unused:
         names = host_names(status)
         parts.append("unused GPUs: " + ", ".join(_gpu_place(i, body, names) for i in unused))
-    error = _text(body.get("error"))  # a fallback plan says why the swarm serves less than it could
+    # a fallback plan says why the swarm serves less than it could
     return ", ".join(p for p in parts if p) + (f"; degraded: {error}" if error != MISSING else "")
 
 

@@ -13,7 +13,8 @@ import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from hexgen.daemon.messages import PlanBody
 
 ROLES = ("prefill", "decode", "colocated")
 
@@ -144,50 +145,45 @@ def _weighted(rng: random.Random, weights: Sequence[tuple[int, float]], usable: 
     return choices[-1][0]
 
 
-def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple[str, int]]) -> Deployment:
-    """The world of an adopted plan body (``{"plan", "gpus", "term", "epoch", ...}``).
+def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int]]) -> Deployment:
+    """The world of an adopted plan.
 
     ``rendezvous`` maps a peer id to the (host, port) its daemon advertised for worlds it hosts rank 0 of.
-    Raises DeploymentError when the plan is missing, malformed or names an unknown GPU or peer.
+    Raises DeploymentError when there is no plan, or it names an unknown GPU, group or peer.
     O(GPUs + flows).
     """
-    plan, gpus = body.get("plan"), body.get("gpus")
-    if not isinstance(plan, dict) or not isinstance(gpus, dict):
-        error = body.get("error")
-        reason = error if isinstance(error, str) and error.strip() else "the adopted plan has no groups to deploy"
+    plan = body.plan
+    if plan is None:
+        error = body.error
+        reason = error if error and error.strip() else "the adopted plan has no groups to deploy"
         raise DeploymentError(" ".join(reason.split()))  # the coordinator's words, on one line
-    try:
-        replicas: list[Replica] = []
-        index_of_group: dict[int, int] = {}
-        first_rank = 0
-        for group in plan["groups"]:
-            role = str(group["role"])
-            if role not in ROLES:
-                raise DeploymentError(f"group {group['id']!r} has unknown role {role!r}")
-            layout, placement = [], []
-            for stage in group["stages"]:
-                start, end = (int(x) for x in stage["layers"])
-                layout.append((start, end, len(stage["gpus"])))
-                for gpu in stage["gpus"]:
-                    peer, local = gpus[str(gpu)]
-                    placement.append((str(peer), int(local)))
-            if not placement:
-                raise DeploymentError(f"group {group['id']!r} has no GPUs")
-            index_of_group[int(group["id"])] = len(replicas)
-            replicas.append(Replica(len(replicas), int(group["id"]), role, tuple(layout), first_rank, tuple(placement)))
-            first_rank += len(placement)
-        entry: list[tuple[int, float]] = []
-        hand_off: dict[int, list[tuple[int, float]]] = {}
-        for flow in plan["flows"]:
-            src, dst, rate = flow["src"], flow["dst"], float(flow["rate"])
-            if src == "source" and dst != "sink":
-                entry.append((index_of_group[int(dst)], rate))
-            elif src != "source" and dst != "sink":
-                hand_off.setdefault(index_of_group[int(src)], []).append((index_of_group[int(dst)], rate))
-    except DeploymentError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RecursionError) as exc:  # int(inf), str(deep)
-        raise DeploymentError(f"malformed plan: {type(exc).__name__}: {exc}") from None
+    replicas: list[Replica] = []
+    index_of_group: dict[int, int] = {}
+    first_rank = 0
+    for group in plan.groups:
+        layout = tuple((stage.layers[0], stage.layers[1], stage.tp) for stage in group.stages)
+        missing = [gpu for gpu in group.gpus if gpu not in body.gpus]
+        if missing:
+            raise DeploymentError(
+                f"malformed plan: group {group.id} names GPU {missing[0]}, which the plan places nowhere"
+            )
+        placement = tuple(body.gpus[gpu] for gpu in group.gpus)
+        if not placement:
+            raise DeploymentError(f"group {group.id!r} has no GPUs")
+        index_of_group[group.id] = len(replicas)
+        replicas.append(Replica(len(replicas), group.id, group.role, layout, first_rank, placement))
+        first_rank += len(placement)
+    entry: list[tuple[int, float]] = []
+    hand_off: dict[int, list[tuple[int, float]]] = {}
+    for flow in plan.flows:
+        if flow.dst == "sink":
+            continue
+        if flow.dst not in index_of_group or (flow.src != "source" and flow.src not in index_of_group):
+            raise DeploymentError(f"malformed plan: a flow joins {flow.src} to {flow.dst}, not both groups")
+        if flow.src == "source":
+            entry.append((index_of_group[int(flow.dst)], flow.rate))
+        else:
+            hand_off.setdefault(index_of_group[int(flow.src)], []).append((index_of_group[int(flow.dst)], flow.rate))
     for replica in replicas:
         if replica.role == "prefill" and not hand_off.get(replica.index):
             # a prefill group with no flow onward still needs somewhere to send: every decode replica
@@ -200,16 +196,13 @@ def deployment_from_plan(body: Mapping[str, Any], rendezvous: Mapping[str, tuple
     missing = [peer for peer in heads if peer not in rendezvous]
     if missing:
         raise DeploymentError(f"peer {missing[0]!r} hosts a first rank but advertised no rendezvous address")
-    term, epoch = body.get("term", 0), body.get("epoch", 0)
-    if type(term) is not int or type(epoch) is not int:
-        raise DeploymentError("the plan's term and epoch must be integers")
     return Deployment(
-        term=term,
-        epoch=epoch,
+        term=body.term,
+        epoch=body.epoch,
         replicas=tuple(replicas),
         entry_weights=tuple(entry),
         hand_off_weights={k: tuple(v) for k, v in hand_off.items()},
         rendezvous=rendezvous[heads[0]],
         replica_rendezvous=tuple(rendezvous[peer] for peer in heads),
-        restart=bool(body.get("restart")),
+        restart=body.restart,
     )

@@ -70,14 +70,14 @@ class FailureReport:
     peers: tuple[str, ...] = ()
     cause: WorldFailure | None = None
 
-    def to_body(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {"term": self.term, "epoch": self.epoch, "rank": self.rank, "error": self.error}
         if self.cause is not None:
             body |= {"peers": list(self.peers), "cause": self.cause.to_dict()}
         return body
 
     @staticmethod
-    def from_body(body: Any) -> FailureReport:
+    def from_wire(body: Any) -> FailureReport:
         """The report in a gossiped body; raises ValueError for a malformed one."""
         if not isinstance(body, dict):
             raise ValueError("a failure report is a map")

@@ -60,6 +60,8 @@ def peer_id_of(public_key: Any) -> str:
 def peer_id_from_bytes(raw: bytes) -> str:
     """The base58 form of a peer id in its binary form (a gossip message's ``from_id``)."""
     return str(ID(raw).to_base58())
+
+
 log = logging.getLogger("hexgen.host")
 UNSPECIFIED = ("0.0.0.0", "::")
 # Far above what a daemon entry multiplexes to one replica peer; bounds what a flooding peer can hold open.

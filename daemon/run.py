@@ -14,10 +14,12 @@ from typing import Any
 import trio
 
 from hexgen.coordinator.plan import layer_range
+from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.hardware import HardwareProfile, detect_isolated, simulated_profile
 from hexgen.daemon.identity import Certificate, load_certificate, load_or_create_key
 from hexgen.daemon.logs import configure_logging
-from hexgen.daemon.node import AdoptedPlan, Node, NodeConfig
+from hexgen.daemon.node import Node
+from hexgen.daemon.swarm_state import AdoptedPlan
 
 log = logging.getLogger("hexgen.daemon")
 
@@ -60,10 +62,11 @@ def hardware_for(options: JoinOptions) -> HardwareProfile:
 
 async def serve(options: JoinOptions, hardware: HardwareProfile, certificate: Certificate | None) -> None:
     key_pair = load_or_create_key(options.key_file)
-    node = Node(options.node, key_pair, hardware, certificate)
     # A terminal gets readable lines; a pipe (scripts, tests) only the JSON ready line, the rest is logged.
     say = print if sys.stdout.isatty() else log.info
-    node.on_plan = lambda plan, roles: say(describe_roles(plan, roles))
+    node = Node(
+        options.node, key_pair, hardware, certificate, on_plan=lambda plan, roles: say(describe_roles(plan, roles))
+    )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)

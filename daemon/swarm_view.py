@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hexgen.coordinator.plan import layer_range
+from hexgen.daemon.messages import MessageError, PlanBody
+
 View = Mapping[str, dict[str, Any] | None]
 
 
@@ -44,27 +47,37 @@ def serving(view: View, ids: set[str]) -> bool:
     )
 
 
-def assignments(body: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
-    """Peer id -> the GPUs it serves in a plan body: ``{"gpu", "group", "role", "stage", "tp", "layers"}``.
-
-    Tolerates a malformed or empty body (no assignments); O(GPUs in the plan)."""
+def assignments(body: PlanBody | None) -> dict[str, list[dict[str, Any]]]:
+    """Peer id -> the GPUs it serves in a plan: ``{"gpu", "group", "role", "stage", "tp", "layers"}``; empty for
+    no plan, and GPUs the body does not place are left out. O(GPUs in the plan)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    try:
-        gpus = body["gpus"]
-        for group in body["plan"]["groups"]:
-            for stage_index, stage in enumerate(group["stages"]):
-                for gpu in stage["gpus"]:
-                    peer, local = gpus[str(gpu)]
-                    out.setdefault(str(peer), []).append(
-                        {
-                            "gpu": int(local),
-                            "group": int(group["id"]),
-                            "role": str(group["role"]),
-                            "stage": stage_index,
-                            "tp": len(stage["gpus"]),
-                            "layers": list(stage["layers"]),
-                        }
-                    )
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError):  # int(inf), str(deep)
-        return {}
+    if body is None or body.plan is None:
+        return out
+    for group in body.plan.groups:
+        for stage_index, stage in enumerate(group.stages):
+            for gpu in stage.gpus:
+                if gpu not in body.gpus:
+                    continue
+                peer, local = body.gpus[gpu]
+                role = {"gpu": local, "group": group.id, "role": group.role, "stage": stage_index, "tp": stage.tp}
+                out.setdefault(peer, []).append(role | {"layers": list(stage.layers)})
     return out
+
+
+def wire_assignments(raw: Any) -> dict[str, list[dict[str, Any]]]:
+    """``assignments`` of a plan body as it came over the wire (a status reply's); empty when it does not parse."""
+    try:
+        return assignments(PlanBody.from_wire(raw))
+    except MessageError:
+        return {}
+
+
+def describe_roles(body: PlanBody, peer_id: str) -> str:
+    """What ``peer_id``'s GPUs do in a plan, as the tail of an event line."""
+    roles = assignments(body).get(peer_id, [])
+    if not roles:
+        return ": no GPU of this node serves in it"
+    return ": " + ", ".join(
+        f"GPU {r['gpu']} {r['role']} in group {r['group']} stage {r['stage']} (layers {layer_range(*r['layers'])})"
+        for r in roles
+    )

@@ -10,6 +10,7 @@ import pytest
 
 from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned, pinned_plan
 from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
+from hexgen.daemon.messages import MessageError, PlanBody
 from hexgen.daemon.model_files import ModelFilesError, model_fingerprint
 from hexgen.daemon.router import MAX_TOKENS_LIMIT, RequestError, StopFilter, parse_request, parse_stops
 from hexgen.engine.tokenizer import Tokenizer
@@ -32,8 +33,9 @@ GPUS = {"0": ["pa", 0], "1": ["pb", 0], "2": ["pc", 0], "3": ["pd", 0], "4": ["p
 RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pc": ("127.0.0.1", 5002), "pd": ("127.0.0.1", 5001)}
 
 
-def body(plan_dict: dict, epoch: int = 7) -> dict:
-    return {"plan": plan_dict, "gpus": GPUS, "term": 2, "epoch": epoch}
+def body(plan_dict: dict | None, epoch: int = 7, **fields: object) -> PlanBody:
+    """A plan body as it comes off the wire, through its one parser."""
+    return PlanBody.from_wire({"plan": plan_dict, "gpus": GPUS, "term": 2, "epoch": epoch, "members": []} | fields)
 
 
 def test_pinned_plan_becomes_a_world_with_ranks_in_group_and_stage_order():
@@ -48,7 +50,7 @@ def test_pinned_plan_becomes_a_world_with_ranks_in_group_and_stage_order():
     assert split.driver_peer == "pd" and split.driver_layout_rank == 1
     assert whole.first_rank == 4 and prefill.driver_peer == "pa"
     assert deployment.local_ranks("pd") == [(3, split), (4, whole)]
-    moved = deployment_from_plan(body(plan.to_dict(), epoch=8) | {"restart": True}, RENDEZVOUS)
+    moved = deployment_from_plan(body(plan.to_dict(), epoch=8, restart=True), RENDEZVOUS)
     assert [r.key for r in moved.replicas] == [r.key for r in deployment.replicas] and moved.restart
     assert [i for i, _ in deployment.entry_weights] == [0]
     assert {i for i, _ in deployment.hand_off_weights[0]} == {1, 2}
@@ -66,19 +68,21 @@ def test_requests_follow_the_flows():
 
 
 @pytest.mark.parametrize(
-    ("mutate", "message"),
-    [
-        (lambda b: b | {"plan": None, "error": "no group fits"}, "no group fits"),
-        (lambda b: b | {"gpus": {}}, "malformed plan"),
-        (lambda b: {**b, "plan": {**b["plan"], "groups": [{"id": 0, "role": "boss", "stages": []}]}}, "unknown role"),
-    ],
+    ("fields", "message"),
+    [({"plan": None, "error": "no group fits"}, "no group fits"), ({"gpus": {}}, "malformed plan")],
 )
-def test_undeployable_plans_are_refused_with_a_reason(mutate, message):
+def test_undeployable_plans_are_refused_with_a_reason(fields, message):
     plan = pinned_plan(parse_pinned(PINNED), GPU_INDEX).to_dict()
     with pytest.raises(DeploymentError, match=message):
-        deployment_from_plan(mutate(body(plan)), RENDEZVOUS)
+        deployment_from_plan(body(plan, **fields), RENDEZVOUS)
     with pytest.raises(DeploymentError, match="rendezvous"):
         deployment_from_plan(body(plan), {"pd": ("127.0.0.1", 1)})
+
+
+def test_a_plan_with_an_unknown_role_does_not_parse():
+    plan = pinned_plan(parse_pinned(PINNED), GPU_INDEX).to_dict()
+    with pytest.raises(MessageError, match="role"):
+        body({**plan, "groups": [{"id": 0, "role": "boss", "stages": []}]})
 
 
 @pytest.mark.parametrize(

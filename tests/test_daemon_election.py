@@ -160,16 +160,16 @@ def test_partition_merge_settles_on_the_smaller_holder():
 def test_plan_of_a_new_holder_in_the_same_term_replaces_an_equal_epoch():
     """Two claims for one term each published epoch N; the settled holder's plan must still be adopted."""
     from hexgen.daemon.envelope import seal
-    from hexgen.daemon.hardware import simulated_profile
     from hexgen.daemon.host import new_identity
     from hexgen.daemon.identity import peer_id_of
-    from hexgen.daemon.node import Node, NodeConfig
+    from hexgen.testing.control import adoption_of, swarm_state
 
-    node = Node(NodeConfig(), new_identity(), simulated_profile("A100"))
+    state = swarm_state()
+    adoption = adoption_of(state)
     loser, winner = new_identity(), new_identity()
     for key in (loser, winner):
-        node.election.lease = Lease(peer_id_of(key), 3, 1e18)
-        node._apply_plan(seal("plan", {"term": 3, "epoch": 19, "members": [peer_id_of(key)]}, key, 60.0))
-        assert node.plan.coordinator == peer_id_of(key)
-    node._apply_plan(seal("plan", {"term": 3, "epoch": 19, "members": ["x"]}, winner, 60.0))
-    assert node.plan.members == [peer_id_of(winner)], "a re-announcement by the same holder changes nothing"
+        state.election.lease = Lease(peer_id_of(key), 3, 1e18)
+        adoption.apply_plan(seal("plan", {"term": 3, "epoch": 19, "members": [peer_id_of(key)]}, key, 60.0))
+        assert state.plan is not None and state.plan.coordinator == peer_id_of(key)
+    adoption.apply_plan(seal("plan", {"term": 3, "epoch": 19, "members": ["x"]}, winner, 60.0))
+    assert state.plan.members == [peer_id_of(winner)], "a re-announcement by the same holder changes nothing"

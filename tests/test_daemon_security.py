@@ -15,11 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from test_daemon_envelope import json_like
 
 from hexgen.daemon.envelope import seal, to_wire
+from hexgen.daemon.gossip import CONTROL_TOPIC
 from hexgen.daemon.hardware import HardwareProfile
 from hexgen.daemon.host import GOSSIP_PROTOCOL, new_identity, open_host
 from hexgen.daemon.identity import peer_id_of
-from hexgen.daemon.node import CONTROL_TOPIC, PLAN_PROTOCOL, STATUS_PROTOCOL, SYNC_PROTOCOL, query_status
 from hexgen.daemon.probe import PROBE_PROTOCOL
+from hexgen.daemon.rpc import PLAN_PROTOCOL, STATUS_PROTOCOL, SYNC_PROTOCOL, query_status
 from hexgen.daemon.wire import encode_frame
 from hexgen.testing.daemon_harness import Swarm, converged, open_client, serving, statuses, wait_until
 
@@ -299,8 +300,9 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
     member client that is not in the world, counting each refusal."""
     from hexgen.daemon import identity
     from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
-    from hexgen.daemon.node import RENDEZVOUS_PROTOCOL, call
+    from hexgen.daemon.messages import PlanBody
     from hexgen.daemon.router import generate
+    from hexgen.daemon.rpc import RENDEZVOUS_PROTOCOL, call
     from hexgen.testing.checkpoints import reference_greedy
 
     swarm_key = tmp_path / "swarm.key"
@@ -324,7 +326,8 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
                 request = {"tokens": prompt, "max_tokens": 8} | ask
                 tokens = [f["token"] async for f in generate(client, other.peer_id, request) if "token" in f]
             assert tokens == reference
-            (replica,) = deployment_from_plan(state["plan"]["body"], {p: ("x", 1) for p in ids}).replicas
+            body = PlanBody.from_wire(state["plan"]["body"])
+            (replica,) = deployment_from_plan(body, {p: ("x", 1) for p in ids}).replicas
             assert replica.head == head.peer_id
             formed = {w["formed"] for w in state["serving"]["workers"].values()}
             prefix = replica_prefix(state["plan"]["term"], formed.pop(), replica)

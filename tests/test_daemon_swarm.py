@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from hexgen.daemon.node import query_status
+from hexgen.daemon.rpc import query_status
 from hexgen.testing.daemon_harness import Swarm, converged, open_client, wait_until
 
 pytestmark = pytest.mark.trio

@@ -3,6 +3,8 @@ fallback plan, the check that sends a plan there, and how long a request may wai
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hexgen.coordinator.cluster import HostSpec, build_cluster
@@ -38,9 +40,9 @@ def test_gloo_error_names_the_unreachable_address():
 
 def test_failure_report_round_trips_and_refuses_bad_bodies():
     report = FailureReport(1, 4, 0, "boom", ("a", "b"), WorldFailure("replica world", "connect", "10.0.0.2"))
-    assert FailureReport.from_body(report.to_body()) == report
+    assert FailureReport.from_wire(report.to_wire()) == report
     plain = FailureReport(1, 4, 2, "worker exited")
-    assert FailureReport.from_body(plain.to_body()) == plain
+    assert FailureReport.from_wire(plain.to_wire()) == plain
     for bad in [
         None,
         [],
@@ -52,8 +54,8 @@ def test_failure_report_round_trips_and_refuses_bad_bodies():
         {"term": 1, "epoch": 4, "rank": 0, "peers": [1]},
     ]:
         with pytest.raises(ValueError):
-            FailureReport.from_body(bad)
-    assert FailureReport.from_body({"term": 1, "epoch": 4, "rank": 0, "error": 7}).error == ""
+            FailureReport.from_wire(bad)
+    assert FailureReport.from_wire({"term": 1, "epoch": 4, "rank": 0, "error": 7}).error == ""
 
 
 def connect_failure(peers: tuple[str, ...], remote: str | None) -> FailureReport:
@@ -164,30 +166,32 @@ def test_request_patience_counts_from_the_latest_token_and_says_why():
 
 def test_the_coordinator_plans_around_a_blocked_pair_and_falls_back_after_repeated_failures():
     from hexgen.coordinator.pinned import parse_pinned
+    from hexgen.coordinator.specs import resolve_model
     from hexgen.daemon.cluster_view import PeerHardware
+    from hexgen.daemon.failure import BlockedLinks
     from hexgen.daemon.hardware import simulated_profile
-    from hexgen.daemon.host import new_identity
-    from hexgen.daemon.node import MAX_FAILURE_REPLANS, Node, NodeConfig
+    from hexgen.daemon.planning import MAX_FAILURE_REPLANS, PlanningInput, compute_plan
 
     pinned = parse_pinned('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["a", "b"], layers = [0, 32] }]\n')
-    node = Node(NodeConfig(pinned=pinned), new_identity(), simulated_profile("A100x1"))
-    a, b = sorted([node.peer_id, "12D3KooWPeerB"])
-    peers = [
-        PeerHardware(node.peer_id, "a" if node.peer_id == a else "b", simulated_profile("A100x1")),
-        PeerHardware("12D3KooWPeerB", "b" if node.peer_id == a else "a", simulated_profile("A100x1")),
+    a, b = "12D3KooWPeerA", "12D3KooWPeerB"
+    peers = [PeerHardware(a, "a", simulated_profile("A100x1")), PeerHardware(b, "b", simulated_profile("A100x1"))]
+    given = PlanningInput(resolve_model("llama-2-7b"), peers, [], pinned=pinned)
+    outcome = compute_plan(given)
+    assert outcome.error is None and outcome.plan is not None and len(outcome.plan.groups) == 1, "TP=2 spans both"
+    blocked = BlockedLinks()
+    blocked.block((a, b), "peers a and b cannot form a world: refused at 10.0.0.2", {}, 0.0)
+    outcome = compute_plan(dataclasses.replace(given, blocked=blocked.among([a, b])))
+    assert outcome.error == "not serving the pinned plan: peers a and b cannot form a world: refused at 10.0.0.2"
+    assert [(p.peers, p.reason) for p in outcome.blocked] == [
+        ((a, b), "peers a and b cannot form a world: refused at 10.0.0.2")
     ]
-    body = node._compute_plan(peers, [], None)
-    assert body["error"] is None and len(body["plan"]["groups"]) == 1, "the pinned TP=2 group spans both"
-    node.blocked.block((a, b), "peers a and b cannot form a world: refused at 10.0.0.2", {}, node.clock())
-    body = node._compute_plan(peers, [], None)
-    assert body["error"] == "not serving the pinned plan: peers a and b cannot form a world: refused at 10.0.0.2"
-    assert body["blocked"] == [{"peers": [a, b], "reason": "peers a and b cannot form a world: refused at 10.0.0.2"}]
-    for group in body["plan"]["groups"]:
-        assert len({body["gpus"][str(g)][0] for s in group["stages"] for g in s["gpus"]}) == 1
-    if any(g["role"] == "prefill" for g in body["plan"]["groups"]):
+    assert outcome.plan is not None
+    for group in outcome.plan.groups:
+        assert len({outcome.gpus[g][0] for g in group.gpus}) == 1
+    if any(g.role == "prefill" for g in outcome.plan.groups):
         raise AssertionError("an exchange group would span the blocked pair")
-    node.blocked = type(node.blocked)()
-    node._failures_seen[node.table.version] = MAX_FAILURE_REPLANS
-    body = node._compute_plan(peers, [], None)
-    assert body["plan"]["meta"]["planner"] == "colocated-fallback"
-    assert body["error"].startswith(f"{MAX_FAILURE_REPLANS} worker failures in this membership; serving colocated")
+    outcome = compute_plan(dataclasses.replace(given, failures=MAX_FAILURE_REPLANS))
+    assert outcome.plan is not None and outcome.plan.meta["planner"] == "colocated-fallback"
+    assert outcome.error is not None
+    assert outcome.error.startswith(f"{MAX_FAILURE_REPLANS} worker failures in this membership; serving colocated")
+    assert outcome.reusable is None, "a fallback is not a plan to re-plan from"

@@ -38,6 +38,7 @@ from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, parse_pinned
 from hexgen.coordinator.plan import Plan, PlanFormatError
 from hexgen.coordinator.specs import resolve_model
 from hexgen.daemon.cluster_view import LinkMeasurement
+from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.deployment import Deployment, DeploymentError, deployment_from_plan, replica_prefix
 from hexgen.daemon.envelope import (
     EnvelopeRejected,
@@ -53,8 +54,9 @@ from hexgen.daemon.host import new_identity
 from hexgen.daemon.http_api import MAX_BODY_BYTES, ApiError, Gatekeeper, Gateway, build_app
 from hexgen.daemon.identity import peer_id_of
 from hexgen.daemon.membership import PeerTable
+from hexgen.daemon.messages import Advert, MessageError, PlanBody
 from hexgen.daemon.metrics import Metrics
-from hexgen.daemon.node import Node, NodeConfig
+from hexgen.daemon.node import Node
 from hexgen.daemon.router import (
     MAX_TOKENS_LIMIT,
     SAMPLING_FIELDS,
@@ -65,7 +67,7 @@ from hexgen.daemon.router import (
     parse_request,
     parse_stops,
 )
-from hexgen.daemon.swarm_view import assignments
+from hexgen.daemon.swarm_view import assignments, wire_assignments
 from hexgen.daemon.wire import (
     MAX_FRAME,
     READ_CHUNK,
@@ -551,18 +553,21 @@ def check_link(data: Any) -> None:
 
 
 def check_peer_table(body: Any) -> None:
-    """An advert the node verified either enters the table with fields the node can use, or is refused."""
+    """An advert either parses (``Advert.from_wire``, its one parser) into fields the node can use and enters
+    the peer table, or is refused with a MessageError."""
     show(body)
-    table = PeerTable("self")
-    if outcome(lambda: table.apply_advert(ALICE_ID, body, issued=NOW, now=NOW), ValueError) is REFUSED:
+    advert = outcome(lambda: Advert.from_wire(body), MessageError)
+    if advert is REFUSED:
         return
+    assert Advert.from_wire(advert.to_wire()) == advert
+    table = PeerTable("self")
+    table.apply_advert(ALICE_ID, advert, issued=NOW, now=NOW)
     record = table.peers[ALICE_ID]
     assert all(isinstance(a, str) for a in record.addrs) and len(record.addrs) <= 16
-    assert isinstance(record.host_name, str) and isinstance(record.model, str)
-    assert isinstance(record.load, dict) and isinstance(record.links, list) and len(record.links) <= 64
-    rendezvous = body.get("rendezvous")
-    if isinstance(rendezvous, list) and len(rendezvous) == 2:  # what the node's deploy loop reads
-        assert isinstance(rendezvous[0], str) and 0 < int(rendezvous[1]) < 65536
+    assert isinstance(record.host_name, str) and isinstance(advert.model, str)
+    assert isinstance(advert.load, dict) and len(advert.links) <= 64
+    if advert.rendezvous is not None:  # what the node's deploy loop reads
+        assert isinstance(advert.rendezvous[0], str) and 0 < advert.rendezvous[1] < 65536
 
 
 @FUZZ
@@ -574,7 +579,7 @@ def check_peer_table(body: Any) -> None:
 @example(ADVERT | {"host": 7})
 def test_adverts(body: Any) -> None:
     """What an advert carries, each part through its parser: the hardware profile, the link measurements
-    and the peer table entry (``Node._apply_advert``'s steps)."""
+    and the whole advert into the peer table (``Adverts.apply``'s steps)."""
     check_hardware(body.get("hardware") if isinstance(body, dict) else body)
     links = body.get("links") if isinstance(body, dict) else body
     for link in (links if isinstance(links, list) else [links])[:4]:
@@ -586,13 +591,10 @@ def test_adverts(body: Any) -> None:
 
 # A prefill group (TP 2), a decode group of two stages and one of a single stage, on GPUs of peers pa..pd.
 PLAN = pinned_plan(parse_pinned(PINNED, num_layers=5), GPU_INDEX).to_dict() | {"meta": {"planner": "pinned"}}
-PLAN_BODY = {"plan": PLAN, "gpus": GPUS, "term": 2, "epoch": 7, "restart": False}
+PLAN_BODY = {"plan": PLAN, "gpus": GPUS, "term": 2, "epoch": 7, "members": ["pa", "pb"], "restart": False}
 
 
-def check_deployment(body: Any) -> None:
-    show(body)
-    if not isinstance(body, dict):  # the node hands over only plan bodies that are maps
-        body = {"plan": body, "gpus": GPUS}
+def check_deployment(body: PlanBody) -> None:
     deployment = outcome(lambda: deployment_from_plan(body, RENDEZVOUS), DeploymentError)
     if deployment is REFUSED:
         return
@@ -601,7 +603,7 @@ def check_deployment(body: Any) -> None:
     assert isinstance(deployment.term, int) and isinstance(deployment.epoch, int)
 
 
-WORLD = deployment_from_plan(PLAN_BODY, RENDEZVOUS)
+WORLD = deployment_from_plan(PlanBody.from_wire(PLAN_BODY), RENDEZVOUS)
 WORLD_PREFIXES = [WORLD.exchange_prefix, *(replica_prefix(WORLD.term, WORLD.epoch, r) for r in WORLD.replicas)]
 
 
@@ -642,8 +644,7 @@ def check_plan(data: Any) -> None:
     assert all(isinstance(gpu, int) for gpu in plan.gpus)
 
 
-def check_assignments(body: Any) -> None:
-    show(body)
+def check_assignments(body: PlanBody) -> None:
     out = assignments(body)  # must never raise
     assert isinstance(out, dict)
     assert all(isinstance(peer, str) and isinstance(gpus, list) for peer, gpus in out.items())
@@ -661,11 +662,18 @@ BAD_STAGE = {"gpus": [0], "layers": [math.inf, 5]}
 @example(PLAN_BODY | {"gpus": GPUS | {"0": ["p\na", 0]}})
 @example({"plan": None, "error": "line one\nline two"})
 def test_plans(body: Any) -> None:
-    """An adopted plan body through what the node does with it: its world (``deployment_from_plan``), the
-    planner's Plan (``Plan.from_dict``, to re-plan from it) and each peer's roles (``assignments``)."""
-    check_deployment(body)
+    """A plan body through its one parser (``PlanBody.from_wire``), then what the node does with it: its world
+    (``deployment_from_plan``) and each peer's roles (``assignments``); the planner's Plan on its own
+    (``Plan.from_dict``, to re-plan from it)."""
+    show(body)
     check_plan(body.get("plan") if isinstance(body, dict) else body)
-    check_assignments(body)
+    parsed = outcome(lambda: PlanBody.from_wire(body), MessageError)
+    assert wire_assignments(body) == ({} if parsed is REFUSED else assignments(parsed))  # the TUI's path
+    if parsed is REFUSED:
+        return
+    assert PlanBody.from_wire(parsed.to_wire()) == parsed
+    check_deployment(parsed)
+    check_assignments(parsed)
 
 
 def toml_text(value: Any) -> str:
@@ -784,17 +792,16 @@ def test_gossip_through_a_node(envelope: tuple[str, Any]) -> None:
     kind, body = envelope
     node = Node(NodeConfig(), ALICE, HardwareProfile.from_dict(GPU_PROFILE), clock=lambda: NOW)
     node.handle_gossip(BOB_ID, BOB_JOINS)
-    assert node.election.coordinator == BOB_ID, dict(node.rejections)
+    assert node.election.coordinator == BOB_ID, dict(node.state.rejections)
     try:
         sealed = seal(kind, body, BOB, 30.0, now=NOW)
     except ValueError:
         return  # no canonical form: from_wire refuses it (test_envelopes)
     node.handle_gossip(BOB_ID, msgpack.packb([to_wire(sealed)], use_bin_type=True))
     encode_frame(node.status())  # the status protocol can still send it
-    for peer, advert in node._adverts.items():
-        rendezvous = advert.body.get("rendezvous")
-        if isinstance(rendezvous, list) and len(rendezvous) == 2:  # what the node's deploy loop reads
-            assert isinstance(rendezvous[0], str) and 0 < int(rendezvous[1]) < 65536, peer
+    for peer, (_, advert) in node.state.adverts.items():
+        if advert.rendezvous is not None:  # what the node's deploy loop reads
+            assert isinstance(advert.rendezvous[0], str) and 0 < advert.rendezvous[1] < 65536, peer
     if node.plan is not None:
         check_deployment(node.plan.body)
 
@@ -1230,8 +1237,8 @@ def test_live_daemon_survives_malformed_frames(live_daemon: Any, stories_dir: Pa
     """400 hypothesis-drawn streams of broken frames and near-valid requests on every protocol of a daemon
     serving stories260K: each ends in an error frame, an answer or a closed stream, the daemon's workers never
     fail (the plan's epoch stays), and afterwards it answers status and generates the reference tokens."""
-    from hexgen.daemon.node import query_status
     from hexgen.daemon.router import generate
+    from hexgen.daemon.rpc import query_status
     from hexgen.testing.checkpoints import reference_greedy
     from hexgen.testing.daemon_harness import open_client, serving, wait_until
 

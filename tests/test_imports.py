@@ -8,7 +8,12 @@ from pathlib import Path
 import networkx as nx
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"daemon": "hexgen.daemon", "coordinator": "hexgen.coordinator", "engine": "hexgen.engine", "cli": "hexgen.cli"}
+PACKAGES = {
+    "daemon": "hexgen.daemon",
+    "coordinator": "hexgen.coordinator",
+    "engine": "hexgen.engine",
+    "cli": "hexgen.cli",
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -30,7 +35,9 @@ def imported(tree: ast.AST, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module in modules:
                 found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules)
+            found.update(
+                f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules
+            )
     return found
 
 
@@ -62,6 +69,7 @@ def test_engine_and_coordinator_do_not_import_the_daemon() -> None:
     upward = [
         (source, target)
         for source, target in graph.edges
-        if source.startswith(("hexgen.engine", "hexgen.coordinator")) and target.startswith(("hexgen.daemon", "hexgen.cli"))
+        if source.startswith(("hexgen.engine", "hexgen.coordinator"))
+        and target.startswith(("hexgen.daemon", "hexgen.cli"))
     ]
     assert not upward, f"lower layers import upper ones: {upward}"

@@ -17,6 +17,7 @@ from test_daemon_deployment import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
 
 from hexgen.coordinator.pinned import parse_pinned, pinned_plan
 from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
+from hexgen.daemon.messages import PlanBody
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.engine.sealed_store import RendezvousRefused, SealedStore
 
@@ -115,7 +116,8 @@ def test_a_world_needs_one_secret(store_port):
 def deployment(epoch: int = 7):
     """test_daemon_deployment's plan: prefill on pa+pb, decode on pc then pd, decode on pd."""
     plan = pinned_plan(parse_pinned(PINNED), GPU_INDEX).to_dict()
-    return deployment_from_plan({"plan": plan, "gpus": GPUS, "term": 2, "epoch": epoch}, RENDEZVOUS)
+    raw = {"plan": plan, "gpus": GPUS, "term": 2, "epoch": epoch, "members": []}
+    return deployment_from_plan(PlanBody.from_wire(raw), RENDEZVOUS)
 
 
 def test_prefixes_name_the_exchange_group_and_replicas_formed_up_to_the_epoch():

@@ -9,7 +9,7 @@ import trio
 from hexgen.daemon import spot_check
 from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.router import generate
-from hexgen.daemon.swarm_view import assignments
+from hexgen.daemon.swarm_view import wire_assignments
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Swarm, open_client, serving, statuses, wait_until
 
@@ -104,7 +104,7 @@ async def test_a_peer_that_flips_tokens_is_flagged_and_planned_without(tmp_path,
         async with open_client() as client:
             view, _ = await wait_until(client, daemons, serving(ids), timeout=120, what="serving")
             body = next(iter(view.values()))["plan"]["body"]
-            assert liar.peer_id in assignments(body), "the liar should serve a replica before it is caught"
+            assert liar.peer_id in wire_assignments(body), "the liar should serve a replica before it is caught"
 
             async def ask(i: int) -> list[int]:
                 request = {"tokens": prompts[i], "max_tokens": max_tokens}
@@ -124,7 +124,7 @@ async def test_a_peer_that_flips_tokens_is_flagged_and_planned_without(tmp_path,
                 return (
                     serving(ids)(view)
                     and all(liar.peer_id in s["flagged"] for s in states)
-                    and liar.peer_id not in assignments(states[0]["plan"]["body"])
+                    and liar.peer_id not in wire_assignments(states[0]["plan"]["body"])
                 )
 
             await wait_until(client, daemons, without_liar, timeout=60, what="re-planned without the liar")

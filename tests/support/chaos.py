@@ -34,9 +34,9 @@ import trio
 from libp2p.peer.id import ID
 
 from hexgen.daemon.identity import create_key_file, peer_id_of
-from hexgen.daemon.node import query_status
 from hexgen.daemon.router import generate
-from hexgen.daemon.swarm_view import assignments
+from hexgen.daemon.rpc import query_status
+from hexgen.daemon.swarm_view import wire_assignments
 from hexgen.testing.daemon_harness import Daemon, Swarm, descendants, open_client, serving, statuses, wait_until, zombie
 
 ENTRY = "n0"
@@ -526,7 +526,7 @@ async def _killer(run: _Run) -> None:
                     run.failed = True
                     break
                 victim, why = _pick(run, status, policies[len(run.kills) % len(policies)], rng)
-                roles = assignments((status.get("plan") or {}).get("body")).get(victim.peer_id, [])
+                roles = wire_assignments((status.get("plan") or {}).get("body")).get(victim.peer_id, [])
                 kill = Kill(
                     victim=victim.name,
                     peer_id=victim.peer_id,
@@ -546,7 +546,7 @@ async def _killer(run: _Run) -> None:
 
 def _pick(run: _Run, status: dict[str, Any], policy: str, rng: random.Random) -> tuple[Daemon, str]:
     by_peer = {d.peer_id: d for d in run.settled() if d.name != ENTRY}
-    roles = assignments((status.get("plan") or {}).get("body"))
+    roles = wire_assignments((status.get("plan") or {}).get("body"))
     coordinator = status.get("coordinator")
     if policy == "coordinator" and coordinator in by_peer:
         return by_peer[coordinator], "coordinator"

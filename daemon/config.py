@@ -1,0 +1,92 @@
+"""A daemon's settings (``NodeConfig``), which check themselves when built: by the CLI, a test or local_swarm."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from hexgen.coordinator.pinned import PinnedGroup
+from hexgen.daemon.host import HostConfig
+
+
+class ConfigError(ValueError):
+    """A setting out of its range; the text names it."""
+
+
+POSITIVE = {
+    "peer_timeout_s",
+    "lease_ttl_s",
+    "tick_s",
+    "probe_interval_s",
+    "heartbeat_interval_s",
+    "hung_after_s",
+    "request_timeout_s",
+    "connect_timeout_s",
+    "advert_interval_s",
+    "advert_refresh_s",
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model: str = "llama-2-7b"
+    host: HostConfig = field(default_factory=HostConfig)
+    bootstrap: tuple[str, ...] = ()
+    host_name: str = ""
+    advert_interval_s: float = 15.0  # while the advert's content changes
+    advert_refresh_s: float = 45.0  # while it does not
+    # for peers with no direct connection; a connected peer is watched by the connection's health pings
+    peer_timeout_s: float = 100.0
+    lease_ttl_s: float = 12.0
+    plan_debounce_s: float = 0.15
+    tick_s: float = 0.5
+    # A node that dialled bootstrap peers listens this long for a live lease before claiming one itself.
+    startup_grace_s: float = 2.0
+    probe_interval_s: float = 30.0
+    probes_per_round: int = 2
+    # The coordinator pings each member over a long-lived stream; a peer silent for hung_after_s is dropped
+    # (a stopped process keeps its TCP connections open, so only silence shows it).
+    heartbeat_interval_s: float = 0.6
+    hung_after_s: float = 1.9
+    heartbeat_warmup_s: float = 5.0
+    worker_device: str = "cpu"
+    worker_threads: int = 1
+    verify_fraction: float = 0.0  # of this entry's finished requests, spot-checked on other replicas
+    tamper_tokens: bool = False  # tests only: answer replica hops with wrong tokens
+    pinned: tuple[PinnedGroup, ...] | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None  # the OpenAI-compatible gateway, /status and /metrics; None: no HTTP
+    api_key: str | None = None  # required as a bearer token on /v1/* when set
+    max_request_rate: float = 0.0  # generate requests per second one client peer may send (0: no limit)
+    request_timeout_s: float = 30.0  # a request no replica takes (no token) for this long gets an error
+    # for a world's ranks to connect once all of them started; None: the backend's (engine.bounds)
+    connect_timeout_s: float | None = None
+    # Members lost without a goodbye are dialled again, first after redial_first_s, the gap doubling up to
+    # redial_max_gap_s, for redial_for_s: a partition that outlasts TCP's retransmissions closes its
+    # connections, and only a dial brings the sides back together.
+    redial_first_s: float = 1.0
+    redial_max_gap_s: float = 20.0
+    redial_for_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not item.name.endswith("_s") or value is None:
+                continue
+            least = "positive" if item.name in POSITIVE else "non-negative"
+            if not (value > 0.0 if item.name in POSITIVE else value >= 0.0) or math.isnan(value):
+                raise ConfigError(f"{item.name} must be a {least} number of seconds, not {value}")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ConfigError(f"verify_fraction {self.verify_fraction}: a fraction is 0 to 1")
+        if not 0.0 <= self.max_request_rate < math.inf:
+            raise ConfigError(f"max_request_rate {self.max_request_rate}: requests per second, 0 for no limit")
+        if self.request_timeout_s == math.inf or (self.connect_timeout_s or 1.0) == math.inf:
+            raise ConfigError("request and connect timeouts must be finite")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port {self.http_port}: a port is 0-65535")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key must not be empty")
+        if self.api_key is not None and self.http_port is None:
+            raise ConfigError("an API key guards the HTTP API: give an HTTP port too")
+        if self.probes_per_round < 0 or self.worker_threads < 1:
+            raise ConfigError("probes_per_round must be 0 or more and worker_threads 1 or more")

@@ -1,0 +1,130 @@
+"""What the coordinator plans from its view of the swarm: a pure function over the members' hardware and links.
+
+The operator's pinned layout when every GPU it names is present; else an incremental re-plan from the previous
+plan (this coordinator's, or the one it inherited); else a full HexGen-2 plan. A plan that needs a pair of peers
+known not to form worlds, or a membership whose worlds kept failing, gets the colocated fallback instead: the
+swarm never stays on a plan that cannot serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hexgen.coordinator import planner
+from hexgen.coordinator.evaluate import PlanError
+from hexgen.coordinator.fallback import colocated_plan, needs_pair
+from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, pinned_plan
+from hexgen.coordinator.plan import Plan
+from hexgen.coordinator.specs import ModelSpec
+from hexgen.coordinator.workload import synthetic
+from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_cluster_from_peers
+from hexgen.daemon.failure import BlockedLink
+from hexgen.daemon.hardware import HardwareError
+from hexgen.daemon.messages import BlockedPair, PlanBody
+
+log = logging.getLogger("hexgen.daemon")
+
+# Worker failures a membership gets re-plans for; after them the swarm serves the colocated fallback plan.
+MAX_FAILURE_REPLANS = 3
+BLOCKED_LINK_GB_S = 1e-6  # what the planner is told a link that cannot carry a world moves
+
+
+@dataclass(frozen=True)
+class PlanningInput:
+    """Everything a plan depends on. ``previous`` is the plan (and cluster) this coordinator made last;
+    ``inherited`` the adopted body of an earlier coordinator, reused when there is no ``previous``."""
+
+    model: ModelSpec
+    peers: Sequence[PeerHardware]
+    links: Sequence[LinkMeasurement]
+    blocked: Sequence[BlockedLink] = ()
+    failures: int = 0  # failure re-plans already made for this membership
+    pinned: tuple[PinnedGroup, ...] | None = None
+    previous: tuple[Plan, Any] | None = None
+    inherited: PlanBody | None = None
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    """A plan (None when none fits, ``error`` saying why), the GPU index -> (peer, local GPU) map, and what a
+    later re-plan may start from (None after a fallback or a failure)."""
+
+    plan: Plan | None
+    error: str | None
+    gpus: dict[int, tuple[str, int]]
+    blocked: tuple[BlockedPair, ...]
+    reusable: tuple[Plan, Any] | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.plan.throughput if self.plan is not None and math.isfinite(self.plan.throughput) else 0.0
+
+
+def compute_plan(given: PlanningInput) -> PlanOutcome:
+    """Plan for ``given.peers``; slow (the HexGen-2 search), so the daemon runs it in a worker thread."""
+    workload = synthetic("default", min(512, given.model.max_context // 2), 128, count=64)
+    blocked = tuple(BlockedPair(link.pair, link.reason) for link in given.blocked)
+    # the planner is told a blocked pair's link carries (almost) nothing, so it plans around it
+    links = [*given.links, *(LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in given.blocked)]
+    try:
+        cluster, gpu_map = build_cluster_from_peers(list(given.peers), links)
+    except (HardwareError, PlanError, ValueError) as exc:
+        return PlanOutcome(None, f"cannot build the cluster: {exc}", {}, blocked)
+    pairs = {link.pair: link.reason for link in given.blocked}
+    gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
+    why = f"{given.failures} worker failures in this membership" if given.failures >= MAX_FAILURE_REPLANS else None
+    note = None  # why the plan is not the one asked for, when a blocked pair is why
+    try:
+        result = None if why else _pinned(given, gpu_map)
+        if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
+            note = f"not serving the pinned plan: {pairs[pair]}"
+            log.info("%s", note)
+            result = None
+        if result is None and why is None:
+            previous = given.previous or _inherited(given.inherited, links)
+            if previous is not None:
+                result = planner.replan(previous[0], previous[1], cluster, given.model, workload)
+            else:
+                result = planner.plan(cluster, given.model, workload)
+        if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
+            why = pairs[pair]
+        if why is not None:
+            # never a plan that cannot serve: one replica per host, and the reason for all to see
+            fallback = colocated_plan(cluster, given.model, workload)
+            return PlanOutcome(
+                fallback, f"{why}; serving colocated replicas that each fit on one host", gpu_map, blocked
+            )
+    except (PlanError, ValueError) as exc:
+        error = str(exc) if why is None else f"{why}; and no host can serve alone: {exc}"
+        return PlanOutcome(None, error, gpu_map, blocked)
+    assert result is not None
+    return PlanOutcome(result, note, gpu_map, blocked, (result, cluster))
+
+
+def _pinned(given: PlanningInput, gpu_map: dict[int, tuple[str, int]]) -> Plan | None:
+    """The operator's pinned layout, when every GPU it names is in the swarm."""
+    if given.pinned is None:
+        return None
+    host_of = {p.peer_id: p.host_name for p in given.peers}
+    index = {(host_of[peer], local): i for i, (peer, local) in gpu_map.items()}
+    try:
+        return pinned_plan(given.pinned, index)
+    except PinnedPlanError as exc:
+        log.info("not serving the pinned plan yet: %s", exc)
+        return None
+
+
+def _inherited(body: PlanBody | None, links: list[LinkMeasurement]) -> tuple[Plan, Any] | None:
+    """An earlier coordinator's adopted plan and the cluster it was made for, when the body says so."""
+    if body is None or body.plan is None or not body.peers:
+        return None
+    try:
+        cluster, _ = build_cluster_from_peers(list(body.peers), links)
+    except (HardwareError, PlanError, ValueError) as exc:  # an unusable inheritance only costs a full plan
+        log.info("planning from scratch: the adopted plan cannot be reused (%s)", exc)
+        return None
+    return body.plan, cluster

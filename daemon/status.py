@@ -1,0 +1,94 @@
+"""A daemon's status: what ``/hexgen/status/1``, ``/status`` over HTTP and the status TUI show."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hexgen.daemon.host import Stream
+from hexgen.daemon.rpc import serve_rpc
+from hexgen.daemon.serving import Serving
+from hexgen.daemon.swarm_state import SwarmState
+from hexgen.daemon.swarm_view import assignments
+
+
+class StatusView:
+    """This node's view as plain data; ``serving`` is None on a daemon that holds no checkpoint."""
+
+    def __init__(self, state: SwarmState, addrs: Callable[[], list[str]], serving: Serving | None) -> None:
+        self.state = state
+        self.addrs = addrs
+        self.serving = serving
+
+    def load(self) -> dict[str, Any]:
+        return {} if self.serving is None else self.serving.load()
+
+    def roles(self) -> list[dict[str, Any]]:
+        """This node's GPUs in the adopted plan: group, role and stage of each."""
+        plan = self.state.plan
+        return assignments(plan.body if plan is not None else None).get(self.state.peer_id, [])
+
+    def status(self, brief: bool = False) -> dict[str, Any]:
+        """This node's view; ``brief`` keeps only who is in the swarm, who coordinates and which plan is
+        adopted (no plan body, peer records, links, serving state or events): what a watcher polling many
+        daemons needs, at a small fraction of the bytes."""
+        state = self.state
+        head = {
+            "peer_id": state.peer_id,
+            "coordinator": state.election.coordinator,
+            "term": state.election.term,
+            "is_coordinator": state.is_coordinator(),
+            "members": state.table.live_ids(),
+        }
+        plan = state.plan
+        summary = (
+            None
+            if plan is None
+            else {
+                "term": plan.term,
+                "epoch": plan.epoch,
+                "coordinator": plan.coordinator,
+                "members": plan.members,
+            }
+        )
+        if brief:
+            return head | {"plan": summary}
+        return head | self._details() | {"plan": None if plan is None else summary | {"body": plan.body.to_wire()}}
+
+    def _details(self) -> dict[str, Any]:
+        state, me = self.state, self.state.me
+        now = state.clock()
+        serving = self.serving
+        return {
+            "addrs": self.addrs(),
+            "host": me.host_name,
+            "hardware": me.hardware.to_dict(),
+            "model": state.config.model,
+            "load": self.load(),
+            "roles": self.roles(),
+            "swarm": me.certificate.swarm_id if me.certificate else "open",
+            "peers": [
+                {
+                    "peer_id": r.peer_id,
+                    "host": r.host_name,
+                    "addrs": r.addrs,
+                    "hardware": r.advert.hardware.to_dict(),
+                    "load": dict(r.advert.load),
+                    "last_seen_s": round(now - r.last_seen, 3),
+                }
+                for r in sorted(state.table.peers.values(), key=lambda r: r.peer_id)
+            ],
+            "rejections": dict(state.rejections),
+            "flagged": dict(state.flagged),
+            "blocked": [{"peers": list(link.pair), "reason": link.reason} for link in state.blocked.links.values()],
+            "spot_checks": {} if serving is None else dict(serving.router.checks),
+            "links": [m.to_dict() for m in state.all_links()],
+            "serving": None if serving is None else serving.supervisor.status(),
+            "events": list(state.events),
+        }
+
+    async def serve(self, stream: Stream) -> None:
+        def answer(request: dict[str, Any]) -> dict[str, Any]:
+            return self.status(brief=request.get("brief") is True)
+
+        await serve_rpc(stream, "status", answer, self.state.may_ask, self.state.reject)
