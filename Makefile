@@ -19,6 +19,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@mkdir -p .lint/hexgen && for p in daemon coordinator engine cli; do ln -sfn ../../$$p .lint/hexgen/$$p; done
+	@ln -sfn "$$($(BIN)/python -c 'import os, trio; print(os.path.dirname(trio.__file__))')" .lint/trio
 	cd .lint && ../$(BIN)/mypy --config-file ../pyproject.toml -p hexgen.daemon -p hexgen.coordinator -p hexgen.engine
 
 format: $(STAMP)

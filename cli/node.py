@@ -19,7 +19,8 @@ from pathlib import Path
 from hexgen.cli.demo import DemoError, add_demo_command
 from hexgen.cli.format import BaselineResult, PlanReport, report_json, report_text
 from hexgen.cli.join import JoinError, add_join_command
-from hexgen.cli.status import StatusError, add_status_command
+from hexgen.cli.status import StatusError
+from hexgen.cli.status_command import add_status_command
 from hexgen.coordinator.cluster import Cluster, ClusterError, load_cluster_toml
 from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import SpecError, resolve_model

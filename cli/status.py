@@ -12,18 +12,13 @@ subcommand costs every other ``hexgen-node`` command nothing.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import functools
-import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from hexgen.cli.format import table
@@ -33,7 +28,6 @@ from hexgen.daemon.swarm_view import assignments
 
 if TYPE_CHECKING:
     import httpx
-    from textual.app import App
 
 MISSING = "-"
 DEFAULT_HTTP_PORT = 8000
@@ -410,217 +404,3 @@ async def fetch_once(url: str) -> dict[str, Any]:
 
     async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S) as client:
         return await fetch_status(client, url)
-
-
-# ----------------------------------------------------------------------------- the Textual app
-
-
-def status_app(url: str, interval: float = DEFAULT_INTERVAL_S) -> App[None]:
-    """The live TUI polling ``{url}/status`` every ``interval`` seconds (``run()`` it, or ``run_test()``)."""
-    return _status_app_class()(url, interval)
-
-
-@functools.cache
-def _status_app_class() -> type[App[None]]:
-    """The app class, built on first use so that importing this module does not load Textual."""
-    import httpx
-    from rich.text import Text
-    from textual.app import App, ComposeResult
-    from textual.binding import Binding, BindingType
-    from textual.containers import VerticalScroll
-    from textual.coordinate import Coordinate
-    from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
-
-    def fill(widget: DataTable[Text], rows: list[Row]) -> None:
-        """Show ``rows``; cells change in place when the keys are the same, so the cursor and scroll stay.
-
-        Cells go in as ``Text``: DataTable reads a plain string as markup, and host names and event texts
-        come from peers (a host named "[/]" would otherwise stop the app)."""
-        if [key.value for key in widget.rows] == [row.key for row in rows]:
-            for y, row in enumerate(rows):
-                for x, cell in enumerate(row.cells):
-                    if str(widget.get_cell_at(Coordinate(y, x))) != cell:
-                        widget.update_cell_at(Coordinate(y, x), Text(cell), update_width=True)
-            return
-        cursor = widget.cursor_row
-        widget.clear()
-        for row in rows:
-            widget.add_row(*map(Text, row.cells), key=row.key)
-        if rows:
-            widget.move_cursor(row=min(cursor, len(rows) - 1))
-
-    class StatusApp(App[None]):
-        """Peers, plan and events of one daemon, refreshed every ``interval`` seconds."""
-
-        TITLE = "hexgen-node status"
-        CSS = """
-        #header { height: auto; padding: 0 1; background: $primary-background; text-style: bold; }
-        #plan-summary { height: auto; padding: 0 1; background: $primary-background; }
-        #connection { height: auto; padding: 0 1; color: $text-muted; }
-        #connection.error { color: $text-error; background: $error-muted; text-style: bold; }
-        #views, #views ContentSwitcher, #views TabPane { height: 1fr; }
-        #serving, #flows { height: auto; padding: 0 1; }
-        #flows-title { height: auto; padding: 1 1 0 1; text-style: bold; }
-        #groups { height: auto; }
-        """
-        BINDINGS: ClassVar[list[BindingType]] = [
-            Binding("q", "quit", "Quit"),
-            Binding("tab", "switch_view(1)", "Next view", priority=True),
-            Binding("shift+tab", "switch_view(-1)", "Previous view", priority=True),
-        ]
-        VIEWS = ("peers-view", "plan-view", "events-view")
-
-        def __init__(self, url: str, interval: float) -> None:
-            super().__init__()
-            self.url = url
-            self.interval = interval
-            self.polls = 0  # completed polls, successful or not
-            self.status: dict[str, Any] | None = None  # the latest status received
-            self.error: str | None = None  # why the latest poll failed, None after a success
-            self._polled = asyncio.Condition()
-
-        def compose(self) -> ComposeResult:
-            yield Static(f"hexgen-node status: connecting to {self.url} …", id="header", markup=False)
-            yield Static("", id="plan-summary", markup=False)
-            yield Static("", id="connection", markup=False)
-            with TabbedContent(id="views", initial=self.VIEWS[0]):
-                with TabPane("Peers", id="peers-view"):
-                    yield DataTable(id="peers", zebra_stripes=True, cursor_type="row")
-                with TabPane("Plan", id="plan-view"), VerticalScroll():
-                    yield Static("", id="serving", markup=False)
-                    yield DataTable(id="groups", zebra_stripes=True, cursor_type="row")
-                    yield Static("flows", id="flows-title")
-                    yield Static(MISSING, id="flows", markup=False)
-                with TabPane("Events", id="events-view"):
-                    yield DataTable(id="events", zebra_stripes=True, cursor_type="row")
-            yield Footer()
-
-        def on_mount(self) -> None:
-            for table_id, columns in (("#peers", PEER_COLUMNS), ("#groups", GROUP_COLUMNS), ("#events", EVENT_COLUMNS)):
-                self.query_one(table_id, DataTable).add_columns(*columns)
-            self.run_worker(self._poll_forever(), name="poll", exclusive=True)
-
-        async def _poll_forever(self) -> None:
-            async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S) as client:
-                while True:
-                    try:
-                        status: dict[str, Any] | str = await fetch_status(client, self.url)
-                    except StatusError as exc:
-                        status = str(exc)
-                    if not self.is_running:  # quitting: the app's workers outlive its screen by a moment
-                        return
-                    if isinstance(status, dict):
-                        self.show_status(status)
-                    else:
-                        self.show_error(status)
-                    async with self._polled:
-                        self.polls += 1
-                        self._polled.notify_all()
-                    await asyncio.sleep(self.interval)
-
-        async def polled(self, count: int) -> None:
-            """Return once ``count`` polls have completed (for tests and scripts driving the app)."""
-            async with self._polled:
-                await self._polled.wait_for(lambda: self.polls >= count)
-
-        def show_status(self, status: dict[str, Any]) -> None:
-            """Render a fresh status into the header, the summary, the connection line and every view."""
-            self.status, self.error = status, None
-            self.query_one("#header", Static).update(header_text(status))
-            line = self.query_one("#connection", Static)
-            line.remove_class("error")
-            line.update(
-                f"{self.url}/status at {time.strftime('%H:%M:%S')}, refreshed every {self.interval:g} s"
-                " · tab: next view · q: quit"
-            )
-            fill(self.query_one("#peers", DataTable), peer_rows(status))
-            self.query_one("#plan-summary", Static).update(plan_summary(status))
-            self.query_one("#serving", Static).update(serving_summary(status))
-            fill(self.query_one("#groups", DataTable), group_rows(status))
-            self.query_one("#flows", Static).update("\n".join(flow_lines(status)) or MISSING)
-            # newest first, so the latest events are on screen without scrolling
-            fill(self.query_one("#events", DataTable), event_rows(status)[::-1])
-
-        def show_error(self, message: str) -> None:
-            """Say why the latest poll failed; the views keep the last status received, if any."""
-            self.error = message
-            stale = "; the tables show the last status received" if self.status is not None else ""
-            line = self.query_one("#connection", Static)
-            line.add_class("error")
-            line.update(f"{message} (retrying every {self.interval:g} s{stale})")
-
-        def action_switch_view(self, step: int) -> None:
-            """Show the next (``step`` 1) or previous (-1) view, wrapping around."""
-            views = self.query_one("#views", TabbedContent)
-            current = self.VIEWS.index(views.active) if views.active in self.VIEWS else 0
-            views.active = self.VIEWS[(current + step) % len(self.VIEWS)]
-
-    return StatusApp
-
-
-# ----------------------------------------------------------------------------- the subcommand
-
-
-def status_url(url: str | None, port: int | None) -> str:
-    """The daemon's base URL from ``--url`` or ``--http``; StatusError for one that cannot work."""
-    if port is not None:
-        if not 1 <= port <= 65535:
-            raise StatusError(f"--http {port}: expected a port from 1 to 65535")
-        return f"http://127.0.0.1:{port}"
-    if url is None:
-        return DEFAULT_URL
-    cleaned = url.strip().rstrip("/")
-    cleaned = cleaned.removesuffix("/status")  # a pasted endpoint URL names the same daemon
-    try:
-        parts = urlsplit(cleaned)
-        parts.port  # noqa: B018 - parsing the port is what validates it
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise StatusError(f"--url {url!r}: expected an HTTP address such as {DEFAULT_URL}")
-    return cleaned
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Show the daemon's status: the live TUI, or one snapshot as text (``--once``) or JSON (``--json``)."""
-    url = status_url(args.url, args.http)
-    if not (math.isfinite(args.interval) and args.interval > 0):
-        raise StatusError(f"--interval {args.interval:g}: expected a positive number of seconds")
-    if args.once or args.json:
-        status = asyncio.run(fetch_once(url))
-        print(json.dumps(status, indent=2) if args.json else render_text(status))
-        return 0
-    if not sys.stdout.isatty():
-        raise StatusError("the live view needs a terminal; pass --once for text or --json for the status JSON")
-    status_app(url, args.interval).run()
-    return 0
-
-
-def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``status`` on the subcommand parser."""
-    status = sub.add_parser(
-        "status",
-        help="show a daemon's live view: peers, GPUs, roles, plan, flows, load, events",
-        description="Poll a daemon's JSON status (GET /status on the HTTP port of 'hexgen-node join --http "
-        "PORT') and show it live: peers with their GPUs, roles and load; the plan's groups, flows, "
-        "bottleneck and predicted throughput; the swarm's recent events. Keys: tab switches views, q quits.",
-    )
-    where = status.add_mutually_exclusive_group()
-    where.add_argument("--url", metavar="URL", help=f"the daemon's HTTP address (default {DEFAULT_URL})")
-    where.add_argument(
-        "--http",
-        type=int,
-        metavar="PORT",
-        help=f"the daemon's --http port on 127.0.0.1 (default {DEFAULT_HTTP_PORT}, "
-        f"as in 'hexgen-node join --http {DEFAULT_HTTP_PORT}')",
-    )
-    status.add_argument("--once", action="store_true", help="print one snapshot as plain text and exit")
-    status.add_argument("--json", action="store_true", help="print the status JSON as served and exit (implies --once)")
-    status.add_argument(
-        "--interval",
-        type=float,
-        default=DEFAULT_INTERVAL_S,
-        metavar="S",
-        help=f"seconds between refreshes of the live view (default {DEFAULT_INTERVAL_S:g})",
-    )
-    status.set_defaults(func=cmd_status)

@@ -70,12 +70,8 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         for item in fields(self):
-            value = getattr(self, item.name)
-            if not item.name.endswith("_s") or value is None:
-                continue
-            least = "positive" if item.name in POSITIVE else "non-negative"
-            if not (value > 0.0 if item.name in POSITIVE else value >= 0.0) or math.isnan(value):
-                raise ConfigError(f"{item.name} must be a {least} number of seconds, not {value}")
+            if item.name.endswith("_s"):
+                _check_seconds(item.name, getattr(self, item.name))
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ConfigError(f"verify_fraction {self.verify_fraction}: a fraction is 0 to 1")
         if not 0.0 <= self.max_request_rate < math.inf:
@@ -90,3 +86,12 @@ class NodeConfig:
             raise ConfigError("an API key guards the HTTP API: give an HTTP port too")
         if self.probes_per_round < 0 or self.worker_threads < 1:
             raise ConfigError("probes_per_round must be 0 or more and worker_threads 1 or more")
+
+
+def _check_seconds(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    positive = name in POSITIVE
+    if math.isnan(value) or (value <= 0.0 if positive else value < 0.0):
+        kind = "positive" if positive else "non-negative"
+        raise ConfigError(f"{name} must be a {kind} number of seconds, not {value}")

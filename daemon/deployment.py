@@ -14,6 +14,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from hexgen.coordinator.plan import SINK, SOURCE, Plan
 from hexgen.daemon.messages import PlanBody
 
 ROLES = ("prefill", "decode", "colocated")
@@ -157,41 +158,10 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         error = body.error
         reason = error if error and error.strip() else "the adopted plan has no groups to deploy"
         raise DeploymentError(" ".join(reason.split()))  # the coordinator's words, on one line
-    replicas: list[Replica] = []
-    index_of_group: dict[int, int] = {}
-    first_rank = 0
-    for group in plan.groups:
-        layout = tuple((stage.layers[0], stage.layers[1], stage.tp) for stage in group.stages)
-        missing = [gpu for gpu in group.gpus if gpu not in body.gpus]
-        if missing:
-            raise DeploymentError(
-                f"malformed plan: group {group.id} names GPU {missing[0]}, which the plan places nowhere"
-            )
-        placement = tuple(body.gpus[gpu] for gpu in group.gpus)
-        if not placement:
-            raise DeploymentError(f"group {group.id!r} has no GPUs")
-        index_of_group[group.id] = len(replicas)
-        replicas.append(Replica(len(replicas), group.id, group.role, layout, first_rank, placement))
-        first_rank += len(placement)
-    entry: list[tuple[int, float]] = []
-    hand_off: dict[int, list[tuple[int, float]]] = {}
-    for flow in plan.flows:
-        if flow.dst == "sink":
-            continue
-        if flow.dst not in index_of_group or (flow.src != "source" and flow.src not in index_of_group):
-            raise DeploymentError(f"malformed plan: a flow joins {flow.src} to {flow.dst}, not both groups")
-        if flow.src == "source":
-            entry.append((index_of_group[int(flow.dst)], flow.rate))
-        else:
-            hand_off.setdefault(index_of_group[int(flow.src)], []).append((index_of_group[int(flow.dst)], flow.rate))
-    for replica in replicas:
-        if replica.role == "prefill" and not hand_off.get(replica.index):
-            # a prefill group with no flow onward still needs somewhere to send: every decode replica
-            hand_off[replica.index] = [(r.index, 1.0) for r in replicas if r.role == "decode"]
-        if replica.role != "decode" and replica.index not in {i for i, _ in entry}:
-            entry.append((replica.index, 0.0))
+    replicas = _replicas(plan, body.gpus)
     if not replicas:
         raise DeploymentError("the plan has no groups")
+    entry, hand_off = _weights(plan, replicas)
     heads = [r.placement[0][0] for r in replicas]
     missing = [peer for peer in heads if peer not in rendezvous]
     if missing:
@@ -201,8 +171,50 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         epoch=body.epoch,
         replicas=tuple(replicas),
         entry_weights=tuple(entry),
-        hand_off_weights={k: tuple(v) for k, v in hand_off.items()},
+        hand_off_weights=hand_off,
         rendezvous=rendezvous[heads[0]],
         replica_rendezvous=tuple(rendezvous[peer] for peer in heads),
         restart=body.restart,
     )
+
+
+def _replicas(plan: Plan, gpus: Mapping[int, tuple[str, int]]) -> list[Replica]:
+    """One replica per group, ranks numbered in group and stage order."""
+    replicas: list[Replica] = []
+    first_rank = 0
+    for group in plan.groups:
+        layout = tuple((stage.layers[0], stage.layers[1], stage.tp) for stage in group.stages)
+        unplaced = [gpu for gpu in group.gpus if gpu not in gpus]
+        if unplaced:
+            raise DeploymentError(f"malformed plan: group {group.id} names GPU {unplaced[0]}, which it places nowhere")
+        placement = tuple(gpus[gpu] for gpu in group.gpus)
+        if not placement:
+            raise DeploymentError(f"group {group.id!r} has no GPUs")
+        replicas.append(Replica(len(replicas), group.id, group.role, layout, first_rank, placement))
+        first_rank += len(placement)
+    return replicas
+
+
+def _weights(
+    plan: Plan, replicas: list[Replica]
+) -> tuple[list[tuple[int, float]], dict[int, tuple[tuple[int, float], ...]]]:
+    """(entry replica, flow from the source) for prefill and colocated replicas, and each prefill replica's
+    (decode replica, flow) choices; a prefill replica with no flow onward sends to every decode replica."""
+    index_of_group = {r.group_id: r.index for r in replicas}
+    entry: list[tuple[int, float]] = []
+    hand_off: dict[int, list[tuple[int, float]]] = {}
+    for flow in plan.flows:
+        if flow.dst == SINK:
+            continue
+        if flow.dst not in index_of_group or (flow.src != SOURCE and flow.src not in index_of_group):
+            raise DeploymentError(f"malformed plan: a flow joins {flow.src} to {flow.dst}, not both groups")
+        if flow.src == SOURCE:
+            entry.append((index_of_group[int(flow.dst)], flow.rate))
+        else:
+            hand_off.setdefault(index_of_group[int(flow.src)], []).append((index_of_group[int(flow.dst)], flow.rate))
+    for replica in replicas:
+        if replica.role == "prefill" and not hand_off.get(replica.index):
+            hand_off[replica.index] = [(r.index, 1.0) for r in replicas if r.role == "decode"]
+        if replica.role != "decode" and replica.index not in {i for i, _ in entry}:
+            entry.append((replica.index, 0.0))
+    return entry, {k: tuple(v) for k, v in hand_off.items()}

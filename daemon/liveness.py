@@ -174,19 +174,17 @@ class Liveness:
     async def answers(self, peer: str, seconds: float) -> bool:
         """False only when ``peer`` neither echoes a ping nor closes the stream within ``seconds`` (a peer
         that is not connected is the connector's business)."""
-        with trio.move_on_after(seconds):
+        with trio.move_on_after(seconds) as scope:
             stream = await self._open(peer)
-            if stream is None:
-                return True
-            try:
-                await stream.write(PING)
-                await stream.read(1)
-            except Exception as exc:  # noqa: BLE001 - a closed stream is an answer too
-                log.debug("heartbeat probe of %s ended: %s", peer, exc)
-            finally:
-                await _reset(stream)
-            return True
-        return False
+            if stream is not None:
+                try:
+                    await stream.write(PING)
+                    await stream.read(1)
+                except Exception as exc:  # noqa: BLE001 - a closed stream is an answer too
+                    log.debug("heartbeat probe of %s ended: %s", peer, exc)
+                finally:
+                    await _reset(stream)
+        return not scope.cancelled_caught
 
 
 async def _reset(stream: Stream) -> None:

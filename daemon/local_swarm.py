@@ -67,7 +67,7 @@ async def local_swarm(
 
 
 async def _start(
-    daemons: list[LocalDaemon], root: Path, name: str, model: str, gpu: str, extra: list[str], timeout: float
+    daemons: list[LocalDaemon], root: Path, name: str, model: str, gpu: str, extra: list[str], ready_s: float
 ) -> None:
     args = [sys.executable, "-m", "hexgen.cli.node", "join", "--listen", "127.0.0.1:0", "--simulate-gpu", gpu]
     args += ["--model", model, "--key-file", str(root / f"{name}.key"), "--host-name", name, *extra]
@@ -79,7 +79,7 @@ async def _start(
     daemon = LocalDaemon(name, process, log_path)
     daemons.append(daemon)
     line = b""
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(ready_s):
         assert process.stdout is not None
         while not line.endswith(b"\n"):
             chunk = await process.stdout.receive_some(4096)

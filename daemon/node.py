@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+from trio import TaskStatus
 
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.daemon.adoption import Adoption
@@ -143,14 +144,14 @@ class Node:
 
     # ----------------------------------------------------------------- running
 
-    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         async with open_host(self.key_pair, self.config.host) as host:
             self.host = host
             self.state.own_addrs = host.addrs
             state = self.state
             state.claim_after = self.clock() + (self.config.startup_grace_s if self.config.bootstrap else 0.0)
             self._publisher = Publisher(
-                host, topic_for(self.state.me.certificate and self.state.me.certificate.swarm_id)
+                host, topic_for(state.me.certificate.swarm_id if state.me.certificate is not None else None)
             )
             subscription = await host.pubsub.subscribe(self._publisher.topic)
             metrics = Metrics(self)

@@ -78,9 +78,11 @@ async def read_within(stream: Stream, seconds: float) -> bytes | None:
     late, by a process that was itself stopped or starved of CPU, gets a grace read twice as long as it was
     late (at least 0.1 s): the byte may be waiting already, behind the frames that piled up meanwhile."""
     started = trio.current_time()
-    with trio.move_on_after(seconds):
-        return bytes(await stream.read(1))
+    with trio.move_on_after(seconds) as scope:
+        data = bytes(await stream.read(1))
+    if not scope.cancelled_caught:
+        return data
     late = trio.current_time() - started - seconds
-    with trio.move_on_after(min(seconds, max(0.1, 2 * late))):
-        return bytes(await stream.read(1))
-    return None
+    with trio.move_on_after(min(seconds, max(0.1, 2 * late))) as scope:
+        data = bytes(await stream.read(1))
+    return None if scope.cancelled_caught else data

@@ -70,7 +70,7 @@ async def serve(options: JoinOptions, hardware: HardwareProfile, certificate: Ce
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            ready = {"event": "ready", "peer_id": node.peer_id, "addrs": node.host.addrs, "http": node.http_url}
+            ready = {"event": "ready", "peer_id": node.peer_id, "addrs": node.state.own_addrs, "http": node.http_url}
             print(json.dumps(ready), flush=True)
             for line in banner(node):
                 say(line)

@@ -53,7 +53,8 @@ class StatusView:
         )
         if brief:
             return head | {"plan": summary}
-        return head | self._details() | {"plan": None if plan is None else summary | {"body": plan.body.to_wire()}}
+        full = None if plan is None or summary is None else summary | {"body": plan.body.to_wire()}
+        return head | self._details() | {"plan": full}
 
     def _details(self) -> dict[str, Any]:
         state, me = self.state, self.state.me

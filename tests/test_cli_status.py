@@ -32,9 +32,8 @@ from hexgen.cli.status import (
     plan_summary,
     render_text,
     serving_summary,
-    status_app,
-    status_url,
 )
+from hexgen.cli.status_command import status_app, status_url
 
 WAIT_S = 10.0  # every wait on the app is bounded by this
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "status.svg"
