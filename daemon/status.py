@@ -8,6 +8,7 @@ from typing import Any
 from hexgen.daemon.host import Stream
 from hexgen.daemon.rpc import serve_rpc
 from hexgen.daemon.serving import Serving
+from hexgen.daemon.status_reply import Details, PlanSummary, ServingStatus, Status
 from hexgen.daemon.swarm_state import SwarmState
 from hexgen.daemon.swarm_view import assignments
 
@@ -29,46 +30,39 @@ class StatusView:
         return assignments(plan.body if plan is not None else None).get(self.state.peer_id, [])
 
     def status(self, brief: bool = False) -> dict[str, Any]:
+        return self.reply(brief).to_wire()
+
+    def reply(self, brief: bool = False) -> Status:
         """This node's view; ``brief`` keeps only who is in the swarm, who coordinates and which plan is
         adopted (no plan body, peer records, links, serving state or events): what a watcher polling many
         daemons needs, at a small fraction of the bytes."""
         state = self.state
-        head = {
-            "peer_id": state.peer_id,
-            "coordinator": state.election.coordinator,
-            "term": state.election.term,
-            "is_coordinator": state.is_coordinator(),
-            "members": state.table.live_ids(),
-        }
         plan = state.plan
-        summary = (
-            None
+        return Status(
+            peer_id=state.peer_id,
+            coordinator=state.election.coordinator,
+            term=state.election.term,
+            is_coordinator=state.is_coordinator(),
+            members=tuple(state.table.live_ids()),
+            plan=None
             if plan is None
-            else {
-                "term": plan.term,
-                "epoch": plan.epoch,
-                "coordinator": plan.coordinator,
-                "members": plan.members,
-            }
+            else PlanSummary(plan.term, plan.epoch, plan.coordinator, plan.body.members, None if brief else plan.body),
+            details=None if brief else self.details(),
         )
-        if brief:
-            return head | {"plan": summary}
-        full = None if plan is None or summary is None else summary | {"body": plan.body.to_wire()}
-        return head | self._details() | {"plan": full}
 
-    def _details(self) -> dict[str, Any]:
+    def details(self) -> Details:
         state, me = self.state, self.state.me
         now = state.clock()
         serving = self.serving
-        return {
-            "addrs": self.addrs(),
-            "host": me.host_name,
-            "hardware": me.hardware.to_dict(),
-            "model": state.config.model,
-            "load": self.load(),
-            "roles": self.roles(),
-            "swarm": me.certificate.swarm_id if me.certificate else "open",
-            "peers": [
+        return Details(
+            addrs=tuple(self.addrs()),
+            host=me.host_name,
+            hardware=me.hardware.to_dict(),
+            model=state.config.model,
+            swarm=me.certificate.swarm_id if me.certificate else "open",
+            load=self.load(),
+            roles=tuple(self.roles()),
+            peers=tuple(
                 {
                     "peer_id": r.peer_id,
                     "host": r.host_name,
@@ -78,15 +72,15 @@ class StatusView:
                     "last_seen_s": round(now - r.last_seen, 3),
                 }
                 for r in sorted(state.table.peers.values(), key=lambda r: r.peer_id)
-            ],
-            "rejections": dict(state.rejections),
-            "flagged": dict(state.flagged),
-            "blocked": [{"peers": list(link.pair), "reason": link.reason} for link in state.blocked.links.values()],
-            "spot_checks": {} if serving is None else dict(serving.router.checks),
-            "links": [m.to_dict() for m in state.all_links()],
-            "serving": None if serving is None else serving.supervisor.status(),
-            "events": list(state.events),
-        }
+            ),
+            rejections=dict(state.rejections),
+            flagged=dict(state.flagged),
+            blocked=tuple({"peers": list(link.pair), "reason": link.reason} for link in state.blocked.links.values()),
+            spot_checks={} if serving is None else dict(serving.router.checks),
+            links=tuple(m.to_dict() for m in state.all_links()),
+            serving=None if serving is None else ServingStatus.from_wire(serving.supervisor.status()),
+            events=tuple(state.events),
+        )
 
     async def serve(self, stream: Stream) -> None:
         def answer(request: dict[str, Any]) -> dict[str, Any]:

@@ -10,39 +10,52 @@ from typing import Any
 
 from hexgen.coordinator.plan import layer_range
 from hexgen.daemon.messages import MessageError, PlanBody
+from hexgen.daemon.status_reply import Status
 
 View = Mapping[str, dict[str, Any] | None]
+
+
+def parsed(view: View) -> list[Status] | None:
+    """Every daemon's status through its parser; None when one did not answer or answered nonsense."""
+    out = []
+    for raw in view.values():
+        try:
+            out.append(Status.from_wire(raw))
+        except MessageError:
+            return None
+    return out or None
 
 
 def converged(view: View, ids: set[str]) -> bool:
     """Every daemon answered, sees exactly ``ids``, agrees on one coordinator and adopted one plan for ``ids``.
     O(daemons x members)."""
-    if not view or any(s is None for s in view.values()):
+    states = parsed(view)
+    if states is None:
         return False
-    states = [s for s in view.values() if s is not None]
-    coordinators = {s["coordinator"] for s in states}
-    plans = {(s["plan"]["term"], s["plan"]["epoch"]) if s["plan"] else None for s in states}
+    coordinators = {s.coordinator for s in states}
+    plans = {(s.plan.term, s.plan.epoch) if s.plan else None for s in states}
     return (
-        all(set(s["members"]) == ids for s in states)
+        all(set(s.members) == ids for s in states)
         and len(coordinators) == 1
         and None not in coordinators
         and len(plans) == 1
         and None not in plans
-        and all(set(s["plan"]["members"]) == ids for s in states)
-        and sum(s["is_coordinator"] for s in states) == (1 if coordinators <= ids else 0)
+        and all(s.plan is not None and set(s.plan.members) == ids for s in states)
+        and sum(s.is_coordinator for s in states) == (1 if coordinators <= ids else 0)
     )
 
 
 def serving(view: View, ids: set[str]) -> bool:
-    """Converged, and every daemon runs the adopted epoch's workers, all ready."""
+    """Converged, and every daemon runs the adopted epoch's workers, all ready (needs full statuses)."""
     if not converged(view, ids):
         return False
-    states = [s for s in view.values() if s is not None]
-    epoch = states[0]["plan"]["epoch"]
+    states = parsed(view) or []
+    epoch = states[0].plan.epoch if states[0].plan else None
     return all(
-        s.get("serving") is not None
-        and s["serving"]["epoch"] == epoch
-        and all(w["state"] == "ready" for w in s["serving"]["workers"].values())
+        s.details is not None
+        and s.details.serving is not None
+        and s.details.serving.epoch == epoch
+        and s.details.serving.all_ready
         for s in states
     )
 
