@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tmp) / name
             try:
                 result, scenario_load = run_scenario(name, config, prompts, reference, s, root)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a scenario's failure, whatever it is, ends the run with its logs kept
                 keep_logs(root, name)
                 print(f"{name}: failed: {exc!r}", file=sys.stderr)
                 return 1

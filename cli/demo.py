@@ -224,7 +224,7 @@ async def _wait_serving(client: Any, daemons: list[Any]) -> dict[str, Any]:
                 try:
                     with trio.fail_after(5):
                         view[d.peer_id] = await query_status(client, d.peer_id)
-                except Exception:
+                except Exception:  # noqa: BLE001 - a daemon that cannot answer yet is simply not serving yet
                     view[d.peer_id] = None
             if serving(view, ids):
                 return view

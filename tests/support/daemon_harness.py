@@ -163,7 +163,7 @@ async def statuses(
                 if d.peer_id not in client.connected_peers():
                     await client.connect(d.addr)
                 out[d.peer_id] = await query_status(client, d.peer_id, request)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure to answer is recorded as no answer
             out[d.peer_id] = None
 
     async with trio.open_nursery() as nursery:
@@ -176,7 +176,7 @@ async def wait_until(
     client: Host,
     daemons: list[Daemon],
     condition: Callable[[dict[str, dict[str, Any] | None]], bool],
-    timeout: float,
+    timeout: float,  # noqa: ASYNC109 - its expiry is an AssertionError naming the last statuses, not a cancel
     what: str,
     request: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any] | None], float]:
