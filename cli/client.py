@@ -303,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("libp2p", "multiaddr", "async_service"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except ClientError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

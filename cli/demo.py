@@ -19,7 +19,7 @@ from hexgen.coordinator.plan import layer_range
 
 DEFAULT_GPUS = ("H100", "A100", "L40", "A6000")
 DEFAULT_PROMPT = "Once upon a time"
-TINY_CONFIG = {
+TINY_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
     "hidden_size": 64,
