@@ -239,15 +239,21 @@ class Host:
         port, and libp2p would otherwise dial the old address it remembers and then refuse to dial the peer
         at all for a minute (its negative cache)."""
         try:
-            peer = ID.from_base58(peer_id)
-            info = PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs])
+            info = PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in addrs])
             if peer_id not in self.connected_peers():
-                self.libp2p.get_peerstore().clear_addrs(peer)
-                # unblock_peer is the Swarm's, which INetworkService does not declare
-                self.libp2p.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
+                self.forget_addresses(peer_id)
             await self.libp2p.connect(info)
         except Exception as exc:  # as in connect
             raise DialError(str(exc) or type(exc).__name__) from exc
+
+    def forget_addresses(self, peer_id: str) -> None:
+        """Drop the addresses remembered for ``peer_id`` and its failed-dial block: py-libp2p dials only the
+        first address it knows of a peer, and refuses a peer whose dial failed for 60 s (its negative cache),
+        so a restarted peer on a new port is otherwise unreachable for a minute."""
+        peer = ID.from_base58(peer_id)
+        self.libp2p.get_peerstore().clear_addrs(peer)
+        # unblock_peer is the Swarm's, which INetworkService does not declare
+        self.libp2p.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
 
     def speaks(self, peer_id: str, protocol: str) -> bool | None:
         """Whether ``peer_id`` serves ``protocol``, as identify (run on every new connection) told; None
