@@ -38,6 +38,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr.exceptions import Error as MultiaddrError
 
 from hexgen.daemon.node_key import KeyPair, new_key_pair
 
@@ -75,7 +76,7 @@ def peer_of_address(addr: str) -> str:
     """The peer id that a ``/ip4/.../tcp/.../p2p/ID`` multiaddr names; ``AddressError`` for anything else."""
     try:
         return str(multiaddr.Multiaddr(addr).value_for_protocol("p2p"))
-    except (multiaddr.exceptions.Error, ValueError, TypeError):
+    except (MultiaddrError, ValueError, TypeError):
         raise AddressError(f"{addr!r} is not a multiaddr ending in /p2p/PEER_ID") from None
 
 
