@@ -160,12 +160,12 @@ def brief(view: Statuses) -> str:
     return "; ".join(parts)
 
 
-async def wait_for(client: Any, daemons: list[Daemon], checks: dict[str, Check], timeout: float) -> dict[str, Seen]:
+async def wait_for(client: Any, daemons: list[Daemon], checks: dict[str, Check], within_s: float) -> dict[str, Seen]:
     """Poll all ``daemons`` every POLL_S until each check has held once; the first round that saw each.
 
-    Raises BenchError when some check has not held within ``timeout`` seconds.
+    Raises BenchError when some check has not held within ``within_s`` seconds.
     """
-    deadline = time.time() + timeout
+    deadline = time.time() + within_s
     found: dict[str, Seen] = {}
     view: Statuses = {}
     while time.time() < deadline:
@@ -179,7 +179,7 @@ async def wait_for(client: Any, daemons: list[Daemon], checks: dict[str, Check],
             return found
         await trio.sleep(POLL_S)
     missing = ", ".join(name for name in checks if name not in found)
-    raise BenchError(f"not {missing} within {timeout:.0f} s: {brief(view)}")
+    raise BenchError(f"not {missing} within {within_s:.0f} s: {brief(view)}")
 
 
 def phase_timeout(nodes: int) -> float:
@@ -405,7 +405,7 @@ def bench_size(nodes: int, settings: Settings, root: Path) -> dict[str, Any]:
         daemons, coordinator = trio.run(converge_phase, swarm, nodes, row)
         idle_phase(daemons, coordinator, settings.idle_window_s, row)
         trio.run(failover_and_join_phase, swarm, daemons, row)
-    except Exception as exc:  # a phase's BenchError arrives wrapped in trio's exception groups
+    except Exception as exc:
         row["error"] = describe(exc)[:2000]
         print(f"  {nodes} daemons: {row['error'][:500]}", file=sys.stderr)
     finally:

@@ -2,7 +2,7 @@
 
 The hypothesis suite draws 10,000 inputs per parser from strategies; this script lets libFuzzer mutate bytes
 for as long as asked, guided by the line coverage of the ``hexgen`` package, and checks the same properties
-(the ``check``/``test`` functions of tests/test_fuzz.py): a parser returns a valid result or raises its
+(the ``check_*`` functions of ``hexgen.testing.fuzz*``, which tests/test_fuzz.py runs under hypothesis): a parser returns a valid result or raises its
 documented error with a one-line message. A target other than frames, pinned and http reads the bytes as one
 msgpack value (bytes that are not msgpack are skipped; the corpus starts from the suite's valid examples), so
 libFuzzer explores values the wire can carry. A property that fails stops the run with the input saved as
@@ -29,15 +29,14 @@ from typing import Any
 
 import atheris
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
 with atheris.instrument_imports(include=["hexgen"]):
     import msgpack
-    import test_fuzz as suite
 
-    from hexgen.daemon.wire import FrameError, decode_payload
+    from hexgen.daemon.wire import FrameError, decode_payload, encode_frame
     from hexgen.engine.tokenizer import Tokenizer
+    from hexgen.testing import fuzz_messages as messages
+    from hexgen.testing import fuzz_requests as requests
+    from hexgen.testing.fuzz import FrameCase, check_frames
 
 TARGETS = ("frames", "envelopes", "adverts", "plans", "pinned", "gossip", "generate", "replica", "http")
 
@@ -59,52 +58,52 @@ def _on_value(check: Callable[[Any], None]) -> Callable[[bytes], None]:
     return run
 
 
+def _packed(*values: Any) -> list[bytes]:
+    return [msgpack.packb(v, use_bin_type=True) for v in values]
+
+
+def _frames(data: bytes) -> None:
+    check_frames(FrameCase(data, (1 + data[:1][0] % 7,) if data else (1,)))
+
+
+def _gossip(data: bytes) -> None:
+    kinds = ("advert", "lease", "plan", "leave", "failure")
+    ok, value = _msgpack_value(data[1:])
+    if ok and data:
+        messages.check_gossip((kinds[data[0] % len(kinds)], value))
+
+
+def _pinned(data: bytes) -> None:
+    messages.check_pinned((data.decode("utf-8", "replace"), None))
+
+
+# Targets that need no model: name -> (the function libFuzzer calls, the seed corpus).
+MESSAGE_TARGETS: dict[str, Callable[[], tuple[Callable[[bytes], None], list[bytes]]]] = {
+    "frames": lambda: (_frames, [encode_frame(messages.ADVERT), encode_frame(requests.GENERATE_REQUESTS[1])]),
+    "envelopes": lambda: (messages.check_envelope, _packed(messages.SEALED_ADVERT)),
+    "adverts": lambda: (_on_value(messages.check_advert), _packed(messages.ADVERT)),
+    "plans": lambda: (_on_value(messages.check_plan_body), _packed(messages.PLAN_BODY)),
+    "gossip": lambda: (_gossip, [b"\x00" + p for p in _packed(messages.ADVERT | {"host": "bob"})]),
+    "pinned": lambda: (_pinned, [messages.PINNED.encode()]),
+    "replica": lambda: (_on_value(requests.check_replica_request), _packed(*requests.REPLICA_REQUESTS)),
+}
+
+
 def _target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
     """The function libFuzzer calls for ``name``, and the seed corpus (the suite's valid examples)."""
-
-    def packed(*values: Any) -> list[bytes]:
-        return [msgpack.packb(v, use_bin_type=True) for v in values]
-
-    if name == "frames":
-        return (
-            lambda data: suite.test_frames.hypothesis.inner_test(
-                suite.FrameCase(data, (1 + data[:1][0] % 7,) if data else (1,))
-            ),
-            [suite.encode_frame(suite.ADVERT), suite.encode_frame(suite.GENERATE_REQUESTS[1])],
-        )
-    if name == "envelopes":
-        return suite.test_envelopes.hypothesis.inner_test, packed(suite.SEALED_ADVERT)
-    if name == "adverts":
-        return _on_value(suite.test_adverts.hypothesis.inner_test), packed(suite.ADVERT)
-    if name == "plans":
-        return _on_value(suite.test_plans.hypothesis.inner_test), packed(suite.PLAN_BODY)
-    if name == "gossip":
-        kinds = ("advert", "lease", "plan", "leave", "failure")
-
-        def gossip(data: bytes) -> None:
-            ok, value = _msgpack_value(data[1:])
-            if ok and data:
-                suite.test_gossip_through_a_node.hypothesis.inner_test((kinds[data[0] % len(kinds)], value))
-
-        return gossip, [b"\x00" + p for p in packed(suite.ADVERT | {"host": "bob"})]
-    if name == "pinned":
-        return (
-            lambda data: suite.test_pinned_plans.hypothesis.inner_test((data.decode("utf-8", "replace"), None)),
-            [suite.PINNED.encode()],
-        )
-    if name == "replica":
-        return _on_value(suite.test_replica_requests.hypothesis.inner_test), packed(*suite.REPLICA_REQUESTS)
-    tokenizer = Tokenizer.from_dir(suite.STORIES)
+    if name in MESSAGE_TARGETS:
+        return MESSAGE_TARGETS[name]()
+    tokenizer = Tokenizer.from_dir(requests.STORIES)
     if name == "generate":
         return (
-            _on_value(lambda request: suite.test_generate_requests.hypothesis.inner_test(tokenizer, request)),
-            packed(*suite.GENERATE_REQUESTS),
+            _on_value(lambda request: requests.check_generate(tokenizer, request)),
+            _packed(*requests.GENERATE_REQUESTS),
         )
     if name == "http":
-        gateway = suite.stub_gateway(tokenizer, serving=False)
+        gateway = requests.stub_gateway(tokenizer, serving=False)
         return (
-            lambda data: suite.check_http_body(gateway, bool(data[:1]) and data[0] % 2 == 1, data[1:], None),
-            [b"\x00" + suite.json_body(suite.COMPLETION_BODY), b"\x01" + suite.json_body(suite.CHAT_BODY)],
+            lambda data: requests.check_http_body(gateway, bool(data[:1]) and data[0] % 2 == 1, data[1:], None),
+            [b"\x00" + requests.json_body(requests.COMPLETION_BODY), b"\x01" + requests.json_body(requests.CHAT_BODY)],
         )
     raise SystemExit(f"unknown target {name!r}; one of {', '.join(TARGETS)} or all")
 

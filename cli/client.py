@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _generate(peer: str, request: dict[str, Any], timeout: float, out: Any) -> dict[str, Any]:
+async def _generate(peer: str, request: dict[str, Any], timeout_s: float, out: Any) -> dict[str, Any]:
     from hexgen.daemon.host import HostConfig, new_identity, open_host
 
     started = time.perf_counter()
@@ -107,8 +107,8 @@ async def _generate(peer: str, request: dict[str, Any], timeout: float, out: Any
     failure: ClientError | None = None  # raised outside the host's nurseries, not inside their exception groups
     async with open_host(new_identity(), HostConfig(listen_host="127.0.0.1", port=0)) as host:
         try:
-            peer_id = await _connect(host, peer, timeout)
-            await _stream(host, peer_id, peer, request, timeout, out, reply)
+            peer_id = await _connect(host, peer, timeout_s)
+            await _stream(host, peer_id, peer, request, timeout_s, out, reply)
         except ClientError as exc:
             failure = exc
     if failure is not None:
@@ -129,15 +129,17 @@ async def _generate(peer: str, request: dict[str, Any], timeout: float, out: Any
     }
 
 
-async def _connect(host: Any, peer: str, timeout: float) -> str:
+async def _connect(host: Any, peer: str, timeout_s: float) -> str:
     import trio
 
+    from hexgen.daemon.host import DialError
+
     try:
-        with trio.fail_after(min(timeout, 15.0)):
+        with trio.fail_after(min(timeout_s, 15.0)):
             return str(await host.connect(peer))
     except trio.TooSlowError:
         raise ClientError(f"no answer from {peer}") from None
-    except Exception as exc:
+    except DialError as exc:
         raise ClientError(f"cannot reach {peer}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
 
 
@@ -146,7 +148,7 @@ async def _stream(
     peer_id: str,
     peer: str,
     request: dict[str, Any],
-    timeout: float,
+    timeout_s: float,
     out: Any,
     reply: Reply,
 ) -> None:
@@ -155,7 +157,7 @@ async def _stream(
     from hexgen.daemon.router import generate
 
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(timeout_s):
             async for frame in generate(host, peer_id, request):
                 if "error" in frame:
                     raise Refused(str(frame["error"]), frame.get("code"))
@@ -170,10 +172,10 @@ async def _stream(
                 if frame.get("done"):
                     reply.done = frame
     except trio.TooSlowError:
-        raise ClientError(f"no complete answer within {timeout:g} s") from None
+        raise ClientError(f"no complete answer within {timeout_s:g} s") from None
     except ClientError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever broke the stream (peer, transport, framing), say it in one line
         raise ClientError(f"the stream from {peer} broke: {' '.join(str(exc).split())}") from None
 
 
@@ -193,7 +195,7 @@ def _note(text: str) -> None:
     print(f"({text})", file=sys.stderr, flush=True)
 
 
-async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]], timeout: float, tty: bool) -> int:
+async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]], timeout_s: float, tty: bool) -> int:
     """The conversation loop: a line in, a streamed reply out, both kept in the history sent each turn.
     Returns how many messages the swarm refused."""
     import trio
@@ -207,7 +209,7 @@ async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]
         open_host(new_identity(), HostConfig(listen_host="127.0.0.1", port=0)) as host,
     ):
         try:
-            peer_id = await _connect(host, peer, timeout)
+            peer_id = await _connect(host, peer, timeout_s)
             messages = list(opening)
             while True:
                 if tty:
@@ -223,7 +225,7 @@ async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]
                     continue
                 messages.append({"role": "user", "content": line.strip()})
                 try:
-                    reply = await _reply(host, peer_id, peer, request, messages, len(opening), timeout)
+                    reply = await _reply(host, peer_id, peer, request, messages, len(opening), timeout_s)
                 except Refused as exc:
                     messages.pop()
                     refused += 1
@@ -246,14 +248,14 @@ async def _reply(
     request: dict[str, Any],
     messages: list[dict[str, str]],
     keep: int,
-    timeout: float,
+    timeout_s: float,
 ) -> Reply:
     """Stream the reply to ``messages``; while the conversation leaves the model no room for one, drop its
     oldest exchange (the first ``keep`` messages, the system's, stay) and ask again."""
     while True:
         reply = Reply()
         try:
-            await _stream(host, peer_id, peer, request | {"messages": messages}, timeout, sys.stdout, reply)
+            await _stream(host, peer_id, peer, request | {"messages": messages}, timeout_s, sys.stdout, reply)
             return reply
         except Refused as exc:
             if exc.code != "context_full" or len(messages) <= keep + 1:
@@ -301,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("libp2p", "multiaddr", "async_service"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except ClientError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

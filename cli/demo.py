@@ -19,7 +19,7 @@ from hexgen.coordinator.plan import layer_range
 
 DEFAULT_GPUS = ("H100", "A100", "L40", "A6000")
 DEFAULT_PROMPT = "Once upon a time"
-TINY_CONFIG = {
+TINY_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
     "hidden_size": 64,
@@ -224,7 +224,7 @@ async def _wait_serving(client: Any, daemons: list[Any]) -> dict[str, Any]:
                 try:
                     with trio.fail_after(5):
                         view[d.peer_id] = await query_status(client, d.peer_id)
-                except Exception:
+                except Exception:  # noqa: BLE001 - a daemon that cannot answer yet is simply not serving yet
                     view[d.peer_id] = None
             if serving(view, ids):
                 return view

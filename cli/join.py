@@ -7,10 +7,15 @@ import argparse
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hexgen.cli.settings import SettingsError, load_config_file, make_layered, resolve
 from hexgen.coordinator.specs import resolve_model
 from hexgen.daemon.logs import LEVELS
+
+if TYPE_CHECKING:
+    from hexgen.coordinator.pinned import PinnedGroup
+    from hexgen.daemon.run import JoinOptions
 
 
 class JoinError(Exception):
@@ -25,12 +30,11 @@ def _listen(value: str) -> tuple[str, int]:
 
 
 def _bootstrap(addr: str) -> str:
-    import multiaddr
+    from hexgen.daemon.host import AddressError, peer_of_address
 
     try:
-        parsed = multiaddr.Multiaddr(addr)
-        parsed.value_for_protocol("p2p")
-    except Exception:
+        peer_of_address(addr)
+    except AddressError:
         raise JoinError(f"--bootstrap {addr!r}: expected a multiaddr ending in /p2p/PEER_ID") from None
     return addr
 
@@ -139,78 +143,19 @@ def layered_args(args: argparse.Namespace) -> None:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned
-    from hexgen.daemon.hardware import HardwareError, parse_simulate_gpu
-    from hexgen.daemon.host import HostConfig, ListenError
+    from hexgen.coordinator.pinned import PinnedPlanError
+    from hexgen.daemon.hardware import HardwareError
+    from hexgen.daemon.host import ListenError
     from hexgen.daemon.http_api import GatewayError
-    from hexgen.daemon.identity import CertificateError, IdentityError, default_key_file
-    from hexgen.daemon.model_files import ModelFilesError, is_checkpoint_dir, model_fingerprint
-    from hexgen.daemon.node import DuplicateKeyError, NodeConfig
-    from hexgen.daemon.run import JoinOptions, join
-    from hexgen.engine.tokenizer import Tokenizer, TokenizerError
+    from hexgen.daemon.identity import CertificateError, IdentityError
+    from hexgen.daemon.model_files import ModelFilesError
+    from hexgen.daemon.node import DuplicateKeyError
+    from hexgen.daemon.run import join
+    from hexgen.engine.tokenizer import TokenizerError
 
     layered_args(args)
     try:
-        host, port = _listen(args.listen)
-        bootstrap = tuple(_bootstrap(a) for a in args.bootstrap)
-        spec = resolve_model(args.model)
-        if is_checkpoint_dir(args.model):
-            model_fingerprint(args.model)
-            Tokenizer.from_dir(args.model)
-        pinned = None
-        if args.pin_plan:
-            try:
-                text = Path(args.pin_plan).read_text()
-            except OSError as exc:
-                raise JoinError(f"--pin-plan {args.pin_plan}: {exc.strerror or exc}") from None
-            pinned = parse_pinned(text, spec.layers)
-        if args.simulate_gpu:
-            parse_simulate_gpu(args.simulate_gpu)
-        if not args.peer_timeout > 0:
-            raise JoinError("--peer-timeout must be positive")
-        if not args.probe_interval > 0:
-            raise JoinError("--probe-interval must be positive")
-        if not 0.0 <= args.verify_fraction <= 1.0:
-            raise JoinError(f"--verify-fraction {args.verify_fraction}: a fraction is 0 to 1")
-        if not 0.0 <= args.max_request_rate < math.inf:
-            raise JoinError(f"--max-request-rate {args.max_request_rate}: give requests per second, 0 for no limit")
-        if not 0.0 < args.request_timeout < math.inf:
-            raise JoinError(f"--request-timeout {args.request_timeout}: give a positive number of seconds")
-        if args.connect_timeout is not None and not 0.0 < args.connect_timeout < math.inf:
-            raise JoinError(f"--connect-timeout {args.connect_timeout}: give a positive number of seconds")
-        if args.http is not None and not 0 <= args.http <= 65535:
-            raise JoinError(f"--http {args.http}: a port is 0-65535")
-        if args.api_key is not None and not args.api_key.strip():
-            raise JoinError("--api-key must not be empty")
-        if args.api_key is not None and args.http is None:
-            raise JoinError("--api-key guards the HTTP API: give --http PORT too")
-        node = NodeConfig(
-            model=args.model,
-            host=HostConfig(listen_host=host, port=port, advertise_host=args.advertise),
-            bootstrap=bootstrap,
-            host_name=args.host_name,
-            peer_timeout_s=args.peer_timeout,
-            # an unchanged advert is re-sent at least twice per peer timeout
-            advert_refresh_s=min(NodeConfig.advert_refresh_s, args.peer_timeout / 2),
-            probe_interval_s=args.probe_interval,
-            verify_fraction=args.verify_fraction,
-            max_request_rate=args.max_request_rate,
-            request_timeout_s=args.request_timeout,
-            connect_timeout_s=args.connect_timeout,
-            tamper_tokens=args.tamper_tokens,
-            pinned=pinned,
-            http_host=args.http_host,
-            http_port=args.http,
-            api_key=args.api_key,
-        )
-        options = JoinOptions(
-            key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),
-            node=node,
-            simulate_gpu=args.simulate_gpu,
-            swarm_cert=Path(args.swarm_cert).expanduser() if args.swarm_cert else None,
-            calibrate=not args.no_calibrate,
-            log_level=args.log_level,
-        )
+        options = join_options(args)
         try:
             return join(options)
         # a port cannot be served (in use, not permitted), or another daemon has this one's key
@@ -223,3 +168,91 @@ def cmd_join(args: argparse.Namespace) -> int:
         raise JoinError(f"--pin-plan {args.pin_plan}: {exc}") from None
     except (HardwareError, IdentityError, CertificateError, ModelFilesError, TokenizerError) as exc:
         raise JoinError(str(exc)) from None
+
+
+def join_options(args: argparse.Namespace) -> JoinOptions:
+    """The daemon's options from checked flags. Raises ``JoinError`` for a flag that cannot work, and the
+    model, pinned-plan, hardware and identity modules' own errors for what they refuse."""
+    from hexgen.daemon.hardware import parse_simulate_gpu
+    from hexgen.daemon.host import HostConfig
+    from hexgen.daemon.identity import default_key_file
+    from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
+    from hexgen.daemon.node import NodeConfig
+    from hexgen.daemon.run import JoinOptions
+    from hexgen.engine.tokenizer import Tokenizer
+
+    host, port = _listen(args.listen)
+    bootstrap = tuple(_bootstrap(a) for a in args.bootstrap)
+    spec = resolve_model(args.model)
+    if is_checkpoint_dir(args.model):
+        model_fingerprint(args.model)
+        Tokenizer.from_dir(args.model)
+    pinned = _pinned(args.pin_plan, spec.layers) if args.pin_plan else None
+    if args.simulate_gpu:
+        parse_simulate_gpu(args.simulate_gpu)
+    _check_limits(args)
+    _check_http(args)
+    node = NodeConfig(
+        model=args.model,
+        host=HostConfig(listen_host=host, port=port, advertise_host=args.advertise),
+        bootstrap=bootstrap,
+        host_name=args.host_name,
+        peer_timeout_s=args.peer_timeout,
+        # an unchanged advert is re-sent at least twice per peer timeout
+        advert_refresh_s=min(NodeConfig.advert_refresh_s, args.peer_timeout / 2),
+        probe_interval_s=args.probe_interval,
+        verify_fraction=args.verify_fraction,
+        max_request_rate=args.max_request_rate,
+        request_timeout_s=args.request_timeout,
+        connect_timeout_s=args.connect_timeout,
+        tamper_tokens=args.tamper_tokens,
+        pinned=pinned,
+        http_host=args.http_host,
+        http_port=args.http,
+        api_key=args.api_key,
+    )
+    return JoinOptions(
+        key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),
+        node=node,
+        simulate_gpu=args.simulate_gpu,
+        swarm_cert=Path(args.swarm_cert).expanduser() if args.swarm_cert else None,
+        calibrate=not args.no_calibrate,
+        log_level=args.log_level,
+    )
+
+
+def _pinned(path: str, layers: int) -> tuple[PinnedGroup, ...]:
+    """The ``--pin-plan`` file's plan for a model of ``layers`` layers (``PinnedPlanError`` if it has none)."""
+    from hexgen.coordinator.pinned import parse_pinned
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise JoinError(f"--pin-plan {path}: {exc.strerror or exc}") from None
+    return parse_pinned(text, layers)
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    """Raise ``JoinError`` for a timing, fraction or rate flag out of its range."""
+    if not args.peer_timeout > 0:
+        raise JoinError("--peer-timeout must be positive")
+    if not args.probe_interval > 0:
+        raise JoinError("--probe-interval must be positive")
+    if not 0.0 <= args.verify_fraction <= 1.0:
+        raise JoinError(f"--verify-fraction {args.verify_fraction}: a fraction is 0 to 1")
+    if not 0.0 <= args.max_request_rate < math.inf:
+        raise JoinError(f"--max-request-rate {args.max_request_rate}: give requests per second, 0 for no limit")
+    if not 0.0 < args.request_timeout < math.inf:
+        raise JoinError(f"--request-timeout {args.request_timeout}: give a positive number of seconds")
+    if args.connect_timeout is not None and not 0.0 < args.connect_timeout < math.inf:
+        raise JoinError(f"--connect-timeout {args.connect_timeout}: give a positive number of seconds")
+
+
+def _check_http(args: argparse.Namespace) -> None:
+    """Raise ``JoinError`` for an HTTP port out of range or an API key that cannot guard anything."""
+    if args.http is not None and not 0 <= args.http <= 65535:
+        raise JoinError(f"--http {args.http}: a port is 0-65535")
+    if args.api_key is not None and not args.api_key.strip():
+        raise JoinError("--api-key must not be empty")
+    if args.api_key is not None and args.http is None:
+        raise JoinError("--api-key guards the HTTP API: give --http PORT too")

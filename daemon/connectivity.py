@@ -10,7 +10,7 @@ import trio
 
 from hexgen.daemon.adverts import Adverts
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, from_wire, to_wire, verify
-from hexgen.daemon.host import Host, Stream
+from hexgen.daemon.host import DialError, Host, Stream
 from hexgen.daemon.identity import CertificateError
 from hexgen.daemon.messages import Advert
 from hexgen.daemon.rpc import RPC_TIMEOUT_S, SYNC_PROTOCOL, call, serve_rpc
@@ -114,7 +114,7 @@ class Connectivity:
             await trio.sleep(delay)
             try:
                 peer_id = await self.host.connect(addr)
-            except Exception as exc:  # noqa: BLE001 - libp2p's dial errors have no common base; retried
+            except DialError as exc:  # retried
                 last = exc
                 continue
             await self.sync_from(peer_id)
@@ -140,7 +140,7 @@ class Connectivity:
     async def _connect(self, peer: str, addrs: list[str]) -> bool:
         try:
             await self.host.connect_peer(peer, addrs)
-        except Exception as exc:  # noqa: BLE001 - libp2p's dial errors have no common base
+        except DialError as exc:
             log.debug("dialling %s failed: %s", peer, exc)
             return False
         return True
@@ -192,7 +192,7 @@ class Connectivity:
                     peer = await self.host.connect(key)
                 else:
                     await self.host.connect_peer(key, addrs)
-        except Exception as exc:  # noqa: BLE001 - libp2p's dial errors have no common base; retried
+        except DialError as exc:  # retried
             log.debug("dialling %s again failed: %s", key, exc)
         finally:
             entry.dialling = False

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from libp2p.crypto.keys import KeyPair, KeyType
 
-from hexgen.daemon.identity import IdentityError, peer_id_of, public_key_from_peer_id
+from hexgen.daemon.node_key import KeyPair, is_ed25519, peer_id_of, public_key_from_peer_id, sign, signature_holds
+from hexgen.daemon.private_files import IdentityError
 
 DOMAIN = b"hexgen/envelope/1"
 NONCE_BYTES = 16
@@ -96,7 +96,8 @@ def canonical_bytes(kind: str, body: Any, signer: str, issued: float, expires: f
     Raises ``MalformedEnvelope`` if ``body`` has no canonical form.
     """
     fields = [DOMAIN, kind, _canonical(body), signer, float(issued), float(expires), nonce]
-    return msgpack.packb(fields, use_bin_type=True)
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return packed
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -129,7 +130,7 @@ def seal(kind: str, body: Any, key_pair: KeyPair, ttl_s: float, now: float | Non
     Ed25519, a ``ttl_s`` that is not a positive finite number, a bad ``kind``, or a body that has no
     canonical form.
     """
-    if key_pair.private_key.get_type() != KeyType.Ed25519:
+    if not is_ed25519(key_pair):
         raise ValueError("envelopes are signed with Ed25519 node keys")
     if not (_is_finite_number(ttl_s) and ttl_s > 0):
         raise ValueError(f"ttl_s must be a positive number of seconds, not {ttl_s!r}")
@@ -143,7 +144,7 @@ def seal(kind: str, body: Any, key_pair: KeyPair, ttl_s: float, now: float | Non
         signed = canonical_bytes(kind, body, signer, issued, expires, nonce)
     except MalformedEnvelope as exc:
         raise ValueError(exc.message) from None
-    return Envelope(kind, body, signer, issued, expires, nonce, key_pair.private_key.sign(signed))
+    return Envelope(kind, body, signer, issued, expires, nonce, sign(key_pair, signed))
 
 
 def to_wire(env: Envelope) -> dict[str, Any]:
@@ -295,11 +296,7 @@ def verify(
     if now > valid_until:
         raise EnvelopeRejected("expired", f"expired {now - env.expires:.1f} s ago")
     signed = canonical_bytes(env.kind, env.body, env.signer, env.issued, env.expires, env.nonce)
-    try:
-        good = public_key.verify(signed, env.signature)
-    except Exception:  # nacl raises for inputs it cannot even parse; that is a bad signature too
-        good = False
-    if not good:
+    if not signature_holds(public_key, signed, env.signature):
         raise EnvelopeRejected("bad-signature", f"{env.kind} envelope does not carry a valid signature by {env.signer}")
     if replay is not None:
         replay.admit(env.signer, env.nonce, env.issued, valid_until, now)

@@ -1,11 +1,12 @@
 """The libp2p host of a daemon: Noise-only security, yamux, one connection per peer, GossipSub.
 
-Works around the py-libp2p 0.8.1 pitfalls measured in ../shared/notes/libp2p.md: pubsub services start
-before any dial (start-up hang), ``max_connections_per_peer=1`` (250 ms dial delay), Noise only
-(plaintext is otherwise accepted), a 2 s gossip heartbeat with spam protection off (silent drops). Two more
-found here: concurrent pubsub writes on one stream can interleave (yamux splits a write that exceeds the
-send window into frames taken under separate locks), and the reader's protobuf DecodeError on such a
-garbled RPC escapes the stream handler and stops the whole host. Writes are serialized per stream, and a
+The rest of the daemon speaks libp2p through this module's names only (``Stream``, ``ProtocolId``,
+``Host``, ``DialError``, peer-id helpers); keys come from ``node_key``. It works around py-libp2p 0.8.1
+pitfalls: pubsub services start before any dial (start-up hang), ``max_connections_per_peer=1`` (250 ms
+dial delay), Noise only (plaintext is otherwise accepted), a 2 s gossip heartbeat with spam protection off
+(silent drops). Concurrent pubsub writes on one stream can interleave (yamux splits a write that exceeds
+the send window into frames taken under separate locks), and the reader's protobuf DecodeError on such a
+garbled RPC escapes the stream handler and stops the whole host: writes are serialized per stream, and a
 stream that still fails to parse is reset alone.
 """
 
@@ -25,8 +26,6 @@ import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
-from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_pair
-from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
@@ -39,6 +38,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr.exceptions import Error as MultiaddrError
+
+from hexgen.daemon.node_key import KeyPair, new_key_pair
 
 GOSSIP_PROTOCOL = TProtocol("/meshsub/1.1.0")
 
@@ -52,14 +54,34 @@ def stream_peer(stream: Stream) -> str:
     return str(stream.muxed_conn.peer_id)
 
 
-def peer_id_of(public_key: Any) -> str:
-    """The base58 peer id of a libp2p public key."""
-    return str(ID.from_pubkey(public_key).to_base58())
-
-
 def peer_id_from_bytes(raw: bytes) -> str:
     """The base58 form of a peer id in its binary form (a gossip message's ``from_id``)."""
     return str(ID(raw).to_base58())
+
+
+class DialError(Exception):
+    """A peer could not be dialled; the message is the one-line reason libp2p gave (or its error's name)."""
+
+
+class AddressError(ValueError):
+    """Text that is not a dialable multiaddr ending in ``/p2p/PEER_ID``."""
+
+
+def peer_of_address(addr: str) -> str:
+    """The peer id that a ``/ip4/.../tcp/.../p2p/ID`` multiaddr names; ``AddressError`` for anything else."""
+    try:
+        return str(multiaddr.Multiaddr(addr).value_for_protocol("p2p"))
+    except (MultiaddrError, ValueError, TypeError):
+        raise AddressError(f"{addr!r} is not a multiaddr ending in /p2p/PEER_ID") from None
+
+
+def adopt_libp2p_loggers() -> None:
+    """Let py-libp2p's loggers log through the root's handlers. Its import cuts them off from the root (no
+    handler, no propagation), so its records reached stderr raw through logging's last-resort handler,
+    several lines each; once imported (as here) it does not undo this."""
+    logger = logging.getLogger("libp2p")
+    logger.handlers.clear()
+    logger.propagate = True
 
 
 log = logging.getLogger("hexgen.host")
@@ -117,7 +139,7 @@ def _host_part(host: str) -> str:
 class _ConnectionEvents(INotifee):
     """Forwards connect/disconnect notifications into trio channels (never blocks the swarm)."""
 
-    def __init__(self, on_connect: trio.MemorySendChannel, on_disconnect: trio.MemorySendChannel) -> None:
+    def __init__(self, on_connect: trio.MemorySendChannel[str], on_disconnect: trio.MemorySendChannel[str]) -> None:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
 
@@ -158,7 +180,7 @@ class SerialPubsub(Pubsub):
         """The pubsub reader, but a garbled RPC costs this stream only, never the host."""
         try:
             await self.stream_handler(stream)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of one peer's gossip stream must not stop the host
             peer_id = stream.muxed_conn.peer_id
             log.warning("reset the gossip stream of %s: %s: %s", peer_id, type(exc).__name__, exc)
             with contextlib.suppress(Exception):
@@ -172,8 +194,8 @@ class Host:
 
     libp2p: IHost
     pubsub: Pubsub
-    connects: trio.MemoryReceiveChannel
-    disconnects: trio.MemoryReceiveChannel
+    connects: trio.MemoryReceiveChannel[str]
+    disconnects: trio.MemoryReceiveChannel[str]
     hosts: tuple[str, ...] = ("127.0.0.1",)  # what peers dial (see reachable_hosts)
     _streams: dict[str, int] = field(default_factory=dict)  # open handled streams per peer
 
@@ -185,7 +207,7 @@ class Host:
     def addrs(self) -> list[str]:
         """The multiaddrs peers dial: the listen addresses, with an unspecified or overridden host replaced
         by each reachable one."""
-        out = []
+        out: list[str] = []
         for addr in self.libp2p.get_addrs():
             text = str(addr)
             listen_ip = addr.value_for_protocol("ip4") if "/ip4/" in text else None
@@ -200,28 +222,41 @@ class Host:
         return {str(p) for p in self.libp2p.get_network().connections}
 
     async def connect(self, addr: str) -> str:
-        """Dial a ``/ip4/.../tcp/.../p2p/ID`` multiaddr; returns the peer id."""
-        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        await self.libp2p.connect(info)
+        """Dial a ``/ip4/.../tcp/.../p2p/ID`` multiaddr; returns the peer id. Raises ``DialError``."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            await self.libp2p.connect(info)
+        except Exception as exc:  # every layer of a dial (address, transport, Noise, yamux) has its own errors
+            raise DialError(str(exc) or type(exc).__name__) from exc
         return str(info.peer_id)
 
     async def connect_peer(self, peer_id: str, addrs: list[str]) -> None:
         """Dial ``peer_id`` at exactly ``addrs`` (its latest advert's): a restarted peer listens on a new
         port, and libp2p would otherwise dial the old address it remembers and then refuse to dial the peer
         at all for a minute (its negative cache)."""
+        try:
+            info = PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in addrs])
+            if peer_id not in self.connected_peers():
+                self.forget_addresses(peer_id)
+            await self.libp2p.connect(info)
+        except Exception as exc:  # as in connect
+            raise DialError(str(exc) or type(exc).__name__) from exc
+
+    def forget_addresses(self, peer_id: str) -> None:
+        """Drop the addresses remembered for ``peer_id`` and its failed-dial block: py-libp2p dials only the
+        first address it knows of a peer, and refuses a peer whose dial failed for 60 s (its negative cache),
+        so a restarted peer on a new port is otherwise unreachable for a minute."""
         peer = ID.from_base58(peer_id)
-        info = PeerInfo(peer, [multiaddr.Multiaddr(a) for a in addrs])
-        if peer_id not in self.connected_peers():
-            self.libp2p.get_peerstore().clear_addrs(peer)
-            self.libp2p.get_network().unblock_peer(peer)
-        await self.libp2p.connect(info)
+        self.libp2p.get_peerstore().clear_addrs(peer)
+        # unblock_peer is the Swarm's, which INetworkService does not declare
+        self.libp2p.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
 
     def speaks(self, peer_id: str, protocol: str) -> bool | None:
         """Whether ``peer_id`` serves ``protocol``, as identify (run on every new connection) told; None
         before identify answered."""
         try:
             known = self.libp2p.get_peerstore().get_protocols(ID.from_base58(peer_id))
-        except Exception:
+        except (KeyError, ValueError):  # a peer the peerstore does not know (PeerStoreError), bad base58
             return None
         return protocol in known if known else None
 
@@ -279,18 +314,20 @@ def check_listen_port(host: str, port: int) -> None:
 
 
 def new_identity() -> KeyPair:
-    return create_ed25519_pair()
+    """A fresh Ed25519 key pair, for a host that needs no lasting identity (a client, a test)."""
+    return new_key_pair()
 
 
 def _no_auto_connect(host: IHost) -> None:
     """libp2p's auto-connector dials every peer it ever learned an address of, clients that left included,
-    for as long as the process runs. A daemon dials the members it lost itself (Node._redial), so its
+    for as long as the process runs. A daemon redials the members it lost itself, so the swarm's
     dial rounds (periodic, and on every disconnect) do nothing; set before the swarm starts them."""
 
     async def nothing() -> None:
         return None
 
-    host.get_network().auto_connector.maybe_connect = nothing  # type: ignore[attr-defined,method-assign]
+    # auto_connector is the Swarm's, which INetworkService does not declare
+    host.get_network().auto_connector.maybe_connect = nothing  # type: ignore[attr-defined]
 
 
 @contextlib.asynccontextmanager
@@ -314,7 +351,7 @@ async def open_host(key_pair: KeyPair, config: HostConfig = HostConfig()) -> Asy
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=listen,
         connection_config=connection_config,
     )

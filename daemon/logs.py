@@ -77,11 +77,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
 
 
 def _own_libp2p_logs() -> None:
-    """py-libp2p's import cuts its loggers off from the root (no handler, no propagation), so its records
-    reached stderr raw through logging's last-resort handler, several lines each. Imported first (its
-    import would undo this), it then logs through the root's handler like everything else."""
-    import libp2p  # noqa: F401
+    """py-libp2p logs through the root's handler like everything else (see ``host.adopt_libp2p_loggers``);
+    imported here, when logging is configured, so that importing this module stays light."""
+    from hexgen.daemon.host import adopt_libp2p_loggers
 
-    logger = logging.getLogger("libp2p")
-    logger.handlers.clear()
-    logger.propagate = True
+    adopt_libp2p_loggers()

@@ -27,12 +27,13 @@ from hexgen.daemon.coordination import Coordination
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
 from hexgen.daemon.hardware import HardwareProfile
-from hexgen.daemon.host import Host, Stream, open_host, peer_id_of
+from hexgen.daemon.host import Host, Stream, open_host
 from hexgen.daemon.identity import Certificate
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
+from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.reports import Reports
 from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL
@@ -74,7 +75,7 @@ class Node:
         self.key_pair = key_pair
         self.clock = clock
         self.model: ModelSpec = resolve_model(config.model)
-        peer_id = peer_id_of(key_pair.public_key)
+        peer_id = peer_id_of(key_pair)
         model_hash = model_fingerprint(config.model) if is_checkpoint_dir(config.model) else None
         host_name = config.host_name or f"{socket.gethostname()}-{peer_id[-6:]}"
         self.state = SwarmState.create(SelfInfo(peer_id, host_name, hardware, certificate, model_hash), config, clock)

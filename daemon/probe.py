@@ -10,22 +10,22 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from libp2p.abc import INetStream
-from libp2p.custom_types import TProtocol
 
 from hexgen.daemon.cluster_view import LinkMeasurement
+from hexgen.daemon.host import ProtocolId, Stream
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 
-PROBE_PROTOCOL = TProtocol("/hexgen/probe/1")
+PROBE_PROTOCOL = ProtocolId("/hexgen/probe/1")
 PROBE_BYTES = 256 << 10
 MAX_REQUESTS_PER_STREAM = 8
 TIMEOUT_S = 10.0
 
 
-async def serve_probe(stream: INetStream) -> None:
+async def serve_probe(stream: Stream) -> None:
     """Answer pings and acknowledge bulk frames; anything else gets an error frame and the stream ends."""
     reader = FrameReader(stream)
     try:
@@ -41,7 +41,7 @@ async def serve_probe(stream: INetStream) -> None:
     except (FrameError, trio.TooSlowError) as exc:
         with contextlib.suppress(Exception):
             await write_frame(stream, {"error": str(exc) or "probe timed out"})
-    except Exception:  # a broken peer stream only ends this probe
+    except Exception:  # noqa: BLE001 - a broken peer stream only ends this probe, never the host
         pass
     finally:
         with contextlib.suppress(Exception):
@@ -59,13 +59,13 @@ def _reply(request: Any) -> dict[str, Any]:
     return {"error": "probe op must be ping, or bulk with binary data"}
 
 
-async def probe(open_stream: Any, a: str, b: str) -> LinkMeasurement:
+async def probe(open_stream: Callable[[], Awaitable[Stream]], a: str, b: str) -> LinkMeasurement:
     """Measure the link from this peer ``a`` to ``b``; ``open_stream()`` opens a probe stream to b."""
     stream = await open_stream()
     reader = FrameReader(stream)
     try:
         with trio.fail_after(TIMEOUT_S):
-            rtts = []
+            rtts: list[float] = []
             for _ in range(3):
                 start = time.perf_counter()
                 await write_frame(stream, {"op": "ping"})

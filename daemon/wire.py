@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgpack
 
@@ -81,7 +81,7 @@ def encode_frame(obj: Any, max_size: int = MAX_FRAME) -> bytes:
     _check_limit(max_size)
     if obj is None:
         raise ValueError("a frame cannot carry a top-level nil: readers return None only at end of stream")
-    payload = msgpack.packb(obj, use_bin_type=True)
+    payload: bytes = msgpack.packb(obj, use_bin_type=True)
     if len(payload) > max_size:
         raise FrameTooLarge(f"frame payload of {len(payload)} bytes exceeds the limit of {max_size}")
     return len(payload).to_bytes(HEADER_BYTES, "big") + payload
@@ -141,7 +141,7 @@ def decode_payload(payload: bytes) -> Any:
         raise MalformedFrame("msgpack value nested too deeply") from None
     except UnicodeDecodeError:
         raise MalformedFrame("msgpack string is not valid UTF-8") from None
-    except Exception as exc:  # msgpack reports truncation, bad bytes and limit breaches as ValueError & co
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # truncation, bad bytes, limit breaches
         raise MalformedFrame(f"bad msgpack: {str(exc) or type(exc).__name__}") from None
     if type(value) is msgpack.Timestamp:
         raise MalformedFrame("bad msgpack: msgpack ext type -1 (timestamp) is not allowed")
@@ -266,23 +266,33 @@ def _check(value: Any, spec: Any, path: str) -> None:
         if value is not None:
             _check(value, spec.spec, path)
     elif isinstance(spec, Mapping):
-        if not isinstance(value, dict):
-            raise MalformedFrame(f"{_described(path)} must be a map")
-        for name, field_spec in spec.items():
-            field_path = f"{path}.{name}" if path else name
-            if name in value:
-                _check(value[name], field_spec, field_path)
-            elif not isinstance(field_spec, OptionalField):
-                raise MalformedFrame(f"{_described(field_path)} is missing")
+        _check_map(value, spec, path)
     elif isinstance(spec, ListOf):
-        if not isinstance(value, list):
-            raise MalformedFrame(f"{_described(path)} must be a list")
-        if spec.max_len is not None and len(value) > spec.max_len:
-            raise MalformedFrame(f"{_described(path)} has {len(value)} items; at most {spec.max_len} are allowed")
-        for index, item in enumerate(value):
-            _check(item, spec.spec, f"{path}[{index}]")
+        _check_list(value, spec, path)
     elif not any(_matches_type(value, t) for t in (spec if isinstance(spec, tuple) else (spec,))):
         raise MalformedFrame(f"{_described(path)} must be {_type_words(spec)}")
+
+
+def _check_map(value: Any, spec: Mapping[str, Any], path: str) -> None:
+    """``_check`` for a nested schema: a map whose every named field matches (optional ones may be absent)."""
+    if not isinstance(value, dict):
+        raise MalformedFrame(f"{_described(path)} must be a map")
+    for name, field_spec in spec.items():
+        field_path = f"{path}.{name}" if path else name
+        if name in value:
+            _check(value[name], field_spec, field_path)
+        elif not isinstance(field_spec, OptionalField):
+            raise MalformedFrame(f"{_described(field_path)} is missing")
+
+
+def _check_list(value: Any, spec: ListOf, path: str) -> None:
+    """``_check`` for ``list_of``: a list of at most ``spec.max_len`` items, each matching ``spec.spec``."""
+    if not isinstance(value, list):
+        raise MalformedFrame(f"{_described(path)} must be a list")
+    if spec.max_len is not None and len(value) > spec.max_len:
+        raise MalformedFrame(f"{_described(path)} has {len(value)} items; at most {spec.max_len} are allowed")
+    for index, item in enumerate(value):
+        _check(item, spec.spec, f"{path}[{index}]")
 
 
 def validate(obj: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -296,4 +306,4 @@ def validate(obj: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
     ``field 'x' must be int``, ``field 'gpus[2].memory' is missing``, ``message must be a map``.
     """
     _check(obj, schema, "")
-    return obj
+    return cast("dict[str, Any]", obj)  # _check_map proved it a map

@@ -15,18 +15,19 @@ from hexgen.daemon.envelope import seal, to_wire
 from hexgen.daemon.failure import FailureReport, WorldFailure
 from hexgen.daemon.gossip import GossipIntake, Routes
 from hexgen.daemon.hardware import simulated_profile
-from hexgen.daemon.host import new_identity, peer_id_of
+from hexgen.daemon.host import new_identity
 from hexgen.daemon.liveness import Liveness
 from hexgen.daemon.messages import Advert, PlanBody
+from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS
 from hexgen.daemon.reports import Reports
 from hexgen.daemon.swarm_state import AdoptedPlan, SwarmState
 from hexgen.testing.control import FakeClock, FakeHost, Recorder, adoption_of, swarm_state
 
 BOB = new_identity()
-BOB_ID = peer_id_of(BOB.public_key)
+BOB_ID = peer_id_of(BOB)
 CAROL = new_identity()
-CAROL_ID = peer_id_of(CAROL.public_key)
+CAROL_ID = peer_id_of(CAROL)
 
 
 def advert_of(host: str = "bob", addrs: tuple[str, ...] = ("/ip4/10.0.0.2/tcp/4001",)) -> Advert:
@@ -35,7 +36,7 @@ def advert_of(host: str = "bob", addrs: tuple[str, ...] = ("/ip4/10.0.0.2/tcp/40
 
 def join(state: SwarmState, key=BOB, host: str = "bob") -> str:
     """Make the signer of ``key`` a member, as its advert would."""
-    peer = peer_id_of(key.public_key)
+    peer = peer_id_of(key)
     adverts = Adverts(state, new_identity(), dict, lambda: None)
     adverts.apply(seal("advert", advert_of(host).to_wire(), key, 30.0, now=state.clock()), state.clock())
     assert peer in state.table.peers

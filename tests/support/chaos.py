@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from libp2p.peer.id import ID
 
 from hexgen.daemon.identity import create_key_file, peer_id_of
 from hexgen.daemon.router import generate
@@ -327,15 +326,6 @@ async def reap(pids: set[int], timeout: float) -> int:
     return len(left)
 
 
-def forget_addresses(host: Any, peer_id: str) -> None:
-    """Drop what ``host`` remembers of a restarted peer's old address. py-libp2p 0.8.1 dials only one TCP
-    address of a peer (its first known), so with the dead port remembered the dial fails, and a peer whose
-    dial failed is refused without a try for 60 s (its negative cache)."""
-    peer = ID.from_base58(peer_id)
-    host.libp2p.get_peerstore().clear_addrs(peer)
-    host.libp2p.get_network().unblock_peer(peer)
-
-
 # ------------------------------------------------------------------------------------------------- the run
 
 
@@ -586,7 +576,7 @@ async def _cycle(
         if restarted.peer_id != victim.peer_id:
             kill.error = f"{victim.name} came back as another peer ({restarted.peer_id})"
             return
-        forget_addresses(run.client, victim.peer_id)
+        run.client.forget_addresses(victim.peer_id)
         rejoin = await _poll(run, lambda: [entry], lambda v: victim.peer_id in _plan_members(v[entry.peer_id]), timeout)
         kill.rejoin_s = None if rejoin is None else time.monotonic() - killed
         back = await _poll(run, lambda: [entry, restarted], serving_with(victim.peer_id, entry.peer_id), timeout)

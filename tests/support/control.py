@@ -8,7 +8,8 @@ from typing import Any
 from hexgen.daemon.adoption import Adoption
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.hardware import HardwareProfile, simulated_profile
-from hexgen.daemon.host import new_identity, peer_id_of
+from hexgen.daemon.host import new_identity
+from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.swarm_state import AdoptedPlan, SelfInfo, SwarmState
 
 
@@ -49,7 +50,7 @@ def swarm_state(
 ) -> SwarmState:
     """A node's state with a fresh identity (or ``key_pair``) on ``clock``."""
     key_pair = key_pair or new_identity()
-    me = SelfInfo(peer_id_of(key_pair.public_key), "test-host", hardware or simulated_profile("A100"), None, model_hash)
+    me = SelfInfo(peer_id_of(key_pair), "test-host", hardware or simulated_profile("A100"), None, model_hash)
     return SwarmState.create(me, config or NodeConfig(), clock or FakeClock())
 
 
