@@ -19,6 +19,7 @@ from hexgen.coordinator.cost import CostParams
 from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec
 from hexgen.coordinator.partition import partition
 from hexgen.coordinator.plan import Plan
+from hexgen.coordinator.search import SearchBudget, k_candidates, refine
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
@@ -74,12 +75,10 @@ def distserve_search(evaluator: Evaluator) -> Evaluation | None:
 
 def hexgen_search(evaluator: Evaluator, seed: int = 0) -> Evaluation | None:
     """Best colocated heterogeneous plan: partition for each K, then refinement within colocated roles."""
-    from hexgen.coordinator.planner import SearchBudget, _k_candidates, refine
-
     budget = SearchBudget()
     all_gpus = [g.id for g in evaluator.cluster.gpus]
     seeds = []
-    for k in _k_candidates(evaluator.max_replicas(), budget.k_values):
+    for k in k_candidates(evaluator.max_replicas(), budget.k_values):
         groups = partition(evaluator.cluster, all_gpus, k, evaluator.replica_bytes(), evaluator.usable)
         seeds.append(evaluator.evaluate([GroupSpec(tuple(g), "colocated") for g in groups]))
     seeds.sort(key=lambda e: e.key(), reverse=True)

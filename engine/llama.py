@@ -21,7 +21,7 @@ from hexgen.engine.layers import (
     rows,
 )
 from hexgen.engine.layout import head_range, kv_head_range
-from hexgen.engine.models import StageModel
+from hexgen.engine.stage import StageModel
 
 
 class LlamaLayer(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from hexgen.engine.layers import Piece
-from hexgen.engine.models import StageModel
+from hexgen.engine.stage import StageModel
 
 
 class CheckpointError(ValueError):

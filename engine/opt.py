@@ -10,7 +10,7 @@ from hexgen.engine.attention import Attention, AttentionMetadata
 from hexgen.engine.config import ModelConfig
 from hexgen.engine.layers import LayerNorm, Linear, Piece, Shard, VocabEmbedding, VocabHead, cols, rows
 from hexgen.engine.layout import head_range
-from hexgen.engine.models import StageModel
+from hexgen.engine.stage import StageModel
 
 POSITION_OFFSET = 2
 
