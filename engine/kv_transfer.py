@@ -227,7 +227,8 @@ class Exchange:
     first_rank: int = 0  # this replica's first rank in the group's numbering
 
     def post(self, buffer: torch.Tensor, peer: int, tag: int, sending: bool) -> dist.Work:
-        return self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)
+        work: dist.Work = self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)
+        return work
 
 
 Group = dist.ProcessGroup | Exchange | None

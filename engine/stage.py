@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,10 @@ class StageModel(nn.Module):
     def weight_plan(self) -> dict[str, list[Piece]]:
         """For each parameter of this module, the checkpoint pieces concatenated (dim 0) to fill it."""
         raise NotImplementedError
+
+    if TYPE_CHECKING:
+
+        def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor: ...
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """inputs: token ids [N] on the first stage, hidden states [N, hidden] elsewhere."""
