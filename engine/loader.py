@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from hexgen.engine.layers import Piece
 from hexgen.engine.stage import StageModel
@@ -97,7 +97,7 @@ def load_weights(
 def _open(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+    except (SafetensorError, OSError) as exc:  # a corrupt header; a missing or unreadable file
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
