@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostParams
-from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec
+from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError
 from hexgen.coordinator.partition import partition
 from hexgen.coordinator.plan import Plan
+from hexgen.coordinator.search import SearchBudget, k_candidates, refine
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
@@ -74,12 +76,10 @@ def distserve_search(evaluator: Evaluator) -> Evaluation | None:
 
 def hexgen_search(evaluator: Evaluator, seed: int = 0) -> Evaluation | None:
     """Best colocated heterogeneous plan: partition for each K, then refinement within colocated roles."""
-    from hexgen.coordinator.planner import SearchBudget, _k_candidates, refine
-
     budget = SearchBudget()
     all_gpus = [g.id for g in evaluator.cluster.gpus]
     seeds = []
-    for k in _k_candidates(evaluator.max_replicas(), budget.k_values):
+    for k in k_candidates(evaluator.max_replicas(), budget.k_values):
         groups = partition(evaluator.cluster, all_gpus, k, evaluator.replica_bytes(), evaluator.usable)
         seeds.append(evaluator.evaluate([GroupSpec(tuple(g), "colocated") for g in groups]))
     seeds.sort(key=lambda e: e.key(), reverse=True)
@@ -101,9 +101,12 @@ def naive_search(evaluator: Evaluator) -> Evaluation | None:
     return _best(candidates)
 
 
-def _run(name: str, search, cluster, model, workload, params, seed) -> Plan:  # type: ignore[no-untyped-def]
-    from hexgen.coordinator.evaluate import PlanError
+Search = Callable[[Evaluator], Evaluation | None]
 
+
+def _run(
+    name: str, search: Search, cluster: Cluster, model: ModelSpec, workload: Workload, params: CostParams | None
+) -> Plan:
     evaluator = Evaluator(cluster, model, workload, params)
     evaluator.check_fits()
     found = search(evaluator)
@@ -116,18 +119,18 @@ def distserve(
     cluster: Cluster, model: ModelSpec, workload: Workload, *, params: CostParams | None = None, seed: int = 0
 ) -> Plan:
     """The DistServe-style baseline plan; raises PlanError when it finds none."""
-    return _run("distserve", distserve_search, cluster, model, workload, params, seed)
+    return _run("distserve", distserve_search, cluster, model, workload, params)
 
 
 def hexgen(
     cluster: Cluster, model: ModelSpec, workload: Workload, *, params: CostParams | None = None, seed: int = 0
 ) -> Plan:
     """The HexGen-style (colocated) baseline plan; raises PlanError when it finds none."""
-    return _run("hexgen", lambda ev: hexgen_search(ev, seed), cluster, model, workload, params, seed)
+    return _run("hexgen", lambda ev: hexgen_search(ev, seed), cluster, model, workload, params)
 
 
 def naive(
     cluster: Cluster, model: ModelSpec, workload: Workload, *, params: CostParams | None = None, seed: int = 0
 ) -> Plan:
     """The naive even-split baseline plan; raises PlanError when it finds none."""
-    return _run("naive", naive_search, cluster, model, workload, params, seed)
+    return _run("naive", naive_search, cluster, model, workload, params)

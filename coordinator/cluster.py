@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -122,55 +123,60 @@ def build_cluster(
     """
     gpus: list[GPU] = []
     intra: dict[str, float] = {}
-    seen: set[str] = set()
     for host in hosts:
-        if host.name in seen:
+        if host.name in intra:
             raise ClusterError(f"host {host.name!r} is listed twice")
-        seen.add(host.name)
-        if host.count < 1:
-            raise ClusterError(f"host {host.name!r}: count must be at least 1, got {host.count}")
-        try:
-            spec = gpu_type(host.gpu)
-        except SpecError as exc:
-            raise ClusterError(f"host {host.name!r}: {exc}") from None
-        intra[host.name] = host.intra_host_gbps if host.intra_host_gbps is not None else spec.intra_host_gbps
-        for _ in range(host.count):
-            gpus.append(
-                GPU(
-                    id=len(gpus),
-                    host=host.name,
-                    type=spec.name,
-                    memory_gb=host.memory_gb if host.memory_gb is not None else spec.memory_gb,
-                    tflops=host.tflops if host.tflops is not None else spec.tflops,
-                    hbm_gbps=host.hbm_gbps if host.hbm_gbps is not None else spec.hbm_gbps,
-                    price_per_hour=spec.price_per_hour,
-                )
-            )
+        intra[host.name], host_gpus = _host_gpus(host, len(gpus))
+        gpus.extend(host_gpus)
     if not gpus:
         raise ClusterError("the cluster has no GPUs")
     if network_gbit_s <= 0:
         raise ClusterError(f"network bandwidth must be positive, got {network_gbit_s}")
+    link_gbs = _link_bandwidths(links or {}, set(intra))
+    default = network_gbit_s * GBIT
+
+    def bandwidth(ga: GPU, gb: GPU) -> float:
+        if ga.id == gb.id:
+            return 0.0
+        if ga.host == gb.host:
+            return intra[ga.host]
+        return link_gbs.get(frozenset((ga.host, gb.host)), default)
+
+    return Cluster(tuple(gpus), tuple(tuple(bandwidth(ga, gb) for gb in gpus) for ga in gpus), name)
+
+
+def _host_gpus(host: HostSpec, first_id: int) -> tuple[float, list[GPU]]:
+    """The host's intra-host bandwidth (GB/s) and its GPUs, numbered from ``first_id``."""
+    if host.count < 1:
+        raise ClusterError(f"host {host.name!r}: count must be at least 1, got {host.count}")
+    try:
+        spec = gpu_type(host.gpu)
+    except SpecError as exc:
+        raise ClusterError(f"host {host.name!r}: {exc}") from None
+    gpu = GPU(
+        id=first_id,
+        host=host.name,
+        type=spec.name,
+        memory_gb=host.memory_gb if host.memory_gb is not None else spec.memory_gb,
+        tflops=host.tflops if host.tflops is not None else spec.tflops,
+        hbm_gbps=host.hbm_gbps if host.hbm_gbps is not None else spec.hbm_gbps,
+        price_per_hour=spec.price_per_hour,
+    )
+    intra = host.intra_host_gbps if host.intra_host_gbps is not None else spec.intra_host_gbps
+    return intra, [dataclasses.replace(gpu, id=first_id + i) for i in range(host.count)]
+
+
+def _link_bandwidths(links: Mapping[tuple[str, str], float], hosts: set[str]) -> dict[frozenset[str], float]:
+    """Host pair -> GB/s from host pair -> Gbit/s, checking that both hosts exist and the rate is positive."""
     link_gbs: dict[frozenset[str], float] = {}
-    for (a, b), gbit in (links or {}).items():
+    for (a, b), gbit in links.items():
         for h in (a, b):
-            if h not in seen:
+            if h not in hosts:
                 raise ClusterError(f"link names unknown host {h!r}")
         if gbit <= 0:
             raise ClusterError(f"link {a}-{b}: bandwidth must be positive, got {gbit}")
         link_gbs[frozenset((a, b))] = gbit * GBIT
-    default = network_gbit_s * GBIT
-    rows = []
-    for ga in gpus:
-        row = []
-        for gb in gpus:
-            if ga.id == gb.id:
-                row.append(0.0)
-            elif ga.host == gb.host:
-                row.append(intra[ga.host])
-            else:
-                row.append(link_gbs.get(frozenset((ga.host, gb.host)), default))
-        rows.append(tuple(row))
-    return Cluster(tuple(gpus), tuple(rows), name)
+    return link_gbs
 
 
 def _number(table: Mapping[str, Any], key: str, where: str, default: float | None = None) -> float | None:
@@ -191,36 +197,44 @@ def parse_cluster(data: Mapping[str, Any], name: str = "cluster") -> Cluster:
     raw_hosts = data.get("hosts")
     if not isinstance(raw_hosts, list) or not raw_hosts:
         raise ClusterError("the cluster needs a non-empty [[hosts]] list")
-    hosts = []
-    host_keys = {"name", "gpu", "count", "intra_host_gb_s", "memory_gb", "tflops", "hbm_gb_s"}
-    for i, h in enumerate(raw_hosts):
-        where = f"hosts[{i}]"
-        if not isinstance(h, dict):
-            raise ClusterError(f"{where} must be a table")
-        unknown = set(h) - host_keys
-        if unknown:
-            raise ClusterError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-        gpu = h.get("gpu")
-        if not isinstance(gpu, str):
-            raise ClusterError(f"{where}: gpu must be a GPU type name ({', '.join(GPU_TYPES)})")
-        count = h.get("count", 1)
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise ClusterError(f"{where}: count must be an integer, got {count!r}")
-        hosts.append(
-            HostSpec(
-                name=str(h.get("name", f"host{i}")),
-                gpu=gpu,
-                count=count,
-                intra_host_gbps=_number(h, "intra_host_gb_s", where),
-                memory_gb=_number(h, "memory_gb", where),
-                tflops=_number(h, "tflops", where),
-                hbm_gbps=_number(h, "hbm_gb_s", where),
-            )
-        )
-    links: dict[tuple[str, str], float] = {}
-    raw_links = data.get("links", [])
+    hosts = [_host_spec(h, f"hosts[{i}]", f"host{i}") for i, h in enumerate(raw_hosts)]
+    links = _links(data.get("links", []))
+    network = _number(data, "network_gbit_s", "cluster", 10.0)
+    return build_cluster(hosts, network or 0.0, links, name=str(data.get("name", name)))
+
+
+_HOST_KEYS = {"name", "gpu", "count", "intra_host_gb_s", "memory_gb", "tflops", "hbm_gb_s"}
+
+
+def _host_spec(h: Any, where: str, default_name: str) -> HostSpec:
+    """One [[hosts]] table."""
+    if not isinstance(h, dict):
+        raise ClusterError(f"{where} must be a table")
+    unknown = set(h) - _HOST_KEYS
+    if unknown:
+        raise ClusterError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    gpu = h.get("gpu")
+    if not isinstance(gpu, str):
+        raise ClusterError(f"{where}: gpu must be a GPU type name ({', '.join(GPU_TYPES)})")
+    count = h.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ClusterError(f"{where}: count must be an integer, got {count!r}")
+    return HostSpec(
+        name=str(h.get("name", default_name)),
+        gpu=gpu,
+        count=count,
+        intra_host_gbps=_number(h, "intra_host_gb_s", where),
+        memory_gb=_number(h, "memory_gb", where),
+        tflops=_number(h, "tflops", where),
+        hbm_gbps=_number(h, "hbm_gb_s", where),
+    )
+
+
+def _links(raw_links: Any) -> dict[tuple[str, str], float]:
+    """The [[links]] tables: host pair -> Gbit/s."""
     if not isinstance(raw_links, list):
         raise ClusterError("links must be a [[links]] list of tables")
+    links: dict[tuple[str, str], float] = {}
     for i, link in enumerate(raw_links):
         where = f"links[{i}]"
         if not isinstance(link, dict) or set(link) != {"a", "b", "gbit_s"}:
@@ -228,8 +242,7 @@ def parse_cluster(data: Mapping[str, Any], name: str = "cluster") -> Cluster:
         if link["a"] == link["b"]:
             raise ClusterError(f"{where} links host {link['a']!r} to itself (use intra_host_gb_s)")
         links[str(link["a"]), str(link["b"])] = _number(link, "gbit_s", where) or 0.0
-    network = _number(data, "network_gbit_s", "cluster", 10.0)
-    return build_cluster(hosts, network or 0.0, links, name=str(data.get("name", name)))
+    return links
 
 
 def load_cluster_toml(text: str, name: str = "cluster") -> Cluster:

@@ -128,7 +128,13 @@ class Evaluator:
             for i, (g, lay) in enumerate(zip(assignment, layouts, strict=True))
             if lay is not None
         ]
-        flow = max_flow(nodes, lambda p, d: self.link_rate(layouts[p], layouts[d]))  # type: ignore[arg-type]
+
+        def link(prefill: int, decode: int) -> float:
+            p, d = layouts[prefill], layouts[decode]
+            assert p is not None and d is not None  # max_flow links only the nodes, which have layouts
+            return self.link_rate(p, d)
+
+        flow = max_flow(nodes, link)
         result = Evaluation(assignment, layouts, flow)
         self._scores[assignment] = result
         return result

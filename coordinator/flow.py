@@ -80,9 +80,9 @@ def max_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float]) 
     return FlowResult(value, tuple(flows), bottleneck, frozenset(saturated))
 
 
-def _reachable(residual: nx.DiGraph) -> set:
-    seen = {SOURCE}
-    stack = [SOURCE]
+def _reachable(residual: nx.DiGraph) -> set[int | str]:
+    seen: set[int | str] = {SOURCE}
+    stack: list[int | str] = [SOURCE]
     while stack:
         u = stack.pop()
         for v, data in residual[u].items():

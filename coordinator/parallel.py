@@ -18,6 +18,10 @@ from hexgen.coordinator.cost import CostModel, StageCost, StageHardware, split_l
 from hexgen.coordinator.plan import Role, Stage
 
 MAX_TP_COMBINATIONS = 64
+# A host's part of a group as the search sees it: GPU type, count, memory GB, TFLOPS, HBM GB/s, intra-host GB/s.
+HostSignature = tuple[str, int, float, float, float, float]
+_MemoKey = tuple[Role, tuple[HostSignature, ...], tuple[float, ...]]
+
 _BATCH_STEPS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # decode iterations per request below which decode capacity stops mattering (outputs of one token)
 _MIN_DECODE_STEPS = 1e-3
@@ -62,7 +66,7 @@ class LayoutSearch:
 
     def __init__(self, cost: CostModel):
         self.cost = cost
-        self._memo: dict[tuple, _Template | None] = {}
+        self._memo: dict[_MemoKey, _Template | None] = {}
         self._layouts: dict[tuple[tuple[int, ...], Role], Layout | None] = {}
         self.evaluations = 0
 
@@ -85,7 +89,7 @@ class LayoutSearch:
         hosts = sorted(by_host, key=lambda h: (-cluster.gpus[by_host[h][0]].tflops, h))
         signature = tuple(self._host_signature(by_host[h]) for h in hosts)
         links = tuple(cluster.host_bandwidth[a, b] for a, b in itertools.pairwise(hosts))
-        key = (role, signature, links)
+        key: _MemoKey = (role, signature, links)
         if key not in self._memo:
             self._memo[key] = self._search([by_host[h] for h in hosts], role)
         template = self._memo[key]
@@ -132,7 +136,7 @@ class LayoutSearch:
             start += k
         return Layout(tuple(stages), found[1], found[2])
 
-    def _host_signature(self, gpus: list[int]) -> tuple:
+    def _host_signature(self, gpus: list[int]) -> HostSignature:
         g = self.cost.cluster.gpus[gpus[0]]
         intra = self.cost.cluster.host_bandwidth[g.host, g.host]
         return (g.type, len(gpus), g.memory_gb, g.tflops, g.hbm_gbps, intra)

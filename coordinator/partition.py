@@ -80,7 +80,8 @@ def kernighan_lin(
         external = np.where(mask, weights[:, ~mask].sum(axis=1), weights[:, mask].sum(axis=1))
         internal = np.where(mask, weights[:, mask].sum(axis=1), weights[:, ~mask].sum(axis=1))
         gain = external - internal  # cut reduction if the node alone switches sides
-        best_gain, best_action = 1e-9, None
+        best_gain = 1e-9
+        best_action: tuple[int, ...] | None = None
         movable = np.where(
             mask,
             (left_mem - memory >= min_left) & (mask.sum() > 1),

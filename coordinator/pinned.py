@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Group, Plan, Stage, layer_range
+from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Group, Plan, Role, Stage, layer_range
 
 
 class PinnedPlanError(ValueError):
@@ -35,7 +35,7 @@ class PinnedStage:
 
 @dataclass(frozen=True)
 class PinnedGroup:
-    role: str
+    role: Role
     stages: tuple[PinnedStage, ...]
 
 
@@ -50,52 +50,54 @@ def parse_pinned(text: str, num_layers: int | None = None) -> tuple[PinnedGroup,
     raw_groups = data.get("groups")
     if not isinstance(raw_groups, list) or not raw_groups:
         raise PinnedPlanError("a pinned plan needs at least one [[groups]] table")
-    groups = []
     seen: set[tuple[str, int]] = set()
-    for i, raw in enumerate(raw_groups):
-        where = f"group {i}"
-        if not isinstance(raw, dict) or raw.get("role") not in ROLES:
-            raise PinnedPlanError(f"{where}: role must be one of {', '.join(ROLES)}")
-        stages = raw.get("stages")
-        if not isinstance(stages, list) or not stages:
-            raise PinnedPlanError(f"{where}: needs a non-empty list of stages")
-        parsed = []
-        expected_start = 0
-        for j, stage in enumerate(stages):
-            if not isinstance(stage, dict):
-                raise PinnedPlanError(f"{where} stage {j}: must be a table with gpus and layers")
-            layers = stage.get("layers")
-            if (
-                not isinstance(layers, list)
-                or len(layers) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
-                or layers[0] != expected_start
-                or layers[1] <= layers[0]
-            ):
-                raise PinnedPlanError(
-                    f"{where} stage {j}: layers must be [start, end) continuing from {expected_start}"
-                )
-            expected_start = layers[1]
-            gpus = stage.get("gpus")
-            if not isinstance(gpus, list) or not gpus:
-                raise PinnedPlanError(f"{where} stage {j}: gpus must be a non-empty list of HOST or HOST:INDEX")
-            places = tuple(_gpu(entry, f"{where} stage {j}") for entry in gpus)
-            for place in places:
-                if place in seen:
-                    raise PinnedPlanError(f"{where} stage {j}: GPU {place[0]}:{place[1]} is used twice")
-                seen.add(place)
-            parsed.append(PinnedStage(places, (layers[0], layers[1])))
-        if num_layers is not None and expected_start != num_layers:
-            raise PinnedPlanError(
-                f"{where}: stages cover layers {layer_range(0, expected_start)}, the model has {num_layers}"
-            )
-        groups.append(PinnedGroup(raw["role"], tuple(parsed)))
+    groups = [_group(raw, f"group {i}", seen, num_layers) for i, raw in enumerate(raw_groups)]
     roles = {g.role for g in groups}
     if "prefill" in roles and "decode" not in roles:
         raise PinnedPlanError("prefill groups need at least one decode group")
     if roles == {"decode"}:
         raise PinnedPlanError("a plan of decode groups alone cannot take requests")
     return tuple(groups)
+
+
+def _group(raw: Any, where: str, seen: set[tuple[str, int]], num_layers: int | None) -> PinnedGroup:
+    """One [[groups]] table; adds its GPUs to ``seen``, which must not hold them already."""
+    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
+        raise PinnedPlanError(f"{where}: role must be one of {', '.join(ROLES)}")
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise PinnedPlanError(f"{where}: needs a non-empty list of stages")
+    parsed: list[PinnedStage] = []
+    for j, stage in enumerate(stages):
+        parsed.append(_stage(stage, f"{where} stage {j}", parsed[-1].layers[1] if parsed else 0, seen))
+    covered = parsed[-1].layers[1]
+    if num_layers is not None and covered != num_layers:
+        raise PinnedPlanError(f"{where}: stages cover layers {layer_range(0, covered)}, the model has {num_layers}")
+    return PinnedGroup(ROLES[ROLES.index(raw["role"])], tuple(parsed))
+
+
+def _stage(stage: Any, where: str, expected_start: int, seen: set[tuple[str, int]]) -> PinnedStage:
+    """One stage table, whose layers must start at ``expected_start``; adds its GPUs to ``seen``."""
+    if not isinstance(stage, dict):
+        raise PinnedPlanError(f"{where}: must be a table with gpus and layers")
+    layers = stage.get("layers")
+    if (
+        not isinstance(layers, list)
+        or len(layers) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        or layers[0] != expected_start
+        or layers[1] <= layers[0]
+    ):
+        raise PinnedPlanError(f"{where}: layers must be [start, end) continuing from {expected_start}")
+    gpus = stage.get("gpus")
+    if not isinstance(gpus, list) or not gpus:
+        raise PinnedPlanError(f"{where}: gpus must be a non-empty list of HOST or HOST:INDEX")
+    places = tuple(_gpu(entry, where) for entry in gpus)
+    for place in places:
+        if place in seen:
+            raise PinnedPlanError(f"{where}: GPU {place[0]}:{place[1]} is used twice")
+        seen.add(place)
+    return PinnedStage(places, (layers[0], layers[1]))
 
 
 def _gpu(entry: Any, where: str) -> tuple[str, int]:
@@ -120,7 +122,7 @@ def pinned_plan(groups: tuple[PinnedGroup, ...], gpu_index: Mapping[tuple[str, i
             if missing:
                 raise PinnedPlanError(f"the swarm has no GPU {missing[0]}")
             stages.append(Stage(tuple(gpu_index[g] for g in stage.gpus), stage.layers))
-        plan_groups.append(Group(gid, group.role, tuple(stages), 0.0, 0))  # type: ignore[arg-type]
+        plan_groups.append(Group(gid, group.role, tuple(stages), 0.0, 0))
     flows = []
     for g in plan_groups:
         if g.role in ("prefill", "colocated"):

@@ -15,51 +15,22 @@ few GPUs.
 
 from __future__ import annotations
 
-import itertools
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from hexgen.coordinator import baselines
 from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostParams
 from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError, canonical
 from hexgen.coordinator.partition import partition
-from hexgen.coordinator.plan import ROLES, Plan, Role
+from hexgen.coordinator.plan import Plan, Role
+from hexgen.coordinator.search import SearchBudget, k_candidates, refine
 from hexgen.coordinator.simulator import simulate
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
 __all__ = ["PlanError", "SearchBudget", "label_roles", "plan", "refine", "replan"]
-
-
-@dataclass(frozen=True)
-class SearchBudget:
-    """Bounds on the search, in evaluations so the result does not depend on the machine's speed."""
-
-    refine_steps: int = 60
-    candidates_per_step: int = 160
-    seeds_refined: int = 3
-    k_values: int = 10
-    min_gain: float = 0.0  # relative throughput gain a step must bring; a re-plan asks for more, to move less
-    # finalists within this share of the best predicted throughput (or, online, sustaining the arrival rate)
-    # count as tied and are compared by replaying the workload (at most ``tie_requests`` of it) in the
-    # simulator; 0 turns it off
-    tie_band: float = 0.05
-    tie_requests: int = 20000
-
-
-def _k_candidates(k_max: int, count: int) -> list[int]:
-    if k_max <= count:
-        return list(range(1, k_max + 1))
-    picks = {1, k_max, k_max - 1}
-    step = k_max ** (1 / (count - 2))
-    value = 1.0
-    while len(picks) < count and value < k_max:
-        value *= step
-        picks.add(max(1, min(k_max, round(value))))
-    return sorted(picks)
 
 
 def label_roles(evaluator: Evaluator, groups: Sequence[Sequence[int]]) -> Evaluation:
@@ -91,158 +62,10 @@ def label_roles(evaluator: Evaluator, groups: Sequence[Sequence[int]]) -> Evalua
     return best
 
 
-class _Moves:
-    """Candidate neighbours of an assignment, guided by the bottleneck of its max-flow."""
-
-    def __init__(self, evaluator: Evaluator, rng: random.Random, limit: int, roles: tuple[Role, ...] = ROLES):
-        self.ev = evaluator
-        self.rng = rng
-        self.limit = limit
-        self.roles = roles
-
-    def neighbours(self, current: Evaluation) -> list[list[GroupSpec]]:
-        groups = list(current.assignment)
-        cluster = self.ev.cluster
-        used = {g for spec in groups for g in spec.gpus}
-        pool = tuple(g.id for g in cluster.gpus if g.id not in used)
-        saturated = {i for i in current.flow.saturated}
-        infeasible = {i for i, lay in enumerate(current.layouts) if lay is None}
-        receivers = sorted(saturated | infeasible) or list(range(len(groups)))
-        donors = [i for i in range(len(groups)) if i not in saturated]
-        out: list[list[GroupSpec]] = []
-        for i, spec in enumerate(groups):
-            for role in self.roles:
-                if role != spec.role:
-                    out.append(self._replace(groups, {i: GroupSpec(spec.gpus, role)}))
-        moves: list[list[GroupSpec]] = []
-        for r in receivers:
-            for d in [*donors, -1]:
-                if d == r:
-                    continue
-                source = pool if d == -1 else groups[d].gpus
-                for unit in self._units(source):
-                    moves.append(self._move(groups, d, r, unit))
-                if d != -1:
-                    for a in self._units(groups[r].gpus, singles_only=True):
-                        for b in self._units(groups[d].gpus, singles_only=True):
-                            if cluster.gpus[a[0]].type != cluster.gpus[b[0]].type:
-                                moves.append(self._swap(groups, r, d, a[0], b[0]))
-        for i in sorted(infeasible | saturated):
-            for j in range(len(groups)):
-                if j != i:
-                    merged = tuple(sorted(groups[i].gpus + groups[j].gpus))
-                    for role in self.roles:
-                        moves.append(self._replace(groups, {i: GroupSpec(merged, role), j: GroupSpec((), role)}))
-        for i, spec in enumerate(groups):
-            for left, right in self._splits(spec.gpus):
-                for ra, rb in (("prefill", "decode"), ("decode", "prefill"), (spec.role, spec.role)):
-                    moves.append(self._replace(groups, {i: GroupSpec(left, ra)}, extra=[GroupSpec(right, rb)]))
-        if pool:
-            moves.extend([*groups, GroupSpec(pool, role)] for role in self.roles)
-        moves = [m for m in moves if all(g.role in self.roles for g in m if g.gpus)]
-        if len(moves) > self.limit - len(out):
-            moves = self.rng.sample(moves, max(0, self.limit - len(out)))
-        return out + moves
-
-    def _units(self, gpus: Sequence[int], singles_only: bool = False) -> list[tuple[int, ...]]:
-        """One GPU per host (GPUs of a host in a group are interchangeable) and each host's slice."""
-        by_host: dict[str, list[int]] = {}
-        for g in gpus:
-            by_host.setdefault(self.ev.cluster.gpus[g].host, []).append(g)
-        units = []
-        for members in by_host.values():
-            units.append((members[-1],))
-            if not singles_only and len(members) > 1:
-                units.append(tuple(members))
-                if len(members) >= 4:
-                    units.append(tuple(members[len(members) // 2 :]))
-        return units
-
-    def _splits(self, gpus: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """Two-way splits of a group: every split of its hosts (up to 4 hosts), else halves."""
-        by_host: dict[str, list[int]] = {}
-        for g in gpus:
-            by_host.setdefault(self.ev.cluster.gpus[g].host, []).append(g)
-        hosts = sorted(by_host)
-        if len(hosts) > 1:
-            if len(hosts) > 4:
-                sides = [hosts[: len(hosts) // 2]]
-            else:
-                rest = hosts[1:]
-                sides = [[hosts[0], *c] for k in range(len(rest)) for c in itertools.combinations(rest, k)]
-            out = []
-            for side in sides:
-                left = tuple(g for h in side for g in by_host[h])
-                out.append((left, tuple(g for g in gpus if g not in left)))
-            return out
-        if len(gpus) >= 2:
-            half = len(gpus) // 2
-            return [(tuple(gpus[:half]), tuple(gpus[half:]))]
-        return []
-
-    @staticmethod
-    def _replace(
-        groups: list[GroupSpec], changes: dict[int, GroupSpec], extra: Sequence[GroupSpec] = ()
-    ) -> list[GroupSpec]:
-        return [changes.get(i, g) for i, g in enumerate(groups)] + list(extra)
-
-    def _move(self, groups: list[GroupSpec], donor: int, receiver: int, unit: tuple[int, ...]) -> list[GroupSpec]:
-        out = list(groups)
-        if donor >= 0:
-            d = out[donor]
-            out[donor] = GroupSpec(tuple(g for g in d.gpus if g not in unit), d.role)
-        r = out[receiver]
-        out[receiver] = GroupSpec(tuple(sorted(r.gpus + unit)), r.role)
-        return out
-
-    @staticmethod
-    def _swap(groups: list[GroupSpec], i: int, j: int, a: int, b: int) -> list[GroupSpec]:
-        out = list(groups)
-        gi, gj = out[i], out[j]
-        out[i] = GroupSpec(tuple(sorted([g for g in gi.gpus if g != a] + [b])), gi.role)
-        out[j] = GroupSpec(tuple(sorted([g for g in gj.gpus if g != b] + [a])), gj.role)
-        return out
-
-
-def refine(
-    evaluator: Evaluator,
-    start: Evaluation,
-    budget: SearchBudget,
-    rng: random.Random,
-    roles: tuple[Role, ...] = ROLES,
-) -> Evaluation:
-    """Best-improvement local search from ``start``; stops when no candidate improves or the budget ends.
-
-    Only ``roles`` are used for groups. Each step scores at most ``candidates_per_step`` neighbours
-    (O(c) layout look-ups and max-flows).
-    """
-    moves = _Moves(evaluator, rng, budget.candidates_per_step, roles)
-    current = evaluator.evaluate(_as_searched(start.assignment))
-    if start.key() > current.key():
-        current = start
-    for _ in range(budget.refine_steps):
-        best = current
-        for candidate in moves.neighbours(current):
-            if evaluator.upper_bound(candidate) <= best.value * (1 + 1e-9):
-                continue
-            ev = evaluator.evaluate(candidate)
-            if ev.key() > best.key():
-                best = ev
-        if best is current or best.value < current.value * (1 + budget.min_gain):
-            break
-        current = best
-    return current
-
-
-def _as_searched(assignment: Sequence[GroupSpec]) -> list[GroupSpec]:
-    """The same groups with their layouts searched instead of fixed (a superset of fixed layouts)."""
-    return [GroupSpec(g.gpus, g.role) for g in assignment]
-
-
 def _seeds(evaluator: Evaluator, budget: SearchBudget) -> list[Evaluation]:
     all_gpus = [g.id for g in evaluator.cluster.gpus]
     seeds = []
-    for k in _k_candidates(evaluator.max_replicas(), budget.k_values):
+    for k in k_candidates(evaluator.max_replicas(), budget.k_values):
         groups = partition(evaluator.cluster, all_gpus, k, evaluator.replica_bytes(), evaluator.usable)
         seeds.append(label_roles(evaluator, groups))
     return seeds

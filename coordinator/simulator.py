@@ -10,11 +10,12 @@ per request), so a run costs O(R log R + I * S) for R requests, I decode iterati
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,28 +134,7 @@ def _check_plan(plan: Plan) -> dict[int, Group]:
         if g.id in groups:
             raise ValueError(f"plan lists group {g.id} twice")
         groups[g.id] = g
-    known = ", ".join(str(i) for i in sorted(groups)) or "none"
-
-    def role(end: int | str) -> str:
-        if end in (SOURCE, SINK):
-            return str(end)
-        if isinstance(end, int) and end in groups:
-            return groups[end].role
-        raise ValueError(f"a flow names group {end!r}, which the plan does not have (groups: {known})")
-
-    inflow: dict[int, float] = {}
-    outflow: dict[int, float] = {}
-    for f in plan.flows:
-        src, dst = role(f.src), role(f.dst)
-        if dst not in _ALLOWED.get(src, ()):
-            raise ValueError(f"flow {f.src}->{f.dst}: a {src} end cannot send to a {dst} end")
-        if not math.isfinite(f.rate) or f.rate < 0:
-            raise ValueError(f"flow {f.src}->{f.dst}: rate must be finite and non-negative, got {f.rate}")
-        if f.rate > 0:
-            if isinstance(f.dst, int):
-                inflow[f.dst] = inflow.get(f.dst, 0.0) + f.rate
-            if isinstance(f.src, int):
-                outflow[f.src] = outflow.get(f.src, 0.0) + f.rate
+    inflow, outflow = _flow_totals(plan, groups)
     for gid in inflow:
         g = groups[gid]
         if not g.stages:
@@ -164,6 +144,34 @@ def _check_plan(plan: Plan) -> dict[int, Group]:
         if g.role != "prefill" and g.batch < 1:
             raise ValueError(f"{g.role} group {gid} receives requests but its batch is {g.batch}")
     return groups
+
+
+def _flow_totals(plan: Plan, groups: dict[int, Group]) -> tuple[dict[int, float], dict[int, float]]:
+    """Each group's total positive inflow and outflow; raises ValueError on a flow the roles forbid."""
+    inflow: dict[int, float] = {}
+    outflow: dict[int, float] = {}
+    for f in plan.flows:
+        src, dst = _end_role(f.src, groups), _end_role(f.dst, groups)
+        if dst not in _ALLOWED.get(src, ()):
+            raise ValueError(f"flow {f.src}->{f.dst}: a {src} end cannot send to a {dst} end")
+        if not math.isfinite(f.rate) or f.rate < 0:
+            raise ValueError(f"flow {f.src}->{f.dst}: rate must be finite and non-negative, got {f.rate}")
+        if f.rate > 0:
+            if isinstance(f.dst, int):
+                inflow[f.dst] = inflow.get(f.dst, 0.0) + f.rate
+            if isinstance(f.src, int):
+                outflow[f.src] = outflow.get(f.src, 0.0) + f.rate
+    return inflow, outflow
+
+
+def _end_role(end: int | str, groups: dict[int, Group]) -> str:
+    """SOURCE, SINK, or the role of the group ``end`` names; ValueError when there is no such group."""
+    if end in (SOURCE, SINK):
+        return str(end)
+    if isinstance(end, int) and end in groups:
+        return groups[end].role
+    known = ", ".join(str(i) for i in sorted(groups)) or "none"
+    raise ValueError(f"a flow names group {end!r}, which the plan does not have (groups: {known})")
 
 
 def _router(plan: Plan, src: int | str, rng: random.Random) -> SmoothRoundRobin | None:
@@ -231,7 +239,7 @@ class _Simulation:
             order = sorted(range(len(self.arrival)), key=lambda i: (self.arrival[i], i))
             for i in order:
                 self.push(self.arrival[i], _CHANGE, _ARRIVE, -1, i)
-        handlers = {
+        handlers: dict[int, Callable[[float, int, Any], None]] = {
             _ARRIVE: self.on_arrive,
             _KV_ARRIVE: self.on_kv_arrive,
             _STAGE0_FREE: self.on_stage0_free,
@@ -388,22 +396,33 @@ class _Simulation:
     def result(self) -> SimResult:
         done = [i for i, f in enumerate(self.finish) if math.isfinite(f)]
         n = len(self.arrival)
-        common = {
-            "group_requests": dict(self.served),
-            "decode_iterations": self.iterations,
-            "first_token_s": tuple(self.first_token),
-            "finish_s": tuple(self.finish),
-        }
+        nothing = SimResult(
+            n,
+            0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            group_requests=dict(self.served),
+            decode_iterations=self.iterations,
+            first_token_s=tuple(self.first_token),
+            finish_s=tuple(self.finish),
+        )
         if not done:
-            return SimResult(n, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, **common)
+            return nothing
         duration = max(self.finish[i] for i in done) - min(self.arrival)
         ttft = [self.first_token[i] - self.arrival[i] for i in done]
         latency = [self.finish[i] - self.arrival[i] for i in done]
         tpot = [(self.finish[i] - self.first_token[i]) / (self.output[i] - 1) for i in done if self.output[i] > 1]
         tokens = sum(self.output[i] for i in done)
         rate = 1.0 / duration if duration > 0 else 0.0
-        return SimResult(
-            requests=n,
+        return dataclasses.replace(
+            nothing,
             completed=len(done),
             duration_s=duration,
             throughput_rps=len(done) * rate,
@@ -414,7 +433,6 @@ class _Simulation:
             tpot_p99_s=_nearest_rank(tpot, 0.99) if tpot else 0.0,
             latency_mean_s=sum(latency) / len(latency),
             latency_p99_s=_nearest_rank(latency, 0.99),
-            **common,
         )
 
 

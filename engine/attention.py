@@ -132,11 +132,21 @@ class Attention(nn.Module):
             out = self._sdpa_decode(q.unsqueeze(2), meta).squeeze(2)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=self.gqa, **kwargs)
+    def _sdpa(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.gqa
+        )
 
     def _sdpa_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [B, heads, 1, dim] against each sequence's keys gathered from the cache."""
+        assert meta.gather is not None  # the runner gathers for every SDPA decode step
         k = self._blocks(self.k_cache, meta.gather, q.shape[0])[:, : meta.gather_len].transpose(1, 2)
         v = self._blocks(self.v_cache, meta.gather, q.shape[0])[:, : meta.gather_len].transpose(1, 2)
         return self._sdpa(q, k, v, attn_mask=meta.mask)
@@ -158,6 +168,7 @@ class Attention(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _sdpa_prefix(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        assert meta.block_tables is not None  # a prefill with a cached prefix reads the cache through them
         outs = []
         start = 0
         for i, (n, total) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
@@ -171,8 +182,9 @@ class Attention(nn.Module):
         return torch.cat(outs)
 
     def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        out: torch.Tensor
         if not meta.is_prefill:
-            return flash_attn_with_kvcache(
+            out = flash_attn_with_kvcache(
                 q.unsqueeze(1),
                 self.k_cache,
                 self.v_cache,
@@ -180,10 +192,11 @@ class Attention(nn.Module):
                 block_table=meta.block_tables,
                 softmax_scale=self.scale,
                 causal=True,
-            ).squeeze(1)
+            )
+            return out.squeeze(1)
         if meta.has_prefix:
             k, v = self.k_cache, self.v_cache
-        return flash_attn_varlen_func(
+        out = flash_attn_varlen_func(
             q,
             k,
             v,
@@ -195,3 +208,4 @@ class Attention(nn.Module):
             causal=True,
             block_table=meta.block_tables if meta.has_prefix else None,
         )
+        return out

@@ -49,7 +49,7 @@ def wait_for_ranks(group: Any, load_timeout: timedelta, op_timeout: timedelta | 
     lifted = _set_timeout(load_timeout, group)
     try:
         dist.barrier(group=group)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             torch.cuda.synchronize()  # an NCCL barrier returns at once; the wait is on the stream
     finally:
         if lifted and op_timeout is not None:

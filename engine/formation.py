@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore, ProcessGroup, Store
 
 from hexgen.engine.bounds import CONNECT_TIMEOUT_S
 
@@ -75,13 +76,13 @@ def reach_store(host: str, port: int, seconds: float, world: str) -> None:
         raise WorldFormationError(world, "connect", f"its store did not answer: error [{host}]:{port}: {exc}") from None
 
 
-def arrive(store: dist.Store, prefix: str, rank: int, size: int, timeout_s: float, world: str) -> None:
+def arrive(store: Store, prefix: str, rank: int, size: int, timeout_s: float, world: str) -> None:
     """Mark this rank present under ``prefix`` and wait (at most ``timeout_s``) for every rank of the world."""
     keys = [f"{prefix}arrived/{r}" for r in range(size)]
-    store.set(keys[rank], b"1")
+    store.set(keys[rank], b"1")  # type: ignore[arg-type]  # torch's stub says str; stores take bytes
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
-    except Exception as exc:
+    except RuntimeError as exc:  # torch's DistStoreError (a timeout) and DistNetworkError are RuntimeErrors
         missing = []
         with contextlib.suppress(Exception):
             missing = [r for r, key in enumerate(keys) if not store.check([key])]
@@ -95,52 +96,50 @@ def connecting(world: str) -> Iterator[None]:
         yield
     except WorldFormationError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the contract: whatever stops a world forming is reported as this
         raise WorldFormationError(world, "connect", str(exc) or type(exc).__name__) from None
 
 
 def bounded(make: Callable[[], T], seconds: float, world: str) -> T:
     """``make()`` (forming a group), given at most ``seconds``: past them a WorldFormationError, and the
     thread, blocked in gloo, is left behind (a worker whose world failed exits). gloo releases the GIL."""
-    box: list[tuple[bool, object]] = []
+    made: list[T] = []
+    failed: list[BaseException] = []
 
     def run() -> None:
         try:
-            box.append((True, make()))
-        except BaseException as exc:
-            box.append((False, exc))
+            made.append(make())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            failed.append(exc)
 
     thread = threading.Thread(target=run, name=f"forming the {world}", daemon=True)
     thread.start()
     thread.join(seconds)
-    if not box:
+    if not made and not failed:
         raise WorldFormationError(world, "connect", f"no connection within {seconds:g} s")
-    ok, value = box[0]
-    if not ok:
-        raise value  # type: ignore[misc]
-    return value  # type: ignore[return-value]
+    if failed:
+        raise failed[0]
+    return made[0]
 
 
-def prove(group: object | None, connect_s: float) -> None:
+def prove(group: ProcessGroup | dist.ProcessGroupGloo | None, connect_s: float) -> None:
     """One all-reduce over ``group`` (a bare backend or a registered group; None: the default world) within
     ``connect_s``: gloo can call a group formed on one side of a pair whose other side failed to connect."""
     value = torch.zeros(1)
     if isinstance(group, dist.ProcessGroupGloo):
-        work = group.allreduce([value])
+        work = group.allreduce([value])  # type: ignore[attr-defined]  # torch's stub of a backend omits its collectives
     else:
         work = dist.all_reduce(value, group=group, async_op=True)
     work.wait(timedelta(seconds=connect_s))
 
 
-def form_gloo(
-    store: dist.Store, prefix: str, rank: int, size: int, timeouts: Timeouts, world: str
-) -> dist.ProcessGroup:
+def form_gloo(store: Store, prefix: str, rank: int, size: int, timeouts: Timeouts, world: str) -> dist.ProcessGroupGloo:
     """A gloo group of its own under ``prefix`` (no default world needed), formed as the module says."""
     arrive(store, prefix, rank, size, timeouts.arrival_s, world)
     connect = timedelta(seconds=timeouts.connect_s)
     with connecting(world):
         group = bounded(
-            lambda: dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, connect),
+            lambda: dist.ProcessGroupGloo(PrefixStore(prefix, store), rank, size, connect),
             timeouts.connect_s + CONNECT_GRACE_S,
             world,
         )

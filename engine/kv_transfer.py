@@ -103,16 +103,7 @@ def plan_kv_transfer(src: GroupLayout, dst: GroupLayout, num_kv_heads: int) -> l
     Complexity: O(W_dst * (S_src + H) + n log n) for W_dst decode ranks, S_src prefill stages, H KV heads and
     n returned slices (n <= W_dst * min(W_src, S_src * H)).
     """
-    if not src or not dst:
-        raise ValueError("both layouts need at least one stage")
-    num_layers = src[-1].end_layer
-    check_stages(src, num_layers)
-    if dst[-1].end_layer != num_layers:
-        raise ValueError(f"the prefill layout covers {num_layers} layers but the decode layout {dst[-1].end_layer}")
-    check_stages(dst, num_layers)
-    for stage in (*src, *dst):
-        check_kv_heads_shardable(num_kv_heads, stage.tp)
-
+    _check_layouts(src, dst, num_kv_heads)
     src_first_rank = [0]
     for stage in src:
         src_first_rank.append(src_first_rank[-1] + stage.tp)
@@ -143,6 +134,19 @@ def plan_kv_transfer(src: GroupLayout, dst: GroupLayout, num_kv_heads: int) -> l
                     slices.append(KVSlice(src_rank, dst_rank, (layer_start, layer_end), (head, head + 1)))
     slices.sort(key=lambda s: (s.src, s.dst, s.layers, s.kv_heads))
     return slices
+
+
+def _check_layouts(src: GroupLayout, dst: GroupLayout, num_kv_heads: int) -> None:
+    """Raise ValueError unless both layouts are well formed, cover the same layers, and shard the KV heads."""
+    if not src or not dst:
+        raise ValueError("both layouts need at least one stage")
+    num_layers = src[-1].end_layer
+    check_stages(src, num_layers)
+    if dst[-1].end_layer != num_layers:
+        raise ValueError(f"the prefill layout covers {num_layers} layers but the decode layout {dst[-1].end_layer}")
+    check_stages(dst, num_layers)
+    for stage in (*src, *dst):
+        check_kv_heads_shardable(num_kv_heads, stage.tp)
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,8 @@ class Exchange:
     first_rank: int = 0  # this replica's first rank in the group's numbering
 
     def post(self, buffer: torch.Tensor, peer: int, tag: int, sending: bool) -> dist.Work:
-        return self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)
+        work: dist.Work = self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)
+        return work
 
 
 Group = dist.ProcessGroup | Exchange | None

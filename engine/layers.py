@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -76,7 +76,15 @@ def cols(name: str, span: tuple[int, int]) -> Piece:
     return Piece(name, 1, span[0], span[1])
 
 
-class Linear(nn.Module):
+class TensorMap(nn.Module):
+    """A module from one tensor to one tensor of the same leading shape; calling it is typed as such."""
+
+    if TYPE_CHECKING:
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class Linear(TensorMap):
     """y = x W^T (+ b). ``reduce`` makes it row-parallel: partial sums are all-reduced before the bias."""
 
     def __init__(self, shard: Shard, in_features: int, out_features: int, bias: bool, reduce: bool = False) -> None:
@@ -93,7 +101,7 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(TensorMap):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -108,7 +116,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(TensorMap):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -119,7 +127,7 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-class VocabEmbedding(nn.Module):
+class VocabEmbedding(TensorMap):
     """Token embedding split over TP ranks by vocabulary rows; out-of-range ids contribute zeros."""
 
     def __init__(self, shard: Shard, vocab_size: int, dim: int) -> None:
@@ -158,8 +166,13 @@ class VocabHead(nn.Module):
     def piece(self, name: str) -> Piece:
         return Piece(name, 0, self.start, min(self.start + self.per_rank, self.vocab_size), self.per_rank)
 
+    if TYPE_CHECKING:
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor | None: ...
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         weight = self.tied.weight if self.tied is not None else self.weight
+        assert weight is not None  # an untied head holds its own weight
         logits = F.linear(x, weight)
         if self.shard.tp_size == 1:
             return logits
@@ -191,13 +204,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 class Rotary(nn.Module):
     """cos/sin tables indexed by position, grown on demand; applied in the rotate-half convention."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
         self.cos = torch.empty(0)
         self.sin = torch.empty(0)
 
-    def tables(self, positions: torch.Tensor, max_position: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def tables(
+        self, positions: torch.Tensor, max_position: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if max_position >= self.cos.shape[0] or self.cos.dtype != dtype or self.cos.device != positions.device:
             length = max(2 * max_position, 256)
             t = torch.arange(length, device=self.inv_freq.device).float()

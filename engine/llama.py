@@ -21,7 +21,7 @@ from hexgen.engine.layers import (
     rows,
 )
 from hexgen.engine.layout import head_range, kv_head_range
-from hexgen.engine.models import StageModel
+from hexgen.engine.stage import StageModel
 
 
 class LlamaLayer(nn.Module):
@@ -48,15 +48,15 @@ class LlamaLayer(nn.Module):
         n, d = x.shape[0], self.attn.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
         q_and_k = apply_rotary(qkv[:, : self.split[0] + self.split[1]].view(n, -1, d), *rope)
-        q, k = q_and_k.split([self.attn.num_heads, self.attn.num_kv_heads], dim=1)
+        q, k = torch.split(q_and_k, [self.attn.num_heads, self.attn.num_kv_heads], dim=1)
         v = qkv[:, self.split[0] + self.split[1] :].view(n, -1, d)
         x = x + self.o_proj(self.attn(q, k, v, meta))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
     def weight_plan(self, prefix: str, head_dim: int) -> dict[str, list[Piece]]:
-        q = tuple(h * head_dim for h in self.heads)
-        kv = tuple(h * head_dim for h in self.kv_heads)
+        q = (self.heads[0] * head_dim, self.heads[1] * head_dim)
+        kv = (self.kv_heads[0] * head_dim, self.kv_heads[1] * head_dim)
         a = f"{prefix}.self_attn"
         plan = {
             "input_layernorm.weight": [Piece(f"{prefix}.input_layernorm.weight")],
@@ -101,6 +101,7 @@ class LlamaModel(StageModel):
             self.head = VocabHead(shard, c.vocab_size, c.hidden_size, tied)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        assert self.embed_tokens is not None  # the first stage holds the embedding
         return self.embed_tokens(input_ids)
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +115,7 @@ class LlamaModel(StageModel):
         if self.embed_tokens is not None:
             plan["embed_tokens.weight"] = [self.embed_tokens.piece("model.embed_tokens.weight")]
         for i, layer in zip(self.shard.layers, self.layers, strict=True):
+            assert isinstance(layer, LlamaLayer)
             for name, pieces in layer.weight_plan(f"model.layers.{i}", self.config.head_dim).items():
                 plan[f"layers.{i - self.shard.start_layer}.{name}"] = pieces
         if self.shard.is_last:

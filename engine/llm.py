@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ class LLM:
     callers that feed requests over time.
     """
 
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **overrides: object) -> None:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **overrides: Any) -> None:
         config = dataclasses.replace(config or EngineConfig(), **overrides)
         self.config = config
         self.model_config: ModelConfig = load_config(model_dir)
@@ -105,6 +106,7 @@ class LLM:
         if batch is None:
             return []
         logits = self.runner.run(batch.seqs, batch.is_prefill)
+        assert logits is not None  # one process holds the whole model, so it is the last stage and TP rank 0
         return self.scheduler.postprocess(batch, sample(logits, batch.seqs))
 
     def has_unfinished(self) -> bool:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from hexgen.engine.layers import Piece
-from hexgen.engine.models import StageModel
+from hexgen.engine.stage import StageModel
 
 
 class CheckpointError(ValueError):
@@ -97,7 +97,7 @@ def load_weights(
 def _open(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+    except (SafetensorError, OSError) as exc:  # a corrupt header; a missing or unreadable file
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
@@ -119,7 +119,7 @@ def _piece_bytes(where: dict[str, Any], piece: Piece) -> int:
     except CheckpointError:
         return 0
     view = handle.get_slice(name)
-    shape = list(view.get_shape())
+    shape = [int(n) for n in view.get_shape()]
     if piece.dim is not None and piece.dim < len(shape):
         shape[piece.dim] = max(0, min(piece.end, shape[piece.dim]) - piece.start)
     return math.prod(shape) * _DTYPE_BYTES.get(view.get_dtype(), 1)
@@ -128,14 +128,15 @@ def _piece_bytes(where: dict[str, Any], piece: Piece) -> int:
 def _read(where: dict[str, Any], piece: Piece) -> torch.Tensor:
     handle, name = _resolve(where, piece.name)
     if piece.dim is None:
-        return handle.get_tensor(name)
+        whole: torch.Tensor = handle.get_tensor(name)
+        return whole
     view = handle.get_slice(name)
     shape = view.get_shape()
     if piece.dim >= len(shape) or piece.end > shape[piece.dim]:
         raise CheckpointError(
             f"tensor {name!r} has shape {list(shape)}; this shard needs [{piece.start}:{piece.end}] along dim {piece.dim}"
         )
-    tensor = view[piece.start : piece.end] if piece.dim == 0 else view[:, piece.start : piece.end]
+    tensor: torch.Tensor = view[piece.start : piece.end] if piece.dim == 0 else view[:, piece.start : piece.end]
     if piece.pad_to > tensor.shape[piece.dim]:
         pad_shape = list(tensor.shape)
         pad_shape[piece.dim] = piece.pad_to - tensor.shape[piece.dim]

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import torch
 
-from hexgen.engine.attention import AttentionChoice, AttentionMetadata, attention_for
+from hexgen.engine.attention import Attention, AttentionChoice, AttentionMetadata, attention_for
 from hexgen.engine.config import ModelConfig
 from hexgen.engine.kv_format import KVFormat
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import kv_head_range
 from hexgen.engine.loader import ProgressFn, load_weights
 from hexgen.engine.memory import MemoryProfile, fixed_budget_blocks, kv_cache_blocks
-from hexgen.engine.models import StageModel, build_model
+from hexgen.engine.models import build_model
 from hexgen.engine.sequence import Sequence
+from hexgen.engine.stage import StageModel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 DTYPES |= {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -110,8 +111,10 @@ class ModelRunner:
             device=self.device,
         )
         for i, layer in enumerate(self.model.layers):
-            layer.attn.k_cache = self.kv_cache[0, i]
-            layer.attn.v_cache = self.kv_cache[1, i]
+            attn = layer.attn
+            assert isinstance(attn, Attention)
+            attn.k_cache = self.kv_cache[0, i]
+            attn.v_cache = self.kv_cache[1, i]
 
     @property
     def block_bytes(self) -> int:

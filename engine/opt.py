@@ -10,7 +10,7 @@ from hexgen.engine.attention import Attention, AttentionMetadata
 from hexgen.engine.config import ModelConfig
 from hexgen.engine.layers import LayerNorm, Linear, Piece, Shard, VocabEmbedding, VocabHead, cols, rows
 from hexgen.engine.layout import head_range
-from hexgen.engine.models import StageModel
+from hexgen.engine.stage import StageModel
 
 POSITION_OFFSET = 2
 
@@ -46,7 +46,7 @@ class OPTLayer(nn.Module):
         return x if self.pre_norm else self.final_layer_norm(x)
 
     def weight_plan(self, prefix: str, head_dim: int) -> dict[str, list[Piece]]:
-        span = tuple(h * head_dim for h in self.heads)
+        span = (self.heads[0] * head_dim, self.heads[1] * head_dim)
         a = f"{prefix}.self_attn"
         plan = {
             "qkv_proj.weight": [rows(f"{a}.{p}_proj.weight", span) for p in "qkv"],
@@ -85,10 +85,12 @@ class OPTModel(StageModel):
             self.embed_tokens = None
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        assert self.embed_tokens is not None  # the first stage holds the embedding
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        return x + self.embed_positions(positions + POSITION_OFFSET)
+        positional: torch.Tensor = self.embed_positions(positions + POSITION_OFFSET)
+        return x + positional
 
     def final(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.final_layer_norm is not None:
@@ -105,6 +107,7 @@ class OPTModel(StageModel):
             if self.project_in is not None:
                 plan["project_in.weight"] = [Piece(f"{m}.project_in.weight")]
         for i, layer in zip(self.shard.layers, self.layers, strict=True):
+            assert isinstance(layer, OPTLayer)
             for name, pieces in layer.weight_plan(f"{m}.layers.{i}", self.config.head_dim).items():
                 plan[f"layers.{i - self.shard.start_layer}.{name}"] = pieces
         if self.shard.is_last:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore, ProcessGroup, Store
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.bounds import CONNECT_TIMEOUT_S, LOAD_TIMEOUT_S
@@ -59,6 +61,10 @@ TRANSFER_TIMEOUT = timedelta(seconds=60)
 LOAD_TIMEOUT = timedelta(seconds=LOAD_TIMEOUT_S)
 OP_TIMEOUT = timedelta(seconds=120)  # what the worlds are created with (init_world_store) and restored to
 FORMAT_TIMEOUT = timedelta(seconds=30)  # a peer publishes its KV format as it joins the exchange
+
+# replica_groups' groups by their sorted global ranks: None for a single rank, and on a rank outside a group
+# torch's GroupMember.NON_GROUP_MEMBER (an int)
+Groups = dict[tuple[int, ...], ProcessGroup | int | None]
 
 
 @dataclass(frozen=True)
@@ -106,12 +112,12 @@ class StepResult:
     failed: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why): imports refused here
 
 
-def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> dict[tuple[int, ...], object]:
+def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> Groups:
     """Create, in the same order on every rank of the world, each replica's group and each stage's TP
     group; returns them keyed by their sorted global ranks. Every rank must call this with the same specs.
     ``timeout`` bounds connecting each group and then its operations, until the caller sets another (None:
     torch's default for the backend, 30 minutes for gloo)."""
-    groups: dict[tuple[int, ...], object] = {}
+    groups: Groups = {}
     for spec in specs:
         for ranks in [spec.ranks] + [
             [spec.global_rank(r) for r in stage_ranks(spec.layout, s)] for s in range(len(spec.layout))
@@ -133,7 +139,7 @@ class ReplicaWorker:
         self,
         spec: ReplicaSpec,
         rank: int,
-        groups: dict[tuple[int, ...], object],
+        groups: Groups,
         progress: ProgressFn | None = None,
         load_timeout: timedelta = LOAD_TIMEOUT,
     ) -> None:
@@ -152,7 +158,7 @@ class ReplicaWorker:
             self.config.num_layers,
             stage.tp,
             tp_rank,
-            groups.get(tuple(self.stage_ranks)),
+            _member(groups.get(tuple(self.stage_ranks))),
             tuple(self.stage_ranks),
         )
         self.device = torch.device(spec.device)
@@ -162,12 +168,12 @@ class ReplicaWorker:
         self.kv_format = kv_format_for(self.config, dtype, self.device, spec.cache)  # what replica_kv_format says
         if dist.is_initialized():  # the default world doubles as the exchange until one is joined
             store = dist.distributed_c10d._get_default_store()
-            store.set(format_key("", rank), self.kv_format.to_bytes())
+            store.set(format_key("", rank), self.kv_format.to_bytes())  # type: ignore[arg-type]  # torch's stub says str; stores take bytes
         self.receiving_kv = False  # set while import_kv waits for a KV: the driver's liveness goes quiet then
         self.runner = ModelRunner(
             spec.model_dir, self.config, shard, dtype, self.device, spec.cache, allocate=False, progress=progress
         )
-        self.group = groups.get(tuple(spec.ranks))
+        self.group = _member(groups.get(tuple(spec.ranks)))
         self.solo = len(spec.ranks) == 1  # no collectives: the world may hold other replicas
         if not self.solo:
             # the first collective after loading: a rank done early must not time out on a slower one
@@ -230,37 +236,56 @@ class ReplicaWorker:
         whose KV every rank receives from replica ``Request.src`` of ``peers`` before the step. ``exchange``
         moves the replica to a new exchange group (a new plan epoch): sequences still waiting to be handed
         off under the old one are dropped, and every rank starts joining the new group in the background."""
-        new_payload = pickle.dumps(requests) if self.is_driver and requests else b""
-        abort_payload = pickle.dumps(aborts) if self.is_driver and aborts else b""
-        import_payload = pickle.dumps(imports) if self.is_driver and imports else b""
-        exchange_payload = pickle.dumps(exchange) if self.is_driver and exchange else b""
-        sizes = [len(new_payload), len(abort_payload), len(import_payload), len(exchange_payload), int(stop)]
-        header = torch.tensor(sizes, dtype=torch.long, device=self.comm_device)
+        payloads = self._payloads(requests, aborts, imports, exchange)
+        header = torch.tensor([*map(len, payloads), int(stop)], dtype=torch.long, device=self.comm_device)
         if not self.solo:
             dist.broadcast(header, src=self.driver_rank, group=self.group)
         new_size, abort_size, import_size, exchange_size, stopped = (int(x) for x in header.tolist())
-        failed: list[tuple[int, str]] = []
         if stopped:
             return None
+        new_payload, abort_payload, import_payload, exchange_payload = payloads
         if exchange_size:
             self.begin_exchange(pickle.loads(self._broadcast_bytes(exchange_payload, exchange_size)))
         if new_size:
             for req in pickle.loads(self._broadcast_bytes(new_payload, new_size)):
                 self.add(req)
         if abort_size:
-            for seq_id in pickle.loads(self._broadcast_bytes(abort_payload, abort_size)):
-                self.scheduler.abort(seq_id)
-                self.seqs.pop(seq_id, None)
-                self.routes.pop(seq_id, None)
-        if import_size:
-            reqs = pickle.loads(self._broadcast_bytes(import_payload, import_size))
-            self.await_exchange()
-            for req in reqs:
-                why = self.kv_refusal(self.peers[req.src], self._own_exchange_spec())
-                if why is None:
-                    self.import_kv([req], self.peers[req.src])
-                else:  # refused on both sides alike: the prefill rank sent nothing
-                    failed.append((req.seq_id, why))
+            self._abort(pickle.loads(self._broadcast_bytes(abort_payload, abort_size)))
+        failed = self._imports(pickle.loads(self._broadcast_bytes(import_payload, import_size))) if import_size else []
+        return self._run_batch(failed)
+
+    def _payloads(
+        self,
+        requests: list[Request] | None,
+        aborts: list[int] | None,
+        imports: list[Request] | None,
+        exchange: ExchangeConfig | None,
+    ) -> list[bytes]:
+        """What the driver broadcasts this step, pickled (empty where there is nothing, and on other ranks)."""
+        if not self.is_driver:
+            return [b"", b"", b"", b""]
+        return [pickle.dumps(part) if part else b"" for part in (requests, aborts, imports, exchange)]
+
+    def _abort(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            self.scheduler.abort(seq_id)
+            self.seqs.pop(seq_id, None)
+            self.routes.pop(seq_id, None)
+
+    def _imports(self, reqs: list[Request]) -> list[tuple[int, str]]:
+        """Receive the KV of each prefilled request whose source's KV format matches; the rest, with why not."""
+        self.await_exchange()
+        failed = []
+        for req in reqs:
+            why = self.kv_refusal(self.peers[req.src], self._own_exchange_spec())
+            if why is None:
+                self.import_kv([req], self.peers[req.src])
+            else:  # refused on both sides alike: the prefill rank sent nothing
+                failed.append((req.seq_id, why))
+        return failed
+
+    def _run_batch(self, failed: list[tuple[int, str]]) -> StepResult:
+        """Schedule, run and sample one batch, if there is one."""
         batch = self.scheduler.schedule()
         if batch is None:
             return StepResult(failed=failed)
@@ -337,7 +362,8 @@ class ReplicaWorker:
                 self._formats[rank] = KVFormat.from_bytes(store.get(format_key(prefix, rank)))
             except KVFormatError as exc:
                 self._formats[rank] = str(exc)
-            except Exception as exc:  # the store is gone or the peer never published: refuse, do not crash
+            except (RuntimeError, ValueError) as exc:  # the store is gone (torch's DistError), refused the value
+                # (RendezvousRefused), the default world is gone, or the peer never published: refuse, do not crash
                 # kept for the epoch (reset with the numbering): a missing peer costs one wait, not one a step
                 self._formats[rank] = f"the KV format of exchange rank {rank} is unavailable: {exc}"
         found = self._formats[rank]
@@ -354,12 +380,15 @@ class ReplicaWorker:
             hidden = hidden.to(self.device)
         out = self.runner.run(batch.seqs, batch.is_prefill, hidden)
         if self.next_stage:
+            assert out is not None  # a stage before the last returns its hidden states
             out = out.to(self.comm_device).contiguous()
             works = [dist.isend(out, dst=r) for r in self.next_stage]
             for work in works:
+                assert work is not None  # every rank is in the default world
                 work.wait()
         sampled = torch.empty(len(batch.seqs), dtype=torch.long, device=self.comm_device)
         if self.is_driver:
+            assert out is not None  # the driver is tensor rank 0 of the last stage, which gathers the logits
             sampled.copy_(torch.tensor(sample(out, batch.seqs)))
         if not self.solo:
             dist.broadcast(sampled, src=self.driver_rank, group=self.group)
@@ -432,7 +461,7 @@ class ReplicaWorker:
         outcome: BaseException | None = None
         try:
             joined.append(join_exchange(config, self.layout_rank, self.kv_format))
-        except BaseException as exc:  # handed to the step thread by await_exchange
+        except BaseException as exc:  # noqa: BLE001 - handed to the step thread, which raises it in await_exchange
             joined.append(exc)
             outcome = exc
         if self.on_exchange is not None:
@@ -492,7 +521,7 @@ def join_exchange(
     rank = config.first_rank + layout_rank
     group = form_gloo(store, config.prefix, rank, config.size, timeouts, "exchange group")
     if kv_format is not None:
-        store.set(format_key(config.prefix, rank), kv_format.to_bytes())
+        store.set(format_key(config.prefix, rank), kv_format.to_bytes())  # type: ignore[arg-type]  # torch's stub says str; stores take bytes
     return Exchange(group, store, config.prefix, config.first_rank), list(config.peers)
 
 
@@ -524,7 +553,7 @@ def init_world_store(
     secret: bytes | None = None,
     device: str = "cpu",
     connect_timeout_s: float | None = None,
-) -> dist.Store:
+) -> Store:
     """Join a world through the store served at ``host:port`` (by another process: hexgen.daemon.store);
     keys live under ``prefix`` (one per plan epoch), so a late worker of an older epoch can never
     rendezvous with a newer world, and values are sealed with ``secret``, so an outsider cannot join it.
@@ -543,7 +572,7 @@ def init_world_store(
     if connect_timeout_s is None:
         dist.init_process_group(
             backend,
-            store=dist.PrefixStore(prefix, store),
+            store=PrefixStore(prefix, store),
             rank=rank,
             world_size=size,
             timeout=timeout,
@@ -555,7 +584,7 @@ def init_world_store(
         bounded(
             lambda: dist.init_process_group(
                 backend,
-                store=dist.PrefixStore(prefix, store),
+                store=PrefixStore(prefix, store),
                 rank=rank,
                 world_size=size,
                 timeout=timedelta(seconds=connect_timeout_s),
@@ -569,14 +598,14 @@ def init_world_store(
     return store
 
 
-def settle_world(groups: dict[tuple[int, ...], object], timeout_s: float) -> None:
+def settle_world(groups: Groups, timeout_s: float) -> None:
     """Give the default world and those of ``groups`` this rank is in their long per-operation timeout, once
     all are formed. ``replica_groups`` makes every stage's group on every rank; outside one a rank holds
     NON_GROUP_MEMBER, which torch refuses to time (a PP>=2, TP>=2 replica has such groups)."""
     timeout = timedelta(seconds=timeout_s)
-    member = [g for g in groups.values() if g is not None and g is not dist.GroupMember.NON_GROUP_MEMBER]
+    member = [g for g in groups.values() if isinstance(g, ProcessGroup)]  # not None, not NON_GROUP_MEMBER
     for group in [None, *member]:
-        dist.distributed_c10d._set_pg_timeout(timeout, group)  # type: ignore[arg-type]
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def init_world(
@@ -596,5 +625,11 @@ def request_from(seq: Sequence) -> Request:
     return Request(seq.seq_id, list(seq.token_ids), seq.sampling)
 
 
-def spec_for(model_dir: str | Path, layout: GroupLayout, **kwargs: object) -> ReplicaSpec:
+def spec_for(model_dir: str | Path, layout: GroupLayout, **kwargs: Any) -> ReplicaSpec:
     return dataclasses.replace(ReplicaSpec(str(model_dir), tuple(layout)), **kwargs)
+
+
+def _member(group: ProcessGroup | int | None) -> ProcessGroup | None:
+    """One of ``replica_groups`` that this rank is in (its replica's, its stage's): never NON_GROUP_MEMBER."""
+    assert not isinstance(group, int)
+    return group

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from torch.distributed.distributed_c10d import Store
 
 NONCE_BYTES = 12
 SECRET_BYTES = 32
@@ -24,10 +25,10 @@ class RendezvousRefused(RuntimeError):
     """A value in the store is not sealed with this world's secret: someone outside the world wrote it."""
 
 
-class SealedStore(dist.Store):
+class SealedStore(Store):
     """Wraps ``inner``; ``set`` seals, ``get`` opens and refuses what does not open."""
 
-    def __init__(self, inner: dist.Store, secret: bytes) -> None:
+    def __init__(self, inner: Store, secret: bytes) -> None:
         if len(secret) != SECRET_BYTES:
             raise ValueError(f"a world secret is {SECRET_BYTES} bytes, not {len(secret)}")
         super().__init__()
@@ -37,7 +38,7 @@ class SealedStore(dist.Store):
     def set(self, key: str, value: bytes | str) -> None:
         plain = value.encode() if isinstance(value, str) else bytes(value)
         nonce = os.urandom(NONCE_BYTES)
-        self.inner.set(key, nonce + self.aead.encrypt(nonce, plain, key.encode()))
+        self.inner.set(key, nonce + self.aead.encrypt(nonce, plain, key.encode()))  # type: ignore[arg-type]  # torch's stub says str; stores take bytes
 
     def get(self, key: str) -> bytes:
         sealed = self.inner.get(key)
@@ -73,12 +74,10 @@ class SealedStore(dist.Store):
         self.inner.set_timeout(timeout)
 
 
-def open_store(
-    host: str, port: int, timeout: timedelta, secret: bytes | None, world_size: int | None = None
-) -> dist.Store:
+def open_store(host: str, port: int, timeout: timedelta, secret: bytes | None, world_size: int | None = None) -> Store:
     """A client of the TCPStore at ``host:port``, sealed with ``secret`` (None: in the clear, for worlds
     that never leave one trusted machine, as in tests)."""
-    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)  # type: ignore[attr-defined]  # re-exported undeclared
     if secret is None:
         return store
     return UnreachableStore(store, secret) if os.environ.get(UNREACHABLE_ENV) == "1" else SealedStore(store, secret)

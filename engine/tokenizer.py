@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -52,8 +52,9 @@ def _token_text(value: object, name: str, path: Path) -> str | None:
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+    content = value.get("content") if isinstance(value, dict) else None
+    if isinstance(content, str):
+        return content
     raise TokenizerError(f"{path}: {name} must be a string or an object with a 'content' string, got {value!r}")
 
 
@@ -97,7 +98,7 @@ def _has_byte_fallback(decoder_state: dict[str, Any]) -> bool:
 class _GenerationBlock(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` renders its body: transformers uses it to mark assistant text."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2 types it as an attribute of each instance, so not a ClassVar
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
