@@ -213,7 +213,7 @@ async def run_demo(model: str, built_in: bool, gpus: list[str], prompt: str, max
 async def _wait_serving(client: Any, daemons: list[Any]) -> dict[str, Any]:
     import trio
 
-    from hexgen.daemon.node import query_status
+    from hexgen.daemon.rpc import query_status
     from hexgen.daemon.swarm_view import serving
 
     ids = {d.peer_id for d in daemons}

@@ -149,7 +149,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from hexgen.daemon.http_api import GatewayError
     from hexgen.daemon.identity import CertificateError, IdentityError
     from hexgen.daemon.model_files import ModelFilesError
-    from hexgen.daemon.node import DuplicateKeyError
+    from hexgen.daemon.connectivity import DuplicateKeyError
     from hexgen.daemon.run import join
     from hexgen.engine.tokenizer import TokenizerError
 
@@ -177,7 +177,7 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     from hexgen.daemon.host import HostConfig
     from hexgen.daemon.identity import default_key_file
     from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
-    from hexgen.daemon.node import NodeConfig
+    from hexgen.daemon.config import NodeConfig
     from hexgen.daemon.run import JoinOptions
     from hexgen.engine.tokenizer import Tokenizer
 

@@ -120,7 +120,7 @@ OWN = [f"/ip4/10.0.0.1/tcp/4001/p2p/{ME}", f"/ip4/127.0.0.1/tcp/4001/p2p/{ME}"]
 
 
 def test_a_bootstrap_address_of_this_node_under_another_name_is_not_dialled():
-    from hexgen.daemon.node import is_own_address
+    from hexgen.daemon.connectivity import is_own_address
 
     assert is_own_address(OWN[0], ME, OWN)
     # this host through a NAT or DNS name: its id on its own port
@@ -132,7 +132,7 @@ def test_a_bootstrap_address_of_this_node_under_another_name_is_not_dialled():
 
 
 def test_an_advert_of_this_id_is_never_dialled_at_this_nodes_own_addresses():
-    from hexgen.daemon.node import foreign_addresses
+    from hexgen.daemon.connectivity import foreign_addresses
 
     assert foreign_addresses(list(reversed(OWN)), OWN) == []  # the same addresses in another order
     assert foreign_addresses([f"/ip4/127.0.0.1/tcp/4001/p2p/{ME}", f"/ip4/0.0.0.0/tcp/4001/p2p/{ME}"], OWN) == []
@@ -141,28 +141,36 @@ def test_an_advert_of_this_id_is_never_dialled_at_this_nodes_own_addresses():
 
 
 def test_adverts_of_this_id_from_before_this_process_are_dialled_only_off_its_own_port():
-    from types import SimpleNamespace
-
+    from hexgen.daemon.adverts import Adverts
+    from hexgen.daemon.connectivity import Connectivity
     from hexgen.daemon.envelope import seal
     from hexgen.daemon.hardware import simulated_profile
     from hexgen.daemon.host import new_identity
-    from hexgen.daemon.node import Node, NodeConfig
+    from hexgen.daemon.messages import Advert
+    from hexgen.testing.control import FakeClock, FakeHost, FakeNursery, swarm_state
 
-    now = [1000.0]
-    node = Node(NodeConfig(), new_identity(), simulated_profile("A100x1"), clock=lambda: now[0])
-    dialled: list[list[str]] = []
-    node.host = SimpleNamespace(addrs=OWN)  # type: ignore[assignment]
-    node._nursery = SimpleNamespace(start_soon=lambda fn, addrs: dialled.append(addrs))  # type: ignore[assignment]
-    elsewhere = [f"/ip4/10.0.0.9/tcp/4001/p2p/{node.peer_id}"]
+    key = new_identity()
+    state = swarm_state(FakeClock(1000.0), key_pair=key)
+    connectivity = Connectivity(state, FakeHost(addrs=OWN), Adverts(state, key, dict, lambda: None), started_at=1000.0)
+    nursery = connectivity._nursery = FakeNursery()  # type: ignore[assignment]
+
+    def advert(addrs: list[str], issued: float):
+        body = Advert(tuple(addrs), simulated_profile("A100x1"), "me").to_wire()
+        return seal("advert", body, key, 60.0, now=issued)
+
+    def dialled() -> list[list[str]]:
+        return [list(args[0]) for _, args in nursery.started]
+
+    elsewhere = [f"/ip4/10.0.0.9/tcp/4001/p2p/{state.peer_id}"]
     # a previous run's advert on this node's port: perhaps this host under a name it no longer lists
-    node._own_advert(seal("advert", {"addrs": elsewhere}, node.key_pair, 60.0, now=999.0))
-    assert dialled == []
-    node._own_advert(seal("advert", {"addrs": OWN}, node.key_pair, 60.0, now=1001.0))  # this process's own
-    assert dialled == []
+    connectivity.own_advert(advert(elsewhere, 999.0))
+    assert dialled() == []
+    connectivity.own_advert(advert(OWN, 1001.0))  # this process's own
+    assert dialled() == []
     # issued since this process started: another daemon with the key, wherever it listens
-    node._own_advert(seal("advert", {"addrs": elsewhere}, node.key_pair, 60.0, now=1001.0))
-    assert dialled == [elsewhere]
+    connectivity.own_advert(advert(elsewhere, 1001.0))
+    assert dialled() == [elsewhere]
     # from before, on another port: cannot be this node (a daemon with the key that started first)
-    other_port = [f"/ip4/10.0.0.9/tcp/4002/p2p/{node.peer_id}"]
-    node._own_advert(seal("advert", {"addrs": other_port}, node.key_pair, 60.0, now=999.0))
-    assert dialled == [elsewhere, other_port]
+    other_port = [f"/ip4/10.0.0.9/tcp/4002/p2p/{state.peer_id}"]
+    connectivity.own_advert(advert(other_port, 999.0))
+    assert dialled() == [elsewhere, other_port]

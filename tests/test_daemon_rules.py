@@ -22,7 +22,7 @@ from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS
 from hexgen.daemon.reports import Reports
 from hexgen.daemon.swarm_state import AdoptedPlan, SwarmState
-from hexgen.testing.control import FakeClock, FakeHost, Recorder, adoption_of, swarm_state
+from hexgen.testing.control import FakeClock, FakeHost, FakeNursery, Recorder, adoption_of, swarm_state
 
 BOB = new_identity()
 BOB_ID = peer_id_of(BOB)
@@ -228,15 +228,7 @@ def test_a_silent_coordinator_delays_the_next_claim():
     config = state.config
     assert state.claim_after == clock.now + config.hung_after_s + config.tick_s
     assert state.election.lease.expires < clock.now, "its lease is void at once"
-    assert liveness._nursery.started == [liveness.sweep], "each remaining peer is asked once"
-
-
-class FakeNursery:
-    def __init__(self) -> None:
-        self.started = []
-
-    def start_soon(self, fn, *args) -> None:
-        self.started.append(fn)
+    assert liveness._nursery.started == [(liveness.sweep, ())], "each remaining peer is asked once"
 
 
 # ------------------------------------------------------------------------------------------- gossip intake

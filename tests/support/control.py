@@ -41,6 +41,16 @@ class FakeHost:
         self.dialled.append((peer, tuple(addrs)))
 
 
+@dataclass
+class FakeNursery:
+    """Records what a part starts in the background instead of running it."""
+
+    started: list[tuple[Any, tuple[Any, ...]]] = field(default_factory=list)
+
+    def start_soon(self, fn: Any, *args: Any) -> None:
+        self.started.append((fn, args))
+
+
 def swarm_state(
     clock: FakeClock | None = None,
     config: NodeConfig | None = None,

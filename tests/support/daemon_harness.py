@@ -19,7 +19,7 @@ import trio
 
 from hexgen.daemon import swarm_view
 from hexgen.daemon.host import Host, new_identity, open_host
-from hexgen.daemon.node import query_status
+from hexgen.daemon.rpc import query_status
 
 READY_TIMEOUT_S = 60.0
 
