@@ -4,7 +4,6 @@ and the hand-off to the daemon process entry."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ from hexgen.daemon.logs import LEVELS
 
 if TYPE_CHECKING:
     from hexgen.coordinator.pinned import PinnedGroup
+    from hexgen.daemon.config import NodeConfig
     from hexgen.daemon.run import JoinOptions
 
 
@@ -144,12 +144,12 @@ def layered_args(args: argparse.Namespace) -> None:
 
 def cmd_join(args: argparse.Namespace) -> int:
     from hexgen.coordinator.pinned import PinnedPlanError
+    from hexgen.daemon.connectivity import DuplicateKeyError
     from hexgen.daemon.hardware import HardwareError
     from hexgen.daemon.host import ListenError
     from hexgen.daemon.http_api import GatewayError
     from hexgen.daemon.identity import CertificateError, IdentityError
     from hexgen.daemon.model_files import ModelFilesError
-    from hexgen.daemon.connectivity import DuplicateKeyError
     from hexgen.daemon.run import join
     from hexgen.engine.tokenizer import TokenizerError
 
@@ -173,11 +173,10 @@ def cmd_join(args: argparse.Namespace) -> int:
 def join_options(args: argparse.Namespace) -> JoinOptions:
     """The daemon's options from checked flags. Raises ``JoinError`` for a flag that cannot work, and the
     model, pinned-plan, hardware and identity modules' own errors for what they refuse."""
+    from hexgen.daemon.config import ConfigError
     from hexgen.daemon.hardware import parse_simulate_gpu
-    from hexgen.daemon.host import HostConfig
     from hexgen.daemon.identity import default_key_file
     from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
-    from hexgen.daemon.config import NodeConfig
     from hexgen.daemon.run import JoinOptions
     from hexgen.engine.tokenizer import Tokenizer
 
@@ -190,9 +189,34 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     pinned = _pinned(args.pin_plan, spec.layers) if args.pin_plan else None
     if args.simulate_gpu:
         parse_simulate_gpu(args.simulate_gpu)
-    _check_limits(args)
-    _check_http(args)
-    node = NodeConfig(
+    if not args.peer_timeout > 0:  # checked first: the advert refresh below is derived from it
+        raise JoinError("--peer-timeout must be positive")
+    try:
+        node = _node_config(args, host, port, bootstrap, pinned)
+    except ConfigError as exc:
+        raise JoinError(exc.text(FLAGS.get(exc.setting, exc.setting))) from None
+    return JoinOptions(
+        key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),
+        node=node,
+        simulate_gpu=args.simulate_gpu,
+        swarm_cert=Path(args.swarm_cert).expanduser() if args.swarm_cert else None,
+        calibrate=not args.no_calibrate,
+        log_level=args.log_level,
+    )
+
+
+def _node_config(
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    bootstrap: tuple[str, ...],
+    pinned: tuple[PinnedGroup, ...] | None,
+) -> NodeConfig:
+    """The node's settings from the flags; NodeConfig checks them (``ConfigError``)."""
+    from hexgen.daemon.config import NodeConfig
+    from hexgen.daemon.host import HostConfig
+
+    return NodeConfig(
         model=args.model,
         host=HostConfig(listen_host=host, port=port, advertise_host=args.advertise),
         bootstrap=bootstrap,
@@ -211,14 +235,6 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
         http_port=args.http,
         api_key=args.api_key,
     )
-    return JoinOptions(
-        key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),
-        node=node,
-        simulate_gpu=args.simulate_gpu,
-        swarm_cert=Path(args.swarm_cert).expanduser() if args.swarm_cert else None,
-        calibrate=not args.no_calibrate,
-        log_level=args.log_level,
-    )
 
 
 def _pinned(path: str, layers: int) -> tuple[PinnedGroup, ...]:
@@ -232,27 +248,14 @@ def _pinned(path: str, layers: int) -> tuple[PinnedGroup, ...]:
     return parse_pinned(text, layers)
 
 
-def _check_limits(args: argparse.Namespace) -> None:
-    """Raise ``JoinError`` for a timing, fraction or rate flag out of its range."""
-    if not args.peer_timeout > 0:
-        raise JoinError("--peer-timeout must be positive")
-    if not args.probe_interval > 0:
-        raise JoinError("--probe-interval must be positive")
-    if not 0.0 <= args.verify_fraction <= 1.0:
-        raise JoinError(f"--verify-fraction {args.verify_fraction}: a fraction is 0 to 1")
-    if not 0.0 <= args.max_request_rate < math.inf:
-        raise JoinError(f"--max-request-rate {args.max_request_rate}: give requests per second, 0 for no limit")
-    if not 0.0 < args.request_timeout < math.inf:
-        raise JoinError(f"--request-timeout {args.request_timeout}: give a positive number of seconds")
-    if args.connect_timeout is not None and not 0.0 < args.connect_timeout < math.inf:
-        raise JoinError(f"--connect-timeout {args.connect_timeout}: give a positive number of seconds")
-
-
-def _check_http(args: argparse.Namespace) -> None:
-    """Raise ``JoinError`` for an HTTP port out of range or an API key that cannot guard anything."""
-    if args.http is not None and not 0 <= args.http <= 65535:
-        raise JoinError(f"--http {args.http}: a port is 0-65535")
-    if args.api_key is not None and not args.api_key.strip():
-        raise JoinError("--api-key must not be empty")
-    if args.api_key is not None and args.http is None:
-        raise JoinError("--api-key guards the HTTP API: give --http PORT too")
+# The flag of each setting NodeConfig checks, for its errors to name what the operator typed.
+FLAGS = {
+    "peer_timeout_s": "--peer-timeout",
+    "probe_interval_s": "--probe-interval",
+    "verify_fraction": "--verify-fraction",
+    "max_request_rate": "--max-request-rate",
+    "request_timeout_s": "--request-timeout",
+    "connect_timeout_s": "--connect-timeout",
+    "http_port": "--http",
+    "api_key": "--api-key",
+}

@@ -10,7 +10,15 @@ from hexgen.daemon.host import HostConfig
 
 
 class ConfigError(ValueError):
-    """A setting out of its range; the text names it."""
+    """A setting out of its range: which one (``setting``, a field name), its value when it matters, and why."""
+
+    def __init__(self, setting: str, problem: str, value: object = None) -> None:
+        self.setting, self.problem, self.value = setting, problem, value
+        super().__init__(self.text(setting))
+
+    def text(self, name: str) -> str:
+        """The message with the setting called ``name`` (a command line says its flag)."""
+        return f"{name} {self.value}: {self.problem}" if self.value is not None else f"{name} {self.problem}"
 
 
 POSITIVE = {
@@ -73,25 +81,25 @@ class NodeConfig:
             if item.name.endswith("_s"):
                 _check_seconds(item.name, getattr(self, item.name))
         if not 0.0 <= self.verify_fraction <= 1.0:
-            raise ConfigError(f"verify_fraction {self.verify_fraction}: a fraction is 0 to 1")
+            raise ConfigError("verify_fraction", "a fraction is 0 to 1", self.verify_fraction)
         if not 0.0 <= self.max_request_rate < math.inf:
-            raise ConfigError(f"max_request_rate {self.max_request_rate}: requests per second, 0 for no limit")
-        if self.request_timeout_s == math.inf or (self.connect_timeout_s or 1.0) == math.inf:
-            raise ConfigError("request and connect timeouts must be finite")
+            raise ConfigError("max_request_rate", "give requests per second, 0 for no limit", self.max_request_rate)
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
-            raise ConfigError(f"http_port {self.http_port}: a port is 0-65535")
+            raise ConfigError("http_port", "a port is 0-65535", self.http_port)
         if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("the API key must not be empty")
+            raise ConfigError("api_key", "must not be empty")
         if self.api_key is not None and self.http_port is None:
-            raise ConfigError("an API key guards the HTTP API: give an HTTP port too")
-        if self.probes_per_round < 0 or self.worker_threads < 1:
-            raise ConfigError("probes_per_round must be 0 or more and worker_threads 1 or more")
+            raise ConfigError("api_key", "guards the HTTP API: give an HTTP port too")
+        if self.probes_per_round < 0:
+            raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
+        if self.worker_threads < 1:
+            raise ConfigError("worker_threads", "must be 1 or more", self.worker_threads)
 
 
 def _check_seconds(name: str, value: float | None) -> None:
     if value is None:
         return
-    positive = name in POSITIVE
-    if math.isnan(value) or (value <= 0.0 if positive else value < 0.0):
-        kind = "positive" if positive else "non-negative"
-        raise ConfigError(f"{name} must be a {kind} number of seconds, not {value}")
+    if name in POSITIVE and not 0.0 < value < math.inf:
+        raise ConfigError(name, "give a positive number of seconds", value)
+    if not 0.0 <= value <= math.inf:  # NaN too
+        raise ConfigError(name, "give a non-negative number of seconds", value)

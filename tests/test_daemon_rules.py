@@ -287,12 +287,12 @@ def test_adverts_of_another_model_or_too_old_are_not_taken():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"peer_timeout_s": 0.0}, "peer_timeout_s must be a positive"),
-        ({"redial_first_s": -1.0}, "redial_first_s must be a non-negative"),
+        ({"peer_timeout_s": 0.0}, "peer_timeout_s 0.0: give a positive number of seconds"),
+        ({"redial_first_s": -1.0}, "redial_first_s -1.0: give a non-negative number of seconds"),
         ({"verify_fraction": 1.5}, "a fraction is 0 to 1"),
         ({"http_port": 70000}, "a port is 0-65535"),
         ({"api_key": "k"}, "give an HTTP port"),
-        ({"http_port": 0, "api_key": " "}, "must not be empty"),
+        ({"http_port": 0, "api_key": " "}, "api_key must not be empty"),
         ({"request_timeout_s": float("nan")}, "request_timeout_s"),
     ],
 )
