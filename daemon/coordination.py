@@ -68,8 +68,9 @@ class Coordination:
             await self.state.changed.wait(self.state.config.tick_s)
 
     def count_failure(self, report: FailureReport) -> None:
-        """A worker of the adopted plan failed: as coordinator, re-plan (rebuilding every replica), at most
-        ``MAX_FAILURE_REPLANS`` times per membership; after that the plan is the colocated fallback."""
+        """A worker of the adopted plan failed: as coordinator, re-plan, rebuilding every replica. The first
+        ``MAX_FAILURE_REPLANS`` re-plans of a membership rebuild its plan; the next one plans the colocated
+        fallback (``compute_plan`` sees the count), and later failures of that membership re-plan nothing."""
         state, plan = self.state, self.state.plan
         if not state.is_coordinator() or plan is None or (report.term, report.epoch) != (plan.term, plan.epoch):
             return

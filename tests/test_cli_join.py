@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_cli_plan import node
 
+from hexgen.testing.cli import join
 from hexgen.testing.daemon_harness import Swarm
 
 
@@ -23,11 +23,6 @@ def swarm(tmp_path):
     s = Swarm(tmp_path)
     yield s
     s.close()
-
-
-def join(*args, tmp_path) -> tuple[int, str]:
-    result = node("join", "--listen", "127.0.0.1:0", "--simulate-gpu", "A100", "--key-file", tmp_path / "k", *args)
-    return result.returncode, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from hexgen.daemon.identity import (
     swarm_public_key,
     verify_certificate,
 )
+from hexgen.testing.cli import assert_one_line_error, run_main
 
 PEER = peer_id_of(create_new_key_pair(b"p" * 32))
 
@@ -78,23 +79,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def assert_one_line_error(returncode: int, stdout: str, stderr: str, *fragments: str) -> None:
-    assert returncode == 2, (stdout, stderr)
-    assert "Traceback" not in stderr and stdout == ""
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("hexgen-node: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    """``main(args)`` in this process: (exit status, stdout, stderr)."""
-    status = main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 # --- subprocesses ---------------------------------------------------------------------------------------

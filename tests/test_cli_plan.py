@@ -11,21 +11,12 @@ from typing import Any
 
 import pytest
 
+from hexgen.testing.cli import node
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "bench" / "clusters"
 TRACE = ROOT.parent / "shared" / "data" / "AzureLLMInferenceTrace_conv.csv"
 needs_trace = pytest.mark.skipif(not TRACE.is_file(), reason=f"Azure trace not present at {TRACE}")
-
-
-def node(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m hexgen.cli.node ARGS`` and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "hexgen.cli.node", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=cwd,
-    )
 
 
 def _small_trace(tmp_path: Path) -> Path:

@@ -17,8 +17,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli_keys import assert_one_line_error, run_main
-from test_cli_plan import node
 from textual.widgets import DataTable, Static
 
 from hexgen.cli.status import (
@@ -34,6 +32,7 @@ from hexgen.cli.status import (
     serving_summary,
 )
 from hexgen.cli.status_command import status_app, status_url
+from hexgen.testing.cli import assert_one_line_error, node, run_main
 
 WAIT_S = 10.0  # every wait on the app is bounded by this
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "status.svg"

@@ -14,23 +14,7 @@ from hexgen.daemon.messages import MessageError, PlanBody
 from hexgen.daemon.model_files import ModelFilesError, model_fingerprint
 from hexgen.daemon.router import MAX_TOKENS_LIMIT, RequestError, StopFilter, parse_request, parse_stops
 from hexgen.engine.tokenizer import Tokenizer
-
-PINNED = """
-[[groups]]
-role = "prefill"
-stages = [{ gpus = ["a", "b"], layers = [0, 5] }]
-
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["c"], layers = [0, 3] }, { gpus = ["d:1"], layers = [3, 5] }]
-
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["d"], layers = [0, 5] }]
-"""
-GPU_INDEX = {("a", 0): 0, ("b", 0): 1, ("c", 0): 2, ("d", 0): 3, ("d", 1): 4}
-GPUS = {"0": ["pa", 0], "1": ["pb", 0], "2": ["pc", 0], "3": ["pd", 0], "4": ["pd", 1]}
-RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pc": ("127.0.0.1", 5002), "pd": ("127.0.0.1", 5001)}
+from hexgen.testing.plans import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
 
 
 def body(plan_dict: dict | None, epoch: int = 7, **fields: object) -> PlanBody:

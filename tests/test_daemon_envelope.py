@@ -189,16 +189,8 @@ def test_seal_refuses_bad_input() -> None:
         seal("advert", {}, create_secp256k1_pair(), 10)
 
 
-json_like = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=5)
-    | st.binary(max_size=5),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4),
-    max_leaves=20,
-)
+from hexgen.testing.plans import json_like  # noqa: E402
+
 wire_values = st.one_of(st.integers(), st.floats(), st.text(max_size=70), st.binary(max_size=70), st.none(), json_like)
 
 

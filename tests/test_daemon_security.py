@@ -12,7 +12,6 @@ import msgpack
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
-from test_daemon_envelope import json_like
 
 from hexgen.daemon.envelope import seal, to_wire
 from hexgen.daemon.gossip import CONTROL_TOPIC
@@ -23,6 +22,7 @@ from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.rpc import PLAN_PROTOCOL, STATUS_PROTOCOL, SYNC_PROTOCOL, query_status
 from hexgen.daemon.wire import encode_frame
 from hexgen.testing.daemon_harness import Swarm, converged, open_client, serving, statuses, wait_until
+from hexgen.testing.plans import json_like
 
 pytestmark = pytest.mark.trio
 

@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 import trio
 import trio.testing
-from test_daemon_deployment import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
 
 from hexgen.coordinator.pinned import parse_pinned, pinned_plan
 from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
 from hexgen.daemon.messages import PlanBody
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.engine.sealed_store import RendezvousRefused, SealedStore
+from hexgen.testing.plans import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
 
 PREFIX = "hexgen/1/3/abc/"
 GLOO_KEY = PREFIX + "/0/{rank}"  # where gloo's first context puts each rank's address (PrefixStore adds "/")

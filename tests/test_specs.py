@@ -33,7 +33,7 @@ OPT_30B_CONFIG = {
 
 
 def test_gpu_table_has_the_public_figures_and_prices() -> None:
-    # DESIGN.md: dense bf16 TFLOPS / HBM GB/s / GB, intra-host GB/s, $/h.
+    # dense bf16 TFLOPS / HBM GB/s / GB, intra-host GB/s, $/h (docs/architecture.md, the cost model)
     expected = {
         "H100": (989, 3350, 80, 450, 3.69),
         "A100": (312, 2039, 80, 300, 1.99),

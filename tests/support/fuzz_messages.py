@@ -31,25 +31,7 @@ from hexgen.daemon.status_reply import Status
 from hexgen.daemon.swarm_view import assignments, wire_assignments
 from hexgen.daemon.wire import FrameError, decode_payload, encode_frame
 from hexgen.testing.fuzz import NOW, REFUSED, assert_clear, clone, mutate, outcome, random_value, show
-
-# A pinned plan of a prefill group (TP 2), a decode group of two stages and one of a single stage, on GPUs of
-# peers pa..pd, with the rendezvous addresses of its worlds' heads.
-PINNED = """
-[[groups]]
-role = "prefill"
-stages = [{ gpus = ["a", "b"], layers = [0, 5] }]
-
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["c"], layers = [0, 3] }, { gpus = ["d:1"], layers = [3, 5] }]
-
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["d"], layers = [0, 5] }]
-"""
-GPU_INDEX = {("a", 0): 0, ("b", 0): 1, ("c", 0): 2, ("d", 0): 3, ("d", 1): 4}
-GPUS = {"0": ["pa", 0], "1": ["pb", 0], "2": ["pc", 0], "3": ["pd", 0], "4": ["pd", 1]}
-RENDEZVOUS = {"pa": ("127.0.0.1", 5000), "pc": ("127.0.0.1", 5002), "pd": ("127.0.0.1", 5001)}
+from hexgen.testing.plans import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
 
 ALICE = new_identity()
 BOB = new_identity()
