@@ -24,6 +24,7 @@ from hexgen.daemon.adverts import Adverts
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.connectivity import Connectivity, DuplicateKeyError
 from hexgen.daemon.coordination import Coordination
+from hexgen.daemon.election import Election
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
 from hexgen.daemon.hardware import HardwareProfile
@@ -31,12 +32,13 @@ from hexgen.daemon.host import Host, Stream, open_host
 from hexgen.daemon.identity import Certificate
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
+from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.reports import Reports
-from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL
+from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, Router
 from hexgen.daemon.rpc import (
     HEARTBEAT_PROTOCOL,
     PLAN_PROTOCOL,
@@ -46,6 +48,7 @@ from hexgen.daemon.rpc import (
     serve_rpc,
 )
 from hexgen.daemon.serving import Serving
+from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.status import StatusView
 from hexgen.daemon.swarm_state import AdoptedPlan, SelfInfo, SwarmState
 from hexgen.daemon.swarm_view import assignments
@@ -118,19 +121,19 @@ class Node:
         return self.state.plan
 
     @property
-    def table(self) -> Any:
+    def table(self) -> PeerTable:
         return self.state.table
 
     @property
-    def election(self) -> Any:
+    def election(self) -> Election:
         return self.state.election
 
     @property
-    def router(self) -> Any:
+    def router(self) -> Router | None:
         return None if self.serving is None else self.serving.router
 
     @property
-    def supervisor(self) -> Any:
+    def supervisor(self) -> Supervisor | None:
         return None if self.serving is None else self.serving.supervisor
 
     def load(self) -> dict[str, Any]:
