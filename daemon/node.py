@@ -48,8 +48,8 @@ from hexgen.daemon.rpc import (
     serve_rpc,
 )
 from hexgen.daemon.serving import Serving
-from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.status import StatusView
+from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.swarm_state import AdoptedPlan, SelfInfo, SwarmState
 from hexgen.daemon.swarm_view import assignments
 
