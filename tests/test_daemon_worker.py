@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from hexgen.daemon.worker_process import Background, Channel, Liveness, abort_on_failure
-from hexgen.engine.launcher import free_port
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import TINY_CONFIGS, random_prompts
 from hexgen.testing.daemon_harness import zombie
+from hexgen.testing.ranks import free_port
 
 
 def _listen(path) -> socket.socket:
