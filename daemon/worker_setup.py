@@ -43,9 +43,10 @@ def as_map(raw: object, what: str) -> Mapping[str, Any]:
 
 
 def at_least(raw: Mapping[str, Any], key: str, low: int, default: int | None = None) -> int:
+    """The integer under ``key`` (``default`` when absent), at least ``low`` and one msgpack carries."""
     value = raw.get(key, default)
-    if type(value) is not int or value < low:
-        raise MalformedFrame(f"field '{key}' must be an integer >= {low}")
+    if type(value) is not int or not max(low, INT64[0]) <= value < INT64[1]:
+        raise MalformedFrame(f"field '{key}' must be a 64-bit integer >= {low}")
     return value
 
 
