@@ -30,7 +30,6 @@ from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.request_listeners import Event, RequestListeners
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.wire import FrameError
-from hexgen.daemon.worker_config import GPU_KV_BLOCK_SIZE as GPU_KV_BLOCK_SIZE
 from hexgen.daemon.worker_config import WorkerSettings
 from hexgen.daemon.worker_frames import (
     AbortFrame,
@@ -291,7 +290,7 @@ class Supervisor:
                     await self._start(deployment, worker)
                     await self._read_events(worker, worker.reader())
                     raise RuntimeError(f"worker of rank {worker.rank} exited")
-                except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - a worker's task: whatever ends it fails that worker, never the daemon
+                except Exception as exc:  # noqa: BLE001 - a worker's task: whatever ends it fails that worker, never the daemon
                     epoch = self.deployment.epoch if self.deployment is not None else deployment.epoch
                     cause = exc.cause if isinstance(exc, WorkerFailed) else None
                     await self._failed(worker, epoch, str(exc) or type(exc).__name__, cause)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
-from hexgen.daemon.worker_frames import ConfigureFrame, ExchangeFrame
+from hexgen.daemon.worker_frames import ConfigureFrame
 from hexgen.daemon.worker_setup import CacheSetup, ExchangeSetup, ReplicaSetup
 from hexgen.engine.bounds import connect_timeout_for
 
@@ -68,9 +68,6 @@ class WorkerSettings:
             tuple(self.replica(r) for r in deployment.replicas),
             self.connect_s,
         )
-
-    def exchange_frame(self, deployment: Deployment, replica: Replica, secret: bytes) -> ExchangeFrame:
-        return ExchangeFrame(self.exchange(deployment, replica, secret))
 
     def configure(
         self,
