@@ -112,3 +112,30 @@ async def test_a_stepping_worker_s_word_reaches_only_its_drained_requests():
         with pytest.raises(trio.WouldBlock):
             channels[seq_id][1].receive_nowait()
     assert set(supervisor.listeners) == {0, 1, 2, 3}
+
+
+async def test_a_gpu_worker_is_configured_for_its_gpu_its_world_and_the_exchange_group():
+    """What a worker is told (daemon.worker_config): its GPU of the plan, NCCL with its longer connect bound,
+    the KV block size every GPU host shares, its replica's world under the epoch it formed in, and the
+    epoch's exchange group with every replica in the exchange numbering."""
+    from hexgen.daemon.deployment import Deployment, replica_prefix
+    from hexgen.daemon.worker_config import GPU_KV_BLOCK_SIZE
+    from hexgen.engine.bounds import NCCL_CONNECT_TIMEOUT_S
+
+    prefill = Replica(0, 0, "prefill", ((0, 5, 2),), 0, (("me", 0), ("me", 1)))
+    decode = Replica(1, 1, "decode", ((0, 3, 1), (3, 5, 1)), 2, (("me", 2), ("other", 0)))
+    rendezvous = (("10.0.0.1", 7000), ("10.0.0.2", 7001))
+    deployment = Deployment(3, 9, (prefill, decode), ((0, 1.0),), {0: ((1, 1.0),)}, ("10.0.0.1", 7000), rendezvous)
+    supervisor = Supervisor("me", "/models/m", device="cuda", store_address=("10.0.0.1", 7000))
+    secret, exchange_secret = b"s" * 32, b"x" * 32
+    frame = supervisor.settings.configure(deployment, decode, 0, 4, secret, exchange_secret)
+    assert (frame.rank, frame.world_size, frame.device, frame.backend) == (0, 2, "cuda:2", "nccl")
+    assert frame.store == ("10.0.0.2", 7001) and frame.prefix == replica_prefix(3, 4, decode)
+    assert frame.secret == secret and frame.advertised == "10.0.0.1" and frame.progress
+    assert frame.connect_timeout_s == NCCL_CONNECT_TIMEOUT_S
+    assert frame.replica.first_rank == 0 and frame.replica.mode == "decode"
+    assert frame.replica.cache.block_size == GPU_KV_BLOCK_SIZE
+    assert frame.exchange is not None and frame.exchange.secret == exchange_secret
+    assert (frame.exchange.first_rank, frame.exchange.size, frame.exchange.store) == (2, 4, ("10.0.0.1", 7000))
+    assert [r.first_rank for r in frame.exchange.replicas] == [0, 2]
+    assert frame_to_worker(frame.to_wire()) == frame
