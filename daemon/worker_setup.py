@@ -187,7 +187,7 @@ class ReplicaSetup:
     def from_wire(cls, raw: object) -> ReplicaSetup:
         spec = validate(as_map(raw, "replica"), {"model_dir": str, "layout": list_of(list_of(int, 3), 4096)})
         layout = tuple(tuple(stage) for stage in spec["layout"])
-        ok = bool(layout) and all(len(s) == 3 and 0 <= s[0] < s[1] and s[2] >= 1 for s in layout)
+        ok = bool(layout) and all(len(s) == 3 and 0 <= s[0] < s[1] < INT64[1] and 1 <= s[2] < INT64[1] for s in layout)
         need(ok, "field 'layout' must be stages of [first layer, end layer, tp]")
         validate(spec, {"mode": optional(str), "device": optional(str), "dtype": optional(str)})
         mode = spec.get("mode") or "colocated"
