@@ -1,13 +1,17 @@
 """One device check of the engine on a GPU, prepared to run in a single call of at most 8 minutes.
 
-Needs torch and transformers only: no trio, no libp2p, no flash-attn, no network. Models are built from
+Needs torch and transformers, and for the worker processes of (b) the small wheels msgpack (the frames),
+psutil (daemon.interfaces) and cryptography (the sealed rendezvous store): carry them along where the
+machine lacks them. No trio, no libp2p, no flash-attn, no network. Models are built from
 configs with random weights. Checks, each a row of the table and an entry of the JSON:
 
 (a) ``engine-vs-hf``: a random-weight Llama of about 1B parameters with GQA, the engine on the device in
     bf16 against transformers on the same device: greedy tokens equal, or where they differ, the
     engine's token's logit (teacher-forced, transformers' logits) within ``--tolerance`` of the top one.
-(b) ``prefill->decode``: a prefill worker and a decode worker as two processes on the one device (a gloo
-    world, so a CUDA cache goes through the host staging path of engine.kv_transfer), same check.
+(b) ``prefill->decode``: a prefill replica and a decode replica as two worker processes on the one device,
+    the daemon's own (``python -m hexgen.daemon.worker_process``, configured and driven as the supervisor
+    does by ``hexgen.testing.replica_driver``): the KV goes over the epoch's gloo exchange group, so a CUDA
+    cache takes the host staging path of engine.kv_transfer. Same check.
 (c) ``attention``: which attention path the engine chose, and why.
 
     python bench/gpu_check.py [--device cuda|cpu] [--quick] [--out PATH] [--budget-s S]
@@ -58,18 +62,21 @@ LLAMA_TINY = {
 
 def ensure_hexgen_importable() -> None:
     """On the device machine the repository is a plain checkout, not an installed package: expose its
-    engine as ``hexgen.engine`` through a symlink (spawned workers inherit ``sys.path``)."""
+    engine, daemon and test support as ``hexgen.engine``, ``hexgen.daemon`` and ``hexgen.testing`` through
+    symlinks, on ``PYTHONPATH`` too, for the worker and store processes."""
     try:
-        import hexgen.engine.kv_transfer
+        import hexgen.testing.replica_driver
 
         return
     except ImportError:
         pass
     shim = Path(tempfile.mkdtemp(prefix="hexgen-shim-")) / "hexgen"
     shim.mkdir()
-    (shim / "engine").symlink_to(ROOT / "engine")
+    for name, where in (("engine", "engine"), ("daemon", "daemon"), ("testing", "tests/support")):
+        (shim / name).symlink_to(ROOT / where)
     sys.path.insert(0, str(shim.parent))
-    import hexgen.engine.kv_transfer  # noqa: F401
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim.parent), os.environ.get("PYTHONPATH")) if p)
+    import hexgen.testing.replica_driver  # noqa: F401
 
 
 @dataclass
@@ -195,11 +202,12 @@ def compare(
 def run_checks(args: argparse.Namespace, report: Report, out: Path, budget: Budget) -> None:
     import torch
 
-    from hexgen.engine.launcher import generate_disaggregated
+    from hexgen.daemon.worker_setup import CacheSetup
     from hexgen.engine.layout import uniform_layout
     from hexgen.engine.llm import LLM
     from hexgen.engine.model_runner import CacheConfig
     from hexgen.engine.sequence import SamplingParams
+    from hexgen.testing.replica_driver import generate_disaggregated
 
     device = "cuda:0" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -232,7 +240,7 @@ def run_checks(args: argparse.Namespace, report: Report, out: Path, budget: Budg
             report.checks.append(attention)
             del llm
             gc.collect()  # the engine's 0.5 of the device must be free before (b)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever failed, the report says so and the next check runs
             check.ok, check.error = False, traceback.format_exc()[-3000:]
         check.seconds = round(time.monotonic() - started, 1)
         report.write(out)
@@ -259,14 +267,14 @@ def run_checks(args: argparse.Namespace, report: Report, out: Path, budget: Budg
                     device=device,
                     dtype=dtype_name,
                     # two processes share the device: a fixed cache each, not a fraction of its memory
-                    cache=CacheConfig(num_blocks=256),
+                    cache=CacheSetup(num_blocks=256),
                 )
                 check.ok, check.detail = compare(model, prompts, got, expected, args.tolerance, device)
                 from hexgen.engine.kv_transfer import needs_staging
 
                 staged = needs_staging(torch.device(device), "gloo")
                 check.detail["transport"] = "gloo, staged through host memory" if staged else "gloo"
-            except Exception:
+            except Exception:  # noqa: BLE001 - whatever failed, the report says so
                 check.ok, check.error = False, traceback.format_exc()[-3000:]
             check.seconds = round(time.monotonic() - started, 1)
         del model
@@ -312,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_hexgen_importable()
         import torch
 
-        import hexgen.engine.launcher
-        import hexgen.engine.llm  # noqa: F401
+        import hexgen.engine.llm
+        import hexgen.testing.replica_driver  # noqa: F401
 
         # what the engine itself needs: the device machine has no trio, libp2p or flash-attn
         report.engine_imports = {m: m in sys.modules for m in ("trio", "libp2p", "cryptography", "jinja2")}
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
         report.environment |= environment(args.device)
         run_checks(args, report, out, budget)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the check's top level: a failed setup is a row of the report
         report.checks.append(Check("setup", ok=False, error=traceback.format_exc()[-3000:]))
     report.environment["imported_at_end"] = {m: m in sys.modules for m in ("trio", "libp2p", "flash_attn")}
     report.finished = True

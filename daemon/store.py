@@ -1,7 +1,8 @@
 """The rendezvous store of a daemon: one torch TCPStore process that outlives every epoch's workers.
 
 Run as ``python -m hexgen.daemon.store --host HOST --port PORT``; prints ``ready`` once it listens and serves
-until its standard input closes (the daemon holds the pipe, so the store never outlives it, even a SIGKILL). Workers of every world whose rank 0 sits on this daemon meet here, each world under its own
+until its standard input closes (the daemon holds the pipe, so the store never outlives it, even a SIGKILL).
+Workers of every world whose rank 0 sits on this daemon meet here, each world under its own
 key prefix (term and epoch), so replacing the workers never takes the store away from a world forming.
 """
 
@@ -20,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     try:
-        store = dist.TCPStore(
+        store = dist.TCPStore(  # type: ignore[attr-defined]  # torch exports it without declaring it
             args.host, args.port, None, is_master=True, wait_for_workers=False, timeout=timedelta(hours=1)
         )
-    except Exception as exc:
+    except (RuntimeError, OSError, ValueError) as exc:  # torch's DistNetworkError is a RuntimeError
         print(f"hexgen-store: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     print("ready", flush=True)

@@ -1,21 +1,17 @@
 """The engine worker process: hosts one rank of a replica and talks to its daemon over a unix socket.
 
-Run as ``python -m hexgen.daemon.worker_process --ipc-fd FD`` (the worker's end of a socket pair the daemon made)
-or ``--ipc PATH`` (a unix socket the daemon listens on). The daemon sends length-prefixed msgpack frames
-(``daemon.wire``): ``configure`` (this rank's replica, the store of the replica's own world, the address its
-daemon advertises, whose interface gloo and NCCL bind to, and the epoch's exchange group over which KV moves between replicas, when there is one); then, to a
-replica's driver only: ``exchange`` (a later epoch's exchange group, for a replica that carries on across
-epochs), ``generate`` (a new request; ``dst`` names the decode replica a prefill replica hands it to),
-``import`` (a request prefilled on replica ``src``, whose KV every rank then receives) and ``abort``;
-``shutdown`` ends the worker. While it loads, a worker configured with ``progress`` sends ``progress``
-frames (bytes of weights loaded of the total). The worker answers ``ready`` or ``failed`` once: ``ready``
-only once its world and the epoch's exchange group formed (so it can hand KV to every replica the plan links
-it with), ``failed`` with the cause when either could not (``daemon.failure.WorldFailure``: which world, and
-the address that could not be reached). Then it streams ``token`` frames (with ``finished``), from a prefill
-replica ``handoff`` frames (prompt and first token) just before the KV goes out, ``error`` frames for a
-request it refuses (a KV format mismatch), and, every rank of a replica moved to a later epoch's exchange
-group, one ``exchange`` frame saying whether that group (its ``prefix``) formed. torch stays in this
-process: the daemon's trio loop never waits on a GPU step.
+Run as ``python -m hexgen.daemon.worker_process --ipc-fd FD`` (the worker's end of a socket pair the daemon
+made) or ``--ipc PATH`` (a unix socket the daemon listens on). The frames both ways are those of
+``daemon.worker_frames``: ``configure`` first (this rank's replica, its world's store, the address its daemon
+advertises, whose interface gloo and NCCL bind to, and the epoch's exchange group over which KV moves
+between replicas, when there is one); then, to a replica's driver only, ``exchange``, ``generate``,
+``import``, ``abort`` and ``shutdown``. While it loads, a worker configured with ``progress`` sends
+``progress`` frames. It answers ``ready`` or ``failed`` once: ``ready`` only once its world and the epoch's
+exchange group formed (so it can hand KV to every replica the plan links it with), ``failed`` with the
+cause when either could not (``daemon.failure.WorldFailure``). Then it streams ``token``, ``handoff`` (just
+before the KV goes out), ``error`` (a request it refuses), ``alive`` and ``exchange`` (whether a later
+epoch's group formed) frames. torch stays in this process: the daemon's trio loop never waits on a GPU
+step. This module and what it imports at load are free of torch, trio and libp2p.
 """
 
 from __future__ import annotations
@@ -31,13 +27,36 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.interfaces import pin_interfaces
 from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
-from hexgen.engine.bounds import CONNECT_TIMEOUT_S
+from hexgen.daemon.worker_frames import (
+    AbortFrame,
+    AliveFrame,
+    ConfigureFrame,
+    ErrorFrame,
+    ExchangedFrame,
+    ExchangeFrame,
+    FailedFrame,
+    GenerateFrame,
+    HandoffFrame,
+    ImportFrame,
+    ProgressFrame,
+    ReadyFrame,
+    ShutdownFrame,
+    TokenFrame,
+    ToWorker,
+    frame_to_worker,
+)
+from hexgen.daemon.worker_setup import ExchangeSetup, ReplicaSetup
+
+if TYPE_CHECKING:  # torch: only once the worker runs
+    from hexgen.engine.loader import ProgressFn
+    from hexgen.engine.replica import ExchangeConfig, ReplicaSpec, ReplicaWorker, Request, StepResult
 
 IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
@@ -70,8 +89,9 @@ class Channel:
         payload, self.buffer = self.buffer[4 : 4 + size], self.buffer[4 + size :]
         return decode_payload(payload)
 
-    def poll(self, timeout: float) -> list[Any]:
-        """Every complete frame that arrives within ``timeout`` seconds (none: an empty list)."""
+    def poll(self, timeout: float | None) -> list[Any]:
+        """Every complete frame that arrives within ``timeout`` seconds (None: until one does; none
+        arrived: an empty list)."""
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if ready:
             chunk = self.sock.recv(1 << 20)
@@ -102,7 +122,7 @@ class Background:
     def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
             self.outcome.append((True, fn(*args)))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that asks for the result, which raises it
             self.outcome.append((False, exc))
 
     def result(self) -> Any:
@@ -113,105 +133,99 @@ class Background:
         return value
 
 
-def spec_from(raw: dict[str, Any]) -> Any:
+def spec_from(setup: ReplicaSetup) -> ReplicaSpec:
     from hexgen.engine.layout import StageLayout
     from hexgen.engine.model_runner import CacheConfig
     from hexgen.engine.replica import ReplicaSpec
 
-    layout = tuple(StageLayout(int(a), int(b), int(tp)) for a, b, tp in raw["layout"])
-    cache = CacheConfig(**raw.get("cache", {}))
     return ReplicaSpec(
-        str(raw["model_dir"]),
-        layout,
-        first_rank=int(raw.get("first_rank", 0)),
-        mode=str(raw.get("mode", "colocated")),
-        dtype=str(raw.get("dtype", "auto")),
-        device=str(raw.get("device", "cpu")),
-        cache=cache,
+        setup.model_dir,
+        tuple(StageLayout(*stage) for stage in setup.layout),
+        first_rank=setup.first_rank,
+        mode=setup.mode,
+        dtype=setup.dtype,
+        device=setup.device,
+        cache=CacheConfig(**setup.cache.overrides()),
     )
 
 
-def exchange_from(raw: dict[str, Any]) -> Any:
+def exchange_from(setup: ExchangeSetup) -> ExchangeConfig:
     from hexgen.engine.replica import ExchangeConfig
 
-    host, port = raw["store"]
-    peers = tuple(spec_from(r) for r in raw["replicas"])
-    prefix, first_rank, size = str(raw["prefix"]), int(raw["first_rank"]), int(raw["size"])
-    connect = float(raw.get("connect_timeout_s", CONNECT_TIMEOUT_S))
+    host, port = setup.store
+    peers = tuple(spec_from(r) for r in setup.replicas)
     return ExchangeConfig(
-        str(host), int(port), prefix, first_rank, size, peers, secret=_secret(raw), connect_timeout_s=connect
+        host,
+        port,
+        setup.prefix,
+        setup.first_rank,
+        setup.size,
+        peers,
+        secret=setup.secret,
+        connect_timeout_s=setup.connect_timeout_s,
     )
 
 
-def _secret(raw: dict[str, Any]) -> bytes | None:
-    """The world's store secret (hex in the frame); only worlds started without a daemon have none."""
-    return bytes.fromhex(raw["secret"]) if raw.get("secret") is not None else None
-
-
-def _join(config: dict[str, Any], progress: Any = None) -> tuple[Any, Any]:
+def _join(config: ConfigureFrame, progress: ProgressFn | None = None) -> tuple[ReplicaWorker, object]:
     """The replica worker of ``config`` in its world, and the world's store (None for a tcp:// world).
     ``progress(done, total)`` hears the bytes of weights loaded."""
     import torch
 
     from hexgen.engine.device import pin_device
-    from hexgen.engine.formation import CONNECT_GRACE_S, bounded, connecting
-    from hexgen.engine.replica import (
-        ReplicaWorker,
-        init_world,
-        init_world_store,
-        join_exchange,
-        replica_groups,
-        replica_kv_format,
-        settle_world,
-    )
+    from hexgen.engine.replica import ReplicaWorker, join_exchange, replica_kv_format
 
-    torch.set_num_threads(int(config.get("threads", 1)))
-    spec = spec_from(config["replica"])
-    spec = dataclasses.replace(spec, first_rank=0, device=str(config.get("device", spec.device)))
+    torch.set_num_threads(config.threads)
+    spec = dataclasses.replace(spec_from(config.replica), first_rank=0, device=config.device or config.replica.device)
     pin_device(spec.device)  # before any CUDA work or NCCL group: ranks must not pile onto cuda:0
-    rank, size, backend = int(config["rank"]), int(config["world_size"]), str(config.get("backend", "gloo"))
-    store_host = str(config["store"][0]) if "store" in config else "127.0.0.1"
-    pin_interfaces(str(config.get("advertised") or store_host), store_host)  # before any group forms
-    connect_s = float(config.get("connect_timeout_s", CONNECT_TIMEOUT_S))
+    store_host = config.store[0] if config.store is not None else "127.0.0.1"
+    pin_interfaces(config.advertised or store_host, store_host)  # before any group forms
     # Ready means able to hand KV on: every rank of every replica of the epoch joins this group, in a thread
     # from the start, so ranks meet there as soon as they run (not after loading weights, which can take
     # minutes) and a group that cannot connect is known while the model loads.
     exchange = None
-    if config.get("exchange"):
+    if config.exchange is not None:
         # the KV format goes out as the group forms: a peer ready before this rank loads reads it at once
-        exchange = Background(join_exchange, exchange_from(config["exchange"]), rank, replica_kv_format(spec))
-    store = None
-    if "store" in config:
-        host, port = config["store"]
-        prefix = str(config.get("prefix", ""))
-        store = init_world_store(
-            rank,
-            size,
-            str(host),
-            int(port),
-            prefix,
-            backend,
-            secret=_secret(config),
-            connect_timeout_s=connect_s,
-            device=spec.device,
-        )
-        with connecting("replica world"):
-            groups = bounded(
-                lambda: replica_groups([spec], timedelta(seconds=connect_s)),
-                connect_s + CONNECT_GRACE_S,
-                "replica world",
-            )
-        settle_world(groups, OPERATION_TIMEOUT_S)
-    else:
-        init_world(rank, size, int(config["port"]), backend, device=spec.device)
-        groups = replica_groups([spec])
-    worker = ReplicaWorker(spec, rank, groups, progress=abort_on_failure(exchange, progress))
+        exchange = Background(join_exchange, exchange_from(config.exchange), config.rank, replica_kv_format(spec))
+    store, groups = _form_world(config, spec)
+    worker = ReplicaWorker(spec, config.rank, groups, progress=abort_on_failure(exchange, progress))
     if exchange is not None:
         worker.adopt_exchange(exchange.result())  # raises the group's WorldFormationError
     return worker, store
 
 
-def abort_on_failure(exchange: Background | None, progress: Any = None) -> Any:
+def _form_world(config: ConfigureFrame, spec: ReplicaSpec) -> tuple[object, dict[tuple[int, ...], object]]:
+    """This rank's replica world, met at the daemon's store (or, without one, a tcp:// world on a local
+    port): its store and groups."""
+    from hexgen.engine.formation import CONNECT_GRACE_S, bounded, connecting
+    from hexgen.engine.replica import init_world, init_world_store, replica_groups, settle_world
+
+    rank, size, backend, connect_s = config.rank, config.world_size, config.backend, config.connect_timeout_s
+    if config.store is None:
+        init_world(rank, size, config.port or 0, backend, device=spec.device)
+        return None, replica_groups([spec])
+    host, port = config.store
+    store = init_world_store(
+        rank,
+        size,
+        host,
+        port,
+        config.prefix,
+        backend,
+        secret=config.secret,
+        connect_timeout_s=connect_s,
+        device=spec.device,
+    )
+    with connecting("replica world"):
+        groups = bounded(
+            lambda: replica_groups([spec], timedelta(seconds=connect_s)),
+            connect_s + CONNECT_GRACE_S,
+            "replica world",
+        )
+    settle_world(groups, OPERATION_TIMEOUT_S)
+    return store, groups
+
+
+def abort_on_failure(exchange: Background | None, progress: ProgressFn | None = None) -> ProgressFn:
     """A loader callback that raises the exchange thread's error as soon as it is known: a group that
     could not form is reported (``failed`` with its cause) within seconds, not after a long model load."""
 
@@ -245,7 +259,7 @@ class Liveness:
 
     def tick(self) -> None:
         if self.busy and not self.quiet():
-            self.channel.send({"op": "alive"})
+            self.channel.send(AliveFrame().to_wire())
 
     def _run(self) -> None:
         while not self.stopped.wait(self.every_s):
@@ -255,7 +269,7 @@ class Liveness:
                 return
 
 
-def progress_reporter(channel: Channel, every_s: float | None = None) -> Any:
+def progress_reporter(channel: Channel, every_s: float | None = None) -> ProgressFn:
     """A loader callback sending ``progress`` frames (bytes loaded of the total) at most every ``every_s``,
     and always the last one: the daemon moves this worker's start deadline while they arrive."""
     every = PROGRESS_EVERY_S if every_s is None else every_s
@@ -265,101 +279,139 @@ def progress_reporter(channel: Channel, every_s: float | None = None) -> Any:
         now = time.monotonic()
         if done >= total or now - last[0] >= every:
             last[0] = now
-            channel.send({"op": "progress", "done": int(done), "total": int(total)})
+            channel.send(ProgressFrame(int(done), int(total)).to_wire())
 
     return report
 
 
-def failure_frame(exc: BaseException) -> dict[str, Any]:
+def failure_frame(exc: BaseException) -> FailedFrame:
     """The ``failed`` frame for ``exc``, with the cause when a world could not form."""
     from hexgen.engine.formation import WorldFormationError
 
-    frame: dict[str, Any] = {"op": "failed", "error": f"{type(exc).__name__}: {exc}"}
     if isinstance(exc, WorldFormationError):
-        frame["cause"] = WorldFailure(exc.world, exc.stage, exc.remote).to_dict()
-        frame["error"] = str(exc)
-    return frame
+        return FailedFrame(str(exc), WorldFailure(exc.world, exc.stage, exc.remote))
+    return FailedFrame(f"{type(exc).__name__}: {exc}")
 
 
-def serve(channel: Channel) -> None:
-    from hexgen.engine.replica import Request
-    from hexgen.engine.sequence import SamplingParams
-
-    config = channel.receive()
-    if not isinstance(config, dict) or config.get("op") != "configure":
-        channel.send({"op": "failed", "error": "the first frame must be configure"})
-        return
-    try:
-        report = progress_reporter(channel) if config.get("progress") else None  # the daemon asks for them
-        worker, _world_store = _join(config, report)  # the store outlives the world while serve runs
-    except Exception as exc:
-        channel.send(failure_frame(exc))
-        return
-    channel.send(
-        {"op": "ready", "rank": worker.rank, "driver": worker.is_driver, "blocks": worker.block_manager.num_blocks}
-    )
+def exchange_reporter(channel: Channel) -> Callable[[str, BaseException | None], None]:
+    """The replica's ``on_exchange``: tells the daemon whether a later epoch's exchange group formed."""
 
     def exchanged(prefix: str, outcome: BaseException | None) -> None:
-        frame = {"op": "exchange", "formed": True} if outcome is None else failure_frame(outcome) | {"op": "exchange"}
-        frame["prefix"] = prefix
+        if outcome is None:
+            frame = ExchangedFrame(prefix, formed=True)
+        else:
+            failed = failure_frame(outcome)
+            frame = ExchangedFrame(prefix, formed=False, error=failed.error, cause=failed.cause)
         with contextlib.suppress(OSError):
-            channel.send(frame)
+            channel.send(frame.to_wire())
 
-    worker.on_exchange = exchanged
-    pending: list[Any] = []
-    imports: list[Any] = []
-    aborts: list[int] = []
-    exchange = None
-    stop = False
+    return exchanged
+
+
+def start(channel: Channel) -> tuple[ReplicaWorker, object] | None:
+    """Read ``configure``, join the worlds and answer ``ready`` (the worker and its world's store, which
+    must outlive the world), or answer ``failed`` (None)."""
+    try:
+        config = frame_to_worker(channel.receive())
+    except MalformedFrame as exc:
+        config = None
+        error = f"a bad first frame: {exc}"
+    if not isinstance(config, ConfigureFrame):
+        channel.send(FailedFrame(error if config is None else "the first frame must be configure").to_wire())
+        return None
+    try:
+        report = progress_reporter(channel) if config.progress else None  # the daemon asks for them
+        worker, store = _join(config, report)
+    except Exception as exc:  # noqa: BLE001 - the worker's start: whatever failed is the daemon's to hear
+        channel.send(failure_frame(exc).to_wire())
+        return None
+    channel.send(ReadyFrame(worker.rank, worker.is_driver, worker.block_manager.num_blocks).to_wire())
+    worker.on_exchange = exchange_reporter(channel)
+    return worker, store
+
+
+@dataclass
+class Inbox:
+    """What the daemon asked of a replica's driver since its last step."""
+
+    pending: list[Request] = field(default_factory=list)
+    imports: list[Request] = field(default_factory=list)
+    aborts: list[int] = field(default_factory=list)
+    exchange: ExchangeConfig | None = None
+    stop: bool = False
+
+    def take(self, frame: ToWorker) -> None:
+        from hexgen.engine.replica import Request
+
+        if isinstance(frame, GenerateFrame):
+            self.pending.append(Request(frame.id, list(frame.tokens), frame.sampling, dst=frame.dst))
+        elif isinstance(frame, ImportFrame):
+            self.imports.append(Request(frame.id, list(frame.tokens), frame.sampling, src=frame.src))
+        elif isinstance(frame, AbortFrame):
+            self.aborts.append(frame.id)
+        elif isinstance(frame, ExchangeFrame):
+            self.imports.clear()  # routed under the old epoch: their entries re-submit them
+            self.exchange = exchange_from(frame.exchange)
+        elif isinstance(frame, ShutdownFrame):
+            self.stop = True
+
+    @property
+    def requests(self) -> bool:
+        return bool(self.pending or self.imports)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.pending or self.imports or self.aborts or self.exchange or self.stop)
+
+
+def report(channel: Channel, worker: ReplicaWorker, result: StepResult) -> None:
+    """A driver's step, told to the daemon: tokens, refused imports and hand-offs."""
+    finished = {s.seq_id: s.finish_reason for s in result.finished}
+    for seq_id, token in result.sampled:
+        channel.send(TokenFrame(seq_id, token, finished.get(seq_id)).to_wire())
+    for seq_id, why in result.failed:  # imports refused here (a KV format mismatch): the request fails
+        channel.send(ErrorFrame(seq_id, why).to_wire())
+    refused = worker.refusals(result.handed_off)
+    for seq in result.handed_off:
+        frame = ErrorFrame(seq.seq_id, refused[seq.seq_id]) if seq.seq_id in refused else None
+        channel.send((frame or HandoffFrame(seq.seq_id, tuple(seq.token_ids))).to_wire())
+
+
+def run_steps(channel: Channel, worker: ReplicaWorker) -> None:
+    """Step the replica until its driver says stop. The driver takes the daemon's frames between steps;
+    followers wait inside the step's first collective."""
+    inbox = Inbox()
     idle_since = time.monotonic()
     # a daemon thread: it ends with the process, and a send on the closed channel ends it sooner
     liveness = Liveness(channel, lambda: worker.receiving_kv).start() if worker.is_driver else None
     while True:
         if worker.is_driver:
-            idle = not pending and not imports and not worker.scheduler.has_unfinished()
-            for frame in channel.poll(IDLE_POLL_S if idle else 0.0):
-                op = frame.get("op") if isinstance(frame, dict) else None
-                if op in ("generate", "import"):
-                    fields = dict(frame.get("sampling", {}))
-                    fields["stop_token_ids"] = tuple(fields.get("stop_token_ids", ()))
-                    sampling = SamplingParams(**fields)
-                    tokens = [int(t) for t in frame["tokens"]]
-                    if op == "generate":
-                        pending.append(Request(int(frame["id"]), tokens, sampling, dst=int(frame.get("dst", -1))))
-                    else:
-                        imports.append(Request(int(frame["id"]), tokens, sampling, src=int(frame["src"])))
-                elif op == "abort":
-                    aborts.append(int(frame["id"]))
-                elif op == "exchange":
-                    imports.clear()  # routed under the old epoch: their entries re-submit them
-                    exchange = exchange_from(frame["exchange"])
-                elif op == "shutdown":
-                    stop = True
+            idle = not inbox.requests and not worker.scheduler.has_unfinished()
+            for raw in channel.poll(IDLE_POLL_S if idle else 0.0):
+                inbox.take(frame_to_worker(raw))
             if liveness is not None:  # a request waiting in the queue is taken, not stuck
-                liveness.busy = bool(pending or imports or worker.scheduler.has_unfinished())
+                liveness.busy = inbox.requests or worker.scheduler.has_unfinished()
             # Followers wait inside a collective; an empty step now and then keeps it from timing out.
-            busy = pending or imports or aborts or exchange or stop
-            if idle and not busy and time.monotonic() - idle_since < KEEPALIVE_S:
+            if idle and inbox.empty and time.monotonic() - idle_since < KEEPALIVE_S:
                 continue
             idle_since = time.monotonic()
-        result = worker.step(pending, aborts, stop=stop, imports=imports, exchange=exchange)
-        pending, imports, aborts, exchange = [], [], [], None
+        result = worker.step(
+            inbox.pending, inbox.aborts, stop=inbox.stop, imports=inbox.imports, exchange=inbox.exchange
+        )
+        inbox = Inbox()
         if result is None:
             return
         if worker.is_driver:
-            finished = {s.seq_id: s.finish_reason for s in result.finished}
-            for seq_id, token in result.sampled:
-                channel.send({"op": "token", "id": seq_id, "token": token, "finished": finished.get(seq_id)})
-            for seq_id, why in result.failed:  # imports refused here (a KV format mismatch): the request fails
-                channel.send({"op": "error", "id": seq_id, "error": why})
-            refused = worker.refusals(result.handed_off)
-            for seq in result.handed_off:
-                if seq.seq_id in refused:
-                    channel.send({"op": "error", "id": seq.seq_id, "error": refused[seq.seq_id]})
-                else:
-                    channel.send({"op": "handoff", "id": seq.seq_id, "tokens": list(seq.token_ids)})
+            report(channel, worker, result)
         if result.handed_off:
             worker.export_routed(result.handed_off)
+
+
+def serve(channel: Channel) -> None:
+    started = start(channel)
+    if started is not None:
+        worker, _world_store = started  # the store outlives the world while the replica steps
+        run_steps(channel, worker)
 
 
 def exit_with_parent(interval_s: float = 0.5) -> None:
@@ -405,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(channel)
     except EOFError:
         return 0
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the process's top level: any failure ends it with a message
         if not _expected(exc):
             traceback.print_exc()
             return 1

@@ -12,12 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from hexgen.daemon.worker_frames import (
+    AliveFrame,
+    ConfigureFrame,
+    FailedFrame,
+    GenerateFrame,
+    ReadyFrame,
+    ShutdownFrame,
+    TokenFrame,
+    frame_from_worker,
+)
 from hexgen.daemon.worker_process import Background, Channel, Liveness, abort_on_failure
-from hexgen.engine.launcher import free_port
+from hexgen.daemon.worker_setup import ReplicaSetup
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import TINY_CONFIGS, random_prompts
 from hexgen.testing.daemon_harness import zombie
+from hexgen.testing.ranks import free_port
 
 
 def _listen(path) -> socket.socket:
@@ -44,7 +55,7 @@ def workers():
 
 def test_tp2_replica_served_through_worker_processes(tiny_models, tmp_path, workers):
     model_dir = tiny_models["llama-gqa"]
-    replica = {"model_dir": str(model_dir), "layout": [[0, 4, 2]], "first_rank": 0}
+    replica = ReplicaSetup(str(model_dir), ((0, 4, 2),))
     port = free_port()
     channels = []
     for rank in range(2):
@@ -53,52 +64,61 @@ def test_tp2_replica_served_through_worker_processes(tiny_models, tmp_path, work
         conn, _ = server.accept()
         conn.settimeout(None)
         channel = Channel(conn)
-        channel.send({"op": "configure", "rank": rank, "world_size": 2, "port": port, "replica": replica})
+        channel.send(ConfigureFrame(rank, 2, replica, port=port).to_wire())
         channels.append(channel)
-    replies = [c.receive() for c in channels]
-    assert [r["op"] for r in replies] == ["ready", "ready"], replies
-    driver = channels[next(i for i, r in enumerate(replies) if r["driver"])]
+    replies = [frame_from_worker(c.receive()) for c in channels]
+    assert all(isinstance(r, ReadyFrame) for r in replies), replies
+    driver = channels[next(i for i, r in enumerate(replies) if r.driver)]  # type: ignore[union-attr]
 
     prompts = random_prompts(4, TINY_CONFIGS["llama-gqa"]["vocab_size"], seed=11)
     for i, prompt in enumerate(prompts):
-        driver.send({"op": "generate", "id": i, "tokens": prompt, "sampling": {"max_tokens": 12}})
+        driver.send(GenerateFrame(i, tuple(prompt), SamplingParams(max_tokens=12)).to_wire())
     streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     done: dict[int, str] = {}
     while len(done) < len(prompts):
-        for frame in driver.poll(30):
-            streamed[frame["id"]].append(frame["token"])
-            if frame["finished"]:
-                done[frame["id"]] = frame["finished"]
+        for raw in driver.poll(30):
+            frame = frame_from_worker(raw)
+            if not isinstance(frame, TokenFrame):
+                continue  # alive: the driver still steps
+            streamed[frame.id].append(frame.token)
+            if frame.finished:
+                done[frame.id] = frame.finished
     expected = [o.token_ids for o in LLM(model_dir).generate(prompts, SamplingParams(max_tokens=12))]
     assert [streamed[i] for i in range(len(prompts))] == expected
     assert set(done.values()) == {"length"}
-    driver.send({"op": "shutdown"})
+    driver.send(ShutdownFrame().to_wire())
     assert [p.wait(timeout=60) for p in workers] == [0, 0]
 
 
-def test_worker_refuses_a_bad_first_frame(tmp_path, workers):
+@pytest.mark.parametrize(
+    ("first", "error"),
+    [({"op": "generate"}, "a bad first frame: field 'id'"), ({"op": "shutdown"}, "the first frame must be configure")],
+)
+def test_worker_refuses_a_bad_first_frame(tmp_path, workers, first, error):
     server = _listen(tmp_path / "w.sock")
     workers.append(_spawn(tmp_path / "w.sock"))
     conn, _ = server.accept()
     conn.settimeout(None)
     channel = Channel(conn)
-    channel.send({"op": "generate"})
-    assert channel.receive()["op"] == "failed"
+    channel.send(first)
+    reply = frame_from_worker(channel.receive())
+    assert isinstance(reply, FailedFrame) and reply.error.startswith(error), reply
     assert workers[0].wait(timeout=60) == 0
 
 
 PARENT = """
 import socket, subprocess, sys, time
 from hexgen.daemon.wire import encode_frame
+from hexgen.daemon.worker_frames import ConfigureFrame
+from hexgen.daemon.worker_setup import ReplicaSetup
 path, port = sys.argv[1], int(sys.argv[2])
 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 server.bind(path)
 server.listen(1)
 worker = subprocess.Popen([sys.executable, "-m", "hexgen.daemon.worker_process", "--ipc", path])
 conn, _ = server.accept()
-replica = {"model_dir": "unused", "layout": [[0, 2, 2]]}
-conn.sendall(encode_frame({"op": "configure", "rank": 1, "world_size": 2, "store": ["127.0.0.1", port],
-                           "prefix": "x/", "replica": replica}))
+frame = ConfigureFrame(1, 2, ReplicaSetup("unused", ((0, 2, 2),)), store=("127.0.0.1", port), prefix="x/")
+conn.sendall(encode_frame(frame.to_wire()))
 print(worker.pid, flush=True)
 time.sleep(600)
 """
@@ -146,10 +166,10 @@ def test_liveness_speaks_while_busy_except_while_a_kv_is_awaited():
     assert channel.frames == []  # idle: nothing to vouch for
     liveness.busy = True
     liveness.tick()
-    assert channel.frames == [{"op": "alive"}]  # a long step in progress is not a stuck hop
+    assert channel.frames == [AliveFrame().to_wire()]  # a long step in progress is not a stuck hop
     receiving[0] = True
     liveness.tick()
-    assert channel.frames == [{"op": "alive"}]  # a KV that never comes must let the entry fail over
+    assert channel.frames == [AliveFrame().to_wire()]  # a KV that never comes must let the entry fail over
 
 
 def test_liveness_thread_sends_during_a_step():
@@ -162,7 +182,7 @@ def test_liveness_thread_sends_during_a_step():
         liveness.stop()
     liveness.thread.join(10)
     assert not liveness.thread.is_alive()
-    assert {"op": "alive"} in channel.frames
+    assert AliveFrame().to_wire() in channel.frames
 
 
 def test_a_failed_exchange_aborts_the_load():

@@ -1,15 +1,16 @@
-"""TP, PP, TP x PP and disaggregated (prefill TP=2 -> decode PP=2) replicas as separate gloo processes give
-transformers' greedy tokens."""
+"""TP, PP, TP x PP and disaggregated (prefill TP=2 -> decode PP=2) replicas, served by the daemon's worker
+processes (hexgen.testing.replica_driver drives them as the supervisor does), give transformers' greedy
+tokens."""
 
 from __future__ import annotations
 
 import pytest
 
-from hexgen.engine.launcher import generate, generate_disaggregated
 from hexgen.engine.layout import uniform_layout
 from hexgen.engine.sequence import SamplingParams
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.checkpoints import TINY_CONFIGS, random_prompts, reference_greedy
+from hexgen.testing.replica_driver import generate, generate_disaggregated
 
 LAYOUTS = {"tp2": (1, 2), "pp2": (2, 1), "tp2xpp2": (2, 2)}
 STORIES_PROMPTS = ["Once upon a time", "The little dog", "One day, a big"]

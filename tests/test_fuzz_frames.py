@@ -1,0 +1,169 @@
+"""Fuzzing the worker frames' parsers (daemon/worker_frames.py): what a daemon tells its worker processes and
+what they answer. Each parser returns a frame or raises MalformedFrame with a one-line message; a frame it
+returns reads back from its own wire form unchanged, and the worker and the supervisor can act on it."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any
+
+from hypothesis import example, given
+
+from hexgen.daemon.deployment import Replica
+from hexgen.daemon.failure import WorldFailure
+from hexgen.daemon.start_deadline import StartDeadline
+from hexgen.daemon.supervisor import Supervisor
+from hexgen.daemon.wire import MalformedFrame, encode_frame
+from hexgen.daemon.worker_frames import (
+    AbortFrame,
+    AliveFrame,
+    ConfigureFrame,
+    ErrorFrame,
+    ExchangedFrame,
+    ExchangeFrame,
+    FailedFrame,
+    FromWorker,
+    GenerateFrame,
+    HandoffFrame,
+    ImportFrame,
+    ProgressFrame,
+    ReadyFrame,
+    ShutdownFrame,
+    TokenFrame,
+    ToWorker,
+    frame_from_worker,
+    frame_to_worker,
+)
+from hexgen.daemon.worker_link import LocalWorker, WorkerFailed
+from hexgen.daemon.worker_process import exchange_from, spec_from
+from hexgen.daemon.worker_setup import CacheSetup, ExchangeSetup, ReplicaSetup
+from hexgen.engine.sampler import _mix_seed
+from hexgen.engine.sequence import SamplingParams
+from hexgen.testing.fuzzing import FUZZ, REFUSED, assert_clear, fuzzed, outcome, show
+
+SECRET = bytes(range(32))
+REPLICA = ReplicaSetup("/models/x", ((0, 3, 2), (3, 5, 1)), mode="prefill", cache=CacheSetup(block_size=256))
+DECODE = ReplicaSetup("/models/x", ((0, 5, 1),), first_rank=3, mode="decode", dtype="bfloat16")
+EXCHANGE = ExchangeSetup(("10.0.0.1", 29500), "hexgen/1/2/x/", SECRET, 0, 4, (REPLICA, DECODE), 60.0)
+SAMPLING = SamplingParams(max_tokens=4, temperature=0.5, top_k=3, seed=9, stop_token_ids=(2,), ignore_eos=True)
+TO_WORKER: list[ToWorker] = [
+    ConfigureFrame(0, 1, ReplicaSetup("/m", ((0, 4, 1),)), port=29400, progress=True),
+    ConfigureFrame(
+        2,
+        3,
+        REPLICA,
+        store=("10.0.0.1", 29500),
+        prefix="hexgen/1/1/abc/",
+        secret=SECRET,
+        advertised="10.0.0.2",
+        exchange=EXCHANGE,
+        device="cuda:1",
+        threads=4,
+        backend="nccl",
+        connect_timeout_s=60.0,
+    ),
+    GenerateFrame(5, (1, 2, 3), SamplingParams(max_tokens=2), dst=1),
+    ImportFrame(6, (1, 403, 407), SAMPLING, src=0),
+    AbortFrame(7),
+    ExchangeFrame(EXCHANGE),
+    ShutdownFrame(),
+]
+CAUSE = WorldFailure("exchange group", "connect", "10.0.0.9")
+FROM_WORKER: list[FromWorker] = [
+    ProgressFrame(100, 1000),
+    ReadyFrame(1, True, 512),
+    FailedFrame("the exchange group could not connect (cannot reach 10.0.0.9): refused", CAUSE),
+    FailedFrame("RuntimeError: out of memory"),
+    TokenFrame(5, 42, "length"),
+    TokenFrame(5, 41),
+    HandoffFrame(6, (1, 2, 3)),
+    ErrorFrame(6, "KV formats differ"),
+    AliveFrame(),
+    ExchangedFrame("hexgen/1/2/x/", True),
+    ExchangedFrame("hexgen/1/2/x/", False, "the exchange group could not arrive", None),
+]
+
+
+def test_the_examples_read_back_from_their_wire_form() -> None:
+    for frame in TO_WORKER:
+        assert frame_to_worker(frame.to_wire()) == frame
+    for answer in FROM_WORKER:
+        assert frame_from_worker(answer.to_wire()) == answer
+
+
+def check_to_worker(raw: Any) -> None:
+    show(raw)
+    frame = outcome(lambda: frame_to_worker(raw), MalformedFrame)
+    if frame is REFUSED:
+        return
+    assert frame_to_worker(frame.to_wire()) == frame
+    encode_frame(frame.to_wire())
+    if isinstance(frame, ConfigureFrame):  # what the worker builds from it
+        spec_from(frame.replica)
+        if frame.exchange is not None:
+            exchange_from(frame.exchange)
+    elif isinstance(frame, ExchangeFrame):
+        exchange_from(frame.exchange)
+    elif isinstance(frame, GenerateFrame | ImportFrame):
+        assert frame.tokens and all(type(t) is int and t >= 0 for t in frame.tokens)
+        if frame.sampling.seed is not None:
+            _mix_seed(frame.sampling.seed, len(frame.tokens))
+
+
+@FUZZ
+@given(fuzzed(*(f.to_wire() for f in TO_WORKER)))
+@example({"op": "generate", "id": 1, "tokens": [1], "sampling": {"max_tokens": 2, "stop_token_ids": [1.5]}})
+@example({"op": "generate", "id": 1, "tokens": [1], "sampling": {"max_tokens": 2, "temperature": 10**400}})
+@example({"op": "import", "id": 1, "tokens": [1], "sampling": {"max_tokens": 2, "seed": "x"}, "src": 0})
+@example(TO_WORKER[1].to_wire() | {"secret": "zz" * 32})
+@example(TO_WORKER[0].to_wire() | {"replica": {"model_dir": "m", "layout": [[0, 4, 0]]}})
+def test_frames_to_a_worker(raw: Any) -> None:
+    check_to_worker(raw)
+
+
+class Frames:
+    """A worker's frames as the supervisor reads them, from memory."""
+
+    def __init__(self, frames: list[Any]) -> None:
+        self.frames = frames
+
+    async def read(self) -> Any:
+        return self.frames.pop(0) if self.frames else None
+
+
+def run_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """The result of a coroutine that never suspends, run here and now."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise AssertionError("the coroutine suspended; in-memory frames should never make it wait")
+
+
+def check_from_worker(raw: Any) -> None:
+    show(raw)
+    frame = outcome(lambda: frame_from_worker(raw), MalformedFrame)
+    if frame is not REFUSED:
+        assert frame_from_worker(frame.to_wire()) == frame
+        encode_frame(frame.to_wire())
+        if isinstance(frame, ProgressFrame):
+            StartDeadline(0.0, 10.0, 100.0).progress(1.0, frame.done, frame.total)
+    # a ready worker's supervisor routes it, or fails the worker with a one-line reason, never anything else
+    replica = Replica(0, 0, "colocated", ((0, 5, 1),), 0, (("me", 0),))
+    supervisor = Supervisor("me", "model")
+    try:
+        run_now(supervisor._read_events(LocalWorker(replica, 0, 1), Frames([raw])))
+    except RuntimeError as error:  # WorkerFailed too: a group that did not form (not here: no deployment)
+        assert frame is REFUSED and not isinstance(error, WorkerFailed)
+        assert_clear(error)
+
+
+@FUZZ
+@given(fuzzed(*(f.to_wire() for f in FROM_WORKER)))
+@example({"op": "progress", "done": -1, "total": 5})
+@example({"op": "failed", "error": "x", "cause": {"world": "replica world", "stage": "connect", "remote": "x"}})
+@example({"op": "token", "id": 1, "token": True})
+@example({"op": "exchange", "prefix": "p", "formed": "yes"})
+def test_frames_from_a_worker(raw: Any) -> None:
+    check_from_worker(raw)
