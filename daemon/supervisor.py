@@ -48,7 +48,6 @@ from hexgen.daemon.worker_frames import (
 )
 from hexgen.daemon.worker_link import SEND_ERRORS, LocalWorker, WorkerFailed
 from hexgen.daemon.worker_link import ReplicaUnavailable as ReplicaUnavailable
-from hexgen.daemon.worker_setup import SECRET_BYTES as SECRET_BYTES
 from hexgen.daemon.worker_setup import ExchangeSetup
 from hexgen.engine.bounds import LOAD_TIMEOUT_S
 

@@ -13,10 +13,9 @@ from typing import Any
 
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.wire import MalformedFrame, list_of, optional, validate
-from hexgen.engine.bounds import CONNECT_TIMEOUT_S
+from hexgen.engine.bounds import CONNECT_TIMEOUT_S, SECRET_BYTES
 from hexgen.engine.sequence import SamplingParams
 
-SECRET_BYTES = 32  # a world's store secret: an AES-256 key (engine.sealed_store)
 ROLES = ("colocated", "prefill", "decode")
 NO_REPLICA = -1
 MAX_PORT = 65535

@@ -1,4 +1,4 @@
-"""Time bounds shared by the engine's workers and the daemon that supervises them.
+"""Bounds shared by the engine's workers and the daemon that supervises them: times, and the world secret's size.
 
 Torch-free on purpose: the daemon imports it, and the daemon's process must never import torch.
 """
@@ -12,6 +12,9 @@ CONNECT_TIMEOUT_S = 5.0
 # NCCL communicator creation across real multi-node GPU hosts (bootstrap, topology, IB/socket setup)
 # often takes far longer than gloo's mesh.
 NCCL_CONNECT_TIMEOUT_S = 60.0
+
+# A world's store secret: an AES-256 key (engine.sealed_store seals the store's values with it).
+SECRET_BYTES = 32
 
 
 def connect_timeout_for(backend: str) -> float:

@@ -17,8 +17,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from torch.distributed.distributed_c10d import Store
 
+from hexgen.engine.bounds import SECRET_BYTES
+
 NONCE_BYTES = 12
-SECRET_BYTES = 32
 
 
 class RendezvousRefused(RuntimeError):

@@ -118,7 +118,7 @@ async def test_a_hop_for_an_epoch_not_deployed_here_yet_waits_for_it(autojump_cl
         got: list[LocalWorker] = []
 
         async def hop() -> None:
-            got.append(await supervisor.wait_ready(0, (1, 5), timeout=60))
+            got.append(await supervisor.wait_ready(0, (1, 5), wait_s=60))
 
         nursery.start_soon(hop)
         await trio.sleep(2.0)
@@ -127,12 +127,12 @@ async def test_a_hop_for_an_epoch_not_deployed_here_yet_waits_for_it(autojump_cl
     assert got == [worker]
     start = trio.current_time()
     with pytest.raises(ReplicaUnavailable, match="epoch 4 of term 1"):  # an older epoch: refused at once
-        await supervisor.wait_ready(0, (1, 4), timeout=60)
+        await supervisor.wait_ready(0, (1, 4), wait_s=60)
     with pytest.raises(ReplicaUnavailable, match="epoch 5 of term 0"):  # the same epoch of an older term, too
-        await supervisor.wait_ready(0, (0, 5), timeout=60)
+        await supervisor.wait_ready(0, (0, 5), wait_s=60)
     assert trio.current_time() == start
     with pytest.raises(ReplicaUnavailable, match="epoch 6"):  # an epoch that never comes: refused in time
-        await supervisor.wait_ready(0, (1, 6), timeout=60)
+        await supervisor.wait_ready(0, (1, 6), wait_s=60)
     assert trio.current_time() - start == pytest.approx(supervisor_module.EPOCH_WAIT_S)
 
 

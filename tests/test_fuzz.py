@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import struct
 import time
@@ -45,6 +44,8 @@ from hexgen.daemon.wire import (
 )
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.fuzz import (
+    FUZZ,
+    FUZZ_EXAMPLES,
     SEEDS,
     FrameCase,
     check_frames,
@@ -90,9 +91,6 @@ from hexgen.testing.fuzz_requests import (
     http_input,
     stub_gateway,
 )
-
-FUZZ_EXAMPLES = int(os.environ.get("HEXGEN_FUZZ_EXAMPLES", "10000"))
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 # ------------------------------------------------------------------------------------------------ helpers
 

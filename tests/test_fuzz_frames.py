@@ -39,7 +39,7 @@ from hexgen.daemon.worker_process import exchange_from, spec_from
 from hexgen.daemon.worker_setup import CacheSetup, ExchangeSetup, ReplicaSetup
 from hexgen.engine.sampler import _mix_seed
 from hexgen.engine.sequence import SamplingParams
-from hexgen.testing.fuzzing import FUZZ, REFUSED, assert_clear, fuzzed, outcome, show
+from hexgen.testing.fuzz import FUZZ, REFUSED, assert_clear, fuzzed, outcome, show
 
 SECRET = bytes(range(32))
 REPLICA = ReplicaSetup("/models/x", ((0, 3, 2), (3, 5, 1)), mode="prefill", cache=CacheSetup(block_size=256))

@@ -10,6 +10,7 @@ one-line message (``outcome``, ``assert_clear``), never another exception.
 from __future__ import annotations
 
 import math
+import os
 import random
 import reprlib
 import struct
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from hypothesis import currently_in_test_context, note
+from hypothesis import HealthCheck, currently_in_test_context, note, settings
 from hypothesis import strategies as st
 
 from hexgen.daemon.wire import (
@@ -32,6 +33,9 @@ from hexgen.daemon.wire import (
     encode_frame,
 )
 
+# Each parser gets this many inputs (HEXGEN_FUZZ_EXAMPLES, 10,000 unless set).
+FUZZ_EXAMPLES = int(os.environ.get("HEXGEN_FUZZ_EXAMPLES", "10000"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 NOW = 1_700_000_000.0
 
 
