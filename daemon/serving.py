@@ -18,7 +18,7 @@ from hexgen.daemon.router import Router
 from hexgen.daemon.rpc import RENDEZVOUS_PROTOCOL, RPC_TIMEOUT_S, call, serve_rpc
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.swarm_state import SwarmState
-from hexgen.daemon.worker_setup import SECRET_BYTES
+from hexgen.engine.bounds import SECRET_BYTES
 from hexgen.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("hexgen.daemon")

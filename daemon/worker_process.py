@@ -56,7 +56,7 @@ from hexgen.daemon.worker_setup import ExchangeSetup, ReplicaSetup
 
 if TYPE_CHECKING:  # torch: only once the worker runs
     from hexgen.engine.loader import ProgressFn
-    from hexgen.engine.replica import ExchangeConfig, ReplicaSpec, ReplicaWorker, Request, StepResult
+    from hexgen.engine.replica import ExchangeConfig, Groups, ReplicaSpec, ReplicaWorker, Request, StepResult
 
 IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
@@ -193,7 +193,7 @@ def _join(config: ConfigureFrame, progress: ProgressFn | None = None) -> tuple[R
     return worker, store
 
 
-def _form_world(config: ConfigureFrame, spec: ReplicaSpec) -> tuple[object, dict[tuple[int, ...], object]]:
+def _form_world(config: ConfigureFrame, spec: ReplicaSpec) -> tuple[object, Groups]:
     """This rank's replica world, met at the daemon's store (or, without one, a tcp:// world on a local
     port): its store and groups."""
     from hexgen.engine.formation import CONNECT_GRACE_S, bounded, connecting
