@@ -245,3 +245,9 @@ async def generate(host: Host, peer_id: str, request: dict[str, Any]) -> AsyncIt
     finally:
         with contextlib.suppress(Exception):
             await stream.close()
+
+
+async def replies(host: Host, peer_id: str, request: dict[str, Any]) -> AsyncIterator[GenerateReply]:
+    """``generate``'s frames, read by ``reply_from_wire`` (a frame that is not a reply raises MalformedReply)."""
+    async for frame in generate(host, peer_id, request):
+        yield reply_from_wire(frame)

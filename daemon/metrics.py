@@ -5,7 +5,7 @@ never mix their numbers). Requests are counted at both entries, the HTTP gateway
 by ``endpoint`` (the route, or the protocol id) and ``status``: the HTTP status code, and for the libp2p entry
 the code an HTTP client would have got (200 served, 400 refused, 503 no replica could serve it, 499 the
 client went away). Generation timing comes from the one code path both entries share
-(:meth:`hexgen.daemon.router.Router.complete`): time to first token and, per request, the mean time per output
+(``hexgen.daemon.completion.complete``): time to first token and, per request, the mean time per output
 token after the first. The swarm gauges (live members, plan epoch, this node's roles) are read from the swarm's
 state when scraped (``SwarmSource``), so they can never be stale. ``RateMeter`` gives the tokens per second of
 the replicas this daemon drives, for its status.
