@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import trio
@@ -20,6 +21,8 @@ Emit = Callable[[HopEvent], Awaitable[None]]
 HandleLocal = Callable[[HopRequest, Emit], Awaitable[None]]
 Events = trio.MemoryReceiveChannel[HopEvent]
 Send = trio.MemorySendChannel[HopEvent]
+# Opens a hop: (driver peer, request, involved peers) -> its events, as ``HopStreams.open`` does.
+OpenHop = Callable[[str, HopRequest, Collection[str]], AbstractAsyncContextManager[Events]]
 EVENT_SLACK = 4  # room beyond one event per token: alive words and the last event
 
 

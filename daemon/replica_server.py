@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Collection
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ from hexgen.daemon.hop import (
     event_from_wire,
     is_last,
 )
-from hexgen.daemon.hop_streams import EVENT_SLACK, Emit, Events
+from hexgen.daemon.hop_streams import EVENT_SLACK, Emit, OpenHop
 from hexgen.daemon.host import Stream, stream_peer
 from hexgen.daemon.metrics import RateMeter
 from hexgen.daemon.request_limits import RequestError
@@ -36,7 +35,6 @@ from hexgen.daemon.wire import FrameError, FrameReader, write_frame
 log = logging.getLogger("hexgen.router")
 
 READY_TIMEOUT_S = 120.0
-OpenHop = Callable[[str, HopRequest, Collection[str]], AbstractAsyncContextManager[Events]]
 
 
 def check_route(replica: Replica, request: HopRequest, deployment: Deployment | None) -> HopRequest:

@@ -147,6 +147,9 @@ def _check_replica_request(request: object, vocab_size: int = ANY_TOKEN) -> None
 
 @dataclass
 class Router:
+    """A daemon's requests: as their entry (``complete``/``generate``: pick routes, fail over, spot-check) and
+    the handlers of both protocols; the replica side is its ``replica_server``, the hops its ``hops``."""
+
     host: Host
     peer_id: str
     supervisor: Supervisor

@@ -15,20 +15,18 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import trio
 
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.hop import NO_REPLICA, HopAlive, HopError, HopFailed, HopRequest
-from hexgen.daemon.hop_streams import Events
+from hexgen.daemon.hop_streams import OpenHop
 from hexgen.engine.sequence import SamplingParams
 
 log = logging.getLogger("hexgen.spot_check")
 SPOT_CHECK_TIMEOUT_S = 120.0
-OpenHop = Callable[[str, HopRequest, Collection[str]], AbstractAsyncContextManager[Events]]
 
 
 @dataclass(frozen=True)
