@@ -112,11 +112,24 @@ def _served_by(raw: object) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
+def _seconds(value: object) -> float | None:
+    """A non-negative number of seconds (None when absent)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedReply("'retry_after_s' is a number of seconds")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise MalformedReply("'retry_after_s' is a number of seconds") from None
+    if not seconds >= 0:
+        raise MalformedReply("'retry_after_s' is a number of seconds")
+    return seconds
+
+
 def _done_from_wire(raw: Mapping[str, Any]) -> GenerateDone:
     reason, text, served_by = raw.get("finish_reason"), raw.get("text", ""), raw.get("served_by", [])
-    counts = [
-        c for c in (raw.get(key) for key in DONE_INTS) if isinstance(c, int) and not isinstance(c, bool) and c >= 0
-    ]
+    counts = [c for c in (raw.get(key) for key in DONE_INTS) if isinstance(c, int) and _count(c)]
     if not isinstance(reason, str) or not isinstance(text, str):
         raise MalformedReply("a done frame has a string 'finish_reason' and 'text'")
     if len(counts) != len(DONE_INTS):
@@ -130,12 +143,10 @@ def reply_from_wire(raw: object) -> GenerateReply:
     if not isinstance(raw, Mapping):
         raise MalformedReply("a generate reply is a map")
     if "error" in raw:
-        error, code, retry = raw["error"], raw.get("code"), raw.get("retry_after_s")
+        error, code = raw["error"], raw.get("code")
         if not isinstance(error, str) or not (code is None or isinstance(code, str)):
             raise MalformedReply("an error frame has a string 'error' and 'code'")
-        if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int | float) or not retry >= 0):
-            raise MalformedReply("'retry_after_s' is a number of seconds")
-        return GenerateError(error, code, None if retry is None else float(retry))
+        return GenerateError(error, code or None, _seconds(raw.get("retry_after_s")))
     if raw.get("done") is True:
         return _done_from_wire(raw)
     token, text = raw.get("token"), raw.get("text")

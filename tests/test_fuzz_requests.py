@@ -176,7 +176,10 @@ GENERATE_REPLIES = [
 @FUZZ
 @given(fuzzed(*GENERATE_REPLIES))
 @example({"error": "x", "retry_after_s": math.nan})
+@example({"error": "x", "code": ""})
+@example({"error": "x", "retry_after_s": 10**400})
 @example(GENERATE_REPLIES[1] | {"context": True})
+@example(GENERATE_REPLIES[1] | {"prompt_tokens": 2**64})
 def test_generate_replies(raw: Any) -> None:
     """A frame an entry daemon sends a client: parsed by ``reply_from_wire`` alone, written back unchanged."""
     show(raw)
