@@ -13,13 +13,20 @@ still round a near-tie differently, so a check that disagrees once is evidence, 
 from __future__ import annotations
 
 import logging
+import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+
+import trio
 
 from hexgen.daemon.deployment import Deployment
+from hexgen.daemon.hop import NO_REPLICA, HopAlive, HopError, HopFailed, HopRequest
+from hexgen.daemon.hop_streams import OpenHop
+from hexgen.engine.sequence import SamplingParams
 
 log = logging.getLogger("hexgen.spot_check")
+SPOT_CHECK_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -45,16 +52,16 @@ class Answered:
     deployment: Deployment
     served: frozenset[str]  # the peers of the route that produced every token
     prompt: tuple[int, ...]
-    sampling: dict[str, Any]
+    sampling: SamplingParams
     produced: tuple[int, ...]
 
 
 RunRoute = Callable[[Route], Awaitable[list[int]]]
 
 
-def checkable(sampling: dict[str, Any]) -> bool:
+def checkable(sampling: SamplingParams) -> bool:
     """Whether another replica must give the same tokens: greedy, or seeded sampling."""
-    return float(sampling.get("temperature", 0.0) or 0.0) == 0.0 or sampling.get("seed") is not None
+    return float(sampling.temperature) == 0.0 or sampling.seed is not None
 
 
 def routes(deployment: Deployment) -> list[Route]:
@@ -95,3 +102,64 @@ async def check(deployment: Deployment, served: frozenset[str], produced: list[i
     if tie == produced:
         return Verdict("accused", first.peers, f"replica {third.entry} agrees with the first answer")
     return Verdict("undecided", detail="three routes gave three answers")
+
+
+@dataclass
+class SpotChecker:
+    """Runs the spot-checks of an entry's answered requests, a ``verify_fraction`` of them, in the background;
+    ``checks`` counts the outcomes, ``on_verdict`` hears each verdict."""
+
+    open_hop: OpenHop
+    rng: random.Random
+    verify_fraction: float = 0.0
+    on_verdict: Callable[[Verdict], Awaitable[None]] | None = None
+    checks: Counter[str] = field(default_factory=Counter)
+
+    def maybe_check(self, answered: Answered, background: trio.Nursery | None) -> None:
+        """Start a check of ``answered`` in ``background`` if it is checkable and drawn."""
+        if background is None or not checkable(answered.sampling) or not answered.produced:
+            return
+        if self.rng.random() < self.verify_fraction:
+            background.start_soon(self.check, answered)
+
+    async def check(self, answered: Answered) -> None:
+        try:
+            with trio.fail_after(SPOT_CHECK_TIMEOUT_S):
+                verdict = await check(
+                    answered.deployment, answered.served, list(answered.produced), self._runner(answered)
+                )
+        except (HopFailed, trio.TooSlowError) as exc:
+            verdict = Verdict("unchecked", detail=str(exc) or "the check timed out")
+        self.checks[verdict.outcome] += 1
+        level = logging.WARNING if verdict.outcome == "accused" else logging.INFO
+        log.log(level, "spot-check %s: %s %s", verdict.outcome, sorted(verdict.accused), verdict.detail)
+        if self.on_verdict is not None:
+            await self.on_verdict(verdict)
+
+    def _runner(self, answered: Answered) -> RunRoute:
+        deployment = answered.deployment
+        sampling = replace(answered.sampling, max_tokens=len(answered.produced))
+
+        async def run(route: Route) -> list[int]:
+            request = HopRequest(
+                self.rng.getrandbits(31),
+                deployment.term,
+                deployment.epoch,
+                route.entry,
+                answered.prompt,
+                sampling,
+                dst=NO_REPLICA if route.dst is None else route.dst,
+            )
+            out: list[int] = []
+            async with self.open_hop(deployment.replicas[route.entry].driver_peer, request, route.peers) as events:
+                async for event in events:
+                    if isinstance(event, HopError):
+                        raise HopFailed(event.error)
+                    if isinstance(event, HopAlive):
+                        continue
+                    out.append(event.token)
+                    if event.finished:
+                        return out
+            raise HopFailed("the replica stream ended early")
+
+        return run

@@ -10,9 +10,9 @@ import sys
 import pytest
 import trio
 
+from hexgen.daemon.connectivity import UNKNOWN_PEER_SYNC_AFTER_S
+from hexgen.daemon.generate_protocol import GenerateDone, replies
 from hexgen.daemon.host import new_identity, open_host
-from hexgen.daemon.node import UNKNOWN_PEER_SYNC_AFTER_S
-from hexgen.daemon.router import generate
 from hexgen.testing.checkpoints import reference_greedy
 from hexgen.testing.daemon_harness import Swarm, open_client, serving, wait_until
 
@@ -136,8 +136,8 @@ def test_a_client_that_came_and_left_leaves_only_key_value_lines(tmp_path, stori
                 await wait_until(watcher, [d], serving({d.peer_id}), timeout=120, what="serving")
             async with open_client() as client:  # after the daemon's first seconds, when it greets newcomers
                 await client.connect(d.addr)
-                frames = [f async for f in generate(client, d.peer_id, {"prompt": PROMPT, "max_tokens": 3})]
-                assert frames[-1].get("done"), frames
+                answers = [r async for r in replies(client, d.peer_id, {"prompt": PROMPT, "max_tokens": 3})]
+                assert isinstance(answers[-1], GenerateDone), answers
                 # the window in which a daemon asks an unknown peer for its advert (nothing to await: it
                 # must not happen)
                 await trio.sleep(3 * UNKNOWN_PEER_SYNC_AFTER_S)

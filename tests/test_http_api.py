@@ -17,7 +17,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli_join import join
 
-from hexgen.daemon.router import GENERATE_PROTOCOL, generate
+from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL, GenerateDone, GenerateError, replies
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.checkpoints import reference_greedy
 from hexgen.testing.daemon_harness import Daemon, Swarm, open_client, serving, wait_until
@@ -236,10 +236,10 @@ async def test_libp2p_entry_is_counted_too(swarm):
     async with open_client() as client:
         await client.connect(daemon.addr)
         with trio.fail_after(HTTP_TIMEOUT_S):
-            frames = [f async for f in generate(client, daemon.peer_id, {"prompt": PROMPT, "max_tokens": 3})]
-            assert frames[-1].get("done"), frames
-            (refusal,) = [f async for f in generate(client, daemon.peer_id, {"prompt": 1})]
-            assert "error" in refusal
+            answers = [r async for r in replies(client, daemon.peer_id, {"prompt": PROMPT, "max_tokens": 3})]
+            assert isinstance(answers[-1], GenerateDone), answers
+            (refusal,) = [r async for r in replies(client, daemon.peer_id, {"prompt": 1})]
+            assert isinstance(refusal, GenerateError)
     after = await trio.to_thread.run_sync(metrics_of, daemon)
     for status in ("200", "400"):
         assert growth(before, after, "hexgen_requests_total", endpoint=GENERATE_PROTOCOL, status=status) == 1

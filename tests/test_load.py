@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from hexgen.daemon.router import GENERATE_PROTOCOL
+from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL
 from hexgen.daemon.wire import encode_frame
 from hexgen.testing.chaos import ChurnConfig, ChurnSwarm, run_load
 from hexgen.testing.checkpoints import random_prompts, reference_greedy

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 import trio
 
-from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, generate
+from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL, GenerateDone, GenerateError, GenerateToken, replies
+from hexgen.daemon.hop import REPLICA_PROTOCOL, HopError, HopRequest, event_from_wire
 from hexgen.daemon.wire import FrameReader, encode_frame
+from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Swarm, descendants, open_client, serving, wait_until, zombie
 
@@ -42,12 +44,12 @@ def prompts_and_reference(stories_dir) -> tuple[list[list[int]], list[list[int]]
 async def complete(client: Any, peer_id: str, tokens: list[int]) -> list[int]:
     out: list[int] = []
     with trio.fail_after(120):
-        async for frame in generate(client, peer_id, {"tokens": tokens, "max_tokens": MAX_TOKENS}):
-            assert "error" not in frame, frame
-            if "token" in frame:
-                out.append(frame["token"])
-            elif frame.get("done"):
-                assert frame["completion_tokens"] == len(out)
+        async for reply in replies(client, peer_id, {"tokens": tokens, "max_tokens": MAX_TOKENS}):
+            assert not isinstance(reply, GenerateError), reply
+            if isinstance(reply, GenerateToken):
+                out.append(reply.token)
+            elif isinstance(reply, GenerateDone):
+                assert reply.completion_tokens == len(out)
     return out
 
 
@@ -67,10 +69,10 @@ async def stream(
     """The tokens of one streamed request; ``at_third`` runs once the third token has arrived (mid-request)."""
     out: list[int] = []
     with trio.fail_after(180):
-        async for frame in generate(client, peer_id, {"tokens": tokens, "max_tokens": max_tokens}):
-            assert "error" not in frame, frame
-            if "token" in frame:
-                out.append(frame["token"])
+        async for reply in replies(client, peer_id, {"tokens": tokens, "max_tokens": max_tokens}):
+            assert not isinstance(reply, GenerateError), reply
+            if isinstance(reply, GenerateToken):
+                out.append(reply.token)
                 if len(out) == 3:
                     at_third()
     return out
@@ -111,8 +113,8 @@ async def test_bad_requests_and_cancellation_harm_no_other_work(four, prompts_an
             {"tokens": [1, 2], "unknown": 1},
         ]
         for request in bad_requests:
-            frames = [f async for f in generate(client, target.peer_id, request)]
-            assert len(frames) == 1 and "error" in frames[0], (request, frames)
+            answers = [reply async for reply in replies(client, target.peer_id, request)]
+            assert len(answers) == 1 and isinstance(answers[0], GenerateError), (request, answers)
         raw = [os.urandom(64), struct.pack(">I", 1 << 30), encode_frame([1, 2]), b""]
         for protocol in (GENERATE_PROTOCOL, REPLICA_PROTOCOL):
             for payload in [
@@ -130,16 +132,16 @@ async def test_bad_requests_and_cancellation_harm_no_other_work(four, prompts_an
         view, _ = await wait_until(client, daemons, serving(ids), timeout=30, what="serving")
         plan = view[target.peer_id]["plan"]
         local = next(iter(view[target.peer_id]["serving"]["workers"].values()))["replica"]
-        hop = {"id": 5, "term": plan["term"], "epoch": plan["epoch"], "replica": local, "tokens": [1, 2]}
-        hop["sampling"] = {"max_tokens": 2}
+        hop = HopRequest(5, plan["term"], plan["epoch"], local, (1, 2), SamplingParams(max_tokens=2), src=local)
         stream = await client.open_stream(target.peer_id, REPLICA_PROTOCOL)
         with trio.fail_after(15):
-            await stream.write(encode_frame(hop | {"src": local}))
-            assert "import goes to a decode replica" in (await FrameReader(stream).read())["error"]
+            await stream.write(encode_frame(hop.to_wire()))
+            refusal = event_from_wire(await FrameReader(stream).read())
+            assert isinstance(refusal, HopError) and "import goes to a decode replica" in refusal.error
         # a client that walks away mid-stream: its work is freed everywhere
         with trio.fail_after(60):
-            async for frame in generate(client, target.peer_id, {"tokens": prompts[0], "max_tokens": 400}):
-                if "token" in frame:
+            async for reply in replies(client, target.peer_id, {"tokens": prompts[0], "max_tokens": 400}):
+                if isinstance(reply, GenerateToken):
                     break
         await wait_until(
             client,

@@ -8,8 +8,9 @@ import trio
 
 from hexgen.daemon import spot_check
 from hexgen.daemon.deployment import Deployment, Replica
-from hexgen.daemon.router import generate
+from hexgen.daemon.generate_protocol import generate
 from hexgen.daemon.swarm_view import wire_assignments
+from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Swarm, open_client, serving, statuses, wait_until
 
@@ -79,9 +80,9 @@ def test_routes_pair_prefill_with_its_decode_replicas_and_skip_shared_peers():
 
 
 def test_only_deterministic_requests_are_checked():
-    assert spot_check.checkable({"temperature": 0.0})
-    assert spot_check.checkable({"temperature": 0.8, "seed": 3})
-    assert not spot_check.checkable({"temperature": 0.8})
+    assert spot_check.checkable(SamplingParams(temperature=0.0))
+    assert spot_check.checkable(SamplingParams(temperature=0.8, seed=3))
+    assert not spot_check.checkable(SamplingParams(temperature=0.8))
 
 
 @pytest.mark.trio
