@@ -53,7 +53,7 @@ import torch
 import trio
 
 from hexgen.coordinator.workload import Request, WorkloadError, load_trace
-from hexgen.daemon.router import generate
+from hexgen.daemon.generate_protocol import generate
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams, Sequence
 from hexgen.testing import daemon_harness

@@ -154,7 +154,7 @@ async def _stream(
 ) -> None:
     import trio
 
-    from hexgen.daemon.router import generate
+    from hexgen.daemon.generate_protocol import generate
 
     try:
         with trio.fail_after(timeout_s):

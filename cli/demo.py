@@ -258,7 +258,7 @@ def _show_plan(say: Any, view: dict[str, Any], daemons: list[Any]) -> None:
 async def _generate(say: Any, client: Any, daemons: list[Any], prompt: str, max_tokens: int) -> None:
     import trio
 
-    from hexgen.daemon.router import generate
+    from hexgen.daemon.generate_protocol import generate
 
     entry = daemons[-1]
     say(f"generating {max_tokens} tokens through {entry.name}:")

@@ -22,12 +22,14 @@ from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.daemon.adoption import Adoption
 from hexgen.daemon.adverts import Adverts
 from hexgen.daemon.config import NodeConfig
-from hexgen.daemon.connectivity import Connectivity, DuplicateKeyError
+from hexgen.daemon.connectivity import Connectivity
 from hexgen.daemon.coordination import Coordination
 from hexgen.daemon.election import Election
 from hexgen.daemon.envelope import Envelope, seal
+from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL
 from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
 from hexgen.daemon.hardware import HardwareProfile
+from hexgen.daemon.hop import REPLICA_PROTOCOL
 from hexgen.daemon.host import Host, Stream, open_host
 from hexgen.daemon.identity import Certificate
 from hexgen.daemon.link_probes import LinkProbes
@@ -38,7 +40,7 @@ from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.reports import Reports
-from hexgen.daemon.router import GENERATE_PROTOCOL, REPLICA_PROTOCOL, Router
+from hexgen.daemon.router import Router
 from hexgen.daemon.rpc import (
     HEARTBEAT_PROTOCOL,
     PLAN_PROTOCOL,
@@ -247,28 +249,3 @@ class Node:
     def _own_advert(self, env: Envelope) -> None:
         if self.connectivity is not None:
             self.connectivity.own_advert(env)
-
-
-# TEMPORARY re-exports while the other parts move their imports (removed before the issue closes).
-from hexgen.daemon.connectivity import UNKNOWN_PEER_SYNC_AFTER_S, foreign_addresses, is_own_address  # noqa: E402
-from hexgen.daemon.gossip import CONTROL_TOPIC  # noqa: E402
-from hexgen.daemon.planning import MAX_FAILURE_REPLANS  # noqa: E402
-from hexgen.daemon.rpc import call, query_status  # noqa: E402
-
-__all__ = [
-    "CONTROL_TOPIC",
-    "MAX_FAILURE_REPLANS",
-    "PLAN_PROTOCOL",
-    "RENDEZVOUS_PROTOCOL",
-    "STATUS_PROTOCOL",
-    "SYNC_PROTOCOL",
-    "UNKNOWN_PEER_SYNC_AFTER_S",
-    "AdoptedPlan",
-    "DuplicateKeyError",
-    "Node",
-    "NodeConfig",
-    "call",
-    "foreign_addresses",
-    "is_own_address",
-    "query_status",
-]

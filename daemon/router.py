@@ -28,41 +28,20 @@ from typing import Any
 import trio
 
 from hexgen.daemon import spot_check
-from hexgen.daemon.client_requests import MAX_CHARS_PER_TOKEN, chat_tokens, parse_request
-from hexgen.daemon.completion import Completion, OnToken, StopFilter, complete, parse_stops
+from hexgen.daemon.completion import Completion, OnToken, complete
 from hexgen.daemon.deployment import Deployment
-from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL, generate, serve_generate
-from hexgen.daemon.hop import ANY_TOKEN, REPLICA_PROTOCOL, HopAlive, HopError, HopEvent, HopFailed, HopRequest
+from hexgen.daemon.generate_protocol import serve_generate
+from hexgen.daemon.hop import HopAlive, HopError, HopEvent, HopFailed, HopRequest
 from hexgen.daemon.hop_streams import Emit, Events, HopStreams
 from hexgen.daemon.host import Host, Stream
 from hexgen.daemon.metrics import Metrics, RateMeter
 from hexgen.daemon.patience import Patience
 from hexgen.daemon.rate_limit import RateLimiter
 from hexgen.daemon.replica_server import READY_TIMEOUT_S, ReplicaServer
-from hexgen.daemon.request_limits import MAX_TOKENS_LIMIT, SAMPLING_FIELDS, RequestError, sampling_params
+from hexgen.daemon.request_limits import sampling_params
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.engine.sequence import SamplingParams
 from hexgen.engine.tokenizer import Tokenizer
-
-# Importers of the router's former contents find them here too; their homes are the modules named above.
-__all__ = [
-    "GENERATE_PROTOCOL",
-    "MAX_CHARS_PER_TOKEN",
-    "MAX_TOKENS_LIMIT",
-    "REPLICA_PROTOCOL",
-    "SAMPLING_FIELDS",
-    "Completion",
-    "HopFailed",
-    "Patience",
-    "RequestError",
-    "Router",
-    "StopFilter",
-    "_check_replica_request",
-    "chat_tokens",
-    "generate",
-    "parse_request",
-    "parse_stops",
-]
 
 log = logging.getLogger("hexgen.router")
 
@@ -137,12 +116,6 @@ async def next_event(events: Events, silence_s: float, replica: int) -> HopEvent
         except trio.EndOfChannel:
             raise HopFailed("the replica stream ended early") from None
     raise HopFailed(f"no word from replica {replica} for {silence_s:g} s")
-
-
-def _check_replica_request(request: object, vocab_size: int = ANY_TOKEN) -> None:
-    """Raise RequestError unless ``request`` is a hop a worker can run (``HopRequest.from_wire``); for
-    tests/test_fuzz.py's hop tests, which tests/test_fuzz_requests.py replaces."""
-    HopRequest.from_wire(request, vocab_size)
 
 
 @dataclass

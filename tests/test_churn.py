@@ -14,7 +14,8 @@ import trio
 from hexgen.daemon import router as router_module
 from hexgen.daemon import supervisor as supervisor_module
 from hexgen.daemon.deployment import Deployment, Replica
-from hexgen.daemon.router import HopFailed, Router
+from hexgen.daemon.hop import HopEvent, HopFailed, HopRequest, event_from_wire
+from hexgen.daemon.router import Router
 from hexgen.daemon.supervisor import LocalWorker, ReplicaUnavailable, Supervisor
 from hexgen.testing.chaos import DISAGGREGATED, ChurnConfig, ChurnResult, run_churn
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
@@ -146,13 +147,13 @@ class ScriptedRouter(Router):
         self.hops = 0
 
     @contextlib.asynccontextmanager
-    async def open_replica(self, peer: str, request: dict[str, Any], involved: Any = ()) -> AsyncIterator[Any]:
+    async def open_replica(self, peer: str, request: HopRequest, involved: Any = ()) -> AsyncIterator[Any]:
         events = self.script[min(self.hops, len(self.script) - 1)]
         self.hops += 1
-        move_to(self.supervisor, request["epoch"] + 1)
-        send, receive = trio.open_memory_channel[dict[str, Any]](len(events))
+        move_to(self.supervisor, request.epoch + 1)
+        send, receive = trio.open_memory_channel[HopEvent](len(events))
         for event in events:
-            send.send_nowait(event)
+            send.send_nowait(event_from_wire(event))
         send.close()
         yield receive
 

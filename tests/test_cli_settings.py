@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import trio
-from test_cli_plan import node
 
 from hexgen.cli.join import JoinError, layered_args
 from hexgen.cli.node import build_parser
 from hexgen.cli.settings import SettingsError, resolve
 from hexgen.daemon.logs import KeyValueFormatter, quote
-from hexgen.daemon.node import query_status
+from hexgen.daemon.rpc import query_status
+from hexgen.testing.cli import node
 from hexgen.testing.daemon_harness import open_client
 
 

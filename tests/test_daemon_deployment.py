@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned, pinned_plan
+from hexgen.daemon.client_requests import parse_request
+from hexgen.daemon.completion import StopFilter, parse_stops
 from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
 from hexgen.daemon.messages import MessageError, PlanBody
 from hexgen.daemon.model_files import ModelFilesError, model_fingerprint
-from hexgen.daemon.router import MAX_TOKENS_LIMIT, RequestError, StopFilter, parse_request, parse_stops
+from hexgen.daemon.request_limits import MAX_TOKENS_LIMIT, RequestError
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.plans import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
 

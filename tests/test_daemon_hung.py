@@ -10,8 +10,8 @@ import time
 import pytest
 import trio
 
+from hexgen.daemon.generate_protocol import generate
 from hexgen.daemon.host import HostConfig
-from hexgen.daemon.router import generate
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Daemon, Swarm, converged, open_client, serving, wait_until
 

@@ -261,7 +261,7 @@ async def test_private_swarm_serves_member_clients_only(tmp_path, stories_dir):
     of another swarm or of another peer, is refused with a reason; a client with its own certificate gets the
     reference tokens."""
     from hexgen.daemon import identity
-    from hexgen.daemon.router import generate
+    from hexgen.daemon.generate_protocol import generate
     from hexgen.testing.checkpoints import reference_greedy
 
     swarm_key, other_key = tmp_path / "swarm.key", tmp_path / "other.key"
@@ -300,8 +300,8 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
     member client that is not in the world, counting each refusal."""
     from hexgen.daemon import identity
     from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
+    from hexgen.daemon.generate_protocol import generate
     from hexgen.daemon.messages import PlanBody
-    from hexgen.daemon.router import generate
     from hexgen.daemon.rpc import RENDEZVOUS_PROTOCOL, call
     from hexgen.testing.checkpoints import reference_greedy
 
@@ -349,7 +349,7 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
 async def test_a_peer_over_its_request_rate_is_refused_with_the_wait_and_others_are_served(tmp_path, stories_dir):
     """``--max-request-rate 1`` (bursts of 5): eight requests at once from one peer get at least five answers,
     all the reference, and refusals that name the seconds to wait; another peer is served meanwhile."""
-    from hexgen.daemon.router import generate
+    from hexgen.daemon.generate_protocol import generate
     from hexgen.testing.checkpoints import reference_greedy
 
     prompt = [1, 403, 407, 261, 378]

@@ -150,7 +150,7 @@ def test_needs_pair_sees_groups_and_exchanges_that_span_a_blocked_pair():
 
 
 def test_request_patience_counts_from_the_latest_token_and_says_why():
-    from hexgen.daemon.router import Patience
+    from hexgen.daemon.patience import Patience
 
     patience = Patience(30.0, since=100.0)
     assert patience.deadline == 130.0 and patience.hop_silence_s == 15.0

@@ -11,32 +11,25 @@ on every protocol, answers each with an error frame or a closed stream, and stil
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import struct
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hexgen.coordinator.specs import resolve_model
+from hexgen.daemon.client_requests import parse_request
+from hexgen.daemon.completion import parse_stops
 from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
-from hexgen.daemon.http_api import Gatekeeper, Gateway, build_app
 from hexgen.daemon.messages import PlanBody
-from hexgen.daemon.metrics import Metrics
-from hexgen.daemon.router import (
-    RequestError,
-    parse_request,
-    parse_stops,
-)
+from hexgen.daemon.request_limits import RequestError
 from hexgen.daemon.wire import (
     FrameError,
     FrameReader,
@@ -80,16 +73,8 @@ from hexgen.testing.fuzz_messages import (
 from hexgen.testing.fuzz_requests import (
     GENERATE_REQUESTS,
     MAX_CONTEXT,
-    RAW_BODIES,
     REPLICA_REQUESTS,
     VOCAB_SIZE,
-    HttpCase,
-    check_generate,
-    check_generate_request,
-    check_http_body,
-    check_replica_request,
-    http_input,
-    stub_gateway,
 )
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -198,7 +183,7 @@ def test_gossip_through_a_node(envelope: tuple[str, Any]) -> None:
     check_gossip(envelope)
 
 
-# ---------------------------------------------------------------------------------------- generate requests
+# ------------------------------------------------------------------ generate requests (tests/test_fuzz_requests.py)
 
 
 @pytest.fixture(scope="module")
@@ -208,103 +193,12 @@ def tokenizer(stories_dir: Path) -> Tokenizer:
     return tokenizer
 
 
-@FUZZ
-@given(fuzzed(*GENERATE_REQUESTS, json_text=True))
-@example({"tokens": [1], "stop_token_ids": 5})
-@example({"tokens": [1], "stop_token_ids": [math.inf]})
-@example({"tokens": [1], "seed": "x", "temperature": 1.0})
-@example({"tokens": [1], "temperature": 10**400})
-@example({"prompt": "\ud800"})
-@example({"tokens": [1], "a\nb": 1})
-@example({"messages": [{"role": "user", "content": "a\udfffb"}]})
-def test_generate_requests(tokenizer: Tokenizer, request: Any) -> None:
-    """A generate request (as ``/hexgen/generate/1`` and the HTTP gateway take it): ``parse_request``,
-    ``parse_stops``, and ``chat_tokens`` on its messages; what they accept must work on a worker."""
-    check_generate(tokenizer, request)
-
-
-@FUZZ
-@given(fuzzed(*REPLICA_REQUESTS))
-@example(REPLICA_REQUESTS[0] | {"sampling": {"max_tokens": 2, "stop_token_ids": [math.inf]}})
-@example(REPLICA_REQUESTS[0] | {"sampling": {"max_tokens": 2, "seed": "x", "temperature": 1.0}})
-@example(REPLICA_REQUESTS[0] | {"sampling": {}})
-@example(REPLICA_REQUESTS[0] | {"tokens": [-1, True]})
-def test_replica_requests(request: Any) -> None:
-    """A hop between daemons (``/hexgen/replica/1``): what passes ``_check_replica_request`` works on a worker."""
-    check_replica_request(request)
-
-
-# ------------------------------------------------------------------------------------------------- HTTP
-
-
-@pytest.fixture(scope="module")
-def validating_gateway(tokenizer: Tokenizer) -> Gateway:
-    return stub_gateway(tokenizer, serving=False)
-
-
-@FUZZ
-@given(SEEDS.map(http_input))
-@example(HttpCase(False, b'{"prompt": "\\ud800"}'))
-@example(HttpCase(True, b'{"messages": [{"role": "user", "content": "\\udfff"}]}'))
-@example(HttpCase(True, RAW_BODIES[11]))
-def test_http_bodies(validating_gateway: Gateway, case: HttpCase) -> None:
-    """Every body ends in an OpenAI error: 400/404/413 for a bad one, 503 no_plan once it validated."""
-    check_http_body(validating_gateway, case.chat, case.body, case.declared)
-
-
-async def _post_all(app: Any, requests: list[tuple[str, bytes]]) -> list[tuple[int, bytes, str]]:
-    transport = httpx.ASGITransport(app=app)
-    answers = []
-    async with httpx.AsyncClient(transport=transport, base_url="http://hexgen.test") as client:
-        for path, body in requests:
-            with trio.fail_after(10):
-                response = await client.post(path, content=body, headers={"content-type": "application/json"})
-            answers.append((response.status_code, response.content, response.headers.get("content-type", "")))
-    return answers
-
-
-def test_http_bodies_end_to_end(tokenizer: Tokenizer) -> None:
-    """500 raw bodies through the whole ASGI app (middleware, routing, streaming): never a 500."""
-    samples: list[tuple[str, bytes]] = []
-
-    @settings(max_examples=500, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(SEEDS.map(http_input))
-    def collect(case: HttpCase) -> None:
-        samples.append(("/v1/chat/completions" if case.chat else "/v1/completions", case.body))
-
-    collect()
-    metrics = Metrics()
-    app = Gatekeeper(build_app(stub_gateway(tokenizer, serving=True)), None, metrics)
-    started = time.monotonic()
-    answers = trio.run(_post_all, app, samples)
-    counts = Counter(status for status, _, _ in answers)
-    streamed = sum(content_type.startswith("text/event-stream") for _, _, content_type in answers)
-    print(
-        f"\nHTTP end to end: {len(answers)} bodies in {time.monotonic() - started:.1f} s: {dict(counts)}, {streamed} streamed"
-    )
-    assert len(answers) >= 500
-    assert set(counts) <= {200, 400, 404, 413}, counts
-    assert counts[200] and counts[400]
-    for status, content, content_type in answers:
-        if status != 200:
-            message = json.loads(content)["error"]["message"]
-            assert message and "\n" not in message
-        elif content_type.startswith("text/event-stream"):
-            assert content.endswith(b"data: [DONE]\n\n"), content[-200:]
-        else:
-            assert json.loads(content)["usage"]["completion_tokens"] == 2
-
-
-def test_values_nested_1000_deep(tokenizer: Tokenizer, validating_gateway: Gateway) -> None:
+def test_values_nested_1000_deep() -> None:
     """Regressions too deep for hypothesis to print as examples: repr of them recursed in error messages."""
     deep_list = nested(1000, "list")
     check_link({"a": deep_list, "b": "b", "gb_s": 1.0, "rtt_ms": 1.0})
-    check_generate_request({"tokens": [1], "max_tokens": deep_list}, tokenizer)
-    check_replica_request(REPLICA_REQUESTS[0] | {"sampling": {"max_tokens": deep_list}})
     check_plan_body(PLAN_BODY | {"gpus": {"0": [deep_list, 0]}})
     check_plan_body(PLAN_BODY | {"members": [deep_list]})
-    body = b'{"prompt": "a", "n": ' + b"[" * 900 + b"]" * 900 + b"}"
-    check_http_body(validating_gateway, False, body, None)
 
 
 # ------------------------------------------------------------------------------------------------- live
@@ -411,7 +305,7 @@ def test_live_daemon_survives_malformed_frames(live_daemon: Any, stories_dir: Pa
     """400 hypothesis-drawn streams of broken frames and near-valid requests on every protocol of a daemon
     serving stories260K: each ends in an error frame, an answer or a closed stream, the daemon's workers never
     fail (the plan's epoch stays), and afterwards it answers status and generates the reference tokens."""
-    from hexgen.daemon.router import generate
+    from hexgen.daemon.generate_protocol import generate
     from hexgen.daemon.rpc import query_status
     from hexgen.testing.checkpoints import reference_greedy
     from hexgen.testing.daemon_harness import open_client, serving, wait_until
@@ -474,8 +368,9 @@ def test_live_daemon_survives_malformed_frames(live_daemon: Any, stories_dir: Pa
 def test_live_daemon_limits_streams_per_peer_and_prompt_length(live_daemon: Any) -> None:
     """One peer holding MAX_REQUESTS_PER_PEER generate streams gets every further one reset at once, while
     another peer is served meanwhile; a prompt longer than the context could hold is refused before tokenizing."""
+    from hexgen.daemon.client_requests import MAX_CHARS_PER_TOKEN
+    from hexgen.daemon.generate_protocol import generate
     from hexgen.daemon.node import MAX_REQUESTS_PER_PEER
-    from hexgen.daemon.router import MAX_CHARS_PER_TOKEN, generate
     from hexgen.daemon.wire import encode_frame
     from hexgen.testing.daemon_harness import open_client, serving, wait_until
 

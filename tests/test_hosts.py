@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from hexgen.daemon.router import generate
+from hexgen.daemon.generate_protocol import generate
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Daemon, open_client, serving, wait_until
 from hexgen.testing.netns import Lab, Namespace, on_host, open_lab, start_daemon, started_daemons

@@ -15,11 +15,11 @@ import openai
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli_join import join
 
 from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL, GenerateDone, GenerateError, replies
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.checkpoints import reference_greedy
+from hexgen.testing.cli import join
 from hexgen.testing.daemon_harness import Daemon, Swarm, open_client, serving, wait_until
 
 API_KEY = "test-key-0123"

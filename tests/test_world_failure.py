@@ -11,7 +11,7 @@ import time
 import pytest
 import trio
 
-from hexgen.daemon.router import generate
+from hexgen.daemon.generate_protocol import generate
 from hexgen.engine.sealed_store import UNREACHABLE_ENV
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Swarm, open_client, serving, statuses, wait_until

@@ -17,19 +17,11 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
+from hexgen.daemon.client_requests import chat_tokens
+from hexgen.daemon.completion import Completion
 from hexgen.daemon.http_api import MAX_BODY_BYTES, ApiError, Gateway
 from hexgen.daemon.metrics import Metrics
-from hexgen.daemon.router import (
-    MAX_TOKENS_LIMIT,
-    SAMPLING_FIELDS,
-    Completion,
-    RequestError,
-    _check_replica_request,
-    chat_tokens,
-    parse_request,
-    parse_stops,
-)
-from hexgen.daemon.wire import encode_frame
+from hexgen.daemon.request_limits import RequestError
 from hexgen.engine.sampler import _mix_seed
 from hexgen.engine.sequence import SamplingParams
 from hexgen.engine.tokenizer import Tokenizer
@@ -68,22 +60,6 @@ def check_sampling_reaches_a_worker(tokens: list[int], sampling: dict[str, Any])
     assert isinstance(params.ignore_eos, bool)
 
 
-def check_generate_request(request: Any, tokenizer: Tokenizer) -> None:
-    show(request)
-    parsed = outcome(lambda: (*parse_request(request, tokenizer, MAX_CONTEXT), parse_stops(request)), RequestError)
-    if parsed is REFUSED:
-        return
-    tokens, sampling, stops = parsed
-    assert tokens and all(type(t) is int and 0 <= t < tokenizer.vocab_size for t in tokens)
-    assert set(sampling) <= SAMPLING_FIELDS
-    assert 1 <= sampling["max_tokens"] <= MAX_TOKENS_LIMIT and len(tokens) + sampling["max_tokens"] <= MAX_CONTEXT
-    assert all(isinstance(s, str) and s for s in stops)
-    check_sampling_reaches_a_worker(tokens, sampling)
-    hop = {"id": 1, "term": 1, "epoch": 1, "replica": 0, "dst": -1, "tokens": tokens, "sampling": sampling}
-    _check_replica_request(hop)  # the entry's own hop passes the replica's checks
-    encode_frame(hop)
-
-
 def check_chat(messages: Any, tokenizer: Tokenizer) -> None:
     show(messages)
     tokens = outcome(lambda: chat_tokens(messages, tokenizer), RequestError)
@@ -93,13 +69,6 @@ def check_chat(messages: Any, tokenizer: Tokenizer) -> None:
 
 
 CHAT = GENERATE_REQUESTS[2]["messages"]
-
-
-def check_generate(tokenizer: Tokenizer, request: Any) -> None:
-    """A generate request (as ``/hexgen/generate/1`` and the HTTP gateway take it): ``parse_request``,
-    ``parse_stops``, and ``chat_tokens`` on its messages; what they accept must work on a worker."""
-    check_generate_request(request, tokenizer)
-    check_chat(request.get("messages", CHAT) if isinstance(request, dict) else request, tokenizer)
 
 
 REPLICA_REQUESTS = [
@@ -114,16 +83,6 @@ REPLICA_REQUESTS = [
         "sampling": {"max_tokens": 4, "temperature": 0.5, "seed": 9, "stop_token_ids": [2], "ignore_eos": True},
     },
 ]
-
-
-def check_replica_request(request: Any) -> None:
-    show(request)
-    if outcome(lambda: _check_replica_request(request, VOCAB_SIZE), RequestError) is REFUSED:
-        return
-    assert all(t < VOCAB_SIZE for t in request["tokens"])  # an id beyond the vocabulary kills the worker
-    check_sampling_reaches_a_worker(request["tokens"], request["sampling"])
-    assert request["sampling"]["max_tokens"] <= MAX_TOKENS_LIMIT
-    assert all(type(request.get(key, 0)) is int for key in ("id", "term", "epoch", "replica", "dst", "src"))
 
 
 class StubRouter:
