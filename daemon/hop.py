@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hexgen.daemon.host import ProtocolId
-from hexgen.daemon.request_limits import INT64, RequestError, sampling_params, sampling_wire
+from hexgen.daemon.request_limits import RequestError, sampling_params
+from hexgen.daemon.worker_setup import INT64, sampling_to_wire
 from hexgen.engine.sequence import SamplingParams
 
 REPLICA_PROTOCOL = ProtocolId("/hexgen/replica/1")
@@ -93,7 +94,7 @@ class HopRequest:
             "epoch": self.epoch,
             "replica": self.replica,
             "tokens": list(self.tokens),
-            "sampling": sampling_wire(self.sampling),
+            "sampling": sampling_to_wire(self.sampling),
         }
         if self.is_import:
             wire["src"] = self.src
@@ -103,7 +104,11 @@ class HopRequest:
 
     def worker_frame(self) -> dict[str, Any]:
         """The frame the replica's driver worker takes for this hop (``generate`` or ``import``)."""
-        frame: dict[str, Any] = {"id": self.id, "tokens": list(self.tokens), "sampling": sampling_wire(self.sampling)}
+        frame: dict[str, Any] = {
+            "id": self.id,
+            "tokens": list(self.tokens),
+            "sampling": sampling_to_wire(self.sampling),
+        }
         if self.is_import:
             return frame | {"op": "import", "src": self.src}
         return frame | {"op": "generate", "dst": self.dst}

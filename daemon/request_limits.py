@@ -6,20 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hexgen.daemon.worker_setup import INT64, SAMPLING_KINDS
 from hexgen.engine.sequence import SamplingParams
 
 MAX_TOKENS_LIMIT = 4096
 SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos"})
-INT64 = (-(1 << 63), 1 << 64)  # the integers msgpack carries
-# The worker takes these fields as they are (a str seed would kill it when it samples).
-FIELD_KINDS: dict[str, type] = {
-    "max_tokens": int,
-    "top_k": int,
-    "seed": int,
-    "temperature": float,
-    "top_p": float,
-    "ignore_eos": bool,
-}
 
 
 class RequestError(ValueError):
@@ -46,7 +37,7 @@ def sampling_params(sampling: object) -> SamplingParams:
     required and at most MAX_TOKENS_LIMIT, each of the type a worker takes). Raises RequestError."""
     if not isinstance(sampling, Mapping) or set(sampling) - SAMPLING_FIELDS:
         raise RequestError("replica request needs a sampling map")
-    for name, kind in FIELD_KINDS.items():
+    for name, kind in SAMPLING_KINDS.items():  # the worker takes these fields as they are
         if name in sampling and not (name == "seed" and sampling[name] is None):
             _check_kind(name, kind, sampling[name])
     stop_ids = sampling.get("stop_token_ids", [])  # the worker takes no nil here
@@ -61,16 +52,3 @@ def sampling_params(sampling: object) -> SamplingParams:
         return SamplingParams(**(fields | {"stop_token_ids": tuple(stop_ids)}))
     except (ValueError, OverflowError) as exc:  # OverflowError: an int too large for a float
         raise RequestError(str(exc)) from None
-
-
-def sampling_wire(params: SamplingParams) -> dict[str, Any]:
-    """``params`` as the sampling map a hop and a worker frame carry (every field; ``sampling_params`` reads it)."""
-    return {
-        "max_tokens": params.max_tokens,
-        "temperature": params.temperature,
-        "top_k": params.top_k,
-        "top_p": params.top_p,
-        "seed": params.seed,
-        "stop_token_ids": list(params.stop_token_ids),
-        "ignore_eos": params.ignore_eos,
-    }

@@ -118,6 +118,7 @@ def sampling_from_wire(raw: object) -> SamplingParams:
 
 
 def sampling_to_wire(params: SamplingParams) -> dict[str, Any]:
+    """``params`` as the sampling map a hop and a worker frame carry: every field (``sampling_from_wire`` reads it)."""
     return {
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,

@@ -4,7 +4,6 @@ returns reads back from its own wire form unchanged, and the worker and the supe
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
 from typing import Any
 
 from hypothesis import example, given
@@ -39,7 +38,7 @@ from hexgen.daemon.worker_process import exchange_from, spec_from
 from hexgen.daemon.worker_setup import CacheSetup, ExchangeSetup, ReplicaSetup
 from hexgen.engine.sampler import _mix_seed
 from hexgen.engine.sequence import SamplingParams
-from hexgen.testing.fuzz import FUZZ, REFUSED, assert_clear, fuzzed, outcome, show
+from hexgen.testing.fuzz import FUZZ, REFUSED, assert_clear, fuzzed, outcome, run_now, show
 
 SECRET = bytes(range(32))
 REPLICA = ReplicaSetup("/models/x", ((0, 3, 2), (3, 5, 1)), mode="prefill", cache=CacheSetup(block_size=256))
@@ -129,16 +128,6 @@ class Frames:
 
     async def read(self) -> Any:
         return self.frames.pop(0) if self.frames else None
-
-
-def run_now(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """The result of a coroutine that never suspends, run here and now."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    coroutine.close()
-    raise AssertionError("the coroutine suspended; in-memory frames should never make it wait")
 
 
 def check_from_worker(raw: Any) -> None:
