@@ -119,14 +119,15 @@ def tiny_model(root: Path) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     import trio
 
-    from hexgen.daemon.identity import default_data_dir
+    from hexgen.daemon.private_files import default_data_dir
 
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     if not gpus:
         raise DemoError("--gpus needs at least one GPU type")
     if args.max_tokens < 1:
         raise DemoError("--max-tokens must be at least 1")
-    from hexgen.daemon.hardware import HardwareError, parse_simulate_gpu
+    from hexgen.daemon.hardware import parse_simulate_gpu
+    from hexgen.daemon.hardware_profile import HardwareError
 
     try:
         for gpu in gpus:

@@ -144,12 +144,13 @@ def layered_args(args: argparse.Namespace) -> None:
 
 def cmd_join(args: argparse.Namespace) -> int:
     from hexgen.coordinator.pinned import PinnedPlanError
+    from hexgen.daemon.certificates import CertificateError
     from hexgen.daemon.connectivity import DuplicateKeyError
-    from hexgen.daemon.hardware import HardwareError
+    from hexgen.daemon.hardware_profile import HardwareError
     from hexgen.daemon.host import ListenError
     from hexgen.daemon.http_api import GatewayError
-    from hexgen.daemon.identity import CertificateError, IdentityError
     from hexgen.daemon.model_files import ModelFilesError
+    from hexgen.daemon.private_files import IdentityError
     from hexgen.daemon.run import join
     from hexgen.engine.tokenizer import TokenizerError
 
@@ -175,8 +176,8 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     model, pinned-plan, hardware and identity modules' own errors for what they refuse."""
     from hexgen.daemon.config import ConfigError
     from hexgen.daemon.hardware import parse_simulate_gpu
-    from hexgen.daemon.identity import default_key_file
     from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
+    from hexgen.daemon.node_key import default_key_file
     from hexgen.daemon.run import JoinOptions
     from hexgen.engine.tokenizer import Tokenizer
 

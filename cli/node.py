@@ -106,7 +106,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 # --- keys and private swarms: keygen, swarm-key, admit -------------------------------------------------
-# The handlers import hexgen.daemon.identity when they run: it loads libp2p (about half a second), which
+# The handlers import the key and certificate modules when they run: they load libp2p (about half a second), which
 # the other subcommands should not pay for.
 
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
@@ -135,63 +135,74 @@ def _user_path(text: str | None, default: Callable[[], Path]) -> Path:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     """Create the node key file (mode 0600) and print the node's peer id."""
-    from hexgen.daemon import identity
+    from hexgen.daemon.node_key import create_key_file, default_key_file, load_key, peer_id_of
+    from hexgen.daemon.private_files import IdentityError, KeyFileExists
 
-    path = _user_path(args.key_file, identity.default_key_file)
+    path = _user_path(args.key_file, default_key_file)
     try:
-        key_pair = identity.create_key_file(path, force=args.force)
-    except identity.KeyFileExists:
+        key_pair = create_key_file(path, force=args.force)
+    except KeyFileExists:
         try:
-            current = f" (peer id {identity.peer_id_of(identity.load_key(path))})"
-        except identity.IdentityError:
+            current = f" (peer id {peer_id_of(load_key(path))})"
+        except IdentityError:
             current = ""
         raise CLIError(
             f"key file {path} already exists{current}; pass --force to replace it (the peer id will change)"
         ) from None
-    except identity.IdentityError as exc:
+    except IdentityError as exc:
         raise CLIError(str(exc)) from None
-    print(identity.peer_id_of(key_pair))
+    print(peer_id_of(key_pair))
     print(f"{PROG}: wrote a new node key to {path}", file=sys.stderr)
     return 0
 
 
 def cmd_swarm_key(args: argparse.Namespace) -> int:
     """Create a private swarm's key file (mode 0600) and print the swarm id."""
-    from hexgen.daemon import identity
+    from hexgen.daemon.certificates import create_swarm_key, default_swarm_key_file, swarm_id, swarm_public_key
+    from hexgen.daemon.private_files import IdentityError, KeyFileExists
 
-    path = _user_path(args.file, identity.default_swarm_key_file)
+    path = _user_path(args.file, default_swarm_key_file)
     try:
-        swarm_key = identity.create_swarm_key(path, force=args.force)
-    except identity.KeyFileExists:
+        swarm_key = create_swarm_key(path, force=args.force)
+    except KeyFileExists:
         raise CLIError(
             f"swarm key file {path} already exists; pass --force to replace it "
             "(certificates issued with the old key stop working)"
         ) from None
-    except identity.IdentityError as exc:
+    except IdentityError as exc:
         raise CLIError(str(exc)) from None
-    print(identity.swarm_id(identity.swarm_public_key(swarm_key)))
+    print(swarm_id(swarm_public_key(swarm_key)))
     print(f"{PROG}: wrote a new swarm key to {path}; keep it secret: whoever holds it can admit nodes", file=sys.stderr)
     return 0
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
     """Issue a membership certificate for a peer: to ``--out`` if given, else to stdout."""
-    from hexgen.daemon import identity
+    from hexgen.daemon.certificates import (
+        Certificate,
+        CertificateError,
+        certificate_text,
+        default_swarm_key_file,
+        issue_certificate,
+        load_swarm_key,
+        write_certificate,
+    )
+    from hexgen.daemon.private_files import IdentityError, KeyFileExists
 
     valid_s = parse_duration(args.valid_for)
-    key_path = _user_path(args.swarm_key, identity.default_swarm_key_file)
+    key_path = _user_path(args.swarm_key, default_swarm_key_file)
     try:
-        swarm_key = identity.load_swarm_key(key_path)
-        cert_bytes = identity.issue_certificate(swarm_key, args.peer_id, valid_s)
+        swarm_key = load_swarm_key(key_path)
+        cert_bytes = issue_certificate(swarm_key, args.peer_id, valid_s)
         if args.out:
-            identity.write_certificate(Path(args.out).expanduser(), cert_bytes, force=args.force)
-    except identity.KeyFileExists as exc:
+            write_certificate(Path(args.out).expanduser(), cert_bytes, force=args.force)
+    except KeyFileExists as exc:
         raise CLIError(f"certificate file {exc.path} already exists; pass --force to replace it") from None
-    except (identity.IdentityError, identity.CertificateError) as exc:
+    except (IdentityError, CertificateError) as exc:
         raise CLIError(str(exc)) from None
-    cert = identity.Certificate.from_bytes(cert_bytes)
+    cert = Certificate.from_bytes(cert_bytes)
     if not args.out:
-        print(identity.certificate_text(cert_bytes), end="")
+        print(certificate_text(cert_bytes), end="")
     if cert.expires is None:
         until = "with no expiry"
     else:

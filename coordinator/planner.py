@@ -30,8 +30,6 @@ from hexgen.coordinator.simulator import simulate
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
-__all__ = ["PlanError", "SearchBudget", "label_roles", "plan", "refine", "replan"]
-
 
 def label_roles(evaluator: Evaluator, groups: Sequence[Sequence[int]]) -> Evaluation:
     """The best role labeling of fixed groups over a sweep of prefill-strength orderings.

@@ -9,8 +9,8 @@ from typing import Any
 
 import trio
 
+from hexgen.daemon.certificates import CertificateError, verify_certificate
 from hexgen.daemon.envelope import Envelope, seal
-from hexgen.daemon.identity import CertificateError, verify_certificate
 from hexgen.daemon.messages import Advert, LeaseBody
 from hexgen.daemon.swarm_state import SwarmState
 

@@ -16,15 +16,7 @@ from typing import Any
 from hexgen.coordinator.cluster import GPU, Cluster, ClusterError, HostSpec, build_cluster
 from hexgen.coordinator.cost import CostParams
 from hexgen.coordinator.specs import GPU_TYPES, GPUType
-from hexgen.daemon.hardware import MAX_GB_S, GPUInfo, HardwareError, HardwareProfile, known_gpu_type
-
-__all__ = [
-    "LinkMeasurement",
-    "PeerHardware",
-    "build_cluster_from_peers",
-    "planner_figures",
-    "probe_plan",
-]
+from hexgen.daemon.hardware_profile import MAX_GB_S, GPUInfo, HardwareError, HardwareProfile, known_gpu_type
 
 MAX_PEER_ID = 128
 MAX_RTT_MS = 3.6e6

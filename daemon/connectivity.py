@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import trio
 
 from hexgen.daemon.adverts import Adverts
+from hexgen.daemon.certificates import CertificateError
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, from_wire, to_wire, verify
 from hexgen.daemon.host import DialError, Host, Stream
-from hexgen.daemon.identity import CertificateError
 from hexgen.daemon.messages import Advert
 from hexgen.daemon.rpc import RPC_TIMEOUT_S, SYNC_PROTOCOL, call, serve_rpc
 from hexgen.daemon.swarm_state import SwarmState

@@ -9,10 +9,10 @@ from typing import Any
 
 import msgpack
 
+from hexgen.daemon.certificates import CertificateError
 from hexgen.daemon.election import LeaseRejected
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, from_wire, to_wire, verify
 from hexgen.daemon.host import Host, peer_id_from_bytes
-from hexgen.daemon.identity import CertificateError
 from hexgen.daemon.swarm_state import SwarmState
 
 log = logging.getLogger("hexgen.daemon")

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from hexgen.coordinator.specs import GPU_TYPES, SpecError, gpu_type
-from hexgen.daemon.calibration import calibrate_cpu, cuda_calibrate, cuda_peer_gb_s
+from hexgen.daemon.calibration import cuda_calibrate, cuda_peer_gb_s
 from hexgen.daemon.hardware_profile import (
     MAX_CPUS,
     MAX_GB_S,
@@ -32,20 +32,6 @@ from hexgen.daemon.hardware_profile import (
     HardwareProfile,
     known_gpu_type,
 )
-
-__all__ = [
-    "MAX_GB_S",
-    "MAX_GPUS",
-    "GPUInfo",
-    "HardwareError",
-    "HardwareProfile",
-    "calibrate_cpu",
-    "detect",
-    "detect_isolated",
-    "known_gpu_type",
-    "parse_simulate_gpu",
-    "simulated_profile",
-]
 
 
 def parse_simulate_gpu(spec: str) -> tuple[str, int]:

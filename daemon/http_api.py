@@ -64,10 +64,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hexgen.daemon.http_errors import ERROR_TYPES, ApiError, server_error_response
 from hexgen.daemon.metrics import Metrics
-from hexgen.daemon.openai_requests import MAX_BODY_BYTES
 from hexgen.daemon.openai_routes import Gateway, GatewayNode
-
-__all__ = ["MAX_BODY_BYTES", "ApiError", "Gatekeeper", "Gateway", "GatewayError", "build_app", "serve_http"]
 
 log = logging.getLogger("hexgen.http")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from hexgen.coordinator.plan import Plan, PlanFormatError
 from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware
-from hexgen.daemon.hardware import HardwareError, HardwareProfile
+from hexgen.daemon.hardware_profile import HardwareError, HardwareProfile
 
 MAX_ADDRS = 16
 MAX_LINKS = 64

@@ -21,6 +21,7 @@ from trio import TaskStatus
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.daemon.adoption import Adoption
 from hexgen.daemon.adverts import Adverts
+from hexgen.daemon.certificates import Certificate
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.connectivity import Connectivity
 from hexgen.daemon.coordination import Coordination
@@ -28,10 +29,9 @@ from hexgen.daemon.election import Election
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL
 from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
-from hexgen.daemon.hardware import HardwareProfile
+from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.hop import REPLICA_PROTOCOL
 from hexgen.daemon.host import Host, Stream, open_host
-from hexgen.daemon.identity import Certificate
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
 from hexgen.daemon.membership import PeerTable

@@ -28,23 +28,6 @@ from hexgen.daemon.private_files import (
     write_private_file,
 )
 
-__all__ = [
-    "KEY_FILE_NAME",
-    "MAX_PEER_ID_CHARS",
-    "KeyPair",
-    "PeerKey",
-    "create_key_file",
-    "default_key_file",
-    "is_ed25519",
-    "load_key",
-    "load_or_create_key",
-    "new_key_pair",
-    "peer_id_of",
-    "public_key_from_peer_id",
-    "sign",
-    "signature_holds",
-]
-
 KEY_FILE_NAME = "node.key"
 MAX_PEER_ID_CHARS = 128
 # What libp2p's key decoding raises for bytes that are no key: protobuf, nacl, coincurve and key-type errors.

@@ -23,7 +23,7 @@ from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import synthetic
 from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_cluster_from_peers
 from hexgen.daemon.failure import BlockedLink
-from hexgen.daemon.hardware import HardwareError
+from hexgen.daemon.hardware_profile import HardwareError
 from hexgen.daemon.messages import BlockedPair, PlanBody
 
 log = logging.getLogger("hexgen.daemon")

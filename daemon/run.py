@@ -14,11 +14,13 @@ from typing import Any
 import trio
 
 from hexgen.coordinator.plan import layer_range
+from hexgen.daemon.certificates import Certificate, load_certificate
 from hexgen.daemon.config import NodeConfig
-from hexgen.daemon.hardware import HardwareProfile, detect_isolated, simulated_profile
-from hexgen.daemon.identity import Certificate, load_certificate, load_or_create_key
+from hexgen.daemon.hardware import detect_isolated, simulated_profile
+from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.logs import configure_logging
 from hexgen.daemon.node import Node
+from hexgen.daemon.node_key import load_or_create_key
 from hexgen.daemon.swarm_state import AdoptedPlan
 
 log = logging.getLogger("hexgen.daemon")

@@ -11,13 +11,13 @@ from typing import Any
 
 import trio
 
+from hexgen.daemon.certificates import Certificate, CertificateError, verify_certificate
 from hexgen.daemon.cluster_view import LinkMeasurement
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.election import Election
 from hexgen.daemon.envelope import Envelope, ReplayGuard
 from hexgen.daemon.failure import BlockedLinks, advert_ips
-from hexgen.daemon.hardware import HardwareProfile
-from hexgen.daemon.identity import Certificate, CertificateError, verify_certificate
+from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.messages import Advert, PlanBody
 

@@ -14,18 +14,16 @@ import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from hexgen.cli.node import CLIError, main, parse_duration
-from hexgen.daemon.identity import (
-    create_key_file,
+from hexgen.daemon.certificates import (
     create_swarm_key,
     load_certificate,
-    load_key,
     load_swarm_key,
     parse_certificate_text,
-    peer_id_of,
     swarm_id,
     swarm_public_key,
     verify_certificate,
 )
+from hexgen.daemon.node_key import create_key_file, load_key, peer_id_of
 from hexgen.testing.cli import assert_one_line_error, run_main
 
 PEER = peer_id_of(create_new_key_pair(b"p" * 32))

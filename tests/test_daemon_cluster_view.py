@@ -23,7 +23,8 @@ from hexgen.daemon.cluster_view import (
     planner_figures,
     probe_plan,
 )
-from hexgen.daemon.hardware import GPUInfo, HardwareError, HardwareProfile, simulated_profile
+from hexgen.daemon.hardware import simulated_profile
+from hexgen.daemon.hardware_profile import GPUInfo, HardwareError, HardwareProfile
 
 CPU_ONLY = HardwareProfile(gpus=(), cpu_count=8, memory_gb=32.0)
 

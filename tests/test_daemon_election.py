@@ -161,7 +161,7 @@ def test_plan_of_a_new_holder_in_the_same_term_replaces_an_equal_epoch():
     """Two claims for one term each published epoch N; the settled holder's plan must still be adopted."""
     from hexgen.daemon.envelope import seal
     from hexgen.daemon.host import new_identity
-    from hexgen.daemon.identity import peer_id_of
+    from hexgen.daemon.node_key import peer_id_of
     from hexgen.testing.control import adoption_of, swarm_state
 
     state = swarm_state()

@@ -26,7 +26,7 @@ from hexgen.daemon.envelope import (
     to_wire,
     verify,
 )
-from hexgen.daemon.identity import peer_id_of
+from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.wire import FrameError, decode_payload, encode_frame
 
 NOW = 1_700_000_000.0

@@ -14,17 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hexgen.coordinator.specs import GPU_TYPES
-from hexgen.daemon.hardware import (
-    MAX_GPUS,
-    GPUInfo,
-    HardwareError,
-    HardwareProfile,
-    calibrate_cpu,
-    detect,
-    known_gpu_type,
-    parse_simulate_gpu,
-    simulated_profile,
-)
+from hexgen.daemon.calibration import calibrate_cpu
+from hexgen.daemon.hardware import detect, parse_simulate_gpu, simulated_profile
+from hexgen.daemon.hardware_profile import GPUInfo, HardwareError, HardwareProfile, known_gpu_type
+from hexgen.daemon.messages import MAX_GPUS
 
 
 def _valid() -> dict[str, Any]:

@@ -13,27 +13,27 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_pair
 from libp2p.identity_utils import load_identity, save_identity
 
-from hexgen.daemon.identity import (
+from hexgen.daemon.certificates import (
     Certificate,
     CertificateError,
-    IdentityError,
-    KeyFileExists,
     certificate_text,
-    create_key_file,
     create_swarm_key,
-    default_data_dir,
-    default_key_file,
     issue_certificate,
     load_certificate,
-    load_key,
-    load_or_create_key,
     load_swarm_key,
-    peer_id_of,
-    public_key_from_peer_id,
     swarm_public_key,
     verify_certificate,
     write_certificate,
 )
+from hexgen.daemon.node_key import (
+    create_key_file,
+    default_key_file,
+    load_key,
+    load_or_create_key,
+    peer_id_of,
+    public_key_from_peer_id,
+)
+from hexgen.daemon.private_files import IdentityError, KeyFileExists, default_data_dir
 
 NOW = 1_700_000_000.0
 PEER = peer_id_of(create_new_key_pair(b"p" * 32))

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 
 from hexgen.daemon.envelope import seal, to_wire
 from hexgen.daemon.gossip import CONTROL_TOPIC
-from hexgen.daemon.hardware import HardwareProfile
+from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.host import GOSSIP_PROTOCOL, new_identity, open_host
-from hexgen.daemon.identity import peer_id_of
+from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.rpc import PLAN_PROTOCOL, STATUS_PROTOCOL, SYNC_PROTOCOL, query_status
 from hexgen.daemon.wire import encode_frame
@@ -128,20 +128,27 @@ async def test_forged_and_stale_messages_are_rejected(swarm):
 
 
 async def test_private_swarm_ignores_non_members(swarm, tmp_path):
-    from hexgen.daemon import identity
+    from hexgen.daemon.certificates import (
+        create_swarm_key,
+        issue_certificate,
+        load_certificate,
+        load_swarm_key,
+        write_certificate,
+    )
+    from hexgen.daemon.node_key import load_or_create_key, peer_id_of
 
     swarm_key = tmp_path / "swarm.key"
-    identity.create_swarm_key(swarm_key)
+    create_swarm_key(swarm_key)
     other_swarm_key = tmp_path / "other.key"
-    identity.create_swarm_key(other_swarm_key)
+    create_swarm_key(other_swarm_key)
 
     def certificate(key_path, peer: str) -> bytes:
-        return identity.issue_certificate(identity.load_swarm_key(key_path), peer, 3600.0)
+        return issue_certificate(load_swarm_key(key_path), peer, 3600.0)
 
     def admitted(name: str, key_path) -> list[str]:
-        peer = identity.peer_id_of(identity.load_or_create_key(tmp_path / f"{name}.key"))
+        peer = peer_id_of(load_or_create_key(tmp_path / f"{name}.key"))
         path = tmp_path / f"{name}.cert"
-        identity.write_certificate(path, certificate(key_path, peer))
+        write_certificate(path, certificate(key_path, peer))
         return ["--swarm-cert", str(path)]
 
     first = swarm.start("p0", gpu="A100", extra=admitted("p0", swarm_key))
@@ -151,7 +158,7 @@ async def test_private_swarm_ignores_non_members(swarm, tmp_path):
     outsider = swarm.start("o1", bootstrap=[first.addr], gpu="H100")
     impostor = swarm.start("o2", bootstrap=[first.addr], gpu="H100", extra=admitted("o2", other_swarm_key))
     ids = {d.peer_id for d in members}
-    topic = f"{CONTROL_TOPIC}/{identity.load_certificate(tmp_path / 'p0.cert').swarm_id}"
+    topic = f"{CONTROL_TOPIC}/{load_certificate(tmp_path / 'p0.cert').swarm_id}"
     client_key = new_identity()
     ask = {"cert": certificate(swarm_key, peer_id_of(client_key))}
     attacker_key = new_identity()
@@ -168,7 +175,7 @@ async def test_private_swarm_ignores_non_members(swarm, tmp_path):
         await attacker.pubsub.subscribe(topic)
         for d in members:
             await attacker.connect(d.addr)
-        stolen = identity.load_certificate(tmp_path / "p1.cert").to_bytes()
+        stolen = load_certificate(tmp_path / "p1.cert").to_bytes()
         for cert in (None, certificate(other_swarm_key, attacker_id), stolen):
             await _publish_until_rejected(
                 attacker, client, members, advert(cert), "not-member", topic=topic, request=ask
@@ -242,17 +249,18 @@ async def _hypothesis_gossip(client) -> None:
 
 
 def certificate(swarm_key, peer: str) -> bytes:
-    from hexgen.daemon import identity
+    from hexgen.daemon.certificates import issue_certificate, load_swarm_key
 
-    return identity.issue_certificate(identity.load_swarm_key(swarm_key), peer, 3600.0)
+    return issue_certificate(load_swarm_key(swarm_key), peer, 3600.0)
 
 
 def admitted(tmp_path, name: str, swarm_key) -> list[str]:
     """The join flags of daemon ``name`` (its key in the harness's place) with a certificate of the swarm."""
-    from hexgen.daemon import identity
+    from hexgen.daemon.certificates import write_certificate
+    from hexgen.daemon.node_key import load_or_create_key, peer_id_of
 
-    node_key = identity.load_or_create_key(tmp_path / f"{name}.key")
-    identity.write_certificate(tmp_path / f"{name}.cert", certificate(swarm_key, identity.peer_id_of(node_key)))
+    node_key = load_or_create_key(tmp_path / f"{name}.key")
+    write_certificate(tmp_path / f"{name}.cert", certificate(swarm_key, peer_id_of(node_key)))
     return ["--swarm-cert", str(tmp_path / f"{name}.cert")]
 
 
@@ -260,13 +268,13 @@ async def test_private_swarm_serves_member_clients_only(tmp_path, stories_dir):
     """A private swarm requires member clients: a stranger's generate request, or one presenting a certificate
     of another swarm or of another peer, is refused with a reason; a client with its own certificate gets the
     reference tokens."""
-    from hexgen.daemon import identity
+    from hexgen.daemon.certificates import create_swarm_key
     from hexgen.daemon.generate_protocol import generate
     from hexgen.testing.checkpoints import reference_greedy
 
     swarm_key, other_key = tmp_path / "swarm.key", tmp_path / "other.key"
-    identity.create_swarm_key(swarm_key)
-    identity.create_swarm_key(other_key)
+    create_swarm_key(swarm_key)
+    create_swarm_key(other_key)
     swarm = Swarm(tmp_path, model=str(stories_dir))
     try:
         daemon = swarm.start("p0", gpu="A100", extra=admitted(tmp_path, "p0", swarm_key))
@@ -298,7 +306,7 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
     """Two daemons of a private swarm serve one TP=2 replica: p1's worker got the secret of p0's store (the
     reference tokens come back). p0 refuses that secret to a stranger (not a member of the swarm) and to a
     member client that is not in the world, counting each refusal."""
-    from hexgen.daemon import identity
+    from hexgen.daemon.certificates import create_swarm_key
     from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
     from hexgen.daemon.generate_protocol import generate
     from hexgen.daemon.messages import PlanBody
@@ -306,7 +314,7 @@ async def test_a_world_s_store_secret_goes_to_its_members_only(tmp_path, stories
     from hexgen.testing.checkpoints import reference_greedy
 
     swarm_key = tmp_path / "swarm.key"
-    identity.create_swarm_key(swarm_key)
+    create_swarm_key(swarm_key)
     pinned = tmp_path / "pinned.toml"
     pinned.write_text('[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["p0", "p1"], layers = [0, 5] }]\n')
     swarm = Swarm(tmp_path, model=str(stories_dir))

@@ -26,8 +26,9 @@ from hexgen.daemon.client_requests import parse_request
 from hexgen.daemon.completion import parse_stops
 from hexgen.daemon.generate_protocol import GenerateDone, GenerateError, GenerateToken, MalformedReply, reply_from_wire
 from hexgen.daemon.hop import HopAlive, HopError, HopRequest, HopToken, MalformedHop, event_from_wire
-from hexgen.daemon.http_api import Gatekeeper, Gateway, build_app
+from hexgen.daemon.http_api import Gatekeeper, build_app
 from hexgen.daemon.metrics import Metrics
+from hexgen.daemon.openai_routes import Gateway
 from hexgen.daemon.request_limits import MAX_TOKENS_LIMIT, SAMPLING_FIELDS, RequestError
 from hexgen.daemon.wire import decode_payload, encode_frame
 from hexgen.engine.tokenizer import Tokenizer

@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from hexgen.daemon.generate_protocol import generate
-from hexgen.daemon.identity import create_key_file, peer_id_of
+from hexgen.daemon.node_key import create_key_file, peer_id_of
 from hexgen.daemon.rpc import query_status
 from hexgen.daemon.swarm_view import wire_assignments
 from hexgen.testing.daemon_harness import Daemon, Swarm, descendants, open_client, serving, statuses, wait_until, zombie

@@ -7,7 +7,8 @@ from typing import Any
 
 from hexgen.daemon.adoption import Adoption
 from hexgen.daemon.config import NodeConfig
-from hexgen.daemon.hardware import HardwareProfile, simulated_profile
+from hexgen.daemon.hardware import simulated_profile
+from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.host import new_identity
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.swarm_state import AdoptedPlan, SelfInfo, SwarmState

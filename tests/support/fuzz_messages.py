@@ -21,12 +21,13 @@ from hexgen.daemon.cluster_view import LinkMeasurement
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.deployment import Deployment, DeploymentError, deployment_from_plan
 from hexgen.daemon.envelope import EnvelopeRejected, MalformedEnvelope, ReplayGuard, from_wire, seal, to_wire, verify
-from hexgen.daemon.hardware import HardwareError, HardwareProfile, simulated_profile
+from hexgen.daemon.hardware import simulated_profile
+from hexgen.daemon.hardware_profile import HardwareError, HardwareProfile
 from hexgen.daemon.host import new_identity
-from hexgen.daemon.identity import peer_id_of
 from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.messages import Advert, MessageError, PlanBody
 from hexgen.daemon.node import Node
+from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.status_reply import Status
 from hexgen.daemon.swarm_view import assignments, wire_assignments
 from hexgen.daemon.wire import FrameError, decode_payload, encode_frame

@@ -19,8 +19,10 @@ from starlette.requests import Request
 
 from hexgen.daemon.client_requests import chat_tokens
 from hexgen.daemon.completion import Completion
-from hexgen.daemon.http_api import MAX_BODY_BYTES, ApiError, Gateway
+from hexgen.daemon.http_errors import ApiError
 from hexgen.daemon.metrics import Metrics
+from hexgen.daemon.openai_requests import MAX_BODY_BYTES
+from hexgen.daemon.openai_routes import Gateway
 from hexgen.daemon.request_limits import RequestError
 from hexgen.engine.sampler import _mix_seed
 from hexgen.engine.sequence import SamplingParams
