@@ -53,7 +53,7 @@ import torch
 import trio
 
 from hexgen.coordinator.workload import Request, WorkloadError, load_trace
-from hexgen.daemon.generate_protocol import generate
+from hexgen.daemon.generate_protocol import GenerateError, GenerateToken, replies
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams, Sequence
 from hexgen.testing import daemon_harness
@@ -227,13 +227,13 @@ async def one_request(client: Any, entry: Daemon, prompt: list[int], timing: Tim
     """Stream one request through ``entry``, recording token arrival times relative to ``start``."""
     request = {"tokens": prompt, "max_tokens": timing.wanted, "ignore_eos": True}
     try:
-        async for frame in generate(client, entry.peer_id, request):
-            if "token" in frame:
+        async for frame in replies(client, entry.peer_id, request):
+            if isinstance(frame, GenerateToken):
                 timing.token(time.perf_counter() - start)
-            elif "error" in frame:
-                timing.error = str(frame["error"])
-            elif frame.get("done") and frame.get("completion_tokens") != timing.tokens:
-                timing.error = f"done says {frame.get('completion_tokens')} tokens, {timing.tokens} streamed"
+            elif isinstance(frame, GenerateError):
+                timing.error = frame.error
+            elif frame.completion_tokens != timing.tokens:
+                timing.error = f"done says {frame.completion_tokens} tokens, {timing.tokens} streamed"
     except Exception as exc:
         timing.error = f"{type(exc).__name__}: {exc}"
     if timing.error is None and timing.tokens != timing.wanted:

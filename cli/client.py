@@ -21,9 +21,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 PROG = "hexgen-client"
+
+
+if TYPE_CHECKING:
+    from hexgen.daemon.generate_protocol import GenerateDone
 
 
 @dataclass
@@ -31,7 +35,7 @@ class Reply:
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     first: float | None = None  # when the first token arrived (perf_counter)
-    done: dict[str, Any] = field(default_factory=dict)
+    done: GenerateDone | None = None
 
 
 class ClientError(Exception):
@@ -114,18 +118,18 @@ async def _generate(peer: str, request: dict[str, Any], timeout_s: float, out: A
     if failure is not None:
         raise failure
     done, first = reply.done, reply.first
-    if not done:
+    if done is None:
         raise ClientError(f"{peer} ended the stream without finishing (is it serving a model?)")
     finished = time.perf_counter()
     return {
         "text": "".join(reply.text),
         "tokens": reply.tokens,
-        "finish_reason": done.get("finish_reason"),
-        "prompt_tokens": done.get("prompt_tokens"),
-        "completion_tokens": done.get("completion_tokens"),
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
         "ttft_ms": None if first is None else round(1000 * (first - started), 2),
         "total_ms": round(1000 * (finished - started), 2),
-        "served_by": done.get("served_by", []),
+        "served_by": [dict(s) for s in done.served_by],
     }
 
 
@@ -154,22 +158,22 @@ async def _stream(
 ) -> None:
     import trio
 
-    from hexgen.daemon.generate_protocol import generate
+    from hexgen.daemon.generate_protocol import GenerateDone, GenerateError, GenerateToken, replies
 
     try:
         with trio.fail_after(timeout_s):
-            async for frame in generate(host, peer_id, request):
-                if "error" in frame:
-                    raise Refused(str(frame["error"]), frame.get("code"))
-                if "token" in frame:
-                    reply.tokens.append(frame["token"])
+            async for frame in replies(host, peer_id, request):
+                if isinstance(frame, GenerateError):
+                    raise Refused(frame.error, frame.code)
+                if isinstance(frame, GenerateToken):
+                    reply.tokens.append(frame.token)
                     reply.first = reply.first or time.perf_counter()
-                if frame.get("text"):
-                    reply.text.append(frame["text"])
+                if frame.text:
+                    reply.text.append(frame.text)
                     if out is not None:
-                        out.write(frame["text"])
+                        out.write(frame.text)
                         out.flush()
-                if frame.get("done"):
+                if isinstance(frame, GenerateDone):
                     reply.done = frame
     except trio.TooSlowError:
         raise ClientError(f"no complete answer within {timeout_s:g} s") from None
@@ -232,7 +236,8 @@ async def _chat(peer: str, request: dict[str, Any], opening: list[dict[str, str]
                     print(f"{PROG}: {_refusal_text(exc)}", file=sys.stderr, flush=True)
                     continue
                 print(flush=True)
-                _say_if_capped(reply.done, request.get("max_tokens"))
+                if reply.done is not None:
+                    _say_if_capped(reply.done, request.get("max_tokens"))
                 messages.append({"role": "assistant", "content": "".join(reply.text)})
         except ClientError as exc:
             failure = exc
@@ -273,10 +278,10 @@ def _refusal_text(exc: Refused) -> str:
     return str(exc)
 
 
-def _say_if_capped(done: dict[str, Any], asked: int | None) -> None:
+def _say_if_capped(done: GenerateDone, asked: int | None) -> None:
     """Tell the user when the context, not the reply or --max-tokens, ended the reply."""
-    granted, context = done.get("max_tokens"), done.get("context")
-    if done.get("finish_reason") != "length" or not isinstance(granted, int):
+    granted, context = done.max_tokens, done.context
+    if done.finish_reason != "length":
         return
     if asked is None or granted < asked:
         _note(f"the reply stopped at {granted} tokens: the conversation fills the model's context of {context}")

@@ -259,7 +259,7 @@ def _show_plan(say: Any, view: dict[str, Any], daemons: list[Any]) -> None:
 async def _generate(say: Any, client: Any, daemons: list[Any], prompt: str, max_tokens: int) -> None:
     import trio
 
-    from hexgen.daemon.generate_protocol import generate
+    from hexgen.daemon.generate_protocol import GenerateError, GenerateToken, replies
 
     entry = daemons[-1]
     say(f"generating {max_tokens} tokens through {entry.name}:")
@@ -268,15 +268,15 @@ async def _generate(say: Any, client: Any, daemons: list[Any], prompt: str, max_
     first = last = None
     count = 0
     with trio.fail_after(120):
-        async for frame in generate(client, entry.peer_id, {"prompt": prompt, "max_tokens": max_tokens}):
-            if "error" in frame:
-                raise DemoError(f"the generation failed: {frame['error']}")
-            if "token" in frame:
+        async for frame in replies(client, entry.peer_id, {"prompt": prompt, "max_tokens": max_tokens}):
+            if isinstance(frame, GenerateError):
+                raise DemoError(f"the generation failed: {frame.error}")
+            if isinstance(frame, GenerateToken):
                 count += 1
                 last = time.perf_counter()
                 first = first or last
-            if frame.get("text"):
-                say(frame["text"], end="")
+            if frame.text:
+                say(frame.text, end="")
     say()
     if first is None or last is None:
         raise DemoError("the swarm returned no tokens")

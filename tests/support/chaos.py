@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from hexgen.daemon.generate_protocol import generate
+from hexgen.daemon.generate_protocol import GenerateError, GenerateToken, replies
 from hexgen.daemon.node_key import create_key_file, peer_id_of
 from hexgen.daemon.rpc import query_status
 from hexgen.daemon.swarm_view import wire_assignments
@@ -429,16 +429,16 @@ async def _request(run: _Run, record: RequestRecord) -> None:
     record.started = run.now()
     try:
         with trio.fail_after(run.config.request_timeout_s):
-            async for frame in generate(run.client, entry.peer_id, request):
-                if "error" in frame:
-                    record.error = str(frame["error"])
-                elif "token" in frame:
-                    record.tokens.append(int(frame["token"]))
-                elif frame.get("done"):
+            async for frame in replies(run.client, entry.peer_id, request):
+                if isinstance(frame, GenerateError):
+                    record.error = frame.error
+                elif isinstance(frame, GenerateToken):
+                    record.tokens.append(frame.token)
+                else:
                     record.latency_s = run.now() - record.started
-                    record.finish_reason = frame.get("finish_reason")
-                    record.completion_tokens = frame.get("completion_tokens")
-                    record.attempts = sum(h.get("role") != "decode" for h in frame.get("served_by") or [])
+                    record.finish_reason = frame.finish_reason
+                    record.completion_tokens = frame.completion_tokens
+                    record.attempts = sum(h.get("role") != "decode" for h in frame.served_by)
         if record.latency_s is None and record.error is None:
             record.error = "the stream ended without a final frame"
     except trio.TooSlowError:
@@ -719,10 +719,10 @@ async def _text_answer(client: Any, entry: Daemon, text: str, max_tokens: int) -
     """The entry's greedy completion of ``text`` over libp2p: what the HTTP clients must get."""
     pieces: list[str] = []
     with trio.fail_after(120):
-        async for frame in generate(client, entry.peer_id, {"prompt": text, "max_tokens": max_tokens}):
-            if "error" in frame:
-                raise RuntimeError(f"the entry refused {text!r}: {frame['error']}")
-            pieces.append(str(frame.get("text", "")))
+        async for frame in replies(client, entry.peer_id, {"prompt": text, "max_tokens": max_tokens}):
+            if isinstance(frame, GenerateError):
+                raise RuntimeError(f"the entry refused {text!r}: {frame.error}")
+            pieces.append(frame.text)
     return "".join(pieces)
 
 
@@ -784,11 +784,11 @@ async def run_load(
                 else:
                     request = {"tokens": prompts[index % len(prompts)], "max_tokens": max_tokens}
                     tokens = []
-                    async for frame in generate(client, entry.peer_id, request):
-                        if "error" in frame:
-                            raise RuntimeError(str(frame["error"]))
-                        if "token" in frame:
-                            tokens.append(frame["token"])
+                    async for frame in replies(client, entry.peer_id, request):
+                        if isinstance(frame, GenerateError):
+                            raise RuntimeError(frame.error)
+                        if isinstance(frame, GenerateToken):
+                            tokens.append(frame.token)
                     good = tokens == expected[index % len(prompts)]
         except Exception as exc:
             result.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
