@@ -195,7 +195,7 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     try:
         node = _node_config(args, host, port, bootstrap, pinned)
     except ConfigError as exc:
-        raise JoinError(exc.text(FLAGS.get(exc.setting, exc.setting))) from None
+        raise JoinError(exc.text(FLAGS.get(exc.setting, exc.setting), FLAGS | {"http_port": "--http PORT"})) from None
     return JoinOptions(
         key_file=Path(args.key_file).expanduser() if args.key_file else default_key_file(),
         node=node,

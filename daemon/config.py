@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from hexgen.coordinator.pinned import PinnedGroup
@@ -16,9 +18,11 @@ class ConfigError(ValueError):
         self.setting, self.problem, self.value = setting, problem, value
         super().__init__(self.text(setting))
 
-    def text(self, name: str) -> str:
-        """The message with the setting called ``name`` (a command line says its flag)."""
-        return f"{name} {self.value}: {self.problem}" if self.value is not None else f"{name} {self.problem}"
+    def text(self, name: str, names: Mapping[str, str] | None = None) -> str:
+        """The message with the setting called ``name`` and any other it mentions by ``names`` (a command
+        line says its flags)."""
+        problem = re.sub(r"\{(\w+)\}", lambda m: (names or {}).get(m[1], m[1]), self.problem)
+        return f"{name} {self.value}: {problem}" if self.value is not None else f"{name} {problem}"
 
 
 POSITIVE = {
@@ -89,7 +93,7 @@ class NodeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key", "must not be empty")
         if self.api_key is not None and self.http_port is None:
-            raise ConfigError("api_key", "guards the HTTP API: give an HTTP port too")
+            raise ConfigError("api_key", "guards the HTTP API: give {http_port} too")
         if self.probes_per_round < 0:
             raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
         if self.worker_threads < 1:

@@ -291,7 +291,7 @@ def test_adverts_of_another_model_or_too_old_are_not_taken():
         ({"redial_first_s": -1.0}, "redial_first_s -1.0: give a non-negative number of seconds"),
         ({"verify_fraction": 1.5}, "a fraction is 0 to 1"),
         ({"http_port": 70000}, "a port is 0-65535"),
-        ({"api_key": "k"}, "give an HTTP port"),
+        ({"api_key": "k"}, "api_key guards the HTTP API: give http_port too"),
         ({"http_port": 0, "api_key": " "}, "api_key must not be empty"),
         ({"request_timeout_s": float("nan")}, "request_timeout_s"),
     ],
