@@ -14,7 +14,8 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from libp2p.crypto.ed25519 import Ed25519PublicKey as PeerKey
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.keys import KeyPair, KeyType
+from libp2p.crypto.keys import KeyPair as KeyPair  # the key type the rest of the daemon holds
+from libp2p.crypto.keys import KeyType
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
