@@ -8,7 +8,7 @@ from typing import Any
 from hexgen.daemon.host import Stream
 from hexgen.daemon.rpc import serve_rpc
 from hexgen.daemon.serving import Serving
-from hexgen.daemon.status_reply import Details, PlanSummary, ServingStatus, Status
+from hexgen.daemon.status_reply import Details, PlanSummary, Status
 from hexgen.daemon.swarm_state import SwarmState
 from hexgen.daemon.swarm_view import assignments
 
@@ -78,7 +78,7 @@ class StatusView:
             blocked=tuple({"peers": list(link.pair), "reason": link.reason} for link in state.blocked.links.values()),
             spot_checks={} if serving is None else dict(serving.router.checks),
             links=tuple(m.to_dict() for m in state.all_links()),
-            serving=None if serving is None else ServingStatus.from_wire(serving.supervisor.status()),
+            serving=None if serving is None else serving.supervisor.status(),
             events=tuple(state.events),
         )
 

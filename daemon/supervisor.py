@@ -29,6 +29,7 @@ from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.request_listeners import Event, RequestListeners
 from hexgen.daemon.start_deadline import StartDeadline
+from hexgen.daemon.status_reply import ServingStatus, WorkerStatus
 from hexgen.daemon.wire import FrameError
 from hexgen.daemon.worker_config import WorkerSettings
 from hexgen.daemon.worker_frames import (
@@ -373,24 +374,21 @@ class Supervisor:
         worker.joining = False
         self._notify()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ServingStatus:
         deployment = self.deployment
-        return {
-            "model": self.model_dir,
-            "epoch": None if deployment is None else deployment.epoch,
-            "workers": {
-                str(rank): {
-                    "replica": w.replica.index,
-                    "role": w.replica.role,
-                    "formed": w.formed,
-                    "state": w.state,
-                    "error": w.error,
-                    "pid": None if w.process is None else w.process.pid,
-                }
-                for rank, w in sorted((w.rank, w) for w in self.workers.values())
-            },
-            "in_flight": len(self.listeners),
+        workers = {
+            w.rank: WorkerStatus(
+                replica=w.replica.index,
+                role=w.replica.role,
+                formed=w.formed,
+                state=w.state,
+                error=w.error,
+                pid=None if w.process is None else w.process.pid,
+            )
+            for w in self.workers.values()
         }
+        epoch = None if deployment is None else deployment.epoch
+        return ServingStatus(self.model_dir, epoch, workers, len(self.listeners))
 
     # ------------------------------------------------------------------ requests
 

@@ -30,8 +30,10 @@ def converged(view: View, ids: set[str]) -> bool:
     """Every daemon answered, sees exactly ``ids``, agrees on one coordinator and adopted one plan for ``ids``.
     O(daemons x members)."""
     states = parsed(view)
-    if states is None:
-        return False
+    return states is not None and _agree(states, ids)
+
+
+def _agree(states: list[Status], ids: set[str]) -> bool:
     coordinators = {s.coordinator for s in states}
     plans = {(s.plan.term, s.plan.epoch) if s.plan else None for s in states}
     return (
@@ -47,9 +49,9 @@ def converged(view: View, ids: set[str]) -> bool:
 
 def serving(view: View, ids: set[str]) -> bool:
     """Converged, and every daemon runs the adopted epoch's workers, all ready (needs full statuses)."""
-    if not converged(view, ids):
+    states = parsed(view)
+    if states is None or not _agree(states, ids):
         return False
-    states = parsed(view) or []
     epoch = states[0].plan.epoch if states[0].plan else None
     return all(
         s.details is not None
