@@ -412,6 +412,16 @@ def serve(channel: Channel) -> None:
     if started is not None:
         worker, _world_store = started  # the store outlives the world while the replica steps
         run_steps(channel, worker)
+        leave_worlds()
+
+
+def leave_worlds() -> None:
+    """Tear the process groups down before the interpreter does: left to exit, torch's destructors can
+    abort the process (SIGABRT) while a peer's connections close."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def exit_with_parent(interval_s: float = 0.5) -> None:
