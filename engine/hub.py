@@ -27,10 +27,9 @@ SERVED_FILES = (
     "chat_template.jinja",
     INDEX,
 )
-_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"  # the Hub's limit: 96 characters
 _REPO = re.compile(rf"{_PART}/{_PART}", re.ASCII)
 _REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*", re.ASCII)
-MAX_REPO_CHARS = 96  # the Hub's limit on org/name
 MAX_REVISION_CHARS = 255
 ID_FORM = "a Hub id org/name[@revision] (letters, digits, '-', '_', '.')"
 
@@ -62,13 +61,13 @@ class HubSettings:
     def from_env(cls, env: Mapping[str, str]) -> HubSettings:
         """``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` (1, true, yes or on) from ``env``."""
         offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-        return cls(env.get("HF_ENDPOINT") or None, env.get("HF_HUB_CACHE") or None, offline)
+        return cls(env.get("HF_ENDPOINT", "").rstrip("/") or None, env.get("HF_HUB_CACHE") or None, offline)
 
 
 def parse_hub_id(text: str) -> HubId:
     """``org/name`` or ``org/name@revision``; HubError saying what is wrong otherwise. O(len(text))."""
     repo, at, revision = text.partition("@")
-    if not _REPO.fullmatch(repo) or "--" in repo or ".." in repo or len(repo) > MAX_REPO_CHARS:
+    if not _REPO.fullmatch(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
         raise HubError(f"model {text!r} is neither a local directory nor {ID_FORM}")
     if at and (not _REVISION.fullmatch(revision) or ".." in revision or len(revision) > MAX_REVISION_CHARS):
         raise HubError(f"model {text!r}: {revision!r} after '@' is not a revision (a branch, tag or commit)")

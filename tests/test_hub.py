@@ -89,6 +89,8 @@ def test_hub_ids_parse(text: str, expected: HubId) -> None:
         ("a/b/c", "neither a local directory nor a Hub id"),
         ("org/-name", "neither a local directory nor a Hub id"),
         ("org/na--me", "neither a local directory nor a Hub id"),
+        ("org/name.git", "neither a local directory nor a Hub id"),
+        ("org/" + "n" * 97, "neither a local directory nor a Hub id"),
         ("org/name@", "is not a revision"),
         ("org/name@a..b", "is not a revision"),
         ("org/name@br anch", "is not a revision"),
@@ -120,9 +122,9 @@ def test_download_into_an_empty_cache_then_load_and_generate_like_transformers(h
 
     llm = LLM(STORIES)  # the engine takes the Hub id, from the cache this time
     assert _fetched(hub) == SERVED
-    prompts = [llm.encode(text) for text in ("Once upon a time", "The little dog", "Tom and Sue went")]
-    ours = llm.generate(prompts, SamplingParams(max_tokens=40))
-    assert [c.token_ids for c in ours] == reference_greedy(path, prompts, 40)
+    prompt = llm.encode("Once upon a time")
+    (ours,) = llm.generate([prompt], SamplingParams(max_tokens=30))
+    assert [ours.token_ids] == reference_greedy(path, [prompt], 30)
 
 
 def test_a_download_cut_halfway_resumes_where_it_stopped(hub, stories_dir, monkeypatch) -> None:
