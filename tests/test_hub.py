@@ -243,3 +243,15 @@ def test_the_fingerprint_tells_revisions_apart_and_not_copies(hub, stories_dir) 
     main, chat = local_model(STORIES), local_model(f"{STORIES}@chat")
     assert model_fingerprint(main) == model_fingerprint(stories_dir)
     assert model_fingerprint(chat) != model_fingerprint(main)
+
+
+def test_node_settings_take_a_model_from_disk_only(stories_dir) -> None:
+    from hexgen.daemon.config import ConfigError, NodeConfig
+
+    assert NodeConfig(model=str(stories_dir)).model == str(stories_dir)
+    with pytest.raises(ConfigError, match=r"model org/name: is a Hub id: resolve it to its snapshot directory"):
+        NodeConfig(model="org/name")
+    with pytest.raises(ConfigError, match=r"model /no/such/dir: is neither a directory, a preset nor a Hub id"):
+        NodeConfig(model="/no/such/dir")
+    with pytest.raises(ConfigError, match=r"model must name a checkpoint directory or a preset"):
+        NodeConfig(model=" ")
