@@ -50,7 +50,11 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Start a swarm of daemons on this machine with simulated heterogeneous GPUs, wait for the "
         "plan, show it, stream one generation with its TTFT and tokens/s, and stop every process.",
     )
-    demo.add_argument("--model", metavar="PATH", help="a Hugging Face Llama or OPT directory (default: a tiny Llama)")
+    demo.add_argument(
+        "--model",
+        metavar="PATH|ORG/NAME[@REV]",
+        help="a Hugging Face checkpoint directory, or a Hub id fetched once into the Hub cache (default: a tiny Llama)",
+    )
     demo.add_argument(
         "--gpus",
         default=",".join(DEFAULT_GPUS),
@@ -135,7 +139,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except HardwareError as exc:
         raise DemoError(f"--gpus: {exc}") from None
     if args.model:
-        model, built_in = Path(args.model).expanduser(), False
+        from hexgen.engine.hub import local_model
+
+        model, built_in = Path(local_model(args.model)).expanduser(), False
         if not (model / "config.json").is_file():
             raise DemoError(f"--model {args.model}: no config.json there (give a Hugging Face checkpoint directory)")
     else:

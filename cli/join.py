@@ -63,8 +63,9 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     join.add_argument(
         "--model",
         default="llama-2-7b",
-        metavar="NAME|PATH",
-        help="a Hugging Face checkpoint directory to serve, or a model name to plan for only (default llama-2-7b)",
+        metavar="PATH|ORG/NAME[@REV]|NAME",
+        help="the checkpoint to serve: a directory, or a Hugging Face Hub id fetched once into the Hub cache; "
+        "or a preset name to plan for only (default llama-2-7b)",
     )
     join.add_argument(
         "--pin-plan", metavar="FILE", help="serve this TOML layout instead of the planner's while its hosts are present"
@@ -179,21 +180,23 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
     from hexgen.daemon.node_key import default_key_file
     from hexgen.daemon.run import JoinOptions
+    from hexgen.engine.hub import local_model
     from hexgen.engine.tokenizer import Tokenizer
 
     host, port = _listen(args.listen)
     bootstrap = tuple(_bootstrap(a) for a in args.bootstrap)
-    spec = resolve_model(args.model)
-    if is_checkpoint_dir(args.model):
-        model_fingerprint(args.model)
-        Tokenizer.from_dir(args.model)
-    pinned = _pinned(args.pin_plan, spec.layers) if args.pin_plan else None
     if args.simulate_gpu:
         parse_simulate_gpu(args.simulate_gpu)
     if not args.peer_timeout > 0:  # checked first: the advert refresh below is derived from it
         raise JoinError("--peer-timeout must be positive")
+    model = local_model(args.model)  # after the checks that cost nothing: this one may download the model
+    spec = resolve_model(model)
+    if is_checkpoint_dir(model):
+        model_fingerprint(model)
+        Tokenizer.from_dir(model)
+    pinned = _pinned(args.pin_plan, spec.layers) if args.pin_plan else None
     try:
-        node = _node_config(args, host, port, bootstrap, pinned)
+        node = _node_config(args, model, host, port, bootstrap, pinned)
     except ConfigError as exc:
         raise JoinError(exc.text(FLAGS.get(exc.setting, exc.setting), FLAGS | {"http_port": "--http PORT"})) from None
     return JoinOptions(
@@ -208,17 +211,19 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
 
 def _node_config(
     args: argparse.Namespace,
+    model: str,
     host: str,
     port: int,
     bootstrap: tuple[str, ...],
     pinned: tuple[PinnedGroup, ...] | None,
 ) -> NodeConfig:
-    """The node's settings from the flags; NodeConfig checks them (``ConfigError``)."""
+    """The node's settings from the flags, serving ``model`` (a Hub id already resolved to its snapshot
+    directory); NodeConfig checks them (``ConfigError``)."""
     from hexgen.daemon.config import NodeConfig
     from hexgen.daemon.host import HostConfig
 
     return NodeConfig(
-        model=args.model,
+        model=model,
         host=HostConfig(listen_host=host, port=port, advertise_host=args.advertise),
         bootstrap=bootstrap,
         host_name=args.host_name,

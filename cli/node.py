@@ -8,6 +8,7 @@ are turned into that line; anything else is a bug and surfaces with its tracebac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,8 +24,9 @@ from hexgen.cli.status import StatusError
 from hexgen.cli.status_command import add_status_command
 from hexgen.coordinator.cluster import Cluster, ClusterError, load_cluster_toml
 from hexgen.coordinator.plan import Plan
-from hexgen.coordinator.specs import SpecError, resolve_model
+from hexgen.coordinator.specs import ModelSpec, SpecError, resolve_model
 from hexgen.coordinator.workload import WORKLOAD_KINDS, Workload, WorkloadError, load_trace, workload_from_trace
+from hexgen.engine.hub import HubError
 
 PROG = "hexgen-node"
 # The shared data folder sits beside the repository root (a checkout or an editable install).
@@ -73,11 +75,21 @@ def load_workload(kind: str, trace: Path, seed: int, max_context: int) -> Worklo
     return workload_from_trace(load_trace(trace), kind, count=WORKLOAD_REQUESTS, seed=seed, max_context=max_context)
 
 
+def plan_model(name: str) -> ModelSpec:
+    """The model to plan for, called ``name``: a preset, a checkpoint directory or its config.json, or a Hub id
+    ``org/name[@revision]`` (of which only config.json is fetched)."""
+    from hexgen.engine.hub import local_model
+
+    source = local_model(name, config_only=True)
+    spec = resolve_model(source)
+    return spec if source == name else dataclasses.replace(spec, name=name)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the cluster for the model and workload; print the plan beside the three baselines."""
     cluster = load_cluster_file(args.cluster)
-    model = resolve_model(args.model)
     kind = workload_kind(args.workload)
+    model = plan_model(args.model)
     workload = load_workload(kind, Path(args.trace), args.seed, model.max_context)
 
     from hexgen.coordinator import baselines, planner
@@ -277,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         "HexGen-style and naive baselines.",
     )
     plan.add_argument("cluster", metavar="CLUSTER.toml", help="cluster description (see bench/clusters/)")
-    plan.add_argument("--model", required=True, metavar="NAME|PATH", help="preset name or a config.json / its folder")
+    plan.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|PATH|ORG/NAME[@REV]",
+        help="preset name, a config.json or its folder, or a Hugging Face Hub id (only its config.json is fetched)",
+    )
     plan.add_argument(
         "--workload",
         default=DEFAULT_WORKLOAD,
@@ -305,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, JoinError, DemoError, StatusError, ClusterError, SpecError, WorkloadError) as exc:
+    except (CLIError, JoinError, DemoError, StatusError, ClusterError, SpecError, WorkloadError, HubError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 from hexgen.coordinator.pinned import PinnedGroup
 from hexgen.daemon.host import HostConfig
+from hexgen.engine.hub import HubError, hub_id_of
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,7 @@ POSITIVE = {
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model: str = "llama-2-7b"
+    model: str = "llama-2-7b"  # a checkpoint directory (a Hub id resolved to its snapshot first), or a preset
     host: HostConfig = field(default_factory=HostConfig)
     bootstrap: tuple[str, ...] = ()
     host_name: str = ""
@@ -81,6 +82,7 @@ class NodeConfig:
     redial_for_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        _check_model(self.model)
         for item in fields(self):
             if item.name.endswith("_s"):
                 _check_seconds(item.name, getattr(self, item.name))
@@ -98,6 +100,19 @@ class NodeConfig:
             raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
         if self.worker_threads < 1:
             raise ConfigError("worker_threads", "must be 1 or more", self.worker_threads)
+
+
+def _check_model(model: str) -> None:
+    """The daemon and its workers read the model from disk, so a Hub id must already be resolved to its
+    snapshot directory (``hexgen.engine.hub.local_model``, which may download it) when it becomes a setting."""
+    if not model.strip():
+        raise ConfigError("model", "must name a checkpoint directory or a preset")
+    try:
+        hub_id = hub_id_of(model)
+    except HubError:
+        raise ConfigError("model", "is neither a directory, a preset nor a Hub id org/name[@revision]", model) from None
+    if hub_id is not None:
+        raise ConfigError("model", "is a Hub id: resolve it to its snapshot directory first (engine.hub)", model)
 
 
 def _check_seconds(name: str, value: float | None) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
+from hexgen.engine.hub import local_model
 from hexgen.engine.layers import Shard
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
 from hexgen.engine.sampler import sample
@@ -41,14 +42,16 @@ class EngineConfig:
 
 
 class LLM:
-    """Loads ``model_dir`` whole and generates with continuous batching.
+    """Loads ``model`` whole (a checkpoint directory, or a Hub id ``org/name[@revision]`` fetched into the
+    Hub cache first: ``engine.hub``) and generates with continuous batching.
 
     ``generate`` runs a list of prompts to completion; ``add_request`` and ``step`` expose the loop for
     callers that feed requests over time.
     """
 
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, **overrides: Any) -> None:
         config = dataclasses.replace(config or EngineConfig(), **overrides)
+        model_dir = local_model(model) if isinstance(model, str) else model
         self.config = config
         self.model_config: ModelConfig = load_config(model_dir)
         mc = self.model_config
