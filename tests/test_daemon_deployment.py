@@ -139,7 +139,7 @@ def test_fit_caps_max_tokens_by_the_context_left(stories_dir):
 def test_model_fingerprint_tells_checkpoints_apart(tmp_path: Path, stories_dir):
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in ("config.json", "model.safetensors"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         (copy / name).write_bytes((stories_dir / name).read_bytes())
     assert model_fingerprint(copy) == model_fingerprint(stories_dir)
     data = bytearray((copy / "model.safetensors").read_bytes())
