@@ -25,6 +25,7 @@ from hexgen.cli.format import table
 from hexgen.coordinator.plan import SINK, SOURCE, Flow, layer_range
 from hexgen.daemon.messages import MessageError, PlanBody
 from hexgen.daemon.swarm_view import assignments
+from hexgen.engine.hub import model_name
 
 if TYPE_CHECKING:
     import httpx
@@ -302,7 +303,7 @@ def header_text(status: Mapping[str, Any]) -> str:
     parts = [
         peer_name(status.get("peer_id"), names),
         f"swarm {_text(status.get('swarm'))}",
-        f"model {model.rstrip('/').rsplit('/', 1)[-1]}",
+        f"model {model_name(model.rstrip('/'))}",
         f"coordinator {coordinator_text}",
         f"term {_text(status.get('term'))}",
         f"epoch {_text(_dict(status.get('plan')).get('epoch'))}",

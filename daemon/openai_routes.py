@@ -8,7 +8,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -31,6 +30,7 @@ from hexgen.daemon.openai_requests import (
 from hexgen.daemon.openai_responses import Shape
 from hexgen.daemon.request_limits import MAX_TOKENS_LIMIT, RequestError
 from hexgen.daemon.sse import EventStream, until_disconnected
+from hexgen.engine.hub import model_name
 from hexgen.engine.tokenizer import Tokenizer
 
 
@@ -89,7 +89,7 @@ class Gateway:
 
     @property
     def model_id(self) -> str:
-        return Path(self.node.config.model).name or self.node.config.model
+        return model_name(self.node.config.model)
 
     async def status(self, request: Request) -> Response:
         return JSONResponse(json_safe(self.node.status()))

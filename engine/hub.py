@@ -91,6 +91,17 @@ def local_model(model: str, *, config_only: bool = False, env: Mapping[str, str]
     return str(snapshot(hub_id, HubSettings.from_env(os.environ if env is None else env), config_only=config_only))
 
 
+def model_name(model: str) -> str:
+    """What to call a served model: ``org/name`` for a snapshot of the Hub cache
+    (``.../models--org--name/snapshots/<commit>``), else the directory's last part (or ``model`` as given)."""
+    path = Path(model)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        org, _, name = path.parent.parent.name.removeprefix("models--").partition("--")
+        if org and name:
+            return f"{org}/{name}"
+    return path.name or model
+
+
 def snapshot(hub_id: HubId, settings: HubSettings, *, config_only: bool = False) -> Path:
     """The snapshot directory of ``hub_id`` with the files hexgen serves from (``config_only``: config.json),
     fetching what the cache lacks. Two rounds: the small files, then the weights the index names (every

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hexgen.engine.hub import HubError, HubId, hub_id_of, local_model, parse_hub_id
+from hexgen.engine.hub import HubError, HubId, hub_id_of, local_model, model_name, parse_hub_id
 from hexgen.testing.cli import run_main
 from hexgen.testing.hub_server import FakeHub, FakeRepo, files_of
 
@@ -255,3 +255,10 @@ def test_node_settings_take_a_model_from_disk_only(stories_dir) -> None:
         NodeConfig(model="/no/such/dir")
     with pytest.raises(ConfigError, match=r"model must name a checkpoint directory or a preset"):
         NodeConfig(model=" ")
+
+
+def test_a_snapshot_is_called_by_its_hub_name():
+    assert model_name("/cache/hub/models--org--na.me/snapshots/0123abcd") == "org/na.me"
+    assert model_name("/models/stories260K") == "stories260K"
+    assert model_name("llama-2-7b") == "llama-2-7b"
+    assert model_name("/cache/models--broken/snapshots/0123") == "0123"
