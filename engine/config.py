@@ -163,6 +163,7 @@ _ROPE_NEEDS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
     "yarn": ("factor",),
+    "dynamic": ("factor",),
 }
 
 
@@ -187,9 +188,17 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if missing:
         raise ConfigError(f"rope scaling {kind!r} needs {', '.join(missing)}")
     scaling = {**scaling, "rope_type": kind}
-    if kind == "yarn" and not scaling.get("original_max_position_embeddings"):
+    if kind in ("yarn", "dynamic") and not scaling.get("original_max_position_embeddings"):
         scaling["original_max_position_embeddings"] = _int(raw, "max_position_embeddings", 2048)
     return theta, scaling
+
+
+def _max_position(raw: dict[str, Any], scaling: dict[str, Any] | None) -> int:
+    """The longest context: dynamic NTK scaling stretches max_position_embeddings by its factor."""
+    trained = _int(raw, "max_position_embeddings", 2048)
+    if scaling is not None and scaling["rope_type"] == "dynamic":
+        return int(trained * float(scaling["factor"]))
+    return trained
 
 
 def _windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
@@ -267,7 +276,9 @@ def _decoder(raw: dict[str, Any], model_type: str) -> ModelConfig:
         raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     layers = _int(raw, "num_hidden_layers")
     theta, scaling = _rope(raw)
-    features = {"tie_word_embeddings": bool(raw.get("tie_word_embeddings", model_type.startswith("gemma")))}
+    features: dict[str, Any] = {
+        "tie_word_embeddings": bool(raw.get("tie_word_embeddings", model_type.startswith("gemma")))
+    }
     features |= _arch_features(raw, model_type)
     return ModelConfig(
         family="llama",
@@ -279,7 +290,7 @@ def _decoder(raw: dict[str, Any], model_type: str) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=int(head_dim),
         intermediate_size=_int(raw, "intermediate_size"),
-        max_position=_int(raw, "max_position_embeddings", 2048),
+        max_position=_max_position(raw, scaling),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         mlp_bias=bool(raw.get("mlp_bias", False)),
         rope_theta=theta,

@@ -199,6 +199,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return inv_freq / factor
     if scaling["rope_type"] == "yarn":
         return yarn_inv_freq(head_dim, theta, scaling)
+    if scaling["rope_type"] == "dynamic":
+        return inv_freq
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_context = float(scaling.get("original_max_position_embeddings", 8192))
     wavelen = 2 * math.pi / inv_freq
@@ -230,6 +232,15 @@ def yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch
     return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
+def dynamic_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any], length: int) -> torch.Tensor:
+    """Dynamic NTK scaling: for a sequence of ``length`` tokens past the trained context, a larger base
+    (transformers' formula); the plain frequencies within it."""
+    factor, trained = float(scaling["factor"]), int(scaling["original_max_position_embeddings"])
+    length = max(length, trained)
+    base = theta * ((factor * length / trained) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
 def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
     """What yarn multiplies cos and sin by (its ``attention_factor``, or 0.1 ln(factor) + 1); 1 otherwise."""
     if scaling is None or scaling["rope_type"] != "yarn":
@@ -255,12 +266,19 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
         self.attention_factor = rope_attention_factor(scaling)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        dynamic = scaling is not None and scaling["rope_type"] == "dynamic"
+        self.trained = int(scaling["original_max_position_embeddings"]) if scaling and dynamic else 0
         self.cos = torch.empty(0)
         self.sin = torch.empty(0)
 
     def tables(
-        self, positions: torch.Tensor, max_position: int, dtype: torch.dtype
+        self, positions: torch.Tensor, max_position: int, dtype: torch.dtype, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [N, 1, head_dim] of ``positions``. With dynamic scaling, ``lengths`` gives each token's
+        sequence length this step, which sets its frequencies once past the trained context."""
+        if self.trained and lengths is not None and int(lengths.max()) > self.trained:
+            return self._dynamic(positions, lengths, dtype)
         if max_position >= self.cos.shape[0] or self.cos.dtype != dtype or self.cos.device != positions.device:
             length = max(2 * max_position, 256)
             t = torch.arange(length, device=self.inv_freq.device).float()
@@ -269,6 +287,21 @@ class Rotary(nn.Module):
             cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
             self.cos, self.sin = cos.to(positions.device, dtype), sin.to(positions.device, dtype)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def _dynamic(
+        self, positions: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token tables, one set of frequencies per distinct length: O(N * head_dim)."""
+        assert self.scaling is not None  # only dynamic scaling comes here
+        cos = torch.empty(positions.shape[0], self.head_dim, device=positions.device)
+        sin = torch.empty_like(cos)
+        for length in lengths.unique().tolist():
+            chosen = lengths == length
+            inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.scaling, int(length)).to(positions.device)
+            freqs = positions[chosen].float().unsqueeze(1) * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos[chosen], sin[chosen] = emb.cos(), emb.sin()
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

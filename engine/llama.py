@@ -166,6 +166,12 @@ class LlamaLayer(nn.Module):
         return plan
 
 
+def token_lengths(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
+    """The length this step gives the sequence of each of its tokens: [N]. O(N)."""
+    repeats = torch.tensor(meta.query_lens, device=device)
+    return torch.repeat_interleave(torch.tensor(meta.context_lens, device=device), repeats)
+
+
 class LlamaModel(StageModel):
     def __init__(self, config: ModelConfig, shard: Shard) -> None:
         super().__init__(config, shard)
@@ -186,8 +192,14 @@ class LlamaModel(StageModel):
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         return x
 
-    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-        return self.rotary.tables(positions, int(positions.max()), dtype)
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """As StageModel's, with each token's sequence length handed to RoPE (dynamic scaling needs it)."""
+        x = self.embed(inputs, positions) if self.shard.is_first else inputs
+        lengths = token_lengths(meta, positions.device) if self.rotary.trained else None
+        rope = self.rotary.tables(positions, int(positions.max()), x.dtype, lengths)
+        for layer in self.layers:
+            x = layer(x, rope, meta)
+        return x
 
     def final(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)

@@ -23,8 +23,10 @@ from hexgen.testing.checkpoints import NEW_FAMILIES, WINDOW, save_random_checkpo
 from hexgen.testing.ranks import free_port, run_ranks
 
 MAX_TOKENS = 20
-# lengths 5 and 21 straddle the window of 8 and the yarn context of 16; every generation runs past both
-PROMPT_LENGTHS = (5, 21)
+# lengths 21 and 5 straddle the window of 8 and the rope contexts of 16; every generation runs past both.
+# The longer comes first: transformers keeps dynamic rope frequencies from one generation to the next unless
+# the next starts within the trained context, and the engine computes them afresh for each sequence.
+PROMPT_LENGTHS = (21, 5)
 CACHE = CacheConfig(num_blocks=32)
 
 
