@@ -238,7 +238,7 @@ def dynamic_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any], lengt
     factor, trained = float(scaling["factor"]), int(scaling["original_max_position_embeddings"])
     length = max(length, trained)
     base = theta * ((factor * length / trained) - (factor - 1)) ** (head_dim / (head_dim - 2))
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return 1.0 / torch.pow(base, torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
 
 
 def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
@@ -295,7 +295,7 @@ class Rotary(nn.Module):
         assert self.scaling is not None  # only dynamic scaling comes here
         cos = torch.empty(positions.shape[0], self.head_dim, device=positions.device)
         sin = torch.empty_like(cos)
-        for length in lengths.unique().tolist():
+        for length in sorted(set(lengths.tolist())):
             chosen = lengths == length
             inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.scaling, int(length)).to(positions.device)
             freqs = positions[chosen].float().unsqueeze(1) * inv_freq

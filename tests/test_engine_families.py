@@ -13,13 +13,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hexgen.engine.attention import AttentionMetadata, decode_window_mask, window_mask
 from hexgen.engine.config import load_config
+from hexgen.engine.layers import Shard
 from hexgen.engine.layout import uniform_layout
 from hexgen.engine.llm import LLM
+from hexgen.engine.loader import load_weights
 from hexgen.engine.model_runner import CacheConfig
+from hexgen.engine.models import build_model
 from hexgen.engine.replica import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups, spec_for
 from hexgen.engine.sequence import SamplingParams, Sequence
-from hexgen.testing.checkpoints import NEW_FAMILIES, WINDOW, save_random_checkpoint
+from hexgen.testing.checkpoints import NEW_FAMILIES, SMALL, WINDOW, save_random_checkpoint
 from hexgen.testing.ranks import free_port, run_ranks
 
 MAX_TOKENS = 20
@@ -45,7 +49,17 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
 
 def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(3)
-    return [torch.randint(0, 251, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    return [torch.randint(0, SMALL["vocab_size"], (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def test_window_masks_see_the_query_and_the_window_before_it():
+    cpu = torch.device("cpu")
+    seen = [row.nonzero().flatten().tolist() for row in window_mask(3, 6, 2, cpu)]
+    assert seen == [[2, 3], [3, 4], [4, 5]]  # the last 3 of 6 positions, window 2
+    assert [row.nonzero().flatten().tolist() for row in window_mask(2, 3, 0, cpu)] == [[0, 1], [0, 1, 2]]
+    meta = AttentionMetadata(False, torch.zeros(2, dtype=torch.long), [1, 1], [3, 6], gather_len=6)
+    seen = [row.nonzero().flatten().tolist() for row in decode_window_mask(meta, 4).view(2, 6)]
+    assert seen == [[0, 1, 2], [2, 3, 4, 5]]
 
 
 def test_windows_and_lengths_cover_the_case():
@@ -154,3 +168,20 @@ def test_configs_parse_as_their_family(families):
     assert windows["qwen2"] == (0, 0, WINDOW, WINDOW)
     assert windows["gemma2"] == (WINDOW, 0, WINDOW, 0)
     assert windows["qwen3"] == windows["gemma"] == windows["mixtral"] == ()
+
+
+@torch.no_grad()
+def test_gemma2_soft_capped_logits_match_transformers(families):
+    """The final soft-cap is monotone, so greedy tokens cannot show it: the logits themselves must match."""
+    import transformers
+
+    model_dir, _ = families["gemma2"]
+    config = load_config(model_dir)
+    model = build_model(config, Shard(0, config.num_layers, config.num_layers))
+    load_weights(model, model_dir, torch.float32)
+    ids = torch.tensor(prompts()[0])
+    n = len(ids)
+    meta = AttentionMetadata(True, torch.empty(0, dtype=torch.long), [n], [n])
+    ours = model.logits(model(ids, torch.arange(n), meta)[-1:])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.testing.assert_close(ours, reference(ids[None]).logits[0, -1:], atol=1e-4, rtol=1e-4)
