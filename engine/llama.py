@@ -59,19 +59,11 @@ class GatedMLP(TensorMap):
 
     def weight_plan(self, prefix: str, config: ModelConfig) -> dict[str, list[Piece]]:
         m = f"{prefix}.mlp"
+        gate_up = [rows(f"{m}.gate_proj.weight", self.ffn), rows(f"{m}.up_proj.weight", self.ffn)]
         if config.arch == "phi3":  # gate and up stacked in one tensor
             size, (a, b) = config.intermediate_size, self.ffn
-            return {
-                "gate_up_proj.weight": [
-                    rows(f"{m}.gate_up_proj.weight", (a, b)),
-                    rows(f"{m}.gate_up_proj.weight", (size + a, size + b)),
-                ],
-                "down_proj.weight": [cols(f"{m}.down_proj.weight", self.ffn)],
-            }
-        plan = {
-            "gate_up_proj.weight": [rows(f"{m}.gate_proj.weight", self.ffn), rows(f"{m}.up_proj.weight", self.ffn)],
-            "down_proj.weight": [cols(f"{m}.down_proj.weight", self.ffn)],
-        }
+            gate_up = [rows(f"{m}.gate_up_proj.weight", span) for span in ((a, b), (size + a, size + b))]
+        plan = {"gate_up_proj.weight": gate_up, "down_proj.weight": [cols(f"{m}.down_proj.weight", self.ffn)]}
         if self.gate_up_proj.bias is not None:
             plan["gate_up_proj.bias"] = [rows(f"{m}.gate_proj.bias", self.ffn), rows(f"{m}.up_proj.bias", self.ffn)]
             plan["down_proj.bias"] = [Piece(f"{m}.down_proj.bias")]
