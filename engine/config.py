@@ -194,10 +194,11 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def _max_position(raw: dict[str, Any], scaling: dict[str, Any] | None) -> int:
-    """The longest context: dynamic NTK scaling stretches max_position_embeddings by its factor."""
+    """The longest context: yarn and dynamic NTK scaling stretch the original context by their factor
+    (Qwen2.5's long-context configs keep max_position_embeddings at the original 32768)."""
     trained = _int(raw, "max_position_embeddings", 2048)
-    if scaling is not None and scaling["rope_type"] == "dynamic":
-        return int(trained * float(scaling["factor"]))
+    if scaling is not None and scaling["rope_type"] in ("yarn", "dynamic"):
+        return max(trained, int(int(scaling["original_max_position_embeddings"]) * float(scaling["factor"])))
     return trained
 
 

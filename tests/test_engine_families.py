@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from hexgen.engine.attention import AttentionMetadata, decode_window_mask, window_mask
-from hexgen.engine.config import load_config
+from hexgen.engine.config import load_config, parse_config
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import uniform_layout
 from hexgen.engine.llm import LLM
@@ -185,3 +185,13 @@ def test_gemma2_soft_capped_logits_match_transformers(families):
     ours = model.logits(model(ids, torch.arange(n), meta)[-1:])
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.testing.assert_close(ours, reference(ids[None]).logits[0, -1:], atol=1e-4, rtol=1e-4)
+
+
+def test_rope_scaling_stretches_the_context():
+    """Qwen2.5's long-context recipe keeps max_position_embeddings at the trained 32768 and adds yarn x4."""
+    base = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    base |= {"vocab_size": 10, "intermediate_size": 8, "max_position_embeddings": 32768}
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert parse_config({**base, "rope_scaling": yarn}).max_position == 4 * 32768
+    assert parse_config({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}}).max_position == 2 * 32768
+    assert parse_config(base).max_position == 32768
