@@ -8,7 +8,7 @@ slots into a dense tensor once per step per layer, using indices the runner comp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -105,15 +105,44 @@ class AttentionMetadata:
     gather_len: int = 0
     mask: torch.Tensor | None = None
     use_flash: bool = False
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # decode masks by window, built once
+
+
+def window_mask(num_queries: int, total: int, window: int, device: torch.device) -> torch.Tensor:
+    """Which of ``total`` keys each of the last ``num_queries`` positions sees: [num_queries, total] bool.
+    Causal, and with ``window`` > 0 only the keys less than ``window`` positions back (transformers'
+    sliding window: the query itself and window - 1 before it). O(num_queries * total)."""
+    query_pos = torch.arange(total - num_queries, total, device=device).unsqueeze(1)
+    key_pos = torch.arange(total, device=device).unsqueeze(0)
+    allowed = key_pos <= query_pos
+    return allowed & (query_pos - key_pos < window) if window else allowed
+
+
+def decode_window_mask(meta: AttentionMetadata, window: int) -> torch.Tensor:
+    """The SDPA decode mask [B, 1, 1, gather_len] of a layer with ``window``: each sequence's own keys, only
+    its last ``window``; built once per step and window, O(B * gather_len)."""
+    if window not in meta.window_masks:
+        device = meta.slot_mapping.device
+        lens = torch.tensor(meta.context_lens, device=device).view(-1, 1, 1, 1)
+        span = torch.arange(meta.gather_len, device=device)
+        meta.window_masks[window] = (span < lens) & (span >= lens - window)
+    return meta.window_masks[window]
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    """Attention over the paged cache. ``window`` > 0: each query sees only that many latest positions
+    (itself included); ``softcap`` > 0: scores become softcap * tanh(scores / softcap) (Gemma 2)."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int = 0, softcap: float = 0.0
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.window = window
+        self.softcap = softcap
         self.gqa = num_heads != num_kv_heads
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -140,16 +169,31 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
+        if self.softcap:
+            return self._capped(q, k, v, attn_mask)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.gqa
         )
+
+    def _capped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with soft-capped scores, which SDPA cannot do; softmax in float32 as transformers does."""
+        if self.gqa:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)
 
     def _sdpa_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [B, heads, 1, dim] against each sequence's keys gathered from the cache."""
         assert meta.gather is not None  # the runner gathers for every SDPA decode step
         k = self._blocks(self.k_cache, meta.gather, q.shape[0])[:, : meta.gather_len].transpose(1, 2)
         v = self._blocks(self.v_cache, meta.gather, q.shape[0])[:, : meta.gather_len].transpose(1, 2)
-        return self._sdpa(q, k, v, attn_mask=meta.mask)
+        windowed = self.window and self.window < meta.gather_len
+        return self._sdpa(q, k, v, attn_mask=decode_window_mask(meta, self.window) if windowed else meta.mask)
 
     def _blocks(self, cache: torch.Tensor, block_ids: torch.Tensor, batch: int) -> torch.Tensor:
         """The cache blocks ``block_ids`` as [batch, blocks * block_size, kv_heads, dim]."""
@@ -163,7 +207,11 @@ class Attention(nn.Module):
         for n in meta.query_lens:
             end = start + n
             qi, ki, vi = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            outs.append(self._sdpa(qi, ki, vi, is_causal=n > 1).squeeze(0).transpose(0, 1))
+            if (self.window and self.window < n) or self.softcap:
+                out = self._sdpa(qi, ki, vi, attn_mask=window_mask(n, n, self.window, q.device))
+            else:
+                out = self._sdpa(qi, ki, vi, is_causal=n > 1)
+            outs.append(out.squeeze(0).transpose(0, 1))
             start = end
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -175,11 +223,16 @@ class Attention(nn.Module):
             blocks = meta.block_tables[i].long()
             k = self._blocks(self.k_cache, blocks, 1)[:, :total].transpose(1, 2)
             v = self._blocks(self.v_cache, blocks, 1)[:, :total].transpose(1, 2)
-            causal = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
             qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
-            outs.append(self._sdpa(qi, k, v, attn_mask=causal).squeeze(0).transpose(0, 1))
+            mask = window_mask(n, total, self.window, q.device)
+            outs.append(self._sdpa(qi, k, v, attn_mask=mask).squeeze(0).transpose(0, 1))
             start += n
         return torch.cat(outs)
+
+    @property
+    def flash_window(self) -> tuple[int, int]:
+        """flash-attn's (left, right) window: ``window`` - 1 keys back, none ahead; (-1, -1) is unbounded."""
+        return (self.window - 1, 0) if self.window else (-1, -1)
 
     def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         out: torch.Tensor
@@ -192,6 +245,8 @@ class Attention(nn.Module):
                 block_table=meta.block_tables,
                 softmax_scale=self.scale,
                 causal=True,
+                window_size=self.flash_window,
+                softcap=self.softcap,
             )
             return out.squeeze(1)
         if meta.has_prefix:
@@ -206,6 +261,8 @@ class Attention(nn.Module):
             max_seqlen_k=max(meta.context_lens),
             softmax_scale=self.scale,
             causal=True,
+            window_size=self.flash_window,
+            softcap=self.softcap,
             block_table=meta.block_tables if meta.has_prefix else None,
         )
         return out

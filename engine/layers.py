@@ -102,12 +102,18 @@ class Linear(TensorMap):
 
 
 class RMSNorm(TensorMap):
-    def __init__(self, size: int, eps: float) -> None:
+    """RMSNorm over the last dimension, scaled by w, or by (1 + w) in float32 when ``offset`` is 1 (Gemma)."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
@@ -184,13 +190,17 @@ class VocabHead(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse RoPE frequencies, with the linear and Llama 3 scalings of Hugging Face configs."""
+    """Inverse RoPE frequencies, with the linear, Llama 3 and yarn scalings of Hugging Face configs."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
         return inv_freq
     factor = float(scaling["factor"])
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
+    if scaling["rope_type"] == "yarn":
+        return yarn_inv_freq(head_dim, theta, scaling)
+    if scaling["rope_type"] == "dynamic":
+        return inv_freq
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_context = float(scaling.get("original_max_position_embeddings", 8192))
     wavelen = 2 * math.pi / inv_freq
@@ -201,6 +211,52 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     return torch.where(medium, smoothed, scaled)
 
 
+def yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): the highest frequencies kept, the lowest divided by ``factor``, a linear ramp
+    between the dimensions that turn ``beta_fast`` and ``beta_slow`` times over the original context."""
+    factor = float(scaling["factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def dim_of(turns: float) -> float:
+        return head_dim * math.log(context / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    keep = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def dynamic_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any], length: int) -> torch.Tensor:
+    """Dynamic NTK scaling: for a sequence of ``length`` tokens past the trained context, a larger base
+    (transformers' formula); the plain frequencies within it."""
+    factor, trained = float(scaling["factor"]), int(scaling["original_max_position_embeddings"])
+    length = max(length, trained)
+    base = theta * ((factor * length / trained) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / torch.pow(base, torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """What yarn multiplies cos and sin by (its ``attention_factor``, or 0.1 ln(factor) + 1); 1 otherwise."""
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
+    return mscale(1.0)
+
+
 class Rotary(nn.Module):
     """cos/sin tables indexed by position, grown on demand; applied in the rotate-half convention."""
 
@@ -209,19 +265,43 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.attention_factor = rope_attention_factor(scaling)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        dynamic = scaling is not None and scaling["rope_type"] == "dynamic"
+        self.trained = int(scaling["original_max_position_embeddings"]) if scaling and dynamic else 0
         self.cos = torch.empty(0)
         self.sin = torch.empty(0)
 
     def tables(
-        self, positions: torch.Tensor, max_position: int, dtype: torch.dtype
+        self, positions: torch.Tensor, max_position: int, dtype: torch.dtype, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [N, 1, head_dim] of ``positions``. With dynamic scaling, ``lengths`` gives each token's
+        sequence length this step, which sets its frequencies once past the trained context."""
+        if self.trained and lengths is not None and int(lengths.max()) > self.trained:
+            return self._dynamic(positions, lengths, dtype)
         if max_position >= self.cos.shape[0] or self.cos.dtype != dtype or self.cos.device != positions.device:
             length = max(2 * max_position, 256)
             t = torch.arange(length, device=self.inv_freq.device).float()
             freqs = torch.outer(t, self.inv_freq.float())
             emb = torch.cat((freqs, freqs), dim=-1)
-            self.cos, self.sin = emb.cos().to(positions.device, dtype), emb.sin().to(positions.device, dtype)
+            cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+            self.cos, self.sin = cos.to(positions.device, dtype), sin.to(positions.device, dtype)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def _dynamic(
+        self, positions: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token tables, one set of frequencies per distinct length: O(N * head_dim)."""
+        assert self.scaling is not None  # only dynamic scaling comes here
+        cos = torch.empty(positions.shape[0], self.head_dim, device=positions.device)
+        sin = torch.empty_like(cos)
+        for length in sorted(set(lengths.tolist())):
+            chosen = lengths == length
+            inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.scaling, int(length)).to(positions.device)
+            freqs = positions[chosen].float().unsqueeze(1) * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos[chosen], sin[chosen] = emb.cos(), emb.sin()
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

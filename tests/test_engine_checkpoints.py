@@ -64,8 +64,29 @@ def test_unknown_architecture(tiny_models, tmp_path):
 
 def test_unsupported_rope_scaling(tiny_models, tmp_path):
     model_dir = _copy(tiny_models["llama-gqa"], tmp_path / "m")
-    _edit_config(model_dir, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(ConfigError, match="unsupported rope scaling 'yarn'"):
+    _edit_config(model_dir, rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ConfigError, match="unsupported rope scaling 'longrope'"):
+        load_config(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"architectures": ["Qwen2MoeForCausalLM"]}, r"'Qwen2MoeForCausalLM': Qwen2-MoE's shared expert"),
+        ({"partial_rotary_factor": 0.5}, "unsupported partial_rotary_factor 0.5"),
+        (
+            {"model_type": "gemma2", "architectures": None, "sliding_window": 8, "layer_types": ["chunked"] * 4},
+            r"unsupported layer_types \['chunked'\]",
+        ),
+        ({"model_type": "mistral", "architectures": None, "sliding_window": 0}, "sliding_window must be"),
+        ({"model_type": "gemma", "architectures": None, "hidden_activation": "relu"}, "hidden_activation 'relu'"),
+        ({"model_type": "mixtral", "architectures": None, "num_local_experts": 2, "num_experts_per_tok": 3}, "exceeds"),
+    ],
+)
+def test_unsupported_features_are_named(tiny_models, tmp_path, changes, message):
+    model_dir = _copy(tiny_models["llama-gqa"], tmp_path / "m")
+    _edit_config(model_dir, **changes)
+    with pytest.raises(ConfigError, match=message):
         load_config(model_dir)
 
 
