@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
-from hexgen.coordinator.flow import FlowNode, FlowResult, max_flow
+from hexgen.coordinator.flow import FlowNode, FlowResult, NicLimits, PortBytes, max_flow
+from hexgen.coordinator.network import as_ports, kv_bytes, port_capacity, request_bytes
 from hexgen.coordinator.parallel import Layout, LayoutSearch
 from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role, Stage
 from hexgen.coordinator.specs import ModelSpec
@@ -69,6 +70,14 @@ class Evaluator:
         self._links: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], float] = {}
         self._scores: dict[Assignment, Evaluation] = {}
         self.usable = [self.cost.usable_bytes_of(g.id) for g in cluster.gpus]
+        self._node_bytes: dict[tuple[tuple[Stage, ...], Role], PortBytes] = {}
+        self._pair_bytes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], PortBytes] = {}
+        self.nic_capacity = {
+            port: cap
+            for host in cluster.hosts
+            for port in ((host, "out"), (host, "in"))
+            if (cap := port_capacity(cluster, port)) < float("inf")
+        }
 
     @property
     def evaluations(self) -> int:
@@ -101,23 +110,74 @@ class Evaluator:
             self._links[key] = self.cost.kv_transfer_rate(prefill.stages, decode.stages)
         return self._links[key]
 
-    def upper_bound(self, groups: Iterable[GroupSpec]) -> float:
-        """A cheap bound on the flow value: min(total source-side capacity, total sink-side capacity)."""
-        supply = demand = 0.0
-        for g in groups:
-            if not g.gpus:
-                continue
-            lay = self.layout(g)
-            if lay is None:
-                continue
-            if g.role != "decode":
-                supply += lay.rate
-            if g.role != "prefill":
-                demand += lay.rate
-        return min(supply, demand)
+    def node_bytes(self, layout: Layout, role: Role) -> PortBytes:
+        """NIC bytes per request a group's own traffic puts on each port; memoized."""
+        key = (layout.stages, role)
+        if key not in self._node_bytes:
+            self._node_bytes[key] = as_ports(request_bytes(self.cost, layout.stages, role))
+        return self._node_bytes[key]
 
-    def evaluate(self, groups: Iterable[GroupSpec]) -> Evaluation:
-        """Layouts for every group, then max-flow. Memoized on the canonical assignment."""
+    def pair_bytes(self, prefill: Layout, decode: Layout) -> PortBytes:
+        """NIC bytes per request of the KV hand-off between two layouts; memoized."""
+        key = (prefill.stages, decode.stages)
+        if key not in self._pair_bytes:
+            self._pair_bytes[key] = as_ports(kv_bytes(self.cost, prefill.stages, decode.stages))
+        return self._pair_bytes[key]
+
+    def upper_bound(self, groups: Iterable[GroupSpec]) -> float:
+        """A cheap bound on the flow value: min(source-side capacity, sink-side capacity), each side under
+        the NICs as far as one port per group tells (see ``_nic_bound``). O(P * D) memoized look-ups."""
+        placed = [(g.role, lay) for g in groups if g.gpus and (lay := self.layout(g)) is not None]
+        prefill = [lay for role, lay in placed if role == "prefill"]
+        decode = [lay for role, lay in placed if role == "decode"]
+        coloc = [(lay.rate, self.node_bytes(lay, "colocated")) for role, lay in placed if role == "colocated"]
+        supply = [
+            (p.rate, self._least_bytes(self.node_bytes(p, "prefill"), [self.pair_bytes(p, d) for d in decode]))
+            for p in prefill
+        ]
+        demand = [
+            (d.rate, self._least_bytes(self.node_bytes(d, "decode"), [self.pair_bytes(p, d) for p in prefill]))
+            for d in decode
+        ]
+        return min(self._nic_bound(supply + coloc), self._nic_bound(demand + coloc))
+
+    @staticmethod
+    def _least_bytes(own: PortBytes, pairs: Sequence[PortBytes]) -> dict[tuple[str, str], float]:
+        """Bytes per request a group surely puts on each port: its own plus the least any partner adds."""
+        least = dict(own)
+        if pairs:
+            for port in {p for pair in pairs for p in pair}:
+                extra = min(pair.get(port, 0.0) for pair in pairs)
+                if extra > 0:
+                    least[port] = least.get(port, 0.0) + extra
+        return least
+
+    def _nic_bound(self, groups: Sequence[tuple[float, PortBytes]]) -> float:
+        """Most requests/s these groups can serve if each only had to fit its tightest NIC port, which it
+        shares with the others assigned there (a fractional knapsack per port, fewest bytes first)."""
+        total = 0.0
+        by_port: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for rate, ports in groups:
+            limited = [(nbytes / self.nic_capacity[p], p) for p, nbytes in ports.items() if p in self.nic_capacity]
+            if not limited:
+                total += rate
+                continue
+            _, port = max(limited)
+            by_port.setdefault(port, []).append((ports[port], rate))
+        for port, members in by_port.items():
+            room = self.nic_capacity[port]
+            for nbytes, rate in sorted(members):
+                take = min(rate, room / nbytes) if nbytes > 0 else rate
+                total += take
+                room -= take * nbytes
+        return total
+
+    def evaluate(self, groups: Iterable[GroupSpec], floor: float = -1.0) -> Evaluation:
+        """Layouts for every group, then max-flow. Memoized on the canonical assignment.
+
+        With a ``floor``, an assignment that cannot beat it may come back with a feasible but lower value
+        (not memoized), which spares the NIC program.
+        """
         assignment = canonical(groups)
         cached = self._scores.get(assignment)
         if cached is not None:
@@ -134,9 +194,24 @@ class Evaluator:
             assert p is not None and d is not None  # max_flow links only the nodes, which have layouts
             return self.link_rate(p, d)
 
-        flow = max_flow(nodes, link)
+        nics = None
+        if self.nic_capacity:
+            node_bytes = {
+                i: self.node_bytes(lay, g.role)
+                for i, (g, lay) in enumerate(zip(assignment, layouts, strict=True))
+                if lay is not None
+            }
+
+            def pair(prefill: int, decode: int) -> PortBytes:
+                p, d = layouts[prefill], layouts[decode]
+                assert p is not None and d is not None
+                return self.pair_bytes(p, d)
+
+            nics = NicLimits(node_bytes, pair, self.nic_capacity)
+        flow = max_flow(nodes, link, nics, floor)
         result = Evaluation(assignment, layouts, flow)
-        self._scores[assignment] = result
+        if flow.exact:
+            self._scores[assignment] = result
         return result
 
     def to_plan(self, evaluation: Evaluation, **meta: object) -> Plan:
@@ -157,6 +232,7 @@ class Evaluator:
         info = {
             "unused_gpus": [g.id for g in self.cluster.gpus if g.id not in used],
             "tokens_per_s": evaluation.value * self.workload.mean_output,
+            "nic_use": evaluation.flow.nic_use,
             "model": self.model.name,
             "cluster": self.cluster.name,
             "workload": self.workload.name,

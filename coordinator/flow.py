@@ -1,19 +1,26 @@
-"""Max-flow over the plan's dispatch network: source -> prefill -> decode -> sink.
+"""Max-flow over the plan's dispatch network (source -> prefill -> decode -> sink), under host NIC limits.
 
 The network has one node per group. Prefill groups get an edge from the source (capacity: prefill
 requests/s), decode groups an edge to the sink (decode requests/s), and every prefill group an edge to
 every decode group (requests/s whose KV the link between them carries). Colocated groups sit on a
 source -> group -> sink path with their combined capacity. The flow value is the predicted throughput;
 edge flows are the dispatch weights; the min cut names the bottleneck.
+
+Every request also puts bytes on host NICs (KV hand-off, activations between hosts), shared by all the
+groups on a host. When the max-flow's traffic fits every NIC it is also the best flow under them;
+otherwise a linear program over the same edges with one row per NIC port finds the best flow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 from networkx.algorithms.flow import preflow_push
+from scipy.optimize import linprog
 
 from hexgen.coordinator.plan import SINK, SOURCE, Flow, Role
 
@@ -33,15 +40,70 @@ class FlowResult:
     flows: tuple[Flow, ...]
     bottleneck: str
     saturated: frozenset[int]  # groups with a cut edge: more capacity there would raise the flow
+    nic_use: float = 0.0  # the busiest NIC port's load over its capacity at this flow
+    exact: bool = True  # False: a feasible flow known to be no better than the caller's floor, not the best
 
 
-def max_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float]) -> FlowResult:
-    """Maximum requests/s through the groups; ``link_rate(prefill_id, decode_id)`` caps KV transfer.
+Port = tuple[str, str]  # (host, "out" or "in")
+PortBytes = Mapping[Port, float]
 
-    Uses networkx's preflow-push, O(V^2 sqrt(E)) for V groups and E = P*D links. The bottleneck is the
-    kind of min-cut edge with the largest total capacity: "prefill", "decode", "link" or "colocated"
-    ("none" when nothing can flow).
+
+@dataclass(frozen=True)
+class NicLimits:
+    """What each request puts on NIC ports (bytes per request of each node and of each prefill -> decode
+    pair) and what each port carries (bytes/s)."""
+
+    node_bytes: Mapping[int, PortBytes]
+    pair_bytes: Callable[[int, int], PortBytes]
+    capacity: Mapping[Port, float] = field(default_factory=dict)
+
+    def loads(self, flows: Sequence[Flow]) -> dict[Port, float]:
+        """Bytes/s per port of these flows (a node's traffic at its inflow). O(F * ports)."""
+        loads: dict[Port, float] = {}
+        for f in flows:
+            parts = [self.node_bytes.get(f.dst, {})] if isinstance(f.dst, int) else []
+            if isinstance(f.src, int) and isinstance(f.dst, int):
+                parts.append(self.pair_bytes(f.src, f.dst))
+            for part in parts:
+                for port, nbytes in part.items():
+                    loads[port] = loads.get(port, 0.0) + f.rate * nbytes
+        return loads
+
+    def use(self, loads: Mapping[Port, float]) -> float:
+        return max((load / self.capacity[p] for p, load in loads.items() if p in self.capacity), default=0.0)
+
+
+def max_flow(
+    nodes: Sequence[FlowNode],
+    link_rate: Callable[[int, int], float],
+    nics: NicLimits | None = None,
+    floor: float = -1.0,
+) -> FlowResult:
+    """Maximum requests/s through the groups; ``link_rate(prefill_id, decode_id)`` caps KV transfer, and
+    ``nics`` (when given) caps each host's NIC ports.
+
+    Uses networkx's preflow-push, O(V^2 sqrt(E)) for V groups and E = P*D links; when its flow overloads
+    a NIC, a linear program (HiGHS) with E + C variables and V + ports rows. The bottleneck is the kind
+    of min-cut edge with the largest total capacity: "prefill", "decode", "link" or "colocated", or
+    "network" when a NIC port limits the flow ("none" when nothing can flow).
+
+    A caller that only wants flows above ``floor`` gets, when even the flow without NIC limits is not
+    above it, that flow scaled down to fit the NICs (feasible, ``exact`` False) instead of the program.
     """
+    found = _graph_flow(nodes, link_rate)
+    if nics is None:
+        return found
+    use = nics.use(nics.loads(found.flows))
+    if use <= 1 + 1e-9:
+        return dataclasses.replace(found, nic_use=use)
+    if found.value <= floor:
+        flows = tuple(Flow(f.src, f.dst, f.rate / use) for f in found.flows)
+        return FlowResult(found.value / use, flows, "network", found.saturated, 1.0, exact=False)
+    return _nic_flow(nodes, link_rate, nics)
+
+
+def _graph_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float]) -> FlowResult:
+    """The max-flow without NIC limits."""
     graph = nx.DiGraph()
     graph.add_node(SOURCE)
     graph.add_node(SINK)
@@ -90,3 +152,67 @@ def _reachable(residual: nx.DiGraph) -> set[int | str]:
                 seen.add(v)
                 stack.append(v)
     return seen
+
+
+def _nic_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float], nics: NicLimits) -> FlowResult:
+    """The best flow under the NIC limits, as a linear program over the edges.
+
+    Variables: one per prefill -> decode edge (bounded by its link rate) and one per colocated group
+    (bounded by its capacity). Rows: each prefill group's and decode group's capacity, and each NIC port.
+    Groups of a tight row are the saturated ones. O(LP) with P*D + C variables.
+    """
+    prefill = [n for n in nodes if n.role == "prefill"]
+    decode = [n for n in nodes if n.role == "decode"]
+    coloc = [n for n in nodes if n.role == "colocated"]
+    edges = [(p.id, d.id) for p in prefill for d in decode]
+    ports = sorted(nics.capacity)
+    port_row = {port: len(prefill) + len(decode) + i for i, port in enumerate(ports)}
+    rows = np.zeros((len(port_row) + len(prefill) + len(decode), len(edges) + len(coloc)))
+    row_of = {n.id: i for i, n in enumerate([*prefill, *decode])}
+    bounds = []
+    for j, (p, d) in enumerate(edges):
+        rows[row_of[p], j] = rows[row_of[d], j] = 1.0
+        for part in (nics.node_bytes.get(p, {}), nics.node_bytes.get(d, {}), nics.pair_bytes(p, d)):
+            for port, nbytes in part.items():
+                if port in port_row:
+                    rows[port_row[port], j] += nbytes / 1e9
+        rate = link_rate(p, d)
+        bounds.append((0.0, rate if np.isfinite(rate) else None))
+    for k, c in enumerate(coloc):
+        for port, nbytes in nics.node_bytes.get(c.id, {}).items():
+            if port in port_row:
+                rows[port_row[port], len(edges) + k] += nbytes / 1e9
+        bounds.append((0.0, c.capacity))
+    limits = np.array([n.capacity for n in [*prefill, *decode]] + [nics.capacity[p] / 1e9 for p in ports])
+    solved = linprog(-np.ones(rows.shape[1]), A_ub=rows, b_ub=limits, bounds=bounds, method="highs")
+    x = np.maximum(solved.x, 0.0) if solved.status == 0 else np.zeros(rows.shape[1])
+    flows = _lp_flows(edges, coloc, x)
+    tight = rows @ x >= limits * (1 - 1e-6)
+    saturated: set[int] = set()
+    for r in np.flatnonzero(tight):
+        cols = np.flatnonzero(rows[r])
+        saturated.update(n for j in cols for n in (edges[j] if j < len(edges) else (coloc[j - len(edges)].id,)))
+    value = float(x.sum())
+    bottleneck = "none"
+    if value > 0:
+        kinds = (("network", len(prefill) + len(decode), len(tight)), ("prefill", 0, len(prefill)))
+        bottleneck = next((k for k, lo, hi in kinds if tight[lo:hi].any()), "decode")
+    return FlowResult(value, flows, bottleneck, frozenset(saturated), nics.use(nics.loads(flows)))
+
+
+def _lp_flows(edges: list[tuple[int, int]], coloc: list[FlowNode], x: np.ndarray) -> tuple[Flow, ...]:
+    """Flows (source, group, sink edges) from the LP's edge and colocated variables, sorted like max_flow's."""
+    into: dict[int, float] = {}
+    out: dict[int, float] = {}
+    flows = []
+    for (p, d), rate in zip(edges, x[: len(edges)], strict=True):
+        if rate > 0:
+            flows.append(Flow(p, d, float(rate)))
+            out[p] = out.get(p, 0.0) + float(rate)
+            into[d] = into.get(d, 0.0) + float(rate)
+    flows += [Flow(SOURCE, p, r) for p, r in out.items()] + [Flow(d, SINK, r) for d, r in into.items()]
+    for c, rate in zip(coloc, x[len(edges) :], strict=True):
+        if rate > 0:
+            flows += [Flow(SOURCE, c.id, float(rate)), Flow(c.id, SINK, float(rate))]
+    flows.sort(key=lambda f: (str(f.src), str(f.dst)))
+    return tuple(flows)

@@ -56,7 +56,7 @@ class _Moves:
         self.roles = roles
 
     def neighbours(self, current: Evaluation) -> list[list[GroupSpec]]:
-        """Role flips of every group, then (sampled down to the limit) GPU moves and swaps from unsaturated
+        """Role flips of every group and the unused pool as a new group, then (sampled down to the limit) GPU moves and swaps from unsaturated
         groups or the unused pool into saturated or infeasible ones, merges into those, and two-way splits."""
         groups = list(current.assignment)
         used = {g for spec in groups for g in spec.gpus}
@@ -66,11 +66,11 @@ class _Moves:
         receivers = sorted(saturated | infeasible) or list(range(len(groups)))
         donors = [i for i in range(len(groups)) if i not in saturated]
         out = self._flips(groups)
+        if pool:
+            out.extend([*groups, GroupSpec(pool, role)] for role in self.roles)
         moves = self._transfers(groups, receivers, donors, pool)
         moves += self._merges(groups, sorted(infeasible | saturated))
         moves += self._split_moves(groups)
-        if pool:
-            moves.extend([*groups, GroupSpec(pool, role)] for role in self.roles)
         moves = [m for m in moves if all(g.role in self.roles for g in m if g.gpus)]
         if len(moves) > self.limit - len(out):
             moves = self.rng.sample(moves, max(0, self.limit - len(out)))
@@ -218,7 +218,7 @@ def refine(
         for candidate in moves.neighbours(current):
             if evaluator.upper_bound(candidate) <= best.value * (1 + 1e-9):
                 continue
-            ev = evaluator.evaluate(candidate)
+            ev = evaluator.evaluate(candidate, floor=best.value)
             if ev.key() > best.key():
                 best = ev
         if best is current or best.value < current.value * (1 + budget.min_gain):

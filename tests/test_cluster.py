@@ -180,3 +180,45 @@ def test_toml_errors_name_the_problem(text: str, message: str) -> None:
 def test_build_cluster_needs_gpus() -> None:
     with pytest.raises(ClusterError, match="no GPUs"):
         build_cluster([])
+
+
+def test_nics_default_to_the_network_rate_and_cap_links() -> None:
+    text = """
+    network_gbit_s = 10
+    nic_gbit_s = 25
+    [[hosts]]
+    name = "a"
+    gpu = "H100"
+    count = 2
+    nic_gbit_s = 100
+    [[hosts]]
+    name = "b"
+    gpu = "L40"
+    nic_in_gbit_s = 40
+    [[hosts]]
+    name = "c"
+    gpu = "L40"
+    [[links]]
+    a = "a"
+    b = "b"
+    gbit_s = 400
+    """
+    c = load_cluster_toml(text)
+    assert (c.nics["a"].egress, c.nics["a"].ingress) == (12.5, 12.5)
+    assert (c.nics["b"].egress, c.nics["b"].ingress) == (25 / 8, 5.0)
+    assert (c.nics["c"].egress, c.nics["c"].ingress) == (25 / 8, 25 / 8)
+    # a 400 Gbit/s link still ends at b's NIC: 40 Gbit/s in, 25 out
+    assert c.host_bandwidth["a", "b"] == 5.0
+    assert c.host_bandwidth["b", "a"] == 25 / 8
+    assert c.host_bandwidth["a", "c"] == 1.25  # the 10 Gbit/s network between them
+    assert c.host_bandwidth["a", "a"] == 450.0  # NVLink is not NIC-bound
+    assert c.link(0, 2) == 25 / 8  # a GPU pair across hosts: the slower direction's NIC
+    assert "25-100 Gbit/s NICs" in c.describe()
+    assert c.subset([0, 1])[0].nics == {"a": c.nics["a"]}
+
+
+def test_nic_rate_errors() -> None:
+    with pytest.raises(ClusterError, match=r"hosts\[0\]: nic_gbit_s must be a positive number"):
+        load_cluster_toml('[[hosts]]\ngpu = "H100"\nnic_gbit_s = 0')
+    with pytest.raises(ClusterError, match="cluster: nic_gbit_s must be a positive number"):
+        load_cluster_toml('nic_gbit_s = -1\n[[hosts]]\ngpu = "H100"')

@@ -14,7 +14,8 @@ from hexgen.coordinator.cluster import Cluster, HostSpec, build_cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
 from hexgen.coordinator.evaluate import Evaluator, PlanError
 from hexgen.coordinator.exhaustive import exhaustive_best, set_partitions
-from hexgen.coordinator.flow import FlowNode, max_flow
+from hexgen.coordinator.flow import FlowNode, NicLimits, max_flow
+from hexgen.coordinator.network import plan_nic_use
 from hexgen.coordinator.partition import partition
 from hexgen.coordinator.plan import SINK, SOURCE, Plan
 from hexgen.coordinator.simulator import simulate
@@ -81,6 +82,8 @@ def assert_valid(plan: Plan, cluster: Cluster, model: ModelSpec, workload: Workl
         assert math.isclose(inflow[g], outflow[g], abs_tol=tol), f"flow not conserved at group {g}"
     from_source = sum(f.rate for f in plan.flows if f.src == SOURCE)
     assert math.isclose(from_source, plan.throughput, abs_tol=tol)
+    use, port = plan_nic_use(plan, cost)
+    assert use <= 1 + 1e-6, f"the plan asks {use:.2f}x of {port}"
 
 
 def test_set_partitions_counts_bell_numbers() -> None:
@@ -103,6 +106,27 @@ def test_max_flow_names_the_bottleneck() -> None:
     decode_bound = max_flow([FlowNode(0, "prefill", 9.0), FlowNode(1, "decode", 1.0)], lambda p, d: 9.0)
     link_bound = max_flow([FlowNode(0, "prefill", 9.0), FlowNode(1, "decode", 9.0)], lambda p, d: 1.0)
     assert (prefill_bound.bottleneck, decode_bound.bottleneck, link_bound.bottleneck) == ("prefill", "decode", "link")
+
+
+def test_max_flow_shares_a_hosts_nic_among_its_groups() -> None:
+    # prefill groups 0 and 1 on host a (2 req/s each) hand 1 GB of KV per request to decode group 2 on
+    # host b; a's 3 GB/s egress carries 3 requests/s in all, though each pair's link alone carries 4
+    nodes = [FlowNode(0, "prefill", 2.0), FlowNode(1, "prefill", 2.0), FlowNode(2, "decode", 10.0)]
+    kv = {("a", "out"): 1e9, ("b", "in"): 1e9}
+    nics = NicLimits({}, lambda p, d: kv, {("a", "out"): 3e9, ("b", "in"): 100e9})
+    result = max_flow(nodes, lambda p, d: 4.0, nics)
+    assert result.value == pytest.approx(3.0)
+    assert result.bottleneck == "network"
+    assert result.nic_use == pytest.approx(1.0)
+    assert result.saturated == {0, 1, 2}
+    assert max_flow(nodes, lambda p, d: 4.0).value == pytest.approx(4.0)  # no NICs: each link alone
+    # a colocated group's own cross-host traffic counts too: 0.5 GB a request on a's egress
+    coloc = [*nodes, FlowNode(3, "colocated", 4.0)]
+    own = {3: {("a", "out"): 0.5e9}}
+    both = max_flow(coloc, lambda p, d: 4.0, NicLimits(own, lambda p, d: kv, {("a", "out"): 3e9}))
+    # the colocated group, at half the bytes a request, fills first: 4 x 0.5 GB, then 1 GB/s of KV is left
+    assert both.value == pytest.approx(5.0)
+    assert sum(f.rate for f in both.flows if f.src == 3) == pytest.approx(4.0)
 
 
 def test_partition_cuts_the_slow_links() -> None:
