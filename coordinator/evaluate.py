@@ -72,6 +72,7 @@ class Evaluator:
         self.usable = [self.cost.usable_bytes_of(g.id) for g in cluster.gpus]
         self._node_bytes: dict[tuple[tuple[Stage, ...], Role], PortBytes] = {}
         self._pair_bytes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], PortBytes] = {}
+        self._host_kv: dict[int, tuple[Layout, dict[str, float]]] = {}  # by id, holding the layout alive
         self.nic_capacity = {
             port: cap
             for host in cluster.hosts
@@ -126,31 +127,39 @@ class Evaluator:
 
     def upper_bound(self, groups: Iterable[GroupSpec]) -> float:
         """A cheap bound on the flow value: min(source-side capacity, sink-side capacity), each side under
-        the NICs as far as one port per group tells (see ``_nic_bound``). O(P * D) memoized look-ups."""
+        the NICs as far as one port per group tells (see ``_nic_bound``). O(G * S) memoized look-ups."""
         placed = [(g.role, lay) for g in groups if g.gpus and (lay := self.layout(g)) is not None]
-        prefill = [lay for role, lay in placed if role == "prefill"]
-        decode = [lay for role, lay in placed if role == "decode"]
-        coloc = [(lay.rate, self.node_bytes(lay, "colocated")) for role, lay in placed if role == "colocated"]
-        supply = [
-            (p.rate, self._least_bytes(self.node_bytes(p, "prefill"), [self.pair_bytes(p, d) for d in decode]))
-            for p in prefill
-        ]
-        demand = [
-            (d.rate, self._least_bytes(self.node_bytes(d, "decode"), [self.pair_bytes(p, d) for p in prefill]))
-            for d in decode
-        ]
-        return min(self._nic_bound(supply + coloc), self._nic_bound(demand + coloc))
+        hosts = {"prefill": set(), "decode": set()}
+        for role, lay in placed:
+            if role in hosts:
+                hosts[role].update(self._kv_by_host(lay))
+        sides: dict[str, list[tuple[float, PortBytes]]] = {"prefill": [], "decode": []}
+        for role, lay in placed:
+            own = self.node_bytes(lay, role)
+            if role == "colocated":
+                sides["prefill"].append((lay.rate, own))
+                sides["decode"].append((lay.rate, own))
+                continue
+            # KV for the layers a group holds on a host with no partner group there must cross that NIC
+            partner, direction = ("decode", "out") if role == "prefill" else ("prefill", "in")
+            least = dict(own)
+            for host, nbytes in self._kv_by_host(lay).items():
+                if host not in hosts[partner]:
+                    least[host, direction] = least.get((host, direction), 0.0) + nbytes
+            sides[role].append((lay.rate, least))
+        return min(self._nic_bound(sides["prefill"]), self._nic_bound(sides["decode"]))
 
-    @staticmethod
-    def _least_bytes(own: PortBytes, pairs: Sequence[PortBytes]) -> dict[tuple[str, str], float]:
-        """Bytes per request a group surely puts on each port: its own plus the least any partner adds."""
-        least = dict(own)
-        if pairs:
-            for port in {p for pair in pairs for p in pair}:
-                extra = min(pair.get(port, 0.0) for pair in pairs)
-                if extra > 0:
-                    least[port] = least.get(port, 0.0) + extra
-        return least
+    def _kv_by_host(self, layout: Layout) -> dict[str, float]:
+        """A mean prompt's KV bytes of the layers ``layout`` holds on each of its hosts; memoized."""
+        found = self._host_kv.get(id(layout))
+        if found is None:
+            per_layer = self.cost.prompt_kv_bytes() / self.model.layers
+            kv: dict[str, float] = {}
+            for st in layout.stages:
+                host = self.cluster.gpus[st.gpus[0]].host
+                kv[host] = kv.get(host, 0.0) + per_layer * st.num_layers
+            self._host_kv[id(layout)] = found = (layout, kv)
+        return found[1]
 
     def _nic_bound(self, groups: Sequence[tuple[float, PortBytes]]) -> float:
         """Most requests/s these groups can serve if each only had to fit its tightest NIC port, which it

@@ -13,7 +13,6 @@ otherwise a linear program over the same edges with one row per NIC port finds t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -82,24 +81,24 @@ def max_flow(
     """Maximum requests/s through the groups; ``link_rate(prefill_id, decode_id)`` caps KV transfer, and
     ``nics`` (when given) caps each host's NIC ports.
 
-    Uses networkx's preflow-push, O(V^2 sqrt(E)) for V groups and E = P*D links; when its flow overloads
-    a NIC, a linear program (HiGHS) with E + C variables and V + ports rows. The bottleneck is the kind
-    of min-cut edge with the largest total capacity: "prefill", "decode", "link" or "colocated", or
-    "network" when a NIC port limits the flow ("none" when nothing can flow).
-
-    A caller that only wants flows above ``floor`` gets, when even the flow without NIC limits is not
-    above it, that flow scaled down to fit the NICs (feasible, ``exact`` False) instead of the program.
+    Without NIC limits: networkx's preflow-push, O(V^2 sqrt(E)) for V groups and E = P*D links, and the
+    bottleneck is the kind of min-cut edge with the largest total capacity: "prefill", "decode", "link"
+    or "colocated". With them: a linear program (HiGHS) with E + C variables and V + ports rows, and the
+    bottleneck is "network" when a NIC port is full, else the kind of the first full row or bound
+    ("none" when nothing can flow). ``floor`` is accepted for callers that only want better flows.
     """
-    found = _graph_flow(nodes, link_rate)
-    if nics is None:
-        return found
-    use = nics.use(nics.loads(found.flows))
-    if use <= 1 + 1e-9:
-        return dataclasses.replace(found, nic_use=use)
-    if found.value <= floor:
-        flows = tuple(Flow(f.src, f.dst, f.rate / use) for f in found.flows)
-        return FlowResult(found.value / use, flows, "network", found.saturated, 1.0, exact=False)
+    if nics is None or not nics.capacity or not _crosses_hosts(nodes, nics):
+        return _graph_flow(nodes, link_rate)
     return _nic_flow(nodes, link_rate, nics)
+
+
+def _crosses_hosts(nodes: Sequence[FlowNode], nics: NicLimits) -> bool:
+    """Whether any group or prefill -> decode pair puts bytes on a NIC. O(P * D)."""
+    if any(nics.node_bytes.get(n.id) for n in nodes):
+        return True
+    prefill = [n.id for n in nodes if n.role == "prefill"]
+    decode = [n.id for n in nodes if n.role == "decode"]
+    return any(nics.pair_bytes(p, d) for p in prefill for d in decode)
 
 
 def _graph_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float]) -> FlowResult:
@@ -154,49 +153,80 @@ def _reachable(residual: nx.DiGraph) -> set[int | str]:
     return seen
 
 
-def _nic_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float], nics: NicLimits) -> FlowResult:
-    """The best flow under the NIC limits, as a linear program over the edges.
+@dataclass(frozen=True)
+class _Program:
+    """The NIC linear program: ``rows @ x <= limits`` with ``bounds`` on x; rows are group capacities first,
+    then NIC ports; x is one rate per prefill -> decode edge, then one per colocated group."""
 
-    Variables: one per prefill -> decode edge (bounded by its link rate) and one per colocated group
-    (bounded by its capacity). Rows: each prefill group's and decode group's capacity, and each NIC port.
-    Groups of a tight row are the saturated ones. O(LP) with P*D + C variables.
-    """
+    edges: list[tuple[int, int]]
+    coloc: list[FlowNode]
+    rows: np.ndarray
+    limits: np.ndarray
+    bounds: list[tuple[float, float | None]]
+    prefill_rows: int
+    group_rows: int
+
+    def members(self, column: int) -> tuple[int, ...]:
+        return self.edges[column] if column < len(self.edges) else (self.coloc[column - len(self.edges)].id,)
+
+
+def _program(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float], nics: NicLimits) -> _Program:
+    """The rows, limits and bounds of the NIC program. O((V + ports) * (P*D + C))."""
     prefill = [n for n in nodes if n.role == "prefill"]
     decode = [n for n in nodes if n.role == "decode"]
     coloc = [n for n in nodes if n.role == "colocated"]
     edges = [(p.id, d.id) for p in prefill for d in decode]
     ports = sorted(nics.capacity)
-    port_row = {port: len(prefill) + len(decode) + i for i, port in enumerate(ports)}
-    rows = np.zeros((len(port_row) + len(prefill) + len(decode), len(edges) + len(coloc)))
+    groups = len(prefill) + len(decode)
+    port_row = {port: groups + i for i, port in enumerate(ports)}
+    rows = np.zeros((groups + len(ports), len(edges) + len(coloc)))
     row_of = {n.id: i for i, n in enumerate([*prefill, *decode])}
-    bounds = []
-    for j, (p, d) in enumerate(edges):
-        rows[row_of[p], j] = rows[row_of[d], j] = 1.0
-        for part in (nics.node_bytes.get(p, {}), nics.node_bytes.get(d, {}), nics.pair_bytes(p, d)):
+    bounds: list[tuple[float, float | None]] = []
+
+    def charge(column: int, *parts: PortBytes) -> None:
+        for part in parts:
             for port, nbytes in part.items():
                 if port in port_row:
-                    rows[port_row[port], j] += nbytes / 1e9
+                    rows[port_row[port], column] += nbytes / 1e9
+
+    for j, (p, d) in enumerate(edges):
+        rows[row_of[p], j] = rows[row_of[d], j] = 1.0
+        charge(j, nics.node_bytes.get(p, {}), nics.node_bytes.get(d, {}), nics.pair_bytes(p, d))
         rate = link_rate(p, d)
         bounds.append((0.0, rate if np.isfinite(rate) else None))
     for k, c in enumerate(coloc):
-        for port, nbytes in nics.node_bytes.get(c.id, {}).items():
-            if port in port_row:
-                rows[port_row[port], len(edges) + k] += nbytes / 1e9
+        charge(len(edges) + k, nics.node_bytes.get(c.id, {}))
         bounds.append((0.0, c.capacity))
     limits = np.array([n.capacity for n in [*prefill, *decode]] + [nics.capacity[p] / 1e9 for p in ports])
-    solved = linprog(-np.ones(rows.shape[1]), A_ub=rows, b_ub=limits, bounds=bounds, method="highs")
-    x = np.maximum(solved.x, 0.0) if solved.status == 0 else np.zeros(rows.shape[1])
-    flows = _lp_flows(edges, coloc, x)
-    tight = rows @ x >= limits * (1 - 1e-6)
-    saturated: set[int] = set()
+    return _Program(edges, coloc, rows, limits, bounds, len(prefill), groups)
+
+
+def _nic_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float], nics: NicLimits) -> FlowResult:
+    """The best flow under the NIC limits, as a linear program over the edges.
+
+    Variables: one per prefill -> decode edge (bounded by its link rate) and one per colocated group
+    (bounded by its capacity). Rows: each prefill group's and decode group's capacity, and each NIC port.
+    Groups of a full row or at a full bound are the saturated ones. O(LP) with P*D + C variables.
+    """
+    lp = _program(nodes, link_rate, nics)
+    if not lp.bounds:
+        return FlowResult(0.0, (), "none", frozenset())
+    solved = linprog(-np.ones(lp.rows.shape[1]), A_ub=lp.rows, b_ub=lp.limits, bounds=lp.bounds, method="highs")
+    x = np.maximum(solved.x, 0.0) if solved.status == 0 else np.zeros(lp.rows.shape[1])
+    flows = _lp_flows(lp.edges, lp.coloc, x)
+    tight = lp.rows @ x >= lp.limits * (1 - 1e-6)
+    at_bound = [j for j, (_, hi) in enumerate(lp.bounds) if hi is not None and x[j] >= hi * (1 - 1e-6)]
+    saturated = {n for j in at_bound for n in lp.members(j)}
     for r in np.flatnonzero(tight):
-        cols = np.flatnonzero(rows[r])
-        saturated.update(n for j in cols for n in (edges[j] if j < len(edges) else (coloc[j - len(edges)].id,)))
+        saturated.update(n for j in np.flatnonzero(lp.rows[r]) for n in lp.members(j))
     value = float(x.sum())
-    bottleneck = "none"
-    if value > 0:
-        kinds = (("network", len(prefill) + len(decode), len(tight)), ("prefill", 0, len(prefill)))
-        bottleneck = next((k for k, lo, hi in kinds if tight[lo:hi].any()), "decode")
+    kinds = [
+        ("network", bool(tight[lp.group_rows :].any())),
+        ("prefill", bool(tight[: lp.prefill_rows].any())),
+        ("decode", bool(tight[lp.prefill_rows : lp.group_rows].any())),
+        ("link", any(j < len(lp.edges) for j in at_bound)),
+    ]
+    bottleneck = "none" if value <= 0 else next((k for k, full in kinds if full), "colocated")
     return FlowResult(value, flows, bottleneck, frozenset(saturated), nics.use(nics.loads(flows)))
 
 
