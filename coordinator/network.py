@@ -139,29 +139,37 @@ def plan_nic_use(plan: Plan, cost: CostModel) -> tuple[float, str]:
 
 
 class NicQueue:
-    """The simulator's NIC ports: each is a FIFO server of its host's egress or ingress rate.
+    """The simulator's NIC ports: each is a server of its host's egress or ingress rate with two classes.
 
-    A transfer between two hosts occupies the sender's egress port and the receiver's ingress port at the
-    pair's rate (``Cluster.host_bandwidth``) from when both are free. Reservations must come in time order
-    (the simulator's events do). A host without a NIC limit gets a port per peer host instead, so its
-    transfers queue per host pair only.
+    Bulk transfers (KV caches) queue first come, first served on the sender's egress and the receiver's
+    ingress at the pair's rate (``Cluster.host_bandwidth``). Activations (pipeline and TP traffic, a few
+    MB a step) go ahead of the bulk backlog, as their small messages interleave with a long transfer on
+    a real link: they wait only for each other, and push the bulk backlog back by their own time.
+    Reservations must come in time order (the simulator's events do). A host without a NIC limit gets a
+    port per peer host instead, so its transfers queue per host pair only.
     """
 
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
-        self.free: dict[tuple[str, ...], float] = {}
+        self.bulk: dict[tuple[str, ...], float] = {}
+        self.urgent: dict[tuple[str, ...], float] = {}
 
     def _port(self, host: str, direction: str, other: str) -> tuple[str, ...]:
         limited = host in self.cluster.nics
         return (host, direction) if limited else (host, direction, other)
 
-    def reserve(self, traffic: Mapping[HostPair, float], t: float, latency_s: float = 0.0) -> float:
+    def reserve(self, traffic: Mapping[HostPair, float], t: float, latency_s: float = 0.0, urgent: bool = False) -> float:
         """When the last of these transfers, starting at ``t`` or later, has arrived. O(pairs)."""
         done = t
         for (a, b), nbytes in traffic.items():
-            out, into = self._port(a, "out", b), self._port(b, "in", a)
-            start = max(t, self.free.get(out, 0.0), self.free.get(into, 0.0))
-            end = start + nbytes / (self.cluster.host_bandwidth[a, b] * 1e9)
-            self.free[out] = self.free[into] = end
+            ports = (self._port(a, "out", b), self._port(b, "in", a))
+            seconds = nbytes / (self.cluster.host_bandwidth[a, b] * 1e9)
+            queue = self.urgent if urgent else self.bulk
+            start = max(t, *(queue.get(p, 0.0) for p in ports))
+            end = start + seconds
+            for p in ports:
+                queue[p] = end
+                if urgent:
+                    self.bulk[p] = max(self.bulk.get(p, 0.0), t) + seconds
             done = max(done, end + latency_s)
         return done

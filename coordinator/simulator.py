@@ -245,11 +245,14 @@ class _Simulation:
         return found
 
     def send(self, src: int, dst: int, tokens: float, t: float, latency_s: float = 0.0) -> float:
-        """Queue ``tokens`` tokens' cross-host bytes (see ``per_token``) on the NICs; when they have arrived."""
+        """Queue ``tokens`` tokens' cross-host bytes (see ``per_token``) on the NICs; when they have arrived.
+
+        A group's own traffic (activations) goes ahead of KV caches (see ``NicQueue``)."""
         traffic = self.per_token(src, dst)
         if not traffic:
             return t
-        return self.nics.reserve({pair: tokens * b for pair, b in traffic.items()}, t, latency_s)
+        scaled = {pair: tokens * b for pair, b in traffic.items()}
+        return self.nics.reserve(scaled, t, latency_s, urgent=src == dst)
 
     def push(self, t: float, prio: int, kind: int, gid: int, payload: Any = None) -> None:
         self.seq += 1
