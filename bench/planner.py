@@ -249,12 +249,11 @@ def report(rows: list[dict], summary: dict, scaling: list[dict], replan_seconds:
     print("Simulated output tokens/s (same scored requests through every plan; online at 75 % of the best peak)")
     print_rows(rows)
     for key, value in summary.items():
-        if key.startswith("hexgen2"):
-            if isinstance(value, dict):
-                print(
-                    f"{key}: mean {value['mean']:.2f}x, max {value['max']:.2f}x, min {value['min']:.2f}x, "
-                    f"below 1 in {value['rows_below_1']} of {value['rows']}"
-                )
+        if key.startswith("hexgen2") and isinstance(value, dict):
+            print(
+                f"{key}: mean {value['mean']:.2f}x, max {value['max']:.2f}x, min {value['min']:.2f}x, "
+                f"below 1 in {value['rows_below_1']} of {value['rows']}"
+            )
     resources = het5_resources()
     print("het-5 over 8 x H100: " + ", ".join(f"{k} {v:.2f}" for k, v in resources.items()))
     for r in rows:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Callable
@@ -127,22 +128,28 @@ def naive_candidates(evaluator: Evaluator) -> list[Evaluation]:
     return candidates
 
 
-Search = Callable[[Evaluator], list[Evaluation]]
+SEARCHES: dict[str, Callable[[Evaluator, int], list[Evaluation]]] = {
+    "distserve": lambda ev, seed: distserve_candidates(ev),
+    "hexgen": hexgen_candidates,
+    "naive": lambda ev, seed: naive_candidates(ev),
+}
 
 
-def _run(
+def baseline(
     name: str,
-    search: Search,
     cluster: Cluster,
     model: ModelSpec,
     workload: Workload,
-    params: CostParams | None,
-    seed: int,
-    holdout: Workload | None,
+    *,
+    params: CostParams | None = None,
+    seed: int = 0,
+    holdout: Workload | None = None,
 ) -> Plan:
+    """The ``name`` baseline's plan (one of SEARCHES), chosen by ``select`` like HexGen-2's; raises PlanError
+    when it finds none."""
     evaluator = Evaluator(cluster, model, workload, params)
     evaluator.check_fits()
-    found = [ev for ev in search(evaluator) if ev.value > 0]
+    found = [ev for ev in SEARCHES[name](evaluator, seed) if ev.value > 0]
     if not found:
         raise PlanError(f"the {name} baseline finds no feasible plan for {model.name} on {cluster.name}")
     budget = SearchBudget()
@@ -152,40 +159,6 @@ def _run(
     return evaluator.to_plan(best, planner=name, evaluations=evaluator.evaluations, **meta)
 
 
-def distserve(
-    cluster: Cluster,
-    model: ModelSpec,
-    workload: Workload,
-    *,
-    params: CostParams | None = None,
-    seed: int = 0,
-    holdout: Workload | None = None,
-) -> Plan:
-    """The DistServe baseline plan; raises PlanError when it finds none."""
-    return _run("distserve", distserve_candidates, cluster, model, workload, params, seed, holdout)
-
-
-def hexgen(
-    cluster: Cluster,
-    model: ModelSpec,
-    workload: Workload,
-    *,
-    params: CostParams | None = None,
-    seed: int = 0,
-    holdout: Workload | None = None,
-) -> Plan:
-    """The HexGen (colocated) baseline plan; raises PlanError when it finds none."""
-    return _run("hexgen", lambda ev: hexgen_candidates(ev, seed), cluster, model, workload, params, seed, holdout)
-
-
-def naive(
-    cluster: Cluster,
-    model: ModelSpec,
-    workload: Workload,
-    *,
-    params: CostParams | None = None,
-    seed: int = 0,
-    holdout: Workload | None = None,
-) -> Plan:
-    """The naive even-split baseline plan; raises PlanError when it finds none."""
-    return _run("naive", naive_candidates, cluster, model, workload, params, seed, holdout)
+distserve = functools.partial(baseline, "distserve")
+hexgen = functools.partial(baseline, "hexgen")
+naive = functools.partial(baseline, "naive")

@@ -129,7 +129,7 @@ class Evaluator:
         """A cheap bound on the flow value: min(source-side capacity, sink-side capacity), each side under
         the NICs as far as one port per group tells (see ``_nic_bound``). O(G * S) memoized look-ups."""
         placed = [(g.role, lay) for g in groups if g.gpus and (lay := self.layout(g)) is not None]
-        hosts = {"prefill": set(), "decode": set()}
+        hosts: dict[str, set[str]] = {"prefill": set(), "decode": set()}
         for role, lay in placed:
             if role in hosts:
                 hosts[role].update(self._kv_by_host(lay))

@@ -218,7 +218,7 @@ def _nic_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float],
     at_bound = [j for j, (_, hi) in enumerate(lp.bounds) if hi is not None and x[j] >= hi * (1 - 1e-6)]
     saturated = {n for j in at_bound for n in lp.members(j)}
     for r in np.flatnonzero(tight):
-        saturated.update(n for j in np.flatnonzero(lp.rows[r]) for n in lp.members(j))
+        saturated.update(n for j in np.flatnonzero(lp.rows[r]) for n in lp.members(int(j)))
     value = float(x.sum())
     kinds = [
         ("network", bool(tight[lp.group_rows :].any())),

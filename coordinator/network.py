@@ -42,8 +42,8 @@ def pass_bytes(cost: CostModel, stages: Sequence[Stage], tokens: float) -> Traff
             per_edge = 2 * st.num_layers * 2 * (st.tp - 1) / st.tp * activation
             for a, b in zip(hosts, [*hosts[1:], hosts[0]], strict=True):
                 _add(traffic, a, b, per_edge)
-    for a, b in itertools.pairwise(stages):
-        _add(traffic, cluster.gpus[a.gpus[-1]].host, cluster.gpus[b.gpus[0]].host, activation)
+    for before, after in itertools.pairwise(stages):
+        _add(traffic, cluster.gpus[before.gpus[-1]].host, cluster.gpus[after.gpus[0]].host, activation)
     return traffic
 
 
@@ -158,7 +158,9 @@ class NicQueue:
         limited = host in self.cluster.nics
         return (host, direction) if limited else (host, direction, other)
 
-    def reserve(self, traffic: Mapping[HostPair, float], t: float, latency_s: float = 0.0, urgent: bool = False) -> float:
+    def reserve(
+        self, traffic: Mapping[HostPair, float], t: float, latency_s: float = 0.0, urgent: bool = False
+    ) -> float:
         """When the last of these transfers, starting at ``t`` or later, has arrived. O(pairs)."""
         done = t
         for (a, b), nbytes in traffic.items():

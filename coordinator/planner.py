@@ -14,6 +14,7 @@ join or leave and moves few GPUs.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Sequence
@@ -73,22 +74,28 @@ def finalists(
     return [refine(evaluator, start, budget, rng, roles) for start in seeds[: budget.seeds_refined]]
 
 
-def _plan(
-    name: str,
-    roles: tuple[Role, ...],
+def plan(
     cluster: Cluster,
     model: ModelSpec,
     workload: Workload,
-    params: CostParams | None,
-    seed: int,
-    budget: SearchBudget | None,
-    holdout: Workload | None,
+    *,
+    colocate: bool = False,
+    params: CostParams | None = None,
+    seed: int = 0,
+    budget: SearchBudget | None = None,
+    holdout: Workload | None = None,
 ) -> Plan:
+    """The HexGen-2 plan (prefill and decode groups only) for serving ``model`` on ``cluster`` under ``workload``;
+    with ``colocate`` its variant that may also make colocated groups (``hexgen2_colocate``).
+
+    ``holdout``: an offline sample of the workload for the simulator tie-break (see ``select``); none
+    without it. Raises PlanError when no replica fits. Deterministic for a given seed.
+    """
     budget = budget or SearchBudget()
     started = time.perf_counter()
     evaluator = Evaluator(cluster, model, workload, params)
     evaluator.check_fits()
-    found = finalists(evaluator, budget, random.Random(seed), roles)
+    found = finalists(evaluator, budget, random.Random(seed), ROLES if colocate else DISAGGREGATED)
     if not found or max(e.value for e in found) <= 0:
         raise PlanError(f"no group of the cluster can serve {model.name}")
     best, meta = select(
@@ -99,55 +106,19 @@ def _plan(
         holdout_requests=budget.holdout_requests,
         seed=seed,
     )
+    name = "hexgen2_colocate" if colocate else "hexgen2"
     return evaluator.to_plan(
         best, planner=name, evaluations=evaluator.evaluations, seconds=time.perf_counter() - started, **meta
     )
 
 
-def plan(
-    cluster: Cluster,
-    model: ModelSpec,
-    workload: Workload,
-    *,
-    params: CostParams | None = None,
-    seed: int = 0,
-    budget: SearchBudget | None = None,
-    holdout: Workload | None = None,
-) -> Plan:
-    """The HexGen-2 plan (prefill and decode groups only) for serving ``model`` on ``cluster`` under ``workload``.
-
-    ``holdout``: an offline sample of the workload for the simulator tie-break (see ``select``); none
-    without it. Raises PlanError when no replica fits. Deterministic for a given seed.
-    """
-    return _plan("hexgen2", DISAGGREGATED, cluster, model, workload, params, seed, budget, holdout)
+plan_colocate = functools.partial(plan, colocate=True)
 
 
-def plan_colocate(
-    cluster: Cluster,
-    model: ModelSpec,
-    workload: Workload,
-    *,
-    params: CostParams | None = None,
-    seed: int = 0,
-    budget: SearchBudget | None = None,
-    holdout: Workload | None = None,
-) -> Plan:
-    """HexGen-2's search allowed colocated groups as well (``hexgen2_colocate``); as ``plan`` otherwise."""
-    return _plan("hexgen2_colocate", ROLES, cluster, model, workload, params, seed, budget, holdout)
-
-
-def plan_live(
-    cluster: Cluster,
-    model: ModelSpec,
-    workload: Workload,
-    *,
-    params: CostParams | None = None,
-    seed: int = 0,
-    budget: SearchBudget | None = None,
-) -> Plan:
+def plan_live(cluster: Cluster, model: ModelSpec, workload: Workload, params: CostParams | None = None) -> Plan:
     """The better predicted of ``plan`` and ``plan_colocate`` (``plan`` on a tie): what a swarm serves."""
-    first = plan(cluster, model, workload, params=params, seed=seed, budget=budget)
-    other = plan_colocate(cluster, model, workload, params=params, seed=seed, budget=budget)
+    first = plan(cluster, model, workload, params=params)
+    other = plan(cluster, model, workload, colocate=True, params=params)
     return other if other.throughput > first.throughput * (1 + 1e-9) else first
 
 
@@ -183,7 +154,7 @@ def replan(
     roles = ROLES if any(g.role == "colocated" for g in previous.groups) else DISAGGREGATED
     best = refine(evaluator, start, budget, rng, roles)
     if best.value <= 0:
-        return plan_live(cluster, model, workload, params=params, seed=seed)
+        return plan_live(cluster, model, workload, params)
     survivors = set(old_to_new.values())
     moved = _moved(canonical(groups), best.assignment, survivors)
     return evaluator.to_plan(
