@@ -284,18 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trace = load_trace(args.trace)
     if args.quick:
-        settings, models, kinds, count = ("het-4",), ("llama-2-70b",), ("LPHD", "online"), 2000
+        settings, models, kinds, count = ("het-4",), ("llama-2-70b",), ("LPHD", "online"), 4000
         sizes, instances = [16], 3
     else:
         settings, models, kinds, count = SETTINGS, BENCH_MODELS, WORKLOAD_KINDS, 4000
-        sizes, instances = [16, 64, 256], 10
-    rows = [
-        bench_row(setting, net, model_name, kind, trace, count)
-        for setting in settings
-        for net in INTERCONNECTS
-        for model_name in models
-        for kind in kinds
-    ]
+        sizes, instances = [16, 64], 10
+    rows = []
+    for setting in settings:
+        for net in INTERCONNECTS:
+            for model_name in models:
+                for kind in kinds:
+                    rows.append(bench_row(setting, net, model_name, kind, trace, count))
+                    print(f"  {setting}/{net}/{model_name}/{kind}: {ratio(rows[-1], 'hexgen2'):.2f}x", file=sys.stderr)
     summary = summarize(rows)
     scaling, replan_seconds = bench_scaling(sizes, trace)
     optimality = bench_optimality(instances, trace)

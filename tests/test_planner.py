@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hexgen.coordinator import baselines, planner
 from hexgen.coordinator.cluster import Cluster, HostSpec, build_cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
-from hexgen.coordinator.evaluate import Evaluator, PlanError
+from hexgen.coordinator.evaluate import Evaluator, GroupSpec, PlanError
 from hexgen.coordinator.exhaustive import exhaustive_best, set_partitions
 from hexgen.coordinator.flow import FlowNode, NicLimits, max_flow
 from hexgen.coordinator.network import plan_nic_use
@@ -128,6 +128,25 @@ def test_max_flow_shares_a_hosts_nic_among_its_groups() -> None:
     # the colocated group, at half the bytes a request, fills first: 4 x 0.5 GB, then 1 GB/s of KV is left
     assert both.value == pytest.approx(5.0)
     assert sum(f.rate for f in both.flows if f.src == 3) == pytest.approx(4.0)
+
+
+def test_the_search_bound_never_cuts_off_a_better_flow() -> None:
+    """Refinement skips candidates whose cheap NIC-aware bound is not above the best so far: the bound must hold."""
+    checked = 0
+    for seed in range(12):
+        rng = random.Random(seed)
+        hosts = [(rng.choice(["H100", "A100", "L40", "A6000"]), rng.randint(1, 4)) for _ in range(rng.randint(2, 4))]
+        evaluator = Evaluator(het(*hosts, gbit=rng.choice([1.0, 10.0])), MODELS["llama-2-7b"], MIXED)
+        ids = list(range(len(evaluator.cluster)))
+        for _ in range(10):
+            rng.shuffle(ids)
+            cuts = sorted(rng.sample(range(1, len(ids)), rng.randint(0, len(ids) - 1)))
+            parts = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True)]
+            groups = [GroupSpec(tuple(sorted(p)), rng.choice(["prefill", "decode", "colocated"])) for p in parts]
+            value = evaluator.evaluate(groups).value
+            assert evaluator.upper_bound(groups) >= value * (1 - 1e-6)
+            checked += value > 0
+    assert checked > 50
 
 
 def test_partition_cuts_the_slow_links() -> None:
