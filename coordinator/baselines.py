@@ -30,7 +30,6 @@ from hexgen.coordinator.workload import Workload
 
 Config = tuple[int, int]  # (TP, PP) of a DistServe group
 Block = tuple[int, ...]  # TP GPUs on one host
-CONFIGS_PER_PHASE = 3  # DistServe's best configurations per phase that its placement search combines
 
 
 def _blocks(cluster: Cluster, gpus: set[int], tp: int) -> dict[str, list[Block]]:
@@ -58,8 +57,8 @@ def _carve(cluster: Cluster, gpus: set[int], config: Config, limit: int, types: 
 
 
 def _configs(evaluator: Evaluator, role: Role) -> list[Config]:
-    """DistServe's per-phase search: the (TP, PP) configurations with the best requests/s per GPU on some
-    GPU type, best first, at most CONFIGS_PER_PHASE. O(types * configs) layouts."""
+    """DistServe's per-phase search: for each group size (TP x PP GPUs), the (TP, PP) configuration with the
+    best requests/s per GPU on some GPU type; best first. O(types * configs) layouts."""
     cluster = evaluator.cluster
     heads = evaluator.model.heads
     scored: dict[Config, float] = {}
@@ -73,12 +72,18 @@ def _configs(evaluator: Evaluator, role: Role) -> list[Config]:
             lay = evaluator.layout(GroupSpec(gpus, role, tp))
             if lay is not None:
                 scored[tp, pp] = max(scored.get((tp, pp), 0.0), lay.rate / len(gpus))
-    return sorted(scored, key=lambda c: (-scored[c], c))[:CONFIGS_PER_PHASE]
+    best: dict[int, Config] = {}
+    for config, rate in scored.items():
+        size = config[0] * config[1]
+        if size not in best or rate > scored[best[size]]:
+            best[size] = config
+    return sorted(best.values(), key=lambda c: (-scored[c], c))
 
 
 def distserve_candidates(evaluator: Evaluator) -> list[Evaluation]:
-    """Every DistServe placement: a prefill and a decode configuration, k prefill groups carved from the
-    fastest GPU types, and as many decode groups as the rest holds. O(C^2 * n) evaluations."""
+    """Every DistServe placement: a prefill and a decode configuration (each the best of its group size), k
+    prefill groups carved from the fastest GPU types, and as many decode groups as the rest holds.
+    O(C^2 * n) evaluations for C group sizes."""
     cluster = evaluator.cluster
     flops: dict[str, float] = {}
     for g in cluster.gpus:
@@ -87,6 +92,8 @@ def distserve_candidates(evaluator: Evaluator) -> list[Evaluation]:
     everything = {g.id for g in cluster.gpus}
     found = []
     for pre, dec in itertools.product(_configs(evaluator, "prefill"), _configs(evaluator, "decode")):
+        if pre[0] * pre[1] + dec[0] * dec[1] > len(cluster):
+            continue
         for k in range(1, len(cluster) // (pre[0] * pre[1]) + 1):
             prefill = _carve(cluster, everything, pre, k, fastest)
             if len(prefill) < k:
