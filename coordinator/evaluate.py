@@ -181,12 +181,8 @@ class Evaluator:
                 room -= take * nbytes
         return total
 
-    def evaluate(self, groups: Iterable[GroupSpec], floor: float = -1.0) -> Evaluation:
-        """Layouts for every group, then max-flow. Memoized on the canonical assignment.
-
-        With a ``floor``, an assignment that cannot beat it may come back with a feasible but lower value
-        (not memoized), which spares the NIC program.
-        """
+    def evaluate(self, groups: Iterable[GroupSpec]) -> Evaluation:
+        """Layouts for every group, then the flow under the NICs. Memoized on the canonical assignment."""
         assignment = canonical(groups)
         cached = self._scores.get(assignment)
         if cached is not None:
@@ -217,10 +213,9 @@ class Evaluator:
                 return self.pair_bytes(p, d)
 
             nics = NicLimits(node_bytes, pair, self.nic_capacity)
-        flow = max_flow(nodes, link, nics, floor)
+        flow = max_flow(nodes, link, nics)
         result = Evaluation(assignment, layouts, flow)
-        if flow.exact:
-            self._scores[assignment] = result
+        self._scores[assignment] = result
         return result
 
     def to_plan(self, evaluation: Evaluation, **meta: object) -> Plan:

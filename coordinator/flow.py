@@ -40,7 +40,6 @@ class FlowResult:
     bottleneck: str
     saturated: frozenset[int]  # groups with a cut edge: more capacity there would raise the flow
     nic_use: float = 0.0  # the busiest NIC port's load over its capacity at this flow
-    exact: bool = True  # False: a feasible flow known to be no better than the caller's floor, not the best
 
 
 Port = tuple[str, str]  # (host, "out" or "in")
@@ -76,7 +75,6 @@ def max_flow(
     nodes: Sequence[FlowNode],
     link_rate: Callable[[int, int], float],
     nics: NicLimits | None = None,
-    floor: float = -1.0,
 ) -> FlowResult:
     """Maximum requests/s through the groups; ``link_rate(prefill_id, decode_id)`` caps KV transfer, and
     ``nics`` (when given) caps each host's NIC ports.
@@ -85,7 +83,7 @@ def max_flow(
     bottleneck is the kind of min-cut edge with the largest total capacity: "prefill", "decode", "link"
     or "colocated". With them: a linear program (HiGHS) with E + C variables and V + ports rows, and the
     bottleneck is "network" when a NIC port is full, else the kind of the first full row or bound
-    ("none" when nothing can flow). ``floor`` is accepted for callers that only want better flows.
+    ("none" when nothing can flow).
     """
     if nics is None or not nics.capacity or not _crosses_hosts(nodes, nics):
         return _graph_flow(nodes, link_rate)

@@ -222,7 +222,7 @@ def refine(
         for candidate in moves.neighbours(current):
             if evaluator.upper_bound(candidate) <= best.value * (1 + 1e-9):
                 continue
-            ev = evaluator.evaluate(candidate, floor=best.value)
+            ev = evaluator.evaluate(candidate)
             if ev.key() > best.key():
                 best = ev
         if best is current or best.value < current.value * (1 + budget.min_gain):
