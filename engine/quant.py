@@ -83,6 +83,10 @@ class QuantizedWeight(nn.Module):
     """A quantized [out_features, in_features] weight; calling it computes x W^T on the path ``path``:
     "int8-mm" or "int4-mm-cpu" (torch's kernels) or "int8-dequant" or "int4-dequant" (dequantize, matmul)."""
 
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor  # int4-dequant only
+
     def __init__(self, w: torch.Tensor, scheme: str, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         w = w.to(device)  # quantized where it will run: a GPU does it faster
