@@ -1,5 +1,5 @@
 """Weight-only int8 and int4 quantization: round-trip error bounds, quantized linears against the
-dequantized weights, quantized TP shards, and quantized stories260K against the full-precision model."""
+dequantized weights, quantized TP shards and a TP=2 replica, and quantized stories260K against the full-precision model."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from hexgen.engine.quant import (
     weight_bytes,
 )
 from hexgen.engine.sequence import SamplingParams
+from hexgen.testing.ranks import free_port, run_ranks
 
 # greedy tokens of quantized stories260K that match the full-precision model's before the first divergence,
 # for "Once upon a time" (measured on CPU: int8 60 of 60, int4 16 of 60: groups of 32 on a 64-wide model)
@@ -147,6 +148,38 @@ def test_int4_stories_runs_end_to_end(stories_dir, full_precision_tokens):
     assert len(out.token_ids) == 60
     assert all(0 <= t < llm.model_config.vocab_size for t in out.token_ids)
     assert _agreement(full_precision_tokens, out.token_ids) >= INT4_AGREEMENT_FLOOR
+
+
+def _tp2_rank(rank: int, port: int, model_dir: str, prompt: list[int]) -> tuple[list[int], dict[str, int]]:
+    from hexgen.engine.layout import uniform_layout
+    from hexgen.engine.replica import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups
+
+    torch.set_num_threads(1)
+    init_world(rank, 2, port, timeout_s=60)
+    spec = ReplicaSpec(model_dir, uniform_layout(load_config(model_dir).num_layers, 1, 2), quantize="int8")
+    worker = ReplicaWorker(spec, rank, replica_groups([spec]))
+    requests = [Request(0, prompt, SamplingParams(max_tokens=60, ignore_eos=True))] if worker.is_driver else None
+    for _ in range(61):
+        result = worker.step(requests)
+        requests = None
+        assert result is not None
+        if result.finished:
+            return result.finished[0].completion_token_ids, paths(worker.runner.model)
+    raise AssertionError("60 tokens took more than 61 steps")
+
+
+def test_int8_tp2_replica_quantizes_each_shard(stories_dir, full_precision_tokens, monkeypatch):
+    """A TP=2 replica whose ranks each quantize their own shard generates as the full-precision model does."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    prompt = LLM(stories_dir).encode(PROMPT)
+    outcomes = run_ranks(_tp2_rank, 2, (free_port(), str(stories_dir), prompt), 90)
+    errors = [o for o in outcomes.values() if isinstance(o, str)]
+    assert not errors, "\n".join(errors)
+    (tokens, rank0_paths), (other_tokens, rank1_paths) = outcomes[0], outcomes[1]
+    assert tokens == other_tokens
+    assert rank0_paths == rank1_paths == {"int8-mm": 4 * load_config(stories_dir).num_layers}
+    assert _agreement(full_precision_tokens, tokens) >= INT8_AGREEMENT_FLOOR
 
 
 @pytest.mark.parametrize("bad", ["fp8", "INT8", "", 4])
