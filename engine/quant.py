@@ -140,6 +140,17 @@ class QuantizedWeight(nn.Module):
         def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+def linear_bytes(out_features: int, in_features: int, scheme: str | None, itemsize: int) -> int:
+    """Bytes a [out, in] linear weight takes quantized with ``scheme`` (None: full precision), its scales
+    and offsets in an ``itemsize``-byte dtype: what a memory model of a quantized replica counts. O(1)."""
+    if scheme is None:
+        return out_features * in_features * itemsize
+    if scheme == "int8":
+        return out_features * (in_features + itemsize)
+    groups = padded(in_features, INT4_GROUP) // INT4_GROUP
+    return out_features * (groups * INT4_GROUP // 2 + 2 * groups * itemsize)
+
+
 def tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
     for sub in module.modules():

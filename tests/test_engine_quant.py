@@ -16,6 +16,7 @@ from hexgen.engine.quant import (
     QuantizedWeight,
     dequantize_int4,
     dequantize_int8,
+    linear_bytes,
     pack_nibbles,
     paths,
     quantize_int4,
@@ -89,6 +90,15 @@ def test_quantized_linear_equals_dequantized_matmul(scheme, shape, dtype, path):
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2 * reference.abs().max().item()
     assert torch.allclose(weight(x).float(), reference, atol=tolerance, rtol=0)
     assert (weight.dequantized() - w).abs().max() < 0.5  # close to the weight it stands for, not garbage
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 100), (40, 64)])
+def test_linear_bytes_is_what_a_quantized_weight_holds(scheme, dtype, shape):
+    weight = QuantizedWeight(_matrix(*shape, 6), scheme, dtype, CPU)
+    assert weight_bytes(weight) == linear_bytes(*shape, scheme, dtype.itemsize)
+    assert linear_bytes(*shape, None, dtype.itemsize) == shape[0] * shape[1] * dtype.itemsize
 
 
 def test_linear_with_bias_runs_quantized():
