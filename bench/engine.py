@@ -10,10 +10,15 @@ Two metrics per model, both systems in one process, warmed up once, medians over
 * batch-1 decode latency: ms per output token without prefill, (t_N - t_1) / (N - 1) from one short prompt.
 
 On CUDA it also reports batch-1 decode as a fraction of the HBM roofline and the attention backend.
+
+--quantize none int8 int4 measures weight-only quantization (engine.quant) instead: per model and scheme, the
+greedy tokens matching the unquantized engine's before the first divergence and the largest logit error
+(teacher-forced on the unquantized tokens, so every step sees the same context), the weights' bytes per
+replica, batch-1 decode ms/token, and which matmul path the linear layers ran.
 --quick: 16 requests scaled into 512 tokens of context, N=64, one repeat, one thread unless --threads.
 
     python bench/engine.py [--quick] [--json OUT] [--threads N] [--device cpu|cuda] [--dtype D] [--repeats N]
-                           [--hbm-gbs GB/s] [--models NAME ...]
+                           [--hbm-gbs GB/s] [--models NAME ...] [--quantize none|int8|int4 ...]
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from hexgen.coordinator.workload import Request, WorkloadError, load_trace
 from hexgen.engine.attention import flash_available
 from hexgen.engine.config import ModelConfig, load_config
 from hexgen.engine.llm import LLM
+from hexgen.engine.loader import quantized_linears
 from hexgen.engine.model_runner import DTYPES, CacheConfig, resolve_dtype
+from hexgen.engine.quant import SCHEMES, paths, weight_bytes
 from hexgen.engine.sequence import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +133,9 @@ class Hexgen:
 
     name = "hexgen"
 
-    def __init__(self, model_dir: Path, settings: Settings, total_tokens: int, count: int) -> None:
+    def __init__(
+        self, model_dir: Path, settings: Settings, total_tokens: int, count: int, quantize: str | None = None
+    ) -> None:
         block = CacheConfig().resolved_block_size(settings.device)
         blocks = math.ceil(total_tokens / block) + 2 * count + 8
         self.llm = LLM(
@@ -136,6 +145,7 @@ class Hexgen:
             cache=CacheConfig(block_size=block, num_blocks=blocks),
             dtype=settings.dtype,
             device=settings.device.type,
+            quantize=quantize,
         )
 
     def offline(self, prompts: list[list[int]], outputs: list[int]) -> int:
@@ -309,6 +319,92 @@ def bench_model(name: str, model_dir: Path, settings: Settings, trace: tuple[Req
     return rows, meta
 
 
+# ------------------------------------------------------------------------------------------ quantization
+
+
+def forced_greedy(llm: LLM, prompt: list[int], n: int, forced: list[int] | None) -> tuple[list[int], torch.Tensor]:
+    """Each step's argmax token and logits [n, vocab] over ``n`` decode steps from ``prompt``; the sequence
+    continues with ``forced``'s tokens when given (teacher forcing), else with its own."""
+    llm.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    picks: list[int] = []
+    rows: list[torch.Tensor] = []
+    while llm.has_unfinished():
+        batch = llm.scheduler.schedule()
+        assert batch is not None  # one sequence in a cache that holds it
+        logits = llm.runner.run(batch.seqs, batch.is_prefill)
+        assert logits is not None  # the whole model in one process
+        rows.append(logits[0].float().cpu())
+        picks.append(int(rows[-1].argmax()))
+        llm.scheduler.postprocess(batch, [forced[len(picks) - 1] if forced else picks[-1]])
+    return picks, torch.stack(rows)
+
+
+def agreement(reference: list[int], ours: list[int]) -> int:
+    """Tokens equal before the first difference."""
+    return next((i for i, (a, b) in enumerate(zip(reference, ours, strict=True)) if a != b), len(reference))
+
+
+def bench_quantized(name: str, model_dir: Path, settings: Settings, schemes: list[str]) -> tuple[list[dict], dict]:
+    """One row per scheme ("none" first, the reference): agreement, logit error, weight bytes, decode speed."""
+    config = load_config(model_dir)
+    short = random_prompts([PROMPT_LEN], config.vocab_size, SEED + 2)[0]
+    n = settings.decode_tokens
+    reference: tuple[list[int], torch.Tensor] | None = None
+    rows = []
+    for scheme in ["none", *[s for s in schemes if s != "none"]]:
+        system = Hexgen(model_dir, settings, 2 * (PROMPT_LEN + n), 2, None if scheme == "none" else scheme)
+        system.decode(short, 4)  # warm-up
+        picks, logits = forced_greedy(system.llm, short, n, reference[0] if reference else None)
+        if reference is None:
+            reference = (picks, logits)
+        steps = [decode_seconds(system, short, n, settings.device)[0] for _ in range(settings.repeats)]
+        model = system.llm.runner.model
+        rows.append(
+            {
+                "model": name,
+                "quantize": scheme,
+                "agreement": agreement(reference[0], picks),
+                "tokens": n,
+                "max_logit_error": float((logits - reference[1]).abs().max()),
+                "logit_scale": float(reference[1].abs().max()),
+                "weight_bytes": weight_bytes(model),
+                "linear_bytes": sum(weight_bytes(linear) for linear in quantized_linears(model).values()),
+                "decode_ms": 1e3 * statistics.median(steps),
+                "decode_samples_ms": [1e3 * s for s in steps],
+                "paths": paths(model),
+            }
+        )
+    return rows, {"dtype": str(resolve_dtype(settings.dtype, config, settings.device)).removeprefix("torch.")}
+
+
+def print_quant_table(rows: list[dict], meta: dict) -> None:
+    print(
+        f"weight-only quantization, hexgen engine (torch {meta['torch_version']}), {meta['device_name']}, "
+        f"{meta['threads']} thread(s), repeats {meta['repeats']}{', QUICK' if meta['quick'] else ''}"
+    )
+    print(f"batch 1, {PROMPT_LEN}-token random prompt, N={meta['decode_tokens']} greedy tokens, logits teacher-forced")
+    head = (
+        f"{'model':<18} {'quantize':<8} {'agree':>9} {'max |dlogit|':>12} {'logit max':>9} {'weights MiB':>11} "
+        f"{'linears MiB':>11} {'x none':>6} {'ms/token':>8} {'x none':>6}  matmul path"
+    )
+    print(head)
+    print("-" * len(head))
+    base: dict[str, dict] = {}
+    for r in rows:
+        ref = base.setdefault(r["model"], r)
+        path = ", ".join(f"{k} {v}" for k, v in sorted(r["paths"].items())) or "F.linear"
+        print(
+            f"{r['model']:<18} {r['quantize']:<8} {r['agreement']:>4}/{r['tokens']:<4} {r['max_logit_error']:>12.4f} "
+            f"{r['logit_scale']:>9.2f} {r['weight_bytes'] / 2**20:>11.3f} {r['linear_bytes'] / 2**20:>11.3f} "
+            f"{r['linear_bytes'] / ref['linear_bytes']:>6.2f} "
+            f"{r['decode_ms']:>8.2f} {r['decode_ms'] / ref['decode_ms']:>6.2f}  {path}"
+        )
+    print(
+        "weights: every parameter and quantized buffer of the replica (embeddings, norms and head stay in full "
+        "precision); linears: the q/k/v/o and MLP weights alone, codes with their scales and offsets"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- output
 
 
@@ -395,6 +491,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hbm-gbs", type=positive_float, help="GPU memory bandwidth, GB/s (default by GPU name)")
     parser.add_argument("--models", nargs="+", choices=MODELS, help="default: cpu the two small ones, cuda the 1B")
     parser.add_argument("--trace", type=Path, default=TRACE, help="Azure conversation trace CSV")
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=("none", *SCHEMES),
+        help="measure these weight quantizations against the unquantized engine instead of transformers",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
@@ -491,12 +593,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipping {name}: {model_dir}", file=sys.stderr)
                 meta["models"][name] = {"skipped": model_dir}
                 continue
-            model_rows, meta["models"][name] = bench_model(name, model_dir, settings, args.trace_requests)
+            if args.quantize:
+                model_rows, meta["models"][name] = bench_quantized(name, model_dir, settings, args.quantize)
+            else:
+                model_rows, meta["models"][name] = bench_model(name, model_dir, settings, args.trace_requests)
             rows.extend(model_rows)
     meta["wall_seconds"] = time.perf_counter() - started
     meta["load_average_end"] = os.getloadavg()[0]
-    print_table(rows, meta)
-    out = args.json or OUT_DIR / ("engine-quick.json" if settings.quick else "engine.json")
+    (print_quant_table if args.quantize else print_table)(rows, meta)
+    stem = "engine-quant" if args.quantize else "engine"
+    out = args.json or OUT_DIR / (f"{stem}-quick.json" if settings.quick else f"{stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "meta": meta}, indent=1))
     print(f"wrote {out} ({meta['wall_seconds']:.1f} s)")

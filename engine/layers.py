@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from hexgen.engine.quant import QuantizedWeight
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -91,13 +93,26 @@ class Linear(TensorMap):
         super().__init__()
         self.shard = shard
         self.reduce = reduce and shard.tp_size > 1
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.quantized: QuantizedWeight | None = None
+
+    def quantize(self, weight: torch.Tensor, scheme: str, dtype: torch.dtype, device: torch.device) -> None:
+        """Hold ``weight`` (this shard's, [out, in]) quantized with ``scheme`` (engine.quant) in place of
+        the full-precision parameter."""
+        self.quantized = QuantizedWeight(weight, scheme, dtype, device)
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.reduce:
-            return F.linear(x, self.weight, self.bias)
-        y = self.shard.all_reduce(F.linear(x, self.weight))
+        if self.quantized is None:
+            assert self.weight is not None  # a linear holds its weight until it is quantized
+            if not self.reduce:
+                return F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight)
+        else:
+            y = self.quantized(x)
+        if self.reduce:
+            y = self.shard.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 

@@ -16,6 +16,7 @@ from hexgen.engine.config import ModelConfig, load_config
 from hexgen.engine.hub import local_model
 from hexgen.engine.layers import Shard
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
+from hexgen.engine.quant import check_scheme
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.engine.sequence import SamplingParams, Sequence
@@ -39,18 +40,21 @@ class EngineConfig:
     max_model_len: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     mode: str = "colocated"
+    quantize: str | None = None  # the linear layers' weights: None (full precision), "int8" or "int4"
 
 
 class LLM:
     """Loads ``model`` whole (a checkpoint directory, or a Hub id ``org/name[@revision]`` fetched into the
     Hub cache first: ``engine.hub``) and generates with continuous batching.
 
+    ``quantize`` ("int8" or "int4") quantizes the linear layers' weights as they load (engine.quant).
     ``generate`` runs a list of prompts to completion; ``add_request`` and ``step`` expose the loop for
     callers that feed requests over time.
     """
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None, **overrides: Any) -> None:
         config = dataclasses.replace(config or EngineConfig(), **overrides)
+        check_scheme(config.quantize)
         model_dir = local_model(model) if isinstance(model, str) else model
         self.config = config
         self.model_config: ModelConfig = load_config(model_dir)
@@ -64,6 +68,7 @@ class LLM:
             device,
             config.cache,
             allocate=False,
+            quantize=config.quantize,
         )
         # sized after the weights are in, from a profiled max-batch forward on CUDA (engine.memory)
         self.runner.allocate_cache(self.runner.blocks_that_fit(config.max_num_batched_tokens, config.max_num_seqs))

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hexgen.engine.layers import Piece
+from hexgen.engine.layers import Linear, Piece
+from hexgen.engine.quant import check_scheme
 from hexgen.engine.stage import StageModel
 
 
@@ -57,8 +58,13 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
+    quantize: str | None = None,
 ) -> None:
     """Fill every parameter of ``model`` from the checkpoint pieces its ``weight_plan`` names.
+
+    ``quantize`` ("int8" or "int4", engine.quant) quantizes each linear layer's weight as it is read, so
+    only one layer's weight is ever held in full precision; embeddings, norms, the head and an MoE router
+    stay in ``dtype``.
 
     Only the named tensors are read, and of those only the slices this shard keeps. ``progress(done,
     total)`` hears the checkpoint bytes this shard has read of those it reads, after each parameter. Raises
@@ -69,6 +75,8 @@ def load_weights(
     unplanned = sorted(set(params) - set(plan))
     if unplanned:
         raise AssertionError(f"weight plan misses parameters {unplanned}")
+    targets = quantized_linears(model) if check_scheme(quantize) else {}
+    device = torch.device(device)
     with ExitStack() as stack:
         files = checkpoint_files(model_dir)
         handles = [stack.enter_context(_open(f)) for f in files]
@@ -88,10 +96,23 @@ def load_weights(
                     f"{model_dir}: tensor {names} has shape {list(tensor.shape)} where the config implies "
                     f"{list(param.shape)} for this shard"
                 )
-            param.data = tensor.to(device=device, dtype=dtype)
+            if quantize and param_name in targets:
+                targets[param_name].quantize(tensor, quantize, dtype, device)
+            else:
+                param.data = tensor.to(device=device, dtype=dtype)
             done += sizes[param_name]
             if report is not None:
                 report(done, total)
+
+
+def quantized_linears(model: StageModel) -> dict[str, Linear]:
+    """The linear layers a quantized load quantizes, by their weight's parameter name: all but an MoE
+    router (a ``gate``), whose top-k choice small errors would change."""
+    return {
+        f"{name}.weight": module
+        for name, module in model.named_modules()
+        if isinstance(module, Linear) and name.rpartition(".")[2] != "gate"
+    }
 
 
 def _open(path: Path) -> Any:

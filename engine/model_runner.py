@@ -71,9 +71,11 @@ class ModelRunner:
         *,
         allocate: bool = True,
         progress: ProgressFn | None = None,
+        quantize: str | None = None,
     ) -> None:
-        """Loads the shard. ``allocate`` False leaves the KV cache to ``allocate_cache``: a replica sizes it
-        only once its process groups exist and every rank agreed (NCCL's buffers take device memory too)."""
+        """Loads the shard, its linear weights quantized with ``quantize`` (engine.quant) when given.
+        ``allocate`` False leaves the KV cache to ``allocate_cache``: a replica sizes it only once its
+        process groups exist and every rank agreed (NCCL's buffers take device memory too)."""
         self.config = config
         self.shard = shard
         self.dtype = dtype
@@ -83,7 +85,7 @@ class ModelRunner:
         self.use_flash = self.attention.backend == "flash-attn"
         self.block_size = self.attention.block_size
         self.model: StageModel = build_model(config, shard)
-        load_weights(self.model, model_dir, dtype, device, progress)
+        load_weights(self.model, model_dir, dtype, device, progress, quantize)
         self.model.to(device)
         kv = kv_head_range(config.num_kv_heads, shard.tp_size, shard.tp_rank)
         self.num_kv_heads = kv[1] - kv[0]

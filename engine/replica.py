@@ -80,6 +80,7 @@ class ReplicaSpec:
     cache: CacheConfig = field(default_factory=CacheConfig)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    quantize: str | None = None  # every rank's linear weights: None, "int8" or "int4" (engine.quant)
 
     @property
     def ranks(self) -> list[int]:
@@ -171,7 +172,15 @@ class ReplicaWorker:
             store.set(format_key("", rank), self.kv_format.to_bytes())  # type: ignore[arg-type]  # torch's stub says str; stores take bytes
         self.receiving_kv = False  # set while import_kv waits for a KV: the driver's liveness goes quiet then
         self.runner = ModelRunner(
-            spec.model_dir, self.config, shard, dtype, self.device, spec.cache, allocate=False, progress=progress
+            spec.model_dir,
+            self.config,
+            shard,
+            dtype,
+            self.device,
+            spec.cache,
+            allocate=False,
+            progress=progress,
+            quantize=spec.quantize,
         )
         self.group = _member(groups.get(tuple(spec.ranks)))
         self.solo = len(spec.ranks) == 1  # no collectives: the world may hold other replicas

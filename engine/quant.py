@@ -1,0 +1,172 @@
+"""Weight-only quantization of linear layers: int8 per output channel, int4 in groups along the input.
+
+int8 is symmetric, one scale per output row: w ~ q * s with q in [-127, 127]. int4 is asymmetric, one scale
+and one offset per group of INT4_GROUP input columns: w ~ q * s + m with q in [0, 15], stored as torch's
+int4 kernels want it, (q - 8) * s + z with z = m + 8 s. Where torch's own CPU kernels take the shapes
+(``torch._weight_int8pack_mm``: in half precision an input size a multiple of 16;
+``torch._weight_int4pack_mm_for_cpu``: an output size a multiple of 16) a layer runs them; elsewhere it dequantizes its weight for each call and runs a plain matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP = 32
+_INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu's constraint on the output size
+
+
+def check_scheme(name: str | None) -> str | None:
+    """``name`` when it is None or one of SCHEMES; otherwise a ValueError naming the choices."""
+    if name is None or name in SCHEMES:
+        return name
+    raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)} (or None for full precision)")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 q [N, K] and float32 scales s [N] with w ~ q * s[:, None]; |error| <= s / 2. O(N K)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K] from quantize_int8's output. O(N K)."""
+    return q.float() * scale.float()[:, None]
+
+
+def padded(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes q [N, Kp] (uint8 in 0..15), scales s and offsets z [N, Kp / group] (float32), Kp the input size
+    padded with zero columns to a multiple of ``group``; w ~ (q - 8) * s + z per group, |error| <= s / 2.
+    O(N K)."""
+    n, k = w.shape
+    w = F.pad(w.float(), (0, padded(k, group) - k)).reshape(n, -1, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, -1), scale, low + 8 * scale
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float32 [N, Kp] from quantize_int4's output. O(N Kp)."""
+    n, groups = scale.shape
+    codes = q.reshape(n, groups, -1).float() - 8
+    return (codes * scale.float()[..., None] + zero.float()[..., None]).reshape(n, -1)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last dimension (even size): [..., K] -> [..., K / 2]."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def _int8_kernel_takes(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
+    """Whether torch's CPU int8 kernel runs this shape: in half precision it crashes (torch 2.13) on an
+    input size that is not a multiple of 8, so those take the dequantizing path."""
+    return device.type == "cpu" and (dtype == torch.float32 or in_features % 16 == 0)
+
+
+class QuantizedWeight(nn.Module):
+    """A quantized [out_features, in_features] weight; calling it computes x W^T on the path ``path``:
+    "int8-mm" or "int4-mm-cpu" (torch's kernels) or "int8-dequant" or "int4-dequant" (dequantize, matmul)."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor  # int4-dequant only
+
+    def __init__(self, w: torch.Tensor, scheme: str, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        w = w.to(device)  # quantized where it will run: a GPU does it faster
+        self.out_features, self.in_features = w.shape
+        self.dtype = dtype
+        if scheme == "int8":
+            q, scale = quantize_int8(w)
+            self.path = "int8-mm" if _int8_kernel_takes(device, dtype, self.in_features) else "int8-dequant"
+            self.register_buffer("qweight", q.to(device))
+            self.register_buffer("scale", scale.to(device, dtype))
+            return
+        q, scale, zero = quantize_int4(w)
+        self.k_padded = q.shape[1]
+        if device.type == "cpu" and self.out_features % _INT4_PACK_ROWS == 0:
+            self.path = "int4-mm-cpu"
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self.register_buffer("qweight", packed)
+            # torch's layout: [groups, N, 2] holding (scale, zero)
+            self.register_buffer("scale", torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype))
+            return
+        self.path = "int4-dequant"
+        self.register_buffer("qweight", pack_nibbles(q).to(device))
+        self.register_buffer("scale", scale.to(device, dtype))
+        self.register_buffer("zero", zero.to(device, dtype))
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, [out_features, in_features] in float32."""
+        if self.path.startswith("int8"):
+            return dequantize_int8(self.qweight, self.scale)
+        if self.path == "int4-dequant":
+            q = unpack_nibbles(self.qweight)
+            return dequantize_int4(q, self.scale, self.zero)[:, : self.in_features]
+        eye = torch.eye(self.k_padded, dtype=self.scale.dtype)
+        dense = torch._weight_int4pack_mm_for_cpu(eye, self.qweight, INT4_GROUP, self.scale)
+        return dense.T[:, : self.in_features].float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).to(self.dtype)
+        if self.path == "int8-mm":
+            y = torch._weight_int8pack_mm(x, self.qweight, self.scale)
+        elif self.path == "int4-mm-cpu":
+            x = F.pad(x, (0, self.k_padded - self.in_features))
+            y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.qweight, INT4_GROUP, self.scale)
+        else:
+            y = F.linear(x, self.dequantized().to(self.dtype))
+        return y.reshape(*lead, self.out_features)
+
+    if TYPE_CHECKING:
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def linear_bytes(out_features: int, in_features: int, scheme: str | None, itemsize: int) -> int:
+    """Bytes a [out, in] linear weight takes quantized with ``scheme`` (None: full precision), its scales
+    and offsets in an ``itemsize``-byte dtype: what a memory model of a quantized replica counts. O(1)."""
+    if scheme is None:
+        return out_features * in_features * itemsize
+    if scheme == "int8":
+        return out_features * (in_features + itemsize)
+    groups = padded(in_features, INT4_GROUP) // INT4_GROUP
+    return out_features * (groups * INT4_GROUP // 2 + 2 * groups * itemsize)
+
+
+def tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    for sub in module.modules():
+        if isinstance(sub, QuantizedWeight):
+            yield from sub.buffers(recurse=False)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter of ``module`` and of its quantized weights' codes, scales and offsets."""
+    return sum(t.numel() * t.element_size() for t in tensors(module))
+
+
+def paths(module: nn.Module) -> dict[str, int]:
+    """How many quantized linears of ``module`` run each path."""
+    counts: dict[str, int] = {}
+    for sub in module.modules():
+        if isinstance(sub, QuantizedWeight):
+            counts[sub.path] = counts.get(sub.path, 0) + 1
+    return counts
