@@ -18,6 +18,7 @@ from hexgen.daemon.certificates import Certificate, load_certificate
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.hardware import detect_isolated, simulated_profile
 from hexgen.daemon.hardware_profile import HardwareProfile
+from hexgen.daemon.heap import settle_heap
 from hexgen.daemon.logs import configure_logging
 from hexgen.daemon.node import Node
 from hexgen.daemon.node_key import load_or_create_key
@@ -72,6 +73,7 @@ async def serve(options: JoinOptions, hardware: HardwareProfile, certificate: Ce
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            settle_heap()
             ready = {"event": "ready", "peer_id": node.peer_id, "addrs": node.state.own_addrs, "http": node.http_url}
             print(json.dumps(ready), flush=True)
             for line in banner(node):

@@ -32,6 +32,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from hexgen.daemon.failure import WorldFailure
+from hexgen.daemon.heap import settle_heap
 from hexgen.daemon.interfaces import pin_interfaces
 from hexgen.daemon.wire import MAX_FRAME, MalformedFrame, decode_payload, encode_frame
 from hexgen.daemon.worker_frames import (
@@ -325,6 +326,7 @@ def start(channel: Channel) -> tuple[ReplicaWorker, object] | None:
     except Exception as exc:  # noqa: BLE001 - the worker's start: whatever failed is the daemon's to hear
         channel.send(failure_frame(exc).to_wire())
         return None
+    settle_heap()  # torch and the model loaded: a full collection must not walk them between steps
     channel.send(ReadyFrame(worker.rank, worker.is_driver, worker.block_manager.num_blocks).to_wire())
     worker.on_exchange = exchange_reporter(channel)
     return worker, store
