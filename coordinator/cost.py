@@ -222,7 +222,7 @@ class CostModel:
     ) -> tuple[float, float]:
         """(seconds per layer, fixed seconds) of one prefill batch on a stage."""
         m, p = self.model, self.params
-        flops = 2 * m.layer_params * tokens + 2 * tokens_sq * m.hidden
+        flops = 2 * m.active_layer_params * tokens + 2 * tokens_sq * m.hidden
         compute = flops / hw.tp / (hw.tflops * TFLOP * p.compute_efficiency)
         memory = m.layer_bytes / hw.tp / (hw.hbm_gbps * GB * p.memory_efficiency)
         activation = tokens * m.hidden * m.bytes_per_param
@@ -260,7 +260,7 @@ class CostModel:
         m, p = self.model, self.params
         kv_read = micro * context * m.kv_bytes_per_token_layer / self._kv_shards(hw.tp)
         memory = (m.layer_bytes / hw.tp + kv_read) / (hw.hbm_gbps * GB * p.memory_efficiency)
-        flops = (2 * m.layer_params + 4 * context * m.hidden) * micro / hw.tp
+        flops = (2 * m.active_layer_params + 4 * context * m.hidden) * micro / hw.tp
         compute = flops / (hw.tflops * TFLOP * p.compute_efficiency)
         activation = micro * m.hidden * m.bytes_per_param
         per_layer = max(memory, compute) + 2 * self.allreduce_time(activation, hw)

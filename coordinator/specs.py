@@ -57,23 +57,35 @@ class ModelSpec:
     gated_mlp: bool = True
     tied_embeddings: bool = False
     max_context: int = 4096
+    explicit_head_dim: int = 0  # Qwen3, Gemma: heads * head_dim need not equal hidden
+    experts: int = 0  # a mixture of experts (Mixtral): the MLP is ``experts`` gated MLPs and a router
+    experts_per_token: int = 0
 
     def __post_init__(self) -> None:
         for field_name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "bytes_per_param"):
             if getattr(self, field_name) < 1:
                 raise SpecError(f"model {self.name}: {field_name} must be positive")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
+        if (self.hidden % self.heads and not self.explicit_head_dim) or self.heads % self.kv_heads:
             raise SpecError(f"model {self.name}: heads must divide hidden and kv_heads must divide heads")
 
     @cached_property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
+
+    def _layer_params(self, mlps: int) -> int:
+        attention = 2 * self.hidden * (self.heads + self.kv_heads) * self.head_dim
+        router = self.hidden * self.experts
+        return attention + router + mlps * (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
 
     @cached_property
     def layer_params(self) -> int:
-        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
-        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-        return attention + mlp
+        """Parameters one layer holds: every expert of a mixture (memory)."""
+        return self._layer_params(self.experts or 1)
+
+    @cached_property
+    def active_layer_params(self) -> int:
+        """Parameters one token's pass through a layer uses: only its top-k experts (FLOPs)."""
+        return self._layer_params(self.experts_per_token or 1)
 
     @cached_property
     def embedding_params(self) -> int:
@@ -136,6 +148,9 @@ def _dtype_bytes(config: dict[str, Any]) -> int:
     return _DTYPE_BYTES[dtype]
 
 
+_DECODERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+
+
 def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelSpec:
     """Build a ModelSpec from a Hugging Face ``config.json`` mapping (Llama family or OPT)."""
     kind = str(config.get("model_type", "")).lower()
@@ -155,7 +170,7 @@ def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelS
                 max_context=int(config.get("max_position_embeddings", 2048)),
                 tied_embeddings=bool(config.get("tie_word_embeddings", True)),
             )
-        if kind in ("llama", "mistral", "qwen2"):
+        if kind in _DECODERS:
             heads = int(config["num_attention_heads"])
             return ModelSpec(
                 name=name,
@@ -168,11 +183,14 @@ def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelS
                 bytes_per_param=_dtype_bytes(config),
                 gated_mlp=True,
                 max_context=int(config.get("max_position_embeddings", 4096)),
-                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                tied_embeddings=bool(config.get("tie_word_embeddings", kind.startswith("gemma"))),
+                explicit_head_dim=int(config.get("head_dim") or 0),
+                experts=int(config.get("num_local_experts") or 0),
+                experts_per_token=int(config.get("num_experts_per_tok") or 0),
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"model config is missing or has a bad field: {exc}") from None
-    raise SpecError(f"unsupported model_type {kind!r} (supported: llama, mistral, qwen2, opt)")
+    raise SpecError(f"unsupported model_type {kind!r} (supported: {', '.join(_DECODERS)}, opt)")
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
