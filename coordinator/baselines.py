@@ -1,9 +1,10 @@
-"""Baselines in the planner's cost model, each with its own best search (no strawmen).
+"""Baselines in the planner's cost model, each with its own search (no strawmen), chosen by ``select`` like HexGen-2.
 
-- DistServe-style: disaggregated prefill and decode on uniform groups (one group size, one TP degree,
-  layers split evenly), as a planner that assumes homogeneous GPUs builds them; the best size, TP
-  degree and prefill/decode split are searched.
-- HexGen-style: heterogeneity-aware groups with asymmetric TP and uneven layer splits, but every group
+- DistServe: disaggregated prefill and decode on homogeneous groups, as DistServe builds them: one
+  parallel configuration (TP within a host, PP stages with layers split evenly) per phase, every group
+  of one GPU type, and its own placement search over the two configurations and the replica counts
+  (prefill groups carved from the fastest GPUs first, decode groups from the rest).
+- HexGen: heterogeneity-aware groups with asymmetric TP and uneven layer splits, but every group
   colocates prefill and decode (their interference is modelled as time-sharing); partition and
   refinement searched like HexGen-2's, restricted to colocated groups.
 - Naive: equal GPU counts per group in host order, half prefill and half decode, each group's layout
@@ -12,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 from collections.abc import Callable
 
@@ -19,63 +22,95 @@ from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostParams
 from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError
 from hexgen.coordinator.partition import partition
-from hexgen.coordinator.plan import Plan
+from hexgen.coordinator.plan import Plan, Role
 from hexgen.coordinator.search import SearchBudget, k_candidates, refine
+from hexgen.coordinator.select import select
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
-
-def _ordered(evaluator: Evaluator) -> list[int]:
-    return [g.id for g in sorted(evaluator.cluster.gpus, key=lambda g: (g.host, g.id))]
-
-
-def _best(candidates: list[Evaluation]) -> Evaluation | None:
-    best = None
-    for ev in candidates:
-        if ev.value > 0 and (best is None or ev.key() > best.key()):
-            best = ev
-    return best
+Config = tuple[int, int]  # (TP, PP) of a DistServe group
+Block = tuple[int, ...]  # TP GPUs on one host
 
 
-def _sweep(evaluator: Evaluator, chunks: list[tuple[int, ...]], uniform_tp: int) -> list[Evaluation]:
-    """Every split of the chunks into prefill and decode, ordered by prefill-to-decode strength."""
-    scored = []
-    for chunk in chunks:
-        p = evaluator.layout(GroupSpec(chunk, "prefill", uniform_tp))
-        d = evaluator.layout(GroupSpec(chunk, "decode", uniform_tp))
-        if p is not None and d is not None:
-            scored.append((p.rate / d.rate, chunk))
-    scored.sort(key=lambda x: (-x[0], x[1]))
-    out = []
-    for j in range(1, len(scored)):
-        out.append(
-            evaluator.evaluate(
-                [GroupSpec(c, "prefill" if i < j else "decode", uniform_tp) for i, (_, c) in enumerate(scored)]
-            )
-        )
-    return out
+def _blocks(cluster: Cluster, gpus: set[int], tp: int) -> dict[str, list[Block]]:
+    """Blocks of ``tp`` GPUs, each on one host, from ``gpus``, by GPU type (hosts in name order). O(n)."""
+    by_type: dict[str, list[Block]] = {}
+    for host in sorted(cluster.hosts):
+        free = [g for g in cluster.hosts[host] if g in gpus]
+        for i in range(0, len(free) - tp + 1, tp):
+            by_type.setdefault(cluster.gpus[free[i]].type, []).append(tuple(free[i : i + tp]))
+    return by_type
 
 
-def distserve_search(evaluator: Evaluator) -> Evaluation | None:
-    """Best uniform disaggregated plan over group size, TP degree and prefill/decode split."""
-    order = _ordered(evaluator)
-    n = len(order)
-    replica = evaluator.replica_bytes()
-    candidates = []
-    for size in range(1, n + 1):
-        if min(sum(evaluator.usable[g] for g in order[i : i + size]) for i in range(0, n - size + 1, size)) < replica:
+def _carve(cluster: Cluster, gpus: set[int], config: Config, limit: int, types: list[str]) -> list[tuple[int, ...]]:
+    """Up to ``limit`` homogeneous groups of ``config`` from ``gpus``, taking GPU types in ``types`` order."""
+    tp, pp = config
+    blocks = _blocks(cluster, gpus, tp)
+    groups: list[tuple[int, ...]] = []
+    for t in types:
+        mine = blocks.get(t, [])
+        for i in range(0, len(mine) - pp + 1, pp):
+            if len(groups) == limit:
+                return groups
+            groups.append(tuple(sorted(g for block in mine[i : i + pp] for g in block)))
+    return groups
+
+
+def _configs(evaluator: Evaluator, role: Role) -> list[Config]:
+    """DistServe's per-phase search: for each group size (TP x PP GPUs), the (TP, PP) configuration with the
+    best requests/s per GPU on some GPU type; best first. O(types * configs) layouts."""
+    cluster = evaluator.cluster
+    heads = evaluator.model.heads
+    scored: dict[Config, float] = {}
+    for tp, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
+        if heads % tp:
             continue
-        chunks = [tuple(order[i : i + size]) for i in range(0, n - size + 1, size)]
-        if len(chunks) < 2:
+        for blocks in _blocks(cluster, {g.id for g in cluster.gpus}, tp).values():
+            if len(blocks) < pp:
+                continue
+            gpus = tuple(sorted(g for block in blocks[:pp] for g in block))
+            lay = evaluator.layout(GroupSpec(gpus, role, tp))
+            if lay is not None:
+                scored[tp, pp] = max(scored.get((tp, pp), 0.0), lay.rate / len(gpus))
+    best: dict[int, Config] = {}
+    for config, rate in scored.items():
+        size = config[0] * config[1]
+        if size not in best or rate > scored[best[size]]:
+            best[size] = config
+    return sorted(best.values(), key=lambda c: (-scored[c], c))
+
+
+def distserve_candidates(evaluator: Evaluator) -> list[Evaluation]:
+    """Every DistServe placement: a prefill and a decode configuration (each the best of its group size), k
+    prefill groups carved from the fastest GPU types, and as many decode groups as the rest holds.
+    O(C^2 * n) evaluations for C group sizes."""
+    cluster = evaluator.cluster
+    flops: dict[str, float] = {}
+    for g in cluster.gpus:
+        flops[g.type] = g.tflops
+    fastest = sorted(flops, key=lambda t: (-flops[t], t))
+    everything = {g.id for g in cluster.gpus}
+    found = []
+    for pre, dec in itertools.product(_configs(evaluator, "prefill"), _configs(evaluator, "decode")):
+        if pre[0] * pre[1] + dec[0] * dec[1] > len(cluster):
             continue
-        for tp in (1, 2, 4, 8):
-            if size % tp == 0:
-                candidates.extend(_sweep(evaluator, chunks, tp))
-    return _best(candidates)
+        for k in range(1, len(cluster) // (pre[0] * pre[1]) + 1):
+            prefill = _carve(cluster, everything, pre, k, fastest)
+            if len(prefill) < k:
+                break
+            rest = everything - {g for grp in prefill for g in grp}
+            decode = _carve(cluster, rest, dec, len(cluster), fastest[::-1])
+            if not decode:
+                break
+            groups = [GroupSpec(g, "prefill", pre[0]) for g in prefill] + [
+                GroupSpec(g, "decode", dec[0]) for g in decode
+            ]
+            found.append(evaluator.evaluate(groups))
+    return found
 
 
-def hexgen_search(evaluator: Evaluator, seed: int = 0) -> Evaluation | None:
-    """Best colocated heterogeneous plan: partition for each K, then refinement within colocated roles."""
+def hexgen_candidates(evaluator: Evaluator, seed: int = 0) -> list[Evaluation]:
+    """Colocated heterogeneous plans: partition for each K, then refinement within colocated roles."""
     budget = SearchBudget()
     all_gpus = [g.id for g in evaluator.cluster.gpus]
     seeds = []
@@ -84,13 +119,12 @@ def hexgen_search(evaluator: Evaluator, seed: int = 0) -> Evaluation | None:
         seeds.append(evaluator.evaluate([GroupSpec(tuple(g), "colocated") for g in groups]))
     seeds.sort(key=lambda e: e.key(), reverse=True)
     rng = random.Random(seed)
-    refined = [refine(evaluator, s, budget, rng, roles=("colocated",)) for s in seeds[: budget.seeds_refined]]
-    return _best(refined)
+    return [refine(evaluator, s, budget, rng, roles=("colocated",)) for s in seeds[: budget.seeds_refined]]
 
 
-def naive_search(evaluator: Evaluator) -> Evaluation | None:
-    """Equal-count groups in host order, half prefill and half decode, best group count."""
-    order = _ordered(evaluator)
+def naive_candidates(evaluator: Evaluator) -> list[Evaluation]:
+    """Equal-count groups in host order, half prefill and half decode, for every group count."""
+    order = [g.id for g in sorted(evaluator.cluster.gpus, key=lambda g: (g.host, g.id))]
     n = len(order)
     candidates = []
     for k in range(2, n + 1):
@@ -98,39 +132,40 @@ def naive_search(evaluator: Evaluator) -> Evaluation | None:
         chunks = [tuple(order[i * size : (i + 1) * size]) for i in range(k)]
         groups = [GroupSpec(c, "prefill" if i < k // 2 else "decode") for i, c in enumerate(chunks)]
         candidates.append(evaluator.evaluate(groups))
-    return _best(candidates)
+    return candidates
 
 
-Search = Callable[[Evaluator], Evaluation | None]
+SEARCHES: dict[str, Callable[[Evaluator, int], list[Evaluation]]] = {
+    "distserve": lambda ev, seed: distserve_candidates(ev),
+    "hexgen": hexgen_candidates,
+    "naive": lambda ev, seed: naive_candidates(ev),
+}
 
 
-def _run(
-    name: str, search: Search, cluster: Cluster, model: ModelSpec, workload: Workload, params: CostParams | None
+def baseline(
+    name: str,
+    cluster: Cluster,
+    model: ModelSpec,
+    workload: Workload,
+    *,
+    params: CostParams | None = None,
+    seed: int = 0,
+    holdout: Workload | None = None,
 ) -> Plan:
+    """The ``name`` baseline's plan (one of SEARCHES), chosen by ``select`` like HexGen-2's; raises PlanError
+    when it finds none."""
     evaluator = Evaluator(cluster, model, workload, params)
     evaluator.check_fits()
-    found = search(evaluator)
-    if found is None:
+    found = [ev for ev in SEARCHES[name](evaluator, seed) if ev.value > 0]
+    if not found:
         raise PlanError(f"the {name} baseline finds no feasible plan for {model.name} on {cluster.name}")
-    return evaluator.to_plan(found, planner=name, evaluations=evaluator.evaluations)
+    budget = SearchBudget()
+    best, meta = select(
+        evaluator, found, tie_band=budget.tie_band, holdout=holdout, holdout_requests=budget.holdout_requests, seed=seed
+    )
+    return evaluator.to_plan(best, planner=name, evaluations=evaluator.evaluations, **meta)
 
 
-def distserve(
-    cluster: Cluster, model: ModelSpec, workload: Workload, *, params: CostParams | None = None, seed: int = 0
-) -> Plan:
-    """The DistServe-style baseline plan; raises PlanError when it finds none."""
-    return _run("distserve", distserve_search, cluster, model, workload, params)
-
-
-def hexgen(
-    cluster: Cluster, model: ModelSpec, workload: Workload, *, params: CostParams | None = None, seed: int = 0
-) -> Plan:
-    """The HexGen-style (colocated) baseline plan; raises PlanError when it finds none."""
-    return _run("hexgen", lambda ev: hexgen_search(ev, seed), cluster, model, workload, params)
-
-
-def naive(
-    cluster: Cluster, model: ModelSpec, workload: Workload, *, params: CostParams | None = None, seed: int = 0
-) -> Plan:
-    """The naive even-split baseline plan; raises PlanError when it finds none."""
-    return _run("naive", naive_search, cluster, model, workload, params)
+distserve = functools.partial(baseline, "distserve")
+hexgen = functools.partial(baseline, "hexgen")
+naive = functools.partial(baseline, "naive")

@@ -1,11 +1,17 @@
-"""The cluster the planner places a model on: GPUs, hosts and the bandwidth between them."""
+"""The cluster the planner places a model on: GPUs, hosts, the links between them and each host's NIC.
+
+Every byte between two hosts leaves through the sender's NIC and enters through the receiver's, so a
+host pair's link is never faster than either NIC, and all the traffic of a host shares its NIC (the
+planner's flow and the simulator charge it there). Links inside a host (NVLink, PCIe) are not NIC-bound.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -38,15 +44,30 @@ class HostSpec:
     memory_gb: float | None = None
     tflops: float | None = None
     hbm_gbps: float | None = None
+    nic_gbit_s: float | None = None  # both directions, unless one of the next two says otherwise
+    nic_in_gbit_s: float | None = None
+    nic_out_gbit_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A host's network interface: what it can send (egress) and receive (ingress), GB/s."""
+
+    egress: float
+    ingress: float
 
 
 @dataclass(frozen=True, eq=False)
 class Cluster:
-    """GPUs plus a symmetric bandwidth matrix in GB/s (``bandwidth[i][j]`` between GPU ids i and j)."""
+    """GPUs, a symmetric link matrix in GB/s (``bandwidth[i][j]`` between GPU ids i and j) and host NICs.
+
+    ``nics`` maps a host to its NIC; a host it leaves out has an unlimited one.
+    """
 
     gpus: tuple[GPU, ...]
     bandwidth: tuple[tuple[float, ...], ...]
     name: str = "cluster"
+    nics: Mapping[str, Nic] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.gpus)
@@ -67,13 +88,34 @@ class Cluster:
 
     @cached_property
     def host_bandwidth(self) -> dict[tuple[str, str], float]:
-        """Bandwidth between two hosts (the best GPU pair between them); intra-host for equal names."""
+        """GB/s one transfer between two hosts gets: the best GPU pair's link, capped by the sender's egress
+        and the receiver's ingress; intra-host (no NIC) for equal names. O(n^2)."""
         result: dict[tuple[str, str], float] = {}
         for a, ids_a in self.hosts.items():
             for b, ids_b in self.hosts.items():
                 pairs = [self.bandwidth[i][j] for i in ids_a for j in ids_b if i != j]
-                result[a, b] = max(pairs) if pairs else 0.0
+                best = max(pairs) if pairs else 0.0
+                result[a, b] = best if a == b else min(best, self.egress(a), self.ingress(b))
         return result
+
+    def egress(self, host: str) -> float:
+        nic = self.nics.get(host)
+        return nic.egress if nic is not None else math.inf
+
+    def ingress(self, host: str) -> float:
+        nic = self.nics.get(host)
+        return nic.ingress if nic is not None else math.inf
+
+    def link(self, a: int, b: int) -> float:
+        """GB/s between GPUs ``a`` and ``b``: their link, NIC-capped when they sit on different hosts."""
+        ha, hb = self.gpus[a].host, self.gpus[b].host
+        if ha == hb:
+            return self.bandwidth[a][b]
+        return min(self.bandwidth[a][b], self.egress(ha), self.ingress(hb), self.egress(hb), self.ingress(ha))
+
+    def with_nics(self, nics: Mapping[str, Nic]) -> Cluster:
+        """The same cluster with these hosts' NICs replaced (others kept)."""
+        return dataclasses.replace(self, nics={**self.nics, **nics})
 
     @property
     def price_per_hour(self) -> float:
@@ -98,7 +140,8 @@ class Cluster:
             for g in (self.gpus[i] for i in ids)
         )
         bw = tuple(tuple(self.bandwidth[i][j] for j in ids) for i in ids)
-        return Cluster(gpus, bw, self.name), remap
+        hosts = {g.host for g in gpus}
+        return Cluster(gpus, bw, self.name, {h: n for h, n in self.nics.items() if h in hosts}), remap
 
     def describe(self) -> str:
         counts: dict[str, int] = {}
@@ -106,7 +149,12 @@ class Cluster:
             counts[g.type] = counts.get(g.type, 0) + 1
         parts = ", ".join(f"{n} x {t}" for t, n in counts.items())
         hosts = len(self.hosts)
-        return f"{self.name}: {parts} on {hosts} host{'s' if hosts != 1 else ''}, ${self.price_per_hour:.2f}/h"
+        rates = [min(n.egress, n.ingress) / GBIT for n in self.nics.values()]
+        nic = ""
+        if rates:
+            lo, hi = min(rates), max(rates)
+            nic = f", {lo:g} Gbit/s NICs" if lo == hi else f", {lo:g}-{hi:g} Gbit/s NICs"
+        return f"{self.name}: {parts} on {hosts} host{'s' if hosts != 1 else ''}{nic}, ${self.price_per_hour:.2f}/h"
 
 
 def build_cluster(
@@ -114,24 +162,31 @@ def build_cluster(
     network_gbit_s: float = 10.0,
     links: Mapping[tuple[str, str], float] | None = None,
     name: str = "cluster",
+    nic_gbit_s: float | None = None,
 ) -> Cluster:
     """A cluster from host descriptions.
 
     Inside a host GPUs talk at the type's intra-host bandwidth (NVLink or PCIe) unless the host
     overrides it; between hosts at ``network_gbit_s`` Gbit/s unless ``links`` (host pair -> Gbit/s)
-    says otherwise. Complexity O(n^2) in the number of GPUs.
+    says otherwise. Each host's NIC runs at its own ``nic_*_gbit_s`` figures, else ``nic_gbit_s``,
+    else ``network_gbit_s``. Complexity O(n^2) in the number of GPUs.
     """
     gpus: list[GPU] = []
     intra: dict[str, float] = {}
+    if not network_gbit_s > 0:
+        raise ClusterError(f"network bandwidth must be positive, got {network_gbit_s}")
+    nic_default = network_gbit_s if nic_gbit_s is None else nic_gbit_s
+    if not nic_default > 0:
+        raise ClusterError(f"NIC bandwidth must be positive, got {nic_default}")
+    nics: dict[str, Nic] = {}
     for host in hosts:
         if host.name in intra:
             raise ClusterError(f"host {host.name!r} is listed twice")
         intra[host.name], host_gpus = _host_gpus(host, len(gpus))
+        nics[host.name] = _nic(host, nic_default)
         gpus.extend(host_gpus)
     if not gpus:
         raise ClusterError("the cluster has no GPUs")
-    if network_gbit_s <= 0:
-        raise ClusterError(f"network bandwidth must be positive, got {network_gbit_s}")
     link_gbs = _link_bandwidths(links or {}, set(intra))
     default = network_gbit_s * GBIT
 
@@ -142,7 +197,16 @@ def build_cluster(
             return intra[ga.host]
         return link_gbs.get(frozenset((ga.host, gb.host)), default)
 
-    return Cluster(tuple(gpus), tuple(tuple(bandwidth(ga, gb) for gb in gpus) for ga in gpus), name)
+    return Cluster(tuple(gpus), tuple(tuple(bandwidth(ga, gb) for gb in gpus) for ga in gpus), name, nics)
+
+
+def _nic(host: HostSpec, default_gbit_s: float) -> Nic:
+    both = host.nic_gbit_s if host.nic_gbit_s is not None else default_gbit_s
+    out = host.nic_out_gbit_s if host.nic_out_gbit_s is not None else both
+    into = host.nic_in_gbit_s if host.nic_in_gbit_s is not None else both
+    if not (out > 0 and into > 0):
+        raise ClusterError(f"host {host.name!r}: NIC bandwidth must be positive")
+    return Nic(out * GBIT, into * GBIT)
 
 
 def _host_gpus(host: HostSpec, first_id: int) -> tuple[float, list[GPU]]:
@@ -190,7 +254,7 @@ def _number(table: Mapping[str, Any], key: str, where: str, default: float | Non
 
 def parse_cluster(data: Mapping[str, Any], name: str = "cluster") -> Cluster:
     """A cluster from the mapping of a cluster TOML file (see ``bench/clusters/*.toml``)."""
-    known = {"name", "network_gbit_s", "hosts", "links"}
+    known = {"name", "network_gbit_s", "nic_gbit_s", "hosts", "links"}
     unknown = set(data) - known
     if unknown:
         raise ClusterError(f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -200,10 +264,22 @@ def parse_cluster(data: Mapping[str, Any], name: str = "cluster") -> Cluster:
     hosts = [_host_spec(h, f"hosts[{i}]", f"host{i}") for i, h in enumerate(raw_hosts)]
     links = _links(data.get("links", []))
     network = _number(data, "network_gbit_s", "cluster", 10.0)
-    return build_cluster(hosts, network or 0.0, links, name=str(data.get("name", name)))
+    nic = _number(data, "nic_gbit_s", "cluster")
+    return build_cluster(hosts, network or 0.0, links, name=str(data.get("name", name)), nic_gbit_s=nic)
 
 
-_HOST_KEYS = {"name", "gpu", "count", "intra_host_gb_s", "memory_gb", "tflops", "hbm_gb_s"}
+_HOST_KEYS = {
+    "name",
+    "gpu",
+    "count",
+    "intra_host_gb_s",
+    "memory_gb",
+    "tflops",
+    "hbm_gb_s",
+    "nic_gbit_s",
+    "nic_in_gbit_s",
+    "nic_out_gbit_s",
+}
 
 
 def _host_spec(h: Any, where: str, default_name: str) -> HostSpec:
@@ -227,6 +303,9 @@ def _host_spec(h: Any, where: str, default_name: str) -> HostSpec:
         memory_gb=_number(h, "memory_gb", where),
         tflops=_number(h, "tflops", where),
         hbm_gbps=_number(h, "hbm_gb_s", where),
+        nic_gbit_s=_number(h, "nic_gbit_s", where),
+        nic_in_gbit_s=_number(h, "nic_in_gbit_s", where),
+        nic_out_gbit_s=_number(h, "nic_out_gbit_s", where),
     )
 
 

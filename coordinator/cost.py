@@ -98,7 +98,7 @@ class StageHardware:
 def stage_hardware(cluster: Cluster, gpus: Sequence[int]) -> StageHardware:
     """The hardware summary of a TP stage over ``gpus``. O(t^2) for t GPUs."""
     members = [cluster.gpus[i] for i in gpus]
-    link = min((cluster.bandwidth[a][b] for a in gpus for b in gpus if a != b), default=math.inf)
+    link = min((cluster.link(a, b) for a in gpus for b in gpus if a != b), default=math.inf)
     return StageHardware(
         tp=len(members),
         tflops=min(g.tflops for g in members),
@@ -324,8 +324,9 @@ class CostModel:
 
         A prefill host sends the KV of the layers it holds to the decode hosts that hold those layers,
         so a host pair carries the share of layers both ends hold; host pairs move in parallel, and
-        inside one host min(sending GPUs, receiving GPUs) links do. Group pairs that share a host pair
-        are not charged for each other (a known simplification). O(S_p * S_d).
+        inside one host min(sending GPUs, receiving GPUs) links do. What group pairs that share a host's
+        NIC take from each other is charged by the flow (``flow.NicLimits``) and the simulator, not here.
+        O(S_p * S_d).
         """
         cluster = self.cluster
 
@@ -355,8 +356,13 @@ class CostModel:
             return math.inf
         return min(bw * GB / (share * nbytes) for bw, share, _ in routes)
 
-    def kv_transfer_time(self, prompt_tokens: int, prefill: Sequence[Stage], decode: Sequence[Stage]) -> float:
-        """Seconds to move one prompt's KV: host pairs in parallel, the slowest one decides."""
+    def kv_transfer_time(
+        self, prompt_tokens: int, prefill: Sequence[Stage], decode: Sequence[Stage], same_host_only: bool = False
+    ) -> float:
+        """Seconds to move one prompt's KV: host pairs in parallel, the slowest one decides.
+
+        ``same_host_only`` times just the routes inside a host (the simulator queues the rest on NICs).
+        """
         nbytes = self.model.kv_bytes_per_token * prompt_tokens
         key = (tuple(prefill), tuple(decode))
         routes = self._routes.get(key)
@@ -367,6 +373,7 @@ class CostModel:
                 (self.params.intra_host_latency_s if same else self.params.inter_host_latency_s)
                 + share * nbytes / (bw * GB)
                 for bw, share, same in routes
+                if same or not same_host_only
             ),
             default=0.0,
         )

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
-from hexgen.coordinator.flow import FlowNode, FlowResult, max_flow
+from hexgen.coordinator.flow import FlowNode, FlowResult, NicLimits, PortBytes, max_flow
+from hexgen.coordinator.network import as_ports, kv_bytes, port_capacity, request_bytes
 from hexgen.coordinator.parallel import Layout, LayoutSearch
 from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role, Stage
 from hexgen.coordinator.specs import ModelSpec
@@ -69,6 +70,15 @@ class Evaluator:
         self._links: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], float] = {}
         self._scores: dict[Assignment, Evaluation] = {}
         self.usable = [self.cost.usable_bytes_of(g.id) for g in cluster.gpus]
+        self._node_bytes: dict[tuple[tuple[Stage, ...], Role], PortBytes] = {}
+        self._pair_bytes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], PortBytes] = {}
+        self._host_kv: dict[int, tuple[Layout, dict[str, float]]] = {}  # by id, holding the layout alive
+        self.nic_capacity = {
+            port: cap
+            for host in cluster.hosts
+            for port in ((host, "out"), (host, "in"))
+            if (cap := port_capacity(cluster, port)) < float("inf")
+        }
 
     @property
     def evaluations(self) -> int:
@@ -101,23 +111,78 @@ class Evaluator:
             self._links[key] = self.cost.kv_transfer_rate(prefill.stages, decode.stages)
         return self._links[key]
 
+    def node_bytes(self, layout: Layout, role: Role) -> PortBytes:
+        """NIC bytes per request a group's own traffic puts on each port; memoized."""
+        key = (layout.stages, role)
+        if key not in self._node_bytes:
+            self._node_bytes[key] = as_ports(request_bytes(self.cost, layout.stages, role))
+        return self._node_bytes[key]
+
+    def pair_bytes(self, prefill: Layout, decode: Layout) -> PortBytes:
+        """NIC bytes per request of the KV hand-off between two layouts; memoized."""
+        key = (prefill.stages, decode.stages)
+        if key not in self._pair_bytes:
+            self._pair_bytes[key] = as_ports(kv_bytes(self.cost, prefill.stages, decode.stages))
+        return self._pair_bytes[key]
+
     def upper_bound(self, groups: Iterable[GroupSpec]) -> float:
-        """A cheap bound on the flow value: min(total source-side capacity, total sink-side capacity)."""
-        supply = demand = 0.0
-        for g in groups:
-            if not g.gpus:
+        """A cheap bound on the flow value: min(source-side capacity, sink-side capacity), each side under
+        the NICs as far as one port per group tells (see ``_nic_bound``). O(G * S) memoized look-ups."""
+        placed = [(g.role, lay) for g in groups if g.gpus and (lay := self.layout(g)) is not None]
+        hosts: dict[str, set[str]] = {"prefill": set(), "decode": set()}
+        for role, lay in placed:
+            if role in hosts:
+                hosts[role].update(self._kv_by_host(lay))
+        sides: dict[str, list[tuple[float, PortBytes]]] = {"prefill": [], "decode": []}
+        for role, lay in placed:
+            own = self.node_bytes(lay, role)
+            if role == "colocated":
+                sides["prefill"].append((lay.rate, own))
+                sides["decode"].append((lay.rate, own))
                 continue
-            lay = self.layout(g)
-            if lay is None:
+            # KV for the layers a group holds on a host with no partner group there must cross that NIC
+            partner, direction = ("decode", "out") if role == "prefill" else ("prefill", "in")
+            least = dict(own)
+            for host, nbytes in self._kv_by_host(lay).items():
+                if host not in hosts[partner]:
+                    least[host, direction] = least.get((host, direction), 0.0) + nbytes
+            sides[role].append((lay.rate, least))
+        return min(self._nic_bound(sides["prefill"]), self._nic_bound(sides["decode"]))
+
+    def _kv_by_host(self, layout: Layout) -> dict[str, float]:
+        """A mean prompt's KV bytes of the layers ``layout`` holds on each of its hosts; memoized."""
+        found = self._host_kv.get(id(layout))
+        if found is None:
+            per_layer = self.cost.prompt_kv_bytes() / self.model.layers
+            kv: dict[str, float] = {}
+            for st in layout.stages:
+                host = self.cluster.gpus[st.gpus[0]].host
+                kv[host] = kv.get(host, 0.0) + per_layer * st.num_layers
+            self._host_kv[id(layout)] = found = (layout, kv)
+        return found[1]
+
+    def _nic_bound(self, groups: Sequence[tuple[float, PortBytes]]) -> float:
+        """Most requests/s these groups can serve if each only had to fit its tightest NIC port, which it
+        shares with the others assigned there (a fractional knapsack per port, fewest bytes first)."""
+        total = 0.0
+        by_port: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for rate, ports in groups:
+            limited = [(nbytes / self.nic_capacity[p], p) for p, nbytes in ports.items() if p in self.nic_capacity]
+            if not limited:
+                total += rate
                 continue
-            if g.role != "decode":
-                supply += lay.rate
-            if g.role != "prefill":
-                demand += lay.rate
-        return min(supply, demand)
+            _, port = max(limited)
+            by_port.setdefault(port, []).append((ports[port], rate))
+        for port, members in by_port.items():
+            room = self.nic_capacity[port]
+            for nbytes, rate in sorted(members):
+                take = min(rate, room / nbytes) if nbytes > 0 else rate
+                total += take
+                room -= take * nbytes
+        return total
 
     def evaluate(self, groups: Iterable[GroupSpec]) -> Evaluation:
-        """Layouts for every group, then max-flow. Memoized on the canonical assignment."""
+        """Layouts for every group, then the flow under the NICs. Memoized on the canonical assignment."""
         assignment = canonical(groups)
         cached = self._scores.get(assignment)
         if cached is not None:
@@ -134,7 +199,21 @@ class Evaluator:
             assert p is not None and d is not None  # max_flow links only the nodes, which have layouts
             return self.link_rate(p, d)
 
-        flow = max_flow(nodes, link)
+        nics = None
+        if self.nic_capacity:
+            node_bytes = {
+                i: self.node_bytes(lay, g.role)
+                for i, (g, lay) in enumerate(zip(assignment, layouts, strict=True))
+                if lay is not None
+            }
+
+            def pair(prefill: int, decode: int) -> PortBytes:
+                p, d = layouts[prefill], layouts[decode]
+                assert p is not None and d is not None
+                return self.pair_bytes(p, d)
+
+            nics = NicLimits(node_bytes, pair, self.nic_capacity)
+        flow = max_flow(nodes, link, nics)
         result = Evaluation(assignment, layouts, flow)
         self._scores[assignment] = result
         return result
@@ -157,6 +236,7 @@ class Evaluator:
         info = {
             "unused_gpus": [g.id for g in self.cluster.gpus if g.id not in used],
             "tokens_per_s": evaluation.value * self.workload.mean_output,
+            "nic_use": evaluation.flow.nic_use,
             "model": self.model.name,
             "cluster": self.cluster.name,
             "workload": self.workload.name,

@@ -28,8 +28,9 @@ def set_partitions(items: list[int]) -> Iterator[list[list[int]]]:
             yield [*smaller[:i], [first, *smaller[i]], *smaller[i + 1 :]]
 
 
-def exhaustive_best(evaluator: Evaluator, max_gpus: int = 8) -> Evaluation | None:
-    """The best assignment of the whole (small) cluster, or None if no block can hold a replica."""
+def exhaustive_best(evaluator: Evaluator, max_gpus: int = 8, roles: tuple[Role, ...] = ROLES) -> Evaluation | None:
+    """The best assignment of the whole (small) cluster with groups of ``roles``, or None if no block can
+    hold a replica."""
     n = len(evaluator.cluster)
     if n > max_gpus:
         raise ValueError(f"exhaustive search is for at most {max_gpus} GPUs, got {n}")
@@ -37,7 +38,7 @@ def exhaustive_best(evaluator: Evaluator, max_gpus: int = 8) -> Evaluation | Non
 
     def feasible_roles(block: tuple[int, ...]) -> list[Role]:
         if block not in roles_of:
-            roles_of[block] = [r for r in ROLES if evaluator.layout(GroupSpec(block, r)) is not None]
+            roles_of[block] = [r for r in roles if evaluator.layout(GroupSpec(block, r)) is not None]
         return roles_of[block]
 
     best: Evaluation | None = None
@@ -45,8 +46,8 @@ def exhaustive_best(evaluator: Evaluator, max_gpus: int = 8) -> Evaluation | Non
         usable = [tuple(b) for b in blocks if feasible_roles(tuple(b))]
         if not usable:
             continue
-        for roles in itertools.product(*(feasible_roles(b) for b in usable)):
-            groups = [GroupSpec(b, r) for b, r in zip(usable, roles, strict=True)]
+        for labels in itertools.product(*(feasible_roles(b) for b in usable)):
+            groups = [GroupSpec(b, r) for b, r in zip(usable, labels, strict=True)]
             if best is not None and evaluator.upper_bound(groups) <= best.value:
                 continue
             ev = evaluator.evaluate(groups)

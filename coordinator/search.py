@@ -25,11 +25,10 @@ class SearchBudget:
     seeds_refined: int = 3
     k_values: int = 10
     min_gain: float = 0.0  # relative throughput gain a step must bring; a re-plan asks for more, to move less
-    # finalists within this share of the best predicted throughput (or, online, sustaining the arrival rate)
-    # count as tied and are compared by replaying the workload (at most ``tie_requests`` of it) in the
-    # simulator; 0 turns it off
+    # finalists within this share of the best predicted throughput count as tied and are compared by
+    # replaying a held-out offline sample (at most ``holdout_requests`` of it) in the simulator; 0 turns it off
     tie_band: float = 0.05
-    tie_requests: int = 20000
+    holdout_requests: int = 2000
 
 
 def k_candidates(k_max: int, count: int) -> list[int]:
@@ -56,7 +55,7 @@ class _Moves:
         self.roles = roles
 
     def neighbours(self, current: Evaluation) -> list[list[GroupSpec]]:
-        """Role flips of every group, then (sampled down to the limit) GPU moves and swaps from unsaturated
+        """Role flips of every group and the unused pool as a new group, then (sampled down to the limit) GPU moves and swaps from unsaturated
         groups or the unused pool into saturated or infeasible ones, merges into those, and two-way splits."""
         groups = list(current.assignment)
         used = {g for spec in groups for g in spec.gpus}
@@ -64,13 +63,16 @@ class _Moves:
         saturated = set(current.flow.saturated)
         infeasible = {i for i, lay in enumerate(current.layouts) if lay is None}
         receivers = sorted(saturated | infeasible) or list(range(len(groups)))
-        donors = [i for i in range(len(groups)) if i not in saturated]
+        donors = [i for i in range(len(groups)) if i not in saturated] or list(range(len(groups)))
         out = self._flips(groups)
+        if pool:
+            out.extend([*groups, GroupSpec(pool, role)] for role in self.roles)
+            for left, right in self._splits(pool):
+                out.append([*groups, GroupSpec(left, "prefill"), GroupSpec(right, "decode")])
+                out.append([*groups, GroupSpec(left, "decode"), GroupSpec(right, "prefill")])
         moves = self._transfers(groups, receivers, donors, pool)
         moves += self._merges(groups, sorted(infeasible | saturated))
         moves += self._split_moves(groups)
-        if pool:
-            moves.extend([*groups, GroupSpec(pool, role)] for role in self.roles)
         moves = [m for m in moves if all(g.role in self.roles for g in m if g.gpus)]
         if len(moves) > self.limit - len(out):
             moves = self.rng.sample(moves, max(0, self.limit - len(out)))
@@ -153,16 +155,18 @@ class _Moves:
         return units
 
     def _splits(self, gpus: Sequence[int]) -> list[Split]:
-        """Two-way splits of a group: every split of its hosts (up to 4 hosts), else halves."""
+        """Two-way splits of a group: every split of its hosts (up to 4 hosts), else halves; and every host's
+        GPUs halved, so that two halves can hand KV over inside their hosts instead of through NICs."""
         by_host = self._by_host(gpus)
         hosts = sorted(by_host)
+        within = tuple(g for h in hosts for g in by_host[h][: len(by_host[h]) // 2])
+        out = [(within, tuple(g for g in gpus if g not in within))] if within and len(hosts) > 1 else []
         if len(hosts) > 1:
             if len(hosts) > 4:
                 sides = [hosts[: len(hosts) // 2]]
             else:
                 rest = hosts[1:]
                 sides = [[hosts[0], *c] for k in range(len(rest)) for c in itertools.combinations(rest, k)]
-            out = []
             for side in sides:
                 left = tuple(g for h in side for g in by_host[h])
                 out.append((left, tuple(g for g in gpus if g not in left)))

@@ -1,9 +1,11 @@
 """Trace-driven discrete-event simulator: replays a workload through a Plan, timed by the cost model.
 
 Requests enter prefill (or colocated) groups in proportion to the plan's flows, are prefilled in
-token-budgeted FIFO batches that pipeline through the stages, ship their prompt KV over a serialized
-channel to a decode group chosen by the prefill group's out flows, and decode there under continuous
-batching. Colocated groups run prefill and decode in one loop that gives prefill priority and stalls
+token-budgeted FIFO batches that pipeline through the stages, ship their prompt KV to a decode group
+chosen by the prefill group's out flows (over a serialized channel inside a host, through the hosts'
+NIC queues between hosts), and decode there under continuous batching. Every byte that crosses hosts
+(KV, activations at pipeline boundaries, TP all-reduces of a stage spanning hosts) queues on the
+sending host's egress and the receiving host's ingress, shared by all groups there. Colocated groups run prefill and decode in one loop that gives prefill priority and stalls
 decoding while a prefill batch runs. Decode is simulated one batch iteration at a time (not one token
 per request), so a run costs O(R log R + I * S) for R requests, I decode iterations and S stages.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hexgen.coordinator.cost import CostModel
+from hexgen.coordinator.network import NicQueue, Traffic, kv_bytes, pass_bytes
 from hexgen.coordinator.plan import SINK, SOURCE, Group, Plan
 from hexgen.coordinator.workload import Workload
 
@@ -220,10 +223,36 @@ class _Simulation:
         self.finish = [math.inf] * len(reqs)
         self.served = dict.fromkeys(sorted(self.groups), 0)
         self.channel_free: dict[tuple[int, int], float] = {}
+        self.nics = NicQueue(cost.cluster)
+        self._per_token: dict[tuple[int, int], Traffic] = {}
         self.iterations = 0
         self.budget = cost.params.prefill_batch_tokens
         self.events: list[tuple[float, int, int, int, int, Any]] = []
         self.seq = 0
+
+    def per_token(self, src: int, dst: int) -> Traffic:
+        """Cross-host bytes per token: of a pass through group ``src`` (dst == src), else of the KV from
+        prefill group ``src`` to decode group ``dst``; memoized."""
+        key = (src, dst)
+        found = self._per_token.get(key)
+        if found is None:
+            stages = self.groups[src].stages
+            if src == dst:
+                found = pass_bytes(self.cost, stages, 1.0)
+            else:
+                found = kv_bytes(self.cost, stages, self.groups[dst].stages, 1.0)
+            self._per_token[key] = found
+        return found
+
+    def send(self, src: int, dst: int, tokens: float, t: float, latency_s: float = 0.0) -> float:
+        """Queue ``tokens`` tokens' cross-host bytes (see ``per_token``) on the NICs; when they have arrived.
+
+        A group's own traffic (activations) goes ahead of KV caches (see ``NicQueue``)."""
+        traffic = self.per_token(src, dst)
+        if not traffic:
+            return t
+        scaled = {pair: tokens * b for pair, b in traffic.items()}
+        return self.nics.reserve(scaled, t, latency_s, urgent=src == dst)
 
     def push(self, t: float, prio: int, kind: int, gid: int, payload: Any = None) -> None:
         self.seq += 1
@@ -310,6 +339,7 @@ class _Simulation:
         for k, dt in enumerate(times):
             end = max(end, st.stage_free[k]) + dt
             st.stage_free[k] = end
+        end = max(end, self.send(st.group.id, st.group.id, sum(self.prompt[r] for r in batch), t))
         st.busy = True
         self.push(st.stage_free[0], _CHANGE, _STAGE0_FREE, st.group.id)
         self.push(end, _CHANGE, _PREFILL_DONE, st.group.id, batch)
@@ -331,8 +361,11 @@ class _Simulation:
             self.served[dst] += 1
             channel = (gid, dst)
             start = max(t, self.channel_free.get(channel, 0.0))
-            done = start + self.cost.kv_transfer_time(self.prompt[r], st.group.stages, self.groups[dst].stages)
+            stages = (st.group.stages, self.groups[dst].stages)
+            done = start + self.cost.kv_transfer_time(self.prompt[r], *stages, same_host_only=True)
             self.channel_free[channel] = done
+            latency = self.cost.params.inter_host_latency_s
+            done = max(done, self.send(gid, dst, self.prompt[r], t, latency))
             self.push(done, _CHANGE, _KV_ARRIVE, dst, r)
 
     # continuous batching (decode and colocated)
@@ -349,7 +382,8 @@ class _Simulation:
             return
         dt = decode_iteration_time(self.cost, st.group, st.resident, st.context_sum / st.resident)
         st.busy = True
-        self.push(t + dt, _CHANGE, _ITER_END, st.group.id)
+        end = max(t + dt, self.send(st.group.id, st.group.id, st.resident, t))
+        self.push(end, _CHANGE, _ITER_END, st.group.id)
 
     def on_iter_end(self, t: float, gid: int, _payload: None) -> None:
         st = self.states[gid]
@@ -372,8 +406,9 @@ class _Simulation:
         # after it has passed every stage
         st.busy = True
         st.pending += len(batch)
-        self.push(t + max(times), _CHANGE, _COLOC_FREE, st.group.id)
-        self.push(t + sum(times), _CHANGE, _COLOC_PREFILL_DONE, st.group.id, batch)
+        sent = self.send(st.group.id, st.group.id, sum(self.prompt[r] for r in batch), t)
+        self.push(max(t + max(times), sent), _CHANGE, _COLOC_FREE, st.group.id)
+        self.push(max(t + sum(times), sent), _CHANGE, _COLOC_PREFILL_DONE, st.group.id, batch)
 
     def on_coloc_free(self, t: float, gid: int, _payload: None) -> None:
         st = self.states[gid]

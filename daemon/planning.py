@@ -1,7 +1,8 @@
 """What the coordinator plans from its view of the swarm: a pure function over the members' hardware and links.
 
 The operator's pinned layout when every GPU it names is present; else an incremental re-plan from the previous
-plan (this coordinator's, or the one it inherited); else a full HexGen-2 plan. A plan that needs a pair of peers
+plan (this coordinator's, or the one it inherited); else the better of HexGen-2 alone and HexGen-2 with colocated
+groups (``planner.plan_live``). Each host's NIC is what its link probes showed (``measured_nics``). A plan that needs a pair of peers
 known not to form worlds, or a membership whose worlds kept failing, gets the colocated fallback instead: the
 swarm never stays on a plan that cannot serve.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hexgen.coordinator import planner
+from hexgen.coordinator.cluster import Cluster, Nic
 from hexgen.coordinator.evaluate import PlanError
 from hexgen.coordinator.fallback import colocated_plan, needs_pair
 from hexgen.coordinator.pinned import PinnedGroup, PinnedPlanError, pinned_plan
@@ -74,6 +76,7 @@ def compute_plan(given: PlanningInput) -> PlanOutcome:
         cluster, gpu_map = build_cluster_from_peers(list(given.peers), links)
     except (HardwareError, PlanError, ValueError) as exc:
         return PlanOutcome(None, f"cannot build the cluster: {exc}", {}, blocked)
+    cluster = cluster.with_nics(measured_nics(cluster, given.links))
     pairs = {link.pair: link.reason for link in given.blocked}
     gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
     why = f"{given.failures} worker failures in this membership" if given.failures >= MAX_FAILURE_REPLANS else None
@@ -89,7 +92,7 @@ def compute_plan(given: PlanningInput) -> PlanOutcome:
             if previous is not None:
                 result = planner.replan(previous[0], previous[1], cluster, given.model, workload)
             else:
-                result = planner.plan(cluster, given.model, workload)
+                result = planner.plan_live(cluster, given.model, workload)
         if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
             why = pairs[pair]
         if why is not None:
@@ -103,6 +106,21 @@ def compute_plan(given: PlanningInput) -> PlanOutcome:
         return PlanOutcome(None, error, gpu_map, blocked)
     assert result is not None
     return PlanOutcome(result, note, gpu_map, blocked, (result, cluster))
+
+
+def measured_nics(cluster: Cluster, links: Sequence[LinkMeasurement]) -> dict[str, Nic]:
+    """Each probed host's NIC, both directions, at the fastest probe measured to or from it.
+
+    A probe is one stream between two hosts, so it cannot outrun either host's NIC: the fastest one a
+    host took part in is the best evidence of what its NIC carries. Hosts never probed keep the
+    cluster's default (10 Gbit/s). Blocked pairs are not probes and do not count. O(links).
+    """
+    fastest: dict[str, float] = {}
+    for link in links:
+        for host in (link.a, link.b):
+            if host in cluster.hosts:
+                fastest[host] = max(fastest.get(host, 0.0), link.gb_s)
+    return {host: Nic(rate, rate) for host, rate in fastest.items() if rate > 0}
 
 
 def _pinned(given: PlanningInput, gpu_map: dict[int, tuple[str, int]]) -> Plan | None:

@@ -74,33 +74,38 @@ def test_cluster_checks_its_own_shape() -> None:
         Cluster((GPU(0, "h", "H100", 80, 989, 3350, 3.69),), ((0.0, 1.0),))
 
 
-@pytest.mark.parametrize(
-    ("setting", "price", "counts"),
-    [
-        ("homogeneous", 29.52, {"H100": 8}),  # 8 * 3.69
-        ("het-1", 28.69, {"H100": 4, "A100": 7}),  # 14.76 + 13.93
-        ("het-2", 28.82, {"A100": 8, "L40": 10}),  # 15.92 + 12.90
-        ("het-3", 29.70, {"L40": 12, "A6000": 18}),  # 15.48 + 14.22
-        ("het-4", 29.40, {"H100": 2, "A100": 4, "L40": 6, "A6000": 8}),  # 7.38 + 7.96 + 7.74 + 6.32
-        ("het-5", 21.26, {"H100": 2, "A100": 2, "L40": 4, "A6000": 6}),  # 7.38 + 3.98 + 5.16 + 4.74
-    ],
-)
-def test_reference_settings(setting: str, price: float, counts: dict[str, int]) -> None:
-    c = load_cluster_toml((CLUSTERS / f"{setting}.toml").read_text())
-    assert c.name == setting
+REFERENCE = [
+    ("homogeneous", 29.52, {"H100": 8}),  # 8 * 3.69
+    ("het-1", 28.69, {"H100": 4, "A100": 7}),  # 14.76 + 13.93
+    ("het-2", 28.82, {"A100": 8, "L40": 10}),  # 15.92 + 12.90
+    ("het-3", 29.70, {"L40": 12, "A6000": 18}),  # 15.48 + 14.22
+    ("het-4", 29.40, {"H100": 2, "A100": 4, "L40": 6, "A6000": 8}),  # 7.38 + 7.96 + 7.74 + 6.32
+    ("het-5", 21.26, {"H100": 2, "A100": 2, "L40": 4, "A6000": 6}),  # 7.38 + 3.98 + 5.16 + 4.74
+]
+# every het setting also comes with 100 Gbit/s NICs; 8 x H100 sit on one host, with no NIC between them
+VARIANTS = [(*ref, "") for ref in REFERENCE] + [(*ref, "-100g") for ref in REFERENCE if ref[0] != "homogeneous"]
+
+
+@pytest.mark.parametrize(("setting", "price", "counts", "variant"), VARIANTS)
+def test_reference_settings(setting: str, price: float, counts: dict[str, int], variant: str) -> None:
+    c = load_cluster_toml((CLUSTERS / f"{setting}{variant}.toml").read_text())
+    assert c.name == setting + variant
+    gbit = 100 if variant else 10
+    assert c.name == setting + variant
     assert c.price_per_hour == pytest.approx(price, abs=1e-9)
     found: dict[str, int] = {}
     for g in c.gpus:
         found[g.type] = found.get(g.type, 0) + 1
     assert found == counts
-    # Hosts hold at most 8 GPUs of one type; hosts meet over the 10 Gbit/s network.
+    # Hosts hold at most 8 GPUs of one type; hosts meet over the network, each through its NIC.
     for ids in c.hosts.values():
         assert len(ids) <= 8
         assert len({c.gpus[i].type for i in ids}) == 1
     for a in c.hosts:
         for b in c.hosts:
             if a != b:
-                assert c.host_bandwidth[a, b] == 1.25
+                assert c.host_bandwidth[a, b] == gbit / 8
+        assert (c.nics[a].egress, c.nics[a].ingress) == (gbit / 8, gbit / 8)
     assert f"${price:.2f}/h" in c.describe()
 
 
@@ -180,3 +185,45 @@ def test_toml_errors_name_the_problem(text: str, message: str) -> None:
 def test_build_cluster_needs_gpus() -> None:
     with pytest.raises(ClusterError, match="no GPUs"):
         build_cluster([])
+
+
+def test_nics_default_to_the_network_rate_and_cap_links() -> None:
+    text = """
+    network_gbit_s = 10
+    nic_gbit_s = 25
+    [[hosts]]
+    name = "a"
+    gpu = "H100"
+    count = 2
+    nic_gbit_s = 100
+    [[hosts]]
+    name = "b"
+    gpu = "L40"
+    nic_in_gbit_s = 40
+    [[hosts]]
+    name = "c"
+    gpu = "L40"
+    [[links]]
+    a = "a"
+    b = "b"
+    gbit_s = 400
+    """
+    c = load_cluster_toml(text)
+    assert (c.nics["a"].egress, c.nics["a"].ingress) == (12.5, 12.5)
+    assert (c.nics["b"].egress, c.nics["b"].ingress) == (25 / 8, 5.0)
+    assert (c.nics["c"].egress, c.nics["c"].ingress) == (25 / 8, 25 / 8)
+    # a 400 Gbit/s link still ends at b's NIC: 40 Gbit/s in, 25 out
+    assert c.host_bandwidth["a", "b"] == 5.0
+    assert c.host_bandwidth["b", "a"] == 25 / 8
+    assert c.host_bandwidth["a", "c"] == 1.25  # the 10 Gbit/s network between them
+    assert c.host_bandwidth["a", "a"] == 450.0  # NVLink is not NIC-bound
+    assert c.link(0, 2) == 25 / 8  # a GPU pair across hosts: the slower direction's NIC
+    assert "25-100 Gbit/s NICs" in c.describe()
+    assert c.subset([0, 1])[0].nics == {"a": c.nics["a"]}
+
+
+def test_nic_rate_errors() -> None:
+    with pytest.raises(ClusterError, match=r"hosts\[0\]: nic_gbit_s must be a positive number"):
+        load_cluster_toml('[[hosts]]\ngpu = "H100"\nnic_gbit_s = 0')
+    with pytest.raises(ClusterError, match="cluster: nic_gbit_s must be a positive number"):
+        load_cluster_toml('nic_gbit_s = -1\n[[hosts]]\ngpu = "H100"')

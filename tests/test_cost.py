@@ -25,8 +25,13 @@ def _one_h100() -> CostModel:
 
 
 def _mixed() -> Cluster:
-    # a: 4 x H100 (NVLink 450 GB/s), b: 2 x A100, c: 2 x L40; a-b on 100 Gbit/s, the rest on 10 Gbit/s.
-    hosts = [HostSpec("a", "H100", 4), HostSpec("b", "A100", 2), HostSpec("c", "L40", 2)]
+    # a: 4 x H100 (NVLink 450 GB/s), b: 2 x A100, c: 2 x L40; a-b on 100 Gbit/s (their NICs too), the rest
+    # on 10 Gbit/s.
+    hosts = [
+        HostSpec("a", "H100", 4, nic_gbit_s=100),
+        HostSpec("b", "A100", 2, nic_gbit_s=100),
+        HostSpec("c", "L40", 2),
+    ]
     return build_cluster(hosts, network_gbit_s=10, links={("a", "b"): 100.0})
 
 
