@@ -116,8 +116,15 @@ plan_colocate = functools.partial(plan, colocate=True)
 
 
 def plan_live(cluster: Cluster, model: ModelSpec, workload: Workload, params: CostParams | None = None) -> Plan:
-    """The better predicted of ``plan`` and ``plan_colocate`` (``plan`` on a tie): what a swarm serves."""
-    first = plan(cluster, model, workload, params=params)
+    """The better predicted of ``plan`` and ``plan_colocate`` (``plan`` on a tie): what a swarm serves.
+
+    A swarm too small for a prefill and a decode group (one GPU) gets the colocated plan; PlanError only
+    when neither variant finds one.
+    """
+    try:
+        first = plan(cluster, model, workload, params=params)
+    except PlanError:
+        return plan(cluster, model, workload, colocate=True, params=params)
     other = plan(cluster, model, workload, colocate=True, params=params)
     return other if other.throughput > first.throughput * (1 + 1e-9) else first
 

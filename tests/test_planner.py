@@ -251,6 +251,17 @@ def test_a_cluster_too_small_for_one_replica_is_refused() -> None:
         planner.plan(het(("L40", 2)), MODELS["llama-2-70b"], MIXED)
 
 
+def test_a_single_gpu_swarm_is_planned_colocated() -> None:
+    cluster = het(("A100", 1))
+    model = MODELS["llama-2-7b"]
+    with pytest.raises(PlanError):
+        planner.plan(cluster, model, MIXED)
+    live = planner.plan_live(cluster, model, MIXED)
+    assert [g.role for g in live.groups] == ["colocated"]
+    assert live.throughput > 0
+    assert_valid(live, cluster, model, MIXED)
+
+
 def test_replan_after_a_leave_and_a_join_moves_few_gpus() -> None:
     cluster = het(("A100", 8), ("L40", 8), ("A6000", 8), ("H100", 4))
     model = MODELS["llama-2-13b"]
