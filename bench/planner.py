@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hexgen.coordinator import baselines, planner
+from hexgen.coordinator.bound import flow_upper_bound
 from hexgen.coordinator.cluster import Cluster, HostSpec, build_cluster, load_cluster_toml
 from hexgen.coordinator.cost import CostModel, LengthStats
 from hexgen.coordinator.evaluate import Evaluator, PlanError
@@ -153,7 +154,22 @@ def bench_scaling(sizes: list[int], trace: tuple[Request, ...]) -> tuple[list[di
         cluster = mixed_cluster(n, random.Random(n))
         started = time.perf_counter()
         plan = planner.plan(cluster, model, workload)
-        rows.append({"gpus": n, "seconds": time.perf_counter() - started, "groups": len(plan.groups)})
+        seconds = time.perf_counter() - started
+        bound = flow_upper_bound(Evaluator(cluster, model, workload))
+        rows.append(
+            {
+                "gpus": n,
+                "hosts": len(cluster.hosts),
+                "seconds": seconds,
+                "groups": len(plan.groups),
+                "evaluations": plan.meta["evaluations"],
+                "requests_per_s": plan.throughput,
+                "upper_bound": bound.value,
+                "bound_whole_gpus": bound.integral,
+                "gap_to_bound": bound.gap(plan.throughput),
+                "bottleneck": plan.bottleneck,
+            }
+        )
         if n == 64:
             leaving = plan.groups[0].gpus[-1]
             smaller, _ = cluster.without([leaving])
@@ -264,7 +280,12 @@ def report(rows: list[dict], summary: dict, scaling: list[dict], replan_seconds:
             )
     print("\nPlanner time (mixed clusters, llama-2-70b):")
     for s in scaling:
-        print(f"  {s['gpus']:4d} GPUs: {s['seconds']:6.2f} s, {s['groups']} groups")
+        kind = "whole-GPU" if s["bound_whole_gpus"] else "LP"
+        print(
+            f"  {s['gpus']:4d} GPUs on {s['hosts']} hosts: {s['seconds']:6.2f} s, {s['groups']} groups, "
+            f"{s['evaluations']} evaluations, {s['requests_per_s']:.1f} req/s, {kind} bound "
+            f"{s['upper_bound']:.1f} (gap {s['gap_to_bound']:.1%}, bottleneck {s['bottleneck']})"
+        )
     print(f"  re-plan after one GPU leaves a 64-GPU plan: {replan_seconds:.2f} s")
     print(
         f"\nHexGen-2 vs exhaustive prefill/decode search ({optimality['instances']} clusters of 4-8 GPUs): "
@@ -288,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes, instances = [16], 3
     else:
         settings, models, kinds, count = SETTINGS, BENCH_MODELS, WORKLOAD_KINDS, 4000
-        sizes, instances = [16, 64], 10
+        sizes, instances = [16, 64, 256], 10
     rows = []
     for setting in settings:
         for net in INTERCONNECTS:

@@ -14,7 +14,7 @@ from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
 from hexgen.coordinator.flow import FlowNode, FlowResult, NicLimits, PortBytes, max_flow
 from hexgen.coordinator.network import as_ports, kv_bytes, port_capacity, request_bytes
 from hexgen.coordinator.parallel import Layout, LayoutSearch
-from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role, Stage
+from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
 
@@ -67,11 +67,13 @@ class Evaluator:
         self.workload = workload
         self.cost = CostModel(cluster, model, LengthStats.of(workload), params)
         self.layouts = LayoutSearch(self.cost)
-        self._links: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], float] = {}
+        # keyed by the layouts' ids (hashing their stages dominated the search); each entry holds its
+        # layouts so that an id is never reused while the entry lives
+        self._links: dict[tuple[int, int], tuple[Layout, Layout, float]] = {}
         self._scores: dict[Assignment, Evaluation] = {}
         self.usable = [self.cost.usable_bytes_of(g.id) for g in cluster.gpus]
-        self._node_bytes: dict[tuple[tuple[Stage, ...], Role], PortBytes] = {}
-        self._pair_bytes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], PortBytes] = {}
+        self._node_bytes: dict[tuple[int, Role], tuple[Layout, PortBytes]] = {}
+        self._pair_bytes: dict[tuple[int, int], tuple[Layout, Layout, PortBytes]] = {}
         self._host_kv: dict[int, tuple[Layout, dict[str, float]]] = {}  # by id, holding the layout alive
         self.nic_capacity = {
             port: cap
@@ -106,24 +108,29 @@ class Evaluator:
         return self.layouts.best(group.gpus, group.role)
 
     def link_rate(self, prefill: Layout, decode: Layout) -> float:
-        key = (prefill.stages, decode.stages)
-        if key not in self._links:
-            self._links[key] = self.cost.kv_transfer_rate(prefill.stages, decode.stages)
-        return self._links[key]
+        key = (id(prefill), id(decode))
+        found = self._links.get(key)
+        if found is None:
+            rate = self.cost.kv_transfer_rate(prefill.stages, decode.stages)
+            self._links[key] = found = (prefill, decode, rate)
+        return found[2]
 
     def node_bytes(self, layout: Layout, role: Role) -> PortBytes:
         """NIC bytes per request a group's own traffic puts on each port; memoized."""
-        key = (layout.stages, role)
-        if key not in self._node_bytes:
-            self._node_bytes[key] = as_ports(request_bytes(self.cost, layout.stages, role))
-        return self._node_bytes[key]
+        key = (id(layout), role)
+        found = self._node_bytes.get(key)
+        if found is None:
+            self._node_bytes[key] = found = (layout, as_ports(request_bytes(self.cost, layout.stages, role)))
+        return found[1]
 
     def pair_bytes(self, prefill: Layout, decode: Layout) -> PortBytes:
         """NIC bytes per request of the KV hand-off between two layouts; memoized."""
-        key = (prefill.stages, decode.stages)
-        if key not in self._pair_bytes:
-            self._pair_bytes[key] = as_ports(kv_bytes(self.cost, prefill.stages, decode.stages))
-        return self._pair_bytes[key]
+        key = (id(prefill), id(decode))
+        found = self._pair_bytes.get(key)
+        if found is None:
+            traffic = as_ports(kv_bytes(self.cost, prefill.stages, decode.stages))
+            self._pair_bytes[key] = found = (prefill, decode, traffic)
+        return found[2]
 
     def upper_bound(self, groups: Iterable[GroupSpec]) -> float:
         """A cheap bound on the flow value: min(source-side capacity, sink-side capacity), each side under

@@ -146,7 +146,7 @@ def replan(
     keep the rest; new GPUs start unassigned; then a short refinement runs. ``meta["moved_gpus"]``
     counts surviving GPUs whose group or role changed.
     """
-    budget = budget or SearchBudget(refine_steps=10, candidates_per_step=120, min_gain=0.02)
+    budget = budget or SearchBudget(refine_steps=10, candidates_per_step=120, min_gain=0.02, resamples=0)
     started = time.perf_counter()
     evaluator = Evaluator(cluster, model, workload, params)
     evaluator.check_fits()

@@ -29,6 +29,16 @@ class SearchBudget:
     # replaying a held-out offline sample (at most ``holdout_requests`` of it) in the simulator; 0 turns it off
     tie_band: float = 0.05
     holdout_requests: int = 2000
+    # a step whose sample of a larger neighbourhood found no better assignment draws up to this many more
+    # samples before the search stops: a wide neighbourhood is not judged on a few percent of it
+    resamples: int = 3
+    # the search stops once the assignments the evaluator scored times the cluster's GPUs reach this, so a
+    # large cluster (whose every score costs more) plans in bounded time; a count, not the clock, keeps the
+    # result independent of the machine
+    gpu_evaluations: int = 300_000
+
+    def max_evaluations(self, gpus: int) -> int:
+        return max(1, self.gpu_evaluations // max(1, gpus))
 
 
 def k_candidates(k_max: int, count: int) -> list[int]:
@@ -45,7 +55,7 @@ def k_candidates(k_max: int, count: int) -> list[int]:
     return sorted(picks)
 
 
-class _Moves:
+class Moves:
     """Candidate neighbours of an assignment, guided by the bottleneck of its max-flow."""
 
     def __init__(self, evaluator: Evaluator, rng: random.Random, limit: int, roles: tuple[Role, ...] = ROLES):
@@ -54,9 +64,12 @@ class _Moves:
         self.limit = limit
         self.roles = roles
 
-    def neighbours(self, current: Evaluation) -> list[list[GroupSpec]]:
+    def neighbours(self, current: Evaluation, draw: int = 0) -> list[list[GroupSpec]]:
         """Role flips of every group and the unused pool as a new group, then (sampled down to the limit) GPU moves and swaps from unsaturated
-        groups or the unused pool into saturated or infeasible ones, merges into those, and two-way splits."""
+        groups or the unused pool into saturated or infeasible ones, merges into those, and two-way splits.
+
+        ``draw`` > 0 asks for a further sample of the moves alone (none when the first draw held them all).
+        """
         groups = list(current.assignment)
         used = {g for spec in groups for g in spec.gpus}
         pool = tuple(g.id for g in self.ev.cluster.gpus if g.id not in used)
@@ -74,9 +87,12 @@ class _Moves:
         moves += self._merges(groups, sorted(infeasible | saturated))
         moves += self._split_moves(groups)
         moves = [m for m in moves if all(g.role in self.roles for g in m if g.gpus)]
-        if len(moves) > self.limit - len(out):
-            moves = self.rng.sample(moves, max(0, self.limit - len(out)))
-        return out + moves
+        room = max(0, self.limit - len(out))
+        if len(moves) <= room:
+            return [] if draw else out + moves
+        if draw:
+            return self.rng.sample(moves, min(len(moves), self.limit))
+        return out + self.rng.sample(moves, room)
 
     def _flips(self, groups: list[GroupSpec]) -> list[list[GroupSpec]]:
         """Each group given each other role."""
@@ -211,24 +227,37 @@ def refine(
     """Best-improvement local search from ``start``; stops when no candidate improves or the budget ends.
 
     Only ``roles`` are used for groups. Each step scores at most ``candidates_per_step`` neighbours
-    (O(c) layout look-ups and max-flows).
+    (O(c) layout look-ups and max-flows); a step that finds nothing better in a sample of a larger
+    neighbourhood samples it again, up to ``resamples`` times.
     """
-    moves = _Moves(evaluator, rng, budget.candidates_per_step, roles)
+    moves = Moves(evaluator, rng, budget.candidates_per_step, roles)
+    limit = budget.max_evaluations(len(evaluator.cluster))
     current = evaluator.evaluate(as_searched(start.assignment))
     if start.key() > current.key():
         current = start
     for _ in range(budget.refine_steps):
         best = current
-        for candidate in moves.neighbours(current):
-            if evaluator.upper_bound(candidate) <= best.value * (1 + 1e-9):
-                continue
-            ev = evaluator.evaluate(candidate)
-            if ev.key() > best.key():
-                best = ev
+        for draw in range(budget.resamples + 1):
+            best = _best_of(evaluator, moves.neighbours(current, draw), best, limit)
+            if best is not current or evaluator.evaluations >= limit:
+                break
         if best is current or best.value < current.value * (1 + budget.min_gain):
             break
         current = best
     return current
+
+
+def _best_of(evaluator: Evaluator, candidates: list[list[GroupSpec]], best: Evaluation, limit: int) -> Evaluation:
+    """The best of ``best`` and the candidates the cheap bound does not rule out, until ``limit`` evaluations."""
+    for candidate in candidates:
+        if evaluator.evaluations >= limit:
+            break
+        if evaluator.upper_bound(candidate) <= best.value * (1 + 1e-9):
+            continue
+        ev = evaluator.evaluate(candidate)
+        if ev.key() > best.key():
+            best = ev
+    return best
 
 
 def as_searched(assignment: Sequence[GroupSpec]) -> list[GroupSpec]:

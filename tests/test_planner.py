@@ -18,6 +18,7 @@ from hexgen.coordinator.flow import FlowNode, NicLimits, max_flow
 from hexgen.coordinator.network import plan_nic_use
 from hexgen.coordinator.partition import partition
 from hexgen.coordinator.plan import SINK, SOURCE, Plan
+from hexgen.coordinator.search import Moves, SearchBudget, refine
 from hexgen.coordinator.select import select
 from hexgen.coordinator.simulator import simulate
 from hexgen.coordinator.specs import MODELS, ModelSpec
@@ -315,3 +316,34 @@ def test_plans_on_random_clusters_keep_every_invariant(
     assert_valid(plan, cluster, spec, workload)
     again = planner.plan(cluster, spec, workload, budget=planner.SearchBudget(refine_steps=8))
     assert again.groups == plan.groups and again.flows == plan.flows
+
+
+def test_the_search_stops_at_its_evaluation_budget() -> None:
+    cluster = het(("A100", 4), ("L40", 6), ("A6000", 4))
+    model = MODELS["llama-2-13b"]
+
+    def refined_evaluations(limit: int) -> tuple[int, int]:
+        evaluator = Evaluator(cluster, model, MIXED)
+        groups = partition(cluster, [g.id for g in cluster.gpus], 3, evaluator.replica_bytes(), evaluator.usable)
+        start = planner.label_roles(evaluator, groups)
+        before = evaluator.evaluations
+        budget = SearchBudget(gpu_evaluations=(before + limit) * len(cluster))
+        refine(evaluator, start, budget, random.Random(0), planner.DISAGGREGATED)
+        return before, evaluator.evaluations
+
+    before, after = refined_evaluations(5)
+    assert after <= before + 5 + 1  # the start, re-scored with searched layouts, may add one
+    assert refined_evaluations(10_000)[1] > before + 6
+
+
+def test_a_step_draws_more_of_a_neighbourhood_only_when_its_first_sample_left_some_out() -> None:
+    cluster = het(("A100", 8), ("L40", 8), ("A6000", 8))
+    evaluator = Evaluator(cluster, MODELS["llama-2-13b"], MIXED)
+    groups = partition(cluster, [g.id for g in cluster.gpus], 4, evaluator.replica_bytes(), evaluator.usable)
+    current = planner.label_roles(evaluator, groups)
+    wide = Moves(evaluator, random.Random(0), 20, planner.DISAGGREGATED)
+    assert len(wide.neighbours(current)) == 20
+    again = wide.neighbours(current, draw=1)
+    assert 0 < len(again) <= 20
+    everything = Moves(evaluator, random.Random(0), 100_000, planner.DISAGGREGATED)
+    assert everything.neighbours(current, draw=1) == []
