@@ -28,6 +28,15 @@ TFLOP = 1e12
 
 @dataclass(frozen=True)
 class CostParams:
+    """The cost model's assumptions.
+
+    The efficiencies are shares of a GPU's spec-sheet peak: FLOP/s a prefill reaches and HBM bandwidth a
+    decode step reaches. No GPU run of hexgen's engine exists yet to fit them, so they stay assumptions in
+    the range serving engines publish (prefill MFU about 0.5-0.6; batch-1 decode at 0.75-0.85 of the
+    HBM roofline); ``bench/calibrate.py`` fits both from measured engine runs on a device, and its CPU fit
+    is in ``bench/results/``.
+    """
+
     compute_efficiency: float = 0.55
     memory_efficiency: float = 0.75
     memory_utilization: float = 0.90
