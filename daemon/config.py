@@ -80,6 +80,9 @@ class NodeConfig:
     redial_first_s: float = 1.0
     redial_max_gap_s: float = 20.0
     redial_for_s: float = 1800.0
+    relay: bool = False  # serve circuit relay v2 (hop) for the swarm's members
+    relay_only: bool = False  # a relay that offers no GPUs (``hexgen-node relay``)
+    relay_peers: tuple[str, ...] = ()  # relays to reserve a slot on, for a node that cannot be dialled
 
     def __post_init__(self) -> None:
         _check_model(self.model)
@@ -98,6 +101,8 @@ class NodeConfig:
             raise ConfigError("api_key", "guards the HTTP API: give {http_port} too")
         if self.probes_per_round < 0:
             raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
+        if self.relay_only and not self.relay:
+            raise ConfigError("relay_only", "needs {relay} too")
         if self.worker_threads < 1:
             raise ConfigError("worker_threads", "must be 1 or more", self.worker_threads)
 

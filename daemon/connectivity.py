@@ -13,6 +13,7 @@ from hexgen.daemon.certificates import CertificateError
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, from_wire, to_wire, verify
 from hexgen.daemon.host import DialError, Host, Stream
 from hexgen.daemon.messages import Advert
+from hexgen.daemon.relay import connect_address, connect_peer, is_circuit
 from hexgen.daemon.rpc import RPC_TIMEOUT_S, SYNC_PROTOCOL, call, serve_rpc
 from hexgen.daemon.swarm_state import SwarmState
 
@@ -22,6 +23,7 @@ NEWCOMER_S = 3.0  # a node announces itself on every new connection for this lon
 UNKNOWN_PEER_SYNC_AFTER_S = 0.2  # its own advert, by gossip, usually comes first
 MAX_SYNC_ADVERTS = 1024
 BOOTSTRAP_DELAYS_S = (0.0, 0.2, 0.5, 1.0, 2.0)
+RELAYED_DIAL_S = 6.0  # a member that advertises relayed addresses: its direct ones first, then the relay
 
 
 class DuplicateKeyError(RuntimeError):
@@ -113,7 +115,7 @@ class Connectivity:
         for delay in BOOTSTRAP_DELAYS_S:
             await trio.sleep(delay)
             try:
-                peer_id = await self.host.connect(addr)
+                peer_id = await connect_address(self.host, addr)
             except DialError as exc:  # retried
                 last = exc
                 continue
@@ -128,7 +130,7 @@ class Connectivity:
             for record in list(state.table.peers.values()):
                 if record.peer_id in connected or state.leaving:
                     continue
-                with trio.move_on_after(2.0):
+                with trio.move_on_after(RELAYED_DIAL_S if any(map(is_circuit, record.addrs)) else 2.0):
                     await self._connect(record.peer_id, record.addrs)
                 # A peer that cannot be dialled is dropped at once (gossip replays recent adverts of dead
                 # nodes, and a missed disconnect event must not keep a dead peer, or its lease, alive); if
@@ -139,7 +141,7 @@ class Connectivity:
 
     async def _connect(self, peer: str, addrs: list[str]) -> bool:
         try:
-            await self.host.connect_peer(peer, addrs)
+            await connect_peer(self.host, peer, addrs)
         except DialError as exc:
             log.debug("dialling %s failed: %s", peer, exc)
             return False
@@ -189,9 +191,9 @@ class Connectivity:
         try:
             with trio.move_on_after(RPC_TIMEOUT_S):
                 if addrs is None:
-                    peer = await self.host.connect(key)
+                    peer = await connect_address(self.host, key)
                 else:
-                    await self.host.connect_peer(key, addrs)
+                    await connect_peer(self.host, key, addrs)
         except DialError as exc:  # retried
             log.debug("dialling %s again failed: %s", key, exc)
         finally:

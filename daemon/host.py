@@ -198,6 +198,7 @@ class Host:
     disconnects: trio.MemoryReceiveChannel[str]
     hosts: tuple[str, ...] = ("127.0.0.1",)  # what peers dial (see reachable_hosts)
     _streams: dict[str, int] = field(default_factory=dict)  # open handled streams per peer
+    circuits: list[str] = field(default_factory=list)  # this node's addresses through relays it holds a slot on
 
     @property
     def peer_id(self) -> str:
@@ -206,7 +207,7 @@ class Host:
     @property
     def addrs(self) -> list[str]:
         """The multiaddrs peers dial: the listen addresses, with an unspecified or overridden host replaced
-        by each reachable one."""
+        by each reachable one; then the relayed addresses."""
         out: list[str] = []
         for addr in self.libp2p.get_addrs():
             text = str(addr)
@@ -216,7 +217,7 @@ class Host:
                 out.extend(f"{_host_part(h)}/{tail}" for h in self.hosts)
             else:
                 out.append(text)
-        return out
+        return [*out, *self.circuits]
 
     def connected_peers(self) -> set[str]:
         return {str(p) for p in self.libp2p.get_network().connections}

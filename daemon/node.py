@@ -9,6 +9,7 @@ that holds a checkpoint) and ``status``. docs/architecture.md tells how they fit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -39,6 +40,8 @@ from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
+from hexgen.daemon.relay import RelayGate, Relaying
+from hexgen.daemon.relay_slots import RelaySlots
 from hexgen.daemon.reports import Reports
 from hexgen.daemon.router import Router
 from hexgen.daemon.rpc import (
@@ -83,6 +86,8 @@ class Node:
         peer_id = peer_id_of(key_pair)
         model_hash = model_fingerprint(config.model) if is_checkpoint_dir(config.model) else None
         host_name = config.host_name or f"{socket.gethostname()}-{peer_id[-6:]}"
+        if config.relay_only:  # it relays; its GPUs, if any, serve nothing
+            hardware = dataclasses.replace(hardware, gpus=())
         self.state = SwarmState.create(SelfInfo(peer_id, host_name, hardware, certificate, model_hash), config, clock)
         self._started_at = clock()
         self._on_plan = on_plan
@@ -151,7 +156,7 @@ class Node:
     # ----------------------------------------------------------------- running
 
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_host(self.key_pair, self.config.host) as host:
+        async with open_host(self.key_pair, self.config.host) as host, self._relaying(host).running():
             self.host = host
             self.state.own_addrs = host.addrs
             state = self.state
@@ -185,7 +190,20 @@ class Node:
                 nursery.start_soon(probes.run)
                 nursery.start_soon(self.adoption.fetch_plans, host)
                 nursery.start_soon(liveness.run)
+                if self.config.relay_peers:
+                    nursery.start_soon(RelaySlots(host, self.config.relay_peers, self._circuits_changed).run)
                 task_status.started(self)
+
+    def _relaying(self, host: Host) -> Relaying:
+        """Relayed connections reach every node; with ``relay`` it relays for whom may ask it (members only
+        in a private swarm)."""
+        gate = RelayGate(lambda peer: self.state.may_ask(peer, None), self.state.changed.wait)
+        return Relaying(host, gate, hop=self.config.relay)
+
+    def _circuits_changed(self) -> None:
+        if self.host is not None:
+            self.state.own_addrs = self.host.addrs
+            self.adverts.announce_soon()
 
     def _register(self, host: Host, connectivity: Connectivity, liveness: Liveness, probes: LinkProbes) -> None:
         assert self.view is not None

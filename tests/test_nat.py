@@ -1,0 +1,245 @@
+"""NAT traversal: the NAT lab itself, daemons at two homes behind masquerading routers joining through a relay
+(and the relay refusing garbage while it keeps serving), a private swarm's relay refusing non-members, and
+the pure pieces (circuit addresses, slot renewal, the relay command's settings)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from libp2p.utils.varint import encode_uvarint
+
+from hexgen.daemon import swarm_view
+from hexgen.daemon.host import Host, new_identity
+from hexgen.daemon.node_key import peer_id_of
+from hexgen.daemon.relay import (
+    HOP_PROTOCOL,
+    MEMBERSHIP_WAIT_S,
+    RelayError,
+    circuit_address,
+    connect_address,
+    dial_circuit,
+    reserve,
+    split_circuit,
+)
+from hexgen.daemon.relay_slots import MIN_RENEW_S, renew_after
+from hexgen.daemon.rpc import query_status
+from hexgen.testing.daemon_harness import Daemon, Swarm, open_client
+from hexgen.testing.nat_lab import NatLab, open_nat_lab
+from hexgen.testing.netns import start_daemon, started_daemons
+
+CONVERGE_S = 60.0
+
+
+def test_circuit_addresses_split_into_relay_and_target() -> None:
+    relay = "/ip4/10.79.1.11/tcp/4001/p2p/12D3KooWRelay"
+    addr = circuit_address(relay, "12D3KooWTarget")
+    assert split_circuit(addr) == (relay, "12D3KooWRelay", "12D3KooWTarget")
+    for bad in (relay, f"{relay}/p2p-circuit", "/p2p-circuit/p2p/X", f"{relay}/p2p-circuit/p2p/X/tcp/1"):
+        with pytest.raises(RelayError):
+            split_circuit(bad)
+
+
+def test_a_slot_is_renewed_at_half_its_life_and_never_in_a_tight_loop() -> None:
+    assert renew_after(1000.0 + 900.0, 1000.0) == 450.0
+    assert renew_after(1000.0 + 1.0, 1000.0) == MIN_RENEW_S
+    assert renew_after(900.0, 1000.0) == MIN_RENEW_S
+
+
+def test_the_relay_command_relays_offers_no_gpus_and_dials_its_relays(tmp_path: Path) -> None:
+    from hexgen.cli.join import JoinError, join_options, layered_args
+    from hexgen.cli.node import build_parser
+    from hexgen.daemon.config import NodeConfig
+
+    def node(*argv: str) -> NodeConfig:
+        args = build_parser().parse_args([*argv, "--key-file", str(tmp_path / "k")])
+        layered_args(args)
+        return join_options(args).node
+
+    relay = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWDbVcVh5L4CPWF3pzNiQbQsA3SLRhtLZbAXfgdEoJpmLv"
+    assert node("relay").relay and node("relay").relay_only
+    joined = node("join", "--relay-peer", relay)
+    assert not joined.relay and joined.relay_peers == (relay,) and relay in joined.bootstrap
+    with pytest.raises(JoinError, match="--relay-peer"):
+        node("join", "--relay-peer", "/ip4/10.0.0.1/tcp/1")
+
+
+def test_the_nat_lab_masquerades_and_lets_nothing_in() -> None:
+    with open_nat_lab(homes=(1, 1), symmetric=(False, True)) as lab:
+        port = 5555
+        listeners = [_listen(lab, name, port) for name in ("p1", "h11", "h21")]
+        try:
+            assert lab.reaches("h11", "p1", port) and lab.reaches("h21", "p1", port)
+            assert not lab.reaches("p1", "h11", port)
+            assert not lab.reaches("h11", "h21", port) and not lab.reaches("h21", "h11", port)
+        finally:
+            for proc in listeners:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _listen(lab: NatLab, host: str, port: int) -> Any:
+    """A TCP listener on ``host``'s address, ready when this returns."""
+    import subprocess
+    import sys
+
+    code = (
+        "import socket,sys\ns=socket.socket();s.bind((sys.argv[1],int(sys.argv[2])));s.listen()\n"
+        "print('up',flush=True)\nwhile True: s.accept()[0].close()"
+    )
+    ns = lab.hosts[host]
+    command = ["ip", "netns", "exec", ns.name, sys.executable, "-c", code, ns.ip, str(port)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    return proc
+
+
+@pytest.fixture
+def nat_lab() -> Iterator[NatLab]:
+    with open_nat_lab(homes=(1, 1)) as lab:
+        yield lab
+
+
+async def _statuses(client: Host, addrs: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+    """Each daemon's status, dialled at ``addrs[peer]`` (a relayed address for a daemon at home)."""
+    out: dict[str, dict[str, Any] | None] = {}
+
+    async def ask(peer: str, addr: str) -> None:
+        out[peer] = None
+        try:
+            with trio.fail_after(5.0):
+                await connect_address(client, addr)
+                out[peer] = await query_status(client, peer)
+        except Exception:  # noqa: BLE001 - not answering yet is what the poll waits out
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for peer, addr in addrs.items():
+            nursery.start_soon(ask, peer, addr)
+    return out
+
+
+async def _converge(client: Host, addrs: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+    last: dict[str, dict[str, Any] | None] = {}
+    with trio.move_on_after(CONVERGE_S):
+        while not swarm_view.converged(last, set(addrs)):
+            last = await _statuses(client, addrs)
+            await trio.sleep(0.2)
+        return last
+    members = {peer[-6:]: None if s is None else len(s["members"]) for peer, s in last.items()}
+    raise AssertionError(f"not converged through the relay within {CONVERGE_S} s: {members}")
+
+
+async def _fuzz_hop(client: Host, relay: str) -> None:
+    """Garbage, an oversized length prefix, a truncated frame and messages of the wrong type on the relay's
+    hop protocol; each stream is answered with a refusal or closed, never hangs."""
+    frames = [
+        b"\xff\xff\xff\xff\x0f",  # a 4 GiB length prefix
+        encode_uvarint(1 << 20) + b"x" * 1024,  # 1 MiB announced, 1 KiB sent
+        encode_uvarint(5) + b"\x08\x07\x12\x01",  # a truncated frame
+        encode_uvarint(3) + b"\xde\xad\xbe",  # not a protobuf
+    ]
+    for frame in frames:
+        stream = await client.open_stream(relay, HOP_PROTOCOL)
+        with trio.fail_after(20.0):
+            await stream.write(frame)
+            await stream.close()
+            reply = await read_delimited_msg(stream, HopMessage)
+        assert reply.type == HopMessage.STATUS and reply.status != 100
+    for kind in (HopMessage.STATUS, HopMessage.CONNECT):  # a STATUS request; a CONNECT naming no peer
+        stream = await client.open_stream(relay, HOP_PROTOCOL)
+        with trio.fail_after(20.0):
+            await write_delimited_msg(stream, HopMessage(type=kind))
+            reply = await read_delimited_msg(stream, HopMessage)
+        assert reply.status != 100
+        await stream.reset()
+
+
+@pytest.mark.trio
+async def test_daemons_at_two_homes_join_through_a_relay_that_refuses_garbage(nat_lab: NatLab, tmp_path: Path) -> None:
+    """Two homes behind masquerading routers, whose daemons cannot dial each other, join through a daemon that
+    relays on the public network; the swarm converges (every daemon sees every other, one plan), the test's
+    client reaches each home daemon only through the relay, and garbage on the relay's hop protocol is refused
+    while it keeps serving (a fresh reservation, and the swarm still converged)."""
+    with started_daemons() as started:
+        relay = start_daemon(nat_lab.hosts["p1"], tmp_path, "relay", extra=["--relay"])
+        started.append(relay)
+
+        def home(name: str) -> Daemon:
+            return start_daemon(nat_lab.hosts[name], tmp_path, name, gpu="H100", extra=["--relay-peer", relay.addr])
+
+        with ThreadPoolExecutor(2) as pool:
+            homes = list(pool.map(home, ("h11", "h21")))
+        started.extend(homes)
+        addrs = {relay.peer_id: relay.addr} | {d.peer_id: circuit_address(relay.addr, d.peer_id) for d in homes}
+        async with open_client() as client:
+            view = await _converge(client, addrs)
+            for d in homes:  # its advert names its relayed address, so peers dial it through the relay
+                status = view[d.peer_id]
+                assert status is not None
+                assert any(a == addrs[d.peer_id] for a in _advertised(view, d.peer_id))
+            await _fuzz_hop(client, relay.peer_id)
+            assert relay.alive()
+            assert await reserve(client, relay.addr) > time.time()
+            await _converge(client, addrs)
+            stranger = peer_id_of(new_identity())  # no slot: no circuit to it
+            with pytest.raises(RelayError, match="NO_RESERVATION"):
+                await dial_circuit(client, circuit_address(relay.addr, stranger))
+
+
+def _advertised(view: dict[str, dict[str, Any] | None], peer: str) -> list[str]:
+    """The addresses ``peer`` advertises, as another daemon's status shows them."""
+    for other, status in view.items():
+        if other != peer and status is not None:
+            for member in status.get("peers", []):
+                if member.get("peer_id") == peer:
+                    return list(member.get("addrs", []))
+    return []
+
+
+@pytest.mark.trio
+async def test_a_private_swarm_relay_refuses_non_members(tmp_path: Path) -> None:
+    """A member relays for a member; a stranger can neither reserve a slot on it nor open a circuit through it
+    to that member."""
+    from hexgen.daemon.certificates import create_swarm_key, issue_certificate, load_swarm_key, write_certificate
+    from hexgen.daemon.node_key import load_or_create_key, peer_id_of
+
+    swarm_key = tmp_path / "swarm.key"
+    create_swarm_key(swarm_key)
+
+    def admitted(name: str) -> list[str]:
+        peer = peer_id_of(load_or_create_key(tmp_path / f"{name}.key"))
+        write_certificate(tmp_path / f"{name}.cert", issue_certificate(load_swarm_key(swarm_key), peer, 3600.0))
+        return ["--swarm-cert", str(tmp_path / f"{name}.cert")]
+
+    swarm = Swarm(tmp_path)
+    try:
+        relay = swarm.start("relay", extra=["--relay", *admitted("relay")])
+        member = swarm.start("member", extra=["--relay-peer", relay.addr, *admitted("member")])
+        with trio.fail_after(30.0):
+            while "holding a slot on relay" not in member.log():
+                await trio.sleep(0.1)
+        async with open_client() as stranger:
+            await stranger.connect(relay.addr)
+            started = trio.current_time()
+            with trio.fail_after(MEMBERSHIP_WAIT_S + 10.0):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_refused, reserve(stranger, relay.addr))
+                    nursery.start_soon(_refused, dial_circuit(stranger, circuit_address(relay.addr, member.peer_id)))
+            assert trio.current_time() - started >= MEMBERSHIP_WAIT_S  # it waited for an advert that never came
+            assert member.peer_id not in stranger.connected_peers()
+        assert relay.log().count("not a member of this swarm") >= 2
+    finally:
+        swarm.close()
+
+
+async def _refused(call: Any) -> None:
+    with pytest.raises(RelayError, match="PERMISSION_DENIED"):
+        await call
