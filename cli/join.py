@@ -304,4 +304,7 @@ FLAGS = {
     "connect_timeout_s": "--connect-timeout",
     "http_port": "--http",
     "api_key": "--api-key",
+    "relay": "--relay",
+    "relay_only": "hexgen-node relay",
+    "relay_peers": "--relay-peer",
 }

@@ -101,10 +101,16 @@ class NodeConfig:
             raise ConfigError("api_key", "guards the HTTP API: give {http_port} too")
         if self.probes_per_round < 0:
             raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
-        if self.relay_only and not self.relay:
-            raise ConfigError("relay_only", "needs {relay} too")
         if self.worker_threads < 1:
             raise ConfigError("worker_threads", "must be 1 or more", self.worker_threads)
+        _check_relay(self)
+
+
+def _check_relay(config: NodeConfig) -> None:
+    if config.relay_only and not config.relay:
+        raise ConfigError("relay_only", "needs {relay} too")
+    if config.relay and config.relay_peers:
+        raise ConfigError("relay_peers", "are for a node that cannot be dialled, and a relay must be dialled")
 
 
 def _check_model(model: str) -> None:

@@ -26,6 +26,7 @@ import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
@@ -221,6 +222,15 @@ class Host:
 
     def connected_peers(self) -> set[str]:
         return {str(p) for p in self.libp2p.get_network().connections}
+
+    def link_kinds(self) -> dict[str, str]:
+        """How this host is connected to each peer: "relayed" when every connection runs through a relay
+        (a circuit), else "direct". O(connections)."""
+        out = {}
+        for peer, conns in self.libp2p.get_network().connections.items():
+            relayed = all(c.get_connection_type() == ConnectionType.RELAYED for c in conns)
+            out[str(peer)] = "relayed" if relayed else "direct"
+        return out
 
     async def connect(self, addr: str) -> str:
         """Dial a ``/ip4/.../tcp/.../p2p/ID`` multiaddr; returns the peer id. Raises ``DialError``."""

@@ -171,7 +171,7 @@ class Node:
             connectivity = self.connectivity = Connectivity(state, host, self.adverts, self._started_at)
             liveness = Liveness(state, host, connectivity)
             probes = LinkProbes(state, host)
-            self.view = StatusView(state, lambda: host.addrs, self.serving)
+            self.view = StatusView(state, lambda: host.addrs, self.serving, host.link_kinds)
             self._register(host, connectivity, liveness, probes)
             async with trio.open_nursery() as nursery:
                 if self.config.http_port is not None:  # first: a port that cannot be served stops the start

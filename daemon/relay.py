@@ -53,6 +53,7 @@ HEXGEN_RELAY_LIMITS = RelayLimits(
 # refuses the peer: a daemon reserves right after it connects, and its advert follows within a gossip hop.
 MEMBERSHIP_WAIT_S = 5.0
 HOP_REPLY_TIMEOUT_S = 10.0
+DIRECT_DIAL_S = 1.5  # a peer that also advertises relayed addresses gets this long on its direct ones
 RESERVE_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -132,13 +133,13 @@ async def _hop_request(host: Host, relay_id: str, message: HopMessage) -> tuple[
     the relay refuses, fails or stays silent for HOP_REPLY_TIMEOUT_S."""
     try:
         stream = await host.open_stream(relay_id, HOP_PROTOCOL)
-    except Exception as exc:  # noqa: BLE001 - any failure to open the stream means the relay cannot be used
+    except Exception as exc:  # any failure to open the stream means the relay cannot be used
         raise RelayError(f"relay {relay_id}: cannot open a hop stream: {exc or type(exc).__name__}") from exc
     try:
         with trio.fail_after(HOP_REPLY_TIMEOUT_S):
             await write_delimited_msg(stream, message)
             reply = await read_delimited_msg(stream, HopMessage)
-    except Exception as exc:  # noqa: BLE001 - silence, a reset or a garbled reply: the relay cannot be used
+    except Exception as exc:  # silence, a reset or a garbled reply: the relay cannot be used
         with contextlib.suppress(Exception):
             await stream.reset()
         raise RelayError(f"relay {relay_id}: no answer: {exc or type(exc).__name__}") from exc
@@ -175,10 +176,13 @@ async def dial_circuit(host: Host, addr: str) -> str:
         raise RelayError(f"{addr!r}: {target!r} is not a peer id") from None
     request = HopMessage(type=HopMessage.CONNECT, peer=CircuitPeer(id=target_id.to_bytes()))
     stream, _ = await _hop_request(host, relay_id, request)
-    raw = RawConnection(stream, True, ConnectionType.RELAYED, [multiaddr.Multiaddr(addr)])
+    circuit = [multiaddr.Multiaddr(addr)]
+    raw = RawConnection(stream, True, ConnectionType.RELAYED, circuit)
     try:
-        await host.libp2p.upgrade_outbound_connection(raw, target_id)
-    except Exception as exc:  # noqa: BLE001 - Noise or yamux over the circuit failed: the dial failed
+        conn = await host.libp2p.upgrade_outbound_connection(raw, target_id)
+        # as the library's stop side tags the other end: the generic upgrade leaves the kind UNKNOWN
+        conn.set_transport_info(circuit, ConnectionType.RELAYED)  # type: ignore[attr-defined]
+    except Exception as exc:  # Noise or yamux over the circuit failed: the dial failed
         with contextlib.suppress(Exception):
             await stream.reset()
         raise RelayError(f"{addr}: {exc or type(exc).__name__}") from exc
@@ -190,10 +194,13 @@ async def connect_peer(host: Host, peer_id: str, addrs: list[str]) -> None:
     works. Raises ``DialError`` with the last reason."""
     direct = [a for a in addrs if not is_circuit(a)]
     last: DialError = DialError(f"{peer_id} advertises no address")
-    if direct:
+    # bounded: a dial of an address behind NAT may get no answer at all, and the swarm makes every later dial
+    # of that peer wait for it ("Waiting for in-flight dial")
+    with trio.move_on_after(DIRECT_DIAL_S if len(direct) < len(addrs) else math.inf):
         try:
-            await host.connect_peer(peer_id, direct)
-            return
+            if direct:
+                await host.connect_peer(peer_id, direct)
+                return
         except DialError as exc:
             last = exc
     for addr in addrs:

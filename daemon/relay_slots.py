@@ -62,8 +62,10 @@ class RelaySlots:
     async def _hold(self, relay_id: str, seconds: float) -> None:
         """Wait ``seconds``, or less if the connection to the relay drops (its slot went with it)."""
         with trio.move_on_after(seconds):
-            while relay_id in self.host.connected_peers():
+            while True:
                 await trio.sleep(1.0)
+                if relay_id not in self.host.connected_peers():
+                    return
 
     def _set(self, relay: str, expires: float | None) -> None:
         had = relay in self.held

@@ -16,10 +16,17 @@ from hexgen.daemon.swarm_view import assignments
 class StatusView:
     """This node's view as plain data; ``serving`` is None on a daemon that holds no checkpoint."""
 
-    def __init__(self, state: SwarmState, addrs: Callable[[], list[str]], serving: Serving | None) -> None:
+    def __init__(
+        self,
+        state: SwarmState,
+        addrs: Callable[[], list[str]],
+        serving: Serving | None,
+        links: Callable[[], dict[str, str]] = dict,
+    ) -> None:
         self.state = state
         self.addrs = addrs
         self.serving = serving
+        self.links = links  # how this node is connected to each peer: "direct" or "relayed"
 
     def load(self) -> dict[str, Any]:
         return {} if self.serving is None else self.serving.load()
@@ -54,6 +61,7 @@ class StatusView:
         state, me = self.state, self.state.me
         now = state.clock()
         serving = self.serving
+        links = self.links()
         return Details(
             addrs=tuple(self.addrs()),
             host=me.host_name,
@@ -70,6 +78,7 @@ class StatusView:
                     "hardware": r.advert.hardware.to_dict(),
                     "load": dict(r.advert.load),
                     "last_seen_s": round(now - r.last_seen, 3),
+                    "link": links.get(r.peer_id),  # None: no connection of this node's to the peer
                 }
                 for r in sorted(state.table.peers.values(), key=lambda r: r.peer_id)
             ),

@@ -5,7 +5,7 @@ the pure pieces (circuit addresses, slot renewal, the relay command's settings).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ async def _statuses(client: Host, addrs: dict[str, str]) -> dict[str, dict[str, 
             with trio.fail_after(5.0):
                 await connect_address(client, addr)
                 out[peer] = await query_status(client, peer)
-        except Exception:  # noqa: BLE001 - not answering yet is what the poll waits out
+        except Exception:  # not answering yet is what the poll waits out
             pass
 
     async with trio.open_nursery() as nursery:
@@ -126,10 +126,14 @@ async def _statuses(client: Host, addrs: dict[str, str]) -> dict[str, dict[str, 
     return out
 
 
-async def _converge(client: Host, addrs: dict[str, str]) -> dict[str, dict[str, Any] | None]:
-    last: dict[str, dict[str, Any] | None] = {}
+View = dict[str, dict[str, Any] | None]
+
+
+async def _converge(client: Host, addrs: dict[str, str], linked: Callable[[View], bool] = bool) -> View:
+    """Poll until the swarm converged and ``linked(view)`` holds."""
+    last: View = {}
     with trio.move_on_after(CONVERGE_S):
-        while not swarm_view.converged(last, set(addrs)):
+        while not (swarm_view.converged(last, set(addrs)) and linked(last)):
             last = await _statuses(client, addrs)
             await trio.sleep(0.2)
         return last
@@ -179,12 +183,17 @@ async def test_daemons_at_two_homes_join_through_a_relay_that_refuses_garbage(na
             homes = list(pool.map(home, ("h11", "h21")))
         started.extend(homes)
         addrs = {relay.peer_id: relay.addr} | {d.peer_id: circuit_address(relay.addr, d.peer_id) for d in homes}
+        a, b = (d.peer_id for d in homes)
+
+        def linked(view: View) -> bool:
+            """The homes are connected to each other, through the relay."""
+            return _link(view, a, b) == _link(view, b, a) == "relayed"
+
         async with open_client() as client:
-            view = await _converge(client, addrs)
-            for d in homes:  # its advert names its relayed address, so peers dial it through the relay
-                status = view[d.peer_id]
-                assert status is not None
-                assert any(a == addrs[d.peer_id] for a in _advertised(view, d.peer_id))
+            view = await _converge(client, addrs, linked)
+            for d in homes:  # its advert names its relayed address, which is how the other home dialled it
+                assert addrs[d.peer_id] in _peer_entry(view, relay.peer_id, d.peer_id)["addrs"]
+                assert _link(view, relay.peer_id, d.peer_id) == "direct"  # it dialled out to the relay
             await _fuzz_hop(client, relay.peer_id)
             assert relay.alive()
             assert await reserve(client, relay.addr) > time.time()
@@ -194,14 +203,14 @@ async def test_daemons_at_two_homes_join_through_a_relay_that_refuses_garbage(na
                 await dial_circuit(client, circuit_address(relay.addr, stranger))
 
 
-def _advertised(view: dict[str, dict[str, Any] | None], peer: str) -> list[str]:
-    """The addresses ``peer`` advertises, as another daemon's status shows them."""
-    for other, status in view.items():
-        if other != peer and status is not None:
-            for member in status.get("peers", []):
-                if member.get("peer_id") == peer:
-                    return list(member.get("addrs", []))
-    return []
+def _peer_entry(view: View, seer: str, peer: str) -> dict[str, Any]:
+    """``peer`` as daemon ``seer``'s status shows it (its advertised addresses, the link between them)."""
+    status = view.get(seer)
+    return next((p for p in status["peers"] if p["peer_id"] == peer), {}) if status is not None else {}
+
+
+def _link(view: View, seer: str, peer: str) -> str | None:
+    return _peer_entry(view, seer, peer).get("link")
 
 
 @pytest.mark.trio
