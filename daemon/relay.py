@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import multiaddr
@@ -85,7 +85,7 @@ class RelayGate:
     """Who may use this node's hop: ``admits(peer)`` now, and ``changed()`` to wait on while unsure."""
 
     admits: Callable[[str], bool]
-    changed: Callable[[float], object]
+    changed: Callable[[float], Awaitable[None]]
 
 
 async def _hop_status(stream: Stream, code: StatusCode) -> None:
