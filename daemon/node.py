@@ -21,7 +21,7 @@ from trio import TaskStatus
 
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.daemon.adoption import Adoption
-from hexgen.daemon.adverts import Adverts
+from hexgen.daemon.adverts import Adverts, reachability_of
 from hexgen.daemon.certificates import Certificate
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.connectivity import Connectivity
@@ -38,6 +38,7 @@ from hexgen.daemon.liveness import Liveness
 from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
+from hexgen.daemon.nat_check import AUTONAT_PROTOCOL, Reachability, choose_servers
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.relay import RelayGate, Relaying
@@ -171,8 +172,10 @@ class Node:
             connectivity = self.connectivity = Connectivity(state, host, self.adverts, self._started_at)
             liveness = Liveness(state, host, connectivity)
             probes = LinkProbes(state, host)
-            self.view = StatusView(state, lambda: host.addrs, self.serving, host.link_kinds)
+            reach = self._reachability(host)
+            self.view = StatusView(state, lambda: host.addrs, self.serving, host.link_kinds, lambda: reach.status)
             self._register(host, connectivity, liveness, probes)
+            host.handle(AUTONAT_PROTOCOL, reach.serve, per_peer=2)
             async with trio.open_nursery() as nursery:
                 if self.config.http_port is not None:  # first: a port that cannot be served stops the start
                     from hexgen.daemon.http_api import serve_http  # starlette and hypercorn load only when asked for
@@ -190,6 +193,7 @@ class Node:
                 nursery.start_soon(probes.run)
                 nursery.start_soon(self.adoption.fetch_plans, host)
                 nursery.start_soon(liveness.run)
+                nursery.start_soon(reach.run)
                 if self.config.relay_peers:
                     nursery.start_soon(RelaySlots(host, self.config.relay_peers, self._circuits_changed).run)
                 task_status.started(self)
@@ -199,6 +203,21 @@ class Node:
         in a private swarm)."""
         gate = RelayGate(lambda peer: self.state.may_ask(peer, None), self.state.changed.wait)
         return Relaying(host, gate, hop=self.config.relay)
+
+    def _reachability(self, host: Host) -> Reachability:
+        """AutoNAT with the members this node is connected to directly as servers, the public ones first."""
+        state = self.state
+
+        def servers() -> list[str]:
+            said = {p: reachability_of(env) for p, (env, _) in state.adverts.items() if p in state.table.peers}
+            return choose_servers(said, host.link_kinds())
+
+        def changed() -> None:
+            self.adverts.reachability = reach.status
+            self.adverts.announce_soon()
+
+        reach = Reachability(host, servers, changed)
+        return reach
 
     def _circuits_changed(self) -> None:
         if self.host is not None:

@@ -15,9 +15,11 @@ import trio
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.utils.varint import encode_uvarint
+from multiaddr import Multiaddr
 
 from hexgen.daemon import swarm_view
 from hexgen.daemon.host import Host, new_identity
+from hexgen.daemon.nat_check import choose_servers, dial_back_ports, listener_answers, verdict
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.relay import (
     HOP_PROTOCOL,
@@ -36,6 +38,39 @@ from hexgen.testing.nat_lab import NatLab, open_nat_lab
 from hexgen.testing.netns import start_daemon, started_daemons
 
 CONVERGE_S = 60.0
+
+
+def test_autonat_dials_back_only_tcp_ports_and_one_success_proves_reachability() -> None:
+    def raw(addr: str) -> bytes:
+        return Multiaddr(addr).to_bytes()
+
+    addrs = [raw("/ip4/10.0.0.1/tcp/4001"), raw("/ip4/10.0.0.2/tcp/4001"), raw("/ip4/10.0.0.1/udp/9")]
+    relay = f"/ip4/10.0.0.9/tcp/7/p2p/{peer_id_of(new_identity())}"
+    addrs.append(raw(circuit_address(relay, peer_id_of(new_identity()))))  # the relay's port, not the peer's
+    assert dial_back_ports([*addrs, b"garbage", raw("/ip4/10.0.0.1/tcp/4002")]) == [4001, 4002]
+    assert dial_back_ports([raw(f"/ip4/10.0.0.1/tcp/{p}") for p in range(1, 10)]) == [1, 2, 3, 4]
+    assert verdict([None, False, True]) == "public"
+    assert verdict([False, None]) == "private"
+    assert verdict([None]) == verdict([]) == "unknown"
+    said = {"p1": "public", "p2": "private", "p3": "public", "r": "public"}
+    links = {"p1": "direct", "p2": "direct", "p3": "direct", "r": "relayed"}
+    for _ in range(5):
+        order = choose_servers(said, links)
+        assert set(order[:2]) == {"p1", "p3"} and order[2:] == ["p2"]
+
+
+@pytest.mark.trio
+async def test_autonat_dial_back_needs_a_libp2p_listener() -> None:
+    async with open_client() as host:
+        port = int(host.addrs[0].split("/")[4])
+        assert await listener_answers("127.0.0.1", port)
+        with trio.socket.socket() as silent:  # a port that accepts but never speaks multistream
+            await silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            assert not await listener_answers("127.0.0.1", silent.getsockname()[1], seconds=0.5)
+        with trio.socket.socket() as closed:
+            await closed.bind(("127.0.0.1", 0))
+            assert not await listener_answers("127.0.0.1", closed.getsockname()[1], seconds=0.5)
 
 
 def test_circuit_addresses_split_into_relay_and_target() -> None:
@@ -186,8 +221,15 @@ async def test_daemons_at_two_homes_join_through_a_relay_that_refuses_garbage(na
         a, b = (d.peer_id for d in homes)
 
         def linked(view: View) -> bool:
-            """The homes are connected to each other, through the relay."""
-            return _link(view, a, b) == _link(view, b, a) == "relayed"
+            """The homes are connected to each other, through the relay; each daemon knows whether it can be
+            dialled (AutoNAT), and its peers know it from its signed advert."""
+            reach = {peer: (status or {}).get("reachability") for peer, status in view.items()}
+            said = {peer: _peer_entry(view, relay.peer_id if peer != relay.peer_id else a, peer) for peer in view}
+            return (
+                _link(view, a, b) == _link(view, b, a) == "relayed"
+                and reach == {relay.peer_id: "public", a: "private", b: "private"}
+                and all(said[peer].get("reachability") == reach[peer] for peer in view)
+            )
 
         async with open_client() as client:
             view = await _converge(client, addrs, linked)
