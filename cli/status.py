@@ -87,7 +87,7 @@ def _text(value: Any) -> str:
 
 def short_id(peer_id: Any) -> str:
     """A peer id's last six characters after an ellipsis (the default host names end the same way)."""
-    return f"…{peer_id[-6:]}" if isinstance(peer_id, str) and len(peer_id) > 6 else _text(peer_id)
+    return f"…{_text(peer_id[-6:])}" if isinstance(peer_id, str) and len(peer_id) > 6 else _text(peer_id)
 
 
 def host_names(status: Mapping[str, Any]) -> dict[str, str]:
@@ -96,8 +96,8 @@ def host_names(status: Mapping[str, Any]) -> dict[str, str]:
     records = [*_list(_dict(_dict(status.get("plan")).get("body")).get("peers")), *_list(status.get("peers"))]
     for record in [*records, {"peer_id": status.get("peer_id"), "host": status.get("host")}]:
         record = _dict(record)
-        if isinstance(record.get("peer_id"), str) and isinstance(record.get("host"), str) and record["host"]:
-            names[record["peer_id"]] = record["host"]
+        if isinstance(record.get("peer_id"), str) and _text(record.get("host")) != MISSING:
+            names[record["peer_id"]] = _text(record["host"])
     return names
 
 
