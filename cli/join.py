@@ -153,6 +153,11 @@ def _add_join_arguments(join: argparse.ArgumentParser) -> None:
     join.add_argument("--tamper-tokens", action="store_true", help=argparse.SUPPRESS)  # tests: a lying peer
     join.add_argument("--log-level", choices=LEVELS, default="info", help="log verbosity (default info)")
     join.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="do not announce this daemon on its LAN nor dial the daemons heard there (mDNS)",
+    )
+    join.add_argument(
         "--relay", action="store_true", help="relay for the swarm's members that cannot be dialled (circuit relay v2)"
     )
     join.add_argument(
@@ -280,6 +285,7 @@ def _node_config(
         relay=args.relay or args.relay_only,
         relay_only=args.relay_only,
         relay_peers=relay_peers,
+        mdns=not args.no_mdns,
     )
 
 

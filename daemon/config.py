@@ -83,6 +83,7 @@ class NodeConfig:
     relay: bool = False  # serve circuit relay v2 (hop) for the swarm's members
     relay_only: bool = False  # a relay that offers no GPUs (``hexgen-node relay``)
     relay_peers: tuple[str, ...] = ()  # relays to reserve a slot on, for a node that cannot be dialled
+    mdns: bool = True  # announce this node on its LAN and dial the daemons heard there
 
     def __post_init__(self) -> None:
         _check_model(self.model)

@@ -11,7 +11,7 @@ import trio
 from hexgen.daemon.adverts import Adverts
 from hexgen.daemon.certificates import CertificateError
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, from_wire, to_wire, verify
-from hexgen.daemon.host import DialError, Host, Stream
+from hexgen.daemon.host import DialError, Host, Stream, peer_of_address
 from hexgen.daemon.messages import Advert
 from hexgen.daemon.relay import connect_address, connect_peer, is_circuit
 from hexgen.daemon.rpc import RPC_TIMEOUT_S, SYNC_PROTOCOL, call, serve_rpc
@@ -122,6 +122,24 @@ class Connectivity:
             await self.sync_from(peer_id)
             return
         log.warning("bootstrap %s unreachable: %s", addr, last)
+
+    async def discovered(self, addrs: list[str]) -> None:
+        """A daemon heard of on the LAN (mDNS, all ``addrs`` of one peer): dialled at the first address that
+        answers, then synced, unless already connected. In a private swarm its advert still needs a
+        certificate: a connection alone admits no one."""
+        peer = peer_of_address(addrs[0])
+        if peer in self.host.connected_peers() or peer == self.state.peer_id:
+            return
+        for addr in addrs:
+            try:
+                with trio.fail_after(RPC_TIMEOUT_S):
+                    await self.host.connect(addr)
+            except (DialError, trio.TooSlowError) as exc:
+                log.debug("LAN peer %s at %s: %s", peer, addr, exc)
+                continue
+            log.info("found %s on the LAN", peer)
+            await self.sync_from(peer)
+            return
 
     async def keep_connected(self) -> None:
         state = self.state

@@ -35,6 +35,7 @@ from hexgen.daemon.hop import REPLICA_PROTOCOL
 from hexgen.daemon.host import Host, Stream, open_host
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
+from hexgen.daemon.mdns import LanDiscovery
 from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
@@ -194,6 +195,8 @@ class Node:
                 nursery.start_soon(self.adoption.fetch_plans, host)
                 nursery.start_soon(liveness.run)
                 nursery.start_soon(reach.run)
+                if self.config.mdns:
+                    nursery.start_soon(LanDiscovery(self.peer_id, lambda: host.addrs, connectivity.discovered).run)
                 if self.config.relay_peers:
                     nursery.start_soon(RelaySlots(host, self.config.relay_peers, self._circuits_changed).run)
                 task_status.started(self)

@@ -33,9 +33,9 @@ from hexgen.daemon.relay import (
 )
 from hexgen.daemon.relay_slots import MIN_RENEW_S, renew_after
 from hexgen.daemon.rpc import query_status
-from hexgen.testing.daemon_harness import Daemon, Swarm, open_client
+from hexgen.testing.daemon_harness import Daemon, Swarm, converged, open_client, statuses, wait_until
 from hexgen.testing.nat_lab import NatLab, open_nat_lab
-from hexgen.testing.netns import start_daemon, started_daemons
+from hexgen.testing.netns import open_lab, start_daemon, started_daemons
 
 CONVERGE_S = 60.0
 
@@ -259,17 +259,7 @@ def _link(view: View, seer: str, peer: str) -> str | None:
 async def test_a_private_swarm_relay_refuses_non_members(tmp_path: Path) -> None:
     """A member relays for a member; a stranger can neither reserve a slot on it nor open a circuit through it
     to that member."""
-    from hexgen.daemon.certificates import create_swarm_key, issue_certificate, load_swarm_key, write_certificate
-    from hexgen.daemon.node_key import load_or_create_key, peer_id_of
-
-    swarm_key = tmp_path / "swarm.key"
-    create_swarm_key(swarm_key)
-
-    def admitted(name: str) -> list[str]:
-        peer = peer_id_of(load_or_create_key(tmp_path / f"{name}.key"))
-        write_certificate(tmp_path / f"{name}.cert", issue_certificate(load_swarm_key(swarm_key), peer, 3600.0))
-        return ["--swarm-cert", str(tmp_path / f"{name}.cert")]
-
+    admitted = _private_swarm(tmp_path)
     swarm = Swarm(tmp_path)
     try:
         relay = swarm.start("relay", extra=["--relay", *admitted("relay")])
@@ -294,3 +284,52 @@ async def test_a_private_swarm_relay_refuses_non_members(tmp_path: Path) -> None
 async def _refused(call: Any) -> None:
     with pytest.raises(RelayError, match="PERMISSION_DENIED"):
         await call
+
+
+def _private_swarm(root: Path) -> Callable[[str], list[str]]:
+    """A new swarm key under ``root``; the returned function gives daemon ``name`` (its key file
+    ``root/name.key``, as the harnesses place it) a certificate and returns its join flags."""
+    from hexgen.daemon.certificates import create_swarm_key, issue_certificate, load_swarm_key, write_certificate
+    from hexgen.daemon.node_key import load_or_create_key
+
+    create_swarm_key(root / "swarm.key")
+
+    def admitted(name: str) -> list[str]:
+        peer = peer_id_of(load_or_create_key(root / f"{name}.key"))
+        cert = issue_certificate(load_swarm_key(root / "swarm.key"), peer, 3600.0)
+        write_certificate(root / f"{name}.cert", cert)
+        return ["--swarm-cert", str(root / f"{name}.cert")]
+
+    return admitted
+
+
+@pytest.mark.trio
+async def test_daemons_on_one_lan_find_each_other_with_no_bootstrap(tmp_path: Path) -> None:
+    """Four hosts on one bridge and no --bootstrap: the two members of a private swarm find each other by
+    mDNS and converge; a daemon without a certificate, heard too, is not admitted; a member started with
+    --no-mdns is found by no one and finds no one."""
+    from hexgen.daemon.certificates import issue_certificate, load_swarm_key
+
+    admitted = _private_swarm(tmp_path)
+    with open_lab(per_side=4, sides=("A",)) as lab, started_daemons() as started:
+        hosts = lab.namespaces
+
+        def start(index: int, name: str, extra: list[str]) -> Daemon:
+            return start_daemon(hosts[index], tmp_path, name, extra=extra)
+
+        plan = [(0, "m1", admitted("m1")), (1, "m2", admitted("m2")), (2, "out", []), (3, "q", admitted("q"))]
+        plan[3][2].append("--no-mdns")
+        with ThreadPoolExecutor(4) as pool:
+            daemons = list(pool.map(lambda item: start(*item), plan))
+        started.extend(daemons)
+        m1, m2, out, q = daemons
+        client_key = new_identity()
+        ask = {"cert": issue_certificate(load_swarm_key(tmp_path / "swarm.key"), peer_id_of(client_key), 3600.0)}
+        members = {m1.peer_id, m2.peer_id}
+        async with open_client(client_key) as client:
+            await wait_until(client, [m1, m2], converged(members), CONVERGE_S, "converged by mDNS", request=ask)
+            found = await statuses(client, [m1, m2, q], ask)
+        assert found[q.peer_id] is not None and found[q.peer_id]["members"] == [q.peer_id]
+        assert all("found" in d.log() and "on the LAN" in d.log() for d in (m1, m2))
+        assert any("not-member" in d.log() or "no swarm certificate" in d.log() for d in (m1, m2))
+        assert out.peer_id not in str(found) and "on the LAN" not in q.log()
