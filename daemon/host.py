@@ -200,6 +200,7 @@ class Host:
     hosts: tuple[str, ...] = ("127.0.0.1",)  # what peers dial (see reachable_hosts)
     _streams: dict[str, int] = field(default_factory=dict)  # open handled streams per peer
     circuits: list[str] = field(default_factory=list)  # this node's addresses through relays it holds a slot on
+    punched: set[str] = field(default_factory=set)  # peers a hole punch (DCUtR) connected directly
 
     @property
     def peer_id(self) -> str:
@@ -225,11 +226,13 @@ class Host:
 
     def link_kinds(self) -> dict[str, str]:
         """How this host is connected to each peer: "relayed" when every connection runs through a relay
-        (a circuit), else "direct". O(connections)."""
+        (a circuit), "hole-punched" when a hole punch made the direct one, else "direct". O(connections)."""
         out = {}
         for peer, conns in self.libp2p.get_network().connections.items():
             relayed = all(c.get_connection_type() == ConnectionType.RELAYED for c in conns)
-            out[str(peer)] = "relayed" if relayed else "direct"
+            kind = "hole-punched" if str(peer) in self.punched else "direct"
+            out[str(peer)] = "relayed" if relayed else kind
+        self.punched &= out.keys()  # a peer that left and comes back is connected anew
         return out
 
     async def connect(self, addr: str) -> str:

@@ -1,5 +1,6 @@
-"""Circuit relay v2 in a daemon: the hop with hexgen's limits and a membership gate, the stop side every daemon
-runs, and the client calls (reserve a slot, dial through a relay) that py-libp2p 0.8.1 leaves to its transport.
+"""Circuit relay v2 in a daemon: the hop with hexgen's limits and a membership gate, the stop side and hole
+punching (DCUtR) every daemon runs, and the client calls (reserve a slot, dial through a relay) that py-libp2p
+0.8.1 leaves to its transport.
 
 The library's ``CircuitV2Protocol`` does the hop and stop work. Its own client (``CircuitV2Transport`` with
 ``RelayDiscovery``) dials relays it discovers and reserves on its own; a daemon reserves only on the relays
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ import trio
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeer
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
@@ -53,7 +56,11 @@ HEXGEN_RELAY_LIMITS = RelayLimits(
 # refuses the peer: a daemon reserves right after it connects, and its advert follows within a gossip hop.
 MEMBERSHIP_WAIT_S = 5.0
 HOP_REPLY_TIMEOUT_S = 10.0
-DIRECT_DIAL_S = 1.5  # a peer that also advertises relayed addresses gets this long on its direct ones
+PUMP_CHUNK = 64 * 1024
+PUMP_WRITE_S = 15.0  # a circuit whose far end takes no bytes for this long is cut
+DIRECT_DIAL_S = 1.5
+# each dial of a hole punch: TCP retransmits a lost SYN after 1 s, and the simultaneous open needs no more
+PUNCH_DIAL_S = 3  # a peer that also advertises relayed addresses gets this long on its direct ones
 RESERVE_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -94,6 +101,74 @@ async def _hop_status(stream: Stream, code: StatusCode) -> None:
         await stream.close()
 
 
+class Circuits(CircuitV2Protocol):
+    """The library's relay, with each circuit's bytes pumped here. Its own pump, once either direction of a
+    circuit ends, closes the streams it files under that direction's peer id, which belong to the newest
+    circuit of that peer: in the NAT lab the end of one circuit (a hole punch's, a client's) cut the other
+    circuits of the same daemon. This pump closes only its own circuit's streams."""
+
+    async def _relay_data(
+        self,
+        src_stream: Stream,
+        dst_stream: Stream,
+        peer_id: ID,
+        deadline: float | None = None,
+        circuit_data_limit: list[int] | None = None,
+    ) -> None:
+        clean = False
+        try:
+            with trio.move_on_at(math.inf if deadline is None else trio.current_time() + deadline - time.monotonic()):
+                clean = await _pump(src_stream, dst_stream, circuit_data_limit)
+        except Exception as exc:  # noqa: BLE001 - a reset or a failed write ends this circuit, and only it
+            log.debug("circuit of %s ended: %s", peer_id, exc or type(exc).__name__)
+        finally:
+            if clean:  # the source finished: pass the end on, and the other direction goes on until its end
+                with contextlib.suppress(Exception):
+                    await dst_stream.close()
+            else:  # a limit, a deadline or an error: the whole circuit goes
+                for stream in (src_stream, dst_stream):
+                    with contextlib.suppress(Exception):
+                        await stream.reset()
+
+
+async def _pump(source: Stream, sink: Stream, budget: list[int] | None) -> bool:
+    """Copy ``source`` to ``sink`` until the source ends (True) or the shared byte ``budget`` of the circuit
+    runs out (False)."""
+    while True:
+        data = await source.read(PUMP_CHUNK)
+        if not data:
+            return True
+        if budget is not None:
+            if len(data) > budget[0]:
+                log.info("a circuit reached its %d bytes: cut", CIRCUIT_BYTES)
+                return False
+            budget[0] -= len(data)
+        with trio.fail_after(PUMP_WRITE_S):
+            await sink.write(data)
+
+
+class HolePunching(DCUtRProtocol):
+    """The library's DCUtR (it hole-punches every relayed connection of this host, as initiator or responder,
+    and closes the relayed one once a direct one holds), recording in ``Host.punched`` the peers it succeeded
+    with: a link to them shows as "hole-punched"."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host.libp2p, dial_timeout=PUNCH_DIAL_S)
+        self.hexgen_host = host
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        punched = await super().initiate_hole_punch(peer_id)
+        if not punched:
+            log.info("hole punch to %s failed: the link stays relayed", peer_id)
+        return punched
+
+    def _schedule_relay_close(self, peer_id: ID) -> None:
+        # called once a hole-punched connection is verified, and only then
+        self.hexgen_host.punched.add(str(peer_id))
+        log.info("hole-punched a direct connection to %s", peer_id)
+        super()._schedule_relay_close(peer_id)
+
+
 class Relaying:
     """The circuit relay v2 protocol on a daemon's host: the stop side always (relayed connections reach
     this node), the hop side when ``hop`` (this node relays for members that ``gate`` admits)."""
@@ -102,12 +177,12 @@ class Relaying:
         self.host = host
         self.gate = gate
         self.hop = hop
-        self.protocol = CircuitV2Protocol(host.libp2p, limits=HEXGEN_RELAY_LIMITS, allow_hop=hop)
+        self.protocol = Circuits(host.libp2p, limits=HEXGEN_RELAY_LIMITS, allow_hop=hop)
         self.refused = 0
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Relaying]:
-        async with background_trio_service(self.protocol):
+        async with background_trio_service(self.protocol), background_trio_service(HolePunching(self.host)):
             await self.protocol.event_started.wait()
             if self.hop:  # replaces the library's own handler: the gate comes first, the host's stream limits too
                 self.host.handle(HOP_PROTOCOL, self.serve_hop)

@@ -138,7 +138,8 @@ def _listen(lab: NatLab, host: str, port: int) -> Any:
 
 @pytest.fixture
 def nat_lab() -> Iterator[NatLab]:
-    with open_nat_lab(homes=(1, 1)) as lab:
+    """Three homes: two behind endpoint-independent NATs, the third behind a symmetric one."""
+    with open_nat_lab(homes=(1, 1, 1), symmetric=(False, False, True)) as lab:
         yield lab
 
 
@@ -202,11 +203,16 @@ async def _fuzz_hop(client: Host, relay: str) -> None:
 
 
 @pytest.mark.trio
-async def test_daemons_at_two_homes_join_through_a_relay_that_refuses_garbage(nat_lab: NatLab, tmp_path: Path) -> None:
-    """Two homes behind masquerading routers, whose daemons cannot dial each other, join through a daemon that
-    relays on the public network; the swarm converges (every daemon sees every other, one plan), the test's
-    client reaches each home daemon only through the relay, and garbage on the relay's hop protocol is refused
-    while it keeps serving (a fresh reservation, and the swarm still converged)."""
+async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_refuses_garbage(
+    nat_lab: NatLab, tmp_path: Path
+) -> None:
+    """Three homes behind masquerading routers, whose daemons cannot dial each other, join through a daemon
+    that relays on the public network: the swarm converges (every daemon sees every other, one plan); each
+    daemon learns whether it can be dialled and its peers see it in its signed advert; the two homes behind
+    endpoint-independent NATs hole-punch a direct link, the one behind the symmetric NAT stays relayed to both,
+    and once a hole punch of it failed the swarm still holds. The test's client reaches each home daemon only
+    through the relay; garbage on the relay's hop protocol is refused while it keeps serving (a fresh
+    reservation, and the swarm still converged)."""
     with started_daemons() as started:
         relay = start_daemon(nat_lab.hosts["p1"], tmp_path, "relay", extra=["--relay"])
         started.append(relay)
@@ -214,32 +220,41 @@ async def test_daemons_at_two_homes_join_through_a_relay_that_refuses_garbage(na
         def home(name: str) -> Daemon:
             return start_daemon(nat_lab.hosts[name], tmp_path, name, gpu="H100", extra=["--relay-peer", relay.addr])
 
-        with ThreadPoolExecutor(2) as pool:
-            homes = list(pool.map(home, ("h11", "h21")))
+        with ThreadPoolExecutor(3) as pool:
+            homes = list(pool.map(home, ("h11", "h21", "h31")))
         started.extend(homes)
         addrs = {relay.peer_id: relay.addr} | {d.peer_id: circuit_address(relay.addr, d.peer_id) for d in homes}
-        a, b = (d.peer_id for d in homes)
+        a, b, c = (d.peer_id for d in homes)
 
         def linked(view: View) -> bool:
-            """The homes are connected to each other, through the relay; each daemon knows whether it can be
-            dialled (AutoNAT), and its peers know it from its signed advert."""
+            """a and b hole-punched, c relayed to both; each daemon knows whether it can be dialled (AutoNAT),
+            and its peers know it from its signed advert."""
             reach = {peer: (status or {}).get("reachability") for peer, status in view.items()}
             said = {peer: _peer_entry(view, relay.peer_id if peer != relay.peer_id else a, peer) for peer in view}
             return (
-                _link(view, a, b) == _link(view, b, a) == "relayed"
-                and reach == {relay.peer_id: "public", a: "private", b: "private"}
+                _link(view, a, b) == _link(view, b, a) == "hole-punched"
+                and all(_link(view, x, y) == "relayed" for x, y in ((a, c), (c, a), (b, c), (c, b)))
+                and reach == {relay.peer_id: "public", a: "private", b: "private", c: "private"}
                 and all(said[peer].get("reachability") == reach[peer] for peer in view)
             )
 
         async with open_client() as client:
             view = await _converge(client, addrs, linked)
-            for d in homes:  # its advert names its relayed address, which is how the other home dialled it
+            for d in homes:  # its advert names its relayed address, which is how the others dialled it
                 assert addrs[d.peer_id] in _peer_entry(view, relay.peer_id, d.peer_id)["addrs"]
                 assert _link(view, relay.peer_id, d.peer_id) == "direct"  # it dialled out to the relay
+
+            def failed(x: Daemon, y: Daemon) -> bool:
+                """A hole punch between x and y failed, as the side that started it logs."""
+                return f"hole punch to {y.peer_id} failed" in x.log() or f"hole punch to {x.peer_id} failed" in y.log()
+
+            with trio.fail_after(CONVERGE_S):  # the symmetric NAT defeats c's hole punches
+                while not (failed(homes[2], homes[0]) or failed(homes[2], homes[1])):
+                    await trio.sleep(0.2)
             await _fuzz_hop(client, relay.peer_id)
             assert relay.alive()
             assert await reserve(client, relay.addr) > time.time()
-            await _converge(client, addrs)
+            await _converge(client, addrs, linked)
             stranger = peer_id_of(new_identity())  # no slot: no circuit to it
             with pytest.raises(RelayError, match="NO_RESERVATION"):
                 await dial_circuit(client, circuit_address(relay.addr, stranger))

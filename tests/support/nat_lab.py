@@ -9,7 +9,8 @@ Layout (names start with ``hxp`` and the tag of ``netns``, so its leftover sweep
 
 A router has ``pub0`` on the public bridge and ``home0`` on its home bridge (10.8K.T.0/24, K the home), forwards
 with ``MASQUERADE`` on ``pub0`` (``--random-fully`` for a symmetric NAT: a new random source port for every
-connection, which defeats hole punching) and drops every new connection coming in on ``pub0``. Home hosts route
+connection, which defeats hole punching) and silently drops every packet coming in on ``pub0`` that is not
+part of a connection from inside (a refusal would be a RST, which breaks TCP simultaneous open). Home hosts route
 everything through their router; public hosts route only the public /24, so nothing public reaches a home
 address except as a reply. The root namespace has an address on the public bridge: the test's client is a
 public host.
@@ -133,8 +134,9 @@ class NatLab:
         masquerade = ["-t", "nat", "-A", "POSTROUTING", "-o", "pub0", "-j", "MASQUERADE"]
         _in(router, "iptables", *masquerade, *(["--random-fully"] if symmetric else []))
         established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
-        _in(router, "iptables", "-A", "FORWARD", "-i", "pub0", *established)
-        _in(router, "iptables", "-A", "FORWARD", "-i", "pub0", "-j", "DROP")
+        for chain in ("FORWARD", "INPUT"):  # unsolicited packets vanish, as at a home router: no RST
+            _in(router, "iptables", "-A", chain, "-i", "pub0", *established)
+            _in(router, "iptables", "-A", chain, "-i", "pub0", "-j", "DROP")
         for k in range(1, count + 1):
             self._host(f"h{home}{k}", f"{lan}.{10 + k}", bridge, f"{lan}.1")
 
