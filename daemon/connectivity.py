@@ -244,9 +244,24 @@ class Connectivity:
             await self.sync_once_in_a_while(peer_id, only_self=True)
 
     async def watch_disconnects(self) -> None:
-        async for peer_id in self.host.disconnects:
-            if peer_id not in self.host.connected_peers():
-                self.state.lose(peer_id, f"peer {peer_id} disconnected")
+        async with trio.open_nursery() as nursery:
+            async for peer_id in self.host.disconnects:
+                if peer_id in self.host.connected_peers():
+                    continue
+                record = self.state.table.peers.get(peer_id)
+                if record is not None and any(map(is_circuit, record.addrs)) and not self.state.leaving:
+                    nursery.start_soon(self.redial_relayed, peer_id, record.addrs)
+                else:
+                    self.state.lose(peer_id, f"peer {peer_id} disconnected")
+
+    async def redial_relayed(self, peer_id: str, addrs: list[str]) -> None:
+        """A member reached through a relay lost its connection: a relay cuts every circuit at its limits
+        (relay.CIRCUIT_DURATION_S, CIRCUIT_BYTES), so it is dialled again at once, and lost only if that
+        fails (a peer that died is then lost RELAYED_DIAL_S later than a directly connected one)."""
+        with trio.move_on_after(RELAYED_DIAL_S):
+            await self._connect(peer_id, addrs)
+        if peer_id not in self.host.connected_peers():
+            self.state.lose(peer_id, f"peer {peer_id} disconnected")
 
     def duplicate_key(self, seen: str) -> DuplicateKeyError:
         return DuplicateKeyError(
