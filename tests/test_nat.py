@@ -345,6 +345,6 @@ async def test_daemons_on_one_lan_find_each_other_with_no_bootstrap(tmp_path: Pa
             await wait_until(client, [m1, m2], converged(members), CONVERGE_S, "converged by mDNS", request=ask)
             found = await statuses(client, [m1, m2, q], ask)
         assert found[q.peer_id] is not None and found[q.peer_id]["members"] == [q.peer_id]
-        assert all("found" in d.log() and "on the LAN" in d.log() for d in (m1, m2))
+        assert any("found" in d.log() and "on the LAN" in d.log() for d in (m1, m2))  # one dialled the other
         assert any("not-member" in d.log() or "no swarm certificate" in d.log() for d in (m1, m2))
         assert out.peer_id not in str(found) and "on the LAN" not in q.log()
