@@ -17,7 +17,6 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.utils.varint import encode_uvarint
 from multiaddr import Multiaddr
 
-from hexgen.daemon import swarm_view
 from hexgen.daemon.host import Host, new_identity
 from hexgen.daemon.nat_check import choose_servers, dial_back_ports, listener_answers, verdict
 from hexgen.daemon.node_key import peer_id_of
@@ -26,18 +25,14 @@ from hexgen.daemon.relay import (
     MEMBERSHIP_WAIT_S,
     RelayError,
     circuit_address,
-    connect_address,
     dial_circuit,
     reserve,
     split_circuit,
 )
 from hexgen.daemon.relay_slots import MIN_RENEW_S, renew_after
-from hexgen.daemon.rpc import query_status
 from hexgen.testing.daemon_harness import Daemon, Swarm, converged, open_client, statuses, wait_until
-from hexgen.testing.nat_lab import NatLab, open_nat_lab
+from hexgen.testing.nat_lab import CONVERGE_S, NatLab, View, converge, link, open_nat_lab, peer_entry
 from hexgen.testing.netns import open_lab, start_daemon, started_daemons
-
-CONVERGE_S = 60.0
 
 
 def test_autonat_dials_back_only_tcp_ports_and_one_success_proves_reachability() -> None:
@@ -143,40 +138,6 @@ def nat_lab() -> Iterator[NatLab]:
         yield lab
 
 
-async def _statuses(client: Host, addrs: dict[str, str]) -> dict[str, dict[str, Any] | None]:
-    """Each daemon's status, dialled at ``addrs[peer]`` (a relayed address for a daemon at home)."""
-    out: dict[str, dict[str, Any] | None] = {}
-
-    async def ask(peer: str, addr: str) -> None:
-        out[peer] = None
-        try:
-            with trio.fail_after(5.0):
-                await connect_address(client, addr)
-                out[peer] = await query_status(client, peer)
-        except Exception:  # not answering yet is what the poll waits out
-            pass
-
-    async with trio.open_nursery() as nursery:
-        for peer, addr in addrs.items():
-            nursery.start_soon(ask, peer, addr)
-    return out
-
-
-View = dict[str, dict[str, Any] | None]
-
-
-async def _converge(client: Host, addrs: dict[str, str], linked: Callable[[View], bool] = bool) -> View:
-    """Poll until the swarm converged and ``linked(view)`` holds."""
-    last: View = {}
-    with trio.move_on_after(CONVERGE_S):
-        while not (swarm_view.converged(last, set(addrs)) and linked(last)):
-            last = await _statuses(client, addrs)
-            await trio.sleep(0.2)
-        return last
-    members = {peer[-6:]: None if s is None else len(s["members"]) for peer, s in last.items()}
-    raise AssertionError(f"not converged through the relay within {CONVERGE_S} s: {members}")
-
-
 async def _fuzz_hop(client: Host, relay: str) -> None:
     """Garbage, an oversized length prefix, a truncated frame and messages of the wrong type on the relay's
     hop protocol; each stream is answered with a refusal or closed, never hangs."""
@@ -230,19 +191,19 @@ async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_ref
             """a and b hole-punched, c relayed to both; each daemon knows whether it can be dialled (AutoNAT),
             and its peers know it from its signed advert."""
             reach = {peer: (status or {}).get("reachability") for peer, status in view.items()}
-            said = {peer: _peer_entry(view, relay.peer_id if peer != relay.peer_id else a, peer) for peer in view}
+            said = {peer: peer_entry(view, relay.peer_id if peer != relay.peer_id else a, peer) for peer in view}
             return (
-                _link(view, a, b) == _link(view, b, a) == "hole-punched"
-                and all(_link(view, x, y) == "relayed" for x, y in ((a, c), (c, a), (b, c), (c, b)))
+                link(view, a, b) == link(view, b, a) == "hole-punched"
+                and all(link(view, x, y) == "relayed" for x, y in ((a, c), (c, a), (b, c), (c, b)))
                 and reach == {relay.peer_id: "public", a: "private", b: "private", c: "private"}
                 and all(said[peer].get("reachability") == reach[peer] for peer in view)
             )
 
         async with open_client() as client:
-            view = await _converge(client, addrs, linked)
+            view = await converge(client, addrs, linked)
             for d in homes:  # its advert names its relayed address, which is how the others dialled it
-                assert addrs[d.peer_id] in _peer_entry(view, relay.peer_id, d.peer_id)["addrs"]
-                assert _link(view, relay.peer_id, d.peer_id) == "direct"  # it dialled out to the relay
+                assert addrs[d.peer_id] in peer_entry(view, relay.peer_id, d.peer_id)["addrs"]
+                assert link(view, relay.peer_id, d.peer_id) == "direct"  # it dialled out to the relay
 
             def failed(x: Daemon, y: Daemon) -> bool:
                 """A hole punch between x and y failed, as the side that started it logs."""
@@ -254,20 +215,10 @@ async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_ref
             await _fuzz_hop(client, relay.peer_id)
             assert relay.alive()
             assert await reserve(client, relay.addr) > time.time()
-            await _converge(client, addrs, linked)
+            await converge(client, addrs, linked)
             stranger = peer_id_of(new_identity())  # no slot: no circuit to it
             with pytest.raises(RelayError, match="NO_RESERVATION"):
                 await dial_circuit(client, circuit_address(relay.addr, stranger))
-
-
-def _peer_entry(view: View, seer: str, peer: str) -> dict[str, Any]:
-    """``peer`` as daemon ``seer``'s status shows it (its advertised addresses, the link between them)."""
-    status = view.get(seer)
-    return next((p for p in status["peers"] if p["peer_id"] == peer), {}) if status is not None else {}
-
-
-def _link(view: View, seer: str, peer: str) -> str | None:
-    return _peer_entry(view, seer, peer).get("link")
 
 
 @pytest.mark.trio

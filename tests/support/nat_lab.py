@@ -13,7 +13,7 @@ connection, which defeats hole punching) and silently drops every packet coming 
 part of a connection from inside (a refusal would be a RST, which breaks TCP simultaneous open). Home hosts route
 everything through their router; public hosts route only the public /24, so nothing public reaches a home
 address except as a reply. The root namespace has an address on the public bridge: the test's client is a
-public host.
+public host, which polls the daemons' statuses (``statuses``, ``converge``), those at home through the relay.
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import trio
+
+from hexgen.daemon import swarm_view
+from hexgen.daemon.host import Host
+from hexgen.daemon.relay import connect_address
+from hexgen.daemon.rpc import query_status
 from hexgen.testing.netns import (
     PREFIX,
     Namespace,
@@ -172,3 +179,52 @@ def open_nat_lab(
         yield lab
     finally:
         lab.close()
+
+
+View = dict[str, dict[str, Any] | None]  # peer id -> its status (None: no answer)
+CONVERGE_S = 60.0
+
+
+async def statuses(client: Host, addrs: dict[str, str]) -> View:
+    """Each daemon's status, dialled at ``addrs[peer]`` (a relayed address for a daemon at home)."""
+    out: View = {}
+
+    async def ask(peer: str, addr: str) -> None:
+        out[peer] = None
+        try:
+            with trio.fail_after(5.0):
+                await connect_address(client, addr)
+                out[peer] = await query_status(client, peer)
+        except Exception:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for peer, addr in addrs.items():
+            nursery.start_soon(ask, peer, addr)
+    return out
+
+
+async def converge(
+    client: Host, addrs: dict[str, str], linked: Callable[[View], bool] = bool, timeout: float = CONVERGE_S
+) -> View:
+    """Poll the daemons at ``addrs`` until the swarm converged (every daemon sees every other, one plan) and
+    ``linked(view)`` holds; AssertionError after ``timeout`` seconds."""
+    last: View = {}
+    with trio.move_on_after(timeout):
+        while not (swarm_view.converged(last, set(addrs)) and linked(last)):
+            last = await statuses(client, addrs)
+            await trio.sleep(0.2)
+        return last
+    members = {peer[-6:]: None if s is None else len(s["members"]) for peer, s in last.items()}
+    raise AssertionError(f"not converged through the relay within {timeout} s: {members}")
+
+
+def peer_entry(view: View, seer: str, peer: str) -> dict[str, Any]:
+    """``peer`` as daemon ``seer``'s status shows it (its advertised addresses, the link between them)."""
+    status = view.get(seer)
+    return next((p for p in status["peers"] if p["peer_id"] == peer), {}) if status is not None else {}
+
+
+def link(view: View, seer: str, peer: str) -> str | None:
+    """How ``seer`` is connected to ``peer``: "direct", "hole-punched", "relayed", or None."""
+    return peer_entry(view, seer, peer).get("link")
