@@ -29,26 +29,49 @@ def _listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _bootstrap(addr: str) -> str:
+def _bootstrap(addr: str, flag: str = "--bootstrap") -> str:
     from hexgen.daemon.host import AddressError, peer_of_address
 
     try:
         peer_of_address(addr)
     except AddressError:
-        raise JoinError(f"--bootstrap {addr!r}: expected a multiaddr ending in /p2p/PEER_ID") from None
+        raise JoinError(f"{flag} {addr!r}: expected a multiaddr ending in /p2p/PEER_ID") from None
     return addr
 
 
-def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    join = sub.add_parser(
+COMMANDS = (
+    (
         "join",
-        help="run this host's daemon and join the swarm",
-        description="Start the hexgen daemon: advertise this host's GPUs, find peers, take part in the "
-        "coordinator election and follow the swarm's plan. Stops cleanly on SIGINT or SIGTERM. Every option "
-        "can also come from a HEXGEN_<OPTION> environment variable (HEXGEN_MODEL, HEXGEN_BOOTSTRAP='A,B', "
-        "HEXGEN_NO_CALIBRATE=1, ...) or a key of the --config TOML file (model = '...', bootstrap = [...]); "
-        "flags win over the environment, which wins over the file.",
-    )
+        "run this host's daemon and join the swarm",
+        "Start the hexgen daemon: advertise this host's GPUs, find peers, take part in the "
+        "coordinator election and follow the swarm's plan.",
+    ),
+    (
+        "relay",
+        "run a circuit relay for the swarm's daemons that cannot be dialled (behind NAT)",
+        "Start a daemon that offers no GPUs and relays (circuit relay v2) for the swarm's members: a daemon "
+        "behind NAT reserves a slot with --relay-peer and is dialled through it. Run it on a host others can "
+        "dial (a public address or a forwarded port). Takes join's options.",
+    ),
+)
+LAYERING = (
+    " Stops cleanly on SIGINT or SIGTERM. Every option "
+    "can also come from a HEXGEN_<OPTION> environment variable (HEXGEN_MODEL, HEXGEN_BOOTSTRAP='A,B', "
+    "HEXGEN_NO_CALIBRATE=1, ...) or a key of the --config TOML file (model = '...', bootstrap = [...]); "
+    "flags win over the environment, which wins over the file."
+)
+
+
+def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``join`` and ``relay`` (join's options, relaying and without GPUs)."""
+    for name, summary, description in COMMANDS:
+        parser = sub.add_parser(name, help=summary, description=description + LAYERING)
+        _add_join_arguments(parser)
+        parser.set_defaults(func=cmd_join, relay_only=name == "relay")
+        make_layered(parser)
+
+
+def _add_join_arguments(join: argparse.ArgumentParser) -> None:
     join.add_argument("--config", metavar="FILE", help="TOML file of join options (or HEXGEN_CONFIG)")
     join.add_argument("--bootstrap", action="append", default=[], metavar="ADDR", help="a peer's multiaddr (repeat)")
     join.add_argument(
@@ -129,8 +152,22 @@ def add_join_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     join.add_argument("--tamper-tokens", action="store_true", help=argparse.SUPPRESS)  # tests: a lying peer
     join.add_argument("--log-level", choices=LEVELS, default="info", help="log verbosity (default info)")
-    join.set_defaults(func=cmd_join)
-    make_layered(join)
+    join.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="do not announce this daemon on its LAN nor dial the daemons heard there (mDNS)",
+    )
+    join.add_argument(
+        "--relay", action="store_true", help="relay for the swarm's members that cannot be dialled (circuit relay v2)"
+    )
+    join.add_argument(
+        "--relay-peer",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a relay's multiaddr (repeat): this daemon reserves a slot there and is dialled through it; for a "
+        "host behind NAT with no forwarded port",
+    )
 
 
 def layered_args(args: argparse.Namespace) -> None:
@@ -184,7 +221,11 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     from hexgen.engine.tokenizer import Tokenizer
 
     host, port = _listen(args.listen)
-    bootstrap = tuple(_bootstrap(a) for a in args.bootstrap)
+    relay_peers = tuple(_bootstrap(a, "--relay-peer") for a in args.relay_peer)
+    # a relay is also a way into the swarm
+    bootstrap = tuple(dict.fromkeys([*(_bootstrap(a) for a in args.bootstrap), *relay_peers]))
+    if args.relay_only:
+        args.no_calibrate = True  # its GPUs are not offered
     if args.simulate_gpu:
         parse_simulate_gpu(args.simulate_gpu)
     if not args.peer_timeout > 0:  # checked first: the advert refresh below is derived from it
@@ -196,7 +237,7 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
         Tokenizer.from_dir(model)
     pinned = _pinned(args.pin_plan, spec.layers) if args.pin_plan else None
     try:
-        node = _node_config(args, model, host, port, bootstrap, pinned)
+        node = _node_config(args, model, host, port, bootstrap, pinned, relay_peers)
     except ConfigError as exc:
         raise JoinError(exc.text(FLAGS.get(exc.setting, exc.setting), FLAGS | {"http_port": "--http PORT"})) from None
     return JoinOptions(
@@ -216,6 +257,7 @@ def _node_config(
     port: int,
     bootstrap: tuple[str, ...],
     pinned: tuple[PinnedGroup, ...] | None,
+    relay_peers: tuple[str, ...] = (),
 ) -> NodeConfig:
     """The node's settings from the flags, serving ``model`` (a Hub id already resolved to its snapshot
     directory); NodeConfig checks them (``ConfigError``)."""
@@ -240,6 +282,10 @@ def _node_config(
         http_host=args.http_host,
         http_port=args.http,
         api_key=args.api_key,
+        relay=args.relay or args.relay_only,
+        relay_only=args.relay_only,
+        relay_peers=relay_peers,
+        mdns=not args.no_mdns,
     )
 
 
@@ -264,4 +310,7 @@ FLAGS = {
     "connect_timeout_s": "--connect-timeout",
     "http_port": "--http",
     "api_key": "--api-key",
+    "relay": "--relay",
+    "relay_only": "hexgen-node relay",
+    "relay_peers": "--relay-peer",
 }

@@ -42,7 +42,7 @@ ERRNO_PATTERN = re.compile(r"\[Errno (\d+)\]")
 # Full base58 peer ids in event texts are shortened like the tables' peer column.
 PEER_ID_PATTERN = re.compile(r"\b(?:12D3KooW|Qm)[1-9A-HJ-NP-Za-km-z]{38,}\b")
 
-PEER_COLUMNS = ("peer", "host", "GPUs", "roles", "groups", "in flight", "tokens/s", "last seen", "note")
+PEER_COLUMNS = ("peer", "host", "GPUs", "roles", "groups", "in flight", "tokens/s", "last seen", "network", "note")
 GROUP_COLUMNS = ("group", "role", "GPUs", "layout", "layers", "capacity", "batch")
 EVENT_COLUMNS = ("time", "kind", "event")
 
@@ -87,7 +87,7 @@ def _text(value: Any) -> str:
 
 def short_id(peer_id: Any) -> str:
     """A peer id's last six characters after an ellipsis (the default host names end the same way)."""
-    return f"…{peer_id[-6:]}" if isinstance(peer_id, str) and len(peer_id) > 6 else _text(peer_id)
+    return f"…{_text(peer_id[-6:])}" if isinstance(peer_id, str) and len(peer_id) > 6 else _text(peer_id)
 
 
 def host_names(status: Mapping[str, Any]) -> dict[str, str]:
@@ -96,8 +96,8 @@ def host_names(status: Mapping[str, Any]) -> dict[str, str]:
     records = [*_list(_dict(_dict(status.get("plan")).get("body")).get("peers")), *_list(status.get("peers"))]
     for record in [*records, {"peer_id": status.get("peer_id"), "host": status.get("host")}]:
         record = _dict(record)
-        if isinstance(record.get("peer_id"), str) and isinstance(record.get("host"), str) and record["host"]:
-            names[record["peer_id"]] = record["host"]
+        if isinstance(record.get("peer_id"), str) and _text(record.get("host")) != MISSING:
+            names[record["peer_id"]] = _text(record["host"])
     return names
 
 
@@ -127,6 +127,16 @@ def _unique(values: Iterable[str]) -> str:
     return ", ".join(dict.fromkeys(values)) or MISSING
 
 
+def network_text(record: Mapping[str, Any], is_self: bool) -> str:
+    """Whether a node can be dialled (``public``, ``private`` or ``unknown``, as its signed advert says) and,
+    for a peer, how this node is connected to it (``direct``, ``relayed``; ``-``: not connected)."""
+    reach = _text(record.get("reachability"))
+    if is_self:
+        return reach
+    link = _text(record.get("link"))
+    return MISSING if reach == link == MISSING else f"{reach}, {link}"
+
+
 def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[dict[str, Any]], is_self: bool) -> Row:
     """A peer table row for one peer record (or this node's own top-level fields) and its GPUs' roles."""
     peer_id = record.get("peer_id")
@@ -153,6 +163,7 @@ def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[
             f"{in_flight:.0f}" if in_flight is not None else MISSING,
             f"{tokens:.1f}" if tokens is not None else MISSING,
             f"{last_seen:.1f} s ago" if last_seen is not None else MISSING,
+            network_text(record, is_self),
             ", ".join(note) or MISSING,
         ),
     )
@@ -160,7 +171,8 @@ def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[
 
 def peer_rows(status: Mapping[str, Any]) -> list[Row]:
     """This node first, then its peers by host name: id, host, GPUs, roles and groups in the adopted plan,
-    load (requests in flight), tokens/s and seconds since the last advert. O(peers + GPUs in the plan)."""
+    load (requests in flight), tokens/s, seconds since the last advert, reachability and link kind.
+    O(peers + GPUs in the plan)."""
     by_peer = assignments(_body(status))
     records = [_dict(r) for r in _list(status.get("peers")) if _dict(r).get("peer_id") != status.get("peer_id")]
     records.sort(key=lambda r: (str(r.get("host")), str(r.get("peer_id"))))

@@ -12,6 +12,7 @@ import trio
 from hexgen.daemon.certificates import CertificateError, verify_certificate
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.messages import Advert, LeaseBody
+from hexgen.daemon.nat_check import PRIVATE, PUBLIC, UNKNOWN
 from hexgen.daemon.swarm_state import SwarmState
 
 log = logging.getLogger("hexgen.daemon")
@@ -20,6 +21,13 @@ MAX_ADVERTISED_LINKS = 32
 ANNOUNCE_GAP_S = 0.3
 
 Publish = Callable[[list[Envelope]], Awaitable[None]]
+
+
+def reachability_of(env: Envelope) -> str:
+    """The reachability a member's signed advert states ("public", "private"), "unknown" when it states none."""
+    body = env.body if isinstance(env.body, dict) else {}
+    found = body.get("reachability")
+    return found if found in (PUBLIC, PRIVATE) else UNKNOWN
 
 
 class Adverts:
@@ -39,6 +47,7 @@ class Adverts:
         config = state.config
         self.freshness = config.advert_refresh_s + config.advert_interval_s + 1.0
         self._announce_now = trio.Event()
+        self.reachability = UNKNOWN  # this node's, from its AutoNAT checks (nat_check)
 
     def own(self) -> Advert:
         state, me = self.state, self.state.me
@@ -56,7 +65,11 @@ class Adverts:
         )
 
     def seal_own(self) -> Envelope:
-        return seal("advert", self.own().to_wire(), self.key_pair, self.freshness)
+        return seal("advert", self.wire(self.own()), self.key_pair, self.freshness)
+
+    def wire(self, advert: Advert) -> dict[str, Any]:
+        """The advert's body as signed: with this node's reachability, which ``reachability_of`` reads back."""
+        return advert.to_wire() | {"reachability": self.reachability}
 
     def announce_soon(self) -> None:
         self._announce_now.set()
@@ -126,7 +139,7 @@ class Adverts:
                 advert = self.own()
                 stale = now - last_advert >= config.advert_refresh_s
                 if self._announce_now.is_set() or advert != last or stale:
-                    outgoing.append(seal("advert", advert.to_wire(), self.key_pair, self.freshness))
+                    outgoing.append(seal("advert", self.wire(advert), self.key_pair, self.freshness))
                     last_advert, last = now, advert
             lease = self.lease_envelope()
             if lease is not None:

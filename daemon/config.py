@@ -80,6 +80,10 @@ class NodeConfig:
     redial_first_s: float = 1.0
     redial_max_gap_s: float = 20.0
     redial_for_s: float = 1800.0
+    relay: bool = False  # serve circuit relay v2 (hop) for the swarm's members
+    relay_only: bool = False  # a relay that offers no GPUs (``hexgen-node relay``)
+    relay_peers: tuple[str, ...] = ()  # relays to reserve a slot on, for a node that cannot be dialled
+    mdns: bool = True  # announce this node on its LAN and dial the daemons heard there
 
     def __post_init__(self) -> None:
         _check_model(self.model)
@@ -100,6 +104,14 @@ class NodeConfig:
             raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
         if self.worker_threads < 1:
             raise ConfigError("worker_threads", "must be 1 or more", self.worker_threads)
+        _check_relay(self)
+
+
+def _check_relay(config: NodeConfig) -> None:
+    if config.relay_only and not config.relay:
+        raise ConfigError("relay_only", "needs {relay} too")
+    if config.relay and config.relay_peers:
+        raise ConfigError("relay_peers", "are for a node that cannot be dialled, and a relay must be dialled")
 
 
 def _check_model(model: str) -> None:

@@ -11,8 +11,9 @@ import trio
 from hexgen.daemon.adverts import Adverts
 from hexgen.daemon.certificates import CertificateError
 from hexgen.daemon.envelope import Envelope, EnvelopeRejected, from_wire, to_wire, verify
-from hexgen.daemon.host import DialError, Host, Stream
+from hexgen.daemon.host import DialError, Host, Stream, peer_of_address
 from hexgen.daemon.messages import Advert
+from hexgen.daemon.relay import connect_address, connect_peer, is_circuit
 from hexgen.daemon.rpc import RPC_TIMEOUT_S, SYNC_PROTOCOL, call, serve_rpc
 from hexgen.daemon.swarm_state import SwarmState
 
@@ -22,6 +23,7 @@ NEWCOMER_S = 3.0  # a node announces itself on every new connection for this lon
 UNKNOWN_PEER_SYNC_AFTER_S = 0.2  # its own advert, by gossip, usually comes first
 MAX_SYNC_ADVERTS = 1024
 BOOTSTRAP_DELAYS_S = (0.0, 0.2, 0.5, 1.0, 2.0)
+RELAYED_DIAL_S = 6.0  # a member that advertises relayed addresses: its direct ones first, then the relay
 
 
 class DuplicateKeyError(RuntimeError):
@@ -113,13 +115,31 @@ class Connectivity:
         for delay in BOOTSTRAP_DELAYS_S:
             await trio.sleep(delay)
             try:
-                peer_id = await self.host.connect(addr)
+                peer_id = await connect_address(self.host, addr)
             except DialError as exc:  # retried
                 last = exc
                 continue
             await self.sync_from(peer_id)
             return
         log.warning("bootstrap %s unreachable: %s", addr, last)
+
+    async def discovered(self, addrs: list[str]) -> None:
+        """A daemon heard of on the LAN (mDNS, all ``addrs`` of one peer): dialled at the first address that
+        answers, then synced, unless already connected. In a private swarm its advert still needs a
+        certificate: a connection alone admits no one."""
+        peer = peer_of_address(addrs[0])
+        if peer in self.host.connected_peers() or peer == self.state.peer_id:
+            return
+        for addr in addrs:
+            try:
+                with trio.fail_after(RPC_TIMEOUT_S):
+                    await self.host.connect(addr)
+            except (DialError, trio.TooSlowError) as exc:
+                log.debug("LAN peer %s at %s: %s", peer, addr, exc)
+                continue
+            log.info("found %s on the LAN", peer)
+            await self.sync_from(peer)
+            return
 
     async def keep_connected(self) -> None:
         state = self.state
@@ -128,7 +148,7 @@ class Connectivity:
             for record in list(state.table.peers.values()):
                 if record.peer_id in connected or state.leaving:
                     continue
-                with trio.move_on_after(2.0):
+                with trio.move_on_after(RELAYED_DIAL_S if any(map(is_circuit, record.addrs)) else 2.0):
                     await self._connect(record.peer_id, record.addrs)
                 # A peer that cannot be dialled is dropped at once (gossip replays recent adverts of dead
                 # nodes, and a missed disconnect event must not keep a dead peer, or its lease, alive); if
@@ -139,7 +159,7 @@ class Connectivity:
 
     async def _connect(self, peer: str, addrs: list[str]) -> bool:
         try:
-            await self.host.connect_peer(peer, addrs)
+            await connect_peer(self.host, peer, addrs)
         except DialError as exc:
             log.debug("dialling %s failed: %s", peer, exc)
             return False
@@ -189,9 +209,9 @@ class Connectivity:
         try:
             with trio.move_on_after(RPC_TIMEOUT_S):
                 if addrs is None:
-                    peer = await self.host.connect(key)
+                    peer = await connect_address(self.host, key)
                 else:
-                    await self.host.connect_peer(key, addrs)
+                    await connect_peer(self.host, key, addrs)
         except DialError as exc:  # retried
             log.debug("dialling %s again failed: %s", key, exc)
         finally:
@@ -224,9 +244,24 @@ class Connectivity:
             await self.sync_once_in_a_while(peer_id, only_self=True)
 
     async def watch_disconnects(self) -> None:
-        async for peer_id in self.host.disconnects:
-            if peer_id not in self.host.connected_peers():
-                self.state.lose(peer_id, f"peer {peer_id} disconnected")
+        async with trio.open_nursery() as nursery:
+            async for peer_id in self.host.disconnects:
+                if peer_id in self.host.connected_peers():
+                    continue
+                record = self.state.table.peers.get(peer_id)
+                if record is not None and any(map(is_circuit, record.addrs)) and not self.state.leaving:
+                    nursery.start_soon(self.redial_relayed, peer_id, record.addrs)
+                else:
+                    self.state.lose(peer_id, f"peer {peer_id} disconnected")
+
+    async def redial_relayed(self, peer_id: str, addrs: list[str]) -> None:
+        """A member reached through a relay lost its connection: a relay cuts every circuit at its limits
+        (relay.CIRCUIT_DURATION_S, CIRCUIT_BYTES), so it is dialled again at once, and lost only if that
+        fails (a peer that died is then lost RELAYED_DIAL_S later than a directly connected one)."""
+        with trio.move_on_after(RELAYED_DIAL_S):
+            await self._connect(peer_id, addrs)
+        if peer_id not in self.host.connected_peers():
+            self.state.lose(peer_id, f"peer {peer_id} disconnected")
 
     def duplicate_key(self, seen: str) -> DuplicateKeyError:
         return DuplicateKeyError(

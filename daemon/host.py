@@ -26,6 +26,7 @@ import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
@@ -198,6 +199,8 @@ class Host:
     disconnects: trio.MemoryReceiveChannel[str]
     hosts: tuple[str, ...] = ("127.0.0.1",)  # what peers dial (see reachable_hosts)
     _streams: dict[str, int] = field(default_factory=dict)  # open handled streams per peer
+    circuits: list[str] = field(default_factory=list)  # this node's addresses through relays it holds a slot on
+    punched: set[str] = field(default_factory=set)  # peers a hole punch (DCUtR) connected directly
 
     @property
     def peer_id(self) -> str:
@@ -206,7 +209,7 @@ class Host:
     @property
     def addrs(self) -> list[str]:
         """The multiaddrs peers dial: the listen addresses, with an unspecified or overridden host replaced
-        by each reachable one."""
+        by each reachable one; then the relayed addresses."""
         out: list[str] = []
         for addr in self.libp2p.get_addrs():
             text = str(addr)
@@ -216,10 +219,21 @@ class Host:
                 out.extend(f"{_host_part(h)}/{tail}" for h in self.hosts)
             else:
                 out.append(text)
-        return out
+        return [*out, *self.circuits]
 
     def connected_peers(self) -> set[str]:
         return {str(p) for p in self.libp2p.get_network().connections}
+
+    def link_kinds(self) -> dict[str, str]:
+        """How this host is connected to each peer: "relayed" when every connection runs through a relay
+        (a circuit), "hole-punched" when a hole punch made the direct one, else "direct". O(connections)."""
+        out = {}
+        for peer, conns in self.libp2p.get_network().connections.items():
+            relayed = all(c.get_connection_type() == ConnectionType.RELAYED for c in conns)
+            kind = "hole-punched" if str(peer) in self.punched else "direct"
+            out[str(peer)] = "relayed" if relayed else kind
+        self.punched &= out.keys()  # a peer that left and comes back is connected anew
+        return out
 
     async def connect(self, addr: str) -> str:
         """Dial a ``/ip4/.../tcp/.../p2p/ID`` multiaddr; returns the peer id. Raises ``DialError``."""

@@ -9,6 +9,7 @@ that holds a checkpoint) and ``status``. docs/architecture.md tells how they fit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -20,7 +21,7 @@ from trio import TaskStatus
 
 from hexgen.coordinator.specs import ModelSpec, resolve_model
 from hexgen.daemon.adoption import Adoption
-from hexgen.daemon.adverts import Adverts
+from hexgen.daemon.adverts import Adverts, reachability_of
 from hexgen.daemon.certificates import Certificate
 from hexgen.daemon.config import NodeConfig
 from hexgen.daemon.connectivity import Connectivity
@@ -34,11 +35,15 @@ from hexgen.daemon.hop import REPLICA_PROTOCOL
 from hexgen.daemon.host import Host, Stream, open_host
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
+from hexgen.daemon.mdns import LanDiscovery
 from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
+from hexgen.daemon.nat_check import AUTONAT_PROTOCOL, Reachability, choose_servers
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
+from hexgen.daemon.relay import RelayGate, Relaying
+from hexgen.daemon.relay_slots import RelaySlots
 from hexgen.daemon.reports import Reports
 from hexgen.daemon.router import Router
 from hexgen.daemon.rpc import (
@@ -83,6 +88,8 @@ class Node:
         peer_id = peer_id_of(key_pair)
         model_hash = model_fingerprint(config.model) if is_checkpoint_dir(config.model) else None
         host_name = config.host_name or f"{socket.gethostname()}-{peer_id[-6:]}"
+        if config.relay_only:  # it relays; its GPUs, if any, serve nothing
+            hardware = dataclasses.replace(hardware, gpus=())
         self.state = SwarmState.create(SelfInfo(peer_id, host_name, hardware, certificate, model_hash), config, clock)
         self._started_at = clock()
         self._on_plan = on_plan
@@ -151,7 +158,7 @@ class Node:
     # ----------------------------------------------------------------- running
 
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_host(self.key_pair, self.config.host) as host:
+        async with open_host(self.key_pair, self.config.host) as host, self._relaying(host).running():
             self.host = host
             self.state.own_addrs = host.addrs
             state = self.state
@@ -166,8 +173,10 @@ class Node:
             connectivity = self.connectivity = Connectivity(state, host, self.adverts, self._started_at)
             liveness = Liveness(state, host, connectivity)
             probes = LinkProbes(state, host)
-            self.view = StatusView(state, lambda: host.addrs, self.serving)
+            reach = self._reachability(host)
+            self.view = StatusView(state, lambda: host.addrs, self.serving, host.link_kinds, lambda: reach.status)
             self._register(host, connectivity, liveness, probes)
+            host.handle(AUTONAT_PROTOCOL, reach.serve, per_peer=2)
             async with trio.open_nursery() as nursery:
                 if self.config.http_port is not None:  # first: a port that cannot be served stops the start
                     from hexgen.daemon.http_api import serve_http  # starlette and hypercorn load only when asked for
@@ -185,7 +194,38 @@ class Node:
                 nursery.start_soon(probes.run)
                 nursery.start_soon(self.adoption.fetch_plans, host)
                 nursery.start_soon(liveness.run)
+                nursery.start_soon(reach.run)
+                if self.config.mdns:
+                    nursery.start_soon(LanDiscovery(self.peer_id, lambda: host.addrs, connectivity.discovered).run)
+                if self.config.relay_peers:
+                    nursery.start_soon(RelaySlots(host, self.config.relay_peers, self._circuits_changed).run)
                 task_status.started(self)
+
+    def _relaying(self, host: Host) -> Relaying:
+        """Relayed connections reach every node; with ``relay`` it relays for whom may ask it (members only
+        in a private swarm)."""
+        gate = RelayGate(lambda peer: self.state.may_ask(peer, None), self.state.changed.wait)
+        return Relaying(host, gate, hop=self.config.relay)
+
+    def _reachability(self, host: Host) -> Reachability:
+        """AutoNAT with the members this node is connected to directly as servers, the public ones first."""
+        state = self.state
+
+        def servers() -> list[str]:
+            said = {p: reachability_of(env) for p, (env, _) in state.adverts.items() if p in state.table.peers}
+            return choose_servers(said, host.link_kinds())
+
+        def changed() -> None:
+            self.adverts.reachability = reach.status
+            self.adverts.announce_soon()
+
+        reach = Reachability(host, servers, changed)
+        return reach
+
+    def _circuits_changed(self) -> None:
+        if self.host is not None:
+            self.state.own_addrs = self.host.addrs
+            self.adverts.announce_soon()
 
     def _register(self, host: Host, connectivity: Connectivity, liveness: Liveness, probes: LinkProbes) -> None:
         assert self.view is not None

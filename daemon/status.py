@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hexgen.daemon.adverts import reachability_of
 from hexgen.daemon.host import Stream
+from hexgen.daemon.nat_check import UNKNOWN
 from hexgen.daemon.rpc import serve_rpc
 from hexgen.daemon.serving import Serving
 from hexgen.daemon.status_reply import Details, PlanSummary, Status
@@ -16,10 +18,19 @@ from hexgen.daemon.swarm_view import assignments
 class StatusView:
     """This node's view as plain data; ``serving`` is None on a daemon that holds no checkpoint."""
 
-    def __init__(self, state: SwarmState, addrs: Callable[[], list[str]], serving: Serving | None) -> None:
+    def __init__(
+        self,
+        state: SwarmState,
+        addrs: Callable[[], list[str]],
+        serving: Serving | None,
+        links: Callable[[], dict[str, str]] = dict,
+        reachability: Callable[[], str] = lambda: UNKNOWN,
+    ) -> None:
         self.state = state
         self.addrs = addrs
         self.serving = serving
+        self.links = links  # how this node is connected to each peer: "direct" or "relayed"
+        self.reachability = reachability  # this node's: "public", "private" or "unknown"
 
     def load(self) -> dict[str, Any]:
         return {} if self.serving is None else self.serving.load()
@@ -54,12 +65,14 @@ class StatusView:
         state, me = self.state, self.state.me
         now = state.clock()
         serving = self.serving
+        links = self.links()
         return Details(
             addrs=tuple(self.addrs()),
             host=me.host_name,
             hardware=me.hardware.to_dict(),
             model=state.config.model,
             swarm=me.certificate.swarm_id if me.certificate else "open",
+            reachability=self.reachability(),
             load=self.load(),
             roles=tuple(self.roles()),
             peers=tuple(
@@ -70,6 +83,8 @@ class StatusView:
                     "hardware": r.advert.hardware.to_dict(),
                     "load": dict(r.advert.load),
                     "last_seen_s": round(now - r.last_seen, 3),
+                    "link": links.get(r.peer_id),  # None: no connection of this node's to the peer
+                    "reachability": self._said(r.peer_id),
                 }
                 for r in sorted(state.table.peers.values(), key=lambda r: r.peer_id)
             ),
@@ -81,6 +96,11 @@ class StatusView:
             serving=None if serving is None else serving.supervisor.status(),
             events=tuple(state.events),
         )
+
+    def _said(self, peer: str) -> str:
+        """A member's reachability as its latest signed advert states it."""
+        held = self.state.adverts.get(peer)
+        return UNKNOWN if held is None else reachability_of(held[0])
 
     async def serve(self, stream: Stream) -> None:
         def answer(request: dict[str, Any]) -> dict[str, Any]:

@@ -165,6 +165,7 @@ class Details:
     hardware: Mapping[str, Any]
     model: str
     swarm: str
+    reachability: str = "unknown"  # whether other hosts can dial this node: "public", "private", "unknown"
     load: Mapping[str, Any] = field(default_factory=dict)
     roles: tuple[Mapping[str, Any], ...] = ()
     peers: tuple[Mapping[str, Any], ...] = ()
@@ -185,6 +186,7 @@ class Details:
             "load": dict(self.load),
             "roles": [dict(r) for r in self.roles],
             "swarm": self.swarm,
+            "reachability": self.reachability,
             "peers": [dict(p) for p in self.peers],
             "rejections": dict(self.rejections),
             "flagged": {k: dict(v) for k, v in self.flagged.items()},
@@ -207,6 +209,7 @@ class Details:
             hardware=_map(body.get("hardware"), "the hardware"),
             model=_str(body.get("model"), "the model"),
             swarm=_str(body.get("swarm"), "the swarm"),
+            reachability=_str(body.get("reachability", "unknown"), "the reachability"),
             load=_map(body.get("load", {}), "the load"),
             roles=maps("roles"),
             peers=maps("peers"),

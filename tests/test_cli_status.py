@@ -21,6 +21,7 @@ from textual.widgets import DataTable, Static
 
 from hexgen.cli.status import (
     MISSING,
+    PEER_COLUMNS,
     event_rows,
     flow_lines,
     gpu_text,
@@ -203,11 +204,23 @@ def test_peer_rows_put_this_node_first_with_its_roles_load_and_gpus() -> None:
     rows = peer_rows(four_peer_status())
     assert [r.key for r in rows] == [A, B, C, D]
     assert [r.cells for r in rows] == [
-        ("…tLsotY", "gpu-a", "H100x2 80GB", "prefill", "0", "3", "181.4", MISSING, "this node"),
-        ("…ZfR584", "gpu-b", "A100x2 80GB", "decode", "1", "5", "412.9", "1.5 s ago", MISSING),
-        ("…jC1Bj5", "gpu-c", "L40x2 48GB", "decode", "1, 2", "2", "96.2", "0.4 s ago", "coordinator"),
-        ("…41Q8zr", "gpu-d", "A6000x2 48GB", "decode", "2", MISSING, MISSING, "3.2 s ago", MISSING),
+        ("…tLsotY", "gpu-a", "H100x2 80GB", "prefill", "0", "3", "181.4", MISSING, MISSING, "this node"),
+        ("…ZfR584", "gpu-b", "A100x2 80GB", "decode", "1", "5", "412.9", "1.5 s ago", MISSING, MISSING),
+        ("…jC1Bj5", "gpu-c", "L40x2 48GB", "decode", "1, 2", "2", "96.2", "0.4 s ago", MISSING, "coordinator"),
+        ("…41Q8zr", "gpu-d", "A6000x2 48GB", "decode", "2", MISSING, MISSING, "3.2 s ago", MISSING, MISSING),
     ]
+
+
+def test_the_peer_table_shows_reachability_and_how_each_peer_is_linked() -> None:
+    status = four_peer_status() | {"reachability": "private"}
+    peers = status["peers"]
+    peers[0] |= {"reachability": "public", "link": "direct"}
+    peers[1] |= {"reachability": "private", "link": "relayed"}
+    peers[2] |= {"reachability": "unknown", "link": None}
+    network = {r.key: r.cells[PEER_COLUMNS.index("network")] for r in peer_rows(status)}
+    assert network[A] == "private"
+    assert sorted(network[p["peer_id"]] for p in peers) == ["private, relayed", "public, direct", "unknown, -"]
+    assert "private, relayed" in render_text(status)
 
 
 def test_peers_flagged_by_spot_checks_are_marked() -> None:
@@ -271,7 +284,7 @@ def test_gpu_text_groups_mixed_gpus_and_says_what_is_missing() -> None:
 def test_a_lonely_daemon_shows_dashes_and_says_there_is_no_plan() -> None:
     status = lonely_status()
     assert [r.cells for r in peer_rows(status)] == [
-        ("…tLsotY", "gpu-a", "H100x2 80GB", MISSING, MISSING, MISSING, MISSING, MISSING, "this node")
+        ("…tLsotY", "gpu-a", "H100x2 80GB", MISSING, MISSING, MISSING, MISSING, MISSING, MISSING, "this node")
     ]
     assert group_rows(status) == [] and flow_lines(status) == [] and event_rows(status) == []
     assert plan_summary(status) == "no plan adopted yet"
@@ -417,7 +430,10 @@ async def test_the_app_shows_peers_plan_and_events_and_switches_views_with_tab(
         assert "refreshed every 0.05 s" in text_of(app, "#connection")
         peers = app.query_one("#peers", DataTable)
         assert cells(peers) == [list(r.cells) for r in peer_rows(four_peer_status())]
-        assert str(peers.get_cell_at((2, 1))) == "gpu-c" and str(peers.get_cell_at((2, 8))) == "coordinator"
+        assert (
+            str(peers.get_cell_at((2, 1))) == "gpu-c"
+            and str(peers.get_cell_at((2, PEER_COLUMNS.index("note")))) == "coordinator"
+        )
 
         views = app.query_one("#views")
         await pilot.press("tab")

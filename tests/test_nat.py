@@ -1,0 +1,301 @@
+"""NAT traversal: the NAT lab itself, daemons at two homes behind masquerading routers joining through a relay
+(and the relay refusing garbage while it keeps serving), a private swarm's relay refusing non-members, and
+the pure pieces (circuit addresses, slot renewal, the relay command's settings)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from libp2p.utils.varint import encode_uvarint
+from multiaddr import Multiaddr
+
+from hexgen.daemon.host import Host, new_identity
+from hexgen.daemon.nat_check import choose_servers, dial_back_ports, listener_answers, verdict
+from hexgen.daemon.node_key import peer_id_of
+from hexgen.daemon.relay import (
+    HOP_PROTOCOL,
+    MEMBERSHIP_WAIT_S,
+    RelayError,
+    circuit_address,
+    dial_circuit,
+    reserve,
+    split_circuit,
+)
+from hexgen.daemon.relay_slots import MIN_RENEW_S, renew_after
+from hexgen.testing.daemon_harness import Daemon, Swarm, converged, open_client, statuses, wait_until
+from hexgen.testing.nat_lab import CONVERGE_S, NatLab, View, converge, link, open_nat_lab, peer_entry
+from hexgen.testing.netns import open_lab, start_daemon, started_daemons
+
+
+def test_autonat_dials_back_only_tcp_ports_and_one_success_proves_reachability() -> None:
+    def raw(addr: str) -> bytes:
+        return Multiaddr(addr).to_bytes()
+
+    addrs = [raw("/ip4/10.0.0.1/tcp/4001"), raw("/ip4/10.0.0.2/tcp/4001"), raw("/ip4/10.0.0.1/udp/9")]
+    relay = f"/ip4/10.0.0.9/tcp/7/p2p/{peer_id_of(new_identity())}"
+    addrs.append(raw(circuit_address(relay, peer_id_of(new_identity()))))  # the relay's port, not the peer's
+    assert dial_back_ports([*addrs, b"garbage", raw("/ip4/10.0.0.1/tcp/4002")]) == [4001, 4002]
+    assert dial_back_ports([raw(f"/ip4/10.0.0.1/tcp/{p}") for p in range(1, 10)]) == [1, 2, 3, 4]
+    assert verdict([None, False, True]) == "public"
+    assert verdict([False, None]) == "private"
+    assert verdict([None]) == verdict([]) == "unknown"
+    said = {"p1": "public", "p2": "private", "p3": "public", "r": "public"}
+    links = {"p1": "direct", "p2": "direct", "p3": "direct", "r": "relayed"}
+    for _ in range(5):
+        order = choose_servers(said, links)
+        assert set(order[:2]) == {"p1", "p3"} and order[2:] == ["p2"]
+
+
+@pytest.mark.trio
+async def test_autonat_dial_back_needs_a_libp2p_listener() -> None:
+    async with open_client() as host:
+        port = int(host.addrs[0].split("/")[4])
+        assert await listener_answers("127.0.0.1", port)
+        with trio.socket.socket() as silent:  # a port that accepts but never speaks multistream
+            await silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            assert not await listener_answers("127.0.0.1", silent.getsockname()[1], seconds=0.5)
+        with trio.socket.socket() as closed:
+            await closed.bind(("127.0.0.1", 0))
+            assert not await listener_answers("127.0.0.1", closed.getsockname()[1], seconds=0.5)
+
+
+def test_circuit_addresses_split_into_relay_and_target() -> None:
+    relay = "/ip4/10.79.1.11/tcp/4001/p2p/12D3KooWRelay"
+    addr = circuit_address(relay, "12D3KooWTarget")
+    assert split_circuit(addr) == (relay, "12D3KooWRelay", "12D3KooWTarget")
+    for bad in (relay, f"{relay}/p2p-circuit", "/p2p-circuit/p2p/X", f"{relay}/p2p-circuit/p2p/X/tcp/1"):
+        with pytest.raises(RelayError):
+            split_circuit(bad)
+
+
+def test_a_slot_is_renewed_at_half_its_life_and_never_in_a_tight_loop() -> None:
+    assert renew_after(1000.0 + 900.0, 1000.0) == 450.0
+    assert renew_after(1000.0 + 1.0, 1000.0) == MIN_RENEW_S
+    assert renew_after(900.0, 1000.0) == MIN_RENEW_S
+
+
+def test_the_relay_command_relays_offers_no_gpus_and_dials_its_relays(tmp_path: Path) -> None:
+    from hexgen.cli.join import JoinError, join_options, layered_args
+    from hexgen.cli.node import build_parser
+    from hexgen.daemon.config import NodeConfig
+
+    def node(*argv: str) -> NodeConfig:
+        args = build_parser().parse_args([*argv, "--key-file", str(tmp_path / "k")])
+        layered_args(args)
+        return join_options(args).node
+
+    relay = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWDbVcVh5L4CPWF3pzNiQbQsA3SLRhtLZbAXfgdEoJpmLv"
+    assert node("relay").relay and node("relay").relay_only
+    joined = node("join", "--relay-peer", relay)
+    assert not joined.relay and joined.relay_peers == (relay,) and relay in joined.bootstrap
+    with pytest.raises(JoinError, match="--relay-peer"):
+        node("join", "--relay-peer", "/ip4/10.0.0.1/tcp/1")
+
+
+def test_the_nat_lab_masquerades_and_lets_nothing_in() -> None:
+    with open_nat_lab(homes=(1, 1), symmetric=(False, True)) as lab:
+        port = 5555
+        listeners = [_listen(lab, name, port) for name in ("p1", "h11", "h21")]
+        try:
+            assert lab.reaches("h11", "p1", port) and lab.reaches("h21", "p1", port)
+            assert not lab.reaches("p1", "h11", port)
+            assert not lab.reaches("h11", "h21", port) and not lab.reaches("h21", "h11", port)
+        finally:
+            for proc in listeners:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _listen(lab: NatLab, host: str, port: int) -> Any:
+    """A TCP listener on ``host``'s address, ready when this returns."""
+    import subprocess
+    import sys
+
+    code = (
+        "import socket,sys\ns=socket.socket();s.bind((sys.argv[1],int(sys.argv[2])));s.listen()\n"
+        "print('up',flush=True)\nwhile True: s.accept()[0].close()"
+    )
+    ns = lab.hosts[host]
+    command = ["ip", "netns", "exec", ns.name, sys.executable, "-c", code, ns.ip, str(port)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    return proc
+
+
+@pytest.fixture
+def nat_lab() -> Iterator[NatLab]:
+    """Three homes: two behind endpoint-independent NATs, the third behind a symmetric one."""
+    with open_nat_lab(homes=(1, 1, 1), symmetric=(False, False, True)) as lab:
+        yield lab
+
+
+async def _fuzz_hop(client: Host, relay: str) -> None:
+    """Garbage, an oversized length prefix, a truncated frame and messages of the wrong type on the relay's
+    hop protocol; each stream is answered with a refusal or closed, never hangs."""
+    frames = [
+        b"\xff\xff\xff\xff\x0f",  # a 4 GiB length prefix
+        encode_uvarint(1 << 20) + b"x" * 1024,  # 1 MiB announced, 1 KiB sent
+        encode_uvarint(5) + b"\x08\x07\x12\x01",  # a truncated frame
+        encode_uvarint(3) + b"\xde\xad\xbe",  # not a protobuf
+    ]
+    for frame in frames:
+        stream = await client.open_stream(relay, HOP_PROTOCOL)
+        with trio.fail_after(20.0):
+            await stream.write(frame)
+            await stream.close()
+            reply = await read_delimited_msg(stream, HopMessage)
+        assert reply.type == HopMessage.STATUS and reply.status != 100
+    for kind in (HopMessage.STATUS, HopMessage.CONNECT):  # a STATUS request; a CONNECT naming no peer
+        stream = await client.open_stream(relay, HOP_PROTOCOL)
+        with trio.fail_after(20.0):
+            await write_delimited_msg(stream, HopMessage(type=kind))
+            reply = await read_delimited_msg(stream, HopMessage)
+        assert reply.status != 100
+        await stream.reset()
+
+
+@pytest.mark.trio
+async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_refuses_garbage(
+    nat_lab: NatLab, tmp_path: Path
+) -> None:
+    """Three homes behind masquerading routers, whose daemons cannot dial each other, join through a daemon
+    that relays on the public network: the swarm converges (every daemon sees every other, one plan); each
+    daemon learns whether it can be dialled and its peers see it in its signed advert; the two homes behind
+    endpoint-independent NATs hole-punch a direct link, the one behind the symmetric NAT stays relayed to both,
+    and once a hole punch of it failed the swarm still holds. The test's client reaches each home daemon only
+    through the relay; garbage on the relay's hop protocol is refused while it keeps serving (a fresh
+    reservation, and the swarm still converged)."""
+    with started_daemons() as started:
+        relay = start_daemon(nat_lab.hosts["p1"], tmp_path, "relay", extra=["--relay"])
+        started.append(relay)
+
+        def home(name: str) -> Daemon:
+            return start_daemon(nat_lab.hosts[name], tmp_path, name, gpu="H100", extra=["--relay-peer", relay.addr])
+
+        with ThreadPoolExecutor(3) as pool:
+            homes = list(pool.map(home, ("h11", "h21", "h31")))
+        started.extend(homes)
+        addrs = {relay.peer_id: relay.addr} | {d.peer_id: circuit_address(relay.addr, d.peer_id) for d in homes}
+        a, b, c = (d.peer_id for d in homes)
+
+        def linked(view: View) -> bool:
+            """a and b hole-punched, c relayed to both; each daemon knows whether it can be dialled (AutoNAT),
+            and its peers know it from its signed advert."""
+            reach = {peer: (status or {}).get("reachability") for peer, status in view.items()}
+            said = {peer: peer_entry(view, relay.peer_id if peer != relay.peer_id else a, peer) for peer in view}
+            return (
+                link(view, a, b) == link(view, b, a) == "hole-punched"
+                and all(link(view, x, y) == "relayed" for x, y in ((a, c), (c, a), (b, c), (c, b)))
+                and reach == {relay.peer_id: "public", a: "private", b: "private", c: "private"}
+                and all(said[peer].get("reachability") == reach[peer] for peer in view)
+            )
+
+        async with open_client() as client:
+            view = await converge(client, addrs, linked)
+            for d in homes:  # its advert names its relayed address, which is how the others dialled it
+                assert addrs[d.peer_id] in peer_entry(view, relay.peer_id, d.peer_id)["addrs"]
+                assert link(view, relay.peer_id, d.peer_id) == "direct"  # it dialled out to the relay
+
+            def failed(x: Daemon, y: Daemon) -> bool:
+                """A hole punch between x and y failed, as the side that started it logs."""
+                return f"hole punch to {y.peer_id} failed" in x.log() or f"hole punch to {x.peer_id} failed" in y.log()
+
+            with trio.fail_after(CONVERGE_S):  # the symmetric NAT defeats c's hole punches
+                while not (failed(homes[2], homes[0]) or failed(homes[2], homes[1])):
+                    await trio.sleep(0.2)
+            await _fuzz_hop(client, relay.peer_id)
+            assert relay.alive()
+            assert await reserve(client, relay.addr) > time.time()
+            await converge(client, addrs, linked)
+            stranger = peer_id_of(new_identity())  # no slot: no circuit to it
+            with pytest.raises(RelayError, match="NO_RESERVATION"):
+                await dial_circuit(client, circuit_address(relay.addr, stranger))
+
+
+@pytest.mark.trio
+async def test_a_private_swarm_relay_refuses_non_members(tmp_path: Path) -> None:
+    """A member relays for a member; a stranger can neither reserve a slot on it nor open a circuit through it
+    to that member."""
+    admitted = _private_swarm(tmp_path)
+    swarm = Swarm(tmp_path)
+    try:
+        relay = swarm.start("relay", extra=["--relay", *admitted("relay")])
+        member = swarm.start("member", extra=["--relay-peer", relay.addr, *admitted("member")])
+        with trio.fail_after(30.0):
+            while "holding a slot on relay" not in member.log():
+                await trio.sleep(0.1)
+        async with open_client() as stranger:
+            await stranger.connect(relay.addr)
+            started = trio.current_time()
+            with trio.fail_after(MEMBERSHIP_WAIT_S + 10.0):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_refused, reserve(stranger, relay.addr))
+                    nursery.start_soon(_refused, dial_circuit(stranger, circuit_address(relay.addr, member.peer_id)))
+            assert trio.current_time() - started >= MEMBERSHIP_WAIT_S  # it waited for an advert that never came
+            assert member.peer_id not in stranger.connected_peers()
+        assert relay.log().count("not a member of this swarm") >= 2
+    finally:
+        swarm.close()
+
+
+async def _refused(call: Any) -> None:
+    with pytest.raises(RelayError, match="PERMISSION_DENIED"):
+        await call
+
+
+def _private_swarm(root: Path) -> Callable[[str], list[str]]:
+    """A new swarm key under ``root``; the returned function gives daemon ``name`` (its key file
+    ``root/name.key``, as the harnesses place it) a certificate and returns its join flags."""
+    from hexgen.daemon.certificates import create_swarm_key, issue_certificate, load_swarm_key, write_certificate
+    from hexgen.daemon.node_key import load_or_create_key
+
+    create_swarm_key(root / "swarm.key")
+
+    def admitted(name: str) -> list[str]:
+        peer = peer_id_of(load_or_create_key(root / f"{name}.key"))
+        cert = issue_certificate(load_swarm_key(root / "swarm.key"), peer, 3600.0)
+        write_certificate(root / f"{name}.cert", cert)
+        return ["--swarm-cert", str(root / f"{name}.cert")]
+
+    return admitted
+
+
+@pytest.mark.trio
+async def test_daemons_on_one_lan_find_each_other_with_no_bootstrap(tmp_path: Path) -> None:
+    """Four hosts on one bridge and no --bootstrap: the two members of a private swarm find each other by
+    mDNS and converge; a daemon without a certificate, heard too, is not admitted; a member started with
+    --no-mdns is found by no one and finds no one."""
+    from hexgen.daemon.certificates import issue_certificate, load_swarm_key
+
+    admitted = _private_swarm(tmp_path)
+    with open_lab(per_side=4, sides=("A",)) as lab, started_daemons() as started:
+        hosts = lab.namespaces
+
+        def start(index: int, name: str, extra: list[str]) -> Daemon:
+            return start_daemon(hosts[index], tmp_path, name, extra=extra)
+
+        plan = [(0, "m1", admitted("m1")), (1, "m2", admitted("m2")), (2, "out", []), (3, "q", admitted("q"))]
+        plan[3][2].append("--no-mdns")
+        with ThreadPoolExecutor(4) as pool:
+            daemons = list(pool.map(lambda item: start(*item), plan))
+        started.extend(daemons)
+        m1, m2, out, q = daemons
+        client_key = new_identity()
+        ask = {"cert": issue_certificate(load_swarm_key(tmp_path / "swarm.key"), peer_id_of(client_key), 3600.0)}
+        members = {m1.peer_id, m2.peer_id}
+        async with open_client(client_key) as client:
+            await wait_until(client, [m1, m2], converged(members), CONVERGE_S, "converged by mDNS", request=ask)
+            found = await statuses(client, [m1, m2, q], ask)
+        assert found[q.peer_id] is not None and found[q.peer_id]["members"] == [q.peer_id]
+        assert any("found" in d.log() and "on the LAN" in d.log() for d in (m1, m2))  # one dialled the other
+        assert any("not-member" in d.log() or "no swarm certificate" in d.log() for d in (m1, m2))
+        assert out.peer_id not in str(found) and "on the LAN" not in q.log()
