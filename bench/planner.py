@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import random
 import statistics
 import sys
@@ -330,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
             "optimality": optimality,
             "het5_over_8xh100": het5_resources(),
             "summary": summary,
+            "run": {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                "quick": args.quick,
+            },
         }
         args.json.write_text(json.dumps(out, indent=1))
     return 1 if summary["nic_violations"] else 0
