@@ -41,6 +41,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     mode: str = "colocated"
     quantize: str | None = None  # the linear layers' weights: None (full precision), "int8" or "int4"
+    prefill_chunk: int = 512  # prompt tokens per step next to the decode batch (scheduler.SchedulerConfig); 0: off
 
 
 class LLM:
@@ -80,7 +81,9 @@ class LLM:
 
             self.tokenizer = Tokenizer.from_dir(model_dir)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids
-        scheduler_config = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.mode)
+        scheduler_config = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.mode, config.prefill_chunk
+        )
         self.scheduler = Scheduler(scheduler_config, self.block_manager, eos)
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -113,9 +116,10 @@ class LLM:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.runner.run(batch.seqs, batch.is_prefill)
+        logits = self.runner.run(batch.seqs, batch.is_prefill, num_new_tokens=batch.num_new_tokens)
         assert logits is not None  # one process holds the whole model, so it is the last stage and TP rank 0
-        return self.scheduler.postprocess(batch, sample(logits, batch.seqs))
+        sampling = batch.sampling_seqs
+        return self.scheduler.postprocess(batch, sample(logits, sampling) if sampling else [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
