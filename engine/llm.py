@@ -42,6 +42,7 @@ class EngineConfig:
     mode: str = "colocated"
     quantize: str | None = None  # the linear layers' weights: None (full precision), "int8" or "int4"
     prefill_chunk: int = 512  # prompt tokens per step next to the decode batch (scheduler.SchedulerConfig); 0: off
+    cuda_graphs: bool | None = None  # decode from captured CUDA graphs (engine.graphs); None: on CUDA where possible
 
 
 class LLM:
@@ -73,6 +74,7 @@ class LLM:
         )
         # sized after the weights are in, from a profiled max-batch forward on CUDA (engine.memory)
         self.runner.allocate_cache(self.runner.blocks_that_fit(config.max_num_batched_tokens, config.max_num_seqs))
+        self._maybe_capture(config, device)
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position)
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.tokenizer = None
@@ -85,6 +87,19 @@ class LLM:
             config.max_num_seqs, config.max_num_batched_tokens, config.mode, config.prefill_chunk
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager, eos)
+
+    def _maybe_capture(self, config: EngineConfig, device: torch.device) -> None:
+        """Decode graphs where asked for, or by default on CUDA with an attention path that allows them."""
+        wanted = config.cuda_graphs
+        if wanted is None:
+            wanted = device.type == "cuda" and self.runner.attention.backend != "sdpa" and not config.quantize
+        if not wanted:
+            return
+        if device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        from hexgen.engine.graphs import cuda_capture  # pragma: no cover - CUDA only
+
+        self.runner.enable_graphs(cuda_capture(), config.max_num_seqs).capture_all()  # pragma: no cover
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -9,6 +9,7 @@ import torch
 
 from hexgen.engine.attention import Attention, AttentionChoice, AttentionMetadata, attention_for
 from hexgen.engine.config import ModelConfig
+from hexgen.engine.graphs import Capture, DecodeGraphs
 from hexgen.engine.kv_format import KVFormat
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import kv_head_range
@@ -88,6 +89,7 @@ class ModelRunner:
         self.attention: AttentionChoice = attention_for(device, dtype, cache.block_size, cache.attention)
         self.use_flash = self.attention.backend == "flash-attn"
         self.paged: PagedDecode | None = None  # FlexAttention's decode state, made with the cache
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (enable_graphs)
         self.block_size = self.attention.block_size
         self.model: StageModel = build_model(config, shard)
         load_weights(self.model, model_dir, dtype, device, progress, quantize)
@@ -124,6 +126,17 @@ class ModelRunner:
             attn.v_cache = self.kv_cache[1, i]
         if self.attention.backend == "flex":
             self.paged = PagedDecode(num_blocks, self.block_size, self.device)
+
+    def enable_graphs(self, capture: Capture, max_batch: int) -> DecodeGraphs:
+        """Replay decode steps of up to ``max_batch`` sequences from graphs recorded by ``capture``
+        (engine.graphs); a single-stage, single-rank runner with its cache allocated only."""
+        if not (self.shard.is_first and self.shard.is_last and self.shard.tp_size == 1):
+            raise ValueError("decode graphs run a whole model on one rank only")
+        if not self.num_blocks:
+            raise RuntimeError("allocate the KV cache before capturing decode graphs: they read its address")
+        max_blocks = min(self.num_blocks, -(-self.config.max_position // self.block_size))
+        self.graphs = DecodeGraphs(self, capture, max_batch, max_blocks)
+        return self.graphs
 
     @property
     def block_bytes(self) -> int:
@@ -206,6 +219,8 @@ class ModelRunner:
         in a decode). Returns the hidden states for the next stage, or on the last stage the logits of the
         sequences whose step reaches their last token ([len(seqs), vocab] unless a prompt chunk ends
         short; None on TP ranks other than 0)."""
+        if self.graphs is not None and not is_prefill and hidden is None and len(seqs) <= self.graphs.buckets[0]:
+            return self.graphs.run(seqs)
         input_ids, positions, meta, last = self.prepare(seqs, is_prefill, num_new_tokens)
         out = self.model(input_ids if hidden is None else hidden, positions, meta)
         if not self.shard.is_last:

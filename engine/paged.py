@@ -60,9 +60,14 @@ class PagedDecode:
         self._caps: dict[float, Any] = {}
         self._masks: dict[int, Any] = {}
 
+    def reserve(self, rows: int) -> None:
+        """Room for decode batches of ``rows`` sequences from now on (a CUDA graph reads these buffers:
+        they must not move once captured)."""
+        if rows > self.logical.shape[0]:
+            self._allocate(rows)
+
     def _allocate(self, rows: int) -> None:
-        """Buffers for ``rows`` sequences; a larger batch reallocates them once (a CUDA graph runner
-        captures its largest batch first, so its buffers never move afterwards)."""
+        """Buffers for ``rows`` sequences; a larger batch reallocates them."""
         shape, i32, dev = (rows, self.num_blocks + 1), torch.int32, self.device
         self.logical = torch.full(shape, -1, dtype=i32, device=dev)
         self.lens = torch.zeros(rows, dtype=i32, device=dev)
@@ -73,8 +78,7 @@ class PagedDecode:
         """This step's ``block_tables`` [B, width] (short rows padded with anything) and context lengths
         ``lens`` [B], both on the device. No host sync. O(B * (num_blocks + width))."""
         batch, width = block_tables.shape
-        if batch > self.logical.shape[0]:
-            self._allocate(max(batch, 2 * self.logical.shape[0]))
+        self.reserve(batch if batch <= self.logical.shape[0] else max(batch, 2 * self.logical.shape[0]))
         count = (lens + self.block_size - 1) // self.block_size
         columns = torch.arange(width, device=lens.device)
         valid = columns < count.unsqueeze(1)
@@ -139,7 +143,7 @@ class PagedDecode:
         """q [B, heads, dim] of this step's sequences against the cache in place; returns [B, heads, dim]."""
         batch, _, dim = q.shape
         kv_heads = k_cache.shape[2]
-        slots = self.num_blocks * self.block_size
+        slots = k_cache.shape[0] * self.block_size
         keys, values = (
             c.view(1, slots, kv_heads, dim).permute(0, 2, 1, 3).expand(batch, -1, -1, -1) for c in (k_cache, v_cache)
         )

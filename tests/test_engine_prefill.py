@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -121,3 +123,32 @@ def test_flex_paged_decode_equals_the_gathering_path(window, softcap):
     flex_meta = meta()
     flex_meta.paged = paged
     torch.testing.assert_close(attn(q, k, v, flex_meta), gathered, atol=1e-5, rtol=1e-5)
+
+
+class EagerCapture:
+    """A capture for CPU: records each step it is given and replays it by running it again, so a step that
+    read anything but the static buffers would produce wrong tokens."""
+
+    def __init__(self) -> None:
+        self.captured = 0
+
+    def __call__(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        self.captured += 1
+        step()
+        return step
+
+
+def test_decode_graphs_replay_with_static_buffers(stories_dir, stories_reference):
+    prompts, expected = ([pair[i] for i in (0, 2, 3)] for pair in stories_reference)
+    llm = LLM(stories_dir, prefill_chunk=0, cache=FLEX)
+    capture = EagerCapture()
+    graphs = llm.runner.enable_graphs(capture, max_batch=3)
+    assert graphs.buckets == [4, 2, 1]
+    done = llm.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # bucket 1
+    done += llm.generate(prompts[1:], SamplingParams(max_tokens=8, ignore_eos=True))  # 2 rows: bucket 2
+    done += llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # 3 rows padded to bucket 4
+    assert [c.token_ids for c in done] == [expected[0][:4], expected[1][:8], expected[2][:8]] + [
+        e[:4] for e in expected
+    ]
+    assert capture.captured == graphs.num_captures == 3
+    assert graphs.num_replays == 3 + 7 + 3
