@@ -24,6 +24,9 @@ try:
 except ImportError:  # pragma: no cover - torch older than 2.5
     BlockMask = flex_attention = None
 
+# The one query row of each sequence sits in a q-block this tall: the compiled decoding kernel tiles rows
+# (query length x grouped heads) by at least 16 and needs the q-block to be a multiple of its tile.
+Q_BLOCK = 128
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -124,7 +127,7 @@ class PagedDecode:
             self._masks[window] = BlockMask.from_kv_blocks(
                 self.kv_count[:b],
                 self.tables[:b],
-                BLOCK_SIZE=(1, self.block_size),
+                BLOCK_SIZE=(Q_BLOCK, self.block_size),
                 mask_mod=self.mask_mod(window),
                 seq_lengths=(1, self.num_blocks * self.block_size),
                 compute_q_blocks=False,
