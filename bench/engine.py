@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hexgen_shim  # noqa: F401 - before any hexgen import: the device machine has a plain checkout
 import torch
 from engine_cuda import run_device_check  # bench/ is on sys.path as the script's folder
 from gpu_check import LLAMA_1B as RANDOM_1B

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check import LLAMA_TINY
 
 from hexgen.coordinator.workload import Request
 from hexgen.engine.attention import attention_for, flash_available
@@ -51,15 +52,6 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192,
     "rope_theta": 500000.0,
 }
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 512,
-}
 TARGETS = {"decode_roofline_fraction": 0.80, "throughput_vs_transformers": 3.0, "prefill_fraction_of_matmul": 0.5}
 
 
@@ -77,7 +69,7 @@ class Shape:
 
 
 FULL = Shape(LLAMA3_8B, batch=64, decode_tokens=128, prefill_tokens=2048, context=4096, copy_bytes=2 << 30, matmul=8192)
-SMOKE = Shape(TINY, batch=4, decode_tokens=8, prefill_tokens=64, context=256, copy_bytes=1 << 20, matmul=64)
+SMOKE = Shape(LLAMA_TINY, batch=4, decode_tokens=8, prefill_tokens=64, context=200, copy_bytes=1 << 20, matmul=64)
 
 
 @dataclass

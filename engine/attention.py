@@ -187,9 +187,10 @@ class Attention(nn.Module):
             out = self._flash(q, k, v, meta)
         else:
             d = meta.num_decode
-            decode = self._decode(q[:d], meta) if d else None
-            prefill = self._sdpa_prefill(q[d:], k[d:], v[d:], meta) if d < q.shape[0] else None
-            out = decode if prefill is None else prefill if decode is None else torch.cat((decode, prefill))
+            parts = [self._decode(q[:d], meta)] if d else []
+            if d < q.shape[0]:
+                parts.append(self._sdpa_prefill(q[d:], k[d:], v[d:], meta))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

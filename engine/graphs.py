@@ -19,8 +19,11 @@ from typing import Any, Protocol
 
 import torch
 
-from hexgen.engine.attention import AttentionMetadata
+from hexgen.engine.attention import AttentionChoice, AttentionMetadata
+from hexgen.engine.config import ModelConfig
+from hexgen.engine.paged import PagedDecode
 from hexgen.engine.sequence import Sequence
+from hexgen.engine.stage import StageModel
 from hexgen.engine.step_inputs import to_device
 
 Step = Callable[[], torch.Tensor]
@@ -33,13 +36,25 @@ class Capture(Protocol):
         ...
 
 
+class Runner(Protocol):
+    """What the graphs use of a model_runner.ModelRunner."""
+
+    attention: AttentionChoice
+    config: ModelConfig
+    model: StageModel
+    device: torch.device
+    block_size: int
+    use_flash: bool
+    paged: PagedDecode | None
+
+
 def cuda_capture(pool: Any = None, warmup: int = 2) -> Capture:  # pragma: no cover - CUDA only
     """Capture with torch.cuda.CUDAGraph, every bucket's graph in one memory ``pool`` (capture the largest
     batch first); ``warmup`` eager runs on a side stream first compile and allocate what the step needs."""
     shared = pool if pool is not None else torch.cuda.graph_pool_handle()
 
     def capture(step: Step) -> Step:
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
@@ -69,10 +84,10 @@ class DecodeGraphs:
     """The captured decode steps of one single-stage model runner (``model_runner.ModelRunner``), built
     lazily per bucket. ``run`` returns the logits [B, vocab] of a decode step of ``seqs``."""
 
-    def __init__(self, runner: Any, capture: Capture, max_batch: int, max_blocks: int) -> None:
+    def __init__(self, runner: Runner, capture: Capture, max_batch: int, max_blocks: int) -> None:
         if runner.attention.backend not in ("flash-attn", "flex"):
             raise ValueError(f"decode graphs need flash-attn or FlexAttention, not {runner.attention.backend}")
-        if getattr(runner.model, "rotary", None) is not None and runner.model.rotary.trained:
+        if getattr(getattr(runner.model, "rotary", None), "trained", 0):
             raise ValueError("decode graphs cannot replay dynamic RoPE scaling (its tables depend on the lengths)")
         self.runner = runner
         self.capture = capture

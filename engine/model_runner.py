@@ -16,8 +16,8 @@ from hexgen.engine.layout import kv_head_range
 from hexgen.engine.loader import ProgressFn, load_weights
 from hexgen.engine.memory import MemoryProfile, fixed_budget_blocks, kv_cache_blocks
 from hexgen.engine.models import build_model
-from hexgen.engine.sequence import Sequence
 from hexgen.engine.paged import PagedDecode
+from hexgen.engine.sequence import Sequence
 from hexgen.engine.stage import StageModel
 from hexgen.engine.step_inputs import ints, padded_tables
 from hexgen.engine.varlen import plan_prefill

@@ -14,15 +14,15 @@ CUDA graph can capture a step that reads them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-try:
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:  # pragma: no cover - torch older than 2.5
-    BlockMask = flex_attention = None
+flex: Any = None
+with contextlib.suppress(ImportError):  # torch older than 2.5 has no FlexAttention
+    from torch.nn.attention import flex_attention as flex
 
 # The one query row of each sequence sits in a q-block this tall: the compiled decoding kernel tiles rows
 # (query length x grouped heads) by at least 16 and needs the q-block to be a multiple of its tile.
@@ -31,7 +31,7 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 
 def flex_installed() -> bool:
-    return flex_attention is not None
+    return flex is not None
 
 
 _compiled: Any = None
@@ -41,9 +41,9 @@ def _flex(device: torch.device) -> Any:
     """flex_attention, compiled once per process on CUDA (the fused kernel); eager elsewhere."""
     global _compiled
     if device.type != "cuda":
-        return flex_attention
+        return flex.flex_attention
     if _compiled is None:  # pragma: no cover - CUDA only
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        _compiled = torch.compile(flex.flex_attention, dynamic=False)
     return _compiled
 
 
@@ -52,7 +52,7 @@ class PagedDecode:
     ``attend`` runs one layer's decode attention against its cache."""
 
     def __init__(self, num_blocks: int, block_size: int, device: torch.device, max_seqs: int = 64) -> None:
-        if flex_attention is None:
+        if flex is None:
             raise RuntimeError("FlexAttention needs torch 2.5 or newer")
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -124,7 +124,7 @@ class PagedDecode:
     def block_mask(self, window: int) -> Any:
         if window not in self._masks:
             b = self.batch
-            self._masks[window] = BlockMask.from_kv_blocks(
+            self._masks[window] = flex.BlockMask.from_kv_blocks(
                 self.kv_count[:b],
                 self.tables[:b],
                 BLOCK_SIZE=(Q_BLOCK, self.block_size),
@@ -159,4 +159,5 @@ class PagedDecode:
             scale=scale,
             enable_gqa=q.shape[1] != kv_heads,
         )
-        return out.squeeze(2)
+        result: torch.Tensor = out.squeeze(2)
+        return result

@@ -36,7 +36,9 @@ class SchedulerConfig:
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
-            raise ValueError(f"prefill_chunk must be an integer >= 0 (0 turns chunking off), got {self.prefill_chunk!r}")
+            raise ValueError(
+                f"prefill_chunk must be an integer >= 0 (0 turns chunking off), got {self.prefill_chunk!r}"
+            )
 
 
 def pending(seq: Sequence) -> int:

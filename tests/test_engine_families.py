@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from hexgen.engine.attention import AttentionMetadata, decode_window_mask
-from hexgen.engine.varlen import plan_prefill, prefill_mask
 from hexgen.engine.config import load_config, parse_config
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import uniform_layout
@@ -24,6 +23,7 @@ from hexgen.engine.model_runner import CacheConfig
 from hexgen.engine.models import build_model
 from hexgen.engine.replica import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups, spec_for
 from hexgen.engine.sequence import SamplingParams, Sequence
+from hexgen.engine.varlen import plan_prefill, prefill_mask
 from hexgen.testing.checkpoints import NEW_FAMILIES, SMALL, WINDOW, save_random_checkpoint
 from hexgen.testing.ranks import free_port, run_ranks
 
