@@ -57,7 +57,7 @@ def choose_attention(
     dtype: torch.dtype,
     block_size: int = 0,
     prefer: str = "auto",
-    flex_ok: bool = True,
+    flex_ok: bool = False,
 ) -> AttentionChoice:
     """flash-attn where it runs (CUDA, compute capability >= 8.0, fp16/bf16, a block size that is a multiple
     of 256 or unset); else on CUDA FlexAttention's paged decode where this torch has it (``flex_ok``);

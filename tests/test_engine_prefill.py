@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from hexgen.engine.attention import Attention, AttentionMetadata
+from hexgen.engine.attention import Attention, AttentionMetadata, choose_attention
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.llm import LLM
 from hexgen.engine.model_runner import CacheConfig
@@ -152,3 +152,24 @@ def test_decode_graphs_replay_with_static_buffers(stories_dir, stories_reference
     ]
     assert capture.captured == graphs.num_captures == 3
     assert graphs.num_replays == 3 + 7 + 3
+
+
+@pytest.mark.parametrize(
+    ("device", "flash", "prefer", "backend", "block"),
+    [
+        ("cuda", True, "auto", "flash-attn", 256),
+        ("cuda", False, "auto", "flex", 128),
+        ("cuda", True, "flex", "flex", 128),
+        ("cuda", True, "sdpa", "sdpa", 16),
+        ("cpu", False, "auto", "sdpa", 16),
+        ("cpu", False, "flex", "flex", 128),
+    ],
+)
+def test_flash_first_then_flex_on_cuda(device, flash, prefer, backend, block):
+    choice = choose_attention(device, (9, 0), flash, torch.bfloat16, 0, prefer, flex_ok=True)
+    assert (choice.backend, choice.block_size) == (backend, block)
+    assert choose_attention(device, (9, 0), False, torch.bfloat16, 0, "auto", flex_ok=False).backend == "sdpa"
+    with pytest.raises(ValueError, match="flash-attn attention was asked for but cannot run"):
+        choose_attention("cpu", None, False, torch.bfloat16, 0, "flash-attn", flex_ok=True)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        choose_attention(device, (9, 0), flash, torch.bfloat16, 0, "fast", flex_ok=True)
