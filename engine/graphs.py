@@ -73,6 +73,17 @@ def cuda_capture(pool: Any = None, warmup: int = 2) -> Capture:  # pragma: no co
     return capture
 
 
+def unsupported(runner: Runner) -> str | None:
+    """Why a decode step of ``runner`` cannot be replayed from a graph, or None when it can."""
+    if runner.attention.backend not in ("flash-attn", "flex"):
+        return f"the {runner.attention.backend} decode path sizes its tensors on the host each step"
+    if getattr(getattr(runner.model, "rotary", None), "trained", 0):
+        return "dynamic RoPE scaling picks its tables from the lengths on the host"
+    if runner.config.num_experts:
+        return "mixture-of-experts routing groups tokens by expert on the host"
+    return None
+
+
 def buckets_up_to(max_batch: int) -> list[int]:
     """The batch sizes to capture: BUCKETS up to the first >= ``max_batch`` (and ``max_batch`` itself
     past the largest). Largest first, the order a shared memory pool wants."""
@@ -85,10 +96,9 @@ class DecodeGraphs:
     lazily per bucket. ``run`` returns the logits [B, vocab] of a decode step of ``seqs``."""
 
     def __init__(self, runner: Runner, capture: Capture, max_batch: int, max_blocks: int) -> None:
-        if runner.attention.backend not in ("flash-attn", "flex"):
-            raise ValueError(f"decode graphs need flash-attn or FlexAttention, not {runner.attention.backend}")
-        if getattr(getattr(runner.model, "rotary", None), "trained", 0):
-            raise ValueError("decode graphs cannot replay dynamic RoPE scaling (its tables depend on the lengths)")
+        why_not = unsupported(runner)
+        if why_not:
+            raise ValueError(f"decode graphs cannot run here: {why_not}")
         self.runner = runner
         self.capture = capture
         self.buckets = buckets_up_to(max_batch)
@@ -109,6 +119,7 @@ class DecodeGraphs:
             raise ValueError(f"a decode batch of {batch} sequences exceeds the largest graph ({self.buckets[0]})")
         return min(fits)
 
+    @torch.inference_mode()
     def capture_all(self) -> None:
         """Capture every bucket now, largest first."""
         for size in self.buckets:

@@ -13,6 +13,7 @@ import torch
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
+from hexgen.engine.graphs import cuda_capture, unsupported
 from hexgen.engine.hub import local_model
 from hexgen.engine.layers import Shard
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
@@ -92,14 +93,12 @@ class LLM:
         """Decode graphs where asked for, or by default on CUDA with an attention path that allows them."""
         wanted = config.cuda_graphs
         if wanted is None:
-            wanted = device.type == "cuda" and self.runner.attention.backend != "sdpa" and not config.quantize
+            wanted = device.type == "cuda" and unsupported(self.runner) is None and not config.quantize
         if not wanted:
             return
         if device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
-        from hexgen.engine.graphs import cuda_capture  # pragma: no cover - CUDA only
-
-        self.runner.enable_graphs(cuda_capture(), config.max_num_seqs).capture_all()  # pragma: no cover
+        self.runner.enable_graphs(cuda_capture(), config.max_num_seqs).capture_all()  # pragma: no cover - CUDA
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
