@@ -119,6 +119,15 @@ def seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> fl
     return statistics.median(runs)
 
 
+def once(fn: Callable[[], Any], device: torch.device) -> float:
+    """The wall time of one run of ``fn`` (warm it up with a smaller call first)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Bytes read + written per second by a device-to-device copy of ``nbytes``."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
@@ -213,7 +222,8 @@ def engine_figures(
 
     def throughput() -> dict[str, Any]:
         params = [SamplingParams(max_tokens=o, ignore_eos=True) for o in work["outputs"]]
-        took = seconds(lambda: llm.generate(work["prompts"], params), device, repeats=1)
+        llm.generate(work["prompts"][:4], SamplingParams(max_tokens=4, ignore_eos=True))
+        took = once(lambda: llm.generate(work["prompts"], params), device)
         return {"output_tokens_per_s": sum(work["outputs"]) / took, "seconds": took}
 
     def prefill() -> dict[str, Any]:
@@ -251,7 +261,7 @@ def transformers_figures(check: Check, model_dir: Path, shape: Shape, work: dict
 
     def throughput() -> dict[str, Any]:
         generate(work["prompts"][:2], 4)  # warm-up (and any compilation of the static-cache forward)
-        took = seconds(lambda: generate(work["prompts"], max(work["outputs"])), device, repeats=1)
+        took = once(lambda: generate(work["prompts"], max(work["outputs"])), device)
         return {"output_tokens_per_s": sum(work["outputs"]) / took, "seconds": took}
 
     def tokens() -> list[int]:
@@ -331,15 +341,23 @@ def run_device_check(device: torch.device, trace: tuple[Request, ...], budget_s:
         runs: dict[str, Any] = {}
         check.figures["engine"] = runs
         check.figures["engine_choice"] = attention_for(device, torch.bfloat16).reason
-        for attention in attention_paths(device):
+        paths = attention_paths(device)  # the engine's choice, then transformers, then the other paths
+
+        def engine_path(attention: str) -> None:
             runs[attention] = check.guarded(
                 f"engine/{attention}",
-                lambda a=attention: engine_figures(check, Path(model_dir), shape, a, work, config),
+                lambda: engine_figures(check, Path(model_dir), shape, attention, work, config),
                 60,
             )
+            free_memory(device)
+
+        engine_path(paths[0])
         check.figures["transformers"] = check.guarded(
             "transformers", lambda: transformers_figures(check, Path(model_dir), shape, work), 60
         )
+        free_memory(device)
+        for attention in paths[1:]:
+            engine_path(attention)
         check.figures["summary"] = summary(check, work)
     check.figures["wall_s"] = time.perf_counter() - check.started
     return {"figures": check.figures, "errors": check.errors, "skipped": check.skipped, "shape": shape.spec}

@@ -144,7 +144,7 @@ class AttentionMetadata:
     gather: torch.Tensor | None = None
     gather_len: int = 0
     mask: torch.Tensor | None = None
-    prefill: PrefillPlan | None = None
+    prefill: list[PrefillPlan] | None = None
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # decode masks by window, built once
 
 
@@ -238,16 +238,30 @@ class Attention(nn.Module):
         return cache.index_select(0, block_ids).view(batch, -1, self.num_kv_heads, self.head_dim)
 
     def _sdpa_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The prefill part's tokens [N, heads, dim] in one SDPA call over the padded batch (engine.varlen)."""
-        plan = meta.prefill
-        assert plan is not None  # the runner plans every SDPA prefill part
+        """The prefill part's tokens [N, heads, dim], one SDPA call per length group (engine.varlen)."""
+        assert meta.prefill is not None  # the runner plans every SDPA prefill part
+        out = None if len(meta.prefill) == 1 else torch.empty_like(q)
+        for plan in meta.prefill:
+            src = plan.source
+            if src is None:
+                part = self._sdpa_group(q, k, v, plan)
+            else:
+                part = self._sdpa_group(q.index_select(0, src), k.index_select(0, src), v.index_select(0, src), plan)
+            if out is None:
+                return part
+            out.index_copy_(0, src if src is not None else torch.arange(q.shape[0], device=q.device), part)
+        assert out is not None  # a plan has at least one group
+        return out
+
+    def _sdpa_group(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> torch.Tensor:
+        """One length group's tokens in one SDPA call over its padded batch."""
         if plan.gather is not None:  # a cached prefix: every key comes from the cache, the new ones included
             k = self._blocks(self.k_cache, plan.gather, plan.batch)[:, : plan.k_width].transpose(1, 2)
             v = self._blocks(self.v_cache, plan.gather, plan.batch)[:, : plan.k_width].transpose(1, 2)
         else:
             k, v = pad(k, plan), pad(v, plan)
         q = pad(q, plan)
-        if plan.causal and not self.softcap and not (self.window and self.window < plan.q_width):
+        if plan.gather is None and not self.softcap and not (self.window and self.window < plan.q_width):
             out = self._sdpa(q, k, v, is_causal=plan.q_width > 1)
         else:
             out = self._sdpa(q, k, v, attn_mask=prefill_mask(plan, self.window))

@@ -38,12 +38,14 @@ _compiled: Any = None
 
 
 def _flex(device: torch.device) -> Any:
-    """flex_attention, compiled once per process on CUDA (the fused kernel); eager elsewhere."""
+    """flex_attention, compiled once per process on CUDA (the fused kernel); eager elsewhere. Shapes are
+    left to torch.compile's automatic dynamism: a second batch size recompiles once with a symbolic batch
+    instead of once per size (past the recompile limit torch would fall back to the unfused eager path)."""
     global _compiled
     if device.type != "cuda":
         return flex.flex_attention
     if _compiled is None:  # pragma: no cover - CUDA only
-        _compiled = torch.compile(flex.flex_attention, dynamic=False)
+        _compiled = torch.compile(flex.flex_attention)
     return _compiled
 
 

@@ -1,10 +1,13 @@
-"""Varlen prefill for the SDPA path: a step's prompts (or prompt chunks) padded into one batch, one SDPA call.
+"""Varlen prefill for the SDPA path: a step's prompts (or prompt chunks) padded into batches, one SDPA call each.
 
-Sequence ``b`` brings ``query_lens[b]`` new tokens at the end of its ``context_lens[b]`` tokens. Queries are
-scattered into a [B, q_width] layout (q_width the longest query), keys come from the step itself (no
-cached prefix: the same layout) or from the paged cache (whole blocks gathered, k_width the longest
-context), and one boolean mask says which keys each query sees. The cost is B * q_width * k_width scores
-instead of sum(q * k): padding trades some arithmetic for a single kernel call instead of one per sequence.
+Sequence ``b`` brings ``query_lens[b]`` new tokens at the end of its ``context_lens[b]`` tokens. Sequences
+are grouped by the power of two above their query and context lengths, so padding at most doubles each
+dimension of a group: a step of similar prompts is one group and one call, and the calls of a step are
+bounded by the length classes (about log2 of the longest prompt, squared), never by the sequences. In a
+group, queries are scattered into a [B, q_width] layout (q_width the group's longest query); keys come
+from the step itself (no cached prefix: the same layout, so a plain causal mask also hides the padding
+from every real query) or from the paged cache (whole blocks gathered, k_width the longest context), with
+a boolean mask saying which keys each query sees.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from hexgen.engine.step_inputs import to_device
 class PrefillPlan:
     """Where each token of a varlen prefill goes in the padded layout, built once per step on the host.
 
-    ``index`` [N]: the row of each token in [B * q_width]; ``starts``, ``query_lens``, ``context_lens``
+    ``source`` [N]: the group's tokens among the step's prefill tokens (None: all of them, in order);
+    ``index`` [N]: the row of each in [B * q_width]; ``starts``, ``query_lens``, ``context_lens``
     [B, 1, 1, 1]; ``gather`` the block ids [B * blocks] of each sequence's cached keys (None without a
-    cached prefix); ``causal``: one sequence, no prefix, so SDPA's own causal mask does.
+    cached prefix: then SDPA's own causal mask is exact for every real query).
     """
 
+    source: torch.Tensor | None
     index: torch.Tensor
     q_width: int
     k_width: int
@@ -32,7 +37,6 @@ class PrefillPlan:
     query_lens: torch.Tensor
     context_lens: torch.Tensor
     gather: torch.Tensor | None
-    causal: bool
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # by window, built on first use
 
     @property
@@ -42,9 +46,31 @@ class PrefillPlan:
 
 def plan_prefill(
     query_lens: list[int], context_lens: list[int], block_tables: torch.Tensor | None, device: torch.device
+) -> list[PrefillPlan]:
+    """The groups of one varlen prefill; ``block_tables`` [B, blocks] on ``device`` when any sequence has
+    a cached prefix (its keys are then read from the cache), else None. O(N + B)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, (q, ctx) in enumerate(zip(query_lens, context_lens, strict=True)):
+        groups.setdefault(((q - 1).bit_length(), (ctx - 1).bit_length()), []).append(b)
+    starts = torch.tensor([0, *query_lens]).cumsum(0)
+    plans = []
+    for rows in groups.values():
+        source = None
+        if len(rows) < len(query_lens):
+            source = torch.cat([torch.arange(int(starts[b]), int(starts[b + 1])) for b in rows])
+        tables = None if block_tables is None else block_tables[to_device(torch.tensor(rows), device)]
+        q, ctx = [query_lens[b] for b in rows], [context_lens[b] for b in rows]
+        plans.append(_plan_group(q, ctx, tables, source, device))
+    return plans
+
+
+def _plan_group(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor | None,
+    source: torch.Tensor | None,
+    device: torch.device,
 ) -> PrefillPlan:
-    """The plan of one varlen prefill; ``block_tables`` [B, blocks] on ``device`` when any sequence has a
-    cached prefix (its keys are then read from the cache), else None. O(N + B)."""
     q = torch.tensor(query_lens)
     ctx = torch.tensor(context_lens)
     batch, q_width = len(query_lens), max(query_lens)
@@ -53,6 +79,7 @@ def plan_prefill(
     shape = (batch, 1, 1, 1)
     gather = None if block_tables is None else block_tables.long().view(-1)
     return PrefillPlan(
+        source=None if source is None else to_device(source, device),
         index=to_device(index, device),
         q_width=q_width,
         k_width=max(context_lens) if gather is not None else q_width,
@@ -60,7 +87,6 @@ def plan_prefill(
         query_lens=to_device(q.view(shape), device),
         context_lens=to_device(ctx.view(shape), device),
         gather=gather,
-        causal=batch == 1 and gather is None,
     )
 
 

@@ -56,13 +56,16 @@ def prompts() -> list[list[int]]:
 def test_window_masks_see_the_query_and_the_window_before_it():
     cpu = torch.device("cpu")
     tables = torch.zeros(2, 1, dtype=torch.int32)  # a cached prefix: keys are read by position from the cache
-    plan = plan_prefill([3, 2], [6, 2], tables, cpu)
+    [plan] = plan_prefill([3, 4], [6, 5], tables, cpu)  # one length class: one group
     first, second = (prefill_mask(plan, 2)[b, 0] for b in range(2))
-    assert [row.nonzero().flatten().tolist() for row in first] == [[2, 3], [3, 4], [4, 5]]  # the last 3 of 6
-    assert [row.nonzero().flatten().tolist() for row in second[:2]] == [[0], [0, 1]]
-    assert second[2].all()  # a padding row sees everything, so its softmax has something to normalize
-    plan = plan_prefill([2, 3], [2, 3], None, cpu)  # no prefix: keys are the step's own, padded alike
-    assert [row.nonzero().flatten().tolist() for row in prefill_mask(plan, 0)[1, 0]] == [[0], [0, 1], [0, 1, 2]]
+    assert [row.nonzero().flatten().tolist() for row in first[:3]] == [[2, 3], [3, 4], [4, 5]]  # the last 3 of 6
+    assert first[3].all()  # a padding row sees everything, so its softmax has something to normalize
+    assert [row.nonzero().flatten().tolist() for row in second] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    [plan] = plan_prefill([3, 4], [3, 4], None, cpu)  # no prefix: keys are the step's own, padded alike
+    assert [row.nonzero().flatten().tolist() for row in prefill_mask(plan, 0)[0, 0, :3]] == [[0], [0, 1], [0, 1, 2]]
+    short, long = plan_prefill([3, 9, 4], [3, 9, 4], None, cpu)  # two classes, each its own padded batch
+    assert (short.batch, short.q_width, long.batch, long.q_width) == (2, 4, 1, 9)
+    assert short.source is not None and short.source.tolist() == [0, 1, 2, 12, 13, 14, 15]
     meta = AttentionMetadata(False, torch.zeros(2, dtype=torch.long), [1, 1], [3, 6], gather_len=6)
     meta.decode_lens = torch.tensor([3, 6])
     seen = [row.nonzero().flatten().tolist() for row in decode_window_mask(meta, 4).view(2, 6)]
