@@ -2,8 +2,8 @@
 
 A decode step's kernels depend on the batch size only, once its paged-KV metadata (token ids, positions,
 cache slots, context lengths, block tables) sits in buffers that never move: each bucket's step is
-captured once, and a step of B sequences copies its inputs into those buffers (one pinned, non-blocking
-copy on CUDA) and replays the smallest bucket >= B. Rows past B repeat row 0, so they write row 0's own
+captured once, and a step of B sequences copies its inputs into those buffers (two pinned, non-blocking
+copies on CUDA) and replays the smallest bucket >= B. Rows past B repeat row 0, so they write row 0's own
 K/V into its own slot (identical values) and their logits are dropped; no cache block is set aside.
 
 How a step is captured is injected (``Capture``): ``cuda_capture`` records a torch.cuda.CUDAGraph; the tests
@@ -24,7 +24,7 @@ from hexgen.engine.config import ModelConfig
 from hexgen.engine.paged import PagedDecode
 from hexgen.engine.sequence import Sequence
 from hexgen.engine.stage import StageModel
-from hexgen.engine.step_inputs import to_device
+from hexgen.engine.step_inputs import staged
 
 Step = Callable[[], torch.Tensor]
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -165,8 +165,8 @@ class DecodeGraphs:
         table = torch.zeros(size, self.max_blocks, dtype=torch.int32)
         for i, seq in enumerate(rows):
             table[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        self.inputs[:, :size].copy_(to_device(host, self.inputs.device), non_blocking=True)
-        self.tables[:size].copy_(to_device(table, self.tables.device), non_blocking=True)
+        self.inputs[:, :size].copy_(staged(host, self.inputs.device), non_blocking=True)
+        self.tables[:size].copy_(staged(table, self.tables.device), non_blocking=True)
         step = self._step(size)
         self.num_replays += 1
         return step()[:batch]

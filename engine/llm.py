@@ -42,7 +42,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     mode: str = "colocated"
     quantize: str | None = None  # the linear layers' weights: None (full precision), "int8" or "int4"
-    prefill_chunk: int = 512  # prompt tokens per step next to the decode batch (scheduler.SchedulerConfig); 0: off
+    prefill_chunk: int = 2048  # prompt tokens per step next to the decode batch (scheduler.SchedulerConfig); 0: off
     cuda_graphs: bool | None = None  # decode from captured CUDA graphs (engine.graphs); None: on CUDA where possible
 
 

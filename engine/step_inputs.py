@@ -11,7 +11,13 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     the copy ran); on CPU it is returned as is. O(numel)."""
     if device.type != "cuda":
         return host
-    return host.pin_memory().to(device, non_blocking=True)
+    return staged(host, device).to(device, non_blocking=True)
+
+
+def staged(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` ready for a ``copy_(..., non_blocking=True)`` into a tensor on ``device``: pinned on CUDA
+    (the copy then runs on the stream without a host sync), as is on CPU. O(numel) on CUDA, O(1) else."""
+    return host.pin_memory() if device.type == "cuda" else host
 
 
 def ints(values: list[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:

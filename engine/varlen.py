@@ -59,8 +59,8 @@ def plan_prefill(
         if len(rows) < len(query_lens):
             source = torch.cat([torch.arange(int(starts[b]), int(starts[b + 1])) for b in rows])
         tables = None if block_tables is None else block_tables[to_device(torch.tensor(rows), device)]
-        q, ctx = [query_lens[b] for b in rows], [context_lens[b] for b in rows]
-        plans.append(_plan_group(q, ctx, tables, source, device))
+        group_q, group_ctx = [query_lens[b] for b in rows], [context_lens[b] for b in rows]
+        plans.append(_plan_group(group_q, group_ctx, tables, source, device))
     return plans
 
 
