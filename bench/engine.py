@@ -17,8 +17,14 @@ greedy tokens matching the unquantized engine's before the first divergence and 
 replica, batch-1 decode ms/token, and which matmul path the linear layers ran.
 --quick: 16 requests scaled into 512 tokens of context, N=64, one repeat, one thread unless --threads.
 
+--device cuda (without --models or --quantize) runs issue 19's device check instead (bench/engine_cuda.py):
+a Llama-3-8B-shaped bf16 model, batch-1 decode against the HBM roofline, batch-64 throughput against
+transformers' static-cache generate, 2,048-token prefill TFLOP/s against the measured matmul rate, per
+attention path, under --budget-s; JSON under bench/results/. --device-check --device cpu is its smoke test.
+
     python bench/engine.py [--quick] [--json OUT] [--threads N] [--device cpu|cuda] [--dtype D] [--repeats N]
                            [--hbm-gbs GB/s] [--models NAME ...] [--quantize none|int8|int4 ...]
+                           [--device-check] [--budget-s S]
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hexgen_shim  # noqa: F401 - before any hexgen import: the device machine has a plain checkout
 import torch
-from gpu_check import LLAMA_1B as RANDOM_1B  # the device check's model: bench/ is on sys.path as the script's folder
+from engine_cuda import run_device_check  # bench/ is on sys.path as the script's folder
+from gpu_check import LLAMA_1B as RANDOM_1B
 
 from hexgen.coordinator.workload import Request, WorkloadError, load_trace
 from hexgen.engine.attention import flash_available
@@ -55,6 +63,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
 TRACE = SHARED / "data" / "AzureLLMInferenceTrace_conv.csv"
 OUT_DIR = ROOT / "bench" / "out"
+RESULTS_DIR = ROOT / "bench" / "results"
+DEVICE_CHECK_BUDGET_S = 420.0  # the device check's whole run, so that it fits one 8-minute call
 
 RANDOM_SMALL = {
     "hidden_size": 256,
@@ -308,7 +318,7 @@ def bench_model(name: str, model_dir: Path, settings: Settings, trace: tuple[Req
         "batch1_greedy_tokens_equal": tokens["hexgen"] == tokens["transformers"],
         "load_seconds": load_s,
         "flash_available": flash_available(device),
-        "attention_backend": "flash-attn" if systems[0].llm.runner.use_flash else "torch sdpa",
+        "attention_backend": systems[0].llm.runner.attention.backend,
     }
     if device.type == "cuda" and settings.hbm_gbs:
         weight_bytes = decode_weight_bytes(config, dtype.itemsize)
@@ -497,7 +507,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("none", *SCHEMES),
         help="measure these weight quantizations against the unquantized engine instead of transformers",
     )
+    parser.add_argument(
+        "--device-check",
+        action="store_true",
+        help="issue 19's device check (the default for --device cuda without --models or --quantize)",
+    )
+    parser.add_argument(
+        "--budget-s", type=positive_float, default=DEVICE_CHECK_BUDGET_S, help="the device check's time budget"
+    )
     args = parser.parse_args(argv)
+    args.device_check = args.device_check or (args.device == "cuda" and not args.models and not args.quantize)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     try:
@@ -571,12 +590,36 @@ def run_meta(args: argparse.Namespace, settings: Settings) -> dict:
     }
 
 
+def device_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Issue 19's device check: figures per attention path, printed and written under bench/results/."""
+    result = run_device_check(settings.device, args.trace_requests, args.budget_s)
+    result["meta"] = run_meta(args, settings)
+    for path, figures in result["figures"].get("summary", {}).get("by_attention", {}).items():
+        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+        print(f"{path:<11} {shown}")
+    print(f"targets: {DEVICE_TARGETS_LINE}")
+    for name, error in result["errors"].items():
+        print(f"FAILED {name}: {error.splitlines()[0]}", file=sys.stderr)
+    for name, why in result["skipped"].items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    out = args.json or RESULTS_DIR / f"engine-device-check-{settings.device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out} ({result['figures'].get('wall_s', 0.0):.1f} s)")
+    return 0
+
+
+DEVICE_TARGETS_LINE = "decode roofline >= 0.80, throughput vs transformers >= 3.0, prefill of matmul rate >= 0.5"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = args.threads or (QUICK_THREADS if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
     settings = settings_from(args)
+    if args.device_check:
+        return device_check(args, settings)
     torch.manual_seed(SEED)
     import transformers
 

@@ -63,20 +63,10 @@ LLAMA_TINY = {
 def ensure_hexgen_importable() -> None:
     """On the device machine the repository is a plain checkout, not an installed package: expose its
     engine, daemon and test support as ``hexgen.engine``, ``hexgen.daemon`` and ``hexgen.testing`` through
-    symlinks, on ``PYTHONPATH`` too, for the worker and store processes."""
-    try:
-        import hexgen.testing.replica_driver
+    symlinks, on ``PYTHONPATH`` too, for the worker and store processes (bench/hexgen_shim.py)."""
+    import hexgen_shim
 
-        return
-    except ImportError:
-        pass
-    shim = Path(tempfile.mkdtemp(prefix="hexgen-shim-")) / "hexgen"
-    shim.mkdir()
-    for name, where in (("engine", "engine"), ("daemon", "daemon"), ("testing", "tests/support")):
-        (shim / name).symlink_to(ROOT / where)
-    sys.path.insert(0, str(shim.parent))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim.parent), os.environ.get("PYTHONPATH")) if p)
-    import hexgen.testing.replica_driver  # noqa: F401
+    hexgen_shim.install("hexgen.testing.replica_driver")
 
 
 @dataclass

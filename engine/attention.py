@@ -1,8 +1,11 @@
-"""Paged attention: writes each step's K/V into the block cache and attends with flash-attn or torch SDPA.
+"""Paged attention: writes each step's K/V into the block cache and attends with flash-attn, FlexAttention or SDPA.
 
 The cache of one layer is a pair of [num_blocks, block_size, kv_heads, head_dim] tensors. flash-attn
-(CUDA, when installed) reads it directly through the block table; the SDPA path gathers each sequence's
-slots into a dense tensor once per step per layer, using indices the runner computed once per step.
+(CUDA, when installed) reads it directly through the block table, prefill and decode. Without it, decode
+on CUDA reads the blocks in place through FlexAttention (engine.paged); the SDPA path (CPU) gathers each
+sequence's blocks into a dense tensor once per step per layer. Prefill without flash-attn is one SDPA call
+over the step's sequences padded into a batch (engine.varlen). A step may mix both: with chunked
+prefill its leading sequences decode (one token each) and the rest prefill a prompt chunk.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hexgen.engine.paged import PagedDecode, flex_installed
+from hexgen.engine.varlen import PrefillPlan, pad, prefill_mask, unpad
+
 try:  # optional: only on CUDA machines with the gpu extra
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 except ImportError:  # pragma: no cover - depends on the machine
@@ -23,6 +29,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 FLASH_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere and newer only
 FLASH_BLOCK_MULTIPLE = 256  # its paged KV (block_table) wants pages of a multiple of 256 tokens
 SDPA_BLOCK_SIZE = 16  # small pages waste less of the cache on short sequences
+FLEX_BLOCK_SIZE = 128  # flex_attention's sparse block size: its compiled kernels' tiles divide it
+BACKENDS = ("auto", "flash-attn", "flex", "sdpa")
 
 log = logging.getLogger("hexgen.engine.attention")
 _said: set[str] = set()
@@ -37,7 +45,7 @@ def flash_available(device: torch.device) -> bool:
 class AttentionChoice:
     """The attention path of a worker and the KV block size that goes with it; ``reason`` says why."""
 
-    backend: str  # "flash-attn" or "sdpa"
+    backend: str  # "flash-attn", "flex" (prefill by SDPA, decode by FlexAttention) or "sdpa"
     block_size: int
     reason: str
 
@@ -48,33 +56,58 @@ def choose_attention(
     flash_installed: bool,
     dtype: torch.dtype,
     block_size: int = 0,
+    prefer: str = "auto",
+    flex_ok: bool = False,
 ) -> AttentionChoice:
     """flash-attn where it runs (CUDA, compute capability >= 8.0, fp16/bf16, a block size that is a multiple
-    of 256 or unset), the SDPA path otherwise. ``block_size`` 0 picks the path's default."""
+    of 256 or unset); else on CUDA FlexAttention's paged decode where this torch has it (``flex_ok``);
+    else the SDPA path. ``prefer`` names one path (``BACKENDS``): "flex" runs on CPU too (eagerly, slowly:
+    for tests), "sdpa" always runs, "flash-attn" only where it would be chosen. ``block_size`` 0 picks the
+    path's default."""
     if block_size < 0:
         raise ValueError(f"block size must be positive (or 0 for the default), got {block_size}")
-    why_not = None
+    if prefer not in BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(BACKENDS)}; got {prefer!r}")
+    why_not = _why_not_flash(device_type, capability, flash_installed, dtype, block_size)
+    if why_not is None and prefer in ("auto", "flash-attn"):
+        size = block_size or FLASH_BLOCK_MULTIPLE
+        return AttentionChoice("flash-attn", size, f"flash-attn attention, KV blocks of {size} tokens")
+    if prefer == "flash-attn":
+        raise ValueError(f"flash-attn attention was asked for but cannot run: {why_not}")
+    if flex_ok and (prefer == "flex" or (prefer == "auto" and device_type == "cuda")):
+        size = block_size or FLEX_BLOCK_SIZE
+        why = "asked for" if prefer == "flex" else why_not
+        return AttentionChoice("flex", size, f"FlexAttention paged decode, SDPA prefill ({why}), KV blocks of {size}")
+    if prefer == "flex":
+        raise ValueError("FlexAttention was asked for but this torch has none (it needs torch 2.5 or newer)")
+    why = "asked for" if prefer == "sdpa" else why_not
+    return AttentionChoice("sdpa", block_size or SDPA_BLOCK_SIZE, f"torch SDPA attention: {why}")
+
+
+def _why_not_flash(
+    device_type: str, capability: tuple[int, int] | None, flash_installed: bool, dtype: torch.dtype, block_size: int
+) -> str | None:
     if device_type != "cuda":
-        why_not = f"the device is {device_type}, not CUDA"
-    elif not flash_installed:
-        why_not = "flash-attn is not installed"
-    elif capability is None or tuple(capability) < FLASH_MIN_CAPABILITY:
+        return f"the device is {device_type}, not CUDA"
+    if not flash_installed:
+        return "flash-attn is not installed"
+    if capability is None or tuple(capability) < FLASH_MIN_CAPABILITY:
         shown = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
-        why_not = f"compute capability {shown} is below 8.0"
-    elif dtype not in (torch.float16, torch.bfloat16):
-        why_not = f"flash-attn needs fp16 or bf16, the model runs in {str(dtype).removeprefix('torch.')}"
-    elif block_size % FLASH_BLOCK_MULTIPLE:
-        why_not = f"block size {block_size} is not a multiple of {FLASH_BLOCK_MULTIPLE}"
-    if why_not is not None:
-        return AttentionChoice("sdpa", block_size or SDPA_BLOCK_SIZE, f"torch SDPA attention: {why_not}")
-    size = block_size or FLASH_BLOCK_MULTIPLE
-    return AttentionChoice("flash-attn", size, f"flash-attn attention, KV blocks of {size} tokens")
+        return f"compute capability {shown} is below 8.0"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn needs fp16 or bf16, the model runs in {str(dtype).removeprefix('torch.')}"
+    if block_size % FLASH_BLOCK_MULTIPLE:
+        return f"block size {block_size} is not a multiple of {FLASH_BLOCK_MULTIPLE}"
+    return None
 
 
-def attention_for(device: torch.device, dtype: torch.dtype, block_size: int = 0) -> AttentionChoice:
+def attention_for(
+    device: torch.device, dtype: torch.dtype, block_size: int = 0, prefer: str = "auto"
+) -> AttentionChoice:
     """choose_attention for this process's device, logged once per distinct outcome."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    choice = choose_attention(device.type, capability, flash_attn_varlen_func is not None, dtype, block_size)
+    flash = flash_attn_varlen_func is not None
+    choice = choose_attention(device.type, capability, flash, dtype, block_size, prefer, flex_installed())
     if choice.reason not in _said:
         _said.add(choice.reason)
         log.info("%s", choice.reason)
@@ -85,11 +118,13 @@ def attention_for(device: torch.device, dtype: torch.dtype, block_size: int = 0)
 class AttentionMetadata:
     """Everything attention needs for one step, built once per step and shared by all layers.
 
-    Prefill: ``query_lens`` new tokens per sequence, ``context_lens`` total tokens per sequence (cached
-    prefix + new); ``cu_q``/``cu_k`` their prefix sums. Decode: one query token per sequence.
-    ``gather`` (the block tables flattened to [B * blocks]), ``gather_len`` (the longest context) and
-    ``mask`` ([B, 1, 1, gather_len], None when every sequence has the same length) serve the SDPA path
-    whenever keys come from the cache: whole blocks are copied, which is far cheaper than single slots.
+    ``query_lens`` new tokens per sequence, ``context_lens`` total tokens per sequence (cached prefix +
+    new); ``cu_q``/``cu_k`` their prefix sums (flash-attn). ``max_position`` the largest position of the
+    step, known on the host. Without flash-attn the first ``num_decode`` sequences (one query each; all
+    of a decode step) take the decode path: ``decode_lens`` their lengths on the device and either
+    ``paged`` (FlexAttention) or ``gather`` (their block tables flattened), ``gather_len`` (the longest)
+    and ``mask`` ([B, 1, 1, gather_len], None when every length is the same) for SDPA; the rest take
+    ``prefill``, one padded SDPA call (engine.varlen).
     """
 
     is_prefill: bool
@@ -97,34 +132,29 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     has_prefix: bool = False
+    max_position: int = 0
     cu_q: torch.Tensor | None = None
     cu_k: torch.Tensor | None = None
     context_lens_tensor: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    use_flash: bool = False
+    num_decode: int = 0
+    decode_lens: torch.Tensor | None = None
+    paged: PagedDecode | None = None
     gather: torch.Tensor | None = None
     gather_len: int = 0
     mask: torch.Tensor | None = None
-    use_flash: bool = False
+    prefill: list[PrefillPlan] | None = None
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # decode masks by window, built once
-
-
-def window_mask(num_queries: int, total: int, window: int, device: torch.device) -> torch.Tensor:
-    """Which of ``total`` keys each of the last ``num_queries`` positions sees: [num_queries, total] bool.
-    Causal, and with ``window`` > 0 only the keys less than ``window`` positions back (transformers'
-    sliding window: the query itself and window - 1 before it). O(num_queries * total)."""
-    query_pos = torch.arange(total - num_queries, total, device=device).unsqueeze(1)
-    key_pos = torch.arange(total, device=device).unsqueeze(0)
-    allowed = key_pos <= query_pos
-    return allowed & (query_pos - key_pos < window) if window else allowed
 
 
 def decode_window_mask(meta: AttentionMetadata, window: int) -> torch.Tensor:
     """The SDPA decode mask [B, 1, 1, gather_len] of a layer with ``window``: each sequence's own keys, only
     its last ``window``; built once per step and window, O(B * gather_len)."""
     if window not in meta.window_masks:
-        device = meta.slot_mapping.device
-        lens = torch.tensor(meta.context_lens, device=device).view(-1, 1, 1, 1)
-        span = torch.arange(meta.gather_len, device=device)
+        assert meta.decode_lens is not None  # the runner sets them for every decode part
+        lens = meta.decode_lens.view(-1, 1, 1, 1)
+        span = torch.arange(meta.gather_len, device=lens.device)
         meta.window_masks[window] = (span < lens) & (span >= lens - window)
     return meta.window_masks[window]
 
@@ -155,11 +185,19 @@ class Attention(nn.Module):
             self.v_cache.view(flat).index_copy_(0, meta.slot_mapping, v)
         if meta.use_flash:
             out = self._flash(q, k, v, meta)
-        elif meta.is_prefill:
-            out = self._sdpa_prefill(q, k, v, meta)
         else:
-            out = self._sdpa_decode(q.unsqueeze(2), meta).squeeze(2)
+            d = meta.num_decode
+            parts = [self._decode(q[:d], meta)] if d else []
+            if d < q.shape[0]:
+                parts.append(self._sdpa_prefill(q[d:], k[d:], v[d:], meta))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [B, heads, dim], one query per sequence at its last position, against its cached keys."""
+        if meta.paged is not None:
+            return meta.paged.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap)
+        return self._sdpa_decode(q.unsqueeze(2), meta).squeeze(2)
 
     def _sdpa(
         self,
@@ -200,34 +238,34 @@ class Attention(nn.Module):
         return cache.index_select(0, block_ids).view(batch, -1, self.num_kv_heads, self.head_dim)
 
     def _sdpa_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if meta.has_prefix:
-            return self._sdpa_prefix(q, meta)
-        outs = []
-        start = 0
-        for n in meta.query_lens:
-            end = start + n
-            qi, ki, vi = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            if (self.window and self.window < n) or self.softcap:
-                out = self._sdpa(qi, ki, vi, attn_mask=window_mask(n, n, self.window, q.device))
+        """The prefill part's tokens [N, heads, dim], one SDPA call per length group (engine.varlen)."""
+        assert meta.prefill is not None  # the runner plans every SDPA prefill part
+        out = None if len(meta.prefill) == 1 else torch.empty_like(q)
+        for plan in meta.prefill:
+            src = plan.source
+            if src is None:
+                part = self._sdpa_group(q, k, v, plan)
             else:
-                out = self._sdpa(qi, ki, vi, is_causal=n > 1)
-            outs.append(out.squeeze(0).transpose(0, 1))
-            start = end
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+                part = self._sdpa_group(q.index_select(0, src), k.index_select(0, src), v.index_select(0, src), plan)
+            if out is None:
+                return part
+            out.index_copy_(0, src if src is not None else torch.arange(q.shape[0], device=q.device), part)
+        assert out is not None  # a plan has at least one group
+        return out
 
-    def _sdpa_prefix(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        assert meta.block_tables is not None  # a prefill with a cached prefix reads the cache through them
-        outs = []
-        start = 0
-        for i, (n, total) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
-            blocks = meta.block_tables[i].long()
-            k = self._blocks(self.k_cache, blocks, 1)[:, :total].transpose(1, 2)
-            v = self._blocks(self.v_cache, blocks, 1)[:, :total].transpose(1, 2)
-            qi = q[start : start + n].transpose(0, 1).unsqueeze(0)
-            mask = window_mask(n, total, self.window, q.device)
-            outs.append(self._sdpa(qi, k, v, attn_mask=mask).squeeze(0).transpose(0, 1))
-            start += n
-        return torch.cat(outs)
+    def _sdpa_group(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> torch.Tensor:
+        """One length group's tokens in one SDPA call over its padded batch."""
+        if plan.gather is not None:  # a cached prefix: every key comes from the cache, the new ones included
+            k = self._blocks(self.k_cache, plan.gather, plan.batch)[:, : plan.k_width].transpose(1, 2)
+            v = self._blocks(self.v_cache, plan.gather, plan.batch)[:, : plan.k_width].transpose(1, 2)
+        else:
+            k, v = pad(k, plan), pad(v, plan)
+        q = pad(q, plan)
+        if plan.gather is None and not self.softcap and not (self.window and self.window < plan.q_width):
+            out = self._sdpa(q, k, v, is_causal=plan.q_width > 1)
+        else:
+            out = self._sdpa(q, k, v, attn_mask=prefill_mask(plan, self.window))
+        return unpad(out, plan)
 
     @property
     def flash_window(self) -> tuple[int, int]:

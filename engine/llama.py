@@ -188,7 +188,8 @@ class LlamaModel(StageModel):
         """As StageModel's, with each token's sequence length handed to RoPE (dynamic scaling needs it)."""
         x = self.embed(inputs, positions) if self.shard.is_first else inputs
         lengths = token_lengths(meta, positions.device) if self.rotary.trained else None
-        rope = self.rotary.tables(positions, int(positions.max()), x.dtype, lengths)
+        top = meta.max_position or int(positions.max())  # the runner knows it on the host: no device sync
+        rope = self.rotary.tables(positions, top, x.dtype, lengths)
         for layer in self.layers:
             x = layer(x, rope, meta)
         return x

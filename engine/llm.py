@@ -13,6 +13,7 @@ import torch
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.config import ModelConfig, load_config
+from hexgen.engine.graphs import cuda_capture, unsupported
 from hexgen.engine.hub import local_model
 from hexgen.engine.layers import Shard
 from hexgen.engine.model_runner import CacheConfig, ModelRunner, resolve_dtype
@@ -41,6 +42,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     mode: str = "colocated"
     quantize: str | None = None  # the linear layers' weights: None (full precision), "int8" or "int4"
+    prefill_chunk: int = 2048  # prompt tokens per step next to the decode batch (scheduler.SchedulerConfig); 0: off
+    cuda_graphs: bool | None = None  # decode from captured CUDA graphs (engine.graphs); None: on CUDA where possible
 
 
 class LLM:
@@ -72,6 +75,7 @@ class LLM:
         )
         # sized after the weights are in, from a profiled max-batch forward on CUDA (engine.memory)
         self.runner.allocate_cache(self.runner.blocks_that_fit(config.max_num_batched_tokens, config.max_num_seqs))
+        self._maybe_capture(config, device)
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position)
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.tokenizer = None
@@ -80,8 +84,21 @@ class LLM:
 
             self.tokenizer = Tokenizer.from_dir(model_dir)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids
-        scheduler_config = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.mode)
+        scheduler_config = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.mode, config.prefill_chunk
+        )
         self.scheduler = Scheduler(scheduler_config, self.block_manager, eos)
+
+    def _maybe_capture(self, config: EngineConfig, device: torch.device) -> None:
+        """Decode graphs where asked for, or by default on CUDA with an attention path that allows them."""
+        wanted = config.cuda_graphs
+        if wanted is None:
+            wanted = device.type == "cuda" and unsupported(self.runner) is None and not config.quantize
+        if not wanted:
+            return
+        if device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self.runner.enable_graphs(cuda_capture(), config.max_num_seqs).capture_all()  # pragma: no cover - CUDA
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -113,9 +130,10 @@ class LLM:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.runner.run(batch.seqs, batch.is_prefill)
+        logits = self.runner.run(batch.seqs, batch.is_prefill, num_new_tokens=batch.num_new_tokens)
         assert logits is not None  # one process holds the whole model, so it is the last stage and TP rank 0
-        return self.scheduler.postprocess(batch, sample(logits, batch.seqs))
+        sampling = batch.sampling_seqs
+        return self.scheduler.postprocess(batch, sample(logits, sampling) if sampling else [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -9,14 +9,18 @@ import torch
 
 from hexgen.engine.attention import Attention, AttentionChoice, AttentionMetadata, attention_for
 from hexgen.engine.config import ModelConfig
+from hexgen.engine.graphs import Capture, DecodeGraphs
 from hexgen.engine.kv_format import KVFormat
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import kv_head_range
 from hexgen.engine.loader import ProgressFn, load_weights
 from hexgen.engine.memory import MemoryProfile, fixed_budget_blocks, kv_cache_blocks
 from hexgen.engine.models import build_model
+from hexgen.engine.paged import PagedDecode
 from hexgen.engine.sequence import Sequence
 from hexgen.engine.stage import StageModel
+from hexgen.engine.step_inputs import ints, padded_tables
+from hexgen.engine.varlen import plan_prefill
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 DTYPES |= {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -43,16 +47,17 @@ class CacheConfig:
     num_blocks: int = 0
     memory_bytes: int = 256 << 20
     gpu_memory_utilization: float = 0.9
+    attention: str = "auto"  # attention.BACKENDS: "auto" takes flash-attn, else FlexAttention on CUDA, else SDPA
 
     def resolved_block_size(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
         """The block size the attention path chosen for ``device`` and ``dtype`` uses (attention.py)."""
-        return attention_for(device, dtype, self.block_size).block_size
+        return attention_for(device, dtype, self.block_size, self.attention).block_size
 
 
 def kv_format_for(config: ModelConfig, dtype: torch.dtype, device: torch.device, cache: CacheConfig) -> KVFormat:
     """The KV format a ModelRunner of these settings pages its cache in, known before any weight loads (a
     joining worker publishes it while it loads): the same attention choice the runner makes."""
-    block_size = attention_for(device, dtype, cache.block_size).block_size
+    block_size = cache.resolved_block_size(device, dtype)
     name = str(dtype).removeprefix("torch.")
     return KVFormat(block_size, name, config.num_layers, config.num_kv_heads, config.head_dim)
 
@@ -81,8 +86,10 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         self.cache_config = cache
-        self.attention: AttentionChoice = attention_for(device, dtype, cache.block_size)  # as kv_format_for
+        self.attention: AttentionChoice = attention_for(device, dtype, cache.block_size, cache.attention)
         self.use_flash = self.attention.backend == "flash-attn"
+        self.paged: PagedDecode | None = None  # FlexAttention's decode state, made with the cache
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (enable_graphs)
         self.block_size = self.attention.block_size
         self.model: StageModel = build_model(config, shard)
         load_weights(self.model, model_dir, dtype, device, progress, quantize)
@@ -117,6 +124,19 @@ class ModelRunner:
             assert isinstance(attn, Attention)
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]
+        if self.attention.backend == "flex":
+            self.paged = PagedDecode(num_blocks, self.block_size, self.device)
+
+    def enable_graphs(self, capture: Capture, max_batch: int) -> DecodeGraphs:
+        """Replay decode steps of up to ``max_batch`` sequences from graphs recorded by ``capture``
+        (engine.graphs); a single-stage, single-rank runner with its cache allocated only."""
+        if not (self.shard.is_first and self.shard.is_last and self.shard.tp_size == 1):
+            raise ValueError("decode graphs run a whole model on one rank only")
+        if not self.num_blocks:
+            raise RuntimeError("allocate the KV cache before capturing decode graphs: they read its address")
+        max_blocks = min(self.num_blocks, -(-self.config.max_position // self.block_size))
+        self.graphs = DecodeGraphs(self, capture, max_batch, max_blocks)
+        return self.graphs
 
     @property
     def block_bytes(self) -> int:
@@ -169,10 +189,13 @@ class ModelRunner:
             slot_mapping=torch.empty(0, dtype=torch.long, device=dev),
             query_lens=lens,
             context_lens=lens,
+            max_position=max(lens) - 1,
             use_flash=self.use_flash,
         )
         cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
         meta.cu_q = meta.cu_k = cu
+        if not self.use_flash:
+            meta.prefill = plan_prefill(lens, lens, None, dev)
         if self.shard.is_first:
             inputs = torch.zeros(tokens, dtype=torch.long, device=dev)
         else:
@@ -184,11 +207,21 @@ class ModelRunner:
         return None if logits is None else logits.float()
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One step. First stage: ``hidden`` None (token ids come from the sequences). Returns the hidden
-        states for the next stage, or on the last stage the logits [len(seqs), vocab] (None on TP ranks
-        other than 0)."""
-        input_ids, positions, meta, last = self.prepare(seqs, is_prefill)
+    def run(
+        self,
+        seqs: list[Sequence],
+        is_prefill: bool,
+        hidden: torch.Tensor | None = None,
+        num_new_tokens: list[int] | None = None,
+    ) -> torch.Tensor | None:
+        """One step. First stage: ``hidden`` None (token ids come from the sequences). ``num_new_tokens``:
+        the tokens each sequence computes (scheduler.Batch; default every uncached token in a prefill, one
+        in a decode). Returns the hidden states for the next stage, or on the last stage the logits of the
+        sequences whose step reaches their last token ([len(seqs), vocab] unless a prompt chunk ends
+        short; None on TP ranks other than 0)."""
+        if self.graphs is not None and not is_prefill and hidden is None and len(seqs) <= self.graphs.buckets[0]:
+            return self.graphs.run(seqs)
+        input_ids, positions, meta, last = self.prepare(seqs, is_prefill, num_new_tokens)
         out = self.model(input_ids if hidden is None else hidden, positions, meta)
         if not self.shard.is_last:
             return out
@@ -198,46 +231,80 @@ class ModelRunner:
         return None if logits is None else logits.float()
 
     def prepare(
-        self, seqs: list[Sequence], is_prefill: bool
+        self, seqs: list[Sequence], is_prefill: bool, num_new_tokens: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
-        return self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
+        if not is_prefill:
+            return self._prepare_decode(seqs)
+        return self._prepare_prefill(seqs, num_new_tokens or [len(seq) - seq.num_cached_tokens for seq in seqs])
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _prepare_prefill(
-        self, seqs: list[Sequence]
+        self, seqs: list[Sequence], num_new_tokens: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_lens, context_lens = [], []
-        for seq in seqs:
-            start, end = seq.num_cached_tokens, len(seq)
+        last: list[int] = []
+        context_lens = []
+        for seq, n in zip(seqs, num_new_tokens, strict=True):
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + n
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slots(seq, start, end))
-            query_lens.append(end - start)
             context_lens.append(end)
-        has_prefix = any(q != k for q, k in zip(query_lens, context_lens, strict=True))
+            if end == len(seq):  # the step reaches its last token: it samples
+                last.append(len(ids) - 1)
         dev = self.device
-        cu_q = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_lens=query_lens,
+            slot_mapping=ints(slots, dev),
+            query_lens=list(num_new_tokens),
             context_lens=context_lens,
-            has_prefix=has_prefix,
+            has_prefix=any(q != k for q, k in zip(num_new_tokens, context_lens, strict=True)),
+            max_position=max(context_lens) - 1,
             use_flash=self.use_flash,
         )
         if self.use_flash:
-            meta.cu_q = cu_q.to(dev)
-            meta.cu_k = torch.tensor([0, *context_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        if has_prefix:
-            meta.block_tables = self._block_tables(seqs)
-        last = (cu_q[1:] - 1).to(dev, torch.long)
-        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, last
+            meta.cu_q = ints([0, *num_new_tokens], dev, torch.int32).cumsum(0, dtype=torch.int32)
+            meta.cu_k = ints([0, *context_lens], dev, torch.int32).cumsum(0, dtype=torch.int32)
+            if meta.has_prefix:
+                meta.block_tables = padded_tables([seq.block_table for seq in seqs], dev)
+        else:
+            self._split_decode_and_prefill(seqs, meta)
+        return ints(ids, dev), ints(positions, dev), meta, ints(last, dev)
+
+    def _split_decode_and_prefill(self, seqs: list[Sequence], meta: AttentionMetadata) -> None:
+        """Without flash-attn: the leading one-token sequences take the decode path, the rest one varlen
+        prefill (a chunked-prefill step puts its decodes first)."""
+        d = next((i for i, n in enumerate(meta.query_lens) if n != 1), len(seqs))
+        if d:
+            self._decode_part(seqs[:d], meta.context_lens[:d], meta)
+        if d < len(seqs):
+            rest = seqs[d:]
+            prefix = any(q != k for q, k in zip(meta.query_lens[d:], meta.context_lens[d:], strict=True))
+            tables = padded_tables([seq.block_table for seq in rest], self.device) if prefix else None
+            meta.prefill = plan_prefill(meta.query_lens[d:], meta.context_lens[d:], tables, self.device)
+
+    def _decode_part(self, seqs: list[Sequence], lens: list[int], meta: AttentionMetadata) -> None:
+        """Decode metadata of ``seqs`` (the first ``len(seqs)`` of the step) at context lengths ``lens``:
+        FlexAttention's block masks, or the SDPA path's gather indices and padding mask."""
+        dev = self.device
+        tables = padded_tables([seq.block_table for seq in seqs], dev)
+        meta.num_decode = len(seqs)
+        meta.decode_lens = ints(lens, dev)
+        if self.paged is not None:
+            self.paged.update(tables, meta.decode_lens)
+            meta.paged = self.paged
+            return
+        longest = max(lens)
+        meta.gather = tables.long().view(-1)
+        meta.gather_len = longest
+        if min(lens) != longest:
+            span = torch.arange(longest, device=dev)
+            meta.mask = (span < meta.decode_lens.unsqueeze(1)).view(len(seqs), 1, 1, longest)
 
     def _prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, None]:
         bs = self.block_size
@@ -246,26 +313,17 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(
             is_prefill=False,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=ints(slots, dev),
             query_lens=[1] * len(seqs),
             context_lens=lens,
+            max_position=max(lens) - 1,
             use_flash=self.use_flash,
         )
-        meta.block_tables = self._block_tables(seqs)
         if self.use_flash:
-            meta.context_lens_tensor = torch.tensor(lens, dtype=torch.int32, device=dev)
+            meta.block_tables = padded_tables([seq.block_table for seq in seqs], dev)
+            meta.context_lens_tensor = ints(lens, dev, torch.int32)
         else:
-            longest = max(lens)
-            meta.gather = meta.block_tables.long().view(-1)
-            meta.gather_len = longest
-            if min(lens) != longest:
-                span = torch.arange(longest, device=dev)
-                meta.mask = (span < torch.tensor(lens, device=dev).unsqueeze(1)).view(len(seqs), 1, 1, longest)
-        ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=dev)
-        positions = torch.tensor([n - 1 for n in lens], device=dev)
+            self._decode_part(seqs, lens, meta)
+        ids = ints([seq.token_ids[-1] for seq in seqs], dev)
+        positions = ints([n - 1 for n in lens], dev)
         return ids, positions, meta, None
-
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(seq.block_table) for seq in seqs)
-        padded = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        return torch.tensor(padded, dtype=torch.int32, device=self.device)

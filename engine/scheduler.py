@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.sequence import Sequence, Status
@@ -15,11 +15,18 @@ MODES = ("prefill", "decode", "colocated")
 @dataclass(frozen=True)
 class SchedulerConfig:
     """``mode``: "prefill" hands every sequence off after its prefill, "decode" takes prefilled sequences
-    through ``Scheduler.add_prefilled``, "colocated" does both on one worker."""
+    through ``Scheduler.add_prefilled``, "colocated" does both on one worker.
+
+    ``prefill_chunk`` > 0 turns on chunked prefill: a step prefills at most that many prompt tokens (over
+    all its sequences), after one decode token for every running sequence that has finished its prompt,
+    so a long prompt takes several steps and never stalls the decode batch; a prompt may then also be
+    longer than ``max_num_batched_tokens``. 0 prefills whole prompts in steps of their own.
+    """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     mode: str = "colocated"
+    prefill_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -28,15 +35,41 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
+            raise ValueError(
+                f"prefill_chunk must be an integer >= 0 (0 turns chunking off), got {self.prefill_chunk!r}"
+            )
+
+
+def pending(seq: Sequence) -> int:
+    """Tokens of ``seq`` whose KV is not in the cache yet: 1 for a sequence that decodes next."""
+    return len(seq) - seq.num_cached_tokens
 
 
 @dataclass
 class Batch:
-    """One model step. Prefill: each sequence computes positions ``[seq.num_cached_tokens, len(seq))``.
-    Decode: each sequence computes one token, position ``len(seq) - 1``."""
+    """One model step: sequence ``i`` computes positions ``[seq.num_cached_tokens, + num_new_tokens[i])``
+    and samples a token when that reaches its end. Decode: one token each, position ``len(seq) - 1``.
+    Prefill (``is_prefill``): by default every uncached token; with chunked prefill, decode sequences come
+    first (one token each), then prompt chunks, and only a chunk that ends its prompt samples."""
 
     seqs: list[Sequence]
     is_prefill: bool
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.num_new_tokens:
+            self.num_new_tokens = [pending(seq) if self.is_prefill else 1 for seq in self.seqs]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step computes (the rows of its hidden states)."""
+        return sum(self.num_new_tokens)
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that get a token this step (all of them unless a prompt chunk ends short)."""
+        return [seq for seq, n in zip(self.seqs, self.num_new_tokens, strict=True) if n >= pending(seq)]
 
 
 class Scheduler:
@@ -61,6 +94,8 @@ class Scheduler:
     def max_model_len(self) -> int:
         """The longest sequence this scheduler can hold: its KV must fit the cache and its prefill the budget."""
         bm = self.block_manager
+        if self.config.prefill_chunk:
+            return bm.num_blocks * bm.block_size
         return min(bm.num_blocks * bm.block_size, self.config.max_num_batched_tokens)
 
     @property
@@ -82,7 +117,7 @@ class Scheduler:
                 f"sequence {seq.seq_id} has {len(seq)} tokens needing {num_blocks} KV blocks, "
                 f"but the whole cache has only {bm.num_blocks} blocks of {bm.block_size} tokens"
             )
-        if len(seq) > self.config.max_num_batched_tokens:
+        if not self.config.prefill_chunk and len(seq) > self.config.max_num_batched_tokens:
             raise ValueError(
                 f"sequence {seq.seq_id} has {len(seq)} tokens, more than max_num_batched_tokens "
                 f"({self.config.max_num_batched_tokens}), so it could never be prefilled in one step"
@@ -117,39 +152,71 @@ class Scheduler:
 
         ``None`` means nothing can run now: both queues are empty, or (when blocks are held outside this
         scheduler, e.g. by handed-off or importing sequences) the cache is too full to make progress.
+        With chunked prefill: decode tokens and prompt chunks in one step (``_schedule_chunked``).
         """
+        if self.config.prefill_chunk:
+            return self._schedule_chunked()
         batch = self._schedule_prefill()
         if batch is not None or self._prefill_only:
             return batch
         return self._schedule_decode()
 
     def _schedule_prefill(self) -> Batch | None:
-        waiting = self.waiting
-        if not waiting:
-            return None
-        bm = self.block_manager
-        block_size = bm.block_size
         seq_room = self.config.max_num_seqs - len(self.running)
         token_room = self.config.max_num_batched_tokens
         scheduled: list[Sequence] = []
-        while waiting and len(scheduled) < seq_room:
-            seq = waiting[0]
-            num_new_tokens = len(seq) - seq.num_cached_tokens
-            if num_new_tokens > token_room:
+        while self.waiting and len(scheduled) < seq_room:
+            seq = self.waiting[0]
+            num_new_tokens = pending(seq)
+            if num_new_tokens > token_room or not self._admit(seq):
                 break
-            if not bm.can_allocate(seq.num_blocks(block_size) - len(seq.block_table)):
-                break
-            bm.allocate(seq)
             token_room -= num_new_tokens
-            waiting.popleft()
-            seq.status = Status.RUNNING
             scheduled.append(seq)
-        if not scheduled:
-            return None
-        self.running.extend(scheduled)
-        return Batch(scheduled, is_prefill=True)
+        return Batch(scheduled, is_prefill=True) if scheduled else None
+
+    def _schedule_chunked(self) -> Batch | None:
+        """One decode token for each running sequence past its prompt (oldest first, up to the caps), then
+        up to ``prefill_chunk`` prompt tokens: the unfinished prompts already running first, then newly
+        admitted ones. O(running + admitted)."""
+        config = self.config
+        decodes = [] if self._prefill_only else self._decode_seqs()
+        budget = min(config.prefill_chunk, config.max_num_batched_tokens - len(decodes))
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if budget <= 0 or len(decodes) + len(chunks) >= config.max_num_seqs:
+                break
+            if pending(seq) > 1:
+                chunks.append((seq, min(pending(seq), budget)))
+                budget -= chunks[-1][1]
+        while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._admit(seq):
+                break
+            chunks.append((seq, min(pending(seq), budget)))
+            budget -= chunks[-1][1]
+        if not chunks:
+            return Batch(decodes, is_prefill=False) if decodes else None
+        seqs = decodes + [seq for seq, _ in chunks]
+        return Batch(seqs, is_prefill=True, num_new_tokens=[1] * len(decodes) + [n for _, n in chunks])
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Move the first waiting sequence to running with blocks for its whole prompt, if they are free."""
+        bm = self.block_manager
+        if not bm.can_allocate(seq.num_blocks(bm.block_size) - len(seq.block_table)):
+            return False
+        bm.allocate(seq)
+        self.waiting.popleft()
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return True
 
     def _schedule_decode(self) -> Batch | None:
+        scheduled = self._decode_seqs()
+        return Batch(scheduled, is_prefill=False) if scheduled else None
+
+    def _decode_seqs(self) -> list[Sequence]:
+        """Running sequences past their prompts that get a block for their next token, preempting the
+        latest admitted ones (by recompute) while the cache is short. O(running)."""
         running = self.running
         bm = self.block_manager
         max_batch = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
@@ -158,6 +225,9 @@ class Scheduler:
         index = 0
         while index < len(running) and len(scheduled) < max_batch:
             seq = running[index]
+            if pending(seq) > 1:  # a prompt still being prefilled in chunks: not a decode
+                index += 1
+                continue
             while not bm.can_append(seq):
                 victim = running.pop()
                 self._preempt(victim)
@@ -167,9 +237,7 @@ class Scheduler:
                 bm.append_slot(seq)
                 scheduled.append(seq)
                 index += 1
-        if not scheduled:
-            return None
-        return Batch(scheduled, is_prefill=False)
+        return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
@@ -178,10 +246,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(self, batch: Batch, token_ids: list[int]) -> list[Sequence]:
-        """Record one sampled token per sequence of ``batch``; returns the sequences that left this step."""
-        seqs = batch.seqs
+        """Record one sampled token per sequence of ``batch.sampling_seqs`` (every sequence, unless a
+        prompt chunk ended short: its cached count just advances); returns the sequences that left."""
+        seqs = batch.sampling_seqs
         if len(token_ids) != len(seqs):
-            raise ValueError(f"got {len(token_ids)} tokens for a batch of {len(seqs)} sequences")
+            raise ValueError(f"got {len(token_ids)} tokens for a batch of {len(seqs)} sampling sequences")
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if n < pending(seq) and seq.status is Status.RUNNING:
+                seq.num_cached_tokens += n
         eos_token_ids = self.eos_token_ids
         hand_off = self._prefill_only and batch.is_prefill
         max_model_len = self.max_model_len

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hexgen.engine.attention import AttentionMetadata, decode_window_mask, window_mask
+from hexgen.engine.attention import AttentionMetadata, decode_window_mask
 from hexgen.engine.config import load_config, parse_config
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import uniform_layout
@@ -23,6 +23,7 @@ from hexgen.engine.model_runner import CacheConfig
 from hexgen.engine.models import build_model
 from hexgen.engine.replica import ReplicaSpec, ReplicaWorker, Request, init_world, replica_groups, spec_for
 from hexgen.engine.sequence import SamplingParams, Sequence
+from hexgen.engine.varlen import plan_prefill, prefill_mask
 from hexgen.testing.checkpoints import NEW_FAMILIES, SMALL, WINDOW, save_random_checkpoint
 from hexgen.testing.ranks import free_port, run_ranks
 
@@ -54,10 +55,19 @@ def prompts() -> list[list[int]]:
 
 def test_window_masks_see_the_query_and_the_window_before_it():
     cpu = torch.device("cpu")
-    seen = [row.nonzero().flatten().tolist() for row in window_mask(3, 6, 2, cpu)]
-    assert seen == [[2, 3], [3, 4], [4, 5]]  # the last 3 of 6 positions, window 2
-    assert [row.nonzero().flatten().tolist() for row in window_mask(2, 3, 0, cpu)] == [[0, 1], [0, 1, 2]]
+    tables = torch.zeros(2, 1, dtype=torch.int32)  # a cached prefix: keys are read by position from the cache
+    [plan] = plan_prefill([3, 4], [6, 5], tables, cpu)  # one length class: one group
+    first, second = (prefill_mask(plan, 2)[b, 0] for b in range(2))
+    assert [row.nonzero().flatten().tolist() for row in first[:3]] == [[2, 3], [3, 4], [4, 5]]  # the last 3 of 6
+    assert first[3].all()  # a padding row sees everything, so its softmax has something to normalize
+    assert [row.nonzero().flatten().tolist() for row in second] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    [plan] = plan_prefill([3, 4], [3, 4], None, cpu)  # no prefix: keys are the step's own, padded alike
+    assert [row.nonzero().flatten().tolist() for row in prefill_mask(plan, 0)[0, 0, :3]] == [[0], [0, 1], [0, 1, 2]]
+    short, long = plan_prefill([3, 9, 4], [3, 9, 4], None, cpu)  # two classes, each its own padded batch
+    assert (short.batch, short.q_width, long.batch, long.q_width) == (2, 4, 1, 9)
+    assert short.source is not None and short.source.tolist() == [0, 1, 2, 12, 13, 14, 15]
     meta = AttentionMetadata(False, torch.zeros(2, dtype=torch.long), [1, 1], [3, 6], gather_len=6)
+    meta.decode_lens = torch.tensor([3, 6])
     seen = [row.nonzero().flatten().tolist() for row in decode_window_mask(meta, 4).view(2, 6)]
     assert seen == [[0, 1, 2], [2, 3, 4, 5]]
 
@@ -182,6 +192,7 @@ def test_gemma2_soft_capped_logits_match_transformers(families):
     ids = torch.tensor(prompts()[0])
     n = len(ids)
     meta = AttentionMetadata(True, torch.empty(0, dtype=torch.long), [n], [n])
+    meta.prefill = plan_prefill([n], [n], None, torch.device("cpu"))
     ours = model.logits(model(ids, torch.arange(n), meta)[-1:])
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.testing.assert_close(ours, reference(ids[None]).logits[0, -1:], atol=1e-4, rtol=1e-4)

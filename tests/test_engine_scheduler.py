@@ -310,13 +310,15 @@ def _workloads(draw: st.DrawFn) -> tuple[int, int, int, int, list[tuple[int, int
 
 
 @settings(max_examples=150, deadline=None)
-@given(_workloads())
+@given(_workloads(), st.sampled_from([0, 0, 1, 3]))
 def test_random_workloads_finish_within_budgets_and_free_every_block(
-    workload: tuple[int, int, int, int, list[tuple[int, int, int]]],
+    workload: tuple[int, int, int, int, list[tuple[int, int, int]]], chunk: int
 ) -> None:
     block_size, num_blocks, max_num_seqs, max_num_batched_tokens, requests = workload
     bm = BlockManager(num_blocks, block_size)
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=chunk
+    )
     scheduler = Scheduler(config, bm, eos_token_ids=(EOS,))
     pending = sorted(requests)
     seqs: list[Sequence] = []
@@ -335,7 +337,8 @@ def test_random_workloads_finish_within_budgets_and_free_every_block(
             continue
         assert 0 < len(batch.seqs) <= max_num_seqs
         assert scheduler.num_running <= max_num_seqs
-        assert _new_tokens(batch) <= max_num_batched_tokens
+        assert batch.num_tokens <= max_num_batched_tokens
+        assert batch.num_tokens == _new_tokens(batch) or chunk, "unchunked steps finish their prompts"
         held: list[int] = []
         for seq in batch.seqs:
             assert seq.status is Status.RUNNING
@@ -346,7 +349,7 @@ def test_random_workloads_finish_within_budgets_and_free_every_block(
             held.extend(seq.block_table)
         assert len(set(held)) == len(held)
         assert len(held) + bm.num_free_blocks == num_blocks
-        scheduler.postprocess(batch, [_fake_token(s) for s in batch.seqs])
+        scheduler.postprocess(batch, [_fake_token(s) for s in batch.sampling_seqs])
 
     assert bm.num_free_blocks == num_blocks
     assert not scheduler.waiting and not scheduler.running
