@@ -29,15 +29,22 @@ def fiedler_order(weights: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(n), np.round(fiedler, 9)))
 
 
-def bisect(weights: np.ndarray, memory: np.ndarray, left_share: float, min_left: float, min_right: float) -> np.ndarray:
+def bisect(
+    weights: np.ndarray,
+    memory: np.ndarray,
+    left_share: float,
+    min_left: float,
+    min_right: float,
+    order: np.ndarray | None = None,
+) -> np.ndarray:
     """Split nodes in two; returns a boolean mask of the left part.
 
     The left part should hold ``left_share`` of the memory, and must hold at least ``min_left`` (the
-    right at least ``min_right``) when any split allows it. Spectral sweep then Kernighan-Lin.
-    O(n^3) for the eigenvectors plus O(n^2) per KL pass.
+    right at least ``min_right``) when any split allows it. Spectral sweep (along ``order``, else the
+    Fiedler order of ``weights``) then Kernighan-Lin. O(n^3) for the eigenvectors plus O(n^2) per KL pass.
     """
     n = len(weights)
-    order = fiedler_order(weights)
+    order = fiedler_order(weights) if order is None else order
     total = memory.sum()
     best_i, best_score = None, np.inf
     prefix = np.cumsum(memory[order])
@@ -110,13 +117,19 @@ def kernighan_lin(
 
 
 def partition(
-    cluster: Cluster, gpus: Sequence[int], k: int, replica_bytes: float, usable: Sequence[float]
+    cluster: Cluster,
+    gpus: Sequence[int],
+    k: int,
+    replica_bytes: float,
+    usable: Sequence[float],
+    orders: dict[tuple[int, ...], np.ndarray] | None = None,
 ) -> list[list[int]]:
     """Split ``gpus`` into ``k`` groups by recursive spectral bisection with KL refinement.
 
     ``usable[g]`` is the bytes GPU g can devote to a replica; each group is kept at or above
-    ``replica_bytes`` where the memory allows. Returns groups as sorted GPU id lists, deterministic.
-    O(k n^3) worst case for n GPUs.
+    ``replica_bytes`` where the memory allows. ``orders`` memoizes each GPU set's Fiedler order across
+    calls (partitions of one cluster for several k share their first cuts). Returns groups as sorted GPU
+    id lists, deterministic. O(k n^3) worst case for n GPUs.
     """
     ids = sorted(gpus)
     if k <= 1 or len(ids) <= 1:
@@ -124,10 +137,14 @@ def partition(
     k = min(k, len(ids))
     weights = np.array([[cluster.bandwidth[a][b] for b in ids] for a in ids], dtype=float)
     memory = np.array([usable[g] for g in ids], dtype=float)
+    orders = {} if orders is None else orders
+    key = tuple(ids)
+    if key not in orders:
+        orders[key] = fiedler_order(weights)
     k_left = k // 2
-    mask = bisect(weights, memory, k_left / k, k_left * replica_bytes, (k - k_left) * replica_bytes)
+    mask = bisect(weights, memory, k_left / k, k_left * replica_bytes, (k - k_left) * replica_bytes, orders[key])
     left = [g for g, m in zip(ids, mask, strict=True) if m]
     right = [g for g, m in zip(ids, mask, strict=True) if not m]
-    return partition(cluster, left, k_left, replica_bytes, usable) + partition(
-        cluster, right, k - k_left, replica_bytes, usable
+    return partition(cluster, left, k_left, replica_bytes, usable, orders) + partition(
+        cluster, right, k - k_left, replica_bytes, usable, orders
     )

@@ -19,6 +19,8 @@ import random
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostParams
 from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError, canonical
@@ -67,8 +69,9 @@ def finalists(
     """The refined best seeds: its own partition for each candidate K, labelled with ``roles``, then refined."""
     all_gpus = [g.id for g in evaluator.cluster.gpus]
     seeds = []
+    orders: dict[tuple[int, ...], np.ndarray] = {}
     for k in k_candidates(evaluator.max_replicas(), budget.k_values):
-        groups = partition(evaluator.cluster, all_gpus, k, evaluator.replica_bytes(), evaluator.usable)
+        groups = partition(evaluator.cluster, all_gpus, k, evaluator.replica_bytes(), evaluator.usable, orders)
         seeds.append(label_roles(evaluator, groups, roles))
     seeds.sort(key=lambda e: e.key(), reverse=True)
     return [refine(evaluator, start, budget, rng, roles) for start in seeds[: budget.seeds_refined]]

@@ -86,7 +86,6 @@ class Moves:
         moves = self._transfers(groups, receivers, donors, pool)
         moves += self._merges(groups, sorted(infeasible | saturated))
         moves += self._split_moves(groups)
-        moves = [m for m in moves if all(g.role in self.roles for g in m if g.gpus)]
         room = max(0, self.limit - len(out))
         if len(moves) <= room:
             return [] if draw else out + moves
@@ -150,6 +149,8 @@ class Moves:
                     (spec.role, spec.role),
                 )
                 for ra, rb in pairs:
+                    if ra not in self.roles or rb not in self.roles:
+                        continue
                     moves.append(self._replace(groups, {i: GroupSpec(left, ra)}, extra=[GroupSpec(right, rb)]))
         return moves
 
