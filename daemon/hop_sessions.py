@@ -110,7 +110,7 @@ class Session:
                 for seq_id in behind:
                     await self.abort(seq_id)
         except Exception as exc:  # noqa: BLE001 - a broken stream (whatever libp2p raises) or a malformed batch
-            reason = f"the stream to {self.peer} failed: {exc}"
+            reason = f"the stream to {self.peer} failed: {str(exc) or type(exc).__name__}"
         finally:
             self.end(reason)
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
