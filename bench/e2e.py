@@ -20,9 +20,10 @@ requests of 2+ tokens). Rows give median and p99 over requests and the useful ou
 whole burst; meta["overhead"] holds the swarm / colocated ratios. Both systems are warmed up, then timed on
 a few single requests alone (``*_alone`` keys: the fixed cost of one request's path without queueing).
 
-Where the swarm's extra time goes: every token crosses the worker -> driver daemon unix socket (msgpack
-frames), a libp2p stream hop from the replica's driver daemon to the entry daemon (and another when
-prefill hands off to a decode replica on another daemon), and the entry -> client stream; a prefill
+Where the swarm's extra time goes: each engine step's tokens cross the worker -> driver daemon unix socket
+as one msgpack frame, then the hop session (one libp2p stream per pair of daemons, one batch frame per step)
+from the replica's driver daemon to the entry daemon (and another when prefill hands off to a decode
+replica on another daemon), then a frame per token on each client's own stream; a prefill
 replica hands the sequence's KV to its decode replica over torch.distributed (gloo); and 4 daemons, their
 workers and stores plus this client share 2 cores. meta["cpu_seconds"] splits the CPU used during the burst
 between daemons, workers, other daemon children and this client, from /proc; meta["cpu_ms_per_token"] is the
@@ -535,8 +536,9 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         else "no prefill -> decode hand-off in this plan (colocated replicas only)"
     )
     print(
-        "where the swarm's time goes: worker -> driver daemon over a unix socket (msgpack frames), libp2p stream "
-        f"hops driver -> entry daemon -> client;\n{handoff}; daemons, workers, stores and this client share "
+        "where the swarm's time goes: worker -> driver daemon over a unix socket (a frame per step), hop sessions "
+        f"driver -> entry daemon (a frame per step and pair of daemons) -> client (a frame per token);\n{handoff}; "
+        "daemons, workers, stores and this client share "
         f"{meta['cpu_count']} cores"
     )
 

@@ -77,14 +77,25 @@ class Session:
         await write_frame(self.stream, SESSION_OPEN)
 
     async def submit(self, request: HopRequest, send: Send) -> None:
-        """Send ``request``; its events go to ``send`` (closed after the last one). Raises what the stream raises."""
+        """Send ``request``; its events go to ``send`` (closed after the last one). Raises what the stream raises
+        (the session then ends: the next hop opens a new one)."""
         if self.failed is not None or request.id in self.hops:
             send.send_nowait(HopError(self.failed or f"hop {request.id} is already open to {self.peer}", True))
             send.close()
             return
         self.hops[request.id] = send
         async with self.lock:
-            await write_frame(self.stream, request.to_wire())
+            try:
+                await write_frame(self.stream, request.to_wire())
+            except (
+                BaseException
+            ) as exc:  # a frame cut short puts the stream out of step: end it (later hops: a new one)
+                self.hops.pop(request.id, None)
+                send.close()
+                self.end(f"the stream to {self.peer} failed: {str(exc) or type(exc).__name__}")
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.stream.reset()
+                raise
 
     def pending(self, seq_id: int) -> bool:
         return seq_id in self.hops

@@ -96,13 +96,15 @@ class HopStreams:
         async with send:
             try:
                 session = await self._session(peer, nursery)
-                await session.submit(request, send.clone())
-            except Exception as exc:  # noqa: BLE001 - any dial or write failure (libp2p raises many kinds) refuses the hop
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await send.send(HopError(f"cannot reach {peer}: {exc}", refused=True))
+            except Exception as exc:  # noqa: BLE001 - any dial failure (libp2p raises many kinds) refuses the hop
+                await send.send(HopError(f"cannot reach {peer}: {exc}", refused=True))
                 return
             try:
+                await session.submit(request, send.clone())
                 await trio.sleep_forever()  # the session delivers; the hop's end or its reader leaving cancels this
+            except Exception as exc:  # noqa: BLE001 - the session's stream broke (whatever libp2p raises) under the request
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await send.send(HopError(f"cannot reach {peer}: {exc}", refused=True))
             finally:
                 if session.pending(request.id):
                     with trio.CancelScope(shield=True):
