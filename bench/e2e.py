@@ -20,14 +20,17 @@ requests of 2+ tokens). Rows give median and p99 over requests and the useful ou
 whole burst; meta["overhead"] holds the swarm / colocated ratios. Both systems are warmed up, then timed on
 a few single requests alone (``*_alone`` keys: the fixed cost of one request's path without queueing).
 
-Where the swarm's extra time goes: every token crosses the worker -> driver daemon unix socket (msgpack
-frames), a libp2p stream hop from the replica's driver daemon to the entry daemon (and another when
-prefill hands off to a decode replica on another daemon), and the entry -> client stream; a prefill
+Where the swarm's extra time goes: each engine step's tokens cross the worker -> driver daemon unix socket
+as one msgpack frame, then the hop session (one libp2p stream per pair of daemons, one batch frame per step)
+from the replica's driver daemon to the entry daemon (and another when prefill hands off to a decode
+replica on another daemon), then a frame per token on each client's own stream; a prefill
 replica hands the sequence's KV to its decode replica over torch.distributed (gloo); and 4 daemons, their
 workers and stores plus this client share 2 cores. meta["cpu_seconds"] splits the CPU used during the burst
-between daemons, workers, other daemon children and this client, from /proc.
+between daemons, workers, other daemon children and this client, from /proc; meta["cpu_ms_per_token"] is the
+same per output token of the burst (a figure that other load on the machine moves far less than latencies).
+``--profile DIR`` samples every swarm process with py-spy during each burst (DIR/swarm, DIR/disaggregated).
 
-    python bench/e2e.py [--quick] [--json OUT]
+    python bench/e2e.py [--quick] [--json OUT] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,6 +108,8 @@ SERVING_TIMEOUT_S = 180.0  # converged and every worker ready
 REQUEST_TIMEOUT_S = 60.0  # one probe request
 BURST_TIMEOUT_S = 600.0  # the whole burst on the swarm
 COLOCATED_TIMEOUT_S = 600.0
+PROFILER_START_S = 1.0
+PROFILER_STOP_S = 30.0
 
 
 class BenchError(Exception):
@@ -273,7 +280,7 @@ def plan_summary(view: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     }
 
 
-async def measure_swarm(daemons: list[Daemon], workload: Workload) -> Result:
+async def measure_swarm(daemons: list[Daemon], workload: Workload, profile: Path | None = None) -> Result:
     ids = {d.peer_id for d in daemons}
     async with open_client() as client:
         view, ready_s = await wait_until(client, daemons, serving(ids), SERVING_TIMEOUT_S, "serving")
@@ -283,13 +290,18 @@ async def measure_swarm(daemons: list[Daemon], workload: Workload) -> Result:
             await alone(client, daemons[i % len(daemons)], p, PROBE_TOKENS) for i, p in enumerate(probe_prompts())
         ]
         meter = CpuMeter.start(daemons)
+        profiler = Profiler.start(meter.kinds, profile) if profile is not None else None
         timings, wall = await burst(client, daemons, workload)
         cpu = meter.stop()
-    summary = plan_summary(view)
-    return Result(timings, wall, probes, {"serving_after_s": round(ready_s, 2), "plan": summary, "cpu_seconds": cpu})
+        if profiler is not None:
+            profiler.stop()
+    made = sum(t.tokens for t in timings)
+    per_token = {kind: round(1e3 * used / made, 3) for kind, used in cpu.items() if kind != "wall" and made}
+    extra = {"serving_after_s": round(ready_s, 2), "plan": plan_summary(view), "cpu_seconds": cpu}
+    return Result(timings, wall, probes, extra | {"cpu_ms_per_token": per_token})
 
 
-def bench_swarm(workload: Workload, root: Path, pinned: str | None = None) -> Result:
+def bench_swarm(workload: Workload, root: Path, pinned: str | None = None, profile: Path | None = None) -> Result:
     """The swarm with the planner's plan, or with ``pinned`` (a --pin-plan TOML layout over n0..n3)."""
     root.mkdir(parents=True, exist_ok=True)
     extra = None
@@ -301,7 +313,7 @@ def bench_swarm(workload: Workload, root: Path, pinned: str | None = None) -> Re
         started = time.perf_counter()
         daemons = swarm.start_many(len(GPUS), gpus=GPUS, extra=extra)
         start_s = time.perf_counter() - started
-        result = trio.run(measure_swarm, daemons, workload)
+        result = trio.run(measure_swarm, daemons, workload, profile)
         result.extra["daemons_start_s"] = round(start_s, 2)
         return result
     finally:
@@ -365,6 +377,36 @@ class CpuMeter:
         out = {kind: round(seconds, 2) for kind, seconds in sorted(used.items())}
         out["wall"] = round(time.perf_counter() - self.machine, 2)
         return out
+
+
+@dataclass
+class Profiler:
+    """py-spy sampling every process of the swarm during the burst, each into DIR/KIND-PID.txt (raw stacks,
+    ``flamegraph.pl`` or a grep reads them); the processes are not paused (--nonblocking)."""
+
+    runs: list[subprocess.Popen[bytes]]
+
+    @staticmethod
+    def start(kinds: dict[int, str], out: Path) -> Profiler:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out.mkdir(parents=True, exist_ok=True)
+        runs = []
+        for pid, kind in kinds.items():
+            if pid == os.getpid():
+                continue
+            file = out / f"{kind.replace(' ', '_')}-{pid}.txt"
+            command = [spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw"]
+            runs.append(
+                subprocess.Popen([*command, "-o", str(file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        time.sleep(PROFILER_START_S)  # py-spy attaches before the burst starts
+        return Profiler(runs)
+
+    def stop(self) -> None:
+        for run in self.runs:
+            run.send_signal(signal.SIGINT)
+        for run in self.runs:
+            run.wait(PROFILER_STOP_S)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -483,9 +525,10 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     if swarm.get("plan"):
         groups = ", ".join(f"{g['role']} {'x'.join(map(str, g['stages']))}" for g in swarm["plan"]["groups"])
         print(f"swarm plan: {groups or '-'}; {swarm['plan']['workers']} workers")
-    if swarm.get("cpu_seconds"):
-        used = swarm["cpu_seconds"]
-        print("swarm burst CPU seconds: " + ", ".join(f"{k} {v}" for k, v in used.items()))
+    for label, key in (("swarm", "swarm"), ("pinned disaggregated", "disaggregated")):
+        used = (meta.get(key) or {}).get("cpu_ms_per_token")
+        if used:
+            print(f"{label} burst CPU ms per output token: " + ", ".join(f"{k} {v}" for k, v in used.items()))
     roles = {g["role"] for g in (swarm.get("plan") or {}).get("groups", [])}
     handoff = (
         "a KV hand-off (gloo) and one more hop from prefill to decode replicas"
@@ -493,8 +536,9 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         else "no prefill -> decode hand-off in this plan (colocated replicas only)"
     )
     print(
-        "where the swarm's time goes: worker -> driver daemon over a unix socket (msgpack frames), libp2p stream "
-        f"hops driver -> entry daemon -> client;\n{handoff}; daemons, workers, stores and this client share "
+        "where the swarm's time goes: worker -> driver daemon over a unix socket (a frame per step), hop sessions "
+        f"driver -> entry daemon (a frame per step and pair of daemons) -> client (a frame per token);\n{handoff}; "
+        "daemons, workers, stores and this client share "
         f"{meta['cpu_count']} cores"
     )
 
@@ -540,6 +584,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, tu
     )
     parser.add_argument("--json", type=Path, help="write results here (default bench/out/e2e[-quick].json)")
     parser.add_argument("--trace", type=Path, default=TRACE, help="Azure conversation trace CSV")
+    parser.add_argument("--profile", type=Path, help="py-spy every swarm process during the bursts, into this folder")
     args = parser.parse_args(argv)
     if not (MODEL_DIR / "config.json").exists():
         print(f"error: model stories260K not found at {MODEL_DIR}", file=sys.stderr)
@@ -585,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} ...", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="hexgen-e2e-") as tmp:
                 try:
-                    runs[name] = bench_swarm(workload, Path(tmp) / "swarm", pinned)
+                    profile = None if args.profile is None else args.profile / ("disaggregated" if pinned else "swarm")
+                    runs[name] = bench_swarm(workload, Path(tmp) / "swarm", pinned, profile)
                 except (BenchError, AssertionError, RuntimeError, trio.TooSlowError) as exc:
                     print(f"error: the swarm run failed: {str(exc)[:2000]}", file=sys.stderr)
                     print(f"daemon logs kept in {keep_logs(Path(tmp) / 'swarm')}", file=sys.stderr)

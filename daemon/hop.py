@@ -1,9 +1,14 @@
-"""The messages of one hop between daemons (``/hexgen/replica/1``): the request a replica's driver daemon runs,
+"""The messages of hops between daemons (``/hexgen/replica/1``): the request a replica's driver daemon runs,
 and the events it sends back (tokens, word that the work still steps, an error).
 
-An entry sends one ``HopRequest`` to the daemon driving the replica it picked; a prefill replica's daemon
-sends one to the decode replica's daemon on the hand-off (an import). Each parser here is the only reader of
-its message and raises ``MalformedHop`` (a RequestError) with a one-line reason; ``to_wire`` is the only writer.
+An entry sends a ``HopRequest`` to the daemon driving the replica it picked; a prefill replica's daemon
+sends one to the decode replica's daemon on the hand-off (an import). A stream carries either one hop (its
+first frame is the request; each event comes back as a frame of its own) or, when its first frame is
+``SESSION_OPEN``, every hop between two daemons: requests and ``HopAbort`` frames go one way, and the other
+way a ``HopBatch`` carries every event that became due together (one engine step's tokens of every hop on
+the stream), so a step costs one frame per pair of daemons, however many requests it advanced. Each parser
+here is the only reader of its message and raises ``MalformedHop`` (a RequestError) with a one-line reason;
+``to_wire`` is the only writer.
 """
 
 from __future__ import annotations
@@ -170,3 +175,58 @@ def event_from_wire(raw: object) -> HopEvent:
 def is_last(event: HopEvent) -> bool:
     """Whether nothing follows ``event`` on its hop."""
     return isinstance(event, HopError) or (isinstance(event, HopToken) and event.finished is not None)
+
+
+SESSION_OPEN: dict[str, Any] = {"session": 1}  # the first frame of a stream that carries many hops
+MAX_BATCH = 512  # events in one batch frame: error texts are short, so a batch stays far below MAX_FRAME
+
+
+def opens_session(raw: object) -> bool:
+    """Whether the first frame of a stream opens a session (else it is a single hop's request)."""
+    return isinstance(raw, Mapping) and raw.get("session") == 1 and len(raw) == 1
+
+
+@dataclass(frozen=True)
+class HopAbort:
+    """The entry no longer wants hop ``id`` of its session: the replica frees the work."""
+
+    id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"abort": self.id}
+
+
+def session_frame_from_wire(raw: object, vocab_size: int = ANY_TOKEN) -> HopRequest | HopAbort:
+    """A frame an entry sends on a session: an abort, or a request (``HopRequest.from_wire``). Raises MalformedHop."""
+    if isinstance(raw, Mapping) and "abort" in raw:
+        return HopAbort(_integer(raw, "abort"))
+    return HopRequest.from_wire(raw, vocab_size)
+
+
+def hop_id(raw: object) -> int | None:
+    """The id a malformed request on a session names, when it names one: the refusal goes back under it."""
+    seq_id = raw.get("id") if isinstance(raw, Mapping) else None
+    return seq_id if type(seq_id) is int and INT64[0] <= seq_id < INT64[1] else None
+
+
+@dataclass(frozen=True)
+class HopBatch:
+    """Events of a session's hops that became due together, each under its hop's id, in the order they came."""
+
+    events: tuple[tuple[int, HopEvent], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"batch": [[seq_id, event.to_wire()] for seq_id, event in self.events]}
+
+    @classmethod
+    def from_wire(cls, raw: object) -> HopBatch:
+        """The batch in ``raw``: a non-empty list of [hop id, event] pairs (``event_from_wire``). Raises MalformedHop."""
+        batch = raw.get("batch") if isinstance(raw, Mapping) else None
+        if not isinstance(batch, list) or not 0 < len(batch) <= MAX_BATCH:
+            raise MalformedHop(f"a batch is a list of 1 to {MAX_BATCH} [hop id, event] pairs")
+        events = []
+        for item in batch:
+            if not isinstance(item, list) or len(item) != 2 or hop_id({"id": item[0]}) is None:
+                raise MalformedHop("a batch is a list of [hop id, event] pairs")
+            events.append((item[0], event_from_wire(item[1])))
+        return cls(tuple(events))

@@ -1,6 +1,9 @@
 """One hop's events as its sender sees them: from this daemon's own replica server, or over
 ``/hexgen/replica/1`` from another daemon's, ended with a refusal as soon as a plan drops a peer the hop
 involves (a hung peer keeps its streams open, so only the plan tells that its part of the work will never come).
+
+Hops to another daemon share one session stream with it (``hop_sessions``) once the daemon gives a nursery
+for the sessions' readers; without one (a router outside a daemon) each hop opens a stream of its own.
 """
 
 from __future__ import annotations
@@ -8,11 +11,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from hexgen.daemon.hop import REPLICA_PROTOCOL, HopError, HopEvent, HopRequest, MalformedHop, event_from_wire, is_last
+from hexgen.daemon.hop_sessions import Session
 from hexgen.daemon.host import Host
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import FrameReader, write_frame
@@ -34,12 +38,16 @@ def _peers_in(supervisor: Supervisor) -> set[str] | None:
 
 @dataclass(frozen=True)
 class HopStreams:
-    """Opens hops from this daemon (``peer_id``): ``handle_local`` runs one on this daemon's replicas."""
+    """Opens hops from this daemon (``peer_id``): ``handle_local`` runs one on this daemon's replicas;
+    ``nursery()`` is where sessions with other daemons run (None: a stream per hop)."""
 
     host: Host
     peer_id: str
     supervisor: Supervisor
     handle_local: HandleLocal
+    nursery: Callable[[], trio.Nursery | None] = lambda: None
+    sessions: dict[str, Session] = field(default_factory=dict)
+    opening: dict[str, trio.Lock] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
     async def open(self, peer: str, request: HopRequest, involved: Collection[str] = ()) -> AsyncIterator[Events]:
@@ -81,6 +89,51 @@ class HopStreams:
                 await self.handle_local(request, send.send)
 
     async def _remote(self, peer: str, request: HopRequest, send: Send) -> None:
+        nursery = self.nursery()
+        if nursery is None:
+            await self._own_stream(peer, request, send)
+            return
+        async with send:
+            try:
+                session = await self._session(peer, nursery)
+            except Exception as exc:  # noqa: BLE001 - any dial failure (libp2p raises many kinds) refuses the hop
+                await send.send(HopError(f"cannot reach {peer}: {exc}", refused=True))
+                return
+            try:
+                await session.submit(request, send.clone())
+                await trio.sleep_forever()  # the session delivers; the hop's end or its reader leaving cancels this
+            except Exception as exc:  # noqa: BLE001 - the session's stream broke (whatever libp2p raises) under the request
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await send.send(HopError(f"cannot reach {peer}: {exc}", refused=True))
+            finally:
+                if session.pending(request.id):
+                    with trio.CancelScope(shield=True):
+                        await session.abort(request.id)
+
+    async def _session(self, peer: str, nursery: trio.Nursery) -> Session:
+        """The open session with ``peer``, opened (its reader started in ``nursery``) if there is none."""
+        if peer not in self.opening:
+            self.opening[peer] = trio.Lock()
+        async with self.opening[peer]:
+            session = self.sessions.get(peer)
+            if session is None:
+                stream = await self.host.open_stream(peer, REPLICA_PROTOCOL)
+                session = Session(peer, stream, self._closed)
+                try:
+                    await session.open()
+                except BaseException:
+                    with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await stream.reset()
+                    raise
+                self.sessions[peer] = session
+                nursery.start_soon(session.run)
+            return session
+
+    def _closed(self, session: Session) -> None:
+        if self.sessions.get(session.peer) is session:
+            del self.sessions[session.peer]
+
+    async def _own_stream(self, peer: str, request: HopRequest, send: Send) -> None:
         async with send:
             try:
                 stream = await self.host.open_stream(peer, REPLICA_PROTOCOL)

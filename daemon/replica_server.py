@@ -1,13 +1,14 @@
 """The replica side of a hop: a daemon runs a ``HopRequest`` on the replica whose driver worker it holds and
 relays its events; on a prefill replica's hand-off it asks the decode replica's daemon to import the
-sequence and relays the decode tokens instead."""
+sequence and relays the decode tokens instead. A stream from another daemon carries one hop, or a session
+of many whose events go back in batches (``hop_sessions``)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,14 +18,19 @@ from hexgen.daemon.deployment import Deployment, Replica
 from hexgen.daemon.hop import (
     FIRST_FRAME_TIMEOUT_S,
     NO_REPLICA,
+    HopAbort,
     HopError,
     HopEvent,
     HopRequest,
     HopToken,
     MalformedHop,
     event_from_wire,
+    hop_id,
     is_last,
+    opens_session,
+    session_frame_from_wire,
 )
+from hexgen.daemon.hop_sessions import Outbox, flush
 from hexgen.daemon.hop_streams import EVENT_SLACK, Emit, OpenHop
 from hexgen.daemon.host import Stream, stream_peer
 from hexgen.daemon.metrics import RateMeter
@@ -76,14 +82,16 @@ class ReplicaServer:
     tamper_tokens: bool = False  # tests only: a lying peer, whose replica hops return every token plus one
 
     async def serve(self, stream: Stream) -> None:
-        """One hop from another daemon: its request frame, then its events until the last one."""
+        """One stream from another daemon: a single hop (its request frame, then its events until the last
+        one) or a session of many (``hop_sessions``)."""
         peer = stream_peer(stream)
+        reader = FrameReader(stream)
         try:
             with trio.fail_after(FIRST_FRAME_TIMEOUT_S):
-                raw = await FrameReader(stream).read()
+                raw = await reader.read()
             if not self.may_ask(peer, None) or peer == self.peer_id:
                 raise RequestError("replica requests are for members only")
-            request = HopRequest.from_wire(raw, self.vocab_size)
+            request = None if opens_session(raw) else HopRequest.from_wire(raw, self.vocab_size)
         except (RequestError, FrameError, trio.TooSlowError) as exc:
             with contextlib.suppress(Exception):
                 await write_frame(stream, HopError(str(exc) or "no request within the time limit").to_wire())
@@ -91,19 +99,62 @@ class ReplicaServer:
             return
         except Exception:  # noqa: BLE001 - the stream broke before a request arrived (libp2p raises many kinds)
             return
-
-        async def emit(event: HopEvent) -> None:
-            if self.tamper_tokens and isinstance(event, HopToken):
-                event = dataclasses.replace(event, token=(event.token + 1) % self.vocab_size)
-            await write_frame(stream, event.to_wire())
-
         try:
-            await self.handle(request, emit)
+            if request is None:
+                await self._session(stream, reader)
+            else:
+                await self.handle(request, self._emitter(lambda event: write_frame(stream, event.to_wire())))
         except Exception as exc:  # noqa: BLE001 - the asking daemon went away: its stream fails in any of libp2p's ways
             log.debug("replica stream from %s ended: %s", peer, exc)
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()
+
+    def _emitter(self, write: Callable[[HopEvent], Awaitable[None]]) -> Emit:
+        async def emit(event: HopEvent) -> None:
+            if self.tamper_tokens and isinstance(event, HopToken):
+                event = dataclasses.replace(event, token=(event.token + 1) % self.vocab_size)
+            await write(event)
+
+        return emit
+
+    async def _session(self, stream: Stream, reader: FrameReader) -> None:
+        """Run the hops a session's frames ask for, each in its own task, and write their events in batches,
+        until the stream ends or breaks (then every hop still running is cancelled, which frees its work)."""
+        outbox = Outbox()
+        hops: dict[int, trio.CancelScope] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush, stream, outbox)
+            while (raw := await reader.read()) is not None:
+                try:
+                    frame = session_frame_from_wire(raw, self.vocab_size)
+                except MalformedHop as exc:
+                    seq_id = hop_id(raw)
+                    if seq_id is None:
+                        raise
+                    outbox.put(seq_id, HopError(str(exc)))
+                    continue
+                if isinstance(frame, HopAbort):
+                    if frame.id in hops:
+                        hops.pop(frame.id).cancel()
+                else:
+                    nursery.start_soon(self._session_hop, frame, outbox, hops)
+            nursery.cancel_scope.cancel()
+
+    async def _session_hop(self, request: HopRequest, outbox: Outbox, hops: dict[int, trio.CancelScope]) -> None:
+        async def put(event: HopEvent) -> None:
+            outbox.put(request.id, event)
+
+        if request.id in hops:
+            outbox.put(request.id, HopError(f"hop {request.id} is already open on this stream", refused=True))
+            return
+        with trio.CancelScope() as scope:
+            hops[request.id] = scope
+            try:
+                await self.handle(request, self._emitter(put))
+            finally:
+                if hops.get(request.id) is scope:
+                    del hops[request.id]
 
     async def handle(self, request: HopRequest, emit: Emit) -> None:
         """Run ``request`` on the local replica driver; relay its tokens (and, after a hand-off, the decode

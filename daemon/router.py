@@ -144,7 +144,7 @@ class Router:
 
     @cached_property
     def hops(self) -> HopStreams:
-        return HopStreams(self.host, self.peer_id, self.supervisor, self.handle_replica)
+        return HopStreams(self.host, self.peer_id, self.supervisor, self.handle_replica, lambda: self.background)
 
     @cached_property
     def replica_server(self) -> ReplicaServer:

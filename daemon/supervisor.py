@@ -3,11 +3,11 @@
 For each deployment (daemon.deployment) it keeps the workers of replicas that did not change (same role,
 layout and GPUs) and moves them to the new epoch's exchange group, stops the others, and starts a worker
 process (daemon.worker_link) per new local rank, configured (daemon.worker_config) with its replica, the
-replica's world and the exchange group. It routes what the replica drivers stream back (tokens,
-hand-offs) to per-request channels (daemon.request_listeners). Requests on a replica whose worker fails or
-is replaced, and hand-offs routed under an older epoch, get an error event (marked ``refused`` when the
-plan, not the work, ended them), so their entry re-submits them. A hop for an epoch not deployed here yet
-waits for it.
+replica's world and the exchange group. It routes what the replica drivers stream back (a frame of
+tokens per engine step, hand-offs) to per-request channels (daemon.request_listeners). Requests on a
+replica whose worker fails or is replaced, and hand-offs routed under an older epoch, get an error event
+(marked ``refused`` when the plan, not the work, ended them), so their entry re-submits them. A hop for an
+epoch not deployed here yet waits for it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ from hexgen.daemon.worker_frames import (
     ProgressFrame,
     ReadyFrame,
     RequestFrame,
+    StepFrame,
     TokenFrame,
     frame_from_worker,
     frame_to_worker,
@@ -360,8 +361,14 @@ class Supervisor:
                 self._exchanged(worker, frame)
             elif isinstance(frame, AliveFrame):
                 self.requests.alive(worker)
-            elif isinstance(frame, TokenFrame | HandoffFrame | ErrorFrame) and not self.requests.deliver(frame):
-                # the consumer is gone or hopelessly behind: free the work instead of stalling the batch
+            elif isinstance(frame, StepFrame | HandoffFrame | ErrorFrame):
+                await self._deliver(worker, frame.tokens if isinstance(frame, StepFrame) else (frame,))
+
+    async def _deliver(self, worker: LocalWorker, frames: Iterable[TokenFrame | HandoffFrame | ErrorFrame]) -> None:
+        """Pass a worker's frames on to their requests' channels; a request whose consumer is gone or hopelessly
+        behind is aborted instead of stalling the batch. O(frames)."""
+        for frame in frames:
+            if not self.requests.deliver(frame):
                 with contextlib.suppress(*SEND_ERRORS):
                     await worker.send(AbortFrame(frame.id))
 

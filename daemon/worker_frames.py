@@ -2,9 +2,9 @@
 
 A daemon sends its worker ``configure`` first, then, to a replica's driver only, ``generate``, ``import``,
 ``abort``, ``exchange`` (a later epoch's exchange group) and ``shutdown``. A worker answers ``progress``
-while it loads, then ``ready`` or ``failed`` once, then streams ``token``, ``handoff``, ``error`` (a request
-it refuses), ``alive`` (a driver still stepping) and ``exchange`` (whether a later group formed). Each frame
-is a msgpack map with an ``op`` (``daemon.wire``). ``from_wire`` is each frame's only reader and raises
+while it loads, then ``ready`` or ``failed`` once, then streams ``step`` (the tokens
+one engine step sampled), ``handoff``, ``error`` (a request it refuses), ``alive`` (a driver still stepping)
+and ``exchange`` (whether a later group formed). Each frame is a msgpack map with an ``op`` (``daemon.wire``). ``from_wire`` is each frame's only reader and raises
 ``MalformedFrame`` with a one-line reason; ``to_wire`` its only writer. ``frame_to_worker`` and
 ``frame_from_worker`` pick the frame by its ``op``. Torch-, trio- and libp2p-free: the worker process reads
 these on a bare GPU box.
@@ -246,20 +246,41 @@ class FailedFrame:
 
 @dataclass(frozen=True)
 class TokenFrame:
-    """A token the driver sampled for request ``id``; ``finished`` (the reason) on its last one."""
+    """A token the driver sampled for request ``id``; ``finished`` (the reason) on its last one. Not a frame of
+    its own: a ``StepFrame`` carries a step's tokens together."""
 
-    OP: ClassVar[str] = "token"
     id: int
     token: int
     finished: str | None = None
 
+
+def _finish_reason(value: object) -> str | None:
+    need(value is None or (isinstance(value, str) and bool(value)), "field 'finished' holds finish reasons or nil")
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class StepFrame:
+    """Every token one engine step of the driver sampled, in one frame: per-token cost on the socket and in
+    the daemon does not grow a frame, a write or a parse per request. On the wire three lists of one length
+    (``ids``, ``tokens``, ``finished``), so a step of n sequences is one msgpack value of O(n) bytes."""
+
+    OP: ClassVar[str] = "step"
+    tokens: tuple[TokenFrame, ...]
+
     def to_wire(self) -> dict[str, Any]:
-        return {"op": self.OP, "id": self.id, "token": self.token, "finished": self.finished}
+        ids, tokens = [t.id for t in self.tokens], [t.token for t in self.tokens]
+        return {"op": self.OP, "ids": ids, "tokens": tokens, "finished": [t.finished for t in self.tokens]}
 
     @classmethod
-    def from_wire(cls, raw: Mapping[str, Any]) -> TokenFrame:
-        validate(raw, {"finished": optional(str)})
-        return cls(at_least(raw, "id", INT64[0]), at_least(raw, "token", 0), raw.get("finished"))
+    def from_wire(cls, raw: Mapping[str, Any]) -> StepFrame:
+        frame = validate(raw, {"ids": list, "tokens": list, "finished": list})
+        ids, tokens, finished = frame["ids"], frame["tokens"], frame["finished"]
+        need(len(ids) == len(tokens) == len(finished), "fields 'ids', 'tokens' and 'finished' must be of one length")
+        need(all(type(i) is int and 0 <= i < INT64[1] for i in ids), "field 'ids' holds request ids")
+        need(all(type(t) is int and 0 <= t < 1 << 63 for t in tokens), "field 'tokens' holds token ids")
+        reasons = [_finish_reason(f) for f in finished]
+        return cls(tuple(map(TokenFrame, ids, tokens, reasons)))
 
 
 @dataclass(frozen=True)
@@ -330,7 +351,7 @@ class ExchangedFrame:
 
 ToWorker = ConfigureFrame | GenerateFrame | ImportFrame | AbortFrame | ExchangeFrame | ShutdownFrame
 FromWorker = (
-    ProgressFrame | ReadyFrame | FailedFrame | TokenFrame | HandoffFrame | ErrorFrame | AliveFrame | ExchangedFrame
+    ProgressFrame | ReadyFrame | FailedFrame | StepFrame | HandoffFrame | ErrorFrame | AliveFrame | ExchangedFrame
 )
 RequestFrame = GenerateFrame | ImportFrame
 _TO_WORKER: dict[str, Any] = {
@@ -338,7 +359,7 @@ _TO_WORKER: dict[str, Any] = {
 }
 _FROM_WORKER: dict[str, Any] = {
     f.OP: f
-    for f in (ProgressFrame, ReadyFrame, FailedFrame, TokenFrame, HandoffFrame, ErrorFrame, AliveFrame, ExchangedFrame)
+    for f in (ProgressFrame, ReadyFrame, FailedFrame, StepFrame, HandoffFrame, ErrorFrame, AliveFrame, ExchangedFrame)
 }
 
 

@@ -8,9 +8,9 @@ between replicas, when there is one); then, to a replica's driver only, ``exchan
 ``import``, ``abort`` and ``shutdown``. While it loads, a worker configured with ``progress`` sends
 ``progress`` frames. It answers ``ready`` or ``failed`` once: ``ready`` only once its world and the epoch's
 exchange group formed (so it can hand KV to every replica the plan links it with), ``failed`` with the
-cause when either could not (``daemon.failure.WorldFailure``). Then it streams ``token``, ``handoff`` (just
-before the KV goes out), ``error`` (a request it refuses), ``alive`` and ``exchange`` (whether a later
-epoch's group formed) frames. torch stays in this process: the daemon's trio loop never waits on a GPU
+cause when either could not (``daemon.failure.WorldFailure``). Then it streams ``step`` (one per engine
+step: every token it sampled), ``handoff`` (just before the KV goes out), ``error`` (a request it refuses),
+``alive`` and ``exchange`` (whether a later epoch's group formed) frames, a step's frames in one write. torch stays in this process: the daemon's trio loop never waits on a GPU
 step. This module and what it imports at load are free of torch, trio and libp2p.
 """
 
@@ -49,6 +49,7 @@ from hexgen.daemon.worker_frames import (
     ProgressFrame,
     ReadyFrame,
     ShutdownFrame,
+    StepFrame,
     TokenFrame,
     ToWorker,
     frame_to_worker,
@@ -76,8 +77,13 @@ class Channel:
         self.lock = threading.Lock()  # the exchange-joining thread reports on this channel too
 
     def send(self, obj: Any) -> None:
+        self.send_all([obj])
+
+    def send_all(self, objs: list[Any]) -> None:
+        """Several frames in one write: a step's report is one system call."""
+        data = b"".join(encode_frame(obj) for obj in objs)
         with self.lock:
-            self.sock.sendall(encode_frame(obj))
+            self.sock.sendall(data)
 
     def _frame(self) -> Any | None:
         if len(self.buffer) < 4:
@@ -367,16 +373,21 @@ class Inbox:
 
 
 def report(channel: Channel, worker: ReplicaWorker, result: StepResult) -> None:
-    """A driver's step, told to the daemon: tokens, refused imports and hand-offs."""
+    """A driver's step, told to the daemon in one write: a ``step`` frame with every token it sampled, then
+    refused imports and hand-offs. O(sequences in the step)."""
     finished = {s.seq_id: s.finish_reason for s in result.finished}
-    for seq_id, token in result.sampled:
-        channel.send(TokenFrame(seq_id, token, finished.get(seq_id)).to_wire())
-    for seq_id, why in result.failed:  # imports refused here (a KV format mismatch): the request fails
-        channel.send(ErrorFrame(seq_id, why).to_wire())
+    frames: list[Any] = []
+    if result.sampled:
+        tokens = tuple(TokenFrame(seq_id, token, finished.get(seq_id)) for seq_id, token in result.sampled)
+        frames.append(StepFrame(tokens).to_wire())
+    # imports refused here (a KV format mismatch): the request fails
+    frames.extend(ErrorFrame(seq_id, why).to_wire() for seq_id, why in result.failed)
     refused = worker.refusals(result.handed_off)
     for seq in result.handed_off:
         frame = ErrorFrame(seq.seq_id, refused[seq.seq_id]) if seq.seq_id in refused else None
-        channel.send((frame or HandoffFrame(seq.seq_id, tuple(seq.token_ids))).to_wire())
+        frames.append((frame or HandoffFrame(seq.seq_id, tuple(seq.token_ids))).to_wire())
+    if frames:
+        channel.send_all(frames)
 
 
 def run_steps(channel: Channel, worker: ReplicaWorker) -> None:

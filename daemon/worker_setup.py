@@ -53,7 +53,10 @@ def seconds(raw: Mapping[str, Any], key: str, default: float) -> float:
     value = raw.get(key)
     if value is None:
         return default
-    number = type(value) in (int, float) and math.isfinite(value) and value > 0
+    # an int beyond what msgpack carries would overflow the float conversion: refused like any bad value
+    number = (type(value) is int and 0 < value < INT64[1]) or (
+        type(value) is float and math.isfinite(value) and value > 0
+    )
     need(number, f"field '{key}' must be a positive number of seconds")
     return float(value)
 

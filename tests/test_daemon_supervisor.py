@@ -8,7 +8,7 @@ import trio
 from hexgen.daemon.deployment import Replica
 from hexgen.daemon.supervisor import LocalWorker, ReplicaUnavailable, Supervisor
 from hexgen.daemon.wire import FrameReader, encode_frame
-from hexgen.daemon.worker_frames import AbortFrame, GenerateFrame, TokenFrame, frame_to_worker
+from hexgen.daemon.worker_frames import AbortFrame, GenerateFrame, StepFrame, TokenFrame, frame_to_worker
 from hexgen.daemon.worker_link import SocketChannel
 from hexgen.engine.sequence import SamplingParams
 
@@ -28,7 +28,7 @@ def generate(seq_id: int, tokens: list[int]) -> GenerateFrame:
 
 
 async def token(fake: trio.SocketStream, seq_id: int, value: int, finished: str | None = None) -> None:
-    await fake.send_all(encode_frame(TokenFrame(seq_id, value, finished).to_wire()))
+    await fake.send_all(encode_frame(StepFrame((TokenFrame(seq_id, value, finished),)).to_wire()))
 
 
 async def test_a_consumer_that_falls_behind_is_cut_off_and_its_work_aborted():
@@ -83,8 +83,8 @@ async def test_a_request_s_wire_map_is_read_as_its_frame():
 
 async def test_a_worker_that_sends_a_bad_frame_fails():
     supervisor, worker, fake = worker_pair()
-    await fake.send_all(encode_frame({"op": "token", "id": 1, "token": "x"}))
-    with trio.fail_after(10), pytest.raises(RuntimeError, match="sent a bad frame: field 'token'"):
+    await fake.send_all(encode_frame({"op": "step", "ids": [1], "tokens": ["x"], "finished": [None]}))
+    with trio.fail_after(10), pytest.raises(RuntimeError, match="sent a bad frame: field 'tokens'"):
         await supervisor._read_events(worker, worker.reader())
 
 

@@ -19,7 +19,7 @@ from hexgen.daemon.worker_frames import (
     GenerateFrame,
     ReadyFrame,
     ShutdownFrame,
-    TokenFrame,
+    StepFrame,
     frame_from_worker,
 )
 from hexgen.daemon.worker_process import Background, Channel, Liveness, abort_on_failure
@@ -78,11 +78,13 @@ def test_tp2_replica_served_through_worker_processes(tiny_models, tmp_path, work
     while len(done) < len(prompts):
         for raw in driver.poll(30):
             frame = frame_from_worker(raw)
-            if not isinstance(frame, TokenFrame):
+            if not isinstance(frame, StepFrame):
                 continue  # alive: the driver still steps
-            streamed[frame.id].append(frame.token)
-            if frame.finished:
-                done[frame.id] = frame.finished
+            assert len({t.id for t in frame.tokens}) == len(frame.tokens)  # a step makes one token a sequence
+            for token in frame.tokens:
+                streamed[token.id].append(token.token)
+                if token.finished:
+                    done[token.id] = token.finished
     expected = [o.token_ids for o in LLM(model_dir).generate(prompts, SamplingParams(max_tokens=12))]
     assert [streamed[i] for i in range(len(prompts))] == expected
     assert set(done.values()) == {"length"}

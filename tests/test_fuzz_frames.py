@@ -28,6 +28,7 @@ from hexgen.daemon.worker_frames import (
     ProgressFrame,
     ReadyFrame,
     ShutdownFrame,
+    StepFrame,
     TokenFrame,
     ToWorker,
     frame_from_worker,
@@ -73,8 +74,8 @@ FROM_WORKER: list[FromWorker] = [
     ReadyFrame(1, True, 512),
     FailedFrame("the exchange group could not connect (cannot reach 10.0.0.9): refused", CAUSE),
     FailedFrame("RuntimeError: out of memory"),
-    TokenFrame(5, 42, "length"),
-    TokenFrame(5, 41),
+    StepFrame((TokenFrame(5, 42, "length"), TokenFrame(6, 41), TokenFrame(9, 0, "stop"))),
+    StepFrame(()),
     HandoffFrame(6, (1, 2, 3)),
     ErrorFrame(6, "KV formats differ"),
     AliveFrame(),
@@ -152,7 +153,10 @@ def check_from_worker(raw: Any) -> None:
 @given(fuzzed(*(f.to_wire() for f in FROM_WORKER)))
 @example({"op": "progress", "done": -1, "total": 5})
 @example({"op": "failed", "error": "x", "cause": {"world": "replica world", "stage": "connect", "remote": "x"}})
-@example({"op": "token", "id": 1, "token": True})
+@example({"op": "step", "ids": [1], "tokens": [True], "finished": [None]})
+@example({"op": "step", "ids": [1, 2], "tokens": [3], "finished": [None]})
+@example({"op": "step", "ids": [-1], "tokens": [3], "finished": [""]})
+@example({"op": "token", "id": 1, "token": 2})
 @example({"op": "exchange", "prefix": "p", "formed": "yes"})
 def test_frames_from_a_worker(raw: Any) -> None:
     check_from_worker(raw)

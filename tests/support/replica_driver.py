@@ -34,7 +34,7 @@ from hexgen.daemon.worker_frames import (
     ImportFrame,
     ReadyFrame,
     ShutdownFrame,
-    TokenFrame,
+    StepFrame,
     ToWorker,
     frame_from_worker,
 )
@@ -219,9 +219,10 @@ def _run(
     completions: list[list[int]] = [[] for _ in prompts]
     done = 0
     for rank, frame in workers.frames():
-        if isinstance(frame, TokenFrame):
-            completions[frame.id].append(frame.token)
-            done += frame.finished is not None
+        if isinstance(frame, StepFrame):
+            for token in frame.tokens:
+                completions[token.id].append(token.token)
+                done += token.finished is not None
         elif isinstance(frame, HandoffFrame) and decode is not None:
             follow = ImportFrame(frame.id, frame.tokens, sampling[frame.id], src=entry.index)
             workers.driver(decode).send(follow)
