@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
 
 from hexgen.daemon.certificates import CertificateError, verify_certificate
 from hexgen.daemon.envelope import Envelope, seal
-from hexgen.daemon.messages import Advert, LeaseBody
+from hexgen.daemon.messages import MAX_CONNECTIONS, Advert, LeaseBody
 from hexgen.daemon.nat_check import PRIVATE, PUBLIC, UNKNOWN
 from hexgen.daemon.swarm_state import SwarmState
 
@@ -48,6 +48,7 @@ class Adverts:
         self.freshness = config.advert_refresh_s + config.advert_interval_s + 1.0
         self._announce_now = trio.Event()
         self.reachability = UNKNOWN  # this node's, from its AutoNAT checks (nat_check)
+        self.link_kinds: Callable[[], Mapping[str, str]] = dict  # this node's links to peers (Host.link_kinds)
 
     def own(self) -> Advert:
         state, me = self.state, self.state.me
@@ -62,7 +63,14 @@ class Adverts:
             cert=None if me.certificate is None else me.certificate.to_bytes(),
             model_hash=me.model_hash if rendezvous is not None else None,
             rendezvous=rendezvous,
+            connections=self.connections(),
         )
+
+    def connections(self) -> dict[str, str]:
+        """The kind of this node's link to each member it is connected to (relays and clients left out)."""
+        members = self.state.table.peers
+        kinds = sorted((peer, kind) for peer, kind in self.link_kinds().items() if peer in members)
+        return dict(kinds[:MAX_CONNECTIONS])
 
     def seal_own(self) -> Envelope:
         return seal("advert", self.wire(self.own()), self.key_pair, self.freshness)

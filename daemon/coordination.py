@@ -1,7 +1,7 @@
 """Coordination: election ticks, and while this node holds the lease, planning and publishing signed plans.
 
 A plan is re-made whenever what it depends on changes (``planning_key``): the term, the membership, the
-peers flagged by spot-checks, the blocked pairs, and worker failures, of which each membership gets
+peers flagged by spot-checks, the blocked pairs, the kinds of link members advertise, and worker failures, of which each membership gets
 ``MAX_FAILURE_REPLANS`` re-plans before the swarm falls back to colocated replicas.
 """
 
@@ -20,6 +20,7 @@ from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.failure import FailureReport
 from hexgen.daemon.messages import LeaseBody, PlanBody
+from hexgen.daemon.pair_links import Pair, pair_kinds, plan_links
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS, PlanningInput, PlanOutcome, compute_plan
 from hexgen.daemon.swarm_state import AdoptedPlan, Published, SwarmState
 from hexgen.daemon.swarm_view import describe_roles
@@ -86,7 +87,12 @@ class Coordination:
         """What a plan depends on besides the clock: a change of any of it makes the coordinator re-plan."""
         state = self.state
         blocked = tuple(link.pair for link in state.blocked.links.values())
-        return (state.election.term, state.table.version, self.failure_replans, len(state.flagged), blocked)
+        kinds = tuple(sorted(self.link_kinds().items()))
+        return (state.election.term, state.table.version, self.failure_replans, len(state.flagged), blocked, kinds)
+
+    def link_kinds(self) -> dict[Pair, str]:
+        """Each pair's kind of link, from the members' adverts (this node's own links are in its peers')."""
+        return pair_kinds({peer: record.advert.connections for peer, record in self.state.table.peers.items()})
 
     def peer_hardware(self) -> list[PeerHardware]:
         """The hardware the plan may use: every live member's, except peers flagged by spot-checks."""
@@ -109,6 +115,7 @@ class Coordination:
             pinned=state.config.pinned,
             previous=self.previous,
             inherited=state.plan.body if state.plan is not None else None,
+            link_kinds=self.link_kinds(),
         )
 
     async def run(self, publish: Publish, push: Push) -> None:
@@ -153,6 +160,8 @@ class Coordination:
         plan = self.state.plan
         restart = self.failure_replans != self.failure_replans_published
         self.failure_replans_published = self.failure_replans
+        gpu_peer = {index: peer for index, (peer, _) in outcome.gpus.items()}
+        links = () if outcome.plan is None else plan_links(outcome.plan, gpu_peer, given.link_kinds)
         return PlanBody(
             term=term,
             epoch=(plan.epoch if plan else 0) + 1,
@@ -164,4 +173,5 @@ class Coordination:
             blocked=outcome.blocked,
             peers=tuple(given.peers),
             restart=restart,
+            links=links,
         )

@@ -23,6 +23,11 @@ MAX_ACCUSED = 64
 MAX_REASON_CHARS = 300
 MAX_TEXT_CHARS = 4096
 MAX_GPUS = 65536
+MAX_CONNECTIONS = 512
+MAX_PLAN_LINKS = 4096
+LINK_KINDS = ("direct", "hole-punched", "relayed")  # how two daemons are connected (``Host.link_kinds``)
+UNKNOWN_LINK = "unknown"  # a pair of the plan that neither end reported a connection for
+LINK_USES = ("stage", "handoff")
 
 
 class MessageError(ValueError):
@@ -78,6 +83,7 @@ class Advert:
     cert: bytes | None = None
     model_hash: str | None = None
     rendezvous: tuple[str, int] | None = None
+    connections: Mapping[str, str] = field(default_factory=dict)  # peer -> kind of link (``LINK_KINDS``)
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -94,6 +100,8 @@ class Advert:
             body["model_hash"] = self.model_hash
         if self.rendezvous is not None:
             body["rendezvous"] = list(self.rendezvous)
+        if self.connections:
+            body["connections"] = dict(self.connections)
         return body
 
     @staticmethod
@@ -119,6 +127,7 @@ class Advert:
             cert=cert,
             model_hash=_optional_text(body.get("model_hash"), "advert model_hash"),
             rendezvous=_rendezvous(body.get("rendezvous")),
+            connections=_connections(body.get("connections")),
         )
 
 
@@ -130,6 +139,17 @@ def _links(raw: list[Any]) -> tuple[LinkMeasurement, ...]:
         except HardwareError:
             continue
     return tuple(links)
+
+
+def _connections(raw: Any) -> dict[str, str]:
+    """Peer -> kind of link: at most ``MAX_CONNECTIONS`` peer ids, each kind one of ``LINK_KINDS``. O(entries)."""
+    connections = _map(raw if raw is not None else {}, "advert connections")
+    if len(connections) > MAX_CONNECTIONS:
+        raise MessageError(f"an advert names at most {MAX_CONNECTIONS} connections")
+    for peer, kind in connections.items():
+        if not isinstance(peer, str) or not 0 < len(peer) <= 128 or not isinstance(kind, str) or kind not in LINK_KINDS:
+            raise MessageError(f"advert connections map peer ids to one of {', '.join(LINK_KINDS)}")
+    return dict(connections)
 
 
 def _rendezvous(raw: Any) -> tuple[str, int] | None:
@@ -192,6 +212,33 @@ class BlockedPair:
 
 
 @dataclass(frozen=True)
+class PlanLink:
+    """Two peers a plan moves model data between and the kind of link joining them: ``use`` "stage" (a stage
+    boundary inside group ``groups[0]`` == ``groups[1]``) or "handoff" (KV from prefill group ``groups[0]`` to
+    decode group ``groups[1]``); ``kind`` one of ``LINK_KINDS`` or ``UNKNOWN_LINK``."""
+
+    peers: tuple[str, str]
+    use: str
+    kind: str
+    groups: tuple[int, int]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"peers": list(self.peers), "use": self.use, "kind": self.kind, "groups": list(self.groups)}
+
+    @staticmethod
+    def from_wire(raw: Any) -> PlanLink:
+        body = _map(raw, "a plan link")
+        peers = _strings(body.get("peers"), "plan link peers", 2)
+        groups = body.get("groups")
+        use, kind = body.get("use"), body.get("kind")
+        if len(peers) != 2 or use not in LINK_USES or kind not in (*LINK_KINDS, UNKNOWN_LINK):
+            raise MessageError("a plan link names two peers, its use (stage, handoff) and its kind")
+        if not (isinstance(groups, list) and len(groups) == 2 and all(type(g) is int for g in groups)):
+            raise MessageError("a plan link names the two groups it joins")
+        return PlanLink((peers[0], peers[1]), use, kind, (groups[0], groups[1]))
+
+
+@dataclass(frozen=True)
 class PlanBody:
     """A signed plan: the planner's result (None when no plan fits, with ``error`` saying why), the GPU index
     -> (peer, local GPU) map, the membership it is for, and what it was made from, so that a successor
@@ -207,6 +254,7 @@ class PlanBody:
     blocked: tuple[BlockedPair, ...] = ()
     peers: tuple[PeerHardware, ...] = ()
     restart: bool = False
+    links: tuple[PlanLink, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -220,6 +268,7 @@ class PlanBody:
             "members": list(self.members),
             "peers": [{"peer_id": p.peer_id, "host": p.host_name, "hardware": p.profile.to_dict()} for p in self.peers],
             "restart": self.restart,
+            "links": [link.to_wire() for link in self.links],
         }
 
     @staticmethod
@@ -231,8 +280,11 @@ class PlanBody:
             raise MessageError("plan throughput must be a finite number")
         blocked = body.get("blocked") or []
         peers = body.get("peers") or []
+        links = body.get("links") or []
         if not isinstance(blocked, list) or not isinstance(peers, list) or len(peers) > MAX_MEMBERS:
             raise MessageError("plan blocked and peers must be lists")
+        if not isinstance(links, list) or len(links) > MAX_PLAN_LINKS:
+            raise MessageError(f"plan links must be a list of at most {MAX_PLAN_LINKS}")
         return PlanBody(
             term=_int(body.get("term"), "plan term"),
             epoch=_int(body.get("epoch"), "plan epoch"),
@@ -244,6 +296,7 @@ class PlanBody:
             blocked=tuple(BlockedPair.from_wire(pair) for pair in blocked[:MAX_MEMBERS]),
             peers=tuple(_peer(p) for p in peers),
             restart=body.get("restart") is True,
+            links=tuple(PlanLink.from_wire(link) for link in links),
         )
 
 

@@ -4,15 +4,16 @@ The operator's pinned layout when every GPU it names is present; else an increme
 plan (this coordinator's, or the one it inherited); else the better of HexGen-2 alone and HexGen-2 with colocated
 groups (``planner.plan_live``). Each host's NIC is what its link probes showed (``measured_nics``). A plan that needs a pair of peers
 known not to form worlds, or a membership whose worlds kept failing, gets the colocated fallback instead: the
-swarm never stays on a plan that cannot serve.
+swarm never stays on a plan that cannot serve. Pairs linked only through a relay or a hole punch
+(``pair_links``) are known not to form worlds before any is tried: they are blocked like pairs whose world failed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from hexgen.coordinator import planner
@@ -27,6 +28,7 @@ from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_clus
 from hexgen.daemon.failure import BlockedLink
 from hexgen.daemon.hardware_profile import HardwareError
 from hexgen.daemon.messages import BlockedPair, PlanBody
+from hexgen.daemon.pair_links import Pair, worldless_pairs
 
 log = logging.getLogger("hexgen.daemon")
 
@@ -38,7 +40,8 @@ BLOCKED_LINK_GB_S = 1e-6  # what the planner is told a link that cannot carry a 
 @dataclass(frozen=True)
 class PlanningInput:
     """Everything a plan depends on. ``previous`` is the plan (and cluster) this coordinator made last;
-    ``inherited`` the adopted body of an earlier coordinator, reused when there is no ``previous``."""
+    ``inherited`` the adopted body of an earlier coordinator, reused when there is no ``previous``;
+    ``link_kinds`` each pair's kind of link (``pair_links.pair_kinds``)."""
 
     model: ModelSpec
     peers: Sequence[PeerHardware]
@@ -48,6 +51,13 @@ class PlanningInput:
     pinned: tuple[PinnedGroup, ...] | None = None
     previous: tuple[Plan, Any] | None = None
     inherited: PlanBody | None = None
+    link_kinds: Mapping[Pair, str] = field(default_factory=dict)
+
+    def all_blocked(self) -> list[BlockedLink]:
+        """The blocked pairs, and the pairs among the peers whose kind of link carries no world. O(pairs)."""
+        known = {link.pair for link in self.blocked}
+        worldless = worldless_pairs(self.link_kinds, (p.peer_id for p in self.peers))
+        return [*self.blocked, *(BlockedLink(pair, why, ((), ())) for pair, why in worldless if pair not in known)]
 
 
 @dataclass(frozen=True)
@@ -69,15 +79,16 @@ class PlanOutcome:
 def compute_plan(given: PlanningInput) -> PlanOutcome:
     """Plan for ``given.peers``; slow (the HexGen-2 search), so the daemon runs it in a worker thread."""
     workload = synthetic("default", min(512, given.model.max_context // 2), 128, count=64)
-    blocked = tuple(BlockedPair(link.pair, link.reason) for link in given.blocked)
+    all_blocked = given.all_blocked()
+    blocked = tuple(BlockedPair(link.pair, link.reason) for link in all_blocked)
     # the planner is told a blocked pair's link carries (almost) nothing, so it plans around it
-    links = [*given.links, *(LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in given.blocked)]
+    links = [*given.links, *(LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in all_blocked)]
     try:
         cluster, gpu_map = build_cluster_from_peers(list(given.peers), links)
     except (HardwareError, PlanError, ValueError) as exc:
         return PlanOutcome(None, f"cannot build the cluster: {exc}", {}, blocked)
     cluster = cluster.with_nics(measured_nics(cluster, given.links))
-    pairs = {link.pair: link.reason for link in given.blocked}
+    pairs = {link.pair: link.reason for link in all_blocked}
     gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
     why = f"{given.failures} worker failures in this membership" if given.failures >= MAX_FAILURE_REPLANS else None
     note = None  # why the plan is not the one asked for, when a blocked pair is why

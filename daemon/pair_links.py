@@ -1,0 +1,86 @@
+"""The kind of link between each pair of peers, from what both ends advertise, and which pairs a plan uses.
+
+Worlds (gloo/NCCL) and KV hand-offs open their own TCP connections between hosts, so only a direct link
+carries them. A relayed pair has no TCP path at all; a hole-punched pair has one, but it is the libp2p
+connection the punch opened through both NATs, not a port a worker can dial: neither carries a world.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from hexgen.coordinator.plan import Group, Plan
+from hexgen.daemon.messages import UNKNOWN_LINK, PlanLink
+
+Pair = tuple[str, str]
+
+DIRECTNESS = {"relayed": 0, "hole-punched": 1, "direct": 2}
+NO_WORLDS = {
+    "relayed": "only through a relay",
+    "hole-punched": "only by a hole-punched libp2p connection, which workers cannot dial",
+}
+
+
+def _pair(a: str, b: str) -> Pair:
+    return (a, b) if a < b else (b, a)
+
+
+def pair_kinds(reports: Mapping[str, Mapping[str, str]]) -> dict[Pair, str]:
+    """Each pair (lower id, higher id) -> its kind of link, from ``reports`` (each peer -> the kind of its
+    link to each peer it is connected to, as its advert says). One connection serves both ends, so the ends
+    disagree only while it changes: the more direct report wins. O(reports)."""
+    kinds: dict[Pair, str] = {}
+    for seer, seen in reports.items():
+        for peer, kind in seen.items():
+            if peer == seer or kind not in DIRECTNESS:
+                continue
+            key = _pair(seer, peer)
+            if key not in kinds or DIRECTNESS[kind] > DIRECTNESS[kinds[key]]:
+                kinds[key] = kind
+    return kinds
+
+
+def worldless_pairs(kinds: Mapping[Pair, str], peers: Iterable[str]) -> list[tuple[Pair, str]]:
+    """The pairs of ``peers`` whose link cannot carry a world or a KV hand-off, each with why, sorted.
+    O(pairs)."""
+    present = set(peers)
+    return [
+        (pair, f"peers {pair[0]} and {pair[1]} are linked {NO_WORLDS[kind]}; worlds and KV hand-offs need direct TCP")
+        for pair, kind in sorted(kinds.items())
+        if kind in NO_WORLDS and set(pair) <= present
+    ]
+
+
+def plan_links(plan: Plan, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[PlanLink, ...]:
+    """Every pair of different peers ``plan`` moves model data between, with its kind of link: consecutive
+    stages of a group (activations), and the stages of a prefill and a decode group a flow joins that hold
+    the same layers (KV). ``gpu_peer``: the peer of each planner GPU. O(groups x stages^2 x GPUs^2)."""
+    found: dict[tuple[str, Pair, tuple[int, int]], None] = {}
+    for group in plan.groups:
+        for left, right in zip(group.stages, group.stages[1:], strict=False):
+            for pair in _crossings(left.gpus, right.gpus, gpu_peer):
+                found["stage", pair, (group.id, group.id)] = None
+    ids = {group.id: group for group in plan.groups}
+    for flow in plan.flows:
+        src = ids.get(flow.src) if isinstance(flow.src, int) else None
+        dst = ids.get(flow.dst) if isinstance(flow.dst, int) else None
+        if src is None or dst is None or src.role != "prefill":
+            continue
+        for pair in _handoffs(src, dst, gpu_peer):
+            found["handoff", pair, (src.id, dst.id)] = None
+    return tuple(PlanLink(pair, use, kinds.get(pair, UNKNOWN_LINK), groups) for use, pair, groups in found)
+
+
+def _crossings(left: Iterable[int], right: Iterable[int], gpu_peer: Mapping[int, str]) -> list[Pair]:
+    """The pairs of different peers between two sets of GPUs, sorted. O(GPUs^2)."""
+    return sorted({_pair(gpu_peer[a], gpu_peer[b]) for a in left for b in right if gpu_peer[a] != gpu_peer[b]})
+
+
+def _handoffs(prefill: Group, decode: Group, gpu_peer: Mapping[int, str]) -> list[Pair]:
+    """The pairs a KV hand-off from ``prefill`` to ``decode`` crosses: stages holding common layers."""
+    pairs: list[Pair] = []
+    for p in prefill.stages:
+        for d in decode.stages:
+            if max(p.layers[0], d.layers[0]) < min(p.layers[1], d.layers[1]):
+                pairs.extend(pair for pair in _crossings(p.gpus, d.gpus, gpu_peer) if pair not in pairs)
+    return pairs
