@@ -174,6 +174,7 @@ class Node:
             liveness = Liveness(state, host, connectivity)
             probes = LinkProbes(state, host)
             reach = self._reachability(host)
+            self.adverts.link_kinds = host.link_kinds
             self.view = StatusView(state, lambda: host.addrs, self.serving, host.link_kinds, lambda: reach.status)
             self._register(host, connectivity, liveness, probes)
             host.handle(AUTONAT_PROTOCOL, reach.serve, per_peer=2)
