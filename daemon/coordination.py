@@ -20,7 +20,7 @@ from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.failure import FailureReport
 from hexgen.daemon.messages import LeaseBody, PlanBody
-from hexgen.daemon.pair_links import Pair, pair_kinds, plan_links
+from hexgen.daemon.pair_links import NO_WORLDS, Pair, pair_kinds, plan_links
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS, PlanningInput, PlanOutcome, compute_plan
 from hexgen.daemon.swarm_state import AdoptedPlan, Published, SwarmState
 from hexgen.daemon.swarm_view import describe_roles
@@ -87,7 +87,9 @@ class Coordination:
         """What a plan depends on besides the clock: a change of any of it makes the coordinator re-plan."""
         state = self.state
         blocked = tuple(link.pair for link in state.blocked.links.values())
-        kinds = tuple(sorted(self.link_kinds().items()))
+        # only links that cannot carry a world change what can be planned; connections coming and going
+        # between directly linked members must not re-plan a settled swarm
+        kinds = tuple(sorted((pair, kind) for pair, kind in self.link_kinds().items() if kind in NO_WORLDS))
         return (state.election.term, state.table.version, self.failure_replans, len(state.flagged), blocked, kinds)
 
     def link_kinds(self) -> dict[Pair, str]:
