@@ -141,9 +141,9 @@ def choose_model(named: str | None, data_dir: Path, env: Mapping[str, str]) -> D
         if not (path / "config.json").is_file():
             raise DemoError(f"--model {named}: no config.json there (give a Hugging Face checkpoint directory)")
         return DemoModel(path, False)
-    path, why = hub_model(env)
-    if path is not None:
-        return DemoModel(path, False)
+    snapshot, why = hub_model(env)
+    if snapshot is not None:
+        return DemoModel(snapshot, False)
     return DemoModel(tiny_model(data_dir), True, why)
 
 
