@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,7 @@ class ModelSpec:
         return self.layers * self.kv_bytes_per_token_layer
 
 
+LLAMA_2_70B = ModelSpec("llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=32000)
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in (
@@ -157,17 +158,8 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec("llama-2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
         ModelSpec("llama-2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
-        ModelSpec("llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=32000),
-        ModelSpec(
-            "llama-3-70b",
-            layers=80,
-            hidden=8192,
-            heads=64,
-            kv_heads=8,
-            intermediate=28672,
-            vocab=128256,
-            max_context=8192,
-        ),
+        LLAMA_2_70B,
+        replace(LLAMA_2_70B, name="llama-3-70b", vocab=128256, max_context=8192),  # its layers, a larger vocabulary
     )
 }
 
