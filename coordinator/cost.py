@@ -2,7 +2,8 @@
 
 All times are seconds, sizes bytes, rates requests per second. Prefill is compute-bound (with the
 weights read once per batch as a floor); decode is memory-bound (weights plus the KV read per step)
-with a compute floor. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
+with a compute floor. Weights count the bytes they take as loaded: quantized linear weights (``ModelSpec.quantize``)
+their codes, scales and offsets, in memory and in what a decode step reads. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
 its slowest link; a pipeline boundary pays one activation send.
 
 The model counts what the simulator (and an engine) runs: a request's per-batch prefill costs (weight
