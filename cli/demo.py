@@ -67,8 +67,8 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo.add_argument(
         "--model",
         metavar="PATH|ORG/NAME[@REV]",
-        help=f"a Hugging Face checkpoint directory, or a Hub id fetched once into the Hub cache (default: {DEMO_MODEL}, "
-        "or a tiny Llama where neither the Hub nor its cache has it)",
+        help="a Hugging Face checkpoint directory, or a Hub id fetched once into the Hub cache "
+        f"(default: {DEMO_MODEL}, or a tiny Llama where neither the Hub nor its cache has it)",
     )
     demo.add_argument(
         "--gpus",

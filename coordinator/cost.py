@@ -2,9 +2,10 @@
 
 All times are seconds, sizes bytes, rates requests per second. Prefill is compute-bound (with the
 weights read once per batch as a floor); decode is memory-bound (weights plus the KV read per step)
-with a compute floor. Weights count the bytes they take as loaded: quantized linear weights (``ModelSpec.quantize``)
-their codes, scales and offsets, in memory and in what a decode step reads. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
-its slowest link; a pipeline boundary pays one activation send.
+with a compute floor. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
+its slowest link; a pipeline boundary pays one activation send. Weights count the bytes they take as
+loaded: quantized linear weights (``ModelSpec.quantize``) their codes, scales and offsets, in memory and
+in what a decode step reads.
 
 The model counts what the simulator (and an engine) runs: a request's per-batch prefill costs (weight
 read, all-reduce and send latencies) are shared by the requests of its batch; prefill makes its first
