@@ -177,8 +177,16 @@ _DECODERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "
 
 
 def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelSpec:
-    """Build a ModelSpec from a Hugging Face ``config.json`` mapping (Llama family or OPT)."""
+    """Build a ModelSpec from a Hugging Face ``config.json`` mapping (Llama family or OPT); a pre-quantized
+    checkpoint (GPTQ, AWQ: a ``quantization_config``) is refused, naming what to serve instead."""
     kind = str(config.get("model_type", "")).lower()
+    quantized = config.get("quantization_config")
+    if quantized is not None:
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+        raise SpecError(
+            f"pre-quantized checkpoints (quant_method {method!r}) are not supported yet: serve the full-precision "
+            "checkpoint with --quantize int8 or int4"
+        )
     try:
         if kind == "opt":
             hidden = int(config["hidden_size"])

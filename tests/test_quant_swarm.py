@@ -10,7 +10,7 @@ import pytest
 
 from hexgen.coordinator.cluster import HostSpec, build_cluster
 from hexgen.coordinator.cost import CostModel, LengthStats, StageHardware
-from hexgen.coordinator.specs import GPU_TYPES, MODELS, SpecError, resolve_model
+from hexgen.coordinator.specs import GPU_TYPES, MODELS, SpecError, model_from_hf_config, resolve_model
 from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.config import ConfigError, NodeConfig
 from hexgen.daemon.deployment import deployment_from_plan
@@ -128,3 +128,10 @@ def test_workers_load_the_plans_quantization() -> None:
     assert ReplicaSetup.from_wire(old).quantize == "none"
     with pytest.raises(MalformedFrame, match="quantize"):
         ReplicaSetup.from_wire(setup.to_wire() | {"quantize": "int3"})
+
+
+def test_a_pre_quantized_checkpoint_is_refused_naming_what_to_serve() -> None:
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config |= {"intermediate_size": 96, "vocab_size": 32, "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    with pytest.raises(SpecError, match=r"quant_method 'gptq'.* not supported yet: .*--quantize int8 or int4"):
+        model_from_hf_config(config)
