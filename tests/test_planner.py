@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hexgen.coordinator import baselines, planner
 from hexgen.coordinator.cluster import Cluster, HostSpec, build_cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
-from hexgen.coordinator.evaluate import Evaluator, GroupSpec, PlanError
+from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError
 from hexgen.coordinator.exhaustive import exhaustive_best, set_partitions
 from hexgen.coordinator.flow import FlowNode, NicLimits, max_flow
 from hexgen.coordinator.network import plan_nic_use
@@ -318,14 +318,19 @@ def test_plans_on_random_clusters_keep_every_invariant(
     assert again.groups == plan.groups and again.flows == plan.flows
 
 
+def labelled_partition(cluster: Cluster, model: ModelSpec, k: int) -> tuple[Evaluator, Evaluation]:
+    """A fresh evaluator and the planner's labelled partition of ``cluster`` into ``k`` groups."""
+    evaluator = Evaluator(cluster, model, MIXED)
+    groups = partition(cluster, [g.id for g in cluster.gpus], k, evaluator.replica_bytes(), evaluator.usable)
+    return evaluator, planner.label_roles(evaluator, groups)
+
+
 def test_the_search_stops_at_its_evaluation_budget() -> None:
     cluster = het(("A100", 4), ("L40", 6), ("A6000", 4))
     model = MODELS["llama-2-13b"]
 
     def refined_evaluations(limit: int) -> tuple[int, int]:
-        evaluator = Evaluator(cluster, model, MIXED)
-        groups = partition(cluster, [g.id for g in cluster.gpus], 3, evaluator.replica_bytes(), evaluator.usable)
-        start = planner.label_roles(evaluator, groups)
+        evaluator, start = labelled_partition(cluster, model, 3)
         before = evaluator.evaluations
         budget = SearchBudget(gpu_evaluations=(before + limit) * len(cluster))
         refine(evaluator, start, budget, random.Random(0), planner.DISAGGREGATED)
@@ -371,9 +376,7 @@ def test_first_improvement_takes_the_first_move_of_a_sampled_neighbourhood_that_
     model = MODELS["llama-2-13b"]
 
     def first_step(first: bool) -> tuple[int, float]:
-        evaluator = Evaluator(cluster, model, MIXED)
-        groups = partition(cluster, [g.id for g in cluster.gpus], 4, evaluator.replica_bytes(), evaluator.usable)
-        start = planner.label_roles(evaluator, groups)
+        evaluator, start = labelled_partition(cluster, model, 4)
         before = evaluator.evaluations
         budget = SearchBudget(refine_steps=1, candidates_per_step=40, first_improvement=first, resamples=0)
         found = refine(evaluator, start, budget, random.Random(0), planner.DISAGGREGATED)
