@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
                 "quick": args.quick,
+                "load_average_at_end": os.getloadavg()[0],  # other jobs on the machine inflate the wall times
             },
         }
         args.json.write_text(json.dumps(out, indent=1))
