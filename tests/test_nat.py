@@ -188,12 +188,16 @@ async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_ref
         a, b, c = (d.peer_id for d in homes)
 
         def linked(view: View) -> bool:
-            """a and b hole-punched, c relayed to both; each daemon knows whether it can be dialled (AutoNAT),
-            and its peers know it from its signed advert."""
+            """a and b hole-punched, c relayed to both, and the plan blocks all three pairs; each daemon knows
+            whether it can be dialled (AutoNAT), and its peers know it from its signed advert."""
             reach = {peer: (status or {}).get("reachability") for peer, status in view.items()}
             said = {peer: peer_entry(view, relay.peer_id if peer != relay.peer_id else a, peer) for peer in view}
+            plans = [((status or {}).get("plan") or {}).get("body") or {} for status in view.values()]
+            blocked = {frozenset(pair["peers"]) for body in plans for pair in body.get("blocked", [])}
             return (
                 link(view, a, b) == link(view, b, a) == "hole-punched"
+                # no world or KV hand-off is planned over a link that is not direct TCP
+                and blocked >= {frozenset(pair) for pair in ((a, b), (a, c), (b, c))}
                 and all(link(view, x, y) == "relayed" for x, y in ((a, c), (c, a), (b, c), (c, b)))
                 and reach == {relay.peer_id: "public", a: "private", b: "private", c: "private"}
                 and all(said[peer].get("reachability") == reach[peer] for peer in view)
