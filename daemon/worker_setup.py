@@ -165,7 +165,8 @@ class CacheSetup:
 @dataclass(frozen=True)
 class ReplicaSetup:
     """A replica as a worker builds it (the engine's ReplicaSpec): checkpoint, layout (first layer, end
-    layer, tp per stage), its first rank in the world it is numbered in, role and device."""
+    layer, tp per stage), its first rank in the world it is numbered in, role and device, and the prompt
+    tokens a step prefills at most (0: whole prompts; None: the engine's default for the role)."""
 
     model_dir: str
     layout: tuple[tuple[int, int, int], ...]
@@ -174,6 +175,7 @@ class ReplicaSetup:
     device: str = "cpu"
     dtype: str = "auto"
     cache: CacheSetup = field(default_factory=CacheSetup)
+    prefill_chunk: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -184,6 +186,7 @@ class ReplicaSetup:
             "device": self.device,
             "dtype": self.dtype,
             "cache": self.cache.to_wire(),
+            "prefill_chunk": self.prefill_chunk,
         }
 
     @classmethod
@@ -203,6 +206,7 @@ class ReplicaSetup:
             device=spec.get("device") or "cpu",
             dtype=spec.get("dtype") or "auto",
             cache=CacheSetup.from_wire(spec.get("cache") or {}),
+            prefill_chunk=None if spec.get("prefill_chunk") is None else at_least(spec, "prefill_chunk", 0),
         )
 
 
