@@ -23,9 +23,9 @@ a few single requests alone (``*_alone`` keys: the fixed cost of one request's p
 Where the swarm's extra time goes: each engine step's tokens cross the worker -> driver daemon unix socket
 as one msgpack frame, then the hop session (one libp2p stream per pair of daemons, one batch frame per step)
 from the replica's driver daemon to the entry daemon (and another when prefill hands off to a decode
-replica on another daemon), then a frame per token on each client's own stream; a prefill
-replica hands the sequence's KV to its decode replica over torch.distributed (gloo); and 4 daemons, their
-workers and stores plus this client share 2 cores. meta["cpu_seconds"] splits the CPU used during the burst
+replica on another daemon), then a frame per token on each client's own stream (the tokens the entry
+found queued together in one write); a prefill replica hands the sequence's KV to its decode replica over
+torch.distributed (gloo); and 4 daemons, their workers and stores plus this client share 2 cores. meta["cpu_seconds"] splits the CPU used during the burst
 between daemons, workers, other daemon children and this client, from /proc; meta["cpu_ms_per_token"] is the
 same per output token of the burst (a figure that other load on the machine moves far less than latencies), and
 meta["cpu_ms_per_token_net"] the same less what each kind of process used idle (heartbeats, gossip, health

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
 from hexgen.daemon.client_requests import parse_request
-from hexgen.daemon.completion import Completion, OnToken, parse_stops
+from hexgen.daemon.completion import Completion, Flush, OnToken, parse_stops
 from hexgen.daemon.hop import FIRST_FRAME_TIMEOUT_S, HopFailed
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
 from hexgen.daemon.metrics import CLIENT_GONE, Metrics
@@ -173,7 +173,7 @@ class Entry(Protocol):
         sampling: dict[str, Any],
         stops: list[str],
         on_token: OnToken,
-        flush: Callable[[], Awaitable[None]] | None = None,
+        flush: Flush | None = None,
     ) -> Completion: ...
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from hexgen.daemon import spot_check
-from hexgen.daemon.completion import Completion, OnToken, complete
+from hexgen.daemon.completion import Completion, Flush, OnToken, complete
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.generate_protocol import serve_generate
 from hexgen.daemon.hop import HopAlive, HopError, HopEvent, HopFailed, HopRequest
@@ -74,7 +74,7 @@ class Tracked:
     failures: list[str] = field(default_factory=list)  # attempts whose work failed
     failed: set[tuple[Version, int]] = field(default_factory=set)  # (plan version, replica) that failed it
     # sends what ``emit`` was given so far, after each group of tokens that arrived together (None: emit sends)
-    flush: Callable[[], Awaitable[None]] | None = None
+    flush: Flush | None = None
 
     def progress(self, now: float) -> None:
         self.patience.progress(now)
@@ -184,7 +184,7 @@ class Router:
         sampling: dict[str, Any],
         stops: list[str],
         on_token: OnToken,
-        flush: Callable[[], Awaitable[None]] | None = None,
+        flush: Flush | None = None,
     ) -> Completion:
         """Generate a validated request (see ``parse_request``) as text, for any entry (``completion.complete``).
         Cancelling the caller cancels the hops, which frees the work on the workers. Raises HopFailed as
@@ -202,7 +202,7 @@ class Router:
         sampling: dict[str, Any],
         emit: Callable[[int], Awaitable[None]],
         served_by: list[dict[str, Any]] | None = None,
-        flush: Callable[[], Awaitable[None]] | None = None,
+        flush: Flush | None = None,
     ) -> tuple[str, int]:
         """Run one request to its end, re-submitting after failed hops; returns (finish reason, tokens made).
         With ``flush``, ``emit`` may hold tokens back: ``flush`` is awaited after each group of tokens that

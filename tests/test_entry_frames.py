@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,27 +18,10 @@ from hexgen.daemon.router import Router
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import FrameReader, write_frame
 from hexgen.engine.tokenizer import Tokenizer
+from hexgen.testing.memory_streams import Pipe
 
 WAIT_S = 10
 pytestmark = pytest.mark.trio
-
-
-class ClientPipe:
-    """The entry's end of an in-memory client stream, counting its writes."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream, self.writes = stream, 0
-        self.muxed_conn = SimpleNamespace(peer_id="client")
-
-    async def read(self, n: int | None = None) -> bytes:
-        return await self.stream.receive_some(n)
-
-    async def write(self, data: bytes) -> None:
-        self.writes += 1
-        await self.stream.send_all(data)
-
-    async def close(self) -> None:
-        await self.stream.aclose()
 
 
 class PacedRouter(Router):
@@ -67,7 +49,7 @@ async def test_tokens_that_arrived_together_are_one_write(tokenizer):
     token goes out with the done frame. The client reads every token frame as before."""
     router = PacedRouter(tokenizer)
     theirs_stream, ours = trio.testing.memory_stream_pair()
-    pipe, theirs = ClientPipe(ours), ClientPipe(theirs_stream)  # the client's end reads and writes frames too
+    pipe, theirs = Pipe(ours, "client"), Pipe(theirs_stream)  # the client's end reads and writes frames too
     router.events.send_nowait(HopToken(400))
     router.events.send_nowait(HopToken(401))
     replies = []
