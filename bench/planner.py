@@ -154,15 +154,16 @@ def bench_scaling(sizes: list[int], trace: tuple[Request, ...]) -> tuple[list[di
     replan_seconds = float("nan")
     for n in sizes:
         cluster = mixed_cluster(n, random.Random(n))
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         plan = planner.plan(cluster, model, workload)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         bound = flow_upper_bound(Evaluator(cluster, model, workload))
         rows.append(
             {
                 "gpus": n,
                 "hosts": len(cluster.hosts),
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "groups": len(plan.groups),
                 "evaluations": plan.meta["evaluations"],
                 "requests_per_s": plan.throughput,
@@ -175,10 +176,11 @@ def bench_scaling(sizes: list[int], trace: tuple[Request, ...]) -> tuple[list[di
         if n == 64:
             leaving = plan.groups[0].gpus[-1]
             smaller, _ = cluster.without([leaving])
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             after = planner.replan(plan, cluster, smaller, model, workload)
             replan_seconds = time.perf_counter() - started
             rows[-1]["replan_moved_gpus"] = after.meta["moved_gpus"]
+            rows[-1]["replan_cpu_seconds"] = time.process_time() - cpu
     return rows, replan_seconds
 
 
@@ -284,7 +286,8 @@ def report(rows: list[dict], summary: dict, scaling: list[dict], replan_seconds:
     for s in scaling:
         kind = "whole-GPU" if s["bound_whole_gpus"] else "LP"
         print(
-            f"  {s['gpus']:4d} GPUs on {s['hosts']} hosts: {s['seconds']:6.2f} s, {s['groups']} groups, "
+            f"  {s['gpus']:4d} GPUs on {s['hosts']} hosts: {s['seconds']:6.2f} s ({s['cpu_seconds']:.2f} s CPU), "
+            f"{s['groups']} groups, "
             f"{s['evaluations']} evaluations, {s['requests_per_s']:.1f} req/s, {kind} bound "
             f"{s['upper_bound']:.1f} (gap {s['gap_to_bound']:.1%}, bottleneck {s['bottleneck']})"
         )
@@ -336,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
                 "quick": args.quick,
+                "load_average_at_end": os.getloadavg()[0],  # other jobs on the machine inflate the wall times
             },
         }
         args.json.write_text(json.dumps(out, indent=1))

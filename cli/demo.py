@@ -1,7 +1,9 @@
-"""``hexgen-node demo``: a local swarm on loopback plans, serves one streamed generation, and stops cleanly.
+"""``hexgen-node demo``: a local swarm on loopback plans, serves a short streamed chat, and stops cleanly.
 
-With no ``--model`` it serves a tiny Llama with random weights, built deterministically on first run under
-the user's data directory (its text is nonsense, and the demo says so).
+With no ``--model`` it serves DEMO_MODEL from the Hugging Face Hub (fetched once into the Hub cache, or taken
+from it offline). Where neither the Hub nor the cache has it, it says why in one line and serves a tiny Llama
+with random weights instead, built deterministically on first run under the user's data directory (its text
+is nonsense, and the demo says so). A model with a chat template holds a chat; any other one continues a prompt.
 """
 
 from __future__ import annotations
@@ -9,16 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
+from hexgen.cli.settings import SettingsError, add_quantize_argument, quantize_scheme
 from hexgen.coordinator.plan import layer_range
 
 DEFAULT_GPUS = ("H100", "A100", "L40", "A6000")
 DEFAULT_PROMPT = "Once upon a time"
+# Qwen2.5's 0.5 B chat model: the smallest instruct model of a family the engine runs (qwen2, tied embeddings)
+# that answers sensibly; about 1 GB of bf16 safetensors, Apache-2.0, not gated
+DEMO_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+CHAT = ("Hi! Who are you, in one sentence?", "What is a GPU good for? Answer briefly.")
+HUB = "https://huggingface.co"
+REACH_TIMEOUT_S = 3.0  # a Hub that does not accept a connection this soon is taken as unreachable
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -53,7 +67,8 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo.add_argument(
         "--model",
         metavar="PATH|ORG/NAME[@REV]",
-        help="a Hugging Face checkpoint directory, or a Hub id fetched once into the Hub cache (default: a tiny Llama)",
+        help="a Hugging Face checkpoint directory, or a Hub id fetched once into the Hub cache "
+        f"(default: {DEMO_MODEL}, or a tiny Llama where neither the Hub nor its cache has it)",
     )
     demo.add_argument(
         "--gpus",
@@ -61,9 +76,75 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="T,T,...",
         help=f"one daemon per simulated GPU type (default {','.join(DEFAULT_GPUS)})",
     )
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default {DEFAULT_PROMPT!r})")
-    demo.add_argument("--max-tokens", type=int, default=48, metavar="N", help="tokens to generate (default 48)")
+    demo.add_argument(
+        "--prompt",
+        help=f"the one message of the chat, or the prompt of a model without a chat template (default: a two-turn "
+        f"chat, or {DEFAULT_PROMPT!r})",
+    )
+    demo.add_argument(
+        "--max-tokens", type=int, default=48, metavar="N", help="tokens to generate per answer (default 48)"
+    )
+    add_quantize_argument(demo, "how the replicas load the weights")
     demo.set_defaults(func=cmd_demo)
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """What the demo serves: a checkpoint directory, whether it is the built-in tiny Llama, and why it is
+    when no model was named (the Hub model could not be had)."""
+
+    path: Path
+    built_in: bool
+    why: str | None = None
+
+
+def unreachable(endpoint: str, timeout_s: float = REACH_TIMEOUT_S) -> str | None:
+    """None when ``endpoint`` (an http(s) URL) accepts a TCP connection within ``timeout_s``; else why not,
+    in a few words. O(one connection attempt)."""
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return f"{endpoint!r} is not a URL"
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except (OSError, ValueError) as exc:  # ValueError: a port out of range
+        return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def hub_model(env: Mapping[str, str]) -> tuple[Path | None, str | None]:
+    """DEMO_MODEL's snapshot directory, fetched where the cache lacks it, and None; or None and why it cannot be
+    had: ``HF_HUB_OFFLINE`` and not cached, the Hub unreachable (within REACH_TIMEOUT_S) and not cached, or the
+    Hub's own refusal. The Hub is asked only when it answers at all. O(one connection, a download at most)."""
+    from hexgen.engine.hub import HubError, HubSettings, local_model
+
+    settings = HubSettings.from_env(env)
+    endpoint = settings.endpoint or HUB
+    down = None if settings.offline else unreachable(endpoint)
+    try:
+        return Path(local_model(DEMO_MODEL, env={**env, "HF_HUB_OFFLINE": "1"} if down else env)), None
+    except HubError as exc:
+        if down:
+            return None, f"cannot reach {endpoint} ({down}) and the Hub cache does not hold {DEMO_MODEL}"
+        return None, str(exc)
+
+
+def choose_model(named: str | None, data_dir: Path, env: Mapping[str, str]) -> DemoModel:
+    """The model named (a directory or a Hub id; DemoError when unusable), else DEMO_MODEL, else the built-in
+    tiny Llama under ``data_dir`` with the reason DEMO_MODEL could not be had."""
+    if named:
+        from hexgen.engine.hub import local_model
+
+        path = Path(local_model(named, env=env)).expanduser()
+        if not (path / "config.json").is_file():
+            raise DemoError(f"--model {named}: no config.json there (give a Hugging Face checkpoint directory)")
+        return DemoModel(path, False)
+    snapshot, why = hub_model(env)
+    if snapshot is not None:
+        return DemoModel(snapshot, False)
+    return DemoModel(tiny_model(data_dir), True, why)
 
 
 def tiny_model(root: Path) -> Path:
@@ -120,36 +201,39 @@ def tiny_model(root: Path) -> Path:
     return path
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import trio
-
-    from hexgen.daemon.private_files import default_data_dir
+def _check_flags(args: argparse.Namespace) -> list[str]:
+    """The simulated GPU types; DemoError for a flag that cannot work."""
+    from hexgen.daemon.hardware import parse_simulate_gpu
+    from hexgen.daemon.hardware_profile import HardwareError
 
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     if not gpus:
         raise DemoError("--gpus needs at least one GPU type")
     if args.max_tokens < 1:
         raise DemoError("--max-tokens must be at least 1")
-    from hexgen.daemon.hardware import parse_simulate_gpu
-    from hexgen.daemon.hardware_profile import HardwareError
-
     try:
+        quantize_scheme(args.quantize)
         for gpu in gpus:
             parse_simulate_gpu(gpu)
+    except SettingsError as exc:
+        raise DemoError(str(exc)) from None
     except HardwareError as exc:
         raise DemoError(f"--gpus: {exc}") from None
-    if args.model:
-        from hexgen.engine.hub import local_model
+    return gpus
 
-        model, built_in = Path(local_model(args.model)).expanduser(), False
-        if not (model / "config.json").is_file():
-            raise DemoError(f"--model {args.model}: no config.json there (give a Hugging Face checkpoint directory)")
-    else:
-        model, built_in = tiny_model(default_data_dir() / "demo"), True
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import trio
+
+    from hexgen.daemon.private_files import default_data_dir
+
+    gpus = _check_flags(args)
+    model = choose_model(args.model, default_data_dir() / "demo", os.environ)
     for noisy in ("libp2p", "multiaddr", "async_service"):  # the client host's own teardown chatter
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    talk = Talk(args.prompt, args.max_tokens, args.quantize)
     try:
-        trio.run(_until_ctrl_c, run_demo, str(model), built_in, gpus, args.prompt, args.max_tokens, sys.stdout)
+        trio.run(_until_ctrl_c, run_demo, model, gpus, talk, sys.stdout)
     except BaseException as exc:
         if not _interrupted(exc):
             raise
@@ -184,37 +268,77 @@ def _interrupted(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt)
 
 
-async def run_demo(model: str, built_in: bool, gpus: list[str], prompt: str, max_tokens: int, out: TextIO) -> None:
+@dataclass(frozen=True)
+class Talk:
+    """What to ask: ``prompt`` (None: the CHAT turns, or DEFAULT_PROMPT for a model without a chat template),
+    tokens per answer, and the weights' quantization."""
 
+    prompt: str | None = None
+    max_tokens: int = 48
+    quantize: str = "none"
+
+    def turns(self, chat: bool) -> Sequence[str]:
+        if self.prompt is not None:
+            return (self.prompt,)
+        return CHAT if chat else (DEFAULT_PROMPT,)
+
+
+def describe_model(model: DemoModel) -> str:
+    """The demo's line about its model: which, and for the tiny Llama why (when it stands in for the Hub's)."""
+    if not model.built_in:
+        from hexgen.engine.hub import model_name
+
+        return f"model: {model_name(str(model.path))} ({model.path})"
+    text = f"model: {model.path} (the built-in tiny Llama: random weights, so its text is nonsense)"
+    return text if model.why is None else f"{text}\nnot serving {DEMO_MODEL}: {model.why}"
+
+
+async def run_demo(model: DemoModel, gpus: list[str], talk: Talk, out: TextIO) -> None:
     from hexgen.daemon.host import HostConfig, new_identity, open_host
     from hexgen.daemon.local_swarm import LocalSwarmError, local_swarm
+    from hexgen.engine.tokenizer import Tokenizer
 
     def say(text: str = "", end: str = "\n") -> None:
         print(text, end=end, file=out, flush=True)
 
     say(f"hexgen demo: {len(gpus)} daemons on 127.0.0.1 with simulated {', '.join(gpus)} GPUs")
-    if built_in:
-        say(f"model: {model} (the built-in tiny Llama: random weights, so its text is nonsense)")
-    else:
-        say(f"model: {model}")
+    say(describe_model(model))
+    chat = Tokenizer.from_dir(model.path).chat_template is not None
     with tempfile.TemporaryDirectory(prefix="hexgen-demo-") as tmp:
         try:
-            async with local_swarm(Path(tmp), model, gpus, first_extra=["--http", "0"]) as daemons:
-                for d in daemons:
+            extra = ["--quantize", talk.quantize]
+            async with local_swarm(Path(tmp), str(model.path), gpus, extra=extra, first_extra=["--http", "0"]) as ds:
+                for d in ds:
                     say(f"  {d.name:<6} {d.peer_id}  {d.addr}")
-                if daemons[0].http:
-                    say(f"OpenAI API: {daemons[0].http}/v1 (on {daemons[0].name}, with /status and /metrics)")
+                if ds[0].http:
+                    say(f"OpenAI API: {ds[0].http}/v1 (on {ds[0].name}, with /status and /metrics)")
                 config = HostConfig(listen_host="127.0.0.1", port=0)
                 async with open_host(new_identity(), config) as client:
-                    for d in daemons:
+                    for d in ds:
                         await client.connect(d.addr)
-                    view = await _wait_serving(client, daemons)
-                    _show_plan(say, view, daemons)
-                    await _generate(say, client, daemons, prompt, max_tokens)
+                    view = await _wait_serving(client, ds)
+                    _show_plan(say, view, ds)
+                    await _converse(say, client, ds[-1], talk, chat)
                 say("stopping the swarm ...", end=" ")
         except LocalSwarmError as exc:
             raise DemoError(str(exc)) from None
         say("done: every process stopped")
+
+
+async def _converse(say: Any, client: Any, entry: Any, talk: Talk, chat: bool) -> None:
+    """Each turn through ``entry``: a chat keeps the conversation so far; a plain prompt is continued."""
+    messages: list[dict[str, str]] = []
+    for turn in talk.turns(chat):
+        if chat:
+            messages.append({"role": "user", "content": turn})
+            say(f"you: {turn}")
+            say(f"assistant ({talk.max_tokens} tokens at most, through {entry.name}): ", end="")
+            answer = await _generate(say, client, entry, {"messages": messages, "max_tokens": talk.max_tokens})
+            messages.append({"role": "assistant", "content": answer})
+        else:
+            say(f"generating {talk.max_tokens} tokens through {entry.name}:")
+            say(turn, end="")
+            await _generate(say, client, entry, {"prompt": turn, "max_tokens": talk.max_tokens})
 
 
 async def _wait_serving(client: Any, daemons: list[Any]) -> dict[str, Any]:
@@ -245,7 +369,10 @@ def _show_plan(say: Any, view: dict[str, Any], daemons: list[Any]) -> None:
     plan, gpus = body["plan"], body["gpus"]
     names = {d.peer_id: d.name for d in daemons}
     coordinator = names.get(status["coordinator"], status["coordinator"])
-    say(f"plan: epoch {status['plan']['epoch']}, coordinator {coordinator}, ", end="")
+    say(
+        f"plan: epoch {status['plan']['epoch']}, coordinator {coordinator}, weights {body.get('quantize', 'none')}, ",
+        end="",
+    )
     say(f"predicted {plan['throughput_rps']:.0f} requests/s ({plan.get('bottleneck')} bound)")
     for group in plan["groups"]:
         where = ", ".join(
@@ -262,19 +389,18 @@ def _show_plan(say: Any, view: dict[str, Any], daemons: list[Any]) -> None:
     say(f"  flows (requests/s): {flows}")
 
 
-async def _generate(say: Any, client: Any, daemons: list[Any], prompt: str, max_tokens: int) -> None:
+async def _generate(say: Any, client: Any, entry: Any, request: dict[str, Any]) -> str:
+    """Stream one generation's text as it comes, then its TTFT and rate; returns the text."""
     import trio
 
     from hexgen.daemon.generate_protocol import GenerateError, GenerateToken, replies
 
-    entry = daemons[-1]
-    say(f"generating {max_tokens} tokens through {entry.name}:")
-    say(prompt, end="")
     started = time.perf_counter()
     first = last = None
     count = 0
+    text = []
     with trio.fail_after(120):
-        async for frame in replies(client, entry.peer_id, {"prompt": prompt, "max_tokens": max_tokens}):
+        async for frame in replies(client, entry.peer_id, request):
             if isinstance(frame, GenerateError):
                 raise DemoError(f"the generation failed: {frame.error}")
             if isinstance(frame, GenerateToken):
@@ -282,9 +408,11 @@ async def _generate(say: Any, client: Any, daemons: list[Any], prompt: str, max_
                 last = time.perf_counter()
                 first = first or last
             if frame.text:
+                text.append(frame.text)
                 say(frame.text, end="")
     say()
     if first is None or last is None:
         raise DemoError("the swarm returned no tokens")
     rate = (count - 1) / (last - first) if count > 1 and last > first else 0.0
     say(f"TTFT {1000 * (first - started):.1f} ms, {count} tokens, {rate:.0f} tokens/s after the first")
+    return "".join(text)

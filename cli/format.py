@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hexgen.coordinator.cluster import Cluster
-from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Plan, layer_range
+from hexgen.coordinator.cost import CostModel, LengthStats
+from hexgen.coordinator.plan import ROLES, SINK, SOURCE, Flow, Group, Plan, layer_range
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.coordinator.workload import Workload
+from hexgen.engine.quant_bytes import name_of
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class PlanReport:
     def tokens_per_s(self, plan: Plan) -> float:
         """Output tokens/s of a plan: requests/s times the workload's mean output length."""
         return plan.throughput * self.workload.mean_output
+
+    def memory(self, group: Group) -> tuple[float, float]:
+        """(weight bytes of the whole replica, the most any one of its GPUs holds), quantized as the model
+        spec says. O(stages)."""
+        cost = CostModel(self.cluster, self.model, LengthStats.of(self.workload))
+        last = len(group.stages) - 1
+        shares = [cost.stage_weight_bytes(s.num_layers, s.tp, i == 0, i == last) for i, s in enumerate(group.stages)]
+        return sum(share * s.tp for share, s in zip(shares, group.stages, strict=True)), max(shares)
 
     def ratio(self, baseline: Plan) -> float | None:
         """HexGen-2 throughput over the baseline's; None when the baseline serves nothing."""
@@ -107,7 +117,8 @@ def report_text(r: PlanReport) -> str:
     lines = [
         f"cluster   {c.describe()}",
         f"hosts     {hosts}",
-        f"model     {m.name}: {m.layers} layers, {_si(m.params)} parameters, {_si(m.weight_bytes)}B of weights",
+        f"model     {m.name}: {m.layers} layers, {_si(m.params)} parameters, {_si(m.weight_bytes)}B of weights "
+        f"(linear weights: {name_of(m.quantize)})",
         f"workload  {w.name}: {len(w.requests)} requests, mean prompt {w.mean_prompt:,.0f} tokens, "
         f"mean output {w.mean_output:,.0f} tokens",
         f"planned   in {r.seconds:.2f} s",
@@ -116,10 +127,14 @@ def report_text(r: PlanReport) -> str:
     ]
     rows = []
     for g in p.groups:
+        weights, most = r.memory(g)
         for i, stage in enumerate(g.stages):
-            head = [str(g.id), g.role, f"{_rps(g.capacity)} req/s"] if i == 0 else ["", "", ""]
+            head = [str(g.id), g.role, f"{_rps(g.capacity)} req/s", f"{_si(weights)}B", f"{_si(most)}B"]
+            head = head if i == 0 else [""] * len(head)
             rows.append([*head, str(i), gpu_summary(c, stage.gpus), str(stage.tp), layer_range(*stage.layers)])
-    lines += table(["id", "role", "capacity", "stage", "GPUs", "TP", "layers"], rows, right=(0, 2, 3, 5, 6))
+    headers = ["id", "role", "capacity", "weights", "per GPU", "stage", "GPUs", "TP", "layers"]
+    lines += table(headers, rows, right=(0, 2, 3, 4, 5, 7, 8))
+    lines.append("  weights: the replica's weight memory; per GPU: the most any of its GPUs holds")
     unused = sorted(set(range(len(c))) - set(p.gpus))
     lines.append(f"  unused GPUs: {gpu_summary(c, unused) if unused else 'none'}")
     lines += ["", "flows"]
@@ -165,6 +180,13 @@ def report_json(r: PlanReport) -> dict[str, Any]:
             "gpus": [{"id": g.id, "host": g.host, "type": g.type} for g in c.gpus],
         },
         "model": r.model.name,
+        "quantize": name_of(r.model.quantize),
+        "weight_bytes": r.model.weight_bytes,
+        "replica_memory": [
+            {"group": g.id, "weight_bytes": weights, "max_gpu_weight_bytes": most}
+            for g in r.plan.groups
+            for weights, most in [r.memory(g)]
+        ],
         "workload": {
             "name": w.name,
             "requests": len(w.requests),

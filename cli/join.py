@@ -8,7 +8,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hexgen.cli.settings import SettingsError, load_config_file, make_layered, resolve
+from hexgen.cli.settings import (
+    SettingsError,
+    add_quantize_argument,
+    load_config_file,
+    make_layered,
+    quantize_scheme,
+    resolve,
+)
 from hexgen.coordinator.specs import resolve_model
 from hexgen.daemon.logs import LEVELS
 
@@ -89,6 +96,9 @@ def _add_join_arguments(join: argparse.ArgumentParser) -> None:
         metavar="PATH|ORG/NAME[@REV]|NAME",
         help="the checkpoint to serve: a directory, or a Hugging Face Hub id fetched once into the Hub cache; "
         "or a preset name to plan for only (default llama-2-7b)",
+    )
+    add_quantize_argument(
+        join, "how every replica loads the weights while this node coordinates (the coordinator's choice holds)"
     )
     join.add_argument(
         "--pin-plan", metavar="FILE", help="serve this TOML layout instead of the planner's while its hosts are present"
@@ -230,6 +240,10 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
         parse_simulate_gpu(args.simulate_gpu)
     if not args.peer_timeout > 0:  # checked first: the advert refresh below is derived from it
         raise JoinError("--peer-timeout must be positive")
+    try:
+        quantize_scheme(args.quantize)
+    except SettingsError as exc:
+        raise JoinError(str(exc)) from None
     model = local_model(args.model)  # after the checks that cost nothing: this one may download the model
     spec = resolve_model(model)
     if is_checkpoint_dir(model):
@@ -286,6 +300,7 @@ def _node_config(
         relay_only=args.relay_only,
         relay_peers=relay_peers,
         mdns=not args.no_mdns,
+        quantize=args.quantize,
     )
 
 
@@ -313,4 +328,5 @@ FLAGS = {
     "relay": "--relay",
     "relay_only": "hexgen-node relay",
     "relay_peers": "--relay-peer",
+    "quantize": "--quantize",
 }

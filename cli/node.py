@@ -20,6 +20,7 @@ from pathlib import Path
 from hexgen.cli.demo import DemoError, add_demo_command
 from hexgen.cli.format import BaselineResult, PlanReport, report_json, report_text
 from hexgen.cli.join import JoinError, add_join_command
+from hexgen.cli.settings import SettingsError, add_quantize_argument, quantize_scheme
 from hexgen.cli.status import StatusError
 from hexgen.cli.status_command import add_status_command
 from hexgen.coordinator.cluster import Cluster, ClusterError, load_cluster_toml
@@ -75,21 +76,23 @@ def load_workload(kind: str, trace: Path, seed: int, max_context: int) -> Worklo
     return workload_from_trace(load_trace(trace), kind, count=WORKLOAD_REQUESTS, seed=seed, max_context=max_context)
 
 
-def plan_model(name: str) -> ModelSpec:
+def plan_model(name: str, quantize: str | None = None) -> ModelSpec:
     """The model to plan for, called ``name``: a preset, a checkpoint directory or its config.json, or a Hub id
-    ``org/name[@revision]`` (of which only config.json is fetched)."""
+    ``org/name[@revision]`` (of which only config.json is fetched); its linear weights quantized with
+    ``quantize`` (engine.quant_bytes; None: full precision)."""
     from hexgen.engine.hub import local_model
 
     source = local_model(name, config_only=True)
-    spec = resolve_model(source)
+    spec = dataclasses.replace(resolve_model(source), quantize=quantize)
     return spec if source == name else dataclasses.replace(spec, name=name)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the cluster for the model and workload; print the plan beside the three baselines."""
+    quantize = quantize_scheme(args.quantize)
     cluster = load_cluster_file(args.cluster)
     kind = workload_kind(args.workload)
-    model = plan_model(args.model)
+    model = plan_model(args.model, quantize)
     workload = load_workload(kind, Path(args.trace), args.seed, model.max_context)
 
     from hexgen.coordinator import baselines, planner
@@ -303,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--trace", default=str(DEFAULT_TRACE), metavar="PATH", help="Azure LLM inference trace CSV")
     plan.add_argument("--seed", type=int, default=0, metavar="N", help="seed for sampling and planning (default 0)")
+    add_quantize_argument(plan, "plan for the layers' linear weights loaded quantized")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     plan.set_defaults(func=cmd_plan)
     add_key_commands(sub)
@@ -322,7 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, JoinError, DemoError, StatusError, ClusterError, SpecError, WorkloadError, HubError) as exc:
+    except (
+        CLIError,
+        JoinError,
+        DemoError,
+        StatusError,
+        ClusterError,
+        SpecError,
+        WorkloadError,
+        HubError,
+        SettingsError,
+    ) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hexgen.engine.quant_bytes import QUANTIZATIONS, scheme_of
+
 ENV_PREFIX = "HEXGEN_"
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -22,6 +24,26 @@ FALSE = {"0", "false", "no", "off", ""}
 
 class SettingsError(ValueError):
     """A config file or environment value that cannot be used; the message names it and says why."""
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--quantize none|int8|int4`` (default none), checked by ``quantize_scheme`` so that a bad value gets
+    the command's one-line error."""
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        metavar="|".join(QUANTIZATIONS),
+        help=f"{what}: none (the checkpoint's dtype), int8 (per output channel) or int4 (groups of 32); default none",
+    )
+
+
+def quantize_scheme(name: str) -> str | None:
+    """The engine's scheme (None: full precision) for a ``--quantize`` value; SettingsError in one line for a
+    bad one. O(1)."""
+    try:
+        return scheme_of(name)
+    except ValueError as exc:
+        raise SettingsError(f"--quantize: {exc}") from None
 
 
 @dataclass(frozen=True)

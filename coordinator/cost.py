@@ -3,7 +3,9 @@
 All times are seconds, sizes bytes, rates requests per second. Prefill is compute-bound (with the
 weights read once per batch as a floor); decode is memory-bound (weights plus the KV read per step)
 with a compute floor. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
-its slowest link; a pipeline boundary pays one activation send.
+its slowest link; a pipeline boundary pays one activation send. Weights count the bytes they take as
+loaded: quantized linear weights (``ModelSpec.quantize``) their codes, scales and offsets, in memory and
+in what a decode step reads.
 
 The model counts what the simulator (and an engine) runs: a request's per-batch prefill costs (weight
 read, all-reduce and send latencies) are shared by the requests of its batch; prefill makes its first
@@ -160,14 +162,19 @@ class CostModel:
     def _kv_shards(self, tp: int) -> int:
         return min(tp, self.model.kv_heads)
 
-    def _extra_bytes(self, hw: StageHardware, first: bool, last: bool) -> float:
+    def _extra_bytes(self, tp: int, first: bool, last: bool) -> float:
         m = self.model
         extra = 0.0
         if first:
             extra += m.embedding_params * m.bytes_per_param
         if last and (not first or not m.tied_embeddings):
             extra += (m.head_params or m.embedding_params) * m.bytes_per_param
-        return extra / hw.tp
+        return extra / tp
+
+    def stage_weight_bytes(self, num_layers: int, tp: int, first: bool, last: bool) -> float:
+        """Weight bytes each of a stage's ``tp`` GPUs holds: its share of ``num_layers`` layers (quantized as
+        the model spec says) and of the embedding (first stage) and head (last). O(1)."""
+        return num_layers * self.model.layer_bytes / tp + self._extra_bytes(tp, first, last)
 
     def max_layers(self, hw: StageHardware, sequences: float, first: bool, last: bool) -> int:
         """How many layers fit on each GPU of the stage with ``sequences`` requests' KV resident."""
@@ -175,7 +182,7 @@ class CostModel:
         per_layer = m.layer_bytes / hw.tp + sequences * self.stats.total * m.kv_bytes_per_token_layer / self._kv_shards(
             hw.tp
         )
-        room = self.usable_bytes(hw) - self._extra_bytes(hw, first, last)
+        room = self.usable_bytes(hw) - self._extra_bytes(hw.tp, first, last)
         return max(0, int(room // per_layer))
 
     # communication

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
-from hexgen.coordinator.flow import FlowNode, FlowResult, NicLimits, PortBytes, max_flow
+from hexgen.coordinator.flow import FlowNode, FlowResult, NicLimits, PortBytes, PortColumns, max_flow
 from hexgen.coordinator.network import as_ports, kv_bytes, port_capacity, request_bytes
 from hexgen.coordinator.parallel import Layout, LayoutSearch
 from hexgen.coordinator.plan import SINK, SOURCE, Flow, Group, Plan, Role
@@ -81,6 +81,7 @@ class Evaluator:
             for port in ((host, "out"), (host, "in"))
             if (cap := port_capacity(cluster, port)) < float("inf")
         }
+        self._columns = PortColumns(self.nic_capacity)
 
     @property
     def evaluations(self) -> int:
@@ -219,7 +220,7 @@ class Evaluator:
                 assert p is not None and d is not None
                 return self.pair_bytes(p, d)
 
-            nics = NicLimits(node_bytes, pair, self.nic_capacity)
+            nics = NicLimits(node_bytes, pair, self.nic_capacity, self._columns)
         flow = max_flow(nodes, link, nics)
         result = Evaluation(assignment, layouts, flow)
         self._scores[assignment] = result

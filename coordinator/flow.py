@@ -20,6 +20,7 @@ import networkx as nx
 import numpy as np
 from networkx.algorithms.flow import preflow_push
 from scipy.optimize import linprog
+from scipy.sparse import csr_matrix
 
 from hexgen.coordinator.plan import SINK, SOURCE, Flow, Role
 
@@ -46,14 +47,45 @@ Port = tuple[str, str]  # (host, "out" or "in")
 PortBytes = Mapping[Port, float]
 
 
+class PortColumns:
+    """The NIC ports of a program (sorted) and, per combination of ``PortBytes`` maps, their entries as
+    (port index, GB per request) arrays; memoized by the maps' identities, so callers that memoize their
+    maps (the evaluator does) build each column once across programs."""
+
+    def __init__(self, capacity: Mapping[Port, float]):
+        self.ports = sorted(capacity)
+        self.index = {port: i for i, port in enumerate(self.ports)}
+        self.limits = np.array([capacity[p] / 1e9 for p in self.ports])
+        self._columns: dict[tuple[int, ...], tuple[tuple[PortBytes, ...], np.ndarray, np.ndarray]] = {}
+
+    def column(self, *parts: PortBytes) -> tuple[np.ndarray, np.ndarray]:
+        key = tuple(id(part) for part in parts)
+        found = self._columns.get(key)
+        if found is None:
+            summed: dict[int, float] = {}
+            for part in parts:
+                for port, nbytes in part.items():
+                    i = self.index.get(port)
+                    if i is not None:
+                        summed[i] = summed.get(i, 0.0) + nbytes / 1e9
+            rows = np.fromiter(summed, dtype=np.int64, count=len(summed))
+            values = np.fromiter(summed.values(), dtype=float, count=len(summed))
+            self._columns[key] = found = (parts, rows, values)  # the parts stay alive: ids are never reused
+        return found[1], found[2]
+
+
 @dataclass(frozen=True)
 class NicLimits:
     """What each request puts on NIC ports (bytes per request of each node and of each prefill -> decode
-    pair) and what each port carries (bytes/s)."""
+    pair) and what each port carries (bytes/s). ``columns`` may be shared by the limits of one cluster."""
 
     node_bytes: Mapping[int, PortBytes]
     pair_bytes: Callable[[int, int], PortBytes]
     capacity: Mapping[Port, float] = field(default_factory=dict)
+    columns: PortColumns | None = None
+
+    def port_columns(self) -> PortColumns:
+        return self.columns if self.columns is not None else PortColumns(self.capacity)
 
     def loads(self, flows: Sequence[Flow]) -> dict[Port, float]:
         """Bytes/s per port of these flows (a node's traffic at its inflow). O(F * ports)."""
@@ -158,9 +190,9 @@ class _Program:
 
     edges: list[tuple[int, int]]
     coloc: list[FlowNode]
-    rows: np.ndarray
+    rows: csr_matrix
     limits: np.ndarray
-    bounds: list[tuple[float, float | None]]
+    bounds: np.ndarray  # (columns, 2): lower 0, upper inf where unbounded
     prefill_rows: int
     group_rows: int
 
@@ -169,34 +201,45 @@ class _Program:
 
 
 def _program(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float], nics: NicLimits) -> _Program:
-    """The rows, limits and bounds of the NIC program. O((V + ports) * (P*D + C))."""
+    """The rows, limits and bounds of the NIC program, sparse. O(V + P*D*ports per column + C)."""
     prefill = [n for n in nodes if n.role == "prefill"]
     decode = [n for n in nodes if n.role == "decode"]
     coloc = [n for n in nodes if n.role == "colocated"]
     edges = [(p.id, d.id) for p in prefill for d in decode]
-    ports = sorted(nics.capacity)
+    ports = nics.port_columns()
     groups = len(prefill) + len(decode)
-    port_row = {port: groups + i for i, port in enumerate(ports)}
-    rows = np.zeros((groups + len(ports), len(edges) + len(coloc)))
-    row_of = {n.id: i for i, n in enumerate([*prefill, *decode])}
-    bounds: list[tuple[float, float | None]] = []
-
-    def charge(column: int, *parts: PortBytes) -> None:
-        for part in parts:
-            for port, nbytes in part.items():
-                if port in port_row:
-                    rows[port_row[port], column] += nbytes / 1e9
-
-    for j, (p, d) in enumerate(edges):
-        rows[row_of[p], j] = rows[row_of[d], j] = 1.0
-        charge(j, nics.node_bytes.get(p, {}), nics.node_bytes.get(d, {}), nics.pair_bytes(p, d))
-        rate = link_rate(p, d)
-        bounds.append((0.0, rate if np.isfinite(rate) else None))
-    for k, c in enumerate(coloc):
-        charge(len(edges) + k, nics.node_bytes.get(c.id, {}))
-        bounds.append((0.0, c.capacity))
-    limits = np.array([n.capacity for n in [*prefill, *decode]] + [nics.capacity[p] / 1e9 for p in ports])
-    return _Program(edges, coloc, rows, limits, bounds, len(prefill), groups)
+    empty: PortBytes = {}
+    port_rows: list[np.ndarray] = []
+    port_values: list[np.ndarray] = []
+    uppers: list[float] = []
+    for p, d in edges:
+        r, v = ports.column(nics.node_bytes.get(p, empty), nics.node_bytes.get(d, empty), nics.pair_bytes(p, d))
+        port_rows.append(r)
+        port_values.append(v)
+        uppers.append(link_rate(p, d))
+    for c in coloc:
+        r, v = ports.column(nics.node_bytes.get(c.id, empty))
+        port_rows.append(r)
+        port_values.append(v)
+        uppers.append(c.capacity)
+    edge_columns = np.arange(len(edges))
+    counts = [len(r) for r in port_rows]
+    rows = np.concatenate(
+        [
+            np.repeat(np.arange(len(prefill)), len(decode)),
+            len(prefill) + np.tile(np.arange(len(decode)), len(prefill)),
+            np.concatenate([np.zeros(0, dtype=np.int64), *port_rows]) + groups,
+        ]
+    )
+    columns = np.concatenate([edge_columns, edge_columns, np.repeat(np.arange(len(uppers)), counts)])
+    values = np.concatenate([np.ones(2 * len(edges)), *port_values])
+    matrix = csr_matrix((values, (rows, columns)), shape=(groups + len(ports.ports), len(uppers)))
+    matrix.eliminate_zeros()
+    bounds = np.zeros((len(uppers), 2))
+    bounds[:, 1] = uppers
+    bounds[~np.isfinite(bounds[:, 1]), 1] = np.inf
+    limits = np.concatenate([np.array([n.capacity for n in [*prefill, *decode]]), ports.limits])
+    return _Program(edges, coloc, matrix, limits, bounds, len(prefill), groups)
 
 
 def _nic_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float], nics: NicLimits) -> FlowResult:
@@ -207,16 +250,18 @@ def _nic_flow(nodes: Sequence[FlowNode], link_rate: Callable[[int, int], float],
     Groups of a full row or at a full bound are the saturated ones. O(LP) with P*D + C variables.
     """
     lp = _program(nodes, link_rate, nics)
-    if not lp.bounds:
+    if not len(lp.bounds):
         return FlowResult(0.0, (), "none", frozenset())
     solved = linprog(-np.ones(lp.rows.shape[1]), A_ub=lp.rows, b_ub=lp.limits, bounds=lp.bounds, method="highs")
     x = np.maximum(solved.x, 0.0) if solved.status == 0 else np.zeros(lp.rows.shape[1])
     flows = _lp_flows(lp.edges, lp.coloc, x)
     tight = lp.rows @ x >= lp.limits * (1 - 1e-6)
-    at_bound = [j for j, (_, hi) in enumerate(lp.bounds) if hi is not None and x[j] >= hi * (1 - 1e-6)]
-    saturated = {n for j in at_bound for n in lp.members(j)}
+    upper = lp.bounds[:, 1]
+    at_bound = np.flatnonzero(np.isfinite(upper) & (x >= upper * (1 - 1e-6)))
+    saturated = {n for j in at_bound for n in lp.members(int(j))}
     for r in np.flatnonzero(tight):
-        saturated.update(n for j in np.flatnonzero(lp.rows[r]) for n in lp.members(int(j)))
+        row = lp.rows.indices[lp.rows.indptr[r] : lp.rows.indptr[r + 1]]
+        saturated.update(n for j in row for n in lp.members(int(j)))
     value = float(x.sum())
     kinds = [
         ("network", bool(tight[lp.group_rows :].any())),

@@ -14,7 +14,9 @@ join or leave and moves few GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -66,7 +68,19 @@ def label_roles(
 def finalists(
     evaluator: Evaluator, budget: SearchBudget, rng: random.Random, roles: tuple[Role, ...] = DISAGGREGATED
 ) -> list[Evaluation]:
-    """The refined best seeds: its own partition for each candidate K, labelled with ``roles``, then refined."""
+    """The refined best seeds: its own partition for each candidate K, labelled with ``roles``, then refined.
+
+    A cluster of more than ``budget.cells_above`` GPUs is searched in two levels instead: the partition
+    first cuts it into cells of about ``budget.cell_gpus`` GPUs, each cell is planned on its own as above
+    (a small search space, cheap to score), and the union of the cells' plans is refined whole, so groups
+    and hand-offs may still cross cells.
+    """
+    if len(evaluator.cluster) > budget.cells_above:
+        start = evaluator.evaluate(_cells_union(evaluator, budget, rng, roles))
+        whole = dataclasses.replace(
+            budget, first_improvement=True, refine_steps=budget.max_evaluations(len(evaluator.cluster))
+        )
+        return [refine(evaluator, start, whole, rng, roles)]
     all_gpus = [g.id for g in evaluator.cluster.gpus]
     seeds = []
     orders: dict[tuple[int, ...], np.ndarray] = {}
@@ -75,6 +89,33 @@ def finalists(
         seeds.append(label_roles(evaluator, groups, roles))
     seeds.sort(key=lambda e: e.key(), reverse=True)
     return [refine(evaluator, start, budget, rng, roles) for start in seeds[: budget.seeds_refined]]
+
+
+def _cells_union(
+    evaluator: Evaluator, budget: SearchBudget, rng: random.Random, roles: tuple[Role, ...]
+) -> list[GroupSpec]:
+    """The groups of every cell's best finalist, in the whole cluster's GPU ids; a cell that cannot hold a
+    replica leaves its GPUs unassigned for the whole refinement to use. O(cells * a cell's search)."""
+    cluster = evaluator.cluster
+    cells = partition(
+        cluster,
+        [g.id for g in cluster.gpus],
+        math.ceil(len(cluster) / budget.cell_gpus),
+        evaluator.replica_bytes(),
+        evaluator.usable,
+    )
+    groups: list[GroupSpec] = []
+    for cell in cells:
+        sub, remap = cluster.subset(cell)
+        inner = Evaluator(sub, evaluator.model, evaluator.workload, evaluator.cost.params)
+        if inner.max_replicas() < 1:
+            continue
+        found = [e for e in finalists(inner, budget, rng, roles) if e.value > 0]
+        if found:
+            back = {new: old for old, new in remap.items()}
+            best = max(found, key=lambda e: e.key())
+            groups += [GroupSpec(tuple(back[g] for g in spec.gpus), spec.role) for spec in best.assignment]
+    return groups
 
 
 def plan(

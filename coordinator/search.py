@@ -15,6 +15,9 @@ from hexgen.coordinator.plan import ROLES, Role
 
 Split = tuple[tuple[int, ...], tuple[int, ...]]
 
+# a sampled step stops at the first move gaining this much; smaller gains are taken only as the best found
+FIRST_GAIN = 1e-3
+
 
 @dataclass(frozen=True)
 class SearchBudget:
@@ -36,6 +39,14 @@ class SearchBudget:
     # large cluster (whose every score costs more) plans in bounded time; a count, not the clock, keeps the
     # result independent of the machine
     gpu_evaluations: int = 300_000
+    # a cluster of more than ``cells_above`` GPUs is first planned cell by cell (cells of about ``cell_gpus``
+    # GPUs from the planner's own partition), then refined whole from the union of the cells' plans
+    cells_above: int = 48
+    cell_gpus: int = 32
+    # a sampled step takes the first move that gains FIRST_GAIN instead of the best of its sample: many cheap
+    # steps where a wide neighbourhood and a small budget allow only a few whole ones (the whole-cluster
+    # refinement after the cells)
+    first_improvement: bool = False
 
     def max_evaluations(self, gpus: int) -> int:
         return max(1, self.gpu_evaluations // max(1, gpus))
@@ -225,11 +236,12 @@ def refine(
     rng: random.Random,
     roles: tuple[Role, ...] = ROLES,
 ) -> Evaluation:
-    """Best-improvement local search from ``start``; stops when no candidate improves or the budget ends.
+    """Local search from ``start``; stops when no candidate improves or the budget ends.
 
     Only ``roles`` are used for groups. Each step scores at most ``candidates_per_step`` neighbours
-    (O(c) layout look-ups and max-flows); a step that finds nothing better in a sample of a larger
-    neighbourhood samples it again, up to ``resamples`` times.
+    (O(c) layout look-ups and max-flows). A neighbourhood that fits in one step is searched for its best
+    move; a larger one is sampled (with ``budget.first_improvement``, the first move gaining FIRST_GAIN is
+    taken), and a step that finds nothing better samples it again, up to ``resamples`` times.
     """
     moves = Moves(evaluator, rng, budget.candidates_per_step, roles)
     limit = budget.max_evaluations(len(evaluator.cluster))
@@ -239,7 +251,10 @@ def refine(
     for _ in range(budget.refine_steps):
         best = current
         for draw in range(budget.resamples + 1):
-            best = _best_of(evaluator, moves.neighbours(current, draw), best, limit)
+            candidates = moves.neighbours(current, draw)
+            first = budget.first_improvement and (draw > 0 or len(candidates) >= moves.limit)
+            enough = current.value * (1 + max(budget.min_gain, FIRST_GAIN)) if first else float("inf")
+            best = _best_of(evaluator, candidates, best, limit, enough)
             if best is not current or evaluator.evaluations >= limit:
                 break
         if best is current or best.value < current.value * (1 + budget.min_gain):
@@ -248,8 +263,11 @@ def refine(
     return current
 
 
-def _best_of(evaluator: Evaluator, candidates: list[list[GroupSpec]], best: Evaluation, limit: int) -> Evaluation:
-    """The best of ``best`` and the candidates the cheap bound does not rule out, until ``limit`` evaluations."""
+def _best_of(
+    evaluator: Evaluator, candidates: list[list[GroupSpec]], best: Evaluation, limit: int, enough: float
+) -> Evaluation:
+    """The best of ``best`` and the candidates the cheap bound does not rule out, until ``limit`` evaluations
+    or one whose value exceeds ``enough``."""
     for candidate in candidates:
         if evaluator.evaluations >= limit:
             break
@@ -258,6 +276,8 @@ def _best_of(evaluator: Evaluator, candidates: list[list[GroupSpec]], best: Eval
         ev = evaluator.evaluate(candidate)
         if ev.key() > best.key():
             best = ev
+            if best.value > enough:
+                break
     return best
 
 

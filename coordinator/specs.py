@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from hexgen.engine.quant_bytes import check_scheme, linear_bytes
 
 
 class SpecError(ValueError):
@@ -60,8 +62,13 @@ class ModelSpec:
     explicit_head_dim: int = 0  # Qwen3, Gemma: heads * head_dim need not equal hidden
     experts: int = 0  # a mixture of experts (Mixtral): the MLP is ``experts`` gated MLPs and a router
     experts_per_token: int = 0
+    quantize: str | None = None  # the layers' linear weights: None (full precision), "int8" or "int4"
 
     def __post_init__(self) -> None:
+        try:
+            check_scheme(self.quantize)
+        except ValueError as exc:
+            raise SpecError(f"model {self.name}: {exc}") from None
         for field_name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "bytes_per_param"):
             if getattr(self, field_name) < 1:
                 raise SpecError(f"model {self.name}: {field_name} must be positive")
@@ -99,13 +106,29 @@ class ModelSpec:
     def params(self) -> int:
         return self.layers * self.layer_params + self.embedding_params + self.head_params
 
+    def _linear_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of each linear weight of a layer the engine quantizes: attention and every expert's MLP
+        (the router stays in full precision)."""
+        attention = (self.heads + 2 * self.kv_heads) * self.head_dim
+        mlp = [(2 * self.intermediate, self.hidden)] if self.gated_mlp else [(self.intermediate, self.hidden)]
+        mlp.append((self.hidden, self.intermediate))
+        return [(attention, self.hidden), (self.hidden, self.heads * self.head_dim), *mlp * (self.experts or 1)]
+
     @cached_property
     def layer_bytes(self) -> float:
-        return self.layer_params * self.bytes_per_param
+        """Bytes one layer's weights take in memory, and what a decode step reads of them; quantized linear
+        weights count their codes, scales and offsets (engine.quant_bytes)."""
+        if self.quantize is None:
+            return self.layer_params * self.bytes_per_param
+        linears = sum(linear_bytes(o, i, self.quantize, self.bytes_per_param) for o, i in self._linear_shapes())
+        return linears + self.hidden * self.experts * self.bytes_per_param
 
     @cached_property
     def weight_bytes(self) -> float:
-        return self.params * self.bytes_per_param
+        """Bytes of every weight: the layers' (quantized or not) and the embedding and head (never quantized)."""
+        if self.quantize is None:
+            return self.params * self.bytes_per_param
+        return self.layers * self.layer_bytes + (self.embedding_params + self.head_params) * self.bytes_per_param
 
     @cached_property
     def kv_bytes_per_token_layer(self) -> int:
@@ -117,6 +140,7 @@ class ModelSpec:
         return self.layers * self.kv_bytes_per_token_layer
 
 
+LLAMA_2_70B = ModelSpec("llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=32000)
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in (
@@ -134,7 +158,8 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec("llama-2-7b", layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
         ModelSpec("llama-2-13b", layers=40, hidden=5120, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
-        ModelSpec("llama-2-70b", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=32000),
+        LLAMA_2_70B,
+        replace(LLAMA_2_70B, name="llama-3-70b", vocab=128256, max_context=8192),  # its layers, a larger vocabulary
     )
 }
 
@@ -152,8 +177,16 @@ _DECODERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "
 
 
 def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelSpec:
-    """Build a ModelSpec from a Hugging Face ``config.json`` mapping (Llama family or OPT)."""
+    """Build a ModelSpec from a Hugging Face ``config.json`` mapping (Llama family or OPT); a pre-quantized
+    checkpoint (GPTQ, AWQ: a ``quantization_config``) is refused, naming what to serve instead."""
     kind = str(config.get("model_type", "")).lower()
+    quantized = config.get("quantization_config")
+    if quantized is not None:
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+        raise SpecError(
+            f"pre-quantized checkpoints (quant_method {method!r}) are not supported yet: serve the full-precision "
+            "checkpoint with --quantize int8 or int4"
+        )
     try:
         if kind == "opt":
             hidden = int(config["hidden_size"])

@@ -14,11 +14,15 @@ from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.messages import MAX_CONNECTIONS, Advert, LeaseBody
 from hexgen.daemon.nat_check import PRIVATE, PUBLIC, UNKNOWN
 from hexgen.daemon.swarm_state import SwarmState
+from hexgen.engine.quant_bytes import QUANTIZATIONS
 
 log = logging.getLogger("hexgen.daemon")
 
 MAX_ADVERTISED_LINKS = 32
 ANNOUNCE_GAP_S = 0.3
+# this version's engine loads each on any device: torch's int8/int4 kernels where they take a layer's shape, a
+# dequantizing matmul elsewhere (engine.quant)
+RUNNABLE = QUANTIZATIONS
 
 Publish = Callable[[list[Envelope]], Awaitable[None]]
 
@@ -64,6 +68,7 @@ class Adverts:
             model_hash=me.model_hash if rendezvous is not None else None,
             rendezvous=rendezvous,
             connections=self.connections(),
+            quantizations=RUNNABLE,
         )
 
     def connections(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from hexgen.coordinator.pinned import PinnedGroup
 from hexgen.daemon.host import HostConfig
 from hexgen.engine.hub import HubError, hub_id_of
+from hexgen.engine.quant_bytes import QUANTIZATIONS
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,7 @@ class NodeConfig:
     relay_only: bool = False  # a relay that offers no GPUs (``hexgen-node relay``)
     relay_peers: tuple[str, ...] = ()  # relays to reserve a slot on, for a node that cannot be dialled
     mdns: bool = True  # announce this node on its LAN and dial the daemons heard there
+    quantize: str = "none"  # the weights of every replica of the plans this node makes as coordinator
 
     def __post_init__(self) -> None:
         _check_model(self.model)
@@ -102,6 +104,7 @@ class NodeConfig:
             raise ConfigError("api_key", "guards the HTTP API: give {http_port} too")
         if self.probes_per_round < 0:
             raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
+        _check_quantize(self.quantize)
         if self.worker_threads < 1:
             raise ConfigError("worker_threads", "must be 1 or more", self.worker_threads)
         _check_relay(self)
@@ -112,6 +115,11 @@ def _check_relay(config: NodeConfig) -> None:
         raise ConfigError("relay_only", "needs {relay} too")
     if config.relay and config.relay_peers:
         raise ConfigError("relay_peers", "are for a node that cannot be dialled, and a relay must be dialled")
+
+
+def _check_quantize(name: str) -> None:
+    if name not in QUANTIZATIONS:
+        raise ConfigError("quantize", f"choose one of {', '.join(QUANTIZATIONS)}", name)
 
 
 def _check_model(model: str) -> None:

@@ -16,6 +16,7 @@ import trio
 from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.daemon.adoption import Adoption
+from hexgen.daemon.adverts import RUNNABLE
 from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.failure import FailureReport
@@ -118,7 +119,13 @@ class Coordination:
             previous=self.previous,
             inherited=state.plan.body if state.plan is not None else None,
             link_kinds=self.link_kinds(),
+            quantizations=self.quantizations(),
         )
+
+    def quantizations(self) -> dict[str, tuple[str, ...]]:
+        """What each member's advert offers, and this node's own."""
+        offered = {peer: record.advert.quantizations for peer, record in self.state.table.peers.items()}
+        return offered | {self.state.peer_id: RUNNABLE}
 
     async def run(self, publish: Publish, push: Push) -> None:
         state = self.state
@@ -176,4 +183,5 @@ class Coordination:
             peers=tuple(given.peers),
             restart=restart,
             links=links,
+            quantize=given.quantize,
         )

@@ -32,15 +32,17 @@ class Replica:
     layout: tuple[tuple[int, int, int], ...]  # (first layer, end layer, tp) per stage
     first_rank: int
     placement: tuple[tuple[str, int], ...]  # (peer id, local GPU) of each layout rank
+    quantize: str = "none"  # its weights' quantization: the plan's (messages.PlanBody)
 
     @property
     def size(self) -> int:
         return len(self.placement)
 
     @property
-    def key(self) -> tuple[str, tuple[tuple[int, int, int], ...], tuple[tuple[str, int], ...]]:
-        """What makes a replica the same across epochs: its role, layout and GPUs (not its index or ranks)."""
-        return (self.role, self.layout, self.placement)
+    def key(self) -> tuple[str, tuple[tuple[int, int, int], ...], tuple[tuple[str, int], ...], str]:
+        """What makes a replica the same across epochs: its role, layout, GPUs and quantization (not its index
+        or ranks)."""
+        return (self.role, self.layout, self.placement, self.quantize)
 
     @property
     def digest(self) -> str:
@@ -158,7 +160,7 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         error = body.error
         reason = error if error and error.strip() else "the adopted plan has no groups to deploy"
         raise DeploymentError(" ".join(reason.split()))  # the coordinator's words, on one line
-    replicas = _replicas(plan, body.gpus)
+    replicas = _replicas(plan, body.gpus, body.quantize)
     if not replicas:
         raise DeploymentError("the plan has no groups")
     entry, hand_off = _weights(plan, replicas)
@@ -178,8 +180,8 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
     )
 
 
-def _replicas(plan: Plan, gpus: Mapping[int, tuple[str, int]]) -> list[Replica]:
-    """One replica per group, ranks numbered in group and stage order."""
+def _replicas(plan: Plan, gpus: Mapping[int, tuple[str, int]], quantize: str) -> list[Replica]:
+    """One replica per group, ranks numbered in group and stage order, each quantized with ``quantize``."""
     replicas: list[Replica] = []
     first_rank = 0
     for group in plan.groups:
@@ -190,7 +192,7 @@ def _replicas(plan: Plan, gpus: Mapping[int, tuple[str, int]]) -> list[Replica]:
         placement = tuple(gpus[gpu] for gpu in group.gpus)
         if not placement:
             raise DeploymentError(f"group {group.id!r} has no GPUs")
-        replicas.append(Replica(len(replicas), group.id, group.role, layout, first_rank, placement))
+        replicas.append(Replica(len(replicas), group.id, group.role, layout, first_rank, placement, quantize))
         first_rank += len(placement)
     return replicas
 

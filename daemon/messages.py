@@ -15,6 +15,7 @@ from typing import Any
 from hexgen.coordinator.plan import Plan, PlanFormatError
 from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware
 from hexgen.daemon.hardware_profile import HardwareError, HardwareProfile
+from hexgen.engine.quant_bytes import NONE, QUANTIZATIONS
 
 MAX_ADDRS = 16
 MAX_LINKS = 64
@@ -28,6 +29,7 @@ MAX_PLAN_LINKS = 4096
 LINK_KINDS = ("direct", "hole-punched", "relayed")  # how two daemons are connected (``Host.link_kinds``)
 UNKNOWN_LINK = "unknown"  # a pair of the plan that neither end reported a connection for
 LINK_USES = ("stage", "handoff")
+MAX_QUANTIZATIONS = 16
 
 
 class MessageError(ValueError):
@@ -84,6 +86,7 @@ class Advert:
     model_hash: str | None = None
     rendezvous: tuple[str, int] | None = None
     connections: Mapping[str, str] = field(default_factory=dict)  # peer -> kind of link (``LINK_KINDS``)
+    quantizations: tuple[str, ...] = (NONE,)  # the weight quantizations its workers can load (``QUANTIZATIONS``)
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -93,6 +96,7 @@ class Advert:
             "model": self.model,
             "load": dict(self.load),
             "links": [link.to_dict() for link in self.links],
+            "quantizations": list(self.quantizations),
         }
         if self.cert is not None:
             body["cert"] = self.cert
@@ -128,6 +132,7 @@ class Advert:
             model_hash=_optional_text(body.get("model_hash"), "advert model_hash"),
             rendezvous=_rendezvous(body.get("rendezvous")),
             connections=_connections(body.get("connections")),
+            quantizations=_quantizations(body.get("quantizations")),
         )
 
 
@@ -150,6 +155,15 @@ def _connections(raw: Any) -> dict[str, str]:
         if not isinstance(peer, str) or not 0 < len(peer) <= 128 or not isinstance(kind, str) or kind not in LINK_KINDS:
             raise MessageError(f"advert connections map peer ids to one of {', '.join(LINK_KINDS)}")
     return dict(connections)
+
+
+def _quantizations(raw: Any) -> tuple[str, ...]:
+    """The quantizations an advert offers: those of ``QUANTIZATIONS`` it names, in that order (a newer node's
+    other names are left out); an advert from before the field offers full precision only. O(entries)."""
+    if raw is None:
+        return (NONE,)
+    named = set(_strings(raw, "advert quantizations", MAX_QUANTIZATIONS))
+    return tuple(q for q in QUANTIZATIONS if q in named)
 
 
 def _rendezvous(raw: Any) -> tuple[str, int] | None:
@@ -255,6 +269,7 @@ class PlanBody:
     peers: tuple[PeerHardware, ...] = ()
     restart: bool = False
     links: tuple[PlanLink, ...] = ()
+    quantize: str = NONE  # every replica's weight quantization (one of ``QUANTIZATIONS``)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -269,6 +284,7 @@ class PlanBody:
             "peers": [{"peer_id": p.peer_id, "host": p.host_name, "hardware": p.profile.to_dict()} for p in self.peers],
             "restart": self.restart,
             "links": [link.to_wire() for link in self.links],
+            "quantize": self.quantize,
         }
 
     @staticmethod
@@ -297,7 +313,17 @@ class PlanBody:
             peers=tuple(_peer(p) for p in peers),
             restart=body.get("restart") is True,
             links=tuple(PlanLink.from_wire(link) for link in links),
+            quantize=_quantize(body.get("quantize")),
         )
+
+
+def _quantize(raw: Any) -> str:
+    """A plan's quantization: one of ``QUANTIZATIONS``; a plan from before the field is full precision."""
+    if raw is None:
+        return NONE
+    if raw not in QUANTIZATIONS:
+        raise MessageError(f"plan quantize must be one of {', '.join(QUANTIZATIONS)}")
+    return str(raw)
 
 
 def _plan(raw: Any) -> Plan | None:

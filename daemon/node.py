@@ -59,6 +59,7 @@ from hexgen.daemon.status import StatusView
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.swarm_state import AdoptedPlan, SelfInfo, SwarmState
 from hexgen.daemon.swarm_view import assignments
+from hexgen.engine.quant_bytes import scheme_of
 
 log = logging.getLogger("hexgen.daemon")
 
@@ -84,7 +85,8 @@ class Node:
         self.config = config
         self.key_pair = key_pair
         self.clock = clock
-        self.model: ModelSpec = resolve_model(config.model)
+        # as coordinator, its plans' replicas load the weights quantized as it was told
+        self.model: ModelSpec = dataclasses.replace(resolve_model(config.model), quantize=scheme_of(config.quantize))
         peer_id = peer_id_of(key_pair)
         model_hash = model_fingerprint(config.model) if is_checkpoint_dir(config.model) else None
         host_name = config.host_name or f"{socket.gethostname()}-{peer_id[-6:]}"

@@ -6,10 +6,13 @@ groups (``planner.plan_live``). Each host's NIC is what its link probes showed (
 known not to form worlds, or a membership whose worlds kept failing, gets the colocated fallback instead: the
 swarm never stays on a plan that cannot serve. Pairs linked only through a relay or a hole punch
 (``pair_links``) are known not to form worlds before any is tried: they are blocked like pairs whose world failed.
+Every replica loads the weights quantized as the coordinator's model spec says; members whose adverts do not offer
+that quantization are left out, and the plan says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -29,6 +32,7 @@ from hexgen.daemon.failure import BlockedLink
 from hexgen.daemon.hardware_profile import HardwareError
 from hexgen.daemon.messages import BlockedPair, PlanBody
 from hexgen.daemon.pair_links import Pair, worldless_pairs
+from hexgen.engine.quant_bytes import NONE, name_of
 
 log = logging.getLogger("hexgen.daemon")
 
@@ -41,7 +45,8 @@ BLOCKED_LINK_GB_S = 1e-6  # what the planner is told a link that cannot carry a 
 class PlanningInput:
     """Everything a plan depends on. ``previous`` is the plan (and cluster) this coordinator made last;
     ``inherited`` the adopted body of an earlier coordinator, reused when there is no ``previous``;
-    ``link_kinds`` each pair's kind of link (``pair_links.pair_kinds``)."""
+    ``link_kinds`` each pair's kind of link (``pair_links.pair_kinds``); ``quantizations`` what each peer's
+    advert offers (a peer missing from it offers full precision only)."""
 
     model: ModelSpec
     peers: Sequence[PeerHardware]
@@ -52,6 +57,23 @@ class PlanningInput:
     previous: tuple[Plan, Any] | None = None
     inherited: PlanBody | None = None
     link_kinds: Mapping[Pair, str] = field(default_factory=dict)
+    quantizations: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    @property
+    def quantize(self) -> str:
+        """The plan's quantization, one of ``QUANTIZATIONS``: the coordinator's model spec's."""
+        return name_of(self.model.quantize)
+
+    def able(self) -> tuple[list[PeerHardware], list[str]]:
+        """The peers that can load the plan's quantization, and a reason for each one left out. O(peers)."""
+        wanted = self.quantize
+        able, left_out = [], []
+        for peer in self.peers:
+            if wanted in self.quantizations.get(peer.peer_id, (NONE,)):
+                able.append(peer)
+            else:
+                left_out.append(f"{peer.host_name} ({peer.peer_id}) cannot load {wanted} weights")
+        return able, left_out
 
     def all_blocked(self) -> list[BlockedLink]:
         """The blocked pairs, and the pairs among the peers whose kind of link carries no world. O(pairs)."""
@@ -77,7 +99,20 @@ class PlanOutcome:
 
 
 def compute_plan(given: PlanningInput) -> PlanOutcome:
-    """Plan for ``given.peers``; slow (the HexGen-2 search), so the daemon runs it in a worker thread."""
+    """Plan for ``given.peers`` that can load the plan's quantization; slow (the HexGen-2 search), so the daemon
+    runs it in a worker thread."""
+    peers, left_out = given.able()
+    if left_out:
+        log.info("left out of the plan: %s", "; ".join(left_out))
+        given = dataclasses.replace(given, peers=peers)
+    outcome = _plan_for(given)
+    if not left_out:
+        return outcome
+    said = f"left out: {'; '.join(left_out)}"
+    return dataclasses.replace(outcome, error=f"{outcome.error}; {said}" if outcome.error else said)
+
+
+def _plan_for(given: PlanningInput) -> PlanOutcome:
     workload = synthetic("default", min(512, given.model.max_context // 2), 128, count=64)
     all_blocked = given.all_blocked()
     blocked = tuple(BlockedPair(link.pair, link.reason) for link in all_blocked)

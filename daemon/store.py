@@ -1,7 +1,8 @@
 """The rendezvous store of a daemon: one torch TCPStore process that outlives every epoch's workers.
 
 Run as ``python -m hexgen.daemon.store --host HOST --port PORT``; prints ``ready`` once it listens and serves
-until its standard input closes (the daemon holds the pipe, so the store never outlives it, even a SIGKILL).
+until its standard input closes (the daemon holds the pipe) or the process that started it is gone, so the store
+never outlives its daemon, even a SIGKILLed one whose pipe end a stray process still holds.
 Workers of every world whose rank 0 sits on this daemon meet here, each world under its own
 key prefix (term and epoch), so replacing the workers never takes the store away from a world forming.
 """
@@ -9,6 +10,8 @@ key prefix (term and epoch), so replacing the workers never takes the store away
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from datetime import timedelta
 
@@ -18,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", required=True, type=int)
     args = parser.parse_args(argv)
+    parent = os.getppid()
     import torch.distributed as dist
 
     try:
@@ -28,9 +32,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexgen-store: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     print("ready", flush=True)
-    sys.stdin.buffer.read()  # the daemon holds the other end: serve until it closes it or dies
+    serve_while_parent_lives(parent)
     del store
     return 0
+
+
+def serve_while_parent_lives(parent: int, interval_s: float = 0.5) -> None:
+    """Return when standard input reaches its end or the parent ``parent`` is gone (this process re-parented)."""
+    while os.getppid() == parent:
+        readable, _, _ = select.select([sys.stdin.buffer], [], [], interval_s)
+        if readable and not os.read(sys.stdin.buffer.fileno(), 4096):
+            return
 
 
 if __name__ == "__main__":

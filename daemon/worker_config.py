@@ -45,7 +45,8 @@ class WorkerSettings:
         return self.connect_timeout_s if self.connect_timeout_s is not None else connect_timeout_for(self.world_backend)
 
     def replica(self, replica: Replica, first_rank: int | None = None) -> ReplicaSetup:
-        """``replica`` as its workers build it, numbered from ``first_rank`` (None: its exchange rank)."""
+        """``replica`` as its workers build it, numbered from ``first_rank`` (None: its exchange rank), its weights
+        quantized as the plan says."""
         cache = self.cache
         if cache is None:
             cache = CacheSetup(block_size=GPU_KV_BLOCK_SIZE) if self.device.startswith("cuda") else CacheSetup()
@@ -57,6 +58,7 @@ class WorkerSettings:
             device=self.device,
             dtype=self.dtype,
             cache=cache,
+            quantize=replica.quantize,
             prefill_chunk=self.prefill_chunk,
         )
 

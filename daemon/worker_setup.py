@@ -14,6 +14,7 @@ from typing import Any
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.wire import MalformedFrame, list_of, optional, validate
 from hexgen.engine.bounds import CONNECT_TIMEOUT_S, SECRET_BYTES
+from hexgen.engine.quant_bytes import NONE, QUANTIZATIONS
 from hexgen.engine.sequence import SamplingParams
 
 ROLES = ("colocated", "prefill", "decode")
@@ -165,8 +166,8 @@ class CacheSetup:
 @dataclass(frozen=True)
 class ReplicaSetup:
     """A replica as a worker builds it (the engine's ReplicaSpec): checkpoint, layout (first layer, end
-    layer, tp per stage), its first rank in the world it is numbered in, role and device, and the prompt
-    tokens a step prefills at most (0: whole prompts; None: the engine's default for the role)."""
+    layer, tp per stage), its first rank in the world it is numbered in, role, device, weight quantization,
+    and the prompt tokens a step prefills at most (0: whole prompts; None: the engine's default for the role)."""
 
     model_dir: str
     layout: tuple[tuple[int, int, int], ...]
@@ -175,6 +176,7 @@ class ReplicaSetup:
     device: str = "cpu"
     dtype: str = "auto"
     cache: CacheSetup = field(default_factory=CacheSetup)
+    quantize: str = NONE  # one of QUANTIZATIONS
     prefill_chunk: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
@@ -186,6 +188,7 @@ class ReplicaSetup:
             "device": self.device,
             "dtype": self.dtype,
             "cache": self.cache.to_wire(),
+            "quantize": self.quantize,
             "prefill_chunk": self.prefill_chunk,
         }
 
@@ -195,9 +198,12 @@ class ReplicaSetup:
         layout = tuple(tuple(stage) for stage in spec["layout"])
         ok = bool(layout) and all(len(s) == 3 and 0 <= s[0] < s[1] < INT64[1] and 1 <= s[2] < INT64[1] for s in layout)
         need(ok, "field 'layout' must be stages of [first layer, end layer, tp]")
-        validate(spec, {"mode": optional(str), "device": optional(str), "dtype": optional(str)})
+        text = optional(str)
+        validate(spec, {"mode": text, "device": text, "dtype": text, "quantize": text})
         mode = spec.get("mode") or "colocated"
         need(mode in ROLES, f"field 'mode' must be one of {ROLES}")
+        quantize = spec.get("quantize") or NONE
+        need(quantize in QUANTIZATIONS, f"field 'quantize' must be one of {QUANTIZATIONS}")
         return cls(
             spec["model_dir"],
             layout,
@@ -206,6 +212,7 @@ class ReplicaSetup:
             device=spec.get("device") or "cpu",
             dtype=spec.get("dtype") or "auto",
             cache=CacheSetup.from_wire(spec.get("cache") or {}),
+            quantize=quantize,
             prefill_chunk=None if spec.get("prefill_chunk") is None else at_least(spec, "prefill_chunk", 0),
         )
 

@@ -16,16 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCHEMES = ("int8", "int4")
-INT4_GROUP = 32
+from hexgen.engine.quant_bytes import INT4_GROUP, SCHEMES, check_scheme, linear_bytes, padded
+
+# the byte arithmetic lives in quant_bytes (the planner counts it without torch); named here for the engine's users
+__all__ = [
+    "INT4_GROUP",
+    "SCHEMES",
+    "QuantizedWeight",
+    "check_scheme",
+    "dequantize_int4",
+    "dequantize_int8",
+    "linear_bytes",
+    "pack_nibbles",
+    "padded",
+    "paths",
+    "quantize_int4",
+    "quantize_int8",
+    "tensors",
+    "unpack_nibbles",
+    "weight_bytes",
+]
+
 _INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu's constraint on the output size
-
-
-def check_scheme(name: str | None) -> str | None:
-    """``name`` when it is None or one of SCHEMES; otherwise a ValueError naming the choices."""
-    if name is None or name in SCHEMES:
-        return name
-    raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)} (or None for full precision)")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,10 +51,6 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 [N, K] from quantize_int8's output. O(N K)."""
     return q.float() * scale.float()[:, None]
-
-
-def padded(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,17 +146,6 @@ class QuantizedWeight(nn.Module):
     if TYPE_CHECKING:
 
         def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-def linear_bytes(out_features: int, in_features: int, scheme: str | None, itemsize: int) -> int:
-    """Bytes a [out, in] linear weight takes quantized with ``scheme`` (None: full precision), its scales
-    and offsets in an ``itemsize``-byte dtype: what a memory model of a quantized replica counts. O(1)."""
-    if scheme is None:
-        return out_features * in_features * itemsize
-    if scheme == "int8":
-        return out_features * (in_features + itemsize)
-    groups = padded(in_features, INT4_GROUP) // INT4_GROUP
-    return out_features * (groups * INT4_GROUP // 2 + 2 * groups * itemsize)
 
 
 def tensors(module: nn.Module) -> Iterator[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -11,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from hexgen.testing.cli import node
+from hexgen.coordinator.specs import MODELS
+from hexgen.engine.quant_bytes import scheme_of
+from hexgen.testing.cli import node, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "bench" / "clusters"
@@ -238,3 +241,37 @@ def test_gpu_summary_groups_by_host_in_cluster_order() -> None:
     cluster = build_cluster([HostSpec("x", "H100", 2), HostSpec("y", "A6000", 3)])
     assert gpu_summary(cluster, [4, 0, 2, 3]) == "x:H100 x 1, y:A6000 x 3"
     assert gpu_summary(cluster, []) == ""
+
+
+def test_a_quantized_plan_shows_the_memory_of_each_replica(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = tmp_path / "eight-a100.toml"
+    cluster.write_text('[[hosts]]\nname = "a"\ngpu = "A100"\ncount = 8\n')
+    trace = _small_trace(tmp_path)
+    runs = {}
+    for scheme in ("none", "int4"):
+        status, out, err = run_main(
+            capsys, "plan", cluster, "--model", "llama-2-70b", "--trace", trace, "--json", "--quantize", scheme
+        )
+        assert status == 0, err
+        runs[scheme] = json.loads(out)
+    for scheme, run in runs.items():
+        spec = dataclasses.replace(MODELS["llama-2-70b"], quantize=scheme_of(scheme))
+        assert run["quantize"] == scheme and run["weight_bytes"] == spec.weight_bytes
+        for memory in run["replica_memory"]:
+            assert memory["weight_bytes"] == pytest.approx(spec.weight_bytes)
+            assert memory["max_gpu_weight_bytes"] <= memory["weight_bytes"]
+    gpus = {
+        scheme: max(sum(len(s["gpus"]) for s in g["stages"]) for g in run["groups"]) for scheme, run in runs.items()
+    }
+    assert gpus["none"] >= 2 and gpus["int4"] == 1  # 138 GB of fp16 weights need two 80 GB GPUs; 44 GB of int4 fit one
+    status, out, _ = run_main(capsys, "plan", cluster, "--model", "llama-2-70b", "--trace", trace, "--quantize", "int4")
+    assert status == 0 and "43.83 GB of weights (linear weights: int4)" in out and "per GPU" in out
+
+
+@pytest.mark.parametrize("command", [["plan", "c.toml", "--model", "llama-2-7b"], ["join"], ["demo"]])
+def test_every_command_refuses_a_bad_quantization_in_one_line(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_main(capsys, *command, "--quantize", "fp8")
+    assert status == 2 and out == ""
+    assert err == "hexgen-node: error: --quantize: unknown quantization 'fp8': choose one of none, int8, int4\n"

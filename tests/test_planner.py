@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hexgen.coordinator import baselines, planner
 from hexgen.coordinator.cluster import Cluster, HostSpec, build_cluster
 from hexgen.coordinator.cost import CostModel, CostParams, LengthStats
-from hexgen.coordinator.evaluate import Evaluator, GroupSpec, PlanError
+from hexgen.coordinator.evaluate import Evaluation, Evaluator, GroupSpec, PlanError
 from hexgen.coordinator.exhaustive import exhaustive_best, set_partitions
 from hexgen.coordinator.flow import FlowNode, NicLimits, max_flow
 from hexgen.coordinator.network import plan_nic_use
@@ -318,14 +318,19 @@ def test_plans_on_random_clusters_keep_every_invariant(
     assert again.groups == plan.groups and again.flows == plan.flows
 
 
+def labelled_partition(cluster: Cluster, model: ModelSpec, k: int) -> tuple[Evaluator, Evaluation]:
+    """A fresh evaluator and the planner's labelled partition of ``cluster`` into ``k`` groups."""
+    evaluator = Evaluator(cluster, model, MIXED)
+    groups = partition(cluster, [g.id for g in cluster.gpus], k, evaluator.replica_bytes(), evaluator.usable)
+    return evaluator, planner.label_roles(evaluator, groups)
+
+
 def test_the_search_stops_at_its_evaluation_budget() -> None:
     cluster = het(("A100", 4), ("L40", 6), ("A6000", 4))
     model = MODELS["llama-2-13b"]
 
     def refined_evaluations(limit: int) -> tuple[int, int]:
-        evaluator = Evaluator(cluster, model, MIXED)
-        groups = partition(cluster, [g.id for g in cluster.gpus], 3, evaluator.replica_bytes(), evaluator.usable)
-        start = planner.label_roles(evaluator, groups)
+        evaluator, start = labelled_partition(cluster, model, 3)
         before = evaluator.evaluations
         budget = SearchBudget(gpu_evaluations=(before + limit) * len(cluster))
         refine(evaluator, start, budget, random.Random(0), planner.DISAGGREGATED)
@@ -347,3 +352,36 @@ def test_a_step_draws_more_of_a_neighbourhood_only_when_its_first_sample_left_so
     assert 0 < len(again) <= 20
     everything = Moves(evaluator, random.Random(0), 100_000, planner.DISAGGREGATED)
     assert everything.neighbours(current, draw=1) == []
+
+
+def test_a_large_cluster_is_planned_from_its_cells_and_refined_whole() -> None:
+    cluster = het(("A100", 4), ("L40", 4), ("A6000", 4), ("H100", 4), ("L40", 2), ("A100", 2))
+    model = MODELS["llama-2-13b"]
+    budget = SearchBudget(cells_above=8, cell_gpus=6, seeds_refined=1, k_values=4)
+    evaluator = Evaluator(cluster, model, MIXED)
+    union = planner._cells_union(evaluator, budget, random.Random(0), planner.DISAGGREGATED)
+    cells = partition(cluster, [g.id for g in cluster.gpus], 4, evaluator.replica_bytes(), evaluator.usable)
+    cell_of = {g: i for i, cell in enumerate(cells) for g in cell}
+    assert len({cell_of[g] for spec in union for g in spec.gpus}) > 1
+    assert all(len({cell_of[g] for g in spec.gpus}) == 1 for spec in union), "a cell's plan left its cell"
+    start = evaluator.evaluate(union)
+    found = planner.finalists(evaluator, budget, random.Random(0))
+    assert len(found) == 1 and found[0].value >= start.value > 0
+    plan = planner.plan(cluster, model, MIXED, budget=budget)
+    assert_valid(plan, cluster, model, MIXED)
+
+
+def test_first_improvement_takes_the_first_move_of_a_sampled_neighbourhood_that_gains() -> None:
+    cluster = het(("A100", 8), ("L40", 8), ("A6000", 8))
+    model = MODELS["llama-2-13b"]
+
+    def first_step(first: bool) -> tuple[int, float]:
+        evaluator, start = labelled_partition(cluster, model, 4)
+        before = evaluator.evaluations
+        budget = SearchBudget(refine_steps=1, candidates_per_step=40, first_improvement=first, resamples=0)
+        found = refine(evaluator, start, budget, random.Random(0), planner.DISAGGREGATED)
+        return evaluator.evaluations - before, found.value / start.value
+
+    steepest, first = first_step(False), first_step(True)
+    assert first[1] > 1 and steepest[1] >= first[1]
+    assert first[0] < steepest[0]

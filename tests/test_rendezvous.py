@@ -4,8 +4,13 @@ world's secret to."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -174,3 +179,47 @@ async def test_a_grant_waits_for_the_plan_that_reaches_the_asker_first():
         assert not granted
         head.want(later)
     assert len(granted) == 1
+
+
+STRAY_PARENT = """
+import socket, subprocess, sys, time
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+store = subprocess.Popen([sys.executable, "-m", "hexgen.daemon.store", "--host", "127.0.0.1", "--port", str(port)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+assert store.stdout.readline().strip() == b"ready"
+fd = store.stdin.fileno()
+stray = subprocess.Popen(["sleep", "300"], pass_fds=(fd,))  # holds the store's stdin open past this process
+print(store.pid, stray.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_store_ends_with_its_daemon_even_when_a_stray_process_holds_its_pipe():
+    daemon = subprocess.Popen([sys.executable, "-c", STRAY_PARENT], stdout=subprocess.PIPE)
+    pids: list[int] = []
+    try:
+        assert daemon.stdout is not None
+        pids = [int(p) for p in daemon.stdout.readline().split()]
+        assert len(pids) == 2, "the stand-in daemon did not start its store"
+        daemon.kill()
+        daemon.wait(10)
+        deadline = time.monotonic() + 30
+        while _alive(pids[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pids[0]), "the store outlived its daemon"
+        assert _alive(pids[1])  # its stdin was still open: the store ended because its parent was gone
+    finally:
+        daemon.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
