@@ -74,7 +74,7 @@ def test_disaggregated_other_configs(tiny_models, name):
     assert out == expected
 
 
-CHUNK = 8  # the long prompt below takes six steps
+CHUNK = 8  # the 45-token prompt below takes at least six steps
 
 
 @pytest.fixture(scope="module")
