@@ -23,11 +23,13 @@ a few single requests alone (``*_alone`` keys: the fixed cost of one request's p
 Where the swarm's extra time goes: each engine step's tokens cross the worker -> driver daemon unix socket
 as one msgpack frame, then the hop session (one libp2p stream per pair of daemons, one batch frame per step)
 from the replica's driver daemon to the entry daemon (and another when prefill hands off to a decode
-replica on another daemon), then a frame per token on each client's own stream; a prefill
-replica hands the sequence's KV to its decode replica over torch.distributed (gloo); and 4 daemons, their
-workers and stores plus this client share 2 cores. meta["cpu_seconds"] splits the CPU used during the burst
+replica on another daemon), then a frame per token on each client's own stream (the tokens the entry
+found queued together in one write); a prefill replica hands the sequence's KV to its decode replica over
+torch.distributed (gloo); and 4 daemons, their workers and stores plus this client share 2 cores. meta["cpu_seconds"] splits the CPU used during the burst
 between daemons, workers, other daemon children and this client, from /proc; meta["cpu_ms_per_token"] is the
-same per output token of the burst (a figure that other load on the machine moves far less than latencies).
+same per output token of the burst (a figure that other load on the machine moves far less than latencies), and
+meta["cpu_ms_per_token_net"] the same less what each kind of process used idle (heartbeats, gossip, health
+pings: measured for IDLE_S just before the burst, scaled to the burst's wall time), the per-token cost alone.
 ``--profile DIR`` samples every swarm process with py-spy during each burst (DIR/swarm, DIR/disaggregated).
 
     python bench/e2e.py [--quick] [--json OUT] [--profile DIR]
@@ -108,6 +110,7 @@ SERVING_TIMEOUT_S = 180.0  # converged and every worker ready
 REQUEST_TIMEOUT_S = 60.0  # one probe request
 BURST_TIMEOUT_S = 600.0  # the whole burst on the swarm
 COLOCATED_TIMEOUT_S = 600.0
+IDLE_S = 3.0  # the swarm measured idle before each burst
 PROFILER_START_S = 1.0
 PROFILER_STOP_S = 30.0
 
@@ -289,16 +292,23 @@ async def measure_swarm(daemons: list[Daemon], workload: Workload, profile: Path
         probes = [
             await alone(client, daemons[i % len(daemons)], p, PROBE_TOKENS) for i, p in enumerate(probe_prompts())
         ]
+        idle_meter = CpuMeter.start(daemons)
+        await trio.sleep(IDLE_S)
+        idle = idle_meter.stop()
         meter = CpuMeter.start(daemons)
         profiler = Profiler.start(meter.kinds, profile) if profile is not None else None
         timings, wall = await burst(client, daemons, workload)
         cpu = meter.stop()
         if profiler is not None:
             profiler.stop()
-    made = sum(t.tokens for t in timings)
-    per_token = {kind: round(1e3 * used / made, 3) for kind, used in cpu.items() if kind != "wall" and made}
-    extra = {"serving_after_s": round(ready_s, 2), "plan": plan_summary(view), "cpu_seconds": cpu}
-    return Result(timings, wall, probes, extra | {"cpu_ms_per_token": per_token})
+    made = max(1, sum(t.tokens for t in timings))
+    kinds = [kind for kind in cpu if kind != "wall"]
+    per_token = {kind: round(1e3 * cpu[kind] / made, 3) for kind in kinds}
+    # what each kind uses idle over as long as the burst took: background work, not the tokens' cost
+    background = {kind: idle.get(kind, 0.0) / idle["wall"] * cpu["wall"] for kind in kinds}
+    net = {kind: round(1e3 * max(0.0, cpu[kind] - background[kind]) / made, 3) for kind in kinds}
+    extra = {"serving_after_s": round(ready_s, 2), "plan": plan_summary(view), "cpu_seconds": cpu, "idle_cpu": idle}
+    return Result(timings, wall, probes, extra | {"cpu_ms_per_token": per_token, "cpu_ms_per_token_net": net})
 
 
 def bench_swarm(workload: Workload, root: Path, pinned: str | None = None, profile: Path | None = None) -> Result:
@@ -526,9 +536,11 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         groups = ", ".join(f"{g['role']} {'x'.join(map(str, g['stages']))}" for g in swarm["plan"]["groups"])
         print(f"swarm plan: {groups or '-'}; {swarm['plan']['workers']} workers")
     for label, key in (("swarm", "swarm"), ("pinned disaggregated", "disaggregated")):
-        used = (meta.get(key) or {}).get("cpu_ms_per_token")
-        if used:
-            print(f"{label} burst CPU ms per output token: " + ", ".join(f"{k} {v}" for k, v in used.items()))
+        for what, field_name in (("", "cpu_ms_per_token"), (" less idle", "cpu_ms_per_token_net")):
+            used = (meta.get(key) or {}).get(field_name)
+            if used:
+                figures = ", ".join(f"{k} {v}" for k, v in used.items())
+                print(f"{label} burst CPU ms per output token{what}: {figures}")
     roles = {g["role"] for g in (swarm.get("plan") or {}).get("groups", [])}
     handoff = (
         "a KV hand-off (gloo) and one more hop from prefill to decode replicas"

@@ -18,6 +18,8 @@ MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 
 OnToken = Callable[[int, str], Awaitable[None]]
+# Sends what an ``OnToken`` that holds tokens back was given so far (``Router.generate`` says when).
+Flush = Callable[[], Awaitable[None]]
 # Runs the request to its end, calling ``emit`` with each token; returns the finish reason.
 GenerateTokens = Callable[[Callable[[int], Awaitable[None]], list[dict[str, Any]]], Awaitable[str]]
 

@@ -17,13 +17,13 @@ from typing import Any, Protocol
 import trio
 
 from hexgen.daemon.client_requests import parse_request
-from hexgen.daemon.completion import Completion, OnToken, parse_stops
+from hexgen.daemon.completion import Completion, Flush, OnToken, parse_stops
 from hexgen.daemon.hop import FIRST_FRAME_TIMEOUT_S, HopFailed
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
 from hexgen.daemon.metrics import CLIENT_GONE, Metrics
 from hexgen.daemon.rate_limit import RateLimiter
 from hexgen.daemon.request_limits import RequestError
-from hexgen.daemon.wire import FrameError, FrameReader, write_frame
+from hexgen.daemon.wire import FrameError, FrameReader, encode_frame, write_frame
 from hexgen.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("hexgen.router")
@@ -168,7 +168,12 @@ class Entry(Protocol):
     def limiter(self) -> RateLimiter: ...
     def may_ask(self, peer: str, cert: Any) -> bool: ...
     async def complete(
-        self, tokens: list[int], sampling: dict[str, Any], stops: list[str], on_token: OnToken
+        self,
+        tokens: list[int],
+        sampling: dict[str, Any],
+        stops: list[str],
+        on_token: OnToken,
+        flush: Flush | None = None,
     ) -> Completion: ...
 
 
@@ -209,13 +214,22 @@ async def serve_generate(stream: Stream, entry: Entry) -> None:
     if admitted is None:
         return
     tokens, sampling, stops = admitted
+    held: list[bytes] = []  # token frames not written yet: the tokens that arrived together go in one write
 
     async def on_token(token: int, text: str) -> None:
-        await write_frame(stream, GenerateToken(token, text).to_wire())
+        held.append(encode_frame(GenerateToken(token, text).to_wire()))
+
+    async def flush(last: dict[str, Any] | None = None) -> None:
+        if last is not None:
+            held.append(encode_frame(last))
+        if held:
+            data = b"".join(held)
+            held.clear()
+            await stream.write(data)
 
     status, error_type = CLIENT_GONE, None  # unless it ends otherwise
     try:
-        done = await entry.complete(tokens, sampling, stops, on_token)
+        done = await entry.complete(tokens, sampling, stops, on_token, flush)
         reply = GenerateDone(
             done.finish_reason,
             done.tail,
@@ -225,12 +239,12 @@ async def serve_generate(stream: Stream, entry: Entry) -> None:
             entry.max_context,
             tuple(done.served_by),
         )
-        await write_frame(stream, reply.to_wire())
+        await flush(reply.to_wire())
         status = 200
     except HopFailed as exc:
         status, error_type = 503, "service_unavailable_error"
         with contextlib.suppress(Exception):
-            await write_frame(stream, GenerateError(str(exc)).to_wire())
+            await flush(GenerateError(str(exc)).to_wire())
     except Exception as exc:  # noqa: BLE001 - the client went away (any stream failure): the cancelled hops free the work
         log.debug("generate stream from %s ended: %s", stream_peer(stream), exc)
     finally:

@@ -153,6 +153,17 @@ class HopStreams:
                     await stream.reset()
 
 
+def queued(events: Events) -> list[HopEvent]:
+    """The events already waiting on ``events``, taken without waiting (a closed channel ends them).
+    O(events taken)."""
+    taken: list[HopEvent] = []
+    while True:
+        try:
+            taken.append(events.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return taken
+
+
 async def _relay(peer: str, reader: FrameReader, send: Send) -> None:
     """Pass ``peer``'s events to ``send`` up to the last one; a closed stream or a malformed event fails the hop."""
     while True:

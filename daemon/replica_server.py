@@ -24,7 +24,6 @@ from hexgen.daemon.hop import (
     HopRequest,
     HopToken,
     MalformedHop,
-    event_from_wire,
     hop_id,
     is_last,
     opens_session,
@@ -37,6 +36,7 @@ from hexgen.daemon.metrics import RateMeter
 from hexgen.daemon.request_limits import RequestError
 from hexgen.daemon.supervisor import ReplicaUnavailable, Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, write_frame
+from hexgen.daemon.worker_frames import HandoffFrame
 
 log = logging.getLogger("hexgen.router")
 
@@ -59,13 +59,6 @@ def check_route(replica: Replica, request: HopRequest, deployment: Deployment | 
     if replica.role == "colocated":
         return dataclasses.replace(request, dst=NO_REPLICA)
     raise RequestError("a decode replica takes only imports")
-
-
-def _worker_event(raw: dict[str, Any]) -> HopEvent:
-    try:
-        return event_from_wire(raw)
-    except MalformedHop:
-        return HopError("the replica's worker sent a malformed event")
 
 
 @dataclass
@@ -170,12 +163,11 @@ class ReplicaServer:
             return
         done = False
         try:
-            async for raw in events:
-                if "handoff" in raw:
+            async for event in events:
+                if isinstance(event, HandoffFrame):
                     done = True  # the prefill side is finished with it; the decode side continues
-                    await self._hand_off(request, raw["handoff"], emit)
+                    await self._hand_off(request, list(event.tokens), emit)
                     return
-                event = _worker_event(raw)
                 if isinstance(event, HopToken):
                     self.meter.add(trio.current_time())
                 await emit(event)

@@ -1,24 +1,25 @@
 """The requests in flight on this daemon's workers: each one's event channel and the worker that runs it.
 
-A worker's frames for a request become events on its channel: ``{"token", "finished"}``, ``{"handoff":
-tokens}``, ``{"alive": True}``, and at most one ``{"error", "retry"}`` (``refused`` too when the plan, not
-the work, ended it: the entry does not count that against the request's re-submission limit). A channel
-is never waited on: a consumer that falls behind its buffer is cut off instead of stalling the batch.
+A worker's frames for a request become events on its channel, as the hop sends them on (``daemon.hop``):
+``HopToken``, ``HopAlive``, the worker's ``HandoffFrame``, and at most one ``HopError`` (``refused`` when the
+plan, not the work, ended it: the entry does not count that against the request's re-submission limit). A
+channel is never waited on: a consumer that falls behind its buffer is cut off instead of stalling the batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
+from hexgen.daemon.hop import HopAlive, HopError, HopEvent, HopToken
 from hexgen.daemon.worker_frames import ErrorFrame, HandoffFrame, TokenFrame
 from hexgen.daemon.worker_link import LocalWorker, ReplicaUnavailable
 
 MAX_ERROR_CHARS = 500
-Event = dict[str, Any]
+Event = HopEvent | HandoffFrame
+ALIVE = HopAlive()
 _GONE = (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -51,9 +52,8 @@ class RequestListeners:
         channel = self.channels.get(seq_id)
         self.forget(seq_id)
         if channel is not None:
-            event: Event = {"error": reason, "retry": True} | ({"refused": True} if refused else {})
             with contextlib.suppress(*_GONE):
-                channel.send_nowait(event)
+                channel.send_nowait(HopError(reason, refused))
 
     def fail_on(self, worker: LocalWorker, reason: str, refused: bool = False) -> None:
         for seq_id in self.on(worker):
@@ -69,7 +69,7 @@ class RequestListeners:
             channel = self.channels.get(seq_id)
             if channel is not None and channel.statistics().current_buffer_used == 0:
                 with contextlib.suppress(*_GONE):
-                    channel.send_nowait({"alive": True})
+                    channel.send_nowait(ALIVE)
 
     def deliver(self, frame: TokenFrame | HandoffFrame | ErrorFrame) -> bool:
         """Pass a worker's frame on as its request's event; False when the request's consumer is gone or
@@ -80,16 +80,12 @@ class RequestListeners:
         if isinstance(frame, ErrorFrame):  # the worker refused the request (a KV format mismatch)
             self.fail(frame.id, frame.error[:MAX_ERROR_CHARS])
             return True
-        event: Event
-        if isinstance(frame, TokenFrame):
-            event = {"token": frame.token, "finished": frame.finished}
-        else:
-            event = {"handoff": list(frame.tokens)}
+        event = HopToken(frame.token, frame.finished) if isinstance(frame, TokenFrame) else frame
         try:
             channel.send_nowait(event)
         except _GONE:
             self.forget(frame.id)
             return False
-        if event.get("finished") is not None or "handoff" in event:
+        if isinstance(event, HandoffFrame) or event.finished is not None:
             self.forget(frame.id)
         return True

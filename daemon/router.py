@@ -28,11 +28,11 @@ from typing import Any
 import trio
 
 from hexgen.daemon import spot_check
-from hexgen.daemon.completion import Completion, OnToken, complete
+from hexgen.daemon.completion import Completion, Flush, OnToken, complete
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.generate_protocol import serve_generate
 from hexgen.daemon.hop import HopAlive, HopError, HopEvent, HopFailed, HopRequest
-from hexgen.daemon.hop_streams import Emit, Events, HopStreams
+from hexgen.daemon.hop_streams import Emit, Events, HopStreams, queued
 from hexgen.daemon.host import Host, Stream
 from hexgen.daemon.metrics import Metrics, RateMeter
 from hexgen.daemon.patience import Patience
@@ -73,6 +73,8 @@ class Tracked:
     produced: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # attempts whose work failed
     failed: set[tuple[Version, int]] = field(default_factory=set)  # (plan version, replica) that failed it
+    # sends what ``emit`` was given so far, after each group of tokens that arrived together (None: emit sends)
+    flush: Flush | None = None
 
     def progress(self, now: float) -> None:
         self.patience.progress(now)
@@ -177,14 +179,19 @@ class Router:
     # ------------------------------------------------------------------ entry
 
     async def complete(
-        self, tokens: list[int], sampling: dict[str, Any], stops: list[str], on_token: OnToken
+        self,
+        tokens: list[int],
+        sampling: dict[str, Any],
+        stops: list[str],
+        on_token: OnToken,
+        flush: Flush | None = None,
     ) -> Completion:
         """Generate a validated request (see ``parse_request``) as text, for any entry (``completion.complete``).
         Cancelling the caller cancels the hops, which frees the work on the workers. Raises HopFailed as
-        ``generate`` does."""
+        ``generate`` does. ``flush``: see ``generate``."""
 
         async def run(emit: Callable[[int], Awaitable[None]], served_by: list[dict[str, Any]]) -> str:
-            reason, _ = await self.generate(tokens, sampling, emit, served_by)
+            reason, _ = await self.generate(tokens, sampling, emit, served_by, flush)
             return reason
 
         return await complete(self.tokenizer, self.metrics, len(tokens), stops, run, on_token)
@@ -195,8 +202,12 @@ class Router:
         sampling: dict[str, Any],
         emit: Callable[[int], Awaitable[None]],
         served_by: list[dict[str, Any]] | None = None,
+        flush: Flush | None = None,
     ) -> tuple[str, int]:
         """Run one request to its end, re-submitting after failed hops; returns (finish reason, tokens made).
+        With ``flush``, ``emit`` may hold tokens back: ``flush`` is awaited after each group of tokens that
+        arrived together (the caller sends what is held after the last one), so a client that fell behind
+        gets them in one write.
 
         Raises HopFailed when it cannot finish: too many failed attempts, no replica took it for
         ``request_timeout_s`` (``Patience``), or past the request deadline."""
@@ -204,7 +215,7 @@ class Router:
         tried: list[str] = []
         with trio.CancelScope() as waiting:
             waiting.deadline = patience.deadline
-            request = Tracked(tokens, sampling_params(sampling), patience, waiting, tried)
+            request = Tracked(tokens, sampling_params(sampling), patience, waiting, tried, flush=flush)
             try:
                 return await self._generate(request, emit, served_by if served_by is not None else [])
             except trio.TooSlowError:
@@ -257,19 +268,23 @@ class Router:
             served_by.append({"epoch": deployment.epoch, "replica": route.dst, "role": "decode"})
         async with self.open_replica(entry.driver_peer, hop, route.peers) as events:
             while True:
-                event = await next_event(events, request.patience.hop_silence_s, route.entry)
-                if isinstance(event, HopError):
-                    raise (HopRefused if event.refused else HopFailed)(event.error)
-                request.progress(trio.current_time())
-                if isinstance(event, HopAlive):  # taken and stepping: queued work is not a stuck hop
-                    continue
-                request.produced.append(event.token)
-                await emit(event.token)
-                if event.finished:
-                    self.served += 1
-                    if whole:
-                        self._answered(request, deployment, route)
-                    return event.finished
+                ready = [await next_event(events, request.patience.hop_silence_s, route.entry), *queued(events)]
+                if not isinstance(ready[0], HopError):  # a refusal is no progress
+                    request.progress(trio.current_time())
+                for event in ready:
+                    if isinstance(event, HopError):
+                        raise (HopRefused if event.refused else HopFailed)(event.error)
+                    if isinstance(event, HopAlive):  # taken and stepping: queued work is not a stuck hop
+                        continue
+                    request.produced.append(event.token)
+                    await emit(event.token)
+                    if event.finished:
+                        self.served += 1
+                        if whole:
+                            self._answered(request, deployment, route)
+                        return event.finished
+                if request.flush is not None:
+                    await request.flush()
 
     def _answered(self, request: Tracked, deployment: Deployment, route: spot_check.Route) -> None:
         answered = spot_check.Answered(

@@ -23,7 +23,8 @@ class WorkerSettings:
     rank's GPU comes from the plan), torch threads, the backend of CPU worlds, the connect bound (None: the
     backend's own, engine.bounds), the address the daemon advertises (its interface carries the worlds),
     and the dtype and KV cache settings (None: pages of GPU_KV_BLOCK_SIZE on GPUs, so replicas on any GPU
-    host, flash-attn or not, can hand KV over; the engine's defaults on CPUs)."""
+    host, flash-attn or not, can hand KV over; the engine's defaults on CPUs), and the prompt tokens a step
+    prefills at most (None: engine.replica.PREFILL_CHUNK for the replica's role; 0: whole prompts)."""
 
     model_dir: str
     device: str = "cpu"
@@ -33,6 +34,7 @@ class WorkerSettings:
     advertised: str | None = None
     dtype: str = "auto"
     cache: CacheSetup | None = None
+    prefill_chunk: int | None = None
 
     @property
     def world_backend(self) -> str:
@@ -57,6 +59,7 @@ class WorkerSettings:
             dtype=self.dtype,
             cache=cache,
             quantize=replica.quantize,
+            prefill_chunk=self.prefill_chunk,
         )
 
     def exchange(self, deployment: Deployment, replica: Replica, secret: bytes) -> ExchangeSetup:

@@ -153,6 +153,7 @@ def spec_from(setup: ReplicaSetup) -> ReplicaSpec:
         dtype=setup.dtype,
         device=setup.device,
         cache=CacheConfig(**setup.cache.overrides()),
+        prefill_chunk=setup.prefill_chunk,
     )
 
 

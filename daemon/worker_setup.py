@@ -166,7 +166,8 @@ class CacheSetup:
 @dataclass(frozen=True)
 class ReplicaSetup:
     """A replica as a worker builds it (the engine's ReplicaSpec): checkpoint, layout (first layer, end
-    layer, tp per stage), its first rank in the world it is numbered in, role, device and weight quantization."""
+    layer, tp per stage), its first rank in the world it is numbered in, role, device, weight quantization,
+    and the prompt tokens a step prefills at most (0: whole prompts; None: the engine's default for the role)."""
 
     model_dir: str
     layout: tuple[tuple[int, int, int], ...]
@@ -176,6 +177,7 @@ class ReplicaSetup:
     dtype: str = "auto"
     cache: CacheSetup = field(default_factory=CacheSetup)
     quantize: str = NONE  # one of QUANTIZATIONS
+    prefill_chunk: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -187,6 +189,7 @@ class ReplicaSetup:
             "dtype": self.dtype,
             "cache": self.cache.to_wire(),
             "quantize": self.quantize,
+            "prefill_chunk": self.prefill_chunk,
         }
 
     @classmethod
@@ -210,6 +213,7 @@ class ReplicaSetup:
             dtype=spec.get("dtype") or "auto",
             cache=CacheSetup.from_wire(spec.get("cache") or {}),
             quantize=quantize,
+            prefill_chunk=None if spec.get("prefill_chunk") is None else at_least(spec, "prefill_chunk", 0),
         )
 
 

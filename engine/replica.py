@@ -61,6 +61,11 @@ TRANSFER_TIMEOUT = timedelta(seconds=60)
 LOAD_TIMEOUT = timedelta(seconds=LOAD_TIMEOUT_S)
 OP_TIMEOUT = timedelta(seconds=120)  # what the worlds are created with (init_world_store) and restored to
 FORMAT_TIMEOUT = timedelta(seconds=30)  # a peer publishes its KV format as it joins the exchange
+# Prompt tokens per step (scheduler.SchedulerConfig.prefill_chunk) where a spec names none. Where sequences
+# decode (colocated, and decode replicas re-prefilling a preempted one) 512 tokens keep a step within a few
+# decode steps' time while already filling the matmuls of a GPU; a prefill replica has no decode batch to keep
+# moving, so its chunk only bounds a step's activations and lets prompts outgrow max_num_batched_tokens.
+PREFILL_CHUNK = {"colocated": 512, "decode": 512, "prefill": 2048}
 
 # replica_groups' groups by their sorted global ranks: None for a single rank, and on a rank outside a group
 # torch's GroupMember.NON_GROUP_MEMBER (an int)
@@ -81,6 +86,12 @@ class ReplicaSpec:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     quantize: str | None = None  # every rank's linear weights: None, "int8" or "int4" (engine.quant)
+    prefill_chunk: int | None = None  # prompt tokens per step; 0: whole prompts; None: PREFILL_CHUNK[mode]
+
+    @property
+    def chunk(self) -> int:
+        """The prompt tokens a step of this replica prefills at most (0: whole prompts in steps of their own)."""
+        return PREFILL_CHUNK.get(self.mode, 0) if self.prefill_chunk is None else self.prefill_chunk
 
     @property
     def ranks(self) -> list[int]:
@@ -192,7 +203,7 @@ class ReplicaWorker:
         num_blocks = self._agree_on_blocks(local)
         self.runner.allocate_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.runner.block_size)
-        scheduler_config = SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, spec.mode)
+        scheduler_config = SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, spec.mode, spec.chunk)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.config.eos_token_ids)
         last = len(spec.layout) - 1
         self.driver_rank = driver_rank(spec)
@@ -299,8 +310,9 @@ class ReplicaWorker:
         if batch is None:
             return StepResult(failed=failed)
         tokens = self._forward(batch)
+        sampling = batch.sampling_seqs  # before postprocess, which moves the chunked prompts on
         left = self.scheduler.postprocess(batch, tokens)
-        sampled = [(seq.seq_id, t) for seq, t in zip(batch.seqs, tokens, strict=True)]
+        sampled = [(seq.seq_id, t) for seq, t in zip(sampling, tokens, strict=True)]
         result = StepResult(ran=True, sampled=sampled, failed=failed)
         for seq in left:
             (result.finished if seq.finished else result.handed_off).append(seq)
@@ -381,13 +393,14 @@ class ReplicaWorker:
         return found
 
     def _forward(self, batch: Batch) -> list[int]:
+        """Run this rank's part of ``batch`` (``batch.num_tokens`` rows of hidden states between stages) and
+        return the tokens the driver sampled for ``batch.sampling_seqs``, the same on every rank."""
         hidden = None
         if self.prev_stage_leader is not None:
-            tokens = sum(len(s) - s.num_cached_tokens for s in batch.seqs) if batch.is_prefill else len(batch.seqs)
-            hidden = torch.empty(tokens, self.config.hidden_size, dtype=self.dtype, device=self.comm_device)
+            hidden = torch.empty(batch.num_tokens, self.config.hidden_size, dtype=self.dtype, device=self.comm_device)
             dist.recv(hidden, src=self.prev_stage_leader)
             hidden = hidden.to(self.device)
-        out = self.runner.run(batch.seqs, batch.is_prefill, hidden)
+        out = self.runner.run(batch.seqs, batch.is_prefill, hidden, num_new_tokens=batch.num_new_tokens)
         if self.next_stage:
             assert out is not None  # a stage before the last returns its hidden states
             out = out.to(self.comm_device).contiguous()
@@ -395,10 +408,13 @@ class ReplicaWorker:
             for work in works:
                 assert work is not None  # every rank is in the default world
                 work.wait()
-        sampled = torch.empty(len(batch.seqs), dtype=torch.long, device=self.comm_device)
+        seqs = batch.sampling_seqs
+        if not seqs:  # every sequence is inside its prompt: no rank samples or waits for tokens
+            return []
+        sampled = torch.empty(len(seqs), dtype=torch.long, device=self.comm_device)
         if self.is_driver:
             assert out is not None  # the driver is tensor rank 0 of the last stage, which gathers the logits
-            sampled.copy_(torch.tensor(sample(out, batch.seqs)))
+            sampled.copy_(torch.tensor(sample(out, seqs)))
         if not self.solo:
             dist.broadcast(sampled, src=self.driver_rank, group=self.group)
         return sampled.tolist()

@@ -185,7 +185,9 @@ class Scheduler:
         for seq in self.running:
             if budget <= 0 or len(decodes) + len(chunks) >= config.max_num_seqs:
                 break
-            if pending(seq) > 1:
+            # one token short of its prompt's end, a sequence steps as a decode would, except on a prefill
+            # replica, which decodes nothing: every sequence it runs is inside its prompt
+            if pending(seq) > 1 or self._prefill_only:
                 chunks.append((seq, min(pending(seq), budget)))
                 budget -= chunks[-1][1]
         while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:

@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from hexgen.daemon.deployment import Replica
+from hexgen.daemon.hop import HopAlive, HopToken
 from hexgen.daemon.supervisor import LocalWorker, ReplicaUnavailable, Supervisor
 from hexgen.daemon.wire import FrameReader, encode_frame
 from hexgen.daemon.worker_frames import AbortFrame, GenerateFrame, StepFrame, TokenFrame, frame_to_worker
@@ -49,8 +50,8 @@ async def test_a_consumer_that_falls_behind_is_cut_off_and_its_work_aborted():
             await token(fake, 8, 5, "length")
             got = [await other.receive() for _ in range(6)]
             nursery.cancel_scope.cancel()
-    assert [e["token"] for e in got] == list(range(6)) and got[-1]["finished"] == "length"
-    assert [events.receive_nowait()["token"] for _ in range(2)] == [0, 1]
+    assert [e.token for e in got] == list(range(6)) and got[-1].finished == "length"
+    assert [events.receive_nowait().token for _ in range(2)] == [0, 1]
     assert 7 not in supervisor.listeners and 8 not in supervisor.listeners
 
 
@@ -63,7 +64,7 @@ async def test_a_second_hop_under_an_id_in_flight_is_refused_and_takes_nothing_f
         await token(fake, 7, 3, "length")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(supervisor._read_events, worker, worker.reader())
-            assert await first.receive() == {"token": 3, "finished": "length"}
+            assert await first.receive() == HopToken(3, "length")
             nursery.cancel_scope.cancel()
     await supervisor.submit(worker, generate(8, [2]), capacity=4)
     reader = FrameReader(SocketChannel(fake))
@@ -99,15 +100,15 @@ async def test_a_stepping_worker_s_word_reaches_only_its_drained_requests():
     as much), never to another worker's, and a full or closed listener is skipped, not failed."""
     supervisor = Supervisor("me", "unused")
     busy, other = object(), object()
-    channels = {i: trio.open_memory_channel[dict](2) for i in range(4)}
+    channels = {i: trio.open_memory_channel[object](2) for i in range(4)}
     for seq_id, (send, _) in channels.items():
         supervisor.listeners[seq_id] = send
         supervisor.owners[seq_id] = busy if seq_id < 3 else other  # type: ignore[assignment]
-    channels[1][0].send_nowait({"token": 7, "finished": None})
+    channels[1][0].send_nowait(HopToken(7))
     channels[2][1].close()
     supervisor.requests.alive(busy)  # type: ignore[arg-type]
-    assert channels[0][1].receive_nowait() == {"alive": True}
-    assert channels[1][1].receive_nowait() == {"token": 7, "finished": None}
+    assert channels[0][1].receive_nowait() == HopAlive()
+    assert channels[1][1].receive_nowait() == HopToken(7)
     for seq_id in (0, 1, 3):
         with pytest.raises(trio.WouldBlock):
             channels[seq_id][1].receive_nowait()

@@ -173,3 +173,23 @@ def test_flash_first_then_flex_on_cuda(device, flash, prefer, backend, block):
         choose_attention("cpu", None, False, torch.bfloat16, 0, "flash-attn", flex_ok=True)
     with pytest.raises(ValueError, match="attention must be one of"):
         choose_attention(device, (9, 0), flash, torch.bfloat16, 0, "fast", flex_ok=True)
+
+
+def test_a_prefill_replica_hands_off_each_prompt_once_whole():
+    """Chunks of 4 leave one token of the 5- and 9-token prompts for a last step: a prefill-mode
+    scheduler (which schedules no decodes) must still run it, and hand a sequence off only then."""
+    scheduler = Scheduler(SchedulerConfig(mode="prefill", prefill_chunk=4), BlockManager(64, 4))
+    seqs = [Sequence(list(range(3, 3 + n))) for n in (5, 9)]
+    for seq in seqs:
+        scheduler.add(seq)
+    handed: list[Sequence] = []
+    for _ in range(len(seqs) * 10):
+        batch = scheduler.schedule()
+        if batch is None:
+            break
+        assert batch.is_prefill and batch.num_tokens <= 4
+        left = scheduler.postprocess(batch, [7] * len(batch.sampling_seqs))
+        assert all(seq.num_cached_tokens == seq.num_prompt_tokens for seq in left), "handed off mid-prompt"
+        handed += left
+    assert handed == seqs and not scheduler.has_unfinished()
+    assert [seq.token_ids[-1] for seq in seqs] == [7, 7] and [len(seq) for seq in seqs] == [6, 10]

@@ -21,29 +21,9 @@ from hexgen.daemon.wire import FrameReader, encode_frame
 from hexgen.daemon.worker_frames import AbortFrame, GenerateFrame, StepFrame, TokenFrame, frame_to_worker
 from hexgen.daemon.worker_link import SocketChannel
 from hexgen.engine.sequence import SamplingParams
+from hexgen.testing.memory_streams import Pipe
 
 WAIT_S = 10
-
-
-class Pipe:
-    """One end of an in-memory stream with the ``read``/``write``/``close``/``reset`` of a libp2p stream;
-    it counts the frames written through it."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream, self.writes = stream, 0
-
-    async def read(self, n: int | None = None) -> bytes:
-        return await self.stream.receive_some(n)
-
-    async def write(self, data: bytes) -> None:
-        self.writes += 1
-        await self.stream.send_all(data)
-
-    async def close(self) -> None:
-        await self.stream.aclose()
-
-    async def reset(self) -> None:
-        await self.stream.aclose()
 
 
 def served() -> tuple[ReplicaServer, trio.SocketStream]:

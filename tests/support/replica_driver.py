@@ -59,7 +59,7 @@ def _free_port() -> int:
         return port
 
 
-def _stages(layout: GroupLayout) -> Layout:
+def stages(layout: GroupLayout) -> Layout:
     """The engine's layout as the plan's (first layer, end layer, tp) triples."""
     return tuple((stage.start_layer, stage.end_layer, stage.tp) for stage in layout)
 
@@ -171,17 +171,12 @@ class Workers:
             rank.process.wait(timeout_s)
 
 
-def serve(
-    settings: WorkerSettings,
-    roles_and_layouts: list[tuple[str, Layout]],
-    prompts: list[list[int]],
-    sampling: list[SamplingParams],
-    timeout_s: float,
-    gpu: int = 0,
-) -> list[list[int]]:
-    """Start the replicas (every rank on local GPU ``gpu`` when ``settings`` say cuda), send each prompt to
-    the first one (its hand-off, if a prefill one, to the next), and return each completion once all
-    finished."""
+@contextmanager
+def started(
+    settings: WorkerSettings, roles_and_layouts: list[tuple[str, Layout]], timeout_s: float, gpu: int = 0
+) -> Iterator[tuple[Workers, Deployment]]:
+    """The replicas' workers (every rank on local GPU ``gpu`` when ``settings`` say cuda), ready, and their
+    deployment; every process is killed on leaving. ``Workers.deadline`` is ``timeout_s`` from now."""
     with rendezvous_store() as store, ExitStack() as stack:
         deployment = deployment_of(roles_and_layouts, store, gpu)
         workers = Workers(deadline=time.monotonic() + timeout_s)
@@ -194,6 +189,20 @@ def serve(
                 frame = settings.configure(deployment, replica, layout_rank, deployment.epoch, secret, exchange)
                 workers.ranks[-1].send(frame)
         workers.await_ready()
+        yield workers, deployment
+
+
+def serve(
+    settings: WorkerSettings,
+    roles_and_layouts: list[tuple[str, Layout]],
+    prompts: list[list[int]],
+    sampling: list[SamplingParams],
+    timeout_s: float,
+    gpu: int = 0,
+) -> list[list[int]]:
+    """Start the replicas, send each prompt to the first one (its hand-off, if a prefill one, to the next),
+    and return each completion once all finished."""
+    with started(settings, roles_and_layouts, timeout_s, gpu) as (workers, deployment):
         completions = _run(workers, deployment, prompts, sampling)
         workers.shutdown(max(1.0, workers.deadline - time.monotonic()))
         return completions
@@ -245,10 +254,17 @@ def _sampling(count: int, sampling: SamplingParams | list[SamplingParams] | None
     return sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * count
 
 
-def _settings(model_dir: str | Path, device: str, dtype: str, cache: CacheSetup | None) -> tuple[WorkerSettings, int]:
+def settings_for(
+    model_dir: str | Path,
+    device: str = "cpu",
+    dtype: str = "auto",
+    cache: CacheSetup | None = None,
+    prefill_chunk: int | None = None,
+) -> tuple[WorkerSettings, int]:
     """The daemon's worker settings for ``device`` (``cpu``, or ``cuda:N``: every rank on GPU N), and N."""
     kind, _, index = device.partition(":")
-    return WorkerSettings(str(model_dir), device=kind, dtype=dtype, cache=cache), int(index or 0)
+    settings = WorkerSettings(str(model_dir), device=kind, dtype=dtype, cache=cache, prefill_chunk=prefill_chunk)
+    return settings, int(index or 0)
 
 
 def generate(
@@ -260,10 +276,11 @@ def generate(
     device: str = "cpu",
     dtype: str = "auto",
     cache: CacheSetup | None = None,
+    prefill_chunk: int | None = None,
 ) -> list[list[int]]:
     """Serve ``prompts`` (token ids) on one replica laid out as ``layout``; completion ids per prompt."""
-    settings, gpu = _settings(model_dir, device, dtype, cache)
-    replicas = [("colocated", _stages(layout))]
+    settings, gpu = settings_for(model_dir, device, dtype, cache, prefill_chunk)
+    replicas = [("colocated", stages(layout))]
     return serve(settings, replicas, prompts, _sampling(len(prompts), sampling), timeout_s, gpu)
 
 
@@ -277,8 +294,9 @@ def generate_disaggregated(
     device: str = "cpu",
     dtype: str = "auto",
     cache: CacheSetup | None = None,
+    prefill_chunk: int | None = None,
 ) -> list[list[int]]:
     """Prefill on a replica laid out as ``prefill_layout``, decode on one laid out as ``decode_layout``."""
-    settings, gpu = _settings(model_dir, device, dtype, cache)
-    replicas = [("prefill", _stages(prefill_layout)), ("decode", _stages(decode_layout))]
+    settings, gpu = settings_for(model_dir, device, dtype, cache, prefill_chunk)
+    replicas = [("prefill", stages(prefill_layout)), ("decode", stages(decode_layout))]
     return serve(settings, replicas, prompts, _sampling(len(prompts), sampling), timeout_s, gpu)
