@@ -55,6 +55,7 @@ from hexgen.daemon.worker_frames import (
     frame_to_worker,
 )
 from hexgen.daemon.worker_setup import ExchangeSetup, ReplicaSetup
+from hexgen.engine.quant_bytes import NONE
 
 if TYPE_CHECKING:  # torch: only once the worker runs
     from hexgen.engine.loader import ProgressFn
@@ -154,6 +155,7 @@ def spec_from(setup: ReplicaSetup) -> ReplicaSpec:
         device=setup.device,
         cache=CacheConfig(**setup.cache.overrides()),
         prefill_chunk=setup.prefill_chunk,
+        quantize=None if setup.quantize == NONE else setup.quantize,
     )
 
 

@@ -22,7 +22,7 @@ from hexgen.daemon.worker_frames import (
     StepFrame,
     frame_from_worker,
 )
-from hexgen.daemon.worker_process import Background, Channel, Liveness, abort_on_failure
+from hexgen.daemon.worker_process import Background, Channel, Liveness, abort_on_failure, spec_from
 from hexgen.daemon.worker_setup import ReplicaSetup
 from hexgen.engine.llm import LLM
 from hexgen.engine.sequence import SamplingParams
@@ -223,3 +223,8 @@ def test_a_broken_world_ends_the_worker_with_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("hexgen-worker: error: the exchange group could not connect (cannot reach 10.0.0.9)")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("told", "loads"), [("none", None), ("int8", "int8"), ("int4", "int4")])
+def test_a_worker_loads_the_quantization_its_daemon_names(told: str, loads: str | None) -> None:
+    assert spec_from(ReplicaSetup("/models/m", ((0, 4, 1),), quantize=told)).quantize == loads
