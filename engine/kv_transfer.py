@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hexgen.engine.block_manager import FREED
 from hexgen.engine.layout import (
     GroupLayout,
     check_kv_heads_shardable,
@@ -198,7 +199,9 @@ def _local_moves(shard: KVShard, slices: Sequence[KVSlice], sending: bool, peer:
 
 
 def _used_blocks(kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens: int) -> list[int]:
-    """The block ids holding the first ``num_tokens`` tokens, checked against the table and the cache."""
+    """The block ids holding the first ``num_tokens`` tokens, checked against the table and the cache.
+    ``FREED`` entries (blocks a windowed cache gave back: no query to come reads them) are skipped, so
+    both sides must have trimmed alike (``BlockManager.allocate`` with the receiver's cached count set)."""
     if not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
     block_size, num_blocks = kv_cache.shape[3], kv_cache.shape[2]
@@ -207,7 +210,7 @@ def _used_blocks(kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens:
         raise ValueError(
             f"{num_tokens} tokens need {needed} blocks of {block_size} but the block table has {len(block_table)}"
         )
-    used = [int(block) for block in block_table[:needed]]
+    used = [int(block) for block in block_table[:needed] if block != FREED]
     bad = [block for block in used if not 0 <= block < num_blocks]
     if bad:
         raise ValueError(f"block ids {bad[:8]} are outside the cache's {num_blocks} blocks")
@@ -372,7 +375,8 @@ def send_kv(
     kv_cache : this worker's cache, ``[2, local layers, blocks, block_size, local KV heads, head_dim]``.
     shard : this worker's place in the prefill layout.
     slices : the plan from :func:`plan_kv_transfer`; only slices whose ``src`` is ``shard.rank`` are used.
-    block_table : the sequence's block ids in this cache; its first ``ceil(num_tokens / block_size)`` are sent.
+    block_table : the sequence's block ids in this cache; its first ``ceil(num_tokens / block_size)`` are sent,
+        less the ``FREED`` ones (a windowed cache's, which the receiver's table has at the same places).
     num_tokens : how many tokens' KV to move.
     peer : maps a decode layout rank to the rank torch.distributed addresses it by (the global rank).
     group : the process group, default the world.

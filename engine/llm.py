@@ -77,7 +77,7 @@ class LLM:
         self.runner.allocate_cache(self.runner.blocks_that_fit(config.max_num_batched_tokens, config.max_num_seqs))
         self._maybe_capture(config, device)
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position)
-        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size, self.runner.kv_window)
         self.tokenizer = None
         if (Path(model_dir) / "tokenizer.json").exists():
             from hexgen.engine.tokenizer import Tokenizer  # jinja2 and tokenizers only where there is one

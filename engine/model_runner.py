@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hexgen.engine.attention import Attention, AttentionChoice, AttentionMetadata, attention_for
+from hexgen.engine.block_manager import cache_window
 from hexgen.engine.config import ModelConfig
 from hexgen.engine.graphs import Capture, DecodeGraphs
 from hexgen.engine.kv_format import KVFormat
@@ -91,6 +92,7 @@ class ModelRunner:
         self.paged: PagedDecode | None = None  # FlexAttention's decode state, made with the cache
         self.graphs: DecodeGraphs | None = None  # captured decode steps (enable_graphs)
         self.block_size = self.attention.block_size
+        self.kv_window = cache_window(config.layer_windows)  # BlockManager's window: trimmed tables hold FREED
         self.model: StageModel = build_model(config, shard)
         load_weights(self.model, model_dir, dtype, device, progress, quantize)
         self.model.to(device)
@@ -237,6 +239,12 @@ class ModelRunner:
             return self._prepare_decode(seqs)
         return self._prepare_prefill(seqs, num_new_tokens or [len(seq) - seq.num_cached_tokens for seq in seqs])
 
+    def _read_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Block tables [B, longest] for the paths that read or gather whole tables (SDPA, flash-attn): a
+        ``FREED`` entry reads block 0, whose keys there lie before every query's window and are masked."""
+        tables = padded_tables([seq.block_table for seq in seqs], self.device)
+        return tables.clamp_(min=0) if self.kv_window else tables
+
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -271,7 +279,7 @@ class ModelRunner:
             meta.cu_q = ints([0, *num_new_tokens], dev, torch.int32).cumsum(0, dtype=torch.int32)
             meta.cu_k = ints([0, *context_lens], dev, torch.int32).cumsum(0, dtype=torch.int32)
             if meta.has_prefix:
-                meta.block_tables = padded_tables([seq.block_table for seq in seqs], dev)
+                meta.block_tables = self._read_tables(seqs)
         else:
             self._split_decode_and_prefill(seqs, meta)
         return ints(ids, dev), ints(positions, dev), meta, ints(last, dev)
@@ -285,20 +293,20 @@ class ModelRunner:
         if d < len(seqs):
             rest = seqs[d:]
             prefix = any(q != k for q, k in zip(meta.query_lens[d:], meta.context_lens[d:], strict=True))
-            tables = padded_tables([seq.block_table for seq in rest], self.device) if prefix else None
+            tables = self._read_tables(rest) if prefix else None
             meta.prefill = plan_prefill(meta.query_lens[d:], meta.context_lens[d:], tables, self.device)
 
     def _decode_part(self, seqs: list[Sequence], lens: list[int], meta: AttentionMetadata) -> None:
         """Decode metadata of ``seqs`` (the first ``len(seqs)`` of the step) at context lengths ``lens``:
         FlexAttention's block masks, or the SDPA path's gather indices and padding mask."""
         dev = self.device
-        tables = padded_tables([seq.block_table for seq in seqs], dev)
         meta.num_decode = len(seqs)
         meta.decode_lens = ints(lens, dev)
         if self.paged is not None:
-            self.paged.update(tables, meta.decode_lens)
+            self.paged.update(padded_tables([seq.block_table for seq in seqs], dev), meta.decode_lens)
             meta.paged = self.paged
             return
+        tables = self._read_tables(seqs)
         longest = max(lens)
         meta.gather = tables.long().view(-1)
         meta.gather_len = longest
@@ -320,7 +328,7 @@ class ModelRunner:
             use_flash=self.use_flash,
         )
         if self.use_flash:
-            meta.block_tables = padded_tables([seq.block_table for seq in seqs], dev)
+            meta.block_tables = self._read_tables(seqs)
             meta.context_lens_tensor = ints(lens, dev, torch.int32)
         else:
             self._decode_part(seqs, lens, meta)

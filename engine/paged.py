@@ -80,20 +80,23 @@ class PagedDecode:
         self.tables = torch.zeros(rows, 1, 1, self.num_blocks, dtype=i32, device=dev)
 
     def update(self, block_tables: torch.Tensor, lens: torch.Tensor) -> None:
-        """This step's ``block_tables`` [B, width] (short rows padded with anything) and context lengths
-        ``lens`` [B], both on the device. No host sync. O(B * (num_blocks + width))."""
+        """This step's ``block_tables`` [B, width] (short rows padded with anything; negative entries are
+        blocks freed behind a window) and context lengths ``lens`` [B], both on the device. The block mask
+        visits each row's held blocks only, listed first. No host sync. O(B * (num_blocks + width log width))."""
         batch, width = block_tables.shape
         self.reserve(batch if batch <= self.logical.shape[0] else max(batch, 2 * self.logical.shape[0]))
         count = (lens + self.block_size - 1) // self.block_size
         columns = torch.arange(width, device=lens.device)
-        valid = columns < count.unsqueeze(1)
-        physical = torch.where(valid, block_tables.long(), self.num_blocks)  # padding lands in the spare column
+        valid = (columns < count.unsqueeze(1)) & (block_tables >= 0)
+        physical = torch.where(valid, block_tables.long(), self.num_blocks)  # the rest lands in the spare column
         logical = self.logical[:batch]
         logical.fill_(-1)
         logical.scatter_(1, physical, columns.int().expand(batch, width).contiguous())
+        held_first = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
         self.lens[:batch].copy_(lens)
-        self.kv_count[:batch].copy_(count.view(batch, 1, 1))
-        self.tables[:batch, 0, 0, :width].copy_(block_tables)
+        self.kv_count[:batch].copy_(valid.sum(1, dtype=torch.int32).view(batch, 1, 1))
+        held = min(width, self.num_blocks)  # a trimmed table may be wider than the cache, never hold more
+        self.tables[:batch, 0, 0, :held].copy_(torch.where(valid, block_tables, 0).gather(1, held_first)[:, :held])
         self.batch = batch
         self._masks.clear()
 

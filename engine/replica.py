@@ -202,7 +202,7 @@ class ReplicaWorker:
         local = self.runner.blocks_that_fit(spec.max_num_batched_tokens, spec.max_num_seqs)
         num_blocks = self._agree_on_blocks(local)
         self.runner.allocate_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, self.runner.block_size)
+        self.block_manager = BlockManager(num_blocks, self.runner.block_size, self.runner.kv_window)
         scheduler_config = SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, spec.mode, spec.chunk)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.config.eos_token_ids)
         last = len(spec.layout) - 1
@@ -447,6 +447,7 @@ class ReplicaWorker:
             seq = Sequence(
                 list(req.token_ids), req.sampling, seq_id=req.seq_id, num_prompt_tokens=len(req.token_ids) - 1
             )
+            seq.num_cached_tokens = len(seq) - 1  # a windowed cache allocates no block before the window
             self.block_manager.allocate(seq, len(seq) - 1)
             self.receiving_kv = True  # a KV that never comes must look stuck to the entry, which fails over
             try:
@@ -463,7 +464,6 @@ class ReplicaWorker:
                 )
             finally:
                 self.receiving_kv = False
-            seq.num_cached_tokens = len(seq) - 1
             self.scheduler.add_prefilled(seq)
             self.seqs[seq.seq_id] = seq
             seqs.append(seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -78,6 +79,10 @@ class Scheduler:
     Sequences never grow past ``max_model_len`` tokens (they finish with reason "length" there): beyond
     it a sequence could neither get the KV blocks for its next decode step nor be re-prefilled within the
     token budget after a preemption, and would stall forever.
+
+    With a windowed block manager every step ends by trimming its sequences to their windows
+    (``BlockManager.trim``), and with chunked prefill a prompt gets blocks one chunk at a time, so the
+    blocks a sequence holds, which admission and preemption count, stay bounded however long it grows.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: Iterable[int] = ()) -> None:
@@ -95,6 +100,8 @@ class Scheduler:
         """The longest sequence this scheduler can hold: its KV must fit the cache and its prefill the budget."""
         bm = self.block_manager
         if self.config.prefill_chunk:
+            if bm.peak_blocks(sys.maxsize, self.config.prefill_chunk) <= bm.num_blocks:
+                return sys.maxsize  # a window bounds the blocks any length needs
             return bm.num_blocks * bm.block_size
         return min(bm.num_blocks * bm.block_size, self.config.max_num_batched_tokens)
 
@@ -111,10 +118,10 @@ class Scheduler:
 
     def _check_fits(self, seq: Sequence) -> None:
         bm = self.block_manager
-        num_blocks = seq.num_blocks(bm.block_size)
+        num_blocks = bm.peak_blocks(len(seq), self.config.prefill_chunk)
         if num_blocks > bm.num_blocks:
             raise ValueError(
-                f"sequence {seq.seq_id} has {len(seq)} tokens needing {num_blocks} KV blocks, "
+                f"sequence {seq.seq_id} has {len(seq)} tokens needing {num_blocks} KV blocks at once, "
                 f"but the whole cache has only {bm.num_blocks} blocks of {bm.block_size} tokens"
             )
         if not self.config.prefill_chunk and len(seq) > self.config.max_num_batched_tokens:
@@ -144,6 +151,7 @@ class Scheduler:
             )
         if len(seq.block_table) < seq.num_blocks(self.block_manager.block_size, num_cached):
             raise ValueError(f"sequence {seq.seq_id} has too few blocks for its {num_cached} cached tokens")
+        self.block_manager.trim(seq)
         seq.status = Status.RUNNING
         self.running.append(seq)
 
@@ -168,7 +176,7 @@ class Scheduler:
         while self.waiting and len(scheduled) < seq_room:
             seq = self.waiting[0]
             num_new_tokens = pending(seq)
-            if num_new_tokens > token_room or not self._admit(seq):
+            if num_new_tokens > token_room or not self._admit(seq, len(seq)):
                 break
             token_room -= num_new_tokens
             scheduled.append(seq)
@@ -187,26 +195,36 @@ class Scheduler:
                 break
             # one token short of its prompt's end, a sequence steps as a decode would, except on a prefill
             # replica, which decodes nothing: every sequence it runs is inside its prompt
-            if pending(seq) > 1 or self._prefill_only:
+            if (pending(seq) > 1 or self._prefill_only) and self._grow(seq, min(pending(seq), budget)):
                 chunks.append((seq, min(pending(seq), budget)))
                 budget -= chunks[-1][1]
         while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
             seq = self.waiting[0]
-            if not self._admit(seq):
+            n = min(pending(seq), budget)
+            if not self._admit(seq, seq.num_cached_tokens + n if self.block_manager.window else len(seq)):
                 break
-            chunks.append((seq, min(pending(seq), budget)))
-            budget -= chunks[-1][1]
+            chunks.append((seq, n))
+            budget -= n
         if not chunks:
             return Batch(decodes, is_prefill=False) if decodes else None
         seqs = decodes + [seq for seq, _ in chunks]
         return Batch(seqs, is_prefill=True, num_new_tokens=[1] * len(decodes) + [n for _, n in chunks])
 
-    def _admit(self, seq: Sequence) -> bool:
-        """Move the first waiting sequence to running with blocks for its whole prompt, if they are free."""
+    def _grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Blocks for the next ``num_new_tokens`` of a running prompt, if they are free (a windowed manager
+        allocates chunk by chunk; otherwise admission took them all)."""
         bm = self.block_manager
-        if not bm.can_allocate(seq.num_blocks(bm.block_size) - len(seq.block_table)):
+        end = seq.num_cached_tokens + num_new_tokens
+        if not bm.can_allocate(bm.missing_blocks(seq, end)):
             return False
-        bm.allocate(seq)
+        bm.allocate(seq, end)
+        return True
+
+    def _admit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Move the first waiting sequence to running with blocks for its first ``num_tokens`` tokens, if
+        they are free."""
+        if not self._grow(seq, num_tokens - seq.num_cached_tokens):
+            return False
         self.waiting.popleft()
         seq.status = Status.RUNNING
         self.running.append(seq)
@@ -279,6 +297,9 @@ class Scheduler:
             seq.status = Status.FINISHED
             self.block_manager.free(seq)
             left.append(seq)
+        for seq in batch.seqs:
+            if seq.status is Status.RUNNING:
+                self.block_manager.trim(seq)
         if left:
             self._remove_from_running(left)
         return left

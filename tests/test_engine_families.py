@@ -206,3 +206,56 @@ def test_rope_scaling_stretches_the_context():
     assert parse_config({**base, "rope_scaling": yarn}).max_position == 4 * 32768
     assert parse_config({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}}).max_position == 2 * 32768
     assert parse_config(base).max_position == 32768
+
+
+# A cache trimmed to the window (every layer of Mistral is windowed): blocks of 4 tokens, so a prompt of 21
+# and its 20 tokens span 11 blocks while the window of 8 needs at most 3, 4 with a chunk of 4 being written.
+WINDOWED = ("mistral", "phi3")
+SMALL_BLOCKS = 4
+
+
+@pytest.mark.parametrize(
+    ("name", "attention", "chunk", "num_blocks"),
+    [
+        ("mistral", "sdpa", 0, 32),  # whole prompts in one step, trimmed after it
+        ("mistral", "sdpa", 4, 8),  # chunked: the two sequences' 22 blocks in a cache of 8
+        ("phi3", "flex", 4, 8),  # FlexAttention's paged decode past FREED table entries
+    ],
+)
+def test_window_trimmed_cache_matches_transformers(families, name, attention, chunk, num_blocks):
+    model_dir, expected = families[name]
+    cache = CacheConfig(block_size=SMALL_BLOCKS, num_blocks=num_blocks, attention=attention)
+    llm = LLM(model_dir, cache=cache, prefill_chunk=chunk)
+    assert llm.block_manager.window == WINDOW
+    whole = sum(-(-(n + MAX_TOKENS) // SMALL_BLOCKS) for n in PROMPT_LENGTHS)
+    assert chunk == 0 or whole > num_blocks  # the cache could not hold the sequences untrimmed
+    ours = llm.generate(prompts(), SamplingParams(max_tokens=MAX_TOKENS))
+    assert [o.token_ids for o in ours] == expected
+    assert llm.block_manager.num_free_blocks == num_blocks
+
+
+def test_gemma2_keeps_every_block_for_its_global_layers(families):
+    llm = LLM(families["gemma2"][0], cache=CacheConfig(block_size=SMALL_BLOCKS, num_blocks=32))
+    assert llm.block_manager.window == 0
+
+
+def test_window_trimmed_hand_off_matches_transformers(families):
+    """Prefill on one rank, decode on another, both caches trimmed to the window: only held blocks move."""
+    model_dir, expected = families["mistral"]
+    outcomes = run_ranks(_hand_off_rank, 2, (free_port(), str(model_dir)), timeout_s=120)
+    assert outcomes[1] == expected, outcomes
+
+
+def _hand_off_rank(rank: int, port: int, model_dir: str) -> list[list[int]]:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    init_world(rank, 2, port)
+    cache = CacheConfig(block_size=SMALL_BLOCKS, num_blocks=8)
+    layout = uniform_layout(4, 1, 1)
+    prefill = spec_for(model_dir, layout, cache=cache, mode="prefill", prefill_chunk=4)
+    decode = spec_for(model_dir, layout, first_rank=1, cache=cache, mode="decode", prefill_chunk=4)
+    groups = replica_groups([prefill, decode])
+    worker = ReplicaWorker(prefill if rank == 0 else decode, rank, groups)
+    out = _prefill(worker, decode) if rank == 0 else _decode(worker, prefill)
+    dist.destroy_process_group()
+    return out
