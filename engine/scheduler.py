@@ -195,7 +195,10 @@ class Scheduler:
                 break
             # one token short of its prompt's end, a sequence steps as a decode would, except on a prefill
             # replica, which decodes nothing: every sequence it runs is inside its prompt
-            if (pending(seq) > 1 or self._prefill_only) and self._grow(seq, min(pending(seq), budget)):
+            if pending(seq) > 1 or self._prefill_only:
+                if not self._grow(seq, min(pending(seq), budget)):
+                    budget = 0  # its blocks come first: no later prompt may take them meanwhile
+                    break
                 chunks.append((seq, min(pending(seq), budget)))
                 budget -= chunks[-1][1]
         while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
@@ -271,9 +274,7 @@ class Scheduler:
         seqs = batch.sampling_seqs
         if len(token_ids) != len(seqs):
             raise ValueError(f"got {len(token_ids)} tokens for a batch of {len(seqs)} sampling sequences")
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if n < pending(seq) and seq.status is Status.RUNNING:
-                seq.num_cached_tokens += n
+        self._advance_chunks(batch)
         eos_token_ids = self.eos_token_ids
         hand_off = self._prefill_only and batch.is_prefill
         max_model_len = self.max_model_len
@@ -303,6 +304,12 @@ class Scheduler:
         if left:
             self._remove_from_running(left)
         return left
+
+    def _advance_chunks(self, batch: Batch) -> None:
+        """The cached count of each running prompt whose chunk ended short of its end. O(batch)."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if n < pending(seq) and seq.status is Status.RUNNING:
+                seq.num_cached_tokens += n
 
     def _remove_from_running(self, seqs: list[Sequence]) -> None:
         running = self.running

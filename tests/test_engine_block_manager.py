@@ -1,10 +1,11 @@
-"""Block manager: allocation and growth, all-or-nothing failure, shared prefixes with reference counts, slots."""
+"""Block manager: allocation and growth, all-or-nothing failure, shared prefixes with reference counts, slots,
+and trimming to a sliding window."""
 
 from __future__ import annotations
 
 import pytest
 
-from hexgen.engine.block_manager import BlockManager, NoFreeBlocks
+from hexgen.engine.block_manager import FREED, BlockManager, NoFreeBlocks, cache_window
 from hexgen.engine.sequence import Sequence
 
 
@@ -12,10 +13,12 @@ def _seq(num_tokens: int) -> Sequence:
     return Sequence(list(range(num_tokens)))
 
 
-@pytest.mark.parametrize(("num_blocks", "block_size"), [(0, 4), (4, 0), (-1, 4), (4, -2)])
-def test_rejects_non_positive_sizes(num_blocks: int, block_size: int) -> None:
+@pytest.mark.parametrize(
+    ("num_blocks", "block_size", "window"), [(0, 4, 0), (4, 0, 0), (-1, 4, 0), (4, -2, 0), (4, 4, -1)]
+)
+def test_rejects_non_positive_sizes(num_blocks: int, block_size: int, window: int) -> None:
     with pytest.raises(ValueError):
-        BlockManager(num_blocks, block_size)
+        BlockManager(num_blocks, block_size, window)
 
 
 def test_allocate_covers_the_sequence_in_deterministic_order() -> None:
@@ -148,3 +151,74 @@ def test_slots_follow_the_block_table() -> None:
     assert bm.slots(seq, 2, 6) == [22, 23, 0, 1]
     with pytest.raises(ValueError):
         bm.slots(seq, 5, 4)
+
+
+def test_the_cache_trims_only_when_every_layer_is_windowed() -> None:
+    assert cache_window((8, 8, 8)) == 8
+    assert cache_window((4, 8)) == 8  # the widest window bounds what any layer reads
+    assert cache_window((8, 0, 8, 0)) == 0  # Gemma 2: its global layers read every position
+    assert cache_window(()) == 0
+
+
+def test_trim_returns_the_blocks_wholly_before_the_window() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, window=6)
+    seq = _seq(20)
+    bm.allocate(seq)
+    assert seq.block_table == [0, 1, 2, 3, 4]
+    seq.num_cached_tokens = 12  # position 12 reads keys 7..12: block 1 (positions 4-7) is still read
+    assert bm.trim(seq) == 1
+    assert seq.block_table == [FREED, 1, 2, 3, 4]
+    seq.num_cached_tokens = 14  # reads 9..14
+    assert bm.trim(seq) == 1
+    assert bm.trim(seq) == 0
+    assert seq.block_table == [FREED, FREED, 2, 3, 4]
+    assert (bm.num_free_blocks, bm.live_blocks(seq), bm.ref_count(0)) == (5, 3, 0)
+    bm.free(seq)
+    assert bm.num_free_blocks == 8
+    assert all(bm.ref_count(b) == 0 for b in range(8))
+
+
+def test_without_a_window_nothing_is_trimmed() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = _seq(20)
+    bm.allocate(seq)
+    seq.num_cached_tokens = 19
+    assert bm.trim(seq) == 0
+    assert bm.live_blocks(seq) == 5
+
+
+def test_allocate_leaves_blocks_before_the_window_unallocated() -> None:
+    """A sequence whose KV arrives from elsewhere holds only the window of its next position."""
+    bm = BlockManager(num_blocks=4, block_size=4, window=8)
+    seq = _seq(22)
+    seq.num_cached_tokens = 21  # position 21 reads keys 14..21: blocks 3 to 5
+    assert bm.missing_blocks(seq, 21) == 3
+    bm.allocate(seq, 21)
+    assert seq.block_table == [FREED, FREED, FREED, 0, 1, 2]
+    assert bm.num_free_blocks == 1
+    seq.append(7)
+    seq.token_ids.extend([7, 7])  # 25 tokens: position 24 needs a seventh entry
+    seq.num_cached_tokens = 24
+    bm.trim(seq)
+    assert seq.block_table == [FREED, FREED, FREED, FREED, 1, 2]
+    bm.append_slot(seq)
+    assert seq.block_table == [FREED, FREED, FREED, FREED, 1, 2, 3]
+
+
+def test_peak_blocks_bound_a_windowed_sequence_of_any_length() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4, window=8)
+    assert bm.peak_blocks(1000, 1) == 8 // 4 + 1  # decoding: the window may start mid-block
+    assert bm.peak_blocks(1000, 4) == 4  # a chunk of 4 more positions: one more block
+    assert bm.peak_blocks(1000, 0) == 250  # whole prompts in one step hold all of them
+    assert bm.peak_blocks(6, 4) == 2
+    assert BlockManager(64, 4).peak_blocks(1000, 1) == 250
+
+
+def test_a_trimmed_prefix_cannot_be_shared() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, window=4)
+    src = _seq(12)
+    bm.allocate(src)
+    src.num_cached_tokens = 11
+    bm.trim(src)
+    with pytest.raises(ValueError, match="trimmed"):
+        bm.share(src, _seq(12), 8)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hexgen.engine.block_manager import BlockManager
+from hexgen.engine.block_manager import FREED, BlockManager
 from hexgen.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from hexgen.engine.sequence import SamplingParams, Sequence, Status
 
@@ -310,12 +310,12 @@ def _workloads(draw: st.DrawFn) -> tuple[int, int, int, int, list[tuple[int, int
 
 
 @settings(max_examples=150, deadline=None)
-@given(_workloads(), st.sampled_from([0, 0, 1, 3]))
+@given(_workloads(), st.sampled_from([0, 0, 1, 3]), st.sampled_from([0, 0, 1, 5]))
 def test_random_workloads_finish_within_budgets_and_free_every_block(
-    workload: tuple[int, int, int, int, list[tuple[int, int, int]]], chunk: int
+    workload: tuple[int, int, int, int, list[tuple[int, int, int]]], chunk: int, window: int
 ) -> None:
     block_size, num_blocks, max_num_seqs, max_num_batched_tokens, requests = workload
-    bm = BlockManager(num_blocks, block_size)
+    bm = BlockManager(num_blocks, block_size, window)
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=chunk
     )
@@ -340,13 +340,14 @@ def test_random_workloads_finish_within_budgets_and_free_every_block(
         assert batch.num_tokens <= max_num_batched_tokens
         assert batch.num_tokens == _new_tokens(batch) or chunk, "unchunked steps finish their prompts"
         held: list[int] = []
-        for seq in batch.seqs:
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             assert seq.status is Status.RUNNING
-            assert len(seq.block_table) * block_size >= len(seq)
+            assert len(seq.block_table) * block_size >= seq.num_cached_tokens + n
+            assert bm.live_blocks(seq) <= bm.peak_blocks(len(seq), chunk)
             if not batch.is_prefill:
                 assert seq.num_cached_tokens == len(seq) - 1
         for seq in scheduler.running:
-            held.extend(seq.block_table)
+            held.extend(b for b in seq.block_table if b != FREED)
         assert len(set(held)) == len(held)
         assert len(held) + bm.num_free_blocks == num_blocks
         scheduler.postprocess(batch, [_fake_token(s) for s in batch.sampling_seqs])
@@ -360,3 +361,39 @@ def test_random_workloads_finish_within_budgets_and_free_every_block(
         prompt_len = seq.num_prompt_tokens
         expected = [_fake_token(Sequence(seq.token_ids[:n])) for n in range(prompt_len, len(seq))]
         assert seq.completion_token_ids == expected
+
+
+@pytest.mark.parametrize(("prompt_len", "chunk"), [(5, 4), (30, 4), (30, 1)])
+def test_a_windowed_sequence_holds_a_bounded_number_of_blocks(prompt_len: int, chunk: int) -> None:
+    """Far past its window of 8, a sequence holds at most ceil(8 / 4) + 1 blocks while it decodes, one
+    more while a chunk of its prompt is written, in a cache of 4 blocks that could not hold it whole."""
+    window, block_size, num_blocks, max_tokens = 8, 4, 4, 120
+    bm = BlockManager(num_blocks, block_size, window)
+    scheduler = Scheduler(SchedulerConfig(prefill_chunk=chunk), bm)
+    assert scheduler.max_model_len > prompt_len + max_tokens > num_blocks * block_size
+    seq = _seq(prompt_len, max_tokens=max_tokens)
+    scheduler.add(seq)
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        assert batch is not None
+        bound = -(-window // block_size) + 1 + (1 if batch.is_prefill else 0)  # while the step writes
+        assert bm.live_blocks(seq) <= bound
+        assert bm.live_blocks(seq) + bm.num_free_blocks == num_blocks
+        scheduler.postprocess(batch, [_fake_token(s) for s in batch.sampling_seqs])
+    assert scheduler.num_preemptions == 0
+    assert seq.finish_reason == "length" and seq.num_completion_tokens == max_tokens
+    assert bm.num_free_blocks == num_blocks
+    expected = [_fake_token(Sequence(seq.token_ids[:n])) for n in range(prompt_len, len(seq))]
+    assert seq.completion_token_ids == expected
+
+
+def test_an_unwindowed_cache_cuts_the_same_sequence_at_its_size() -> None:
+    scheduler, _ = _scheduler(num_blocks=4, block_size=4, prefill_chunk=4)
+    assert scheduler.max_model_len == 16
+    seq = _seq(5, max_tokens=120)
+    scheduler.add(seq)
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        assert batch is not None
+        scheduler.postprocess(batch, [_fake_token(s) for s in batch.sampling_seqs])
+    assert seq.finish_reason == "length" and len(seq) == 17
