@@ -136,7 +136,9 @@ class ModelRunner:
             raise ValueError("decode graphs run a whole model on one rank only")
         if not self.num_blocks:
             raise RuntimeError("allocate the KV cache before capturing decode graphs: they read its address")
-        max_blocks = min(self.num_blocks, -(-self.config.max_position // self.block_size))
+        max_blocks = -(-self.config.max_position // self.block_size)  # a trimmed table outgrows the cache
+        if not self.kv_window:
+            max_blocks = min(self.num_blocks, max_blocks)
         self.graphs = DecodeGraphs(self, capture, max_batch, max_blocks)
         return self.graphs
 

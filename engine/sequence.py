@@ -51,7 +51,8 @@ class Sequence:
 
     ``num_cached_tokens`` counts the leading tokens whose KV is in the cache. After a prefill of P prompt
     tokens the cache holds P tokens and the sequence P + 1 (the sampled first token), so a decode step
-    feeds ``last_token`` at position ``len(seq) - 1``.
+    feeds ``last_token`` at position ``len(seq) - 1``. ``block_table`` lists its KV blocks by position,
+    ``block_manager.FREED`` where a sliding window let one go.
     """
 
     token_ids: list[int]
