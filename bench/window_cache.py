@@ -44,7 +44,7 @@ class Setting:
     prefill_chunk: int
 
 
-SETTINGS = {"quick": Setting(64, 16, 48, 8, 48, 200, 32), "full": Setting(256, 16, 160, 16, 200, 1000, 64)}
+SETTINGS = {"quick": Setting(64, 16, 48, 8, 48, 200, 32), "full": Setting(256, 16, 320, 16, 200, 1000, 64)}
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,11 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, num_tokens: int) -> bool:
         """Move the first waiting sequence to running with blocks for its first ``num_tokens`` tokens, if
-        they are free."""
+        they are free; a windowed one only while the most it will hold is free too (admitted on its first
+        chunk's blocks alone, it would be preempted again as soon as it grew)."""
+        bm = self.block_manager
+        if bm.window and not bm.can_allocate(bm.peak_blocks(len(seq) + 1, self.config.prefill_chunk)):
+            return False
         if not self._grow(seq, num_tokens - seq.num_cached_tokens):
             return False
         self.waiting.popleft()
