@@ -300,21 +300,33 @@ class ModelRunner:
 
     def _decode_part(self, seqs: list[Sequence], lens: list[int], meta: AttentionMetadata) -> None:
         """Decode metadata of ``seqs`` (the first ``len(seqs)`` of the step) at context lengths ``lens``:
-        FlexAttention's block masks, or the SDPA path's gather indices and padding mask."""
+        FlexAttention's block masks, or the SDPA path's gather indices and padding mask. The SDPA path
+        gathers from the first block any of them still reads (a window), so a step costs O(B x window)
+        however long the sequences, and counts its lengths and masks from there."""
         dev = self.device
         meta.num_decode = len(seqs)
-        meta.decode_lens = ints(lens, dev)
         if self.paged is not None:
+            meta.decode_lens = ints(lens, dev)
             self.paged.update(padded_tables([seq.block_table for seq in seqs], dev), meta.decode_lens)
             meta.paged = self.paged
             return
-        tables = self._read_tables(seqs)
+        skip = min(self._blocks_behind(n) for n in lens)
+        tables = self._read_tables(seqs)[:, skip:]
+        lens = [n - skip * self.block_size for n in lens]
+        meta.decode_lens = ints(lens, dev)
         longest = max(lens)
-        meta.gather = tables.long().view(-1)
+        meta.gather = tables.long().reshape(-1)
         meta.gather_len = longest
         if min(lens) != longest:
             span = torch.arange(longest, device=dev)
             meta.mask = (span < meta.decode_lens.unsqueeze(1)).view(len(seqs), 1, 1, longest)
+
+    def _blocks_behind(self, context_len: int) -> int:
+        """Leading blocks of a sequence of ``context_len`` tokens that its query (the last) does not read:
+        every position in them is at least the window before it. O(1)."""
+        if not self.kv_window:
+            return 0
+        return max(0, (context_len - self.kv_window) // self.block_size)
 
     def _prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, None]:
         bs = self.block_size
