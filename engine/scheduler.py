@@ -228,7 +228,7 @@ class Scheduler:
         they are free; a windowed one only while the most it will hold is free too (admitted on its first
         chunk's blocks alone, it would be preempted again as soon as it grew)."""
         bm = self.block_manager
-        if bm.window and not bm.can_allocate(bm.peak_blocks(len(seq) + 1, self.config.prefill_chunk)):
+        if bm.window and not bm.can_allocate(bm.peak_blocks(len(seq), self.config.prefill_chunk)):
             return False
         if not self._grow(seq, num_tokens - seq.num_cached_tokens):
             return False
