@@ -101,6 +101,13 @@ def _add_join_arguments(join: argparse.ArgumentParser) -> None:
         join, "how every replica loads the weights while this node coordinates (the coordinator's choice holds)"
     )
     join.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="TOKENS",
+        help="prompt tokens one engine step prefills, so a long prompt does not stall the decode batch "
+        "(default: 512 where replicas decode, 2048 on prefill replicas; 0: whole prompts)",
+    )
+    join.add_argument(
         "--pin-plan", metavar="FILE", help="serve this TOML layout instead of the planner's while its hosts are present"
     )
     join.add_argument("--key-file", metavar="PATH", help="node key (default: $XDG_DATA_HOME/hexgen/node.key)")
@@ -301,6 +308,7 @@ def _node_config(
         relay_peers=relay_peers,
         mdns=not args.no_mdns,
         quantize=args.quantize,
+        prefill_chunk=args.prefill_chunk,
     )
 
 
@@ -329,4 +337,5 @@ FLAGS = {
     "relay_only": "hexgen-node relay",
     "relay_peers": "--relay-peer",
     "quantize": "--quantize",
+    "prefill_chunk": "--prefill-chunk",
 }
