@@ -199,12 +199,12 @@ class QuantizedWeight(nn.Module):
     def _grouped(self, q: torch.Tensor) -> torch.Tensor:
         """float32 [N, K] of codes q [N, >= K] and this weight's per-group scales and offsets."""
         q = q[:, : self.in_features].float() - self.offset
-        if self.g_idx is None:
-            scale = self.scale.float().repeat_interleave(self.group, dim=1)[:, : self.in_features]
-            zero = self.zero.float().repeat_interleave(self.group, dim=1)[:, : self.in_features]
-        else:
-            scale, zero = self.scale.float()[:, self.g_idx], self.zero.float()[:, self.g_idx]
-        return q * scale + zero
+        if self.g_idx is not None:
+            return q * self.scale.float()[:, self.g_idx] + self.zero.float()[:, self.g_idx]
+        n, groups = self.scale.shape
+        q = F.pad(q, (0, groups * self.group - self.in_features)).reshape(n, groups, self.group)
+        w = q * self.scale.float()[..., None] + self.zero.float()[..., None]
+        return w.reshape(n, -1)[:, : self.in_features]
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, [out_features, in_features] in float32."""
