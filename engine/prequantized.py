@@ -151,7 +151,8 @@ def _gptq_g_idx(fetch: Fetch, base: str, k: int, quant: Prequantized) -> torch.T
     _expect(base, "g_idx", _shape(view), [k])
     if view.get_dtype() not in ("I32", "I64"):
         raise PackedError(f"{base}.g_idx is {view.get_dtype()}, not an integer type")
-    return view[:].long()
+    g_idx: torch.Tensor = view[:]
+    return g_idx.long()
 
 
 def _awq(base: str, piece: Piece, quant: Prequantized, qweight: Any, scales: Any, qzeros: Any) -> Grouped:

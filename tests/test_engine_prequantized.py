@@ -25,6 +25,7 @@ from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import LLAMA_GQA, random_prompts, reference_greedy, save_random_checkpoint
 from hexgen.testing.gptq import Variant, write_prequantized
 from hexgen.testing.replica_driver import generate
+from hexgen.testing.threads import one_thread
 
 VARIANTS = {
     "gptq4-g32": Variant(),
@@ -40,12 +41,9 @@ LINEAR_SHAPES = [(64 + 2 * 32, 64), (64, 64), (2 * 96, 64), (64, 96)]  # qkv, o,
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine stall on every small op; one does not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
