@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hexgen.coordinator.specs import SpecError, resolve_model
+from hexgen.coordinator.specs import MODELS, SpecError, resolve_model
 from hexgen.engine.config import ConfigError, load_config
 from hexgen.engine.layers import Shard
 from hexgen.engine.layout import uniform_layout
@@ -23,6 +23,7 @@ from hexgen.engine.quant import paths, weight_bytes
 from hexgen.engine.quant_bytes import prequantized_bytes
 from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import LLAMA_GQA, random_prompts, reference_greedy, save_random_checkpoint
+from hexgen.testing.cli import assert_one_line_error, run_main
 from hexgen.testing.gptq import Variant, write_prequantized
 from hexgen.testing.replica_driver import generate
 from hexgen.testing.threads import one_thread
@@ -192,3 +193,21 @@ def test_a_shipped_quantization_is_not_quantized_again(checkpoints):
     spec = resolve_model(str(packed))
     with pytest.raises(SpecError, match="cannot be quantized again with int4"):
         dataclasses.replace(spec, quantize="int4")
+
+
+def test_node_plans_a_gptq_70b_checkpoint_with_its_bytes(tmp_path, capsys):
+    """``hexgen-node plan`` on a GPTQ Llama-2-70B config: weights as shipped (4 bits, groups of 128), fewer
+    than --quantize int4's groups of 32 take; --quantize on it is refused in one line."""
+    pytest.importorskip("hexgen.coordinator.planner")
+    shape = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80}
+    shape |= {"num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "torch_dtype": "float16"}
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+    (tmp_path / "config.json").write_text(json.dumps(shape | {"quantization_config": gptq}))
+    cluster = Path(__file__).parent.parent / "bench" / "clusters" / "het-1.toml"
+    status, out, _ = run_main(capsys, "plan", cluster, "--model", tmp_path, "--json")
+    assert status == 0
+    shipped = json.loads(out)["weight_bytes"]
+    int4 = dataclasses.replace(MODELS["llama-2-70b"], quantize="int4").weight_bytes
+    assert 0.8 * int4 < shipped < int4
+    status, out, err = run_main(capsys, "plan", cluster, "--model", tmp_path, "--quantize", "int4")
+    assert_one_line_error(status, out, err, "ships quantized weights (gptq int4, groups of 128)")
