@@ -89,14 +89,12 @@ def load_weights(
         files = checkpoint_files(model_dir)
         handles = [stack.enter_context(_open(f)) for f in files]
         where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 - safe_open is not a mapping
-        sizes = {name: sum(_piece_bytes(where, piece) for piece in pieces) for name, pieces in plan.items()}
+        sizes = {name: sum(_piece_bytes(where, piece, shipped) for piece in pieces) for name, pieces in plan.items()}
         total = sum(sizes.values())
         done = 0
         report = progress or _default_progress(sum(f.stat().st_size for f in files))
         for param_name, pieces in plan.items():
-            packed = shipped is not None and param_name in linears and _has(where, packed_name(pieces[0]))
-            if packed:
-                assert shipped is not None  # packed implies it
+            if shipped is not None and param_name in linears and _has(where, packed_name(pieces[0])):
                 keep = param_name in held
                 _load_packed(where, pieces, linears[param_name], shipped, keep, dtype, device)
             else:
@@ -199,18 +197,34 @@ def _resolve(where: dict[str, Any], name: str) -> tuple[Any, str]:
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}
 
 
-def _piece_bytes(where: dict[str, Any], piece: Piece) -> int:
-    """Checkpoint bytes a piece reads (its slice of the tensor), from the header alone; 0 when the tensor
-    is missing (``_read`` reports that)."""
+def _piece_bytes(where: dict[str, Any], piece: Piece, shipped: Prequantized | None = None) -> int:
+    """Checkpoint bytes a piece reads (its slice of the tensor, or of the packed tensors standing for it),
+    from the header alone; 0 when the tensor is missing (``_read`` reports that)."""
     try:
         handle, name = _resolve(where, piece.name)
     except CheckpointError:
-        return 0
+        return _packed_bytes(where, piece, shipped) if shipped is not None else 0
     view = handle.get_slice(name)
     shape = [int(n) for n in view.get_shape()]
     if piece.dim is not None and piece.dim < len(shape):
         shape[piece.dim] = max(0, min(piece.end, shape[piece.dim]) - piece.start)
     return math.prod(shape) * _DTYPE_BYTES.get(view.get_dtype(), 1)
+
+
+def _packed_bytes(where: dict[str, Any], piece: Piece, shipped: Prequantized) -> int:
+    """What engine.prequantized reads for a piece: its share of ``X.qweight`` (outputs along its dim 1, inputs
+    along its dim 0, packed 32 / bits to an int32 along the input in GPTQ, along the output in AWQ) and all of
+    ``X.qzeros``, ``X.scales`` and ``X.g_idx``."""
+    base = piece.name.removesuffix(".weight")
+    rest = sum(_piece_bytes(where, Piece(f"{base}.{part}")) for part in ("qzeros", "scales", "g_idx"))
+    whole = _piece_bytes(where, Piece(f"{base}.qweight"))
+    if piece.dim is None or whole == 0:
+        return whole + rest
+    along = 1 - piece.dim
+    handle, name = _resolve(where, f"{base}.qweight")
+    per = 32 // shipped.bits if (shipped.method == "gptq") == (along == 0) else 1
+    size = int(handle.get_slice(name).get_shape()[along]) * per
+    return whole * (piece.end - piece.start) // max(size, 1) + rest
 
 
 def _read(where: dict[str, Any], piece: Piece) -> torch.Tensor:

@@ -95,6 +95,23 @@ def test_linears_run_the_path_their_groups_allow(checkpoints):
     assert counts["gptq4-act-order-per-linear"] == {"int4-dequant": 2 * LAYERS}  # o and down; the rest plain
 
 
+@pytest.mark.parametrize("name", ["gptq4-g32", "awq4-g32"])
+def test_progress_hears_the_packed_bytes_read(checkpoints, name):
+    """A whole model reads every tensor of the file once; each TP=2 rank its share of every qweight."""
+    packed = checkpoints[name][0]
+    file_bytes = sum(t.numel() * t.element_size() for t in load_file(str(packed / "model.safetensors")).values())
+    read = []
+    for tp, rank in ((1, 0), (2, 0)):
+        heard: list[tuple[int, int]] = []
+        model = build_model(load_config(packed), Shard(0, LAYERS, LAYERS, tp_size=tp, tp_rank=rank))
+        load_weights(
+            model, packed, torch.float32, progress=lambda done, total, heard=heard: heard.append((done, total))
+        )
+        assert heard[-1][0] == heard[-1][1]
+        read.append(heard[-1][1])
+    assert read[0] == file_bytes and file_bytes / 2 < read[1] < file_bytes
+
+
 @pytest.mark.parametrize("name", ["gptq4-g32", "gptq4-act-order", "gptq8-g32"])
 def test_planner_counts_the_bytes_the_engine_holds(checkpoints, name):
     packed = checkpoints[name][0]
