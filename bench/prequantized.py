@@ -8,7 +8,7 @@ dequantized checkpoint's before the first divergence and the largest logit error
 reference's tokens), bytes of the linear weights, batch-1 decode ms/token of both (median over --repeats,
 (t_N - t_1) / (N - 1)), and the matmul path the packed linears run. The first row is the engine's own
 --quantize int4 (groups of 32) on the original weights, for scale.
---quick: a 256-wide model, N=32, one repeat (under 60 s on one thread).
+--quick: a 256-wide model, N=32, one repeat (under 60 s on one thread); else 1024 wide, N=48, 3 repeats.
 
     python bench/prequantized.py [--quick] [--json OUT] [--threads N] [--repeats N]
 """
@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
-    tokens = 32 if args.quick else 64
+    tokens = 32 if args.quick else 48
     settings = Settings(args.quick, repeats, torch.device("cpu"), "float32", 0, tokens, None, None)
     size = SIZES["quick" if args.quick else "full"]
     rows = []

@@ -8,8 +8,8 @@ int4 kernels want it, (q - 8) * s + z with z = m + 8 s. Where torch's own CPU ke
 
 A checkpoint's own groups (``Grouped``: GPTQ's and AWQ's codes, integer zeros and scales) are held the same
 way, with the offset of b-bit codes 2^(b-1): exactly (q - zero) * s, since both terms are small multiples of s.
-Groups of 32 to 256 columns in order run torch's int4 kernel; any other layout (GPTQ's act-order group index,
-a TP shard cutting a group, 8 bits) dequantizes for each call.
+Groups of 32 to 256 columns run torch's int4 kernel, in order or put in order by permuting the input (GPTQ's
+act order); any other layout (a TP shard cutting a group, unequal groups, 8 bits) dequantizes for each call.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ class QuantizedWeight(nn.Module):
     zero: torch.Tensor  # int4-dequant only
 
     g_idx: torch.Tensor | None  # a Grouped weight's, where its groups are not in order
+    perm: torch.Tensor | None  # the input order that puts a Grouped weight's groups in order, for the kernel
 
     def __init__(self, w: torch.Tensor | Grouped, scheme: str, dtype: torch.dtype, device: torch.device) -> None:
         """``w`` a full-precision weight quantized with ``scheme`` ("int8", "int4"), or a checkpoint's
@@ -145,6 +146,7 @@ class QuantizedWeight(nn.Module):
         self.dtype = dtype
         self.group, self.offset = INT4_GROUP, 8
         self.register_buffer("g_idx", None)
+        self.register_buffer("perm", None)
         if isinstance(w, Grouped):
             self._hold(w, device)
             return
@@ -177,6 +179,7 @@ class QuantizedWeight(nn.Module):
     def _hold(self, w: Grouped, device: torch.device) -> None:
         """A checkpoint's groups: torch's int4 kernel where they are in order and of a size it takes, else
         codes and per-group scales and offsets (and the group index, where it is out of order)."""
+        w = self._in_group_order(w, device)
         size = w.group_size()
         scale = w.scales.to(device, torch.float32)
         self.offset = 1 << (w.bits - 1)
@@ -195,6 +198,20 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("qweight", codes.to(torch.uint8))
         self.register_buffer("scale", scale.to(self.dtype))
         self.register_buffer("zero", zero.to(self.dtype))
+
+    def _in_group_order(self, w: Grouped, device: torch.device) -> Grouped:
+        """A 4-bit weight whose groups are out of order (GPTQ's act order) but of one size torch's int4 kernel
+        takes, with its columns sorted by group; ``perm`` then orders each input the same way. ``w`` itself
+        otherwise. O(N K)."""
+        if w.bits != 4 or w.group_size():
+            return w
+        order = torch.argsort(w.g_idx, stable=True)
+        ordered = Grouped(w.codes[:, order], w.zeros, w.scales, w.g_idx[order], w.bits)
+        size = ordered.group_size()
+        if size not in _INT4_KERNEL_GROUPS or self.in_features % size or device.type != "cpu":
+            return w
+        self.register_buffer("perm", order.to(device, torch.int32))
+        return ordered
 
     def _grouped(self, q: torch.Tensor) -> torch.Tensor:
         """float32 [N, K] of codes q [N, >= K] and this weight's per-group scales and offsets."""
@@ -216,7 +233,12 @@ class QuantizedWeight(nn.Module):
             return self._grouped(unpack_nibbles(self.qweight))
         eye = torch.eye(self.k_padded, dtype=self.scale.dtype)
         dense = torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, self.scale)
-        return dense.T[:, : self.in_features].float()
+        weight = dense.T[:, : self.in_features].float()
+        if self.perm is None:
+            return weight
+        unsorted = torch.empty_like(weight)
+        unsorted[:, self.perm.long()] = weight
+        return unsorted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -224,6 +246,7 @@ class QuantizedWeight(nn.Module):
         if self.path == "int8-mm":
             y = torch._weight_int8pack_mm(x, self.qweight, self.scale)
         elif self.path == "int4-mm-cpu":
+            x = x if self.perm is None else x.index_select(1, self.perm)
             x = F.pad(x, (0, self.k_padded - self.in_features))
             y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.qweight, self.group, self.scale)
         else:

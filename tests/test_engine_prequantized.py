@@ -19,7 +19,7 @@ from hexgen.engine.layout import uniform_layout
 from hexgen.engine.llm import LLM
 from hexgen.engine.loader import CheckpointError, load_weights, quantized_linears
 from hexgen.engine.models import build_model
-from hexgen.engine.quant import paths, weight_bytes
+from hexgen.engine.quant import Grouped, QuantizedWeight, paths, weight_bytes
 from hexgen.engine.quant_bytes import prequantized_bytes
 from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import LLAMA_GQA, random_prompts, reference_greedy, save_random_checkpoint
@@ -85,14 +85,45 @@ def test_each_tp_shard_holds_exactly_the_dequantized_weights(checkpoints, name):
         assert all(torch.equal(held[p], expected[p]) for p in others)
 
 
+@pytest.mark.parametrize(
+    ("bits", "order", "path"),
+    [
+        (4, "in order", "int4-mm-cpu"),
+        (4, "act order", "int4-mm-cpu"),
+        (4, "unequal", "int4-dequant"),
+        (8, "in order", "int8-grouped-dequant"),
+    ],
+)
+def test_a_grouped_linear_computes_with_the_weight_it_ships(bits, order, path):
+    """x W^T of a checkpoint's groups (64 of 128 inputs) equals x times its exact dequantization."""
+    gen = torch.Generator().manual_seed(bits)
+    n, k, groups = 48, 128, 2
+    g_idx = {
+        "in order": torch.arange(k) // 64,
+        "act order": torch.randperm(k, generator=gen) // 64,
+        "unequal": (torch.arange(k) >= 40).long(),
+    }[order]
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    zeros = torch.randint(0, (1 << bits) + 1, (n, groups), generator=gen)
+    grouped = Grouped(codes, zeros, torch.rand(n, groups, generator=gen).half(), g_idx, bits)
+    weight = QuantizedWeight(grouped, "gptq", torch.float32, torch.device("cpu"))
+    assert weight.path == path
+    assert torch.equal(weight.dequantized(), grouped.dequantized())
+    x = torch.randn(3, 5, k, generator=gen)
+    assert torch.allclose(weight(x), x @ grouped.dequantized().T, atol=1e-4, rtol=1e-5)
+
+
 def test_linears_run_the_path_their_groups_allow(checkpoints):
-    """In-order groups of 32 run torch's int4 kernel; act order and 8 bits dequantize per call; q, k and v
-    whose act orders differ cannot share one group index and load dequantized (o, gate_up, down stay packed)."""
-    counts = {name: paths(_loaded(checkpoints[name][0], Shard(0, LAYERS, LAYERS))) for name in VARIANTS}
-    assert counts["gptq4-g32"] == counts["awq4-g32"] == {"int4-mm-cpu": 4 * LAYERS}
-    assert counts["gptq4-act-order"] == {"int4-dequant": 4 * LAYERS}
+    """Groups of 32 run torch's int4 kernel, in order or (act order) with the input permuted; 8 bits and a TP
+    row shard's unequal groups dequantize per call; q, k and v whose act orders differ cannot share one group
+    index and load dequantized (o, gate_up, down stay packed)."""
+    whole = Shard(0, LAYERS, LAYERS)
+    counts = {name: paths(_loaded(checkpoints[name][0], whole)) for name in VARIANTS}
+    assert counts["gptq4-g32"] == counts["awq4-g32"] == counts["gptq4-act-order"] == {"int4-mm-cpu": 4 * LAYERS}
     assert counts["gptq8-g32"] == {"int8-grouped-dequant": 4 * LAYERS}
-    assert counts["gptq4-act-order-per-linear"] == {"int4-dequant": 2 * LAYERS}  # o and down; the rest plain
+    assert counts["gptq4-act-order-per-linear"] == {"int4-mm-cpu": 2 * LAYERS}  # o and down; the rest plain
+    tp2 = paths(_loaded(checkpoints["gptq4-act-order"][0], Shard(0, LAYERS, LAYERS, tp_size=2, tp_rank=1)))
+    assert tp2 == {"int4-mm-cpu": 2 * LAYERS, "int4-dequant": 2 * LAYERS}  # column shards keep every input
 
 
 @pytest.mark.parametrize("name", ["gptq4-g32", "awq4-g32"])
