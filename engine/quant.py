@@ -185,7 +185,7 @@ class QuantizedWeight(nn.Module):
         self.offset = 1 << (w.bits - 1)
         zero = (self.offset - w.zeros.to(device, torch.float32)) * scale  # (q - zero) s = (q - offset) s + this
         codes = w.codes.to(device)
-        if w.bits == 4 and size in _INT4_KERNEL_GROUPS and self.in_features % size == 0:
+        if w.bits == 4 and self._int4_kernel_takes(size, device):
             self.group = size
             self._hold_int4(codes, scale, zero, device)
             return
@@ -199,6 +199,11 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("scale", scale.to(self.dtype))
         self.register_buffer("zero", zero.to(self.dtype))
 
+    def _int4_kernel_takes(self, group: int, device: torch.device) -> bool:
+        """Whether torch's CPU int4 kernel runs this weight in groups of ``group`` columns."""
+        fits = group in _INT4_KERNEL_GROUPS and self.in_features % group == 0
+        return fits and device.type == "cpu" and self.out_features % _INT4_PACK_ROWS == 0
+
     def _in_group_order(self, w: Grouped, device: torch.device) -> Grouped:
         """A 4-bit weight whose groups are out of order (GPTQ's act order) but of one size torch's int4 kernel
         takes, with its columns sorted by group; ``perm`` then orders each input the same way. ``w`` itself
@@ -207,8 +212,7 @@ class QuantizedWeight(nn.Module):
             return w
         order = torch.argsort(w.g_idx, stable=True)
         ordered = Grouped(w.codes[:, order], w.zeros, w.scales, w.g_idx[order], w.bits)
-        size = ordered.group_size()
-        if size not in _INT4_KERNEL_GROUPS or self.in_features % size or device.type != "cpu":
+        if not self._int4_kernel_takes(ordered.group_size(), device):
             return w
         self.register_buffer("perm", order.to(device, torch.int32))
         return ordered

@@ -69,10 +69,12 @@ class Prequantized:
 
     @property
     def name(self) -> str:
-        return f"{self.method} int{self.bits}, groups of {self.group or 'a whole row'}"
+        groups = f"groups of {self.group}" if self.group else "one group per row"
+        return f"{self.method} int{self.bits}, {groups}{', act order' if self.act_order else ''}"
 
 
 def _field(config: dict[str, Any], *keys: str) -> Any:
+    """The value of the first of ``keys`` that ``config`` has (the tools name some fields differently)."""
     return next((config[k] for k in keys if k in config), None)
 
 
