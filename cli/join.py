@@ -4,6 +4,7 @@ and the hand-off to the daemon process entry."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -248,11 +249,11 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     if not args.peer_timeout > 0:  # checked first: the advert refresh below is derived from it
         raise JoinError("--peer-timeout must be positive")
     try:
-        quantize_scheme(args.quantize)
+        scheme = quantize_scheme(args.quantize)
     except SettingsError as exc:
         raise JoinError(str(exc)) from None
     model = local_model(args.model)  # after the checks that cost nothing: this one may download the model
-    spec = resolve_model(model)
+    spec = dataclasses.replace(resolve_model(model), quantize=scheme)  # SpecError: a GPTQ/AWQ one takes no --quantize
     if is_checkpoint_dir(model):
         model_fingerprint(model)
         Tokenizer.from_dir(model)

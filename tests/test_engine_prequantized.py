@@ -23,7 +23,7 @@ from hexgen.engine.quant import Grouped, QuantizedWeight, paths, weight_bytes
 from hexgen.engine.quant_bytes import prequantized_bytes
 from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.checkpoints import LLAMA_GQA, random_prompts, reference_greedy, save_random_checkpoint
-from hexgen.testing.cli import assert_one_line_error, run_main
+from hexgen.testing.cli import assert_one_line_error, join, run_main
 from hexgen.testing.gptq import Variant, write_prequantized
 from hexgen.testing.replica_driver import generate
 from hexgen.testing.threads import one_thread
@@ -260,3 +260,5 @@ def test_node_plans_a_gptq_70b_checkpoint_with_its_bytes(tmp_path, capsys):
     assert 0.8 * int4 < shipped < int4
     status, out, err = run_main(capsys, "plan", cluster, "--model", tmp_path, "--quantize", "int4")
     assert_one_line_error(status, out, err, "ships quantized weights (gptq int4, groups of 128)")
+    status, err = join("--model", tmp_path, "--quantize", "int4", tmp_path=tmp_path)
+    assert_one_line_error(status, "", err, "ships quantized weights (gptq int4, groups of 128)")
