@@ -118,7 +118,7 @@ def report_text(r: PlanReport) -> str:
         f"cluster   {c.describe()}",
         f"hosts     {hosts}",
         f"model     {m.name}: {m.layers} layers, {_si(m.params)} parameters, {_si(m.weight_bytes)}B of weights "
-        f"(linear weights: {name_of(m.quantize)})",
+        f"(linear weights: {m.prequantized.name if m.prequantized else name_of(m.quantize)})",
         f"workload  {w.name}: {len(w.requests)} requests, mean prompt {w.mean_prompt:,.0f} tokens, "
         f"mean output {w.mean_output:,.0f} tokens",
         f"planned   in {r.seconds:.2f} s",

@@ -4,6 +4,7 @@ and the hand-off to the daemon process entry."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +100,13 @@ def _add_join_arguments(join: argparse.ArgumentParser) -> None:
     )
     add_quantize_argument(
         join, "how every replica loads the weights while this node coordinates (the coordinator's choice holds)"
+    )
+    join.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="TOKENS",
+        help="prompt tokens one engine step prefills, so a long prompt does not stall the decode batch "
+        "(default: 512 where replicas decode, 2048 on prefill replicas; 0: whole prompts)",
     )
     join.add_argument(
         "--pin-plan", metavar="FILE", help="serve this TOML layout instead of the planner's while its hosts are present"
@@ -241,11 +249,11 @@ def join_options(args: argparse.Namespace) -> JoinOptions:
     if not args.peer_timeout > 0:  # checked first: the advert refresh below is derived from it
         raise JoinError("--peer-timeout must be positive")
     try:
-        quantize_scheme(args.quantize)
+        scheme = quantize_scheme(args.quantize)
     except SettingsError as exc:
         raise JoinError(str(exc)) from None
     model = local_model(args.model)  # after the checks that cost nothing: this one may download the model
-    spec = resolve_model(model)
+    spec = dataclasses.replace(resolve_model(model), quantize=scheme)  # SpecError: a GPTQ/AWQ one takes no --quantize
     if is_checkpoint_dir(model):
         model_fingerprint(model)
         Tokenizer.from_dir(model)
@@ -301,6 +309,7 @@ def _node_config(
         relay_peers=relay_peers,
         mdns=not args.no_mdns,
         quantize=args.quantize,
+        prefill_chunk=args.prefill_chunk,
     )
 
 
@@ -329,4 +338,5 @@ FLAGS = {
     "relay_only": "hexgen-node relay",
     "relay_peers": "--relay-peer",
     "quantize": "--quantize",
+    "prefill_chunk": "--prefill-chunk",
 }

@@ -95,15 +95,12 @@ def _cells_union(
     evaluator: Evaluator, budget: SearchBudget, rng: random.Random, roles: tuple[Role, ...]
 ) -> list[GroupSpec]:
     """The groups of every cell's best finalist, in the whole cluster's GPU ids; a cell that cannot hold a
-    replica leaves its GPUs unassigned for the whole refinement to use. O(cells * a cell's search)."""
+    replica leaves its GPUs unassigned for the whole refinement to use. Beyond ``budget.steepest_cells`` cells,
+    each cell takes first-improving moves (see ``refine``). O(cells * a cell's search)."""
     cluster = evaluator.cluster
-    cells = partition(
-        cluster,
-        [g.id for g in cluster.gpus],
-        math.ceil(len(cluster) / budget.cell_gpus),
-        evaluator.replica_bytes(),
-        evaluator.usable,
-    )
+    count = math.ceil(len(cluster) / budget.cell_gpus)
+    cells = partition(cluster, [g.id for g in cluster.gpus], count, evaluator.replica_bytes(), evaluator.usable)
+    budget = dataclasses.replace(budget, first_improvement=count > budget.steepest_cells)
     groups: list[GroupSpec] = []
     for cell in cells:
         sub, remap = cluster.subset(cell)

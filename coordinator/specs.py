@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from hexgen.engine.quant_bytes import check_scheme, linear_bytes
+from hexgen.engine.quant_bytes import Prequantized, check_scheme, linear_bytes, prequantized_bytes, prequantized_of
 
 
 class SpecError(ValueError):
@@ -63,12 +63,18 @@ class ModelSpec:
     experts: int = 0  # a mixture of experts (Mixtral): the MLP is ``experts`` gated MLPs and a router
     experts_per_token: int = 0
     quantize: str | None = None  # the layers' linear weights: None (full precision), "int8" or "int4"
+    prequantized: Prequantized | None = None  # the quantization its checkpoint ships (GPTQ, AWQ)
 
     def __post_init__(self) -> None:
         try:
             check_scheme(self.quantize)
         except ValueError as exc:
             raise SpecError(f"model {self.name}: {exc}") from None
+        if self.quantize is not None and self.prequantized is not None:
+            raise SpecError(
+                f"model {self.name}: its checkpoint ships quantized weights ({self.prequantized.name}); "
+                f"it cannot be quantized again with {self.quantize} (use --quantize none)"
+            )
         for field_name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "bytes_per_param"):
             if getattr(self, field_name) < 1:
                 raise SpecError(f"model {self.name}: {field_name} must be positive")
@@ -118,15 +124,21 @@ class ModelSpec:
     def layer_bytes(self) -> float:
         """Bytes one layer's weights take in memory, and what a decode step reads of them; quantized linear
         weights count their codes, scales and offsets (engine.quant_bytes)."""
-        if self.quantize is None:
+        if self.quantize is None and self.prequantized is None:
             return self.layer_params * self.bytes_per_param
-        linears = sum(linear_bytes(o, i, self.quantize, self.bytes_per_param) for o, i in self._linear_shapes())
+        linears = sum(self.quantized_linear_bytes(o, i) for o, i in self._linear_shapes())
         return linears + self.hidden * self.experts * self.bytes_per_param
+
+    def quantized_linear_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes a [out, in] linear weight of a layer takes, quantized as the model says. O(1)."""
+        if self.prequantized is not None:
+            return prequantized_bytes(out_features, in_features, self.prequantized, self.bytes_per_param)
+        return linear_bytes(out_features, in_features, self.quantize, self.bytes_per_param)
 
     @cached_property
     def weight_bytes(self) -> float:
         """Bytes of every weight: the layers' (quantized or not) and the embedding and head (never quantized)."""
-        if self.quantize is None:
+        if self.quantize is None and self.prequantized is None:
             return self.params * self.bytes_per_param
         return self.layers * self.layer_bytes + (self.embedding_params + self.head_params) * self.bytes_per_param
 
@@ -167,7 +179,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2,
 
 
 def _dtype_bytes(config: dict[str, Any]) -> int:
-    dtype = str(config.get("torch_dtype", "float16"))
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")  # newer transformers write "dtype"
     if dtype not in _DTYPE_BYTES:
         raise SpecError(f"unsupported torch_dtype {dtype!r} (supported: {', '.join(_DTYPE_BYTES)})")
     return _DTYPE_BYTES[dtype]
@@ -178,15 +190,17 @@ _DECODERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma", "
 
 def model_from_hf_config(config: dict[str, Any], name: str = "custom") -> ModelSpec:
     """Build a ModelSpec from a Hugging Face ``config.json`` mapping (Llama family or OPT); a pre-quantized
-    checkpoint (GPTQ, AWQ: a ``quantization_config``) is refused, naming what to serve instead."""
+    checkpoint's (GPTQ, AWQ: a ``quantization_config``) linear weights counted as it ships them."""
     kind = str(config.get("model_type", "")).lower()
-    quantized = config.get("quantization_config")
-    if quantized is not None:
-        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
-        raise SpecError(
-            f"pre-quantized checkpoints (quant_method {method!r}) are not supported yet: serve the full-precision "
-            "checkpoint with --quantize int8 or int4"
-        )
+    try:
+        shipped = prequantized_of(config)
+    except ValueError as exc:
+        raise SpecError(f"model {name}: {exc}") from None
+    spec = _spec(config, name, kind)
+    return spec if shipped is None else replace(spec, prequantized=shipped)
+
+
+def _spec(config: dict[str, Any], name: str, kind: str) -> ModelSpec:
     try:
         if kind == "opt":
             hidden = int(config["hidden_size"])

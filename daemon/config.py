@@ -27,6 +27,7 @@ class ConfigError(ValueError):
         return f"{name} {self.value}: {problem}" if self.value is not None else f"{name} {problem}"
 
 
+MAX_PREFILL_CHUNK = 1 << 20
 POSITIVE = {
     "peer_timeout_s",
     "lease_ttl_s",
@@ -86,6 +87,7 @@ class NodeConfig:
     relay_peers: tuple[str, ...] = ()  # relays to reserve a slot on, for a node that cannot be dialled
     mdns: bool = True  # announce this node on its LAN and dial the daemons heard there
     quantize: str = "none"  # the weights of every replica of the plans this node makes as coordinator
+    prefill_chunk: int | None = None  # prompt tokens a step of this node's replicas prefills (None: the role's)
 
     def __post_init__(self) -> None:
         _check_model(self.model)
@@ -105,9 +107,16 @@ class NodeConfig:
         if self.probes_per_round < 0:
             raise ConfigError("probes_per_round", "must be 0 or more", self.probes_per_round)
         _check_quantize(self.quantize)
-        if self.worker_threads < 1:
-            raise ConfigError("worker_threads", "must be 1 or more", self.worker_threads)
+        _check_workers(self)
         _check_relay(self)
+
+
+def _check_workers(config: NodeConfig) -> None:
+    if config.worker_threads < 1:
+        raise ConfigError("worker_threads", "must be 1 or more", config.worker_threads)
+    chunk = config.prefill_chunk
+    if chunk is not None and not 0 <= chunk <= MAX_PREFILL_CHUNK:
+        raise ConfigError("prefill_chunk", f"give 1 to {MAX_PREFILL_CHUNK} tokens, 0 for whole prompts", chunk)
 
 
 def _check_relay(config: NodeConfig) -> None:

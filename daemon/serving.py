@@ -53,6 +53,7 @@ class Serving:
             device=config.worker_device,
             threads=config.worker_threads,
             connect_timeout_s=config.connect_timeout_s,
+            prefill_chunk=config.prefill_chunk,
         )
         self.supervisor.store_address = self.rendezvous
         self.supervisor.store_listen = config.host.listen_host

@@ -91,6 +91,7 @@ class Supervisor:
     store_listen: str | None = None  # where the store binds, when not the dialled address (0.0.0.0, NAT)
     on_failure: OnFailure | None = None
     connect_timeout_s: float | None = None  # None: the backend's own (engine.bounds: NCCL needs longer)
+    prefill_chunk: int | None = None  # None: engine.replica's default for each replica's role
     # asks a world's head daemon for its store secret (the world's prefix); daemon.node fills it in
     fetch_secret: Callable[[str, str], Awaitable[bytes]] | None = None
     store_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
@@ -117,7 +118,13 @@ class Supervisor:
     def settings(self) -> WorkerSettings:
         advertised = None if self.store_address is None else self.store_address[0]
         return WorkerSettings(
-            self.model_dir, self.device, self.threads, self.backend, self.connect_timeout_s, advertised
+            self.model_dir,
+            self.device,
+            self.threads,
+            self.backend,
+            self.connect_timeout_s,
+            advertised,
+            prefill_chunk=self.prefill_chunk,
         )
 
     def want(self, deployment: Deployment | None) -> None:

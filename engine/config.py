@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hexgen.engine.quant_bytes import Prequantized, prequantized_of
+
 
 class ConfigError(ValueError):
     """A checkpoint's config.json is missing, malformed or describes an unsupported model."""
@@ -79,6 +81,7 @@ class ModelConfig:
     sandwich_norms: bool = False
     num_experts: int = 0
     experts_per_token: int = 0
+    prequantized: Prequantized | None = None  # the weight quantization the checkpoint ships (GPTQ, AWQ)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def window(self, layer: int) -> int:
@@ -150,8 +153,16 @@ def _eos(raw: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def _prequantized(raw: dict[str, Any]) -> Prequantized | None:
+    try:
+        return prequantized_of(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _common(raw: dict[str, Any]) -> dict[str, Any]:
     return {
+        "prequantized": _prequantized(raw),
         "bos_token_id": raw.get("bos_token_id"),
         "eos_token_ids": _eos(raw),
         "torch_dtype": str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),

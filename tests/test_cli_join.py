@@ -169,3 +169,9 @@ def test_adverts_of_this_id_from_before_this_process_are_dialled_only_off_its_ow
     other_port = [f"/ip4/10.0.0.9/tcp/4002/p2p/{state.peer_id}"]
     connectivity.own_advert(advert(other_port, 999.0))
     assert dialled() == [elsewhere, other_port]
+
+
+@pytest.mark.parametrize("tokens", ["-1", "9999999"])
+def test_prefill_chunk_is_a_token_count(tmp_path, tokens):
+    status, err = join("--prefill-chunk", tokens, tmp_path=tmp_path)
+    assert status == 2 and "--prefill-chunk" in err and "0 for whole prompts" in err and "Traceback" not in err

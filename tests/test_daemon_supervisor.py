@@ -127,14 +127,14 @@ async def test_a_gpu_worker_is_configured_for_its_gpu_its_world_and_the_exchange
     decode = Replica(1, 1, "decode", ((0, 3, 1), (3, 5, 1)), 2, (("me", 2), ("other", 0)))
     rendezvous = (("10.0.0.1", 7000), ("10.0.0.2", 7001))
     deployment = Deployment(3, 9, (prefill, decode), ((0, 1.0),), {0: ((1, 1.0),)}, ("10.0.0.1", 7000), rendezvous)
-    supervisor = Supervisor("me", "/models/m", device="cuda", store_address=("10.0.0.1", 7000))
+    supervisor = Supervisor("me", "/models/m", device="cuda", store_address=("10.0.0.1", 7000), prefill_chunk=96)
     secret, exchange_secret = b"s" * 32, b"x" * 32
     frame = supervisor.settings.configure(deployment, decode, 0, 4, secret, exchange_secret)
     assert (frame.rank, frame.world_size, frame.device, frame.backend) == (0, 2, "cuda:2", "nccl")
     assert frame.store == ("10.0.0.2", 7001) and frame.prefix == replica_prefix(3, 4, decode)
     assert frame.secret == secret and frame.advertised == "10.0.0.1" and frame.progress
     assert frame.connect_timeout_s == NCCL_CONNECT_TIMEOUT_S
-    assert frame.replica.first_rank == 0 and frame.replica.mode == "decode"
+    assert frame.replica.first_rank == 0 and frame.replica.mode == "decode" and frame.replica.prefill_chunk == 96
     assert frame.replica.cache.block_size == GPU_KV_BLOCK_SIZE
     assert frame.exchange is not None and frame.exchange.secret == exchange_secret
     assert (frame.exchange.first_rank, frame.exchange.size, frame.exchange.store) == (2, 4, ("10.0.0.1", 7000))

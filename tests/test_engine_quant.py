@@ -26,6 +26,7 @@ from hexgen.engine.quant import (
 )
 from hexgen.engine.sequence import SamplingParams
 from hexgen.testing.ranks import free_port, run_ranks
+from hexgen.testing.threads import one_thread
 
 # greedy tokens of quantized stories260K that match the full-precision model's before the first divergence,
 # for "Once upon a time" (measured on CPU: int8 60 of 60, int4 16 of 60: groups of 32 on a 64-wide model)
@@ -36,12 +37,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine stall on every small op; one does not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    with one_thread():
+        yield
 
 
 def _matrix(rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Fuzzing every network-facing parser: frames, envelopes, adverts, plans, generate requests and HTTP bodies.
 
-Hypothesis feeds each parser 10,000 inputs (``HEXGEN_FUZZ_EXAMPLES`` overrides the count): random values and
+Hypothesis feeds each parser 5,000 inputs (``HEXGEN_FUZZ_EXAMPLES`` overrides the count): random values and
 bytes, and near-valid ones, a valid example with a few mutations (keys dropped, added or replaced, values of
 the wrong type, huge integers, NaN and infinities, long strings, deep nesting), so the fuzzer reaches the deep
 code paths. The property everywhere: the parser returns a valid result or raises its documented error with a
@@ -176,7 +176,7 @@ def test_pinned_plans(document: tuple[str, int | None]) -> None:
 # ------------------------------------------------------------------------------------------------- gossip
 
 
-@settings(FUZZ, max_examples=max(1, FUZZ_EXAMPLES // 5))  # each parser on the way has its own 10,000
+@settings(FUZZ, max_examples=max(1, FUZZ_EXAMPLES // 5))  # each parser on the way has its own FUZZ_EXAMPLES
 @given(SEEDS.map(gossip_input))
 def test_gossip_through_a_node(envelope: tuple[str, Any]) -> None:
     """Signed gossip of any body never breaks the node: it applies or rejects it, and its status still works."""

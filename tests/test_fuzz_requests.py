@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,7 +31,7 @@ from hexgen.daemon.openai_routes import Gateway
 from hexgen.daemon.request_limits import MAX_TOKENS_LIMIT, SAMPLING_FIELDS, RequestError
 from hexgen.daemon.wire import decode_payload, encode_frame
 from hexgen.engine.tokenizer import Tokenizer
-from hexgen.testing.fuzz import REFUSED, SEEDS, fuzzed, nested, outcome, show
+from hexgen.testing.fuzz import FUZZ, REFUSED, SEEDS, fuzzed, nested, outcome, show
 from hexgen.testing.fuzz_requests import (
     CHAT,
     GENERATE_REQUESTS,
@@ -47,9 +46,6 @@ from hexgen.testing.fuzz_requests import (
     http_input,
     stub_gateway,
 )
-
-FUZZ_EXAMPLES = int(os.environ.get("HEXGEN_FUZZ_EXAMPLES", "10000"))
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")

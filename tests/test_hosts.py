@@ -142,17 +142,14 @@ def stage(hosts: list[str], layers: tuple[int, int] = (0, 5)) -> str:
     return "{ gpus = [" + ", ".join(f'"{h}"' for h in hosts) + f"], layers = [{layers[0]}, {layers[1]}] }}"
 
 
+# TP across hosts and PP across hosts each alone are parts of pp2xtp2, so they have no layout of their own
 LAYOUTS = {
-    "tp2": group("colocated", stage(["h1", "h2"])),
-    "pp2": group("colocated", stage(["h1"], (0, 3)), stage(["h2"], (3, 5))),
     "pp2xtp2": group("colocated", stage(["h1", "h2"], (0, 3)), stage(["h3", "h4"], (3, 5))),
     "prefill-decode": group("prefill", stage(["h1"])) + group("decode", stage(["h2"])),
     "tp2-prefill-pp2-decode": group("prefill", stage(["h1", "h2"]))
     + group("decode", stage(["h3"], (0, 3)), stage(["h4"], (3, 5))),
 }
 SHAPES = {
-    "tp2": [("colocated", [["h1", "h2"]])],
-    "pp2": [("colocated", [["h1"], ["h2"]])],
     "pp2xtp2": [("colocated", [["h1", "h2"], ["h3", "h4"]])],
     "prefill-decode": [("prefill", [["h1"]]), ("decode", [["h2"]])],
     "tp2-prefill-pp2-decode": [("prefill", [["h1", "h2"]]), ("decode", [["h3"], ["h4"]])],

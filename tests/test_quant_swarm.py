@@ -25,7 +25,7 @@ A, B = "12D3KooWPeerA", "12D3KooWPeerB"
 A100 = GPU_TYPES["A100"]
 
 
-def _engine_linear_bytes(model_dir: Path, scheme: str | None) -> int:
+def _enginequantized_linear_bytes(model_dir: Path, scheme: str | None) -> int:
     """Bytes of every quantized linear of the engine's model of ``model_dir`` loaded whole on the CPU."""
     import torch
 
@@ -44,7 +44,7 @@ def _engine_linear_bytes(model_dir: Path, scheme: str | None) -> int:
 @pytest.mark.parametrize("scheme", [None, *SCHEMES])
 def test_the_planner_counts_the_bytes_the_engine_holds(stories_dir: Path, scheme: str | None) -> None:
     spec = dataclasses.replace(resolve_model(str(stories_dir)), quantize=scheme)
-    assert _engine_linear_bytes(stories_dir, scheme) == spec.layers * spec.layer_bytes
+    assert _enginequantized_linear_bytes(stories_dir, scheme) == spec.layers * spec.layer_bytes
     embedding = (spec.embedding_params + spec.head_params) * spec.bytes_per_param
     assert spec.weight_bytes == spec.layers * spec.layer_bytes + embedding
 
@@ -130,8 +130,19 @@ def test_workers_load_the_plans_quantization() -> None:
         ReplicaSetup.from_wire(setup.to_wire() | {"quantize": "int3"})
 
 
-def test_a_pre_quantized_checkpoint_is_refused_naming_what_to_serve() -> None:
-    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
-    config |= {"intermediate_size": 96, "vocab_size": 32, "quantization_config": {"quant_method": "gptq", "bits": 4}}
-    with pytest.raises(SpecError, match=r"quant_method 'gptq'.* not supported yet: .*--quantize int8 or int4"):
-        model_from_hf_config(config)
+def test_a_pre_quantized_checkpoint_is_planned_with_the_bytes_it_ships() -> None:
+    """A GPTQ config's linear weights count 4 bits and a scale and offset per group of 128 (act order: and a
+    group index per input); a format the engine cannot load is refused in one line."""
+    config = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 2}
+    config |= {"intermediate_size": 11008, "vocab_size": 32000, "torch_dtype": "float16"}
+    full = model_from_hf_config(config)
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}
+    spec = model_from_hf_config(config | {"quantization_config": gptq})
+    assert spec.prequantized is not None and spec.quantize is None
+    linear = 4096 * 4096 // 2 + 2 * 4096 * 32 * 2  # codes, then a scale and an offset per group of 128
+    assert spec.layer_bytes < dataclasses.replace(full, quantize="int4").layer_bytes < full.layer_bytes
+    assert spec.quantized_linear_bytes(4096, 4096) == linear
+    ordered = model_from_hf_config(config | {"quantization_config": gptq | {"desc_act": True}})
+    assert ordered.quantized_linear_bytes(4096, 4096) == linear + 4 * 4096
+    with pytest.raises(SpecError, match=r"^model custom: gptq checkpoints of 3 bits are not supported"):
+        model_from_hf_config(config | {"quantization_config": gptq | {"bits": 3}})
