@@ -21,7 +21,7 @@ from hexgen.engine.paged import PagedDecode
 from hexgen.engine.sequence import Sequence
 from hexgen.engine.stage import StageModel
 from hexgen.engine.step_inputs import ints, padded_tables
-from hexgen.engine.varlen import plan_prefill
+from hexgen.engine.varlen import PrefillPlan, plan_prefill
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 DTYPES |= {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -241,10 +241,10 @@ class ModelRunner:
             return self._prepare_decode(seqs)
         return self._prepare_prefill(seqs, num_new_tokens or [len(seq) - seq.num_cached_tokens for seq in seqs])
 
-    def _read_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _read_tables(self, block_tables: list[list[int]]) -> torch.Tensor:
         """Block tables [B, longest] for the paths that read or gather whole tables (SDPA, flash-attn): a
         ``FREED`` entry reads block 0, whose keys there lie before every query's window and are masked."""
-        tables = padded_tables([seq.block_table for seq in seqs], self.device)
+        tables = padded_tables(block_tables, self.device)
         return tables.clamp_(min=0) if self.kv_window else tables
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -281,7 +281,7 @@ class ModelRunner:
             meta.cu_q = ints([0, *num_new_tokens], dev, torch.int32).cumsum(0, dtype=torch.int32)
             meta.cu_k = ints([0, *context_lens], dev, torch.int32).cumsum(0, dtype=torch.int32)
             if meta.has_prefix:
-                meta.block_tables = self._read_tables(seqs)
+                meta.block_tables = self._read_tables([seq.block_table for seq in seqs])
         else:
             self._split_decode_and_prefill(seqs, meta)
         return ints(ids, dev), ints(positions, dev), meta, ints(last, dev)
@@ -293,10 +293,18 @@ class ModelRunner:
         if d:
             self._decode_part(seqs[:d], meta.context_lens[:d], meta)
         if d < len(seqs):
-            rest = seqs[d:]
-            prefix = any(q != k for q, k in zip(meta.query_lens[d:], meta.context_lens[d:], strict=True))
-            tables = self._read_tables(rest) if prefix else None
-            meta.prefill = plan_prefill(meta.query_lens[d:], meta.context_lens[d:], tables, self.device)
+            meta.prefill = self._prefill_part(seqs[d:], meta.query_lens[d:], meta.context_lens[d:])
+
+    def _prefill_part(self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int]) -> list[PrefillPlan]:
+        """The varlen prefill plan of ``seqs``. With a cached prefix each sequence's keys are gathered from
+        the first block its first query reads (a window) and its context counted from there, so a chunk
+        costs O(chunk x (window + chunk)) however long the prompt before it."""
+        if all(q == k for q, k in zip(query_lens, context_lens, strict=True)):
+            return plan_prefill(query_lens, context_lens, None, self.device)
+        skips = [self._blocks_behind(k - q + 1) for q, k in zip(query_lens, context_lens, strict=True)]
+        tables = self._read_tables([seq.block_table[s:] for seq, s in zip(seqs, skips, strict=True)])
+        shifted = [k - s * self.block_size for k, s in zip(context_lens, skips, strict=True)]
+        return plan_prefill(query_lens, shifted, tables, self.device)
 
     def _decode_part(self, seqs: list[Sequence], lens: list[int], meta: AttentionMetadata) -> None:
         """Decode metadata of ``seqs`` (the first ``len(seqs)`` of the step) at context lengths ``lens``:
@@ -311,7 +319,7 @@ class ModelRunner:
             meta.paged = self.paged
             return
         skip = min(self._blocks_behind(n) for n in lens)
-        tables = self._read_tables(seqs)[:, skip:]
+        tables = self._read_tables([seq.block_table for seq in seqs])[:, skip:]
         lens = [n - skip * self.block_size for n in lens]
         meta.decode_lens = ints(lens, dev)
         longest = max(lens)
@@ -342,7 +350,7 @@ class ModelRunner:
             use_flash=self.use_flash,
         )
         if self.use_flash:
-            meta.block_tables = self._read_tables(seqs)
+            meta.block_tables = self._read_tables([seq.block_table for seq in seqs])
             meta.context_lens_tensor = ints(lens, dev, torch.int32)
         else:
             self._decode_part(seqs, lens, meta)
