@@ -165,6 +165,8 @@ class DecodeGraphs:
         table = torch.zeros(size, self.max_blocks, dtype=torch.int32)
         for i, seq in enumerate(rows):
             table[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        if self.runner.paged is None:  # only FlexAttention skips FREED entries; the others read block 0, masked
+            table.clamp_(min=0)
         self.inputs[:, :size].copy_(staged(host, self.inputs.device), non_blocking=True)
         self.tables[:size].copy_(staged(table, self.tables.device), non_blocking=True)
         step = self._step(size)
