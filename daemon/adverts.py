@@ -69,6 +69,7 @@ class Adverts:
             rendezvous=rendezvous,
             connections=self.connections(),
             quantizations=RUNNABLE,
+            relay=state.config.relay,
         )
 
     def connections(self) -> dict[str, str]:

@@ -87,6 +87,7 @@ class Advert:
     rendezvous: tuple[str, int] | None = None
     connections: Mapping[str, str] = field(default_factory=dict)  # peer -> kind of link (``LINK_KINDS``)
     quantizations: tuple[str, ...] = (NONE,)  # the weight quantizations its workers can load (``QUANTIZATIONS``)
+    relay: bool = False  # it serves circuit relay v2 (hop) for members
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -106,6 +107,8 @@ class Advert:
             body["rendezvous"] = list(self.rendezvous)
         if self.connections:
             body["connections"] = dict(self.connections)
+        if self.relay:
+            body["relay"] = True
         return body
 
     @staticmethod
@@ -121,6 +124,9 @@ class Advert:
         cert = body.get("cert")
         if cert is not None and not isinstance(cert, bytes):
             raise MessageError("advert cert must be bytes")
+        relay = body.get("relay", False)
+        if not isinstance(relay, bool):
+            raise MessageError("advert relay must be true or false")
         return Advert(
             addrs=_strings(body.get("addrs"), "advert addrs", MAX_ADDRS),
             hardware=_profile(body.get("hardware"), "advert hardware"),
@@ -133,6 +139,7 @@ class Advert:
             rendezvous=_rendezvous(body.get("rendezvous")),
             connections=_connections(body.get("connections")),
             quantizations=_quantizations(body.get("quantizations")),
+            relay=relay,
         )
 
 

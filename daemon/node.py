@@ -32,18 +32,18 @@ from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL
 from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
 from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.hop import REPLICA_PROTOCOL
-from hexgen.daemon.host import Host, Stream, open_host
+from hexgen.daemon.host import Host, Stream, open_host, peer_of_address
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
 from hexgen.daemon.mdns import LanDiscovery
 from hexgen.daemon.membership import PeerTable
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
-from hexgen.daemon.nat_check import AUTONAT_PROTOCOL, Reachability, choose_servers
+from hexgen.daemon.nat_check import AUTONAT_PROTOCOL, PRIVATE, Reachability, choose_servers
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.probe import PROBE_PROTOCOL
 from hexgen.daemon.relay import RelayGate, Relaying
-from hexgen.daemon.relay_slots import RelaySlots
+from hexgen.daemon.relay_slots import RelaySlots, swarm_relays
 from hexgen.daemon.reports import Reports
 from hexgen.daemon.router import Router
 from hexgen.daemon.rpc import (
@@ -200,8 +200,7 @@ class Node:
                 nursery.start_soon(reach.run)
                 if self.config.mdns:
                     nursery.start_soon(LanDiscovery(self.peer_id, lambda: host.addrs, connectivity.discovered).run)
-                if self.config.relay_peers:
-                    nursery.start_soon(RelaySlots(host, self.config.relay_peers, self._circuits_changed).run)
+                nursery.start_soon(self._relay_slots(host, reach).run)
                 task_status.started(self)
 
     def _relaying(self, host: Host) -> Relaying:
@@ -224,6 +223,27 @@ class Node:
 
         reach = Reachability(host, servers, changed)
         return reach
+
+    def _relay_slots(self, host: Host, reach: Reachability) -> RelaySlots:
+        """Slots on each ``--relay-peer`` and, while AutoNAT finds this node private and it relays for no one,
+        on up to MAX_LEARNED_RELAYS public relays among the members."""
+        state, configured = self.state, self.config.relay_peers
+        skip = {peer_of_address(r) for r in configured}
+        slots: RelaySlots
+
+        def relays() -> tuple[str, ...]:
+            if self.config.relay or reach.status != PRIVATE:
+                return configured
+            members = {
+                p: (advert, reachability_of(env))
+                for p, (env, advert) in state.adverts.items()
+                if p in state.table.peers
+            }
+            keeping = {peer_of_address(r) for r in slots.held}
+            return configured + swarm_relays(members, skip, keeping)
+
+        slots = RelaySlots(host, relays, state.changed.wait, self._circuits_changed)
+        return slots
 
     def _circuits_changed(self) -> None:
         if self.host is not None:

@@ -17,19 +17,24 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.utils.varint import encode_uvarint
 from multiaddr import Multiaddr
 
-from hexgen.daemon.host import Host, new_identity
+from hexgen.daemon.hardware import simulated_profile
+from hexgen.daemon.host import Host, new_identity, open_host
+from hexgen.daemon.messages import Advert, MessageError
 from hexgen.daemon.nat_check import choose_servers, dial_back_ports, listener_answers, verdict
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.relay import (
     HOP_PROTOCOL,
     MEMBERSHIP_WAIT_S,
     RelayError,
+    RelayGate,
+    Relaying,
     circuit_address,
     dial_circuit,
     reserve,
     split_circuit,
 )
-from hexgen.daemon.relay_slots import MIN_RENEW_S, renew_after
+from hexgen.daemon.relay_slots import MAX_LEARNED_RELAYS, MIN_RENEW_S, RelaySlots, renew_after, swarm_relays
+from hexgen.daemon.swarm_state import Pulse
 from hexgen.testing.daemon_harness import Daemon, Swarm, converged, open_client, statuses, wait_until
 from hexgen.testing.nat_lab import CONVERGE_S, NatLab, View, converge, link, open_nat_lab, peer_entry
 from hexgen.testing.netns import open_lab, start_daemon, started_daemons
@@ -81,6 +86,54 @@ def test_a_slot_is_renewed_at_half_its_life_and_never_in_a_tight_loop() -> None:
     assert renew_after(1000.0 + 900.0, 1000.0) == 450.0
     assert renew_after(1000.0 + 1.0, 1000.0) == MIN_RENEW_S
     assert renew_after(900.0, 1000.0) == MIN_RENEW_S
+
+
+def test_a_node_learns_public_relays_from_the_swarm_keeps_those_it_holds_and_drops_those_gone() -> None:
+    def member(port: int, relay: bool, *, circuit_first: bool = False) -> Advert:
+        addrs = [f"/ip4/10.0.0.{port}/tcp/{port}"]
+        if circuit_first:
+            addrs.insert(0, circuit_address("/ip4/10.0.0.99/tcp/1/p2p/R", f"P{port}"))
+        return Advert(tuple(addrs), simulated_profile("A100"), f"h{port}", relay=relay)
+
+    members = {
+        f"P{n}": (member(n, relay=n != 5, circuit_first=n == 4), "private" if n == 3 else "public") for n in range(1, 7)
+    }
+    addr = {p: f"{a.addrs[-1]}/p2p/{p}" for p, (a, _) in members.items()}
+    # P3 is private and P5 relays for no one; P1 is a --relay-peer already
+    assert swarm_relays(members, skip={"P1"}, keeping=set()) == (addr["P2"], addr["P4"])
+    assert len(swarm_relays(members, skip=set(), keeping=set(), cap=9)) == 4
+    held = swarm_relays(members, skip={"P1"}, keeping={"P6"})
+    assert held == (addr["P6"], addr["P2"]) and len(held) == MAX_LEARNED_RELAYS
+    gone = {p: m for p, m in members.items() if p != "P6"}  # P6 left the swarm: the next relay by id replaces it
+    assert swarm_relays(gone, skip={"P1"}, keeping={"P6"}) == (addr["P2"], addr["P4"])
+    assert swarm_relays({}, skip=set(), keeping={"P6"}) == ()
+    assert Advert.from_wire(members["P2"][0].to_wire()).relay and not Advert.from_wire(member(7, False).to_wire()).relay
+    with pytest.raises(MessageError, match="relay"):
+        Advert.from_wire(member(8, True).to_wire() | {"relay": "yes"})
+
+
+@pytest.mark.trio
+async def test_relay_slots_start_a_keeper_for_each_relay_named_and_stop_one_no_longer_named() -> None:
+    """A slot on a relay appears in the node's circuit addresses once named and leaves them once not."""
+    named: list[tuple[str, ...]] = [()]
+    pulse, changes = Pulse(), Pulse()
+    async with open_host(new_identity()) as relay_host, open_host(new_identity()) as home:
+        gate = RelayGate(lambda peer: True, pulse.wait)
+        async with Relaying(relay_host, gate, hop=True).running(), Relaying(home, gate, hop=False).running():
+            relay = relay_host.addrs[0]
+            slots = RelaySlots(home, lambda: named[0], pulse.wait, changes.fire)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slots.run)
+                with trio.fail_after(10):
+                    named[0] = (relay,)
+                    pulse.fire()
+                    while home.circuits != [circuit_address(relay, home.peer_id)]:
+                        await changes.wait()
+                    named[0] = ()
+                    pulse.fire()
+                    while home.circuits:
+                        await changes.wait()
+                nursery.cancel_scope.cancel()
 
 
 def test_the_relay_command_relays_offers_no_gpus_and_dials_its_relays(tmp_path: Path) -> None:
@@ -171,7 +224,7 @@ async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_ref
     that relays on the public network: the swarm converges (every daemon sees every other, one plan); each
     daemon learns whether it can be dialled and its peers see it in its signed advert; the two homes behind
     endpoint-independent NATs hole-punch a direct link, the one behind the symmetric NAT stays relayed to both,
-    and once a hole punch of it failed the swarm still holds. The test's client reaches each home daemon only
+    and it, given the relay only to bootstrap from, reserves a slot on the relay it learns from the swarm; once a hole punch of it failed the swarm still holds. The test's client reaches each home daemon only
     through the relay; garbage on the relay's hop protocol is refused while it keeps serving (a fresh
     reservation, and the swarm still converged)."""
     with started_daemons() as started:
@@ -179,7 +232,9 @@ async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_ref
         started.append(relay)
 
         def home(name: str) -> Daemon:
-            return start_daemon(nat_lab.hosts[name], tmp_path, name, gpu="H100", extra=["--relay-peer", relay.addr])
+            # the third home is only told to bootstrap from the relay: it learns from the swarm that it relays
+            flag = "--bootstrap" if name == "h31" else "--relay-peer"
+            return start_daemon(nat_lab.hosts[name], tmp_path, name, gpu="H100", extra=[flag, relay.addr])
 
         with ThreadPoolExecutor(3) as pool:
             homes = list(pool.map(home, ("h11", "h21", "h31")))
