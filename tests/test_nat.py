@@ -1,6 +1,6 @@
 """NAT traversal: the NAT lab itself, daemons at two homes behind masquerading routers joining through a relay
 (and the relay refusing garbage while it keeps serving), a private swarm's relay refusing non-members, and
-the pure pieces (circuit addresses, slot renewal, the relay command's settings)."""
+the pure pieces (circuit addresses, slot renewal, relays learned from the swarm, the relay command's settings)."""
 
 from __future__ import annotations
 
