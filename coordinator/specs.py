@@ -179,7 +179,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2,
 
 
 def _dtype_bytes(config: dict[str, Any]) -> int:
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")  # newer transformers write "dtype"
+    dtype = str(config.get("torch_dtype", "float16"))
     if dtype not in _DTYPE_BYTES:
         raise SpecError(f"unsupported torch_dtype {dtype!r} (supported: {', '.join(_DTYPE_BYTES)})")
     return _DTYPE_BYTES[dtype]
