@@ -245,10 +245,13 @@ class Supervisor:
             self._notify()
 
     async def _stop_unwanted(self, wanted: Mapping[tuple[Any, int], Replica], restart: bool) -> None:
-        """Stop every worker not kept: all on ``restart``, else those not ``wanted``, failed or not ready."""
+        """Stop every worker not kept: all on ``restart``, else those not ``wanted``, failed, not ready, or still
+        joining an earlier epoch's exchange group (a worker blocks in that join until the group forms or times
+        out, and a superseded epoch's group may never form: its members have moved on)."""
         stopping = []
         for slot, worker in list(self.workers.items()):
-            if restart or slot not in wanted or worker.error is not None or not worker.ready.is_set():
+            stale = worker.error is not None or not worker.ready.is_set() or worker.joining
+            if restart or slot not in wanted or stale:
                 del self.workers[slot]
                 self.requests.fail_on(worker, "the plan changed", refused=worker.error is None)
                 worker.scope.cancel()

@@ -137,6 +137,25 @@ async def test_a_hop_for_an_epoch_not_deployed_here_yet_waits_for_it(autojump_cl
     assert trio.current_time() - start == pytest.approx(supervisor_module.EPOCH_WAIT_S)
 
 
+async def test_a_worker_still_joining_a_superseded_exchange_group_is_restarted():
+    """Regression (fresh-clone CI): two plans 0.4 s apart told kept drivers epoch 8's exchange group; epoch 8's
+    members had moved on to epoch 9, so that group could never form, and the kept workers, blocked in the join,
+    left every hop refused until the join timed out 120 s later. A worker still joining is now stopped and
+    started afresh in the next epoch; a ready worker that has joined is kept."""
+    supervisor, joined = serving_supervisor(epoch=8)
+    stuck = LocalWorker(joined.replica, 1, 8)
+    stuck.ready.set()
+    stuck.joining = True
+    supervisor.workers[stuck.slot] = stuck
+    for worker in (joined, stuck):
+        worker.stopped.set()  # what the worker's task does once its scope is cancelled
+    wanted = {joined.slot: joined.replica, stuck.slot: stuck.replica}
+    with trio.fail_after(5):
+        await supervisor._stop_unwanted(wanted, restart=False)
+    assert list(supervisor.workers.values()) == [joined]
+    assert stuck.scope.cancel_called and not joined.scope.cancel_called
+
+
 class ScriptedRouter(Router):
     """A Router whose replica hops follow a script of event lists; each hop after the first moves the
     local supervisor to a new epoch, as a re-plan after a failure would."""
