@@ -13,6 +13,7 @@ import argparse
 import os
 import select
 import sys
+import threading
 from datetime import timedelta
 
 
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", required=True, type=int)
     args = parser.parse_args(argv)
     parent = os.getppid()
+    # watched from before torch's import, which can itself take long (or, in a test, block)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
     import torch.distributed as dist
 
     try:
@@ -32,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hexgen-store: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     print("ready", flush=True)
-    serve_while_parent_lives(parent)
+    threading.Event().wait()  # served until _exit_with_parent ends the process
     del store
     return 0
+
+
+def _exit_with_parent(parent: int) -> None:
+    serve_while_parent_lives(parent)
+    os._exit(0)
 
 
 def serve_while_parent_lives(parent: int, interval_s: float = 0.5) -> None:
