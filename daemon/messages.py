@@ -29,6 +29,9 @@ MAX_PLAN_LINKS = 4096
 LINK_KINDS = ("direct", "hole-punched", "relayed")  # how two daemons are connected (``Host.link_kinds``)
 UNKNOWN_LINK = "unknown"  # a pair of the plan that neither end reported a connection for
 LINK_USES = ("stage", "handoff")
+# KV hand-offs over a gloo exchange group (every pair of its hosts linked directly), or through the daemons'
+# libp2p streams (some pair is relayed or hole-punched)
+EXCHANGE_TRANSPORTS = ("torch", "libp2p")
 MAX_QUANTIZATIONS = 16
 
 
@@ -277,6 +280,7 @@ class PlanBody:
     restart: bool = False
     links: tuple[PlanLink, ...] = ()
     quantize: str = NONE  # every replica's weight quantization (one of ``QUANTIZATIONS``)
+    exchange: str = "torch"  # how the epoch's KV hand-offs travel (one of ``EXCHANGE_TRANSPORTS``)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -292,6 +296,7 @@ class PlanBody:
             "restart": self.restart,
             "links": [link.to_wire() for link in self.links],
             "quantize": self.quantize,
+            "exchange": self.exchange,
         }
 
     @staticmethod
@@ -321,7 +326,17 @@ class PlanBody:
             restart=body.get("restart") is True,
             links=tuple(PlanLink.from_wire(link) for link in links),
             quantize=_quantize(body.get("quantize")),
+            exchange=_exchange(body.get("exchange")),
         )
+
+
+def _exchange(raw: Any) -> str:
+    """A plan's KV transport: one of ``EXCHANGE_TRANSPORTS``; a plan from before the field uses torch."""
+    if raw is None:
+        return "torch"
+    if raw not in EXCHANGE_TRANSPORTS:
+        raise MessageError(f"plan exchange must be one of {', '.join(EXCHANGE_TRANSPORTS)}")
+    return str(raw)
 
 
 def _quantize(raw: Any) -> str:
