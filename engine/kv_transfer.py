@@ -40,6 +40,11 @@ class KVTransferError(RuntimeError):
     """
 
 
+class KVMissing(Exception):
+    """One sequence's KV did not arrive whole (lost with its route, late, or in another format) over a transport
+    that stays usable afterwards (the daemons' libp2p streams): only that sequence fails, not the group."""
+
+
 @dataclass(frozen=True)
 class KVSlice:
     """One message stream: prefill rank ``src`` sends decode rank ``dst`` the global ``layers`` x ``kv_heads``."""
@@ -228,8 +233,8 @@ class Exchange:
     the daemon's workers do per plan epoch: KV moves over it with the group's own send and recv, and peer
     ranks are numbered within it."""
 
-    group: Any
-    store: Any = None  # what the group formed on: a store written in Python must outlive its group
+    group: Any  # a gloo group, or anything with the same ``send``/``recv`` (the daemons' KV relay)
+    store: Any = None  # what the group formed on (a store written in Python must outlive its group); None: relayed
     prefix: str = ""  # the epoch's key prefix in ``store`` (KV formats are published under it)
     first_rank: int = 0  # this replica's first rank in the group's numbering
 

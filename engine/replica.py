@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ from hexgen.engine.formation import (
 from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key, mismatch, replica_format
 from hexgen.engine.kv_transfer import (
     Exchange,
+    KVMissing,
     KVSend,
     KVShard,
     KVTransferError,
@@ -228,6 +229,7 @@ class ReplicaWorker:
         self._formats: dict[int, KVFormat | str] = {}  # exchange rank -> its format, or why it is unreadable
         # told, from the joining thread, how joining an exchange group (its prefix) ended (None: formed)
         self.on_exchange: Callable[[str, BaseException | None], None] | None = None
+        self.kv_relay: KVRelay | None = None  # how a "libp2p" exchange reaches the daemons
 
     def _agree_on_blocks(self, local: int) -> int:
         if self.solo:
@@ -298,11 +300,34 @@ class ReplicaWorker:
         failed = []
         for req in reqs:
             why = self.kv_refusal(self.peers[req.src], self._own_exchange_spec())
-            if why is None:
-                self.import_kv([req], self.peers[req.src])
-            else:  # refused on both sides alike: the prefill rank sent nothing
+            if why is not None:  # refused on both sides alike: the prefill rank sent nothing
                 failed.append((req.seq_id, why))
+                continue
+            try:
+                self.import_kv([req], self.peers[req.src])
+            except KVMissing as exc:  # relayed: only this sequence is lost
+                failed.append((req.seq_id, str(exc)))
+        if self.exchange is not None and self.exchange.store is None:
+            failed = self._agree_on_failures(reqs, failed)
         return failed
+
+    def _agree_on_failures(self, reqs: list[Request], failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """A relayed KV may reach some ranks of the replica and not others: a sequence any rank lost is dropped
+        by every rank, so all schedule alike."""
+        if self.solo:
+            return failed
+        lost = {seq_id for seq_id, _ in failed}
+        flags = torch.tensor([int(req.seq_id in lost) for req in reqs], dtype=torch.long, device=self.comm_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        why = dict(failed)
+        agreed = []
+        for req, flag in zip(reqs, flags.tolist(), strict=True):
+            if flag and req.seq_id not in lost:
+                self.scheduler.abort(req.seq_id)
+                self.seqs.pop(req.seq_id, None)
+            if flag:
+                agreed.append((req.seq_id, why.get(req.seq_id, "another rank of the replica lost its KV")))
+        return agreed
 
     def _run_batch(self, failed: list[tuple[int, str]]) -> StepResult:
         """Schedule, run and sample one batch, if there is one."""
@@ -362,7 +387,10 @@ class ReplicaWorker:
 
     def kv_refusal(self, src: ReplicaSpec, dst: ReplicaSpec) -> str | None:
         """Why KV cannot move from replica ``src`` to replica ``dst`` (exchange numbering), or None. Reads the
-        formats every rank of both published, so all ranks of both replicas decide alike."""
+        formats every rank of both published, so all ranks of both replicas decide alike. A relayed exchange
+        publishes none: each KV message is checked against the receiver's buffer instead (``KVMissing``)."""
+        if self.exchange is not None and self.exchange.store is None:
+            return None
         try:
             formats = [
                 replica_format([self._format_of(s.global_rank(r)) for r in range(len(s.ranks))], f"replica {what}")
@@ -462,6 +490,9 @@ class ReplicaWorker:
                     timeout=TRANSFER_TIMEOUT,
                     tag=kv_tag(seq.seq_id),
                 )
+            except KVMissing:
+                self.block_manager.free(seq)
+                raise
             finally:
                 self.receiving_kv = False
             self.scheduler.add_prefilled(seq)
@@ -485,7 +516,7 @@ class ReplicaWorker:
     ) -> None:
         outcome: BaseException | None = None
         try:
-            joined.append(join_exchange(config, self.layout_rank, self.kv_format))
+            joined.append(join_exchange(config, self.layout_rank, self.kv_format, self.kv_relay))
         except BaseException as exc:  # noqa: BLE001 - handed to the step thread, which raises it in await_exchange
             joined.append(exc)
             outcome = exc
@@ -530,20 +561,33 @@ class ExchangeConfig:
     timeout_s: float = 120.0
     secret: bytes | None = None  # seals the store's values (engine.sealed_store)
     connect_timeout_s: float = CONNECT_TIMEOUT_S  # for the ranks to connect once all arrived (engine.formation)
+    transport: str = "torch"  # "libp2p": no gloo group and no store; KV goes through the daemons (``KVRelay``)
+
+
+class KVRelay(Protocol):
+    """A worker's way to the daemons' KV relay: ``bind`` gives the group an ``Exchange`` posts on for one
+    epoch (its key prefix) as one exchange rank."""
+
+    def bind(self, prefix: str, rank: int) -> Any: ...
 
 
 def join_exchange(
-    config: ExchangeConfig, layout_rank: int, kv_format: KVFormat | None = None
+    config: ExchangeConfig, layout_rank: int, kv_format: KVFormat | None = None, relay: KVRelay | None = None
 ) -> tuple[Exchange, list[ReplicaSpec]]:
     """Join the exchange group of ``config`` as layout rank ``layout_rank`` of its replica (forming it as
     ``engine.formation`` says) and publish ``kv_format`` there; raises WorldFormationError. Needs no model:
-    a new worker joins while it loads, and a peer ready before it reads its format without waiting."""
+    a new worker joins while it loads, and a peer ready before it reads its format without waiting. A
+    "libp2p" exchange forms nothing: KV moves through ``relay``, and formats are checked on each message."""
+    rank = config.first_rank + layout_rank
+    if config.transport == "libp2p":
+        if relay is None:
+            raise ValueError("a libp2p exchange needs the worker's KV relay")
+        return Exchange(relay.bind(config.prefix, rank), None, config.prefix, config.first_rank), list(config.peers)
     from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
 
     timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
     reach_store(config.host, config.port, config.connect_timeout_s, "exchange group")
     store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
-    rank = config.first_rank + layout_rank
     group = form_gloo(store, config.prefix, rank, config.size, timeouts, "exchange group")
     if kv_format is not None:
         store.set(format_key(config.prefix, rank), kv_format.to_bytes())  # type: ignore[arg-type]  # torch's stub says str; stores take bytes

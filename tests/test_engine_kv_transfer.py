@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.synchronize import Event as EventType
@@ -14,7 +17,19 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hexgen.engine.kv_transfer import KVShard, KVSlice, KVTransferError, plan_kv_transfer, recv_kv, send_kv
+from hexgen.daemon.kv_channel import KvChannel
+from hexgen.daemon.kv_frames import KvPart
+from hexgen.daemon.wire import decode_payload
+from hexgen.engine.kv_transfer import (
+    Exchange,
+    KVMissing,
+    KVShard,
+    KVSlice,
+    KVTransferError,
+    plan_kv_transfer,
+    recv_kv,
+    send_kv,
+)
 from hexgen.engine.layout import (
     GroupLayout,
     StageLayout,
@@ -294,7 +309,7 @@ def _block_table(scenario: Scenario, side: str, layout_rank: int, num_blocks: in
     return torch.randperm(num_blocks, generator=generator)[: num_blocks - 2].tolist()
 
 
-def _run_scenario(scenario: Scenario, rank: int) -> None:
+def _run_scenario(scenario: Scenario, rank: int, group: Exchange | None = None) -> None:
     num_blocks = -(-scenario.num_tokens // BLOCK_SIZE) + 4
     slices = plan_kv_transfer(scenario.src, scenario.dst, scenario.num_kv_heads)
     reference = _reference(scenario)
@@ -309,7 +324,7 @@ def _run_scenario(scenario: Scenario, rank: int) -> None:
         expected = cache.clone()
         for i, block in enumerate(table[:used]):
             expected[:, :, block] = reference[:, l0:l1, i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE, h0:h1]
-        options = {"blocks_per_chunk": scenario.blocks_per_chunk, "timeout": timedelta(seconds=20)}
+        options = {"blocks_per_chunk": scenario.blocks_per_chunk, "timeout": timedelta(seconds=20), "group": group}
         if side == "src":
             cache.copy_(expected)
             peer = scenario.dst_ranks.__getitem__
@@ -358,3 +373,95 @@ def test_gloo_transfers_between_differently_sharded_replicas(monkeypatch: pytest
     outcomes = run_ranks(_worker, world, (world, free_port(), context.Event()), 60)
     errors = {rank: error for rank, error in outcomes.items() if error}
     assert not errors, "\n".join(f"rank {rank}:\n{error}" for rank, error in sorted(errors.items()))
+
+
+# ---------------------------------------------------------------------------------------------- relayed transfers
+
+
+class StandInDaemons:
+    """What the daemons do with a relayed exchange's KV parts, in threads: each rank's worker end is a
+    ``KvChannel``; every part a rank writes is read here and written to the channel of the rank it names."""
+
+    def __init__(self, ranks: int, keep_s: float = 300.0) -> None:
+        pairs = [socket.socketpair() for _ in range(ranks)]
+        self.daemon_ends = [ours for ours, _ in pairs]
+        self.channels = [KvChannel(theirs, keep_s) for _, theirs in pairs]
+        for end in self.daemon_ends:
+            threading.Thread(target=self._route, args=(end,), daemon=True).start()
+
+    def _route(self, end: socket.socket) -> None:
+        reader = b""
+        while chunk := end.recv(1 << 20):
+            reader += chunk
+            while len(reader) >= 4 and len(reader) >= 4 + (size := int.from_bytes(reader[:4], "big")):
+                frame, reader = reader[: 4 + size], reader[4 + size :]
+                part = KvPart.from_wire(decode_payload(frame[4:]))
+                self.daemon_ends[part.dst].sendall(frame)
+
+    def close(self) -> None:
+        for sock in self.daemon_ends:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the routing thread's recv, as a daemon's exit would
+            sock.close()
+
+
+RELAYED = (
+    *SCENARIOS,
+    Scenario(
+        "bf16 tp2->pp2", 4, 4, (StageLayout(0, 4, 2),), uniform_layout(4, 2, 1), (0, 1), (2, 3), 700, 64, torch.bfloat16
+    ),
+)
+
+
+def test_relayed_transfers_move_the_same_kv_as_gloo() -> None:
+    daemons = StandInDaemons(4)
+    try:
+        for scenario in RELAYED:
+            groups = [
+                Exchange(channel.bind("hexgen/1/1/exchange/", rank)) for rank, channel in enumerate(daemons.channels)
+            ]
+            with ThreadPoolExecutor(4) as pool:
+                for outcome in [pool.submit(_run_scenario, scenario, rank, groups[rank]) for rank in range(4)]:
+                    outcome.result(timeout=60)
+    finally:
+        daemons.close()
+
+
+def test_a_relayed_kv_that_never_comes_or_does_not_fit_fails_only_its_sequence() -> None:
+    daemons = StandInDaemons(2)
+    try:
+        layout = (StageLayout(0, 1, 1),)
+        slices = plan_kv_transfer(layout, layout, 1)
+        shard = KVShard(layout, 0, 1)
+        sender, receiver = (Exchange(c.bind("hexgen/1/1/exchange/", r)) for r, c in enumerate(daemons.channels))
+        cache = torch.zeros(2, 1, 2, BLOCK_SIZE, 1, HEAD_DIM)
+        with pytest.raises(KVMissing, match="did not arrive: not whole within 0.3 s"):
+            recv_kv(cache, shard, slices, [1], 1, lambda _: 0, group=receiver, timeout=timedelta(seconds=0.3), tag=5)
+        wide = torch.ones(2, 1, 2, BLOCK_SIZE, 1, HEAD_DIM + 1)
+        send_kv(wide, shard, slices, [1], 1, lambda _: 1, group=sender, tag=6)
+        with pytest.raises(KVMissing, match="the replicas' KV formats differ"):
+            recv_kv(cache, shard, slices, [1], 1, lambda _: 0, group=receiver, timeout=timedelta(seconds=20), tag=6)
+        send_kv(cache + 2, shard, slices, [1], 1, lambda _: 1, group=sender, tag=7)
+        recv_kv(cache, shard, slices, [0], 1, lambda _: 0, group=receiver, timeout=timedelta(seconds=20), tag=7)
+        assert torch.equal(cache[:, :, 0], torch.full_like(cache[:, :, 0], 2.0))
+        assert torch.equal(cache[:, :, 1], torch.zeros_like(cache[:, :, 1]))
+    finally:
+        daemons.close()
+
+
+def test_a_relayed_receive_fails_at_once_when_the_daemon_is_gone() -> None:
+    daemons = StandInDaemons(1)
+    layout = (StageLayout(0, 1, 1),)
+    receiver = Exchange(daemons.channels[0].bind("hexgen/1/1/exchange/", 0))
+    daemons.close()
+    cache = torch.zeros(2, 1, 2, BLOCK_SIZE, 1, HEAD_DIM)
+    with pytest.raises(KVMissing, match="the daemon closed the KV channel"):
+        recv_kv(
+            cache,
+            KVShard(layout, 0, 1),
+            plan_kv_transfer(layout, layout, 1),
+            [1],
+            1,
+            lambda _: 0,
+            group=receiver,
+            timeout=timedelta(seconds=30),
+        )

@@ -1,0 +1,205 @@
+"""A worker's KV channel: its end of the daemons' KV relay, and the group a relayed ``Exchange`` posts on.
+
+A send cuts the tensor into KV parts (``daemon.kv_frames``) and writes them to the daemon, which forwards
+them, so the send is done once written (the socket's buffer and the daemon's queues are the flow control). A
+reader thread files every part that arrives under (exchange, source rank, destination rank, tag, message
+index); a receive waits for its message whole, checks it is the tensor it expects, and copies it in. What no
+receive takes (a sequence aborted meanwhile) is dropped after ``keep_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+
+from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, KvPart
+from hexgen.daemon.wire import MAX_FRAME, FrameError, decode_payload, encode_frame
+from hexgen.engine.kv_transfer import KVMissing
+
+log = logging.getLogger("hexgen.worker")
+
+Key = tuple[str, int, int, int, int]  # prefix, src, dst, tag, index
+KEEP_S = 300.0
+RECEIVE_WAIT_S = 120.0  # a receive posted without a timeout
+
+
+@dataclass
+class _Message:
+    dtype: str
+    shape: tuple[int, ...]
+    parts: int
+    data: bytearray
+    missing: set[int]
+    since: float = field(default_factory=time.monotonic)
+
+
+class _Sent:
+    """A send's work: written to the daemon when posted."""
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class _Receive:
+    channel: KvChannel
+    key: Key
+    buffer: torch.Tensor
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        """Copy the message into the buffer once it is whole; raises KVMissing when it is not within
+        ``timeout``, the channel ended, or it is not the tensor the buffer expects."""
+        seconds = RECEIVE_WAIT_S if timeout is None else timeout.total_seconds()
+        message = self.channel.take(self.key, seconds)
+        want = (_dtype_name(self.buffer), tuple(self.buffer.shape))
+        if (message.dtype, message.shape) != want:
+            _, src, _, tag, index = self.key
+            raise KVMissing(
+                f"KV message {index} from exchange rank {src} (tag {tag}) is {message.dtype} {list(message.shape)}, "
+                f"but this rank expects {want[0]} {list(want[1])}: the replicas' KV formats differ"
+            )
+        if message.data:
+            received = torch.frombuffer(message.data, dtype=torch.uint8).view(self.buffer.dtype)
+            self.buffer.copy_(received.view(self.buffer.shape))
+        return True
+
+
+@dataclass(frozen=True)
+class RelayGroup:
+    """One exchange rank's view of the relay for one epoch: ``send`` and ``recv`` as a gloo group has them."""
+
+    channel: KvChannel
+    prefix: str
+    rank: int
+
+    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Sent:
+        self.channel.send(self.prefix, self.rank, peer, tag, tensors[0])
+        return _Sent()
+
+    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Receive:
+        return self.channel.receive(self.prefix, peer, self.rank, tag, tensors[0])
+
+
+class KvChannel:
+    """The worker's end of its KV socket pair with the daemon; ``bind`` it to an epoch's exchange rank."""
+
+    def __init__(self, sock: socket.socket, keep_s: float = KEEP_S) -> None:
+        self.sock = sock
+        self.keep_s = keep_s
+        self.write_lock = threading.Lock()
+        self.arrived = threading.Condition()
+        self.messages: dict[Key, _Message] = {}
+        self.sent: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under write_lock
+        self.posted: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under arrived
+        self.bound: list[str] = []
+        self.ended: str | None = None
+        threading.Thread(target=self._read, name="kv-channel", daemon=True).start()
+
+    def bind(self, prefix: str, rank: int) -> RelayGroup:
+        """The group of exchange rank ``rank`` in the exchange keyed ``prefix``; counters of epochs two binds
+        old are forgotten."""
+        with self.arrived, self.write_lock:
+            if prefix not in self.bound:
+                self.bound = [*self.bound[-1:], prefix]
+            for counter in (self.sent, self.posted):
+                for key in [k for k in counter if k[0] not in self.bound]:
+                    del counter[key]
+        return RelayGroup(self, prefix, rank)
+
+    def send(self, prefix: str, src: int, dst: int, tag: int, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` to the daemon as the next message from ``src`` to ``dst`` under ``tag``."""
+        dtype = _dtype_name(tensor)
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        parts = max(1, -(-raw.nbytes // PART_BYTES))
+        with self.write_lock:
+            index = self.sent[prefix, src, dst, tag]
+            self.sent[prefix, src, dst, tag] += 1
+            for part in range(parts):
+                data = raw[part * PART_BYTES : (part + 1) * PART_BYTES].tobytes()
+                frame = KvPart(prefix, src, dst, tag, index, part, parts, dtype, tuple(tensor.shape), data)
+                self.sock.sendall(encode_frame(frame.to_wire()))
+
+    def receive(self, prefix: str, src: int, dst: int, tag: int, buffer: torch.Tensor) -> _Receive:
+        """The work of the next message from ``src`` to ``dst`` under ``tag``, to be copied into ``buffer``."""
+        with self.arrived:
+            index = self.posted[prefix, src, dst, tag]
+            self.posted[prefix, src, dst, tag] += 1
+        return _Receive(self, (prefix, src, dst, tag, index), buffer)
+
+    def take(self, key: Key, seconds: float) -> _Message:
+        """The message under ``key`` once whole, removed; raises KVMissing after ``seconds`` without it."""
+        with self.arrived:
+            whole = self.arrived.wait_for(lambda: self._whole(key) or self.ended is not None, seconds)
+            if whole and self._whole(key):
+                return self.messages.pop(key)
+            self.messages.pop(key, None)
+            _, src, _, tag, index = key
+            why = self.ended or f"not whole within {seconds:g} s"
+            raise KVMissing(f"KV message {index} from exchange rank {src} (tag {tag}) did not arrive: {why}")
+
+    def _whole(self, key: Key) -> bool:
+        message = self.messages.get(key)
+        return message is not None and not message.missing
+
+    def _read(self) -> None:
+        buffer = bytearray()
+        try:
+            while True:
+                select.select([self.sock], [], [])
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    raise EOFError("the daemon closed the KV channel")
+                buffer += chunk
+                while len(buffer) >= 4 and len(buffer) >= 4 + (size := int.from_bytes(buffer[:4], "big")):
+                    if size > MAX_FRAME:
+                        raise EOFError(f"the daemon sent a KV frame of {size} bytes")
+                    payload = bytes(buffer[4 : 4 + size])
+                    del buffer[: 4 + size]
+                    self._file(payload)
+        except (OSError, EOFError) as exc:
+            with self.arrived:
+                self.ended = str(exc) or type(exc).__name__
+                self.arrived.notify_all()
+
+    def _file(self, payload: bytes) -> None:
+        try:
+            part = KvPart.from_wire(decode_payload(payload))
+        except FrameError as exc:
+            log.warning("dropped a KV part from the daemon: %s", exc)
+            return
+        key = (part.prefix, part.src, part.dst, part.tag, part.index)
+        with self.arrived:
+            message = self.messages.get(key)
+            if message is None:
+                self._forget_old()
+                size = part.message_bytes
+                message = _Message(part.dtype, part.shape, part.parts, bytearray(size), set(range(part.parts)))
+                self.messages[key] = message
+            if (part.dtype, part.shape, part.parts) != (message.dtype, message.shape, message.parts):
+                log.warning("dropped a KV part that does not match its message %s", key)
+                return
+            start = part.part * PART_BYTES
+            message.data[start : start + len(part.data)] = part.data
+            message.missing.discard(part.part)
+            if not message.missing:
+                self.arrived.notify_all()
+
+    def _forget_old(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, m in self.messages.items() if now - m.since > self.keep_s]:
+            del self.messages[key]
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in ITEM_BYTES:
+        raise ValueError(f"a KV message cannot carry {tensor.dtype} tensors")
+    return name

@@ -1,0 +1,82 @@
+"""KV parts: one piece of one KV message of a relayed exchange, as it goes worker -> daemon -> daemon -> worker.
+
+A KV message is what one gloo send would carry (one chunk of one slice of one sequence's KV, between two
+exchange ranks, under a tag); it travels as ``parts`` frames of at most ``PART_BYTES`` bytes each, numbered
+``index`` among the messages the sender posted to that rank under that tag (both sides post in the same order,
+so the receiver's n-th receive takes the n-th message). One parser, ``KvPart.from_wire``, for every hop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hexgen.daemon.worker_setup import as_map, need
+
+PART_BYTES = 512 * 1024  # well below a frame's limit (daemon.wire.MAX_FRAME)
+MAX_MESSAGE_BYTES = 1 << 32  # a chunk of a sequence's KV; larger would not fit a worker's staging anyway
+MAX_DIMS = 8
+MAX_PREFIX = 256
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1}
+KV_PROTOCOL = "/hexgen/kv/1"
+
+
+@dataclass(frozen=True)
+class KvPart:
+    """Part ``part`` of ``parts`` of message ``index`` from exchange rank ``src`` to ``dst`` under ``tag``, in
+    the exchange keyed ``prefix``: ``data`` is its slice of the message's bytes, a ``dtype`` tensor of
+    ``shape``."""
+
+    prefix: str
+    src: int
+    dst: int
+    tag: int
+    index: int
+    part: int
+    parts: int
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @property
+    def message_bytes(self) -> int:
+        return math.prod(self.shape) * ITEM_BYTES[self.dtype]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "src": self.src,
+            "dst": self.dst,
+            "tag": self.tag,
+            "index": self.index,
+            "part": self.part,
+            "parts": self.parts,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "data": self.data,
+        }
+
+    @staticmethod
+    def from_wire(raw: Any) -> KvPart:
+        """Raises MalformedFrame (``daemon.wire``) unless ``raw`` is a whole, consistent part. O(dims)."""
+        return _parse(raw)
+
+
+def _parse(raw: Any) -> KvPart:
+    body = as_map(raw, "KV part")
+    prefix, dtype, shape, data = body.get("prefix"), body.get("dtype"), body.get("shape"), body.get("data")
+    need(isinstance(prefix, str) and 0 < len(prefix) <= MAX_PREFIX, "prefix must be a non-empty string")
+    need(dtype in ITEM_BYTES, f"dtype must be one of {sorted(ITEM_BYTES)}")
+    need(isinstance(shape, list) and len(shape) <= MAX_DIMS, f"shape must be a list of at most {MAX_DIMS} sizes")
+    need(all(type(n) is int and 0 <= n < 1 << 32 for n in shape), "shape must hold sizes >= 0")
+    need(isinstance(data, bytes), "data must be bytes")
+    numbers = {key: body.get(key) for key in ("src", "dst", "tag", "index", "part", "parts")}
+    need(all(type(n) is int and 0 <= n < 1 << 31 for n in numbers.values()), "ranks, tag and counts must be >= 0")
+    part = KvPart(prefix, dtype=dtype, shape=tuple(shape), data=data, **numbers)  # type: ignore[arg-type]  # checked above
+    size = part.message_bytes
+    need(size <= MAX_MESSAGE_BYTES, f"a message of {size} bytes is over {MAX_MESSAGE_BYTES}")
+    need(part.parts == max(1, -(-size // PART_BYTES)) and part.part < part.parts, "part numbering does not fit")
+    expected = min(PART_BYTES, size - part.part * PART_BYTES)
+    need(len(data) == expected, f"part {part.part} holds {len(data)} bytes, not {expected}")
+    return part
