@@ -81,6 +81,7 @@ class Deployment:
     rendezvous: tuple[str, int]  # the store of the epoch's exchange group (rank 0's daemon)
     replica_rendezvous: tuple[tuple[str, int], ...]  # the store of each replica's own world (its first GPU's)
     restart: bool = False  # rebuild every replica, even unchanged ones (after a worker failed)
+    exchange: str = "torch"  # how KV hand-offs travel: a gloo exchange group, or "libp2p" through the daemons
 
     @property
     def version(self) -> tuple[int, int]:
@@ -119,6 +120,13 @@ class Deployment:
         for replica in self.replicas:
             if replica.digest == parts[3]:
                 return replica.head, frozenset(replica.peers())
+        return None
+
+    def rank_peer(self, rank: int) -> str | None:
+        """The peer hosting exchange rank ``rank``, or None when no replica has it. O(replicas)."""
+        for replica in self.replicas:
+            if replica.first_rank <= rank < replica.first_rank + replica.size:
+                return replica.placement[rank - replica.first_rank][0]
         return None
 
     def local_ranks(self, peer_id: str) -> list[tuple[int, Replica]]:
@@ -177,6 +185,7 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         rendezvous=rendezvous[heads[0]],
         replica_rendezvous=tuple(rendezvous[peer] for peer in heads),
         restart=body.restart,
+        exchange=body.exchange,
     )
 
 

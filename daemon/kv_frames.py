@@ -19,7 +19,6 @@ MAX_MESSAGE_BYTES = 1 << 32  # a chunk of a sequence's KV; larger would not fit 
 MAX_DIMS = 8
 MAX_PREFIX = 256
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1}
-KV_PROTOCOL = "/hexgen/kv/1"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
 from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.hop import REPLICA_PROTOCOL
 from hexgen.daemon.host import Host, Stream, open_host, peer_of_address
+from hexgen.daemon.kv_relay import KV_PROTOCOL
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
 from hexgen.daemon.mdns import LanDiscovery
@@ -188,6 +189,7 @@ class Node:
                 if self.serving is not None:
                     self.serving.router.background = nursery
                     nursery.start_soon(self.serving.supervisor.run)
+                    nursery.start_soon(self.serving.kv_relay.run)
                     nursery.start_soon(self.serving.deploy)
                 nursery.start_soon(self.gossip.read, subscription)
                 nursery.start_soon(connectivity.run)
@@ -263,6 +265,7 @@ class Node:
         host.handle(RENDEZVOUS_PROTOCOL, self.serving.serve_rendezvous)
         host.handle(GENERATE_PROTOCOL, self.serving.router.serve_generate, per_peer=MAX_REQUESTS_PER_PEER)
         host.handle(REPLICA_PROTOCOL, self.serving.router.serve_replica)
+        host.handle(KV_PROTOCOL, self.serving.kv_relay.serve)
 
     async def _no_worlds(self, stream: Stream) -> None:
         def answer(request: dict[str, Any]) -> dict[str, Any]:

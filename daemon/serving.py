@@ -11,6 +11,7 @@ import trio
 
 from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
 from hexgen.daemon.host import Host, Stream, stream_peer
+from hexgen.daemon.kv_relay import KvRelay
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.rate_limit import RateLimiter
 from hexgen.daemon.reports import Reports
@@ -59,6 +60,8 @@ class Serving:
         self.supervisor.store_listen = config.host.listen_host
         self.supervisor.on_failure = reports.report_failure
         self.supervisor.fetch_secret = self.fetch_secret
+        self.kv_relay = KvRelay(host, state.peer_id, self.supervisor)
+        self.supervisor.kv_pump = self.kv_relay.pump
         self.router = Router(
             host,
             state.peer_id,

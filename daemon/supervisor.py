@@ -94,6 +94,8 @@ class Supervisor:
     prefill_chunk: int | None = None  # None: engine.replica's default for each replica's role
     # asks a world's head daemon for its store secret (the world's prefix); daemon.node fills it in
     fetch_secret: Callable[[str, str], Awaitable[bytes]] | None = None
+    # relays a worker's KV parts while its process runs (daemon.kv_relay); never raises
+    kv_pump: Callable[[LocalWorker], Awaitable[None]] | None = None
     store_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     deployment: Deployment | None = None
     workers: dict[tuple[Any, int], LocalWorker] = field(default_factory=dict)
@@ -232,6 +234,7 @@ class Supervisor:
                 worker = LocalWorker(replica, slot[1], deployment.epoch)
                 self.workers[slot] = worker
                 nursery.start_soon(self._run_worker, deployment, worker)
+                nursery.start_soon(self._pump_kv, worker)
         kept = len(self.workers) - len([w for w in self.workers.values() if w.formed == deployment.epoch])
         log.info("epoch %d: %d local worker(s), %d kept from earlier epochs", deployment.epoch, len(wanted), kept)
         # A kept driver must have the new exchange group before its first request of the new epoch: hops for
@@ -310,6 +313,21 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await worker.stop()
             worker.stopped.set()
+
+    async def _pump_kv(self, worker: LocalWorker) -> None:
+        """Run ``kv_pump`` on ``worker`` once its process has started, until the worker stops."""
+        if self.kv_pump is None:
+            return
+        pump = self.kv_pump
+        async with trio.open_nursery() as nursery:
+
+            async def pump_once_spawned() -> None:
+                await worker.spawned.wait()
+                await pump(worker)
+
+            nursery.start_soon(pump_once_spawned)
+            await worker.stopped.wait()
+            nursery.cancel_scope.cancel()
 
     async def _start(self, deployment: Deployment, worker: LocalWorker) -> None:
         """Start ``worker``'s process, configure it, and wait until it is ready; raises WorkerFailed."""

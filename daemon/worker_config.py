@@ -72,6 +72,7 @@ class WorkerSettings:
             deployment.world_size,
             tuple(self.replica(r) for r in deployment.replicas),
             self.connect_s,
+            deployment.exchange,
         )
 
     def configure(

@@ -1,8 +1,9 @@
 """The daemon's end of one worker process: the process, its socket pair, its state, and how it starts and stops.
 
-A worker runs ``python -m hexgen.daemon.worker_process --ipc-fd FD`` on its end of a socket pair (nothing
-on the filesystem to collide or to outlive a crash, and a worker that dies before it answers is an end of
-file at once); typed frames (``daemon.worker_frames``) go both ways.
+A worker runs ``python -m hexgen.daemon.worker_process --ipc-fd FD --kv-fd FD`` on its ends of two socket
+pairs, one for frames and one for relayed KV parts (nothing on the filesystem to collide or to outlive a
+crash, and a worker that dies before it answers is an end of file at once); typed frames
+(``daemon.worker_frames``) go both ways.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class LocalWorker:
     formed: int  # the epoch whose plan first placed this replica here: its world's store prefix
     process: trio.Process | None = None
     channel: SocketChannel | None = None
+    kv: SocketChannel | None = None  # relayed KV parts both ways (``daemon.kv_relay``)
+    kv_lock: trio.Lock = field(default_factory=trio.Lock)
+    spawned: trio.Event = field(default_factory=trio.Event)
     ready: trio.Event = field(default_factory=trio.Event)
     stopped: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -112,18 +116,30 @@ class LocalWorker:
     async def start(self, threads: int) -> None:
         """Start the worker's process on a new socket pair (``process`` and ``channel`` are set)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, "-m", "hexgen.daemon.worker_process", "--ipc-fd", str(theirs.fileno())]
+        kv_ours, kv_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = (theirs.fileno(), kv_theirs.fileno())
+        command = [
+            sys.executable,
+            "-m",
+            "hexgen.daemon.worker_process",
+            "--ipc-fd",
+            str(fds[0]),
+            "--kv-fd",
+            str(fds[1]),
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid())}
         try:
-            self.process = await trio.lowlevel.open_process(
-                command, env=env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),)
-            )
+            self.process = await trio.lowlevel.open_process(command, env=env, stdin=subprocess.DEVNULL, pass_fds=fds)
         except BaseException:
             ours.close()
+            kv_ours.close()
             raise
         finally:
             theirs.close()
+            kv_theirs.close()
         self.channel = SocketChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        self.kv = SocketChannel(trio.SocketStream(trio.socket.from_stdlib_socket(kv_ours)))
+        self.spawned.set()
 
     async def stop(self) -> None:
         """A ready driver is asked to stop its replica in step; anything else (a worker still forming its
@@ -139,5 +155,6 @@ class LocalWorker:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-        if self.channel is not None:
-            await self.channel.stream.aclose()
+        for channel in (self.channel, self.kv):
+            if channel is not None:
+                await channel.stream.aclose()

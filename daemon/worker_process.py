@@ -1,7 +1,8 @@
 """The engine worker process: hosts one rank of a replica and talks to its daemon over a unix socket.
 
 Run as ``python -m hexgen.daemon.worker_process --ipc-fd FD`` (the worker's end of a socket pair the daemon
-made) or ``--ipc PATH`` (a unix socket the daemon listens on). The frames both ways are those of
+made) or ``--ipc PATH`` (a unix socket the daemon listens on), with ``--kv-fd FD`` its end of a second pair
+for the KV parts of a relayed exchange (``daemon.kv_channel``). The frames both ways are those of
 ``daemon.worker_frames``: ``configure`` first (this rank's replica, its world's store, the address its daemon
 advertises, whose interface gloo and NCCL bind to, and the epoch's exchange group over which KV moves
 between replicas, when there is one); then, to a replica's driver only, ``exchange``, ``generate``,
@@ -59,7 +60,7 @@ from hexgen.engine.quant_bytes import NONE
 
 if TYPE_CHECKING:  # torch: only once the worker runs
     from hexgen.engine.loader import ProgressFn
-    from hexgen.engine.replica import ExchangeConfig, Groups, ReplicaSpec, ReplicaWorker, Request, StepResult
+    from hexgen.engine.replica import ExchangeConfig, Groups, KVRelay, ReplicaSpec, ReplicaWorker, Request, StepResult
 
 IDLE_POLL_S = 0.05
 PARENT_ENV = "HEXGEN_DAEMON_PID"  # set by the daemon, so a worker whose daemon died before it looked still sees it
@@ -173,12 +174,15 @@ def exchange_from(setup: ExchangeSetup) -> ExchangeConfig:
         peers,
         secret=setup.secret,
         connect_timeout_s=setup.connect_timeout_s,
+        transport=setup.transport,
     )
 
 
-def _join(config: ConfigureFrame, progress: ProgressFn | None = None) -> tuple[ReplicaWorker, object]:
+def _join(
+    config: ConfigureFrame, progress: ProgressFn | None = None, relay: KVRelay | None = None
+) -> tuple[ReplicaWorker, object]:
     """The replica worker of ``config`` in its world, and the world's store (None for a tcp:// world).
-    ``progress(done, total)`` hears the bytes of weights loaded."""
+    ``progress(done, total)`` hears the bytes of weights loaded; ``relay`` carries a "libp2p" exchange's KV."""
     import torch
 
     from hexgen.engine.device import pin_device
@@ -195,9 +199,11 @@ def _join(config: ConfigureFrame, progress: ProgressFn | None = None) -> tuple[R
     exchange = None
     if config.exchange is not None:
         # the KV format goes out as the group forms: a peer ready before this rank loads reads it at once
-        exchange = Background(join_exchange, exchange_from(config.exchange), config.rank, replica_kv_format(spec))
+        setup = exchange_from(config.exchange)
+        exchange = Background(join_exchange, setup, config.rank, replica_kv_format(spec), relay)
     store, groups = _form_world(config, spec)
     worker = ReplicaWorker(spec, config.rank, groups, progress=abort_on_failure(exchange, progress))
+    worker.kv_relay = relay
     if exchange is not None:
         worker.adopt_exchange(exchange.result())  # raises the group's WorldFormationError
     return worker, store
@@ -318,7 +324,7 @@ def exchange_reporter(channel: Channel) -> Callable[[str, BaseException | None],
     return exchanged
 
 
-def start(channel: Channel) -> tuple[ReplicaWorker, object] | None:
+def start(channel: Channel, relay: KVRelay | None = None) -> tuple[ReplicaWorker, object] | None:
     """Read ``configure``, join the worlds and answer ``ready`` (the worker and its world's store, which
     must outlive the world), or answer ``failed`` (None)."""
     try:
@@ -331,7 +337,7 @@ def start(channel: Channel) -> tuple[ReplicaWorker, object] | None:
         return None
     try:
         report = progress_reporter(channel) if config.progress else None  # the daemon asks for them
-        worker, store = _join(config, report)
+        worker, store = _join(config, report, relay)
     except Exception as exc:  # noqa: BLE001 - the worker's start: whatever failed is the daemon's to hear
         channel.send(failure_frame(exc).to_wire())
         return None
@@ -423,8 +429,13 @@ def run_steps(channel: Channel, worker: ReplicaWorker) -> None:
             worker.export_routed(result.handed_off)
 
 
-def serve(channel: Channel) -> None:
-    started = start(channel)
+def serve(channel: Channel, kv_fd: int | None = None) -> None:
+    relay = None
+    if kv_fd is not None:
+        from hexgen.daemon.kv_channel import KvChannel  # torch
+
+        relay = KvChannel(socket.socket(fileno=kv_fd))
+    started = start(channel, relay)
     if started is not None:
         worker, _world_store = started  # the store outlives the world while the replica steps
         run_steps(channel, worker)
@@ -467,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     ipc = parser.add_mutually_exclusive_group(required=True)
     ipc.add_argument("--ipc", metavar="PATH", help="the daemon's unix socket for this worker")
     ipc.add_argument("--ipc-fd", type=int, metavar="FD", help="this worker's end of a socket pair with the daemon")
+    parser.add_argument("--kv-fd", type=int, metavar="FD", help="its end of a socket pair for relayed KV")
     args = parser.parse_args(argv)
     exit_with_parent()
     try:
@@ -480,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     channel = Channel(sock)
     try:
-        serve(channel)
+        serve(channel, args.kv_fd)
     except EOFError:
         return 0
     except Exception as exc:  # noqa: BLE001 - the process's top level: any failure ends it with a message

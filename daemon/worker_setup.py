@@ -18,6 +18,7 @@ from hexgen.engine.quant_bytes import NONE, QUANTIZATIONS
 from hexgen.engine.sequence import SamplingParams
 
 ROLES = ("colocated", "prefill", "decode")
+TRANSPORTS = ("torch", "libp2p")  # how an exchange moves KV (``messages.EXCHANGE_TRANSPORTS``)
 NO_REPLICA = -1
 MAX_PORT = 65535
 INT64 = (-(1 << 63), 1 << 64)  # the integers msgpack carries
@@ -229,6 +230,7 @@ class ExchangeSetup:
     size: int
     replicas: tuple[ReplicaSetup, ...]
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    transport: str = "torch"  # "libp2p": no group forms; KV goes through the daemons (``daemon.kv_relay``)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -239,6 +241,7 @@ class ExchangeSetup:
             "size": self.size,
             "replicas": [r.to_wire() for r in self.replicas],
             "connect_timeout_s": self.connect_timeout_s,
+            "transport": self.transport,
         }
 
     @classmethod
@@ -247,6 +250,8 @@ class ExchangeSetup:
         size = at_least(group, "size", 1)
         first_rank = at_least(group, "first_rank", 0)
         need(first_rank < size and bool(group["replicas"]), "an exchange group holds its replicas' ranks")
+        transport = group.get("transport") or "torch"
+        need(transport in TRANSPORTS, f"field 'transport' must be one of {TRANSPORTS}")
         return cls(
             address(group.get("store"), "store"),
             group["prefix"],
@@ -255,4 +260,5 @@ class ExchangeSetup:
             size,
             tuple(ReplicaSetup.from_wire(r) for r in group["replicas"]),
             seconds(group, "connect_timeout_s", CONNECT_TIMEOUT_S),
+            transport,
         )

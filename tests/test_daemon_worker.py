@@ -213,7 +213,7 @@ def test_a_broken_world_ends_the_worker_with_one_line(monkeypatch, capsys):
     from hexgen.daemon import worker_process as worker_module
     from hexgen.engine.formation import WorldFormationError
 
-    def broken(channel: Channel) -> None:
+    def broken(channel: Channel, kv_fd: int | None = None) -> None:
         raise WorldFormationError("exchange group", "connect", "error [10.0.0.9]:1: refused")
 
     monkeypatch.setattr(worker_module, "serve", broken)

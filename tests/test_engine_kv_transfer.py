@@ -434,7 +434,7 @@ def test_a_relayed_kv_that_never_comes_or_does_not_fit_fails_only_its_sequence()
         shard = KVShard(layout, 0, 1)
         sender, receiver = (Exchange(c.bind("hexgen/1/1/exchange/", r)) for r, c in enumerate(daemons.channels))
         cache = torch.zeros(2, 1, 2, BLOCK_SIZE, 1, HEAD_DIM)
-        with pytest.raises(KVMissing, match="did not arrive: not whole within 0.3 s"):
+        with pytest.raises(KVMissing, match=r"did not arrive: not whole within 0\.3 s"):
             recv_kv(cache, shard, slices, [1], 1, lambda _: 0, group=receiver, timeout=timedelta(seconds=0.3), tag=5)
         wide = torch.ones(2, 1, 2, BLOCK_SIZE, 1, HEAD_DIM + 1)
         send_kv(wide, shard, slices, [1], 1, lambda _: 1, group=sender, tag=6)
