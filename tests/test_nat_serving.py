@@ -3,6 +3,13 @@ libp2p streams (hole-punched to one home, relayed to the other), stories260K aga
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,14 +20,16 @@ import trio
 
 from hexgen.daemon.generate_protocol import generate
 from hexgen.daemon.relay import circuit_address
+from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Daemon, open_client
 from hexgen.testing.nat_lab import NatLab, View, converge, link, open_nat_lab
-from hexgen.testing.netns import start_daemon, started_daemons
+from hexgen.testing.netns import on_host, start_daemon, started_daemons
 
 pytestmark = pytest.mark.trio
 
 MAX_TOKENS = 12
+REPLAN_S = 90.0
 PINNED = """
 [[groups]]
 role = "prefill"
@@ -48,9 +57,15 @@ def _serving_relayed(a: str, b: str, c: str) -> Any:
         """a-b hole-punched, c relayed; every daemon on one plan that hands KV off over libp2p, all ready."""
         bodies = [((s or {}).get("plan") or {}).get("body") or {} for s in view.values()]
         workers = [((s or {}).get("serving") or {}).get("workers") or {} for s in view.values()]
+        handoffs = [
+            {frozenset(x["peers"]): x["kind"] for x in body.get("links", []) if x["use"] == "handoff"}
+            for body in bodies
+        ]
         return (
             link(view, a, b) == "hole-punched"
             and link(view, a, c) == "relayed"
+            # the plan was made knowing the hole punch (a change of link kinds re-plans)
+            and all(h == {frozenset((a, b)): "hole-punched", frozenset((a, c)): "relayed"} for h in handoffs)
             and len({(body.get("term"), body.get("epoch")) for body in bodies}) == 1
             and all(body.get("exchange") == "libp2p" and body.get("plan") for body in bodies)
             and sum(len(w) for w in workers) == 3
@@ -72,35 +87,42 @@ async def _complete(client: Any, entry: str, tokens: list[int], decoders: set[in
     return out
 
 
+def _start_homes(lab: NatLab, root: Path, model: Path, started: list[Daemon]) -> tuple[Daemon, list[Daemon]]:
+    """A relay on the public network and a daemon at each home, all serving ``model`` with the pinned plan."""
+    pinned = root / "pinned.toml"
+    pinned.write_text(PINNED)
+    pin = ["--pin-plan", str(pinned)]
+    relay = start_daemon(lab.hosts["p1"], root, "relay", model=str(model), extra=["--relay", *pin])
+    started.append(relay)
+
+    def home(name: str) -> Daemon:
+        extra = ["--relay-peer", relay.addr, *pin]
+        return start_daemon(lab.hosts[name], root, name, model=str(model), gpu="H100", extra=extra)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(home, name) for name in ("h11", "h21", "h31")]
+        started.extend(f.result() for f in futures if f.exception() is None)
+        homes = [f.result() for f in futures]
+    return relay, homes
+
+
+def _circuits(relay: Daemon, homes: list[Daemon]) -> dict[str, str]:
+    return {relay.peer_id: relay.addr} | {d.peer_id: circuit_address(relay.addr, d.peer_id) for d in homes}
+
+
 async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp2p(
     nat_lab: NatLab, tmp_path: Path, stories_dir: Path
 ) -> None:
     """No pair of homes can open a TCP connection to each other, so no gloo exchange group can form: the plan
     says its hand-offs go over libp2p, and every request, prefilled at home 1 and decoded at home 2 (a
     hole-punched link) or home 3 (relayed, symmetric NAT), streams transformers' greedy tokens."""
-    pinned = tmp_path / "pinned.toml"
-    pinned.write_text(PINNED)
-    model = ["--pin-plan", str(pinned)]
     with started_daemons() as started:
-        relay = start_daemon(nat_lab.hosts["p1"], tmp_path, "relay", model=str(stories_dir), extra=["--relay", *model])
-        started.append(relay)
-
-        def home(name: str) -> Daemon:
-            extra = ["--relay-peer", relay.addr, *model]
-            return start_daemon(nat_lab.hosts[name], tmp_path, name, model=str(stories_dir), gpu="H100", extra=extra)
-
-        with ThreadPoolExecutor(3) as pool:
-            homes = list(pool.map(home, ("h11", "h21", "h31")))
-        started.extend(homes)
-        addrs = {relay.peer_id: relay.addr} | {d.peer_id: circuit_address(relay.addr, d.peer_id) for d in homes}
+        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started)
         a, b, c = (d.peer_id for d in homes)
         prompts = [[1, 403, 407, 261, 378], *random_prompts(5, 512, seed=41, low=3, high=20)]
         reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
         async with open_client() as client:
-            view = await converge(client, addrs, _serving_relayed(a, b, c))
-            body = next(s for s in view.values() if s is not None)["plan"]["body"]
-            handoffs = {frozenset(x["peers"]): x["kind"] for x in body["links"] if x["use"] == "handoff"}
-            assert handoffs == {frozenset((a, b)): "hole-punched", frozenset((a, c)): "relayed"}
+            await converge(client, _circuits(relay, homes), _serving_relayed(a, b, c))
             results: dict[int, list[int]] = {}
             decoders: set[int] = set()
 
@@ -116,3 +138,66 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
                     break
                 assert await _complete(client, a, prompts[0], decoders) == reference[0]
             assert decoders == {1, 2}
+
+
+@contextlib.contextmanager
+def _client_at(
+    lab: NatLab, home: str, entry: Daemon, prompt: str, max_tokens: int, *json_out: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``hexgen-client generate`` on the lab host ``home``, asking ``entry``; killed on the way out."""
+    command = [sys.executable, "-m", "hexgen.cli.client", "generate", prompt, "--peer", entry.addr]
+    command += ["--max-tokens", str(max_tokens), "--timeout", "150", *json_out]
+    client = subprocess.Popen(on_host(lab.hosts[home], command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield client
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.communicate()
+
+
+def _plans(daemon: Daemon) -> list[tuple[int, int]]:
+    """(epoch, members) of every plan ``daemon`` adopted or published, in order, as its log says."""
+    found = re.findall(r"(?:adopted|published) plan epoch (\d+) of term \d+ \((\d+) members\)", daemon.log())
+    return [(int(epoch), int(members)) for epoch, members in found]
+
+
+def _kill_after_first_text(client: subprocess.Popen[bytes], victim: Daemon) -> bytes:
+    """The client's whole output; ``victim`` is SIGKILLed as soon as the client printed some text."""
+    assert client.stdout is not None
+    head = client.stdout.read1(64)  # type: ignore[attr-defined]  # a BufferedReader: returns what arrived
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    rest, err = client.communicate(timeout=180)
+    assert client.returncode == 0, err.decode()
+    return head + rest
+
+
+async def test_the_relay_killed_mid_stream_loses_no_token_and_the_swarm_replans(
+    nat_lab: NatLab, tmp_path: Path, stories_dir: Path
+) -> None:
+    """A client at home 1 streams a long answer from its own daemon (prefill there, decode at home 2 or 3,
+    hand-offs over libp2p) and the relay is SIGKILLed once text flows: home 3 (symmetric NAT) is cut off, the
+    stream finishes with transformers' text, no token missing or repeated (the hop re-submitted if its route
+    died), and the homes still linked (hole-punched) re-plan without the relay and serve on."""
+    prompt = "Once upon a time"
+    long = 160
+    tokenizer = Tokenizer.from_dir(stories_dir)
+    (expected,) = reference_greedy(stories_dir, [tokenizer.encode(prompt)], long)
+    with started_daemons() as started:
+        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started)
+        a, b, c = (d.peer_id for d in homes)
+        async with open_client() as client:
+            await converge(client, _circuits(relay, homes), _serving_relayed(a, b, c))
+        with _client_at(nat_lab, "h11", homes[0], prompt, long) as streaming:
+            text = await trio.to_thread.run_sync(_kill_after_first_text, streaming, relay)
+        assert text.decode().rstrip("\n") == tokenizer.decode(expected)
+        assert not relay.alive()
+        with trio.fail_after(REPLAN_S):  # the swarm re-plans for the two homes left linked (hole-punched)
+            while not _plans(homes[0]) or _plans(homes[0])[-1][1] != 2:
+                await trio.sleep(0.2)
+        with _client_at(nat_lab, "h11", homes[0], prompt, MAX_TOKENS, "--json") as after:
+            out, err = await trio.to_thread.run_sync(lambda: after.communicate(timeout=180))
+        assert after.returncode == 0, err.decode()
+        reply = json.loads(out)
+        assert reply["tokens"] == expected[:MAX_TOKENS]
+        assert {group["epoch"] for group in reply["served_by"]} == {_plans(homes[0])[-1][0]}, reply
