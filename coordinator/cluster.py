@@ -3,6 +3,8 @@
 Every byte between two hosts leaves through the sender's NIC and enters through the receiver's, so a
 host pair's link is never faster than either NIC, and all the traffic of a host shares its NIC (the
 planner's flow and the simulator charge it there). Links inside a host (NVLink, PCIe) are not NIC-bound.
+Some host pairs are *worldless*: linked only through a relay or a hole punch, they carry a KV hand-off
+between two groups but no group (a replica's world) may span them.
 """
 
 from __future__ import annotations
@@ -61,13 +63,15 @@ class Nic:
 class Cluster:
     """GPUs, a symmetric link matrix in GB/s (``bandwidth[i][j]`` between GPU ids i and j) and host NICs.
 
-    ``nics`` maps a host to its NIC; a host it leaves out has an unlimited one.
+    ``nics`` maps a host to its NIC; a host it leaves out has an unlimited one. ``worldless`` holds the host
+    pairs no group may span (``spans_worldless``); their bandwidth still carries KV hand-offs.
     """
 
     gpus: tuple[GPU, ...]
     bandwidth: tuple[tuple[float, ...], ...]
     name: str = "cluster"
     nics: Mapping[str, Nic] = field(default_factory=dict)
+    worldless: frozenset[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         n = len(self.gpus)
@@ -117,6 +121,19 @@ class Cluster:
         """The same cluster with these hosts' NICs replaced (others kept)."""
         return dataclasses.replace(self, nics={**self.nics, **nics})
 
+    def with_worldless(self, pairs: Iterable[tuple[str, str]]) -> Cluster:
+        """The same cluster where no group may span these host pairs (pairs naming absent hosts are left out)."""
+        found = frozenset(frozenset(pair) for pair in pairs if len(set(pair)) == 2 and set(pair) <= set(self.hosts))
+        return dataclasses.replace(self, worldless=found)
+
+    def spans_worldless(self, gpu_ids: Iterable[int]) -> bool:
+        """Whether GPUs ``gpu_ids`` sit on two hosts of a worldless pair, so no group may hold them all.
+        O(GPUs + hosts^2); O(1) for a cluster without worldless pairs."""
+        if not self.worldless:
+            return False
+        hosts = sorted({self.gpus[g].host for g in gpu_ids})
+        return any(frozenset((a, b)) in self.worldless for i, a in enumerate(hosts) for b in hosts[i + 1 :])
+
     @property
     def price_per_hour(self) -> float:
         return sum(g.price_per_hour for g in self.gpus)
@@ -141,7 +158,8 @@ class Cluster:
         )
         bw = tuple(tuple(self.bandwidth[i][j] for j in ids) for i in ids)
         hosts = {g.host for g in gpus}
-        return Cluster(gpus, bw, self.name, {h: n for h, n in self.nics.items() if h in hosts}), remap
+        nics = {h: n for h, n in self.nics.items() if h in hosts}
+        return Cluster(gpus, bw, self.name, nics, frozenset(p for p in self.worldless if p <= hosts)), remap
 
     def describe(self) -> str:
         counts: dict[str, int] = {}

@@ -21,7 +21,7 @@ from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.failure import FailureReport
 from hexgen.daemon.messages import LeaseBody, PlanBody
-from hexgen.daemon.pair_links import NO_WORLDS, Pair, pair_kinds, plan_links
+from hexgen.daemon.pair_links import NO_WORLDS, Pair, exchange_transport, pair_kinds, plan_links
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS, PlanningInput, PlanOutcome, compute_plan
 from hexgen.daemon.swarm_state import AdoptedPlan, Published, SwarmState
 from hexgen.daemon.swarm_view import describe_roles
@@ -165,7 +165,8 @@ class Coordination:
 
     def body(self, outcome: PlanOutcome, given: PlanningInput, members: list[str], term: int) -> PlanBody:
         """The signed plan's body; ``restart`` when a worker failed since the last one (every replica is
-        rebuilt: unchanged ones' worlds may be broken too)."""
+        rebuilt: unchanged ones' worlds may be broken too); ``exchange`` says whether its KV hand-offs need
+        libp2p (``pair_links.exchange_transport``)."""
         plan = self.state.plan
         restart = self.failure_replans != self.failure_replans_published
         self.failure_replans_published = self.failure_replans
@@ -184,4 +185,5 @@ class Coordination:
             restart=restart,
             links=links,
             quantize=given.quantize,
+            exchange=exchange_transport(outcome.plan, gpu_peer, given.link_kinds),
         )

@@ -2,10 +2,11 @@
 
 The operator's pinned layout when every GPU it names is present; else an incremental re-plan from the previous
 plan (this coordinator's, or the one it inherited); else the better of HexGen-2 alone and HexGen-2 with colocated
-groups (``planner.plan_live``). Each host's NIC is what its link probes showed (``measured_nics``). A plan that needs a pair of peers
-known not to form worlds, or a membership whose worlds kept failing, gets the colocated fallback instead: the
-swarm never stays on a plan that cannot serve. Pairs linked only through a relay or a hole punch
-(``pair_links``) are known not to form worlds before any is tried: they are blocked like pairs whose world failed.
+groups (``planner.plan_live``). Each host's NIC is what its link probes showed (``measured_nics``). A plan that
+needs a blocked pair of peers (a world failed there), or a membership whose worlds kept failing, gets the
+colocated fallback instead: the swarm never stays on a plan that cannot serve. Pairs linked only through a relay
+or a hole punch (``pair_links``) are *worldless*: no group may span them, but a KV hand-off between a prefill
+and a decode group may cross them at what their probes measured (``pair_links.UNMEASURED_GB_S`` until then).
 Every replica loads the weights quantized as the coordinator's model spec says; members whose adverts do not offer
 that quantization are left out, and the plan says so.
 """
@@ -31,7 +32,7 @@ from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_clus
 from hexgen.daemon.failure import BlockedLink
 from hexgen.daemon.hardware_profile import HardwareError
 from hexgen.daemon.messages import BlockedPair, PlanBody
-from hexgen.daemon.pair_links import Pair, worldless_pairs
+from hexgen.daemon.pair_links import UNMEASURED_GB_S, Pair, worldless_pairs
 from hexgen.engine.quant_bytes import NONE, name_of
 
 log = logging.getLogger("hexgen.daemon")
@@ -75,11 +76,24 @@ class PlanningInput:
                 left_out.append(f"{peer.host_name} ({peer.peer_id}) cannot load {wanted} weights")
         return able, left_out
 
-    def all_blocked(self) -> list[BlockedLink]:
-        """The blocked pairs, and the pairs among the peers whose kind of link carries no world. O(pairs)."""
+    def worldless(self) -> dict[Pair, str]:
+        """The pairs among the peers whose kind of link carries no world, each with why; a blocked pair is
+        blocked instead. O(pairs)."""
         known = {link.pair for link in self.blocked}
-        worldless = worldless_pairs(self.link_kinds, (p.peer_id for p in self.peers))
-        return [*self.blocked, *(BlockedLink(pair, why, ((), ())) for pair, why in worldless if pair not in known)]
+        found = worldless_pairs(self.link_kinds, (p.peer_id for p in self.peers))
+        return {pair: why for pair, why in found if pair not in known}
+
+    def planner_links(self) -> list[LinkMeasurement]:
+        """The links the planner is told of: the probes', a blocked pair's as (almost) nothing, and a worldless
+        pair no probe measured at its kind's ``UNMEASURED_GB_S`` (later entries of a pair win). O(links)."""
+        measured = {frozenset((link.a, link.b)) for link in self.links}
+        unmeasured = [
+            LinkMeasurement(*pair, UNMEASURED_GB_S[self.link_kinds[pair]], 0.0)
+            for pair in self.worldless()
+            if frozenset(pair) not in measured
+        ]
+        blocked = [LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in self.blocked]
+        return [*unmeasured, *self.links, *blocked]
 
 
 @dataclass(frozen=True)
@@ -114,23 +128,28 @@ def compute_plan(given: PlanningInput) -> PlanOutcome:
 
 def _plan_for(given: PlanningInput) -> PlanOutcome:
     workload = synthetic("default", min(512, given.model.max_context // 2), 128, count=64)
-    all_blocked = given.all_blocked()
-    blocked = tuple(BlockedPair(link.pair, link.reason) for link in all_blocked)
-    # the planner is told a blocked pair's link carries (almost) nothing, so it plans around it
-    links = [*given.links, *(LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in all_blocked)]
+    blocked = tuple(BlockedPair(link.pair, link.reason) for link in given.blocked)
+    links = given.planner_links()
+    worldless = given.worldless()
     try:
         cluster, gpu_map = build_cluster_from_peers(list(given.peers), links)
     except (HardwareError, PlanError, ValueError) as exc:
         return PlanOutcome(None, f"cannot build the cluster: {exc}", {}, blocked)
-    cluster = cluster.with_nics(measured_nics(cluster, given.links))
-    pairs = {link.pair: link.reason for link in all_blocked}
+    cluster = cluster.with_nics(measured_nics(cluster, given.links)).with_worldless(worldless)
     gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
+    reasons = worldless | {link.pair: link.reason for link in given.blocked}
+
+    def refusal(plan: Plan | None) -> str | None:
+        """Why ``plan`` cannot serve (a group or exchange across a blocked pair, a group across a worldless one)."""
+        pair = None if plan is None else needs_pair(plan, gpu_peer, [link.pair for link in given.blocked], worldless)
+        return None if pair is None else reasons[pair]
+
     why = f"{given.failures} worker failures in this membership" if given.failures >= MAX_FAILURE_REPLANS else None
     note = None  # why the plan is not the one asked for, when a blocked pair is why
     try:
         result = None if why else _pinned(given, gpu_map)
-        if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
-            note = f"not serving the pinned plan: {pairs[pair]}"
+        if (refused := refusal(result)) is not None:
+            note = f"not serving the pinned plan: {refused}"
             log.info("%s", note)
             result = None
         if result is None and why is None:
@@ -139,8 +158,7 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
                 result = planner.replan(previous[0], previous[1], cluster, given.model, workload)
             else:
                 result = planner.plan_live(cluster, given.model, workload)
-        if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
-            why = pairs[pair]
+        why = why or refusal(result)
         if why is not None:
             # never a plan that cannot serve: one replica per host, and the reason for all to see
             fallback = colocated_plan(cluster, given.model, workload)
@@ -149,6 +167,8 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
             )
     except (PlanError, ValueError) as exc:
         error = str(exc) if why is None else f"{why}; and no host can serve alone: {exc}"
+        if why is None and worldless:
+            error += f" (no group may span a worldless pair: {'; '.join(worldless.values())})"
         return PlanOutcome(None, error, gpu_map, blocked)
     assert result is not None
     return PlanOutcome(result, note, gpu_map, blocked, (result, cluster))
