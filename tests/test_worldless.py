@@ -27,14 +27,10 @@ from hexgen.testing.control import FakeClock, adoption_of, swarm_state
 
 A, B, C = "12D3KooWPeerA", "12D3KooWPeerB", "12D3KooWPeerC"
 WORKLOAD = synthetic("test", 512, 128, count=64)
-SPLIT = """
-[[groups]]
-role = "prefill"
-stages = [{ gpus = ["a"], layers = [0, 32] }]
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["b"], layers = [0, 32] }]
-"""
+SPLIT = "".join(  # prefill on host a, decode on host b
+    f'[[groups]]\nrole = "{role}"\nstages = [{{ gpus = ["{host}"], layers = [0, 32] }}]\n'
+    for role, host in (("prefill", "a"), ("decode", "b"))
+)
 
 
 def _two_hosts(gpu: str = "A100", gbit_s: float = 10.0, *, worldless: bool = True) -> Cluster:
