@@ -4,7 +4,7 @@ Worlds (gloo/NCCL) open their own TCP connections between hosts, so only a direc
 relayed pair has no TCP path at all; a hole-punched pair has one, but it is the libp2p connection the punch
 opened through both NATs, not a port a worker can dial: neither carries a world. Both carry KV hand-offs
 over the daemons' libp2p streams, so a plan whose ranks sit on such a pair moves its epoch's hand-offs
-that way (``exchange_transport``).
+that way (``exchange_transport``). A relayed pair's bytes also cross its relay (``pair_relays``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ NO_WORLDS = {
 # over libp2p. A relayed link also shares the relay with everything else it carries, so its figure is the
 # low end. A probe's figure replaces these as soon as there is one.
 UNMEASURED_GB_S = {"relayed": 0.015, "hole-punched": 0.1}
+CIRCUIT = "/p2p-circuit"  # RELAY_ADDR/p2p/RELAY_ID/p2p-circuit/p2p/PEER_ID
 
 
 def _pair(a: str, b: str) -> Pair:
@@ -57,6 +58,27 @@ def worldless_pairs(kinds: Mapping[Pair, str], peers: Iterable[str]) -> list[tup
         for pair, kind in sorted(kinds.items())
         if kind in NO_WORLDS and set(pair) <= present
     ]
+
+
+def pair_relays(kinds: Mapping[Pair, str], addrs: Mapping[str, Iterable[str]]) -> dict[Pair, str]:
+    """Each relayed pair of ``kinds`` -> the peer relaying it, where the ends' advertised addresses (``addrs``:
+    peer -> its advert's) narrow it to one: the one relay both ends hold a slot on, else the only relay either
+    does. A relayed connection runs through a relay one of its ends holds a slot on, but no advert says which,
+    so a pair with more candidates is left out. O(pairs + addresses)."""
+    slots = {peer: {_relay_of(addr) for addr in found} - {""} for peer, found in addrs.items()}
+    relays: dict[Pair, str] = {}
+    for pair, kind in sorted(kinds.items()):
+        x, y = slots.get(pair[0], set()), slots.get(pair[1], set())
+        candidates = (x & y) or (x | y)
+        if kind == "relayed" and len(candidates) == 1:
+            relays[pair] = min(candidates)
+    return relays
+
+
+def _relay_of(addr: str) -> str:
+    """The relay's peer id in a circuit address; "" for any other address. O(len(addr))."""
+    relay_part, sep, _ = addr.partition(CIRCUIT)
+    return relay_part.rpartition("/p2p/")[2] if sep and "/p2p/" in relay_part else ""
 
 
 def exchange_transport(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> str:

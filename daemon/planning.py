@@ -6,7 +6,8 @@ groups (``planner.plan_live``). Each host's NIC is what its link probes showed (
 needs a blocked pair of peers (a world failed there), or a membership whose worlds kept failing, gets the
 colocated fallback instead: the swarm never stays on a plan that cannot serve. Pairs linked only through a relay
 or a hole punch (``pair_links``) are *worldless*: no group may span them, but a KV hand-off between a prefill
-and a decode group may cross them at what their probes measured (``pair_links.UNMEASURED_GB_S`` until then).
+and a decode group may cross them at what their probes measured (``pair_links.UNMEASURED_GB_S`` until then);
+a relayed pair's hand-offs also load its relay's NIC, where the adverts tell which relay it is.
 Every replica loads the weights quantized as the coordinator's model spec says; members whose adverts do not offer
 that quantization are left out, and the plan says so.
 """
@@ -46,8 +47,9 @@ BLOCKED_LINK_GB_S = 1e-6  # what the planner is told a link that cannot carry a 
 class PlanningInput:
     """Everything a plan depends on. ``previous`` is the plan (and cluster) this coordinator made last;
     ``inherited`` the adopted body of an earlier coordinator, reused when there is no ``previous``;
-    ``link_kinds`` each pair's kind of link (``pair_links.pair_kinds``); ``quantizations`` what each peer's
-    advert offers (a peer missing from it offers full precision only)."""
+    ``link_kinds`` each pair's kind of link (``pair_links.pair_kinds``); ``relays`` the relay of each relayed
+    pair known (``pair_links.pair_relays``); ``quantizations`` what each peer's advert offers (a peer missing
+    from it offers full precision only)."""
 
     model: ModelSpec
     peers: Sequence[PeerHardware]
@@ -58,6 +60,7 @@ class PlanningInput:
     previous: tuple[Plan, Any] | None = None
     inherited: PlanBody | None = None
     link_kinds: Mapping[Pair, str] = field(default_factory=dict)
+    relays: Mapping[Pair, str] = field(default_factory=dict)
     quantizations: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     @property
@@ -135,7 +138,8 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
         cluster, gpu_map = build_cluster_from_peers(list(given.peers), links)
     except (HardwareError, PlanError, ValueError) as exc:
         return PlanOutcome(None, f"cannot build the cluster: {exc}", {}, blocked)
-    cluster = cluster.with_nics(measured_nics(cluster, given.links)).with_worldless(worldless)
+    cluster = cluster.with_worldless(worldless).with_relays({p: r for p, r in given.relays.items() if p in worldless})
+    cluster = cluster.with_nics(measured_nics(cluster, given.links))
     gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
     reasons = worldless | {link.pair: link.reason for link in given.blocked}
 
@@ -179,12 +183,14 @@ def measured_nics(cluster: Cluster, links: Sequence[LinkMeasurement]) -> dict[st
 
     A probe is one stream between two hosts, so it cannot outrun either host's NIC: the fastest one a
     host took part in is the best evidence of what its NIC carries. Hosts never probed keep the
-    cluster's default (10 Gbit/s). Blocked pairs are not probes and do not count. O(links).
+    cluster's default (10 Gbit/s); a relay without GPUs (``Cluster.relays``) is a host here too, unlimited
+    until probed. Blocked pairs are not probes and do not count. O(links).
     """
     fastest: dict[str, float] = {}
+    hosts = {*cluster.hosts, *cluster.relay_hosts}
     for link in links:
         for host in (link.a, link.b):
-            if host in cluster.hosts:
+            if host in hosts:
                 fastest[host] = max(fastest.get(host, 0.0), link.gb_s)
     return {host: Nic(rate, rate) for host, rate in fastest.items() if rate > 0}
 
