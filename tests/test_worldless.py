@@ -3,13 +3,16 @@ may cross one at its measured bandwidth, and a plan whose ranks sit on one moves
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hexgen.coordinator import planner
-from hexgen.coordinator.cluster import Cluster, HostSpec, build_cluster
+from hexgen.coordinator.cluster import Cluster, HostSpec, Nic, build_cluster
 from hexgen.coordinator.cost import CostModel, LengthStats
 from hexgen.coordinator.evaluate import PlanError
 from hexgen.coordinator.fallback import needs_pair
+from hexgen.coordinator.network import NicQueue, plan_loads
 from hexgen.coordinator.parallel import LayoutSearch
 from hexgen.coordinator.partition import partition
 from hexgen.coordinator.pinned import PinnedGroup, parse_pinned
@@ -21,7 +24,7 @@ from hexgen.daemon.coordination import Coordination
 from hexgen.daemon.failure import BlockedLink
 from hexgen.daemon.hardware import simulated_profile
 from hexgen.daemon.host import new_identity
-from hexgen.daemon.pair_links import UNMEASURED_GB_S, exchange_transport, plan_links
+from hexgen.daemon.pair_links import UNMEASURED_GB_S, exchange_transport, pair_relays, plan_links
 from hexgen.daemon.planning import BLOCKED_LINK_GB_S, PlanningInput, compute_plan
 from hexgen.testing.control import FakeClock, adoption_of, swarm_state
 
@@ -171,3 +174,44 @@ def test_the_planner_is_told_a_probe_figure_else_a_conservative_one_and_blocked_
     assert given.worldless().keys() == {(A, B)}, "a blocked pair is blocked, not worldless"
     figures = {frozenset((link.a, link.b)): link.gb_s for link in given.planner_links()}
     assert figures == {frozenset((A, B)): probe.gb_s, frozenset((A, C)): BLOCKED_LINK_GB_S}
+
+
+def test_a_relay_is_named_only_where_the_ends_circuit_addresses_narrow_it_to_one() -> None:
+    def via(*relays: str) -> list[str]:
+        return ["/ip4/10.0.0.9/tcp/4001", *(f"/ip4/1.2.3.4/tcp/4001/p2p/{r}/p2p-circuit" for r in relays)]
+
+    kinds = {(A, B): "relayed", (A, C): "relayed", (B, C): "hole-punched"}
+    assert pair_relays(kinds, {A: via("R1", "R2"), B: via("R2"), C: via("R1", "R2")}) == {(A, B): "R2"}, "A-C: two"
+    assert pair_relays(kinds, {A: via(), B: via("R1"), C: via("R3")}) == {(A, B): "R1", (A, C): "R3"}
+    assert pair_relays({(A, B): "relayed"}, {A: via("R1"), B: via("R2")}) == {}, "either relay may carry it"
+    assert pair_relays(kinds, {A: ["/p2p-circuit", "garbage"], B: []}) == {}
+
+
+def test_relayed_hand_offs_share_the_relays_nic() -> None:
+    model = MODELS["llama-2-7b"]
+    free = _two_hosts(gbit_s=8.0)
+    relayed = free.with_relays({("a", "b"): "r"}).with_nics({"r": Nic(0.01, 0.01)})
+    assert relayed.relay_hosts == ["r"] and free.relay_hosts == []
+    open_relay, tight = planner.plan(free, model, WORKLOAD), planner.plan(relayed, model, WORKLOAD)
+    assert 0 < tight.throughput < open_relay.throughput, "the relay's NIC caps the hand-off"
+    loads = plan_loads(tight, CostModel(relayed, model, LengthStats.of(WORKLOAD)))
+    assert 0 < loads["r", "in"] == loads["r", "out"] <= relayed.nics["r"].ingress * 1e9 * (1 + 1e-6)
+    for cluster, turns in ((free, 1), (relayed, 2)):  # the other direction waits for the relay, not a NIC
+        queue = NicQueue(cluster)
+        one = queue.reserve({("a", "b"): 1e7}, 0.0)
+        assert queue.reserve({("b", "a"): 1e7}, 0.0) == pytest.approx(turns * one)
+
+
+def test_the_coordinator_charges_a_relay_its_adverts_name() -> None:
+    probes = [LinkMeasurement(A, B, 0.05, 30.0), LinkMeasurement(A, C, 0.004, 1.0), LinkMeasurement(B, C, 0.004, 1.0)]
+    base = _given(pinned=parse_pinned(SPLIT, 32))
+    relay = PeerHardware(C, "c", dataclasses.replace(simulated_profile("A100x1"), gpus=()))
+    given = dataclasses.replace(base, peers=[*base.peers, relay], links=probes, relays={(A, B): C})
+    outcome = compute_plan(given)
+    assert outcome.plan is not None and outcome.reusable is not None and outcome.error is None
+    cluster = outcome.reusable[1]
+    assert cluster.relays == {frozenset((A, B)): C} and cluster.nics[C] == Nic(0.004, 0.004)
+    loads = plan_loads(outcome.plan, CostModel(cluster, MODELS["llama-2-7b"], LengthStats.of(WORKLOAD)))
+    assert loads[C, "in"] == loads[C, "out"] == loads[A, "out"] > 0
+    unnamed = compute_plan(dataclasses.replace(given, relays={}))
+    assert unnamed.reusable is not None and unnamed.reusable[1].relays == {} and C not in unnamed.reusable[1].nics
