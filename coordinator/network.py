@@ -175,10 +175,10 @@ class NicQueue:
         """When the last of these transfers, starting at ``t`` or later, has arrived. O(pairs)."""
         done = t
         for (a, b), nbytes in traffic.items():
-            ports = (self._port(a, "out", b), self._port(b, "in", a))
+            ports = [self._port(a, "out", b), self._port(b, "in", a)]
             relay = self.cluster.relays.get(frozenset((a, b))) if self.cluster.relays else None
             if relay is not None:
-                ports += (self._port(relay, "in", a), self._port(relay, "out", b))
+                ports += [self._port(relay, "in", a), self._port(relay, "out", b)]
             seconds = nbytes / (self.cluster.host_bandwidth[a, b] * 1e9)
             queue = self.urgent if urgent else self.bulk
             start = max(t, *(queue.get(p, 0.0) for p in ports))
