@@ -3,8 +3,8 @@
 A group's GPUs are cut, host by host, into tensor-parallel blocks (TP never crosses a host); the
 blocks form the pipeline's stages in a fixed host order, and layers are split unevenly so the
 slowest stage is as fast as memory allows. Decode layouts also choose how many sequences to keep
-resident. A group spanning a worldless host pair (``Cluster.worldless``) has no layout. Results are memoized on the group's hardware signature, so groups of identical hosts
-cost one search.
+resident. A group spanning a worldless host pair (``Cluster.worldless``) has no layout. Results are
+memoized on the group's hardware signature, so groups of identical hosts cost one search.
 """
 
 from __future__ import annotations
