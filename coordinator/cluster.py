@@ -3,6 +3,9 @@
 Every byte between two hosts leaves through the sender's NIC and enters through the receiver's, so a
 host pair's link is never faster than either NIC, and all the traffic of a host shares its NIC (the
 planner's flow and the simulator charge it there). Links inside a host (NVLink, PCIe) are not NIC-bound.
+Some host pairs are *worldless*: linked only through a relay or a hole punch, they carry a KV hand-off
+between two groups but no group (a replica's world) may span them. A relayed pair's bytes also cross the
+relay's NIC, in and out (``relays``); the relay need not hold a GPU.
 """
 
 from __future__ import annotations
@@ -61,13 +64,17 @@ class Nic:
 class Cluster:
     """GPUs, a symmetric link matrix in GB/s (``bandwidth[i][j]`` between GPU ids i and j) and host NICs.
 
-    ``nics`` maps a host to its NIC; a host it leaves out has an unlimited one.
+    ``nics`` maps a host to its NIC; a host it leaves out has an unlimited one. ``worldless`` holds the host
+    pairs no group may span (``spans_worldless``); their bandwidth still carries KV hand-offs. ``relays`` maps
+    a host pair to the host relaying its bytes (whose NIC, when ``nics`` has it, carries them too).
     """
 
     gpus: tuple[GPU, ...]
     bandwidth: tuple[tuple[float, ...], ...]
     name: str = "cluster"
     nics: Mapping[str, Nic] = field(default_factory=dict)
+    worldless: frozenset[frozenset[str]] = frozenset()
+    relays: Mapping[frozenset[str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.gpus)
@@ -117,6 +124,34 @@ class Cluster:
         """The same cluster with these hosts' NICs replaced (others kept)."""
         return dataclasses.replace(self, nics={**self.nics, **nics})
 
+    def with_worldless(self, pairs: Iterable[tuple[str, str]]) -> Cluster:
+        """The same cluster where no group may span these host pairs (pairs naming absent hosts are left out)."""
+        found = frozenset(frozenset(pair) for pair in pairs if len(set(pair)) == 2 and set(pair) <= set(self.hosts))
+        return dataclasses.replace(self, worldless=found)
+
+    def with_relays(self, relays: Mapping[tuple[str, str], str]) -> Cluster:
+        """The same cluster where each of these host pairs' bytes also cross the named relay's NIC (pairs naming
+        absent hosts, or relayed by one of their own ends, are left out)."""
+        found = {
+            frozenset(pair): relay
+            for pair, relay in relays.items()
+            if len(set(pair)) == 2 and set(pair) <= set(self.hosts) and relay not in pair
+        }
+        return dataclasses.replace(self, relays=found)
+
+    @property
+    def relay_hosts(self) -> list[str]:
+        """The relays of ``relays`` that hold no GPU of this cluster, sorted."""
+        return sorted(set(self.relays.values()) - set(self.hosts))
+
+    def spans_worldless(self, gpu_ids: Iterable[int]) -> bool:
+        """Whether GPUs ``gpu_ids`` sit on two hosts of a worldless pair, so no group may hold them all.
+        O(GPUs + hosts^2); O(1) for a cluster without worldless pairs."""
+        if not self.worldless:
+            return False
+        hosts = sorted({self.gpus[g].host for g in gpu_ids})
+        return any(frozenset((a, b)) in self.worldless for i, a in enumerate(hosts) for b in hosts[i + 1 :])
+
     @property
     def price_per_hour(self) -> float:
         return sum(g.price_per_hour for g in self.gpus)
@@ -141,7 +176,10 @@ class Cluster:
         )
         bw = tuple(tuple(self.bandwidth[i][j] for j in ids) for i in ids)
         hosts = {g.host for g in gpus}
-        return Cluster(gpus, bw, self.name, {h: n for h, n in self.nics.items() if h in hosts}), remap
+        worldless = frozenset(p for p in self.worldless if p <= hosts)
+        relays = {p: relay for p, relay in self.relays.items() if p <= hosts}
+        nics = {h: n for h, n in self.nics.items() if h in hosts or h in relays.values()}
+        return Cluster(gpus, bw, self.name, nics, worldless, relays), remap
 
     def describe(self) -> str:
         counts: dict[str, int] = {}

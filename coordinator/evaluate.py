@@ -77,7 +77,7 @@ class Evaluator:
         self._host_kv: dict[int, tuple[Layout, dict[str, float]]] = {}  # by id, holding the layout alive
         self.nic_capacity = {
             port: cap
-            for host in cluster.hosts
+            for host in [*cluster.hosts, *cluster.relay_hosts]
             for port in ((host, "out"), (host, "in"))
             if (cap := port_capacity(cluster, port)) < float("inf")
         }
@@ -129,7 +129,7 @@ class Evaluator:
         key = (id(prefill), id(decode))
         found = self._pair_bytes.get(key)
         if found is None:
-            traffic = as_ports(kv_bytes(self.cost, prefill.stages, decode.stages))
+            traffic = as_ports(kv_bytes(self.cost, prefill.stages, decode.stages), relays=self.cluster.relays)
             self._pair_bytes[key] = found = (prefill, decode, traffic)
         return found[2]
 

@@ -2,8 +2,9 @@
 
 When worlds across hosts cannot form (a blocked link, repeated worker failures), the swarm still serves:
 every host that can hold a replica on its own GPUs runs one colocated replica, and no world or exchange
-group crosses a host. ``needs_pair`` tells whether a plan would need a link known not to carry a world:
-a group whose GPUs span the pair, or any exchange (every rank of an epoch joins one group) spanning it.
+group crosses a host. ``needs_pair`` tells whether a plan would need a link it cannot have: across a blocked
+pair (a world failed there) no group and no exchange (every rank of an epoch joins one group); across a
+worldless pair (relayed or hole-punched) no group, while a KV hand-off may cross it.
 """
 
 from __future__ import annotations
@@ -35,13 +36,21 @@ def colocated_plan(cluster: Cluster, model: ModelSpec, workload: Workload) -> Pl
     return Plan(tuple(groups), tuple(flows), total, "one replica per host", {"planner": "colocated-fallback"})
 
 
-def needs_pair(plan: Plan, gpu_peer: Mapping[int, str], blocked: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
-    """The first blocked pair of peers that ``plan`` would need a world between, or None. ``gpu_peer``:
-    the peer of each planner GPU. O(GPUs + pairs)."""
+def needs_pair(
+    plan: Plan,
+    gpu_peer: Mapping[int, str],
+    blocked: Iterable[tuple[str, str]],
+    worldless: Iterable[tuple[str, str]] = (),
+) -> tuple[str, str] | None:
+    """The first pair of peers ``plan`` cannot have: a ``blocked`` pair that a group or the epoch's exchange
+    spans, else a ``worldless`` pair that a group spans; None when there is none. ``gpu_peer``: the peer of
+    each planner GPU. O(GPUs + pairs x groups)."""
     spans = [{gpu_peer[g] for g in group.gpus} for group in plan.groups]
+    groups = list(spans)
     if any(group.role == "prefill" for group in plan.groups):
         spans.append(set().union(*spans))  # the epoch's exchange group holds every rank
-    for a, b in blocked:
-        if any(a in span and b in span for span in spans):
-            return (a, b)
+    for pairs, among in ((blocked, spans), (worldless, groups)):
+        for a, b in pairs:
+            if any(a in span and b in span for span in among):
+                return (a, b)
     return None

@@ -3,7 +3,8 @@
 Three kinds of traffic cross hosts: a prefill group's prompt KV cache on its way to a decode group,
 activations at a pipeline boundary between two hosts, and the ring all-reduces of a TP stage whose GPUs
 sit on more than one host. Each byte leaves through the sender's NIC egress and enters through the
-receiver's ingress; every group on a host shares that host's NIC. Traffic inside a host is free here.
+receiver's ingress, and a relayed pair's bytes also enter and leave the relay's NIC (``Cluster.relays``);
+every group on a host shares that host's NIC. Traffic inside a host is free here.
 """
 
 from __future__ import annotations
@@ -79,21 +80,30 @@ def kv_bytes(
     return traffic
 
 
-def as_ports(traffic: Mapping[HostPair, float], rate: float = 1.0) -> dict[Port, float]:
-    """Host-pair bytes at ``rate`` as NIC port bytes: the sender's egress and the receiver's ingress."""
+def as_ports(
+    traffic: Mapping[HostPair, float], rate: float = 1.0, relays: Mapping[frozenset[str], str] | None = None
+) -> dict[Port, float]:
+    """Host-pair bytes at ``rate`` as NIC port bytes: the sender's egress and the receiver's ingress, and for
+    a pair in ``relays`` its relay's ingress and egress too. O(pairs)."""
     ports: dict[Port, float] = {}
     for (a, b), nbytes in traffic.items():
-        ports[a, "out"] = ports.get((a, "out"), 0.0) + rate * nbytes
-        ports[b, "in"] = ports.get((b, "in"), 0.0) + rate * nbytes
+        crossed = [(a, "out"), (b, "in")]
+        if relays and (relay := relays.get(frozenset((a, b)))) is not None:
+            crossed += [(relay, "in"), (relay, "out")]
+        for port in crossed:
+            ports[port] = ports.get(port, 0.0) + rate * nbytes
     return ports
 
 
-def port_loads(weighted: Iterable[tuple[float, Mapping[HostPair, float]]]) -> dict[Port, float]:
-    """Bytes/s on each NIC port from (requests/s, bytes per request per host pair) terms. O(terms * pairs)."""
+def port_loads(
+    weighted: Iterable[tuple[float, Mapping[HostPair, float]]], relays: Mapping[frozenset[str], str] | None = None
+) -> dict[Port, float]:
+    """Bytes/s on each NIC port from (requests/s, bytes per request per host pair) terms, relayed pairs also
+    on their relay's ports (``as_ports``). O(terms * pairs)."""
     loads: dict[Port, float] = {}
     for rate, traffic in weighted:
         if rate > 0:
-            for port, nbytes in as_ports(traffic, rate).items():
+            for port, nbytes in as_ports(traffic, rate, relays).items():
                 loads[port] = loads.get(port, 0.0) + nbytes
     return loads
 
@@ -130,7 +140,7 @@ def plan_loads(plan: Plan, cost: CostModel) -> dict[Port, float]:
     for gid, rate in inflow.items():
         g = groups[gid]
         terms.append((rate, request_bytes(cost, g.stages, g.role)))
-    return port_loads(terms)
+    return port_loads(terms, cost.cluster.relays)
 
 
 def plan_nic_use(plan: Plan, cost: CostModel) -> tuple[float, str]:
@@ -146,7 +156,8 @@ class NicQueue:
     MB a step) go ahead of the bulk backlog, as their small messages interleave with a long transfer on
     a real link: they wait only for each other, and push the bulk backlog back by their own time.
     Reservations must come in time order (the simulator's events do). A host without a NIC limit gets a
-    port per peer host instead, so its transfers queue per host pair only.
+    port per peer host instead, so its transfers queue per host pair only. A relayed pair's transfer also
+    holds its relay's ports.
     """
 
     def __init__(self, cluster: Cluster):
@@ -164,7 +175,10 @@ class NicQueue:
         """When the last of these transfers, starting at ``t`` or later, has arrived. O(pairs)."""
         done = t
         for (a, b), nbytes in traffic.items():
-            ports = (self._port(a, "out", b), self._port(b, "in", a))
+            ports = [self._port(a, "out", b), self._port(b, "in", a)]
+            relay = self.cluster.relays.get(frozenset((a, b))) if self.cluster.relays else None
+            if relay is not None:
+                ports += [self._port(relay, "in", a), self._port(relay, "out", b)]
             seconds = nbytes / (self.cluster.host_bandwidth[a, b] * 1e9)
             queue = self.urgent if urgent else self.bulk
             start = max(t, *(queue.get(p, 0.0) for p in ports))

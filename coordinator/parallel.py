@@ -3,8 +3,8 @@
 A group's GPUs are cut, host by host, into tensor-parallel blocks (TP never crosses a host); the
 blocks form the pipeline's stages in a fixed host order, and layers are split unevenly so the
 slowest stage is as fast as memory allows. Decode layouts also choose how many sequences to keep
-resident. Results are memoized on the group's hardware signature, so groups of identical hosts
-cost one search.
+resident. A group spanning a worldless host pair (``Cluster.worldless``) has no layout. Results are
+memoized on the group's hardware signature, so groups of identical hosts cost one search.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class LayoutSearch:
         self.evaluations = 0
 
     def best(self, gpus: Sequence[int], role: Role) -> Layout | None:
-        """The best layout of ``gpus`` for ``role``, or None if no layout holds a replica.
+        """The best layout of ``gpus`` for ``role``, or None if no layout holds a replica or the GPUs span a
+        worldless host pair.
 
         O(C * B * (S + L log S)) for C TP combinations (capped at MAX_TP_COMBINATIONS), B batch sizes,
         S stages and L layers; memoized on the hardware signature.
@@ -83,6 +84,8 @@ class LayoutSearch:
 
     def _best(self, gpus: tuple[int, ...], role: Role) -> Layout | None:
         cluster = self.cost.cluster
+        if cluster.spans_worldless(gpus):
+            return None
         by_host: dict[str, list[int]] = {}
         for g in gpus:
             by_host.setdefault(cluster.gpus[g].host, []).append(g)
@@ -111,7 +114,7 @@ class LayoutSearch:
         This is the layout space of DistServe-style planners; used by the baselines. O(B * S).
         """
         ordered = sorted(gpus, key=lambda g: (self.cost.cluster.gpus[g].host, g))
-        if tp < 1 or len(ordered) % tp or self.cost.model.heads % tp:
+        if tp < 1 or len(ordered) % tp or self.cost.model.heads % tp or self.cost.cluster.spans_worldless(ordered):
             return None
         chunks = [ordered[i : i + tp] for i in range(0, len(ordered), tp)]
         n = len(chunks)

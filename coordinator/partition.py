@@ -1,6 +1,7 @@
 """Graph partition of the GPUs into model replicas: spectral bisection refined by Kernighan-Lin moves.
 
-GPUs are nodes and bandwidth is edge weight, so a cut through slow links is cheap. Recursive
+GPUs are nodes and bandwidth is edge weight, so a cut through slow links is cheap; a worldless host pair
+(``Cluster.worldless``), which no group may span, weighs almost nothing whatever its bandwidth. Recursive
 bisection splits a GPU set into two parts that must hold k1 and k2 replicas' worth of memory, at the
 sweep point of the Fiedler vector with the smallest ratio cut; a Kernighan-Lin pass then swaps or
 moves GPUs across the cut while it lowers the cut weight and keeps both sides' memory within bounds.
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from hexgen.coordinator.cluster import Cluster
+
+WORLDLESS_WEIGHT = 1e-6  # GB/s: small enough that a cut through every worldless pair is the cheapest
 
 
 def fiedler_order(weights: np.ndarray) -> np.ndarray:
@@ -136,6 +139,8 @@ def partition(
         return [ids]
     k = min(k, len(ids))
     weights = np.array([[cluster.bandwidth[a][b] for b in ids] for a in ids], dtype=float)
+    if cluster.worldless:
+        _damp_worldless(weights, cluster, ids)
     memory = np.array([usable[g] for g in ids], dtype=float)
     orders = {} if orders is None else orders
     key = tuple(ids)
@@ -148,3 +153,13 @@ def partition(
     return partition(cluster, left, k_left, replica_bytes, usable, orders) + partition(
         cluster, right, k - k_left, replica_bytes, usable, orders
     )
+
+
+def _damp_worldless(weights: np.ndarray, cluster: Cluster, ids: Sequence[int]) -> None:
+    """Lower, in place, the weight between GPUs ``ids`` on the two hosts of a worldless pair to
+    ``WORLDLESS_WEIGHT``. O(n^2)."""
+    hosts = [cluster.gpus[g].host for g in ids]
+    for i, a in enumerate(hosts):
+        for j, b in enumerate(hosts):
+            if frozenset((a, b)) in cluster.worldless:
+                weights[i, j] = min(weights[i, j], WORLDLESS_WEIGHT)

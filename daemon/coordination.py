@@ -21,7 +21,7 @@ from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.failure import FailureReport
 from hexgen.daemon.messages import LeaseBody, PlanBody
-from hexgen.daemon.pair_links import NO_WORLDS, Pair, pair_kinds, plan_links
+from hexgen.daemon.pair_links import NO_WORLDS, Pair, exchange_transport, pair_kinds, pair_relays, plan_links
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS, PlanningInput, PlanOutcome, compute_plan
 from hexgen.daemon.swarm_state import AdoptedPlan, Published, SwarmState
 from hexgen.daemon.swarm_view import describe_roles
@@ -90,12 +90,19 @@ class Coordination:
         blocked = tuple(link.pair for link in state.blocked.links.values())
         # only links that cannot carry a world change what can be planned; connections coming and going
         # between directly linked members must not re-plan a settled swarm
-        kinds = tuple(sorted((pair, kind) for pair, kind in self.link_kinds().items() if kind in NO_WORLDS))
-        return (state.election.term, state.table.version, self.failure_replans, len(state.flagged), blocked, kinds)
+        kinds = {pair: kind for pair, kind in self.link_kinds().items() if kind in NO_WORLDS}
+        relays = tuple(sorted(self.link_relays(kinds).items()))
+        key = (state.election.term, state.table.version, self.failure_replans, len(state.flagged), blocked)
+        return (*key, tuple(sorted(kinds.items())), relays)
 
     def link_kinds(self) -> dict[Pair, str]:
         """Each pair's kind of link, from the members' adverts (this node's own links are in its peers')."""
         return pair_kinds({peer: record.advert.connections for peer, record in self.state.table.peers.items()})
+
+    def link_relays(self, kinds: dict[Pair, str]) -> dict[Pair, str]:
+        """The relay of each relayed pair of ``kinds`` that the members' advertised addresses tell."""
+        addrs = {peer: record.addrs for peer, record in self.state.table.peers.items()}
+        return pair_relays(kinds, addrs | {self.state.peer_id: self.state.own_addrs})
 
     def peer_hardware(self) -> list[PeerHardware]:
         """The hardware the plan may use: every live member's, except peers flagged by spot-checks."""
@@ -109,6 +116,7 @@ class Coordination:
     def planning_input(self) -> PlanningInput:
         state = self.state
         peers = self.peer_hardware()
+        kinds = self.link_kinds()
         return PlanningInput(
             model=self.model,
             peers=peers,
@@ -118,7 +126,8 @@ class Coordination:
             pinned=state.config.pinned,
             previous=self.previous,
             inherited=state.plan.body if state.plan is not None else None,
-            link_kinds=self.link_kinds(),
+            link_kinds=kinds,
+            relays=self.link_relays(kinds),
             quantizations=self.quantizations(),
         )
 
@@ -165,7 +174,8 @@ class Coordination:
 
     def body(self, outcome: PlanOutcome, given: PlanningInput, members: list[str], term: int) -> PlanBody:
         """The signed plan's body; ``restart`` when a worker failed since the last one (every replica is
-        rebuilt: unchanged ones' worlds may be broken too)."""
+        rebuilt: unchanged ones' worlds may be broken too); ``exchange`` says whether its KV hand-offs need
+        libp2p (``pair_links.exchange_transport``)."""
         plan = self.state.plan
         restart = self.failure_replans != self.failure_replans_published
         self.failure_replans_published = self.failure_replans
@@ -184,4 +194,5 @@ class Coordination:
             restart=restart,
             links=links,
             quantize=given.quantize,
+            exchange=exchange_transport(outcome.plan, gpu_peer, given.link_kinds),
         )

@@ -1,8 +1,10 @@
 """The kind of link between each pair of peers, from what both ends advertise, and which pairs a plan uses.
 
-Worlds (gloo/NCCL) and KV hand-offs open their own TCP connections between hosts, so only a direct link
-carries them. A relayed pair has no TCP path at all; a hole-punched pair has one, but it is the libp2p
-connection the punch opened through both NATs, not a port a worker can dial: neither carries a world.
+Worlds (gloo/NCCL) open their own TCP connections between hosts, so only a direct link carries them. A
+relayed pair has no TCP path at all; a hole-punched pair has one, but it is the libp2p connection the punch
+opened through both NATs, not a port a worker can dial: neither carries a world. Both carry KV hand-offs
+over the daemons' libp2p streams, so a plan whose ranks sit on such a pair moves its epoch's hand-offs
+that way (``exchange_transport``). A relayed pair's bytes also cross its relay (``pair_relays``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ NO_WORLDS = {
     "relayed": "only through a relay",
     "hole-punched": "only by a hole-punched libp2p connection, which workers cannot dial",
 }
+# GB/s the planner assumes for a pair of a kind in NO_WORLDS that no probe has measured yet, instead of the
+# 10 Gbit/s default of a direct link: py-libp2p moved one stream at 13-23 MiB/s through a relay and at
+# 82-277 MiB/s over a direct connection (../shared/notes/nat.md), and hand-offs across these pairs travel
+# over libp2p. A relayed link also shares the relay with everything else it carries, so its figure is the
+# low end. A probe's figure replaces these as soon as there is one.
+UNMEASURED_GB_S = {"relayed": 0.015, "hole-punched": 0.1}
+CIRCUIT = "/p2p-circuit"  # RELAY_ADDR/p2p/RELAY_ID/p2p-circuit/p2p/PEER_ID
 
 
 def _pair(a: str, b: str) -> Pair:
@@ -41,14 +50,47 @@ def pair_kinds(reports: Mapping[str, Mapping[str, str]]) -> dict[Pair, str]:
 
 
 def worldless_pairs(kinds: Mapping[Pair, str], peers: Iterable[str]) -> list[tuple[Pair, str]]:
-    """The pairs of ``peers`` whose link cannot carry a world or a KV hand-off, each with why, sorted.
-    O(pairs)."""
+    """The pairs of ``peers`` whose link cannot carry a world (but can carry KV hand-offs over libp2p), each
+    with why, sorted. O(pairs)."""
     present = set(peers)
     return [
-        (pair, f"peers {pair[0]} and {pair[1]} are linked {NO_WORLDS[kind]}; worlds and KV hand-offs need direct TCP")
+        (pair, f"peers {pair[0]} and {pair[1]} are linked {NO_WORLDS[kind]}; a group's world needs direct TCP")
         for pair, kind in sorted(kinds.items())
         if kind in NO_WORLDS and set(pair) <= present
     ]
+
+
+def pair_relays(kinds: Mapping[Pair, str], addrs: Mapping[str, Iterable[str]]) -> dict[Pair, str]:
+    """Each relayed pair of ``kinds`` -> the peer relaying it, where the ends' advertised addresses (``addrs``:
+    peer -> its advert's) narrow it to one: the one relay both ends hold a slot on, else the only relay either
+    does. A relayed connection runs through a relay one of its ends holds a slot on, but no advert says which,
+    so a pair with more candidates is left out. O(pairs + addresses)."""
+    slots = {peer: {_relay_of(addr) for addr in found} - {""} for peer, found in addrs.items()}
+    relays: dict[Pair, str] = {}
+    for pair, kind in sorted(kinds.items()):
+        x, y = slots.get(pair[0], set()), slots.get(pair[1], set())
+        candidates = (x & y) or (x | y)
+        if kind == "relayed" and len(candidates) == 1:
+            relays[pair] = min(candidates)
+    return relays
+
+
+def _relay_of(addr: str) -> str:
+    """The relay's peer id in a circuit address; "" for any other address. O(len(addr))."""
+    relay_part, sep, _ = addr.partition(CIRCUIT)
+    return relay_part.rpartition("/p2p/")[2] if sep and "/p2p/" in relay_part else ""
+
+
+def exchange_transport(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> str:
+    """How ``plan``'s epoch moves its KV hand-offs (one of ``EXCHANGE_TRANSPORTS``): "libp2p" when it has a
+    prefill group and some two peers hosting its ranks are linked only through a relay or a hole punch (the
+    exchange group of every rank could not form), else "torch". ``gpu_peer``: the peer of each planner GPU.
+    O(GPUs + pairs)."""
+    if plan is None or not any(group.role == "prefill" for group in plan.groups):
+        return "torch"
+    hosting = {gpu_peer[g] for group in plan.groups for g in group.gpus}
+    worldless = any(kind in NO_WORLDS and set(pair) <= hosting for pair, kind in kinds.items())
+    return "libp2p" if worldless else "torch"
 
 
 def plan_links(plan: Plan, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[PlanLink, ...]:

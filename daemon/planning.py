@@ -2,10 +2,12 @@
 
 The operator's pinned layout when every GPU it names is present; else an incremental re-plan from the previous
 plan (this coordinator's, or the one it inherited); else the better of HexGen-2 alone and HexGen-2 with colocated
-groups (``planner.plan_live``). Each host's NIC is what its link probes showed (``measured_nics``). A plan that needs a pair of peers
-known not to form worlds, or a membership whose worlds kept failing, gets the colocated fallback instead: the
-swarm never stays on a plan that cannot serve. Pairs linked only through a relay or a hole punch
-(``pair_links``) are known not to form worlds before any is tried: they are blocked like pairs whose world failed.
+groups (``planner.plan_live``). Each host's NIC is what its link probes showed (``measured_nics``). A plan that
+needs a blocked pair of peers (a world failed there), or a membership whose worlds kept failing, gets the
+colocated fallback instead: the swarm never stays on a plan that cannot serve. Pairs linked only through a relay
+or a hole punch (``pair_links``) are *worldless*: no group may span them, but a KV hand-off between a prefill
+and a decode group may cross them at what their probes measured (``pair_links.UNMEASURED_GB_S`` until then);
+a relayed pair's hand-offs also load its relay's NIC, where the adverts tell which relay it is.
 Every replica loads the weights quantized as the coordinator's model spec says; members whose adverts do not offer
 that quantization are left out, and the plan says so.
 """
@@ -31,7 +33,7 @@ from hexgen.daemon.cluster_view import LinkMeasurement, PeerHardware, build_clus
 from hexgen.daemon.failure import BlockedLink
 from hexgen.daemon.hardware_profile import HardwareError
 from hexgen.daemon.messages import BlockedPair, PlanBody
-from hexgen.daemon.pair_links import Pair, worldless_pairs
+from hexgen.daemon.pair_links import UNMEASURED_GB_S, Pair, worldless_pairs
 from hexgen.engine.quant_bytes import NONE, name_of
 
 log = logging.getLogger("hexgen.daemon")
@@ -45,8 +47,9 @@ BLOCKED_LINK_GB_S = 1e-6  # what the planner is told a link that cannot carry a 
 class PlanningInput:
     """Everything a plan depends on. ``previous`` is the plan (and cluster) this coordinator made last;
     ``inherited`` the adopted body of an earlier coordinator, reused when there is no ``previous``;
-    ``link_kinds`` each pair's kind of link (``pair_links.pair_kinds``); ``quantizations`` what each peer's
-    advert offers (a peer missing from it offers full precision only)."""
+    ``link_kinds`` each pair's kind of link (``pair_links.pair_kinds``); ``relays`` the relay of each relayed
+    pair known (``pair_links.pair_relays``); ``quantizations`` what each peer's advert offers (a peer missing
+    from it offers full precision only)."""
 
     model: ModelSpec
     peers: Sequence[PeerHardware]
@@ -57,6 +60,7 @@ class PlanningInput:
     previous: tuple[Plan, Any] | None = None
     inherited: PlanBody | None = None
     link_kinds: Mapping[Pair, str] = field(default_factory=dict)
+    relays: Mapping[Pair, str] = field(default_factory=dict)
     quantizations: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     @property
@@ -75,11 +79,24 @@ class PlanningInput:
                 left_out.append(f"{peer.host_name} ({peer.peer_id}) cannot load {wanted} weights")
         return able, left_out
 
-    def all_blocked(self) -> list[BlockedLink]:
-        """The blocked pairs, and the pairs among the peers whose kind of link carries no world. O(pairs)."""
+    def worldless(self) -> dict[Pair, str]:
+        """The pairs among the peers whose kind of link carries no world, each with why; a blocked pair is
+        blocked instead. O(pairs)."""
         known = {link.pair for link in self.blocked}
-        worldless = worldless_pairs(self.link_kinds, (p.peer_id for p in self.peers))
-        return [*self.blocked, *(BlockedLink(pair, why, ((), ())) for pair, why in worldless if pair not in known)]
+        found = worldless_pairs(self.link_kinds, (p.peer_id for p in self.peers))
+        return {pair: why for pair, why in found if pair not in known}
+
+    def planner_links(self) -> list[LinkMeasurement]:
+        """The links the planner is told of: the probes', a blocked pair's as (almost) nothing, and a worldless
+        pair no probe measured at its kind's ``UNMEASURED_GB_S`` (later entries of a pair win). O(links)."""
+        measured = {frozenset((link.a, link.b)) for link in self.links}
+        unmeasured = [
+            LinkMeasurement(*pair, UNMEASURED_GB_S[self.link_kinds[pair]], 0.0)
+            for pair in self.worldless()
+            if frozenset(pair) not in measured
+        ]
+        blocked = [LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in self.blocked]
+        return [*unmeasured, *self.links, *blocked]
 
 
 @dataclass(frozen=True)
@@ -114,23 +131,29 @@ def compute_plan(given: PlanningInput) -> PlanOutcome:
 
 def _plan_for(given: PlanningInput) -> PlanOutcome:
     workload = synthetic("default", min(512, given.model.max_context // 2), 128, count=64)
-    all_blocked = given.all_blocked()
-    blocked = tuple(BlockedPair(link.pair, link.reason) for link in all_blocked)
-    # the planner is told a blocked pair's link carries (almost) nothing, so it plans around it
-    links = [*given.links, *(LinkMeasurement(*link.pair, BLOCKED_LINK_GB_S, 0.0) for link in all_blocked)]
+    blocked = tuple(BlockedPair(link.pair, link.reason) for link in given.blocked)
+    links = given.planner_links()
+    worldless = given.worldless()
     try:
         cluster, gpu_map = build_cluster_from_peers(list(given.peers), links)
     except (HardwareError, PlanError, ValueError) as exc:
         return PlanOutcome(None, f"cannot build the cluster: {exc}", {}, blocked)
+    cluster = cluster.with_worldless(worldless).with_relays({p: r for p, r in given.relays.items() if p in worldless})
     cluster = cluster.with_nics(measured_nics(cluster, given.links))
-    pairs = {link.pair: link.reason for link in all_blocked}
     gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
+    reasons = worldless | {link.pair: link.reason for link in given.blocked}
+
+    def refusal(plan: Plan | None) -> str | None:
+        """Why ``plan`` cannot serve (a group or exchange across a blocked pair, a group across a worldless one)."""
+        pair = None if plan is None else needs_pair(plan, gpu_peer, [link.pair for link in given.blocked], worldless)
+        return None if pair is None else reasons[pair]
+
     why = f"{given.failures} worker failures in this membership" if given.failures >= MAX_FAILURE_REPLANS else None
     note = None  # why the plan is not the one asked for, when a blocked pair is why
     try:
         result = None if why else _pinned(given, gpu_map)
-        if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
-            note = f"not serving the pinned plan: {pairs[pair]}"
+        if (refused := refusal(result)) is not None:
+            note = f"not serving the pinned plan: {refused}"
             log.info("%s", note)
             result = None
         if result is None and why is None:
@@ -139,8 +162,7 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
                 result = planner.replan(previous[0], previous[1], cluster, given.model, workload)
             else:
                 result = planner.plan_live(cluster, given.model, workload)
-        if result is not None and (pair := needs_pair(result, gpu_peer, pairs)) is not None:
-            why = pairs[pair]
+        why = why or refusal(result)
         if why is not None:
             # never a plan that cannot serve: one replica per host, and the reason for all to see
             fallback = colocated_plan(cluster, given.model, workload)
@@ -149,6 +171,8 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
             )
     except (PlanError, ValueError) as exc:
         error = str(exc) if why is None else f"{why}; and no host can serve alone: {exc}"
+        if why is None and worldless:
+            error += f" (no group may span a worldless pair: {'; '.join(worldless.values())})"
         return PlanOutcome(None, error, gpu_map, blocked)
     assert result is not None
     return PlanOutcome(result, note, gpu_map, blocked, (result, cluster))
@@ -159,12 +183,14 @@ def measured_nics(cluster: Cluster, links: Sequence[LinkMeasurement]) -> dict[st
 
     A probe is one stream between two hosts, so it cannot outrun either host's NIC: the fastest one a
     host took part in is the best evidence of what its NIC carries. Hosts never probed keep the
-    cluster's default (10 Gbit/s). Blocked pairs are not probes and do not count. O(links).
+    cluster's default (10 Gbit/s); a relay without GPUs (``Cluster.relays``) is a host here too, unlimited
+    until probed. Blocked pairs are not probes and do not count. O(links).
     """
     fastest: dict[str, float] = {}
+    hosts = {*cluster.hosts, *cluster.relay_hosts}
     for link in links:
         for host in (link.a, link.b):
-            if host in cluster.hosts:
+            if host in hosts:
                 fastest[host] = max(fastest.get(host, 0.0), link.gb_s)
     return {host: Nic(rate, rate) for host, rate in fastest.items() if rate > 0}
 

@@ -243,16 +243,15 @@ async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_ref
         a, b, c = (d.peer_id for d in homes)
 
         def linked(view: View) -> bool:
-            """a and b hole-punched, c relayed to both, and the plan blocks all three pairs; each daemon knows
-            whether it can be dialled (AutoNAT), and its peers know it from its signed advert."""
+            """a and b hole-punched, c relayed to both, and no group of the plan spans any of the three pairs;
+            each daemon knows whether it can be dialled (AutoNAT), and its peers know it from its signed advert."""
             reach = {peer: (status or {}).get("reachability") for peer, status in view.items()}
             said = {peer: peer_entry(view, relay.peer_id if peer != relay.peer_id else a, peer) for peer in view}
             plans = [((status or {}).get("plan") or {}).get("body") or {} for status in view.values()]
-            blocked = {frozenset(pair["peers"]) for body in plans for pair in body.get("blocked", [])}
             return (
                 link(view, a, b) == link(view, b, a) == "hole-punched"
-                # no world or KV hand-off is planned over a link that is not direct TCP
-                and blocked >= {frozenset(pair) for pair in ((a, b), (a, c), (b, c))}
+                # no world is planned over a link that is not direct TCP; KV hand-offs cross it over libp2p
+                and _worldless_respected(plans, [(a, b), (a, c), (b, c)])
                 and all(link(view, x, y) == "relayed" for x, y in ((a, c), (c, a), (b, c), (c, b)))
                 and reach == {relay.peer_id: "public", a: "private", b: "private", c: "private"}
                 and all(said[peer].get("reachability") == reach[peer] for peer in view)
@@ -278,6 +277,28 @@ async def test_daemons_at_home_join_through_a_relay_hole_punch_and_the_relay_ref
             stranger = peer_id_of(new_identity())  # no slot: no circuit to it
             with pytest.raises(RelayError, match="NO_RESERVATION"):
                 await dial_circuit(client, circuit_address(relay.addr, stranger))
+
+
+def _worldless_respected(bodies: list[dict[str, Any]], worldless: list[tuple[str, str]]) -> bool:
+    """Whether some daemon adopted a plan body (wire form), and in each adopted one there is a plan, none of
+    its groups spans a ``worldless`` pair, none of them is blocked, and its exchange is libp2p exactly when it
+    has a prefill group (its ranks then sit on two homes, a worldless pair here)."""
+    pairs = {frozenset(pair) for pair in worldless}
+    bodies = [body for body in bodies if body]
+    for body in bodies:
+        plan = body.get("plan")
+        if not plan:
+            return False
+        gpus = body.get("gpus", {})
+        spans = [{gpus[str(g)][0] for st in group["stages"] for g in st["gpus"]} for group in plan["groups"]]
+        prefill = any(group["role"] == "prefill" for group in plan["groups"])
+        if any(pair <= span for pair in pairs for span in spans) or pairs & {
+            frozenset(b["peers"]) for b in body.get("blocked", [])
+        }:
+            return False
+        if body.get("exchange") != ("libp2p" if prefill else "torch"):
+            return False
+    return bool(bodies)
 
 
 @pytest.mark.trio
