@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from hexgen.daemon.wire import MalformedFrame
 from hexgen.daemon.worker_setup import as_map, need
 
 PART_BYTES = 512 * 1024  # well below a frame's limit (daemon.wire.MAX_FRAME)
@@ -65,14 +66,19 @@ class KvPart:
 def _parse(raw: Any) -> KvPart:
     body = as_map(raw, "KV part")
     prefix, dtype, shape, data = body.get("prefix"), body.get("dtype"), body.get("shape"), body.get("data")
-    need(isinstance(prefix, str) and 0 < len(prefix) <= MAX_PREFIX, "prefix must be a non-empty string")
-    need(dtype in ITEM_BYTES, f"dtype must be one of {sorted(ITEM_BYTES)}")
-    need(isinstance(shape, list) and len(shape) <= MAX_DIMS, f"shape must be a list of at most {MAX_DIMS} sizes")
+    if not (isinstance(prefix, str) and 0 < len(prefix) <= MAX_PREFIX):
+        raise MalformedFrame("prefix must be a non-empty string")
+    need(isinstance(dtype, str) and dtype in ITEM_BYTES, f"dtype must be one of {sorted(ITEM_BYTES)}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS):
+        raise MalformedFrame(f"shape must be a list of at most {MAX_DIMS} sizes")
     need(all(type(n) is int and 0 <= n < 1 << 32 for n in shape), "shape must hold sizes >= 0")
-    need(isinstance(data, bytes), "data must be bytes")
-    numbers = {key: body.get(key) for key in ("src", "dst", "tag", "index", "part", "parts")}
-    need(all(type(n) is int and 0 <= n < 1 << 31 for n in numbers.values()), "ranks, tag and counts must be >= 0")
-    part = KvPart(prefix, dtype=dtype, shape=tuple(shape), data=data, **numbers)  # type: ignore[arg-type]  # checked above
+    if not isinstance(data, bytes):
+        raise MalformedFrame("data must be bytes")
+    numbers = [body.get(key) for key in ("src", "dst", "tag", "index", "part", "parts")]
+    counts = [n for n in numbers if type(n) is int and 0 <= n < 1 << 31]
+    need(len(counts) == len(numbers), "ranks, tag and counts must be integers >= 0")
+    src, dst, tag, index, number, parts = counts
+    part = KvPart(prefix, src, dst, tag, index, number, parts, str(dtype), tuple(shape), data)
     size = part.message_bytes
     need(size <= MAX_MESSAGE_BYTES, f"a message of {size} bytes is over {MAX_MESSAGE_BYTES}")
     need(part.parts == max(1, -(-size // PART_BYTES)) and part.part < part.parts, "part numbering does not fit")

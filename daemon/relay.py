@@ -37,11 +37,12 @@ from hexgen.daemon.host import DialError, Host, Stream, stream_peer
 log = logging.getLogger("hexgen.relay")
 
 CIRCUIT = "/p2p-circuit"
-# A relayed link carries a daemon's control plane (heartbeats, adverts, plans, token streams): about a KiB/s.
-# A circuit is cut after 30 min or 128 MiB, whichever first, and the daemons dial a new one; go-libp2p's
-# 2 min / 128 KiB are sized for hole punching alone, the library's 1 h / 1 GiB let one pair pin the relay.
+# A relayed link carries a daemon's control plane (heartbeats, adverts, plans, token streams: about a KiB/s)
+# and the KV hand-offs between homes with no direct link (``daemon.kv_relay``; a 2,048-token Llama-3-8B KV is
+# 256 MiB). A circuit is cut after 30 min or 4 GiB, whichever first, and the daemons dial a new one (a hand-off
+# it cut fails and is re-submitted); go-libp2p's 2 min / 128 KiB are sized for hole punching alone.
 CIRCUIT_DURATION_S = 30 * 60
-CIRCUIT_BYTES = 128 * 1024 * 1024
+CIRCUIT_BYTES = 4 * 1024 * 1024 * 1024
 CIRCUITS_PER_RESERVATION = 16
 MAX_RESERVATIONS = 64
 RESERVATION_TTL_S = 15 * 60

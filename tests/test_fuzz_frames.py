@@ -1,5 +1,5 @@
 """Fuzzing the worker frames' parsers (daemon/worker_frames.py): what a daemon tells its worker processes and
-what they answer. Each parser returns a frame or raises MalformedFrame with a one-line message; a frame it
+what they answer; and the KV parts of a relayed exchange (daemon/kv_frames.py), which also cross between daemons. Each parser returns a frame or raises MalformedFrame with a one-line message; a frame it
 returns reads back from its own wire form unchanged, and the worker and the supervisor can act on it."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from hypothesis import example, given
 
 from hexgen.daemon.deployment import Replica
 from hexgen.daemon.failure import WorldFailure
+from hexgen.daemon.kv_frames import PART_BYTES, KvPart
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import MalformedFrame, encode_frame
@@ -160,3 +161,26 @@ def check_from_worker(raw: Any) -> None:
 @example({"op": "exchange", "prefix": "p", "formed": "yes"})
 def test_frames_from_a_worker(raw: Any) -> None:
     check_from_worker(raw)
+
+
+KV_PARTS = [
+    KvPart("hexgen/1/2/exchange/", 0, 3, 7, 0, 0, 1, "bfloat16", (2, 1, 2, 4, 2, 8), bytes(range(256)) * 2),
+    KvPart("hexgen/4/9/exchange/", 5, 1, 1 << 30, 12, 0, 1, "float32", (2, 3, 0, 16, 1, 64), b""),
+]
+
+
+@FUZZ
+@given(fuzzed(*(p.to_wire() for p in KV_PARTS)))
+@example(KV_PARTS[0].to_wire() | {"shape": [1 << 31, 1 << 31, 4]})
+@example(KV_PARTS[0].to_wire() | {"part": 1, "parts": 2})
+@example(KV_PARTS[0].to_wire() | {"dtype": "complex64"})
+@example(KV_PARTS[0].to_wire() | {"data": "x" * 512})
+def test_kv_parts(raw: Any) -> None:
+    show(raw)
+    part = outcome(lambda: KvPart.from_wire(raw), MalformedFrame)
+    if part is REFUSED:
+        return
+    assert KvPart.from_wire(part.to_wire()) == part
+    assert part.part < part.parts and len(part.data) <= PART_BYTES
+    assert part.part * PART_BYTES + len(part.data) <= part.message_bytes
+    encode_frame(part.to_wire())
