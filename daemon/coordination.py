@@ -21,7 +21,15 @@ from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.failure import FailureReport
 from hexgen.daemon.messages import LeaseBody, PlanBody
-from hexgen.daemon.pair_links import NO_WORLDS, Pair, exchange_transport, pair_kinds, pair_relays, plan_links
+from hexgen.daemon.pair_links import (
+    NO_WORLDS,
+    Pair,
+    exchange_transport,
+    gloo_groups,
+    pair_kinds,
+    pair_relays,
+    plan_links,
+)
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS, PlanningInput, PlanOutcome, compute_plan
 from hexgen.daemon.swarm_state import AdoptedPlan, Published, SwarmState
 from hexgen.daemon.swarm_view import describe_roles
@@ -175,12 +183,14 @@ class Coordination:
     def body(self, outcome: PlanOutcome, given: PlanningInput, members: list[str], term: int) -> PlanBody:
         """The signed plan's body; ``restart`` when a worker failed since the last one (every replica is
         rebuilt: unchanged ones' worlds may be broken too); ``exchange`` says whether its KV hand-offs need
-        libp2p (``pair_links.exchange_transport``)."""
+        libp2p (``pair_links.exchange_transport``), and then ``gloo_groups`` which still use gloo among
+        themselves (``pair_links.gloo_groups``)."""
         plan = self.state.plan
         restart = self.failure_replans != self.failure_replans_published
         self.failure_replans_published = self.failure_replans
         gpu_peer = {index: peer for index, (peer, _) in outcome.gpus.items()}
         links = () if outcome.plan is None else plan_links(outcome.plan, gpu_peer, given.link_kinds)
+        exchange = exchange_transport(outcome.plan, gpu_peer, given.link_kinds)
         return PlanBody(
             term=term,
             epoch=(plan.epoch if plan else 0) + 1,
@@ -194,5 +204,6 @@ class Coordination:
             restart=restart,
             links=links,
             quantize=given.quantize,
-            exchange=exchange_transport(outcome.plan, gpu_peer, given.link_kinds),
+            exchange=exchange,
+            gloo_groups=gloo_groups(outcome.plan, gpu_peer, given.link_kinds) if exchange == "libp2p" else (),
         )

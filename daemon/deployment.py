@@ -78,10 +78,12 @@ class Deployment:
     replicas: tuple[Replica, ...]
     entry_weights: tuple[tuple[int, float], ...]  # (replica, flow from the source) for prefill/colocated
     hand_off_weights: Mapping[int, tuple[tuple[int, float], ...]]  # prefill replica -> (decode replica, flow)
-    rendezvous: tuple[str, int]  # the store of the epoch's exchange group (rank 0's daemon)
+    rendezvous: tuple[str, int]  # the store of the epoch's gloo exchange group (its first rank's daemon)
     replica_rendezvous: tuple[tuple[str, int], ...]  # the store of each replica's own world (its first GPU's)
     restart: bool = False  # rebuild every replica, even unchanged ones (after a worker failed)
     exchange: str = "torch"  # how KV hand-offs travel: a gloo exchange group, or "libp2p" through the daemons
+    # with "libp2p": the replicas whose hand-offs among themselves still go over a gloo exchange group
+    gloo: tuple[int, ...] = ()
 
     @property
     def version(self) -> tuple[int, int]:
@@ -102,15 +104,26 @@ class Deployment:
         return f"hexgen/{self.term}/{self.epoch}/exchange/"
 
     @property
+    def gloo_replicas(self) -> tuple[Replica, ...]:
+        """The replicas in the epoch's gloo exchange group: all of them unless KV is relayed."""
+        return self.replicas if self.exchange == "torch" else tuple(self.replicas[i] for i in self.gloo)
+
+    def in_gloo(self, replica: Replica) -> bool:
+        return self.exchange == "torch" or replica.index in self.gloo
+
+    @property
     def exchange_head(self) -> str:
-        return self.replicas[0].head
+        members = self.gloo_replicas or self.replicas
+        return members[0].head
 
     def world(self, prefix: str) -> tuple[str, frozenset[str]] | None:
-        """``(head, peers)`` of the world keyed under ``prefix`` in this deployment: the exchange group, or a
-        replica formed at this epoch or an earlier one of the term; None when no world of it has that prefix.
+        """``(head, peers)`` of the world keyed under ``prefix`` in this deployment: the gloo exchange group, or
+        a replica formed at this epoch or an earlier one of the term; None when no world of it has that prefix.
         O(replicas)."""
         if prefix == self.exchange_prefix:
-            return self.exchange_head, frozenset(peer for r in self.replicas for peer in r.peers())
+            if not self.gloo_replicas:
+                return None
+            return self.exchange_head, frozenset(peer for r in self.gloo_replicas for peer in r.peers())
         parts = prefix.split("/")
         formed = parts[2] if len(parts) == 5 else ""
         if parts[:2] != ["hexgen", str(self.term)] or parts[4:] != [""] or not (formed.isascii() and formed.isdigit()):
@@ -173,6 +186,7 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         raise DeploymentError("the plan has no groups")
     entry, hand_off = _weights(plan, replicas)
     heads = [r.placement[0][0] for r in replicas]
+    gloo = () if body.exchange == "torch" else tuple(r.index for r in replicas if r.group_id in body.gloo_groups)
     missing = [peer for peer in heads if peer not in rendezvous]
     if missing:
         raise DeploymentError(f"peer {missing[0]!r} hosts a first rank but advertised no rendezvous address")
@@ -182,10 +196,11 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         replicas=tuple(replicas),
         entry_weights=tuple(entry),
         hand_off_weights=hand_off,
-        rendezvous=rendezvous[heads[0]],
+        rendezvous=rendezvous[heads[gloo[0] if gloo else 0]],
         replica_rendezvous=tuple(rendezvous[peer] for peer in heads),
         restart=body.restart,
         exchange=body.exchange,
+        gloo=gloo,
     )
 
 

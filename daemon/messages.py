@@ -281,6 +281,8 @@ class PlanBody:
     links: tuple[PlanLink, ...] = ()
     quantize: str = NONE  # every replica's weight quantization (one of ``QUANTIZATIONS``)
     exchange: str = "torch"  # how the epoch's KV hand-offs travel (one of ``EXCHANGE_TRANSPORTS``)
+    # with "libp2p": the groups whose hand-offs among themselves still go over a gloo exchange group
+    gloo_groups: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -297,6 +299,7 @@ class PlanBody:
             "links": [link.to_wire() for link in self.links],
             "quantize": self.quantize,
             "exchange": self.exchange,
+            "gloo_groups": list(self.gloo_groups),
         }
 
     @staticmethod
@@ -327,6 +330,7 @@ class PlanBody:
             links=tuple(PlanLink.from_wire(link) for link in links),
             quantize=_quantize(body.get("quantize")),
             exchange=_exchange(body.get("exchange")),
+            gloo_groups=_gloo_groups(body.get("gloo_groups")),
         )
 
 
@@ -337,6 +341,14 @@ def _exchange(raw: Any) -> str:
     if raw not in EXCHANGE_TRANSPORTS:
         raise MessageError(f"plan exchange must be one of {', '.join(EXCHANGE_TRANSPORTS)}")
     return str(raw)
+
+
+def _gloo_groups(raw: Any) -> tuple[int, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_GPUS or not all(type(g) is int and g >= 0 for g in raw):
+        raise MessageError("plan gloo_groups must be a list of group ids")
+    return tuple(raw)
 
 
 def _quantize(raw: Any) -> str:

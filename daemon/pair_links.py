@@ -93,6 +93,27 @@ def exchange_transport(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Ma
     return "libp2p" if worldless else "torch"
 
 
+def gloo_groups(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[int, ...]:
+    """The groups of ``plan`` whose hand-offs among themselves go over a gloo exchange group when its epoch
+    relays KV: groups whose hosts are all pairwise directly linked, taken greedily, those with the fewest
+    worldless partners first (ties in plan order); every other group's hand-offs go through the daemons.
+    Sorted ids; none when fewer than two groups could share one. O(groups^2 x GPUs^2)."""
+    if plan is None:
+        return ()
+    hosts = {group.id: {gpu_peer[g] for g in group.gpus} for group in plan.groups}
+    worldless = {pair for pair, kind in kinds.items() if kind in NO_WORLDS}
+
+    def apart(a: set[str], b: set[str]) -> bool:
+        return any(_pair(x, y) in worldless for x in a for y in b if x != y)
+
+    partners = {g: sum(apart(hosts[g], hosts[o]) for o in hosts if o != g) for g in hosts}
+    chosen: list[int] = []
+    for group in sorted(hosts, key=lambda g: (partners[g], g)):
+        if not any(apart(hosts[group], hosts[other]) for other in chosen):
+            chosen.append(group)
+    return tuple(sorted(chosen)) if len(chosen) > 1 else ()
+
+
 def plan_links(plan: Plan, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[PlanLink, ...]:
     """Every pair of different peers ``plan`` moves model data between, with its kind of link: consecutive
     stages of a group (activations), and the stages of a prefill and a decode group a flow joins that hold

@@ -205,7 +205,14 @@ class Supervisor:
         own = await self._world_secret(replica.head, replica_prefix(deployment.term, worker.formed, replica))
         if not deployment.needs_exchange:
             return own, None
-        return own, await self._world_secret(deployment.exchange_head, deployment.exchange_prefix)
+        return own, await self._exchange_secret(deployment, replica)
+
+    async def _exchange_secret(self, deployment: Deployment, replica: Replica) -> bytes:
+        """The gloo exchange group's store secret; a replica outside it (its KV relayed) needs none, and is
+        given this daemon's own for the prefix, which opens nothing."""
+        if not deployment.in_gloo(replica):
+            return self._own_secret(deployment.exchange_prefix)
+        return await self._world_secret(deployment.exchange_head, deployment.exchange_prefix)
 
     # ------------------------------------------------------------------ deployments
 
@@ -282,13 +289,12 @@ class Supervisor:
     async def _tell_exchange(self, deployment: Deployment, kept_drivers: list[LocalWorker]) -> None:
         """Send each kept driver the new epoch's exchange group; one that cannot be told has failed (else
         its replica's workers would stay ``joining`` and every hop here be refused until the next epoch)."""
-        try:
-            secret = await self._world_secret(deployment.exchange_head, deployment.exchange_prefix)
-        except RuntimeError as exc:
-            for worker in kept_drivers:
-                await self._failed(worker, deployment.epoch, str(exc))
-            return
         for worker in kept_drivers:
+            try:
+                secret = await self._exchange_secret(deployment, worker.replica)
+            except RuntimeError as exc:
+                await self._failed(worker, deployment.epoch, str(exc))
+                continue
             try:
                 await worker.send(ExchangeFrame(self._exchange(deployment, worker, secret)))
             except SEND_ERRORS as exc:
@@ -371,7 +377,7 @@ class Supervisor:
         if self.on_failure is not None:
             peers = worker.replica.peers()
             if cause is not None and cause.world == "exchange group" and self.deployment is not None:
-                peers = {peer for r in self.deployment.replicas for peer in r.peers()}
+                peers = {peer for r in self.deployment.gloo_replicas for peer in r.peers()}
             await self.on_failure(epoch, worker.rank, error, cause, sorted(peers))
 
     async def _read_events(self, worker: LocalWorker, reader: Frames) -> None:

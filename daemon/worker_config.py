@@ -73,6 +73,7 @@ class WorkerSettings:
             tuple(self.replica(r) for r in deployment.replicas),
             self.connect_s,
             deployment.exchange,
+            deployment.gloo,
         )
 
     def configure(

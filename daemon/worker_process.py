@@ -175,6 +175,7 @@ def exchange_from(setup: ExchangeSetup) -> ExchangeConfig:
         secret=setup.secret,
         connect_timeout_s=setup.connect_timeout_s,
         transport=setup.transport,
+        members=setup.members,
     )
 
 

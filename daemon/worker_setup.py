@@ -230,7 +230,8 @@ class ExchangeSetup:
     size: int
     replicas: tuple[ReplicaSetup, ...]
     connect_timeout_s: float = CONNECT_TIMEOUT_S
-    transport: str = "torch"  # "libp2p": no group forms; KV goes through the daemons (``daemon.kv_relay``)
+    transport: str = "torch"  # "libp2p": KV goes through the daemons (``daemon.kv_relay``) ...
+    members: tuple[int, ...] = ()  # ... but among these replicas over a gloo group ("torch": among all)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -242,6 +243,7 @@ class ExchangeSetup:
             "replicas": [r.to_wire() for r in self.replicas],
             "connect_timeout_s": self.connect_timeout_s,
             "transport": self.transport,
+            "members": list(self.members),
         }
 
     @classmethod
@@ -252,6 +254,10 @@ class ExchangeSetup:
         need(first_rank < size and bool(group["replicas"]), "an exchange group holds its replicas' ranks")
         transport = group.get("transport") or "torch"
         need(transport in TRANSPORTS, f"field 'transport' must be one of {TRANSPORTS}")
+        members = group.get("members") or []
+        count = len(group["replicas"])
+        ok = isinstance(members, list) and all(type(i) is int and 0 <= i < count for i in members)
+        need(ok and members == sorted(set(members)), "field 'members' must be increasing replica indices")
         return cls(
             address(group.get("store"), "store"),
             group["prefix"],
@@ -261,4 +267,5 @@ class ExchangeSetup:
             tuple(ReplicaSetup.from_wire(r) for r in group["replicas"]),
             seconds(group, "connect_timeout_s", CONNECT_TIMEOUT_S),
             transport,
+            tuple(members),
         )

@@ -9,7 +9,7 @@ the sequence's blocks with point-to-point operations, each side using its own bl
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -231,16 +231,29 @@ _Pending = tuple[list[dist.Work], list[tuple[_Move, torch.Tensor, torch.Tensor]]
 class Exchange:
     """A process group built apart from the default world (``dist.ProcessGroupGloo`` on its own store), as
     the daemon's workers do per plan epoch: KV moves over it with the group's own send and recv, and peer
-    ranks are numbered within it."""
+    ranks are numbered within it. With a ``relay`` (the daemons' libp2p streams), a peer outside ``ranks``
+    is reached through the relay, and a peer in it at its rank in ``group``."""
 
-    group: Any  # a gloo group, or anything with the same ``send``/``recv`` (the daemons' KV relay)
-    store: Any = None  # what the group formed on (a store written in Python must outlive its group); None: relayed
+    group: Any  # a gloo group (None: none formed, every peer is relayed)
+    store: Any = None  # what the group formed on: a store written in Python must outlive its group
     prefix: str = ""  # the epoch's key prefix in ``store`` (KV formats are published under it)
     first_rank: int = 0  # this replica's first rank in the group's numbering
+    relay: Any = None  # anything with a gloo group's ``send``/``recv`` (``daemon.kv_channel.RelayGroup``)
+    ranks: Mapping[int, int] | None = None  # exchange rank -> rank in ``group``; None: the same, for every peer
 
     def post(self, buffer: torch.Tensor, peer: int, tag: int, sending: bool) -> dist.Work:
-        work: dist.Work = self.group.send([buffer], peer, tag) if sending else self.group.recv([buffer], peer, tag)
+        if self.ranks is None:
+            group, rank = self.group, peer
+        elif peer in self.ranks:
+            group, rank = self.group, self.ranks[peer]
+        else:
+            group, rank = self.relay, peer
+        work: dist.Work = group.send([buffer], rank, tag) if sending else group.recv([buffer], rank, tag)
         return work
+
+    def through_gloo(self, rank: int) -> bool:
+        """Whether KV to or from exchange rank ``rank`` goes over the gloo group (its formats are in the store)."""
+        return self.ranks is None or rank in self.ranks
 
 
 Group = dist.ProcessGroup | Exchange | None

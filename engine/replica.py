@@ -307,7 +307,7 @@ class ReplicaWorker:
                 self.import_kv([req], self.peers[req.src])
             except KVMissing as exc:  # relayed: only this sequence is lost
                 failed.append((req.seq_id, str(exc)))
-        if self.exchange is not None and self.exchange.store is None:
+        if self.exchange is not None and self.exchange.relay is not None:
             failed = self._agree_on_failures(reqs, failed)
         return failed
 
@@ -387,9 +387,10 @@ class ReplicaWorker:
 
     def kv_refusal(self, src: ReplicaSpec, dst: ReplicaSpec) -> str | None:
         """Why KV cannot move from replica ``src`` to replica ``dst`` (exchange numbering), or None. Reads the
-        formats every rank of both published, so all ranks of both replicas decide alike. A relayed exchange
-        publishes none: each KV message is checked against the receiver's buffer instead (``KVMissing``)."""
-        if self.exchange is not None and self.exchange.store is None:
+        formats every rank of both published, so all ranks of both replicas decide alike. A KV relayed through
+        the daemons is checked message by message against the receiver's buffer instead (``KVMissing``)."""
+        exchange = self.exchange
+        if exchange is not None and not all(exchange.through_gloo(s.global_rank(0)) for s in (src, dst)):
             return None
         try:
             formats = [
@@ -561,7 +562,8 @@ class ExchangeConfig:
     timeout_s: float = 120.0
     secret: bytes | None = None  # seals the store's values (engine.sealed_store)
     connect_timeout_s: float = CONNECT_TIMEOUT_S  # for the ranks to connect once all arrived (engine.formation)
-    transport: str = "torch"  # "libp2p": no gloo group and no store; KV goes through the daemons (``KVRelay``)
+    transport: str = "torch"  # "libp2p": KV goes through the daemons (``KVRelay``) ...
+    members: tuple[int, ...] = ()  # ... but among these replicas of ``peers`` over a gloo group
 
 
 class KVRelay(Protocol):
@@ -576,22 +578,30 @@ def join_exchange(
 ) -> tuple[Exchange, list[ReplicaSpec]]:
     """Join the exchange group of ``config`` as layout rank ``layout_rank`` of its replica (forming it as
     ``engine.formation`` says) and publish ``kv_format`` there; raises WorldFormationError. Needs no model:
-    a new worker joins while it loads, and a peer ready before it reads its format without waiting. A
-    "libp2p" exchange forms nothing: KV moves through ``relay``, and formats are checked on each message."""
+    a new worker joins while it loads, and a peer ready before it reads its format without waiting. In a
+    "libp2p" exchange the gloo group holds only the ranks of ``config.members`` (a replica outside forms
+    nothing), and KV to or from any other rank moves through ``relay``, its format checked per message."""
     rank = config.first_rank + layout_rank
+    relayed = None
     if config.transport == "libp2p":
         if relay is None:
             raise ValueError("a libp2p exchange needs the worker's KV relay")
-        return Exchange(relay.bind(config.prefix, rank), None, config.prefix, config.first_rank), list(config.peers)
+        relayed = relay.bind(config.prefix, rank)
+    members = range(len(config.peers)) if config.transport == "torch" else config.members
+    gloo_ranks = [p.global_rank(r) for p in (config.peers[i] for i in members) for r in range(len(p.ranks))]
+    numbering = {global_rank: index for index, global_rank in enumerate(gloo_ranks)}
+    if rank not in numbering:  # every hand-off of this replica is relayed
+        return Exchange(None, None, config.prefix, config.first_rank, relayed, {}), list(config.peers)
     from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
 
     timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
     reach_store(config.host, config.port, config.connect_timeout_s, "exchange group")
     store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
-    group = form_gloo(store, config.prefix, rank, config.size, timeouts, "exchange group")
+    group = form_gloo(store, config.prefix, numbering[rank], len(numbering), timeouts, "exchange group")
     if kv_format is not None:
         store.set(format_key(config.prefix, rank), kv_format.to_bytes())  # type: ignore[arg-type]  # torch's stub says str; stores take bytes
-    return Exchange(group, store, config.prefix, config.first_rank), list(config.peers)
+    ranks = None if relayed is None else numbering
+    return Exchange(group, store, config.prefix, config.first_rank, relayed, ranks), list(config.peers)
 
 
 def replica_kv_format(spec: ReplicaSpec) -> KVFormat:

@@ -417,10 +417,41 @@ def test_relayed_transfers_move_the_same_kv_as_gloo() -> None:
     try:
         for scenario in RELAYED:
             groups = [
-                Exchange(channel.bind("hexgen/1/1/exchange/", rank)) for rank, channel in enumerate(daemons.channels)
+                Exchange(None, relay=channel.bind("hexgen/1/1/exchange/", rank), ranks={})
+                for rank, channel in enumerate(daemons.channels)
             ]
             with ThreadPoolExecutor(4) as pool:
                 for outcome in [pool.submit(_run_scenario, scenario, rank, groups[rank]) for rank in range(4)]:
+                    outcome.result(timeout=60)
+    finally:
+        daemons.close()
+
+
+def test_a_mixed_exchange_moves_kv_over_gloo_among_its_members_and_through_the_relay_otherwise() -> None:
+    """The first prefill rank and the first decode rank of each scenario share a gloo group (their hosts are
+    linked directly); every other pair's KV is relayed. The caches come out the same."""
+    daemons = StandInDaemons(4)
+    store = dist.HashStore()
+    try:
+        for scenario in RELAYED:
+            members = sorted({scenario.src_ranks[0], scenario.dst_ranks[0]})
+            prefix = f"hexgen/1/{scenario.name}/exchange/"
+
+            def run(
+                rank: int, scenario: Scenario = scenario, members: list[int] = members, prefix: str = prefix
+            ) -> None:
+                relay = daemons.channels[rank].bind(prefix, rank)
+                numbering = {r: i for i, r in enumerate(members)}
+                if rank not in numbering:  # as join_exchange builds it: a rank outside the group relays all
+                    _run_scenario(scenario, rank, Exchange(None, relay=relay, ranks={}))
+                    return
+                group = dist.ProcessGroupGloo(
+                    dist.PrefixStore(prefix, store), numbering[rank], len(members), timedelta(seconds=30)
+                )
+                _run_scenario(scenario, rank, Exchange(group, relay=relay, ranks=numbering))
+
+            with ThreadPoolExecutor(4) as pool:
+                for outcome in [pool.submit(run, rank) for rank in range(4)]:
                     outcome.result(timeout=60)
     finally:
         daemons.close()
@@ -432,7 +463,9 @@ def test_a_relayed_kv_that_never_comes_or_does_not_fit_fails_only_its_sequence()
         layout = (StageLayout(0, 1, 1),)
         slices = plan_kv_transfer(layout, layout, 1)
         shard = KVShard(layout, 0, 1)
-        sender, receiver = (Exchange(c.bind("hexgen/1/1/exchange/", r)) for r, c in enumerate(daemons.channels))
+        sender, receiver = (
+            Exchange(None, relay=c.bind("hexgen/1/1/exchange/", r), ranks={}) for r, c in enumerate(daemons.channels)
+        )
         cache = torch.zeros(2, 1, 2, BLOCK_SIZE, 1, HEAD_DIM)
         with pytest.raises(KVMissing, match=r"did not arrive: not whole within 0\.3 s"):
             recv_kv(cache, shard, slices, [1], 1, lambda _: 0, group=receiver, timeout=timedelta(seconds=0.3), tag=5)
@@ -451,7 +484,7 @@ def test_a_relayed_kv_that_never_comes_or_does_not_fit_fails_only_its_sequence()
 def test_a_relayed_receive_fails_at_once_when_the_daemon_is_gone() -> None:
     daemons = StandInDaemons(1)
     layout = (StageLayout(0, 1, 1),)
-    receiver = Exchange(daemons.channels[0].bind("hexgen/1/1/exchange/", 0))
+    receiver = Exchange(None, relay=daemons.channels[0].bind("hexgen/1/1/exchange/", 0), ranks={})
     daemons.close()
     cache = torch.zeros(2, 1, 2, BLOCK_SIZE, 1, HEAD_DIM)
     with pytest.raises(KVMissing, match="the daemon closed the KV channel"):

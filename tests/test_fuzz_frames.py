@@ -46,6 +46,7 @@ SECRET = bytes(range(32))
 REPLICA = ReplicaSetup("/models/x", ((0, 3, 2), (3, 5, 1)), mode="prefill", cache=CacheSetup(block_size=256))
 DECODE = ReplicaSetup("/models/x", ((0, 5, 1),), first_rank=3, mode="decode", dtype="bfloat16")
 EXCHANGE = ExchangeSetup(("10.0.0.1", 29500), "hexgen/1/2/x/", SECRET, 0, 4, (REPLICA, DECODE), 60.0)
+RELAYED = ExchangeSetup(("10.0.0.1", 29500), "hexgen/1/3/x/", SECRET, 3, 4, (REPLICA, DECODE), 60.0, "libp2p", (1,))
 SAMPLING = SamplingParams(max_tokens=4, temperature=0.5, top_k=3, seed=9, stop_token_ids=(2,), ignore_eos=True)
 TO_WORKER: list[ToWorker] = [
     ConfigureFrame(0, 1, ReplicaSetup("/m", ((0, 4, 1),)), port=29400, progress=True),
@@ -67,6 +68,7 @@ TO_WORKER: list[ToWorker] = [
     ImportFrame(6, (1, 403, 407), SAMPLING, src=0),
     AbortFrame(7),
     ExchangeFrame(EXCHANGE),
+    ExchangeFrame(RELAYED),
     ShutdownFrame(),
 ]
 CAUSE = WorldFailure("exchange group", "connect", "10.0.0.9")

@@ -1,12 +1,16 @@
-"""The daemons' KV relay: which arriving KV parts a daemon delivers (daemon/kv_relay.py ``accepts``)."""
+"""The daemons' KV relay: which arriving KV parts a daemon delivers (daemon/kv_relay.py ``accepts``), and which
+replicas still hand KV to each other over gloo when an epoch relays KV (``pair_links.gloo_groups``, deployments)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from hexgen.daemon.deployment import Deployment, Replica
+from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
+from hexgen.daemon.deployment import Deployment, Replica, deployment_from_plan
 from hexgen.daemon.kv_frames import KvPart
 from hexgen.daemon.kv_relay import accepts
+from hexgen.daemon.messages import PlanBody
+from hexgen.daemon.pair_links import exchange_transport, gloo_groups
 
 PREFILL = Replica(0, 0, "prefill", ((0, 5, 2),), 0, (("A", 0), ("B", 0)))
 DECODE = Replica(1, 1, "decode", ((0, 5, 1),), 2, (("C", 0),))
@@ -32,3 +36,42 @@ def test_a_part_of_another_epoch_or_of_a_gloo_exchange_is_dropped() -> None:
     direct = dataclasses.replace(RELAYED, exchange="torch")
     assert "not this daemon's relayed exchange" in (accepts(direct, PART, "B", "C") or "")
     assert accepts(None, PART, "B", "C") is not None
+
+
+def _plan(*groups: tuple[str, int]) -> Plan:
+    """One single-GPU group per ``(role, GPU)``, GPU k on peer ``"P{k}"``."""
+    made = tuple(Group(i, role, (Stage((gpu,), (0, 4)),), 1.0, 1) for i, (role, gpu) in enumerate(groups))  # type: ignore[arg-type]
+    flows = tuple(Flow(SOURCE, g.id, 1.0) for g in made if g.role == "prefill")
+    return Plan(made, flows, 1.0, "test")
+
+
+GPU_PEER = {k: f"P{k}" for k in range(4)}
+
+
+def test_the_gloo_groups_are_directly_linked_and_leave_out_the_group_with_most_worldless_partners() -> None:
+    # P0, P1, P2 in one data centre; P3 at home, relayed to all three
+    home = {("P0", "P3"): "relayed", ("P1", "P3"): "relayed", ("P2", "P3"): "hole-punched", ("P0", "P1"): "direct"}
+    plan = _plan(("prefill", 3), ("prefill", 0), ("decode", 1), ("decode", 2))
+    assert gloo_groups(plan, GPU_PEER, home) == (1, 2, 3)
+    assert exchange_transport(plan, GPU_PEER, home) == "libp2p"
+    # two homes relayed to each other only: one of them keeps gloo with the data centre
+    split = {("P0", "P1"): "relayed"}
+    assert gloo_groups(_plan(("prefill", 0), ("decode", 1), ("decode", 2)), GPU_PEER, split) == (0, 2)
+    assert gloo_groups(None, GPU_PEER, split) == ()
+
+
+def test_a_deployment_puts_in_its_gloo_exchange_only_the_plan_s_gloo_groups() -> None:
+    plan = _plan(("prefill", 3), ("prefill", 0), ("decode", 1))
+    gpus = {k: (f"P{k}", 0) for k in range(4)}
+    body = PlanBody(1, 2, ("P0", "P1", "P3"), plan, gpus=gpus, exchange="libp2p", gloo_groups=(1, 2))
+    rendezvous = {peer: (peer.lower(), 29500) for peer in ("P0", "P1", "P3")}
+    relayed = deployment_from_plan(body, rendezvous)
+    assert relayed.gloo == (1, 2) and [r.index for r in relayed.gloo_replicas] == [1, 2]
+    assert not relayed.in_gloo(relayed.replicas[0]) and relayed.in_gloo(relayed.replicas[2])
+    assert relayed.rendezvous == ("p0", 29500) and relayed.exchange_head == "P0"
+    assert relayed.world(relayed.exchange_prefix) == ("P0", frozenset({"P0", "P1"}))
+    everyone = deployment_from_plan(dataclasses.replace(body, exchange="torch", gloo_groups=()), rendezvous)
+    assert everyone.in_gloo(everyone.replicas[0]) and everyone.rendezvous == ("p3", 29500)
+    assert everyone.world(everyone.exchange_prefix) == ("P3", frozenset({"P0", "P1", "P3"}))
+    alone = deployment_from_plan(dataclasses.replace(body, gloo_groups=()), rendezvous)
+    assert alone.world(alone.exchange_prefix) is None

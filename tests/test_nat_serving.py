@@ -23,26 +23,23 @@ from hexgen.daemon.relay import circuit_address
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Daemon, open_client
-from hexgen.testing.nat_lab import NatLab, View, converge, link, open_nat_lab
+from hexgen.testing.nat_lab import NatLab, View, converge, open_nat_lab
 from hexgen.testing.netns import on_host, start_daemon, started_daemons
 
 pytestmark = pytest.mark.trio
 
 MAX_TOKENS = 12
 REPLAN_S = 90.0
-PINNED = """
-[[groups]]
-role = "prefill"
-stages = [{ gpus = ["h11"], layers = [0, 5] }]
 
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["h21"], layers = [0, 5] }]
 
-[[groups]]
-role = "decode"
-stages = [{ gpus = ["h31"], layers = [0, 5] }]
-"""
+def pinned(prefill: str, *decode: str) -> str:
+    """A pinned plan: a one-GPU prefill group on host ``prefill``, a one-GPU decode group on each of ``decode``."""
+    groups = [("prefill", prefill), *(("decode", host) for host in decode)]
+    stage = 'stages = [{{ gpus = ["{}"], layers = [0, 5] }}]'
+    return "".join(f'[[groups]]\nrole = "{role}"\n{stage.format(host)}\n\n' for role, host in groups)
+
+
+THREE_HOMES = pinned("h11", "h21", "h31")
 
 
 @pytest.fixture
@@ -52,27 +49,31 @@ def nat_lab() -> Iterator[NatLab]:
         yield lab
 
 
-def _serving_relayed(a: str, b: str, c: str) -> Any:
+def _serving_relayed(handoffs: dict[frozenset[str], str], gloo: list[int], workers: int) -> Any:
     def check(view: View) -> bool:
-        """a-b hole-punched, c relayed; every daemon on one plan that hands KV off over libp2p, all ready."""
+        """Every daemon on one plan that relays KV, made knowing each hand-off's kind of link (a change of link
+        kinds re-plans), with ``gloo`` its gloo groups, and ``workers`` workers all ready."""
         bodies = [((s or {}).get("plan") or {}).get("body") or {} for s in view.values()]
-        workers = [((s or {}).get("serving") or {}).get("workers") or {} for s in view.values()]
-        handoffs = [
-            {frozenset(x["peers"]): x["kind"] for x in body.get("links", []) if x["use"] == "handoff"}
-            for body in bodies
+        ready = [((s or {}).get("serving") or {}).get("workers") or {} for s in view.values()]
+        kinds = [
+            {frozenset(x["peers"]): x["kind"] for x in b.get("links", []) if x["use"] == "handoff"} for b in bodies
         ]
         return (
-            link(view, a, b) == "hole-punched"
-            and link(view, a, c) == "relayed"
-            # the plan was made knowing the hole punch (a change of link kinds re-plans)
-            and all(h == {frozenset((a, b)): "hole-punched", frozenset((a, c)): "relayed"} for h in handoffs)
+            all(found == handoffs for found in kinds)
             and len({(body.get("term"), body.get("epoch")) for body in bodies}) == 1
-            and all(body.get("exchange") == "libp2p" and body.get("plan") for body in bodies)
-            and sum(len(w) for w in workers) == 3
-            and all(state.get("state") == "ready" for w in workers for state in w.values())
+            and all(body.get("exchange") == "libp2p" and body.get("gloo_groups") == gloo for body in bodies)
+            and sum(len(w) for w in ready) == workers
+            and all(state.get("state") == "ready" for w in ready for state in w.values())
         )
 
     return check
+
+
+@pytest.fixture
+def lan_and_home() -> Iterator[NatLab]:
+    """Two hosts on one home LAN, a third behind another endpoint-independent NAT."""
+    with open_nat_lab(homes=(2, 1)) as lab:
+        yield lab
 
 
 async def _complete(client: Any, entry: str, tokens: list[int], decoders: set[int]) -> list[int]:
@@ -87,11 +88,14 @@ async def _complete(client: Any, entry: str, tokens: list[int], decoders: set[in
     return out
 
 
-def _start_homes(lab: NatLab, root: Path, model: Path, started: list[Daemon]) -> tuple[Daemon, list[Daemon]]:
-    """A relay on the public network and a daemon at each home, all serving ``model`` with the pinned plan."""
-    pinned = root / "pinned.toml"
-    pinned.write_text(PINNED)
-    pin = ["--pin-plan", str(pinned)]
+def _start_homes(
+    lab: NatLab, root: Path, model: Path, started: list[Daemon], plan: str, homes: tuple[str, ...]
+) -> tuple[Daemon, list[Daemon]]:
+    """A relay on the public network and a daemon at each of ``homes``, all serving ``model`` with the pinned
+    ``plan``."""
+    path = root / "pinned.toml"
+    path.write_text(plan)
+    pin = ["--pin-plan", str(path)]
     relay = start_daemon(lab.hosts["p1"], root, "relay", model=str(model), extra=["--relay", *pin])
     started.append(relay)
 
@@ -99,11 +103,10 @@ def _start_homes(lab: NatLab, root: Path, model: Path, started: list[Daemon]) ->
         extra = ["--relay-peer", relay.addr, *pin]
         return start_daemon(lab.hosts[name], root, name, model=str(model), gpu="H100", extra=extra)
 
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(home, name) for name in ("h11", "h21", "h31")]
+    with ThreadPoolExecutor(len(homes)) as pool:
+        futures = [pool.submit(home, name) for name in homes]
         started.extend(f.result() for f in futures if f.exception() is None)
-        homes = [f.result() for f in futures]
-    return relay, homes
+        return relay, [f.result() for f in futures]
 
 
 def _circuits(relay: Daemon, homes: list[Daemon]) -> dict[str, str]:
@@ -117,12 +120,13 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
     says its hand-offs go over libp2p, and every request, prefilled at home 1 and decoded at home 2 (a
     hole-punched link) or home 3 (relayed, symmetric NAT), streams transformers' greedy tokens."""
     with started_daemons() as started:
-        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started)
+        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started, THREE_HOMES, ("h11", "h21", "h31"))
         a, b, c = (d.peer_id for d in homes)
         prompts = [[1, 403, 407, 261, 378], *random_prompts(5, 512, seed=41, low=3, high=20)]
         reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
         async with open_client() as client:
-            await converge(client, _circuits(relay, homes), _serving_relayed(a, b, c))
+            kinds = {frozenset((a, b)): "hole-punched", frozenset((a, c)): "relayed"}
+            await converge(client, _circuits(relay, homes), _serving_relayed(kinds, [], 3))
             results: dict[int, list[int]] = {}
             decoders: set[int] = set()
 
@@ -184,10 +188,11 @@ async def test_the_relay_killed_mid_stream_loses_no_token_and_the_swarm_replans(
     tokenizer = Tokenizer.from_dir(stories_dir)
     (expected,) = reference_greedy(stories_dir, [tokenizer.encode(prompt)], long)
     with started_daemons() as started:
-        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started)
+        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started, THREE_HOMES, ("h11", "h21", "h31"))
         a, b, c = (d.peer_id for d in homes)
+        kinds = {frozenset((a, b)): "hole-punched", frozenset((a, c)): "relayed"}
         async with open_client() as client:
-            await converge(client, _circuits(relay, homes), _serving_relayed(a, b, c))
+            await converge(client, _circuits(relay, homes), _serving_relayed(kinds, [], 3))
         with _client_at(nat_lab, "h11", homes[0], prompt, long) as streaming:
             text = await trio.to_thread.run_sync(_kill_after_first_text, streaming, relay)
         assert text.decode().rstrip("\n") == tokenizer.decode(expected)
@@ -201,3 +206,29 @@ async def test_the_relay_killed_mid_stream_loses_no_token_and_the_swarm_replans(
         reply = json.loads(out)
         assert reply["tokens"] == expected[:MAX_TOKENS]
         assert {group["epoch"] for group in reply["served_by"]} == {_plans(homes[0])[-1][0]}, reply
+
+
+async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_are_relayed(
+    lan_and_home: NatLab, tmp_path: Path, stories_dir: Path
+) -> None:
+    """Prefill at h11, decode at h12 on the same LAN (direct) and at h21 behind another NAT (hole-punched):
+    h11 and h12 form a gloo exchange group and hand KV over it, while h21's KV goes through the daemons; both
+    routes give transformers' tokens."""
+    with started_daemons() as started:
+        relay, homes = _start_homes(
+            lan_and_home, tmp_path, stories_dir, started, pinned("h11", "h12", "h21"), ("h11", "h12", "h21")
+        )
+        a, b, c = (d.peer_id for d in homes)
+        kinds = {frozenset((a, b)): "direct", frozenset((a, c)): "hole-punched"}
+        prompts = random_prompts(4, 512, seed=43, low=3, high=20)
+        reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
+        async with open_client() as client:
+            await converge(client, _circuits(relay, homes), _serving_relayed(kinds, [0, 1], 3))
+            decoders: set[int] = set()
+            for i, prompt in enumerate(prompts):
+                assert await _complete(client, a, prompt, decoders) == reference[i]
+            for _ in range(30):  # hand-offs split evenly: both decode replicas serve within a few requests
+                if decoders == {1, 2}:
+                    break
+                assert await _complete(client, a, prompts[0], decoders) == reference[0]
+            assert decoders == {1, 2}
