@@ -95,16 +95,16 @@ def exchange_transport(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Ma
 
 def gloo_groups(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[int, ...]:
     """The groups of ``plan`` whose hand-offs among themselves go over a gloo exchange group when its epoch
-    relays KV: groups whose hosts are all pairwise directly linked, taken greedily, those with the fewest
-    worldless partners first (ties in plan order); every other group's hand-offs go through the daemons.
+    relays KV: groups whose hosts are all pairwise known to be linked directly, taken greedily, those with the
+    fewest other partners first (ties in plan order); every other group's hand-offs go through the daemons.
     Sorted ids; none when fewer than two groups could share one. O(groups^2 x GPUs^2)."""
     if plan is None:
         return ()
     hosts = {group.id: {gpu_peer[g] for g in group.gpus} for group in plan.groups}
-    worldless = {pair for pair, kind in kinds.items() if kind in NO_WORLDS}
 
     def apart(a: set[str], b: set[str]) -> bool:
-        return any(_pair(x, y) in worldless for x in a for y in b if x != y)
+        # a pair no end reported yet may be anything: only a known direct link is trusted with a gloo group
+        return any(kinds.get(_pair(x, y)) != "direct" for x in a for y in b if x != y)
 
     partners = {g: sum(apart(hosts[g], hosts[o]) for o in hosts if o != g) for g in hosts}
     chosen: list[int] = []

@@ -48,15 +48,20 @@ def _plan(*groups: tuple[str, int]) -> Plan:
 GPU_PEER = {k: f"P{k}" for k in range(4)}
 
 
-def test_the_gloo_groups_are_directly_linked_and_leave_out_the_group_with_most_worldless_partners() -> None:
-    # P0, P1, P2 in one data centre; P3 at home, relayed to all three
-    home = {("P0", "P3"): "relayed", ("P1", "P3"): "relayed", ("P2", "P3"): "hole-punched", ("P0", "P1"): "direct"}
+def test_the_gloo_groups_are_linked_directly_and_leave_out_the_group_with_most_other_partners() -> None:
+    # P0, P1, P2 in one data centre; P3 at home, relayed or hole-punched to all three
+    direct = {("P0", "P1"): "direct", ("P0", "P2"): "direct", ("P1", "P2"): "direct"}
+    home = direct | {("P0", "P3"): "relayed", ("P1", "P3"): "relayed", ("P2", "P3"): "hole-punched"}
     plan = _plan(("prefill", 3), ("prefill", 0), ("decode", 1), ("decode", 2))
     assert gloo_groups(plan, GPU_PEER, home) == (1, 2, 3)
     assert exchange_transport(plan, GPU_PEER, home) == "libp2p"
-    # two homes relayed to each other only: one of them keeps gloo with the data centre
-    split = {("P0", "P1"): "relayed"}
+    # two hosts relayed to each other only: one of them keeps gloo with the third
+    split = direct | {("P0", "P1"): "relayed"}
     assert gloo_groups(_plan(("prefill", 0), ("decode", 1), ("decode", 2)), GPU_PEER, split) == (0, 2)
+    # a pair neither end reported is not trusted with gloo; one group alone needs no gloo group
+    unknown = {("P0", "P1"): "direct", ("P1", "P2"): "relayed"}
+    assert gloo_groups(_plan(("prefill", 0), ("decode", 1), ("decode", 2)), GPU_PEER, unknown) == (0, 1)
+    assert gloo_groups(_plan(("prefill", 0), ("decode", 2)), GPU_PEER, unknown) == ()
     assert gloo_groups(None, GPU_PEER, split) == ()
 
 
