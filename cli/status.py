@@ -244,16 +244,27 @@ def _flow_order(flow: Flow) -> tuple[int, str, str]:
 
 
 def flow_lines(status: Mapping[str, Any]) -> list[str]:
-    """The plan's request flows with a positive rate, ``src -> dst: rate req/s``, source edges first."""
+    """The plan's request flows with a positive rate, ``src -> dst: rate req/s``, source edges first; a
+    hand-off says how its KV travels (``, KV over gloo``, or ``, KV over libp2p`` and its links' kinds)."""
     body = _body(status)
     if body is None or body.plan is None:
         return []
     roles: dict[int | str, str] = {g.id: g.role for g in body.plan.groups}
     return [
-        f"{_flow_end(flow.src, roles)} -> {_flow_end(flow.dst, roles)}: {flow.rate:.3f} req/s"
+        f"{_flow_end(flow.src, roles)} -> {_flow_end(flow.dst, roles)}: {flow.rate:.3f} req/s{_kv_route(body, flow)}"
         for flow in sorted(body.plan.flows, key=_flow_order)
         if not flow.rate <= 0
     ]
+
+
+def _kv_route(body: PlanBody, flow: Flow) -> str:
+    """How a prefill -> decode flow's KV travels, as the plan says; empty for any other flow."""
+    if not (isinstance(flow.src, int) and isinstance(flow.dst, int)):
+        return ""
+    if body.exchange == "torch" or {flow.src, flow.dst} <= set(body.gloo_groups):
+        return ", KV over gloo"
+    kinds = sorted({link.kind for link in body.links if link.use == "handoff" and link.groups == (flow.src, flow.dst)})
+    return f", KV over libp2p ({', '.join(kinds)})" if kinds else ", KV over libp2p"
 
 
 def plan_summary(status: Mapping[str, Any]) -> str:

@@ -242,10 +242,22 @@ def test_group_rows_name_gpus_by_host_and_show_the_parallel_layout() -> None:
 def test_flows_go_from_the_source_through_the_groups_to_the_sink_and_skip_idle_edges() -> None:
     assert flow_lines(four_peer_status()) == [
         "source -> group 0 (prefill): 7.412 req/s",
-        "group 0 (prefill) -> group 1 (decode): 4.871 req/s",
-        "group 0 (prefill) -> group 2 (decode): 2.541 req/s",
+        "group 0 (prefill) -> group 1 (decode): 4.871 req/s, KV over gloo",
+        "group 0 (prefill) -> group 2 (decode): 2.541 req/s, KV over gloo",
         "group 1 (decode) -> sink: 4.871 req/s",
         "group 2 (decode) -> sink: 2.541 req/s",
+    ]
+
+
+def test_a_relayed_hand_off_says_its_kv_goes_over_libp2p_and_on_which_links() -> None:
+    status = four_peer_status()
+    body = status["plan"]["body"]
+    a, b = body["members"][:2]
+    body |= {"exchange": "libp2p", "gloo_groups": [0, 2]}
+    body["links"] = [{"peers": [a, b], "use": "handoff", "kind": "relayed", "groups": [0, 1]}]
+    assert flow_lines(status)[1:3] == [
+        "group 0 (prefill) -> group 1 (decode): 4.871 req/s, KV over libp2p (relayed)",
+        "group 0 (prefill) -> group 2 (decode): 2.541 req/s, KV over gloo",
     ]
 
 
