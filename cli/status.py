@@ -258,13 +258,12 @@ def flow_lines(status: Mapping[str, Any]) -> list[str]:
 
 
 def _kv_route(body: PlanBody, flow: Flow) -> str:
-    """How a prefill -> decode flow's KV travels, as the plan says; empty for any other flow."""
+    """How a prefill -> decode flow's KV travels, as the plan records it; empty for any other flow."""
     if not (isinstance(flow.src, int) and isinstance(flow.dst, int)):
         return ""
-    if body.exchange == "torch" or {flow.src, flow.dst} <= set(body.gloo_groups):
-        return ", KV over gloo"
-    kinds = sorted({link.kind for link in body.links if link.use == "handoff" and link.groups == (flow.src, flow.dst)})
-    return f", KV over libp2p ({', '.join(kinds)})" if kinds else ", KV over libp2p"
+    links = [link for link in body.links if link.use == "handoff" and link.groups == (flow.src, flow.dst)]
+    relayed = sorted({link.kind for link in links if link.transport == "libp2p"})
+    return f", KV over libp2p ({', '.join(relayed)})" if relayed else ", KV over gloo"
 
 
 def plan_summary(status: Mapping[str, Any]) -> str:

@@ -29,6 +29,7 @@ from hexgen.daemon.pair_links import (
     pair_kinds,
     pair_relays,
     plan_links,
+    with_transports,
 )
 from hexgen.daemon.planning import MAX_FAILURE_REPLANS, PlanningInput, PlanOutcome, compute_plan
 from hexgen.daemon.swarm_state import AdoptedPlan, Published, SwarmState
@@ -189,8 +190,9 @@ class Coordination:
         restart = self.failure_replans != self.failure_replans_published
         self.failure_replans_published = self.failure_replans
         gpu_peer = {index: peer for index, (peer, _) in outcome.gpus.items()}
-        links = () if outcome.plan is None else plan_links(outcome.plan, gpu_peer, given.link_kinds)
         exchange = exchange_transport(outcome.plan, gpu_peer, given.link_kinds)
+        gloo = gloo_groups(outcome.plan, gpu_peer, given.link_kinds) if exchange == "libp2p" else ()
+        links = () if outcome.plan is None else plan_links(outcome.plan, gpu_peer, given.link_kinds)
         return PlanBody(
             term=term,
             epoch=(plan.epoch if plan else 0) + 1,
@@ -202,8 +204,8 @@ class Coordination:
             blocked=outcome.blocked,
             peers=tuple(given.peers),
             restart=restart,
-            links=links,
+            links=with_transports(links, exchange, gloo),
             quantize=given.quantize,
             exchange=exchange,
-            gloo_groups=gloo_groups(outcome.plan, gpu_peer, given.link_kinds) if exchange == "libp2p" else (),
+            gloo_groups=gloo,
         )

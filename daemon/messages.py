@@ -239,15 +239,23 @@ class BlockedPair:
 class PlanLink:
     """Two peers a plan moves model data between and the kind of link joining them: ``use`` "stage" (a stage
     boundary inside group ``groups[0]`` == ``groups[1]``) or "handoff" (KV from prefill group ``groups[0]`` to
-    decode group ``groups[1]``); ``kind`` one of ``LINK_KINDS`` or ``UNKNOWN_LINK``."""
+    decode group ``groups[1]``); ``kind`` one of ``LINK_KINDS`` or ``UNKNOWN_LINK``; ``transport`` one of
+    ``EXCHANGE_TRANSPORTS``."""
 
     peers: tuple[str, str]
     use: str
     kind: str
     groups: tuple[int, int]
+    transport: str = "torch"  # what carries the data: torch.distributed, or the daemons' libp2p streams
 
     def to_wire(self) -> dict[str, Any]:
-        return {"peers": list(self.peers), "use": self.use, "kind": self.kind, "groups": list(self.groups)}
+        return {
+            "peers": list(self.peers),
+            "use": self.use,
+            "kind": self.kind,
+            "groups": list(self.groups),
+            "transport": self.transport,
+        }
 
     @staticmethod
     def from_wire(raw: Any) -> PlanLink:
@@ -259,7 +267,10 @@ class PlanLink:
             raise MessageError("a plan link names two peers, its use (stage, handoff) and its kind")
         if not (isinstance(groups, list) and len(groups) == 2 and all(type(g) is int for g in groups)):
             raise MessageError("a plan link names the two groups it joins")
-        return PlanLink((peers[0], peers[1]), use, kind, (groups[0], groups[1]))
+        transport = body.get("transport", "torch")
+        if transport not in EXCHANGE_TRANSPORTS:
+            raise MessageError(f"a plan link's transport is one of {', '.join(EXCHANGE_TRANSPORTS)}")
+        return PlanLink((peers[0], peers[1]), use, kind, (groups[0], groups[1]), str(transport))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ that way (``exchange_transport``). A relayed pair's bytes also cross its relay (
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 from hexgen.coordinator.plan import Group, Plan
@@ -112,6 +113,19 @@ def gloo_groups(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[P
         if not any(apart(hosts[group], hosts[other]) for other in chosen):
             chosen.append(group)
     return tuple(sorted(chosen)) if len(chosen) > 1 else ()
+
+
+def with_transports(links: Iterable[PlanLink], exchange: str, gloo: Iterable[int]) -> tuple[PlanLink, ...]:
+    """``links`` with the transport of each: a stage boundary's is torch (a replica's own world); a hand-off's
+    is torch unless the epoch relays KV (``exchange`` "libp2p") and one of its groups is outside ``gloo``.
+    O(links)."""
+    members = set(gloo)
+    return tuple(
+        dataclasses.replace(link, transport="libp2p")
+        if link.use == "handoff" and exchange == "libp2p" and not set(link.groups) <= members
+        else link
+        for link in links
+    )
 
 
 def plan_links(plan: Plan, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[PlanLink, ...]:

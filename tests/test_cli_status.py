@@ -254,7 +254,10 @@ def test_a_relayed_hand_off_says_its_kv_goes_over_libp2p_and_on_which_links() ->
     body = status["plan"]["body"]
     a, b = body["members"][:2]
     body |= {"exchange": "libp2p", "gloo_groups": [0, 2]}
-    body["links"] = [{"peers": [a, b], "use": "handoff", "kind": "relayed", "groups": [0, 1]}]
+    body["links"] = [
+        {"peers": [a, b], "use": "handoff", "kind": "relayed", "groups": [0, 1], "transport": "libp2p"},
+        {"peers": [a, b], "use": "handoff", "kind": "direct", "groups": [0, 2], "transport": "torch"},
+    ]
     assert flow_lines(status)[1:3] == [
         "group 0 (prefill) -> group 1 (decode): 4.871 req/s, KV over libp2p (relayed)",
         "group 0 (prefill) -> group 2 (decode): 2.541 req/s, KV over gloo",

@@ -9,8 +9,8 @@ from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
 from hexgen.daemon.deployment import Deployment, Replica, deployment_from_plan
 from hexgen.daemon.kv_frames import KvPart
 from hexgen.daemon.kv_relay import accepts
-from hexgen.daemon.messages import PlanBody
-from hexgen.daemon.pair_links import exchange_transport, gloo_groups
+from hexgen.daemon.messages import PlanBody, PlanLink
+from hexgen.daemon.pair_links import exchange_transport, gloo_groups, with_transports
 
 PREFILL = Replica(0, 0, "prefill", ((0, 5, 2),), 0, (("A", 0), ("B", 0)))
 DECODE = Replica(1, 1, "decode", ((0, 5, 1),), 2, (("C", 0),))
@@ -80,3 +80,17 @@ def test_a_deployment_puts_in_its_gloo_exchange_only_the_plan_s_gloo_groups() ->
     assert everyone.world(everyone.exchange_prefix) == ("P3", frozenset({"P0", "P1", "P3"}))
     alone = deployment_from_plan(dataclasses.replace(body, gloo_groups=()), rendezvous)
     assert alone.world(alone.exchange_prefix) is None
+
+
+def test_the_plan_records_which_hand_offs_go_over_libp2p() -> None:
+    links = (
+        PlanLink(("P0", "P1"), "stage", "direct", (0, 0)),
+        PlanLink(("P0", "P2"), "handoff", "direct", (0, 1)),
+        PlanLink(("P0", "P3"), "handoff", "relayed", (0, 2)),
+    )
+    assert [x.transport for x in with_transports(links, "libp2p", (0, 1))] == ["torch", "torch", "libp2p"]
+    assert [x.transport for x in with_transports(links, "libp2p", ())] == ["torch", "libp2p", "libp2p"]
+    assert [x.transport for x in with_transports(links, "torch", ())] == ["torch", "torch", "torch"]
+    assert [PlanLink.from_wire(x.to_wire()) for x in with_transports(links, "libp2p", ())] == list(
+        with_transports(links, "libp2p", ())
+    )

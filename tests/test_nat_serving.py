@@ -49,14 +49,16 @@ def nat_lab() -> Iterator[NatLab]:
         yield lab
 
 
-def _serving_relayed(handoffs: dict[frozenset[str], str], gloo: list[int], workers: int) -> Any:
+def _serving_relayed(handoffs: dict[frozenset[str], tuple[str, str]], gloo: list[int], workers: int) -> Any:
     def check(view: View) -> bool:
         """Every daemon on one plan that relays KV, made knowing each hand-off's kind of link (a change of link
-        kinds re-plans), with ``gloo`` its gloo groups, and ``workers`` workers all ready."""
+        kinds re-plans) and recording its transport, with ``gloo`` its gloo groups, and ``workers`` workers all
+        ready."""
         bodies = [((s or {}).get("plan") or {}).get("body") or {} for s in view.values()]
         ready = [((s or {}).get("serving") or {}).get("workers") or {} for s in view.values()]
         kinds = [
-            {frozenset(x["peers"]): x["kind"] for x in b.get("links", []) if x["use"] == "handoff"} for b in bodies
+            {frozenset(x["peers"]): (x["kind"], x["transport"]) for x in b.get("links", []) if x["use"] == "handoff"}
+            for b in bodies
         ]
         return (
             all(found == handoffs for found in kinds)
@@ -125,7 +127,7 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
         prompts = [[1, 403, 407, 261, 378], *random_prompts(5, 512, seed=41, low=3, high=20)]
         reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
         async with open_client() as client:
-            kinds = {frozenset((a, b)): "hole-punched", frozenset((a, c)): "relayed"}
+            kinds = {frozenset((a, b)): ("hole-punched", "libp2p"), frozenset((a, c)): ("relayed", "libp2p")}
             await converge(client, _circuits(relay, homes), _serving_relayed(kinds, [], 3))
             results: dict[int, list[int]] = {}
             decoders: set[int] = set()
@@ -190,7 +192,7 @@ async def test_the_relay_killed_mid_stream_loses_no_token_and_the_swarm_replans(
     with started_daemons() as started:
         relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started, THREE_HOMES, ("h11", "h21", "h31"))
         a, b, c = (d.peer_id for d in homes)
-        kinds = {frozenset((a, b)): "hole-punched", frozenset((a, c)): "relayed"}
+        kinds = {frozenset((a, b)): ("hole-punched", "libp2p"), frozenset((a, c)): ("relayed", "libp2p")}
         async with open_client() as client:
             await converge(client, _circuits(relay, homes), _serving_relayed(kinds, [], 3))
         with _client_at(nat_lab, "h11", homes[0], prompt, long) as streaming:
@@ -219,7 +221,7 @@ async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_
             lan_and_home, tmp_path, stories_dir, started, pinned("h11", "h12", "h21"), ("h11", "h12", "h21")
         )
         a, b, c = (d.peer_id for d in homes)
-        kinds = {frozenset((a, b)): "direct", frozenset((a, c)): "hole-punched"}
+        kinds = {frozenset((a, b)): ("direct", "torch"), frozenset((a, c)): ("hole-punched", "libp2p")}
         prompts = random_prompts(4, 512, seed=43, low=3, high=20)
         reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
         async with open_client() as client:
