@@ -87,6 +87,10 @@ class RelayGroup:
     def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Receive:
         return self.channel.receive(self.prefix, peer, self.rank, tag, tensors[0])
 
+    def arrived(self, peer: int, tag: int, count: int) -> bool:
+        """Whether the next ``count`` messages ``recv`` would take from ``peer`` under ``tag`` are here whole."""
+        return self.channel.arrived(self.prefix, peer, self.rank, tag, count)
+
 
 class KvChannel:
     """The worker's end of its KV socket pair with the daemon; ``bind`` it to an epoch's exchange rank."""
@@ -95,10 +99,10 @@ class KvChannel:
         self.sock = sock
         self.keep_s = keep_s
         self.write_lock = threading.Lock()
-        self.arrived = threading.Condition()
+        self.filed = threading.Condition()
         self.messages: dict[Key, _Message] = {}
         self.sent: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under write_lock
-        self.posted: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under arrived
+        self.posted: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under filed
         self.bound: list[str] = []
         self.ended: str | None = None
         threading.Thread(target=self._read, name="kv-channel", daemon=True).start()
@@ -106,7 +110,7 @@ class KvChannel:
     def bind(self, prefix: str, rank: int) -> RelayGroup:
         """The group of exchange rank ``rank`` in the exchange keyed ``prefix``; counters of epochs two binds
         old are forgotten."""
-        with self.arrived, self.write_lock:
+        with self.filed, self.write_lock:
             if prefix not in self.bound:
                 self.bound = [*self.bound[-1:], prefix]
             for counter in (self.sent, self.posted):
@@ -129,15 +133,20 @@ class KvChannel:
 
     def receive(self, prefix: str, src: int, dst: int, tag: int, buffer: torch.Tensor) -> _Receive:
         """The work of the next message from ``src`` to ``dst`` under ``tag``, to be copied into ``buffer``."""
-        with self.arrived:
+        with self.filed:
             index = self.posted[prefix, src, dst, tag]
             self.posted[prefix, src, dst, tag] += 1
         return _Receive(self, (prefix, src, dst, tag, index), buffer)
 
+    def arrived(self, prefix: str, src: int, dst: int, tag: int, count: int) -> bool:
+        with self.filed:
+            first = self.posted[prefix, src, dst, tag]
+            return all(self._whole((prefix, src, dst, tag, first + i)) for i in range(count))
+
     def take(self, key: Key, seconds: float) -> _Message:
         """The message under ``key`` once whole, removed; raises KVMissing after ``seconds`` without it."""
-        with self.arrived:
-            whole = self.arrived.wait_for(lambda: self._whole(key) or self.ended is not None, seconds)
+        with self.filed:
+            whole = self.filed.wait_for(lambda: self._whole(key) or self.ended is not None, seconds)
             if whole and self._whole(key):
                 return self.messages.pop(key)
             self.messages.pop(key, None)
@@ -165,9 +174,9 @@ class KvChannel:
                     del buffer[: 4 + size]
                     self._file(payload)
         except (OSError, EOFError) as exc:
-            with self.arrived:
+            with self.filed:
                 self.ended = str(exc) or type(exc).__name__
-                self.arrived.notify_all()
+                self.filed.notify_all()
 
     def _file(self, payload: bytes) -> None:
         try:
@@ -176,7 +185,7 @@ class KvChannel:
             log.warning("dropped a KV part from the daemon: %s", exc)
             return
         key = (part.prefix, part.src, part.dst, part.tag, part.index)
-        with self.arrived:
+        with self.filed:
             message = self.messages.get(key)
             if message is None:
                 self._forget_old()
@@ -190,7 +199,7 @@ class KvChannel:
             message.data[start : start + len(part.data)] = part.data
             message.missing.discard(part.part)
             if not message.missing:
-                self.arrived.notify_all()
+                self.filed.notify_all()
 
     def _forget_old(self) -> None:
         now = time.monotonic()

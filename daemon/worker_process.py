@@ -412,10 +412,11 @@ def run_steps(channel: Channel, worker: ReplicaWorker) -> None:
             idle = not inbox.requests and not worker.scheduler.has_unfinished()
             for raw in channel.poll(IDLE_POLL_S if idle else 0.0):
                 inbox.take(frame_to_worker(raw))
-            if liveness is not None:  # a request waiting in the queue is taken, not stuck
-                liveness.busy = inbox.requests or worker.scheduler.has_unfinished()
-            # Followers wait inside a collective; an empty step now and then keeps it from timing out.
-            if idle and inbox.empty and time.monotonic() - idle_since < KEEPALIVE_S:
+            if liveness is not None:  # a request waiting in the queue, or for its relayed KV, is taken, not stuck
+                liveness.busy = inbox.requests or worker.scheduler.has_unfinished() or worker.pending_imports
+            # Followers wait inside a collective; an empty step now and then keeps it from timing out. A relayed
+            # KV on its way is looked for every IDLE_POLL_S.
+            if idle and inbox.empty and not worker.pending_imports and time.monotonic() - idle_since < KEEPALIVE_S:
                 continue
             idle_since = time.monotonic()
         result = worker.step(

@@ -251,6 +251,12 @@ class Exchange:
         work: dist.Work = group.send([buffer], rank, tag) if sending else group.recv([buffer], rank, tag)
         return work
 
+    def arrived(self, expected: Mapping[int, int], tag: int) -> bool:
+        """Whether every relayed message of ``expected`` (peer -> how many it sends) under ``tag`` is here
+        whole, so receiving them will not wait; messages over the gloo group are never waited for here."""
+        relayed = {peer: count for peer, count in expected.items() if not self.through_gloo(peer)}
+        return all(self.relay.arrived(peer, tag, count) for peer, count in relayed.items())
+
     def through_gloo(self, rank: int) -> bool:
         """Whether KV to or from exchange rank ``rank`` goes over the gloo group (its formats are in the store)."""
         return self.ranks is None or rank in self.ranks
@@ -461,6 +467,25 @@ def send_kv_all(
             pending.append(_post_chunk(kv_cache, moves, chunk, True, group, send.tag, stage))
     for item in pending:
         _finish_chunk(kv_cache, item, True, timeout)
+
+
+def expected_messages(
+    kv_cache: torch.Tensor,
+    shard: KVShard,
+    slices: Sequence[KVSlice],
+    block_table: Sequence[int],
+    num_tokens: int,
+    peer: Callable[[int], int],
+    *,
+    blocks_per_chunk: int = 64,
+) -> dict[int, int]:
+    """How many messages :func:`recv_kv` with the same arguments takes from each peer (its group rank): one
+    per chunk of ``blocks_per_chunk`` blocks, from each peer with a slice for this rank. Raises like
+    :func:`recv_kv`. O(slices + blocks)."""
+    _check_call(blocks_per_chunk, None)
+    _check_cache(kv_cache, shard)
+    chunks = -(-len(_used_blocks(kv_cache, block_table, num_tokens)) // blocks_per_chunk)
+    return {move.peer: chunks for move in _local_moves(shard, slices, False, peer)} if chunks else {}
 
 
 def recv_kv(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,6 +44,7 @@ from hexgen.engine.kv_transfer import (
     KVSend,
     KVShard,
     KVTransferError,
+    expected_messages,
     plan_kv_transfer,
     recv_kv,
     send_kv,
@@ -230,6 +232,7 @@ class ReplicaWorker:
         # told, from the joining thread, how joining an exchange group (its prefix) ended (None: formed)
         self.on_exchange: Callable[[str, BaseException | None], None] | None = None
         self.kv_relay: KVRelay | None = None  # how a "libp2p" exchange reaches the daemons
+        self.waiting: list[_Waiting] = []  # relayed imports whose KV is on its way, in arrival order
 
     def _agree_on_blocks(self, local: int) -> int:
         if self.solo:
@@ -273,7 +276,10 @@ class ReplicaWorker:
                 self.add(req)
         if abort_size:
             self._abort(pickle.loads(self._broadcast_bytes(abort_payload, abort_size)))
-        failed = self._imports(pickle.loads(self._broadcast_bytes(import_payload, import_size))) if import_size else []
+        if import_size:
+            failed = self._imports(pickle.loads(self._broadcast_bytes(import_payload, import_size)))
+        else:
+            failed = self._take_arrived() if self.waiting else []
         return self._run_batch(failed)
 
     def _payloads(
@@ -289,32 +295,86 @@ class ReplicaWorker:
         return [pickle.dumps(part) if part else b"" for part in (requests, aborts, imports, exchange)]
 
     def _abort(self, seq_ids: list[int]) -> None:
+        self._drop_waiting(set(seq_ids))
         for seq_id in seq_ids:
             self.scheduler.abort(seq_id)
             self.seqs.pop(seq_id, None)
             self.routes.pop(seq_id, None)
 
     def _imports(self, reqs: list[Request]) -> list[tuple[int, str]]:
-        """Receive the KV of each prefilled request whose source's KV format matches; the rest, with why not."""
+        """Receive the KV of each prefilled request whose source's KV format matches; the rest, with why not.
+        A KV relayed through the daemons is received once it has arrived whole (``_take_arrived``), so a
+        slow link never stalls the sequences already decoding; one over gloo is received now."""
         self.await_exchange()
         failed = []
         for req in reqs:
             why = self.kv_refusal(self.peers[req.src], self._own_exchange_spec())
             if why is not None:  # refused on both sides alike: the prefill rank sent nothing
                 failed.append((req.seq_id, why))
-                continue
+            elif self._relayed(self.peers[req.src]):
+                self.waiting.append(_Waiting(req, self._allocate_import(req), time.monotonic()))
+            else:
+                self._receive(self._allocate_import(req), self.peers[req.src])
+        return failed + self._take_arrived() if self.waiting else failed
+
+    def _relayed(self, src: ReplicaSpec) -> bool:
+        """Whether KV from replica ``src`` comes through the daemons rather than over gloo."""
+        exchange = self.exchange
+        own = self._own_exchange_spec()
+        return exchange is not None and not all(exchange.through_gloo(s.global_rank(0)) for s in (src, own))
+
+    @property
+    def pending_imports(self) -> bool:
+        """Whether relayed imports wait for their KV: the driver steps on to take them."""
+        return bool(self.waiting)
+
+    def _take_arrived(self) -> list[tuple[int, str]]:
+        """Of the relayed imports waiting, receive those whose KV every rank of the replica has whole (so no
+        rank waits on the network), and fail those a rank has waited for past TRANSFER_TIMEOUT; the rest wait
+        for a later step. Every rank holds the same waiting list, so all decide alike."""
+        now = time.monotonic()
+        limit = TRANSFER_TIMEOUT.total_seconds()
+        arrived = [int(self._arrived(w)) for w in self.waiting]
+        late = [int(now - w.since > limit) for w in self.waiting]
+        if not self.solo:
+            flags = torch.tensor([*arrived, *(-x for x in late)], dtype=torch.long, device=self.comm_device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+            agreed = flags.tolist()
+            arrived, late = agreed[: len(arrived)], [-x for x in agreed[len(arrived) :]]
+        failed, taken, still = [], [], []
+        for waiting, whole, overdue in zip(self.waiting, arrived, late, strict=True):
+            if whole:
+                taken.append(waiting)
+            elif overdue:
+                self.block_manager.free(waiting.seq)
+                failed.append(
+                    (waiting.req.seq_id, f"its KV did not arrive from replica {waiting.req.src} in {limit:g} s")
+                )
+            else:
+                still.append(waiting)
+        self.waiting = still
+        lost = []
+        for waiting in taken:
             try:
-                self.import_kv([req], self.peers[req.src])
-            except KVMissing as exc:  # relayed: only this sequence is lost
-                failed.append((req.seq_id, str(exc)))
-        if self.exchange is not None and self.exchange.relay is not None:
-            failed = self._agree_on_failures(reqs, failed)
-        return failed
+                self._receive(waiting.seq, self.peers[waiting.req.src])
+            except KVMissing as exc:  # another format: only this sequence is lost
+                lost.append((waiting.req.seq_id, str(exc)))
+        return failed + self._agree_on_failures([w.req for w in taken], lost)
+
+    def _arrived(self, waiting: _Waiting) -> bool:
+        assert self.exchange is not None  # a relayed import implies a relaying exchange
+        src = self.peers[waiting.req.src]
+        slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
+        seq = waiting.seq
+        expected = expected_messages(
+            self.runner.kv_cache, self.kv_shard, slices, seq.block_table, len(seq) - 1, src.global_rank
+        )
+        return self.exchange.arrived(expected, kv_tag(seq.seq_id))
 
     def _agree_on_failures(self, reqs: list[Request], failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """A relayed KV may reach some ranks of the replica and not others: a sequence any rank lost is dropped
         by every rank, so all schedule alike."""
-        if self.solo:
+        if self.solo or not reqs:
             return failed
         lost = {seq_id for seq_id, _ in failed}
         flags = torch.tensor([int(req.seq_id in lost) for req in reqs], dtype=torch.long, device=self.comm_device)
@@ -470,36 +530,46 @@ class ReplicaWorker:
     def import_kv(self, requests: list[Request], src: ReplicaSpec) -> list[Sequence]:
         """Receive prefilled sequences (prompt + first token in ``token_ids``) from replica ``src`` and
         queue them for decoding."""
-        slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
-        seqs = []
-        for req in requests:
-            seq = Sequence(
-                list(req.token_ids), req.sampling, seq_id=req.seq_id, num_prompt_tokens=len(req.token_ids) - 1
-            )
-            seq.num_cached_tokens = len(seq) - 1  # a windowed cache allocates no block before the window
-            self.block_manager.allocate(seq, len(seq) - 1)
-            self.receiving_kv = True  # a KV that never comes must look stuck to the entry, which fails over
-            try:
-                recv_kv(
-                    self.runner.kv_cache,
-                    self.kv_shard,
-                    slices,
-                    seq.block_table,
-                    len(seq) - 1,
-                    src.global_rank,
-                    group=self.exchange,
-                    timeout=TRANSFER_TIMEOUT,
-                    tag=kv_tag(seq.seq_id),
-                )
-            except KVMissing:
-                self.block_manager.free(seq)
-                raise
-            finally:
-                self.receiving_kv = False
-            self.scheduler.add_prefilled(seq)
-            self.seqs[seq.seq_id] = seq
-            seqs.append(seq)
+        seqs = [self._allocate_import(req) for req in requests]
+        for seq in seqs:
+            self._receive(seq, src)
         return seqs
+
+    def _allocate_import(self, req: Request) -> Sequence:
+        """The sequence of a prefilled request, with the blocks its KV goes to."""
+        seq = Sequence(list(req.token_ids), req.sampling, seq_id=req.seq_id, num_prompt_tokens=len(req.token_ids) - 1)
+        seq.num_cached_tokens = len(seq) - 1  # a windowed cache allocates no block before the window
+        self.block_manager.allocate(seq, len(seq) - 1)
+        return seq
+
+    def _receive(self, seq: Sequence, src: ReplicaSpec) -> None:
+        """Receive ``seq``'s KV from replica ``src`` into its blocks and queue it for decoding."""
+        slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
+        self.receiving_kv = True  # a KV that never comes must look stuck to the entry, which fails over
+        try:
+            recv_kv(
+                self.runner.kv_cache,
+                self.kv_shard,
+                slices,
+                seq.block_table,
+                len(seq) - 1,
+                src.global_rank,
+                group=self.exchange,
+                timeout=TRANSFER_TIMEOUT,
+                tag=kv_tag(seq.seq_id),
+            )
+        except KVMissing:
+            self.block_manager.free(seq)
+            raise
+        finally:
+            self.receiving_kv = False
+        self.scheduler.add_prefilled(seq)
+        self.seqs[seq.seq_id] = seq
+
+    def _drop_waiting(self, seq_ids: set[int]) -> None:
+        for waiting in [w for w in self.waiting if w.req.seq_id in seq_ids]:
+            self.block_manager.free(waiting.seq)
+            self.waiting.remove(waiting)
 
     def begin_exchange(self, config: ExchangeConfig) -> None:
         """Start joining the exchange group of ``config`` in a thread (every rank of every replica of the
@@ -508,6 +578,7 @@ class ReplicaWorker:
             self.scheduler.abort(seq_id)
             self.seqs.pop(seq_id, None)
         self.routes.clear()
+        self._drop_waiting({w.req.seq_id for w in self.waiting})  # routed under the old numbering
         self._joined = []  # a thread still joining an older group appends to the list it was given
         self._next_exchange = threading.Thread(target=self._join_exchange, args=(config, self._joined), daemon=True)
         self._next_exchange.start()
@@ -546,6 +617,16 @@ class ReplicaWorker:
         self.exchange, self.peers = outcome
         self.exchange_first_rank = self.exchange.first_rank
         self._formats = {}  # a new numbering
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A relayed import whose KV is still on its way: its request, its sequence (blocks allocated), and since
+    when it waits."""
+
+    req: Request
+    seq: Sequence
+    since: float
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +15,6 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hexgen.daemon.kv_channel import KvChannel
-from hexgen.daemon.kv_frames import KvPart
-from hexgen.daemon.wire import decode_payload
 from hexgen.engine.kv_transfer import (
     Exchange,
     KVMissing,
@@ -41,6 +36,7 @@ from hexgen.engine.layout import (
     validate_layout,
     world_size,
 )
+from hexgen.testing.kv_daemons import StandInDaemons
 from hexgen.testing.ranks import context, free_port, run_ranks
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -376,32 +372,6 @@ def test_gloo_transfers_between_differently_sharded_replicas(monkeypatch: pytest
 
 
 # ---------------------------------------------------------------------------------------------- relayed transfers
-
-
-class StandInDaemons:
-    """What the daemons do with a relayed exchange's KV parts, in threads: each rank's worker end is a
-    ``KvChannel``; every part a rank writes is read here and written to the channel of the rank it names."""
-
-    def __init__(self, ranks: int, keep_s: float = 300.0) -> None:
-        pairs = [socket.socketpair() for _ in range(ranks)]
-        self.daemon_ends = [ours for ours, _ in pairs]
-        self.channels = [KvChannel(theirs, keep_s) for _, theirs in pairs]
-        for end in self.daemon_ends:
-            threading.Thread(target=self._route, args=(end,), daemon=True).start()
-
-    def _route(self, end: socket.socket) -> None:
-        reader = b""
-        while chunk := end.recv(1 << 20):
-            reader += chunk
-            while len(reader) >= 4 and len(reader) >= 4 + (size := int.from_bytes(reader[:4], "big")):
-                frame, reader = reader[: 4 + size], reader[4 + size :]
-                part = KvPart.from_wire(decode_payload(frame[4:]))
-                self.daemon_ends[part.dst].sendall(frame)
-
-    def close(self) -> None:
-        for sock in self.daemon_ends:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes the routing thread's recv, as a daemon's exit would
-            sock.close()
 
 
 RELAYED = (
