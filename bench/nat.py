@@ -1,38 +1,46 @@
-"""NAT benchmark: joining through a relay, hole punching, and the KV data plane over libp2p (hole-punched and
-relayed) against torch.distributed and raw TCP sockets on the same links, in one run.
+"""NAT benchmark: joining through a relay, hole punching, and KV hand-offs over the daemons' libp2p streams
+(direct, hole-punched, relayed) against torch.distributed and raw TCP sockets on the same links, in one run.
 
-Two labs of network namespaces (needs root and iptables), one after the other, serving a random-weight Llama
-(``nat_handoffs.KvModel``: float32, 128 KiB of KV per token) with a pinned layout:
+Two labs of network namespaces (root and iptables), one after the other, each serving a random-weight Llama
+written for the run (``nat_handoffs.KvModel``: float32, 128 KiB of KV per token) with a pinned layout:
 
-1. NAT lab (tests/support/nat_lab.py): a relay daemon (``join --relay``) on the public network; homes behind
-   masquerading routers, each daemon with ``--relay-peer``. Prefill at home 1 (h11); decode at h12 (home 1's
-   LAN: direct), h21 (home 2, endpoint-independent NAT: hole-punched) and, full run only, h31 (home 3,
-   symmetric NAT: relayed). Some pair is not direct, so every hand-off of the epoch goes over the daemons'
-   libp2p streams (``/hexgen/kv/1``). Measured from the moment every home daemon printed its ready line:
+1. NAT lab (``hexgen.testing.nat_lab``): a relay daemon (``join --relay``) on the public network, and homes
+   behind masquerading routers whose daemons have ``--relay-peer``. Prefill at h11 (home 1); decode at h12
+   (home 1's LAN: direct), h21 (home 2, endpoint-independent NAT: hole-punched) and h31 (home 3, symmetric
+   NAT: relayed). Some pair is not direct, so every hand-off of the epoch, the direct one too, goes worker ->
+   daemon -> ``/hexgen/kv/1`` -> daemon -> worker. From the moment every home daemon printed its ready line:
    ``join_via_relay_s`` (every daemon sees every other, one plan), ``hole_punch_s`` (h11-h21 reported
-   hole-punched), ``first_token_via_relay_s`` (a client on the public network, entering h11 through the relay,
-   gets its first token; re-sent until served). Then requests with a long prompt through h11: each hand-off's
-   time (``nat_handoffs``: second token less first, less one decode step) gives the KV throughput of
-   libp2p per link kind, and the later tokens the TPOT of each decode replica.
-2. Flat lab (tests/support/netns.py, one bridge): the same layout, prefill at h1 and decode at h2, all links
-   direct, so the hand-offs use the gloo exchange group (torch).
+   hole-punched), ``first_token_via_relay_s`` (a client on the public network entering h11 through the relay
+   gets a first token; re-sent until one comes, so it includes planning and starting the workers).
+2. Flat lab (``hexgen.testing.netns``, one bridge, direct links): prefill at h1, decode at h2; the hand-offs
+   use the gloo exchange group (torch).
 
-After each lab's daemons stop, the same KV bytes cross the same links over plain sockets (``nat_probes``): TCP
-on the home LAN and on the flat bridge, TCP through both NATs (a simultaneous open, as a hole punch makes
-it), TCP through a user-space forwarder on the relay host (labelled so: a stand-in for a relay), and torch
-gloo send/recv on the flat bridge. Figures are medians over the repeats; the JSON records every sample, the
-machine and its load average. Targets from issue 17: libp2p >= 0.5x raw TCP on the same link; hole-punched
-within 10 % of direct.
+Hand-offs (``nat_handoffs``): requests through the prefill host, one at a time, with a 1,024-token prompt
+(128 MiB of KV) and 32 output tokens; the entry picks the decode replica at random and reports it. The gap
+from the first token (prefill) to the second (KV at the decode replica, then one decode step), less the
+median gap between later tokens (TPOT), is the hand-off; KV bytes / hand-off is ``mib_s``. A 16-token prompt
+gives the fixed cost of a hand-off, and ``marginal_mib_s`` the rate of the bytes between the two.
 
-    sudo python bench/nat.py [--quick] [--json OUT]
+Probes (``nat_probes``), after each lab's daemons stopped, the same bytes on the same links: raw TCP on the
+home LAN and the flat bridge, raw TCP through both NATs (a TCP simultaneous open, as a hole punch makes it),
+raw TCP through a user-space forwarder on the relay host (a stand-in for a relay, labelled so), a bare libp2p
+stream between two hexgen Hosts on the home LAN, and torch gloo send/recv on the flat bridge.
 
-``--quick``: homes 1 and 2 only (no relayed hand-off), a 256-token prompt (32 MiB of KV), one request per
-decode replica, no flat lab and one probe each.
+Medians over at least 3 requests per decode replica and 5 probes per link (3 of the libp2p stream); the JSON
+keeps every sample, the machine, and the 1-minute load average every 5 s (other users of the machine).
+Targets from issue 17: libp2p hand-offs >= 0.5x raw TCP on the same link; hole-punched within 10 % of direct.
+
+    python bench/nat.py [--quick] [--json OUT] [--keep DIR]     # as root
+
+``--quick`` (under a minute): homes 1 and 2 only (no relayed hand-off), a 4-layer model and a 256-token prompt
+(16 MiB of KV), 8 output tokens, one request per decode replica, one probe per link, no flat lab. ``--keep``
+works in DIR and keeps it (the daemons' logs, the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -41,14 +49,25 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
-from nat_handoffs import MIB, KvModel, first_token_s, pinned_plan, random_prompt, sample_handoffs, summarize
+from nat_handoffs import (
+    MIB,
+    KvModel,
+    first_token_s,
+    marginal_mib_s,
+    pinned_plan,
+    random_prompt,
+    sample_handoffs,
+    summarize,
+)
 from nat_probes import Spot, forwarded_tcp_mib_s, gloo_mib_s, libp2p_mib_s, punched_tcp_mib_s, tcp_mib_s
 
 from hexgen.daemon import swarm_view
@@ -59,13 +78,14 @@ from hexgen.testing.netns import Lab, NetnsUnavailable, start_daemon, stop_daemo
 
 REQUEST_TIMEOUT_S = "300"  # a relayed hand-off keeps the decode driver quiet: no failover mid-transfer
 SERVE_S = 180.0
+SHORT_PROMPT, SHORT_TOKENS = 16, 8  # a hand-off of 16 tokens' KV: its fixed cost
 DECODES = {1: ("direct", "h12"), 2: ("hole-punched", "h21"), 3: ("relayed", "h31")}
 
 
 @dataclass(frozen=True)
 class Settings:
     """What one run does: the homes of the NAT lab, the prompt, the tokens per request, the requests per
-    decode replica, the probes per link, and whether the flat lab runs."""
+    decode replica, the probes per link (at most 3 of a libp2p stream), whether the flat lab runs, the model."""
 
     quick: bool
     homes: tuple[int, ...]
@@ -73,14 +93,15 @@ class Settings:
     prompt: int
     max_tokens: int
     repeats: int
+    probes: int
     flat: bool
     model: KvModel
 
     @staticmethod
     def of(quick: bool) -> Settings:
         if quick:
-            return Settings(True, (2, 1), (), 256, 8, 1, False, KvModel(layers=4))
-        return Settings(False, (2, 1, 1), (False, False, True), 1024, 32, 3, True, KvModel())
+            return Settings(True, (2, 1), (), 256, 8, 1, 1, False, KvModel(layers=4))
+        return Settings(False, (2, 1, 1), (False, False, True), 1024, 32, 3, 5, True, KvModel())
 
     @property
     def decodes(self) -> dict[int, tuple[str, str]]:
@@ -177,12 +198,21 @@ async def _nat_measure(relay: Daemon, homes: list[Daemon], ready: float, run: Se
 
 
 async def _handoffs(client: Any, entry: str, run: Settings, decodes: dict[int, tuple[str, str]]) -> dict[str, Any]:
-    """Hand-off figures of each decode replica, keyed by its link kind."""
+    """Hand-off figures of each decode replica, keyed by its link kind: the long prompt's, a short prompt's
+    (mostly the fixed cost of a hand-off: the hop, the import, scheduling) and the rate of the bytes between."""
     want = dict.fromkeys(decodes, run.repeats)
-    samples = await sample_handoffs(
-        client, entry, run.prompt, run.max_tokens, want, cap=8 * run.repeats * len(want), vocab=run.model.vocab
-    )
-    return {kind: summarize(samples[i], run.kv_bytes) for i, (kind, _) in decodes.items()}
+    cap, vocab = 8 * run.repeats * len(want), run.model.vocab
+    long = await sample_handoffs(client, entry, run.prompt, run.max_tokens, want, cap, vocab)
+    short = await sample_handoffs(client, entry, SHORT_PROMPT, SHORT_TOKENS, want, cap, vocab)
+    short_bytes = SHORT_PROMPT * run.model.bytes_per_token
+    out = {}
+    for i, (kind, _) in decodes.items():
+        figures, fixed = summarize(long[i], run.kv_bytes), summarize(short[i], short_bytes)
+        out[kind] = figures | {
+            "short": fixed,
+            "marginal_mib_s": marginal_mib_s(figures, fixed, run.kv_bytes - short_bytes),
+        }
+    return out
 
 
 def nat_probes(lab: NatLab, size: int, reps: int, relayed: bool) -> dict[str, Any]:
@@ -200,7 +230,7 @@ def nat_probes(lab: NatLab, size: int, reps: int, relayed: bool) -> dict[str, An
     }
     if relayed:
         tcp["relayed"] = forwarded_tcp_mib_s(spot("h11"), spot("h31"), spot("p1"), size, reps)
-    return {"tcp": tcp, "libp2p_stream": libp2p_mib_s(spot("h11"), spot("h12"), size, reps)}
+    return {"tcp": tcp, "libp2p_stream": libp2p_mib_s(spot("h11"), spot("h12"), size, min(reps, 3))}
 
 
 # -- the flat lab ------------------------------------------------------------------------------------------
@@ -234,6 +264,25 @@ def flat_probes(lab: Lab, size: int, reps: int) -> dict[str, list[float]]:
 # -- the run -----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def load_samples(every_s: float = 5.0) -> Iterator[list[float]]:
+    """The 1-minute load average every ``every_s`` seconds while the block runs (other users of the machine)."""
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            samples.append(round(os.getloadavg()[0], 2))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
@@ -262,7 +311,7 @@ def run_labs(run: Settings, root: Path) -> dict[str, Any]:
         nat_lab.open()
         nat = trio.run(nat_phase, nat_lab, root, ckpt, run)
         lap("nat_serving")
-        nat["probes"] = nat_probes(nat_lab, run.kv_bytes, run.repeats, relayed=3 in run.decodes)
+        nat["probes"] = nat_probes(nat_lab, run.kv_bytes, run.probes, relayed=3 in run.decodes)
         lap("nat_probes")
     finally:
         nat_lab.close()
@@ -273,7 +322,7 @@ def run_labs(run: Settings, root: Path) -> dict[str, Any]:
             flat_lab.open()
             flat = trio.run(flat_phase, flat_lab, root, ckpt, run)
             lap("flat_serving")
-            flat["probes"] = flat_probes(flat_lab, run.kv_bytes, run.repeats)
+            flat["probes"] = flat_probes(flat_lab, run.kv_bytes, run.probes)
             lap("flat_probes")
         finally:
             flat_lab.close()
@@ -292,11 +341,20 @@ def _rates(rates: list[float]) -> list[float]:
     return [round(r, 1) for r in rates]
 
 
+def _handoff_extra(figures: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "marginal_mib_s": figures["marginal_mib_s"],
+        "handoff_s": figures["handoffs_s"],
+        "short_handoff_s": figures["short"]["handoffs_s"],
+        "tpot_ms": figures["tpot_ms"],
+    }
+
+
 def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's ``throughput`` list: one row per link, transport and what was timed."""
     where = {"direct": "home 1 LAN, h11 -> h12", "hole-punched": "h11 -> h21", "relayed": "h11 -> h31 via p1"}
     rows = [
-        _row(kind, "libp2p", f["mib_s"], "KV hand-off", where[kind], handoff_s=f["handoffs_s"], tpot_ms=f["tpot_ms"])
+        _row(kind, "libp2p", f["mib_s"], "KV hand-off", where[kind], **_handoff_extra(f))
         for kind, f in nat["handoffs"].items()
     ]
     stream = nat["probes"]["libp2p_stream"]
@@ -309,9 +367,7 @@ def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str,
     if flat:
         f, flat_where = flat["handoffs"]["direct"], "flat bridge, h1 -> h2"
         what = "KV hand-off, gloo exchange group"
-        rows.append(
-            _row("direct", "torch", f["mib_s"], what, flat_where, handoff_s=f["handoffs_s"], tpot_ms=f["tpot_ms"])
-        )
+        rows.append(_row("direct", "torch", f["mib_s"], what, flat_where, **_handoff_extra(f)))
         for transport, what in (("torch", "gloo send/recv"), ("tcp", "socket")):
             rates = flat["probes"][transport]
             rows.append(_row("direct", transport, _median(rates), what, flat_where, samples_mib_s=_rates(rates)))
@@ -371,26 +427,30 @@ def result_json(run: Settings, labs: dict[str, Any], meta: dict[str, Any]) -> di
     }
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def print_table(result: dict[str, Any]) -> None:
     for key in ("join_via_relay_s", "hole_punch_s", "first_token_via_relay_s", "serving_after_s"):
         print(f"{key:<26} {result[key]}")
     print(f"\nKV hand-off of {result['kv']['kv_mib']} MiB ({result['kv']['prompt_tokens']} tokens)")
-    print(f"{'link':<14} {'transport':<10} {'MiB/s':>8}  what")
+    print(f"{'link':<14} {'transport':<10} {'MiB/s':>8} {'marginal':>9}  what (where)")
     for row in result["throughput"]:
-        mib_s = "-" if row["mib_s"] is None else f"{row['mib_s']:.1f}"
-        print(f"{row['link']:<14} {row['transport']:<10} {mib_s:>8}  {row['what']} ({row.get('where', '')})")
+        mib_s, extra = (_cell(row.get(key)) for key in ("mib_s", "marginal_mib_s"))
+        print(f"{row['link']:<14} {row['transport']:<10} {mib_s:>8} {extra:>9}  {row['what']} ({row['where']})")
     print("\nTPOT ms: " + ", ".join(f"{k} {v}" for k, v in result["tpot_ms"].items()))
     print("targets: " + json.dumps(result["targets"]))
     machine = result["machine"]
-    print(
-        f"machine: {machine['cpu_count']} cores, load {machine['load_average_start']} -> {machine['load_average_end']}"
-    )
+    loads = machine["load_samples"] or [machine["load_average_start"][0]]
+    print(f"machine: {machine['cpu_count']} cores, no GPU; 1-minute load {min(loads)}-{max(loads)} during the run")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two homes, 32 MiB of KV, no flat lab (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="two homes, 16 MiB of KV, no flat lab (under a minute)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    parser.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (daemon logs, checkpoint)")
     args = parser.parse_args()
     try:
         check_nat_available()
@@ -400,9 +460,13 @@ def main() -> int:
     run = Settings.of(args.quick)
     meta = machine()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as root:
-        labs = run_labs(run, Path(root))
-    meta |= {"load_average_end": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.monotonic() - started)}
+    with contextlib.ExitStack() as stack:
+        root = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        root.mkdir(parents=True, exist_ok=True)
+        loads = stack.enter_context(load_samples())
+        labs = run_labs(run, root)
+    meta |= {"load_average_end": [round(x, 2) for x in os.getloadavg()], "load_samples": loads}
+    meta["wall_s"] = round(time.monotonic() - started)
     result = result_json(run, labs, meta)
     print_table(result)
     if args.json:

@@ -168,3 +168,11 @@ def summarize(samples: list[Timed], kv_bytes: int) -> dict[str, Any]:
         "tpot_ms": round(1000 * statistics.median(t.tpot_s for t in samples), 1),
         "handoffs_s": [round(t.handoff_s, 3) for t in samples],
     }
+
+
+def marginal_mib_s(long: dict[str, Any], short: dict[str, Any], extra_bytes: int) -> float | None:
+    """MiB/s of the ``extra_bytes`` a long prompt's hand-off moves beyond a short one's (``summarize``'s medians
+    of each): the link's rate with the hand-off's fixed cost taken out."""
+    if long["handoff_s"] is None or short["handoff_s"] is None or long["handoff_s"] <= short["handoff_s"]:
+        return None
+    return round(extra_bytes / MIB / (long["handoff_s"] - short["handoff_s"]), 1)
