@@ -379,8 +379,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(nat: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
-    """libp2p hand-offs against raw TCP on each link; hole-punched against direct, for each transport; libp2p
-    hand-offs on a direct link against torch's on the flat network."""
+    """libp2p hand-offs against raw TCP on each link; hole-punched against direct, for each transport; a bare
+    libp2p stream against raw TCP on the home LAN; libp2p hand-offs on a direct link against torch's on the flat
+    network."""
     handoff = {kind: f["mib_s"] for kind, f in nat["handoffs"].items()}
     torch_handoff = flat["handoffs"]["direct"]["mib_s"] if flat else None
     tcp = {kind: _median(rates) for kind, rates in nat["probes"]["tcp"].items()}
@@ -394,6 +395,7 @@ def targets(nat: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
         "libp2p_at_least_half_of_tcp": all(r is not None and r >= 0.5 for r in libp2p_vs_tcp.values()),
         "hole_punched_vs_direct": punched,
         "hole_punched_within_10pct": punched["libp2p"] is not None and punched["libp2p"] >= 0.9,
+        "libp2p_stream_vs_tcp_direct": _ratio(_median(nat["probes"]["libp2p_stream"]), tcp.get("direct")),
         "libp2p_vs_torch_handoff_direct": _ratio(handoff.get("direct"), torch_handoff),
     }
 
