@@ -7,8 +7,9 @@ written for the run (``nat_handoffs.KvModel``: float32, 128 KiB of KV per token)
 1. NAT lab (``hexgen.testing.nat_lab``): a relay daemon (``join --relay``) on the public network, and homes
    behind masquerading routers whose daemons have ``--relay-peer``. Prefill at h11 (home 1); decode at h12
    (home 1's LAN: direct), h21 (home 2, endpoint-independent NAT: hole-punched) and h31 (home 3, symmetric
-   NAT: relayed). Some pair is not direct, so every hand-off of the epoch, the direct one too, goes worker ->
-   daemon -> ``/hexgen/kv/1`` -> daemon -> worker. From the moment every home daemon printed its ready line:
+   NAT: relayed). The hand-offs to h21 and h31 go worker -> daemon -> ``/hexgen/kv/1`` -> daemon -> worker;
+   h11 and h12 share a gloo group (torch); each row's transport is the one the adopted plan records for that
+   link. From the moment every home daemon printed its ready line:
    ``join_via_relay_s`` (every daemon sees every other, one plan), ``hole_punch_s`` (h11-h21 reported
    hole-punched), ``first_token_via_relay_s`` (a client on the public network entering h11 through the relay
    gets a first token; re-sent until one comes, so it includes planning and starting the workers).
@@ -133,23 +134,33 @@ def start_nat_daemons(lab: NatLab, root: Path, ckpt: Path, plan: Path, started: 
         return [relay, *(f.result() for f in futures)]
 
 
-def _handoff_kinds(view: View) -> list[dict[frozenset[str], str]]:
+def handoff_links(view: View) -> list[dict[frozenset[str], tuple[str, str]]]:
+    """Each daemon's adopted plan's hand-off links: the pair of peers -> (kind of link, transport)."""
     bodies = [((s or {}).get("plan") or {}).get("body") or {} for s in view.values()]
-    return [{frozenset(x["peers"]): x["kind"] for x in b.get("links", []) if x["use"] == "handoff"} for b in bodies]
+    return [
+        {
+            frozenset(x["peers"]): (x["kind"], x.get("transport", "torch"))
+            for x in b.get("links", [])
+            if x["use"] == "handoff"
+        }
+        for b in bodies
+    ]
 
 
-def serving_over_libp2p(ids: set[str], expected: dict[frozenset[str], str]) -> Any:
-    """Every daemon serves one plan, made knowing each hand-off link's kind (``expected``), over libp2p."""
+def serving_knowing(ids: set[str], kinds: dict[frozenset[str], str]) -> Any:
+    """Every daemon serves one plan, made knowing each hand-off link's kind (``kinds``)."""
 
     def check(view: View) -> bool:
-        bodies = [((s or {}).get("plan") or {}).get("body") or {} for s in view.values()]
-        return (
-            swarm_view.serving(view, ids)
-            and all(kinds == expected for kinds in _handoff_kinds(view))
-            and all(body.get("exchange") == "libp2p" for body in bodies)
-        )
+        found = handoff_links(view)
+        return swarm_view.serving(view, ids) and all({p: k for p, (k, _) in f.items()} == kinds for f in found)
 
     return check
+
+
+def transports(view: View, entry: str, decodes: dict[int, tuple[str, str]], peers: dict[str, str]) -> dict[int, str]:
+    """What carries the KV from ``entry`` to each decode replica's host, as the adopted plan records it."""
+    links = next(iter(handoff_links(view)), {})
+    return {i: links.get(frozenset((entry, peers[host])), ("", "?"))[1] for i, (_, host) in decodes.items()}
 
 
 async def nat_phase(lab: NatLab, root: Path, ckpt: Path, run: Settings) -> dict[str, Any]:
@@ -188,16 +199,19 @@ async def _nat_measure(relay: Daemon, homes: list[Daemon], ready: float, run: Se
             nursery.start_soon(joined_then_first_token)
             nursery.start_soon(punched)
         expected = {frozenset((a, by_name[host])): kind for kind, host in run.decodes.values()}
-        view = await converge(client, addrs, serving_over_libp2p(set(addrs), expected), SERVE_S)
+        view = await converge(client, addrs, serving_knowing(set(addrs), expected), SERVE_S)
         out["serving_after_s"] = round(time.monotonic() - ready, 2)
         if "h31" in by_name:
             c = by_name["h31"]
             out["symmetric_stays_relayed"] = link(view, a, c) == "relayed"
-        out["handoffs"] = await _handoffs(client, a, run, run.decodes)
+        carried = transports(view, a, run.decodes, by_name)
+        out["handoffs"] = await _handoffs(client, a, run, run.decodes, carried)
     return out
 
 
-async def _handoffs(client: Any, entry: str, run: Settings, decodes: dict[int, tuple[str, str]]) -> dict[str, Any]:
+async def _handoffs(
+    client: Any, entry: str, run: Settings, decodes: dict[int, tuple[str, str]], carried: dict[int, str]
+) -> dict[str, Any]:
     """Hand-off figures of each decode replica, keyed by its link kind: the long prompt's, a short prompt's
     (mostly the fixed cost of a hand-off: the hop, the import, scheduling) and the rate of the bytes between."""
     want = dict.fromkeys(decodes, run.repeats)
@@ -208,10 +222,8 @@ async def _handoffs(client: Any, entry: str, run: Settings, decodes: dict[int, t
     out = {}
     for i, (kind, _) in decodes.items():
         figures, fixed = summarize(long[i], run.kv_bytes), summarize(short[i], short_bytes)
-        out[kind] = figures | {
-            "short": fixed,
-            "marginal_mib_s": marginal_mib_s(figures, fixed, run.kv_bytes - short_bytes),
-        }
+        rate = marginal_mib_s(figures, fixed, run.kv_bytes - short_bytes)
+        out[kind] = figures | {"transport": carried[i], "short": fixed, "marginal_mib_s": rate}
     return out
 
 
@@ -250,7 +262,9 @@ async def flat_phase(lab: Lab, root: Path, ckpt: Path, run: Settings) -> dict[st
         async with open_client() as client:
             view, _ = await wait_until(client, started, serving({d.peer_id for d in started}), SERVE_S, "serving")
             exchange = next(s for s in view.values() if s is not None)["plan"]["body"].get("exchange")
-            handoffs = await _handoffs(client, started[0].peer_id, run, {1: ("direct", "h2")})
+            decodes, peers = {1: ("direct", "h2")}, {"h2": started[1].peer_id}
+            carried = transports(view, started[0].peer_id, decodes, peers)
+            handoffs = await _handoffs(client, started[0].peer_id, run, decodes, carried)
         return {"exchange": exchange, "handoffs": handoffs}
     finally:
         stop_daemons(started)
@@ -354,7 +368,7 @@ def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str,
     """The issue's ``throughput`` list: one row per link, transport and what was timed."""
     where = {"direct": "home 1 LAN, h11 -> h12", "hole-punched": "h11 -> h21", "relayed": "h11 -> h31 via p1"}
     rows = [
-        _row(kind, "libp2p", f["mib_s"], "KV hand-off", where[kind], **_handoff_extra(f))
+        _row(kind, f["transport"], f["mib_s"], "KV hand-off", where[kind], **_handoff_extra(f))
         for kind, f in nat["handoffs"].items()
     ]
     stream = nat["probes"]["libp2p_stream"]
@@ -366,8 +380,8 @@ def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str,
         rows.append(_row(kind, "tcp", _median(rates), what, where[kind], samples_mib_s=_rates(rates)))
     if flat:
         f, flat_where = flat["handoffs"]["direct"], "flat bridge, h1 -> h2"
-        what = "KV hand-off, gloo exchange group"
-        rows.append(_row("direct", "torch", f["mib_s"], what, flat_where, **_handoff_extra(f)))
+        what = "KV hand-off, flat network"
+        rows.append(_row("direct", f["transport"], f["mib_s"], what, flat_where, **_handoff_extra(f)))
         for transport, what in (("torch", "gloo send/recv"), ("tcp", "socket")):
             rates = flat["probes"][transport]
             rows.append(_row("direct", transport, _median(rates), what, flat_where, samples_mib_s=_rates(rates)))
@@ -378,25 +392,25 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def targets(nat: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
-    """libp2p hand-offs against raw TCP on each link; hole-punched against direct, for each transport; a bare
-    libp2p stream against raw TCP on the home LAN; libp2p hand-offs on a direct link against torch's on the flat
-    network."""
-    handoff = {kind: f["mib_s"] for kind, f in nat["handoffs"].items()}
-    torch_handoff = flat["handoffs"]["direct"]["mib_s"] if flat else None
+def targets(nat: dict[str, Any]) -> dict[str, Any]:
+    """Each hand-off against raw TCP on its link; hole-punched against direct (hand-offs, whatever carries them,
+    and raw TCP); a bare libp2p stream against raw TCP on the home LAN."""
+    handoffs = nat["handoffs"]
     tcp = {kind: _median(rates) for kind, rates in nat["probes"]["tcp"].items()}
-    libp2p_vs_tcp = {kind: _ratio(handoff.get(kind), tcp.get(kind)) for kind in handoff}
-    punched = {
-        "libp2p": _ratio(handoff.get("hole-punched"), handoff.get("direct")),
-        "tcp": _ratio(tcp.get("hole-punched"), tcp.get("direct")),
-    }
+    vs_tcp = {k: {"transport": f["transport"], "ratio": _ratio(f["mib_s"], tcp.get(k))} for k, f in handoffs.items()}
+    libp2p = [r["ratio"] for r in vs_tcp.values() if r["transport"] == "libp2p"]
+    punched, direct = handoffs.get("hole-punched", {}), handoffs.get("direct", {})
+    handoff_ratio = _ratio(punched.get("mib_s"), direct.get("mib_s"))
     return {
-        "libp2p_vs_tcp": libp2p_vs_tcp,
-        "libp2p_at_least_half_of_tcp": all(r is not None and r >= 0.5 for r in libp2p_vs_tcp.values()),
-        "hole_punched_vs_direct": punched,
-        "hole_punched_within_10pct": punched["libp2p"] is not None and punched["libp2p"] >= 0.9,
+        "handoff_vs_tcp": vs_tcp,
+        "libp2p_at_least_half_of_tcp": bool(libp2p) and all(r is not None and r >= 0.5 for r in libp2p),
+        "hole_punched_vs_direct": {
+            "handoff": handoff_ratio,
+            "handoff_transports": f"{punched.get('transport')} vs {direct.get('transport')}",
+            "tcp": _ratio(tcp.get("hole-punched"), tcp.get("direct")),
+        },
+        "hole_punched_within_10pct": handoff_ratio is not None and handoff_ratio >= 0.9,
         "libp2p_stream_vs_tcp_direct": _ratio(_median(nat["probes"]["libp2p_stream"]), tcp.get("direct")),
-        "libp2p_vs_torch_handoff_direct": _ratio(handoff.get("direct"), torch_handoff),
     }
 
 
@@ -412,7 +426,7 @@ def result_json(run: Settings, labs: dict[str, Any], meta: dict[str, Any]) -> di
             "hole_punched": tpot.get("hole_punched"),
             "direct_home_lan": tpot.get("direct"),
         },
-        "targets": targets(nat, flat),
+        "targets": targets(nat),
         "symmetric_stays_relayed": nat.get("symmetric_stays_relayed"),
         "flat_exchange": flat.get("exchange"),
         "kv": {
