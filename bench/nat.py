@@ -302,6 +302,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "virtual_machine": "hypervisor" in Path("/proc/cpuinfo").read_text(),
         "gpu": None,
         "python": platform.python_version(),
         "torch": importlib.metadata.version("torch"),
