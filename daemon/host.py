@@ -235,6 +235,22 @@ class Host:
         self.punched &= out.keys()  # a peer that left and comes back is connected anew
         return out
 
+    def remote_ips(self, peer_id: str) -> list[str]:
+        """The IP addresses this host's direct connections to ``peer_id`` reach it at (none for a relayed
+        one). O(connections to the peer)."""
+        ips = []
+        for peer, conns in self.libp2p.get_network().connections.items():
+            if str(peer) != peer_id:
+                continue
+            for conn in conns:
+                if conn.get_connection_type() == ConnectionType.RELAYED:
+                    continue
+                with contextlib.suppress(Exception):  # a connection closing under us has no address
+                    remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]  # yamux's, not in IMuxedConn
+                    if remote is not None:
+                        ips.append(str(remote[0]))
+        return ips
+
     async def connect(self, addr: str) -> str:
         """Dial a ``/ip4/.../tcp/.../p2p/ID`` multiaddr; returns the peer id. Raises ``DialError``."""
         try:

@@ -12,11 +12,15 @@ reachable when a libp2p listener opens multistream-select there. Requests over a
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import random
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import multiaddr
+import psutil
 import trio
 from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
 from libp2p.host.autonat.pb.autonat_pb2 import Message
@@ -63,6 +67,38 @@ def choose_servers(reachability: dict[str, str], links: dict[str, str]) -> list[
     direct = [p for p in reachability if links.get(p) == "direct"]
     random.shuffle(direct)
     return sorted(direct, key=lambda p: reachability[p] != PUBLIC)
+
+
+def lan_neighbour(ip: str, interfaces: Mapping[str, Sequence[Any]] | None = None) -> bool:
+    """Whether ``ip`` (not loopback) lies on the subnet of one of this host's own IPv4 interfaces (a LAN
+    neighbour). ``interfaces``: ``psutil.net_if_addrs()`` (the default). O(addresses)."""
+    try:
+        address = ipaddress.IPv4Address(ip)
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return False
+    table = psutil.net_if_addrs() if interfaces is None else interfaces
+    for entries in table.values():
+        for entry in entries:
+            if entry.family != socket.AF_INET or not entry.netmask:
+                continue
+            try:
+                subnet = ipaddress.IPv4Network(f"{entry.address}/{entry.netmask}", strict=False)
+            except ValueError:
+                continue
+            if not subnet.network_address.is_loopback and address in subnet:
+                return True
+    return False
+
+
+def beyond_lan_first(answers: Sequence[tuple[bool | None, bool]]) -> list[bool | None]:
+    """The answers to judge reachability by, from ``(answer, server on this host's LAN)`` pairs: those of
+    servers beyond the LAN when any of them answered (a LAN neighbour dials back without crossing the NAT in
+    front of both: two hosts behind one home router would each find the other public), else all.
+    O(len(answers))."""
+    beyond: list[bool | None] = [answer for answer, on_lan in answers if not on_lan and answer is not None]
+    return beyond or [answer for answer, _ in answers]
 
 
 def verdict(answers: list[bool | None]) -> str:
@@ -162,20 +198,24 @@ class Reachability:
     async def check(self) -> str:
         """One round: up to SERVERS_PER_ROUND servers asked side by side; updates and returns ``status``."""
         servers = self.servers()[:SERVERS_PER_ROUND]
-        answers: list[bool | None] = []
+        answers: list[tuple[bool | None, bool]] = []
 
         async def one(server: str) -> None:
-            answers.append(await self.ask(server))
+            answers.append((await self.ask(server), self._on_lan(server)))
 
         async with trio.open_nursery() as nursery:
             for server in servers:
                 nursery.start_soon(one, server)
-        found = verdict(answers)
+        found = verdict(beyond_lan_first(answers))
         if found != UNKNOWN and found != self.status:
             log.info("reachability: %s (%d of %d servers answered)", found, len(answers), len(servers))
             self.status = found
             self.on_change()
         return found
+
+    def _on_lan(self, server: str) -> bool:
+        """Whether this host reaches ``server`` at an address on one of its own subnets."""
+        return any(lan_neighbour(ip) for ip in self.host.remote_ips(server))
 
     async def run(self) -> None:
         while True:

@@ -340,7 +340,7 @@ async def test_a_kept_driver_that_cannot_be_told_the_exchange_group_fails() -> N
     worker = SimpleNamespace(
         rank=3, send=broken_send, error=None, replica=SimpleNamespace(peers=lambda: {"p"}, first_rank=0)
     )
-    deployment = SimpleNamespace(epoch=7, exchange_head="p", exchange_prefix="x")
+    deployment = SimpleNamespace(epoch=7, exchange_head="p", exchange_prefix="x", in_gloo=lambda replica: True)
     await supervisor._tell_exchange(deployment, [worker])  # type: ignore[arg-type]
     assert worker.error is not None and "exchange group" in worker.error and "pipe is gone" in worker.error
     assert failures == [(3, worker.error)]

@@ -4,6 +4,8 @@ the pure pieces (circuit addresses, slot renewal, relays learned from the swarm,
 
 from __future__ import annotations
 
+import collections
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,14 @@ from multiaddr import Multiaddr
 from hexgen.daemon.hardware import simulated_profile
 from hexgen.daemon.host import Host, new_identity, open_host
 from hexgen.daemon.messages import Advert, MessageError
-from hexgen.daemon.nat_check import choose_servers, dial_back_ports, listener_answers, verdict
+from hexgen.daemon.nat_check import (
+    beyond_lan_first,
+    choose_servers,
+    dial_back_ports,
+    lan_neighbour,
+    listener_answers,
+    verdict,
+)
 from hexgen.daemon.node_key import peer_id_of
 from hexgen.daemon.relay import (
     HOP_PROTOCOL,
@@ -379,3 +388,23 @@ async def test_daemons_on_one_lan_find_each_other_with_no_bootstrap(tmp_path: Pa
         assert any("found" in d.log() and "on the LAN" in d.log() for d in (m1, m2))  # one dialled the other
         assert any("not-member" in d.log() or "no swarm certificate" in d.log() for d in (m1, m2))
         assert out.peer_id not in str(found) and "on the LAN" not in q.log()
+
+
+def test_servers_beyond_the_lan_judge_reachability_before_lan_neighbours() -> None:
+    # a LAN neighbour dialled back, the relay beyond the home router could not: private
+    assert verdict(beyond_lan_first([(True, True), (False, False)])) == "private"
+    assert verdict(beyond_lan_first([(True, True), (None, False)])) == "public"  # nobody beyond answered
+    assert verdict(beyond_lan_first([(True, False), (False, True)])) == "public"
+    assert verdict(beyond_lan_first([])) == "unknown"
+
+
+def test_lan_neighbours_are_found_by_this_host_s_own_subnets() -> None:
+    Entry = collections.namedtuple("Entry", "family address netmask")
+    table = {
+        "lo": [Entry(socket.AF_INET, "127.0.0.1", "255.0.0.0")],
+        "eth0": [Entry(socket.AF_INET, "10.81.7.11", "255.255.255.0"), Entry(socket.AF_INET6, "fe80::1", "ffff::")],
+    }
+    assert lan_neighbour("10.81.7.12", table)  # behind the same home router
+    assert not lan_neighbour("10.79.7.11", table)  # the relay, across the NAT
+    assert not lan_neighbour("127.0.0.1", table)  # one machine: loopback swarms keep their verdicts
+    assert not lan_neighbour("not an address", table)

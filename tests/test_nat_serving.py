@@ -223,7 +223,8 @@ async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_
 ) -> None:
     """Prefill at h11, decode at h12 on the same LAN (direct) and at h21 behind another NAT (hole-punched):
     h11 and h12 form a gloo exchange group and hand KV over it, while h21's KV goes through the daemons; both
-    routes give transformers' tokens."""
+    routes give transformers' tokens. h11 and h12, each able to dial the other on their LAN, still find
+    themselves private: a LAN neighbour's dial-back proves nothing about the NAT."""
     with started_daemons() as started:
         relay, homes = _start_homes(
             lan_and_home, tmp_path, stories_dir, started, pinned("h11", "h12", "h21"), ("h11", "h12", "h21")
@@ -234,6 +235,11 @@ async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_
         reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
         async with open_client() as client:
             await converge(client, _circuits(relay, homes), _serving_relayed(kinds, [0, 1], 3), CONVERGE_SERVING_S)
+
+            def behind_the_router(view: View) -> bool:
+                return all((view.get(peer) or {}).get("reachability") == "private" for peer in (a, b))
+
+            await converge(client, _circuits(relay, homes), behind_the_router, CONVERGE_SERVING_S)
             decoders: set[int] = set()
             for i, prompt in enumerate(prompts):
                 assert await _complete(client, a, prompt, decoders) == reference[i]
