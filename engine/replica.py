@@ -668,21 +668,26 @@ def join_exchange(
         if relay is None:
             raise ValueError("a libp2p exchange needs the worker's KV relay")
         relayed = relay.bind(config.prefix, rank)
-    members = range(len(config.peers)) if config.transport == "torch" else config.members
-    gloo_ranks = [p.global_rank(r) for p in (config.peers[i] for i in members) for r in range(len(p.ranks))]
-    numbering = {global_rank: index for index, global_rank in enumerate(gloo_ranks)}
-    if rank not in numbering:  # every hand-off of this replica is relayed
-        return Exchange(None, None, config.prefix, config.first_rank, relayed, {}), list(config.peers)
+    numbering = None  # exchange rank -> gloo rank, when the gloo group holds only some replicas
+    gloo_rank, gloo_size = rank, config.size
+    if relayed is not None:
+        members = (config.peers[i] for i in config.members)
+        numbering = {
+            global_rank: i
+            for i, global_rank in enumerate(p.global_rank(r) for p in members for r in range(len(p.ranks)))
+        }
+        if rank not in numbering:  # every hand-off of this replica is relayed
+            return Exchange(None, None, config.prefix, config.first_rank, relayed, {}), list(config.peers)
+        gloo_rank, gloo_size = numbering[rank], len(numbering)
     from hexgen.engine.sealed_store import open_store  # cryptography: only where worlds span hosts
 
     timeouts = Timeouts(config.timeout_s, config.connect_timeout_s, config.timeout_s)
     reach_store(config.host, config.port, config.connect_timeout_s, "exchange group")
     store = open_store(config.host, config.port, timedelta(seconds=config.timeout_s), config.secret)
-    group = form_gloo(store, config.prefix, numbering[rank], len(numbering), timeouts, "exchange group")
+    group = form_gloo(store, config.prefix, gloo_rank, gloo_size, timeouts, "exchange group")
     if kv_format is not None:
         store.set(format_key(config.prefix, rank), kv_format.to_bytes())  # type: ignore[arg-type]  # torch's stub says str; stores take bytes
-    ranks = None if relayed is None else numbering
-    return Exchange(group, store, config.prefix, config.first_rank, relayed, ranks), list(config.peers)
+    return Exchange(group, store, config.prefix, config.first_rank, relayed, numbering), list(config.peers)
 
 
 def replica_kv_format(spec: ReplicaSpec) -> KVFormat:

@@ -94,3 +94,24 @@ def test_joining_an_exchange_publishes_the_kv_format(tiny_models):
     device = torch.device("cpu")
     runner_block = CacheConfig().resolved_block_size(device, resolve_dtype("auto", config, device))
     assert kv_format.block_size == runner_block
+
+
+def test_a_replica_outside_a_relayed_exchange_s_gloo_group_forms_nothing_and_relays_all():
+    """Replica 0 (ranks 0-1) is not among the gloo members: it neither dials the exchange store (nothing
+    listens at its address) nor joins a group, and every peer is reached through its relay."""
+    spec = ReplicaSpec("/models/m", (StageLayout(0, 4, 2),))
+    other = dataclasses.replace(spec, first_rank=2)
+    config = ExchangeConfig("127.0.0.1", 1, "e/", 0, 4, (spec, other), timeout_s=1.0, transport="libp2p", members=(1,))
+    bound: list[tuple[str, int]] = []
+
+    class Relay:
+        def bind(self, prefix: str, rank: int) -> str:
+            bound.append((prefix, rank))
+            return "relay group"
+
+    exchange, peers = join_exchange(config, 1, None, Relay())
+    assert bound == [("e/", 1)] and peers == [spec, other]
+    assert exchange.group is None and exchange.store is None and exchange.relay == "relay group"
+    assert not exchange.through_gloo(2) and not exchange.through_gloo(0)
+    with pytest.raises(ValueError, match="needs the worker's KV relay"):
+        join_exchange(config, 1, None, None)
