@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from hexgen.daemon.logs import quiet_libraries
 
 PROG = "hexgen-client"
 
@@ -305,8 +306,7 @@ async def _lines(stream: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for noisy in ("libp2p", "multiaddr", "async_service"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    quiet_libraries()
     try:
         status: int = args.func(args)
         return status

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import socket
 import sys
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 
 from hexgen.cli.settings import SettingsError, add_quantize_argument, quantize_scheme
 from hexgen.coordinator.plan import layer_range
+from hexgen.daemon.logs import quiet_libraries
 
 DEFAULT_GPUS = ("H100", "A100", "L40", "A6000")
 DEFAULT_PROMPT = "Once upon a time"
@@ -229,8 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     gpus = _check_flags(args)
     model = choose_model(args.model, default_data_dir() / "demo", os.environ)
-    for noisy in ("libp2p", "multiaddr", "async_service"):  # the client host's own teardown chatter
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    quiet_libraries()
     talk = Talk(args.prompt, args.max_tokens, args.quantize)
     try:
         trio.run(_until_ctrl_c, run_demo, model, gpus, talk, sys.stdout)

@@ -76,6 +76,15 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.ERROR)
 
 
+def quiet_libraries(names: tuple[str, ...] = ("libp2p", "multiaddr", "async_service")) -> None:
+    """Only critical records from the networking libraries (a client's or the demo's own host: its teardown
+    chatter is not the user's business). libp2p is imported first: its import sets its logger's level and cuts
+    it off from the root, which would undo a level set before."""
+    _own_libp2p_logs()
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _own_libp2p_logs() -> None:
     """py-libp2p logs through the root's handler like everything else (see ``host.adopt_libp2p_loggers``);
     imported here, when logging is configured, so that importing this module stays light."""

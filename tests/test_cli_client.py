@@ -179,3 +179,19 @@ async def test_libp2p_dials_nobody_by_itself():
         with trio.fail_after(10):
             await connector.maybe_connect()
         assert dialled == []
+
+
+def test_quiet_libraries_outlasts_libp2p_s_own_logging_setup() -> None:
+    """In a fresh interpreter (libp2p not yet imported, as in the demo and the client): libp2p's import sets its
+    logger to WARNING and cuts it off from the root, so a level set before it was undone, and a connection torn
+    down by Ctrl-C printed its traceback raw."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging; from hexgen.daemon.logs import quiet_libraries; quiet_libraries(); import libp2p; "
+        "from libp2p.network import swarm; logger = logging.getLogger('libp2p'); "
+        "print(logger.getEffectiveLevel(), logger.propagate, len(logger.handlers))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == [str(50), "True", "0"], out
