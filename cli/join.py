@@ -179,6 +179,14 @@ def _add_join_arguments(join: argparse.ArgumentParser) -> None:
         "--relay", action="store_true", help="relay for the swarm's members that cannot be dialled (circuit relay v2)"
     )
     join.add_argument(
+        "--splice-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="with --relay: the TCP port KV hand-offs between daemons behind NAT are spliced on (default: any "
+        "free port; open it in the relay host's firewall)",
+    )
+    join.add_argument(
         "--relay-peer",
         action="append",
         default=[],
@@ -307,6 +315,7 @@ def _node_config(
         relay=args.relay or args.relay_only,
         relay_only=args.relay_only,
         relay_peers=relay_peers,
+        splice_port=args.splice_port,
         mdns=not args.no_mdns,
         quantize=args.quantize,
         prefill_chunk=args.prefill_chunk,
@@ -337,6 +346,7 @@ FLAGS = {
     "relay": "--relay",
     "relay_only": "hexgen-node relay",
     "relay_peers": "--relay-peer",
+    "splice_port": "--splice-port",
     "quantize": "--quantize",
     "prefill_chunk": "--prefill-chunk",
 }

@@ -85,6 +85,7 @@ class NodeConfig:
     relay: bool = False  # serve circuit relay v2 (hop) for the swarm's members
     relay_only: bool = False  # a relay that offers no GPUs (``hexgen-node relay``)
     relay_peers: tuple[str, ...] = ()  # relays to reserve a slot on, for a node that cannot be dialled
+    splice_port: int = 0  # a relay's TCP port for KV splices (``daemon.splice``); 0: any free one
     mdns: bool = True  # announce this node on its LAN and dial the daemons heard there
     quantize: str = "none"  # the weights of every replica of the plans this node makes as coordinator
     prefill_chunk: int | None = None  # prompt tokens a step of this node's replicas prefills (None: the role's)
@@ -122,6 +123,10 @@ def _check_workers(config: NodeConfig) -> None:
 def _check_relay(config: NodeConfig) -> None:
     if config.relay_only and not config.relay:
         raise ConfigError("relay_only", "needs {relay} too")
+    if not 0 <= config.splice_port <= 65535:
+        raise ConfigError("splice_port", "a port is 0-65535", config.splice_port)
+    if config.splice_port and not config.relay:
+        raise ConfigError("splice_port", "is a relay's: give {relay} too", config.splice_port)
     if config.relay and config.relay_peers:
         raise ConfigError("relay_peers", "are for a node that cannot be dialled, and a relay must be dialled")
 

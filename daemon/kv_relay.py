@@ -2,9 +2,10 @@
 they name, on this daemon or over ``/hexgen/kv/1`` (Noise, yamux) to the daemon hosting that rank.
 
 Used where some pair of the epoch's hosts has no direct TCP link (relayed, or hole-punched: the coordinator
-sets the plan's ``exchange``). One stream per destination daemon carries every part to it in order, written by
+sets the plan's ``exchange``). One carrier per destination daemon takes every part to it in order, written by
 one task from a bounded queue: a slow link holds back the workers writing to it (their KV sockets fill), never
-this daemon's memory. An arriving part is delivered only when this daemon's deployment is on the part's
+this daemon's memory. The carrier is a sealed TCP splice through a relay (``daemon.kv_link``) where a relay
+can splice one, else a ``/hexgen/kv/1`` stream. An arriving part is delivered only when this daemon's deployment is on the part's
 exchange, hosts its destination rank, and places its source rank on the daemon that sent it; anything else is
 dropped, and its receiver gives up on that message and fails only that sequence.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -20,6 +23,8 @@ import trio
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
 from hexgen.daemon.kv_frames import KvPart
+from hexgen.daemon.kv_link import NO_ROUTES, LinkError, SpliceRoutes, accept_link, open_link
+from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, MalformedFrame, encode_frame
 from hexgen.daemon.worker_link import LocalWorker
@@ -28,6 +33,7 @@ log = logging.getLogger("hexgen.daemon")
 
 KV_PROTOCOL = ProtocolId("/hexgen/kv/1")
 QUEUE_PARTS = 64  # per destination daemon: 32 MiB of parts waiting for its stream
+LINK_RETRY_S = 30.0  # after a link to a daemon could not be set up, its KV goes on streams this long
 _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -44,15 +50,37 @@ def accepts(deployment: Deployment | None, part: KvPart, sender: str, here: str)
     return None
 
 
+def sends_kv(deployment: Deployment | None, sender: str) -> str | None:
+    """Why daemon ``sender`` may not send this daemon KV parts, or None when it hosts a rank of the deployed
+    relayed exchange. O(ranks)."""
+    if deployment is None or deployment.exchange != "libp2p":
+        return "this daemon's deployment relays no KV"
+    if all(deployment.rank_peer(rank) != sender for rank in range(deployment.world_size)):
+        return f"{sender} hosts no rank of this daemon's relayed exchange"
+    return None
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """How parts reach one daemon: ``what`` it is, ``write`` a frame, ``close`` it."""
+
+    what: str
+    write: Callable[[bytes], Awaitable[None]]
+    close: Callable[[], Awaitable[None]]
+
+
 @dataclass
 class KvRelay:
-    """This daemon's part of the relay: ``pump`` each local worker's KV socket, ``serve`` arriving streams, and
-    ``run`` the writers of streams to other daemons."""
+    """This daemon's part of the relay: ``pump`` each local worker's KV socket, ``serve`` arriving streams and
+    links, and ``run`` the writers to other daemons. ``routes`` says where splices can be had (None: none)."""
 
     host: Host
     peer_id: str
     supervisor: Supervisor
+    routes: SpliceRoutes | None = None
     outbound: dict[str, trio.MemorySendChannel[bytes]] = field(default_factory=dict)
+    carriers: dict[str, str] = field(default_factory=dict)  # destination daemon -> what carries its parts
+    _link_retry: dict[str, float] = field(default_factory=dict)
     _nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -104,27 +132,74 @@ class KvRelay:
     async def _write(
         self, peer: str, queue: trio.MemorySendChannel[bytes], parts: trio.MemoryReceiveChannel[bytes]
     ) -> None:
-        """Write the parts queued for ``peer`` on one stream; when it breaks, the queue closes (its parts are
+        """Write the parts queued for ``peer`` on one carrier; when it breaks, the queue closes (its parts are
         lost) and the next part opens another."""
-        stream: Stream | None = None
+        carrier: Carrier | None = None
         try:
             async with parts:
-                stream = await self.host.open_stream(peer, KV_PROTOCOL)
+                carrier = await self._carrier(peer)
+                self.carriers[peer] = carrier.what
                 async for data in parts:
-                    await stream.write(data)
-        except Exception as exc:  # noqa: BLE001 - whatever breaks a stream to one daemon ends only that stream
-            log.warning("the KV stream to %s broke: %s", peer, exc)
+                    await carrier.write(data)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a carrier to one daemon ends only that carrier
+            log.warning("the KV %s to %s broke: %s", carrier.what if carrier else "carrier", peer, exc)
         finally:
             if self.outbound.get(peer) is queue:
                 del self.outbound[peer]
-            if stream is not None:
+                self.carriers.pop(peer, None)
+            if carrier is not None:
                 with contextlib.suppress(Exception), trio.CancelScope(shield=True):
-                    await stream.close()
+                    await carrier.close()
+
+    async def _carrier(self, peer: str) -> Carrier:
+        """A sealed splice to ``peer`` where one can be had (not retried for LINK_RETRY_S after a failure),
+        else a ``/hexgen/kv/1`` stream."""
+        if self.routes is not None and trio.current_time() >= self._link_retry.get(peer, -math.inf):
+            try:
+                link = await open_link(self.host, peer, self.routes)
+            except LinkError as exc:
+                self._link_retry[peer] = trio.current_time() + LINK_RETRY_S
+                log.warning("KV to %s goes on a libp2p stream: no splice: %s", peer, exc)
+            else:
+                log.info("KV to %s goes on a sealed splice through relay %s", peer, link.relay)
+                return Carrier(f"splice through relay {link.relay}", link.stream.write, link.stream.aclose)
+        stream = await self.host.open_stream(peer, KV_PROTOCOL)
+        return Carrier("libp2p stream", stream.write, stream.close)
 
     async def serve(self, stream: Stream) -> None:
-        """Deliver the parts another daemon sends until its stream ends; a bad frame resets the stream."""
+        """Deliver the parts another daemon sends on ``stream`` until it ends; a bad frame resets it."""
         sender = stream_peer(stream)
-        reader = FrameReader(stream)
+        if not await self._serve_parts(FrameReader(stream), sender, "stream"):
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+    async def serve_link(self, stream: Stream) -> None:
+        """Take a link another daemon offers on ``stream``, and deliver what arrives on it in the background."""
+        sender = stream_peer(stream)
+
+        def refusal() -> str | None:
+            if self.routes is None or self._nursery is None:
+                return "this daemon takes no KV links"
+            return sends_kv(self.supervisor.deployment, sender)
+
+        try:
+            link = await accept_link(stream, refusal, self.routes or NO_ROUTES)
+        except LinkError as exc:
+            log.warning("no KV link from %s: %s", sender, exc)
+            return
+        log.info("KV from %s arrives on a sealed splice through relay %s", sender, link.relay)
+        assert self._nursery is not None  # refusal() said so
+        self._nursery.start_soon(self._serve_link, link.stream, sender)
+
+    async def _serve_link(self, link: SealedStream, sender: str) -> None:
+        try:
+            await self._serve_parts(FrameReader(link), sender, "link")
+        finally:
+            with contextlib.suppress(Exception), trio.CancelScope(shield=True):
+                await link.aclose()
+
+    async def _serve_parts(self, reader: FrameReader, sender: str, what: str) -> bool:
+        """Deliver the parts ``reader`` reads from daemon ``sender``; False when it read a bad frame."""
         try:
             while (raw := await reader.read()) is not None:
                 part = KvPart.from_wire(raw)
@@ -133,12 +208,12 @@ class KvRelay:
                     await self._deliver(part)
                 else:
                     log.debug("dropped %s", why)
-        except FrameError as exc:
-            log.warning("reset the KV stream of %s: %s", sender, exc)
-            with contextlib.suppress(Exception):
-                await stream.reset()
-        except Exception as exc:  # noqa: BLE001 - a stream that breaks (reset, peer gone) ends only itself
-            log.info("the KV stream of %s ended: %s", sender, exc)
+        except (FrameError, SealError) as exc:
+            log.warning("cut the KV %s of %s: %s", what, sender, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a carrier that breaks (reset, peer gone) ends only itself
+            log.info("the KV %s of %s ended: %s", what, sender, exc)
+        return True
 
     async def _deliver(self, part: KvPart) -> None:
         for worker in list(self.supervisor.workers.values()):

@@ -33,11 +33,13 @@ from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
 from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.hop import REPLICA_PROTOCOL
 from hexgen.daemon.host import Host, Stream, open_host, peer_of_address
+from hexgen.daemon.kv_link import LINK_PROTOCOL, SpliceRoutes, address_ip
 from hexgen.daemon.kv_relay import KV_PROTOCOL
 from hexgen.daemon.link_probes import LinkProbes
 from hexgen.daemon.liveness import Liveness
 from hexgen.daemon.mdns import LanDiscovery
 from hexgen.daemon.membership import PeerTable
+from hexgen.daemon.messages import Advert
 from hexgen.daemon.metrics import Metrics
 from hexgen.daemon.model_files import is_checkpoint_dir, model_fingerprint
 from hexgen.daemon.nat_check import AUTONAT_PROTOCOL, PRIVATE, Reachability, choose_servers
@@ -56,6 +58,7 @@ from hexgen.daemon.rpc import (
     serve_rpc,
 )
 from hexgen.daemon.serving import Serving
+from hexgen.daemon.splice import SPLICE_PROTOCOL, Splicer
 from hexgen.daemon.status import StatusView
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.swarm_state import AdoptedPlan, SelfInfo, SwarmState
@@ -66,6 +69,7 @@ log = logging.getLogger("hexgen.daemon")
 
 MAX_REQUESTS_PER_PEER = 128  # generate streams one client peer may have open at once (yamux caps 256)
 LEAVE_TTL_S = 10.0
+MAX_SPLICE_RELAYS = 3  # relays a KV link is tried through, one after another
 
 OnPlan = Callable[[AdoptedPlan, list[dict[str, Any]]], None]  # (plan, this node's roles in it)
 
@@ -173,6 +177,7 @@ class Node:
             metrics = Metrics(self)
             if state.me.model_hash is not None:
                 self.serving = Serving(state, host, self.reports, metrics, self.model.max_context)
+                self.serving.kv_relay.routes = self._splice_routes(host)
             connectivity = self.connectivity = Connectivity(state, host, self.adverts, self._started_at)
             liveness = Liveness(state, host, connectivity)
             probes = LinkProbes(state, host)
@@ -203,6 +208,8 @@ class Node:
                 if self.config.mdns:
                     nursery.start_soon(LanDiscovery(self.peer_id, lambda: host.addrs, connectivity.discovered).run)
                 nursery.start_soon(self._relay_slots(host, reach).run)
+                if self.config.relay:
+                    await self._splice(host, nursery)
                 task_status.started(self)
 
     def _relaying(self, host: Host) -> Relaying:
@@ -236,16 +243,40 @@ class Node:
         def relays() -> tuple[str, ...]:
             if self.config.relay or reach.status != PRIVATE:
                 return configured
-            members = {
-                p: (advert, reachability_of(env))
-                for p, (env, advert) in state.adverts.items()
-                if p in state.table.peers
-            }
             keeping = {peer_of_address(r) for r in slots.held}
-            return configured + swarm_relays(members, skip, keeping)
+            return configured + swarm_relays(self._members_reach(), skip, keeping)
 
         slots = RelaySlots(host, relays, state.changed.wait, self._circuits_changed)
         return slots
+
+    def _members_reach(self) -> dict[str, tuple[Advert, str]]:
+        """Each member's advert and the reachability it advertises."""
+        state = self.state
+        return {
+            p: (advert, reachability_of(env)) for p, (env, advert) in state.adverts.items() if p in state.table.peers
+        }
+
+    def _splice_routes(self, host: Host) -> SpliceRoutes:
+        """KV splices on the swarm's public relays, those this node is connected to first; a relay is dialled
+        where this node's connection reaches it, else at its advertised address."""
+
+        def relays() -> dict[str, str]:
+            found = swarm_relays(self._members_reach(), (), host.connected_peers(), cap=MAX_SPLICE_RELAYS)
+            return {peer_of_address(addr): addr for addr in found}
+
+        def ips(relay: str) -> list[str]:
+            advertised = address_ip(relays().get(relay, ""))
+            return host.remote_ips(relay) or ([advertised] if advertised else [])
+
+        return SpliceRoutes(lambda: list(relays()), ips)
+
+    async def _splice(self, host: Host, nursery: trio.Nursery) -> None:
+        """Splice KV connections for members, on ``splice_port`` of this relay's listen address."""
+        splicer = Splicer(
+            lambda peer: self.state.may_ask(peer, None), self.config.host.listen_host, self.config.splice_port
+        )
+        await nursery.start(splicer.run)
+        host.handle(SPLICE_PROTOCOL, splicer.serve_register)
 
     def _circuits_changed(self) -> None:
         if self.host is not None:
@@ -266,6 +297,7 @@ class Node:
         host.handle(GENERATE_PROTOCOL, self.serving.router.serve_generate, per_peer=MAX_REQUESTS_PER_PEER)
         host.handle(REPLICA_PROTOCOL, self.serving.router.serve_replica)
         host.handle(KV_PROTOCOL, self.serving.kv_relay.serve)
+        host.handle(LINK_PROTOCOL, self.serving.kv_relay.serve_link)
 
     async def _no_worlds(self, stream: Stream) -> None:
         def answer(request: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,215 @@
+"""TCP splices on a relay: two daemons that cannot reach each other both dial the relay's splice port, name
+the same one-use token, and the relay joins their connections byte for byte (no libp2p, no re-encryption).
+
+A token is registered over ``/hexgen/splice/1`` by a peer the relay's gate admits (members only, in a private
+swarm), so the relay carries traffic for members only; it lives TOKEN_TTL_S, pairs exactly two connections,
+and is then spent. What crosses a splice is sealed end to end (``daemon.sealed``): the relay sees ciphertext.
+This is what KV hand-offs between homes travel on (``daemon.kv_link``): a splice forwards at the speed of the
+relay's sockets, where a circuit relay v2 circuit (two Noise + yamux legs in Python) is CPU-bound far below it.
+
+Connection: the dialler sends HELLO + token (36 bytes); once its partner arrives the relay answers PAIRED to
+both and forwards; an unknown, spent or expired token, or silence, gets the connection closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from hexgen.daemon.host import Host, ListenError, ProtocolId, Stream, stream_peer
+from hexgen.daemon.rpc import call
+from hexgen.daemon.wire import FrameError, FrameReader, validate, write_frame
+
+log = logging.getLogger("hexgen.relay")
+
+SPLICE_PROTOCOL = ProtocolId("/hexgen/splice/1")
+HELLO = b"HXS1"
+PAIRED = b"\x01"
+TOKEN_BYTES = 32
+TOKEN_TTL_S = 30.0
+HELLO_TIMEOUT_S = 5.0
+MAX_TOKENS = 256  # registered and not yet paired
+MAX_SPLICES = 64
+SPLICE_CHUNK = 256 * 1024
+REGISTER_TIMEOUT_S = 5.0
+_CLOSED = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class SpliceError(Exception):
+    """A splice that could not be set up; the message says why."""
+
+
+@dataclass
+class _Waiting:
+    stream: trio.SocketStream
+    paired: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class Splicer:
+    """The relay's splice service: ``serve_register`` answers token registrations from peers ``admits``
+    accepts; ``run`` listens on ``port`` (0: any free one, set once listening) and joins paired connections.
+    Time is trio's clock."""
+
+    admits: Callable[[str], bool]
+    host: str = "0.0.0.0"
+    port: int = 0
+    tokens: dict[bytes, float] = field(default_factory=dict)  # token -> expiry
+    waiting: dict[bytes, _Waiting] = field(default_factory=dict)
+    splices: int = 0
+    refused: int = 0
+    listening: trio.Event = field(default_factory=trio.Event)
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and splice; ``ListenError`` when the port cannot be listened on."""
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            raise ListenError(f"cannot splice on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.port = listeners[0].socket.getsockname()[1]
+        self.listening.set()
+        log.info("splicing TCP connections for members on port %d", self.port)
+        task_status.started(self.port)
+        await trio.serve_listeners(self._serve_connection, listeners)
+
+    def register(self, peer: str, token: bytes) -> str | None:
+        """Record ``token`` for ``peer``; why not, or None. O(tokens) when the table is full."""
+        now = trio.current_time()
+        if not self.admits(peer):
+            self.refused += 1
+            return "not a member of this swarm"
+        if len(token) != TOKEN_BYTES:
+            return f"a splice token is {TOKEN_BYTES} bytes"
+        if len(self.tokens) >= MAX_TOKENS:
+            self.tokens = {t: expiry for t, expiry in self.tokens.items() if expiry > now}
+            if len(self.tokens) >= MAX_TOKENS:
+                return "too many splices waiting"
+        if not self.listening.is_set():
+            return "not splicing yet"
+        self.tokens[token] = now + TOKEN_TTL_S
+        return None
+
+    async def serve_register(self, stream: Stream) -> None:
+        """One registration: ``{"token": bytes}`` in, ``{"port": int}`` or ``{"error": str}`` out."""
+        peer = stream_peer(stream)
+        try:
+            with trio.fail_after(REGISTER_TIMEOUT_S):
+                request = validate(await FrameReader(stream).read(), {"token": bytes})
+                why = self.register(peer, request["token"])
+                await write_frame(stream, {"port": self.port} if why is None else {"error": why})
+        except FrameError as exc:
+            with contextlib.suppress(Exception):
+                await write_frame(stream, {"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - one peer's broken stream ends only its registration
+            log.debug("a splice registration of %s ended: %s", peer, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                with trio.move_on_after(HELLO_TIMEOUT_S):
+                    token = await self._hello(stream)
+                if token is None:
+                    return
+                partner = self.waiting.pop(token, None)
+                if partner is None:
+                    await self._wait_for_partner(token, stream)
+                else:
+                    await self._splice(partner, stream)
+        except _CLOSED as exc:
+            log.debug("a splice connection ended: %s", exc)
+
+    async def _hello(self, stream: trio.SocketStream) -> bytes | None:
+        """The connection's token, if it is registered and unexpired (it is then spent for a third party)."""
+        hello = b""
+        while len(hello) < len(HELLO) + TOKEN_BYTES:
+            chunk = await stream.receive_some(len(HELLO) + TOKEN_BYTES - len(hello))
+            if not chunk:
+                return None
+            hello += chunk
+        token = hello[len(HELLO) :]
+        if not hello.startswith(HELLO):
+            return None
+        if token in self.waiting:
+            return token
+        expiry = self.tokens.pop(token, None)
+        return token if expiry is not None and expiry > trio.current_time() else None
+
+    async def _wait_for_partner(self, token: bytes, stream: trio.SocketStream) -> None:
+        me = _Waiting(stream)
+        self.waiting[token] = me
+        try:
+            with trio.move_on_after(TOKEN_TTL_S):
+                await me.paired.wait()
+            if me.paired.is_set():
+                await me.done.wait()
+        finally:
+            if self.waiting.get(token) is me:
+                del self.waiting[token]
+
+    async def _splice(self, first: _Waiting, second: trio.SocketStream) -> None:
+        """Forward both ways until either side ends, then close both."""
+        first.paired.set()
+        if self.splices >= MAX_SPLICES:
+            first.done.set()
+            return
+        self.splices += 1
+        try:
+            await first.stream.send_all(PAIRED)
+            await second.send_all(PAIRED)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_forward, first.stream, second, nursery.cancel_scope)
+                nursery.start_soon(_forward, second, first.stream, nursery.cancel_scope)
+        finally:
+            self.splices -= 1
+            first.done.set()
+
+
+async def _forward(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(SPLICE_CHUNK):
+            await sink.send_all(data)
+    except _CLOSED:
+        pass
+    scope.cancel()
+
+
+async def register(host: Host, relay_id: str, token: bytes) -> int:
+    """Register ``token`` at the relay ``relay_id`` (connected); its splice port. Raises ``SpliceError``."""
+    try:
+        with trio.fail_after(REGISTER_TIMEOUT_S):
+            reply = await call(host, relay_id, SPLICE_PROTOCOL, {"token": token})
+    except Exception as exc:  # the relay cannot splice: unreachable, silent, or too old to speak the protocol
+        raise SpliceError(f"relay {relay_id} did not register a splice: {exc or type(exc).__name__}") from exc
+    port = reply.get("port")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise SpliceError(f"relay {relay_id} refused a splice: {reply.get('error', reply)}")
+    return port
+
+
+async def dial(ip: str, port: int, token: bytes) -> trio.SocketStream:
+    """Connect to a relay's splice port and wait until the partner naming ``token`` arrives (at most
+    TOKEN_TTL_S). Raises ``SpliceError``."""
+    try:
+        with trio.fail_after(HELLO_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(ip, port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise SpliceError(f"cannot reach the splice port {ip}:{port}: {exc or type(exc).__name__}") from exc
+    try:
+        with trio.fail_after(TOKEN_TTL_S):
+            await stream.send_all(HELLO + token)
+            answer = await stream.receive_some(1)
+    except (*_CLOSED, trio.TooSlowError) as exc:
+        await trio.aclose_forcefully(stream)
+        raise SpliceError(f"no partner came to the splice at {ip}:{port}: {exc or type(exc).__name__}") from exc
+    if answer != PAIRED:
+        await trio.aclose_forcefully(stream)
+        raise SpliceError(f"the relay at {ip}:{port} closed the splice without pairing it")
+    return stream

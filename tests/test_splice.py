@@ -1,0 +1,224 @@
+"""Sealed records and the relay's TCP splices: what a KV link between two homes is made of (daemon.sealed,
+daemon.splice, daemon.kv_link). Real sockets on loopback; the lab tests in test_nat_serving.py run them
+across NATs."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from hexgen.daemon.kv_link import LinkOffer, address_ip
+from hexgen.daemon.sealed import MAX_RECORD, SealedStream, SealError, new_key
+from hexgen.daemon.splice import HELLO, MAX_TOKENS, TOKEN_BYTES, SpliceError, Splicer, dial
+from hexgen.daemon.wire import MalformedFrame
+
+
+
+
+def sealed_pair(key: bytes, reader_key: bytes | None = None) -> tuple[SealedStream, SealedStream]:
+    left, right = trio.testing.memory_stream_pair()
+    return SealedStream(left, key), SealedStream(right, reader_key or key)
+
+
+async def read_all(stream: SealedStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.trio
+async def test_sealed_records_carry_bytes_and_end_cleanly() -> None:
+    writer, reader = sealed_pair(new_key())
+    payloads = [os.urandom(n) for n in (1, 1000, 300_000, MAX_RECORD - 16)]
+    async with trio.open_nursery() as nursery:
+
+        async def write() -> None:
+            for payload in payloads:
+                await writer.write(payload)
+            await writer.write(b"")  # nothing: an empty record would read as the end
+            await writer.aclose()
+
+        nursery.start_soon(write)
+        got = await read_all(reader, sum(map(len, payloads)) + 1)
+    assert got == b"".join(payloads)
+    assert await reader.read(10) == b""
+
+
+@pytest.mark.trio
+async def test_a_record_altered_dropped_or_under_another_key_does_not_open() -> None:
+    key = new_key()
+    # altered: flip one bit of the ciphertext on the way
+    left, right = trio.testing.memory_stream_pair()
+    writer = SealedStream(left, key)
+    await writer.write(b"x" * 100)
+    raw = bytearray(await right.receive_some(1 << 16))
+    raw[50] ^= 1
+    tampered_left, tampered_right = trio.testing.memory_stream_pair()
+    await tampered_left.send_all(bytes(raw))
+    with pytest.raises(SealError, match="does not open"):
+        await SealedStream(tampered_right, key).read()
+    # dropped: the second record read first
+    left, right = trio.testing.memory_stream_pair()
+    writer = SealedStream(left, key)
+    await writer.write(b"first")
+    first = await right.receive_some(1 << 16)
+    await writer.write(b"second")
+    second = await right.receive_some(1 << 16)
+    assert first != second
+    skipped_left, skipped_right = trio.testing.memory_stream_pair()
+    await skipped_left.send_all(second)
+    with pytest.raises(SealError, match="out of order"):
+        await SealedStream(skipped_right, key).read()
+    # another key
+    writer, reader = sealed_pair(key, new_key())
+    await writer.write(b"secret")
+    with pytest.raises(SealError):
+        await reader.read()
+
+
+@pytest.mark.trio
+async def test_a_sealed_stream_refuses_oversized_and_truncated_records() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    await left.send_all((MAX_RECORD + 1).to_bytes(4, "big"))
+    with pytest.raises(SealError, match="not between"):
+        await SealedStream(right, new_key()).read()
+    with pytest.raises(SealError, match="over the limit"):
+        await SealedStream(left, new_key()).write(b"x" * MAX_RECORD)
+    left, right = trio.testing.memory_stream_pair()
+    await left.send_all((100).to_bytes(4, "big") + b"y" * 40)
+    await left.aclose()
+    with pytest.raises(SealError, match="ended inside"):
+        await SealedStream(right, new_key()).read()
+    with pytest.raises(ValueError, match="32 bytes"):
+        SealedStream(left, b"short")
+
+
+async def running_splicer(nursery: trio.Nursery, admits: bool = True) -> Splicer:
+    splicer = Splicer(lambda peer: admits and peer != "stranger", "127.0.0.1", 0)
+    await nursery.start(splicer.run)
+    return splicer
+
+
+@pytest.mark.trio
+async def test_two_connections_naming_a_registered_token_are_spliced_both_ways() -> None:
+    async with trio.open_nursery() as nursery:
+        splicer = await running_splicer(nursery)
+        token = os.urandom(TOKEN_BYTES)
+        assert splicer.register("member", token) is None
+        ends: list[trio.SocketStream] = []
+
+        async def join() -> None:
+            ends.append(await dial("127.0.0.1", splicer.port, token))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as both:
+                both.start_soon(join)
+                both.start_soon(join)
+            key = new_key()
+            a, b = SealedStream(ends[0], key), SealedStream(ends[1], key)
+            payload = os.urandom(3 << 20)
+            async with trio.open_nursery() as transfer:
+
+                async def send() -> None:
+                    for at in range(0, len(payload), 1 << 19):
+                        await a.write(payload[at : at + (1 << 19)])
+
+                transfer.start_soon(send)
+                assert await read_all(b, len(payload)) == payload
+            reply_key = new_key()
+            await SealedStream(ends[1], reply_key).write(b"back")
+            assert await SealedStream(ends[0], reply_key).read() == b"back"
+            assert splicer.splices == 1
+            await ends[0].aclose()
+            assert await ends[1].receive_some(10) == b""  # one end closed: the relay closes the other
+            with pytest.raises(SpliceError):  # spent: a third connection naming it is not paired
+                await dial("127.0.0.1", splicer.port, token)
+        nursery.cancel_scope.cancel()
+
+
+async def closed_unpaired(port: int, garbage: bytes) -> None:
+    """The relay closes a connection that sent ``garbage`` without pairing it: an end of stream, or a reset
+    where it closed with some of those bytes unread."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        try:
+            await stream.send_all(garbage)
+            await stream.send_eof()
+            assert await stream.receive_some(10) == b""
+        except trio.BrokenResourceError:
+            pass
+
+
+@pytest.mark.trio
+async def test_the_splicer_refuses_strangers_unknown_tokens_and_garbage_and_keeps_splicing() -> None:
+    async with trio.open_nursery() as nursery:
+        splicer = await running_splicer(nursery)
+        assert splicer.register("stranger", os.urandom(TOKEN_BYTES)) == "not a member of this swarm"
+        assert splicer.refused == 1
+        assert "bytes" in (splicer.register("member", b"short") or "")
+        expired = os.urandom(TOKEN_BYTES)
+        assert splicer.register("member", expired) is None
+        splicer.tokens[expired] = trio.current_time() - 1.0
+        rng = random.Random(7)
+        with trio.fail_after(20):
+            for token in (os.urandom(TOKEN_BYTES), expired):
+                with pytest.raises(SpliceError, match="without pairing"):
+                    await dial("127.0.0.1", splicer.port, token)
+            for garbage in (b"", b"GET / HTTP/1.1\r\n\r\n" * 3, bytes(rng.randrange(256) for _ in range(5000))):
+                await closed_unpaired(splicer.port, garbage)
+            assert all(splicer.register("member", os.urandom(TOKEN_BYTES)) is None for _ in range(MAX_TOKENS))
+            assert splicer.register("member", os.urandom(TOKEN_BYTES)) == "too many splices waiting"
+            splicer.tokens.clear()
+            token = os.urandom(TOKEN_BYTES)
+            assert splicer.register("member", token) is None
+            async with trio.open_nursery() as both:  # still splicing
+                for _ in range(2):
+                    both.start_soon(dial, "127.0.0.1", splicer.port, token)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_lone_splice_connection_waits_for_its_partner_no_longer_than_its_token_lives(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    splicer = Splicer(lambda peer: True, "127.0.0.1", 0)
+    left, right = trio.testing.memory_stream_pair()
+    token = os.urandom(TOKEN_BYTES)
+    splicer.listening.set()
+    assert splicer.register("member", token) is None
+    await left.send_all(HELLO + token)
+    with trio.fail_after(60):
+        await splicer._serve_connection(right)  # type: ignore[arg-type]  # a memory stream stands for the socket
+    assert not splicer.waiting
+    assert await left.receive_some(10) == b""
+
+
+def test_a_link_offer_is_parsed_strictly() -> None:
+    offer = LinkOffer(os.urandom(TOKEN_BYTES), new_key(), "12D3KooWrelay", 4001)
+    assert LinkOffer.from_wire(offer.to_wire()) == offer
+    for bad in (
+        {**offer.to_wire(), "token": b"short"},
+        {**offer.to_wire(), "key": b"k" * 16},
+        {**offer.to_wire(), "port": 0},
+        {**offer.to_wire(), "port": 70000},
+        {**offer.to_wire(), "relay": ""},
+        {**offer.to_wire(), "port": "4001"},
+        None,
+        [1, 2],
+    ):
+        with pytest.raises(MalformedFrame):
+            LinkOffer.from_wire(bad)
+
+
+def test_address_ip_reads_a_multiaddr_host() -> None:
+    assert address_ip("/ip4/203.0.113.5/tcp/4001/p2p/12D3") == "203.0.113.5"
+    assert address_ip("/ip6/::1/tcp/1") == "::1"
+    assert address_ip("/dns4/relay.example/tcp/1") is None
+    assert address_ip("") is None
