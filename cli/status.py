@@ -129,12 +129,15 @@ def _unique(values: Iterable[str]) -> str:
 
 def network_text(record: Mapping[str, Any], is_self: bool) -> str:
     """Whether a node can be dialled (``public``, ``private`` or ``unknown``, as its signed advert says) and,
-    for a peer, how this node is connected to it (``direct``, ``relayed``; ``-``: not connected)."""
+    for a peer, how this node is connected to it (``direct``, ``relayed``; ``-``: not connected) and what
+    carries the KV this node relays to it (a splice through a relay, or a libp2p stream)."""
     reach = _text(record.get("reachability"))
     if is_self:
         return reach
     link = _text(record.get("link"))
-    return MISSING if reach == link == MISSING else f"{reach}, {link}"
+    kv = _dict(record.get("kv"))
+    carrier = {"splice": f", KV spliced by {short_id(kv.get('relay'))}", "stream": ", KV on a libp2p stream"}
+    return MISSING if reach == link == MISSING else f"{reach}, {link}{carrier.get(_text(kv.get('carrier')), '')}"
 
 
 def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[dict[str, Any]], is_self: bool) -> Row:

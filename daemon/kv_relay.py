@@ -62,11 +62,20 @@ def sends_kv(deployment: Deployment | None, sender: str) -> str | None:
 
 @dataclass(frozen=True)
 class Carrier:
-    """How parts reach one daemon: ``what`` it is, ``write`` a frame, ``close`` it."""
+    """How parts reach one daemon: a "splice" through ``relay`` or a libp2p "stream"; ``write`` a frame,
+    ``close`` it."""
 
-    what: str
+    kind: str
+    relay: str | None
     write: Callable[[bytes], Awaitable[None]]
     close: Callable[[], Awaitable[None]]
+
+    @property
+    def what(self) -> str:
+        return f"splice through relay {self.relay}" if self.kind == "splice" else "libp2p stream"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"carrier": self.kind, "relay": self.relay}
 
 
 @dataclass
@@ -79,7 +88,7 @@ class KvRelay:
     supervisor: Supervisor
     routes: SpliceRoutes | None = None
     outbound: dict[str, trio.MemorySendChannel[bytes]] = field(default_factory=dict)
-    carriers: dict[str, str] = field(default_factory=dict)  # destination daemon -> what carries its parts
+    carriers: dict[str, Carrier] = field(default_factory=dict)  # destination daemon -> what carries its parts
     _link_retry: dict[str, float] = field(default_factory=dict)
     _nursery: trio.Nursery | None = None
 
@@ -138,7 +147,7 @@ class KvRelay:
         try:
             async with parts:
                 carrier = await self._carrier(peer)
-                self.carriers[peer] = carrier.what
+                self.carriers[peer] = carrier
                 async for data in parts:
                     await carrier.write(data)
         except Exception as exc:  # noqa: BLE001 - whatever breaks a carrier to one daemon ends only that carrier
@@ -162,9 +171,9 @@ class KvRelay:
                 log.warning("KV to %s goes on a libp2p stream: no splice: %s", peer, exc)
             else:
                 log.info("KV to %s goes on a sealed splice through relay %s", peer, link.relay)
-                return Carrier(f"splice through relay {link.relay}", link.stream.write, link.stream.aclose)
+                return Carrier("splice", link.relay, link.stream.write, link.stream.aclose)
         stream = await self.host.open_stream(peer, KV_PROTOCOL)
-        return Carrier("libp2p stream", stream.write, stream.close)
+        return Carrier("stream", None, stream.write, stream.close)
 
     async def serve(self, stream: Stream) -> None:
         """Deliver the parts another daemon sends on ``stream`` until it ends; a bad frame resets it."""

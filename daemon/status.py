@@ -85,6 +85,7 @@ class StatusView:
                     "last_seen_s": round(now - r.last_seen, 3),
                     "link": links.get(r.peer_id),  # None: no connection of this node's to the peer
                     "reachability": self._said(r.peer_id),
+                    "kv": self._kv_carrier(r.peer_id),  # None: no relayed KV goes to the peer now
                 }
                 for r in sorted(state.table.peers.values(), key=lambda r: r.peer_id)
             ),
@@ -96,6 +97,10 @@ class StatusView:
             serving=None if serving is None else serving.supervisor.status(),
             events=tuple(state.events),
         )
+
+    def _kv_carrier(self, peer: str) -> dict[str, str | None] | None:
+        carrier = None if self.serving is None else self.serving.kv_relay.carriers.get(peer)
+        return None if carrier is None else carrier.to_dict()
 
     def _said(self, peer: str) -> str:
         """A member's reachability as its latest signed advert states it."""

@@ -215,12 +215,18 @@ def test_the_peer_table_shows_reachability_and_how_each_peer_is_linked() -> None
     status = four_peer_status() | {"reachability": "private"}
     peers = status["peers"]
     peers[0] |= {"reachability": "public", "link": "direct"}
-    peers[1] |= {"reachability": "private", "link": "relayed"}
+    peers[1] |= {"reachability": "private", "link": "relayed", "kv": {"carrier": "splice", "relay": "12D3KooWrelay9"}}
     peers[2] |= {"reachability": "unknown", "link": None}
     network = {r.key: r.cells[PEER_COLUMNS.index("network")] for r in peer_rows(status)}
     assert network[A] == "private"
-    assert sorted(network[p["peer_id"]] for p in peers) == ["private, relayed", "public, direct", "unknown, -"]
-    assert "private, relayed" in render_text(status)
+    assert sorted(network[p["peer_id"]] for p in peers) == [
+        "private, relayed, KV spliced by …relay9",
+        "public, direct",
+        "unknown, -",
+    ]
+    assert "private, relayed, KV spliced by …relay9" in render_text(status)
+    peers[1]["kv"] = {"carrier": "stream", "relay": None}
+    assert "private, relayed, KV on a libp2p stream" in render_text(status)
 
 
 def test_peers_flagged_by_spot_checks_are_marked() -> None:

@@ -5,6 +5,7 @@ the pure pieces (circuit addresses, slot renewal, relays learned from the swarm,
 from __future__ import annotations
 
 import collections
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ from hexgen.daemon.relay import (
     split_circuit,
 )
 from hexgen.daemon.relay_slots import MAX_LEARNED_RELAYS, MIN_RENEW_S, RelaySlots, renew_after, swarm_relays
+from hexgen.daemon.splice import TOKEN_BYTES, SpliceError, register
 from hexgen.daemon.swarm_state import Pulse
 from hexgen.testing.daemon_harness import Daemon, Swarm, converged, open_client, statuses, wait_until
 from hexgen.testing.nat_lab import CONVERGE_S, NatLab, View, converge, link, open_nat_lab, peer_entry
@@ -312,8 +314,8 @@ def _worldless_respected(bodies: list[dict[str, Any]], worldless: list[tuple[str
 
 @pytest.mark.trio
 async def test_a_private_swarm_relay_refuses_non_members(tmp_path: Path) -> None:
-    """A member relays for a member; a stranger can neither reserve a slot on it nor open a circuit through it
-    to that member."""
+    """A member relays for a member; a stranger can neither reserve a slot on it, nor open a circuit through it
+    to that member, nor register a KV splice on it."""
     admitted = _private_swarm(tmp_path)
     swarm = Swarm(tmp_path)
     try:
@@ -331,6 +333,8 @@ async def test_a_private_swarm_relay_refuses_non_members(tmp_path: Path) -> None
                     nursery.start_soon(_refused, dial_circuit(stranger, circuit_address(relay.addr, member.peer_id)))
             assert trio.current_time() - started >= MEMBERSHIP_WAIT_S  # it waited for an advert that never came
             assert member.peer_id not in stranger.connected_peers()
+            with pytest.raises(SpliceError, match="not a member of this swarm"):  # nor a KV splice
+                await register(stranger, relay.peer_id, secrets.token_bytes(TOKEN_BYTES))
         assert relay.log().count("not a member of this swarm") >= 2
     finally:
         swarm.close()

@@ -20,6 +20,7 @@ import trio
 
 from hexgen.daemon.generate_protocol import generate
 from hexgen.daemon.relay import circuit_address
+from hexgen.daemon.rpc import query_status
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.checkpoints import random_prompts, reference_greedy
 from hexgen.testing.daemon_harness import Daemon, open_client
@@ -150,6 +151,10 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
                     break
                 assert await _complete(client, a, prompts[0], decoders) == reference[0]
             assert decoders == {1, 2}
+            # the KV went on sealed TCP splices through the relay, not on libp2p streams
+            peers = (await query_status(client, a))["peers"]
+            carriers = {p["peer_id"]: p.get("kv") for p in peers}
+            assert carriers[b] == carriers[c] == {"carrier": "splice", "relay": relay.peer_id}, carriers
 
 
 @contextlib.contextmanager

@@ -17,8 +17,6 @@ from hexgen.daemon.splice import HELLO, MAX_TOKENS, TOKEN_BYTES, SpliceError, Sp
 from hexgen.daemon.wire import MalformedFrame
 
 
-
-
 def sealed_pair(key: bytes, reader_key: bytes | None = None) -> tuple[SealedStream, SealedStream]:
     left, right = trio.testing.memory_stream_pair()
     return SealedStream(left, key), SealedStream(right, reader_key or key)
