@@ -26,13 +26,14 @@ from hexgen.daemon.kv_frames import KvPart
 from hexgen.daemon.kv_link import NO_ROUTES, LinkError, SpliceRoutes, accept_link, open_link
 from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
-from hexgen.daemon.wire import FrameError, FrameReader, MalformedFrame, encode_frame
+from hexgen.daemon.wire import HEADER_BYTES, FrameError, FrameReader, MalformedFrame, decode_payload
 from hexgen.daemon.worker_link import LocalWorker
 
 log = logging.getLogger("hexgen.daemon")
 
 KV_PROTOCOL = ProtocolId("/hexgen/kv/1")
 QUEUE_PARTS = 64  # per destination daemon: 32 MiB of parts waiting for its stream
+KV_READ = 1 << 20  # bytes a reader asks its socket for at a time: a part is 512 KiB
 LINK_RETRY_S = 30.0  # after a link to a daemon could not be set up, its KV goes on streams this long
 _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -48,6 +49,11 @@ def accepts(deployment: Deployment | None, part: KvPart, sender: str, here: str)
     if deployment.rank_peer(part.dst) != here:
         return f"a KV part for exchange rank {part.dst}, which this daemon does not host"
     return None
+
+
+def _frame(payload: bytes) -> bytes:
+    """The frame of a payload read and checked: forwarded as it came, not encoded again."""
+    return len(payload).to_bytes(HEADER_BYTES, "big") + payload
 
 
 def sends_kv(deployment: Deployment | None, sender: str) -> str | None:
@@ -101,19 +107,19 @@ class KvRelay:
         """Route every part ``worker`` writes until its KV socket ends. Never raises."""
         if worker.kv is None:
             return
-        reader = FrameReader(worker.kv)
+        reader = FrameReader(worker.kv, KV_READ)
         try:
-            while (raw := await reader.read()) is not None:
+            while (payload := await reader.read_payload()) is not None:
                 try:
-                    part = KvPart.from_wire(raw)
+                    part = KvPart.from_wire(decode_payload(payload))
                 except MalformedFrame as exc:  # consumed whole: the socket is still in step
                     log.warning("dropped a bad KV part of worker of rank %d: %s", worker.rank, exc)
                     continue
-                await self._route(part)
+                await self._route(part, _frame(payload))
         except _BROKEN as exc:
             log.info("the KV socket of worker of rank %d ended: %s", worker.rank, exc)
 
-    async def _route(self, part: KvPart) -> None:
+    async def _route(self, part: KvPart, frame: bytes) -> None:
         deployment = self.supervisor.deployment
         peer = (
             None if deployment is None or part.prefix != deployment.exchange_prefix else deployment.rank_peer(part.dst)
@@ -121,10 +127,10 @@ class KvRelay:
         if peer is None:
             log.debug("dropped a KV part for exchange %s rank %d: not in the deployed plan", part.prefix, part.dst)
         elif peer == self.peer_id:
-            await self._deliver(part)
+            await self._deliver(part, frame)
         else:
             try:
-                await self._queue(peer).send(encode_frame(part.to_wire()))
+                await self._queue(peer).send(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.debug("dropped a KV part for %s: its stream broke", peer)
 
@@ -178,7 +184,7 @@ class KvRelay:
     async def serve(self, stream: Stream) -> None:
         """Deliver the parts another daemon sends on ``stream`` until it ends; a bad frame resets it."""
         sender = stream_peer(stream)
-        if not await self._serve_parts(FrameReader(stream), sender, "stream"):
+        if not await self._serve_parts(FrameReader(stream, KV_READ), sender, "stream"):
             with contextlib.suppress(Exception):
                 await stream.reset()
 
@@ -202,7 +208,7 @@ class KvRelay:
 
     async def _serve_link(self, link: SealedStream, sender: str) -> None:
         try:
-            await self._serve_parts(FrameReader(link), sender, "link")
+            await self._serve_parts(FrameReader(link, KV_READ), sender, "link")
         finally:
             with contextlib.suppress(Exception), trio.CancelScope(shield=True):
                 await link.aclose()
@@ -210,11 +216,11 @@ class KvRelay:
     async def _serve_parts(self, reader: FrameReader, sender: str, what: str) -> bool:
         """Deliver the parts ``reader`` reads from daemon ``sender``; False when it read a bad frame."""
         try:
-            while (raw := await reader.read()) is not None:
-                part = KvPart.from_wire(raw)
+            while (payload := await reader.read_payload()) is not None:
+                part = KvPart.from_wire(decode_payload(payload))
                 why = accepts(self.supervisor.deployment, part, sender, self.peer_id)
                 if why is None:
-                    await self._deliver(part)
+                    await self._deliver(part, _frame(payload))
                 else:
                     log.debug("dropped %s", why)
         except (FrameError, SealError) as exc:
@@ -224,12 +230,12 @@ class KvRelay:
             log.info("the KV %s of %s ended: %s", what, sender, exc)
         return True
 
-    async def _deliver(self, part: KvPart) -> None:
+    async def _deliver(self, part: KvPart, frame: bytes) -> None:
         for worker in list(self.supervisor.workers.values()):
             if worker.rank == part.dst and worker.kv is not None and worker.error is None:
                 try:
                     async with worker.kv_lock:
-                        await worker.kv.write(encode_frame(part.to_wire()))
+                        await worker.kv.write(frame)
                 except _BROKEN as exc:
                     log.info("dropped a KV part for rank %d: %s", part.dst, exc)
                 return

@@ -46,7 +46,7 @@ class SealedStream:
         self._sent = 0
         self._opened = 0
         self._buffer = bytearray()
-        self._plain = b""
+        self._plain = memoryview(b"")
 
     async def write(self, data: bytes) -> None:
         if not data:  # an empty record would read as the end of the stream
@@ -59,10 +59,10 @@ class SealedStream:
 
     async def read(self, n: int | None = None) -> bytes:
         if not self._plain:
-            self._plain = await self._next_record()
+            self._plain = memoryview(await self._next_record())
         size = len(self._plain) if n is None else n
         data, self._plain = self._plain[:size], self._plain[size:]
-        return data
+        return bytes(data)
 
     async def _next_record(self) -> bytes:
         if not await self._fill(_LENGTH.size):

@@ -158,8 +158,9 @@ class FrameReader:
     the buffer and the next ``read`` continues where it left off.
     """
 
-    def __init__(self, stream: ReadableStream) -> None:
+    def __init__(self, stream: ReadableStream, chunk: int = READ_CHUNK) -> None:
         self._stream = stream
+        self._chunk = chunk
         self._buffer = bytearray()
         self._eof = False
 
@@ -167,7 +168,7 @@ class FrameReader:
         """Read until the buffer holds ``needed`` bytes; False if the stream ends first."""
         while len(self._buffer) < needed and not self._eof:
             try:
-                chunk = await self._stream.read(READ_CHUNK)
+                chunk = await self._stream.read(self._chunk)
             except EOFError:  # libp2p's StreamEOF; a bare b"" means the same
                 chunk = b""
             if chunk:
@@ -183,6 +184,12 @@ class FrameReader:
         payload is not waited for), ``TruncatedFrame`` if the stream ends inside a frame, and
         ``MalformedFrame`` for a complete frame whose payload ``decode_payload`` refuses.
         """
+        payload = await self.read_payload(max_size)
+        return None if payload is None else decode_payload(payload)
+
+    async def read_payload(self, max_size: int = MAX_FRAME) -> bytes | None:
+        """The next frame's payload, undecoded (None at a clean end of stream); raises as ``read`` does, but
+        for ``MalformedFrame``."""
         _check_limit(max_size)
         if not await self._fill(HEADER_BYTES):
             if not self._buffer:
@@ -196,7 +203,7 @@ class FrameReader:
             raise TruncatedFrame(f"stream ended after {received} of {length} frame payload bytes")
         payload = bytes(self._buffer[HEADER_BYTES : HEADER_BYTES + length])
         del self._buffer[: HEADER_BYTES + length]
-        return decode_payload(payload)
+        return payload
 
 
 # ---------------------------------------------------------------------------------------------------------
