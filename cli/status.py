@@ -136,7 +136,11 @@ def network_text(record: Mapping[str, Any], is_self: bool) -> str:
         return reach
     link = _text(record.get("link"))
     kv = _dict(record.get("kv"))
-    carrier = {"splice": f", KV spliced by {short_id(kv.get('relay'))}", "stream": ", KV on a libp2p stream"}
+    carrier = {
+        "direct": ", KV hole-punched",
+        "splice": f", KV spliced by {short_id(kv.get('relay'))}",
+        "stream": ", KV on a libp2p stream",
+    }
     return MISSING if reach == link == MISSING else f"{reach}, {link}{carrier.get(_text(kv.get('carrier')), '')}"
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -56,6 +57,13 @@ def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(HEADER_BYTES, "big") + payload
 
 
+def _payload(frame: bytes) -> Any:
+    """The value of one whole frame; ``MalformedFrame`` when its length prefix does not match its size."""
+    if int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
+        raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")
+    return decode_payload(memoryview(frame)[HEADER_BYTES:])
+
+
 def sends_kv(deployment: Deployment | None, sender: str) -> str | None:
     """Why daemon ``sender`` may not send this daemon KV parts, or None when it hosts a rank of the deployed
     relayed exchange. O(ranks)."""
@@ -68,8 +76,8 @@ def sends_kv(deployment: Deployment | None, sender: str) -> str | None:
 
 @dataclass(frozen=True)
 class Carrier:
-    """How parts reach one daemon: a "splice" through ``relay`` or a libp2p "stream"; ``write`` a frame,
-    ``close`` it."""
+    """How parts reach one daemon: a "direct" (hole-punched) connection set up through ``relay``, a "splice"
+    through it, or a libp2p "stream"; ``write`` a frame, ``close`` it."""
 
     kind: str
     relay: str | None
@@ -78,7 +86,7 @@ class Carrier:
 
     @property
     def what(self) -> str:
-        return f"splice through relay {self.relay}" if self.kind == "splice" else "libp2p stream"
+        return "libp2p stream" if self.kind == "stream" else f"{self.kind} link (relay {self.relay})"
 
     def to_dict(self) -> dict[str, str | None]:
         return {"carrier": self.kind, "relay": self.relay}
@@ -96,6 +104,7 @@ class KvRelay:
     outbound: dict[str, trio.MemorySendChannel[bytes]] = field(default_factory=dict)
     carriers: dict[str, Carrier] = field(default_factory=dict)  # destination daemon -> what carries its parts
     _link_retry: dict[str, float] = field(default_factory=dict)
+    _punch_retry: dict[str, float] = field(default_factory=dict)
     _nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -167,24 +176,35 @@ class KvRelay:
                     await carrier.close()
 
     async def _carrier(self, peer: str) -> Carrier:
-        """A sealed splice to ``peer`` where one can be had (not retried for LINK_RETRY_S after a failure),
-        else a ``/hexgen/kv/1`` stream."""
-        if self.routes is not None and trio.current_time() >= self._link_retry.get(peer, -math.inf):
+        """A sealed link to ``peer`` where one can be had: hole-punched, or spliced by a relay (no link is tried
+        for LINK_RETRY_S after one failed, no punch after one failed); else a ``/hexgen/kv/1`` stream."""
+        now = trio.current_time()
+        if self.routes is not None and now >= self._link_retry.get(peer, -math.inf):
+            punch = now >= self._punch_retry.get(peer, -math.inf)
             try:
-                link = await open_link(self.host, peer, self.routes)
+                link = await open_link(self.host, peer, self.routes, punch)
             except LinkError as exc:
                 self._link_retry[peer] = trio.current_time() + LINK_RETRY_S
                 log.warning("KV to %s goes on a libp2p stream: no splice: %s", peer, exc)
             else:
-                log.info("KV to %s goes on a sealed splice through relay %s", peer, link.relay)
-                return Carrier("splice", link.relay, link.stream.write, link.stream.aclose)
+                if punch and not link.direct:
+                    self._punch_retry[peer] = trio.current_time() + LINK_RETRY_S
+                kind = "direct" if link.direct else "splice"
+                log.info("KV to %s goes on a sealed %s link (relay %s)", peer, kind, link.relay)
+                return Carrier(kind, link.relay, link.stream.write, link.stream.aclose)
         stream = await self.host.open_stream(peer, KV_PROTOCOL)
         return Carrier("stream", None, stream.write, stream.close)
 
     async def serve(self, stream: Stream) -> None:
         """Deliver the parts another daemon sends on ``stream`` until it ends; a bad frame resets it."""
         sender = stream_peer(stream)
-        if not await self._serve_parts(FrameReader(stream, KV_READ), sender, "stream"):
+        reader = FrameReader(stream, KV_READ)
+
+        async def next_frame() -> bytes | None:
+            payload = await reader.read_payload()
+            return None if payload is None else _frame(payload)
+
+        if not await self._serve_parts(next_frame, sender, "stream"):
             with contextlib.suppress(Exception):
                 await stream.reset()
 
@@ -202,25 +222,27 @@ class KvRelay:
         except LinkError as exc:
             log.warning("no KV link from %s: %s", sender, exc)
             return
-        log.info("KV from %s arrives on a sealed splice through relay %s", sender, link.relay)
+        kind = "direct" if link.direct else "splice"
+        log.info("KV from %s arrives on a sealed %s link (relay %s)", sender, kind, link.relay)
         assert self._nursery is not None  # refusal() said so
         self._nursery.start_soon(self._serve_link, link.stream, sender)
 
     async def _serve_link(self, link: SealedStream, sender: str) -> None:
         try:
-            await self._serve_parts(FrameReader(link, KV_READ), sender, "link")
+            await self._serve_parts(link.read_record, sender, "link")  # a record is one frame
         finally:
             with contextlib.suppress(Exception), trio.CancelScope(shield=True):
                 await link.aclose()
 
-    async def _serve_parts(self, reader: FrameReader, sender: str, what: str) -> bool:
-        """Deliver the parts ``reader`` reads from daemon ``sender``; False when it read a bad frame."""
+    async def _serve_parts(self, next_frame: Callable[[], Awaitable[bytes | None]], sender: str, what: str) -> bool:
+        """Deliver the parts in the frames ``next_frame`` reads from daemon ``sender`` (None at the end); False
+        when it read a bad one."""
         try:
-            while (payload := await reader.read_payload()) is not None:
-                part = KvPart.from_wire(decode_payload(payload))
+            while (frame := await next_frame()) is not None:
+                part = KvPart.from_wire(_payload(frame))
                 why = accepts(self.supervisor.deployment, part, sender, self.peer_id)
                 if why is None:
-                    await self._deliver(part, _frame(payload))
+                    await self._deliver(part, frame)
                 else:
                     log.debug("dropped %s", why)
         except (FrameError, SealError) as exc:

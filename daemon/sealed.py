@@ -59,14 +59,15 @@ class SealedStream:
 
     async def read(self, n: int | None = None) -> bytes:
         if not self._plain:
-            self._plain = memoryview(await self._next_record())
+            self._plain = memoryview(await self.read_record() or b"")
         size = len(self._plain) if n is None else n
         data, self._plain = self._plain[:size], self._plain[size:]
         return bytes(data)
 
-    async def _next_record(self) -> bytes:
+    async def read_record(self) -> bytes | None:
+        """The plaintext of the next record as it was written; None at a clean end between records."""
         if not await self._fill(_LENGTH.size):
-            return b""
+            return None
         (length,) = _LENGTH.unpack_from(self._buffer)
         if not TAG_BYTES <= length <= MAX_RECORD:
             raise SealError(f"a sealed record of {length} bytes: not between {TAG_BYTES} and {MAX_RECORD}")

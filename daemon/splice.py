@@ -7,14 +7,16 @@ and is then spent. What crosses a splice is sealed end to end (``daemon.sealed``
 This is what KV hand-offs between homes travel on (``daemon.kv_link``): a splice forwards at the speed of the
 relay's sockets, where a circuit relay v2 circuit (two Noise + yamux legs in Python) is CPU-bound far below it.
 
-Connection: the dialler sends HELLO + token (36 bytes); once its partner arrives the relay answers PAIRED to
-both and forwards; an unknown, spent or expired token, or silence, gets the connection closed.
+Connection: the dialler sends HELLO + token (36 bytes); once its partner arrives the relay answers each
+PAIRED, a length byte and the partner's address as the relay sees it (``"IP PORT"``: what a hole punch
+dials), and forwards; an unknown, spent or expired token, or silence, gets the connection closed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,14 +130,9 @@ class Splicer:
 
     async def _hello(self, stream: trio.SocketStream) -> bytes | None:
         """The connection's token, if it is registered and unexpired (it is then spent for a third party)."""
-        hello = b""
-        while len(hello) < len(HELLO) + TOKEN_BYTES:
-            chunk = await stream.receive_some(len(HELLO) + TOKEN_BYTES - len(hello))
-            if not chunk:
-                return None
-            hello += chunk
+        hello = await receive_exactly(stream, len(HELLO) + TOKEN_BYTES)
         token = hello[len(HELLO) :]
-        if not hello.startswith(HELLO):
+        if len(token) != TOKEN_BYTES or not hello.startswith(HELLO):
             return None
         if token in self.waiting:
             return token
@@ -162,14 +159,20 @@ class Splicer:
             return
         self.splices += 1
         try:
-            await first.stream.send_all(PAIRED)
-            await second.send_all(PAIRED)
+            await first.stream.send_all(_paired(second))
+            await second.send_all(_paired(first.stream))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward, first.stream, second, nursery.cancel_scope)
                 nursery.start_soon(_forward, second, first.stream, nursery.cancel_scope)
         finally:
             self.splices -= 1
             first.done.set()
+
+
+def _paired(partner: trio.SocketStream) -> bytes:
+    ip, port = partner.socket.getpeername()[:2]
+    seen = f"{ip} {port}".encode()
+    return PAIRED + bytes([len(seen)]) + seen
 
 
 async def _forward(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -194,22 +197,64 @@ async def register(host: Host, relay_id: str, token: bytes) -> int:
     return port
 
 
-async def dial(ip: str, port: int, token: bytes) -> trio.SocketStream:
+@dataclass
+class Spliced:
+    """This end of a splice: the connection through the relay, the local port it leaves from (bound so that a
+    hole punch can leave from it too), and the partner's address as the relay saw it."""
+
+    stream: trio.SocketStream
+    local_port: int
+    partner: tuple[str, int] | None
+
+
+def reusable_socket(port: int = 0) -> trio.socket.SocketType:
+    """A TCP socket bound to ``port`` on every interface, which another such socket may bind as well."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def dial(ip: str, port: int, token: bytes) -> Spliced:
     """Connect to a relay's splice port and wait until the partner naming ``token`` arrives (at most
     TOKEN_TTL_S). Raises ``SpliceError``."""
     try:
-        with trio.fail_after(HELLO_TIMEOUT_S):
-            stream = await trio.open_tcp_stream(ip, port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise SpliceError(f"cannot reach the splice port {ip}:{port}: {exc or type(exc).__name__}") from exc
+        sock = reusable_socket()
+    except OSError as exc:
+        raise SpliceError(f"no socket for a splice: {exc.strerror or exc}") from exc
+    stream = trio.SocketStream(sock)
     try:
+        with trio.fail_after(HELLO_TIMEOUT_S):
+            await sock.connect((ip, port))
         with trio.fail_after(TOKEN_TTL_S):
             await stream.send_all(HELLO + token)
-            answer = await stream.receive_some(1)
+            answer = await receive_exactly(stream, 2)
+            paired = len(answer) == 2 and answer[:1] == PAIRED
+            seen = await receive_exactly(stream, answer[1]) if paired else b""
     except (*_CLOSED, trio.TooSlowError) as exc:
         await trio.aclose_forcefully(stream)
-        raise SpliceError(f"no partner came to the splice at {ip}:{port}: {exc or type(exc).__name__}") from exc
-    if answer != PAIRED:
+        raise SpliceError(f"no splice at {ip}:{port}: {exc or type(exc).__name__}") from exc
+    if not paired:
         await trio.aclose_forcefully(stream)
         raise SpliceError(f"the relay at {ip}:{port} closed the splice without pairing it")
-    return stream
+    return Spliced(stream, sock.getsockname()[1], _address(seen))
+
+
+async def receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    """``size`` bytes, or fewer when the stream ends first."""
+    data = b""
+    while len(data) < size and (chunk := await stream.receive_some(size - len(data))):
+        data += chunk
+    return data
+
+
+def _address(seen: bytes) -> tuple[str, int] | None:
+    """``"IP PORT"`` as the relay wrote it, or None when it is not that."""
+    ip, _, port = seen.decode("ascii", "replace").partition(" ")
+    return (ip, int(port)) if port.isdigit() and 0 < int(port) < 65536 and ip else None

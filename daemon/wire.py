@@ -115,7 +115,7 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
-def decode_payload(payload: bytes) -> Any:
+def decode_payload(payload: bytes | memoryview) -> Any:
     """The msgpack value in ``payload``, decoded strictly (see the module docstring).
 
     Raises ``MalformedFrame`` naming the problem; never anything else.

@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from hexgen.daemon.kv_link import LinkOffer, address_ip
+from hexgen.daemon.kv_link import LinkOffer, address_ip, punch
 from hexgen.daemon.sealed import MAX_RECORD, SealedStream, SealError, new_key
-from hexgen.daemon.splice import HELLO, MAX_TOKENS, TOKEN_BYTES, SpliceError, Splicer, dial
+from hexgen.daemon.splice import HELLO, MAX_TOKENS, TOKEN_BYTES, SpliceError, Splicer, dial, reusable_socket
 from hexgen.daemon.wire import MalformedFrame
 
 
@@ -114,7 +114,12 @@ async def test_two_connections_naming_a_registered_token_are_spliced_both_ways()
         ends: list[trio.SocketStream] = []
 
         async def join() -> None:
-            ends.append(await dial("127.0.0.1", splicer.port, token))
+            spliced = await dial("127.0.0.1", splicer.port, token)
+            ends.append(spliced.stream)
+            assert spliced.partner is not None
+            seen.append((spliced.local_port, spliced.partner[1]))
+
+        seen: list[tuple[int, int]] = []
 
         with trio.fail_after(10):
             async with trio.open_nursery() as both:
@@ -135,6 +140,8 @@ async def test_two_connections_naming_a_registered_token_are_spliced_both_ways()
             await SealedStream(ends[1], reply_key).write(b"back")
             assert await SealedStream(ends[0], reply_key).read() == b"back"
             assert splicer.splices == 1
+            # each end was told the port the other left from, as the relay saw it
+            assert {seen[0][0], seen[1][1]} == {seen[0][0]} and seen[1][0] == seen[0][1]
             await ends[0].aclose()
             assert await ends[1].receive_some(10) == b""  # one end closed: the relay closes the other
             with pytest.raises(SpliceError):  # spent: a third connection naming it is not paired
@@ -199,7 +206,7 @@ async def test_a_lone_splice_connection_waits_for_its_partner_no_longer_than_its
 
 
 def test_a_link_offer_is_parsed_strictly() -> None:
-    offer = LinkOffer(os.urandom(TOKEN_BYTES), new_key(), "12D3KooWrelay", 4001)
+    offer = LinkOffer(os.urandom(TOKEN_BYTES), new_key(), "12D3KooWrelay", 4001, True)
     assert LinkOffer.from_wire(offer.to_wire()) == offer
     for bad in (
         {**offer.to_wire(), "token": b"short"},
@@ -208,11 +215,40 @@ def test_a_link_offer_is_parsed_strictly() -> None:
         {**offer.to_wire(), "port": 70000},
         {**offer.to_wire(), "relay": ""},
         {**offer.to_wire(), "port": "4001"},
+        {**offer.to_wire(), "punch": 1},
         None,
         [1, 2],
     ):
         with pytest.raises(MalformedFrame):
             LinkOffer.from_wire(bad)
+
+
+@pytest.mark.trio
+async def test_a_punch_dials_again_until_the_other_end_answers_then_gives_up_in_time() -> None:
+    """A hole punch from a bound port: its first SYNs are refused (nothing answers yet, as when they reach the
+    other NAT before its host's SYN left), it dials again, and connects once the other end is there; with
+    nobody there it gives up after its time. (The simultaneous open itself crosses NATs in test_nat_serving.)"""
+    ours, theirs = reusable_socket(), reusable_socket()
+    port, their_port = ours.getsockname()[1], theirs.getsockname()[1]
+    ours.close()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            made: list[trio.SocketStream | None] = []
+
+            async def dial_out() -> None:
+                made.append(await punch(port, ("127.0.0.1", their_port), seconds=10.0))
+
+            nursery.start_soon(dial_out)
+            await trio.sleep(0.3)  # refused a few times meanwhile
+            theirs.listen(1)
+            accepted, _ = await theirs.accept()
+        assert made[0] is not None and made[0].socket.getsockname()[1] == port
+        await made[0].send_all(b"punched")
+        assert await accepted.recv(100) == b"punched"
+        accepted.close()
+        await made[0].aclose()
+        theirs.close()
+        assert await punch(port, ("127.0.0.1", their_port), seconds=0.5) is None
 
 
 def test_address_ip_reads_a_multiaddr_host() -> None:
