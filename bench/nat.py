@@ -1,4 +1,4 @@
-"""NAT benchmark: joining through a relay, hole punching, and KV hand-offs over the daemons' libp2p streams
+"""NAT benchmark: joining through a relay, hole punching, and KV hand-offs through the daemons' KV links
 (direct, hole-punched, relayed) against torch.distributed and raw TCP sockets on the same links, in one run.
 
 Two labs of network namespaces (root and iptables), one after the other, each serving a random-weight Llama
@@ -7,9 +7,10 @@ written for the run (``nat_handoffs.KvModel``: float32, 128 KiB of KV per token)
 1. NAT lab (``hexgen.testing.nat_lab``): a relay daemon (``join --relay``) on the public network, and homes
    behind masquerading routers whose daemons have ``--relay-peer``. Prefill at h11 (home 1); decode at h12
    (home 1's LAN: direct), h21 (home 2, endpoint-independent NAT: hole-punched) and h31 (home 3, symmetric
-   NAT: relayed). The hand-offs to h21 and h31 go worker -> daemon -> ``/hexgen/kv/1`` -> daemon -> worker;
-   h11 and h12 share a gloo group (torch); each row's transport is the one the adopted plan records for that
-   link. From the moment every home daemon printed its ready line:
+   NAT: relayed). The hand-offs to h21 and h31 go worker -> daemon -> KV link -> daemon -> worker (the plan's
+   transport: libp2p), the link set up over libp2p and carried, as h11's status reports, by a hole-punched
+   TCP connection (h21) or a TCP splice through the relay (h31), sealed with AES-GCM (``daemon.kv_link``);
+   h11 and h12 share a gloo group (torch). From the moment every home daemon printed its ready line:
    ``join_via_relay_s`` (every daemon sees every other, one plan), ``hole_punch_s`` (h11-h21 reported
    hole-punched), ``first_token_via_relay_s`` (a client on the public network entering h11 through the relay
    gets a first token; re-sent until one comes, so it includes planning and starting the workers).
@@ -24,12 +25,15 @@ gives the fixed cost of a hand-off, and ``marginal_mib_s`` the rate of the bytes
 
 Probes (``nat_probes``), after each lab's daemons stopped, the same bytes on the same links: raw TCP on the
 home LAN and the flat bridge, raw TCP through both NATs (a TCP simultaneous open, as a hole punch makes it),
-raw TCP through a user-space forwarder on the relay host (a stand-in for a relay, labelled so), a bare libp2p
-stream between two hexgen Hosts on the home LAN, and torch gloo send/recv on the flat bridge.
+raw TCP through a user-space forwarder on the relay host (a stand-in for a relay, labelled so); the data path's
+own transport on the same links, a KV link's sealed records (``daemon.sealed``, 512 KiB records, AES-GCM;
+relayed: spliced by hexgen's splicer, ``daemon.splice``), transport ``kv-link``; a bare libp2p stream
+between two hexgen Hosts on the home LAN, and torch gloo send/recv on the flat bridge.
 
 Medians over at least 3 requests per decode replica and 5 probes per link (3 of the libp2p stream); the JSON
 keeps every sample, the machine, and the 1-minute load average every 5 s (other users of the machine).
-Targets from issue 17: libp2p hand-offs >= 0.5x raw TCP on the same link; hole-punched within 10 % of direct.
+Targets from issue 17: the data path >= 0.5x raw TCP on the same link (``kv_link_vs_tcp``, and each whole
+hand-off's ``handoff_vs_tcp``); hole-punched within 10 % of direct.
 
     python bench/nat.py [--quick] [--json OUT] [--keep DIR]     # as root
 
@@ -69,10 +73,19 @@ from nat_handoffs import (
     sample_handoffs,
     summarize,
 )
-from nat_probes import Spot, forwarded_tcp_mib_s, gloo_mib_s, libp2p_mib_s, punched_tcp_mib_s, tcp_mib_s
+from nat_probes import (
+    Spot,
+    forwarded_tcp_mib_s,
+    gloo_mib_s,
+    libp2p_mib_s,
+    punched_tcp_mib_s,
+    spliced_mib_s,
+    tcp_mib_s,
+)
 
 from hexgen.daemon import swarm_view
 from hexgen.daemon.relay import circuit_address
+from hexgen.daemon.rpc import query_status
 from hexgen.testing.daemon_harness import Daemon, open_client, serving, wait_until
 from hexgen.testing.nat_lab import NatLab, View, check_nat_available, converge, link
 from hexgen.testing.netns import Lab, NetnsUnavailable, start_daemon, stop_daemons
@@ -206,7 +219,18 @@ async def _nat_measure(relay: Daemon, homes: list[Daemon], ready: float, run: Se
             out["symmetric_stays_relayed"] = link(view, a, c) == "relayed"
         carried = transports(view, a, run.decodes, by_name)
         out["handoffs"] = await _handoffs(client, a, run, run.decodes, carried)
+        links = await kv_links(client, a)
+        for kind, host in run.decodes.values():
+            out["handoffs"][kind]["carrier"] = links.get(by_name[host], "gloo")
     return out
+
+
+async def kv_links(client: Any, entry: str) -> dict[str, str]:
+    """What carries the KV ``entry`` relays to each peer (``direct``: a hole-punched sealed TCP link, ``splice``:
+    a sealed TCP splice through the relay, ``stream``: a libp2p stream), as its status says; peers it hands KV
+    to over gloo are not named."""
+    peers = (await query_status(client, entry)).get("peers") or []
+    return {p["peer_id"]: p["kv"]["carrier"] for p in peers if isinstance(p.get("kv"), dict)}
 
 
 async def _handoffs(
@@ -229,7 +253,8 @@ async def _handoffs(
 
 def nat_probes(lab: NatLab, size: int, reps: int, relayed: bool) -> dict[str, Any]:
     """On the NAT lab's links, MiB/s: raw TCP on home 1's LAN, through both NATs and through a forwarder on
-    the relay host; a bare libp2p stream (hexgen's Host) on home 1's LAN."""
+    the relay host; a KV link's sealed stream on the same links (relayed: through hexgen's splicer); a bare
+    libp2p stream (hexgen's Host) on home 1's LAN."""
     hosts = lab.hosts
 
     def spot(name: str, public: bool = False) -> Spot:
@@ -240,9 +265,15 @@ def nat_probes(lab: NatLab, size: int, reps: int, relayed: bool) -> dict[str, An
         "direct": tcp_mib_s(spot("h11"), spot("h12"), size, reps),
         "hole-punched": punched_tcp_mib_s(spot("h11", True), spot("h21", True), size, reps),
     }
+    sealed = {
+        "direct": tcp_mib_s(spot("h11"), spot("h12"), size, reps, port=47051, sealed=True),
+        "hole-punched": punched_tcp_mib_s(spot("h11", True), spot("h21", True), size, reps, port=47151, sealed=True),
+    }
     if relayed:
         tcp["relayed"] = forwarded_tcp_mib_s(spot("h11"), spot("h31"), spot("p1"), size, reps)
-    return {"tcp": tcp, "libp2p_stream": libp2p_mib_s(spot("h11"), spot("h12"), size, min(reps, 3))}
+        sealed["relayed"] = spliced_mib_s(spot("h11"), spot("h31"), spot("p1"), size, reps)
+    stream = libp2p_mib_s(spot("h11"), spot("h12"), size, min(reps, 3))
+    return {"tcp": tcp, "sealed": sealed, "libp2p_stream": stream}
 
 
 # -- the flat lab ------------------------------------------------------------------------------------------
@@ -358,6 +389,7 @@ def _rates(rates: list[float]) -> list[float]:
 
 def _handoff_extra(figures: dict[str, Any]) -> dict[str, Any]:
     return {
+        "carrier": figures.get("carrier", "gloo"),
         "marginal_mib_s": figures["marginal_mib_s"],
         "handoff_s": figures["handoffs_s"],
         "short_handoff_s": figures["short"]["handoffs_s"],
@@ -369,7 +401,9 @@ def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str,
     """The issue's ``throughput`` list: one row per link, transport and what was timed."""
     where = {"direct": "home 1 LAN, h11 -> h12", "hole-punched": "h11 -> h21", "relayed": "h11 -> h31 via p1"}
     rows = [
-        _row(kind, f["transport"], f["mib_s"], "KV hand-off", where[kind], **_handoff_extra(f))
+        _row(
+            kind, f["transport"], f["mib_s"], f"KV hand-off ({CARRIED[f['carrier']]})", where[kind], **_handoff_extra(f)
+        )
         for kind, f in nat["handoffs"].items()
     ]
     stream = nat["probes"]["libp2p_stream"]
@@ -379,6 +413,9 @@ def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str,
     for kind, rates in nat["probes"]["tcp"].items():
         what = labels.get(kind, "socket through a user-space TCP forwarder on the relay host (not the libp2p relay)")
         rows.append(_row(kind, "tcp", _median(rates), what, where[kind], samples_mib_s=_rates(rates)))
+    for kind, rates in nat["probes"]["sealed"].items():
+        what = "a KV link's sealed records (AES-GCM, 512 KiB)" + (", hexgen's splicer" if kind == "relayed" else "")
+        rows.append(_row(kind, "kv-link", _median(rates), what, where[kind], samples_mib_s=_rates(rates)))
     if flat:
         f, flat_where = flat["handoffs"]["direct"], "flat bridge, h1 -> h2"
         what = "KV hand-off, flat network"
@@ -389,20 +426,34 @@ def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str,
     return rows
 
 
+CARRIED = {
+    "gloo": "gloo",
+    "direct": "sealed hole-punched TCP",
+    "splice": "sealed TCP spliced by the relay",
+    "stream": "libp2p stream",
+}
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
 def targets(nat: dict[str, Any]) -> dict[str, Any]:
-    """Each hand-off against raw TCP on its link; hole-punched against direct (hand-offs, whatever carries them,
-    and raw TCP); a bare libp2p stream against raw TCP on the home LAN."""
+    """A KV link's sealed stream against raw TCP on each link (relayed: hexgen's splicer against a plain
+    forwarder), and hole-punched against direct; each hand-off against raw TCP on its link; hole-punched against
+    direct (hand-offs, whatever carries them, and raw TCP); a bare libp2p stream against raw TCP on the LAN."""
     handoffs = nat["handoffs"]
     tcp = {kind: _median(rates) for kind, rates in nat["probes"]["tcp"].items()}
     vs_tcp = {k: {"transport": f["transport"], "ratio": _ratio(f["mib_s"], tcp.get(k))} for k, f in handoffs.items()}
     libp2p = [r["ratio"] for r in vs_tcp.values() if r["transport"] == "libp2p"]
     punched, direct = handoffs.get("hole-punched", {}), handoffs.get("direct", {})
     handoff_ratio = _ratio(punched.get("mib_s"), direct.get("mib_s"))
+    sealed = {kind: _median(rates) for kind, rates in nat["probes"]["sealed"].items()}
+    link_vs_tcp = {kind: _ratio(rate, tcp.get(kind)) for kind, rate in sealed.items()}
     return {
+        "kv_link_vs_tcp": link_vs_tcp,
+        "kv_link_at_least_half_of_tcp": all(r is not None and r >= 0.5 for r in link_vs_tcp.values()),
+        "kv_link_hole_punched_vs_direct": _ratio(sealed.get("hole-punched"), sealed.get("direct")),
         "handoff_vs_tcp": vs_tcp,
         "libp2p_at_least_half_of_tcp": bool(libp2p) and all(r is not None and r >= 0.5 for r in libp2p),
         "hole_punched_vs_direct": {

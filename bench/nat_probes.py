@@ -100,6 +100,9 @@ def _report(result: dict[str, float]) -> None:
 
 
 def _program_recv(args: argparse.Namespace) -> None:
+    if args.splice_token:
+        _report(_sealed(_open_records, args))
+        return
     if args.listen:
         with _listen(_address(args.listen)) as server:
             sock, _ = server.accept()
@@ -107,12 +110,83 @@ def _program_recv(args: argparse.Namespace) -> None:
         sock = _connect(_address(args.connect), args.bind)
     with sock:
         sock.settimeout(PROBE_S)
-        _report(_receive(sock, args.bytes))
+        if args.sealed:
+            _report(_sealed(_open_records, args, sock))
+        else:
+            _report(_receive(sock, args.bytes))
 
 
 def _program_send(args: argparse.Namespace) -> None:
+    if args.splice_token:
+        _sealed(_seal_records, args)
+        return
     with _connect(_address(args.connect), args.bind) as sock:
-        _send(sock, args.bytes)
+        if args.sealed:
+            _sealed(_seal_records, args, sock)
+        else:
+            _send(sock, args.bytes)
+
+
+def _sealed(program: Any, args: argparse.Namespace, sock: socket.socket | None = None) -> Any:
+    """Run ``program`` (in trio) on a KV link's sealed stream (``hexgen.daemon.sealed``) over ``sock``, or with
+    ``--splice-token`` over a splice through the relay at ``--connect`` (``hexgen.daemon.splice``)."""
+    import trio
+
+    from hexgen.daemon.sealed import SealedStream
+    from hexgen.daemon.splice import dial
+
+    async def main() -> Any:
+        if sock is None:
+            host, port = _address(args.connect)
+            stream = (await dial(host, port, bytes.fromhex(args.splice_token))).stream
+        else:
+            sock.setblocking(False)
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        return await program(SealedStream(stream, bytes.fromhex(args.sealed)), args.bytes)
+
+    return trio.run(main)
+
+
+def _program_splice(args: argparse.Namespace) -> None:
+    """hexgen's splicer (``hexgen.daemon.splice``) on ``--listen``:``--port``, with ``--token`` registered."""
+    import trio
+
+    from hexgen.daemon.splice import Splicer
+
+    async def main() -> None:
+        splicer = Splicer(lambda peer: True, args.listen, args.port)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(splicer.run)
+            why = splicer.register("bench", bytes.fromhex(args.token))
+            if why is not None:
+                raise SystemExit(f"the splicer refused the token: {why}")
+            print("listening", flush=True)
+            await trio.sleep(PROBE_S)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _seal_records(stream: Any, size: int) -> None:
+    """``size`` bytes as sealed records of a KV part's size (as a daemon writes one frame per record)."""
+    block = os.urandom(WRITE_BYTES)
+    for start in range(0, size, WRITE_BYTES):
+        await stream.write(block[: min(WRITE_BYTES, size - start)])
+    await stream.stream.send_eof()
+    await stream.stream.receive_some(1)
+
+
+async def _open_records(stream: Any, size: int) -> dict[str, float]:
+    """Open records until ``size`` bytes came; the rate counts from the end of the first record."""
+    first = len(await stream.read_record() or b"")
+    start, got = time.perf_counter(), first
+    while got < size:
+        record = await stream.read_record()
+        if record is None:
+            raise SystemExit(f"the sender closed after {got} of {size} bytes")
+        got += len(record)
+    await stream.stream.aclose()
+    return {"seconds": time.perf_counter() - start, "bytes": got - first}
 
 
 def _program_forward(args: argparse.Namespace) -> None:
@@ -222,10 +296,18 @@ def _parser() -> argparse.ArgumentParser:
     recv.add_argument("--connect")
     recv.add_argument("--bind", type=int)
     recv.add_argument("--bytes", type=int, required=True)
+    recv.add_argument("--sealed", metavar="KEY_HEX")
+    recv.add_argument("--splice-token", metavar="TOKEN_HEX")
     send = roles.add_parser("send")
     send.add_argument("--connect", required=True)
     send.add_argument("--bind", type=int)
     send.add_argument("--bytes", type=int, required=True)
+    send.add_argument("--sealed", metavar="KEY_HEX")
+    send.add_argument("--splice-token", metavar="TOKEN_HEX")
+    splice = roles.add_parser("splice")
+    splice.add_argument("--listen", required=True)
+    splice.add_argument("--port", type=int, required=True)
+    splice.add_argument("--token", required=True)
     forward = roles.add_parser("forward")
     forward.add_argument("--listen", required=True)
     forward.add_argument("--in-port", type=int, required=True)
@@ -248,6 +330,7 @@ PROGRAMS = {
     "forward": _program_forward,
     "gloo": _program_gloo,
     "libp2p": _program_libp2p,
+    "splice": _program_splice,
 }
 
 
@@ -296,29 +379,38 @@ def _check_sender(proc: subprocess.Popen[str]) -> None:
         raise RuntimeError(f"the probe's sender failed: {err.strip()[-2000:]}")
 
 
-def tcp_mib_s(sender: Spot, receiver: Spot, size: int, reps: int, port: int = 47001) -> list[float]:
+def _sealing(sealed: bool) -> list[str]:
+    """The flags that make a probe's two ends a KV link's sealed stream, under one fresh key."""
+    return ["--sealed", os.urandom(32).hex()] if sealed else []
+
+
+def tcp_mib_s(
+    sender: Spot, receiver: Spot, size: int, reps: int, port: int = 47001, sealed: bool = False
+) -> list[float]:
     """Each of ``reps`` transfers of ``size`` bytes over a plain TCP connection from ``sender`` to
     ``receiver``'s address, MiB/s."""
-    rates = []
+    rates, seal = [], _sealing(sealed)
     for _ in range(reps):
-        with _program(receiver, "recv", "--listen", f"{receiver.ip}:{port}", "--bytes", str(size)) as recv:
+        with _program(receiver, "recv", "--listen", f"{receiver.ip}:{port}", "--bytes", str(size), *seal) as recv:
             _await_line(recv, "receiver")
-            with _program(sender, "send", "--connect", f"{receiver.ip}:{port}", "--bytes", str(size)) as send:
+            with _program(sender, "send", "--connect", f"{receiver.ip}:{port}", "--bytes", str(size), *seal) as send:
                 _check_sender(send)
             rates.append(_mib_s(_results(recv)))
     return rates
 
 
-def punched_tcp_mib_s(sender: Spot, receiver: Spot, size: int, reps: int, port: int = 47101) -> list[float]:
+def punched_tcp_mib_s(
+    sender: Spot, receiver: Spot, size: int, reps: int, port: int = 47101, sealed: bool = False
+) -> list[float]:
     """As ``tcp_mib_s`` between two hosts behind NATs that map a port to the same port (endpoint-independent):
     both bind a port and dial the other's public address (``Spot.ip`` is the router's) at once, so each NAT
     sees its own host's SYN leave before the other's arrives: a TCP simultaneous open, a hole punch."""
-    rates = []
+    rates, seal = [], _sealing(sealed)
     for k in range(reps):
         a, b = port + 2 * k, port + 2 * k + 1
-        recv_args = ["recv", "--connect", f"{sender.ip}:{a}", "--bind", str(b), "--bytes", str(size)]
+        recv_args = ["recv", "--connect", f"{sender.ip}:{a}", "--bind", str(b), "--bytes", str(size), *seal]
         with _program(receiver, *recv_args) as recv:
-            send_args = ["send", "--connect", f"{receiver.ip}:{b}", "--bind", str(a), "--bytes", str(size)]
+            send_args = ["send", "--connect", f"{receiver.ip}:{b}", "--bind", str(a), "--bytes", str(size), *seal]
             with _program(sender, *send_args) as send:
                 _check_sender(send)
             rates.append(_mib_s(_results(recv)))
@@ -326,19 +418,36 @@ def punched_tcp_mib_s(sender: Spot, receiver: Spot, size: int, reps: int, port: 
 
 
 def forwarded_tcp_mib_s(
-    sender: Spot, receiver: Spot, relay: Spot, size: int, reps: int, port: int = 47201
+    sender: Spot, receiver: Spot, relay: Spot, size: int, reps: int, port: int = 47201, sealed: bool = False
 ) -> list[float]:
     """As ``tcp_mib_s`` through a user-space forwarder on ``relay``: both ends dial out to it (neither can be
     dialled), as the ends of a relayed circuit do."""
-    rates = []
+    rates, seal = [], _sealing(sealed)
     for k in range(reps):
         inward, outward = port + 2 * k, port + 2 * k + 1
         forward_args = ["forward", "--listen", relay.ip, "--in-port", str(inward), "--out-port", str(outward)]
         with _program(relay, *forward_args) as forward:
             _await_line(forward, "forwarder")
             _await_line(forward, "forwarder")
-            with _program(receiver, "recv", "--connect", f"{relay.ip}:{outward}", "--bytes", str(size)) as recv:
-                with _program(sender, "send", "--connect", f"{relay.ip}:{inward}", "--bytes", str(size)) as send:
+            recv_args = ["recv", "--connect", f"{relay.ip}:{outward}", "--bytes", str(size), *seal]
+            with _program(receiver, *recv_args) as recv:
+                with _program(sender, "send", "--connect", f"{relay.ip}:{inward}", "--bytes", str(size), *seal) as send:
+                    _check_sender(send)
+                rates.append(_mib_s(_results(recv)))
+    return rates
+
+
+def spliced_mib_s(sender: Spot, receiver: Spot, relay: Spot, size: int, reps: int, port: int = 47401) -> list[float]:
+    """As ``tcp_mib_s`` on a KV link's sealed stream spliced by hexgen's splicer on ``relay``: both ends dial
+    out to it naming one token, as two daemons' KV link does."""
+    rates = []
+    for k in range(reps):
+        token, relay_at = os.urandom(32).hex(), f"{relay.ip}:{port + k}"
+        with _program(relay, "splice", "--listen", relay.ip, "--port", str(port + k), "--token", token) as splicer:
+            _await_line(splicer, "splicer")
+            common = ["--connect", relay_at, "--bytes", str(size), "--splice-token", token, *_sealing(True)]
+            with _program(receiver, "recv", *common) as recv:
+                with _program(sender, "send", *common) as send:
                     _check_sender(send)
                 rates.append(_mib_s(_results(recv)))
     return rates
