@@ -73,14 +73,14 @@ class SealedStream:
             raise SealError(f"a sealed record of {length} bytes: not between {TAG_BYTES} and {MAX_RECORD}")
         if not await self._fill(_LENGTH.size + length):
             raise SealError(f"the stream ended inside a sealed record of {length} bytes")
-        sealed = bytes(self._buffer[_LENGTH.size : _LENGTH.size + length])
-        del self._buffer[: _LENGTH.size + length]
         try:
-            plain = self._aead.decrypt(_nonce(self._opened), sealed, None)
+            with memoryview(self._buffer)[_LENGTH.size : _LENGTH.size + length] as sealed:
+                plain = self._aead.decrypt(_nonce(self._opened), sealed, None)
         except InvalidTag:
             raise SealError(
                 f"sealed record {self._opened} does not open: altered, out of order or another key"
             ) from None
+        del self._buffer[: _LENGTH.size + length]
         self._opened += 1
         return plain
 
