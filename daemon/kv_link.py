@@ -130,7 +130,7 @@ async def accept_link(stream: Stream, admits: Callable[[], str | None], routes: 
     try:
         with trio.fail_after(LINK_SETUP_S):
             offer = LinkOffer.from_wire(await FrameReader(stream).read())
-    except (FrameError, trio.TooSlowError) as exc:
+    except Exception as exc:  # a bad frame, silence, or a stream that broke: no link
         await _answer(stream, {"error": f"a bad link offer: {exc or type(exc).__name__}"})
         raise LinkError(f"a bad link offer: {exc or type(exc).__name__}") from exc
     why = admits()

@@ -35,6 +35,7 @@ log = logging.getLogger("hexgen.daemon")
 KV_PROTOCOL = ProtocolId("/hexgen/kv/1")
 QUEUE_PARTS = 64  # per destination daemon: 32 MiB of parts waiting for its stream
 KV_READ = 1 << 20  # bytes a reader asks its socket for at a time: a part is 512 KiB
+MAX_LINKS_PER_PEER = 4  # incoming KV links one daemon may hold open here (it needs one; a new one may overlap)
 LINK_RETRY_S = 30.0  # after a link to a daemon could not be set up, its KV goes on streams this long
 _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -105,6 +106,7 @@ class KvRelay:
     carriers: dict[str, Carrier] = field(default_factory=dict)  # destination daemon -> what carries its parts
     _link_retry: dict[str, float] = field(default_factory=dict)
     _punch_retry: dict[str, float] = field(default_factory=dict)
+    _links_from: dict[str, int] = field(default_factory=dict)  # open incoming links per sending daemon
     _nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -215,13 +217,21 @@ class KvRelay:
         def refusal() -> str | None:
             if self.routes is None or self._nursery is None:
                 return "this daemon takes no KV links"
+            if self._links_from[sender] > MAX_LINKS_PER_PEER:
+                return f"{sender} has {MAX_LINKS_PER_PEER} KV links to this daemon already"
             return sends_kv(self.supervisor.deployment, sender)
 
+        self._links_from[sender] = self._links_from.get(sender, 0) + 1  # counted from the offer on
+        accepted = False
         try:
             link = await accept_link(stream, refusal, self.routes or NO_ROUTES)
+            accepted = True
         except LinkError as exc:
             log.warning("no KV link from %s: %s", sender, exc)
             return
+        finally:
+            if not accepted:
+                self._link_ended(sender)
         kind = "direct" if link.direct else "splice"
         log.info("KV from %s arrives on a sealed %s link (relay %s)", sender, kind, link.relay)
         assert self._nursery is not None  # refusal() said so
@@ -231,8 +241,14 @@ class KvRelay:
         try:
             await self._serve_parts(link.read_record, sender, "link")  # a record is one frame
         finally:
+            self._link_ended(sender)
             with contextlib.suppress(Exception), trio.CancelScope(shield=True):
                 await link.aclose()
+
+    def _link_ended(self, sender: str) -> None:
+        self._links_from[sender] -= 1
+        if not self._links_from[sender]:
+            del self._links_from[sender]
 
     async def _serve_parts(self, next_frame: Callable[[], Awaitable[bytes | None]], sender: str, what: str) -> bool:
         """Deliver the parts in the frames ``next_frame`` reads from daemon ``sender`` (None at the end); False

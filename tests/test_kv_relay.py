@@ -8,7 +8,7 @@ import dataclasses
 from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
 from hexgen.daemon.deployment import Deployment, Replica, deployment_from_plan
 from hexgen.daemon.kv_frames import KvPart
-from hexgen.daemon.kv_relay import accepts
+from hexgen.daemon.kv_relay import accepts, sends_kv
 from hexgen.daemon.messages import PlanBody, PlanLink
 from hexgen.daemon.pair_links import exchange_transport, gloo_groups, with_transports
 
@@ -36,6 +36,13 @@ def test_a_part_of_another_epoch_or_of_a_gloo_exchange_is_dropped() -> None:
     direct = dataclasses.replace(RELAYED, exchange="torch")
     assert "not this daemon's relayed exchange" in (accepts(direct, PART, "B", "C") or "")
     assert accepts(None, PART, "B", "C") is not None
+
+
+def test_who_may_send_a_daemon_kv_on_a_link() -> None:
+    assert sends_kv(RELAYED, "B") is None
+    assert "hosts no rank" in (sends_kv(RELAYED, "Z") or "")
+    assert "relays no KV" in (sends_kv(dataclasses.replace(RELAYED, exchange="torch"), "B") or "")
+    assert "relays no KV" in (sends_kv(None, "B") or "")
 
 
 def _plan(*groups: tuple[str, int]) -> Plan:

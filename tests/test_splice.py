@@ -4,17 +4,39 @@ across NATs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from hexgen.daemon.kv_link import LinkOffer, address_ip, punch
+from hexgen.daemon.kv_link import (
+    LINK_PROTOCOL,
+    KvLink,
+    LinkError,
+    LinkOffer,
+    SpliceRoutes,
+    accept_link,
+    address_ip,
+    open_link,
+    punch,
+)
 from hexgen.daemon.sealed import MAX_RECORD, SealedStream, SealError, new_key
-from hexgen.daemon.splice import HELLO, MAX_TOKENS, TOKEN_BYTES, SpliceError, Splicer, dial, reusable_socket
-from hexgen.daemon.wire import MalformedFrame
+from hexgen.daemon.splice import (
+    HELLO,
+    MAX_TOKENS,
+    SPLICE_PROTOCOL,
+    TOKEN_BYTES,
+    SpliceError,
+    Splicer,
+    dial,
+    reusable_socket,
+)
+from hexgen.daemon.wire import FrameReader, MalformedFrame, write_frame
+from hexgen.testing.daemon_harness import open_client
 
 
 def sealed_pair(key: bytes, reader_key: bytes | None = None) -> tuple[SealedStream, SealedStream]:
@@ -256,3 +278,49 @@ def test_address_ip_reads_a_multiaddr_host() -> None:
     assert address_ip("/ip6/::1/tcp/1") == "::1"
     assert address_ip("/dns4/relay.example/tcp/1") is None
     assert address_ip("") is None
+
+
+# -- the link handshake, between real libp2p hosts on loopback ---------------------------------------------
+
+
+@pytest.mark.trio
+async def test_a_kv_link_is_offered_spliced_sealed_and_refused_when_it_should_be() -> None:
+    """Three hexgen hosts: a relay splicing for members, a sender and a receiver. An accepted offer becomes a
+    sealed spliced link (no punch asked: on loopback there is no NAT to punch); a refusal, a bad offer and a
+    relay no one can reach end in ``LinkError`` naming why, and the relay still splices."""
+    async with open_client() as relay_host, open_client() as sender, open_client() as receiver:
+        for host in (sender, receiver):
+            await host.connect(f"{relay_host.addrs[0]}/p2p/{relay_host.peer_id}")
+        await sender.connect(f"{receiver.addrs[0]}/p2p/{receiver.peer_id}")
+        async with trio.open_nursery() as nursery:
+            splicer = Splicer(lambda peer: peer != "nobody", "127.0.0.1", 0)
+            await nursery.start(splicer.run)
+            relay_host.handle(SPLICE_PROTOCOL, splicer.serve_register)
+            routes = SpliceRoutes(lambda: [relay_host.peer_id], lambda relay: ["127.0.0.1"])
+            verdicts: list[str | None] = [None, "this daemon takes no KV links"]
+            accepted: list[KvLink] = []
+
+            async def serve(stream: Any) -> None:
+                verdict = verdicts.pop(0) if verdicts else None
+                with contextlib.suppress(LinkError):
+                    accepted.append(await accept_link(stream, lambda: verdict, routes))
+
+            receiver.handle(LINK_PROTOCOL, serve)
+            with trio.fail_after(30):
+                link = await open_link(sender, receiver.peer_id, routes, punch=False)
+                assert not link.direct and link.relay == relay_host.peer_id
+                await link.stream.write(b"a KV part's frame")
+                while not accepted:
+                    await trio.sleep(0.01)
+                assert await accepted[0].stream.read_record() == b"a KV part's frame"
+                with pytest.raises(LinkError, match="declined the link: this daemon takes no KV links"):
+                    await open_link(sender, receiver.peer_id, routes, punch=False)
+                stream = await sender.open_stream(receiver.peer_id, LINK_PROTOCOL)
+                await write_frame(stream, {"token": b"x"})
+                assert "bad link offer" in (await FrameReader(stream).read())["error"]
+                nowhere = SpliceRoutes(lambda: ["12D3KooWnowhere"], lambda relay: [])
+                with pytest.raises(LinkError, match="no address of relay"):
+                    await open_link(sender, receiver.peer_id, nowhere, punch=False)
+                link = await open_link(sender, receiver.peer_id, routes, punch=True)  # nobody answers the punch
+                assert not link.direct
+            nursery.cancel_scope.cancel()
