@@ -428,7 +428,9 @@ def run_steps(channel: Channel, worker: ReplicaWorker) -> None:
         if worker.is_driver:
             report(channel, worker, result)
         if result.handed_off:
-            worker.export_routed(result.handed_off)
+            for seq_id, why in worker.export_routed(result.handed_off):
+                # its hand-off went out already: the decode side's refusal or timeout has the entry re-submit it
+                print(f"hexgen-worker: the KV of request {seq_id} was not handed off: {why}", file=sys.stderr)
 
 
 def serve(channel: Channel, kv_fd: int | None = None) -> None:

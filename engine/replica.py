@@ -413,9 +413,11 @@ class ReplicaWorker:
             self.routes[seq.seq_id] = req.dst
         return seq
 
-    def export_routed(self, seqs: list[Sequence]) -> None:
+    def export_routed(self, seqs: list[Sequence]) -> list[tuple[int, str]]:
         """Ship handed-off ``seqs`` to the replicas their requests named (``Request.dst``), every send posted
-        before any is waited for (``send_kv_all``), then release their blocks."""
+        before any is waited for (``send_kv_all``), then release their blocks. Returns the sequences whose KV
+        did not go, with why (their decode replica is gone or moved to a new epoch: the entry re-submits
+        them); this replica carries on."""
         self.await_exchange()
         refused = self.refusals(seqs)
         sends = []
@@ -425,10 +427,13 @@ class ReplicaWorker:
                 continue  # the decode side refuses it alike and posts no receive
             slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
             sends.append(KVSend(slices, seq.block_table, len(seq) - 1, dst.global_rank, kv_tag(seq.seq_id)))
-        send_kv_all(self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT)
+        failed = send_kv_all(
+            self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT
+        )
         for seq in seqs:
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
+        return [(seq.seq_id, failed[kv_tag(seq.seq_id)]) for seq in seqs if kv_tag(seq.seq_id) in failed]
 
     def _own_exchange_spec(self) -> ReplicaSpec:
         return dataclasses.replace(self.spec, first_rank=self.exchange_first_rank)
@@ -579,6 +584,9 @@ class ReplicaWorker:
             self.seqs.pop(seq_id, None)
         self.routes.clear()
         self._drop_waiting({w.req.seq_id for w in self.waiting})  # routed under the old numbering
+        # Nothing moves over the superseded group any more, and dropping it closes its connections: a peer still
+        # blocked sending or receiving this rank's KV over it fails at once instead of after TRANSFER_TIMEOUT.
+        self.exchange = None
         self._joined = []  # a thread still joining an older group appends to the list it was given
         self._next_exchange = threading.Thread(target=self._join_exchange, args=(config, self._joined), daemon=True)
         self._next_exchange.start()
