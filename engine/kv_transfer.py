@@ -489,7 +489,9 @@ def send_kv_all(
     return failed
 
 
-def _wait_sends(kv_cache: torch.Tensor, pending: list[tuple[int, _Pending]], timeout: timedelta | None) -> dict[int, str]:
+def _wait_sends(
+    kv_cache: torch.Tensor, pending: list[tuple[int, _Pending]], timeout: timedelta | None
+) -> dict[int, str]:
     """Wait for every posted chunk, each at most until ``timeout`` after the first wait began; the tags of
     those that failed, with why. O(chunks) waits."""
     deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()

@@ -427,9 +427,7 @@ class ReplicaWorker:
                 continue  # the decode side refuses it alike and posts no receive
             slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
             sends.append(KVSend(slices, seq.block_table, len(seq) - 1, dst.global_rank, kv_tag(seq.seq_id)))
-        failed = send_kv_all(
-            self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT
-        )
+        failed = send_kv_all(self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT)
         for seq in seqs:
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
