@@ -18,7 +18,7 @@ from hexgen.testing.ranks import free_port, run_ranks
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 MAX_TOKENS = 6
-# each rank's bound on a hand-off: past it the superseded send failed only by timing out, as before the fix
+# TRANSFER_TIMEOUT in both workers: a superseded send that ran into it was not ended by the epoch change
 TRANSFER_S = 20.0
 
 
@@ -43,8 +43,8 @@ def _rank(rank: int, port: int, model_dir: str, exchange_port: int) -> tuple[lis
     epoch = ExchangeConfig("127.0.0.1", exchange_port, "epoch-1/", rank, 2, (prefill, decode), timeout_s=30.0)
     worker.begin_exchange(epoch)
     worker.await_exchange()
-    store = worker.exchange.store if worker.exchange is not None else None
-    assert store is not None
+    assert worker.exchange is not None
+    store = worker.exchange.store  # the test's store: the ranks meet there (it outlives the epoch's group)
     sampling = SamplingParams(max_tokens=MAX_TOKENS)
     new_epoch = dataclasses.replace(epoch, prefix="epoch-2/")
     if rank == 0:
@@ -76,9 +76,9 @@ def _rank(rank: int, port: int, model_dir: str, exchange_port: int) -> tuple[lis
     return [], 0.0, tokens
 
 
-def _outcome(rank: int, *args: object) -> object:
+def _outcome(rank: int, port: int, model_dir: str, exchange_port: int) -> object:
     try:
-        return _rank(rank, *args)  # type: ignore[arg-type]
+        return _rank(rank, port, model_dir, exchange_port)
     except BaseException:
         return "ERROR " + traceback.format_exc()
 
