@@ -390,7 +390,7 @@ def report(channel: Channel, worker: ReplicaWorker, result: StepResult) -> None:
     if result.sampled:
         tokens = tuple(TokenFrame(seq_id, token, finished.get(seq_id)) for seq_id, token in result.sampled)
         frames.append(StepFrame(tokens).to_wire())
-    # imports refused here (a KV format mismatch): the request fails
+    # imports refused here (a KV format mismatch) or whose KV was lost: the request fails
     frames.extend(ErrorFrame(seq_id, why).to_wire() for seq_id, why in result.failed)
     refused = worker.refusals(result.handed_off)
     for seq in result.handed_off:

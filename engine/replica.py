@@ -124,7 +124,7 @@ class StepResult:
     handed_off: list[Sequence] = field(default_factory=list)
     ran: bool = False
     sampled: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, token) in batch order
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why): imports refused here
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why): imports refused or lost here
 
 
 def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> Groups:
@@ -306,7 +306,7 @@ class ReplicaWorker:
         A KV relayed through the daemons is received once it has arrived whole (``_take_arrived``), so a
         slow link never stalls the sequences already decoding; one over gloo is received now."""
         self.await_exchange()
-        failed = []
+        failed, received, lost = [], [], []
         for req in reqs:
             why = self.kv_refusal(self.peers[req.src], self._own_exchange_spec())
             if why is not None:  # refused on both sides alike: the prefill rank sent nothing
@@ -314,8 +314,21 @@ class ReplicaWorker:
             elif self._relayed(self.peers[req.src]):
                 self.waiting.append(_Waiting(req, self._allocate_import(req), time.monotonic()))
             else:
-                self._receive(self._allocate_import(req), self.peers[req.src])
+                received.append(req)
+                lost += self._receive_now(req)
+        failed += self._agree_on_failures(received, lost)
         return failed + self._take_arrived() if self.waiting else failed
+
+    def _receive_now(self, req: Request) -> list[tuple[int, str]]:
+        """Receive ``req``'s KV over the gloo group now. A receive that fails (its prefill rank died, or left
+        the group for a new epoch's) loses only this sequence: returns it with why, its blocks freed."""
+        seq = self._allocate_import(req)
+        try:
+            self._receive(seq, self.peers[req.src])
+        except KVTransferError as exc:
+            self.block_manager.free(seq)
+            return [(req.seq_id, str(exc))]
+        return []
 
     def _relayed(self, src: ReplicaSpec) -> bool:
         """Whether KV from replica ``src`` comes through the daemons rather than over gloo."""
@@ -372,8 +385,8 @@ class ReplicaWorker:
         return self.exchange.arrived(expected, kv_tag(seq.seq_id))
 
     def _agree_on_failures(self, reqs: list[Request], failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
-        """A relayed KV may reach some ranks of the replica and not others: a sequence any rank lost is dropped
-        by every rank, so all schedule alike."""
+        """A KV may reach some ranks of the replica and not others: a sequence any rank lost is dropped by every
+        rank, so all schedule alike."""
         if self.solo or not reqs:
             return failed
         lost = {seq_id for seq_id, _ in failed}
