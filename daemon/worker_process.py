@@ -390,7 +390,7 @@ def report(channel: Channel, worker: ReplicaWorker, result: StepResult) -> None:
     if result.sampled:
         tokens = tuple(TokenFrame(seq_id, token, finished.get(seq_id)) for seq_id, token in result.sampled)
         frames.append(StepFrame(tokens).to_wire())
-    # imports refused here (a KV format mismatch): the request fails
+    # imports refused here (a KV format mismatch) or whose KV was lost: the request fails
     frames.extend(ErrorFrame(seq_id, why).to_wire() for seq_id, why in result.failed)
     refused = worker.refusals(result.handed_off)
     for seq in result.handed_off:
@@ -428,7 +428,9 @@ def run_steps(channel: Channel, worker: ReplicaWorker) -> None:
         if worker.is_driver:
             report(channel, worker, result)
         if result.handed_off:
-            worker.export_routed(result.handed_off)
+            for seq_id, why in worker.export_routed(result.handed_off):
+                # its hand-off went out already: the decode side's refusal or timeout has the entry re-submit it
+                print(f"hexgen-worker: the KV of request {seq_id} was not handed off: {why}", file=sys.stderr)
 
 
 def serve(channel: Channel, kv_fd: int | None = None) -> None:

@@ -9,6 +9,7 @@ the sequence's blocks with point-to-point operations, each side using its own bl
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +31,8 @@ from hexgen.engine.layout import (
 # Two chunks in flight let the next chunk's gather overlap the previous chunk's transfer without holding the
 # whole sequence's KV in staging buffers.
 _CHUNKS_IN_FLIGHT = 2
+# what a wait past the deadline still gets: a message already here is taken, not failed
+_MIN_WAIT_S = 0.001
 
 
 class KVTransferError(RuntimeError):
@@ -319,9 +322,18 @@ def _post_chunk(
     if sending and stage and kv_cache.device.type == "cuda":
         # the non-blocking device -> host copies must have landed before gloo reads the host buffers
         torch.cuda.current_stream(kv_cache.device).synchronize()
-    if isinstance(group, Exchange):
-        return [group.post(buffer, move.peer, tag, sending) for move, _, buffer in buffers], buffers
-    return dist.batch_isend_irecv(ops), buffers
+    try:  # a peer that left the group already fails the post itself
+        if isinstance(group, Exchange):
+            return [group.post(buffer, move.peer, tag, sending) for move, _, buffer in buffers], buffers
+        return dist.batch_isend_irecv(ops), buffers
+    except RuntimeError as error:
+        raise _failure(moves, sending, error) from error
+
+
+def _failure(moves: Sequence[_Move], sending: bool, error: RuntimeError) -> KVTransferError:
+    peers = sorted({move.peer for move in moves})
+    verb = "sending KV to" if sending else "receiving KV from"
+    return KVTransferError(f"{verb} process-group ranks {peers} failed: {error}")
 
 
 def _finish_chunk(kv_cache: torch.Tensor, pending: _Pending, sending: bool, timeout: timedelta | None) -> None:
@@ -335,9 +347,7 @@ def _finish_chunk(kv_cache: torch.Tensor, pending: _Pending, sending: bool, time
             else:
                 work.wait(timeout)
     except RuntimeError as error:
-        peers = sorted({move.peer for move, _, _ in buffers})
-        verb = "sending KV to" if sending else "receiving KV from"
-        raise KVTransferError(f"{verb} process-group ranks {peers} failed: {error}") from error
+        raise _failure([move for move, _, _ in buffers], sending, error) from error
     if not sending:
         for move, index, buffer in buffers:
             # a staged buffer is on the host: copy it to the cache's device first (a no-op otherwise)
@@ -444,17 +454,23 @@ def send_kv_all(
     blocks_per_chunk: int = 64,
     timeout: timedelta | None = None,
     stage: bool | None = None,
-) -> None:
+) -> dict[int, str]:
     """Post every message of every sequence in ``sends`` before waiting for any, then wait for them all.
 
     A prefill replica handing sequences to several decode replicas in one step must not wait on one of them
     while that one waits on another prefill replica that waits on it: with every send posted, and told
     apart by its tag, each receiver takes its sequences in whatever order it learns of them. Stages the
-    whole batch's KV at once. Raises like :func:`send_kv`.
+    whole batch's KV at once.
+
+    Returns the tags whose messages did not all go, each with why: their receiver left the group (it died,
+    or moved to a new plan epoch and dropped the group, which fails a pending send at once) or did not take
+    them within ``timeout``, counted from the first wait, so a hung receiver costs ``timeout`` once, not once
+    per message. Only those sequences are lost; the others were sent. Raises ValueError like :func:`send_kv`.
     """
     _check_call(blocks_per_chunk, timeout)
     _check_cache(kv_cache, shard)
-    pending: list[_Pending] = []
+    pending: list[tuple[int, _Pending]] = []
+    failed: dict[int, str] = {}
     for send in sends:
         block_ids = _used_blocks(kv_cache, send.block_table, send.num_tokens)
         moves = _local_moves(shard, send.slices, True, send.peer)
@@ -462,11 +478,31 @@ def send_kv_all(
             continue
         if stage is None:
             stage = needs_staging(kv_cache.device, group_backend(group))
-        for chunk_start in range(0, len(block_ids), blocks_per_chunk):
-            chunk = block_ids[chunk_start : chunk_start + blocks_per_chunk]
-            pending.append(_post_chunk(kv_cache, moves, chunk, True, group, send.tag, stage))
-    for item in pending:
-        _finish_chunk(kv_cache, item, True, timeout)
+        try:
+            for chunk_start in range(0, len(block_ids), blocks_per_chunk):
+                chunk = block_ids[chunk_start : chunk_start + blocks_per_chunk]
+                pending.append((send.tag, _post_chunk(kv_cache, moves, chunk, True, group, send.tag, stage)))
+        except KVTransferError as error:
+            failed.setdefault(send.tag, str(error))
+    for tag, why in _wait_sends(kv_cache, pending, timeout).items():
+        failed.setdefault(tag, why)
+    return failed
+
+
+def _wait_sends(
+    kv_cache: torch.Tensor, pending: list[tuple[int, _Pending]], timeout: timedelta | None
+) -> dict[int, str]:
+    """Wait for every posted chunk, each at most until ``timeout`` after the first wait began; the tags of
+    those that failed, with why. O(chunks) waits."""
+    deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+    failed: dict[int, str] = {}
+    for tag, item in pending:
+        left = None if deadline is None else timedelta(seconds=max(deadline - time.monotonic(), _MIN_WAIT_S))
+        try:
+            _finish_chunk(kv_cache, item, True, left)
+        except KVTransferError as error:
+            failed.setdefault(tag, str(error))
+    return failed
 
 
 def expected_messages(

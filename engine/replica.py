@@ -124,7 +124,7 @@ class StepResult:
     handed_off: list[Sequence] = field(default_factory=list)
     ran: bool = False
     sampled: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, token) in batch order
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why): imports refused here
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, why): imports refused or lost here
 
 
 def replica_groups(specs: list[ReplicaSpec], timeout: timedelta | None = None) -> Groups:
@@ -306,7 +306,7 @@ class ReplicaWorker:
         A KV relayed through the daemons is received once it has arrived whole (``_take_arrived``), so a
         slow link never stalls the sequences already decoding; one over gloo is received now."""
         self.await_exchange()
-        failed = []
+        failed, received, lost = [], [], []
         for req in reqs:
             why = self.kv_refusal(self.peers[req.src], self._own_exchange_spec())
             if why is not None:  # refused on both sides alike: the prefill rank sent nothing
@@ -314,8 +314,21 @@ class ReplicaWorker:
             elif self._relayed(self.peers[req.src]):
                 self.waiting.append(_Waiting(req, self._allocate_import(req), time.monotonic()))
             else:
-                self._receive(self._allocate_import(req), self.peers[req.src])
+                received.append(req)
+                lost += self._receive_now(req)
+        failed += self._agree_on_failures(received, lost)
         return failed + self._take_arrived() if self.waiting else failed
+
+    def _receive_now(self, req: Request) -> list[tuple[int, str]]:
+        """Receive ``req``'s KV over the gloo group now. A receive that fails (its prefill rank died, or left
+        the group for a new epoch's) loses only this sequence: returns it with why, its blocks freed."""
+        seq = self._allocate_import(req)
+        try:
+            self._receive(seq, self.peers[req.src])
+        except KVTransferError as exc:
+            self.block_manager.free(seq)
+            return [(req.seq_id, str(exc))]
+        return []
 
     def _relayed(self, src: ReplicaSpec) -> bool:
         """Whether KV from replica ``src`` comes through the daemons rather than over gloo."""
@@ -372,8 +385,8 @@ class ReplicaWorker:
         return self.exchange.arrived(expected, kv_tag(seq.seq_id))
 
     def _agree_on_failures(self, reqs: list[Request], failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
-        """A relayed KV may reach some ranks of the replica and not others: a sequence any rank lost is dropped
-        by every rank, so all schedule alike."""
+        """A KV may reach some ranks of the replica and not others: a sequence any rank lost is dropped by every
+        rank, so all schedule alike."""
         if self.solo or not reqs:
             return failed
         lost = {seq_id for seq_id, _ in failed}
@@ -413,9 +426,11 @@ class ReplicaWorker:
             self.routes[seq.seq_id] = req.dst
         return seq
 
-    def export_routed(self, seqs: list[Sequence]) -> None:
+    def export_routed(self, seqs: list[Sequence]) -> list[tuple[int, str]]:
         """Ship handed-off ``seqs`` to the replicas their requests named (``Request.dst``), every send posted
-        before any is waited for (``send_kv_all``), then release their blocks."""
+        before any is waited for (``send_kv_all``), then release their blocks. Returns the sequences whose KV
+        did not go, with why (their decode replica is gone or moved to a new epoch: the entry re-submits
+        them); this replica carries on."""
         self.await_exchange()
         refused = self.refusals(seqs)
         sends = []
@@ -425,10 +440,11 @@ class ReplicaWorker:
                 continue  # the decode side refuses it alike and posts no receive
             slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
             sends.append(KVSend(slices, seq.block_table, len(seq) - 1, dst.global_rank, kv_tag(seq.seq_id)))
-        send_kv_all(self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT)
+        failed = send_kv_all(self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT)
         for seq in seqs:
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
+        return [(seq.seq_id, failed[kv_tag(seq.seq_id)]) for seq in seqs if kv_tag(seq.seq_id) in failed]
 
     def _own_exchange_spec(self) -> ReplicaSpec:
         return dataclasses.replace(self.spec, first_rank=self.exchange_first_rank)
@@ -579,6 +595,9 @@ class ReplicaWorker:
             self.seqs.pop(seq_id, None)
         self.routes.clear()
         self._drop_waiting({w.req.seq_id for w in self.waiting})  # routed under the old numbering
+        # Nothing moves over the superseded group any more, and dropping it closes its connections: a peer still
+        # blocked sending or receiving this rank's KV over it fails at once instead of after TRANSFER_TIMEOUT.
+        self.exchange = None
         self._joined = []  # a thread still joining an older group appends to the list it was given
         self._next_exchange = threading.Thread(target=self._join_exchange, args=(config, self._joined), daemon=True)
         self._next_exchange.start()
