@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 
 from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, KvPart
-from hexgen.daemon.wire import MAX_FRAME, FrameError, decode_payload, encode_frame
+from hexgen.daemon.wire import MAX_FRAME, FrameError
 from hexgen.engine.kv_transfer import KVMissing
 
 log = logging.getLogger("hexgen.worker")
@@ -121,15 +121,16 @@ class KvChannel:
     def send(self, prefix: str, src: int, dst: int, tag: int, tensor: torch.Tensor) -> None:
         """Write ``tensor`` to the daemon as the next message from ``src`` to ``dst`` under ``tag``."""
         dtype = _dtype_name(tensor)
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
         parts = max(1, -(-raw.nbytes // PART_BYTES))
         with self.write_lock:
             index = self.sent[prefix, src, dst, tag]
             self.sent[prefix, src, dst, tag] += 1
             for part in range(parts):
-                data = raw[part * PART_BYTES : (part + 1) * PART_BYTES].tobytes()
+                data = raw[part * PART_BYTES : (part + 1) * PART_BYTES]
                 frame = KvPart(prefix, src, dst, tag, index, part, parts, dtype, tuple(tensor.shape), data)
-                self.sock.sendall(encode_frame(frame.to_wire()))
+                self.sock.sendall(frame.frame_head())
+                self.sock.sendall(data)
 
     def receive(self, prefix: str, src: int, dst: int, tag: int, buffer: torch.Tensor) -> _Receive:
         """The work of the next message from ``src`` to ``dst`` under ``tag``, to be copied into ``buffer``."""
@@ -170,17 +171,17 @@ class KvChannel:
                 while len(buffer) >= 4 and len(buffer) >= 4 + (size := int.from_bytes(buffer[:4], "big")):
                     if size > MAX_FRAME:
                         raise EOFError(f"the daemon sent a KV frame of {size} bytes")
-                    payload = bytes(buffer[4 : 4 + size])
+                    frame = bytes(buffer[: 4 + size])
                     del buffer[: 4 + size]
-                    self._file(payload)
+                    self._file(frame)
         except (OSError, EOFError) as exc:
             with self.filed:
                 self.ended = str(exc) or type(exc).__name__
                 self.filed.notify_all()
 
-    def _file(self, payload: bytes) -> None:
+    def _file(self, frame: bytes) -> None:
         try:
-            part = KvPart.from_wire(decode_payload(payload))
+            part = KvPart.from_frame(frame)
         except FrameError as exc:
             log.warning("dropped a KV part from the daemon: %s", exc)
             return

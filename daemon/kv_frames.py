@@ -3,7 +3,11 @@
 A KV message is what one gloo send would carry (one chunk of one slice of one sequence's KV, between two
 exchange ranks, under a tag); it travels as ``parts`` frames of at most ``PART_BYTES`` bytes each, numbered
 ``index`` among the messages the sender posted to that rank under that tag (both sides post in the same order,
-so the receiver's n-th receive takes the n-th message). One parser, ``KvPart.from_wire``, for every hop.
+so the receiver's n-th receive takes the n-th message).
+
+A part's frame is a 4-byte big-endian length, the part's header (a msgpack map: every field but ``data``), then
+its data, raw: every hop reads the header and passes the frame on as it came, and the bytes are never packed
+or unpacked. One parser, ``KvPart.from_frame`` (the header's checks in ``KvPart.from_wire``), for every hop.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hexgen.daemon.wire import MalformedFrame
+import msgpack
+
+from hexgen.daemon.wire import HEADER_BYTES, MalformedFrame, decode_head
 from hexgen.daemon.worker_setup import as_map, need
 
 PART_BYTES = 512 * 1024  # well below a frame's limit (daemon.wire.MAX_FRAME)
 MAX_MESSAGE_BYTES = 1 << 32  # a chunk of a sequence's KV; larger would not fit a worker's staging anyway
 MAX_DIMS = 8
 MAX_PREFIX = 256
+MAX_HEADER_BYTES = 1024  # a part's header: the prefix and a few numbers
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1}
 
 
@@ -37,13 +44,13 @@ class KvPart:
     parts: int
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
 
     @property
     def message_bytes(self) -> int:
         return math.prod(self.shape) * ITEM_BYTES[self.dtype]
 
-    def to_wire(self) -> dict[str, Any]:
+    def header(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
             "src": self.src,
@@ -54,13 +61,34 @@ class KvPart:
             "parts": self.parts,
             "dtype": self.dtype,
             "shape": list(self.shape),
-            "data": self.data,
         }
+
+    def to_wire(self) -> dict[str, Any]:
+        """The part as one map, ``data`` included: what ``from_wire`` checks."""
+        return self.header() | {"data": bytes(self.data)}
+
+    def frame_head(self) -> bytes:
+        """The frame up to the data: length prefix and header; the data follows as it is."""
+        head: bytes = msgpack.packb(self.header(), use_bin_type=True)
+        return (len(head) + len(self.data)).to_bytes(HEADER_BYTES, "big") + head
 
     @staticmethod
     def from_wire(raw: Any) -> KvPart:
         """Raises MalformedFrame (``daemon.wire``) unless ``raw`` is a whole, consistent part. O(dims)."""
         return _parse(raw)
+
+    @staticmethod
+    def from_frame(frame: bytes) -> KvPart:
+        """The part a whole frame (length prefix included) carries, its data a view of ``frame``; raises
+        MalformedFrame unless the prefix gives the frame's length and the header and data make a whole,
+        consistent part. O(header)."""
+        if len(frame) < HEADER_BYTES or int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
+            raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")
+        payload = memoryview(frame)[HEADER_BYTES:]
+        header, used = decode_head(payload, MAX_HEADER_BYTES)
+        if not isinstance(header, dict) or "data" in header:
+            raise MalformedFrame("a KV frame starts with a header map of every field but the data")
+        return _parse(header | {"data": payload[used:]})
 
 
 def _parse(raw: Any) -> KvPart:
@@ -72,7 +100,7 @@ def _parse(raw: Any) -> KvPart:
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS):
         raise MalformedFrame(f"shape must be a list of at most {MAX_DIMS} sizes")
     need(all(type(n) is int and 0 <= n < 1 << 32 for n in shape), "shape must hold sizes >= 0")
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | memoryview):
         raise MalformedFrame("data must be bytes")
     numbers = [body.get(key) for key in ("src", "dst", "tag", "index", "part", "parts")]
     counts = [n for n in numbers if type(n) is int and 0 <= n < 1 << 31]

@@ -17,7 +17,6 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -27,7 +26,7 @@ from hexgen.daemon.kv_frames import KvPart
 from hexgen.daemon.kv_link import NO_ROUTES, LinkError, SpliceRoutes, accept_link, open_link
 from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
-from hexgen.daemon.wire import HEADER_BYTES, FrameError, FrameReader, MalformedFrame, decode_payload
+from hexgen.daemon.wire import FrameError, FrameReader, MalformedFrame
 from hexgen.daemon.worker_link import LocalWorker
 
 log = logging.getLogger("hexgen.daemon")
@@ -51,18 +50,6 @@ def accepts(deployment: Deployment | None, part: KvPart, sender: str, here: str)
     if deployment.rank_peer(part.dst) != here:
         return f"a KV part for exchange rank {part.dst}, which this daemon does not host"
     return None
-
-
-def _frame(payload: bytes) -> bytes:
-    """The frame of a payload read and checked: forwarded as it came, not encoded again."""
-    return len(payload).to_bytes(HEADER_BYTES, "big") + payload
-
-
-def _payload(frame: bytes) -> Any:
-    """The value of one whole frame; ``MalformedFrame`` when its length prefix does not match its size."""
-    if int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
-        raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")
-    return decode_payload(memoryview(frame)[HEADER_BYTES:])
 
 
 def sends_kv(deployment: Deployment | None, sender: str) -> str | None:
@@ -120,13 +107,13 @@ class KvRelay:
             return
         reader = FrameReader(worker.kv, KV_READ)
         try:
-            while (payload := await reader.read_payload()) is not None:
+            while (frame := await reader.read_frame()) is not None:
                 try:
-                    part = KvPart.from_wire(decode_payload(payload))
+                    part = KvPart.from_frame(frame)
                 except MalformedFrame as exc:  # consumed whole: the socket is still in step
                     log.warning("dropped a bad KV part of worker of rank %d: %s", worker.rank, exc)
                     continue
-                await self._route(part, _frame(payload))
+                await self._route(part, frame)
         except _BROKEN as exc:
             log.info("the KV socket of worker of rank %d ended: %s", worker.rank, exc)
 
@@ -200,13 +187,7 @@ class KvRelay:
     async def serve(self, stream: Stream) -> None:
         """Deliver the parts another daemon sends on ``stream`` until it ends; a bad frame resets it."""
         sender = stream_peer(stream)
-        reader = FrameReader(stream, KV_READ)
-
-        async def next_frame() -> bytes | None:
-            payload = await reader.read_payload()
-            return None if payload is None else _frame(payload)
-
-        if not await self._serve_parts(next_frame, sender, "stream"):
+        if not await self._serve_parts(FrameReader(stream, KV_READ).read_frame, sender, "stream"):
             with contextlib.suppress(Exception):
                 await stream.reset()
 
@@ -255,7 +236,7 @@ class KvRelay:
         when it read a bad one."""
         try:
             while (frame := await next_frame()) is not None:
-                part = KvPart.from_wire(_payload(frame))
+                part = KvPart.from_frame(frame)
                 why = accepts(self.supervisor.deployment, part, sender, self.peer_id)
                 if why is None:
                     await self._deliver(part, frame)

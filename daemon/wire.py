@@ -115,26 +115,37 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
+def _unpack_options(limit: int) -> dict[str, Any]:
+    """msgpack's decoding options for a payload of ``limit`` bytes: strict, as the module docstring says."""
+    return {
+        "raw": False,
+        "strict_map_key": True,
+        "ext_hook": _refuse_ext,
+        "list_hook": _checked_list,
+        "object_hook": _checked_map,
+        "max_str_len": limit,
+        "max_bin_len": limit,
+        "max_array_len": limit,
+        "max_map_len": limit,
+        "max_ext_len": limit,
+    }
+
+
+def _checked_value(value: Any) -> Any:
+    if type(value) is msgpack.Timestamp:
+        raise MalformedFrame("bad msgpack: msgpack ext type -1 (timestamp) is not allowed")
+    if value is None:
+        raise MalformedFrame("a frame must not carry a top-level nil")
+    return value
+
+
 def decode_payload(payload: bytes | memoryview) -> Any:
     """The msgpack value in ``payload``, decoded strictly (see the module docstring).
 
     Raises ``MalformedFrame`` naming the problem; never anything else.
     """
-    limit = max(len(payload), 1)
     try:
-        value = msgpack.unpackb(
-            payload,
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_refuse_ext,
-            list_hook=_checked_list,
-            object_hook=_checked_map,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=limit,
-        )
+        value = msgpack.unpackb(payload, **_unpack_options(max(len(payload), 1)))
     except msgpack.ExtraData:
         raise MalformedFrame("frame holds more than one msgpack value") from None
     except msgpack.StackError:
@@ -143,11 +154,27 @@ def decode_payload(payload: bytes | memoryview) -> Any:
         raise MalformedFrame("msgpack string is not valid UTF-8") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:  # truncation, bad bytes, limit breaches
         raise MalformedFrame(f"bad msgpack: {str(exc) or type(exc).__name__}") from None
-    if type(value) is msgpack.Timestamp:
-        raise MalformedFrame("bad msgpack: msgpack ext type -1 (timestamp) is not allowed")
-    if value is None:
-        raise MalformedFrame("a frame must not carry a top-level nil")
-    return value
+    return _checked_value(value)
+
+
+def decode_head(payload: bytes | memoryview, limit: int) -> tuple[Any, int]:
+    """The first msgpack value in ``payload``, decoded as strictly as ``decode_payload``, which must end within
+    its first ``limit`` bytes, and the number of bytes it took (what follows is the caller's). Raises
+    ``MalformedFrame``."""
+    head = bytes(payload[:limit])
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(head), 1), **_unpack_options(max(len(head), 1)))
+    unpacker.feed(head)
+    try:
+        value = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise MalformedFrame(f"no whole msgpack value in the first {limit} bytes") from None
+    except msgpack.StackError:
+        raise MalformedFrame("msgpack value nested too deeply") from None
+    except UnicodeDecodeError:
+        raise MalformedFrame("msgpack string is not valid UTF-8") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MalformedFrame(f"bad msgpack: {str(exc) or type(exc).__name__}") from None
+    return _checked_value(value), unpacker.tell()
 
 
 class FrameReader:
@@ -184,12 +211,12 @@ class FrameReader:
         payload is not waited for), ``TruncatedFrame`` if the stream ends inside a frame, and
         ``MalformedFrame`` for a complete frame whose payload ``decode_payload`` refuses.
         """
-        payload = await self.read_payload(max_size)
-        return None if payload is None else decode_payload(payload)
+        frame = await self.read_frame(max_size)
+        return None if frame is None else decode_payload(memoryview(frame)[HEADER_BYTES:])
 
-    async def read_payload(self, max_size: int = MAX_FRAME) -> bytes | None:
-        """The next frame's payload, undecoded (None at a clean end of stream); raises as ``read`` does, but
-        for ``MalformedFrame``."""
+    async def read_frame(self, max_size: int = MAX_FRAME) -> bytes | None:
+        """The next whole frame, length prefix and payload undecoded (None at a clean end of stream); raises as
+        ``read`` does, but for ``MalformedFrame``."""
         _check_limit(max_size)
         if not await self._fill(HEADER_BYTES):
             if not self._buffer:
@@ -201,9 +228,9 @@ class FrameReader:
         if not await self._fill(HEADER_BYTES + length):
             received = len(self._buffer) - HEADER_BYTES
             raise TruncatedFrame(f"stream ended after {received} of {length} frame payload bytes")
-        payload = bytes(self._buffer[HEADER_BYTES : HEADER_BYTES + length])
+        frame = bytes(self._buffer[: HEADER_BYTES + length])
         del self._buffer[: HEADER_BYTES + length]
-        return payload
+        return frame
 
 
 # ---------------------------------------------------------------------------------------------------------

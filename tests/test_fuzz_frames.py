@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+import pytest
 from hypothesis import example, given
+from hypothesis import strategies as st
 
 from hexgen.daemon.deployment import Replica
 from hexgen.daemon.failure import WorldFailure
@@ -186,3 +189,24 @@ def test_kv_parts(raw: Any) -> None:
     assert part.part < part.parts and len(part.data) <= PART_BYTES
     assert part.part * PART_BYTES + len(part.data) <= part.message_bytes
     encode_frame(part.to_wire())
+    assert KvPart.from_frame(part.frame_head() + bytes(part.data)) == part  # the frame every hop passes on
+
+
+@FUZZ
+@given(st.binary(max_size=2048), st.integers(0, 3), st.binary(max_size=64))
+@example(b"\x80", 0, b"")  # an empty map as the header
+@example(KV_PARTS[0].frame_head()[4:], 0, KV_PARTS[0].data[:-1])  # a byte short
+@example(KV_PARTS[0].frame_head()[4:], 2, bytes(KV_PARTS[0].data))  # the length prefix off by two
+@example(msgpack.packb(KV_PARTS[0].to_wire()), 0, b"")  # the old layout: data inside the header
+def test_kv_frames(head: bytes, skew: int, data: bytes) -> None:
+    """Any bytes as a KV frame: a part whose frame is exactly those bytes, or ``MalformedFrame``."""
+    frame = (len(head) + len(data) + skew).to_bytes(4, "big") + head + data
+    show(frame)
+    part = outcome(lambda: KvPart.from_frame(frame), MalformedFrame)
+    if part is REFUSED:
+        return
+    assert skew == 0 and bytes(part.data) == frame[len(frame) - len(part.data) :]
+    assert KvPart.from_frame(part.frame_head() + bytes(part.data)) == part
+    for mangled in (frame[:-1], frame + b"x"):  # a frame whose length prefix does not fit it
+        with pytest.raises(MalformedFrame):
+            KvPart.from_frame(mangled)

@@ -4,12 +4,12 @@ a tag can be held back, as a slow link would, and released."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
 from hexgen.daemon.kv_channel import KvChannel
 from hexgen.daemon.kv_frames import KvPart
-from hexgen.daemon.wire import decode_payload
 
 
 class StandInDaemons:
@@ -36,16 +36,19 @@ class StandInDaemons:
 
     def _route(self, end: socket.socket) -> None:
         reader = b""
-        while chunk := end.recv(1 << 20):
-            reader += chunk
-            while len(reader) >= 4 and len(reader) >= 4 + (size := int.from_bytes(reader[:4], "big")):
-                frame, reader = reader[: 4 + size], reader[4 + size :]
-                part = KvPart.from_wire(decode_payload(frame[4:]))
-                with self.lock:
-                    if part.tag in self.held:
-                        self.held[part.tag].append((part.dst, frame))
-                        continue
-                    self.daemon_ends[part.dst].sendall(frame)
+        with contextlib.suppress(OSError):  # closed under the recv by ``close``
+            while chunk := end.recv(1 << 20):
+                reader += chunk
+                while len(reader) >= 4 and len(reader) >= 4 + (size := int.from_bytes(reader[:4], "big")):
+                    frame, reader = reader[: 4 + size], reader[4 + size :]
+                    self._forward(KvPart.from_frame(frame), frame)
+
+    def _forward(self, part: KvPart, frame: bytes) -> None:
+        with self.lock:
+            if part.tag in self.held:
+                self.held[part.tag].append((part.dst, frame))
+            else:
+                self.daemon_ends[part.dst].sendall(frame)
 
     def close(self) -> None:
         for sock in self.daemon_ends:
