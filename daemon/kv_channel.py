@@ -20,13 +20,12 @@ from datetime import timedelta
 
 import torch
 
-from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, KvPart
+from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, Key, KvLost, KvPart, from_daemon
 from hexgen.daemon.wire import MAX_FRAME, FrameError
 from hexgen.engine.kv_transfer import KVMissing
 
 log = logging.getLogger("hexgen.worker")
 
-Key = tuple[str, int, int, int, int]  # prefix, src, dst, tag, index
 KEEP_S = 300.0
 RECEIVE_WAIT_S = 120.0  # a receive posted without a timeout
 
@@ -39,6 +38,7 @@ class _Message:
     data: bytearray
     missing: set[int]
     since: float = field(default_factory=time.monotonic)
+    lost: str | None = None  # why it will never be whole
 
 
 class _Sent:
@@ -142,22 +142,23 @@ class KvChannel:
     def arrived(self, prefix: str, src: int, dst: int, tag: int, count: int) -> bool:
         with self.filed:
             first = self.posted[prefix, src, dst, tag]
-            return all(self._whole((prefix, src, dst, tag, first + i)) for i in range(count))
+            return all(self._settled((prefix, src, dst, tag, first + i)) for i in range(count))
 
     def take(self, key: Key, seconds: float) -> _Message:
         """The message under ``key`` once whole, removed; raises KVMissing after ``seconds`` without it."""
         with self.filed:
-            whole = self.filed.wait_for(lambda: self._whole(key) or self.ended is not None, seconds)
-            if whole and self._whole(key):
-                return self.messages.pop(key)
-            self.messages.pop(key, None)
+            self.filed.wait_for(lambda: self._settled(key) or self.ended is not None, seconds)
+            message = self.messages.pop(key, None)
+            if message is not None and not message.missing and message.lost is None:
+                return message
             _, src, _, tag, index = key
-            why = self.ended or f"not whole within {seconds:g} s"
+            why = (message and message.lost) or self.ended or f"not whole within {seconds:g} s"
             raise KVMissing(f"KV message {index} from exchange rank {src} (tag {tag}) did not arrive: {why}")
 
-    def _whole(self, key: Key) -> bool:
+    def _settled(self, key: Key) -> bool:
+        """Whether the message is whole, or will never be."""
         message = self.messages.get(key)
-        return message is not None and not message.missing
+        return message is not None and (not message.missing or message.lost is not None)
 
     def _read(self) -> None:
         buffer = bytearray()
@@ -181,9 +182,12 @@ class KvChannel:
 
     def _file(self, frame: bytes) -> None:
         try:
-            part = KvPart.from_frame(frame)
+            part = from_daemon(frame)
         except FrameError as exc:
             log.warning("dropped a KV part from the daemon: %s", exc)
+            return
+        if isinstance(part, KvLost):
+            self._lose(part)
             return
         key = (part.prefix, part.src, part.dst, part.tag, part.index)
         with self.filed:
@@ -201,6 +205,14 @@ class KvChannel:
             message.missing.discard(part.part)
             if not message.missing:
                 self.filed.notify_all()
+
+    def _lose(self, notice: KvLost) -> None:
+        with self.filed:
+            for key in notice.keys:
+                message = self.messages.get(key)
+                if message is not None and message.missing:
+                    message.lost = "the connection that carried it between the daemons broke"
+            self.filed.notify_all()
 
     def _forget_old(self) -> None:
         now = time.monotonic()

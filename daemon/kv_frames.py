@@ -26,6 +26,8 @@ MAX_MESSAGE_BYTES = 1 << 32  # a chunk of a sequence's KV; larger would not fit 
 MAX_DIMS = 8
 MAX_PREFIX = 256
 MAX_HEADER_BYTES = 1024  # a part's header: the prefix and a few numbers
+MAX_LOST = 32  # messages one lost notice names: its header stays within MAX_HEADER_BYTES
+Key = tuple[str, int, int, int, int]  # one message: prefix, src, dst, tag, index
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1}
 
 
@@ -82,13 +84,67 @@ class KvPart:
         """The part a whole frame (length prefix included) carries, its data a view of ``frame``; raises
         MalformedFrame unless the prefix gives the frame's length and the header and data make a whole,
         consistent part. O(header)."""
-        if len(frame) < HEADER_BYTES or int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
-            raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")
-        payload = memoryview(frame)[HEADER_BYTES:]
-        header, used = decode_head(payload, MAX_HEADER_BYTES)
-        if not isinstance(header, dict) or "data" in header:
-            raise MalformedFrame("a KV frame starts with a header map of every field but the data")
-        return _parse(header | {"data": payload[used:]})
+        header, data = _split(frame)
+        need("lost" not in header, "a KV part's header names no lost messages")
+        return _parse(header | {"data": data})
+
+    @property
+    def key(self) -> Key:
+        return (self.prefix, self.src, self.dst, self.tag, self.index)
+
+
+@dataclass(frozen=True)
+class KvLost:
+    """Daemon -> worker: the messages ``(src, dst, tag, index)`` of exchange ``prefix`` will not be whole: the
+    carrier that brought some of their parts broke before their last (at most MAX_LOST a frame)."""
+
+    prefix: str
+    messages: tuple[tuple[int, int, int, int], ...]
+
+    def frame(self) -> bytes:
+        head: bytes = msgpack.packb({"lost": self.prefix, "messages": [list(m) for m in self.messages]})
+        return len(head).to_bytes(HEADER_BYTES, "big") + head
+
+    @property
+    def keys(self) -> list[Key]:
+        return [(self.prefix, *m) for m in self.messages]
+
+
+def lost_frames(keys: list[Key]) -> list[KvLost]:
+    """``keys`` as notices of at most MAX_LOST messages, one exchange each. O(len(keys))."""
+    by_prefix: dict[str, list[tuple[int, int, int, int]]] = {}
+    for prefix, *message in keys:
+        by_prefix.setdefault(prefix, []).append((message[0], message[1], message[2], message[3]))
+    return [
+        KvLost(prefix, tuple(messages[at : at + MAX_LOST]))
+        for prefix, messages in by_prefix.items()
+        for at in range(0, len(messages), MAX_LOST)
+    ]
+
+
+def from_daemon(frame: bytes) -> KvPart | KvLost:
+    """What a worker reads from its daemon: a part, or a notice of lost messages; raises MalformedFrame."""
+    header, data = _split(frame)
+    if "lost" not in header:
+        return _parse(header | {"data": data})
+    prefix, messages = header.get("lost"), header.get("messages")
+    need(isinstance(prefix, str) and 0 < len(prefix) <= MAX_PREFIX and not data, "a lost notice names an exchange")
+    if not (isinstance(messages, list) and len(messages) <= MAX_LOST):
+        raise MalformedFrame(f"a lost notice names at most {MAX_LOST} messages")
+    found = [m for m in messages if isinstance(m, list) and len(m) == 4 and all(type(n) is int and n >= 0 for n in m)]
+    need(len(found) == len(messages), "a lost message is [src, dst, tag, index]")
+    return KvLost(str(prefix), tuple((m[0], m[1], m[2], m[3]) for m in found))
+
+
+def _split(frame: bytes) -> tuple[dict[str, Any], memoryview]:
+    """A frame's header map and the data after it; MalformedFrame unless the length prefix fits."""
+    if len(frame) < HEADER_BYTES or int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
+        raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")
+    payload = memoryview(frame)[HEADER_BYTES:]
+    header, used = decode_head(payload, MAX_HEADER_BYTES)
+    if not isinstance(header, dict) or "data" in header:
+        raise MalformedFrame("a KV frame starts with a header map of every field but the data")
+    return header, payload[used:]
 
 
 def _parse(raw: Any) -> KvPart:

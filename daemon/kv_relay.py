@@ -22,7 +22,7 @@ import trio
 
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
-from hexgen.daemon.kv_frames import KvPart
+from hexgen.daemon.kv_frames import Key, KvPart, lost_frames
 from hexgen.daemon.kv_link import NO_ROUTES, LinkError, SpliceRoutes, accept_link, open_link
 from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
@@ -35,7 +35,8 @@ KV_PROTOCOL = ProtocolId("/hexgen/kv/1")
 QUEUE_PARTS = 64  # per destination daemon: 32 MiB of parts waiting for its stream
 KV_READ = 1 << 20  # bytes a reader asks its socket for at a time: a part is 512 KiB
 MAX_LINKS_PER_PEER = 4  # incoming KV links one daemon may hold open here (it needs one; a new one may overlap)
-LINK_RETRY_S = 30.0  # after a link to a daemon could not be set up, its KV goes on streams this long
+LINK_RETRY_S = 30.0
+NOTICE_S = 5.0  # to tell local workers which messages a broken carrier lost, even while this daemon stops  # after a link to a daemon could not be set up, its KV goes on streams this long
 _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -125,7 +126,7 @@ class KvRelay:
         if peer is None:
             log.debug("dropped a KV part for exchange %s rank %d: not in the deployed plan", part.prefix, part.dst)
         elif peer == self.peer_id:
-            await self._deliver(part, frame)
+            await self._deliver(part.dst, frame)
         else:
             try:
                 await self._queue(peer).send(frame)
@@ -233,29 +234,45 @@ class KvRelay:
 
     async def _serve_parts(self, next_frame: Callable[[], Awaitable[bytes | None]], sender: str, what: str) -> bool:
         """Deliver the parts in the frames ``next_frame`` reads from daemon ``sender`` (None at the end); False
-        when it read a bad one."""
+        when it read a bad one. A message it brought some parts of but not the last never completes (its
+        parts travel in order on one carrier): its receiver is told at once, not after a timeout."""
+        started: dict[Key, int] = {}  # message -> its receiving rank
         try:
             while (frame := await next_frame()) is not None:
                 part = KvPart.from_frame(frame)
                 why = accepts(self.supervisor.deployment, part, sender, self.peer_id)
-                if why is None:
-                    await self._deliver(part, frame)
-                else:
+                if why is not None:
                     log.debug("dropped %s", why)
+                    continue
+                if part.part + 1 < part.parts:
+                    started[part.key] = part.dst
+                else:
+                    started.pop(part.key, None)
+                await self._deliver(part.dst, frame)
         except (FrameError, SealError) as exc:
             log.warning("cut the KV %s of %s: %s", what, sender, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - a carrier that breaks (reset, peer gone) ends only itself
             log.info("the KV %s of %s ended: %s", what, sender, exc)
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + NOTICE_S):
+                await self._lost(started)
         return True
 
-    async def _deliver(self, part: KvPart, frame: bytes) -> None:
+    async def _lost(self, started: dict[Key, int]) -> None:
+        """Tell the receiving ranks of the messages ``started`` that they will not be whole."""
+        for dst in set(started.values()):
+            for notice in lost_frames([key for key, rank in started.items() if rank == dst]):
+                await self._deliver(dst, notice.frame())
+
+    async def _deliver(self, dst: int, frame: bytes) -> None:
+        """Write ``frame`` to the KV socket of this daemon's worker of exchange rank ``dst``."""
         for worker in list(self.supervisor.workers.values()):
-            if worker.rank == part.dst and worker.kv is not None and worker.error is None:
+            if worker.rank == dst and worker.kv is not None and worker.error is None:
                 try:
                     async with worker.kv_lock:
                         await worker.kv.write(frame)
                 except _BROKEN as exc:
-                    log.info("dropped a KV part for rank %d: %s", part.dst, exc)
+                    log.info("dropped a KV frame for rank %d: %s", dst, exc)
                 return
-        log.debug("dropped a KV part for rank %d: no worker of it here", part.dst)
+        log.debug("dropped a KV frame for rank %d: no worker of it here", dst)

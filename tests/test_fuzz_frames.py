@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hexgen.daemon.deployment import Replica
 from hexgen.daemon.failure import WorldFailure
-from hexgen.daemon.kv_frames import PART_BYTES, KvPart
+from hexgen.daemon.kv_frames import PART_BYTES, KvPart, from_daemon
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import MalformedFrame, encode_frame
@@ -198,10 +198,15 @@ def test_kv_parts(raw: Any) -> None:
 @example(KV_PARTS[0].frame_head()[4:], 0, KV_PARTS[0].data[:-1])  # a byte short
 @example(KV_PARTS[0].frame_head()[4:], 2, bytes(KV_PARTS[0].data))  # the length prefix off by two
 @example(msgpack.packb(KV_PARTS[0].to_wire()), 0, b"")  # the old layout: data inside the header
+@example(msgpack.packb({"lost": "p/", "messages": [[0, 1, 2, 3]]}), 0, b"")  # a notice, for a worker only
+@example(msgpack.packb({"lost": "p/", "messages": [[0, 1, 2]] * 40}), 0, b"")
 def test_kv_frames(head: bytes, skew: int, data: bytes) -> None:
-    """Any bytes as a KV frame: a part whose frame is exactly those bytes, or ``MalformedFrame``."""
+    """Any bytes as a KV frame: a part whose frame is exactly those bytes, or ``MalformedFrame``; from its
+    daemon, a worker reads a part, a lost notice or ``MalformedFrame``."""
     frame = (len(head) + len(data) + skew).to_bytes(4, "big") + head + data
     show(frame)
+    read = outcome(lambda: from_daemon(frame), MalformedFrame)
+    assert read is REFUSED or isinstance(read, KvPart) or from_daemon(read.frame()) == read
     part = outcome(lambda: KvPart.from_frame(frame), MalformedFrame)
     if part is REFUSED:
         return

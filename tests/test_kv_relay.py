@@ -4,13 +4,26 @@ replicas still hand KV to each other over gloo when an epoch relays KV (``pair_l
 from __future__ import annotations
 
 import dataclasses
+import socket
+import time
+from datetime import timedelta
+
+import msgpack
+import pytest
+import torch
+import trio
 
 from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
 from hexgen.daemon.deployment import Deployment, Replica, deployment_from_plan
-from hexgen.daemon.kv_frames import KvPart
-from hexgen.daemon.kv_relay import accepts, sends_kv
+from hexgen.daemon.kv_channel import KvChannel
+from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, KvPart, from_daemon, lost_frames
+from hexgen.daemon.kv_relay import KvRelay, accepts, sends_kv
 from hexgen.daemon.messages import PlanBody, PlanLink
 from hexgen.daemon.pair_links import exchange_transport, gloo_groups, with_transports
+from hexgen.daemon.supervisor import Supervisor
+from hexgen.daemon.wire import MalformedFrame
+from hexgen.daemon.worker_link import LocalWorker, SocketChannel
+from hexgen.engine.kv_transfer import KVMissing
 
 PREFILL = Replica(0, 0, "prefill", ((0, 5, 2),), 0, (("A", 0), ("B", 0)))
 DECODE = Replica(1, 1, "decode", ((0, 5, 1),), 2, (("C", 0),))
@@ -101,3 +114,55 @@ def test_the_plan_records_which_hand_offs_go_over_libp2p() -> None:
     assert [PlanLink.from_wire(x.to_wire()) for x in with_transports(links, "libp2p", ())] == list(
         with_transports(links, "libp2p", ())
     )
+
+
+# -- lost messages -----------------------------------------------------------------------------------------
+
+
+def test_a_lost_notice_is_parsed_strictly_and_chunked() -> None:
+    keys = [(RELAYED.exchange_prefix, 1, 2, 9, i) for i in range(MAX_LOST + 3)] + [("hexgen/3/8/exchange/", 0, 2, 1, 0)]
+    notices = lost_frames(keys)
+    assert [len(n.messages) for n in notices] == [MAX_LOST, 3, 1]
+    assert [k for n in notices for k in n.keys] == keys
+    assert all(from_daemon(n.frame()) == n for n in notices)
+    assert from_daemon(PART.frame_head() + bytes(PART.data)) == PART
+    head = msgpack.packb({"lost": "p/", "messages": [[1, 2, 3]]})
+    with pytest.raises(MalformedFrame, match=r"\[src, dst, tag, index\]"):
+        from_daemon(len(head).to_bytes(4, "big") + head)
+    with pytest.raises(MalformedFrame, match="names no lost"):  # a part never passes for a notice, nor back
+        KvPart.from_frame(notices[0].frame())
+
+
+@pytest.mark.trio
+async def test_a_carrier_that_ends_mid_message_fails_that_message_at_its_receiver_at_once() -> None:
+    """Daemon C hosts rank 2; sender B's carrier brings the first of a message's two parts, and a one-part
+    message whole, then ends: the rank's receive of the first fails at once naming the broken connection (not
+    after its timeout), the whole one is taken, and one never started still waits."""
+    supervisor = Supervisor("C", "model")
+    supervisor.deployment = RELAYED
+    worker = LocalWorker(DECODE, 0, RELAYED.epoch)
+    daemon_end, worker_end = socket.socketpair()
+    worker.kv = SocketChannel(trio.SocketStream(trio.socket.from_stdlib_socket(daemon_end)))
+    supervisor.workers[worker.slot] = worker
+    relay = KvRelay(None, "C", supervisor)  # type: ignore[arg-type]  # serving parts needs no host
+    channel = KvChannel(worker_end)
+    shape = (PART_BYTES // 2,)
+    first = KvPart(RELAYED.exchange_prefix, 1, 2, 9, 0, 0, 2, "float32", shape, bytes(PART_BYTES))
+    whole = dataclasses.replace(PART, tag=10)
+    frames = [first.frame_head() + bytes(first.data), whole.frame_head() + bytes(whole.data)]
+
+    async def next_frame() -> bytes | None:
+        return frames.pop(0) if frames else None
+
+    assert await relay._serve_parts(next_frame, "B", "link")
+    group = channel.bind(RELAYED.exchange_prefix, 2)
+    started = time.monotonic()
+    with pytest.raises(KVMissing, match="connection that carried it between the daemons broke"):
+        await trio.to_thread.run_sync(group.recv([torch.zeros(shape)], 1, 9).wait, timedelta(seconds=30))
+    assert time.monotonic() - started < 30
+    received = torch.ones(1)
+    assert await trio.to_thread.run_sync(group.recv([received], 1, 10).wait, timedelta(seconds=30))
+    assert received.item() == 0.0
+    assert not group.arrived(1, 11, 1)
+    worker_end.close()
+    daemon_end.close()
