@@ -32,7 +32,7 @@ from hexgen.daemon.generate_protocol import GENERATE_PROTOCOL
 from hexgen.daemon.gossip import GossipIntake, Publisher, Routes, topic_for
 from hexgen.daemon.hardware_profile import HardwareProfile
 from hexgen.daemon.hop import REPLICA_PROTOCOL
-from hexgen.daemon.host import Host, Stream, open_host, peer_of_address
+from hexgen.daemon.host import Host, ListenError, Stream, check_listen_port, open_host, peer_of_address
 from hexgen.daemon.kv_link import LINK_PROTOCOL, SpliceRoutes, address_ip
 from hexgen.daemon.kv_relay import KV_PROTOCOL
 from hexgen.daemon.link_probes import LinkProbes
@@ -165,6 +165,11 @@ class Node:
     # ----------------------------------------------------------------- running
 
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.config.relay and self.config.splice_port:  # before anything starts, as the libp2p port is
+            try:
+                check_listen_port(self.config.host.listen_host, self.config.splice_port)
+            except ListenError as exc:
+                raise ListenError(f"the splice port: {exc}") from None
         async with open_host(self.key_pair, self.config.host) as host, self._relaying(host).running():
             self.host = host
             self.state.own_addrs = host.addrs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from hexgen.testing.cli import join
@@ -175,3 +177,22 @@ def test_adverts_of_this_id_from_before_this_process_are_dialled_only_off_its_ow
 def test_prefill_chunk_is_a_token_count(tmp_path, tokens):
     status, err = join("--prefill-chunk", tokens, tmp_path=tmp_path)
     assert status == 2 and "--prefill-chunk" in err and "0 for whole prompts" in err and "Traceback" not in err
+
+
+def test_a_splice_port_is_a_relay_s_port(tmp_path):
+    status, err = join("--relay", "--splice-port", "70000", tmp_path=tmp_path)
+    assert status == 2 and "--splice-port" in err and "0-65535" in err and "Traceback" not in err
+    status, err = join("--splice-port", "4000", tmp_path=tmp_path)
+    assert status == 2 and "--splice-port" in err and "give --relay too" in err and "Traceback" not in err
+
+
+def test_a_splice_port_in_use_is_a_one_line_error(swarm):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        relay = swarm.start_process("relay", ["--relay", "--splice-port", str(port)])
+        status, err = relay.wait_exit(30.0)
+    assert status == 2 and f"splice port: cannot listen on 127.0.0.1:{port}" in err, err
+    assert "Address already in use" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
