@@ -58,7 +58,8 @@ COMMANDS = (
         "relay",
         "run a circuit relay for the swarm's daemons that cannot be dialled (behind NAT)",
         "Start a daemon that offers no GPUs and relays (circuit relay v2) for the swarm's members: a daemon "
-        "behind NAT reserves a slot with --relay-peer and is dialled through it. Run it on a host others can "
+        "behind NAT reserves a slot with --relay-peer and is dialled through it. It also splices the TCP "
+        "connections that carry KV hand-offs between homes (--splice-port). Run it on a host others can "
         "dial (a public address or a forwarded port). Takes join's options.",
     ),
 )
