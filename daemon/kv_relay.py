@@ -1,13 +1,14 @@
 """The daemons' KV relay: the KV parts of a "libp2p" exchange, from a local worker to the worker of the rank
-they name, on this daemon or over ``/hexgen/kv/1`` (Noise, yamux) to the daemon hosting that rank.
+they name, on this daemon or over a carrier to the daemon hosting that rank.
 
 Used where some pair of the epoch's hosts has no direct TCP link (relayed, or hole-punched: the coordinator
 sets the plan's ``exchange``). One carrier per destination daemon takes every part to it in order, written by
 one task from a bounded queue: a slow link holds back the workers writing to it (their KV sockets fill), never
-this daemon's memory. The carrier is a sealed TCP splice through a relay (``daemon.kv_link``) where a relay
-can splice one, else a ``/hexgen/kv/1`` stream. An arriving part is delivered only when this daemon's deployment is on the part's
-exchange, hosts its destination rank, and places its source rank on the daemon that sent it; anything else is
-dropped, and its receiver gives up on that message and fails only that sequence.
+this daemon's memory. The carrier is a sealed KV link (``daemon.kv_link``: hole-punched, or spliced by a
+relay) where one can be set up, else a ``/hexgen/kv/1`` stream (Noise, yamux). An arriving part is delivered
+only when this daemon's deployment is on the part's exchange, hosts its destination rank, and places its
+source rank on the daemon that sent it; anything else is dropped, and its receiver gives up on that message
+and fails only that sequence.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ KV_PROTOCOL = ProtocolId("/hexgen/kv/1")
 QUEUE_PARTS = 64  # per destination daemon: 32 MiB of parts waiting for its stream
 KV_READ = 1 << 20  # bytes a reader asks its socket for at a time: a part is 512 KiB
 MAX_LINKS_PER_PEER = 4  # incoming KV links one daemon may hold open here (it needs one; a new one may overlap)
-LINK_RETRY_S = 30.0
-NOTICE_S = 5.0  # to tell local workers which messages a broken carrier lost, even while this daemon stops  # after a link to a daemon could not be set up, its KV goes on streams this long
+LINK_RETRY_S = 30.0  # after a link to a daemon could not be set up, its KV goes on streams this long
+NOTICE_S = 5.0  # to tell local workers which messages a broken carrier lost, even while this daemon stops
 _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
