@@ -35,8 +35,7 @@ def _nonce(index: int) -> bytes:
 
 
 class SealedStream:
-    """One direction of ``stream`` under ``key``: ``write`` seals a record, ``read`` returns the plaintext of
-    records as they arrive (b"" at a clean end between records), as ``daemon.wire.FrameReader`` reads."""
+    """One direction of ``stream`` under ``key``: ``write`` seals a record, ``read_record`` opens the next one."""
 
     def __init__(self, stream: trio.abc.Stream, key: bytes) -> None:
         if len(key) != KEY_BYTES:
@@ -46,23 +45,15 @@ class SealedStream:
         self._sent = 0
         self._opened = 0
         self._buffer = bytearray()
-        self._plain = memoryview(b"")
 
     async def write(self, data: bytes) -> None:
-        if not data:  # an empty record would read as the end of the stream
+        if not data:  # an empty record carries nothing
             return
         if len(data) + TAG_BYTES > MAX_RECORD:
             raise SealError(f"a record of {len(data)} bytes is over the limit of {MAX_RECORD - TAG_BYTES}")
         sealed = self._aead.encrypt(_nonce(self._sent), data, None)
         self._sent += 1
         await self.stream.send_all(_LENGTH.pack(len(sealed)) + sealed)
-
-    async def read(self, n: int | None = None) -> bytes:
-        if not self._plain:
-            self._plain = memoryview(await self.read_record() or b"")
-        size = len(self._plain) if n is None else n
-        data, self._plain = self._plain[:size], self._plain[size:]
-        return bytes(data)
 
     async def read_record(self) -> bytes | None:
         """The plaintext of the next record as it was written; None at a clean end between records."""

@@ -131,6 +131,17 @@ def _unpack_options(limit: int) -> dict[str, Any]:
     }
 
 
+def _unpack_error(exc: Exception) -> Exception:
+    """``MalformedFrame`` naming why msgpack refused a payload; any other exception as it is (a bug here)."""
+    if isinstance(exc, msgpack.StackError):
+        return MalformedFrame("msgpack value nested too deeply")
+    if isinstance(exc, UnicodeDecodeError):
+        return MalformedFrame("msgpack string is not valid UTF-8")
+    if isinstance(exc, ValueError | TypeError | msgpack.UnpackException):  # truncation, bad bytes, limit breaches
+        return MalformedFrame(f"bad msgpack: {str(exc) or type(exc).__name__}")
+    return exc
+
+
 def _checked_value(value: Any) -> Any:
     if type(value) is msgpack.Timestamp:
         raise MalformedFrame("bad msgpack: msgpack ext type -1 (timestamp) is not allowed")
@@ -148,12 +159,8 @@ def decode_payload(payload: bytes | memoryview) -> Any:
         value = msgpack.unpackb(payload, **_unpack_options(max(len(payload), 1)))
     except msgpack.ExtraData:
         raise MalformedFrame("frame holds more than one msgpack value") from None
-    except msgpack.StackError:
-        raise MalformedFrame("msgpack value nested too deeply") from None
-    except UnicodeDecodeError:
-        raise MalformedFrame("msgpack string is not valid UTF-8") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # truncation, bad bytes, limit breaches
-        raise MalformedFrame(f"bad msgpack: {str(exc) or type(exc).__name__}") from None
+    except Exception as exc:  # noqa: BLE001 - every other failure of msgpack's is named by _unpack_error
+        raise _unpack_error(exc) from None
     return _checked_value(value)
 
 
@@ -168,12 +175,8 @@ def decode_head(payload: bytes | memoryview, limit: int) -> tuple[Any, int]:
         value = unpacker.unpack()
     except msgpack.OutOfData:
         raise MalformedFrame(f"no whole msgpack value in the first {limit} bytes") from None
-    except msgpack.StackError:
-        raise MalformedFrame("msgpack value nested too deeply") from None
-    except UnicodeDecodeError:
-        raise MalformedFrame("msgpack string is not valid UTF-8") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise MalformedFrame(f"bad msgpack: {str(exc) or type(exc).__name__}") from None
+    except Exception as exc:  # noqa: BLE001 - every other failure of msgpack's is named by _unpack_error
+        raise _unpack_error(exc) from None
     return _checked_value(value), unpacker.tell()
 
 

@@ -47,8 +47,8 @@ def sealed_pair(key: bytes, reader_key: bytes | None = None) -> tuple[SealedStre
 async def read_all(stream: SealedStream, size: int) -> bytes:
     data = b""
     while len(data) < size:
-        chunk = await stream.read(65536)
-        if not chunk:
+        chunk = await stream.read_record()
+        if chunk is None:
             break
         data += chunk
     return data
@@ -69,7 +69,7 @@ async def test_sealed_records_carry_bytes_and_end_cleanly() -> None:
         nursery.start_soon(write)
         got = await read_all(reader, sum(map(len, payloads)) + 1)
     assert got == b"".join(payloads)
-    assert await reader.read(10) == b""
+    assert await reader.read_record() is None
 
 
 @pytest.mark.trio
@@ -84,7 +84,7 @@ async def test_a_record_altered_dropped_or_under_another_key_does_not_open() -> 
     tampered_left, tampered_right = trio.testing.memory_stream_pair()
     await tampered_left.send_all(bytes(raw))
     with pytest.raises(SealError, match="does not open"):
-        await SealedStream(tampered_right, key).read()
+        await SealedStream(tampered_right, key).read_record()
     # dropped: the second record read first
     left, right = trio.testing.memory_stream_pair()
     writer = SealedStream(left, key)
@@ -96,12 +96,12 @@ async def test_a_record_altered_dropped_or_under_another_key_does_not_open() -> 
     skipped_left, skipped_right = trio.testing.memory_stream_pair()
     await skipped_left.send_all(second)
     with pytest.raises(SealError, match="out of order"):
-        await SealedStream(skipped_right, key).read()
+        await SealedStream(skipped_right, key).read_record()
     # another key
     writer, reader = sealed_pair(key, new_key())
     await writer.write(b"secret")
     with pytest.raises(SealError):
-        await reader.read()
+        await reader.read_record()
 
 
 @pytest.mark.trio
@@ -109,14 +109,14 @@ async def test_a_sealed_stream_refuses_oversized_and_truncated_records() -> None
     left, right = trio.testing.memory_stream_pair()
     await left.send_all((MAX_RECORD + 1).to_bytes(4, "big"))
     with pytest.raises(SealError, match="not between"):
-        await SealedStream(right, new_key()).read()
+        await SealedStream(right, new_key()).read_record()
     with pytest.raises(SealError, match="over the limit"):
         await SealedStream(left, new_key()).write(b"x" * MAX_RECORD)
     left, right = trio.testing.memory_stream_pair()
     await left.send_all((100).to_bytes(4, "big") + b"y" * 40)
     await left.aclose()
     with pytest.raises(SealError, match="ended inside"):
-        await SealedStream(right, new_key()).read()
+        await SealedStream(right, new_key()).read_record()
     with pytest.raises(ValueError, match="32 bytes"):
         SealedStream(left, b"short")
 
@@ -160,7 +160,7 @@ async def test_two_connections_naming_a_registered_token_are_spliced_both_ways()
                 assert await read_all(b, len(payload)) == payload
             reply_key = new_key()
             await SealedStream(ends[1], reply_key).write(b"back")
-            assert await SealedStream(ends[0], reply_key).read() == b"back"
+            assert await SealedStream(ends[0], reply_key).read_record() == b"back"
             assert splicer.splices == 1
             # each end was told the port the other left from, as the relay saw it
             assert {seen[0][0], seen[1][1]} == {seen[0][0]} and seen[1][0] == seen[0][1]
