@@ -25,7 +25,7 @@ from torch.distributed.distributed_c10d import PrefixStore, ProcessGroup, Store
 from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.bounds import CONNECT_TIMEOUT_S, LOAD_TIMEOUT_S
 from hexgen.engine.config import ModelConfig, load_config
-from hexgen.engine.device import nccl_device_id, wait_for_ranks
+from hexgen.engine.device import nccl_device_id
 from hexgen.engine.formation import (
     CONNECT_GRACE_S,
     Timeouts,
@@ -57,6 +57,7 @@ from hexgen.engine.model_runner import CacheConfig, ModelRunner, kv_format_for, 
 from hexgen.engine.sampler import sample
 from hexgen.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from hexgen.engine.sequence import SamplingParams, Sequence
+from hexgen.engine.stage_link import BridgedComm, PointToPoint, ReplicaComm, WorldComm
 
 TRANSFER_TIMEOUT = timedelta(seconds=60)
 # How long a rank that has loaded waits in the world's first collective for the slowest rank to load: a
@@ -157,9 +158,15 @@ class ReplicaWorker:
         groups: Groups,
         progress: ProgressFn | None = None,
         load_timeout: timedelta = LOAD_TIMEOUT,
+        bridge: PointToPoint | None = None,
+        bridge_offset: int = 0,
     ) -> None:
         """Load this rank's shard (``progress`` hears bytes loaded of the total), wait for every rank of the
-        replica to have loaded (up to ``load_timeout``), then size the KV cache they all agree on."""
+        replica to have loaded (up to ``load_timeout``), then size the KV cache they all agree on.
+
+        With a ``bridge`` the replica's stages share no world: this rank's world is its stage alone (its TP
+        ranks, numbered from 0), ``groups`` is unused, and everything between stages goes over the bridge,
+        which numbers replica rank ``r`` as ``r + bridge_offset`` (``stage_link.BridgedComm``)."""
         self.spec = spec
         self.config: ModelConfig = load_config(spec.model_dir)
         validate_layout(spec.layout, self.config.num_layers, self.config.num_heads, self.config.num_kv_heads)
@@ -167,17 +174,14 @@ class ReplicaWorker:
         self.stage, tp_rank = rank_position(spec.layout, self.layout_rank)
         stage = spec.layout[self.stage]
         self.stage_ranks = [spec.global_rank(r) for r in stage_ranks(spec.layout, self.stage)]
+        world_ranks = tuple(self.stage_ranks) if bridge is None else tuple(range(stage.tp))
+        tp_group = _member(groups.get(world_ranks)) if bridge is None else None  # None: the stage's own world
         shard = Shard(
-            stage.start_layer,
-            stage.end_layer,
-            self.config.num_layers,
-            stage.tp,
-            tp_rank,
-            _member(groups.get(tuple(self.stage_ranks))),
-            tuple(self.stage_ranks),
+            stage.start_layer, stage.end_layer, self.config.num_layers, stage.tp, tp_rank, tp_group, world_ranks
         )
         self.device = torch.device(spec.device)
-        self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        on_gpu = dist.get_backend() == "nccl" and bridge is None  # the daemons carry host memory only
+        self.comm_device = self.device if on_gpu else torch.device("cpu")
         dtype = resolve_dtype(spec.dtype, self.config, self.device)
         self.dtype = dtype
         self.kv_format = kv_format_for(self.config, dtype, self.device, spec.cache)  # what replica_kv_format says
@@ -196,11 +200,17 @@ class ReplicaWorker:
             progress=progress,
             quantize=spec.quantize,
         )
-        self.group = _member(groups.get(tuple(spec.ranks)))
+        self.driver_rank = driver_rank(spec)
+        self.group = _member(groups.get(tuple(spec.ranks))) if bridge is None else None
+        self.comm: ReplicaComm = (
+            WorldComm(self.group)
+            if bridge is None
+            else BridgedComm(bridge, rank, tuple(spec.ranks), self.driver_rank, bridge_offset, OP_TIMEOUT)
+        )
         self.solo = len(spec.ranks) == 1  # no collectives: the world may hold other replicas
         if not self.solo:
             # the first collective after loading: a rank done early must not time out on a slower one
-            wait_for_ranks(self.group, load_timeout, OP_TIMEOUT)
+            self.comm.barrier(load_timeout, OP_TIMEOUT)
         # sized now that the groups exist (NCCL's buffers are allocated) and every rank has loaded
         local = self.runner.blocks_that_fit(spec.max_num_batched_tokens, spec.max_num_seqs)
         num_blocks = self._agree_on_blocks(local)
@@ -209,7 +219,6 @@ class ReplicaWorker:
         scheduler_config = SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, spec.mode, spec.chunk)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.config.eos_token_ids)
         last = len(spec.layout) - 1
-        self.driver_rank = driver_rank(spec)
         self.is_driver = rank == self.driver_rank
         self.rank = rank
         self.next_stage = (
@@ -238,7 +247,7 @@ class ReplicaWorker:
         if self.solo:
             return local
         count = torch.tensor([local], dtype=torch.long, device=self.comm_device)
-        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group)
+        self.comm.all_reduce(count, "min")
         return int(count.item())
 
     def _broadcast_bytes(self, payload: bytes | None, size: int) -> bytes:
@@ -246,7 +255,7 @@ class ReplicaWorker:
         if self.is_driver:
             buf.copy_(torch.frombuffer(bytearray(payload or b""), dtype=torch.uint8))
         if not self.solo:
-            dist.broadcast(buf, src=self.driver_rank, group=self.group)
+            self.comm.broadcast(buf, self.driver_rank)
         return bytes(buf.cpu().numpy()) if not self.is_driver else payload or b""
 
     def step(
@@ -264,7 +273,7 @@ class ReplicaWorker:
         payloads = self._payloads(requests, aborts, imports, exchange)
         header = torch.tensor([*map(len, payloads), int(stop)], dtype=torch.long, device=self.comm_device)
         if not self.solo:
-            dist.broadcast(header, src=self.driver_rank, group=self.group)
+            self.comm.broadcast(header, self.driver_rank)
         new_size, abort_size, import_size, exchange_size, stopped = (int(x) for x in header.tolist())
         if stopped:
             return None
@@ -351,7 +360,7 @@ class ReplicaWorker:
         late = [int(now - w.since > limit) for w in self.waiting]
         if not self.solo:
             flags = torch.tensor([*arrived, *(-x for x in late)], dtype=torch.long, device=self.comm_device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+            self.comm.all_reduce(flags, "min")
             agreed = flags.tolist()
             arrived, late = agreed[: len(arrived)], [-x for x in agreed[len(arrived) :]]
         failed, taken, still = [], [], []
@@ -391,7 +400,7 @@ class ReplicaWorker:
             return failed
         lost = {seq_id for seq_id, _ in failed}
         flags = torch.tensor([int(req.seq_id in lost) for req in reqs], dtype=torch.long, device=self.comm_device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self.comm.all_reduce(flags, "max")
         why = dict(failed)
         agreed = []
         for req, flag in zip(reqs, flags.tolist(), strict=True):
@@ -503,16 +512,13 @@ class ReplicaWorker:
         hidden = None
         if self.prev_stage_leader is not None:
             hidden = torch.empty(batch.num_tokens, self.config.hidden_size, dtype=self.dtype, device=self.comm_device)
-            dist.recv(hidden, src=self.prev_stage_leader)
+            self.comm.recv(hidden, self.prev_stage_leader)
             hidden = hidden.to(self.device)
         out = self.runner.run(batch.seqs, batch.is_prefill, hidden, num_new_tokens=batch.num_new_tokens)
         if self.next_stage:
             assert out is not None  # a stage before the last returns its hidden states
             out = out.to(self.comm_device).contiguous()
-            works = [dist.isend(out, dst=r) for r in self.next_stage]
-            for work in works:
-                assert work is not None  # every rank is in the default world
-                work.wait()
+            self.comm.send(out, self.next_stage)
         seqs = batch.sampling_seqs
         if not seqs:  # every sequence is inside its prompt: no rank samples or waits for tokens
             return []
@@ -521,7 +527,7 @@ class ReplicaWorker:
             assert out is not None  # the driver is tensor rank 0 of the last stage, which gathers the logits
             sampled.copy_(torch.tensor(sample(out, seqs)))
         if not self.solo:
-            dist.broadcast(sampled, src=self.driver_rank, group=self.group)
+            self.comm.broadcast(sampled, self.driver_rank)
         return sampled.tolist()
 
     def export_kv(self, seqs: list[Sequence], dst: ReplicaSpec) -> None:
