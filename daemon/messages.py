@@ -294,6 +294,8 @@ class PlanBody:
     exchange: str = "torch"  # how the epoch's KV hand-offs travel (one of ``EXCHANGE_TRANSPORTS``)
     # with "libp2p": the groups whose hand-offs among themselves still go over a gloo exchange group
     gloo_groups: tuple[int, ...] = ()
+    # with "libp2p": the groups that span a worldless pair, each stage a world of its own, bridged by the daemons
+    bridged_groups: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -311,6 +313,7 @@ class PlanBody:
             "quantize": self.quantize,
             "exchange": self.exchange,
             "gloo_groups": list(self.gloo_groups),
+            "bridged_groups": list(self.bridged_groups),
         }
 
     @staticmethod
@@ -341,7 +344,8 @@ class PlanBody:
             links=tuple(PlanLink.from_wire(link) for link in links),
             quantize=_quantize(body.get("quantize")),
             exchange=_exchange(body.get("exchange")),
-            gloo_groups=_gloo_groups(body.get("gloo_groups")),
+            gloo_groups=_group_ids(body.get("gloo_groups"), "gloo_groups"),
+            bridged_groups=_group_ids(body.get("bridged_groups"), "bridged_groups"),
         )
 
 
@@ -354,11 +358,11 @@ def _exchange(raw: Any) -> str:
     return str(raw)
 
 
-def _gloo_groups(raw: Any) -> tuple[int, ...]:
+def _group_ids(raw: Any, what: str) -> tuple[int, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or len(raw) > MAX_GPUS or not all(type(g) is int and g >= 0 for g in raw):
-        raise MessageError("plan gloo_groups must be a list of group ids")
+        raise MessageError(f"plan {what} must be a list of group ids")
     return tuple(raw)
 
 
