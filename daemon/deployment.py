@@ -2,9 +2,12 @@
 
 Pure functions over the plan body the coordinator signed (no I/O). Each group of the plan is a replica
 with a world of its own (its store: the daemon of its first GPU), so a replica that is the same in the
-next epoch (same role, layout and GPUs) keeps running. KV moves between replicas over the epoch's
-exchange group, in which ranks are numbered group by group in the plan's order, stage-major inside a
-group (the engine's layout order), so every daemon derives the same numbering from the same plan.
+next epoch (same role, layout and GPUs) keeps running. A *bridged* replica spans a host pair no world can
+span: each of its stages is a world of its own (its store: the daemon of the stage's first GPU), and the
+daemons carry what passes between stages under the replica's prefix, its ranks numbered as in its layout.
+KV moves between replicas over the epoch's exchange group, in which ranks are numbered group by group in
+the plan's order, stage-major inside a group (the engine's layout order), so every daemon derives the same
+numbering from the same plan.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hexgen.coordinator.plan import SINK, SOURCE, Plan
 from hexgen.daemon.messages import PlanBody
@@ -33,16 +36,31 @@ class Replica:
     first_rank: int
     placement: tuple[tuple[str, int], ...]  # (peer id, local GPU) of each layout rank
     quantize: str = "none"  # its weights' quantization: the plan's (messages.PlanBody)
+    bridged: bool = False  # each stage a world of its own, the daemons carrying what passes between stages
 
     @property
     def size(self) -> int:
         return len(self.placement)
 
     @property
-    def key(self) -> tuple[str, tuple[tuple[int, int, int], ...], tuple[tuple[str, int], ...], str]:
-        """What makes a replica the same across epochs: its role, layout, GPUs and quantization (not its index
-        or ranks)."""
-        return (self.role, self.layout, self.placement, self.quantize)
+    def key(self) -> tuple[str, tuple[tuple[int, int, int], ...], tuple[tuple[str, int], ...], str, bool]:
+        """What makes a replica the same across epochs: its role, layout, GPUs, quantization and whether its
+        stages are bridged (not its index or ranks)."""
+        return (self.role, self.layout, self.placement, self.quantize, self.bridged)
+
+    def stage_of(self, layout_rank: int) -> tuple[int, int]:
+        """(stage, tensor rank in it) of ``layout_rank``. O(stages)."""
+        first = 0
+        for stage, (_, _, tp) in enumerate(self.layout):
+            if layout_rank < first + tp:
+                return stage, layout_rank - first
+            first += tp
+        raise ValueError(f"layout rank {layout_rank} is outside a replica of {self.size} ranks")
+
+    def stage_placement(self, stage: int) -> tuple[tuple[str, int], ...]:
+        """(peer id, local GPU) of each tensor rank of ``stage``."""
+        first = sum(tp for _, _, tp in self.layout[:stage])
+        return self.placement[first : first + self.layout[stage][2]]
 
     @property
     def digest(self) -> str:
@@ -71,6 +89,17 @@ def replica_prefix(term: int, formed: int, replica: Replica) -> str:
     return f"hexgen/{term}/{formed}/{replica.digest}/"
 
 
+def bridge_prefix(term: int, formed: int, replica: Replica) -> str:
+    """What a bridged replica's stages say to each other travels under this: the replica as it formed in
+    epoch ``formed`` of ``term``, so a rebuilt one never reads what the old one sent. Kept across terms."""
+    return f"hexgen/bridge/{term}/{formed}/{replica.digest}/"
+
+
+def stage_prefix(term: int, formed: int, replica: Replica, stage: int) -> str:
+    """The store keys of the world of ``stage`` of a bridged replica."""
+    return f"{replica_prefix(term, formed, replica)}stage{stage}/"
+
+
 @dataclass(frozen=True)
 class Deployment:
     term: int
@@ -84,6 +113,8 @@ class Deployment:
     exchange: str = "torch"  # how KV hand-offs travel: a gloo exchange group, or "libp2p" through the daemons
     # with "libp2p": the replicas whose hand-offs among themselves still go over a gloo exchange group
     gloo: tuple[int, ...] = ()
+    # the store of each world a bridged replica's stage forms: that stage's first GPU's peer -> its address
+    stage_rendezvous: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def version(self) -> tuple[int, int]:
@@ -124,16 +155,52 @@ class Deployment:
             if not self.gloo_replicas:
                 return None
             return self.exchange_head, frozenset(peer for r in self.gloo_replicas for peer in r.peers())
+        found = self._replica_under(prefix)
+        if found is None:
+            return None
+        replica, stage = found
+        if stage is None:
+            return None if replica.bridged else (replica.head, frozenset(replica.peers()))
+        placement = replica.stage_placement(stage)
+        return placement[0][0], frozenset(peer for peer, _ in placement)
+
+    def _replica_under(self, prefix: str) -> tuple[Replica, int | None] | None:
+        """The replica whose prefix (``replica_prefix``) or whose stage's (``stage_prefix``, with that stage)
+        ``prefix`` is, formed at this epoch or an earlier one of the term; None for any other. O(replicas)."""
         parts = prefix.split("/")
-        formed = parts[2] if len(parts) == 5 else ""
-        if parts[:2] != ["hexgen", str(self.term)] or parts[4:] != [""] or not (formed.isascii() and formed.isdigit()):
+        formed = parts[2] if len(parts) in (5, 6) else ""
+        if parts[:2] != ["hexgen", str(self.term)] or parts[-1] != "" or not (formed.isascii() and formed.isdigit()):
             return None
         if int(formed) > self.epoch:
             return None
         for replica in self.replicas:
-            if replica.digest == parts[3]:
-                return replica.head, frozenset(replica.peers())
+            if replica.digest != parts[3]:
+                continue
+            if len(parts) == 5:
+                return replica, None
+            index = parts[4].removeprefix("stage")
+            if replica.bridged and index.isascii() and index.isdigit() and int(index) < len(replica.layout):
+                return replica, int(index)
         return None
+
+    def part_peer(self, prefix: str, rank: int) -> str | None:
+        """The peer hosting rank ``rank`` of what the daemons carry under ``prefix``: the epoch's relayed
+        exchange (exchange ranks), or a bridged replica of this deployment (``bridge_prefix``, its layout
+        ranks, whatever term and epoch it formed in); None for any other. O(replicas)."""
+        if prefix == self.exchange_prefix:
+            return self.rank_peer(rank)
+        replica = self._bridged_under(prefix)
+        return replica.placement[rank][0] if replica is not None and 0 <= rank < replica.size else None
+
+    def carries(self, prefix: str) -> bool:
+        """Whether the daemons carry messages under ``prefix`` (``part_peer``). O(replicas)."""
+        return prefix == self.exchange_prefix or self._bridged_under(prefix) is not None
+
+    def _bridged_under(self, prefix: str) -> Replica | None:
+        parts = prefix.split("/")
+        if len(parts) != 6 or parts[:2] != ["hexgen", "bridge"] or parts[5] != "":
+            return None
+        return next((r for r in self.replicas if r.bridged and r.digest == parts[4]), None)
 
     def rank_peer(self, rank: int) -> str | None:
         """The peer hosting exchange rank ``rank``, or None when no replica has it. O(replicas)."""
@@ -155,6 +222,31 @@ class Deployment:
     def pick_decode(self, prefill: int, rng: random.Random, usable: Sequence[int] | None = None) -> int | None:
         """A decode replica for a request prefilled on ``prefill``, in proportion to the flows between them."""
         return _weighted(rng, self.hand_off_weights.get(prefill, ()), usable)
+
+
+@dataclass(frozen=True)
+class RankWorld:
+    """The world one rank of a replica forms: its ``rank`` of ``size``, met at the ``store`` of daemon ``head``
+    under ``prefix``."""
+
+    rank: int
+    size: int
+    head: str
+    prefix: str
+    store: tuple[str, int]
+
+
+def rank_world(deployment: Deployment, replica: Replica, layout_rank: int, formed: int) -> RankWorld:
+    """The world of ``layout_rank`` of ``replica``, placed here first at epoch ``formed``: the replica's, or,
+    for a bridged replica, that of the rank's stage alone. O(stages)."""
+    if not replica.bridged:
+        prefix = replica_prefix(deployment.term, formed, replica)
+        store = deployment.replica_rendezvous[replica.index]
+        return RankWorld(layout_rank, replica.size, replica.head, prefix, store)
+    stage, tp_rank = replica.stage_of(layout_rank)
+    head = replica.stage_placement(stage)[0][0]
+    prefix = stage_prefix(deployment.term, formed, replica, stage)
+    return RankWorld(tp_rank, replica.layout[stage][2], head, prefix, deployment.stage_rendezvous[head])
 
 
 def _weighted(rng: random.Random, weights: Sequence[tuple[int, float]], usable: Sequence[int] | None) -> int | None:
@@ -181,13 +273,15 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         error = body.error
         reason = error if error and error.strip() else "the adopted plan has no groups to deploy"
         raise DeploymentError(" ".join(reason.split()))  # the coordinator's words, on one line
-    replicas = _replicas(plan, body.gpus, body.quantize)
+    bridged = () if body.exchange == "torch" else body.bridged_groups
+    replicas = _replicas(plan, body.gpus, body.quantize, bridged)
     if not replicas:
         raise DeploymentError("the plan has no groups")
     entry, hand_off = _weights(plan, replicas)
     heads = [r.placement[0][0] for r in replicas]
     gloo = () if body.exchange == "torch" else tuple(r.index for r in replicas if r.group_id in body.gloo_groups)
-    missing = [peer for peer in heads if peer not in rendezvous]
+    stage_heads = {r.stage_placement(s)[0][0] for r in replicas if r.bridged for s in range(len(r.layout))}
+    missing = [peer for peer in [*heads, *sorted(stage_heads)] if peer not in rendezvous]
     if missing:
         raise DeploymentError(f"peer {missing[0]!r} hosts a first rank but advertised no rendezvous address")
     return Deployment(
@@ -201,11 +295,13 @@ def deployment_from_plan(body: PlanBody, rendezvous: Mapping[str, tuple[str, int
         restart=body.restart,
         exchange=body.exchange,
         gloo=gloo,
+        stage_rendezvous={peer: rendezvous[peer] for peer in stage_heads},
     )
 
 
-def _replicas(plan: Plan, gpus: Mapping[int, tuple[str, int]], quantize: str) -> list[Replica]:
-    """One replica per group, ranks numbered in group and stage order, each quantized with ``quantize``."""
+def _replicas(plan: Plan, gpus: Mapping[int, tuple[str, int]], quantize: str, bridged: Sequence[int]) -> list[Replica]:
+    """One replica per group, ranks numbered in group and stage order, each quantized with ``quantize``, those
+    of groups ``bridged`` bridged."""
     replicas: list[Replica] = []
     first_rank = 0
     for group in plan.groups:
@@ -216,7 +312,10 @@ def _replicas(plan: Plan, gpus: Mapping[int, tuple[str, int]], quantize: str) ->
         placement = tuple(gpus[gpu] for gpu in group.gpus)
         if not placement:
             raise DeploymentError(f"group {group.id!r} has no GPUs")
-        replicas.append(Replica(len(replicas), group.id, group.role, layout, first_rank, placement, quantize))
+        replica = Replica(
+            len(replicas), group.id, group.role, layout, first_rank, placement, quantize, group.id in bridged
+        )
+        replicas.append(replica)
         first_rank += len(placement)
     return replicas
 

@@ -1,5 +1,6 @@
-"""The daemons' KV relay: the KV parts of a "libp2p" exchange, from a local worker to the worker of the rank
-they name, on this daemon or over a carrier to the daemon hosting that rank.
+"""The daemons' KV relay: the KV parts of a "libp2p" exchange, and the messages between the stages of a
+bridged replica (``deployment.Deployment.part_peer``), from a local worker to the worker of the rank they
+name, on this daemon or over a carrier to the daemon hosting that rank.
 
 Used where some pair of the epoch's hosts has no direct TCP link (relayed, or hole-punched: the coordinator
 sets the plan's ``exchange``). One carrier per destination daemon takes every part to it in order, written by
@@ -43,14 +44,14 @@ _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceErr
 
 def accepts(deployment: Deployment | None, part: KvPart, sender: str, here: str) -> str | None:
     """Why a part that daemon ``sender`` sent to daemon ``here`` is not delivered, or None when it is: the
-    deployment must relay KV, be on the part's exchange, place rank ``src`` on ``sender`` and ``dst`` here.
-    O(replicas)."""
-    if deployment is None or deployment.exchange != "libp2p" or part.prefix != deployment.exchange_prefix:
-        return f"a KV part for exchange {part.prefix!r}, which is not this daemon's relayed exchange"
-    if deployment.rank_peer(part.src) != sender:
-        return f"a KV part from exchange rank {part.src}, which peer {sender} does not host"
-    if deployment.rank_peer(part.dst) != here:
-        return f"a KV part for exchange rank {part.dst}, which this daemon does not host"
+    deployment must relay KV, carry the part's prefix (its exchange, or a bridged replica), place rank ``src``
+    on ``sender`` and ``dst`` here. O(replicas)."""
+    if deployment is None or deployment.exchange != "libp2p" or not deployment.carries(part.prefix):
+        return f"a KV part for {part.prefix!r}, which this daemon's deployment does not relay"
+    if deployment.part_peer(part.prefix, part.src) != sender:
+        return f"a KV part from rank {part.src} of {part.prefix!r}, which peer {sender} does not host"
+    if deployment.part_peer(part.prefix, part.dst) != here:
+        return f"a KV part for rank {part.dst} of {part.prefix!r}, which this daemon does not host"
     return None
 
 
@@ -121,13 +122,11 @@ class KvRelay:
 
     async def _route(self, part: KvPart, frame: bytes) -> None:
         deployment = self.supervisor.deployment
-        peer = (
-            None if deployment is None or part.prefix != deployment.exchange_prefix else deployment.rank_peer(part.dst)
-        )
+        peer = None if deployment is None else deployment.part_peer(part.prefix, part.dst)
         if peer is None:
-            log.debug("dropped a KV part for exchange %s rank %d: not in the deployed plan", part.prefix, part.dst)
+            log.debug("dropped a KV part for %s rank %d: not in the deployed plan", part.prefix, part.dst)
         elif peer == self.peer_id:
-            await self._deliver(part.dst, frame)
+            await self._deliver(part.prefix, part.dst, frame)
         else:
             try:
                 await self._queue(peer).send(frame)
@@ -249,7 +248,7 @@ class KvRelay:
                     started[part.key] = part.dst
                 else:
                     started.pop(part.key, None)
-                await self._deliver(part.dst, frame)
+                await self._deliver(part.prefix, part.dst, frame)
         except (FrameError, SealError) as exc:
             log.warning("cut the KV %s of %s: %s", what, sender, exc)
             return False
@@ -264,12 +263,16 @@ class KvRelay:
         """Tell the receiving ranks of the messages ``started`` that they will not be whole."""
         for dst in set(started.values()):
             for notice in lost_frames([key for key, rank in started.items() if rank == dst]):
-                await self._deliver(dst, notice.frame())
+                await self._deliver(notice.prefix, dst, notice.frame())
 
-    async def _deliver(self, dst: int, frame: bytes) -> None:
-        """Write ``frame`` to the KV socket of this daemon's worker of exchange rank ``dst``."""
+    async def _deliver(self, prefix: str, dst: int, frame: bytes) -> None:
+        """Write ``frame`` to the KV socket of this daemon's worker of rank ``dst`` under ``prefix``: an
+        exchange rank, or a layout rank of the bridged replica whose bridge it is."""
+        deployment = self.supervisor.deployment
+        exchange = deployment is not None and prefix == deployment.exchange_prefix
         for worker in list(self.supervisor.workers.values()):
-            if worker.rank == dst and worker.kv is not None and worker.error is None:
+            found = worker.rank == dst if exchange else (worker.bridge == prefix and worker.layout_rank == dst)
+            if found and worker.kv is not None and worker.error is None:
                 try:
                     async with worker.kv_lock:
                         await worker.kv.write(frame)

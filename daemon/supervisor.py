@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
+from hexgen.daemon.deployment import Deployment, Replica, rank_world
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.request_listeners import Event, RequestListeners
 from hexgen.daemon.start_deadline import StartDeadline
@@ -201,11 +201,11 @@ class Supervisor:
 
     async def _secrets_of(self, deployment: Deployment, worker: LocalWorker) -> tuple[bytes, bytes | None]:
         """The store secrets of the worker's replica world and, when there is one, the exchange group."""
-        replica = worker.replica
-        own = await self._world_secret(replica.head, replica_prefix(deployment.term, worker.formed, replica))
+        world = rank_world(deployment, worker.replica, worker.layout_rank, worker.formed)
+        own = await self._world_secret(world.head, world.prefix)
         if not deployment.needs_exchange:
             return own, None
-        return own, await self._exchange_secret(deployment, replica)
+        return own, await self._exchange_secret(deployment, worker.replica)
 
     async def _exchange_secret(self, deployment: Deployment, replica: Replica) -> bytes:
         """The gloo exchange group's store secret; a replica outside it (its KV relayed) needs none, and is
@@ -342,6 +342,7 @@ class Supervisor:
         frame = self.settings.configure(
             deployment, worker.replica, worker.layout_rank, worker.formed, secret, exchange_secret
         )
+        worker.bridge = frame.bridge  # before the worker can say anything on it
         await worker.send(frame)
         reply = frame_from_worker(await self._await_ready(worker, worker.reader()))
         if not isinstance(reply, ReadyFrame):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hexgen.daemon.deployment import Deployment, Replica, replica_prefix
+from hexgen.daemon.deployment import Deployment, Replica, bridge_prefix, rank_world
 from hexgen.daemon.worker_frames import ConfigureFrame
 from hexgen.daemon.worker_setup import CacheSetup, ExchangeSetup, ReplicaSetup
 from hexgen.engine.bounds import connect_timeout_for
@@ -85,18 +85,19 @@ class WorkerSettings:
         secret: bytes,
         exchange_secret: bytes | None,
     ) -> ConfigureFrame:
-        """The first frame of the worker of ``layout_rank`` of ``replica``: its world is the replica's own,
-        met at the replica's store under the prefix of the epoch ``formed`` (when the plan first placed the
-        replica here), and it joins the epoch's exchange group when the deployment has one
-        (``exchange_secret``)."""
+        """The first frame of the worker of ``layout_rank`` of ``replica``: its world is the replica's own (a
+        bridged replica's: its stage's, ``deployment.rank_world``), met at that world's store under the prefix
+        of the epoch ``formed`` (when the plan first placed the replica here), and it joins the epoch's
+        exchange group when the deployment has one (``exchange_secret``)."""
         gpu = replica.placement[layout_rank][1]
         exchange = None if exchange_secret is None else self.exchange(deployment, replica, exchange_secret)
+        world = rank_world(deployment, replica, layout_rank, formed)
         return ConfigureFrame(
-            rank=layout_rank,
-            world_size=replica.size,
+            rank=world.rank,
+            world_size=world.size,
             replica=self.replica(replica, first_rank=0),
-            store=deployment.replica_rendezvous[replica.index],
-            prefix=replica_prefix(deployment.term, formed, replica),
+            store=world.store,
+            prefix=world.prefix,
             secret=secret,
             advertised=self.advertised,
             exchange=exchange,
@@ -105,4 +106,6 @@ class WorkerSettings:
             backend=self.world_backend,
             progress=True,  # load progress frames move the start deadline (daemon.worker_link)
             connect_timeout_s=self.connect_s,
+            bridge=bridge_prefix(deployment.term, formed, replica) if replica.bridged else "",
+            layout_rank=layout_rank if replica.bridged else None,
         )

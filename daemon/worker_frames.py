@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from hexgen.daemon.failure import WorldFailure
+from hexgen.daemon.kv_frames import MAX_PREFIX
 from hexgen.daemon.wire import MalformedFrame, optional, validate
 from hexgen.daemon.worker_setup import (
     INT64,
@@ -45,7 +46,9 @@ from hexgen.engine.sequence import SamplingParams
 class ConfigureFrame:
     """The first frame: this rank of ``replica`` and its world, met at ``store`` under ``prefix`` (or, for
     worlds started without a daemon, a tcp:// world on local ``port``), the address its daemon advertises
-    (whose interface gloo and NCCL bind to) and the epoch's ``exchange`` group, when there is one."""
+    (whose interface gloo and NCCL bind to) and the epoch's ``exchange`` group, when there is one. A bridged
+    replica's rank is ``layout_rank`` of the replica, its world its stage alone (``rank`` its tensor rank),
+    and its stages talk through the daemon's KV channel under ``bridge``."""
 
     OP: ClassVar[str] = "configure"
     rank: int
@@ -62,6 +65,12 @@ class ConfigureFrame:
     backend: str = "gloo"
     progress: bool = False  # send progress frames while loading
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    bridge: str = ""  # "": the replica's ranks share one world
+    layout_rank: int | None = None  # None: ``rank``
+
+    @property
+    def replica_rank(self) -> int:
+        return self.rank if self.layout_rank is None else self.layout_rank
 
     def to_wire(self) -> dict[str, Any]:
         wire = {
@@ -78,22 +87,30 @@ class ConfigureFrame:
             "backend": self.backend,
             "progress": self.progress,
             "connect_timeout_s": self.connect_timeout_s,
+            "bridge": self.bridge,
+            "layout_rank": self.layout_rank,
         }
         return wire | ({"store": list(self.store)} if self.store else {"port": self.port})
 
     @classmethod
     def from_wire(cls, raw: Mapping[str, Any]) -> ConfigureFrame:
         shape = {"prefix": optional(str), "advertised": optional(str), "device": optional(str)}
-        config = validate(raw, shape | {"backend": optional(str), "progress": optional(bool)})
+        config = validate(raw, shape | {"backend": optional(str), "progress": optional(bool), "bridge": optional(str)})
         rank, size = at_least(config, "rank", 0), at_least(config, "world_size", 1)
         need(rank < size, "field 'rank' must be below 'world_size'")
+        replica = ReplicaSetup.from_wire(config.get("replica"))
+        bridge = config.get("bridge") or ""
+        need(len(bridge) <= MAX_PREFIX, f"field 'bridge' must be at most {MAX_PREFIX} characters")
+        layout_rank = None if config.get("layout_rank") is None else at_least(config, "layout_rank", 0)
+        need((layout_rank is None) == (not bridge), "fields 'bridge' and 'layout_rank' come together")
+        need(layout_rank is None or layout_rank < sum(tp for *_, tp in replica.layout), "'layout_rank' is not a rank")
         store = None if config.get("store") is None else address(config["store"], "store")
         port = None if store is not None else at_least(config, "port", 1)
         need(port is None or port <= MAX_PORT, "field 'port' must be a port")
         return cls(
             rank,
             size,
-            ReplicaSetup.from_wire(config.get("replica")),
+            replica,
             store=store,
             port=port,
             prefix=config.get("prefix") or "",
@@ -105,6 +122,8 @@ class ConfigureFrame:
             backend=config.get("backend") or "gloo",
             progress=bool(config.get("progress")),
             connect_timeout_s=seconds(config, "connect_timeout_s", CONNECT_TIMEOUT_S),
+            bridge=bridge,
+            layout_rank=layout_rank,
         )
 
 

@@ -75,6 +75,7 @@ class LocalWorker:
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     # a kept worker moving to a new epoch's exchange group, until it says the group formed
     joining: bool = False
+    bridge: str = ""  # what its replica's stages say to each other travels under (``deployment.bridge_prefix``)
     _reader: FrameReader | None = field(default=None, repr=False)
 
     @property

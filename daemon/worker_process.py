@@ -203,7 +203,14 @@ def _join(
         setup = exchange_from(config.exchange)
         exchange = Background(join_exchange, setup, config.rank, replica_kv_format(spec), relay)
     store, groups = _form_world(config, spec)
-    worker = ReplicaWorker(spec, config.rank, groups, progress=abort_on_failure(exchange, progress))
+    bridge = None
+    if config.bridge:
+        if relay is None:
+            raise RuntimeError("a bridged replica's stages talk through the daemon, but this worker has no KV channel")
+        bridge = relay.bind(config.bridge, config.replica_rank)
+    worker = ReplicaWorker(
+        spec, config.replica_rank, groups, progress=abort_on_failure(exchange, progress), bridge=bridge
+    )
     worker.kv_relay = relay
     if exchange is not None:
         worker.adopt_exchange(exchange.result())  # raises the group's WorldFormationError
@@ -212,14 +219,15 @@ def _join(
 
 def _form_world(config: ConfigureFrame, spec: ReplicaSpec) -> tuple[object, Groups]:
     """This rank's replica world, met at the daemon's store (or, without one, a tcp:// world on a local
-    port): its store and groups."""
+    port): its store and groups. A bridged replica's rank forms its stage's world, whose only group is
+    itself: no groups."""
     from hexgen.engine.formation import CONNECT_GRACE_S, bounded, connecting
     from hexgen.engine.replica import init_world, init_world_store, replica_groups, settle_world
 
     rank, size, backend, connect_s = config.rank, config.world_size, config.backend, config.connect_timeout_s
     if config.store is None:
         init_world(rank, size, config.port or 0, backend, device=spec.device)
-        return None, replica_groups([spec])
+        return None, {} if config.bridge else replica_groups([spec])
     host, port = config.store
     store = init_world_store(
         rank,
@@ -234,7 +242,7 @@ def _form_world(config: ConfigureFrame, spec: ReplicaSpec) -> tuple[object, Grou
     )
     with connecting("replica world"):
         groups = bounded(
-            lambda: replica_groups([spec], timedelta(seconds=connect_s)),
+            lambda: {} if config.bridge else replica_groups([spec], timedelta(seconds=connect_s)),
             connect_s + CONNECT_GRACE_S,
             "replica world",
         )

@@ -11,7 +11,15 @@ import pytest
 from hexgen.coordinator.pinned import PinnedPlanError, parse_pinned, pinned_plan
 from hexgen.daemon.client_requests import parse_request
 from hexgen.daemon.completion import StopFilter, parse_stops
-from hexgen.daemon.deployment import DeploymentError, deployment_from_plan
+from hexgen.daemon.deployment import (
+    DeploymentError,
+    RankWorld,
+    bridge_prefix,
+    deployment_from_plan,
+    rank_world,
+    replica_prefix,
+    stage_prefix,
+)
 from hexgen.daemon.messages import MessageError, PlanBody
 from hexgen.daemon.model_files import ModelFilesError, model_fingerprint
 from hexgen.daemon.request_limits import MAX_TOKENS_LIMIT, RequestError
@@ -40,6 +48,39 @@ def test_pinned_plan_becomes_a_world_with_ranks_in_group_and_stage_order():
     assert [r.key for r in moved.replicas] == [r.key for r in deployment.replicas] and moved.restart
     assert [i for i, _ in deployment.entry_weights] == [0]
     assert {i for i, _ in deployment.hand_off_weights[0]} == {1, 2}
+
+
+def test_a_bridged_group_forms_a_world_per_stage_and_its_stages_talk_under_its_bridge():
+    plan = pinned_plan(parse_pinned(PINNED, num_layers=5), GPU_INDEX).to_dict()
+    deployment = deployment_from_plan(body(plan, exchange="libp2p", bridged_groups=[1]), RENDEZVOUS)
+    prefill, split, whole = deployment.replicas
+    assert split.bridged and not prefill.bridged and not whole.bridged
+    assert deployment.stage_rendezvous == {"pc": RENDEZVOUS["pc"], "pd": RENDEZVOUS["pd"]}
+    assert split.stage_of(1) == (1, 0) and split.stage_placement(1) == (("pd", 1),)
+    first, second = (stage_prefix(2, 5, split, s) for s in (0, 1))
+    assert deployment.world(first) == ("pc", frozenset({"pc"})) and deployment.world(second) == (
+        "pd",
+        frozenset({"pd"}),
+    )
+    assert deployment.world(replica_prefix(2, 5, split)) is None  # no world spans the replica
+    assert (
+        deployment.world(stage_prefix(2, 5, split, 2)) is None
+        and deployment.world(stage_prefix(2, 5, whole, 0)) is None
+    )
+    assert deployment.world(replica_prefix(2, 5, whole)) == ("pd", frozenset({"pd"}))
+    assert rank_world(deployment, split, 1, 5) == RankWorld(0, 1, "pd", second, RENDEZVOUS["pd"])
+    assert rank_world(deployment, prefill, 1, 5) == RankWorld(
+        1, 2, "pa", replica_prefix(2, 5, prefill), RENDEZVOUS["pa"]
+    )
+    assert deployment.part_peer(bridge_prefix(2, 5, split), 1) == "pd" and not deployment.carries(
+        bridge_prefix(2, 5, whole)
+    )
+    flat = deployment_from_plan(body(plan, bridged_groups=[1]), RENDEZVOUS)  # a plan without worldless pairs
+    assert not any(r.bridged for r in flat.replicas) and flat.replicas[1].key != split.key
+    with pytest.raises(DeploymentError, match="'pd' hosts a first rank"):
+        deployment_from_plan(
+            body(plan, exchange="libp2p", bridged_groups=[1]), {"pa": RENDEZVOUS["pa"], "pc": RENDEZVOUS["pc"]}
+        )
 
 
 def test_requests_follow_the_flows():

@@ -67,6 +67,9 @@ TO_WORKER: list[ToWorker] = [
         backend="nccl",
         connect_timeout_s=60.0,
     ),
+    ConfigureFrame(
+        0, 2, DECODE, store=("10.0.0.1", 29500), prefix="hexgen/1/1/abc/stage1/", bridge="b/", layout_rank=0
+    ),
     GenerateFrame(5, (1, 2, 3), SamplingParams(max_tokens=2), dst=1),
     ImportFrame(6, (1, 403, 407), SAMPLING, src=0),
     AbortFrame(7),
@@ -95,6 +98,20 @@ def test_the_examples_read_back_from_their_wire_form() -> None:
         assert frame_to_worker(frame.to_wire()) == frame
     for answer in FROM_WORKER:
         assert frame_from_worker(answer.to_wire()) == answer
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"layout_rank": 1}, "'layout_rank' is not a rank"),
+        ({"layout_rank": None}, "come together"),
+        ({"bridge": ""}, "come together"),
+        ({"bridge": "b" * 300}, "at most 256"),
+    ],
+)
+def test_a_bridged_rank_names_its_place_in_its_replica(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(MalformedFrame, match=message):
+        frame_to_worker(TO_WORKER[2].to_wire() | change)
 
 
 def check_to_worker(raw: Any) -> None:

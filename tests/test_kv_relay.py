@@ -14,7 +14,7 @@ import torch
 import trio
 
 from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
-from hexgen.daemon.deployment import Deployment, Replica, deployment_from_plan
+from hexgen.daemon.deployment import Deployment, Replica, bridge_prefix, deployment_from_plan
 from hexgen.daemon.kv_channel import KvChannel
 from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, KvPart, from_daemon, lost_frames
 from hexgen.daemon.kv_relay import KvRelay, accepts, sends_kv
@@ -45,10 +45,28 @@ def test_a_part_is_delivered_only_from_the_host_of_its_source_rank_to_the_host_o
 
 def test_a_part_of_another_epoch_or_of_a_gloo_exchange_is_dropped() -> None:
     older = dataclasses.replace(PART, prefix="hexgen/3/6/exchange/")
-    assert "not this daemon's relayed exchange" in (accepts(RELAYED, older, "B", "C") or "")
+    assert "this daemon's deployment does not relay" in (accepts(RELAYED, older, "B", "C") or "")
     direct = dataclasses.replace(RELAYED, exchange="torch")
-    assert "not this daemon's relayed exchange" in (accepts(direct, PART, "B", "C") or "")
+    assert "this daemon's deployment does not relay" in (accepts(direct, PART, "B", "C") or "")
     assert accepts(None, PART, "B", "C") is not None
+
+
+BRIDGED = Replica(0, 0, "colocated", ((0, 2, 1), (2, 5, 2)), 0, (("A", 0), ("B", 0), ("C", 0)), bridged=True)
+SPLIT = Deployment(3, 7, (BRIDGED,), ((0, 1.0),), {}, ("a", 1), (("a", 1),), False, "libp2p")
+
+
+def test_what_passes_between_a_bridged_replica_s_stages_goes_by_its_layout_ranks_under_its_bridge() -> None:
+    stages = dataclasses.replace(PART, prefix=bridge_prefix(2, 1, BRIDGED), src=0, dst=2)  # formed under an old term
+    assert SPLIT.part_peer(stages.prefix, 2) == "C" and SPLIT.part_peer(stages.prefix, 3) is None
+    assert accepts(SPLIT, stages, "A", "C") is None
+    assert "which peer B does not host" in (accepts(SPLIT, stages, "B", "C") or "")
+    assert "which this daemon does not host" in (accepts(SPLIT, stages, "A", "B") or "")
+    whole = dataclasses.replace(BRIDGED, bridged=False)  # a replica with one world has no bridge
+    unbridged = dataclasses.replace(SPLIT, replicas=(whole,))
+    assert "does not relay" in (
+        accepts(unbridged, dataclasses.replace(stages, prefix=bridge_prefix(2, 1, whole)), "A", "C") or ""
+    )
+    assert unbridged.part_peer(bridge_prefix(2, 1, whole), 0) is None
 
 
 def test_who_may_send_a_daemon_kv_on_a_link() -> None:
