@@ -1,5 +1,6 @@
 """Serving across NATs: prefill at one home, decode at two others, the KV handed off through the daemons'
-libp2p streams (hole-punched to one home, relayed to the other), stories260K against transformers."""
+libp2p streams (hole-punched to one home, relayed to the other), and a pipeline whose stages sit at two
+homes, stories260K against transformers."""
 
 from __future__ import annotations
 
@@ -157,6 +158,65 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
             carriers = {p["peer_id"]: p.get("kv") for p in peers}
             assert carriers[b] == {"carrier": "direct", "relay": relay.peer_id}, carriers
             assert carriers[c] == {"carrier": "splice", "relay": relay.peer_id}, carriers
+
+
+BRIDGED = """[[groups]]
+role = "colocated"
+stages = [{ gpus = ["h11"], layers = [0, 2] }, { gpus = ["h21"], layers = [2, 5] }]
+"""
+
+
+@pytest.fixture
+def two_homes() -> Iterator[NatLab]:
+    """Two homes, the second behind a symmetric NAT: no hole punch, everything between them goes by the relay."""
+    with open_nat_lab(homes=(1, 1), symmetric=(False, True)) as lab:
+        yield lab
+
+
+def _bridged(stage_pair: frozenset[str]) -> Any:
+    serving = _serving_relayed({}, [], 2)
+
+    def check(view: View) -> bool:
+        """Serving (two workers ready) a plan whose group 0 is bridged across ``stage_pair``, its stage
+        boundary there recorded as going over libp2p."""
+        bodies = [((s or {}).get("plan") or {}).get("body") or {} for s in view.values()]
+        stages = [
+            {frozenset(x["peers"]): x["transport"] for x in b.get("links", []) if x["use"] == "stage"} for b in bodies
+        ]
+        return (
+            serving(view)
+            and all(body.get("bridged_groups") == [0] for body in bodies)
+            and all(found.get(stage_pair) == "libp2p" for found in stages)
+        )
+
+    return check
+
+
+async def test_a_pipeline_across_two_homes_streams_transformers_tokens_through_the_relay(
+    two_homes: NatLab, tmp_path: Path, stories_dir: Path
+) -> None:
+    """One replica, layers 0-1 at home 1 and 2-4 at home 2, whose homes cannot open a TCP connection to each
+    other: each stage is a world of its own and the hidden states, the driver's broadcasts and the all-reduces
+    between them travel through the daemons, on a sealed link the relay splices. Concurrent requests stream
+    transformers' greedy tokens."""
+    with started_daemons() as started:
+        relay, homes = _start_homes(two_homes, tmp_path, stories_dir, started, BRIDGED, ("h11", "h21"))
+        a, b = (d.peer_id for d in homes)
+        prompts = [[1, 403, 407, 261, 378], *random_prompts(3, 512, seed=47, low=3, high=20)]
+        reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
+        async with open_client() as client:
+            await converge(client, _circuits(relay, homes), _bridged(frozenset((a, b))), CONVERGE_SERVING_S)
+            results: dict[int, list[int]] = {}
+
+            async def one(i: int) -> None:
+                results[i] = await _complete(client, a, prompts[i], set())
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(prompts)):
+                    nursery.start_soon(one, i)
+            assert [results[i] for i in range(len(prompts))] == reference
+            carriers = {p["peer_id"]: p.get("kv") for p in (await query_status(client, a))["peers"]}
+            assert carriers[b] == {"carrier": "splice", "relay": relay.peer_id}, carriers
 
 
 @contextlib.contextmanager
