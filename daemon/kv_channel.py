@@ -91,6 +91,11 @@ class RelayGroup:
         """Whether the next ``count`` messages ``recv`` would take from ``peer`` under ``tag`` are here whole."""
         return self.channel.arrived(self.prefix, peer, self.rank, tag, count)
 
+    def recv_any(self, peer: int, tag: int, timeout: timedelta) -> bool:
+        """Whether some message from ``peer`` under ``tag`` came within ``timeout`` (all such are dropped): for
+        a tag whose messages are sent again until answered, so that any one of them will do."""
+        return self.channel.take_any(self.prefix, peer, self.rank, tag, timeout.total_seconds())
+
 
 class KvChannel:
     """The worker's end of its KV socket pair with the daemon; ``bind`` it to an epoch's exchange rank."""
@@ -154,6 +159,22 @@ class KvChannel:
             _, src, _, tag, index = key
             why = (message and message.lost) or self.ended or f"not whole within {seconds:g} s"
             raise KVMissing(f"KV message {index} from exchange rank {src} (tag {tag}) did not arrive: {why}")
+
+    def take_any(self, prefix: str, src: int, dst: int, tag: int, seconds: float) -> bool:
+        """Whether some whole message from ``src`` to ``dst`` under ``tag`` is here within ``seconds``; every
+        one of them is removed. Raises KVMissing once the channel ended."""
+
+        def whole() -> list[Key]:
+            return [k for k, m in self.messages.items() if k[:4] == (prefix, src, dst, tag) and not m.missing]
+
+        with self.filed:
+            self.filed.wait_for(lambda: bool(whole()) or self.ended is not None, seconds)
+            found = whole()
+            for key in found:
+                del self.messages[key]
+            if not found and self.ended is not None:
+                raise KVMissing(f"no message from exchange rank {src} (tag {tag}): {self.ended}")
+            return bool(found)
 
     def _settled(self, key: Key) -> bool:
         """Whether the message is whole, or will never be."""

@@ -8,6 +8,7 @@ all-reduces that keep every rank's scheduler in step, and hidden states passed d
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, Protocol
@@ -24,6 +25,8 @@ _REDUCE = {"min": torch.minimum, "max": torch.maximum}
 # (source, destination, tag) never meet whatever the tag; two tags keep control and hidden states apart.
 CONTROL_TAG = 0x7FFFFFF0
 HIDDEN_TAG = 0x7FFFFFF1
+BARRIER_TAG = 0x7FFFFFF2
+HELLO_S = 1.0  # how often a loaded rank says so until the driver answers
 
 
 class StageLinkError(RuntimeError):
@@ -45,12 +48,14 @@ class ReplicaComm(Protocol):
 
 
 class PointToPoint(Protocol):
-    """Anything with a gloo group's ``send``/``recv`` whose works ``wait(timeout)``
-    (``daemon.kv_channel.RelayGroup``)."""
+    """Anything with a gloo group's ``send``/``recv`` whose works ``wait(timeout)``, and ``recv_any`` (whether
+    any message from ``peer`` under ``tag`` came within ``timeout``; all are taken): ``daemon.kv_channel.RelayGroup``."""
 
     def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> Any: ...
 
     def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> Any: ...
+
+    def recv_any(self, peer: int, tag: int, timeout: timedelta) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -125,14 +130,35 @@ class BridgedComm:
             raise StageLinkError(f"replica rank {self.rank} heard nothing from rank {src}: {exc}") from exc
 
     def barrier(self, load_timeout: timedelta, op_timeout: timedelta) -> None:
-        """Every rank has loaded: each tells the root, which answers all once it has heard from all, waiting up
-        to ``load_timeout`` for the slowest."""
+        """Every rank has loaded, waiting up to ``load_timeout`` for the slowest. A daemon drops what it cannot
+        deliver yet (it has not adopted the plan, or not started the rank's worker), so each rank says it has
+        loaded every HELLO_S until the root, which has heard from all, answers; by then every daemon on the
+        way knows the replica."""
         flag = torch.zeros(1, dtype=torch.long)
-        others = [r for r in self.ranks if r != self.root]
+        deadline = time.monotonic() + load_timeout.total_seconds()
         if self.rank != self.root:
-            self.send(flag, [self.root], CONTROL_TAG)
-            self.recv(flag, self.root, CONTROL_TAG, load_timeout)
-            return
+            while True:
+                self.send(flag, [self.root], BARRIER_TAG)
+                if self._heard(self.root, min(HELLO_S, max(0.0, deadline - time.monotonic()))):
+                    return
+                if time.monotonic() >= deadline:
+                    raise StageLinkError(
+                        f"replica rank {self.rank} heard nothing from rank {self.root} in {load_timeout}"
+                    )
+        others = [r for r in self.ranks if r != self.root]
         for peer in others:
-            self.recv(flag, peer, CONTROL_TAG, load_timeout)
-        self.send(flag, others, CONTROL_TAG)
+            if not self._heard(peer, max(0.0, deadline - time.monotonic())):
+                raise StageLinkError(
+                    f"replica rank {self.rank} heard nothing from rank {peer} in {_seconds(load_timeout)}"
+                )
+        self.send(flag, others, BARRIER_TAG)
+
+    def _heard(self, peer: int, seconds: float) -> bool:
+        try:
+            return self.link.recv_any(peer + self.offset, BARRIER_TAG, timedelta(seconds=seconds))
+        except Exception as exc:  # the link's own kinds, as in ``recv``
+            raise StageLinkError(f"replica rank {self.rank} heard nothing from rank {peer}: {exc}") from exc
+
+
+def _seconds(span: timedelta) -> str:
+    return f"{span.total_seconds():g} s"

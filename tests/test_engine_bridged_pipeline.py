@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from hexgen.engine.layout import StageLayout
 from hexgen.engine.tokenizer import Tokenizer
 from hexgen.testing.checkpoints import reference_greedy
 from hexgen.testing.kv_daemons import StandInDaemons, connect
-from hexgen.testing.ranks import free_port, run_ranks
+from hexgen.testing.ranks import context, free_port, run_ranks
 
 PREFIX = "hexgen/1/1/exchange/"
 PROMPTS = ["Once upon a time", "The little dog", "One day, a big"]
@@ -39,10 +40,18 @@ def _stage_world(layout: tuple[StageLayout, ...], rank: int, ports: list[int]) -
 
 
 def _serve(
-    rank: int, layout: tuple[StageLayout, ...], model_dir: str, router: int, ports: list[int], prompts: list[list[int]]
+    rank: int,
+    layout: tuple[StageLayout, ...],
+    model_dir: str,
+    router: int,
+    ports: list[int],
+    prompts: list[list[int]],
+    early: Any,
 ) -> list[list[int]] | None:
     """Rank ``rank`` of a bridged replica; the driver submits ``prompts`` (prefilled in chunks of 4 tokens)
-    and returns their completions, the other ranks step until told to stop."""
+    and returns their completions, the other ranks step until told to stop. The driver comes only once the
+    stand-in daemons dropped something sent to it (``early`` set): what a daemon that has not started its
+    worker yet does."""
     import os
 
     import torch
@@ -52,6 +61,8 @@ def _serve(
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
+    if rank == _driver(layout) and not early.wait(RANKS_TIMEOUT_S):
+        return None
     channel = connect(router, rank + 10)  # the bridge's numbering starts at 10, as an exchange's may
     _stage_world(layout, rank, ports)
     spec = spec_for(model_dir, layout, prefill_chunk=4)
@@ -79,16 +90,24 @@ def test_a_pipeline_over_the_daemons_gives_transformers_tokens(stories_dir: Path
     layout = LAYOUTS[name]
     prompts = [Tokenizer.from_dir(stories_dir).encode(p) for p in PROMPTS]
     expected = reference_greedy(stories_dir, prompts, MAX_TOKENS)
-    ranks = sum(stage.tp for stage in layout)
-    daemons, router = StandInDaemons.for_processes(ranks, RANKS_TIMEOUT_S)
+    ranks, driver = sum(stage.tp for stage in layout), _driver(layout)
+    early = context.Event()
+    daemons, router = StandInDaemons.for_processes(
+        ranks, RANKS_TIMEOUT_S, lambda dst: dst == driver + 10 and early.set()
+    )
     try:
         ports = [free_port() for _ in layout]
-        outcomes = run_ranks(_serve, ranks, (layout, str(stories_dir), router, ports, prompts), RANKS_TIMEOUT_S)
+        args = (layout, str(stories_dir), router, ports, prompts, early)
+        outcomes = run_ranks(_serve, ranks, args, RANKS_TIMEOUT_S)
     finally:
         daemons.close()
-    driver = ranks - layout[-1].tp
+    assert early.is_set()
     assert outcomes[driver] == expected, outcomes
     assert all(outcomes[r] is None for r in range(ranks) if r != driver), outcomes
+
+
+def _driver(layout: tuple[StageLayout, ...]) -> int:
+    return sum(stage.tp for stage in layout[:-1])
 
 
 def _alone(rank: int, model_dir: str, router: int, port: int) -> str:
@@ -117,4 +136,4 @@ def test_a_stage_that_never_comes_is_named_once_the_load_timeout_passes(stories_
         outcomes = run_ranks(_alone, 1, (str(stories_dir), router, free_port()), RANKS_TIMEOUT_S)
     finally:
         daemons.close()
-    assert outcomes[0].startswith("replica rank 1 heard nothing from rank 0: "), outcomes
+    assert outcomes[0] == "replica rank 1 heard nothing from rank 0 in 2 s", outcomes

@@ -1,12 +1,13 @@
 """Stand-in daemons for the KV relay's worker end: threads that do with KV parts what ``daemon.kv_relay`` does
-(route each to the channel of the rank it names), so engine tests can drive relayed exchanges in one process;
-a tag can be held back, as a slow link would, and released."""
+(route each to the channel of the rank it names), so engine tests can drive relayed exchanges in one process,
+or ranks in processes of their own; a tag can be held back, as a slow link would, and released."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 from hexgen.daemon.kv_channel import KvChannel
 from hexgen.daemon.kv_frames import KvPart
@@ -22,30 +23,35 @@ class StandInDaemons:
         self.channels = [KvChannel(theirs, keep_s) for _, theirs in pairs]
         self.lock = threading.Lock()
         self.held: dict[int, list[tuple[int, bytes]]] = {}
+        self.dropped: Callable[[int], None] | None = None
         for end in self.daemon_ends.values():
             threading.Thread(target=self._route, args=(end,), daemon=True).start()
 
     @classmethod
-    def for_processes(cls, ranks: int, timeout_s: float) -> tuple[StandInDaemons, int]:
+    def for_processes(
+        cls, ranks: int, timeout_s: float, dropped: Callable[[int], None] | None = None
+    ) -> tuple[StandInDaemons, int]:
         """Stand-ins for the worker ends of ``ranks`` ranks in other processes, and the port each connects to
-        (``connect``); parts wait for every rank to connect, up to ``timeout_s``."""
+        (``connect``) within ``timeout_s``. A part for a rank not connected yet is dropped, as a daemon drops
+        what it cannot deliver yet, and ``dropped`` hears that rank."""
         self = cls.__new__(cls)
         self.channels = []
         self.lock = threading.Lock()
         self.held = {}
         self.daemon_ends = {}
+        self.dropped = dropped
         listener = socket.create_server(("127.0.0.1", 0))
         listener.settimeout(timeout_s)
-        connected = threading.Event()
 
         def accept() -> None:
             with listener, contextlib.suppress(OSError):
                 while len(self.daemon_ends) < ranks:
                     end, _ = listener.accept()
                     end.settimeout(None)
-                    self.daemon_ends[int.from_bytes(end.recv(4, socket.MSG_WAITALL), "big")] = end
-                    threading.Thread(target=self._route, args=(end, connected, timeout_s), daemon=True).start()
-            connected.set()
+                    rank = int.from_bytes(end.recv(4, socket.MSG_WAITALL), "big")
+                    with self.lock:
+                        self.daemon_ends[rank] = end
+                    threading.Thread(target=self._route, args=(end,), daemon=True).start()
 
         threading.Thread(target=accept, daemon=True).start()
         return self, listener.getsockname()[1]
@@ -59,12 +65,10 @@ class StandInDaemons:
             for dst, frame in self.held.pop(tag, []):
                 self.daemon_ends[dst].sendall(frame)
 
-    def _route(self, end: socket.socket, connected: threading.Event | None = None, timeout_s: float = 0.0) -> None:
+    def _route(self, end: socket.socket) -> None:
         reader = b""
         with contextlib.suppress(OSError):  # closed under the recv by ``close``
             while chunk := end.recv(1 << 20):
-                if connected is not None and not connected.wait(timeout_s):
-                    return
                 reader += chunk
                 while len(reader) >= 4 and len(reader) >= 4 + (size := int.from_bytes(reader[:4], "big")):
                     frame, reader = reader[: 4 + size], reader[4 + size :]
@@ -74,6 +78,9 @@ class StandInDaemons:
         with self.lock:
             if part.tag in self.held:
                 self.held[part.tag].append((part.dst, frame))
+            elif part.dst not in self.daemon_ends:
+                if self.dropped is not None:
+                    self.dropped(part.dst)
             else:
                 self.daemon_ends[part.dst].sendall(frame)
 
