@@ -3,9 +3,11 @@
 Every byte between two hosts leaves through the sender's NIC and enters through the receiver's, so a
 host pair's link is never faster than either NIC, and all the traffic of a host shares its NIC (the
 planner's flow and the simulator charge it there). Links inside a host (NVLink, PCIe) are not NIC-bound.
-Some host pairs are *worldless*: linked only through a relay or a hole punch, they carry a KV hand-off
-between two groups but no group (a replica's world) may span them. A relayed pair's bytes also cross the
-relay's NIC, in and out (``relays``); the relay need not hold a GPU.
+Some host pairs are *worldless*: linked only through a relay or a hole punch, they carry no world
+(torch.distributed), only what the daemons carry over libp2p. So no stage (a tensor-parallel world) may span
+one, while a group may: its stages then each form a world of their own and the daemons bridge the boundaries
+between them (a *bridged* group), as they carry KV hand-offs between groups. A relayed pair's bytes also cross
+the relay's NIC, in and out (``relays``); the relay need not hold a GPU.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class Cluster:
     """GPUs, a symmetric link matrix in GB/s (``bandwidth[i][j]`` between GPU ids i and j) and host NICs.
 
     ``nics`` maps a host to its NIC; a host it leaves out has an unlimited one. ``worldless`` holds the host
-    pairs no group may span (``spans_worldless``); their bandwidth still carries KV hand-offs. ``relays`` maps
-    a host pair to the host relaying its bytes (whose NIC, when ``nics`` has it, carries them too).
+    pairs no stage may span (``spans_worldless``, ``allows_stages``); their bandwidth still carries KV
+    hand-offs and the boundaries of bridged groups. ``relays`` maps a host pair to the host relaying its bytes
+    (whose NIC, when ``nics`` has it, carries them too).
     """
 
     gpus: tuple[GPU, ...]
@@ -125,7 +128,7 @@ class Cluster:
         return dataclasses.replace(self, nics={**self.nics, **nics})
 
     def with_worldless(self, pairs: Iterable[tuple[str, str]]) -> Cluster:
-        """The same cluster where no group may span these host pairs (pairs naming absent hosts are left out)."""
+        """The same cluster where no stage may span these host pairs (pairs naming absent hosts are left out)."""
         found = frozenset(frozenset(pair) for pair in pairs if len(set(pair)) == 2 and set(pair) <= set(self.hosts))
         return dataclasses.replace(self, worldless=found)
 
@@ -145,12 +148,18 @@ class Cluster:
         return sorted(set(self.relays.values()) - set(self.hosts))
 
     def spans_worldless(self, gpu_ids: Iterable[int]) -> bool:
-        """Whether GPUs ``gpu_ids`` sit on two hosts of a worldless pair, so no group may hold them all.
-        O(GPUs + hosts^2); O(1) for a cluster without worldless pairs."""
+        """Whether GPUs ``gpu_ids`` sit on two hosts of a worldless pair: no stage (a world) may hold them all,
+        and a group that does is bridged. O(GPUs + hosts^2); O(1) for a cluster without worldless pairs."""
         if not self.worldless:
             return False
         hosts = sorted({self.gpus[g].host for g in gpu_ids})
         return any(frozenset((a, b)) in self.worldless for i, a in enumerate(hosts) for b in hosts[i + 1 :])
+
+    def allows_stages(self, stages: Iterable[Iterable[int]]) -> bool:
+        """Whether a group of these stages (each its GPU ids) may run here: no stage spans a worldless pair,
+        since a stage's tensor parallelism needs a world; the boundaries between stages may cross one, which
+        the daemons then bridge. O(GPUs + stages x hosts^2); O(1) for a cluster without worldless pairs."""
+        return not self.worldless or not any(self.spans_worldless(stage) for stage in stages)
 
     @property
     def price_per_hour(self) -> float:

@@ -3,9 +3,10 @@
 All times are seconds, sizes bytes, rates requests per second. Prefill is compute-bound (with the
 weights read once per batch as a floor); decode is memory-bound (weights plus the KV read per step)
 with a compute floor. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
-its slowest link; a pipeline boundary pays one activation send. Weights count the bytes they take as
-loaded: quantized linear weights (``ModelSpec.quantize``) their codes, scales and offsets, in memory and
-in what a decode step reads.
+its slowest link; a pipeline boundary pays one activation send at its link's bandwidth, with a world's
+latency, or in a bridged group (one spanning a worldless host pair, ``Cluster.worldless``) that of a
+message the daemons carry. Weights count the bytes they take as loaded: quantized linear weights
+(``ModelSpec.quantize``) their codes, scales and offsets, in memory and in what a decode step reads.
 
 The model counts what the simulator (and an engine) runs: a request's per-batch prefill costs (weight
 read, all-reduce and send latencies) are shared by the requests of its batch; prefill makes its first
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from hexgen.coordinator.cluster import Cluster
 from hexgen.coordinator.plan import Stage
@@ -48,6 +50,12 @@ class CostParams:
     prefill_batch_tokens: int = 2048
     intra_host_latency_s: float = 10e-6
     inter_host_latency_s: float = 50e-6
+    # A step of a bridged group (its stages share no world) waits at each stage boundary for messages the
+    # daemons carry: the hidden states and the driver's broadcasts and all-reduces, about six one after
+    # another (engine.replica.step), each worker -> daemon -> libp2p -> daemon -> worker. Short KV hand-offs
+    # over such links took 18-66 ms in the NAT lab (bench/results/nat-kv-links-2026-12-05.json); no bridged
+    # replica has been timed yet, so this is an assumption of the same order.
+    bridge_latency_s: float = 30e-3
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,15 @@ def stage_hardware(cluster: Cluster, gpus: Sequence[int]) -> StageHardware:
     )
 
 
+class BoundaryLink(NamedTuple):
+    """A pipeline boundary as a stage's send sees it: GB/s, whether both stages share a host, and whether the
+    daemons bridge it (the group spans a worldless pair, so each stage is a world of its own)."""
+
+    gbps: float
+    same_host: bool
+    bridged: bool = False
+
+
 @dataclass(frozen=True)
 class StageCost:
     """A stage's linear cost: ``per_layer * layers + fixed`` seconds, at most ``max_layers`` layers."""
@@ -137,7 +154,7 @@ class CostModel:
         self.model = model
         self.stats = stats
         self.params = params or CostParams()
-        self._contexts: dict[tuple[Stage, ...], list[tuple[StageHardware, bool, tuple[float, bool] | None, int]]] = {}
+        self._contexts: dict[tuple[Stage, ...], list[tuple[StageHardware, bool, BoundaryLink | None, int]]] = {}
         self._routes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], list[tuple[float, float, bool]]] = {}
 
     # memory
@@ -193,9 +210,19 @@ class CostModel:
         steps = 2 * (hw.tp - 1)
         return steps * latency + steps / hw.tp * nbytes / (hw.link_gbps * GB)
 
-    def send_time(self, nbytes: float, link_gbps: float, same_host: bool) -> float:
-        latency = self.params.intra_host_latency_s if same_host else self.params.inter_host_latency_s
+    def send_time(self, nbytes: float, link_gbps: float, same_host: bool, bridged: bool = False) -> float:
+        """Seconds to send ``nbytes`` over a pipeline boundary (the fields of ``BoundaryLink``). O(1)."""
+        if bridged:
+            latency = self.params.bridge_latency_s
+        else:
+            latency = self.params.intra_host_latency_s if same_host else self.params.inter_host_latency_s
         return latency + nbytes / (link_gbps * GB)
+
+    def boundary(self, a: str, b: str, bridged: bool) -> BoundaryLink:
+        """The boundary from a stage on host ``a`` to one on host ``b`` of a group, ``bridged`` when the group
+        spans a worldless pair: the pair's bandwidth (for a worldless pair, what its probes measured), NIC-capped
+        (``Cluster.host_bandwidth``). O(1)."""
+        return BoundaryLink(self.cluster.host_bandwidth[a, b], a == b, bridged)
 
     # prefill
     def prefill_batch_requests(self) -> float:
@@ -207,7 +234,7 @@ class CostModel:
         hw: StageHardware,
         first: bool,
         last: bool,
-        next_link: tuple[float, bool] | None,
+        next_link: BoundaryLink | None,
         batch: tuple[float, float, float] | None = None,
         per_request: float | None = None,
     ) -> StageCost:
@@ -231,7 +258,7 @@ class CostModel:
         self,
         hw: StageHardware,
         last: bool,
-        next_link: tuple[float, bool] | None,
+        next_link: BoundaryLink | None,
         tokens: float,
         tokens_sq: float,
         requests: float,
@@ -258,7 +285,7 @@ class CostModel:
         micro: float,
         first: bool,
         last: bool,
-        next_link: tuple[float, bool] | None,
+        next_link: BoundaryLink | None,
         context: float | None = None,
     ) -> StageCost:
         """One decode step of a micro-batch of ``micro`` sequences on a stage holding ``batch`` sequences.
@@ -270,7 +297,7 @@ class CostModel:
         return StageCost(per_layer, fixed, self.max_layers(hw, batch, first, last))
 
     def _decode_terms(
-        self, hw: StageHardware, micro: float, last: bool, next_link: tuple[float, bool] | None, context: float
+        self, hw: StageHardware, micro: float, last: bool, next_link: BoundaryLink | None, context: float
     ) -> tuple[float, float]:
         """(seconds per layer, fixed seconds) of one decode step of a micro-batch on a stage."""
         m, p = self.model, self.params
@@ -293,22 +320,20 @@ class CostModel:
         return per_layer, fixed
 
     # whole layouts, for the simulator
-    def _stage_context(
-        self, stages: Sequence[Stage]
-    ) -> list[tuple[StageHardware, bool, tuple[float, bool] | None, int]]:
+    def _stage_context(self, stages: Sequence[Stage]) -> list[tuple[StageHardware, bool, BoundaryLink | None, int]]:
         """(hardware, last, next link, layers) per stage; memoized, the simulator asks once per step."""
         key = tuple(stages)
         found = self._contexts.get(key)
         if found is not None:
             return found
         c = self.cluster
+        bridged = c.spans_worldless(g for st in stages for g in st.gpus)
         out = []
         for i, st in enumerate(stages):
             hw = stage_hardware(c, st.gpus)
             nxt = None
             if i + 1 < len(stages):
-                a, b = c.gpus[st.gpus[0]].host, c.gpus[stages[i + 1].gpus[0]].host
-                nxt = (c.host_bandwidth[a, b], a == b)
+                nxt = self.boundary(c.gpus[st.gpus[0]].host, c.gpus[stages[i + 1].gpus[0]].host, bridged)
             out.append((hw, i == len(stages) - 1, nxt, st.num_layers))
         self._contexts[key] = out
         return out

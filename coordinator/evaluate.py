@@ -117,11 +117,13 @@ class Evaluator:
         return found[2]
 
     def node_bytes(self, layout: Layout, role: Role) -> PortBytes:
-        """NIC bytes per request a group's own traffic puts on each port; memoized."""
+        """NIC bytes per request a group's own traffic puts on each port, a bridged boundary's across a relayed
+        pair on its relay's ports too (as a hand-off's); memoized."""
         key = (id(layout), role)
         found = self._node_bytes.get(key)
         if found is None:
-            self._node_bytes[key] = found = (layout, as_ports(request_bytes(self.cost, layout.stages, role)))
+            traffic = as_ports(request_bytes(self.cost, layout.stages, role), relays=self.cluster.relays)
+            self._node_bytes[key] = found = (layout, traffic)
         return found[1]
 
     def pair_bytes(self, prefill: Layout, decode: Layout) -> PortBytes:

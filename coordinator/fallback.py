@@ -4,7 +4,8 @@ When worlds across hosts cannot form (a blocked link, repeated worker failures),
 every host that can hold a replica on its own GPUs runs one colocated replica, and no world or exchange
 group crosses a host. ``needs_pair`` tells whether a plan would need a link it cannot have: across a blocked
 pair (a world failed there) no group and no exchange (every rank of an epoch joins one group); across a
-worldless pair (relayed or hole-punched) no group, while a KV hand-off may cross it.
+worldless pair (relayed or hole-punched) no stage (a tensor-parallel world), while a stage boundary (a bridged
+group) and a KV hand-off may cross it, carried by the daemons.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def needs_pair(
     worldless: Iterable[tuple[str, str]] = (),
 ) -> tuple[str, str] | None:
     """The first pair of peers ``plan`` cannot have: a ``blocked`` pair that a group or the epoch's exchange
-    spans, else a ``worldless`` pair that a group spans; None when there is none. ``gpu_peer``: the peer of
-    each planner GPU. O(GPUs + pairs x groups)."""
+    spans, else a ``worldless`` pair that a stage spans; None when there is none. ``gpu_peer``: the peer of
+    each planner GPU. O(GPUs + pairs x stages)."""
     spans = [{gpu_peer[g] for g in group.gpus} for group in plan.groups]
-    groups = list(spans)
+    stages = [{gpu_peer[g] for g in stage.gpus} for group in plan.groups for stage in group.stages]
     if any(group.role == "prefill" for group in plan.groups):
         spans.append(set().union(*spans))  # the epoch's exchange group holds every rank
-    for pairs, among in ((blocked, spans), (worldless, groups)):
+    for pairs, among in ((blocked, spans), (worldless, stages)):
         for a, b in pairs:
             if any(a in span and b in span for span in among):
                 return (a, b)

@@ -3,8 +3,8 @@
 Three kinds of traffic cross hosts: a prefill group's prompt KV cache on its way to a decode group,
 activations at a pipeline boundary between two hosts, and the ring all-reduces of a TP stage whose GPUs
 sit on more than one host. Each byte leaves through the sender's NIC egress and enters through the
-receiver's ingress, and a relayed pair's bytes also enter and leave the relay's NIC (``Cluster.relays``);
-every group on a host shares that host's NIC. Traffic inside a host is free here.
+receiver's ingress, and a relayed pair's bytes (a KV hand-off, or a bridged group's pipeline boundary) also
+enter and leave the relay's NIC (``Cluster.relays``); every group on a host shares that host's NIC. Traffic inside a host is free here.
 """
 
 from __future__ import annotations

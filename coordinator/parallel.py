@@ -3,8 +3,10 @@
 A group's GPUs are cut, host by host, into tensor-parallel blocks (TP never crosses a host); the
 blocks form the pipeline's stages in a fixed host order, and layers are split unevenly so the
 slowest stage is as fast as memory allows. Decode layouts also choose how many sequences to keep
-resident. A group spanning a worldless host pair (``Cluster.worldless``) has no layout. Results are
-memoized on the group's hardware signature, so groups of identical hosts cost one search.
+resident. No stage may span a worldless host pair (``Cluster.worldless``), but a group may: it is bridged, its
+stage boundaries carried by the daemons at the pair's bandwidth and a daemon message's latency
+(``CostParams.bridge_latency_s``), so it pays only where no group that stays on one side serves as well.
+Results are memoized on the group's hardware signature, so groups of identical hosts cost one search.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hexgen.coordinator.cost import CostModel, StageCost, StageHardware, split_layers, stage_hardware
+from hexgen.coordinator.cost import BoundaryLink, CostModel, StageCost, StageHardware, split_layers, stage_hardware
 from hexgen.coordinator.plan import Role, Stage
 
 MAX_TP_COMBINATIONS = 64
 # A host's part of a group as the search sees it: GPU type, count, memory GB, TFLOPS, HBM GB/s, intra-host GB/s.
 HostSignature = tuple[str, int, float, float, float, float]
-_MemoKey = tuple[Role, tuple[HostSignature, ...], tuple[float, ...]]
+_MemoKey = tuple[Role, tuple[HostSignature, ...], tuple[BoundaryLink, ...]]
 
 _BATCH_STEPS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # decode iterations per request below which decode capacity stops mattering (outputs of one token)
@@ -71,8 +73,8 @@ class LayoutSearch:
         self.evaluations = 0
 
     def best(self, gpus: Sequence[int], role: Role) -> Layout | None:
-        """The best layout of ``gpus`` for ``role``, or None if no layout holds a replica or the GPUs span a
-        worldless host pair.
+        """The best layout of ``gpus`` for ``role``, or None if no layout holds a replica. Its stages never
+        span a worldless host pair (TP stays on one host); its boundaries may, bridged.
 
         O(C * B * (S + L log S)) for C TP combinations (capped at MAX_TP_COMBINATIONS), B batch sizes,
         S stages and L layers; memoized on the hardware signature.
@@ -84,17 +86,16 @@ class LayoutSearch:
 
     def _best(self, gpus: tuple[int, ...], role: Role) -> Layout | None:
         cluster = self.cost.cluster
-        if cluster.spans_worldless(gpus):
-            return None
         by_host: dict[str, list[int]] = {}
         for g in gpus:
             by_host.setdefault(cluster.gpus[g].host, []).append(g)
         hosts = sorted(by_host, key=lambda h: (-cluster.gpus[by_host[h][0]].tflops, h))
         signature = tuple(self._host_signature(by_host[h]) for h in hosts)
-        links = tuple(cluster.host_bandwidth[a, b] for a, b in itertools.pairwise(hosts))
+        bridged = cluster.spans_worldless(gpus)
+        links = tuple(self.cost.boundary(a, b, bridged) for a, b in itertools.pairwise(hosts))
         key: _MemoKey = (role, signature, links)
         if key not in self._memo:
-            self._memo[key] = self._search([by_host[h] for h in hosts], role)
+            self._memo[key] = self._search([by_host[h] for h in hosts], role, bridged)
         template = self._memo[key]
         if template is None:
             return None
@@ -111,23 +112,27 @@ class LayoutSearch:
     def uniform(self, gpus: Sequence[int], role: Role, tp: int) -> Layout | None:
         """A homogeneity-assuming layout: stages of ``tp`` consecutive GPUs, layers split evenly.
 
-        This is the layout space of DistServe-style planners; used by the baselines. O(B * S).
+        This is the layout space of DistServe-style planners; used by the baselines. None where a stage would
+        span a worldless pair. O(B * S).
         """
-        ordered = sorted(gpus, key=lambda g: (self.cost.cluster.gpus[g].host, g))
-        if tp < 1 or len(ordered) % tp or self.cost.model.heads % tp or self.cost.cluster.spans_worldless(ordered):
+        cluster = self.cost.cluster
+        ordered = sorted(gpus, key=lambda g: (cluster.gpus[g].host, g))
+        if tp < 1 or len(ordered) % tp or self.cost.model.heads % tp:
             return None
         chunks = [ordered[i : i + tp] for i in range(0, len(ordered), tp)]
+        if not cluster.allows_stages(chunks):
+            return None
         n = len(chunks)
         total = self.cost.model.layers
         if n > total:
             return None
         layers = tuple(total // n + (1 if i < total % n else 0) for i in range(n))
-        cluster = self.cost.cluster
         hw = [stage_hardware(cluster, c) for c in chunks]
-        links = []
-        for a, b in itertools.pairwise(chunks):
-            ha, hb = cluster.gpus[a[0]].host, cluster.gpus[b[0]].host
-            links.append((cluster.host_bandwidth[ha, hb], ha == hb))
+        bridged = cluster.spans_worldless(ordered)
+        links = [
+            self.cost.boundary(cluster.gpus[a[0]].host, cluster.gpus[b[0]].host, bridged)
+            for a, b in itertools.pairwise(chunks)
+        ]
         found = self._evaluate(hw, links, role, layers)
         self.evaluations += 1
         if found is None:
@@ -155,7 +160,9 @@ class LayoutSearch:
         uniform = sorted(set().union(*map(set, options)))
         return [tuple(max(t for t in o if t <= u) for o in options) for u in uniform]
 
-    def _search(self, host_gpus: list[list[int]], role: Role) -> _Template | None:
+    def _search(self, host_gpus: list[list[int]], role: Role, bridged: bool) -> _Template | None:
+        """The best template over the TP choices of hosts ``host_gpus`` (in pipeline order); ``bridged``: the
+        group spans a worldless pair. O(C * B * (S + L log S))."""
         best: _Template | None = None
         for tps in self._tp_choices(host_gpus):
             blocks: list[tuple[int, int]] = []
@@ -168,26 +175,27 @@ class LayoutSearch:
                     offset += size
             if len(blocks) > self.cost.model.layers:
                 continue
-            links = self._boundary_links(host_gpus, blocks)
+            links = self._boundary_links(host_gpus, blocks, bridged)
             found = self._evaluate(stage_hw, links, role)
             self.evaluations += 1
             if found is not None and (best is None or found[1] > best.rate):
                 best = _Template(tuple(blocks), found[0], found[1], found[2])
         return best
 
-    def _boundary_links(self, host_gpus: list[list[int]], blocks: list[tuple[int, int]]) -> list[tuple[float, bool]]:
-        cluster = self.cost.cluster
-        links = []
-        for (ha, _), (hb, _) in itertools.pairwise(blocks):
-            a = cluster.gpus[host_gpus[ha][0]].host
-            b = cluster.gpus[host_gpus[hb][0]].host
-            links.append((cluster.host_bandwidth[a, b], ha == hb))
-        return links
+    def _boundary_links(
+        self, host_gpus: list[list[int]], blocks: list[tuple[int, int]], bridged: bool
+    ) -> list[BoundaryLink]:
+        """The boundary after each block but the last (``CostModel.boundary``). O(S)."""
+        gpus = self.cost.cluster.gpus
+        return [
+            self.cost.boundary(gpus[host_gpus[ha][0]].host, gpus[host_gpus[hb][0]].host, bridged)
+            for (ha, _), (hb, _) in itertools.pairwise(blocks)
+        ]
 
     def _evaluate(
         self,
         hw: list[StageHardware],
-        links: list[tuple[float, bool]],
+        links: list[BoundaryLink],
         role: Role,
         fixed_layers: tuple[int, ...] | None = None,
     ) -> tuple[tuple[int, ...], float, int] | None:
@@ -197,7 +205,7 @@ class LayoutSearch:
         """
         cost = self.cost
         n = len(hw)
-        nexts: list[tuple[float, bool] | None] = [*links, None]
+        nexts: list[BoundaryLink | None] = [*links, None]
         total_layers = cost.model.layers
         if role == "prefill":
             costs = [cost.prefill_stage(h, i == 0, i == n - 1, nexts[i]) for i, h in enumerate(hw)]
@@ -232,7 +240,7 @@ class LayoutSearch:
     def _colocated_rate(
         self,
         hw: list[StageHardware],
-        nexts: list[tuple[float, bool] | None],
+        nexts: list[BoundaryLink | None],
         layers: tuple[int, ...],
         decode_rate: float,
         batch: int,

@@ -1,7 +1,9 @@
 """Graph partition of the GPUs into model replicas: spectral bisection refined by Kernighan-Lin moves.
 
 GPUs are nodes and bandwidth is edge weight, so a cut through slow links is cheap; a worldless host pair
-(``Cluster.worldless``), which no group may span, weighs almost nothing whatever its bandwidth. Recursive
+(``Cluster.worldless``) weighs almost nothing whatever its bandwidth, since a group across it must be bridged
+by the daemons: the cut goes through it wherever the memory bounds allow, and a group that needs both sides to
+hold a replica still gets them (the bounds come first). Recursive
 bisection splits a GPU set into two parts that must hold k1 and k2 replicas' worth of memory, at the
 sweep point of the Fiedler vector with the smallest ratio cut; a Kernighan-Lin pass then swaps or
 moves GPUs across the cut while it lowers the cut weight and keeps both sides' memory within bounds.

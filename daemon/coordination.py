@@ -24,6 +24,7 @@ from hexgen.daemon.messages import LeaseBody, PlanBody
 from hexgen.daemon.pair_links import (
     NO_WORLDS,
     Pair,
+    bridged_groups,
     exchange_transport,
     gloo_groups,
     pair_kinds,
@@ -183,15 +184,18 @@ class Coordination:
 
     def body(self, outcome: PlanOutcome, given: PlanningInput, members: list[str], term: int) -> PlanBody:
         """The signed plan's body; ``restart`` when a worker failed since the last one (every replica is
-        rebuilt: unchanged ones' worlds may be broken too); ``exchange`` says whether its KV hand-offs need
-        libp2p (``pair_links.exchange_transport``), and then ``gloo_groups`` which still use gloo among
-        themselves (``pair_links.gloo_groups``)."""
+        rebuilt: unchanged ones' worlds may be broken too); ``exchange`` says whether its KV hand-offs or a
+        bridged group need libp2p (``pair_links.exchange_transport``), and then ``gloo_groups`` which groups
+        still use gloo among themselves (``pair_links.gloo_groups``) and ``bridged_groups`` which span a
+        worldless pair (``pair_links.bridged_groups``)."""
         plan = self.state.plan
         restart = self.failure_replans != self.failure_replans_published
         self.failure_replans_published = self.failure_replans
         gpu_peer = {index: peer for index, (peer, _) in outcome.gpus.items()}
         exchange = exchange_transport(outcome.plan, gpu_peer, given.link_kinds)
-        gloo = gloo_groups(outcome.plan, gpu_peer, given.link_kinds) if exchange == "libp2p" else ()
+        relayed = exchange == "libp2p"
+        gloo = gloo_groups(outcome.plan, gpu_peer, given.link_kinds) if relayed else ()
+        bridged = bridged_groups(outcome.plan, gpu_peer, given.link_kinds) if relayed else ()
         links = () if outcome.plan is None else plan_links(outcome.plan, gpu_peer, given.link_kinds)
         return PlanBody(
             term=term,
@@ -204,8 +208,9 @@ class Coordination:
             blocked=outcome.blocked,
             peers=tuple(given.peers),
             restart=restart,
-            links=with_transports(links, exchange, gloo),
+            links=with_transports(links, exchange, gloo, bridged),
             quantize=given.quantize,
             exchange=exchange,
             gloo_groups=gloo,
+            bridged_groups=bridged,
         )

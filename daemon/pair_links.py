@@ -2,9 +2,11 @@
 
 Worlds (gloo/NCCL) open their own TCP connections between hosts, so only a direct link carries them. A
 relayed pair has no TCP path at all; a hole-punched pair has one, but it is the libp2p connection the punch
-opened through both NATs, not a port a worker can dial: neither carries a world. Both carry KV hand-offs
-over the daemons' libp2p streams, so a plan whose ranks sit on such a pair moves its epoch's hand-offs
-that way (``exchange_transport``). A relayed pair's bytes also cross its relay (``pair_relays``).
+opened through both NATs, not a port a worker can dial: neither carries a world. Both carry messages over
+the daemons' libp2p streams: KV hand-offs, so a plan whose ranks sit on such a pair moves its epoch's
+hand-offs that way (``exchange_transport``), and the stage boundaries of a group spanning one, whose stages
+are then each a world of their own (``bridged_groups``). A relayed pair's bytes also cross its relay
+(``pair_relays``).
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ def pair_kinds(reports: Mapping[str, Mapping[str, str]]) -> dict[Pair, str]:
 
 
 def worldless_pairs(kinds: Mapping[Pair, str], peers: Iterable[str]) -> list[tuple[Pair, str]]:
-    """The pairs of ``peers`` whose link cannot carry a world (but can carry KV hand-offs over libp2p), each
-    with why, sorted. O(pairs)."""
+    """The pairs of ``peers`` whose link cannot carry a world (but can carry KV hand-offs and bridged stage
+    boundaries over libp2p), each with why, sorted. O(pairs)."""
     present = set(peers)
     return [
-        (pair, f"peers {pair[0]} and {pair[1]} are linked {NO_WORLDS[kind]}; a group's world needs direct TCP")
+        (pair, f"peers {pair[0]} and {pair[1]} are linked {NO_WORLDS[kind]}; a stage's world needs direct TCP")
         for pair, kind in sorted(kinds.items())
         if kind in NO_WORLDS and set(pair) <= present
     ]
@@ -82,26 +84,49 @@ def _relay_of(addr: str) -> str:
     return relay_part.rpartition("/p2p/")[2] if sep and "/p2p/" in relay_part else ""
 
 
+def _worldless_among(peers: set[str], kinds: Mapping[Pair, str]) -> bool:
+    """Whether two of ``peers`` are linked only through a relay or a hole punch. O(pairs)."""
+    return any(kind in NO_WORLDS and set(pair) <= peers for pair, kind in kinds.items())
+
+
+def bridged_groups(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[int, ...]:
+    """The ids of ``plan``'s groups that span a worldless pair (two of their peers are linked only through a
+    relay or a hole punch), sorted: each stage of such a group is a world of its own and the daemons carry
+    everything between its stages. A planned group's stages never span one (``fallback.needs_pair``). None
+    for no plan. ``gpu_peer``: the peer of each planner GPU. O(GPUs + groups x pairs)."""
+    if plan is None:
+        return ()
+    return tuple(
+        sorted(group.id for group in plan.groups if _worldless_among({gpu_peer[g] for g in group.gpus}, kinds))
+    )
+
+
 def exchange_transport(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> str:
-    """How ``plan``'s epoch moves its KV hand-offs (one of ``EXCHANGE_TRANSPORTS``): "libp2p" when it has a
-    prefill group and some two peers hosting its ranks are linked only through a relay or a hole punch (the
-    exchange group of every rank could not form), else "torch". ``gpu_peer``: the peer of each planner GPU.
-    O(GPUs + pairs)."""
-    if plan is None or not any(group.role == "prefill" for group in plan.groups):
+    """How ``plan``'s epoch moves its KV hand-offs and bridged stage boundaries (one of ``EXCHANGE_TRANSPORTS``):
+    "libp2p" when some group is bridged (``bridged_groups``: the daemons' KV channel carries the bridge), or
+    when it has a prefill group and some two peers hosting its ranks are linked only through a relay or a hole
+    punch (the exchange group of every rank could not form); else "torch". ``gpu_peer``: the peer of each
+    planner GPU. O(GPUs + groups x pairs)."""
+    if plan is None:
+        return "torch"
+    if bridged_groups(plan, gpu_peer, kinds):
+        return "libp2p"
+    if not any(group.role == "prefill" for group in plan.groups):
         return "torch"
     hosting = {gpu_peer[g] for group in plan.groups for g in group.gpus}
-    worldless = any(kind in NO_WORLDS and set(pair) <= hosting for pair, kind in kinds.items())
-    return "libp2p" if worldless else "torch"
+    return "libp2p" if _worldless_among(hosting, kinds) else "torch"
 
 
 def gloo_groups(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[int, ...]:
     """The groups of ``plan`` whose hand-offs among themselves go over a gloo exchange group when its epoch
     relays KV: groups whose hosts are all pairwise known to be linked directly, taken greedily, those with the
-    fewest other partners first (ties in plan order); every other group's hand-offs go through the daemons.
-    Sorted ids; none when fewer than two groups could share one. O(groups^2 x GPUs^2)."""
+    fewest other partners first (ties in plan order); every other group's hand-offs go through the daemons,
+    as a bridged group's always do (its hosts are not all linked directly). Sorted ids; none when fewer than two
+    groups could share one. O(groups^2 x GPUs^2)."""
     if plan is None:
         return ()
-    hosts = {group.id: {gpu_peer[g] for g in group.gpus} for group in plan.groups}
+    bridged = set(bridged_groups(plan, gpu_peer, kinds))
+    hosts = {group.id: {gpu_peer[g] for g in group.gpus} for group in plan.groups if group.id not in bridged}
 
     def apart(a: set[str], b: set[str]) -> bool:
         # a pair no end reported yet may be anything: only a known direct link is trusted with a gloo group
@@ -115,17 +140,21 @@ def gloo_groups(plan: Plan | None, gpu_peer: Mapping[int, str], kinds: Mapping[P
     return tuple(sorted(chosen)) if len(chosen) > 1 else ()
 
 
-def with_transports(links: Iterable[PlanLink], exchange: str, gloo: Iterable[int]) -> tuple[PlanLink, ...]:
-    """``links`` with the transport of each: a stage boundary's is torch (a replica's own world); a hand-off's
-    is torch unless the epoch relays KV (``exchange`` "libp2p") and one of its groups is outside ``gloo``.
-    O(links)."""
-    members = set(gloo)
-    return tuple(
-        dataclasses.replace(link, transport="libp2p")
-        if link.use == "handoff" and exchange == "libp2p" and not set(link.groups) <= members
-        else link
-        for link in links
-    )
+def with_transports(
+    links: Iterable[PlanLink], exchange: str, gloo: Iterable[int], bridged: Iterable[int] = ()
+) -> tuple[PlanLink, ...]:
+    """``links`` with the transport of each: a stage boundary's is torch (a replica's own world) unless it
+    crosses a worldless pair or its group is in ``bridged`` (``bridged_groups``: every stage a world of its
+    own), then libp2p; a hand-off's is torch unless the epoch relays KV (``exchange`` "libp2p") and one of
+    its groups is outside ``gloo``. O(links + groups)."""
+    members, bridges = set(gloo), set(bridged)
+
+    def over_libp2p(link: PlanLink) -> bool:
+        if link.use == "stage":
+            return link.kind in NO_WORLDS or link.groups[0] in bridges
+        return exchange == "libp2p" and not set(link.groups) <= members
+
+    return tuple(dataclasses.replace(link, transport="libp2p") if over_libp2p(link) else link for link in links)
 
 
 def plan_links(plan: Plan, gpu_peer: Mapping[int, str], kinds: Mapping[Pair, str]) -> tuple[PlanLink, ...]:

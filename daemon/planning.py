@@ -5,9 +5,11 @@ plan (this coordinator's, or the one it inherited); else the better of HexGen-2 
 groups (``planner.plan_live``). Each host's NIC is what its link probes showed (``measured_nics``). A plan that
 needs a blocked pair of peers (a world failed there), or a membership whose worlds kept failing, gets the
 colocated fallback instead: the swarm never stays on a plan that cannot serve. Pairs linked only through a relay
-or a hole punch (``pair_links``) are *worldless*: no group may span them, but a KV hand-off between a prefill
-and a decode group may cross them at what their probes measured (``pair_links.UNMEASURED_GB_S`` until then);
-a relayed pair's hand-offs also load its relay's NIC, where the adverts tell which relay it is.
+or a hole punch (``pair_links``) are *worldless*: no stage (a tensor-parallel world) may span them, but a KV
+hand-off between a prefill and a decode group, and a stage boundary of a bridged group (each stage a world of
+its own), may cross them at what their probes measured (``pair_links.UNMEASURED_GB_S`` until then); a relayed
+pair's traffic also loads its relay's NIC, where the adverts tell which relay it is. A pinned plan is refused
+only where a stage spans a worldless pair, or anything spans a blocked one.
 Every replica loads the weights quantized as the coordinator's model spec says; members whose adverts do not offer
 that quantization are left out, and the plan says so.
 """
@@ -144,7 +146,7 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
     reasons = worldless | {link.pair: link.reason for link in given.blocked}
 
     def refusal(plan: Plan | None) -> str | None:
-        """Why ``plan`` cannot serve (a group or exchange across a blocked pair, a group across a worldless one)."""
+        """Why ``plan`` cannot serve (a group or exchange across a blocked pair, a stage across a worldless one)."""
         pair = None if plan is None else needs_pair(plan, gpu_peer, [link.pair for link in given.blocked], worldless)
         return None if pair is None else reasons[pair]
 
@@ -172,7 +174,7 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
     except (PlanError, ValueError) as exc:
         error = str(exc) if why is None else f"{why}; and no host can serve alone: {exc}"
         if why is None and worldless:
-            error += f" (no group may span a worldless pair: {'; '.join(worldless.values())})"
+            error += f" (no stage may span a worldless pair: {'; '.join(worldless.values())})"
         return PlanOutcome(None, error, gpu_map, blocked)
     assert result is not None
     return PlanOutcome(result, note, gpu_map, blocked, (result, cluster))

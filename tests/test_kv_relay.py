@@ -4,6 +4,7 @@ replicas still hand KV to each other over gloo when an epoch relays KV (``pair_l
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import socket
 import time
 from datetime import timedelta
@@ -132,6 +133,26 @@ def test_the_plan_records_which_hand_offs_go_over_libp2p() -> None:
     assert [PlanLink.from_wire(x.to_wire()) for x in with_transports(links, "libp2p", ())] == list(
         with_transports(links, "libp2p", ())
     )
+
+
+def test_a_bridged_group_s_stage_boundaries_and_hand_offs_go_over_libp2p_and_it_joins_no_gloo_group() -> None:
+    links = (
+        PlanLink(("P0", "P1"), "stage", "relayed", (0, 0)),
+        PlanLink(("P1", "P2"), "stage", "direct", (0, 0)),  # each stage of a bridged group is a world of its own
+        PlanLink(("P2", "P3"), "stage", "direct", (1, 1)),
+        PlanLink(("P1", "P3"), "handoff", "direct", (0, 1)),
+    )
+    bridged = [x.transport for x in with_transports(links, "libp2p", (), (0,))]
+    assert bridged == ["libp2p", "libp2p", "torch", "libp2p"]
+    assert [x.transport for x in with_transports(links, "torch", ())] == ["libp2p", "torch", "torch", "torch"]
+    # P0 and P1 relayed, every other pair direct: the bridged group 0 would put that pair in the gloo group
+    kinds = {(a, b): "direct" for a, b in itertools.combinations(sorted(GPU_PEER.values()), 2)}
+    kinds["P0", "P1"] = "relayed"
+    two = (Stage((0,), (0, 2)), Stage((1,), (2, 4)))
+    groups = (Group(0, "prefill", two, 1.0, 1), *_plan(("decode", 2), ("decode", 3)).groups)
+    plan = Plan(tuple(dataclasses.replace(g, id=i) for i, g in enumerate(groups)), (), 1.0, "test")
+    assert exchange_transport(plan, GPU_PEER, kinds) == "libp2p"
+    assert gloo_groups(plan, GPU_PEER, kinds) == (1, 2)
 
 
 # -- lost messages -----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Links carry their kind into planning: relayed and hole-punched pairs hold no world (no group spans them) but
+"""Links carry their kind into planning: relayed and hole-punched pairs hold no world (no stage spans them) but
 may carry KV hand-offs, the plan records the kind of link of each pair it moves model data over, and the
 messages parse it once."""
 

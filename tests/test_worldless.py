@@ -1,5 +1,6 @@
-"""Worldless pairs (linked only through a relay or a hole punch) in planning: no group spans one, a KV hand-off
-may cross one at its measured bandwidth, and a plan whose ranks sit on one moves its hand-offs over libp2p."""
+"""Worldless pairs (linked only through a relay or a hole punch) in planning: no stage spans one, a stage boundary
+(a bridged group) or a KV hand-off may cross one at its measured bandwidth, and a plan whose ranks sit on one
+moves its hand-offs and bridges over libp2p."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 from hexgen.coordinator import planner
 from hexgen.coordinator.cluster import Cluster, HostSpec, Nic, build_cluster
 from hexgen.coordinator.cost import CostModel, LengthStats
-from hexgen.coordinator.evaluate import PlanError
 from hexgen.coordinator.fallback import needs_pair
 from hexgen.coordinator.network import NicQueue, plan_loads
 from hexgen.coordinator.parallel import LayoutSearch
@@ -24,7 +24,7 @@ from hexgen.daemon.coordination import Coordination
 from hexgen.daemon.failure import BlockedLink
 from hexgen.daemon.hardware import simulated_profile
 from hexgen.daemon.host import new_identity
-from hexgen.daemon.pair_links import UNMEASURED_GB_S, exchange_transport, pair_relays, plan_links
+from hexgen.daemon.pair_links import UNMEASURED_GB_S, bridged_groups, exchange_transport, pair_relays, plan_links
 from hexgen.daemon.planning import BLOCKED_LINK_GB_S, PlanningInput, compute_plan
 from hexgen.testing.control import FakeClock, adoption_of, swarm_state
 
@@ -53,14 +53,35 @@ def _given(
     return PlanningInput(MODELS[model], peers, [], pinned=pinned, link_kinds={(A, B): kind})
 
 
-def test_no_layout_spans_a_worldless_pair_and_other_layouts_stay_as_they_were() -> None:
+def test_a_group_may_span_a_worldless_pair_only_between_its_stages() -> None:
+    cluster = _two_hosts()
+    assert cluster.spans_worldless((0, 1)) and not cluster.spans_worldless((1,))
+    assert cluster.allows_stages([(0,), (1,)]) and not cluster.allows_stages([(0,), (0, 1)])
+    assert _two_hosts(worldless=False).allows_stages([(0, 1)])
+
+
+def test_a_layout_bridges_a_worldless_pair_between_stages_but_no_stage_spans_it() -> None:
     stats = LengthStats.of(WORKLOAD)
     free = LayoutSearch(CostModel(_two_hosts(worldless=False), MODELS["llama-2-7b"], stats))
     apart = LayoutSearch(CostModel(_two_hosts(), MODELS["llama-2-7b"], stats))
-    assert free.best((0, 1), "decode") is not None and free.uniform((0, 1), "decode", 1) is not None
-    assert apart.best((0, 1), "decode") is None and apart.uniform((0, 1), "decode", 1) is None
+    slow = LayoutSearch(CostModel(_two_hosts(gbit_s=0.12), MODELS["llama-2-7b"], stats))
+    bridged, direct = apart.best((0, 1), "decode"), free.best((0, 1), "decode")
+    assert bridged is not None and direct is not None and [st.gpus for st in bridged.stages] == [(0,), (1,)]
+    # the daemons carry its boundary: slower than a world's, and slower still over a slower pair
+    below = slow.best((0, 1), "decode")
+    assert below is not None and 0 < below.rate < bridged.rate < direct.rate
+    assert apart.uniform((0, 1), "decode", 1) is not None, "one stage per host: bridged"
+    assert free.uniform((0, 1), "decode", 2) is not None and apart.uniform((0, 1), "decode", 2) is None, "TP across"
     for role in ("prefill", "decode", "colocated"):
         assert apart.best((1,), role) == free.best((1,), role)
+
+
+def test_a_bridged_boundary_costs_a_daemon_message_and_the_pair_s_bandwidth() -> None:
+    cost = CostModel(_two_hosts(gbit_s=8.0), MODELS["llama-2-7b"], LengthStats.of(WORKLOAD))
+    world, bridge = cost.boundary("a", "b", False), cost.boundary("a", "b", True)
+    assert world.gbps == bridge.gbps == 1.0 and not bridge.same_host and bridge.bridged
+    assert cost.send_time(1e9, *bridge) == pytest.approx(cost.params.bridge_latency_s + 1.0)
+    assert cost.send_time(1e9, *world) == pytest.approx(cost.params.inter_host_latency_s + 1.0)
 
 
 def test_the_disaggregated_search_hands_off_across_a_worldless_pair_at_its_bandwidth() -> None:
@@ -77,17 +98,44 @@ def test_the_disaggregated_search_hands_off_across_a_worldless_pair_at_its_bandw
     assert 0 < slow.throughput < fast.throughput, "the hand-off moves at the pair's bandwidth"
 
 
-def test_a_model_that_needs_both_hosts_gets_no_group_across_a_worldless_pair() -> None:
+def _stage_hosts(plan: Plan, host: dict[int, str]) -> list[list[set[str]]]:
+    """Each group's stages as the hosts (or peers) of their GPUs."""
+    return [[{host[g] for g in st.gpus} for st in group.stages] for group in plan.groups]
+
+
+def test_a_model_that_needs_both_hosts_is_served_by_one_group_bridged_between_its_stages() -> None:
     model = MODELS["opt-30b"]  # 60 GB of weights and 32 requests' KV: no A100 (80 GB) holds them alone
-    spanning = planner.plan_live(_two_hosts(worldless=False), model, WORKLOAD)
-    assert any(len(hosts) == 2 for _, hosts in _hosts(spanning, _two_hosts()))
-    with pytest.raises(PlanError):
-        planner.plan_live(_two_hosts(), model, WORKLOAD)
-    outcome = compute_plan(_given("opt-30b"))
-    assert outcome.plan is None and outcome.error is not None and "worldless" in outcome.error
+    host = {g.id: g.host for g in _two_hosts().gpus}
+    direct = planner.plan_live(_two_hosts(worldless=False), model, WORKLOAD)
+    bridged = planner.plan_live(_two_hosts(), model, WORKLOAD)
+    assert _stage_hosts(bridged, host) == [[{"a"}, {"b"}]] and _stage_hosts(direct, host) == [[{"a"}, {"b"}]]
+    assert 0 < bridged.throughput < direct.throughput, "the daemons carry its boundary, slower than a world"
+    outcome = compute_plan(_given("opt-30b"))  # A and B relayed, unmeasured: the slowest figure
+    assert outcome.plan is not None and outcome.error is None and outcome.throughput > 0
     assert outcome.blocked == ()
-    direct = compute_plan(_given("opt-30b", kind="direct"))
-    assert direct.plan is not None and len(direct.plan.groups) == 1
+    peer = {k: p for k, (p, _) in outcome.gpus.items()}
+    assert _stage_hosts(outcome.plan, peer) == [[{A}, {B}]]
+    state = swarm_state(FakeClock())
+    given = _given("opt-30b")
+    body = Coordination(state, new_identity(), None, adoption_of(state)).body(outcome, given, [A, B], 1)
+    assert body.exchange == "libp2p" and body.bridged_groups == (0,) and body.gloo_groups == ()
+    assert [(link.use, link.kind, link.transport) for link in body.links] == [("stage", "relayed", "libp2p")]
+    direct_outcome = compute_plan(_given("opt-30b", kind="direct"))
+    assert direct_outcome.plan is not None and len(direct_outcome.plan.groups) == 1
+    body = Coordination(state, new_identity(), None, adoption_of(state)).body(
+        direct_outcome, _given("opt-30b", kind="direct"), [A, B], 1
+    )
+    assert body.exchange == "torch" and body.bridged_groups == () and body.links[0].transport == "torch"
+
+
+def test_the_planner_bridges_no_pair_where_a_group_on_one_side_serves() -> None:
+    model = MODELS["opt-30b"]  # two A100s hold a replica
+    # c is relayed to a and b, measured as fast as a and b's direct link: only bridging it costs more
+    cluster = build_cluster([HostSpec(name, "A100", 1) for name in "abc"], 10.0)
+    apart = cluster.with_worldless([("a", "c"), ("b", "c")])
+    free, plan = planner.plan_live(cluster, model, WORKLOAD), planner.plan_live(apart, model, WORKLOAD)
+    assert any(apart.spans_worldless(group.gpus) for group in free.groups), "c pays where it needs no bridge"
+    assert plan.throughput > 0 and not any(apart.spans_worldless(group.gpus) for group in plan.groups)
 
 
 def test_partition_cuts_a_worldless_pair_however_fast_it_is() -> None:
@@ -103,7 +151,7 @@ def test_partition_cuts_a_worldless_pair_however_fast_it_is() -> None:
     assert sub.worldless == {frozenset("ab")}
 
 
-def test_needs_pair_lets_a_hand_off_cross_a_worldless_pair_but_no_group() -> None:
+def test_needs_pair_lets_a_hand_off_or_a_stage_boundary_cross_a_worldless_pair_but_no_stage() -> None:
     peer = {0: "a", 1: "b"}
     split = Plan(
         (Group(0, "prefill", (Stage((0,), (0, 4)),), 1.0, 1), Group(1, "decode", (Stage((1,), (0, 4)),), 1.0, 1)),
@@ -112,8 +160,11 @@ def test_needs_pair_lets_a_hand_off_cross_a_worldless_pair_but_no_group() -> Non
         "test",
     )
     spanning = Plan((Group(0, "colocated", (Stage((0, 1), (0, 4)),), 1.0, 1),), (), 1.0, "test")
+    bridged = Plan((Group(0, "colocated", (Stage((0,), (0, 2)), Stage((1,), (2, 4))), 1.0, 1),), (), 1.0, "test")
     assert needs_pair(split, peer, [], [("a", "b")]) is None
+    assert needs_pair(bridged, peer, [], [("a", "b")]) is None
     assert needs_pair(spanning, peer, [], [("a", "b")]) == ("a", "b")
+    assert needs_pair(bridged, peer, [("a", "b")], []) == ("a", "b"), "a blocked pair holds no group at all"
     assert needs_pair(split, peer, [("a", "b")], []) == ("a", "b"), "a blocked pair holds no exchange"
 
 
@@ -133,11 +184,26 @@ def test_a_pinned_prefill_and_decode_across_a_worldless_pair_is_served_over_libp
     assert exchange_transport(direct.plan, gpu_peer, {(A, B): "direct"}) == "torch"
 
 
-def test_a_pinned_group_across_a_worldless_pair_falls_back_to_one_replica_per_host() -> None:
+def test_a_pinned_tp_stage_across_a_worldless_pair_is_refused_and_the_planner_serves() -> None:
     spanning = '[[groups]]\nrole = "colocated"\nstages = [{ gpus = ["a", "b"], layers = [0, 32] }]\n'
     outcome = compute_plan(_given(pinned=parse_pinned(spanning, 32)))
-    assert outcome.plan is not None and outcome.error is not None and "relay" in outcome.error
+    assert outcome.plan is not None and outcome.plan.meta["planner"] != "pinned"
+    assert outcome.error == f"not serving the pinned plan: peers {A} and {B} are linked only through a relay; " + (
+        "a stage's world needs direct TCP"
+    )
     assert all(len({outcome.gpus[g][0] for g in group.gpus}) == 1 for group in outcome.plan.groups)
+
+
+@pytest.mark.parametrize("kind", ["relayed", "hole-punched"])
+def test_a_pinned_group_with_a_stage_on_each_side_of_a_worldless_pair_is_served_bridged(kind: str) -> None:
+    stages = '[{ gpus = ["a"], layers = [0, 16] }, { gpus = ["b"], layers = [16, 32] }]'
+    given = _given(kind=kind, pinned=parse_pinned(f'[[groups]]\nrole = "colocated"\nstages = {stages}\n', 32))
+    outcome = compute_plan(given)
+    assert outcome.plan is not None and outcome.error is None and outcome.plan.meta["planner"] == "pinned"
+    gpu_peer = {k: peer for k, (peer, _) in outcome.gpus.items()}
+    assert _stage_hosts(outcome.plan, gpu_peer) == [[{A}, {B}]]
+    assert bridged_groups(outcome.plan, gpu_peer, given.link_kinds) == (0,)
+    assert exchange_transport(outcome.plan, gpu_peer, given.link_kinds) == "libp2p", "no prefill group, a bridge"
 
 
 def test_the_exchange_is_libp2p_exactly_when_a_prefill_plan_has_ranks_on_a_worldless_pair() -> None:
@@ -157,6 +223,26 @@ def test_the_exchange_is_libp2p_exactly_when_a_prefill_plan_has_ranks_on_a_world
     colocated = plan(("colocated", 0), ("colocated", 1))
     assert exchange_transport(colocated, gpu_peer, {(A, B): "relayed"}) == "torch", "no hand-off at all"
     assert exchange_transport(None, gpu_peer, {(A, B): "relayed"}) == "torch"
+
+
+def test_the_bridged_groups_are_those_spanning_a_worldless_pair_and_need_libp2p_without_a_prefill_group() -> None:
+    gpu_peer = {0: A, 1: B, 2: C, 3: C}
+    two = (Stage((0,), (0, 2)), Stage((1,), (2, 4)))
+    groups = (
+        Group(0, "colocated", (Stage((2,), (0, 4)),), 1.0, 1),
+        Group(1, "colocated", two, 1.0, 1),
+        Group(2, "colocated", (Stage((3,), (0, 4)),), 1.0, 1),
+    )
+    plan = Plan(groups, (), 1.0, "test")
+    for kind in ("relayed", "hole-punched"):
+        assert bridged_groups(plan, gpu_peer, {(A, B): kind}) == (1,)
+        assert exchange_transport(plan, gpu_peer, {(A, B): kind}) == "libp2p"
+    assert bridged_groups(plan, gpu_peer, {(A, B): "direct", (A, C): "relayed"}) == ()
+    assert exchange_transport(plan, gpu_peer, {(A, B): "direct", (A, C): "relayed"}) == "torch"
+    assert bridged_groups(plan, gpu_peer, {}) == () and bridged_groups(None, gpu_peer, {(A, B): "relayed"}) == ()
+    # group 2's stages on C and A, behind a hole punch: both bridged, in id order
+    both = Plan((*groups[:2], Group(2, "colocated", (Stage((3,), (0, 2)), Stage((4,), (2, 4))), 1.0, 1)), (), 1.0, "t")
+    assert bridged_groups(both, gpu_peer | {4: A}, {(A, B): "relayed", (A, C): "hole-punched"}) == (1, 2)
 
 
 def test_the_planner_is_told_a_probe_figure_else_a_conservative_one_and_blocked_pairs_carry_nothing() -> None:
@@ -200,6 +286,18 @@ def test_relayed_hand_offs_share_the_relays_nic() -> None:
         queue = NicQueue(cluster)
         one = queue.reserve({("a", "b"): 1e7}, 0.0)
         assert queue.reserve({("b", "a"): 1e7}, 0.0) == pytest.approx(turns * one)
+
+
+def test_a_bridged_boundary_across_a_relayed_pair_shares_the_relays_nic() -> None:
+    model = MODELS["opt-30b"]  # one replica across both hosts, bridged
+    relayed = _two_hosts(gbit_s=8.0).with_relays({("a", "b"): "r"})
+    tight = relayed.with_nics({"r": Nic(0.01, 0.01)})
+    open_relay, capped = planner.plan_live(relayed, model, WORKLOAD), planner.plan_live(tight, model, WORKLOAD)
+    host = {g.id: g.host for g in relayed.gpus}
+    assert _stage_hosts(open_relay, host) == _stage_hosts(capped, host) == [[{"a"}, {"b"}]]
+    assert 0 < capped.throughput < open_relay.throughput, "the relay's NIC caps the boundary's activations"
+    loads = plan_loads(capped, CostModel(tight, model, LengthStats.of(WORKLOAD)))
+    assert 0 < loads["r", "in"] == loads["r", "out"] <= tight.nics["r"].ingress * 1e9 * (1 + 1e-6)
 
 
 def test_the_coordinator_charges_a_relay_its_adverts_name() -> None:
