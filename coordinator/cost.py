@@ -50,12 +50,13 @@ class CostParams:
     prefill_batch_tokens: int = 2048
     intra_host_latency_s: float = 10e-6
     inter_host_latency_s: float = 50e-6
-    # A step of a bridged group (its stages share no world) waits at each stage boundary for messages the
-    # daemons carry: the hidden states and the driver's broadcasts and all-reduces, about six one after
-    # another (engine.replica.step), each worker -> daemon -> libp2p -> daemon -> worker. Short KV hand-offs
-    # over such links took 18-66 ms in the NAT lab (bench/results/nat-kv-links-2026-12-05.json); no bridged
-    # replica has been timed yet, so this is an assumption of the same order.
-    bridge_latency_s: float = 30e-3
+    # A step of a bridged group (its stages share no world) sends the messages a world's step sends (the
+    # driver's header and sampled tokens, the hidden states), but each goes worker -> daemon -> KV link ->
+    # daemon -> worker, through Python: in the NAT lab a two-stage replica's decode step took 4 ms longer
+    # bridged (19 ms, hole-punched or relayed) than in one gloo world on a LAN (15 ms), medians of 12
+    # requests on a 2-core VM (bench/results/nat-pipeline-2026-12-05.json). The link's own latency is not
+    # in it: a world's messages pay that too.
+    bridge_latency_s: float = 4e-3
 
 
 @dataclass(frozen=True)

@@ -128,14 +128,23 @@ def test_a_model_that_needs_both_hosts_is_served_by_one_group_bridged_between_it
     assert body.exchange == "torch" and body.bridged_groups == () and body.links[0].transport == "torch"
 
 
-def test_the_planner_bridges_no_pair_where_a_group_on_one_side_serves() -> None:
+def test_the_planner_bridges_a_pair_only_where_it_pays() -> None:
     model = MODELS["opt-30b"]  # two A100s hold a replica
-    # c is relayed to a and b, measured as fast as a and b's direct link: only bridging it costs more
-    cluster = build_cluster([HostSpec(name, "A100", 1) for name in "abc"], 10.0)
-    apart = cluster.with_worldless([("a", "c"), ("b", "c")])
-    free, plan = planner.plan_live(cluster, model, WORKLOAD), planner.plan_live(apart, model, WORKLOAD)
-    assert any(apart.spans_worldless(group.gpus) for group in free.groups), "c pays where it needs no bridge"
-    assert plan.throughput > 0 and not any(apart.spans_worldless(group.gpus) for group in plan.groups)
+    hosts = [HostSpec(name, "A100", 1) for name in "abc"]
+    alone = planner.plan_live(build_cluster(hosts[:2], 10.0), model, WORKLOAD).throughput  # a and b only
+
+    def plans(gbps: float) -> tuple[Plan, Plan, Cluster]:
+        """c linked to a and b at ``gbps``: the plan were the links direct, and with them relayed."""
+        cluster = build_cluster(hosts, 10.0, {("a", "c"): gbps, ("b", "c"): gbps})
+        apart = cluster.with_worldless([("a", "c"), ("b", "c")])
+        return planner.plan_live(cluster, model, WORKLOAD), planner.plan_live(apart, model, WORKLOAD), apart
+
+    free, bridged, apart = plans(10.0)  # c measured as fast as a and b's direct link: bridging it pays
+    assert any(apart.spans_worldless(group.gpus) for group in bridged.groups)
+    assert alone < bridged.throughput < free.throughput  # c adds capacity, and its bridge costs some
+    _, plan, apart = plans(0.2)  # a slow relay: c is not worth its boundary
+    assert not any(apart.spans_worldless(group.gpus) for group in plan.groups)
+    assert plan.throughput == pytest.approx(alone)
 
 
 def test_partition_cuts_a_worldless_pair_however_fast_it_is() -> None:
