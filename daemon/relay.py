@@ -245,6 +245,8 @@ async def dial_circuit(host: Host, addr: str) -> str:
     relay_addr, relay_id, target = split_circuit(addr)
     if target in host.connected_peers():
         return target
+    if relay_id == host.peer_id:  # the peer's slot is here: dialling it would connect this node to itself
+        raise RelayError(f"{addr!r} is relayed by this node, which cannot dial a peer through itself")
     await host.connect(relay_addr)
     try:
         target_id = ID.from_base58(target)

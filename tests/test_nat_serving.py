@@ -315,3 +315,30 @@ async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_
                     break
                 assert await _complete(client, a, prompts[0], decoders) == reference[0]
             assert decoders == {1, 2}
+
+
+async def test_a_bridged_replica_losing_its_first_stage_finishes_its_stream_on_the_next_plan(
+    two_homes: NatLab, tmp_path: Path, stories_dir: Path
+) -> None:
+    """Home 1, holding the first stage, is SIGKILLed while a client of home 2 streams a long answer: the request
+    is re-submitted on the plan without home 1 (stories260K fits home 2 alone) and finishes with transformers'
+    tokens, none missing or repeated. The relay stays up: it no longer dials the lost home's circuit address,
+    which runs through itself."""
+    tokens = [1, 403, 407]
+    (expected,) = reference_greedy(stories_dir, [tokens], 200)
+    with started_daemons() as started:
+        relay, homes = _start_homes(two_homes, tmp_path, stories_dir, started, BRIDGED, ("h11", "h21"))
+        a, b = (d.peer_id for d in homes)
+        async with open_client() as client:
+            await converge(client, _circuits(relay, homes), _bridged(frozenset((a, b))), CONVERGE_SERVING_S)
+            out: list[int] = []
+            with trio.fail_after(120):
+                async for frame in generate(client, b, {"tokens": tokens, "max_tokens": 200}):
+                    assert "error" not in frame, frame
+                    if "token" in frame:
+                        out.append(frame["token"])
+                        if homes[0].alive():
+                            os.kill(homes[0].proc.pid, signal.SIGKILL)
+            assert out == expected
+            assert len({served["epoch"] for served in frame["served_by"]}) > 1, frame  # re-submitted
+            assert relay.alive()
