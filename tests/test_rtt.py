@@ -159,3 +159,17 @@ def test_the_planner_bridges_a_worldless_pair_at_a_short_rtt_but_not_at_a_long_o
         assert outcome.plan is not None and outcome.reusable is not None and outcome.error is None
         cluster = outcome.reusable[1]
         assert any(cluster.spans_worldless(g.gpus) for g in outcome.plan.groups) == bridged, rtt_ms
+
+
+def test_a_measured_latency_equal_to_the_constant_plans_as_an_unmeasured_one() -> None:
+    """A measured figure replaces the constant, never adds to it (outside a bridge): measured at exactly the
+    constant, every pair plans as before, while any other figure moves the prediction."""
+    model = MODELS["opt-30b"]  # two A100s a replica, so boundaries cross hosts
+    plain = _three()
+    constant = CostModel(plain, model, STATS).params.inter_host_latency_s
+    pairs = {("a", "b"): constant, ("a", "c"): constant, ("b", "c"): constant}
+    before = planner.plan_live(plain, model, WORKLOAD)
+    same = planner.plan_live(plain.with_latencies(pairs), model, WORKLOAD)
+    slower = planner.plan_live(plain.with_latencies({pair: 10 * constant for pair in pairs}), model, WORKLOAD)
+    assert same.throughput == before.throughput and same.groups == before.groups
+    assert slower.throughput < before.throughput
