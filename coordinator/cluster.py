@@ -7,7 +7,9 @@ Some host pairs are *worldless*: linked only through a relay or a hole punch, th
 (torch.distributed), only what the daemons carry over libp2p. So no stage (a tensor-parallel world) may span
 one, while a group may: its stages then each form a world of their own and the daemons bridge the boundaries
 between them (a *bridged* group), as they carry KV hand-offs between groups. A relayed pair's bytes also cross
-the relay's NIC, in and out (``relays``); the relay need not hold a GPU.
+the relay's NIC, in and out (``relays``); the relay need not hold a GPU. A host pair may carry its measured one-way
+latency (``latency_s``, half the RTT its probes saw, through the relay for a relayed pair); the cost model charges
+it where a message crosses that pair, and its fixed constants (``CostParams``) where no probe measured one.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class Cluster:
     ``nics`` maps a host to its NIC; a host it leaves out has an unlimited one. ``worldless`` holds the host
     pairs no stage may span (``spans_worldless``, ``allows_stages``); their bandwidth still carries KV
     hand-offs and the boundaries of bridged groups. ``relays`` maps a host pair to the host relaying its bytes
-    (whose NIC, when ``nics`` has it, carries them too).
+    (whose NIC, when ``nics`` has it, carries them too). ``latency_s`` maps a host pair to its measured one-way
+    latency in seconds (``latency``); a pair it leaves out, or a cluster built without it (a cluster file), has
+    none, and the cost model falls back on its constants.
     """
 
     gpus: tuple[GPU, ...]
@@ -78,6 +82,7 @@ class Cluster:
     nics: Mapping[str, Nic] = field(default_factory=dict)
     worldless: frozenset[frozenset[str]] = frozenset()
     relays: Mapping[frozenset[str], str] = field(default_factory=dict)
+    latency_s: Mapping[frozenset[str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.gpus)
@@ -126,6 +131,25 @@ class Cluster:
     def with_nics(self, nics: Mapping[str, Nic]) -> Cluster:
         """The same cluster with these hosts' NICs replaced (others kept)."""
         return dataclasses.replace(self, nics={**self.nics, **nics})
+
+    def latency(self, a: str, b: str) -> float | None:
+        """The measured one-way latency in seconds between hosts ``a`` and ``b``; None inside a host or where no
+        probe measured the pair (the cost model then uses its constants). O(1)."""
+        return self.latency_s.get(frozenset((a, b))) if a != b else None
+
+    def with_latencies(self, latencies: Mapping[tuple[str, str], float]) -> Cluster:
+        """The same cluster with these host pairs' one-way latencies (seconds) replaced, others kept; pairs naming
+        absent hosts or one host twice are left out. Raises ClusterError on a negative or non-finite latency.
+        O(pairs)."""
+        found = dict(self.latency_s)
+        for pair, seconds in latencies.items():
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ClusterError(
+                    f"link {pair[0]}-{pair[1]}: latency must be a finite non-negative number, got {seconds}"
+                )
+            if len(set(pair)) == 2 and set(pair) <= set(self.hosts):
+                found[frozenset(pair)] = seconds
+        return dataclasses.replace(self, latency_s=found)
 
     def with_worldless(self, pairs: Iterable[tuple[str, str]]) -> Cluster:
         """The same cluster where no stage may span these host pairs (pairs naming absent hosts are left out)."""
@@ -188,7 +212,8 @@ class Cluster:
         worldless = frozenset(p for p in self.worldless if p <= hosts)
         relays = {p: relay for p, relay in self.relays.items() if p <= hosts}
         nics = {h: n for h, n in self.nics.items() if h in hosts or h in relays.values()}
-        return Cluster(gpus, bw, self.name, nics, worldless, relays), remap
+        latency = {p: seconds for p, seconds in self.latency_s.items() if p <= hosts}
+        return Cluster(gpus, bw, self.name, nics, worldless, relays, latency), remap
 
     def describe(self) -> str:
         counts: dict[str, int] = {}

@@ -5,8 +5,11 @@ weights read once per batch as a floor); decode is memory-bound (weights plus th
 with a compute floor. A TP stage runs at its slowest GPU and pays two ring all-reduces per layer over
 its slowest link; a pipeline boundary pays one activation send at its link's bandwidth, with a world's
 latency, or in a bridged group (one spanning a worldless host pair, ``Cluster.worldless``) that of a
-message the daemons carry. Weights count the bytes they take as loaded: quantized linear weights
-(``ModelSpec.quantize``) their codes, scales and offsets, in memory and in what a decode step reads.
+message the daemons carry. Where the cluster holds a host pair's measured one-way latency
+(``Cluster.latency``, half its probes' RTT), a boundary, an all-reduce step and a KV hand-off across that
+pair pay it in place of the constants (a bridged boundary on top of the daemons' own latency). Weights
+count the bytes they take as loaded: quantized linear weights (``ModelSpec.quantize``) their codes, scales
+and offsets, in memory and in what a decode step reads.
 
 The model counts what the simulator (and an engine) runs: a request's per-batch prefill costs (weight
 read, all-reduce and send latencies) are shared by the requests of its batch; prefill makes its first
@@ -105,7 +108,8 @@ class LengthStats:
 
 @dataclass(frozen=True)
 class StageHardware:
-    """What a stage of TP GPUs can do: its slowest member's figures and its slowest internal link."""
+    """What a stage of TP GPUs can do: its slowest member's figures and its slowest internal link; for a stage
+    spanning hosts, ``latency_s`` is the slowest measured one-way latency between them (None: none measured)."""
 
     tp: int
     tflops: float
@@ -113,29 +117,43 @@ class StageHardware:
     memory_gb: float
     link_gbps: float
     spans_hosts: bool
+    latency_s: float | None = None
 
 
 def stage_hardware(cluster: Cluster, gpus: Sequence[int]) -> StageHardware:
-    """The hardware summary of a TP stage over ``gpus``. O(t^2) for t GPUs."""
+    """The hardware summary of a TP stage over ``gpus``. O(t^2) for t GPUs.
+
+    A ring all-reduce step waits for its slowest edge, so a stage spanning hosts takes the slowest measured
+    latency among its host pairs; a pair no probe measured is taken to be no slower than the measured ones,
+    and with none measured ``latency_s`` is None (``CostParams.inter_host_latency_s`` then).
+    """
     members = [cluster.gpus[i] for i in gpus]
     link = min((cluster.link(a, b) for a in gpus for b in gpus if a != b), default=math.inf)
+    hosts = sorted({g.host for g in members})
+    measured = [
+        seconds for i, a in enumerate(hosts) for b in hosts[i + 1 :] if (seconds := cluster.latency(a, b)) is not None
+    ]
     return StageHardware(
         tp=len(members),
         tflops=min(g.tflops for g in members),
         hbm_gbps=min(g.hbm_gbps for g in members),
         memory_gb=min(g.memory_gb for g in members),
         link_gbps=link,
-        spans_hosts=len({g.host for g in members}) > 1,
+        spans_hosts=len(hosts) > 1,
+        latency_s=max(measured, default=None),
     )
 
 
 class BoundaryLink(NamedTuple):
-    """A pipeline boundary as a stage's send sees it: GB/s, whether both stages share a host, and whether the
-    daemons bridge it (the group spans a worldless pair, so each stage is a world of its own)."""
+    """A pipeline boundary as a stage's send sees it: GB/s, whether both stages share a host, whether the
+    daemons bridge it (the group spans a worldless pair, so each stage is a world of its own), and the pair's
+    measured one-way latency in seconds (None: not measured). Part of the layout search's memo key, so groups
+    whose boundaries differ only in latency are searched apart."""
 
     gbps: float
     same_host: bool
     bridged: bool = False
+    latency_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +174,8 @@ class CostModel:
         self.stats = stats
         self.params = params or CostParams()
         self._contexts: dict[tuple[Stage, ...], list[tuple[StageHardware, bool, BoundaryLink | None, int]]] = {}
-        self._routes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], list[tuple[float, float, bool]]] = {}
+        # per (prefill, decode) layouts: (GB/s, share, same host, one-way latency) of each KV route
+        self._routes: dict[tuple[tuple[Stage, ...], tuple[Stage, ...]], list[tuple[float, float, bool, float]]] = {}
 
     # memory
     def replica_bytes(self) -> float:
@@ -205,25 +224,51 @@ class CostModel:
 
     # communication
     def allreduce_time(self, nbytes: float, hw: StageHardware) -> float:
+        """Seconds of one ring all-reduce of ``nbytes`` over a TP stage: 2 (t - 1) steps, each paying a
+        latency (the slowest measured one between the stage's hosts where known, else the constant) and its
+        share of the bytes over the slowest link. O(1)."""
         if hw.tp == 1:
             return 0.0
-        latency = self.params.inter_host_latency_s if hw.spans_hosts else self.params.intra_host_latency_s
+        if not hw.spans_hosts:
+            latency = self.params.intra_host_latency_s
+        else:
+            latency = self.params.inter_host_latency_s if hw.latency_s is None else hw.latency_s
         steps = 2 * (hw.tp - 1)
         return steps * latency + steps / hw.tp * nbytes / (hw.link_gbps * GB)
 
-    def send_time(self, nbytes: float, link_gbps: float, same_host: bool, bridged: bool = False) -> float:
-        """Seconds to send ``nbytes`` over a pipeline boundary (the fields of ``BoundaryLink``). O(1)."""
-        if bridged:
-            latency = self.params.bridge_latency_s
+    def send_time(
+        self, nbytes: float, link_gbps: float, same_host: bool, bridged: bool = False, latency_s: float | None = None
+    ) -> float:
+        """Seconds to send ``nbytes`` over a pipeline boundary (the fields of ``BoundaryLink``). O(1).
+
+        The network's one-way latency is the measured ``latency_s`` where known, else the intra- or inter-host
+        constant. A bridged boundary pays ``bridge_latency_s`` (the daemons carrying the message through
+        Python) on top of a measured latency; unmeasured, ``bridge_latency_s`` alone, as it was fitted on a
+        LAN whose own latency is within it.
+        """
+        if latency_s is None:
+            if bridged:
+                latency = self.params.bridge_latency_s
+            else:
+                latency = self.params.intra_host_latency_s if same_host else self.params.inter_host_latency_s
         else:
-            latency = self.params.intra_host_latency_s if same_host else self.params.inter_host_latency_s
+            latency = latency_s + (self.params.bridge_latency_s if bridged else 0.0)
         return latency + nbytes / (link_gbps * GB)
+
+    def link_latency(self, a: str, b: str) -> float:
+        """One-way seconds of a message from host ``a`` to host ``b`` in a world: the pair's measured latency
+        (``Cluster.latency``) where known, else the intra- or inter-host constant. O(1)."""
+        if a == b:
+            return self.params.intra_host_latency_s
+        measured = self.cluster.latency(a, b)
+        return self.params.inter_host_latency_s if measured is None else measured
 
     def boundary(self, a: str, b: str, bridged: bool) -> BoundaryLink:
         """The boundary from a stage on host ``a`` to one on host ``b`` of a group, ``bridged`` when the group
         spans a worldless pair: the pair's bandwidth (for a worldless pair, what its probes measured), NIC-capped
-        (``Cluster.host_bandwidth``). O(1)."""
-        return BoundaryLink(self.cluster.host_bandwidth[a, b], a == b, bridged)
+        (``Cluster.host_bandwidth``), and its measured one-way latency (``Cluster.latency``, None if unmeasured).
+        O(1)."""
+        return BoundaryLink(self.cluster.host_bandwidth[a, b], a == b, bridged, self.cluster.latency(a, b))
 
     # prefill
     def prefill_batch_requests(self) -> float:
@@ -370,6 +415,11 @@ class CostModel:
         NIC take from each other is charged by the flow (``flow.NicLimits``) and the simulator, not here.
         O(S_p * S_d).
         """
+        return [(bw, share, ha == hb) for ha, hb, bw, share in self._kv_host_routes(prefill, decode)]
+
+    def _kv_host_routes(self, prefill: Sequence[Stage], decode: Sequence[Stage]) -> list[tuple[str, str, float, float]]:
+        """``kv_routes`` with each route's (sending host, receiving host) in place of whether they are one.
+        O(S_p * S_d)."""
         cluster = self.cluster
 
         def by_host(stages: Sequence[Stage]) -> dict[str, tuple[list[tuple[int, int]], int]]:
@@ -387,7 +437,7 @@ class CostModel:
                 shared = sum(max(0, min(a[1], b[1]) - max(a[0], b[0])) for a in ranges_a for b in ranges_b)
                 if shared:
                     bw = cluster.host_bandwidth[ha, hb] * (min(gpus_a, gpus_b) if ha == hb else 1)
-                    routes.append((bw, shared / self.model.layers, ha == hb))
+                    routes.append((ha, hb, bw, shared / self.model.layers))
         return routes
 
     def kv_transfer_rate(self, prefill: Sequence[Stage], decode: Sequence[Stage]) -> float:
@@ -401,22 +451,22 @@ class CostModel:
     def kv_transfer_time(
         self, prompt_tokens: int, prefill: Sequence[Stage], decode: Sequence[Stage], same_host_only: bool = False
     ) -> float:
-        """Seconds to move one prompt's KV: host pairs in parallel, the slowest one decides.
+        """Seconds to move one prompt's KV: host pairs in parallel, the slowest one decides. Each route pays
+        its pair's one-way latency once a hand-off (``link_latency``: measured where known) and its bytes.
 
         ``same_host_only`` times just the routes inside a host (the simulator queues the rest on NICs).
+        O(S_p * S_d) the first time for a pair of layouts, O(routes) after.
         """
         nbytes = self.model.kv_bytes_per_token * prompt_tokens
         key = (tuple(prefill), tuple(decode))
         routes = self._routes.get(key)
         if routes is None:
-            routes = self._routes[key] = self.kv_routes(prefill, decode)
+            routes = self._routes[key] = [
+                (bw, share, ha == hb, self.link_latency(ha, hb))
+                for ha, hb, bw, share in self._kv_host_routes(prefill, decode)
+            ]
         return max(
-            (
-                (self.params.intra_host_latency_s if same else self.params.inter_host_latency_s)
-                + share * nbytes / (bw * GB)
-                for bw, share, same in routes
-                if same or not same_host_only
-            ),
+            (latency + share * nbytes / (bw * GB) for bw, share, same, latency in routes if same or not same_host_only),
             default=0.0,
         )
 

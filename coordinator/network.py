@@ -170,9 +170,16 @@ class NicQueue:
         return (host, direction) if limited else (host, direction, other)
 
     def reserve(
-        self, traffic: Mapping[HostPair, float], t: float, latency_s: float = 0.0, urgent: bool = False
+        self,
+        traffic: Mapping[HostPair, float],
+        t: float,
+        latency_s: float = 0.0,
+        urgent: bool = False,
+        measured: bool = False,
     ) -> float:
-        """When the last of these transfers, starting at ``t`` or later, has arrived. O(pairs)."""
+        """When the last of these transfers, starting at ``t`` or later, has arrived: each pair's last byte lands
+        ``latency_s`` after it leaves, or with ``measured`` the pair's measured one-way latency where the cluster
+        has one (``Cluster.latency``). O(pairs)."""
         done = t
         for (a, b), nbytes in traffic.items():
             ports = [self._port(a, "out", b), self._port(b, "in", a)]
@@ -187,5 +194,6 @@ class NicQueue:
                 queue[p] = end
                 if urgent:
                     self.bulk[p] = max(self.bulk.get(p, 0.0), t) + seconds
-            done = max(done, end + latency_s)
+            landing = self.cluster.latency(a, b) if measured else None
+            done = max(done, end + (latency_s if landing is None else landing))
         return done

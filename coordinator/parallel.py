@@ -5,7 +5,8 @@ blocks form the pipeline's stages in a fixed host order, and layers are split un
 slowest stage is as fast as memory allows. Decode layouts also choose how many sequences to keep
 resident. No stage may span a worldless host pair (``Cluster.worldless``), but a group may: it is bridged, its
 stage boundaries carried by the daemons at the pair's bandwidth and the daemons' latency per step
-(``CostParams.bridge_latency_s``), so it is chosen only where that costs less than it adds.
+(``CostParams.bridge_latency_s``, on top of the pair's measured one, ``Cluster.latency``), so it is chosen only
+where that costs less than it adds.
 Results are memoized on the group's hardware signature, so groups of identical hosts cost one search.
 """
 

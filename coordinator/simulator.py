@@ -247,12 +247,14 @@ class _Simulation:
     def send(self, src: int, dst: int, tokens: float, t: float, latency_s: float = 0.0) -> float:
         """Queue ``tokens`` tokens' cross-host bytes (see ``per_token``) on the NICs; when they have arrived.
 
-        A group's own traffic (activations) goes ahead of KV caches (see ``NicQueue``)."""
+        A group's own traffic (activations, whose latency the stage times hold) goes ahead of KV caches (see
+        ``NicQueue``); a KV hand-off lands ``latency_s`` after its last byte leaves, or a pair's measured
+        one-way latency where the cluster has one."""
         traffic = self.per_token(src, dst)
         if not traffic:
             return t
         scaled = {pair: tokens * b for pair, b in traffic.items()}
-        return self.nics.reserve(scaled, t, latency_s, urgent=src == dst)
+        return self.nics.reserve(scaled, t, latency_s, urgent=src == dst, measured=src != dst)
 
     def push(self, t: float, prio: int, kind: int, gid: int, payload: Any = None) -> None:
         self.seq += 1

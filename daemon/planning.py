@@ -8,8 +8,10 @@ colocated fallback instead: the swarm never stays on a plan that cannot serve. P
 or a hole punch (``pair_links``) are *worldless*: no stage (a tensor-parallel world) may span them, but a KV
 hand-off between a prefill and a decode group, and a stage boundary of a bridged group (each stage a world of
 its own), may cross them at what their probes measured (``pair_links.UNMEASURED_GB_S`` until then); a relayed
-pair's traffic also loads its relay's NIC, where the adverts tell which relay it is. A pinned plan is refused
-only where a stage spans a worldless pair, or anything spans a blocked one.
+pair's traffic also loads its relay's NIC, where the adverts tell which relay it is. Each probed pair's one-way
+latency is half the RTT its probes measured (``measured_latencies``; a relayed pair's through its relay), which
+the cost model charges at the stage boundaries, all-reduces and KV hand-offs that cross it. A pinned plan is
+refused only where a stage spans a worldless pair, or anything spans a blocked one.
 Every replica loads the weights quantized as the coordinator's model spec says; members whose adverts do not offer
 that quantization are left out, and the plan says so.
 """
@@ -142,6 +144,7 @@ def _plan_for(given: PlanningInput) -> PlanOutcome:
         return PlanOutcome(None, f"cannot build the cluster: {exc}", {}, blocked)
     cluster = cluster.with_worldless(worldless).with_relays({p: r for p, r in given.relays.items() if p in worldless})
     cluster = cluster.with_nics(measured_nics(cluster, given.links))
+    cluster = cluster.with_latencies(measured_latencies(cluster, given.links))
     gpu_peer = {k: peer for k, (peer, _) in gpu_map.items()}
     reasons = worldless | {link.pair: link.reason for link in given.blocked}
 
@@ -195,6 +198,26 @@ def measured_nics(cluster: Cluster, links: Sequence[LinkMeasurement]) -> dict[st
             if host in hosts:
                 fastest[host] = max(fastest.get(host, 0.0), link.gb_s)
     return {host: Nic(rate, rate) for host, rate in fastest.items() if rate > 0}
+
+
+def measured_latencies(cluster: Cluster, links: Sequence[LinkMeasurement]) -> dict[tuple[str, str], float]:
+    """Each probed host pair's one-way latency in seconds: half its RTT, per direction the last probe's, per
+    pair the higher of the two directions (as ``build_cluster_from_peers`` takes the lower bandwidth).
+
+    A relayed pair's probe ran through its relay, so its RTT already holds both legs. An RTT of 0 is no
+    measurement: probes time a real round trip, while the stand-ins for unprobed and blocked pairs
+    (``PlanningInput.planner_links``) carry 0, and those pairs keep the cost model's constants. Pairs naming
+    hosts outside the cluster are left out. O(links).
+    """
+    latest: dict[tuple[str, str], float] = {}
+    for link in links:
+        if link.rtt_ms > 0 and link.a in cluster.hosts and link.b in cluster.hosts:
+            latest[link.a, link.b] = link.rtt_ms
+    pairs: dict[tuple[str, str], float] = {}
+    for (a, b), rtt_ms in latest.items():
+        key = (a, b) if a < b else (b, a)
+        pairs[key] = max(rtt_ms / 2 / 1e3, pairs.get(key, 0.0))
+    return pairs
 
 
 def _pinned(given: PlanningInput, gpu_map: dict[int, tuple[str, int]]) -> Plan | None:
