@@ -56,11 +56,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from nat_handoffs import (
@@ -94,6 +94,7 @@ REQUEST_TIMEOUT_S = "300"  # a relayed hand-off keeps the decode driver quiet: n
 SERVE_S = 180.0
 SHORT_PROMPT, SHORT_TOKENS = 16, 8  # a hand-off of 16 tokens' KV: its fixed cost
 DECODES = {1: ("direct", "h12"), 2: ("hole-punched", "h21"), 3: ("relayed", "h31")}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -279,17 +280,23 @@ def nat_probes(lab: NatLab, size: int, reps: int, relayed: bool) -> dict[str, An
 # -- the flat lab ------------------------------------------------------------------------------------------
 
 
+def start_flat_daemons(lab: Lab, root: Path, ckpt: Path, plan: Path, started: list[Daemon]) -> None:
+    """A daemon at h1 and one at h2 (bootstrapped from h1) on the flat lab's bridge, serving ``ckpt`` with
+    ``plan``; both go into ``started``."""
+    extra = ["--pin-plan", str(plan), "--request-timeout", REQUEST_TIMEOUT_S]
+    first, second = lab.namespaces
+    started.append(start_daemon(first, root, "h1", model=str(ckpt), gpu="H100", extra=extra))
+    boot = [started[0].addr]
+    started.append(start_daemon(second, root, "h2", model=str(ckpt), gpu="H100", extra=extra, bootstrap=boot))
+
+
 async def flat_phase(lab: Lab, root: Path, ckpt: Path, run: Settings) -> dict[str, Any]:
     """The same layout on one bridge: prefill at h1, decode at h2, hand-offs over the gloo exchange."""
     plan = root / "flat-plan.toml"
     plan.write_text(pinned_plan("h1", ["h2"], run.model.layers))
-    extra = ["--pin-plan", str(plan), "--request-timeout", REQUEST_TIMEOUT_S]
     started: list[Daemon] = []
     try:
-        first, second = lab.namespaces
-        started.append(start_daemon(first, root, "h1", model=str(ckpt), gpu="H100", extra=extra))
-        boot = [started[0].addr]
-        started.append(start_daemon(second, root, "h2", model=str(ckpt), gpu="H100", extra=extra, bootstrap=boot))
+        start_flat_daemons(lab, root, ckpt, plan, started)
         async with open_client() as client:
             view, _ = await wait_until(client, started, serving({d.peer_id for d in started}), SERVE_S, "serving")
             exchange = next(s for s in view.values() if s is not None)["plan"]["body"].get("exchange")
@@ -514,32 +521,50 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"machine: {machine['cpu_count']} cores, no GPU; 1-minute load {min(loads)}-{max(loads)} during the run")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two homes, 16 MiB of KV, no flat lab (under a minute)")
+def lab_args(doc: str, quick: str) -> argparse.Namespace:
+    """The command line of a benchmark in the labs: ``--quick`` (what ``quick`` says), ``--json``, ``--keep``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
     parser.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (daemon logs, checkpoint)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def in_labs(what: str, keep: Path | None, run: Callable[[Path], T]) -> tuple[T, dict[str, Any]] | None:
+    """``run(root)`` in a working directory (``keep``, or a temporary one), with the machine's description and
+    its load sampled meanwhile; None, having said why, when no lab can be built here."""
     try:
         check_nat_available()
     except NetnsUnavailable as exc:
-        print(f"nat benchmark: cannot build the labs: {exc}", file=sys.stderr)
-        return 2
-    run = Settings.of(args.quick)
+        print(f"{what}: cannot build the labs: {exc}", file=sys.stderr)
+        return None
     meta = machine()
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        root = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        root = keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         root.mkdir(parents=True, exist_ok=True)
         loads = stack.enter_context(load_samples())
-        labs = run_labs(run, root)
+        labs = run(root)
     meta |= {"load_average_end": [round(x, 2) for x in os.getloadavg()], "load_samples": loads}
     meta["wall_s"] = round(time.monotonic() - started)
-    result = result_json(run, labs, meta)
+    return labs, meta
+
+
+def write_json(out: str | None, result: dict[str, Any]) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> int:
+    args = lab_args(__doc__, "two homes, 16 MiB of KV, no flat lab (under a minute)")
+    run = Settings.of(args.quick)
+    ran = in_labs("nat benchmark", args.keep, lambda root: run_labs(run, root))
+    if ran is None:
+        return 2
+    result = result_json(run, *ran)
     print_table(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

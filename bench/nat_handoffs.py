@@ -86,11 +86,11 @@ def pinned_plan(prefill: str, decodes: list[str], layers: int) -> str:
 
 @dataclass(frozen=True)
 class Timed:
-    """One request: when each token arrived (seconds after it was sent) and the decode replica that served
-    it (None: none did)."""
+    """One request: when each token arrived (seconds after it was sent) and the replica of the role asked for
+    that served it (None: none did)."""
 
     times: tuple[float, ...]
-    decode: int | None
+    replica: int | None
 
     @property
     def tpot_s(self) -> float:
@@ -104,11 +104,12 @@ class Timed:
         return self.times[1] - self.times[0] - self.tpot_s
 
 
-async def timed_request(client: Any, entry: str, tokens: list[int], max_tokens: int) -> Timed:
-    """Send ``tokens`` to daemon ``entry`` and time every token frame; RuntimeError on an error frame."""
+async def timed_request(client: Any, entry: str, tokens: list[int], max_tokens: int, role: str = "decode") -> Timed:
+    """Send ``tokens`` to daemon ``entry`` and time every token frame, noting the replica of ``role`` that
+    served it; RuntimeError on an error frame."""
     start = time.perf_counter()
     times: list[float] = []
-    decode = None
+    replica = None
     with trio.fail_after(REQUEST_S):
         async for frame in generate(client, entry, {"tokens": tokens, "max_tokens": max_tokens}):
             if "error" in frame:
@@ -116,9 +117,9 @@ async def timed_request(client: Any, entry: str, tokens: list[int], max_tokens: 
             if "token" in frame:
                 times.append(time.perf_counter() - start)
             for served in frame.get("served_by", []):
-                if served.get("role") == "decode":
-                    decode = served.get("replica")
-    return Timed(tuple(times), decode)
+                if served.get("role") == role:
+                    replica = served.get("replica")
+    return Timed(tuple(times), replica)
 
 
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
@@ -138,8 +139,8 @@ async def sample_handoffs(
         if all(len(out[r]) >= n for r, n in want.items()):
             break
         timed = await timed_request(client, entry, random_prompt(rng, prompt_len, vocab), max_tokens)
-        if timed.decode in out and len(timed.times) == max_tokens:
-            out[timed.decode].append(timed)
+        if timed.replica in out and len(timed.times) == max_tokens:
+            out[timed.replica].append(timed)
     return out
 
 

@@ -22,32 +22,25 @@ output tokens, no flat lab.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import random
 import statistics
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
-from nat import REQUEST_TIMEOUT_S, SERVE_S, kv_links, load_samples, machine
-from nat_handoffs import KvModel, random_prompt
+from nat import SERVE_S, in_labs, kv_links, lab_args, start_flat_daemons, start_nat_daemons, write_json
+from nat_handoffs import KvModel, Timed, random_prompt, timed_request
 
 from hexgen.daemon import swarm_view
-from hexgen.daemon.generate_protocol import generate
 from hexgen.daemon.relay import circuit_address
 from hexgen.testing.daemon_harness import Daemon, open_client, wait_until
-from hexgen.testing.nat_lab import NatLab, View, check_nat_available, converge
-from hexgen.testing.netns import Lab, NetnsUnavailable, start_daemon, stop_daemons
+from hexgen.testing.nat_lab import NatLab, View, converge
+from hexgen.testing.netns import Lab, stop_daemons
 
 PROMPT = 64
-REQUEST_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -81,30 +74,6 @@ def bridged_plan(pairs: list[tuple[str, str]], layers: int) -> str:
     )
 
 
-@dataclass(frozen=True)
-class Timed:
-    times: tuple[float, ...]  # seconds after the request was sent, one per token
-    replica: int | None
-
-    @property
-    def tpot_s(self) -> float:
-        return statistics.median(b - a for a, b in zip(self.times[1:], self.times[2:], strict=False))
-
-
-async def timed(client: Any, entry: str, tokens: list[int], max_tokens: int) -> Timed:
-    start = time.perf_counter()
-    times: list[float] = []
-    replica = None
-    with trio.fail_after(REQUEST_S):
-        async for frame in generate(client, entry, {"tokens": tokens, "max_tokens": max_tokens}):
-            if "error" in frame:
-                raise RuntimeError(f"the request failed: {frame['error']}")
-            if "token" in frame:
-                times.append(time.perf_counter() - start)
-            replica = next((s.get("replica") for s in frame.get("served_by", [])), replica)
-    return Timed(tuple(times), replica)
-
-
 async def sample(client: Any, entries: dict[int, str], run: Settings) -> dict[int, dict[str, Any]]:
     """``run.requests`` requests to each replica, one after another, through the daemon of its first stage
     (which routes a request to a replica at random among those it may enter: kept only when it is that one)."""
@@ -114,7 +83,8 @@ async def sample(client: Any, entries: dict[int, str], run: Settings) -> dict[in
         short = [i for i, samples in got.items() if len(samples) < run.requests]
         if not short:
             break
-        one = await timed(client, entries[short[0]], random_prompt(rng, PROMPT, run.model.vocab), run.max_tokens)
+        prompt = random_prompt(rng, PROMPT, run.model.vocab)
+        one = await timed_request(client, entries[short[0]], prompt, run.max_tokens, role="colocated")
         if one.replica in got and len(one.times) == run.max_tokens:
             got[one.replica].append(one)
     return {i: summary(samples) for i, samples in got.items()}
@@ -142,20 +112,9 @@ def bridging(ids: set[str], groups: list[int]) -> Any:
 async def nat_phase(lab: NatLab, root: Path, ckpt: Path, run: Settings) -> dict[str, Any]:
     plan = root / "nat-plan.toml"
     plan.write_text(bridged_plan([(a, b) for _, a, b in run.replicas], run.model.layers))
-    common = ["--pin-plan", str(plan), "--request-timeout", REQUEST_TIMEOUT_S]
     started: list[Daemon] = []
     try:
-        relay = start_daemon(lab.hosts["p1"], root, "relay", model=str(ckpt), extra=["--relay", *common])
-        started.append(relay)
-        names = sorted(name for name in lab.hosts if name.startswith("h"))
-
-        def home(name: str) -> Daemon:
-            extra = ["--relay-peer", relay.addr, *common]
-            return start_daemon(lab.hosts[name], root, name, model=str(ckpt), gpu="H100", extra=extra)
-
-        with ThreadPoolExecutor(len(names)) as pool:
-            homes = list(pool.map(home, names))
-        started.extend(homes)
+        relay, *homes = start_nat_daemons(lab, root, ckpt, plan, started)
         ready = time.monotonic()
         ids = {d.name: d.peer_id for d in homes}
         addrs = {relay.peer_id: relay.addr} | {d.peer_id: circuit_address(relay.addr, d.peer_id) for d in homes}
@@ -176,13 +135,9 @@ async def nat_phase(lab: NatLab, root: Path, ckpt: Path, run: Settings) -> dict[
 async def flat_phase(lab: Lab, root: Path, ckpt: Path, run: Settings) -> dict[str, Any]:
     plan = root / "flat-plan.toml"
     plan.write_text(bridged_plan([("h1", "h2")], run.model.layers))
-    extra = ["--pin-plan", str(plan), "--request-timeout", REQUEST_TIMEOUT_S]
     started: list[Daemon] = []
     try:
-        first, second = lab.namespaces
-        started.append(start_daemon(first, root, "h1", model=str(ckpt), gpu="H100", extra=extra))
-        boot = [started[0].addr]
-        started.append(start_daemon(second, root, "h2", model=str(ckpt), gpu="H100", extra=extra, bootstrap=boot))
+        start_flat_daemons(lab, root, ckpt, plan, started)
         async with open_client() as client:
             ids = {d.peer_id for d in started}
             await wait_until(client, started, bridging(ids, []), SERVE_S, "serving one world")
@@ -221,25 +176,12 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the relayed replica only, no flat lab")
-    parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
-    parser.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (daemon logs, checkpoint)")
-    args = parser.parse_args()
-    try:
-        check_nat_available()
-    except NetnsUnavailable as exc:
-        print(f"pipeline benchmark: cannot build the labs: {exc}", file=sys.stderr)
-        return 2
+    args = lab_args(__doc__, "the relayed replica only, no flat lab")
     run = Settings.of(args.quick)
-    meta = machine()
-    started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        root = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        root.mkdir(parents=True, exist_ok=True)
-        loads = stack.enter_context(load_samples())
-        labs = run_labs(run, root)
-    meta |= {"load_samples": loads, "wall_s": round(time.monotonic() - started)}
+    ran = in_labs("pipeline benchmark", args.keep, lambda root: run_labs(run, root))
+    if ran is None:
+        return 2
+    labs, meta = ran
     rows = {f"{kind} (bridged)": row for kind, row in labs["nat"]["replicas"].items()}
     if labs["flat"] is not None:
         rows["direct (one world)"] = labs["flat"]
@@ -254,9 +196,7 @@ def main() -> int:
         "quick": args.quick,
     }
     print_table(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

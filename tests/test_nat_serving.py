@@ -282,7 +282,9 @@ async def test_the_relay_killed_mid_stream_loses_no_token_and_the_swarm_replans(
         assert after.returncode == 0, err.decode()
         reply = json.loads(out)
         assert reply["tokens"] == expected[:MAX_TOKENS]
-        assert {group["epoch"] for group in reply["served_by"]} == {_plans(homes[0])[-1][0]}, reply
+        # served on a plan without the relay: that one, or a later one (h21 may come back by a hole punch)
+        without = min(epoch for epoch, members in _plans(homes[0])[before:] if members < 4)
+        assert all(group["epoch"] >= without for group in reply["served_by"]), reply
 
 
 async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_are_relayed(
