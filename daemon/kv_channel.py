@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import select
 import socket
 import threading
 import time
@@ -21,7 +20,7 @@ from datetime import timedelta
 import torch
 
 from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, Key, KvLost, KvPart, from_daemon
-from hexgen.daemon.wire import MAX_FRAME, FrameError
+from hexgen.daemon.wire import HEADER_BYTES, MAX_FRAME, FrameError
 from hexgen.engine.kv_transfer import KVMissing
 
 log = logging.getLogger("hexgen.worker")
@@ -182,26 +181,38 @@ class KvChannel:
         return message is not None and (not message.missing or message.lost is not None)
 
     def _read(self) -> None:
-        buffer = bytearray()
+        """File every frame the daemon writes until the socket ends; each frame is read whole into a buffer
+        of its own size (a 512 KiB part is copied once off the socket, not gathered chunk by chunk)."""
         try:
             while True:
-                select.select([self.sock], [], [])
-                chunk = self.sock.recv(1 << 20)
-                if not chunk:
+                head = bytearray(HEADER_BYTES)
+                got = self._read_into(memoryview(head))
+                if got < HEADER_BYTES:
                     raise EOFError("the daemon closed the KV channel")
-                buffer += chunk
-                while len(buffer) >= 4 and len(buffer) >= 4 + (size := int.from_bytes(buffer[:4], "big")):
-                    if size > MAX_FRAME:
-                        raise EOFError(f"the daemon sent a KV frame of {size} bytes")
-                    frame = bytes(buffer[: 4 + size])
-                    del buffer[: 4 + size]
-                    self._file(frame)
+                size = int.from_bytes(head, "big")
+                if size > MAX_FRAME:
+                    raise EOFError(f"the daemon sent a KV frame of {size} bytes")
+                frame = bytearray(HEADER_BYTES + size)
+                frame[:HEADER_BYTES] = head
+                if self._read_into(memoryview(frame)[HEADER_BYTES:]) < size:
+                    raise EOFError("the daemon closed the KV channel inside a frame")
+                self._file(frame)
         except (OSError, EOFError) as exc:
             with self.filed:
                 self.ended = str(exc) or type(exc).__name__
                 self.filed.notify_all()
 
-    def _file(self, frame: bytes) -> None:
+    def _read_into(self, view: memoryview) -> int:
+        """Fill ``view`` from the socket; the bytes read, fewer only when it ended first."""
+        got = 0
+        while got < len(view):
+            count = self.sock.recv_into(view[got:])
+            if count == 0:
+                break
+            got += count
+        return got
+
+    def _file(self, frame: bytes | bytearray) -> None:
         try:
             part = from_daemon(frame)
         except FrameError as exc:

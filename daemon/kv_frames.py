@@ -122,7 +122,7 @@ def lost_frames(keys: list[Key]) -> list[KvLost]:
     ]
 
 
-def from_daemon(frame: bytes) -> KvPart | KvLost:
+def from_daemon(frame: bytes | bytearray) -> KvPart | KvLost:
     """What a worker reads from its daemon: a part, or a notice of lost messages; raises MalformedFrame."""
     header, data = _split(frame)
     if "lost" not in header:
@@ -136,7 +136,7 @@ def from_daemon(frame: bytes) -> KvPart | KvLost:
     return KvLost(str(prefix), tuple((m[0], m[1], m[2], m[3]) for m in found))
 
 
-def _split(frame: bytes) -> tuple[dict[str, Any], memoryview]:
+def _split(frame: bytes | bytearray) -> tuple[dict[str, Any], memoryview]:
     """A frame's header map and the data after it; MalformedFrame unless the length prefix fits."""
     if len(frame) < HEADER_BYTES or int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
         raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")
