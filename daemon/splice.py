@@ -176,9 +176,12 @@ def _paired(partner: trio.SocketStream) -> bytes:
 
 
 async def _forward(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """Copy ``source`` to ``sink`` through one buffer (no allocation per chunk), then end the splice."""
+    buffer = bytearray(SPLICE_CHUNK)
     try:
-        while data := await source.receive_some(SPLICE_CHUNK):
-            await sink.send_all(data)
+        with memoryview(buffer) as view:
+            while count := await source.socket.recv_into(view):
+                await sink.send_all(view[:count])
     except _CLOSED:
         pass
     scope.cancel()
