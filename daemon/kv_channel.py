@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import torch
 
-from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, Key, KvLost, KvPart, from_daemon
+from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, Frame, Key, KvLost, KvPart, from_daemon
 from hexgen.daemon.wire import HEADER_BYTES, MAX_FRAME, FrameError
 from hexgen.engine.kv_transfer import KVMissing
 
@@ -212,7 +212,7 @@ class KvChannel:
             got += count
         return got
 
-    def _file(self, frame: bytes | bytearray) -> None:
+    def _file(self, frame: Frame) -> None:
         try:
             part = from_daemon(frame)
         except FrameError as exc:

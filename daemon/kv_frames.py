@@ -28,6 +28,7 @@ MAX_PREFIX = 256
 MAX_HEADER_BYTES = 1024  # a part's header: the prefix and a few numbers
 MAX_LOST = 32  # messages one lost notice names: its header stays within MAX_HEADER_BYTES
 Key = tuple[str, int, int, int, int]  # one message: prefix, src, dst, tag, index
+Frame = bytes | bytearray  # a whole frame, length prefix included, as read off a socket
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1, "int64": 8}
 
 
@@ -80,7 +81,7 @@ class KvPart:
         return _parse(raw)
 
     @staticmethod
-    def from_frame(frame: bytes) -> KvPart:
+    def from_frame(frame: Frame) -> KvPart:
         """The part a whole frame (length prefix included) carries, its data a view of ``frame``; raises
         MalformedFrame unless the prefix gives the frame's length and the header and data make a whole,
         consistent part. O(header)."""
@@ -122,7 +123,7 @@ def lost_frames(keys: list[Key]) -> list[KvLost]:
     ]
 
 
-def from_daemon(frame: bytes | bytearray) -> KvPart | KvLost:
+def from_daemon(frame: Frame) -> KvPart | KvLost:
     """What a worker reads from its daemon: a part, or a notice of lost messages; raises MalformedFrame."""
     header, data = _split(frame)
     if "lost" not in header:
@@ -136,7 +137,7 @@ def from_daemon(frame: bytes | bytearray) -> KvPart | KvLost:
     return KvLost(str(prefix), tuple((m[0], m[1], m[2], m[3]) for m in found))
 
 
-def _split(frame: bytes | bytearray) -> tuple[dict[str, Any], memoryview]:
+def _split(frame: Frame) -> tuple[dict[str, Any], memoryview]:
     """A frame's header map and the data after it; MalformedFrame unless the length prefix fits."""
     if len(frame) < HEADER_BYTES or int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
         raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")

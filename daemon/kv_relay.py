@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import trio
 
 from hexgen.daemon.deployment import Deployment
+from hexgen.daemon.exact_reads import read_frame_exactly
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
-from hexgen.daemon.kv_frames import Key, KvPart, lost_frames
+from hexgen.daemon.kv_frames import Frame, Key, KvPart, lost_frames
 from hexgen.daemon.kv_link import NO_ROUTES, LinkError, SpliceRoutes, accept_link, open_link
 from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
@@ -72,7 +73,7 @@ class Carrier:
 
     kind: str
     relay: str | None
-    write: Callable[[bytes], Awaitable[None]]
+    write: Callable[[Frame], Awaitable[None]]
     close: Callable[[], Awaitable[None]]
 
     @property
@@ -92,7 +93,7 @@ class KvRelay:
     peer_id: str
     supervisor: Supervisor
     routes: SpliceRoutes | None = None
-    outbound: dict[str, trio.MemorySendChannel[bytes]] = field(default_factory=dict)
+    outbound: dict[str, trio.MemorySendChannel[Frame]] = field(default_factory=dict)
     carriers: dict[str, Carrier] = field(default_factory=dict)  # destination daemon -> what carries its parts
     _link_retry: dict[str, float] = field(default_factory=dict)
     _punch_retry: dict[str, float] = field(default_factory=dict)
@@ -108,9 +109,8 @@ class KvRelay:
         """Route every part ``worker`` writes until its KV socket ends. Never raises."""
         if worker.kv is None:
             return
-        reader = FrameReader(worker.kv, KV_READ)
         try:
-            while (frame := await reader.read_frame()) is not None:
+            while (frame := await read_frame_exactly(worker.kv.stream)) is not None:
                 try:
                     part = KvPart.from_frame(frame)
                 except MalformedFrame as exc:  # consumed whole: the socket is still in step
@@ -120,7 +120,7 @@ class KvRelay:
         except _BROKEN as exc:
             log.info("the KV socket of worker of rank %d ended: %s", worker.rank, exc)
 
-    async def _route(self, part: KvPart, frame: bytes) -> None:
+    async def _route(self, part: KvPart, frame: Frame) -> None:
         deployment = self.supervisor.deployment
         peer = None if deployment is None else deployment.part_peer(part.prefix, part.dst)
         if peer is None:
@@ -133,18 +133,18 @@ class KvRelay:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.debug("dropped a KV part for %s: its stream broke", peer)
 
-    def _queue(self, peer: str) -> trio.MemorySendChannel[bytes]:
+    def _queue(self, peer: str) -> trio.MemorySendChannel[Frame]:
         queue = self.outbound.get(peer)
         if queue is None:
             if self._nursery is None:
                 raise trio.ClosedResourceError("the KV relay is not running")
-            queue, parts = trio.open_memory_channel[bytes](QUEUE_PARTS)
+            queue, parts = trio.open_memory_channel[Frame](QUEUE_PARTS)
             self.outbound[peer] = queue
             self._nursery.start_soon(self._write, peer, queue, parts)
         return queue
 
     async def _write(
-        self, peer: str, queue: trio.MemorySendChannel[bytes], parts: trio.MemoryReceiveChannel[bytes]
+        self, peer: str, queue: trio.MemorySendChannel[Frame], parts: trio.MemoryReceiveChannel[Frame]
     ) -> None:
         """Write the parts queued for ``peer`` on one carrier; when it breaks, the queue closes (its parts are
         lost) and the next part opens another."""
@@ -183,7 +183,11 @@ class KvRelay:
                 log.info("KV to %s goes on a sealed %s link (relay %s)", peer, kind, link.relay)
                 return Carrier(kind, link.relay, link.stream.write, link.stream.aclose)
         stream = await self.host.open_stream(peer, KV_PROTOCOL)
-        return Carrier("stream", None, stream.write, stream.close)
+
+        async def write(frame: Frame) -> None:
+            await stream.write(bytes(frame))  # libp2p takes bytes alone
+
+        return Carrier("stream", None, write, stream.close)
 
     async def serve(self, stream: Stream) -> None:
         """Deliver the parts another daemon sends on ``stream`` until it ends; a bad frame resets it."""
@@ -265,7 +269,7 @@ class KvRelay:
             for notice in lost_frames([key for key, rank in started.items() if rank == dst]):
                 await self._deliver(notice.prefix, dst, notice.frame())
 
-    async def _deliver(self, prefix: str, dst: int, frame: bytes) -> None:
+    async def _deliver(self, prefix: str, dst: int, frame: Frame) -> None:
         """Write ``frame`` to the KV socket of this daemon's worker of rank ``dst`` under ``prefix``: an
         exchange rank, or a layout rank of the bridged replica whose bridge it is."""
         deployment = self.supervisor.deployment

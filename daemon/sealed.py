@@ -15,6 +15,8 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from hexgen.daemon.exact_reads import receive_into
+
 KEY_BYTES = 32
 TAG_BYTES = 16
 MAX_RECORD = (1 << 20) + 4096  # a KV part's frame (daemon.kv_frames.PART_BYTES plus its header), sealed
@@ -35,8 +37,8 @@ def _nonce(index: int) -> bytes:
 
 class SealedStream:
     """One direction of ``stream`` under ``key``: ``write`` seals a record, ``read_record`` opens the next one.
-    Records are read exactly, straight into their buffers where ``stream`` is a socket: a KV link moves hundreds
-    of MiB/s, and every copy of a record costs as much as sealing it."""
+    A record is sealed into one buffer and read exactly into another (``exact_reads``): a KV link moves
+    hundreds of MiB/s, and every copy of a record costs as much as sealing it."""
 
     def __init__(self, stream: trio.abc.Stream, key: bytes) -> None:
         if len(key) != KEY_BYTES:
@@ -45,9 +47,8 @@ class SealedStream:
         self._aead = AESGCM(key)
         self._sent = 0
         self._opened = 0
-        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray) -> None:
         if not data:  # an empty record carries nothing
             return
         size = len(data) + TAG_BYTES
@@ -63,7 +64,7 @@ class SealedStream:
     async def read_record(self) -> bytes | None:
         """The plaintext of the next record as it was written; None at a clean end between records."""
         head = bytearray(_LENGTH.size)
-        got = await self._read_into(head)
+        got = await receive_into(self.stream, memoryview(head))
         if got == 0:
             return None
         if got < len(head):
@@ -72,7 +73,7 @@ class SealedStream:
         if not TAG_BYTES <= length <= MAX_RECORD:
             raise SealError(f"a sealed record of {length} bytes: not between {TAG_BYTES} and {MAX_RECORD}")
         sealed = bytearray(length)
-        if await self._read_into(sealed) < length:
+        if await receive_into(self.stream, memoryview(sealed)) < length:
             raise SealError(f"the stream ended inside a sealed record of {length} bytes")
         try:
             plain = self._aead.decrypt(_nonce(self._opened), sealed, None)
@@ -82,22 +83,6 @@ class SealedStream:
             ) from None
         self._opened += 1
         return plain
-
-    async def _read_into(self, buffer: bytearray) -> int:
-        """Fill ``buffer`` from the stream; the bytes read, fewer only when the stream ended first."""
-        got = 0
-        with memoryview(buffer) as view:
-            while got < len(buffer):
-                if self._socket is not None:
-                    count = await self._socket.recv_into(view[got:])
-                else:
-                    chunk = await self.stream.receive_some(len(buffer) - got)
-                    count = len(chunk)
-                    view[got : got + count] = chunk
-                if count == 0:
-                    break
-                got += count
-        return got
 
     async def aclose(self) -> None:
         await self.stream.aclose()

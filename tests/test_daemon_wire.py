@@ -11,6 +11,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hexgen.daemon.exact_reads import read_frame_exactly
 from hexgen.daemon.wire import (
     MAX_FRAME,
     FrameReader,
@@ -293,3 +294,31 @@ def test_validate_missing_field_and_non_map() -> None:
         validate({key: value for key, value in GOOD.items() if key != "prompt"}, SCHEMA)
     with pytest.raises(MalformedFrame, match="message must be a map"):
         validate([1], SCHEMA)
+
+
+async def _exact_frames(chunks: list[bytes], max_size: int = MAX_FRAME) -> list[bytes]:
+    """What ``read_frame_exactly`` reads from a socket pair whose writer sends ``chunks`` and then closes."""
+    left, right = trio.socket.socketpair()
+    reader = trio.SocketStream(right)
+    async with trio.SocketStream(left) as writer, reader:
+        for chunk in chunks:
+            await writer.send_all(chunk)
+        await writer.send_eof()
+        frames = []
+        while (frame := await read_frame_exactly(reader, max_size)) is not None:
+            frames.append(bytes(frame))
+        return frames
+
+
+@pytest.mark.trio
+async def test_a_socket_s_frames_are_read_exactly_however_they_were_cut() -> None:
+    frames = [encode_frame({"n": i, "pad": b"x" * (i * 1000)}) for i in range(5)]
+    whole = b"".join(frames)
+    cuts = [whole[at : at + 333] for at in range(0, len(whole), 333)]
+    assert await _exact_frames(cuts) == frames
+    with pytest.raises(TruncatedFrame, match="2 of 4 length-prefix"):
+        await _exact_frames([whole[:2]])
+    with pytest.raises(TruncatedFrame, match="frame payload bytes"):
+        await _exact_frames([frames[1][:-1]])
+    with pytest.raises(FrameTooLarge):
+        await _exact_frames([frames[4]], max_size=10)
