@@ -143,7 +143,7 @@ class BridgedComm:
                     return
                 if time.monotonic() >= deadline:
                     raise StageLinkError(
-                        f"replica rank {self.rank} heard nothing from rank {self.root} in {load_timeout}"
+                        f"replica rank {self.rank} heard nothing from rank {self.root} in {_seconds(load_timeout)}"
                     )
         others = [r for r in self.ranks if r != self.root]
         for peer in others:

@@ -110,30 +110,30 @@ def _driver(layout: tuple[StageLayout, ...]) -> int:
     return sum(stage.tp for stage in layout[:-1])
 
 
-def _alone(rank: int, model_dir: str, router: int, port: int) -> str:
-    """Rank 1 of a pp2 replica whose rank 0 never comes: what the wait for it raised."""
+def _alone(_: int, model_dir: str, router: int, port: int, rank: int) -> str:
+    """Rank ``rank`` of a pp2 replica whose other rank never comes: what the wait for it raised."""
     import torch
 
     from hexgen.engine.replica import ReplicaWorker, spec_for
     from hexgen.engine.stage_link import StageLinkError
 
     torch.set_num_threads(1)
-    channel = connect(router, 1)
+    channel = connect(router, rank)
     layout = LAYOUTS["pp2"]
-    _stage_world(layout, 1, [0, port])
+    _stage_world(layout, rank, [port, port])
+    spec = spec_for(model_dir, layout)
     try:
-        ReplicaWorker(
-            spec_for(model_dir, layout), 1, {}, load_timeout=timedelta(seconds=2), bridge=channel.bind(PREFIX, 1)
-        )
+        ReplicaWorker(spec, rank, {}, load_timeout=timedelta(seconds=2), bridge=channel.bind(PREFIX, rank))
     except StageLinkError as exc:
         return str(exc)
     return "no error"
 
 
-def test_a_stage_that_never_comes_is_named_once_the_load_timeout_passes(stories_dir: Path) -> None:
+@pytest.mark.parametrize("rank", [0, 1])  # the first stage's, then the driver
+def test_a_stage_that_never_comes_is_named_once_the_load_timeout_passes(stories_dir: Path, rank: int) -> None:
     daemons, router = StandInDaemons.for_processes(2, RANKS_TIMEOUT_S)
     try:
-        outcomes = run_ranks(_alone, 1, (str(stories_dir), router, free_port()), RANKS_TIMEOUT_S)
+        outcomes = run_ranks(_alone, 1, (str(stories_dir), router, free_port(), rank), RANKS_TIMEOUT_S)
     finally:
         daemons.close()
-    assert outcomes[0] == "replica rank 1 heard nothing from rank 0 in 2 s", outcomes
+    assert outcomes[0] == f"replica rank {rank} heard nothing from rank {1 - rank} in 2 s", outcomes
