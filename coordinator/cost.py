@@ -55,10 +55,10 @@ class CostParams:
     inter_host_latency_s: float = 50e-6
     # A step of a bridged group (its stages share no world) sends the messages a world's step sends (the
     # driver's header and sampled tokens, the hidden states), but each goes worker -> daemon -> KV link ->
-    # daemon -> worker, through Python: in the NAT lab a two-stage replica's decode step took 4 ms longer
-    # bridged (19 ms, hole-punched or relayed) than in one gloo world on a LAN (15 ms), medians of 12
-    # requests on a 2-core VM (bench/results/nat-pipeline-2026-12-05.json). The link's own latency is not
-    # in it: a world's messages pay that too.
+    # daemon -> worker, through Python: in the NAT lab a two-stage replica's decode step took 2.6-4 ms longer
+    # bridged (17-19 ms, hole-punched or relayed) than in one gloo world on a LAN (14.5-15 ms), medians of 12
+    # requests in each of two runs on a 2-core VM (bench/nat_pipeline.py). The link's own latency is not in
+    # it: a world's messages pay that too.
     bridge_latency_s: float = 4e-3
 
 
