@@ -201,7 +201,7 @@ def _join(
     if config.exchange is not None:
         # the KV format goes out as the group forms: a peer ready before this rank loads reads it at once
         setup = exchange_from(config.exchange)
-        exchange = Background(join_exchange, setup, config.rank, replica_kv_format(spec), relay)
+        exchange = Background(join_exchange, setup, config.replica_rank, replica_kv_format(spec), relay)
     store, groups = _form_world(config, spec)
     bridge = None
     if config.bridge:

@@ -219,6 +219,45 @@ async def test_a_pipeline_across_two_homes_streams_transformers_tokens_through_t
             assert carriers[b] == {"carrier": "splice", "relay": relay.peer_id}, carriers
 
 
+BRIDGED_PREFILL = """[[groups]]
+role = "prefill"
+stages = [{ gpus = ["h11"], layers = [0, 2] }, { gpus = ["h21"], layers = [2, 5] }]
+
+[[groups]]
+role = "decode"
+stages = [{ gpus = ["h31"], layers = [0, 5] }]
+"""
+
+
+async def test_a_prefill_pipeline_across_two_homes_hands_its_kv_to_a_third(
+    nat_lab: NatLab, tmp_path: Path, stories_dir: Path
+) -> None:
+    """A prefill replica bridged across homes 1 and 2 hands each stage's KV through the daemons to a decode
+    replica at home 3, and the tokens are transformers'."""
+    with started_daemons() as started:
+        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started, BRIDGED_PREFILL, ("h11", "h21", "h31"))
+        a = homes[0].peer_id
+        prompts = [[1, 403, 407, 261, 378], *random_prompts(3, 512, seed=53, low=3, high=20)]
+        reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
+        async with open_client() as client:
+            serving = _serving_relayed({k: OVER_LIBP2P for k in _handoff_pairs(homes)}, [], 3)
+
+            def bridged(view: View) -> bool:
+                bodies = [((s or {}).get("plan") or {}).get("body") or {} for s in view.values()]
+                return serving(view) and all(body.get("bridged_groups") == [0] for body in bodies)
+
+            await converge(client, _circuits(relay, homes), bridged, CONVERGE_SERVING_S)
+            decoders: set[int] = set()
+            for i, prompt in enumerate(prompts):
+                assert await _complete(client, a, prompt, decoders) == reference[i]
+            assert decoders == {1}
+
+
+def _handoff_pairs(homes: list[Daemon]) -> list[frozenset[str]]:
+    """The pairs a hand-off from the prefill stages at homes 1 and 2 to the decode replica at home 3 crosses."""
+    return [frozenset((homes[0].peer_id, homes[2].peer_id)), frozenset((homes[1].peer_id, homes[2].peer_id))]
+
+
 @contextlib.contextmanager
 def _client_at(
     lab: NatLab, home: str, entry: Daemon, prompt: str, max_tokens: int, *json_out: str
