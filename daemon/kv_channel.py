@@ -4,12 +4,14 @@ A send cuts the tensor into KV parts (``daemon.kv_frames``) and writes them to t
 them, so the send is done once written (the socket's buffer and the daemon's queues are the flow control). A
 reader thread files every part that arrives under (exchange, source rank, destination rank, tag, message
 index); a receive waits for its message whole, checks it is the tensor it expects, and copies it in. What no
-receive takes (a sequence aborted meanwhile) is dropped after ``keep_s``.
+receive takes (a sequence aborted meanwhile) is dropped after ``keep_s``. The channel's ``fileno`` turns
+readable whenever a message is settled, so a step loop waiting for relayed KV selects on it instead of polling.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import threading
@@ -109,7 +111,25 @@ class KvChannel:
         self.posted: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under filed
         self.bound: list[str] = []
         self.ended: str | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
         threading.Thread(target=self._read, name="kv-channel", daemon=True).start()
+
+    def fileno(self) -> int:
+        """A descriptor that is readable once a message became whole or lost, or the channel ended, since
+        the last ``drain``."""
+        return self._wake_r.fileno()
+
+    def drain(self) -> None:
+        """Clear ``fileno``'s readiness: what settles after this makes it readable again."""
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: already readable, which is all a byte says
+            self._wake_w.send(b"\0")
 
     def bind(self, prefix: str, rank: int) -> RelayGroup:
         """The group of exchange rank ``rank`` in the exchange keyed ``prefix``; counters of epochs two binds
@@ -201,6 +221,7 @@ class KvChannel:
             with self.filed:
                 self.ended = str(exc) or type(exc).__name__
                 self.filed.notify_all()
+            self._wake()
 
     def _read_into(self, view: memoryview) -> int:
         """Fill ``view`` from the socket; the bytes read, fewer only when it ended first."""
@@ -237,6 +258,8 @@ class KvChannel:
             message.missing.discard(part.part)
             if not message.missing:
                 self.filed.notify_all()
+        if not message.missing:
+            self._wake()
 
     def _lose(self, notice: KvLost) -> None:
         with self.filed:
@@ -245,6 +268,7 @@ class KvChannel:
                 if message is not None and message.missing:
                     message.lost = "the connection that carried it between the daemons broke"
             self.filed.notify_all()
+        self._wake()
 
     def _forget_old(self) -> None:
         now = time.monotonic()

@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hexgen.daemon.failure import WorldFailure
 from hexgen.daemon.heap import settle_heap
@@ -70,6 +70,15 @@ PROGRESS_EVERY_S = 1.0
 OPERATION_TIMEOUT_S = 120.0
 
 
+class Wake(Protocol):
+    """Something the step loop's wait selects on besides the daemon's frames (``KvChannel``: relayed KV
+    settled)."""
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> None: ...
+
+
 class Channel:
     """Blocking frames over a connected unix socket, with a non-blocking poll for the step loop."""
 
@@ -98,11 +107,14 @@ class Channel:
         payload, self.buffer = self.buffer[4 : 4 + size], self.buffer[4 + size :]
         return decode_payload(payload)
 
-    def poll(self, timeout: float | None) -> list[Any]:
+    def poll(self, timeout: float | None, wake: Wake | None = None) -> list[Any]:
         """Every complete frame that arrives within ``timeout`` seconds (None: until one does; none
-        arrived: an empty list)."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if ready:
+        arrived: an empty list). A ``wake`` that turns readable meanwhile ends the wait too (drained)."""
+        watched: list[Any] = [self.sock] if wake is None else [self.sock, wake]
+        ready, _, _ = select.select(watched, [], [], timeout)
+        if wake is not None and wake in ready:
+            wake.drain()
+        if self.sock in ready:
             chunk = self.sock.recv(1 << 20)
             if not chunk:
                 raise EOFError("the daemon closed the worker channel")
@@ -408,9 +420,10 @@ def report(channel: Channel, worker: ReplicaWorker, result: StepResult) -> None:
         channel.send_all(frames)
 
 
-def run_steps(channel: Channel, worker: ReplicaWorker) -> None:
+def run_steps(channel: Channel, worker: ReplicaWorker, kv: Wake | None = None) -> None:
     """Step the replica until its driver says stop. The driver takes the daemon's frames between steps;
-    followers wait inside the step's first collective."""
+    followers wait inside the step's first collective. An idle driver also wakes when ``kv`` (its KV
+    channel) settles a message, so a relayed KV is taken as it arrives."""
     inbox = Inbox()
     idle_since = time.monotonic()
     # a daemon thread: it ends with the process, and a send on the closed channel ends it sooner
@@ -418,12 +431,13 @@ def run_steps(channel: Channel, worker: ReplicaWorker) -> None:
     while True:
         if worker.is_driver:
             idle = not inbox.requests and not worker.scheduler.has_unfinished()
-            for raw in channel.poll(IDLE_POLL_S if idle else 0.0):
+            for raw in channel.poll(IDLE_POLL_S if idle else 0.0, kv if worker.pending_imports else None):
                 inbox.take(frame_to_worker(raw))
             if liveness is not None:  # a request waiting in the queue, or for its relayed KV, is taken, not stuck
                 liveness.busy = inbox.requests or worker.scheduler.has_unfinished() or worker.pending_imports
             # Followers wait inside a collective; an empty step now and then keeps it from timing out. A relayed
-            # KV on its way is looked for every IDLE_POLL_S.
+            # KV on its way is looked for when the driver's part of it arrives, and every IDLE_POLL_S for the
+            # followers' parts.
             if idle and inbox.empty and not worker.pending_imports and time.monotonic() - idle_since < KEEPALIVE_S:
                 continue
             idle_since = time.monotonic()
@@ -450,7 +464,7 @@ def serve(channel: Channel, kv_fd: int | None = None) -> None:
     started = start(channel, relay)
     if started is not None:
         worker, _world_store = started  # the store outlives the world while the replica steps
-        run_steps(channel, worker)
+        run_steps(channel, worker, relay)
         leave_worlds()
 
 

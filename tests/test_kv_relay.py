@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import select
 import socket
+import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import msgpack
@@ -24,6 +27,7 @@ from hexgen.daemon.pair_links import exchange_transport, gloo_groups, with_trans
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import MalformedFrame
 from hexgen.daemon.worker_link import LocalWorker, SocketChannel
+from hexgen.daemon.worker_process import Channel
 from hexgen.engine.kv_transfer import KVMissing
 
 PREFILL = Replica(0, 0, "prefill", ((0, 5, 2),), 0, (("A", 0), ("B", 0)))
@@ -205,3 +209,28 @@ async def test_a_carrier_that_ends_mid_message_fails_that_message_at_its_receive
     assert not group.arrived(1, 11, 1)
     worker_end.close()
     daemon_end.close()
+
+
+def test_a_step_loop_waiting_on_its_daemon_wakes_when_a_relayed_message_is_whole_or_the_channel_ends() -> None:
+    """A driver waiting for relayed KV selects on its KV channel besides its daemon's frames: a message
+    becoming whole ends the wait (no frame from the daemon, no polling interval), and so does the channel's
+    end; a drained channel is not ready."""
+    control_daemon, control_worker = socket.socketpair()
+    kv_daemon, kv_worker = socket.socketpair()
+    channel, kv = Channel(control_worker), KvChannel(kv_worker)
+
+    def wait_until(event: Callable[[], None]) -> list[list[object]]:
+        outcome: list[list[object]] = []
+        waiting = threading.Thread(target=lambda: outcome.append(channel.poll(None, kv)), daemon=True)
+        waiting.start()
+        event()
+        waiting.join(30)
+        return outcome
+
+    try:
+        assert wait_until(lambda: kv_daemon.sendall(PART.frame_head() + bytes(PART.data))) == [[]]
+        assert select.select([kv], [], [], 0)[0] == []
+        assert wait_until(kv_daemon.close) == [[]], "the channel's end did not end the wait"
+    finally:
+        control_daemon.close()  # a wait still blocked sees its daemon gone and ends
+        kv_daemon.close()
