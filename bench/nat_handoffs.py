@@ -128,12 +128,19 @@ def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
 
 
 async def sample_handoffs(
-    client: Any, entry: str, prompt_len: int, max_tokens: int, want: Mapping[int, int], cap: int, vocab: int
+    client: Any,
+    entry: str,
+    prompt_len: int,
+    max_tokens: int,
+    want: Mapping[int, int],
+    cap: int,
+    vocab: int,
+    seed: int = 17,
 ) -> dict[int, list[Timed]]:
     """Requests one after another through ``entry`` until each decode replica of ``want`` served its count, or
-    ``cap`` requests were sent (the entry picks the decode replica at random). Returns the timed requests of
-    each decode replica."""
-    rng = random.Random(17)
+    ``cap`` requests were sent (the entry picks the decode replica at random); ``seed`` picks the prompts.
+    Returns the timed requests of each decode replica."""
+    rng = random.Random(seed)
     out: dict[int, list[Timed]] = {replica: [] for replica in want}
     for _ in range(cap):
         if all(len(out[r]) >= n for r, n in want.items()):

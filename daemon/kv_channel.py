@@ -54,6 +54,7 @@ class _Receive:
     channel: KvChannel
     key: Key
     buffer: torch.Tensor
+    adopt: bool = False  # the buffer takes the message's memory (``set_``) instead of a copy of it
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         """Copy the message into the buffer once it is whole; raises KVMissing when it is not within
@@ -69,7 +70,10 @@ class _Receive:
             )
         if message.data:
             received = torch.frombuffer(message.data, dtype=torch.uint8).view(self.buffer.dtype)
-            self.buffer.copy_(received.view(self.buffer.shape))
+            if self.adopt:
+                self.buffer.set_(received.untyped_storage(), 0, self.buffer.shape, self.buffer.stride())
+            else:
+                self.buffer.copy_(received.view(self.buffer.shape))
         return True
 
 
@@ -85,8 +89,10 @@ class RelayGroup:
         self.channel.send(self.prefix, self.rank, peer, tag, tensors[0])
         return _Sent()
 
-    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Receive:
-        return self.channel.receive(self.prefix, peer, self.rank, tag, tensors[0])
+    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int, adopt: bool = False) -> _Receive:
+        """The next message from ``peer`` under ``tag``, copied into ``tensors[0]``; with ``adopt`` the tensor
+        is made to share the message's memory instead, for a fresh buffer that no other tensor views."""
+        return self.channel.receive(self.prefix, peer, self.rank, tag, tensors[0], adopt)
 
     def arrived(self, peer: int, tag: int, count: int) -> bool:
         """Whether the next ``count`` messages ``recv`` would take from ``peer`` under ``tag`` are here whole."""
@@ -156,12 +162,12 @@ class KvChannel:
                 self.sock.sendall(frame.frame_head())
                 self.sock.sendall(data)
 
-    def receive(self, prefix: str, src: int, dst: int, tag: int, buffer: torch.Tensor) -> _Receive:
-        """The work of the next message from ``src`` to ``dst`` under ``tag``, to be copied into ``buffer``."""
+    def receive(self, prefix: str, src: int, dst: int, tag: int, buffer: torch.Tensor, adopt: bool = False) -> _Receive:
+        """The work of the next message from ``src`` to ``dst`` under ``tag``, to land in ``buffer``."""
         with self.filed:
             index = self.posted[prefix, src, dst, tag]
             self.posted[prefix, src, dst, tag] += 1
-        return _Receive(self, (prefix, src, dst, tag, index), buffer)
+        return _Receive(self, (prefix, src, dst, tag, index), buffer, adopt)
 
     def arrived(self, prefix: str, src: int, dst: int, tag: int, count: int) -> bool:
         with self.filed:

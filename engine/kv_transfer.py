@@ -33,6 +33,9 @@ from hexgen.engine.layout import (
 _CHUNKS_IN_FLIGHT = 2
 # what a wait past the deadline still gets: a message already here is taken, not failed
 _MIN_WAIT_S = 0.001
+# A message of this size keeps a chunk's gather, send and scatter overlapping and its buffers reusable (a
+# fresh buffer of hundreds of MiB costs more in page faults than its copy), yet moves in a few hundred ms.
+KV_MESSAGE_BYTES = 16 << 20
 
 
 class KVTransferError(RuntimeError):
@@ -251,7 +254,12 @@ class Exchange:
             group, rank = self.group, self.ranks[peer]
         else:
             group, rank = self.relay, peer
-        work: dist.Work = group.send([buffer], rank, tag) if sending else group.recv([buffer], rank, tag)
+        if sending:
+            work: dist.Work = group.send([buffer], rank, tag)
+        elif group is self.relay:  # the buffer is the chunk's own: it may take the message's memory as it is
+            work = group.recv([buffer], rank, tag, adopt=True)
+        else:
+            work = group.recv([buffer], rank, tag)
         return work
 
     def arrived(self, expected: Mapping[int, int], tag: int) -> bool:
@@ -379,6 +387,15 @@ def _transfer(
             _finish_chunk(kv_cache, pending.popleft(), sending, timeout)
     while pending:
         _finish_chunk(kv_cache, pending.popleft(), sending, timeout)
+
+
+def chunk_blocks(block_bytes: int, message_bytes: int = KV_MESSAGE_BYTES) -> int:
+    """Blocks per message for blocks of ``block_bytes`` (the whole model's KV of one block: what both sides
+    of a hand-off compute alike, their KV formats being equal), so that no message exceeds ``message_bytes``
+    unless one block does. O(1)."""
+    if block_bytes < 1:
+        raise ValueError(f"a KV block holds at least one byte, not {block_bytes}")
+    return max(1, message_bytes // block_bytes)
 
 
 def _check_call(blocks_per_chunk: int, timeout: timedelta | None) -> None:

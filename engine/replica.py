@@ -44,6 +44,7 @@ from hexgen.engine.kv_transfer import (
     KVSend,
     KVShard,
     KVTransferError,
+    chunk_blocks,
     expected_messages,
     plan_kv_transfer,
     recv_kv,
@@ -346,6 +347,13 @@ class ReplicaWorker:
         return exchange is not None and not all(exchange.through_gloo(s.global_rank(0)) for s in (src, own))
 
     @property
+    def kv_chunk_blocks(self) -> int:
+        """Blocks per KV message, from the KV format (equal on both sides of any hand-off that goes ahead)."""
+        f = self.kv_format
+        item = self.runner.kv_cache.element_size()
+        return chunk_blocks(2 * f.num_layers * f.block_size * f.num_kv_heads * f.head_dim * item)
+
+    @property
     def pending_imports(self) -> bool:
         """Whether relayed imports wait for their KV: the driver steps on to take them."""
         return bool(self.waiting)
@@ -389,7 +397,13 @@ class ReplicaWorker:
         slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
         seq = waiting.seq
         expected = expected_messages(
-            self.runner.kv_cache, self.kv_shard, slices, seq.block_table, len(seq) - 1, src.global_rank
+            self.runner.kv_cache,
+            self.kv_shard,
+            slices,
+            seq.block_table,
+            len(seq) - 1,
+            src.global_rank,
+            blocks_per_chunk=self.kv_chunk_blocks,
         )
         return self.exchange.arrived(expected, kv_tag(seq.seq_id))
 
@@ -449,7 +463,14 @@ class ReplicaWorker:
                 continue  # the decode side refuses it alike and posts no receive
             slices = plan_kv_transfer(self.spec.layout, dst.layout, self.config.num_kv_heads)
             sends.append(KVSend(slices, seq.block_table, len(seq) - 1, dst.global_rank, kv_tag(seq.seq_id)))
-        failed = send_kv_all(self.runner.kv_cache, self.kv_shard, sends, group=self.exchange, timeout=TRANSFER_TIMEOUT)
+        failed = send_kv_all(
+            self.runner.kv_cache,
+            self.kv_shard,
+            sends,
+            group=self.exchange,
+            timeout=TRANSFER_TIMEOUT,
+            blocks_per_chunk=self.kv_chunk_blocks,
+        )
         for seq in seqs:
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
@@ -545,6 +566,7 @@ class ReplicaWorker:
                 group=self.exchange,
                 timeout=TRANSFER_TIMEOUT,
                 tag=kv_tag(seq.seq_id),
+                blocks_per_chunk=self.kv_chunk_blocks,
             )
             self.scheduler.release(seq)
             self.seqs.pop(seq.seq_id, None)
@@ -579,6 +601,7 @@ class ReplicaWorker:
                 group=self.exchange,
                 timeout=TRANSFER_TIMEOUT,
                 tag=kv_tag(seq.seq_id),
+                blocks_per_chunk=self.kv_chunk_blocks,
             )
         except KVMissing:
             self.block_manager.free(seq)

@@ -21,6 +21,7 @@ from hexgen.engine.kv_transfer import (
     KVShard,
     KVSlice,
     KVTransferError,
+    chunk_blocks,
     plan_kv_transfer,
     recv_kv,
     send_kv,
@@ -207,6 +208,15 @@ def _shard_and_cache(blocks: int = 6, block_size: int = 4) -> tuple[KVShard, tor
 
 def _unused_peer(rank: int) -> int:
     raise AssertionError("validation must fail before any peer is looked up")
+
+
+def test_a_kv_message_holds_as_many_whole_blocks_as_fit_its_size_and_at_least_one() -> None:
+    assert chunk_blocks(2 << 20, 16 << 20) == 8  # a 2 MiB block (8-layer, 16-head float32 model, 16 tokens)
+    assert chunk_blocks(3 << 20, 16 << 20) == 5
+    assert chunk_blocks(32 << 20, 16 << 20) == 1  # a block over the size still moves, one per message
+    assert chunk_blocks(2048) == 8192
+    with pytest.raises(ValueError, match="at least one byte"):
+        chunk_blocks(0)
 
 
 @pytest.mark.parametrize(

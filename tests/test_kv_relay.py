@@ -234,3 +234,26 @@ def test_a_step_loop_waiting_on_its_daemon_wakes_when_a_relayed_message_is_whole
     finally:
         control_daemon.close()  # a wait still blocked sees its daemon gone and ends
         kv_daemon.close()
+
+
+def test_a_receive_copies_into_its_buffer_unless_the_buffer_adopts_the_message_s_memory() -> None:
+    """A stage link's receive fills the tensor it was given, which others may view; a KV chunk's own fresh
+    buffer instead takes the message's memory as it is, saving a copy and the pages of a second buffer."""
+    daemon_end, worker_end = socket.socketpair()
+    group = KvChannel(worker_end).bind(RELAYED.exchange_prefix, 2)
+    values = torch.arange(6, dtype=torch.float32)
+    for tag in (1, 2):
+        part = dataclasses.replace(PART, tag=tag, shape=(2, 3), data=values.numpy().tobytes())
+        daemon_end.sendall(part.frame_head() + bytes(part.data))
+    try:
+        filled = torch.zeros(2, 3)
+        where = filled.data_ptr()
+        assert group.recv([filled], 1, 1).wait(timedelta(seconds=30))
+        assert filled.data_ptr() == where and torch.equal(filled.view(-1), values)
+        adopting = torch.zeros(2, 3)
+        where = adopting.data_ptr()
+        assert group.recv([adopting], 1, 2, adopt=True).wait(timedelta(seconds=30))
+        assert adopting.data_ptr() != where and torch.equal(adopting.view(-1), values)
+        assert adopting.shape == (2, 3) and adopting.is_contiguous()
+    finally:
+        daemon_end.close()
