@@ -207,8 +207,10 @@ class KvChannel:
         return message is not None and (not message.missing or message.lost is not None)
 
     def _read(self) -> None:
-        """File every frame the daemon writes until the socket ends; each frame is read whole into a buffer
-        of its own size (a 512 KiB part is copied once off the socket, not gathered chunk by chunk)."""
+        """File every frame the daemon writes until the socket ends; each frame is read whole into one buffer
+        kept for the next (filing copies a part's data into its message), so a 512 KiB part is copied once
+        off the socket and costs no fresh pages."""
+        buffer = bytearray()
         try:
             while True:
                 head = bytearray(HEADER_BYTES)
@@ -218,9 +220,11 @@ class KvChannel:
                 size = int.from_bytes(head, "big")
                 if size > MAX_FRAME:
                     raise EOFError(f"the daemon sent a KV frame of {size} bytes")
-                frame = bytearray(HEADER_BYTES + size)
+                if len(buffer) < HEADER_BYTES + size:
+                    buffer = bytearray(HEADER_BYTES + size)
+                frame = memoryview(buffer)[: HEADER_BYTES + size]
                 frame[:HEADER_BYTES] = head
-                if self._read_into(memoryview(frame)[HEADER_BYTES:]) < size:
+                if self._read_into(frame[HEADER_BYTES:]) < size:
                     raise EOFError("the daemon closed the KV channel inside a frame")
                 self._file(frame)
         except (OSError, EOFError) as exc:

@@ -28,7 +28,7 @@ MAX_PREFIX = 256
 MAX_HEADER_BYTES = 1024  # a part's header: the prefix and a few numbers
 MAX_LOST = 32  # messages one lost notice names: its header stays within MAX_HEADER_BYTES
 Key = tuple[str, int, int, int, int]  # one message: prefix, src, dst, tag, index
-Frame = bytes | bytearray  # a whole frame, length prefix included, as read off a socket
+Frame = bytes | bytearray | memoryview  # a whole frame, length prefix included, as read off a socket
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1, "int64": 8}
 
 

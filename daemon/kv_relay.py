@@ -236,7 +236,7 @@ class KvRelay:
         if not self._links_from[sender]:
             del self._links_from[sender]
 
-    async def _serve_parts(self, next_frame: Callable[[], Awaitable[bytes | None]], sender: str, what: str) -> bool:
+    async def _serve_parts(self, next_frame: Callable[[], Awaitable[Frame | None]], sender: str, what: str) -> bool:
         """Deliver the parts in the frames ``next_frame`` reads from daemon ``sender`` (None at the end); False
         when it read a bad one. A message it brought some parts of but not the last never completes (its
         parts travel in order on one carrier): its receiver is told at once, not after a timeout."""

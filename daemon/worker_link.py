@@ -52,7 +52,7 @@ class SocketChannel:
     async def read(self, n: int | None = None) -> bytes:
         return await self.stream.receive_some(n)
 
-    async def write(self, data: bytes | bytearray) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
 
 

@@ -57,7 +57,8 @@ async def read_all(stream: SealedStream, size: int) -> bytes:
 @pytest.mark.trio
 async def test_sealed_records_carry_bytes_and_end_cleanly() -> None:
     writer, reader = sealed_pair(new_key())
-    payloads = [os.urandom(n) for n in (1, 1000, 300_000, MAX_RECORD - 16)]
+    # smaller after larger: records are sealed and opened in buffers kept from the one before
+    payloads = [os.urandom(n) for n in (1, 1000, 300_000, MAX_RECORD - 16, 5, 300_000)]
     async with trio.open_nursery() as nursery:
 
         async def write() -> None:
@@ -70,6 +71,18 @@ async def test_sealed_records_carry_bytes_and_end_cleanly() -> None:
         got = await read_all(reader, sum(map(len, payloads)) + 1)
     assert got == b"".join(payloads)
     assert await reader.read_record() is None
+
+
+@pytest.mark.trio
+async def test_a_second_task_writing_a_sealed_stream_meanwhile_is_refused_and_the_first_record_arrives() -> None:
+    left, right = trio.testing.lockstep_stream_pair()  # a write waits for its reader
+    writer, reader = SealedStream(left, b"k" * 32), SealedStream(right, b"k" * 32)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.write, b"first")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await writer.write(b"second")
+        assert bytes(await reader.read_record() or b"") == b"first"
 
 
 @pytest.mark.trio
