@@ -260,6 +260,8 @@ class KvChannel:
                 size = part.message_bytes
                 message = _Message(part.dtype, part.shape, part.parts, bytearray(size), set(range(part.parts)))
                 self.messages[key] = message
+            if message.lost is not None:  # told lost before (or while) its parts came: it stays lost
+                return
             if (part.dtype, part.shape, part.parts) != (message.dtype, message.shape, message.parts):
                 log.warning("dropped a KV part that does not match its message %s", key)
                 return
@@ -272,11 +274,17 @@ class KvChannel:
             self._wake()
 
     def _lose(self, notice: KvLost) -> None:
+        """Mark the notice's messages lost: those on their way, and those not begun (their parts were lost
+        before leaving the sending daemon), so a receive of either fails at once."""
+        why = "the connection that carried it between the daemons broke"
         with self.filed:
             for key in notice.keys:
                 message = self.messages.get(key)
-                if message is not None and message.missing:
-                    message.lost = "the connection that carried it between the daemons broke"
+                if message is None:
+                    self._forget_old()
+                    self.messages[key] = _Message("", (), 0, bytearray(), {0}, lost=why)
+                elif message.missing:
+                    message.lost = why
             self.filed.notify_all()
         self._wake()
 

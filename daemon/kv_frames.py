@@ -96,8 +96,9 @@ class KvPart:
 
 @dataclass(frozen=True)
 class KvLost:
-    """Daemon -> worker: the messages ``(src, dst, tag, index)`` of exchange ``prefix`` will not be whole: the
-    carrier that brought some of their parts broke before their last (at most MAX_LOST a frame)."""
+    """Daemon -> worker, or daemon -> daemon: the messages ``(src, dst, tag, index)`` of exchange ``prefix``
+    will not be whole: the carrier that brought some of their parts broke before their last, or some of their
+    parts were still queued at the sender when it broke (at most MAX_LOST a frame)."""
 
     prefix: str
     messages: tuple[tuple[int, int, int, int], ...]
@@ -124,7 +125,8 @@ def lost_frames(keys: list[Key]) -> list[KvLost]:
 
 
 def from_daemon(frame: Frame) -> KvPart | KvLost:
-    """What a worker reads from its daemon: a part, or a notice of lost messages; raises MalformedFrame."""
+    """What a worker reads from its daemon, and a daemon from another: a part, or a notice of lost messages;
+    raises MalformedFrame."""
     header, data = _split(frame)
     if "lost" not in header:
         return _parse(header | {"data": data})

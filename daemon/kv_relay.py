@@ -9,7 +9,9 @@ this daemon's memory. The carrier is a sealed KV link (``daemon.kv_link``: hole-
 relay) where one can be set up, else a ``/hexgen/kv/1`` stream (Noise, yamux). An arriving part is delivered
 only when this daemon's deployment is on the part's exchange, hosts its destination rank, and places its
 source rank on the daemon that sent it; anything else is dropped, and its receiver gives up on that message
-and fails only that sequence.
+and fails only that sequence. When a carrier breaks, both ends name the messages it left unfinished (lost
+notices): the receiving daemon those it began, the sending daemon those it still held, so their receivers
+fail them at once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import trio
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.exact_reads import read_frame_exactly
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
-from hexgen.daemon.kv_frames import Frame, Key, KvPart, lost_frames
+from hexgen.daemon.kv_frames import Frame, Key, KvLost, KvPart, from_daemon, lost_frames
 from hexgen.daemon.kv_link import NO_ROUTES, LinkError, SpliceRoutes, accept_link, open_link
 from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
@@ -43,16 +45,17 @@ NOTICE_S = 5.0  # to tell local workers which messages a broken carrier lost, ev
 _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-def accepts(deployment: Deployment | None, part: KvPart, sender: str, here: str) -> str | None:
-    """Why a part that daemon ``sender`` sent to daemon ``here`` is not delivered, or None when it is: the
-    deployment must relay KV, carry the part's prefix (its exchange, or a bridged replica), place rank ``src``
-    on ``sender`` and ``dst`` here. O(replicas)."""
-    if deployment is None or deployment.exchange != "libp2p" or not deployment.carries(part.prefix):
-        return f"a KV part for {part.prefix!r}, which this daemon's deployment does not relay"
-    if deployment.part_peer(part.prefix, part.src) != sender:
-        return f"a KV part from rank {part.src} of {part.prefix!r}, which peer {sender} does not host"
-    if deployment.part_peer(part.prefix, part.dst) != here:
-        return f"a KV part for rank {part.dst} of {part.prefix!r}, which this daemon does not host"
+def accepts(deployment: Deployment | None, key: Key, sender: str, here: str) -> str | None:
+    """Why a part (or a lost notice) of message ``key`` that daemon ``sender`` sent to daemon ``here`` is not
+    delivered, or None when it is: the deployment must relay KV, carry the key's prefix (its exchange, or a
+    bridged replica), place rank ``src`` on ``sender`` and ``dst`` here. O(replicas)."""
+    prefix, src, dst = key[:3]
+    if deployment is None or deployment.exchange != "libp2p" or not deployment.carries(prefix):
+        return f"a KV part for {prefix!r}, which this daemon's deployment does not relay"
+    if deployment.part_peer(prefix, src) != sender:
+        return f"a KV part from rank {src} of {prefix!r}, which peer {sender} does not host"
+    if deployment.part_peer(prefix, dst) != here:
+        return f"a KV part for rank {dst} of {prefix!r}, which this daemon does not host"
     return None
 
 
@@ -130,8 +133,9 @@ class KvRelay:
         else:
             try:
                 await self._queue(peer).send(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                log.debug("dropped a KV part for %s: its stream broke", peer)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):  # its carrier broke meanwhile
+                log.debug("dropped a KV part for %s: its carrier broke", peer)
+                await self._tell_lost(peer, [frame])
 
     def _queue(self, peer: str) -> trio.MemorySendChannel[Frame]:
         queue = self.outbound.get(peer)
@@ -146,24 +150,44 @@ class KvRelay:
     async def _write(
         self, peer: str, queue: trio.MemorySendChannel[Frame], parts: trio.MemoryReceiveChannel[Frame]
     ) -> None:
-        """Write the parts queued for ``peer`` on one carrier; when it breaks, the queue closes (its parts are
-        lost) and the next part opens another."""
+        """Write the parts queued for ``peer`` on one carrier; when it breaks, the queue closes, the next part
+        opens another, and ``peer`` is told which messages lost parts here (``_tell_lost``)."""
         carrier: Carrier | None = None
+        unsent: list[Frame] = []
         try:
             async with parts:
-                carrier = await self._carrier(peer)
-                self.carriers[peer] = carrier
-                async for data in parts:
-                    await carrier.write(data)
-        except Exception as exc:  # noqa: BLE001 - whatever breaks a carrier to one daemon ends only that carrier
-            log.warning("the KV %s to %s broke: %s", carrier.what if carrier else "carrier", peer, exc)
+                try:
+                    carrier = await self._carrier(peer)
+                    self.carriers[peer] = carrier
+                    async for frame in parts:
+                        unsent = [frame]
+                        await carrier.write(frame)
+                        unsent = []
+                except Exception as exc:  # noqa: BLE001 - whatever breaks a carrier to one daemon ends only it
+                    log.warning("the KV %s to %s broke: %s", carrier.what if carrier else "carrier", peer, exc)
+                    if self.outbound.get(peer) is queue:  # parts routed from now on open the next carrier
+                        del self.outbound[peer]
+                    unsent += _drain(parts)
         finally:
             if self.outbound.get(peer) is queue:
                 del self.outbound[peer]
+            if self.carriers.get(peer) is carrier:
                 self.carriers.pop(peer, None)
             if carrier is not None:
                 with contextlib.suppress(Exception), trio.CancelScope(shield=True):
                     await carrier.close()
+        await self._tell_lost(peer, unsent)
+
+    async def _tell_lost(self, peer: str, frames: list[Frame]) -> None:
+        """Send ``peer``, on the next carrier, a notice of the messages whose parts are among ``frames`` (not
+        sent): their receivers fail them at once instead of waiting for parts that will never come. A part
+        of such a message that still reaches ``peer`` changes nothing: its message stays lost."""
+        keys = sorted({part.key for part in map(_part_of, frames) if part is not None})
+        for notice in lost_frames(keys):
+            try:
+                await self._queue(peer).send(notice.frame())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("could not tell %s of %d lost KV messages", peer, len(notice.messages))
 
     async def _carrier(self, peer: str) -> Carrier:
         """A sealed link to ``peer`` where one can be had: hole-punched, or spliced by a relay (no link is tried
@@ -243,8 +267,11 @@ class KvRelay:
         started: dict[Key, int] = {}  # message -> its receiving rank
         try:
             while (frame := await next_frame()) is not None:
-                part = KvPart.from_frame(frame)
-                why = accepts(self.supervisor.deployment, part, sender, self.peer_id)
+                part = from_daemon(frame)
+                if isinstance(part, KvLost):
+                    await self._pass_lost(part, sender)
+                    continue
+                why = accepts(self.supervisor.deployment, part.key, sender, self.peer_id)
                 if why is not None:
                     log.debug("dropped %s", why)
                     continue
@@ -262,6 +289,18 @@ class KvRelay:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + NOTICE_S):
                 await self._lost(started)
         return True
+
+    async def _pass_lost(self, notice: KvLost, sender: str) -> None:
+        """Tell the local receivers of the messages a notice from daemon ``sender`` names (those sent from
+        ranks it hosts to ranks here) that they will not be whole."""
+        deployment = self.supervisor.deployment
+        started: dict[Key, int] = {}
+        for key in notice.keys:
+            if accepts(deployment, key, sender, self.peer_id) is None:
+                started[key] = key[2]
+            else:
+                log.debug("ignored %s's notice of a lost KV message %s", sender, key)
+        await self._lost(started)
 
     async def _lost(self, started: dict[Key, int]) -> None:
         """Tell the receiving ranks of the messages ``started`` that they will not be whole."""
@@ -284,3 +323,20 @@ class KvRelay:
                     log.info("dropped a KV frame for rank %d: %s", dst, exc)
                 return
         log.debug("dropped a KV frame for rank %d: no worker of it here", dst)
+
+
+def _part_of(frame: Frame) -> KvPart | None:
+    """The part a frame queued here carries; None for a notice (a lost notice is never itself noticed)."""
+    try:
+        return KvPart.from_frame(frame)
+    except MalformedFrame:
+        return None
+
+
+def _drain(parts: trio.MemoryReceiveChannel[Frame]) -> list[Frame]:
+    """Whatever is queued on ``parts`` now, taken."""
+    out = []
+    with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+        while True:
+            out.append(parts.receive_nowait())
+    return out

@@ -16,12 +16,14 @@ import msgpack
 import pytest
 import torch
 import trio
+import trio.lowlevel
+import trio.testing
 
 from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
 from hexgen.daemon.deployment import Deployment, Replica, bridge_prefix, deployment_from_plan
 from hexgen.daemon.kv_channel import KvChannel
-from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, KvPart, from_daemon, lost_frames
-from hexgen.daemon.kv_relay import KvRelay, accepts, sends_kv
+from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, Frame, KvLost, KvPart, from_daemon, lost_frames
+from hexgen.daemon.kv_relay import Carrier, KvRelay, accepts, sends_kv
 from hexgen.daemon.messages import PlanBody, PlanLink
 from hexgen.daemon.pair_links import exchange_transport, gloo_groups, with_transports
 from hexgen.daemon.supervisor import Supervisor
@@ -41,19 +43,19 @@ PART = KvPart(RELAYED.exchange_prefix, 1, 2, 9, 0, 0, 1, "float32", (1,), bytes(
 def test_a_part_is_delivered_only_from_the_host_of_its_source_rank_to_the_host_of_its_destination() -> None:
     assert RELAYED.rank_peer(0) == "A" and RELAYED.rank_peer(1) == "B" and RELAYED.rank_peer(2) == "C"
     assert RELAYED.rank_peer(3) is None
-    assert accepts(RELAYED, PART, "B", "C") is None
-    assert "which peer A does not host" in (accepts(RELAYED, PART, "A", "C") or "")  # A hosts rank 0, not 1
-    assert "which this daemon does not host" in (accepts(RELAYED, PART, "B", "A") or "")
+    assert accepts(RELAYED, PART.key, "B", "C") is None
+    assert "which peer A does not host" in (accepts(RELAYED, PART.key, "A", "C") or "")  # A hosts rank 0, not 1
+    assert "which this daemon does not host" in (accepts(RELAYED, PART.key, "B", "A") or "")
     elsewhere = dataclasses.replace(PART, dst=5)
-    assert "which this daemon does not host" in (accepts(RELAYED, elsewhere, "B", "C") or "")
+    assert "which this daemon does not host" in (accepts(RELAYED, elsewhere.key, "B", "C") or "")
 
 
 def test_a_part_of_another_epoch_or_of_a_gloo_exchange_is_dropped() -> None:
     older = dataclasses.replace(PART, prefix="hexgen/3/6/exchange/")
-    assert "this daemon's deployment does not relay" in (accepts(RELAYED, older, "B", "C") or "")
+    assert "this daemon's deployment does not relay" in (accepts(RELAYED, older.key, "B", "C") or "")
     direct = dataclasses.replace(RELAYED, exchange="torch")
-    assert "this daemon's deployment does not relay" in (accepts(direct, PART, "B", "C") or "")
-    assert accepts(None, PART, "B", "C") is not None
+    assert "this daemon's deployment does not relay" in (accepts(direct, PART.key, "B", "C") or "")
+    assert accepts(None, PART.key, "B", "C") is not None
 
 
 BRIDGED = Replica(0, 0, "colocated", ((0, 2, 1), (2, 5, 2)), 0, (("A", 0), ("B", 0), ("C", 0)), bridged=True)
@@ -63,13 +65,13 @@ SPLIT = Deployment(3, 7, (BRIDGED,), ((0, 1.0),), {}, ("a", 1), (("a", 1),), Fal
 def test_what_passes_between_a_bridged_replica_s_stages_goes_by_its_layout_ranks_under_its_bridge() -> None:
     stages = dataclasses.replace(PART, prefix=bridge_prefix(2, 1, BRIDGED), src=0, dst=2)  # formed under an old term
     assert SPLIT.part_peer(stages.prefix, 2) == "C" and SPLIT.part_peer(stages.prefix, 3) is None
-    assert accepts(SPLIT, stages, "A", "C") is None
-    assert "which peer B does not host" in (accepts(SPLIT, stages, "B", "C") or "")
-    assert "which this daemon does not host" in (accepts(SPLIT, stages, "A", "B") or "")
+    assert accepts(SPLIT, stages.key, "A", "C") is None
+    assert "which peer B does not host" in (accepts(SPLIT, stages.key, "B", "C") or "")
+    assert "which this daemon does not host" in (accepts(SPLIT, stages.key, "A", "B") or "")
     whole = dataclasses.replace(BRIDGED, bridged=False)  # a replica with one world has no bridge
     unbridged = dataclasses.replace(SPLIT, replicas=(whole,))
     assert "does not relay" in (
-        accepts(unbridged, dataclasses.replace(stages, prefix=bridge_prefix(2, 1, whole)), "A", "C") or ""
+        accepts(unbridged, dataclasses.replace(stages, prefix=bridge_prefix(2, 1, whole)).key, "A", "C") or ""
     )
     assert unbridged.part_peer(bridge_prefix(2, 1, whole), 0) is None
 
@@ -257,3 +259,77 @@ def test_a_receive_copies_into_its_buffer_unless_the_buffer_adopts_the_message_s
         assert adopting.shape == (2, 3) and adopting.is_contiguous()
     finally:
         daemon_end.close()
+
+
+@pytest.mark.trio
+async def test_parts_a_broken_carrier_left_unsent_are_named_lost_to_their_daemon_on_the_next_carrier() -> None:
+    """Daemon B queues a two-part message and a one-part one for C; its carrier takes the first part and
+    breaks on the second. The next carrier to C brings C a notice naming both messages first."""
+    supervisor = Supervisor("B", "model")
+    supervisor.deployment = RELAYED
+    shape = (PART_BYTES // 2,)
+    first = [KvPart(RELAYED.exchange_prefix, 1, 2, 9, 0, n, 2, "float32", shape, bytes(PART_BYTES)) for n in (0, 1)]
+    alone = dataclasses.replace(PART, tag=10)
+    routed, noticed, written, later, opened = trio.Event(), trio.Event(), [], [], []
+
+    async def breaks(frame: Frame) -> None:
+        if written:
+            await routed.wait()
+            raise OSError("the link was reset")
+        written.append(frame)
+
+    async def keeps(frame: Frame) -> None:
+        later.append(frame)
+        noticed.set()
+
+    class Breaking(KvRelay):
+        async def _carrier(self, peer: str) -> Carrier:
+            opened.append(peer)
+            return Carrier("direct", "R", breaks if len(opened) == 1 else keeps, trio.lowlevel.checkpoint)
+
+    relay = Breaking(None, "B", supervisor)  # type: ignore[arg-type]  # writing parts needs no host
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for part in (*first, alone):
+            await relay._route(part, part.frame_head() + bytes(part.data))
+        routed.set()
+        with trio.fail_after(30):
+            await noticed.wait()
+        nursery.cancel_scope.cancel()
+    assert len(written) == 1 and opened == ["C", "C"]
+    notice = from_daemon(later[0])
+    assert isinstance(notice, KvLost) and notice.keys == sorted([first[0].key, alone.key])
+
+
+@pytest.mark.trio
+async def test_a_lost_notice_from_a_daemon_fails_a_message_never_begun_but_only_for_ranks_that_daemon_hosts() -> None:
+    """C hosts rank 2. B (host of rank 1) says message 0 from rank 1 under tag 9 is lost: the rank's receive
+    of it fails at once, though no part of it ever came. The same notice for rank 0, which A hosts, is
+    ignored: that receive still waits."""
+    supervisor = Supervisor("C", "model")
+    supervisor.deployment = RELAYED
+    worker = LocalWorker(DECODE, 0, RELAYED.epoch)
+    daemon_end, worker_end = socket.socketpair()
+    worker.kv = SocketChannel(trio.SocketStream(trio.socket.from_stdlib_socket(daemon_end)))
+    supervisor.workers[worker.slot] = worker
+    relay = KvRelay(None, "C", supervisor)  # type: ignore[arg-type]
+    channel = KvChannel(worker_end)
+    notices = [
+        KvLost(RELAYED.exchange_prefix, ((1, 2, 9, 0),)).frame(),
+        KvLost(RELAYED.exchange_prefix, ((0, 2, 9, 0),)).frame(),
+    ]
+
+    async def next_frame() -> bytes | None:
+        return notices.pop(0) if notices else None
+
+    assert await relay._serve_parts(next_frame, "B", "link")
+    group = channel.bind(RELAYED.exchange_prefix, 2)
+    with pytest.raises(KVMissing, match="connection that carried it between the daemons broke"):
+        await trio.to_thread.run_sync(group.recv([torch.zeros(1)], 1, 9).wait, timedelta(seconds=30))
+    sentinel = dataclasses.replace(PART, tag=12)  # filed after anything the daemon wrote before it
+    daemon_end.sendall(sentinel.frame_head() + bytes(sentinel.data))
+    assert await trio.to_thread.run_sync(group.recv([torch.zeros(1)], 1, 12).wait, timedelta(seconds=30))
+    assert not group.arrived(0, 9, 1)
+    worker_end.close()
+    daemon_end.close()
