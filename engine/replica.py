@@ -43,6 +43,7 @@ from hexgen.engine.kv_transfer import (
     KVMissing,
     KVSend,
     KVShard,
+    KVSlice,
     KVTransferError,
     chunk_blocks,
     expected_messages,
@@ -393,19 +394,16 @@ class ReplicaWorker:
 
     def _arrived(self, waiting: _Waiting) -> bool:
         assert self.exchange is not None  # a relayed import implies a relaying exchange
-        src = self.peers[waiting.req.src]
-        slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
-        seq = waiting.seq
-        expected = expected_messages(
-            self.runner.kv_cache,
-            self.kv_shard,
-            slices,
-            seq.block_table,
-            len(seq) - 1,
-            src.global_rank,
-            blocks_per_chunk=self.kv_chunk_blocks,
-        )
+        seq, src = waiting.seq, self.peers[waiting.req.src]
+        expected = expected_messages(*self._import_of(seq, src), blocks_per_chunk=self.kv_chunk_blocks)
         return self.exchange.arrived(expected, kv_tag(seq.seq_id))
+
+    def _import_of(
+        self, seq: Sequence, src: ReplicaSpec
+    ) -> tuple[torch.Tensor, KVShard, list[KVSlice], list[int], int, Callable[[int], int]]:
+        """The arguments ``recv_kv`` and ``expected_messages`` share for ``seq``'s KV from replica ``src``."""
+        slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
+        return self.runner.kv_cache, self.kv_shard, slices, seq.block_table, len(seq) - 1, src.global_rank
 
     def _agree_on_failures(self, reqs: list[Request], failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """A KV may reach some ranks of the replica and not others: a sequence any rank lost is dropped by every
@@ -588,16 +586,10 @@ class ReplicaWorker:
 
     def _receive(self, seq: Sequence, src: ReplicaSpec) -> None:
         """Receive ``seq``'s KV from replica ``src`` into its blocks and queue it for decoding."""
-        slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
         self.receiving_kv = True  # a KV that never comes must look stuck to the entry, which fails over
         try:
             recv_kv(
-                self.runner.kv_cache,
-                self.kv_shard,
-                slices,
-                seq.block_table,
-                len(seq) - 1,
-                src.global_rank,
+                *self._import_of(seq, src),
                 group=self.exchange,
                 timeout=TRANSFER_TIMEOUT,
                 tag=kv_tag(seq.seq_id),

@@ -178,11 +178,9 @@ def test_a_lost_notice_is_parsed_strictly_and_chunked() -> None:
         KvPart.from_frame(notices[0].frame())
 
 
-@pytest.mark.trio
-async def test_a_carrier_that_ends_mid_message_fails_that_message_at_its_receiver_at_once() -> None:
-    """Daemon C hosts rank 2; sender B's carrier brings the first of a message's two parts, and a one-part
-    message whole, then ends: the rank's receive of the first fails at once naming the broken connection (not
-    after its timeout), the whole one is taken, and one never started still waits."""
+def daemon_c() -> tuple[KvRelay, KvChannel, socket.socket, socket.socket]:
+    """Daemon C of RELAYED's relay, its decode worker (rank 2) on a KV socket pair: the relay, the worker's
+    channel, and the pair's daemon and worker ends."""
     supervisor = Supervisor("C", "model")
     supervisor.deployment = RELAYED
     worker = LocalWorker(DECODE, 0, RELAYED.epoch)
@@ -190,7 +188,15 @@ async def test_a_carrier_that_ends_mid_message_fails_that_message_at_its_receive
     worker.kv = SocketChannel(trio.SocketStream(trio.socket.from_stdlib_socket(daemon_end)))
     supervisor.workers[worker.slot] = worker
     relay = KvRelay(None, "C", supervisor)  # type: ignore[arg-type]  # serving parts needs no host
-    channel = KvChannel(worker_end)
+    return relay, KvChannel(worker_end), daemon_end, worker_end
+
+
+@pytest.mark.trio
+async def test_a_carrier_that_ends_mid_message_fails_that_message_at_its_receiver_at_once() -> None:
+    """Daemon C hosts rank 2; sender B's carrier brings the first of a message's two parts, and a one-part
+    message whole, then ends: the rank's receive of the first fails at once naming the broken connection (not
+    after its timeout), the whole one is taken, and one never started still waits."""
+    relay, channel, daemon_end, worker_end = daemon_c()
     shape = (PART_BYTES // 2,)
     first = KvPart(RELAYED.exchange_prefix, 1, 2, 9, 0, 0, 2, "float32", shape, bytes(PART_BYTES))
     whole = dataclasses.replace(PART, tag=10)
@@ -307,14 +313,7 @@ async def test_a_lost_notice_from_a_daemon_fails_a_message_never_begun_but_only_
     """C hosts rank 2. B (host of rank 1) says message 0 from rank 1 under tag 9 is lost: the rank's receive
     of it fails at once, though no part of it ever came. The same notice for rank 0, which A hosts, is
     ignored: that receive still waits."""
-    supervisor = Supervisor("C", "model")
-    supervisor.deployment = RELAYED
-    worker = LocalWorker(DECODE, 0, RELAYED.epoch)
-    daemon_end, worker_end = socket.socketpair()
-    worker.kv = SocketChannel(trio.SocketStream(trio.socket.from_stdlib_socket(daemon_end)))
-    supervisor.workers[worker.slot] = worker
-    relay = KvRelay(None, "C", supervisor)  # type: ignore[arg-type]
-    channel = KvChannel(worker_end)
+    relay, channel, daemon_end, worker_end = daemon_c()
     notices = [
         KvLost(RELAYED.exchange_prefix, ((1, 2, 9, 0),)).frame(),
         KvLost(RELAYED.exchange_prefix, ((0, 2, 9, 0),)).frame(),
