@@ -32,11 +32,18 @@ RATE_BURST_S = 5.0  # a rate-limited peer may send this many seconds' worth of r
 DEPLOY_CHECK_S = 1.0
 
 
-def free_port(host: str) -> int:
-    """A port free now on ``host``, for the store of worlds whose rank 0 runs here."""
-    with socket.socket() as sock:
+def store_socket(host: str) -> socket.socket:
+    """A socket listening on a port of ``host`` that the system picked, for the store of worlds whose rank 0
+    runs here: the store serves on this very socket, so no other server (this daemon's HTTP gateway asking
+    for any free port, say) can take the port between its choice and the store's start."""
+    sock = socket.socket()
+    try:
         sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Serving:
@@ -47,7 +54,8 @@ class Serving:
         config = state.config
         self.state = state
         self.host = host
-        self.rendezvous = (host.hosts[0], free_port(config.host.listen_host))
+        store = store_socket(config.host.listen_host)
+        self.rendezvous = (host.hosts[0], int(store.getsockname()[1]))
         self.supervisor = Supervisor(
             state.peer_id,
             config.model,
@@ -57,7 +65,7 @@ class Serving:
             prefill_chunk=config.prefill_chunk,
         )
         self.supervisor.store_address = self.rendezvous
-        self.supervisor.store_listen = config.host.listen_host
+        self.supervisor.store_socket = store
         self.supervisor.on_failure = reports.report_failure
         self.supervisor.fetch_secret = self.fetch_secret
         self.kv_relay = KvRelay(host, state.peer_id, self.supervisor)

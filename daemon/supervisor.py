@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -88,7 +89,7 @@ class Supervisor:
     threads: int = 1
     backend: str = "gloo"
     store_address: tuple[str, int] | None = None  # where peers dial this daemon's store
-    store_listen: str | None = None  # where the store binds, when not the dialled address (0.0.0.0, NAT)
+    store_socket: socket.socket | None = None  # what the store serves on (bound where it listens: 0.0.0.0, NAT)
     on_failure: OnFailure | None = None
     connect_timeout_s: float | None = None  # None: the backend's own (engine.bounds: NCCL needs longer)
     prefill_chunk: int | None = None  # None: engine.replica's default for each replica's role
@@ -145,11 +146,9 @@ class Supervisor:
         store = None
         try:
             async with trio.open_nursery() as nursery:
-                if self.store_address is not None:
-                    host, port = self.store_address
-                    bind = self.store_listen or host
-                    command = [sys.executable, "-m", "hexgen.daemon.store", "--host", bind, "--port", str(port)]
-                    store = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                if self.store_socket is not None:
+                    store = await self._start_store(self.store_socket)
+                    nursery.start_soon(self._watch_store, store)
                 while True:
                     await self._wanted_changed.wait()
                     self._wanted_changed = trio.Event()
@@ -160,6 +159,24 @@ class Supervisor:
                 store.kill()
                 with trio.CancelScope(shield=True):
                     await store.wait()
+
+    async def _start_store(self, sock: socket.socket) -> trio.Process:
+        bind, port = sock.getsockname()[:2]
+        fd = sock.fileno()
+        command = [sys.executable, "-m", "hexgen.daemon.store", "--host", bind, "--port", str(port)]
+        command += ["--listen-fd", str(fd)]
+        return await trio.lowlevel.open_process(
+            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(fd,)
+        )
+
+    async def _watch_store(self, store: trio.Process) -> None:
+        """Say at once when the store ends before this daemon: no world whose rank 0 runs here can form."""
+        code = await store.wait()
+        log.error(
+            "the rendezvous store exited (code %s): worlds whose rank 0 runs on this daemon cannot form; "
+            "restart the daemon",
+            code,
+        )
 
     # ------------------------------------------------------------------ store secrets
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import trio.testing
 from hexgen.coordinator.pinned import parse_pinned, pinned_plan
 from hexgen.daemon.deployment import deployment_from_plan, replica_prefix
 from hexgen.daemon.messages import PlanBody
+from hexgen.daemon.serving import store_socket
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.engine.sealed_store import RendezvousRefused, SealedStore
 from hexgen.testing.plans import GPU_INDEX, GPUS, PINNED, RENDEZVOUS
@@ -179,6 +181,31 @@ async def test_a_grant_waits_for_the_plan_that_reaches_the_asker_first():
         assert not granted
         head.want(later)
     assert len(granted) == 1
+
+
+@pytest.mark.trio
+async def test_a_daemon_s_store_serves_on_the_port_held_for_it_from_its_choice_on():
+    """The store serves on the socket the daemon bound: from the moment the port is chosen no other server
+    (the daemon's own HTTP gateway asking for any free port, once) can take it, and workers reach the store
+    there; the store ends with the supervisor."""
+    sock = store_socket("127.0.0.1")
+    port = sock.getsockname()[1]
+    supervisor = Supervisor("pa", "model", store_address=("127.0.0.1", port), store_socket=sock)
+    with socket.socket() as rival, pytest.raises(OSError):
+        rival.bind(("127.0.0.1", port))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervisor.run)
+
+        def use() -> bytes:
+            client = dist.TCPStore("127.0.0.1", port, None, is_master=False, timeout=timedelta(seconds=30))
+            client.set("k", b"v")
+            return bytes(client.get("k"))
+
+        assert await trio.to_thread.run_sync(use) == b"v"
+        nursery.cancel_scope.cancel()
+    sock.close()
+    with socket.socket() as after, pytest.raises(ConnectionRefusedError):  # the store went with the supervisor
+        after.connect(("127.0.0.1", port))
 
 
 STRAY_PARENT = """
