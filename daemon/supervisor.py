@@ -70,6 +70,9 @@ EPOCH_WAIT_S = 15.0
 # How often a worker's world asks its head's daemon again for the store secret while that daemon has not
 # adopted the plan yet.
 SECRET_RETRY_S = 0.3
+STORE_RESTART_S = 1.0  # after the rendezvous store exits, before it starts again
+STORE_RESTARTS = 5  # quick exits in a row before the daemon stops restarting its store
+STORE_STABLE_S = 60.0  # a store that ran this long had not failed quickly
 
 # (epoch, rank, error, cause, peers of the world that failed)
 OnFailure = Callable[[int, int, str, WorldFailure | None, list[str]], Awaitable[None]]
@@ -90,6 +93,7 @@ class Supervisor:
     backend: str = "gloo"
     store_address: tuple[str, int] | None = None  # where peers dial this daemon's store
     store_socket: socket.socket | None = None  # what the store serves on (bound where it listens: 0.0.0.0, NAT)
+    store: trio.Process | None = None  # the store process serving on it now
     on_failure: OnFailure | None = None
     connect_timeout_s: float | None = None  # None: the backend's own (engine.bounds: NCCL needs longer)
     prefill_chunk: int | None = None  # None: engine.replica's default for each replica's role
@@ -143,22 +147,21 @@ class Supervisor:
         return None if self._wanted is None else self._wanted.version
 
     async def run(self) -> None:
-        store = None
         try:
             async with trio.open_nursery() as nursery:
                 if self.store_socket is not None:
-                    store = await self._start_store(self.store_socket)
-                    nursery.start_soon(self._watch_store, store)
+                    self.store = await self._start_store(self.store_socket)
+                    nursery.start_soon(self._keep_store, self.store_socket)
                 while True:
                     await self._wanted_changed.wait()
                     self._wanted_changed = trio.Event()
                     await self._reconcile(nursery, self._wanted)
         finally:
             self.requests.fail_all("the daemon is stopping")  # nothing against the requests
-            if store is not None:
-                store.kill()
+            if self.store is not None:
+                self.store.kill()
                 with trio.CancelScope(shield=True):
-                    await store.wait()
+                    await self.store.wait()
 
     async def _start_store(self, sock: socket.socket) -> trio.Process:
         bind, port = sock.getsockname()[:2]
@@ -169,14 +172,27 @@ class Supervisor:
             command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(fd,)
         )
 
-    async def _watch_store(self, store: trio.Process) -> None:
-        """Say at once when the store ends before this daemon: no world whose rank 0 runs here can form."""
-        code = await store.wait()
-        log.error(
-            "the rendezvous store exited (code %s): worlds whose rank 0 runs on this daemon cannot form; "
-            "restart the daemon",
-            code,
-        )
+    async def _keep_store(self, sock: socket.socket) -> None:
+        """Start the store again on ``sock`` (this daemon still holds it, so the port stays this daemon's)
+        whenever it exits, STORE_RESTART_S later; after STORE_RESTARTS in a row that each ran less than
+        STORE_STABLE_S, say why no world can meet here and stop trying. Worlds forming at the moment lose
+        what they had stored and fail, to form again in the next epoch."""
+        restarts = 0
+        while self.store is not None:
+            started = trio.current_time()
+            code = await self.store.wait()
+            restarts = 1 if trio.current_time() - started > STORE_STABLE_S else restarts + 1
+            if restarts > STORE_RESTARTS:
+                log.error(
+                    "the rendezvous store exited (code %s) %d times in a row: worlds whose rank 0 runs on "
+                    "this daemon cannot form; restart the daemon",
+                    code,
+                    restarts - 1,
+                )
+                return
+            log.error("the rendezvous store exited (code %s); starting it again", code)
+            await trio.sleep(STORE_RESTART_S)
+            self.store = await self._start_store(sock)
 
     # ------------------------------------------------------------------ store secrets
 

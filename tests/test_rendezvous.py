@@ -186,8 +186,8 @@ async def test_a_grant_waits_for_the_plan_that_reaches_the_asker_first():
 @pytest.mark.trio
 async def test_a_daemon_s_store_serves_on_the_port_held_for_it_from_its_choice_on():
     """The store serves on the socket the daemon bound: from the moment the port is chosen no other server
-    (the daemon's own HTTP gateway asking for any free port, once) can take it, and workers reach the store
-    there; the store ends with the supervisor."""
+    (the daemon's own HTTP gateway asking for any free port, say) can take it, and workers reach the store
+    there; a store that dies is started again on it, and the store ends with the supervisor."""
     sock = store_socket("127.0.0.1")
     port = sock.getsockname()[1]
     supervisor = Supervisor("pa", "model", store_address=("127.0.0.1", port), store_socket=sock)
@@ -202,6 +202,11 @@ async def test_a_daemon_s_store_serves_on_the_port_held_for_it_from_its_choice_o
             return bytes(client.get("k"))
 
         assert await trio.to_thread.run_sync(use) == b"v"
+        first = supervisor.store
+        assert first is not None
+        first.kill()  # a store that dies is started again on the same socket
+        assert await trio.to_thread.run_sync(use) == b"v"
+        assert supervisor.store is not first
         nursery.cancel_scope.cancel()
     sock.close()
     with socket.socket() as after, pytest.raises(ConnectionRefusedError):  # the store went with the supervisor
