@@ -130,7 +130,8 @@ def _unique(values: Iterable[str]) -> str:
 def network_text(record: Mapping[str, Any], is_self: bool) -> str:
     """Whether a node can be dialled (``public``, ``private`` or ``unknown``, as its signed advert says) and,
     for a peer, how this node is connected to it (``direct``, ``relayed``; ``-``: not connected) and what
-    carries the KV this node relays to it (a splice through a relay, or a libp2p stream)."""
+    carries the KV this node relays to it (a splice through a relay, or a libp2p stream), with how many links
+    its workers hold of their own to that peer's."""
     reach = _text(record.get("reachability"))
     if is_self:
         return reach
@@ -141,7 +142,11 @@ def network_text(record: Mapping[str, Any], is_self: bool) -> str:
         "splice": f", KV spliced by {short_id(kv.get('relay'))}",
         "stream": ", KV on a libp2p stream",
     }
-    return MISSING if reach == link == MISSING else f"{reach}, {link}{carrier.get(_text(kv.get('carrier')), '')}"
+    own = sum(n for n in _dict(kv.get("worker_links")).values() if isinstance(n, int))
+    workers = f" ({own} worker-to-worker)" if own else ""
+    return (
+        MISSING if reach == link == MISSING else f"{reach}, {link}{carrier.get(_text(kv.get('carrier')), '')}{workers}"
+    )
 
 
 def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[dict[str, Any]], is_self: bool) -> Row:

@@ -6,10 +6,15 @@ reader thread files every part that arrives under (exchange, source rank, destin
 index); a receive waits for its message whole, checks it is the tensor it expects, and copies it in. What no
 receive takes (a sequence aborted meanwhile) is dropped after ``keep_s``. The channel's ``fileno`` turns
 readable whenever a message is settled, so a step loop waiting for relayed KV selects on it instead of polling.
+
+Where the daemons set up a link for a route of this worker's (``KvLinkGrant``, its socket passed along), its
+messages go on that link instead (``daemon.kv_worker_links``); one the link fails to carry is sent again,
+whole, through the daemon (filing a part twice changes nothing).
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import logging
@@ -21,7 +26,18 @@ from datetime import timedelta
 
 import torch
 
-from hexgen.daemon.kv_frames import ITEM_BYTES, PART_BYTES, Frame, Key, KvLost, KvPart, from_daemon
+from hexgen.daemon.kv_frames import (
+    ITEM_BYTES,
+    PART_BYTES,
+    Frame,
+    Key,
+    KvLinkGrant,
+    KvLost,
+    KvPart,
+    Route,
+    from_daemon,
+)
+from hexgen.daemon.kv_worker_links import LinkWriter, serve_link
 from hexgen.daemon.wire import HEADER_BYTES, MAX_FRAME, FrameError
 from hexgen.engine.kv_transfer import KVMissing
 
@@ -29,6 +45,8 @@ log = logging.getLogger("hexgen.worker")
 
 KEEP_S = 300.0
 RECEIVE_WAIT_S = 120.0  # a receive posted without a timeout
+MAX_FDS = 8  # descriptors one read of the daemon's socket takes: one per grant, and grants are rare
+LOST_BETWEEN_DAEMONS = "the connection that carried it between the daemons broke"
 
 
 @dataclass
@@ -117,6 +135,9 @@ class KvChannel:
         self.posted: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under filed
         self.bound: list[str] = []
         self.ended: str | None = None
+        self.links: dict[Route, LinkWriter] = {}  # under links_lock
+        self.links_lock = threading.Lock()
+        self._fds: collections.deque[int] = collections.deque()  # passed by the daemon, for grants to come
         self._wake_r, self._wake_w = socket.socketpair()
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
@@ -146,21 +167,48 @@ class KvChannel:
             for counter in (self.sent, self.posted):
                 for key in [k for k in counter if k[0] not in self.bound]:
                     del counter[key]
+        with self.links_lock:
+            for route in [r for r in self.links if r[0] not in self.bound]:
+                self.links.pop(route).close()
         return RelayGroup(self, prefix, rank)
 
     def send(self, prefix: str, src: int, dst: int, tag: int, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` to the daemon as the next message from ``src`` to ``dst`` under ``tag``."""
+        """Send ``tensor`` as the next message from ``src`` to ``dst`` under ``tag``: on the route's own link
+        where this worker holds one, else (or when the link fails it) through the daemon."""
         dtype = _dtype_name(tensor)
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
         parts = max(1, -(-raw.nbytes // PART_BYTES))
+        route = (prefix, src, dst)
         with self.write_lock:
             index = self.sent[prefix, src, dst, tag]
             self.sent[prefix, src, dst, tag] += 1
-            for part in range(parts):
-                data = raw[part * PART_BYTES : (part + 1) * PART_BYTES]
-                frame = KvPart(prefix, src, dst, tag, index, part, parts, dtype, tuple(tensor.shape), data)
+            frames = [
+                KvPart(prefix, src, dst, tag, index, part, parts, dtype, tuple(tensor.shape), data)
+                for part in range(parts)
+                for data in [raw[part * PART_BYTES : (part + 1) * PART_BYTES]]
+            ]
+            with self.links_lock:
+                link = self.links.get(route)
+            if link is not None and self._sent_on(link, frames):
+                return
+            for frame in frames:
                 self.sock.sendall(frame.frame_head())
-                self.sock.sendall(data)
+                self.sock.sendall(frame.data)
+
+    def _sent_on(self, link: LinkWriter, frames: list[KvPart]) -> bool:
+        """Whether ``link`` carried every part of a message; when it breaks, it is closed and dropped (the
+        route goes through the daemon from then on)."""
+        try:
+            for frame in frames:
+                link.write(frame.frame_head(), memoryview(frame.data))
+        except OSError as exc:
+            log.warning("the KV link of %s broke (%s): its messages go through the daemon", link.route, exc)
+            with self.links_lock:
+                if self.links.get(link.route) is link:
+                    del self.links[link.route]
+            link.close()
+            return False
+        return True
 
     def receive(self, prefix: str, src: int, dst: int, tag: int, buffer: torch.Tensor, adopt: bool = False) -> _Receive:
         """The work of the next message from ``src`` to ``dst`` under ``tag``, to land in ``buffer``."""
@@ -234,10 +282,16 @@ class KvChannel:
             self._wake()
 
     def _read_into(self, view: memoryview) -> int:
-        """Fill ``view`` from the socket; the bytes read, fewer only when it ended first."""
+        """Fill ``view`` from the socket, keeping the descriptors that come with it for the grants they go
+        with; the bytes read, fewer only when it ended first."""
         got = 0
         while got < len(view):
-            count = self.sock.recv_into(view[got:])
+            count, ancillary, _, _ = self.sock.recvmsg_into([view[got:]], socket.CMSG_SPACE(MAX_FDS * 4))
+            for level, kind, data in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                    fds = array.array("i")
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                    self._fds.extend(fds)
             if count == 0:
                 break
             got += count
@@ -250,9 +304,31 @@ class KvChannel:
             log.warning("dropped a KV part from the daemon: %s", exc)
             return
         if isinstance(part, KvLost):
-            self._lose(part)
+            self.lose(part.keys, LOST_BETWEEN_DAEMONS)
+        elif isinstance(part, KvLinkGrant):
+            self._take_link(part)
+        else:
+            self.file_part(part)
+
+    def _take_link(self, grant: KvLinkGrant) -> None:
+        """Send the grant's route on its link from the next message on, or file what arrives on it."""
+        if not self._fds:
+            log.warning("the daemon granted a KV link for %s without its socket", grant.route)
             return
-        key = (part.prefix, part.src, part.dst, part.tag, part.index)
+        sock = socket.socket(fileno=self._fds.popleft())
+        if grant.sends:
+            with self.links_lock:
+                old = self.links.pop(grant.route, None)
+                self.links[grant.route] = LinkWriter(sock, grant.key, grant.route)
+            if old is not None:
+                old.close()
+            return
+        args = (sock, grant.key, grant.route, self.file_part, self.lose)
+        threading.Thread(target=serve_link, args=args, name="kv-link", daemon=True).start()
+
+    def file_part(self, part: KvPart) -> None:
+        """File one part of a message; a message whole wakes its receive."""
+        key = part.key
         with self.filed:
             message = self.messages.get(key)
             if message is None:
@@ -273,12 +349,11 @@ class KvChannel:
         if not message.missing:
             self._wake()
 
-    def _lose(self, notice: KvLost) -> None:
-        """Mark the notice's messages lost: those on their way, and those not begun (their parts were lost
-        before leaving the sending daemon), so a receive of either fails at once."""
-        why = "the connection that carried it between the daemons broke"
+    def lose(self, keys: list[Key], why: str) -> None:
+        """Mark these messages lost: those on their way, and those not begun (their parts were lost before
+        leaving the sending daemon), so a receive of either fails at once."""
         with self.filed:
-            for key in notice.keys:
+            for key in keys:
                 message = self.messages.get(key)
                 if message is None:
                     self._forget_old()

@@ -7,7 +7,8 @@ so the receiver's n-th receive takes the n-th message).
 
 A part's frame is a 4-byte big-endian length, the part's header (a msgpack map: every field but ``data``), then
 its data, raw: every hop reads the header and passes the frame on as it came, and the bytes are never packed
-or unpacked. One parser, ``KvPart.from_frame`` (the header's checks in ``KvPart.from_wire``), for every hop.
+or unpacked. One parser, ``KvPart.from_frame`` (the header's checks in ``KvPart.from_wire``), for every hop; where a worker
+holds a link of its own (``KvLinkGrant``), a part goes worker -> worker as one sealed record.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from hexgen.daemon.sealed import KEY_BYTES
 from hexgen.daemon.wire import HEADER_BYTES, MalformedFrame, decode_head
 from hexgen.daemon.worker_setup import as_map, need
 
@@ -28,6 +30,7 @@ MAX_PREFIX = 256
 MAX_HEADER_BYTES = 1024  # a part's header: the prefix and a few numbers
 MAX_LOST = 32  # messages one lost notice names: its header stays within MAX_HEADER_BYTES
 Key = tuple[str, int, int, int, int]  # one message: prefix, src, dst, tag, index
+Route = tuple[str, int, int]  # the messages from one rank to another: prefix, src, dst
 Frame = bytes | bytearray | memoryview  # a whole frame, length prefix included, as read off a socket
 ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1, "int64": 8}
 
@@ -93,6 +96,10 @@ class KvPart:
     def key(self) -> Key:
         return (self.prefix, self.src, self.dst, self.tag, self.index)
 
+    @property
+    def route(self) -> Route:
+        return (self.prefix, self.src, self.dst)
+
 
 @dataclass(frozen=True)
 class KvLost:
@@ -112,6 +119,21 @@ class KvLost:
         return [(self.prefix, *m) for m in self.messages]
 
 
+@dataclass(frozen=True)
+class KvLinkGrant:
+    """Daemon -> worker, a TCP socket's descriptor attached (``SCM_RIGHTS``): the worker's own end of a sealed
+    KV link (``daemon.kv_link``) for the messages of ``route``, which it ``sends`` on it (else receives), sealed
+    under ``key``, with no daemon in their way."""
+
+    route: Route
+    key: bytes
+    sends: bool
+
+    def frame(self) -> bytes:
+        head: bytes = msgpack.packb({"grant": list(self.route), "key": self.key, "sends": self.sends})
+        return len(head).to_bytes(HEADER_BYTES, "big") + head
+
+
 def lost_frames(keys: list[Key]) -> list[KvLost]:
     """``keys`` as notices of at most MAX_LOST messages, one exchange each. O(len(keys))."""
     by_prefix: dict[str, list[tuple[int, int, int, int]]] = {}
@@ -124,10 +146,12 @@ def lost_frames(keys: list[Key]) -> list[KvLost]:
     ]
 
 
-def from_daemon(frame: Frame) -> KvPart | KvLost:
-    """What a worker reads from its daemon, and a daemon from another: a part, or a notice of lost messages;
-    raises MalformedFrame."""
+def from_daemon(frame: Frame) -> KvPart | KvLost | KvLinkGrant:
+    """What a worker reads from its daemon, and a daemon from another: a part, a notice of lost messages, or
+    (from a worker's own daemon alone) a link granted; raises MalformedFrame."""
     header, data = _split(frame)
+    if "grant" in header:
+        return _grant(header, data)
     if "lost" not in header:
         return _parse(header | {"data": data})
     prefix, messages = header.get("lost"), header.get("messages")
@@ -137,6 +161,23 @@ def from_daemon(frame: Frame) -> KvPart | KvLost:
     found = [m for m in messages if isinstance(m, list) and len(m) == 4 and all(type(n) is int and n >= 0 for n in m)]
     need(len(found) == len(messages), "a lost message is [src, dst, tag, index]")
     return KvLost(str(prefix), tuple((m[0], m[1], m[2], m[3]) for m in found))
+
+
+def _grant(header: dict[str, Any], data: memoryview) -> KvLinkGrant:
+    key, sends = header.get("key"), header.get("sends")
+    if data or not isinstance(sends, bool):
+        raise MalformedFrame("a link grant says which way, and holds no data")
+    if not (isinstance(key, bytes) and len(key) == KEY_BYTES):
+        raise MalformedFrame(f"a link grant's key is {KEY_BYTES} bytes")
+    return KvLinkGrant(route_of(header.get("grant")), key, sends)
+
+
+def route_of(raw: Any) -> Route:
+    """``[prefix, src, dst]`` as a route; raises MalformedFrame for anything else."""
+    ok = isinstance(raw, list) and len(raw) == 3 and isinstance(raw[0], str) and 0 < len(raw[0]) <= MAX_PREFIX
+    if not (ok and all(type(n) is int and 0 <= n < 1 << 31 for n in raw[1:])):
+        raise MalformedFrame("a route is [prefix, source rank, destination rank], ranks integers >= 0")
+    return (raw[0], raw[1], raw[2])
 
 
 def _split(frame: Frame) -> tuple[dict[str, Any], memoryview]:

@@ -7,7 +7,9 @@ the receiver over ``/hexgen/kvlink/1``; the receiver accepts or says why not; bo
 port and the relay pairs them, telling each where it sees the other. With ``punch`` both then dial each
 other there from their splice's port (a TCP simultaneous open through endpoint-independent NATs) and, when
 both ends connected, leave the relay for that direct connection. Where no relay can splice, the sender
-falls back to the ``/hexgen/kv/1`` stream.
+falls back to the ``/hexgen/kv/1`` stream. An offer that names a ``route`` (prefix, source rank, destination
+rank) is for one worker's messages to one other worker: both daemons hand their ends of that link to those
+workers (``daemon.kv_relay``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any
 import trio
 
 from hexgen.daemon.host import Host, ProtocolId, Stream
+from hexgen.daemon.kv_frames import Route, route_of
 from hexgen.daemon.sealed import KEY_BYTES, SealedStream, new_key
 from hexgen.daemon.splice import TOKEN_BYTES, Spliced, SpliceError, dial, receive_exactly, register, reusable_socket
-from hexgen.daemon.wire import FrameError, FrameReader, MalformedFrame, validate, write_frame
+from hexgen.daemon.wire import FrameError, FrameReader, MalformedFrame, optional, validate, write_frame
 
 LINK_PROTOCOL = ProtocolId("/hexgen/kvlink/1")
 LINK_SETUP_S = 10.0
@@ -42,26 +45,31 @@ class LinkError(Exception):
 @dataclass(frozen=True)
 class LinkOffer:
     """A sender's offer: dial port ``port`` of relay ``relay`` (a peer id) naming ``token``, then try a hole
-    punch if ``punch``; what arrives is sealed under ``key``."""
+    punch if ``punch``; what arrives is sealed under ``key``, and is the messages of ``route`` alone where it
+    names one."""
 
     token: bytes
     key: bytes
     relay: str
     port: int
     punch: bool
+    route: Route | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"token": self.token, "key": self.key, "relay": self.relay, "port": self.port, "punch": self.punch}
+        wire = {"token": self.token, "key": self.key, "relay": self.relay, "port": self.port, "punch": self.punch}
+        return wire if self.route is None else wire | {"route": list(self.route)}
 
     @staticmethod
     def from_wire(raw: Any) -> LinkOffer:
         """Raises ``MalformedFrame`` for anything but a well-formed offer."""
-        msg = validate(raw, {"token": bytes, "key": bytes, "relay": str, "port": int, "punch": bool})
+        schema = {"token": bytes, "key": bytes, "relay": str, "port": int, "punch": bool}
+        msg = validate(raw, schema | {"route": optional(list)})
         if len(msg["token"]) != TOKEN_BYTES or len(msg["key"]) != KEY_BYTES:
             raise MalformedFrame(f"a link offer's token and key are {TOKEN_BYTES} and {KEY_BYTES} bytes")
         if not 0 < msg["port"] < 65536 or not 0 < len(msg["relay"]) <= MAX_PEER_ID:
             raise MalformedFrame("a link offer names a port in 1-65535 and a relay's peer id")
-        return LinkOffer(msg["token"], msg["key"], msg["relay"], msg["port"], msg["punch"])
+        route = msg.get("route")
+        return LinkOffer(msg["token"], msg["key"], msg["relay"], msg["port"], msg["punch"], route and route_of(route))
 
 
 @dataclass(frozen=True)
@@ -84,21 +92,28 @@ def address_ip(addr: str) -> str | None:
 
 @dataclass
 class KvLink:
-    """A sealed connection to one daemon: ``direct`` (hole-punched) or spliced by ``relay``."""
+    """A connection to one daemon, whose records are sealed under ``key``: ``direct`` (hole-punched) or
+    spliced by ``relay``; for the messages of ``route`` alone where it names one."""
 
-    stream: SealedStream
+    socket: trio.SocketStream
+    key: bytes
     relay: str
     direct: bool
+    route: Route | None = None
+
+    def sealed(self) -> SealedStream:
+        return SealedStream(self.socket, self.key)
 
 
-async def open_link(host: Host, peer: str, routes: SpliceRoutes, punch: bool) -> KvLink:
-    """A link to ``peer`` through the first relay in ``routes`` that splices one within LINK_SETUP_S, made
-    direct by a hole punch if ``punch`` and it succeeds. Raises ``LinkError`` naming why each relay failed."""
+async def open_link(host: Host, peer: str, routes: SpliceRoutes, punch: bool, route: Route | None = None) -> KvLink:
+    """A link to ``peer`` (for the messages of ``route``, where given) through the first relay in ``routes``
+    that splices one within LINK_SETUP_S, made direct by a hole punch if ``punch`` and it succeeds. Raises
+    ``LinkError`` naming why each relay failed."""
     failures = []
     for relay in routes.relays():
         try:
             with trio.fail_after(LINK_SETUP_S + PUNCH_S):
-                return await _open_via(host, peer, relay, routes.ips(relay), punch)
+                return await _open_via(host, peer, relay, routes.ips(relay), punch, route)
         except (LinkError, SpliceError, FrameError, trio.TooSlowError) as exc:
             failures.append(f"via {relay}: {exc or type(exc).__name__}")
         except Exception as exc:  # noqa: BLE001 - the libp2p stream to the peer broke: no link this way
@@ -106,11 +121,11 @@ async def open_link(host: Host, peer: str, routes: SpliceRoutes, punch: bool) ->
     raise LinkError("; ".join(failures) or "no relay that could splice is known")
 
 
-async def _open_via(host: Host, peer: str, relay: str, ips: Sequence[str], punch: bool) -> KvLink:
+async def _open_via(host: Host, peer: str, relay: str, ips: Sequence[str], punch: bool, route: Route | None) -> KvLink:
     if not ips:
         raise LinkError(f"no address of relay {relay} is known")
     token = secrets.token_bytes(TOKEN_BYTES)
-    offer = LinkOffer(token, new_key(), relay, await register(host, relay, token), punch)
+    offer = LinkOffer(token, new_key(), relay, await register(host, relay, token), punch, route)
     stream = await host.open_stream(peer, LINK_PROTOCOL)
     try:
         await write_frame(stream, offer.to_wire())
@@ -124,16 +139,16 @@ async def _open_via(host: Host, peer: str, relay: str, ips: Sequence[str], punch
     return await _finish(await dial(ips[0], offer.port, offer.token), offer)
 
 
-async def accept_link(stream: Stream, admits: Callable[[], str | None], routes: SpliceRoutes) -> KvLink:
-    """The receiving end of an offer read from ``stream``: ``admits()`` says why the sender may not send KV
-    here (or None). Answers the sender, then dials the relay. Returns the link; raises ``LinkError``."""
+async def accept_link(stream: Stream, admits: Callable[[LinkOffer], str | None], routes: SpliceRoutes) -> KvLink:
+    """The receiving end of an offer read from ``stream``: ``admits(offer)`` says why the sender may not send
+    that KV here (or None). Answers the sender, then dials the relay. Returns the link; raises ``LinkError``."""
     try:
         with trio.fail_after(LINK_SETUP_S):
             offer = LinkOffer.from_wire(await FrameReader(stream).read())
     except Exception as exc:  # a bad frame, silence, or a stream that broke: no link
         await _answer(stream, {"error": f"a bad link offer: {exc or type(exc).__name__}"})
         raise LinkError(f"a bad link offer: {exc or type(exc).__name__}") from exc
-    why = admits()
+    why = admits(offer)
     ips = list(routes.ips(offer.relay))
     if why is None and not ips:
         why = f"no address of relay {offer.relay} is known here"
@@ -167,10 +182,10 @@ async def _finish(spliced: Spliced, offer: LinkOffer) -> KvLink:
         raise LinkError(f"the splice at relay {offer.relay} broke: {exc or type(exc).__name__}") from exc
     if direct is not None and theirs == DIRECT:
         await trio.aclose_forcefully(spliced.stream)
-        return KvLink(SealedStream(direct, offer.key), offer.relay, True)
+        return KvLink(direct, offer.key, offer.relay, True, offer.route)
     if direct is not None:
         await trio.aclose_forcefully(direct)
-    return KvLink(SealedStream(spliced.stream, offer.key), offer.relay, False)
+    return KvLink(spliced.stream, offer.key, offer.relay, False, offer.route)
 
 
 async def punch(local_port: int, partner: tuple[str, int], seconds: float = PUNCH_S) -> trio.SocketStream | None:

@@ -12,13 +12,22 @@ source rank on the daemon that sent it; anything else is dropped, and its receiv
 and fails only that sequence. When a carrier breaks, both ends name the messages it left unfinished (lost
 notices): the receiving daemon those it began, the sending daemon those it still held, so their receivers
 fail them at once.
+
+A route of a local worker's (its messages to one rank on another daemon) that goes on a sealed link is given a
+link of its own: this daemon offers one naming the route, the receiving daemon checks it as it checks a part,
+and both hand their ends to their workers (``KvLinkGrant``, the socket passed along), which from then on
+seal, send, open and file that route's parts themselves. Every byte otherwise crosses two more processes
+than a gloo hand-off's, and the daemons' CPU, not the link, bounds the hand-off.
 """
 
 from __future__ import annotations
 
+import array
+import collections
 import contextlib
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -27,8 +36,8 @@ import trio
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.exact_reads import read_frame_exactly
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
-from hexgen.daemon.kv_frames import Frame, Key, KvLost, KvPart, from_daemon, lost_frames
-from hexgen.daemon.kv_link import NO_ROUTES, LinkError, SpliceRoutes, accept_link, open_link
+from hexgen.daemon.kv_frames import Frame, Key, KvLinkGrant, KvLost, KvPart, Route, from_daemon, lost_frames
+from hexgen.daemon.kv_link import NO_ROUTES, KvLink, LinkError, LinkOffer, SpliceRoutes, accept_link, open_link
 from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, MalformedFrame
@@ -41,15 +50,16 @@ QUEUE_PARTS = 64  # per destination daemon: 32 MiB of parts waiting for its stre
 KV_READ = 1 << 20  # bytes a reader asks its socket for at a time: a part is 512 KiB
 MAX_LINKS_PER_PEER = 4  # incoming KV links one daemon may hold open here (it needs one; a new one may overlap)
 LINK_RETRY_S = 30.0  # after a link to a daemon could not be set up, its KV goes on streams this long
+ROUTE_LINKS = 2  # links one sending daemon may hand a worker here per route (it asks once; a retry may overlap)
 NOTICE_S = 5.0  # to tell local workers which messages a broken carrier lost, even while this daemon stops
 _BROKEN = (OSError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-def accepts(deployment: Deployment | None, key: Key, sender: str, here: str) -> str | None:
-    """Why a part (or a lost notice) of message ``key`` that daemon ``sender`` sent to daemon ``here`` is not
-    delivered, or None when it is: the deployment must relay KV, carry the key's prefix (its exchange, or a
-    bridged replica), place rank ``src`` on ``sender`` and ``dst`` here. O(replicas)."""
-    prefix, src, dst = key[:3]
+def accepts(deployment: Deployment | None, route: Route, sender: str, here: str) -> str | None:
+    """Why a part (or a lost notice, or a link) of ``route`` that daemon ``sender`` sent to daemon ``here`` is
+    not delivered, or None when it is: the deployment must relay KV, carry the route's prefix (its exchange, or
+    a bridged replica), place rank ``src`` on ``sender`` and ``dst`` here. O(replicas)."""
+    prefix, src, dst = route
     if deployment is None or deployment.exchange != "libp2p" or not deployment.carries(prefix):
         return f"a KV part for {prefix!r}, which this daemon's deployment does not relay"
     if deployment.part_peer(prefix, src) != sender:
@@ -101,6 +111,9 @@ class KvRelay:
     _link_retry: dict[str, float] = field(default_factory=dict)
     _punch_retry: dict[str, float] = field(default_factory=dict)
     _links_from: dict[str, int] = field(default_factory=dict)  # open incoming links per sending daemon
+    _route_retry: dict[Route, float] = field(default_factory=dict)  # when a local route may ask for a link again
+    _routes_in: collections.Counter[tuple[str, Route]] = field(default_factory=collections.Counter)
+    worker_links: dict[str, collections.Counter[str]] = field(default_factory=dict)  # peer -> kind -> routes
     _nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -119,11 +132,11 @@ class KvRelay:
                 except MalformedFrame as exc:  # consumed whole: the socket is still in step
                     log.warning("dropped a bad KV part of worker of rank %d: %s", worker.rank, exc)
                     continue
-                await self._route(part, frame)
+                await self._route(part, frame, worker)
         except _BROKEN as exc:
             log.info("the KV socket of worker of rank %d ended: %s", worker.rank, exc)
 
-    async def _route(self, part: KvPart, frame: Frame) -> None:
+    async def _route(self, part: KvPart, frame: Frame, worker: LocalWorker) -> None:
         deployment = self.supervisor.deployment
         peer = None if deployment is None else deployment.part_peer(part.prefix, part.dst)
         if peer is None:
@@ -131,6 +144,7 @@ class KvRelay:
         elif peer == self.peer_id:
             await self._deliver(part.prefix, part.dst, frame)
         else:
+            self._link_route(worker, part.route, peer)
             try:
                 await self._queue(peer).send(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):  # its carrier broke meanwhile
@@ -201,17 +215,67 @@ class KvRelay:
                 self._link_retry[peer] = trio.current_time() + LINK_RETRY_S
                 log.warning("KV to %s goes on a libp2p stream: no splice: %s", peer, exc)
             else:
-                if punch and not link.direct:
-                    self._punch_retry[peer] = trio.current_time() + LINK_RETRY_S
+                self._punched(peer, punch, link)
                 kind = "direct" if link.direct else "splice"
                 log.info("KV to %s goes on a sealed %s link (relay %s)", peer, kind, link.relay)
-                return Carrier(kind, link.relay, link.stream.write, link.stream.aclose)
+                sealed = link.sealed()
+                return Carrier(kind, link.relay, sealed.write, sealed.aclose)
         stream = await self.host.open_stream(peer, KV_PROTOCOL)
 
         async def write(frame: Frame) -> None:
             await stream.write(bytes(frame))  # libp2p takes bytes alone
 
         return Carrier("stream", None, write, stream.close)
+
+    def _link_route(self, worker: LocalWorker, route: Route, peer: str) -> None:
+        """Have a link of its own set up for ``worker``'s route to ``peer``, where links can be had and none was
+        asked for (or one failed over LINK_RETRY_S ago)."""
+        now = trio.current_time()
+        if self.routes is None or self._nursery is None or now < self._route_retry.get(route, -math.inf):
+            return
+        deployment = self.supervisor.deployment
+        for old in [r for r in self._route_retry if deployment is None or not deployment.carries(r[0])]:
+            del self._route_retry[old]
+        self._route_retry[route] = math.inf
+        self._nursery.start_soon(self._open_route, worker, route, peer)
+
+    async def _open_route(self, worker: LocalWorker, route: Route, peer: str) -> None:
+        assert self.routes is not None  # _link_route said so
+        punch = trio.current_time() >= self._punch_retry.get(peer, -math.inf)
+        try:
+            link = await open_link(self.host, peer, self.routes, punch, route)
+        except LinkError as exc:
+            self._route_retry[route] = trio.current_time() + LINK_RETRY_S
+            log.info("the KV of %s stays with the daemons: no link of its own: %s", route, exc)
+            return
+        self._punched(peer, punch, link)
+        if await self._grant(worker, link, sends=True):
+            kinds = self.worker_links.setdefault(peer, collections.Counter())
+            kinds["direct" if link.direct else "splice"] += 1
+            log.info("the KV of %s goes on a %s link of its own", route, "direct" if link.direct else "splice")
+
+    def _punched(self, peer: str, punch: bool, link: KvLink) -> None:
+        """After a punch to ``peer`` failed, links to it are spliced for LINK_RETRY_S without trying again."""
+        if punch and not link.direct:
+            self._punch_retry[peer] = trio.current_time() + LINK_RETRY_S
+
+    async def _grant(self, worker: LocalWorker, link: KvLink, sends: bool) -> bool:
+        """Hand ``link`` to ``worker`` (its socket passed on the KV socket, then closed here); whether it took it."""
+        assert link.route is not None
+        grant = KvLinkGrant(link.route, link.key, sends).frame()
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [link.socket.socket.fileno()]))]
+        try:
+            if worker.kv is None or worker.error is not None:
+                raise trio.ClosedResourceError("the worker is gone")
+            async with worker.kv_lock:
+                sent = await worker.kv.stream.socket.sendmsg([grant], fds)
+                await worker.kv.write(grant[sent:])
+        except _BROKEN as exc:
+            log.info("could not hand rank %d its KV link for %s: %s", worker.rank, link.route, exc)
+            return False
+        finally:
+            await link.socket.aclose()
+        return True
 
     async def serve(self, stream: Stream) -> None:
         """Deliver the parts another daemon sends on ``stream`` until it ends; a bad frame resets it."""
@@ -223,29 +287,36 @@ class KvRelay:
     async def serve_link(self, stream: Stream) -> None:
         """Take a link another daemon offers on ``stream``, and deliver what arrives on it in the background."""
         sender = stream_peer(stream)
+        counted = False
 
-        def refusal() -> str | None:
+        def refusal(offer: LinkOffer) -> str | None:
+            nonlocal counted
             if self.routes is None or self._nursery is None:
                 return "this daemon takes no KV links"
-            if self._links_from[sender] > MAX_LINKS_PER_PEER:
+            if offer.route is not None:
+                return self._refuse_route(offer.route, sender)
+            if self._links_from.get(sender, 0) >= MAX_LINKS_PER_PEER:
                 return f"{sender} has {MAX_LINKS_PER_PEER} KV links to this daemon already"
-            return sends_kv(self.supervisor.deployment, sender)
+            why = sends_kv(self.supervisor.deployment, sender)
+            if why is None:  # counted from the offer on
+                self._links_from[sender] = self._links_from.get(sender, 0) + 1
+                counted = True
+            return why
 
-        self._links_from[sender] = self._links_from.get(sender, 0) + 1  # counted from the offer on
-        accepted = False
         try:
             link = await accept_link(stream, refusal, self.routes or NO_ROUTES)
-            accepted = True
         except LinkError as exc:
             log.warning("no KV link from %s: %s", sender, exc)
-            return
-        finally:
-            if not accepted:
+            if counted:
                 self._link_ended(sender)
+            return
         kind = "direct" if link.direct else "splice"
+        if link.route is not None:
+            await self._hand_in(link, sender)
+            return
         log.info("KV from %s arrives on a sealed %s link (relay %s)", sender, kind, link.relay)
         assert self._nursery is not None  # refusal() said so
-        self._nursery.start_soon(self._serve_link, link.stream, sender)
+        self._nursery.start_soon(self._serve_link, link.sealed(), sender)
 
     async def _serve_link(self, link: SealedStream, sender: str) -> None:
         try:
@@ -254,6 +325,31 @@ class KvRelay:
             self._link_ended(sender)
             with contextlib.suppress(Exception), trio.CancelScope(shield=True):
                 await link.aclose()
+
+    async def _hand_in(self, link: KvLink, sender: str) -> None:
+        """Hand the receiving end of a route's own link to the worker it is for."""
+        assert link.route is not None
+        worker = self._worker_for(link.route[0], link.route[2])
+        if worker is None:
+            log.info("closed the KV link of %s from %s: its worker left meanwhile", link.route, sender)
+            await link.socket.aclose()
+        elif await self._grant(worker, link, sends=False):
+            kind = "direct" if link.direct else "splice"
+            log.info("KV of %s from %s arrives on a %s link of its own", link.route, sender, kind)
+
+    def _refuse_route(self, route: Route, sender: str) -> str | None:
+        """Why ``sender`` may not have a link of its own for ``route`` to a worker here, or None (counted)."""
+        deployment = self.supervisor.deployment
+        why = accepts(deployment, route, sender, self.peer_id)
+        if why is None and self._worker_for(route[0], route[2]) is None:
+            why = f"no worker of rank {route[2]} of {route[0]!r} is here"
+        if why is None and self._routes_in[sender, route] >= ROUTE_LINKS:
+            why = f"{sender} has {ROUTE_LINKS} links for {route} already"
+        if why is None:
+            for old in [k for k in self._routes_in if deployment is None or not deployment.carries(k[1][0])]:
+                del self._routes_in[old]
+            self._routes_in[sender, route] += 1
+        return why
 
     def _link_ended(self, sender: str) -> None:
         self._links_from[sender] -= 1
@@ -271,7 +367,9 @@ class KvRelay:
                 if isinstance(part, KvLost):
                     await self._pass_lost(part, sender)
                     continue
-                why = accepts(self.supervisor.deployment, part.key, sender, self.peer_id)
+                if isinstance(part, KvLinkGrant):
+                    raise MalformedFrame("a link grant, which only a worker's own daemon sends it")
+                why = accepts(self.supervisor.deployment, part.route, sender, self.peer_id)
                 if why is not None:
                     log.debug("dropped %s", why)
                     continue
@@ -296,7 +394,7 @@ class KvRelay:
         deployment = self.supervisor.deployment
         started: dict[Key, int] = {}
         for key in notice.keys:
-            if accepts(deployment, key, sender, self.peer_id) is None:
+            if accepts(deployment, key[:3], sender, self.peer_id) is None:
                 started[key] = key[2]
             else:
                 log.debug("ignored %s's notice of a lost KV message %s", sender, key)
@@ -311,18 +409,26 @@ class KvRelay:
     async def _deliver(self, prefix: str, dst: int, frame: Frame) -> None:
         """Write ``frame`` to the KV socket of this daemon's worker of rank ``dst`` under ``prefix``: an
         exchange rank, or a layout rank of the bridged replica whose bridge it is."""
+        worker = self._worker_for(prefix, dst)
+        if worker is None or worker.kv is None:
+            log.debug("dropped a KV frame for rank %d: no worker of it here", dst)
+            return
+        try:
+            async with worker.kv_lock:
+                await worker.kv.write(frame)
+        except _BROKEN as exc:
+            log.info("dropped a KV frame for rank %d: %s", dst, exc)
+
+    def _worker_for(self, prefix: str, dst: int) -> LocalWorker | None:
+        """This daemon's live worker of rank ``dst`` under ``prefix``: an exchange rank, or a layout rank of
+        the bridged replica whose bridge it is. O(workers)."""
         deployment = self.supervisor.deployment
         exchange = deployment is not None and prefix == deployment.exchange_prefix
         for worker in list(self.supervisor.workers.values()):
             found = worker.rank == dst if exchange else (worker.bridge == prefix and worker.layout_rank == dst)
             if found and worker.kv is not None and worker.error is None:
-                try:
-                    async with worker.kv_lock:
-                        await worker.kv.write(frame)
-                except _BROKEN as exc:
-                    log.info("dropped a KV frame for rank %d: %s", dst, exc)
-                return
-        log.debug("dropped a KV frame for rank %d: no worker of it here", dst)
+                return worker
+        return None
 
 
 def _part_of(frame: Frame) -> KvPart | None:

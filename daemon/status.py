@@ -98,9 +98,14 @@ class StatusView:
             events=tuple(state.events),
         )
 
-    def _kv_carrier(self, peer: str) -> dict[str, str | None] | None:
-        carrier = None if self.serving is None else self.serving.kv_relay.carriers.get(peer)
-        return None if carrier is None else carrier.to_dict()
+    def _kv_carrier(self, peer: str) -> dict[str, Any] | None:
+        """What carries the KV this daemon relays to ``peer``, and the links of its workers' own to it by kind."""
+        relay = None if self.serving is None else self.serving.kv_relay
+        carrier = None if relay is None else relay.carriers.get(peer)
+        own = {} if relay is None else dict(relay.worker_links.get(peer, {}))
+        if carrier is None and not own:
+            return None
+        return ({} if carrier is None else carrier.to_dict()) | ({"worker_links": own} if own else {})
 
     def _said(self, peer: str) -> str:
         """A member's reachability as its latest signed advert states it."""

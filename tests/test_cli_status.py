@@ -227,6 +227,8 @@ def test_the_peer_table_shows_reachability_and_how_each_peer_is_linked() -> None
     assert "private, relayed, KV spliced by …relay9" in render_text(status)
     peers[1]["kv"] = {"carrier": "stream", "relay": None}
     assert "private, relayed, KV on a libp2p stream" in render_text(status)
+    peers[1]["kv"] = {"carrier": "direct", "relay": "12D3KooWrelay9", "worker_links": {"direct": 2, "splice": 1}}
+    assert "private, relayed, KV hole-punched (3 worker-to-worker)" in render_text(status)
 
 
 def test_peers_flagged_by_spot_checks_are_marked() -> None:

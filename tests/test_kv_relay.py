@@ -23,9 +23,11 @@ from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
 from hexgen.daemon.deployment import Deployment, Replica, bridge_prefix, deployment_from_plan
 from hexgen.daemon.kv_channel import KvChannel
 from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, Frame, KvLost, KvPart, from_daemon, lost_frames
-from hexgen.daemon.kv_relay import Carrier, KvRelay, accepts, sends_kv
+from hexgen.daemon.kv_link import KvLink
+from hexgen.daemon.kv_relay import ROUTE_LINKS, Carrier, KvRelay, accepts, sends_kv
 from hexgen.daemon.messages import PlanBody, PlanLink
 from hexgen.daemon.pair_links import exchange_transport, gloo_groups, with_transports
+from hexgen.daemon.sealed import Sealer, new_key
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import MalformedFrame
 from hexgen.daemon.worker_link import LocalWorker, SocketChannel
@@ -43,19 +45,19 @@ PART = KvPart(RELAYED.exchange_prefix, 1, 2, 9, 0, 0, 1, "float32", (1,), bytes(
 def test_a_part_is_delivered_only_from_the_host_of_its_source_rank_to_the_host_of_its_destination() -> None:
     assert RELAYED.rank_peer(0) == "A" and RELAYED.rank_peer(1) == "B" and RELAYED.rank_peer(2) == "C"
     assert RELAYED.rank_peer(3) is None
-    assert accepts(RELAYED, PART.key, "B", "C") is None
-    assert "which peer A does not host" in (accepts(RELAYED, PART.key, "A", "C") or "")  # A hosts rank 0, not 1
-    assert "which this daemon does not host" in (accepts(RELAYED, PART.key, "B", "A") or "")
+    assert accepts(RELAYED, PART.route, "B", "C") is None
+    assert "which peer A does not host" in (accepts(RELAYED, PART.route, "A", "C") or "")  # A hosts rank 0, not 1
+    assert "which this daemon does not host" in (accepts(RELAYED, PART.route, "B", "A") or "")
     elsewhere = dataclasses.replace(PART, dst=5)
-    assert "which this daemon does not host" in (accepts(RELAYED, elsewhere.key, "B", "C") or "")
+    assert "which this daemon does not host" in (accepts(RELAYED, elsewhere.route, "B", "C") or "")
 
 
 def test_a_part_of_another_epoch_or_of_a_gloo_exchange_is_dropped() -> None:
     older = dataclasses.replace(PART, prefix="hexgen/3/6/exchange/")
-    assert "this daemon's deployment does not relay" in (accepts(RELAYED, older.key, "B", "C") or "")
+    assert "this daemon's deployment does not relay" in (accepts(RELAYED, older.route, "B", "C") or "")
     direct = dataclasses.replace(RELAYED, exchange="torch")
-    assert "this daemon's deployment does not relay" in (accepts(direct, PART.key, "B", "C") or "")
-    assert accepts(None, PART.key, "B", "C") is not None
+    assert "this daemon's deployment does not relay" in (accepts(direct, PART.route, "B", "C") or "")
+    assert accepts(None, PART.route, "B", "C") is not None
 
 
 BRIDGED = Replica(0, 0, "colocated", ((0, 2, 1), (2, 5, 2)), 0, (("A", 0), ("B", 0), ("C", 0)), bridged=True)
@@ -65,13 +67,13 @@ SPLIT = Deployment(3, 7, (BRIDGED,), ((0, 1.0),), {}, ("a", 1), (("a", 1),), Fal
 def test_what_passes_between_a_bridged_replica_s_stages_goes_by_its_layout_ranks_under_its_bridge() -> None:
     stages = dataclasses.replace(PART, prefix=bridge_prefix(2, 1, BRIDGED), src=0, dst=2)  # formed under an old term
     assert SPLIT.part_peer(stages.prefix, 2) == "C" and SPLIT.part_peer(stages.prefix, 3) is None
-    assert accepts(SPLIT, stages.key, "A", "C") is None
-    assert "which peer B does not host" in (accepts(SPLIT, stages.key, "B", "C") or "")
-    assert "which this daemon does not host" in (accepts(SPLIT, stages.key, "A", "B") or "")
+    assert accepts(SPLIT, stages.route, "A", "C") is None
+    assert "which peer B does not host" in (accepts(SPLIT, stages.route, "B", "C") or "")
+    assert "which this daemon does not host" in (accepts(SPLIT, stages.route, "A", "B") or "")
     whole = dataclasses.replace(BRIDGED, bridged=False)  # a replica with one world has no bridge
     unbridged = dataclasses.replace(SPLIT, replicas=(whole,))
     assert "does not relay" in (
-        accepts(unbridged, dataclasses.replace(stages, prefix=bridge_prefix(2, 1, whole)).key, "A", "C") or ""
+        accepts(unbridged, dataclasses.replace(stages, prefix=bridge_prefix(2, 1, whole)).route, "A", "C") or ""
     )
     assert unbridged.part_peer(bridge_prefix(2, 1, whole), 0) is None
 
@@ -298,7 +300,7 @@ async def test_parts_a_broken_carrier_left_unsent_are_named_lost_to_their_daemon
         nursery.start_soon(relay.run)
         await trio.testing.wait_all_tasks_blocked()
         for part in (*first, alone):
-            await relay._route(part, part.frame_head() + bytes(part.data))
+            await relay._route(part, part.frame_head() + bytes(part.data), LocalWorker(PREFILL, 1, RELAYED.epoch))
         routed.set()
         with trio.fail_after(30):
             await noticed.wait()
@@ -332,3 +334,33 @@ async def test_a_lost_notice_from_a_daemon_fails_a_message_never_begun_but_only_
     assert not group.arrived(0, 9, 1)
     worker_end.close()
     daemon_end.close()
+
+
+@pytest.mark.trio
+async def test_a_link_of_a_route_s_own_is_admitted_as_its_parts_would_be_and_handed_to_its_worker() -> None:
+    """C admits B's offer of a link for rank 1 -> rank 2 (B hosts 1, C hosts 2) at most ROUTE_LINKS times,
+    and none for a rank B does not host or a rank no worker here has. An admitted link's socket goes to rank
+    2's worker, which opens and files what arrives on it with no daemon in the way."""
+    relay, channel, daemon_end, worker_end = daemon_c()
+    route = PART.route
+    assert [relay._refuse_route(route, "B") for _ in range(ROUTE_LINKS)] == [None] * ROUTE_LINKS
+    assert "links for" in (relay._refuse_route(route, "B") or "")
+    assert "which peer B does not host" in (relay._refuse_route((route[0], 0, 2), "B") or "")
+    assert "which this daemon does not host" in (relay._refuse_route((route[0], 1, 1), "B") or "")
+
+    key = new_key()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        out = socket.create_connection(server.getsockname())
+        into, _ = server.accept()
+    link = KvLink(trio.SocketStream(trio.socket.from_stdlib_socket(into)), key, "R", True, route)
+    await relay._hand_in(link, "B")
+    assert into.fileno() == -1  # the daemon's copy is closed: the worker holds the link alone
+    values = torch.arange(3, dtype=torch.float32)
+    part = dataclasses.replace(PART, shape=(3,), data=values.numpy().tobytes())
+    out.sendall(Sealer(key).seal(part.frame_head() + bytes(part.data)))
+    received = torch.zeros(3)
+    group = channel.bind(RELAYED.exchange_prefix, 2)
+    assert await trio.to_thread.run_sync(group.recv([received], 1, 9).wait, timedelta(seconds=30))
+    assert torch.equal(received, values)
+    for end in (out, worker_end, daemon_end):
+        end.close()

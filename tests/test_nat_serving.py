@@ -55,6 +55,7 @@ def nat_lab() -> Iterator[NatLab]:
 # races two TCP opens): a hand-off that the punch would make direct may stay relayed, and still goes over libp2p.
 OVER_LIBP2P = {("hole-punched", "libp2p"), ("relayed", "libp2p")}
 CONVERGE_SERVING_S = 120.0  # four daemons loading a model and hole-punching on a 2-core machine
+OWN_LINKS_S = 60.0
 
 
 def _serving_relayed(handoffs: dict[frozenset[str], set[tuple[str, str]]], gloo: list[int], workers: int) -> Any:
@@ -84,6 +85,18 @@ def lan_and_home() -> Iterator[NatLab]:
     """Two hosts on one home LAN, a third behind another endpoint-independent NAT."""
     with open_nat_lab(homes=(2, 1)) as lab:
         yield lab
+
+
+async def _own_links(client: Any, entry: str, peers: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """The links ``entry``'s workers hold of their own to each of ``peers``' workers, by kind, once each peer
+    has some (a route asks for one with its first part through the daemons; it takes a second or two)."""
+    with trio.fail_after(OWN_LINKS_S):
+        while True:
+            kv = {p["peer_id"]: p.get("kv") or {} for p in (await query_status(client, entry))["peers"]}
+            own = {peer: (kv.get(peer) or {}).get("worker_links") or {} for peer in peers}
+            if all(own.values()):
+                return own
+            await trio.sleep(0.2)
 
 
 async def _complete(client: Any, entry: str, tokens: list[int], decoders: set[int]) -> list[int]:
@@ -153,11 +166,20 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
                 assert await _complete(client, a, prompts[0], decoders) == reference[0]
             assert decoders == {1, 2}
             # the KV went on sealed TCP links set up through the relay, not on libp2p streams: hole-punched to
-            # home 2 (endpoint-independent NAT), spliced by the relay to home 3 (symmetric NAT)
+            # home 2 (endpoint-independent NAT), spliced by the relay to home 3 (symmetric NAT); first between
+            # the daemons, then on links of the workers' own, which carry every hand-off from then on
+            own = await _own_links(client, a, (b, c))
+            assert set(own[b]) <= {"direct", "splice"} and set(own[c]) == {"splice"}, own
             peers = (await query_status(client, a))["peers"]
             carriers = {p["peer_id"]: p.get("kv") for p in peers}
-            assert carriers[b] == {"carrier": "direct", "relay": relay.peer_id}, carriers
-            assert carriers[c] == {"carrier": "splice", "relay": relay.peer_id}, carriers
+            assert carriers[b] == {"carrier": "direct", "relay": relay.peer_id, "worker_links": own[b]}, carriers
+            assert carriers[c] == {"carrier": "splice", "relay": relay.peer_id, "worker_links": own[c]}, carriers
+            decoders.clear()
+            for _ in range(30):
+                assert await _complete(client, a, prompts[1], decoders) == reference[1]
+                if decoders == {1, 2}:
+                    break
+            assert decoders == {1, 2}
 
 
 BRIDGED = """[[groups]]
@@ -215,8 +237,12 @@ async def test_a_pipeline_across_two_homes_streams_transformers_tokens_through_t
                 for i in range(len(prompts)):
                     nursery.start_soon(one, i)
             assert [results[i] for i in range(len(prompts))] == reference
+            own = await _own_links(client, a, (b,))
+            assert set(own[b]) == {"splice"}, own
             carriers = {p["peer_id"]: p.get("kv") for p in (await query_status(client, a))["peers"]}
-            assert carriers[b] == {"carrier": "splice", "relay": relay.peer_id}, carriers
+            assert carriers[b] == {"carrier": "splice", "relay": relay.peer_id, "worker_links": own[b]}, carriers
+            for i, prompt in enumerate(prompts):  # the stages now speak on their workers' own link
+                assert await _complete(client, a, prompt, set()) == reference[i]
 
 
 BRIDGED_PREFILL = """[[groups]]

@@ -312,20 +312,28 @@ async def test_a_kv_link_is_offered_spliced_sealed_and_refused_when_it_should_be
             routes = SpliceRoutes(lambda: [relay_host.peer_id], lambda relay: ["127.0.0.1"])
             verdicts: list[str | None] = [None, "this daemon takes no KV links"]
             accepted: list[KvLink] = []
+            offered: list[LinkOffer] = []
 
             async def serve(stream: Any) -> None:
                 verdict = verdicts.pop(0) if verdicts else None
+
+                def admits(offer: LinkOffer) -> str | None:
+                    offered.append(offer)
+                    return verdict
+
                 with contextlib.suppress(LinkError):
-                    accepted.append(await accept_link(stream, lambda: verdict, routes))
+                    accepted.append(await accept_link(stream, admits, routes))
 
             receiver.handle(LINK_PROTOCOL, serve)
             with trio.fail_after(30):
-                link = await open_link(sender, receiver.peer_id, routes, punch=False)
-                assert not link.direct and link.relay == relay_host.peer_id
-                await link.stream.write(b"a KV part's frame")
+                route = ("hexgen/3/7/exchange/", 1, 2)  # a link of one worker's own, the offer says
+                link = await open_link(sender, receiver.peer_id, routes, punch=False, route=route)
+                assert not link.direct and link.relay == relay_host.peer_id and link.route == route
+                await link.sealed().write(b"a KV part's frame")
                 while not accepted:
                     await trio.sleep(0.01)
-                assert await accepted[0].stream.read_record() == b"a KV part's frame"
+                assert offered[0].route == route and accepted[0].route == route
+                assert await accepted[0].sealed().read_record() == b"a KV part's frame"
                 with pytest.raises(LinkError, match="declined the link: this daemon takes no KV links"):
                     await open_link(sender, receiver.peer_id, routes, punch=False)
                 stream = await sender.open_stream(receiver.peer_id, LINK_PROTOCOL)
