@@ -92,6 +92,7 @@ from hexgen.testing.netns import Lab, NetnsUnavailable, start_daemon, stop_daemo
 
 REQUEST_TIMEOUT_S = "300"  # a relayed hand-off keeps the decode driver quiet: no failover mid-transfer
 SERVE_S = 180.0
+OWN_LINKS_S = 30.0
 SHORT_PROMPT, SHORT_TOKENS = 16, 8  # a hand-off of 16 tokens' KV: its fixed cost
 DECODES = {1: ("direct", "h12"), 2: ("hole-punched", "h21"), 3: ("relayed", "h31")}
 T = TypeVar("T")
@@ -219,7 +220,8 @@ async def _nat_measure(relay: Daemon, homes: list[Daemon], ready: float, run: Se
             c = by_name["h31"]
             out["symmetric_stays_relayed"] = link(view, a, c) == "relayed"
         carried = transports(view, a, run.decodes, by_name)
-        out["handoffs"] = await _handoffs(client, a, run, run.decodes, carried)
+        relayed = [by_name[host] for i, (_, host) in run.decodes.items() if carried[i] == "libp2p"]
+        out["handoffs"] = await _handoffs(client, a, run, run.decodes, carried, relayed)
         links = await kv_links(client, a)
         for kind, host in run.decodes.values():
             out["handoffs"][kind]["carrier"] = links.get(by_name[host], "gloo")
@@ -228,21 +230,44 @@ async def _nat_measure(relay: Daemon, homes: list[Daemon], ready: float, run: Se
 
 async def kv_links(client: Any, entry: str) -> dict[str, str]:
     """What carries the KV ``entry`` relays to each peer (``direct``: a hole-punched sealed TCP link, ``splice``:
-    a sealed TCP splice through the relay, ``stream``: a libp2p stream), as its status says; peers it hands KV
-    to over gloo are not named."""
+    a sealed TCP splice through the relay, ``stream``: a libp2p stream; ``own direct``, ``own splice``: such
+    links of the workers' own), as its status says; peers it hands KV to over gloo are not named."""
     peers = (await query_status(client, entry)).get("peers") or []
-    return {p["peer_id"]: p["kv"]["carrier"] for p in peers if isinstance(p.get("kv"), dict)}
+    return {p["peer_id"]: _carrier(p["kv"]) for p in peers if isinstance(p.get("kv"), dict)}
+
+
+def _carrier(kv: dict[str, Any]) -> str:
+    own = sorted(kv.get("worker_links") or {})
+    return " + ".join(f"own {kind}" for kind in own) if own else str(kv.get("carrier"))
+
+
+async def own_links(client: Any, entry: str, peers: list[str]) -> bool:
+    """Whether ``entry``'s workers hold links of their own to each of ``peers`` within OWN_LINKS_S (a route asks
+    for one with its first message through the daemons)."""
+    with trio.move_on_after(OWN_LINKS_S):
+        while not all((await kv_links(client, entry)).get(p, "").startswith("own") for p in peers):
+            await trio.sleep(0.2)
+        return True
+    return False
 
 
 async def _handoffs(
-    client: Any, entry: str, run: Settings, decodes: dict[int, tuple[str, str]], carried: dict[int, str]
+    client: Any,
+    entry: str,
+    run: Settings,
+    decodes: dict[int, tuple[str, str]],
+    carried: dict[int, str],
+    relayed: list[str],
 ) -> dict[str, Any]:
     """Hand-off figures of each decode replica, keyed by its link kind: the long prompt's, a short prompt's
-    (mostly the fixed cost of a hand-off: the hop, the import, scheduling) and the rate of the bytes between."""
+    (mostly the fixed cost of a hand-off: the hop, the import, scheduling) and the rate of the bytes between.
+    Timed once the workers hold their own links to the ``relayed`` peers, where they can."""
     want = dict.fromkeys(decodes, run.repeats)
     cap, vocab = 8 * run.repeats * len(want), run.model.vocab
     # untimed: a link's first hand-off also grows the heaps of the workers and daemons on its way
     await sample_handoffs(client, entry, run.prompt, run.max_tokens, dict.fromkeys(decodes, 1), cap, vocab, seed=1)
+    if not await own_links(client, entry, relayed):
+        print(f"no links of the workers' own to all of {relayed} within {OWN_LINKS_S:g} s", file=sys.stderr)
     long = await sample_handoffs(client, entry, run.prompt, run.max_tokens, want, cap, vocab)
     short = await sample_handoffs(client, entry, SHORT_PROMPT, SHORT_TOKENS, want, cap, vocab)
     short_bytes = SHORT_PROMPT * run.model.bytes_per_token
@@ -440,6 +465,8 @@ CARRIED = {
     "direct": "sealed hole-punched TCP",
     "splice": "sealed TCP spliced by the relay",
     "stream": "libp2p stream",
+    "own direct": "sealed hole-punched TCP, worker to worker",
+    "own splice": "sealed TCP spliced by the relay, worker to worker",
 }
 
 

@@ -26,12 +26,21 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import trio
-from nat import SERVE_S, in_labs, kv_links, lab_args, start_flat_daemons, start_nat_daemons, write_json
+from nat import (
+    SERVE_S,
+    in_labs,
+    kv_links,
+    lab_args,
+    own_links,
+    start_flat_daemons,
+    start_nat_daemons,
+    write_json,
+)
 from nat_handoffs import KvModel, Timed, random_prompt, timed_request
 
 from hexgen.daemon import swarm_view
@@ -122,6 +131,10 @@ async def nat_phase(lab: NatLab, root: Path, ckpt: Path, run: Settings) -> dict[
             await converge(client, addrs, bridging(set(addrs), list(range(len(run.replicas)))), SERVE_S)
             serving_after_s = round(time.monotonic() - ready, 1)
             entries = {i: ids[a] for i, (_, a, _) in enumerate(run.replicas)}
+            await sample(client, entries, replace(run, requests=1))  # untimed: each route asks for its own link
+            for _, a, b in run.replicas:
+                if not await own_links(client, ids[a], [ids[b]]):
+                    print(f"{a}'s workers hold no link of their own to {b}'s", file=sys.stderr)
             figures = await sample(client, entries, run)
             out = {}
             for i, (kind, a, b) in enumerate(run.replicas):
