@@ -245,9 +245,11 @@ async def own_links(client: Any, entry: str, peers: list[str]) -> bool:
     """Whether ``entry``'s workers hold links of their own to each of ``peers`` within OWN_LINKS_S (a route asks
     for one with its first message through the daemons)."""
     with trio.move_on_after(OWN_LINKS_S):
-        while not all((await kv_links(client, entry)).get(p, "").startswith("own") for p in peers):
+        while True:
+            links = await kv_links(client, entry)
+            if all(links.get(p, "").startswith("own") for p in peers):
+                return True
             await trio.sleep(0.2)
-        return True
     return False
 
 
