@@ -244,13 +244,14 @@ def _carrier(kv: dict[str, Any]) -> str:
 async def own_links(client: Any, entry: str, peers: list[str]) -> bool:
     """Whether ``entry``'s workers hold links of their own to each of ``peers`` within OWN_LINKS_S (a route asks
     for one with its first message through the daemons)."""
+    found = False
     with trio.move_on_after(OWN_LINKS_S):
-        while True:
+        while not found:
             links = await kv_links(client, entry)
-            if all(links.get(p, "").startswith("own") for p in peers):
-                return True
-            await trio.sleep(0.2)
-    return False
+            found = all(links.get(p, "").startswith("own") for p in peers)
+            if not found:
+                await trio.sleep(0.2)
+    return found
 
 
 async def _handoffs(
@@ -331,7 +332,7 @@ async def flat_phase(lab: Lab, root: Path, ckpt: Path, run: Settings) -> dict[st
             exchange = next(s for s in view.values() if s is not None)["plan"]["body"].get("exchange")
             decodes, peers = {1: ("direct", "h2")}, {"h2": started[1].peer_id}
             carried = transports(view, started[0].peer_id, decodes, peers)
-            handoffs = await _handoffs(client, started[0].peer_id, run, decodes, carried)
+            handoffs = await _handoffs(client, started[0].peer_id, run, decodes, carried, [])
         return {"exchange": exchange, "handoffs": handoffs}
     finally:
         stop_daemons(started)
