@@ -1,7 +1,8 @@
 """A worker's KV channel: its end of the daemons' KV relay, and the group a relayed ``Exchange`` posts on.
 
-A send cuts the tensor into KV parts (``daemon.kv_frames``) and writes them to the daemon, which forwards
-them, so the send is done once written (the socket's buffer and the daemon's queues are the flow control). A
+A send cuts the tensor into KV parts (``daemon.kv_frames``) and posts them to a writer thread, which writes
+them to the daemon in order, and the send is done once written (the socket's buffer and the daemon's queues
+are the flow control), so the next chunk of KV is gathered while one is written. A
 reader thread files every part that arrives under (exchange, source rank, destination rank, tag, message
 index); a receive waits for its message whole, checks it is the tensor it expects, and copies it in. What no
 receive takes (a sequence aborted meanwhile) is dropped after ``keep_s``. The channel's ``fileno`` turns
@@ -18,6 +19,7 @@ import array
 import collections
 import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
@@ -60,10 +62,23 @@ class _Message:
     lost: str | None = None  # why it will never be whole
 
 
-class _Sent:
-    """A send's work: written to the daemon when posted."""
+@dataclass
+class _Sending:
+    """A send's work: the message's parts, written in order by the channel's writer thread. ``wait`` returns
+    once they are written, and raises RuntimeError (as a gloo work does) when they could not be."""
+
+    route: Route
+    parts: list[KvPart]
+    tensor: torch.Tensor  # what the parts view: kept alive until written
+    written: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
 
     def wait(self, timeout: timedelta | None = None) -> bool:
+        seconds = None if timeout is None else timeout.total_seconds()
+        if not self.written.wait(seconds):
+            raise RuntimeError(f"a KV message to rank {self.route[2]} was not written within {seconds:g} s")
+        if self.error is not None:
+            raise RuntimeError(f"a KV message to rank {self.route[2]} could not be written: {self.error}")
         return True
 
 
@@ -103,9 +118,9 @@ class RelayGroup:
     prefix: str
     rank: int
 
-    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Sent:
-        self.channel.send(self.prefix, self.rank, peer, tag, tensors[0])
-        return _Sent()
+    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Sending:
+        """Post ``tensors[0]`` to ``peer`` under ``tag``; it must not change until the work's ``wait``."""
+        return self.channel.send(self.prefix, self.rank, peer, tag, tensors[0])
 
     def recv(self, tensors: list[torch.Tensor], peer: int, tag: int, adopt: bool = False) -> _Receive:
         """The next message from ``peer`` under ``tag``, copied into ``tensors[0]``; with ``adopt`` the tensor
@@ -128,10 +143,11 @@ class KvChannel:
     def __init__(self, sock: socket.socket, keep_s: float = KEEP_S) -> None:
         self.sock = sock
         self.keep_s = keep_s
-        self.write_lock = threading.Lock()
+        self.post_lock = threading.Lock()
         self.filed = threading.Condition()
         self.messages: dict[Key, _Message] = {}
-        self.sent: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under write_lock
+        self.sent: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under post_lock
+        self._writes: queue.SimpleQueue[_Sending] = queue.SimpleQueue()  # put under post_lock: in index order
         self.posted: collections.Counter[tuple[str, int, int, int]] = collections.Counter()  # under filed
         self.bound: list[str] = []
         self.ended: str | None = None
@@ -142,6 +158,7 @@ class KvChannel:
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
         threading.Thread(target=self._read, name="kv-channel", daemon=True).start()
+        threading.Thread(target=self._write, name="kv-writes", daemon=True).start()
 
     def fileno(self) -> int:
         """A descriptor that is readable once a message became whole or lost, or the channel ended, since
@@ -161,7 +178,7 @@ class KvChannel:
     def bind(self, prefix: str, rank: int) -> RelayGroup:
         """The group of exchange rank ``rank`` in the exchange keyed ``prefix``; counters of epochs two binds
         old are forgotten."""
-        with self.filed, self.write_lock:
+        with self.filed, self.post_lock:
             if prefix not in self.bound:
                 self.bound = [*self.bound[-1:], prefix]
             for counter in (self.sent, self.posted):
@@ -172,28 +189,47 @@ class KvChannel:
                 self.links.pop(route).close()
         return RelayGroup(self, prefix, rank)
 
-    def send(self, prefix: str, src: int, dst: int, tag: int, tensor: torch.Tensor) -> None:
-        """Send ``tensor`` as the next message from ``src`` to ``dst`` under ``tag``: on the route's own link
-        where this worker holds one, else (or when the link fails it) through the daemon."""
+    def send(self, prefix: str, src: int, dst: int, tag: int, tensor: torch.Tensor) -> _Sending:
+        """Post ``tensor`` as the next message from ``src`` to ``dst`` under ``tag``; the writer thread sends it
+        on the route's own link where this worker holds one, else (or when the link fails it) through the
+        daemon, while the caller goes on (gathering the next chunk of KV, say)."""
         dtype = _dtype_name(tensor)
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
-        parts = max(1, -(-raw.nbytes // PART_BYTES))
-        route = (prefix, src, dst)
-        with self.write_lock:
+        held = tensor.detach().contiguous()
+        raw = held.reshape(-1).view(torch.uint8).numpy().data
+        count = max(1, -(-raw.nbytes // PART_BYTES))
+        with self.post_lock:
             index = self.sent[prefix, src, dst, tag]
             self.sent[prefix, src, dst, tag] += 1
-            frames = [
-                KvPart(prefix, src, dst, tag, index, part, parts, dtype, tuple(tensor.shape), data)
-                for part in range(parts)
+            parts = [
+                KvPart(prefix, src, dst, tag, index, part, count, dtype, tuple(tensor.shape), data)
+                for part in range(count)
                 for data in [raw[part * PART_BYTES : (part + 1) * PART_BYTES]]
             ]
-            with self.links_lock:
-                link = self.links.get(route)
-            if link is not None and self._sent_on(link, frames):
-                return
-            for frame in frames:
-                self.sock.sendall(frame.frame_head())
-                self.sock.sendall(frame.data)
+            sending = _Sending((prefix, src, dst), parts, held)
+            self._writes.put(sending)
+        return sending
+
+    def _write(self) -> None:
+        """Write every posted message, in order, until the daemon's socket breaks (then fail the rest)."""
+        broken: str | None = None
+        while True:
+            sending = self._writes.get()
+            if broken is None:
+                try:
+                    self._write_one(sending)
+                except OSError as exc:
+                    broken = f"the KV socket to the daemon broke: {exc}"
+            sending.error = broken
+            sending.written.set()
+
+    def _write_one(self, sending: _Sending) -> None:
+        with self.links_lock:
+            link = self.links.get(sending.route)
+        if link is not None and self._sent_on(link, sending.parts):
+            return
+        for part in sending.parts:
+            self.sock.sendall(part.frame_head())
+            self.sock.sendall(part.data)
 
     def _sent_on(self, link: LinkWriter, frames: list[KvPart]) -> bool:
         """Whether ``link`` carried every part of a message; when it breaks, it is closed and dropped (the

@@ -148,7 +148,7 @@ def test_a_link_that_breaks_sends_the_message_again_whole_through_the_daemon() -
         index = 0
         while ROUTE in sender.channel.links:  # a write after the reset fails
             assert index < 50, "no write on the dead link ever failed"
-            sender.channel.send(PREFIX, 1, 2, 9, message)
+            assert sender.channel.send(PREFIX, 1, 2, 9, message).wait(WAIT)
             index += 1
         index -= 1
         assert daemon.wait_for(2, 30) == [(index, 0), (index, 1)]
@@ -180,3 +180,19 @@ def test_a_link_that_ends_inside_a_message_fails_it_at_once_and_a_stray_route_en
         out.close()
         with pytest.raises(KVMissing, match="not whole within"):
             receiver.channel.receive(PREFIX, 0, 2, 9, torch.empty(1)).wait(timedelta(seconds=0.3))
+
+
+def test_a_send_is_written_by_the_channel_s_writer_and_its_wait_says_when_it_could_not_be() -> None:
+    """A send returns before its message is written (the writer thread writes it, so the next chunk can be
+    gathered meanwhile); its wait returns once written, and raises as a gloo work would once the daemon's
+    socket is gone."""
+    with workers(1) as (sender,):
+        daemon = DaemonReader(sender.daemon_end)
+        message = torch.arange(PART_BYTES // 2, dtype=torch.float32)
+        assert sender.channel.send(PREFIX, 1, 2, 9, message).wait(WAIT)
+        assert daemon.wait_for(2, 30) == [(0, 0), (0, 1)]
+        sender.daemon_end.shutdown(socket.SHUT_RDWR)
+        failed = [sender.channel.send(PREFIX, 1, 2, 9, message) for _ in range(8)]
+        with pytest.raises(RuntimeError, match="could not be written"):
+            for work in failed:
+                work.wait(WAIT)
