@@ -56,10 +56,19 @@ class _Message:
     dtype: str
     shape: tuple[int, ...]
     parts: int
-    data: bytearray
+    data: torch.Tensor  # its bytes, uninitialised until filed: zeroing 16 MiB costs as much as receiving it
     missing: set[int]
     since: float = field(default_factory=time.monotonic)
     lost: str | None = None  # why it will never be whole
+
+    @staticmethod
+    def of(part: KvPart) -> _Message:
+        data = torch.empty(part.message_bytes, dtype=torch.uint8)
+        return _Message(part.dtype, part.shape, part.parts, data, set(range(part.parts)))
+
+    @staticmethod
+    def lost_before(why: str) -> _Message:
+        return _Message("", (), 0, torch.empty(0, dtype=torch.uint8), {0}, lost=why)
 
 
 @dataclass
@@ -101,8 +110,8 @@ class _Receive:
                 f"KV message {index} from exchange rank {src} (tag {tag}) is {message.dtype} {list(message.shape)}, "
                 f"but this rank expects {want[0]} {list(want[1])}: the replicas' KV formats differ"
             )
-        if message.data:
-            received = torch.frombuffer(message.data, dtype=torch.uint8).view(self.buffer.dtype)
+        if message.data.numel():
+            received = message.data.view(self.buffer.dtype)
             if self.adopt:
                 self.buffer.set_(received.untyped_storage(), 0, self.buffer.shape, self.buffer.stride())
             else:
@@ -369,16 +378,15 @@ class KvChannel:
             message = self.messages.get(key)
             if message is None:
                 self._forget_old()
-                size = part.message_bytes
-                message = _Message(part.dtype, part.shape, part.parts, bytearray(size), set(range(part.parts)))
-                self.messages[key] = message
+                message = self.messages[key] = _Message.of(part)
             if message.lost is not None:  # told lost before (or while) its parts came: it stays lost
                 return
             if (part.dtype, part.shape, part.parts) != (message.dtype, message.shape, message.parts):
                 log.warning("dropped a KV part that does not match its message %s", key)
                 return
-            start = part.part * PART_BYTES
-            message.data[start : start + len(part.data)] = part.data
+        start = part.part * PART_BYTES  # copied unlocked: only this part's bytes, and the message is not whole
+        message.data.numpy().data[start : start + len(part.data)] = part.data
+        with self.filed:
             message.missing.discard(part.part)
             if not message.missing:
                 self.filed.notify_all()
@@ -393,7 +401,7 @@ class KvChannel:
                 message = self.messages.get(key)
                 if message is None:
                     self._forget_old()
-                    self.messages[key] = _Message("", (), 0, bytearray(), {0}, lost=why)
+                    self.messages[key] = _Message.lost_before(why)
                 elif message.missing:
                     message.lost = why
             self.filed.notify_all()
