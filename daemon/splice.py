@@ -15,7 +15,9 @@ dials), and forwards; an unknown, spent or expired token, or silence, gets the c
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,15 +178,50 @@ def _paired(partner: trio.SocketStream) -> bytes:
 
 
 async def _forward(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
-    """Copy ``source`` to ``sink`` through one buffer (no allocation per chunk), then end the splice."""
-    buffer = bytearray(SPLICE_CHUNK)
+    """Copy ``source`` to ``sink`` until it ends, then end the splice: in the kernel through a pipe where the
+    system splices (Linux), else through one buffer (no allocation per chunk)."""
     try:
-        with memoryview(buffer) as view:
-            while count := await source.socket.recv_into(view):
-                await sink.send_all(view[:count])
+        if hasattr(os, "splice"):
+            await _forward_in_kernel(source, sink)
+        else:
+            await _forward_copying(source, sink)
     except _CLOSED:
         pass
     scope.cancel()
+
+
+async def _forward_copying(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    buffer = bytearray(SPLICE_CHUNK)
+    with memoryview(buffer) as view:
+        while count := await source.socket.recv_into(view):
+            await sink.send_all(view[:count])
+
+
+async def _forward_in_kernel(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    """``os.splice`` socket -> pipe -> socket: the relay never copies the bytes into its own memory, which
+    halves what a relayed KV link costs its CPU."""
+    into, out = (source.socket.fileno(), sink.socket.fileno())
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # a pipe holds 64 KiB unless grown: four times the splices per record
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, SPLICE_CHUNK)
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(into)
+            try:
+                held = os.splice(into, write_end, SPLICE_CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                continue
+            if held == 0:
+                return
+            while held:
+                await trio.lowlevel.wait_writable(out)
+                try:
+                    held -= os.splice(read_end, out, held, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                except BlockingIOError:
+                    continue
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 async def register(host: Host, relay_id: str, token: bytes) -> int:
