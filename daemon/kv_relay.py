@@ -113,7 +113,7 @@ class KvRelay:
     _links_from: dict[str, int] = field(default_factory=dict)  # open incoming links per sending daemon
     _route_retry: dict[Route, float] = field(default_factory=dict)  # when a local route may ask for a link again
     _routes_in: collections.Counter[tuple[str, Route]] = field(default_factory=collections.Counter)
-    worker_links: dict[str, collections.Counter[str]] = field(default_factory=dict)  # peer -> kind -> routes
+    _granted: dict[Route, tuple[str, str]] = field(default_factory=dict)  # a local route's own link: peer, kind
     _nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -234,8 +234,9 @@ class KvRelay:
         if self.routes is None or self._nursery is None or now < self._route_retry.get(route, -math.inf):
             return
         deployment = self.supervisor.deployment
-        for old in [r for r in self._route_retry if deployment is None or not deployment.carries(r[0])]:
-            del self._route_retry[old]
+        for routes in (self._route_retry, self._granted):
+            for old in [r for r in routes if deployment is None or not deployment.carries(r[0])]:
+                del routes[old]
         self._route_retry[route] = math.inf
         self._nursery.start_soon(self._open_route, worker, route, peer)
 
@@ -250,9 +251,19 @@ class KvRelay:
             return
         self._punched(peer, punch, link)
         if await self._grant(worker, link, sends=True):
-            kinds = self.worker_links.setdefault(peer, collections.Counter())
-            kinds["direct" if link.direct else "splice"] += 1
+            self._granted[route] = (peer, "direct" if link.direct else "splice")
             log.info("the KV of %s goes on a %s link of its own", route, "direct" if link.direct else "splice")
+
+    def worker_links(self, peer: str) -> dict[str, int]:
+        """How many of the routes from local workers to ``peer``'s that the deployment carries hold a link of
+        their own, by kind. O(routes)."""
+        deployment = self.supervisor.deployment
+        kinds = collections.Counter(
+            kind
+            for route, (to, kind) in self._granted.items()
+            if to == peer and deployment is not None and deployment.carries(route[0])
+        )
+        return dict(kinds)
 
     def _punched(self, peer: str, punch: bool, link: KvLink) -> None:
         """After a punch to ``peer`` failed, links to it are spliced for LINK_RETRY_S without trying again."""

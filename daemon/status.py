@@ -102,7 +102,7 @@ class StatusView:
         """What carries the KV this daemon relays to ``peer``, and the links of its workers' own to it by kind."""
         relay = None if self.serving is None else self.serving.kv_relay
         carrier = None if relay is None else relay.carriers.get(peer)
-        own = {} if relay is None else dict(relay.worker_links.get(peer, {}))
+        own = {} if relay is None else relay.worker_links(peer)
         if carrier is None and not own:
             return None
         return ({} if carrier is None else carrier.to_dict()) | ({"worker_links": own} if own else {})

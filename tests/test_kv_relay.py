@@ -364,3 +364,18 @@ async def test_a_link_of_a_route_s_own_is_admitted_as_its_parts_would_be_and_han
     assert torch.equal(received, values)
     for end in (out, worker_end, daemon_end):
         end.close()
+
+
+def test_the_links_a_peer_s_status_counts_are_those_of_routes_the_deployment_still_carries() -> None:
+    """B's workers were given links of their own to C's for two routes of this epoch and one of an older
+    one: C's status counts this epoch's, by kind; a peer given none shows none."""
+    supervisor = Supervisor("B", "model")
+    supervisor.deployment = RELAYED
+    relay = KvRelay(None, "B", supervisor)  # type: ignore[arg-type]  # counting links needs no host
+    relay._granted = {
+        PART.route: ("C", "direct"),
+        (PART.prefix, 0, 2): ("C", "splice"),
+        ("hexgen/3/6/exchange/", 1, 2): ("C", "direct"),
+    }
+    assert relay.worker_links("C") == {"direct": 1, "splice": 1}
+    assert relay.worker_links("A") == {}
