@@ -19,7 +19,6 @@ from typing import Any
 
 import msgpack
 
-from hexgen.daemon.sealed import KEY_BYTES
 from hexgen.daemon.wire import HEADER_BYTES, MalformedFrame, decode_head
 from hexgen.daemon.worker_setup import as_map, need
 
@@ -164,6 +163,8 @@ def from_daemon(frame: Frame) -> KvPart | KvLost | KvLinkGrant:
 
 
 def _grant(header: dict[str, Any], data: memoryview) -> KvLinkGrant:
+    from hexgen.daemon.sealed import KEY_BYTES  # cryptography and trio: not for an engine that never holds a link
+
     key, sends = header.get("key"), header.get("sends")
     if data or not isinstance(sends, bool):
         raise MalformedFrame("a link grant says which way, and holds no data")
