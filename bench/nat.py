@@ -25,15 +25,19 @@ gives the fixed cost of a hand-off, and ``marginal_mib_s`` the rate of the bytes
 
 Probes (``nat_probes``), after each lab's daemons stopped, the same bytes on the same links: raw TCP on the
 home LAN and the flat bridge, raw TCP through both NATs (a TCP simultaneous open, as a hole punch makes it),
-raw TCP through a user-space forwarder on the relay host (a stand-in for a relay, labelled so); the data path's
-own transport on the same links, a KV link's sealed records (``daemon.sealed``, 512 KiB records, AES-GCM;
-relayed: spliced by hexgen's splicer, ``daemon.splice``), transport ``kv-link``; a bare libp2p stream
-between two hexgen Hosts on the home LAN, and torch gloo send/recv on the flat bridge.
+raw TCP to a port that home 2's router forwards to h21 (``port-forwarded``: a direct link across the same two
+routers, what the punch spares an operator from setting up; hole-punched against it is the punch's own cost,
+apart from what the lab's software routers cost), raw TCP through a user-space forwarder on the relay host (a
+stand-in for a relay, labelled so); the data path's own transport on the same links, a KV link's sealed
+records (``daemon.sealed``, 512 KiB records, AES-GCM; relayed: spliced by hexgen's splicer, ``daemon.splice``),
+transport ``kv-link``; a bare libp2p stream between two hexgen Hosts on the home LAN, and torch gloo
+send/recv on the flat bridge.
 
 Medians over at least 3 requests per decode replica and 5 probes per link (3 of the libp2p stream); the JSON
 keeps every sample, the machine, and the 1-minute load average every 5 s (other users of the machine).
 Targets from issue 17: the data path >= 0.5x raw TCP on the same link (``kv_link_vs_tcp``, and each whole
-hand-off's ``handoff_vs_tcp``); hole-punched within 10 % of direct.
+hand-off's ``handoff_vs_tcp``); hole-punched within 10 % of direct (hand-offs against the gloo one on home 1's
+LAN; links against the port-forwarded one, ``hole_punched_vs_port_forwarded``).
 
     python bench/nat.py [--quick] [--json OUT] [--keep DIR]     # as root
 
@@ -93,6 +97,7 @@ from hexgen.testing.netns import Lab, NetnsUnavailable, start_daemon, stop_daemo
 REQUEST_TIMEOUT_S = "300"  # a relayed hand-off keeps the decode driver quiet: no failover mid-transfer
 SERVE_S = 180.0
 OWN_LINKS_S = 30.0
+FORWARDED_PORTS = (47501, 47502)  # raw TCP, sealed: forwarded to h21 by home 2's router for the probes
 SHORT_PROMPT, SHORT_TOKENS = 16, 8  # a hand-off of 16 tokens' KV: its fixed cost
 DECODES = {1: ("direct", "h12"), 2: ("hole-punched", "h21"), 3: ("relayed", "h31")}
 T = TypeVar("T")
@@ -283,22 +288,29 @@ async def _handoffs(
 
 
 def nat_probes(lab: NatLab, size: int, reps: int, relayed: bool) -> dict[str, Any]:
-    """On the NAT lab's links, MiB/s: raw TCP on home 1's LAN, through both NATs and through a forwarder on
-    the relay host; a KV link's sealed stream on the same links (relayed: through hexgen's splicer); a bare
-    libp2p stream (hexgen's Host) on home 1's LAN."""
+    """On the NAT lab's links, MiB/s: raw TCP on home 1's LAN, through both NATs (hole-punched, and to a port
+    forwarded at home 2's router: a direct link across the same routers) and through a forwarder on the relay
+    host; a KV link's sealed stream on the same links (relayed: through hexgen's splicer); a bare libp2p stream
+    (hexgen's Host) on home 1's LAN."""
     hosts = lab.hosts
 
     def spot(name: str, public: bool = False) -> Spot:
         home = int(name[1])
         return Spot(hosts[name].name, f"10.79.{lab.subnet}.{200 + home}" if public else hosts[name].ip)
 
+    lab.forward("h21", FORWARDED_PORTS)
+    forwarded = lab.public_ip(2)
     tcp = {
         "direct": tcp_mib_s(spot("h11"), spot("h12"), size, reps),
         "hole-punched": punched_tcp_mib_s(spot("h11", True), spot("h21", True), size, reps),
+        "port-forwarded": tcp_mib_s(spot("h11"), spot("h21"), size, reps, port=FORWARDED_PORTS[0], dial=forwarded),
     }
     sealed = {
         "direct": tcp_mib_s(spot("h11"), spot("h12"), size, reps, port=47051, sealed=True),
         "hole-punched": punched_tcp_mib_s(spot("h11", True), spot("h21", True), size, reps, port=47151, sealed=True),
+        "port-forwarded": tcp_mib_s(
+            spot("h11"), spot("h21"), size, reps, port=FORWARDED_PORTS[1], sealed=True, dial=forwarded
+        ),
     }
     if relayed:
         tcp["relayed"] = forwarded_tcp_mib_s(spot("h11"), spot("h31"), spot("p1"), size, reps)
@@ -436,7 +448,12 @@ def _handoff_extra(figures: dict[str, Any]) -> dict[str, Any]:
 
 def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's ``throughput`` list: one row per link, transport and what was timed."""
-    where = {"direct": "home 1 LAN, h11 -> h12", "hole-punched": "h11 -> h21", "relayed": "h11 -> h31 via p1"}
+    where = {
+        "direct": "home 1 LAN, h11 -> h12",
+        "hole-punched": "h11 -> h21",
+        "port-forwarded": "h11 -> h21 at a port forwarded by home 2's router",
+        "relayed": "h11 -> h31 via p1",
+    }
     rows = [
         _row(
             kind, f["transport"], f["mib_s"], f"KV hand-off ({CARRIED[f['carrier']]})", where[kind], **_handoff_extra(f)
@@ -446,7 +463,11 @@ def throughput_rows(nat: dict[str, Any], flat: dict[str, Any]) -> list[dict[str,
     stream = nat["probes"]["libp2p_stream"]
     what = "bare stream between two hexgen Hosts (Noise, yamux)"
     rows.append(_row("direct", "libp2p", _median(stream), what, where["direct"], samples_mib_s=_rates(stream)))
-    labels = {"direct": "socket", "hole-punched": "socket, a TCP simultaneous open through both NATs"}
+    labels = {
+        "direct": "socket",
+        "hole-punched": "socket, a TCP simultaneous open through both NATs",
+        "port-forwarded": "socket through both NATs, dialled at a forwarded port (no punch)",
+    }
     for kind, rates in nat["probes"]["tcp"].items():
         what = labels.get(kind, "socket through a user-space TCP forwarder on the relay host (not the libp2p relay)")
         rows.append(_row(kind, "tcp", _median(rates), what, where[kind], samples_mib_s=_rates(rates)))
@@ -493,6 +514,10 @@ def targets(nat: dict[str, Any]) -> dict[str, Any]:
         "kv_link_vs_tcp": link_vs_tcp,
         "kv_link_at_least_half_of_tcp": all(r is not None and r >= 0.5 for r in link_vs_tcp.values()),
         "kv_link_hole_punched_vs_direct": _ratio(sealed.get("hole-punched"), sealed.get("direct")),
+        "hole_punched_vs_port_forwarded": {
+            "tcp": _ratio(tcp.get("hole-punched"), tcp.get("port-forwarded")),
+            "kv_link": _ratio(sealed.get("hole-punched"), sealed.get("port-forwarded")),
+        },
         "handoff_vs_tcp": vs_tcp,
         "libp2p_at_least_half_of_tcp": bool(libp2p) and all(r is not None and r >= 0.5 for r in libp2p),
         "hole_punched_vs_direct": {

@@ -385,15 +385,22 @@ def _sealing(sealed: bool) -> list[str]:
 
 
 def tcp_mib_s(
-    sender: Spot, receiver: Spot, size: int, reps: int, port: int = 47001, sealed: bool = False
+    sender: Spot,
+    receiver: Spot,
+    size: int,
+    reps: int,
+    port: int = 47001,
+    sealed: bool = False,
+    dial: str | None = None,
 ) -> list[float]:
     """Each of ``reps`` transfers of ``size`` bytes over a plain TCP connection from ``sender`` to
-    ``receiver``'s address, MiB/s."""
+    ``receiver``'s address (or ``dial``, an address forwarded to it), MiB/s."""
     rates, seal = [], _sealing(sealed)
     for _ in range(reps):
         with _program(receiver, "recv", "--listen", f"{receiver.ip}:{port}", "--bytes", str(size), *seal) as recv:
             _await_line(recv, "receiver")
-            with _program(sender, "send", "--connect", f"{receiver.ip}:{port}", "--bytes", str(size), *seal) as send:
+            at = f"{dial or receiver.ip}:{port}"
+            with _program(sender, "send", "--connect", at, "--bytes", str(size), *seal) as send:
                 _check_sender(send)
             rates.append(_mib_s(_results(recv)))
     return rates

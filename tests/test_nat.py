@@ -179,6 +179,22 @@ def test_the_nat_lab_masquerades_and_lets_nothing_in() -> None:
                 proc.wait(timeout=10)
 
 
+def test_a_port_forwarded_at_a_home_router_reaches_its_host_from_another_home_and_no_other_port_does() -> None:
+    with open_nat_lab(homes=(1, 1)) as lab:
+        lab.forward("h21", (5555, 5556))
+        listeners = [_listen(lab, "h21", port) for port in (5555, 5557)]
+        try:
+            assert lab.reaches("h11", "h21", 5555, at=lab.public_ip(2))
+            assert not lab.reaches("h11", "h21", 5557, at=lab.public_ip(2))
+            assert not lab.reaches("h11", "h21", 5555)
+        finally:
+            for proc in listeners:
+                proc.kill()
+                proc.wait(timeout=10)
+        with pytest.raises(ValueError, match="not a home host"):
+            lab.forward("p1", (5555, 5555))
+
+
 def _listen(lab: NatLab, host: str, port: int) -> Any:
     """A TCP listener on ``host``'s address, ready when this returns."""
     import subprocess

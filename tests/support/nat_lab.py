@@ -135,7 +135,7 @@ class NatLab:
         _ip("link", "add", bridge, "type", "bridge")
         _ip("link", "set", bridge, "up")
         router = self._namespace(f"r{home}")
-        self._leg(router, "pub0", self.name("P"), f"10.79.{self.subnet}.{200 + home}/24")
+        self._leg(router, "pub0", self.name("P"), f"{self.public_ip(home)}/24")
         self._leg(router, "home0", bridge, f"{lan}.1/24")
         _in(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         masquerade = ["-t", "nat", "-A", "POSTROUTING", "-o", "pub0", "-j", "MASQUERADE"]
@@ -147,13 +147,34 @@ class NatLab:
         for k in range(1, count + 1):
             self._host(f"h{home}{k}", f"{lan}.{10 + k}", bridge, f"{lan}.1")
 
-    def reaches(self, source: str, target: str, port: int) -> bool:
-        """Whether a TCP connection from host ``source`` to ``target``'s address on ``port`` opens (1 s)."""
+    def public_ip(self, home: int) -> str:
+        """Router ``home``'s address on the public bridge: what its home's hosts are seen at from outside."""
+        return f"10.79.{self.subnet}.{200 + home}"
+
+    def forward(self, target: str, ports: tuple[int, int]) -> None:
+        """Forward TCP ports ``ports`` (first, last) of home host ``target``'s router's public address to it, as
+        an operator forwards ports on a home router: a connection from outside reaches ``target`` through the
+        same NATs a hole-punched one crosses, with no punch."""
+        router = self._router(target)
+        span = f"{ports[0]}:{ports[1]}"
+        ip = self.hosts[target].ip
+        tcp = ["-i", "pub0", "-p", "tcp", "--dport", span]
+        _in(router, "iptables", "-t", "nat", "-A", "PREROUTING", *tcp, "-j", "DNAT", "--to-destination", ip)
+        _in(router, "iptables", "-I", "FORWARD", "1", *tcp, "-d", ip, "-j", "ACCEPT")
+
+    def _router(self, host: str) -> str:
+        if not (host.startswith("h") and host in self.hosts):
+            raise ValueError(f"{host} is not a home host of this lab")
+        return f"{PREFIX}{self.tag}-r{host[1]}"
+
+    def reaches(self, source: str, target: str, port: int, at: str | None = None) -> bool:
+        """Whether a TCP connection from host ``source`` to ``target``'s address (or ``at``) on ``port`` opens
+        (1 s)."""
         code = (
             "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()\n"
             "except OSError:\n sys.exit(1)"
         )
-        ns, ip = self.hosts[source].name, self.hosts[target].ip
+        ns, ip = self.hosts[source].name, at or self.hosts[target].ip
         command = ["ip", "netns", "exec", ns, sys.executable, "-c", code, ip, str(port)]
         return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
 
