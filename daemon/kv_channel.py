@@ -60,6 +60,11 @@ class _Message:
     missing: set[int]
     since: float = field(default_factory=time.monotonic)
     lost: str | None = None  # why it will never be whole
+    filling: set[int] = field(default_factory=set)  # missing parts one thread is copying or opening in
+
+    def slot(self, part: int, size: int) -> memoryview:
+        start = part * PART_BYTES
+        return self.data.numpy().data[start : start + size]
 
     @staticmethod
     def of(part: KvPart) -> _Message:
@@ -368,11 +373,21 @@ class KvChannel:
             if old is not None:
                 old.close()
             return
-        args = (sock, grant.key, grant.route, self.file_part, self.lose)
+        args = (sock, grant.key, grant.route, self)
         threading.Thread(target=serve_link, args=args, name="kv-link", daemon=True).start()
 
     def file_part(self, part: KvPart) -> None:
         """File one part of a message; a message whole wakes its receive."""
+        slot = self.place(part)
+        if slot is not None:
+            slot[:] = part.data
+            self.placed(part)
+
+    def place(self, part: KvPart) -> memoryview | None:
+        """Where ``part``'s data goes in its message (begun here if new), claimed until ``placed`` so that no
+        other copy of the part (a link's, the daemon's) lands on it meanwhile; None where the part is not wanted:
+        its message is lost or of another shape, or the part is in or on its way. Copied unlocked: only this
+        part's bytes, and the message is not whole."""
         key = part.key
         with self.filed:
             message = self.messages.get(key)
@@ -380,17 +395,27 @@ class KvChannel:
                 self._forget_old()
                 message = self.messages[key] = _Message.of(part)
             if message.lost is not None:  # told lost before (or while) its parts came: it stays lost
-                return
+                return None
             if (part.dtype, part.shape, part.parts) != (message.dtype, message.shape, message.parts):
                 log.warning("dropped a KV part that does not match its message %s", key)
-                return
-        start = part.part * PART_BYTES  # copied unlocked: only this part's bytes, and the message is not whole
-        message.data.numpy().data[start : start + len(part.data)] = part.data
+                return None
+            if part.part not in message.missing or part.part in message.filling:
+                return None
+            message.filling.add(part.part)
+            return message.slot(part.part, len(part.data))
+
+    def placed(self, part: KvPart) -> None:
+        """``part``'s data is in the slot ``place`` gave; a message whole wakes its receive."""
         with self.filed:
+            message = self.messages.get(part.key)
+            if message is None or part.part not in message.filling:
+                return
+            message.filling.discard(part.part)
             message.missing.discard(part.part)
-            if not message.missing:
+            whole = not message.missing
+            if whole:
                 self.filed.notify_all()
-        if not message.missing:
+        if whole:
             self._wake()
 
     def lose(self, keys: list[Key], why: str) -> None:

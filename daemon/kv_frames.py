@@ -8,7 +8,8 @@ so the receiver's n-th receive takes the n-th message).
 A part's frame is a 4-byte big-endian length, the part's header (a msgpack map: every field but ``data``), then
 its data, raw: every hop reads the header and passes the frame on as it came, and the bytes are never packed
 or unpacked. One parser, ``KvPart.from_frame`` (the header's checks in ``KvPart.from_wire``), for every hop; where a worker
-holds a link of its own (``KvLinkGrant``), a part goes worker -> worker as one sealed record.
+holds a link of its own (``KvLinkGrant``), a part goes worker -> worker as two sealed records, its frame's
+head and its data (``daemon.kv_worker_links``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ class KvPart:
         consistent part. O(header)."""
         header, data = _split(frame)
         need("lost" not in header, "a KV part's header names no lost messages")
+        return _parse(header | {"data": data})
+
+    @staticmethod
+    def from_head(head: Frame, data: memoryview) -> KvPart:
+        """The part whose frame is ``head`` (length prefix and header: ``frame_head``) followed by ``data``,
+        which need hold only the right number of bytes (a worker's link checks a part before it opens the
+        data into place); raises MalformedFrame like ``from_frame``. O(header)."""
+        header, rest = _split(head, len(data))
+        need(not rest and "lost" not in header and "grant" not in header, "a KV part's head is its header alone")
         return _parse(header | {"data": data})
 
     @property
@@ -181,10 +191,12 @@ def route_of(raw: Any) -> Route:
     return (raw[0], raw[1], raw[2])
 
 
-def _split(frame: Frame) -> tuple[dict[str, Any], memoryview]:
-    """A frame's header map and the data after it; MalformedFrame unless the length prefix fits."""
-    if len(frame) < HEADER_BYTES or int.from_bytes(frame[:HEADER_BYTES], "big") != len(frame) - HEADER_BYTES:
-        raise MalformedFrame(f"a KV frame of {len(frame)} bytes whose length prefix says otherwise")
+def _split(frame: Frame, data_apart: int = 0) -> tuple[dict[str, Any], memoryview]:
+    """A frame's header map and the data after it; MalformedFrame unless the length prefix fits (counting
+    ``data_apart`` bytes of data that follow apart from ``frame``)."""
+    size = len(frame) + data_apart
+    if len(frame) < HEADER_BYTES or int.from_bytes(frame[:HEADER_BYTES], "big") != size - HEADER_BYTES:
+        raise MalformedFrame(f"a KV frame of {size} bytes whose length prefix says otherwise")
     payload = memoryview(frame)[HEADER_BYTES:]
     header, used = decode_head(payload, MAX_HEADER_BYTES)
     if not isinstance(header, dict) or "data" in header:

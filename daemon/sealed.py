@@ -94,6 +94,14 @@ class Opener:
         """The plaintext of the next record, valid until the next call; SealError when it does not open."""
         self._plain = _grown(self._plain, len(sealed) - TAG_BYTES)
         plain = memoryview(self._plain)[: len(sealed) - TAG_BYTES]
+        self.open_into(sealed, plain)
+        return plain
+
+    def open_into(self, sealed: memoryview, plain: memoryview) -> None:
+        """Open the next record into ``plain``, which holds exactly its plaintext's bytes (where they belong,
+        with no copy after); SealError when it does not open, and then ``plain`` holds nothing to trust."""
+        if len(plain) != len(sealed) - TAG_BYTES:
+            raise SealError(f"a sealed record of {len(sealed)} bytes does not open into {len(plain)}")
         try:
             self._aead.decrypt_into(_nonce(self._opened), sealed, None, plain)
         except InvalidTag:
@@ -101,7 +109,6 @@ class Opener:
                 f"sealed record {self._opened} does not open: altered, out of order or another key"
             ) from None
         self._opened += 1
-        return plain
 
 
 class SealedStream:

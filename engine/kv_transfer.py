@@ -541,6 +541,63 @@ def expected_messages(
     return {move.peer: chunks for move in _local_moves(shard, slices, False, peer)} if chunks else {}
 
 
+@dataclass
+class KVArrivals:
+    """A sequence's KV coming through the daemons (an ``Exchange``'s relay), scattered into its blocks chunk by
+    chunk as each chunk's messages arrive (``take``), so the last chunk's scatter is all that follows the last
+    byte. Made by :func:`recv_kv_arrivals`."""
+
+    kv_cache: torch.Tensor
+    moves: list[_Move]
+    chunks: list[list[int]]
+    group: Exchange
+    tag: int
+    stage: bool
+    timeout: timedelta | None  # for a message over the gloo group, which ``arrived`` does not wait for
+    taken: int = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.taken == len(self.chunks)
+
+    def take(self) -> bool:
+        """Receive and scatter each next chunk whose relayed messages are all here; whether every chunk is in.
+        Waits on the network only for a peer over the gloo group (at most ``timeout``). Raises KVMissing when
+        a chunk was lost or is in another format, KVTransferError as :func:`recv_kv`; O(bytes taken)."""
+        while not self.whole and self.group.arrived({move.peer: 1 for move in self.moves}, self.tag):
+            chunk = self.chunks[self.taken]
+            pending = _post_chunk(self.kv_cache, self.moves, chunk, False, self.group, self.tag, self.stage)
+            _finish_chunk(self.kv_cache, pending, False, self.timeout)
+            self.taken += 1
+        return self.whole
+
+
+def recv_kv_arrivals(
+    kv_cache: torch.Tensor,
+    shard: KVShard,
+    slices: Sequence[KVSlice],
+    block_table: Sequence[int],
+    num_tokens: int,
+    peer: Callable[[int], int],
+    *,
+    group: Exchange,
+    blocks_per_chunk: int = 64,
+    timeout: timedelta | None = None,
+    tag: int = 0,
+    stage: bool | None = None,
+) -> KVArrivals:
+    """What :func:`recv_kv` with the same arguments receives, for messages that come through ``group``'s
+    relay and are taken as they arrive (``KVArrivals.take``) rather than waited for. Raises ValueError like
+    :func:`recv_kv`. O(slices + blocks)."""
+    _check_call(blocks_per_chunk, timeout)
+    _check_cache(kv_cache, shard)
+    block_ids = _used_blocks(kv_cache, block_table, num_tokens)
+    moves = _local_moves(shard, slices, False, peer)
+    chunks = [block_ids[at : at + blocks_per_chunk] for at in range(0, len(block_ids), blocks_per_chunk)]
+    stage = needs_staging(kv_cache.device, "gloo") if stage is None else stage
+    return KVArrivals(kv_cache, moves, chunks if moves else [], group, tag, stage, timeout)
+
+
 def recv_kv(
     kv_cache: torch.Tensor,
     shard: KVShard,

@@ -40,15 +40,16 @@ from hexgen.engine.formation import (
 from hexgen.engine.kv_format import KVFormat, KVFormatError, format_key, mismatch, replica_format
 from hexgen.engine.kv_transfer import (
     Exchange,
+    KVArrivals,
     KVMissing,
     KVSend,
     KVShard,
     KVSlice,
     KVTransferError,
     chunk_blocks,
-    expected_messages,
     plan_kv_transfer,
     recv_kv,
+    recv_kv_arrivals,
     send_kv,
     send_kv_all,
 )
@@ -323,7 +324,7 @@ class ReplicaWorker:
             if why is not None:  # refused on both sides alike: the prefill rank sent nothing
                 failed.append((req.seq_id, why))
             elif self._relayed(self.peers[req.src]):
-                self.waiting.append(_Waiting(req, self._allocate_import(req), time.monotonic()))
+                self.waiting.append(self._wait_for(req))
             else:
                 received.append(req)
                 lost += self._receive_now(req)
@@ -359,22 +360,36 @@ class ReplicaWorker:
         """Whether relayed imports wait for their KV: the driver steps on to take them."""
         return bool(self.waiting)
 
+    def _wait_for(self, req: Request) -> _Waiting:
+        """A relayed import, its blocks allocated, whose chunks are scattered as they arrive."""
+        seq = self._allocate_import(req)
+        assert self.exchange is not None  # a relayed import implies a relaying exchange
+        arrivals = recv_kv_arrivals(
+            *self._import_of(seq, self.peers[req.src]),
+            group=self.exchange,
+            timeout=TRANSFER_TIMEOUT,
+            tag=kv_tag(seq.seq_id),
+            blocks_per_chunk=self.kv_chunk_blocks,
+        )
+        return _Waiting(req, seq, time.monotonic(), arrivals)
+
     def _take_arrived(self) -> list[tuple[int, str]]:
-        """Of the relayed imports waiting, receive those whose KV every rank of the replica has whole (so no
-        rank waits on the network), and fail those a rank has waited for past TRANSFER_TIMEOUT; the rest wait
-        for a later step. Every rank holds the same waiting list, so all decide alike."""
+        """Scatter what arrived of each relayed import waiting; take those whose KV every rank of the replica
+        has whole, or lost (so no rank waits on the network), and fail those a rank has waited for past
+        TRANSFER_TIMEOUT; the rest wait for a later step. Every rank holds the same waiting list, so all
+        decide alike."""
         now = time.monotonic()
         limit = TRANSFER_TIMEOUT.total_seconds()
-        arrived = [int(self._arrived(w)) for w in self.waiting]
+        settled = [int(self._take_chunks(w)) for w in self.waiting]
         late = [int(now - w.since > limit) for w in self.waiting]
         if not self.solo:
-            flags = torch.tensor([*arrived, *(-x for x in late)], dtype=torch.long, device=self.comm_device)
+            flags = torch.tensor([*settled, *(-x for x in late)], dtype=torch.long, device=self.comm_device)
             self.comm.all_reduce(flags, "min")
             agreed = flags.tolist()
-            arrived, late = agreed[: len(arrived)], [-x for x in agreed[len(arrived) :]]
+            settled, late = agreed[: len(settled)], [-x for x in agreed[len(settled) :]]
         failed, taken, still = [], [], []
-        for waiting, whole, overdue in zip(self.waiting, arrived, late, strict=True):
-            if whole:
+        for waiting, done, overdue in zip(self.waiting, settled, late, strict=True):
+            if done:
                 taken.append(waiting)
             elif overdue:
                 self.block_manager.free(waiting.seq)
@@ -386,22 +401,31 @@ class ReplicaWorker:
         self.waiting = still
         lost = []
         for waiting in taken:
-            try:
-                self._receive(waiting.seq, self.peers[waiting.req.src])
-            except KVMissing as exc:  # another format: only this sequence is lost
-                lost.append((waiting.req.seq_id, str(exc)))
+            if waiting.lost is None:
+                self.scheduler.add_prefilled(waiting.seq)
+                self.seqs[waiting.seq.seq_id] = waiting.seq
+            else:
+                self.block_manager.free(waiting.seq)
+                lost.append((waiting.req.seq_id, waiting.lost))
         return failed + self._agree_on_failures([w.req for w in taken], lost)
 
-    def _arrived(self, waiting: _Waiting) -> bool:
-        assert self.exchange is not None  # a relayed import implies a relaying exchange
-        seq, src = waiting.seq, self.peers[waiting.req.src]
-        expected = expected_messages(*self._import_of(seq, src), blocks_per_chunk=self.kv_chunk_blocks)
-        return self.exchange.arrived(expected, kv_tag(seq.seq_id))
+    def _take_chunks(self, waiting: _Waiting) -> bool:
+        """Scatter the chunks of ``waiting`` that arrived; whether it is settled: whole, or lost (a chunk lost
+        on its way or in another format: only this sequence fails)."""
+        if waiting.lost is None and not waiting.arrivals.whole:
+            self.receiving_kv = True  # a peer over gloo that never sends must look stuck to the entry
+            try:
+                waiting.arrivals.take()
+            except KVMissing as exc:
+                waiting.lost = str(exc)
+            finally:
+                self.receiving_kv = False
+        return waiting.lost is not None or waiting.arrivals.whole
 
     def _import_of(
         self, seq: Sequence, src: ReplicaSpec
     ) -> tuple[torch.Tensor, KVShard, list[KVSlice], list[int], int, Callable[[int], int]]:
-        """The arguments ``recv_kv`` and ``expected_messages`` share for ``seq``'s KV from replica ``src``."""
+        """The arguments ``recv_kv`` and ``recv_kv_arrivals`` share for ``seq``'s KV from replica ``src``."""
         slices = plan_kv_transfer(src.layout, self.spec.layout, self.config.num_kv_heads)
         return self.runner.kv_cache, self.kv_shard, slices, seq.block_table, len(seq) - 1, src.global_rank
 
@@ -659,14 +683,16 @@ class ReplicaWorker:
         self._formats = {}  # a new numbering
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Waiting:
-    """A relayed import whose KV is still on its way: its request, its sequence (blocks allocated), and since
-    when it waits."""
+    """A relayed import whose KV is still on its way: its request, its sequence (blocks allocated), since when
+    it waits, and what of its KV arrived."""
 
     req: Request
     seq: Sequence
     since: float
+    arrivals: KVArrivals
+    lost: str | None = None  # why its KV will never be whole here
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,8 +17,10 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hexgen.daemon.kv_channel import KvChannel
 from hexgen.engine.kv_transfer import (
     Exchange,
+    KVArrivals,
     KVMissing,
     KVShard,
     KVSlice,
@@ -24,6 +28,7 @@ from hexgen.engine.kv_transfer import (
     chunk_blocks,
     plan_kv_transfer,
     recv_kv,
+    recv_kv_arrivals,
     send_kv,
 )
 from hexgen.engine.layout import (
@@ -459,6 +464,47 @@ def test_a_relayed_kv_that_never_comes_or_does_not_fit_fails_only_its_sequence()
         assert torch.equal(cache[:, :, 1], torch.zeros_like(cache[:, :, 1]))
     finally:
         daemons.close()
+
+
+def test_a_relayed_kv_taken_as_it_arrives_scatters_each_chunk_once_its_message_is_here() -> None:
+    """Three one-block chunks: after the first message alone, its block is in place and the others untouched;
+    after the rest, the whole KV; a chunk told lost fails only that receive, with why."""
+    daemons = StandInDaemons(2)
+    try:
+        layout = (StageLayout(0, 1, 1),)
+        slices = plan_kv_transfer(layout, layout, 1)
+        shard = KVShard(layout, 0, 1)
+        prefix = "hexgen/1/1/exchange/"
+        sender, receiver = (Exchange(None, relay=c.bind(prefix, r), ranks={}) for r, c in enumerate(daemons.channels))
+        source = torch.arange(2 * 3 * BLOCK_SIZE * HEAD_DIM, dtype=torch.float32).reshape(2, 1, 3, BLOCK_SIZE, 1, -1)
+        cache = torch.full_like(source, UNTOUCHED)
+        arrivals = recv_kv_arrivals(
+            cache, shard, slices, [2, 0, 1], 3 * BLOCK_SIZE, lambda _: 0, group=receiver, blocks_per_chunk=1, tag=4
+        )
+        assert not arrivals.take() and torch.equal(cache, torch.full_like(source, UNTOUCHED))
+        send_kv(source, shard, slices, [0], BLOCK_SIZE, lambda _: 1, group=sender, blocks_per_chunk=1, tag=4)
+        _take_until(arrivals, daemons.channels[1], lambda: arrivals.taken == 1)
+        assert not arrivals.whole and torch.equal(cache[:, :, 2], source[:, :, 0])
+        assert torch.equal(cache[:, :, :2], torch.full_like(cache[:, :, :2], UNTOUCHED))
+        send_kv(source, shard, slices, [1, 2], 2 * BLOCK_SIZE, lambda _: 1, group=sender, blocks_per_chunk=1, tag=4)
+        _take_until(arrivals, daemons.channels[1], lambda: arrivals.whole)
+        assert torch.equal(cache, source[:, :, [1, 2, 0]])
+
+        lost = recv_kv_arrivals(cache, shard, slices, [0], 1, lambda _: 0, group=receiver, tag=5)
+        daemons.channels[1].lose([(prefix, 0, 1, 5, 0)], "its route broke")
+        with pytest.raises(KVMissing, match="its route broke"):
+            lost.take()
+    finally:
+        daemons.close()
+
+
+def _take_until(arrivals: KVArrivals, channel: KvChannel, done: Callable[[], bool]) -> None:
+    """``arrivals.take()`` each time ``channel`` says a message settled, until ``done()`` (at most 20 s)."""
+    deadline = time.monotonic() + 20
+    while not (arrivals.take() or done()):
+        assert time.monotonic() < deadline, f"only {arrivals.taken} chunks arrived"
+        select.select([channel.fileno()], [], [], 1.0)
+        channel.drain()
 
 
 def test_a_relayed_receive_fails_at_once_when_the_daemon_is_gone() -> None:

@@ -207,6 +207,7 @@ def test_kv_parts(raw: Any) -> None:
     assert part.part * PART_BYTES + len(part.data) <= part.message_bytes
     encode_frame(part.to_wire())
     assert KvPart.from_frame(part.frame_head() + bytes(part.data)) == part  # the frame every hop passes on
+    assert KvPart.from_head(part.frame_head(), memoryview(bytes(part.data))) == part  # a worker's link's records
 
 
 @FUZZ
@@ -219,12 +220,15 @@ def test_kv_parts(raw: Any) -> None:
 @example(msgpack.packb({"lost": "p/", "messages": [[0, 1, 2]] * 40}), 0, b"")
 def test_kv_frames(head: bytes, skew: int, data: bytes) -> None:
     """Any bytes as a KV frame: a part whose frame is exactly those bytes, or ``MalformedFrame``; from its
-    daemon, a worker reads a part, a lost notice or ``MalformedFrame``."""
+    daemon, a worker reads a part, a lost notice or ``MalformedFrame``; read as a head and its data apart (a
+    worker's link), the same part or ``MalformedFrame``."""
     frame = (len(head) + len(data) + skew).to_bytes(4, "big") + head + data
     show(frame)
     read = outcome(lambda: from_daemon(frame), MalformedFrame)
     assert read is REFUSED or isinstance(read, KvPart) or from_daemon(read.frame()) == read
     part = outcome(lambda: KvPart.from_frame(frame), MalformedFrame)
+    apart = outcome(lambda: KvPart.from_head(frame[: len(frame) - len(data)], memoryview(data)), MalformedFrame)
+    assert apart is REFUSED or apart == part  # a head and its data apart: never a part the whole frame is not
     if part is REFUSED:
         return
     assert skew == 0 and bytes(part.data) == frame[len(frame) - len(part.data) :]

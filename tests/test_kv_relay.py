@@ -25,9 +25,10 @@ from hexgen.daemon.kv_channel import KvChannel
 from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, Frame, KvLost, KvPart, from_daemon, lost_frames
 from hexgen.daemon.kv_link import KvLink
 from hexgen.daemon.kv_relay import ROUTE_LINKS, Carrier, KvRelay, accepts, sends_kv
+from hexgen.daemon.kv_worker_links import LinkWriter
 from hexgen.daemon.messages import PlanBody, PlanLink
 from hexgen.daemon.pair_links import exchange_transport, gloo_groups, with_transports
-from hexgen.daemon.sealed import Sealer, new_key
+from hexgen.daemon.sealed import new_key
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import MalformedFrame
 from hexgen.daemon.worker_link import LocalWorker, SocketChannel
@@ -357,7 +358,7 @@ async def test_a_link_of_a_route_s_own_is_admitted_as_its_parts_would_be_and_han
     assert into.fileno() == -1  # the daemon's copy is closed: the worker holds the link alone
     values = torch.arange(3, dtype=torch.float32)
     part = dataclasses.replace(PART, shape=(3,), data=values.numpy().tobytes())
-    out.sendall(Sealer(key).seal(part.frame_head() + bytes(part.data)))
+    LinkWriter(out, key, route).write(part.frame_head(), memoryview(part.data))
     received = torch.zeros(3)
     group = channel.bind(RELAYED.exchange_prefix, 2)
     assert await trio.to_thread.run_sync(group.recv([received], 1, 9).wait, timedelta(seconds=30))

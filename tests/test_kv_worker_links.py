@@ -18,6 +18,7 @@ import torch
 
 from hexgen.daemon.kv_channel import KvChannel
 from hexgen.daemon.kv_frames import PART_BYTES, KvLinkGrant, KvPart, from_daemon
+from hexgen.daemon.kv_worker_links import LinkWriter
 from hexgen.daemon.sealed import Sealer, new_key
 from hexgen.daemon.wire import HEADER_BYTES, MalformedFrame
 from hexgen.engine.kv_transfer import KVMissing
@@ -163,10 +164,9 @@ def test_a_link_that_ends_inside_a_message_fails_it_at_once_and_a_stray_route_en
         key = new_key()
         out, into = tcp_pair()
         receiver.grant(into, key, sends=False)
-        sealer = Sealer(key)
         data = bytes(PART_BYTES)
         first = KvPart(PREFIX, 1, 2, 9, 0, 0, 2, "float32", (PART_BYTES // 2,), data)
-        out.sendall(sealer.seal(first.frame_head() + data))
+        LinkWriter(out, key, ROUTE).write(first.frame_head(), memoryview(data))
         out.close()
         with pytest.raises(KVMissing, match="the link it came on"):
             receiver.channel.receive(PREFIX, 1, 2, 9, torch.empty(PART_BYTES // 2)).wait(WAIT)
@@ -174,8 +174,7 @@ def test_a_link_that_ends_inside_a_message_fails_it_at_once_and_a_stray_route_en
         out, into = tcp_pair()
         receiver.grant(into, key, sends=False)
         stray = KvPart(PREFIX, 0, 2, 9, 0, 0, 1, "float32", (1,), bytes(4))  # rank 0's, on rank 1's link
-        sealer = Sealer(key)
-        out.sendall(sealer.seal(stray.frame_head() + bytes(4)))
+        LinkWriter(out, key, ROUTE).write(stray.frame_head(), memoryview(bytes(4)))
         assert out.recv(1) == b""  # the worker closed the link
         out.close()
         with pytest.raises(KVMissing, match="not whole within"):
@@ -196,3 +195,35 @@ def test_a_send_is_written_by_the_channel_s_writer_and_its_wait_says_when_it_cou
         with pytest.raises(RuntimeError, match="could not be written"):
             for work in failed:
                 work.wait(WAIT)
+
+
+def test_a_part_lands_once_and_one_altered_on_its_link_ends_the_link_and_fails_its_message() -> None:
+    """The channel gives a part's place once: a second copy while the first is being copied in (a link's and
+    the daemon's, say) is not wanted, nor one after it is in. On a link, a part is a head record and a data
+    record opened in place; a data record altered on the way does not open, which ends the link and fails its
+    message at once."""
+    with workers(1) as (receiver,):
+        values = torch.arange(4, dtype=torch.float32)
+        part = KvPart(PREFIX, 1, 2, 9, 0, 0, 1, "float32", (4,), values.numpy().tobytes())
+        slot = receiver.channel.place(part)
+        assert slot is not None and receiver.channel.place(part) is None
+        slot[:] = part.data
+        receiver.channel.placed(part)
+        assert receiver.channel.place(part) is None
+        got = torch.empty(4)
+        assert receiver.channel.receive(PREFIX, 1, 2, 9, got).wait(WAIT)
+        assert torch.equal(got, values)
+
+        key = new_key()
+        out, into = tcp_pair()
+        receiver.grant(into, key, sends=False)
+        sealer = Sealer(key)
+        second = dataclasses.replace(part, index=1)
+        out.sendall(sealer.seal(second.frame_head()))
+        altered = bytearray(sealer.seal(second.data))
+        altered[-20] ^= 1
+        out.sendall(altered)
+        assert out.recv(1) == b""  # the worker closed the link
+        out.close()
+        with pytest.raises(KVMissing, match="does not open"):
+            receiver.channel.receive(PREFIX, 1, 2, 9, torch.empty(4)).wait(WAIT)
