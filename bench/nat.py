@@ -33,6 +33,9 @@ records (``daemon.sealed``, 512 KiB records, AES-GCM; relayed: spliced by hexgen
 transport ``kv-link``; a bare libp2p stream between two hexgen Hosts on the home LAN, and torch gloo
 send/recv on the flat bridge.
 
+``planner_links``: what h11's link probes (at the daemons' default interval, during the run) told the planner
+of each decode host's link: GB/s, RTT and the path probed (``daemon.path_probes``).
+
 Medians over at least 3 requests per decode replica and 5 probes per link (3 of the libp2p stream); the JSON
 keeps every sample, the machine, and the 1-minute load average every 5 s (other users of the machine).
 Targets from issue 17: the data path >= 0.5x raw TCP on the same link (``kv_link_vs_tcp``, and each whole
@@ -230,7 +233,18 @@ async def _nat_measure(relay: Daemon, homes: list[Daemon], ready: float, run: Se
         links = await kv_links(client, a)
         for kind, host in run.decodes.values():
             out["handoffs"][kind]["carrier"] = links.get(by_name[host], "gloo")
+        out["planner_links"] = await probed_links(
+            client, a, {kind: by_name[host] for kind, host in run.decodes.values()}
+        )
     return out
+
+
+async def probed_links(client: Any, entry: str, peers: dict[str, str]) -> dict[str, Any]:
+    """What the planner was told of ``entry``'s link to each of ``peers`` (kind -> peer id) by the probes that
+    ran meanwhile at the daemons' default interval (``measured`` in its status: GB/s, RTT, the path probed);
+    None for a link not probed yet."""
+    found = {p["peer_id"]: p.get("measured") for p in (await query_status(client, entry)).get("peers") or []}
+    return {kind: found.get(peer) for kind, peer in peers.items()}
 
 
 async def kv_links(client: Any, entry: str) -> dict[str, str]:
@@ -543,6 +557,7 @@ def result_json(run: Settings, labs: dict[str, Any], meta: dict[str, Any]) -> di
             "direct_home_lan": tpot.get("direct"),
         },
         "targets": targets(nat),
+        "planner_links": nat.get("planner_links"),
         "symmetric_stays_relayed": nat.get("symmetric_stays_relayed"),
         "flat_exchange": flat.get("exchange"),
         "kv": {
@@ -573,6 +588,7 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{row['link']:<14} {row['transport']:<10} {mib_s:>8} {extra:>9}  {row['what']} ({row['where']})")
     print("\nTPOT ms: " + ", ".join(f"{k} {v}" for k, v in result["tpot_ms"].items()))
     print("targets: " + json.dumps(result["targets"]))
+    print("the planner's figures (h11's probes): " + json.dumps(result["planner_links"]))
     machine = result["machine"]
     loads = machine["load_samples"] or [machine["load_average_start"][0]]
     print(f"machine: {machine['cpu_count']} cores, no GPU; 1-minute load {min(loads)}-{max(loads)} during the run")

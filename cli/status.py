@@ -129,9 +129,9 @@ def _unique(values: Iterable[str]) -> str:
 
 def network_text(record: Mapping[str, Any], is_self: bool) -> str:
     """Whether a node can be dialled (``public``, ``private`` or ``unknown``, as its signed advert says) and,
-    for a peer, how this node is connected to it (``direct``, ``relayed``; ``-``: not connected) and what
-    carries the KV this node relays to it (a splice through a relay, or a libp2p stream), with how many links
-    its workers hold of their own to that peer's."""
+    for a peer, how this node is connected to it (``direct``, ``relayed``; ``-``: not connected), what the
+    latest probe of that link measured, and what carries the KV this node relays to it (a splice through a
+    relay, or a libp2p stream), with how many links its workers hold of their own to that peer's."""
     reach = _text(record.get("reachability"))
     if is_self:
         return reach
@@ -144,9 +144,19 @@ def network_text(record: Mapping[str, Any], is_self: bool) -> str:
     }
     own = sum(n for n in _dict(kv.get("worker_links")).values() if isinstance(n, int))
     workers = f" ({own} worker-to-worker)" if own else ""
-    return (
-        MISSING if reach == link == MISSING else f"{reach}, {link}{carrier.get(_text(kv.get('carrier')), '')}{workers}"
-    )
+    carried = f"{carrier.get(_text(kv.get('carrier')), '')}{workers}"
+    return MISSING if reach == link == MISSING else f"{reach}, {link}{measured_text(record.get('measured'))}{carried}"
+
+
+def measured_text(measured: Any) -> str:
+    """`` 1.20 GB/s, 0.4 ms (tcp)``: the latest probe of a link, its throughput, round trip and the path it
+    took; nothing where there is none."""
+    found = _dict(measured)
+    gb_s, rtt = _number(found.get("gb_s")), _number(found.get("rtt_ms"))
+    if gb_s is None:
+        return ""
+    latency = f", {rtt:.1f} ms" if rtt is not None else ""
+    return f" {gb_s:.2f} GB/s{latency} ({_text(found.get('path'))})"
 
 
 def _peer_row(status: Mapping[str, Any], record: Mapping[str, Any], roles: list[dict[str, Any]], is_self: bool) -> Row:

@@ -20,6 +20,8 @@ from hexgen.daemon.hardware_profile import MAX_GB_S, GPUInfo, HardwareError, Har
 
 MAX_PEER_ID = 128
 MAX_RTT_MS = 3.6e6
+PROBE_PATHS = ("tcp", "kv-link", "libp2p")
+_LINK_KEYS = {"a", "b", "gb_s", "rtt_ms", "path"}
 GBIT_PER_GB = 8.0
 
 
@@ -57,12 +59,16 @@ class PeerHardware:
 
 @dataclass(frozen=True)
 class LinkMeasurement:
-    """A probe of the network from peer ``a`` to peer ``b``: throughput in GB/s and round-trip time in ms."""
+    """A probe of the network from peer ``a`` to peer ``b``: throughput in GB/s and round-trip time in ms, over
+    ``path``: "tcp" (a connection between the two, as their workers' gloo makes), "kv-link" (hole-punched, or
+    spliced by a relay, as their workers' own KV links take) or "libp2p" (a stream on their libp2p connection,
+    what the control plane moves: a lower bound on the others)."""
 
     a: str
     b: str
     gb_s: float
     rtt_ms: float
+    path: str = "libp2p"
 
     def __post_init__(self) -> None:
         _peer_id(self.a, "link a")
@@ -71,9 +77,13 @@ class LinkMeasurement:
             raise HardwareError(f"a link joins two different peers, got {self.a} twice")
         _positive(self.gb_s, "link gb_s", MAX_GB_S)
         _positive(self.rtt_ms, "link rtt_ms", MAX_RTT_MS, zero_ok=True)
+        if self.path not in PROBE_PATHS:
+            raise HardwareError(f"a link's path is one of {', '.join(PROBE_PATHS)}, got {self.path!r}"[:200])
 
     @staticmethod
-    def from_probe(a: str, b: str, payload_bytes: int, elapsed_s: float, rtt_ms: float) -> LinkMeasurement:
+    def from_probe(
+        a: str, b: str, payload_bytes: int, elapsed_s: float, rtt_ms: float, path: str = "libp2p"
+    ) -> LinkMeasurement:
         """The measurement of a probe that moved ``payload_bytes`` from a to b in ``elapsed_s``.
 
         The elapsed time includes about one round trip (the request, and the acknowledgement of the last
@@ -85,22 +95,27 @@ class LinkMeasurement:
         elapsed = _positive(elapsed_s, "probe elapsed_s", MAX_RTT_MS)
         rtt = _positive(rtt_ms, "probe rtt_ms", MAX_RTT_MS, zero_ok=True)
         transfer = max(elapsed - rtt / 1e3, elapsed / 2)
-        return LinkMeasurement(a, b, min(payload_bytes / transfer / 1e9, MAX_GB_S), rtt)
+        return LinkMeasurement(a, b, min(payload_bytes / transfer / 1e9, MAX_GB_S), rtt, path)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, ready for msgpack. O(1)."""
-        return {"a": self.a, "b": self.b, "gb_s": self.gb_s, "rtt_ms": self.rtt_ms}
+        return {"a": self.a, "b": self.b, "gb_s": self.gb_s, "rtt_ms": self.rtt_ms, "path": self.path}
 
     @staticmethod
     def from_dict(data: Any) -> LinkMeasurement:
-        """Parse ``to_dict`` output from an untrusted peer; raises HardwareError on anything else. O(1)."""
-        if not isinstance(data, dict) or set(data) != {"a", "b", "gb_s", "rtt_ms"}:
-            raise HardwareError("a link measurement is a mapping of exactly a, b, gb_s and rtt_ms")
+        """Parse ``to_dict`` output from an untrusted peer (``path`` may be missing: "libp2p"); raises
+        HardwareError on anything else. O(1)."""
+        if not isinstance(data, dict) or not {"a", "b", "gb_s", "rtt_ms"} <= set(data) <= _LINK_KEYS:
+            raise HardwareError("a link measurement is a mapping of a, b, gb_s, rtt_ms and optionally path")
+        path = data.get("path", "libp2p")
+        if not isinstance(path, str):
+            raise HardwareError(f"a link's path is a string, got a {type(path).__name__}")
         return LinkMeasurement(
             a=_peer_id(data["a"], "link a"),
             b=_peer_id(data["b"], "link b"),
             gb_s=_positive(data["gb_s"], "link gb_s", MAX_GB_S),
             rtt_ms=_positive(data["rtt_ms"], "link rtt_ms", MAX_RTT_MS, zero_ok=True),
+            path=path,
         )
 
 

@@ -9,7 +9,7 @@ other there from their splice's port (a TCP simultaneous open through endpoint-i
 both ends connected, leave the relay for that direct connection. Where no relay can splice, the sender
 falls back to the ``/hexgen/kv/1`` stream. An offer that names a ``route`` (prefix, source rank, destination
 rank) is for one worker's messages to one other worker: both daemons hand their ends of that link to those
-workers (``daemon.kv_relay``).
+workers (``daemon.kv_relay``); one marked ``probe`` carries a probe of the path (``daemon.path_probes``).
 """
 
 from __future__ import annotations
@@ -54,22 +54,29 @@ class LinkOffer:
     port: int
     punch: bool
     route: Route | None = None
+    probe: bool = False  # for a probe of the path (``daemon.path_probes``), not for KV
 
     def to_wire(self) -> dict[str, Any]:
         wire = {"token": self.token, "key": self.key, "relay": self.relay, "port": self.port, "punch": self.punch}
+        if self.probe:
+            wire["probe"] = True
         return wire if self.route is None else wire | {"route": list(self.route)}
 
     @staticmethod
     def from_wire(raw: Any) -> LinkOffer:
         """Raises ``MalformedFrame`` for anything but a well-formed offer."""
         schema = {"token": bytes, "key": bytes, "relay": str, "port": int, "punch": bool}
-        msg = validate(raw, schema | {"route": optional(list)})
+        msg = validate(raw, schema | {"route": optional(list), "probe": optional(bool)})
         if len(msg["token"]) != TOKEN_BYTES or len(msg["key"]) != KEY_BYTES:
             raise MalformedFrame(f"a link offer's token and key are {TOKEN_BYTES} and {KEY_BYTES} bytes")
         if not 0 < msg["port"] < 65536 or not 0 < len(msg["relay"]) <= MAX_PEER_ID:
             raise MalformedFrame("a link offer names a port in 1-65535 and a relay's peer id")
-        route = msg.get("route")
-        return LinkOffer(msg["token"], msg["key"], msg["relay"], msg["port"], msg["punch"], route and route_of(route))
+        route, probe = msg.get("route"), bool(msg.get("probe"))
+        if probe and route is not None:
+            raise MalformedFrame("a link offer is for a probe or for a route, not both")
+        return LinkOffer(
+            msg["token"], msg["key"], msg["relay"], msg["port"], msg["punch"], route and route_of(route), probe
+        )
 
 
 @dataclass(frozen=True)
@@ -100,32 +107,37 @@ class KvLink:
     relay: str
     direct: bool
     route: Route | None = None
+    probe: bool = False
 
     def sealed(self) -> SealedStream:
         return SealedStream(self.socket, self.key)
 
 
-async def open_link(host: Host, peer: str, routes: SpliceRoutes, punch: bool, route: Route | None = None) -> KvLink:
-    """A link to ``peer`` (for the messages of ``route``, where given) through the first relay in ``routes``
-    that splices one within LINK_SETUP_S, made direct by a hole punch if ``punch`` and it succeeds. Raises
-    ``LinkError`` naming why each relay failed."""
+async def open_link(
+    host: Host, peer: str, routes: SpliceRoutes, punch: bool, route: Route | None = None, probe: bool = False
+) -> KvLink:
+    """A link to ``peer`` (for the messages of ``route``, where given, or for a probe of the path) through the
+    first relay in ``routes`` that splices one within LINK_SETUP_S, made direct by a hole punch if ``punch`` and
+    it succeeds. Raises ``LinkError`` naming why each relay failed."""
     failures = []
     for relay in routes.relays():
         try:
             with trio.fail_after(LINK_SETUP_S + PUNCH_S):
-                return await _open_via(host, peer, relay, routes.ips(relay), punch, route)
+                return await _open_via(host, peer, relay, routes.ips(relay), punch, route, probe)
         except (LinkError, SpliceError, FrameError, trio.TooSlowError) as exc:
-            failures.append(f"via {relay}: {exc or type(exc).__name__}")
+            failures.append(f"via {relay}: {str(exc) or type(exc).__name__}")
         except Exception as exc:  # noqa: BLE001 - the libp2p stream to the peer broke: no link this way
-            failures.append(f"via {relay}: the offer to {peer} failed: {exc or type(exc).__name__}")
+            failures.append(f"via {relay}: the offer to {peer} failed: {str(exc) or type(exc).__name__}")
     raise LinkError("; ".join(failures) or "no relay that could splice is known")
 
 
-async def _open_via(host: Host, peer: str, relay: str, ips: Sequence[str], punch: bool, route: Route | None) -> KvLink:
+async def _open_via(
+    host: Host, peer: str, relay: str, ips: Sequence[str], punch: bool, route: Route | None, probe: bool
+) -> KvLink:
     if not ips:
         raise LinkError(f"no address of relay {relay} is known")
     token = secrets.token_bytes(TOKEN_BYTES)
-    offer = LinkOffer(token, new_key(), relay, await register(host, relay, token), punch, route)
+    offer = LinkOffer(token, new_key(), relay, await register(host, relay, token), punch, route, probe)
     stream = await host.open_stream(peer, LINK_PROTOCOL)
     try:
         await write_frame(stream, offer.to_wire())
@@ -146,8 +158,8 @@ async def accept_link(stream: Stream, admits: Callable[[LinkOffer], str | None],
         with trio.fail_after(LINK_SETUP_S):
             offer = LinkOffer.from_wire(await FrameReader(stream).read())
     except Exception as exc:  # a bad frame, silence, or a stream that broke: no link
-        await _answer(stream, {"error": f"a bad link offer: {exc or type(exc).__name__}"})
-        raise LinkError(f"a bad link offer: {exc or type(exc).__name__}") from exc
+        await _answer(stream, {"error": f"a bad link offer: {str(exc) or type(exc).__name__}"})
+        raise LinkError(f"a bad link offer: {str(exc) or type(exc).__name__}") from exc
     why = admits(offer)
     ips = list(routes.ips(offer.relay))
     if why is None and not ips:
@@ -159,7 +171,7 @@ async def accept_link(stream: Stream, admits: Callable[[LinkOffer], str | None],
         with trio.fail_after(LINK_SETUP_S):
             spliced = await dial(ips[0], offer.port, offer.token)
     except (SpliceError, trio.TooSlowError) as exc:
-        raise LinkError(f"no splice at relay {offer.relay}: {exc or type(exc).__name__}") from exc
+        raise LinkError(f"no splice at relay {offer.relay}: {str(exc) or type(exc).__name__}") from exc
     return await _finish(spliced, offer)
 
 
@@ -179,13 +191,13 @@ async def _finish(spliced: Spliced, offer: LinkOffer) -> KvLink:
         for stream in (direct, spliced.stream):
             if stream is not None:
                 await trio.aclose_forcefully(stream)
-        raise LinkError(f"the splice at relay {offer.relay} broke: {exc or type(exc).__name__}") from exc
+        raise LinkError(f"the splice at relay {offer.relay} broke: {str(exc) or type(exc).__name__}") from exc
     if direct is not None and theirs == DIRECT:
         await trio.aclose_forcefully(spliced.stream)
-        return KvLink(direct, offer.key, offer.relay, True, offer.route)
+        return KvLink(direct, offer.key, offer.relay, True, offer.route, offer.probe)
     if direct is not None:
         await trio.aclose_forcefully(direct)
-    return KvLink(spliced.stream, offer.key, offer.relay, False, offer.route)
+    return KvLink(spliced.stream, offer.key, offer.relay, False, offer.route, offer.probe)
 
 
 async def punch(local_port: int, partner: tuple[str, int], seconds: float = PUNCH_S) -> trio.SocketStream | None:

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 
 import trio
 
+from hexgen.daemon.cluster_view import LinkMeasurement
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.exact_reads import read_frame_exactly
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
 from hexgen.daemon.kv_frames import Frame, Key, KvLinkGrant, KvLost, KvPart, Route, from_daemon, lost_frames
 from hexgen.daemon.kv_link import NO_ROUTES, KvLink, LinkError, LinkOffer, SpliceRoutes, accept_link, open_link
+from hexgen.daemon.path_probes import ProbeError, answer_path_probe, run_path_probe
 from hexgen.daemon.sealed import SealedStream, SealError
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import FrameError, FrameReader, MalformedFrame
@@ -106,6 +108,7 @@ class KvRelay:
     peer_id: str
     supervisor: Supervisor
     routes: SpliceRoutes | None = None
+    member: Callable[[str], bool] = lambda peer: True  # whether a peer may probe a path here (a private swarm's)
     outbound: dict[str, trio.MemorySendChannel[Frame]] = field(default_factory=dict)
     carriers: dict[str, Carrier] = field(default_factory=dict)  # destination daemon -> what carries its parts
     _link_retry: dict[str, float] = field(default_factory=dict)
@@ -114,6 +117,7 @@ class KvRelay:
     _route_retry: dict[Route, float] = field(default_factory=dict)  # when a local route may ask for a link again
     _routes_in: collections.Counter[tuple[str, Route]] = field(default_factory=collections.Counter)
     _granted: dict[Route, tuple[str, str]] = field(default_factory=dict)  # a local route's own link: peer, kind
+    _probes_from: set[str] = field(default_factory=set)  # peers whose probe of a link is under way here
     _nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -265,6 +269,35 @@ class KvRelay:
         )
         return dict(kinds)
 
+    async def probe_link(self, peer: str) -> LinkMeasurement:
+        """Measure the path a KV link to ``peer`` takes (hole-punched where a punch works, else spliced by a
+        relay): what the KV of worldless pairs crosses. Raises LinkError or ProbeError (or the link's errors)."""
+        if self.routes is None:
+            raise LinkError("this daemon sets up no KV links")
+        punch = trio.current_time() >= self._punch_retry.get(peer, -math.inf)
+        link = await open_link(self.host, peer, self.routes, punch, probe=True)
+        self._punched(peer, punch, link)
+        async with link.socket:
+            return await run_path_probe(link.socket, link.key, self.peer_id, peer, "kv-link")
+
+    async def _answer_probe(self, link: KvLink, sender: str) -> None:
+        try:
+            async with link.socket:
+                await answer_path_probe(link.socket, link.key)
+        except (ProbeError, SealError, *_BROKEN) as exc:
+            log.info("a probe of the link from %s ended: %s", sender, str(exc) or type(exc).__name__)
+        finally:
+            self._probes_from.discard(sender)
+
+    def _refuse_probe(self, sender: str) -> str | None:
+        """Why ``sender`` may not probe a link to this daemon now, or None (counted until it ends)."""
+        if not self.member(sender):
+            return f"{sender} is not a member of this swarm"
+        if sender in self._probes_from:
+            return f"a probe from {sender} is under way"
+        self._probes_from.add(sender)
+        return None
+
     def _punched(self, peer: str, punch: bool, link: KvLink) -> None:
         """After a punch to ``peer`` failed, links to it are spliced for LINK_RETRY_S without trying again."""
         if punch and not link.direct:
@@ -296,38 +329,49 @@ class KvRelay:
                 await stream.reset()
 
     async def serve_link(self, stream: Stream) -> None:
-        """Take a link another daemon offers on ``stream``, and deliver what arrives on it in the background."""
+        """Take a link another daemon offers on ``stream``: deliver what arrives on it in the background, hand it
+        to the worker of its route, or answer the probe it carries."""
         sender = stream_peer(stream)
-        counted = False
+        admitted: list[LinkOffer] = []  # the offer, once counted against the sender's limits
 
         def refusal(offer: LinkOffer) -> str | None:
-            nonlocal counted
             if self.routes is None or self._nursery is None:
                 return "this daemon takes no KV links"
             if offer.route is not None:
                 return self._refuse_route(offer.route, sender)
-            if self._links_from.get(sender, 0) >= MAX_LINKS_PER_PEER:
-                return f"{sender} has {MAX_LINKS_PER_PEER} KV links to this daemon already"
-            why = sends_kv(self.supervisor.deployment, sender)
-            if why is None:  # counted from the offer on
-                self._links_from[sender] = self._links_from.get(sender, 0) + 1
-                counted = True
+            why = self._refuse_probe(sender) if offer.probe else self._refuse_carrier(sender)
+            if why is None:
+                admitted.append(offer)
             return why
 
         try:
             link = await accept_link(stream, refusal, self.routes or NO_ROUTES)
         except LinkError as exc:
             log.warning("no KV link from %s: %s", sender, exc)
-            if counted:
-                self._link_ended(sender)
+            for offer in admitted:
+                if offer.probe:
+                    self._probes_from.discard(sender)
+                else:
+                    self._link_ended(sender)
             return
-        kind = "direct" if link.direct else "splice"
-        if link.route is not None:
+        if link.probe:
+            await self._answer_probe(link, sender)
+        elif link.route is not None:
             await self._hand_in(link, sender)
-            return
-        log.info("KV from %s arrives on a sealed %s link (relay %s)", sender, kind, link.relay)
-        assert self._nursery is not None  # refusal() said so
-        self._nursery.start_soon(self._serve_link, link.sealed(), sender)
+        else:
+            kind = "direct" if link.direct else "splice"
+            log.info("KV from %s arrives on a sealed %s link (relay %s)", sender, kind, link.relay)
+            assert self._nursery is not None  # refusal() said so
+            self._nursery.start_soon(self._serve_link, link.sealed(), sender)
+
+    def _refuse_carrier(self, sender: str) -> str | None:
+        """Why ``sender`` may not carry KV parts here on a link, or None (counted until it ends)."""
+        if self._links_from.get(sender, 0) >= MAX_LINKS_PER_PEER:
+            return f"{sender} has {MAX_LINKS_PER_PEER} KV links to this daemon already"
+        why = sends_kv(self.supervisor.deployment, sender)
+        if why is None:
+            self._links_from[sender] = self._links_from.get(sender, 0) + 1
+        return why
 
     async def _serve_link(self, link: SealedStream, sender: str) -> None:
         try:

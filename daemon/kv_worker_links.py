@@ -91,7 +91,7 @@ def serve_link(sock: socket.socket, key: bytes, route: Route, filing: Filing) ->
             if part.part + 1 == part.parts:
                 begun.discard(part.key)
     except (OSError, SealError, FrameError) as exc:
-        why = f"the link it came on broke: {exc or type(exc).__name__}"
+        why = f"the link it came on broke: {str(exc) or type(exc).__name__}"
         log.info("the KV link of %s ended: %s", route, why)
     finally:
         sock.close()

@@ -185,7 +185,7 @@ class Node:
                 self.serving.kv_relay.routes = self._splice_routes(host)
             connectivity = self.connectivity = Connectivity(state, host, self.adverts, self._started_at)
             liveness = Liveness(state, host, connectivity)
-            probes = LinkProbes(state, host)
+            probes = LinkProbes(state, host, None if self.serving is None else self.serving.kv_relay.probe_link)
             reach = self._reachability(host)
             self.adverts.link_kinds = host.link_kinds
             self.view = StatusView(state, lambda: host.addrs, self.serving, host.link_kinds, lambda: reach.status)

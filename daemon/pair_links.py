@@ -25,10 +25,10 @@ NO_WORLDS = {
     "hole-punched": "only by a hole-punched libp2p connection, which workers cannot dial",
 }
 # GB/s the planner assumes for a pair of a kind in NO_WORLDS that no probe has measured yet, instead of the
-# 10 Gbit/s default of a direct link: py-libp2p moved one stream at 13-23 MiB/s through a relay and at
-# 82-277 MiB/s over a direct connection (../shared/notes/nat.md), and hand-offs across these pairs travel
-# over libp2p. A relayed link also shares the relay with everything else it carries, so its figure is the
-# low end. A probe's figure replaces these as soon as there is one.
+# 10 Gbit/s default of a direct link: the KV of such a pair crosses NATs (hole-punched) or a relay's uplink,
+# shared with everything else the relay carries, and nothing is known of either until the pair's KV link is
+# probed (``daemon.path_probes``); a link that cannot be set up leaves the KV on libp2p streams, which moved
+# 13-23 MiB/s through a relay (../shared/notes/nat.md). A probe's figure replaces these as soon as there is one.
 UNMEASURED_GB_S = {"relayed": 0.015, "hole-punched": 0.1}
 CIRCUIT = "/p2p-circuit"  # RELAY_ADDR/p2p/RELAY_ID/p2p-circuit/p2p/PEER_ID
 

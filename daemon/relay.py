@@ -121,7 +121,7 @@ class Circuits(CircuitV2Protocol):
             with trio.move_on_at(math.inf if deadline is None else trio.current_time() + deadline - time.monotonic()):
                 clean = await _pump(src_stream, dst_stream, circuit_data_limit)
         except Exception as exc:  # noqa: BLE001 - a reset or a failed write ends this circuit, and only it
-            log.debug("circuit of %s ended: %s", peer_id, exc or type(exc).__name__)
+            log.debug("circuit of %s ended: %s", peer_id, str(exc) or type(exc).__name__)
         finally:
             if clean:  # the source finished: pass the end on, and the other direction goes on until its end
                 with contextlib.suppress(Exception):
@@ -210,7 +210,7 @@ async def _hop_request(host: Host, relay_id: str, message: HopMessage) -> tuple[
     try:
         stream = await host.open_stream(relay_id, HOP_PROTOCOL)
     except Exception as exc:  # any failure to open the stream means the relay cannot be used
-        raise RelayError(f"relay {relay_id}: cannot open a hop stream: {exc or type(exc).__name__}") from exc
+        raise RelayError(f"relay {relay_id}: cannot open a hop stream: {str(exc) or type(exc).__name__}") from exc
     try:
         with trio.fail_after(HOP_REPLY_TIMEOUT_S):
             await write_delimited_msg(stream, message)
@@ -218,7 +218,7 @@ async def _hop_request(host: Host, relay_id: str, message: HopMessage) -> tuple[
     except Exception as exc:  # silence, a reset or a garbled reply: the relay cannot be used
         with contextlib.suppress(Exception):
             await stream.reset()
-        raise RelayError(f"relay {relay_id}: no answer: {exc or type(exc).__name__}") from exc
+        raise RelayError(f"relay {relay_id}: no answer: {str(exc) or type(exc).__name__}") from exc
     status = reply.status if reply.HasField("status") else StatusCode.UNUSED
     if status != StatusCode.OK:
         with contextlib.suppress(Exception):
@@ -263,7 +263,7 @@ async def dial_circuit(host: Host, addr: str) -> str:
     except Exception as exc:  # Noise or yamux over the circuit failed: the dial failed
         with contextlib.suppress(Exception):
             await stream.reset()
-        raise RelayError(f"{addr}: {exc or type(exc).__name__}") from exc
+        raise RelayError(f"{addr}: {str(exc) or type(exc).__name__}") from exc
     return target
 
 

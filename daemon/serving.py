@@ -68,7 +68,7 @@ class Serving:
         self.supervisor.store_socket = store
         self.supervisor.on_failure = reports.report_failure
         self.supervisor.fetch_secret = self.fetch_secret
-        self.kv_relay = KvRelay(host, state.peer_id, self.supervisor)
+        self.kv_relay = KvRelay(host, state.peer_id, self.supervisor, member=lambda peer: state.may_ask(peer, None))
         self.supervisor.kv_pump = self.kv_relay.pump
         self.router = Router(
             host,

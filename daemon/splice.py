@@ -230,7 +230,7 @@ async def register(host: Host, relay_id: str, token: bytes) -> int:
         with trio.fail_after(REGISTER_TIMEOUT_S):
             reply = await call(host, relay_id, SPLICE_PROTOCOL, {"token": token})
     except Exception as exc:  # the relay cannot splice: unreachable, silent, or too old to speak the protocol
-        raise SpliceError(f"relay {relay_id} did not register a splice: {exc or type(exc).__name__}") from exc
+        raise SpliceError(f"relay {relay_id} did not register a splice: {str(exc) or type(exc).__name__}") from exc
     port = reply.get("port")
     if not isinstance(port, int) or not 0 < port < 65536:
         raise SpliceError(f"relay {relay_id} refused a splice: {reply.get('error', reply)}")
@@ -279,7 +279,7 @@ async def dial(ip: str, port: int, token: bytes) -> Spliced:
             seen = await receive_exactly(stream, answer[1]) if paired else b""
     except (*_CLOSED, trio.TooSlowError) as exc:
         await trio.aclose_forcefully(stream)
-        raise SpliceError(f"no splice at {ip}:{port}: {exc or type(exc).__name__}") from exc
+        raise SpliceError(f"no splice at {ip}:{port}: {str(exc) or type(exc).__name__}") from exc
     if not paired:
         await trio.aclose_forcefully(stream)
         raise SpliceError(f"the relay at {ip}:{port} closed the splice without pairing it")

@@ -86,6 +86,7 @@ class StatusView:
                     "link": links.get(r.peer_id),  # None: no connection of this node's to the peer
                     "reachability": self._said(r.peer_id),
                     "kv": self._kv_carrier(r.peer_id),  # None: no relayed KV goes to the peer now
+                    "measured": self._measured(r.peer_id),  # None: neither end probed the link yet
                 }
                 for r in sorted(state.table.peers.values(), key=lambda r: r.peer_id)
             ),
@@ -106,6 +107,15 @@ class StatusView:
         if carrier is None and not own:
             return None
         return ({} if carrier is None else carrier.to_dict()) | ({"worker_links": own} if own else {})
+
+    def _measured(self, peer: str) -> dict[str, Any] | None:
+        """The latest probe of the link between this node and ``peer``: this node's, else the peer's."""
+        mine = self.state.measured.get(peer)
+        if mine is not None:
+            return mine.to_dict()
+        record = self.state.table.peers.get(peer)
+        theirs = [] if record is None else [m for m in record.advert.links if self.state.peer_id in (m.a, m.b)]
+        return theirs[-1].to_dict() if theirs else None
 
     def _said(self, peer: str) -> str:
         """A member's reachability as its latest signed advert states it."""

@@ -27,6 +27,7 @@ from hexgen.cli.status import (
     gpu_text,
     group_rows,
     header_text,
+    network_text,
     peer_rows,
     plan_summary,
     render_text,
@@ -229,6 +230,13 @@ def test_the_peer_table_shows_reachability_and_how_each_peer_is_linked() -> None
     assert "private, relayed, KV on a libp2p stream" in render_text(status)
     peers[1]["kv"] = {"carrier": "direct", "relay": "12D3KooWrelay9", "worker_links": {"direct": 2, "splice": 1}}
     assert "private, relayed, KV hole-punched (3 worker-to-worker)" in render_text(status)
+    peers[0]["measured"] = {"a": A, "b": peers[0]["peer_id"], "gb_s": 1.234, "rtt_ms": 0.42, "path": "tcp"}
+    peers[1]["measured"] = {"gb_s": 0.5, "path": "kv-link"}
+    peers[2]["measured"] = {"gb_s": "fast", "rtt_ms": 3}
+    text = render_text(status)
+    assert "public, direct 1.23 GB/s, 0.4 ms (tcp)" in text
+    assert "private, relayed 0.50 GB/s (kv-link), KV hole-punched (3 worker-to-worker)" in text
+    assert "unknown, -" in text and "GB/s" not in network_text(peers[2], False)
 
 
 def test_peers_flagged_by_spot_checks_are_marked() -> None:

@@ -164,8 +164,19 @@ def test_link_measurements_validate(args: tuple[Any, ...]) -> None:
 
 def test_link_measurement_wire_form_and_probe_arithmetic() -> None:
     link = LinkMeasurement("a", "b", 1.25, 0.4)
-    assert LinkMeasurement.from_dict(link.to_dict()) == link
-    for bad in (None, {}, link.to_dict() | {"x": 1}, link.to_dict() | {"gb_s": "fast"}):
+    assert LinkMeasurement.from_dict(link.to_dict()) == link and link.path == "libp2p"
+    tcp = LinkMeasurement("a", "b", 1.25, 0.4, "tcp")
+    assert LinkMeasurement.from_dict(tcp.to_dict()) == tcp
+    older = {k: v for k, v in tcp.to_dict().items() if k != "path"}  # an advert from before paths were named
+    assert LinkMeasurement.from_dict(older) == link
+    bad_paths = ({"path": "carrier pigeon"}, {"path": 3}, {"path": "x" * 10_000})
+    for bad in (
+        None,
+        {},
+        link.to_dict() | {"x": 1},
+        link.to_dict() | {"gb_s": "fast"},
+        *(older | p for p in bad_paths),
+    ):
         with pytest.raises(HardwareError):
             LinkMeasurement.from_dict(bad)
     # 100 MB in 0.11 s with a 10 ms round trip: 100 MB / 0.1 s = 1 GB/s.

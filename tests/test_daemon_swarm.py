@@ -88,5 +88,10 @@ async def test_links_are_probed_and_reach_the_coordinator(swarm):
         pairs = {frozenset((m["a"], m["b"])) for m in links if m["gb_s"] > 0 and m["rtt_ms"] > 0}
         return len(pairs) == 3
 
+    def over_tcp(statuses) -> bool:  # directly linked daemons probe the path their workers' gloo takes
+        coordinator = next(iter(statuses.values()))["coordinator"]
+        return {m["path"] for m in statuses[coordinator]["links"]} == {"tcp"}
+
     async with open_client() as client:
-        await wait_until(client, daemons, every_pair_measured, timeout=30, what="probed every link")
+        statuses, _ = await wait_until(client, daemons, every_pair_measured, timeout=30, what="probed every link")
+        assert over_tcp(statuses), [m for s in statuses.values() if s for m in s["links"]]

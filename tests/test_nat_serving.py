@@ -56,6 +56,8 @@ def nat_lab() -> Iterator[NatLab]:
 OVER_LIBP2P = {("hole-punched", "libp2p"), ("relayed", "libp2p")}
 CONVERGE_SERVING_S = 120.0  # four daemons loading a model and hole-punching on a 2-core machine
 OWN_LINKS_S = 60.0
+PROBING = ("--probe-interval", "1")
+PROBED_S = 60.0  # every pair's turn comes within a few rounds of probes
 
 
 def _serving_relayed(handoffs: dict[frozenset[str], set[tuple[str, str]]], gloo: list[int], workers: int) -> Any:
@@ -102,6 +104,17 @@ async def _own_links(
             await serve()
 
 
+def _probed(entry: str, paths: dict[str, str]) -> Callable[[View], bool]:
+    """Whether ``entry``'s status shows the latest probe of its link to each peer of ``paths`` taken over the
+    path given (``tcp``: a connection to it, as gloo's; ``kv-link``: hole-punched or spliced by the relay)."""
+
+    def check(view: View) -> bool:
+        peers = {p["peer_id"]: p.get("measured") or {} for p in (view.get(entry) or {}).get("peers", [])}
+        return all(peers.get(peer, {}).get("path") == path and peers[peer]["gb_s"] > 0 for peer, path in paths.items())
+
+    return check
+
+
 async def _complete(client: Any, entry: str, tokens: list[int], decoders: set[int]) -> list[int]:
     """The tokens of one request; adds the decode replica that served it to ``decoders``."""
     out: list[int] = []
@@ -115,13 +128,19 @@ async def _complete(client: Any, entry: str, tokens: list[int], decoders: set[in
 
 
 def _start_homes(
-    lab: NatLab, root: Path, model: Path, started: list[Daemon], plan: str, homes: tuple[str, ...]
+    lab: NatLab,
+    root: Path,
+    model: Path,
+    started: list[Daemon],
+    plan: str,
+    homes: tuple[str, ...],
+    extra: tuple[str, ...] = (),
 ) -> tuple[Daemon, list[Daemon]]:
     """A relay on the public network and a daemon at each of ``homes``, all serving ``model`` with the pinned
-    ``plan``."""
+    ``plan`` (and ``extra`` flags)."""
     path = root / "pinned.toml"
     path.write_text(plan)
-    pin = ["--pin-plan", str(path)]
+    pin = ["--pin-plan", str(path), *extra]
     relay = start_daemon(lab.hosts["p1"], root, "relay", model=str(model), extra=["--relay", *pin])
     started.append(relay)
 
@@ -144,9 +163,11 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
 ) -> None:
     """No pair of homes can open a TCP connection to each other, so no gloo exchange group can form: the plan
     says its hand-offs go over libp2p, and every request, prefilled at home 1 and decoded at home 2 (a
-    hole-punched link) or home 3 (relayed, symmetric NAT), streams transformers' greedy tokens."""
+    hole-punched link) or home 3 (relayed, symmetric NAT), streams transformers' greedy tokens. The probes of
+    home 1's links to the others go over KV links, the path their KV takes."""
     with started_daemons() as started:
-        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started, THREE_HOMES, ("h11", "h21", "h31"))
+        homes_named = ("h11", "h21", "h31")
+        relay, homes = _start_homes(nat_lab, tmp_path, stories_dir, started, THREE_HOMES, homes_named, PROBING)
         a, b, c = (d.peer_id for d in homes)
         prompts = [[1, 403, 407, 261, 378], *random_prompts(5, 512, seed=41, low=3, high=20)]
         reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
@@ -186,6 +207,7 @@ async def test_prefill_at_one_home_hands_kv_to_decode_at_two_others_through_libp
                 if decoders == {1, 2}:
                     break
             assert decoders == {1, 2}
+            await converge(client, _circuits(relay, homes), _probed(a, {b: "kv-link", c: "kv-link"}), PROBED_S)
 
 
 BRIDGED = """[[groups]]
@@ -367,11 +389,11 @@ async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_
     """Prefill at h11, decode at h12 on the same LAN (direct) and at h21 behind another NAT (hole-punched):
     h11 and h12 form a gloo exchange group and hand KV over it, while h21's KV goes through the daemons; both
     routes give transformers' tokens. h11 and h12, each able to dial the other on their LAN, still find
-    themselves private: a LAN neighbour's dial-back proves nothing about the NAT."""
+    themselves private: a LAN neighbour's dial-back proves nothing about the NAT. h11 probes its link to h12
+    over a TCP connection of its own (gloo's path) and its link to h21 over a KV link (the KV's path)."""
     with started_daemons() as started:
-        relay, homes = _start_homes(
-            lan_and_home, tmp_path, stories_dir, started, pinned("h11", "h12", "h21"), ("h11", "h12", "h21")
-        )
+        plan, named = pinned("h11", "h12", "h21"), ("h11", "h12", "h21")
+        relay, homes = _start_homes(lan_and_home, tmp_path, stories_dir, started, plan, named, PROBING)
         a, b, c = (d.peer_id for d in homes)
         kinds = {frozenset((a, b)): {("direct", "torch")}, frozenset((a, c)): OVER_LIBP2P}
         prompts = random_prompts(4, 512, seed=43, low=3, high=20)
@@ -391,6 +413,7 @@ async def test_hosts_linked_directly_keep_gloo_for_their_hand_offs_while_others_
                     break
                 assert await _complete(client, a, prompts[0], decoders) == reference[0]
             assert decoders == {1, 2}
+            await converge(client, _circuits(relay, homes), _probed(a, {b: "tcp", c: "kv-link"}), PROBED_S)
 
 
 async def test_a_bridged_replica_losing_its_first_stage_finishes_its_stream_on_the_next_plan(

@@ -24,6 +24,7 @@ from hexgen.daemon.kv_link import (
     open_link,
     punch,
 )
+from hexgen.daemon.kv_relay import KvRelay
 from hexgen.daemon.sealed import MAX_RECORD, SealedStream, SealError, new_key
 from hexgen.daemon.splice import (
     HELLO,
@@ -35,6 +36,7 @@ from hexgen.daemon.splice import (
     dial,
     reusable_socket,
 )
+from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import FrameReader, MalformedFrame, write_frame
 from hexgen.testing.daemon_harness import open_client
 
@@ -243,7 +245,11 @@ async def test_a_lone_splice_connection_waits_for_its_partner_no_longer_than_its
 def test_a_link_offer_is_parsed_strictly() -> None:
     offer = LinkOffer(os.urandom(TOKEN_BYTES), new_key(), "12D3KooWrelay", 4001, True)
     assert LinkOffer.from_wire(offer.to_wire()) == offer
+    probe = LinkOffer(os.urandom(TOKEN_BYTES), new_key(), "12D3KooWrelay", 4001, True, probe=True)
+    assert LinkOffer.from_wire(probe.to_wire()) == probe
     for bad in (
+        {**offer.to_wire(), "probe": 1},
+        {**probe.to_wire(), "route": ["hexgen/1/1/exchange/", 0, 1]},
         {**offer.to_wire(), "token": b"short"},
         {**offer.to_wire(), "key": b"k" * 16},
         {**offer.to_wire(), "port": 0},
@@ -344,4 +350,38 @@ async def test_a_kv_link_is_offered_spliced_sealed_and_refused_when_it_should_be
                     await open_link(sender, receiver.peer_id, nowhere, punch=False)
                 link = await open_link(sender, receiver.peer_id, routes, punch=True)  # nobody answers the punch
                 assert not link.direct
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_probe_of_a_kv_link_measures_the_spliced_path_and_is_refused_to_strangers_and_twice_at_once() -> None:
+    """The sender's daemon probes its KV link to the receiver's (spliced by a relay: the path their KV would
+    take): a measurement of that path. A stranger, no member of the receiver's swarm, is declined; so is a
+    second probe from the sender while one is under way."""
+    async with open_client() as relay_host, open_client() as sender, open_client() as receiver, open_client() as x:
+        for host in (sender, receiver, x):
+            await host.connect(f"{relay_host.addrs[0]}/p2p/{relay_host.peer_id}")
+        for host in (sender, x):
+            await host.connect(f"{receiver.addrs[0]}/p2p/{receiver.peer_id}")
+        async with trio.open_nursery() as nursery:
+            splicer = Splicer(lambda peer: True, "127.0.0.1", 0)
+            await nursery.start(splicer.run)
+            relay_host.handle(SPLICE_PROTOCOL, splicer.serve_register)
+            routes = SpliceRoutes(lambda: [relay_host.peer_id], lambda relay: ["127.0.0.1"])
+
+            def relay_of(host: Any, member: Any = lambda peer: True) -> KvRelay:
+                return KvRelay(host, host.peer_id, Supervisor(host.peer_id, "model"), routes, member)
+
+            answering = relay_of(receiver, lambda peer: peer == sender.peer_id)
+            answering._nursery = nursery
+            receiver.handle(LINK_PROTOCOL, answering.serve_link)
+            with trio.fail_after(30):
+                measured = await relay_of(sender).probe_link(receiver.peer_id)
+                assert (measured.a, measured.b, measured.path) == (sender.peer_id, receiver.peer_id, "kv-link")
+                assert measured.gb_s > 0
+                with pytest.raises(LinkError, match="is not a member"):
+                    await relay_of(x).probe_link(receiver.peer_id)
+                answering._probes_from.add(sender.peer_id)
+                with pytest.raises(LinkError, match="under way"):
+                    await relay_of(sender).probe_link(receiver.peer_id)
             nursery.cancel_scope.cancel()
