@@ -5,8 +5,10 @@ the path its workers' own links take).
 
 The prober's records are sealed under the probe's key, the answers under a key derived from it (``reply_key``:
 one key per direction, as AES-GCM's record-index nonces need). The prober sends PINGS one-byte pings, each
-answered, then ``size`` bytes in data records and an end record, answered with the count taken; the answering
-end takes at most MAX_PROBE_BYTES and gives up after TIMEOUT_S.
+answered, then ``size`` bytes in data records and an end record, answered with the count taken, twice: the
+first burst, untimed, takes the fresh connection out of TCP's slow start, which would otherwise bound a
+burst of a few MiB on a fast link. The answering end takes at most MAX_PROBE_BYTES in all and gives up after
+TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -52,38 +54,46 @@ async def run_path_probe(
             await questions.write(PING)
             _expect(await answers.read_record(), PING, 0)
             rtts.append((time.perf_counter() - start) * 1e3)
-        record = DATA + bytes(RECORD_BYTES)
+        await _burst(questions, answers, size)
         start = time.perf_counter()
-        for sent in range(0, size, RECORD_BYTES):
-            await questions.write(record[: 1 + min(RECORD_BYTES, size - sent)])
-        await questions.write(END)
-        count = _expect(await answers.read_record(), COUNT, COUNT_BYTES)
+        await _burst(questions, answers, size)
         elapsed = time.perf_counter() - start
     if scope.cancelled_caught:
         raise ProbeError(f"no answer within {TIMEOUT_S:g} s")
-    if int.from_bytes(count, "big") != size:
-        raise ProbeError(f"the peer took {int.from_bytes(count, 'big')} bytes of {size}")
     return LinkMeasurement.from_probe(a, b, size, elapsed, statistics.median(rtts), path=path)
 
 
+async def _burst(questions: SealedStream, answers: SealedStream, size: int) -> None:
+    record = DATA + bytes(RECORD_BYTES)
+    for sent in range(0, size, RECORD_BYTES):
+        await questions.write(record[: 1 + min(RECORD_BYTES, size - sent)])
+    await questions.write(END)
+    count = int.from_bytes(_expect(await answers.read_record(), COUNT, COUNT_BYTES), "big")
+    if count != size:
+        raise ProbeError(f"the peer took {count} bytes of {size}")
+
+
 async def answer_path_probe(stream: trio.abc.Stream, key: bytes) -> int:
-    """Answer one probe arriving on ``stream``; the bytes it sent. Raises ProbeError for anything but a probe
-    (or one over MAX_PROBE_BYTES, or not done within TIMEOUT_S), SealError for a record that does not open."""
+    """Answer the probe arriving on ``stream`` until the prober closes it; the bytes it sent. Raises ProbeError
+    for anything but a probe (or one over MAX_PROBE_BYTES, one that sent no burst whole, or one not done within
+    TIMEOUT_S), SealError for a record that does not open."""
     questions, answers = SealedStream(stream, key), SealedStream(stream, reply_key(key))
-    taken = 0
+    taken = burst = bursts = 0
     with trio.move_on_after(TIMEOUT_S):
         while (record := await questions.read_record()) is not None:
             op = bytes(record[:1])
             if op == PING and len(record) == 1:
                 await answers.write(PING)
             elif op == DATA and taken + len(record) - 1 <= MAX_PROBE_BYTES:
-                taken += len(record) - 1
+                taken, burst = taken + len(record) - 1, burst + len(record) - 1
             elif op == END and len(record) == 1:
-                await answers.write(COUNT + taken.to_bytes(COUNT_BYTES, "big"))
-                return taken
+                await answers.write(COUNT + burst.to_bytes(COUNT_BYTES, "big"))
+                burst, bursts = 0, bursts + 1
             else:
                 raise ProbeError(f"a path probe sent a record of {len(record)} bytes starting {op!r}")
-        raise ProbeError("the prober left before the end of its probe")
+        if not bursts:
+            raise ProbeError("the prober left before the end of its probe")
+        return taken
     raise ProbeError(f"a path probe not done within {TIMEOUT_S:g} s")
 
 
