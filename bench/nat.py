@@ -99,7 +99,7 @@ from hexgen.testing.netns import Lab, NetnsUnavailable, start_daemon, stop_daemo
 
 REQUEST_TIMEOUT_S = "300"  # a relayed hand-off keeps the decode driver quiet: no failover mid-transfer
 SERVE_S = 180.0
-OWN_LINKS_S = 30.0
+OWN_LINKS_S = 60.0
 FORWARDED_PORTS = (47501, 47502)  # raw TCP, sealed: forwarded to h21 by home 2's router for the probes
 SHORT_PROMPT, SHORT_TOKENS = 16, 8  # a hand-off of 16 tokens' KV: its fixed cost
 DECODES = {1: ("direct", "h12"), 2: ("hole-punched", "h21"), 3: ("relayed", "h31")}
