@@ -58,10 +58,10 @@ class LinkProbes:
     async def _path(self, peer: str) -> LinkMeasurement | None:
         """The path ``peer``'s bytes take, measured; None where it could not be, or failed less than
         PATH_RETRY_S ago (said why in the log, once)."""
-        kind = self.host.link_kinds().get(peer)
-        ips = [ip for ip in self.host.remote_ips(peer) if ":" not in ip]  # IPv4: what the listener takes
         if trio.current_time() < self._path_retry.get(peer, -math.inf):
             return None
+        kind = self.host.link_kinds().get(peer)
+        ips = [ip for ip in self.host.remote_ips(peer) if ":" not in ip]  # IPv4: what the listener takes
         try:
             if kind == "direct" and ips:
                 return await tcp_probe(self._stream(peer), ips[0], self.state.peer_id, peer)

@@ -522,25 +522,6 @@ def _wait_sends(
     return failed
 
 
-def expected_messages(
-    kv_cache: torch.Tensor,
-    shard: KVShard,
-    slices: Sequence[KVSlice],
-    block_table: Sequence[int],
-    num_tokens: int,
-    peer: Callable[[int], int],
-    *,
-    blocks_per_chunk: int = 64,
-) -> dict[int, int]:
-    """How many messages :func:`recv_kv` with the same arguments takes from each peer (its group rank): one
-    per chunk of ``blocks_per_chunk`` blocks, from each peer with a slice for this rank. Raises like
-    :func:`recv_kv`. O(slices + blocks)."""
-    _check_call(blocks_per_chunk, None)
-    _check_cache(kv_cache, shard)
-    chunks = -(-len(_used_blocks(kv_cache, block_table, num_tokens)) // blocks_per_chunk)
-    return {move.peer: chunks for move in _local_moves(shard, slices, False, peer)} if chunks else {}
-
-
 @dataclass
 class KVArrivals:
     """A sequence's KV coming through the daemons (an ``Exchange``'s relay), scattered into its blocks chunk by
