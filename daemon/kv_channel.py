@@ -10,7 +10,7 @@ readable whenever a message is settled, so a step loop waiting for relayed KV se
 
 Where the daemons set up a link for a route of this worker's (``KvLinkGrant``, its socket passed along), its
 messages go on that link instead (``daemon.kv_worker_links``); one the link fails to carry is sent again,
-whole, through the daemon (filing a part twice changes nothing).
+whole, through the daemon (filing a part twice changes nothing), told that the link ended (``KvLinkEnded``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from hexgen.daemon.kv_frames import (
     PART_BYTES,
     Frame,
     Key,
+    KvLinkEnded,
     KvLinkGrant,
     KvLost,
     KvPart,
@@ -257,6 +258,7 @@ class KvChannel:
                 if self.links.get(link.route) is link:
                     del self.links[link.route]
             link.close()
+            self.sock.sendall(KvLinkEnded(link.route).frame())  # so the daemon may set up another
             return False
         return True
 

@@ -143,6 +143,18 @@ class KvLinkGrant:
         return len(head).to_bytes(HEADER_BYTES, "big") + head
 
 
+@dataclass(frozen=True)
+class KvLinkEnded:
+    """Worker -> daemon: the link of the worker's own that it sent ``route``'s messages on ended; they go
+    through the daemon again, which may set up another."""
+
+    route: Route
+
+    def frame(self) -> bytes:
+        head: bytes = msgpack.packb({"ended": list(self.route)})
+        return len(head).to_bytes(HEADER_BYTES, "big") + head
+
+
 def lost_frames(keys: list[Key]) -> list[KvLost]:
     """``keys`` as notices of at most MAX_LOST messages, one exchange each. O(len(keys))."""
     by_prefix: dict[str, list[tuple[int, int, int, int]]] = {}
@@ -170,6 +182,17 @@ def from_daemon(frame: Frame) -> KvPart | KvLost | KvLinkGrant:
     found = [m for m in messages if isinstance(m, list) and len(m) == 4 and all(type(n) is int and n >= 0 for n in m)]
     need(len(found) == len(messages), "a lost message is [src, dst, tag, index]")
     return KvLost(str(prefix), tuple((m[0], m[1], m[2], m[3]) for m in found))
+
+
+def from_worker(frame: Frame) -> KvPart | KvLinkEnded:
+    """What a daemon reads from its worker: a part, or the end of a link of the worker's own; raises
+    MalformedFrame."""
+    header, data = _split(frame)
+    if "ended" in header:
+        need(set(header) == {"ended"} and not data, "a link's end names its route alone")
+        return KvLinkEnded(route_of(header["ended"]))
+    need("lost" not in header and "grant" not in header, "a worker sends its daemon parts and link ends only")
+    return _parse(header | {"data": data})
 
 
 def _grant(header: dict[str, Any], data: memoryview) -> KvLinkGrant:

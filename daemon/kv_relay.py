@@ -37,7 +37,18 @@ from hexgen.daemon.cluster_view import LinkMeasurement
 from hexgen.daemon.deployment import Deployment
 from hexgen.daemon.exact_reads import read_frame_exactly
 from hexgen.daemon.host import Host, ProtocolId, Stream, stream_peer
-from hexgen.daemon.kv_frames import Frame, Key, KvLinkGrant, KvLost, KvPart, Route, from_daemon, lost_frames
+from hexgen.daemon.kv_frames import (
+    Frame,
+    Key,
+    KvLinkEnded,
+    KvLinkGrant,
+    KvLost,
+    KvPart,
+    Route,
+    from_daemon,
+    from_worker,
+    lost_frames,
+)
 from hexgen.daemon.kv_link import NO_ROUTES, KvLink, LinkError, LinkOffer, SpliceRoutes, accept_link, open_link
 from hexgen.daemon.path_probes import ProbeError, answer_path_probe, run_path_probe
 from hexgen.daemon.sealed import SealedStream, SealError
@@ -132,11 +143,14 @@ class KvRelay:
         try:
             while (frame := await read_frame_exactly(worker.kv.stream)) is not None:
                 try:
-                    part = KvPart.from_frame(frame)
+                    sent = from_worker(frame)
                 except MalformedFrame as exc:  # consumed whole: the socket is still in step
                     log.warning("dropped a bad KV part of worker of rank %d: %s", worker.rank, exc)
                     continue
-                await self._route(part, frame, worker)
+                if isinstance(sent, KvLinkEnded):
+                    self._route_link_ended(sent.route)
+                else:
+                    await self._route(sent, frame, worker)
         except _BROKEN as exc:
             log.info("the KV socket of worker of rank %d ended: %s", worker.rank, exc)
 
@@ -243,6 +257,17 @@ class KvRelay:
                 del routes[old]
         self._route_retry[route] = math.inf
         self._nursery.start_soon(self._open_route, worker, route, peer)
+
+    def _route_link_ended(self, route: Route) -> None:
+        """A local worker's own link for ``route`` ended: its messages come through here again, and after
+        LINK_RETRY_S one of them asks for another link."""
+        if self._granted.pop(route, None) is not None:
+            self._route_retry[route] = trio.current_time() + LINK_RETRY_S
+            log.info(
+                "the link of its own of %s ended: its KV goes through the daemons, another link in %g s",
+                route,
+                LINK_RETRY_S,
+            )
 
     async def _open_route(self, worker: LocalWorker, route: Route, peer: str) -> None:
         assert self.routes is not None  # _link_route said so

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hexgen.daemon.deployment import Replica
 from hexgen.daemon.failure import WorldFailure
-from hexgen.daemon.kv_frames import PART_BYTES, KvPart, from_daemon
+from hexgen.daemon.kv_frames import PART_BYTES, KvPart, from_daemon, from_worker
 from hexgen.daemon.start_deadline import StartDeadline
 from hexgen.daemon.supervisor import Supervisor
 from hexgen.daemon.wire import MalformedFrame, encode_frame
@@ -218,14 +218,19 @@ def test_kv_parts(raw: Any) -> None:
 @example(msgpack.packb(KV_PARTS[0].to_wire()), 0, b"")  # the old layout: data inside the header
 @example(msgpack.packb({"lost": "p/", "messages": [[0, 1, 2, 3]]}), 0, b"")  # a notice, for a worker only
 @example(msgpack.packb({"lost": "p/", "messages": [[0, 1, 2]] * 40}), 0, b"")
+@example(msgpack.packb({"ended": ["p/", 0, 1]}), 0, b"")  # a link's end, from a worker only
+@example(msgpack.packb({"ended": ["p/", 0, 1]}), 0, b"x")
 def test_kv_frames(head: bytes, skew: int, data: bytes) -> None:
     """Any bytes as a KV frame: a part whose frame is exactly those bytes, or ``MalformedFrame``; from its
-    daemon, a worker reads a part, a lost notice or ``MalformedFrame``; read as a head and its data apart (a
+    daemon, a worker reads a part, a lost notice or ``MalformedFrame``, and a daemon from its worker a part, a
+    link's end or ``MalformedFrame``; read as a head and its data apart (a
     worker's link), the same part or ``MalformedFrame``."""
     frame = (len(head) + len(data) + skew).to_bytes(4, "big") + head + data
     show(frame)
     read = outcome(lambda: from_daemon(frame), MalformedFrame)
     assert read is REFUSED or isinstance(read, KvPart) or from_daemon(read.frame()) == read
+    sent = outcome(lambda: from_worker(frame), MalformedFrame)
+    assert sent is REFUSED or isinstance(sent, KvPart) or from_worker(sent.frame()) == sent
     part = outcome(lambda: KvPart.from_frame(frame), MalformedFrame)
     apart = outcome(lambda: KvPart.from_head(frame[: len(frame) - len(data)], memoryview(data)), MalformedFrame)
     assert apart is REFUSED or apart == part  # a head and its data apart: never a part the whole frame is not

@@ -22,8 +22,8 @@ import trio.testing
 from hexgen.coordinator.plan import SOURCE, Flow, Group, Plan, Stage
 from hexgen.daemon.deployment import Deployment, Replica, bridge_prefix, deployment_from_plan
 from hexgen.daemon.kv_channel import KvChannel
-from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, Frame, KvLost, KvPart, from_daemon, lost_frames
-from hexgen.daemon.kv_link import KvLink
+from hexgen.daemon.kv_frames import MAX_LOST, PART_BYTES, Frame, KvLinkEnded, KvLost, KvPart, from_daemon, lost_frames
+from hexgen.daemon.kv_link import KvLink, SpliceRoutes
 from hexgen.daemon.kv_relay import ROUTE_LINKS, Carrier, KvRelay, accepts, sends_kv
 from hexgen.daemon.kv_worker_links import LinkWriter
 from hexgen.daemon.messages import PlanBody, PlanLink
@@ -364,6 +364,29 @@ async def test_a_link_of_a_route_s_own_is_admitted_as_its_parts_would_be_and_han
     assert await trio.to_thread.run_sync(group.recv([received], 1, 9).wait, timedelta(seconds=30))
     assert torch.equal(received, values)
     for end in (out, worker_end, daemon_end):
+        end.close()
+
+
+@pytest.mark.trio
+async def test_a_worker_s_link_that_ended_is_forgotten_and_another_is_asked_for_only_after_a_while() -> None:
+    """C's worker (rank 2) says its own link for a route ended: C's status no longer counts it, and a part of
+    that route does not ask for another link until LINK_RETRY_S passed. A malformed end is dropped and the
+    socket read on."""
+    relay, _, daemon_end, worker_end = daemon_c()
+    route = (PART.prefix, 2, 1)
+    relay._granted = {route: ("B", "direct")}
+    relay._nursery = "not to be used"  # type: ignore[assignment]  # no link may be asked for here
+    relay.routes = SpliceRoutes(lambda: ["R"], lambda relay: ["127.0.0.1"])
+    bad = msgpack.packb({"ended": list(route), "extra": 1})
+    worker_end.sendall(len(bad).to_bytes(4, "big") + bad + KvLinkEnded(route).frame())
+    worker_end.shutdown(socket.SHUT_RDWR)  # the worker's channel reads it in a thread: close alone ends nothing
+    (worker,) = relay.supervisor.workers.values()
+    with trio.fail_after(10):
+        await relay.pump(worker)
+    assert relay.worker_links("B") == {}
+    assert relay._route_retry[route] > trio.current_time()
+    relay._link_route(worker, route, "B")  # within LINK_RETRY_S: nothing is started (no nursery to start it)
+    for end in (daemon_end, worker_end):
         end.close()
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hexgen.daemon.kv_channel import KvChannel
-from hexgen.daemon.kv_frames import PART_BYTES, KvLinkGrant, KvPart, from_daemon
+from hexgen.daemon.kv_frames import PART_BYTES, KvLinkEnded, KvLinkGrant, KvPart, from_daemon, from_worker
 from hexgen.daemon.kv_worker_links import LinkWriter
 from hexgen.daemon.sealed import Sealer, new_key
 from hexgen.daemon.wire import HEADER_BYTES, MalformedFrame
@@ -84,6 +84,7 @@ class DaemonReader:
     def __init__(self, daemon_end: socket.socket) -> None:
         self.daemon_end = daemon_end
         self.parts: list[KvPart] = []
+        self.ended: list[tuple[int, KvLinkEnded]] = []  # with how many parts came before it
         self.arrived = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -94,10 +95,12 @@ class DaemonReader:
                 buffer += chunk
                 while len(buffer) >= HEADER_BYTES + int.from_bytes(buffer[:HEADER_BYTES], "big"):
                     size = HEADER_BYTES + int.from_bytes(buffer[:HEADER_BYTES], "big")
-                    part = from_daemon(buffer[:size])
-                    assert isinstance(part, KvPart)
+                    sent = from_worker(buffer[:size])
                     with self.arrived:
-                        self.parts.append(dataclasses.replace(part, data=b""))
+                        if isinstance(sent, KvLinkEnded):
+                            self.ended.append((len(self.parts), sent))
+                        else:
+                            self.parts.append(dataclasses.replace(sent, data=b""))
                         self.arrived.notify_all()
                     buffer = buffer[size:]
 
@@ -137,8 +140,8 @@ def test_a_route_with_a_link_of_its_own_goes_worker_to_worker_and_nothing_throug
 
 
 def test_a_link_that_breaks_sends_the_message_again_whole_through_the_daemon() -> None:
-    """The receiving end closes; the sender's next writes fail, and the message they were carrying goes to
-    the daemon from its first part on, with every message after it."""
+    """The receiving end closes; the sender's next writes fail, the daemon is told the link ended, and the
+    message they were carrying goes to the daemon from its first part on, with every message after it."""
     with workers(1) as (sender,):
         out, into = tcp_pair()
         sender.grant(out, new_key(), sends=True)
@@ -153,6 +156,7 @@ def test_a_link_that_breaks_sends_the_message_again_whole_through_the_daemon() -
             index += 1
         index -= 1
         assert daemon.wait_for(2, 30) == [(index, 0), (index, 1)]
+        assert daemon.ended == [(0, KvLinkEnded(ROUTE))]  # told first, so that it may set up another
         sender.channel.send(PREFIX, 1, 2, 9, message)
         assert daemon.wait_for(4, 30)[2:] == [(index + 1, 0), (index + 1, 1)]
 
