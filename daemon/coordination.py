@@ -16,17 +16,19 @@ import trio
 from hexgen.coordinator.plan import Plan
 from hexgen.coordinator.specs import ModelSpec
 from hexgen.daemon.adoption import Adoption
-from hexgen.daemon.adverts import RUNNABLE
+from hexgen.daemon.adverts import RUNNABLE, reachability_of
 from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.envelope import Envelope, seal
 from hexgen.daemon.failure import FailureReport
 from hexgen.daemon.messages import LeaseBody, PlanBody
+from hexgen.daemon.nat_check import UNKNOWN
 from hexgen.daemon.pair_links import (
     NO_WORLDS,
     Pair,
     bridged_groups,
     exchange_transport,
     gloo_groups,
+    outbound_pairs,
     pair_kinds,
     pair_relays,
     plan_links,
@@ -57,6 +59,7 @@ class Coordination:
         self.failure_replans = 0
         self.failure_replans_published = 0
         self.planned_for: tuple[Any, ...] = ()
+        self.reachability: Callable[[], str] = lambda: UNKNOWN  # this node's, as its adverts say (``Adverts``)
 
     def tick(self, connected: set[str]) -> None:
         """Expire members unheard of for the peer timeout (unless connected), then claim or renew the lease."""
@@ -106,8 +109,12 @@ class Coordination:
         return (*key, tuple(sorted(kinds.items())), relays)
 
     def link_kinds(self) -> dict[Pair, str]:
-        """Each pair's kind of link, from the members' adverts (this node's own links are in its peers')."""
-        return pair_kinds({peer: record.advert.connections for peer, record in self.state.table.peers.items()})
+        """Each pair's kind of link, from the members' adverts (this node's own links are in its peers'), a
+        direct one between a public and a private member being outbound only (``outbound_pairs``)."""
+        peers = self.state.table.peers
+        kinds = pair_kinds({peer: record.advert.connections for peer, record in peers.items()})
+        said = {peer: reachability_of(env) for peer, (env, _) in self.state.adverts.items() if peer in peers}
+        return outbound_pairs(kinds, said | {self.state.peer_id: self.reachability()})
 
     def link_relays(self, kinds: dict[Pair, str]) -> dict[Pair, str]:
         """The relay of each relayed pair of ``kinds`` that the members' advertised addresses tell."""

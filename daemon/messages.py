@@ -28,6 +28,9 @@ MAX_CONNECTIONS = 512
 MAX_PLAN_LINKS = 4096
 LINK_KINDS = ("direct", "hole-punched", "relayed")  # how two daemons are connected (``Host.link_kinds``)
 UNKNOWN_LINK = "unknown"  # a pair of the plan that neither end reported a connection for
+# a plan's pairs: the kinds adverts report, and "outbound" (direct, but only from the private end out:
+# ``pair_links.outbound_pairs``)
+PLAN_LINK_KINDS = (*LINK_KINDS, "outbound", UNKNOWN_LINK)
 LINK_USES = ("stage", "handoff")
 # KV hand-offs over a gloo exchange group (every pair of its hosts linked directly), or through the daemons'
 # libp2p streams (some pair is relayed or hole-punched)
@@ -239,7 +242,7 @@ class BlockedPair:
 class PlanLink:
     """Two peers a plan moves model data between and the kind of link joining them: ``use`` "stage" (a stage
     boundary inside group ``groups[0]`` == ``groups[1]``) or "handoff" (KV from prefill group ``groups[0]`` to
-    decode group ``groups[1]``); ``kind`` one of ``LINK_KINDS`` or ``UNKNOWN_LINK``; ``transport`` one of
+    decode group ``groups[1]``); ``kind`` one of ``PLAN_LINK_KINDS``; ``transport`` one of
     ``EXCHANGE_TRANSPORTS``."""
 
     peers: tuple[str, str]
@@ -263,7 +266,7 @@ class PlanLink:
         peers = _strings(body.get("peers"), "plan link peers", 2)
         groups = body.get("groups")
         use, kind = body.get("use"), body.get("kind")
-        if len(peers) != 2 or use not in LINK_USES or kind not in (*LINK_KINDS, UNKNOWN_LINK):
+        if len(peers) != 2 or use not in LINK_USES or kind not in PLAN_LINK_KINDS:
             raise MessageError("a plan link names two peers, its use (stage, handoff) and its kind")
         if not (isinstance(groups, list) and len(groups) == 2 and all(type(g) is int for g in groups)):
             raise MessageError("a plan link names the two groups it joins")

@@ -103,6 +103,7 @@ class Node:
         self.adverts = Adverts(self.state, key_pair, self.load, self._rendezvous)
         self.adoption = Adoption(self.state, self._plan_adopted, self._sync_member)
         self.coordination = Coordination(self.state, key_pair, self.model, self.adoption)
+        self.coordination.reachability = lambda: self.adverts.reachability
         self.reports = Reports(self.state, key_pair, self.coordination, self._publish)
         self.gossip = GossipIntake(
             self.state,

@@ -2,7 +2,8 @@
 
 Worlds (gloo/NCCL) open their own TCP connections between hosts, so only a direct link carries them. A
 relayed pair has no TCP path at all; a hole-punched pair has one, but it is the libp2p connection the punch
-opened through both NATs, not a port a worker can dial: neither carries a world. Both carry messages over
+opened through both NATs, not a port a worker can dial; an outbound pair's connection was dialled by a host
+behind NAT to a public one, which cannot dial back (``outbound_pairs``): none of them carries a world. Both carry messages over
 the daemons' libp2p streams: KV hand-offs, so a plan whose ranks sit on such a pair moves its epoch's
 hand-offs that way (``exchange_transport``), and the stage boundaries of a group spanning one, whose stages
 are then each a world of their own (``bridged_groups``). A relayed pair's bytes also cross its relay
@@ -23,13 +24,14 @@ DIRECTNESS = {"relayed": 0, "hole-punched": 1, "direct": 2}
 NO_WORLDS = {
     "relayed": "only through a relay",
     "hole-punched": "only by a hole-punched libp2p connection, which workers cannot dial",
+    "outbound": "only by a connection the private one dialled out of its NAT, which the public one cannot dial back",
 }
 # GB/s the planner assumes for a pair of a kind in NO_WORLDS that no probe has measured yet, instead of the
 # 10 Gbit/s default of a direct link: the KV of such a pair crosses NATs (hole-punched) or a relay's uplink,
 # shared with everything else the relay carries, and nothing is known of either until the pair's KV link is
 # probed (``daemon.path_probes``); a link that cannot be set up leaves the KV on libp2p streams, which moved
 # 13-23 MiB/s through a relay (../shared/notes/nat.md). A probe's figure replaces these as soon as there is one.
-UNMEASURED_GB_S = {"relayed": 0.015, "hole-punched": 0.1}
+UNMEASURED_GB_S = {"relayed": 0.015, "hole-punched": 0.1, "outbound": 0.1}
 CIRCUIT = "/p2p-circuit"  # RELAY_ADDR/p2p/RELAY_ID/p2p-circuit/p2p/PEER_ID
 
 
@@ -50,6 +52,19 @@ def pair_kinds(reports: Mapping[str, Mapping[str, str]]) -> dict[Pair, str]:
             if key not in kinds or DIRECTNESS[kind] > DIRECTNESS[kinds[key]]:
                 kinds[key] = kind
     return kinds
+
+
+def outbound_pairs(kinds: Mapping[Pair, str], reachability: Mapping[str, str]) -> dict[Pair, str]:
+    """``kinds`` with each direct pair one of whose ends is "public" and the other "private" (``reachability``:
+    peer -> what its signed advert says, from AutoNAT) made "outbound": the private end dialled the public one
+    out of its NAT, and nothing at the public end can dial it back, so no world spans the pair (a world's
+    store sits at one end, and a gloo pair connects in whichever direction the two addresses sort). Two private
+    ends linked directly share a LAN; an end that does not know is taken as dialable. O(pairs)."""
+    out = dict(kinds)
+    for pair, kind in kinds.items():
+        if kind == "direct" and {reachability.get(pair[0]), reachability.get(pair[1])} == {"public", "private"}:
+            out[pair] = "outbound"
+    return out
 
 
 def worldless_pairs(kinds: Mapping[Pair, str], peers: Iterable[str]) -> list[tuple[Pair, str]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 import trio
@@ -300,3 +302,25 @@ def test_node_settings_check_themselves(fields, message):
     with pytest.raises(ConfigError, match=message):
         NodeConfig(**fields)
     NodeConfig()
+
+
+def test_the_coordinator_takes_a_direct_link_between_a_public_and_a_private_member_as_outbound_only():
+    """This node (public) is linked directly to Bob (private: Bob dialled out of his NAT) and to Carol (who
+    does not know yet): the pair with Bob carries no world and the planning key says so, so the change of
+    this node's reachability re-plans."""
+    clock = FakeClock()
+    state = swarm_state(clock)
+    coordination = Coordination(state, new_identity(), None, adoption_of(state))
+    coordination.reachability = lambda: "public"
+    me = state.peer_id
+    adverts = Adverts(state, new_identity(), dict, lambda: None)
+    for key, host, said in ((BOB, "bob", "private"), (CAROL, "carol", "unknown")):
+        advert = dataclasses.replace(advert_of(host), connections={me: "direct"})
+        body = advert.to_wire() | {"reachability": said}
+        adverts.apply(seal("advert", body, key, 30.0, now=clock.now), clock.now)
+    kinds = coordination.link_kinds()
+    assert kinds[tuple(sorted((me, BOB_ID)))] == "outbound" and kinds[tuple(sorted((me, CAROL_ID)))] == "direct"
+    key = coordination.planning_key()
+    coordination.reachability = lambda: "unknown"
+    assert coordination.planning_key() != key
+    assert set(coordination.link_kinds().values()) == {"direct"}

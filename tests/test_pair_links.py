@@ -15,7 +15,7 @@ from hexgen.coordinator.specs import MODELS
 from hexgen.daemon.cluster_view import PeerHardware
 from hexgen.daemon.hardware import simulated_profile
 from hexgen.daemon.messages import MAX_CONNECTIONS, Advert, MessageError, PlanBody, PlanLink
-from hexgen.daemon.pair_links import pair_kinds, plan_links
+from hexgen.daemon.pair_links import outbound_pairs, pair_kinds, plan_links
 from hexgen.daemon.planning import PlanningInput, PlanOutcome, compute_plan
 
 A, B, C = "12D3KooWPeerA", "12D3KooWPeerB", "12D3KooWPeerC"
@@ -44,7 +44,26 @@ def test_the_more_direct_report_of_a_pair_wins_and_nonsense_is_left_out() -> Non
     assert pair_kinds(reports) == {(A, B): "hole-punched", (A, C): "direct"}
 
 
-@pytest.mark.parametrize("kind", ["relayed", "hole-punched"])
+def test_a_direct_pair_of_a_public_and_a_private_member_is_outbound_only() -> None:
+    """A public member and a private one linked directly: the private one dialled out, so the pair carries no
+    world. Two private members linked directly share a LAN; one end that does not know is taken as dialable;
+    a pair already worldless keeps its kind."""
+    kinds = {(A, B): "direct", (A, C): "direct", (B, C): "direct"}
+    said = {A: "public", B: "private", C: "private"}
+    assert outbound_pairs(kinds, said) == {(A, B): "outbound", (A, C): "outbound", (B, C): "direct"}
+    assert outbound_pairs(kinds, {A: "public", B: "unknown"}) == kinds
+    assert outbound_pairs({(A, B): "relayed"}, said) == {(A, B): "relayed"}
+    plan = Plan(
+        (Group(0, "colocated", (Stage((0,), (0, 16)), Stage((1,), (16, 32))), 1.0, 8),),
+        (Flow(SOURCE, 0, 1.0), Flow(0, SINK, 1.0)),
+        1.0,
+        "test",
+    )
+    (link,) = plan_links(plan, {0: A, 1: B}, outbound_pairs(kinds, said))
+    assert link.kind == "outbound" and PlanLink.from_wire(link.to_wire()) == link
+
+
+@pytest.mark.parametrize("kind", ["relayed", "hole-punched", "outbound"])
 def test_a_pair_that_cannot_carry_a_world_is_in_no_group_and_not_blocked(kind: str) -> None:
     free = compute_plan(_given())
     assert free.plan is not None

@@ -177,7 +177,7 @@ def test_needs_pair_lets_a_hand_off_or_a_stage_boundary_cross_a_worldless_pair_b
     assert needs_pair(split, peer, [("a", "b")], []) == ("a", "b"), "a blocked pair holds no exchange"
 
 
-@pytest.mark.parametrize("kind", ["relayed", "hole-punched"])
+@pytest.mark.parametrize("kind", ["relayed", "hole-punched", "outbound"])
 def test_a_pinned_prefill_and_decode_across_a_worldless_pair_is_served_over_libp2p(kind: str) -> None:
     given = _given(kind=kind, pinned=parse_pinned(SPLIT, 32))
     outcome = compute_plan(given)
