@@ -134,11 +134,14 @@ class Coordination:
         state = self.state
         peers = self.peer_hardware()
         kinds = self.link_kinds()
+        # A block says a world failed between two peers: one whose link now carries no world (it turned out
+        # outbound, say) is planned with none anyway, its KV and bridges through the daemons.
+        blocked = [b for b in state.blocked.among(p.peer_id for p in peers) if kinds.get(b.pair) not in NO_WORLDS]
         return PlanningInput(
             model=self.model,
             peers=peers,
             links=state.all_links(),
-            blocked=state.blocked.among(p.peer_id for p in peers),
+            blocked=blocked,
             failures=self.failures_seen.get(state.table.version, 0),
             pinned=state.config.pinned,
             previous=self.previous,

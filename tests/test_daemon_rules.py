@@ -324,3 +324,28 @@ def test_the_coordinator_takes_a_direct_link_between_a_public_and_a_private_memb
     coordination.reachability = lambda: "unknown"
     assert coordination.planning_key() != key
     assert set(coordination.link_kinds().values()) == {"direct"}
+
+
+def test_a_block_on_a_pair_that_turned_out_worldless_binds_no_plan():
+    """A world failed between this node and Bob while their link looked direct; once Bob's advert says he is
+    private (so the link is outbound only), the planner is not told of the block: the pair is worldless."""
+    clock = FakeClock()
+    state = swarm_state(clock)
+    coordination = Coordination(state, new_identity(), None, adoption_of(state))
+    coordination.reachability = lambda: "public"
+    me = state.peer_id
+    adverts = Adverts(state, new_identity(), dict, lambda: None)
+
+    def said(reachability: str) -> None:
+        advert = dataclasses.replace(advert_of(), connections={me: "direct"})
+        adverts.apply(
+            seal("advert", advert.to_wire() | {"reachability": reachability}, BOB, 30.0, now=clock.now), clock.now
+        )
+
+    said("unknown")
+    state.blocked.block((me, BOB_ID), "the exchange group did not form", state.peer_addresses(), clock.now)
+    assert [b.pair for b in coordination.planning_input().blocked] == [tuple(sorted((me, BOB_ID)))]
+    clock.advance(1.0)
+    said("private")
+    given = coordination.planning_input()
+    assert given.blocked == [] and list(given.worldless()) == [tuple(sorted((me, BOB_ID)))]

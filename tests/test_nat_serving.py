@@ -441,3 +441,31 @@ async def test_a_bridged_replica_losing_its_first_stage_finishes_its_stream_on_t
             assert out == expected
             assert len({served["epoch"] for served in frame["served_by"]}) > 1, frame  # re-submitted
             assert relay.alive()
+
+
+@pytest.fixture
+def one_home() -> Iterator[NatLab]:
+    """One home behind an endpoint-independent NAT, beside the public network."""
+    with open_nat_lab(homes=(1,)) as lab:
+        yield lab
+
+
+async def test_a_public_host_and_one_behind_nat_that_dialled_it_hand_kv_through_the_daemons(
+    one_home: NatLab, tmp_path: Path, stories_dir: Path
+) -> None:
+    """Prefill on the public relay host, decode at home 1: their libp2p link is direct (home 1 dialled out),
+    but nothing on the public network can dial home 1. Once both know their reachability the plan says the
+    link is outbound, its hand-offs go through the daemons (a gloo exchange group tried before then cannot
+    form, and its block binds no plan), and requests stream transformers' greedy tokens."""
+    with started_daemons() as started:
+        relay, homes = _start_homes(one_home, tmp_path, stories_dir, started, pinned("relay", "h11"), ("h11",))
+        (a,) = (d.peer_id for d in homes)
+        prompts = random_prompts(3, 512, seed=47, low=3, high=20)
+        reference = reference_greedy(stories_dir, prompts, MAX_TOKENS)
+        async with open_client() as client:
+            kinds = {frozenset((relay.peer_id, a)): {("outbound", "libp2p")}}
+            await converge(client, _circuits(relay, homes), _serving_relayed(kinds, [], 2), CONVERGE_SERVING_S)
+            decoders: set[int] = set()
+            for i, prompt in enumerate(prompts):
+                assert await _complete(client, relay.peer_id, prompt, decoders) == reference[i]
+            assert decoders == {1}
