@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -304,20 +305,30 @@ def test_node_settings_check_themselves(fields, message):
     NodeConfig()
 
 
+def public_coordinator(clock: FakeClock) -> tuple[Coordination, Callable[[object, str, str], None]]:
+    """A coordinator that knows it is public, and how to take a member's advert: its key, host name and the
+    reachability it states, linked directly to this node."""
+    state = swarm_state(clock)
+    coordination = Coordination(state, new_identity(), None, adoption_of(state))
+    coordination.reachability = lambda: "public"
+    adverts = Adverts(state, new_identity(), dict, lambda: None)
+
+    def advertise(key: object, host: str, reachability: str) -> None:
+        advert = dataclasses.replace(advert_of(host), connections={state.peer_id: "direct"})
+        body = advert.to_wire() | {"reachability": reachability}
+        adverts.apply(seal("advert", body, key, 30.0, now=clock.now), clock.now)
+
+    return coordination, advertise
+
+
 def test_the_coordinator_takes_a_direct_link_between_a_public_and_a_private_member_as_outbound_only():
     """This node (public) is linked directly to Bob (private: Bob dialled out of his NAT) and to Carol (who
     does not know yet): the pair with Bob carries no world and the planning key says so, so the change of
     this node's reachability re-plans."""
-    clock = FakeClock()
-    state = swarm_state(clock)
-    coordination = Coordination(state, new_identity(), None, adoption_of(state))
-    coordination.reachability = lambda: "public"
-    me = state.peer_id
-    adverts = Adverts(state, new_identity(), dict, lambda: None)
-    for key, host, said in ((BOB, "bob", "private"), (CAROL, "carol", "unknown")):
-        advert = dataclasses.replace(advert_of(host), connections={me: "direct"})
-        body = advert.to_wire() | {"reachability": said}
-        adverts.apply(seal("advert", body, key, 30.0, now=clock.now), clock.now)
+    coordination, advertise = public_coordinator(FakeClock())
+    me = coordination.state.peer_id
+    advertise(BOB, "bob", "private")
+    advertise(CAROL, "carol", "unknown")
     kinds = coordination.link_kinds()
     assert kinds[tuple(sorted((me, BOB_ID)))] == "outbound" and kinds[tuple(sorted((me, CAROL_ID)))] == "direct"
     key = coordination.planning_key()
@@ -330,22 +341,13 @@ def test_a_block_on_a_pair_that_turned_out_worldless_binds_no_plan():
     """A world failed between this node and Bob while their link looked direct; once Bob's advert says he is
     private (so the link is outbound only), the planner is not told of the block: the pair is worldless."""
     clock = FakeClock()
-    state = swarm_state(clock)
-    coordination = Coordination(state, new_identity(), None, adoption_of(state))
-    coordination.reachability = lambda: "public"
+    coordination, advertise = public_coordinator(clock)
+    state = coordination.state
     me = state.peer_id
-    adverts = Adverts(state, new_identity(), dict, lambda: None)
-
-    def said(reachability: str) -> None:
-        advert = dataclasses.replace(advert_of(), connections={me: "direct"})
-        adverts.apply(
-            seal("advert", advert.to_wire() | {"reachability": reachability}, BOB, 30.0, now=clock.now), clock.now
-        )
-
-    said("unknown")
+    advertise(BOB, "bob", "unknown")
     state.blocked.block((me, BOB_ID), "the exchange group did not form", state.peer_addresses(), clock.now)
     assert [b.pair for b in coordination.planning_input().blocked] == [tuple(sorted((me, BOB_ID)))]
     clock.advance(1.0)
-    said("private")
+    advertise(BOB, "bob", "private")
     given = coordination.planning_input()
     assert given.blocked == [] and list(given.worldless()) == [tuple(sorted((me, BOB_ID)))]
