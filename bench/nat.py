@@ -42,7 +42,11 @@ Targets from issue 17: the data path >= 0.5x raw TCP on the same link (``kv_link
 hand-off's ``handoff_vs_tcp``); hole-punched within 10 % of direct (hand-offs against the gloo one on home 1's
 LAN; links against the port-forwarded one, ``hole_punched_vs_port_forwarded``).
 
-    python bench/nat.py [--quick] [--json OUT] [--keep DIR]     # as root
+    python bench/nat.py [--quick] [--link-mbit N] [--json OUT] [--keep DIR]     # as root
+
+``--link-mbit N`` shapes every home router's link to N Mbit/s each way (a token bucket on both its interfaces),
+as a home connection is: the routers' links, not the machine's cores, then bound what crosses them (home 1's
+LAN and the relay host stay unshaped).
 
 ``--quick`` (under a minute): homes 1 and 2 only (no relayed hand-off), a 4-layer model and a 256-token prompt
 (16 MiB of KV), 8 output tokens, one request per decode replica, one probe per link, no flat lab. ``--keep``
@@ -53,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -120,6 +125,7 @@ class Settings:
     probes: int
     flat: bool
     model: KvModel
+    link_mbit: int | None = None  # every home router's link shaped to this each way (None: as fast as the machine)
 
     @staticmethod
     def of(quick: bool) -> Settings:
@@ -418,6 +424,9 @@ def run_labs(run: Settings, root: Path) -> dict[str, Any]:
     nat_lab = NatLab(homes=run.homes, symmetric=run.symmetric)
     try:
         nat_lab.open()
+        for home in range(1, len(run.homes) + 1):
+            if run.link_mbit is not None:
+                nat_lab.shape(home, run.link_mbit)
         nat = trio.run(nat_phase, nat_lab, root, ckpt, run)
         lap("nat_serving")
         nat["probes"] = nat_probes(nat_lab, run.kv_bytes, run.probes, relayed=3 in run.decodes)
@@ -568,6 +577,7 @@ def result_json(run: Settings, labs: dict[str, Any], meta: dict[str, Any]) -> di
             "model": vars(run.model),
         },
         "requests_per_link": run.repeats,
+        "link_mbit": run.link_mbit,
         "phases_s": labs["phases_s"],
         "quick": run.quick,
         "machine": meta,
@@ -587,6 +597,8 @@ def print_table(result: dict[str, Any]) -> None:
         mib_s, extra = (_cell(row.get(key)) for key in ("mib_s", "marginal_mib_s"))
         print(f"{row['link']:<14} {row['transport']:<10} {mib_s:>8} {extra:>9}  {row['what']} ({row['where']})")
     print("\nTPOT ms: " + ", ".join(f"{k} {v}" for k, v in result["tpot_ms"].items()))
+    if result["link_mbit"] is not None:
+        print(f"home links shaped to {result['link_mbit']} Mbit/s each way")
     print("targets: " + json.dumps(result["targets"]))
     print("the planner's figures (h11's probes): " + json.dumps(result["planner_links"]))
     machine = result["machine"]
@@ -594,13 +606,23 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"machine: {machine['cpu_count']} cores, no GPU; 1-minute load {min(loads)}-{max(loads)} during the run")
 
 
-def lab_args(doc: str, quick: str) -> argparse.Namespace:
-    """The command line of a benchmark in the labs: ``--quick`` (what ``quick`` says), ``--json``, ``--keep``."""
+def lab_args(doc: str, quick: str, shaping: bool = False) -> argparse.Namespace:
+    """The command line of a benchmark in the labs: ``--quick`` (what ``quick`` says), ``--json``, ``--keep``,
+    and with ``shaping`` ``--link-mbit``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
     parser.add_argument("--keep", metavar="DIR", type=Path, help="work in DIR and keep it (daemon logs, checkpoint)")
+    if shaping:
+        help = "shape every home router's link to MBIT Mbit/s each way, as a home connection (default: unshaped)"
+        parser.add_argument("--link-mbit", metavar="MBIT", type=_mbit, help=help)
     return parser.parse_args()
+
+
+def _mbit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise argparse.ArgumentTypeError(f"a link's Mbit/s is a whole number from 1 to 100000, not {text!r}")
+    return int(text)
 
 
 def in_labs(what: str, keep: Path | None, run: Callable[[Path], T]) -> tuple[T, dict[str, Any]] | None:
@@ -630,8 +652,8 @@ def write_json(out: str | None, result: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    args = lab_args(__doc__, "two homes, 16 MiB of KV, no flat lab (under a minute)")
-    run = Settings.of(args.quick)
+    args = lab_args(__doc__, "two homes, 16 MiB of KV, no flat lab (under a minute)", shaping=True)
+    run = dataclasses.replace(Settings.of(args.quick), link_mbit=args.link_mbit)
     ran = in_labs("nat benchmark", args.keep, lambda root: run_labs(run, root))
     if ran is None:
         return 2

@@ -195,6 +195,21 @@ def test_a_port_forwarded_at_a_home_router_reaches_its_host_from_another_home_an
             lab.forward("p1", (5555, 5555))
 
 
+def test_a_home_router_shapes_its_link_both_ways() -> None:
+    import subprocess
+
+    with open_nat_lab(homes=(1,)) as lab:
+        lab.shape(1, 250)
+        router = f"{lab.hosts['h11'].name.rsplit('-', 1)[0]}-r1"
+        for dev in ("pub0", "home0"):
+            shown = subprocess.run(
+                ["ip", "netns", "exec", router, "tc", "qdisc", "show", "dev", dev], capture_output=True, text=True
+            ).stdout
+            assert "tbf" in shown and "250Mbit" in shown, shown
+        with pytest.raises(ValueError, match="at least 1 Mbit"):
+            lab.shape(1, 0)
+
+
 def _listen(lab: NatLab, host: str, port: int) -> Any:
     """A TCP listener on ``host``'s address, ready when this returns."""
     import subprocess

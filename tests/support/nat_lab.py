@@ -162,6 +162,17 @@ class NatLab:
         _in(router, "iptables", "-t", "nat", "-A", "PREROUTING", *tcp, "-j", "DNAT", "--to-destination", ip)
         _in(router, "iptables", "-I", "FORWARD", "1", *tcp, "-d", ip, "-j", "ACCEPT")
 
+    def shape(self, home: int, mbit: int) -> None:
+        """Limit router ``home``'s link to ``mbit`` Mbit/s each way (a token bucket on its public and its home
+        interface), as a home connection is: what crosses it is bounded by the link, not by the machine."""
+        if mbit < 1:
+            raise ValueError(f"a link carries at least 1 Mbit/s, not {mbit}")
+        burst = max(32 << 10, mbit * 1_000_000 // 8 // 100)  # 10 ms at the rate
+        router = f"{PREFIX}{self.tag}-r{home}"
+        for dev in ("pub0", "home0"):
+            rate = ["rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms"]
+            _in(router, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", *rate)
+
     def _router(self, host: str) -> str:
         if not (host.startswith("h") and host in self.hosts):
             raise ValueError(f"{host} is not a home host of this lab")
