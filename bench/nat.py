@@ -40,7 +40,7 @@ Medians over at least 3 requests per decode replica and 5 probes per link (3 of 
 keeps every sample, the machine, and the 1-minute load average every 5 s (other users of the machine).
 Targets from issue 17: the data path >= 0.5x raw TCP on the same link (``kv_link_vs_tcp``, and each whole
 hand-off's ``handoff_vs_tcp``); hole-punched within 10 % of direct (hand-offs against the gloo one on home 1's
-LAN; links against the port-forwarded one, ``hole_punched_vs_port_forwarded``).
+LAN; links, and the hole-punched hand-off, against the port-forwarded link, ``hole_punched_vs_port_forwarded``).
 
     python bench/nat.py [--quick] [--link-mbit N] [--json OUT] [--keep DIR]     # as root
 
@@ -540,6 +540,7 @@ def targets(nat: dict[str, Any]) -> dict[str, Any]:
         "hole_punched_vs_port_forwarded": {
             "tcp": _ratio(tcp.get("hole-punched"), tcp.get("port-forwarded")),
             "kv_link": _ratio(sealed.get("hole-punched"), sealed.get("port-forwarded")),
+            "handoff_vs_tcp": _ratio(punched.get("mib_s"), tcp.get("port-forwarded")),
         },
         "handoff_vs_tcp": vs_tcp,
         "libp2p_at_least_half_of_tcp": bool(libp2p) and all(r is not None and r >= 0.5 for r in libp2p),
