@@ -3,11 +3,11 @@
 Worlds (gloo/NCCL) open their own TCP connections between hosts, so only a direct link carries them. A
 relayed pair has no TCP path at all; a hole-punched pair has one, but it is the libp2p connection the punch
 opened through both NATs, not a port a worker can dial; an outbound pair's connection was dialled by a host
-behind NAT to a public one, which cannot dial back (``outbound_pairs``): none of them carries a world. Both carry messages over
-the daemons' libp2p streams: KV hand-offs, so a plan whose ranks sit on such a pair moves its epoch's
-hand-offs that way (``exchange_transport``), and the stage boundaries of a group spanning one, whose stages
-are then each a world of their own (``bridged_groups``). A relayed pair's bytes also cross its relay
-(``pair_relays``).
+behind NAT to a public one, which cannot dial back (``outbound_pairs``): none of them carries a world. All
+carry messages over the daemons' libp2p streams: KV hand-offs, so a plan whose ranks sit on such a pair moves
+its epoch's hand-offs that way (``exchange_transport``), and the stage boundaries of a group spanning one,
+whose stages are then each a world of their own (``bridged_groups``). A relayed pair's bytes also cross its
+relay (``pair_relays``).
 """
 
 from __future__ import annotations
